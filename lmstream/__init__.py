@@ -1,0 +1,1 @@
+"""LLaVA-Mini Stream: command line and shared error types."""

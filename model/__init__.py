@@ -1,0 +1,10 @@
+"""LLaVA-Mini: the released model, exactly, split for streaming.
+
+    from model import LlavaMini
+    m = LlavaMini.from_pretrained(path, vision_tower=None, dtype=None, device=None)
+"""
+from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
+from .llava_mini import Answer, FusionPolicy, LlavaMini
+from .states import FrameStates
+
+__all__ = ["LlavaMini", "LlavaMiniConfig", "FrameStates", "FusionPolicy", "Answer", "IMAGE_TOKEN_INDEX"]

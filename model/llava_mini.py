@@ -1,0 +1,432 @@
+"""LLaVA-Mini, exactly as released, split for streaming (DESIGN sections 2 and 3).
+
+    m = LlavaMini.from_pretrained(path, vision_tower=None, dtype=None, device=None)
+    states = m.encode_frames(pixels)            # (T, 3, S, S) CLIP-normalized; once per frame, in batches
+    logits = m.video_logits(input_ids, states)  # (1, L) with one -200 -> (1, L-1+T*nq, vocab) float32
+    new_ids = m.generate(input_ids, states, max_new_tokens=32)
+    answer = m.ask(video_or_states, "question")
+
+Ingest (`encode_frames`, question-independent, batched over frames):
+    CLIP -> compressor -> projector -> pre-fusion layers over [P(V), P(c), prefix text]
+    keeping each layer's keys/values of those rows and the compressor rows' output (the vision token).
+Question (`fuse_question`): only the question's own rows run through the pre-fusion layers,
+    attending to each frame's cached rows, all frames of a chunk in one batched pass; the fused
+    text is averaged over frames in float32; then the LLM over [text, T*nq frame tokens, text].
+
+The monolithic per-frame computation lives in `model/oracle.py` and the tests hold this split to it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lmstream.errors import BadArgument, CheckpointError, ContextTooLong
+
+from . import prompt as prompt_mod
+from .checkpoint import load_strict, load_tokenizer, read_state_dict, stop_ids
+from .compressor import Compressor
+from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig, parse_dtype
+from .llama import DecoderLayer, KVBuffer, RMSNorm, Rotary
+from .states import FrameStates
+from .vision import VisionTower, find_vision_tower, load_clip
+
+
+@dataclass
+class FusionPolicy:
+    """How many frames the question is fused with. "exact" (default): every frame, the
+    official numbers. "budget": at most `max_fused_frames`, evenly spaced in time; the LLM
+    still sees every frame's token, only the fused-text average is taken over fewer frames."""
+
+    name: str = "exact"
+    max_fused_frames: int | None = None
+
+    @classmethod
+    def parse(cls, spec: "str | FusionPolicy | None") -> "FusionPolicy":
+        if spec is None or isinstance(spec, FusionPolicy):
+            return spec or cls()
+        s = str(spec).strip().lower()
+        if s == "exact":
+            return cls()
+        if s.startswith("budget"):
+            _, _, n = s.partition(":")
+            try:
+                k = int(n or 512)
+            except ValueError:
+                k = 0
+            if k < 1:
+                raise BadArgument(f"expected a fusion policy 'budget:N' with N >= 1, got {spec!r}")
+            return cls("budget", k)
+        raise BadArgument(f"expected fusion policy 'exact' or 'budget:N', got {spec!r}")
+
+    def frames(self, T: int) -> torch.Tensor:
+        if self.name == "exact" or self.max_fused_frames is None or T <= self.max_fused_frames:
+            return torch.arange(T)
+        return torch.linspace(0, T - 1, self.max_fused_frames).round().long().unique()
+
+    def describe(self, T: int) -> str:
+        n = len(self.frames(T))
+        return "exact" if n == T else f"budget:{self.max_fused_frames} (fused {n} of {T} frames)"
+
+
+@dataclass
+class Answer:
+    """One answered question: text, the frames and span it used, the policies, timings (s)."""
+
+    text: str
+    token_ids: list[int]
+    frames: int
+    frames_fused: int
+    time_span: tuple[float, float] | None
+    policy: str
+    kv_policy: str
+    prompt_tokens: int
+    llm_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+    decode_report: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LlavaMiniNet(nn.Module):
+    """Parameters in the official layout: state-dict keys equal the checkpoint's."""
+
+    def __init__(self, cfg: LlavaMiniConfig, vision_width: int):
+        super().__init__()
+        H = cfg.hidden_size
+        m = nn.Module()
+        m.embed_tokens = nn.Embedding(cfg.vocab_size, H)
+        m.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        m.norm = RMSNorm(H, cfg.rms_norm_eps)
+        m.mm_projector = nn.Sequential(nn.Linear(vision_width, H), nn.GELU(), nn.Linear(H, H))
+        m.compressor = Compressor(vision_width, cfg.compressor_size, cfg.compressor_heads)
+        m.prefusion_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.prefusion_layer_num))
+        self.model = m
+        self.lm_head = nn.Linear(H, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg)
+
+
+def _fusion_attention():
+    from triton_kernels.fusion_attention import fusion_attention
+    return fusion_attention
+
+
+class LlavaMini:
+    def __init__(self, net: LlavaMiniNet, vision: VisionTower, cfg: LlavaMiniConfig, tokenizer=None,
+                 stop_token_ids: list[int] | None = None, *, batch_size: int = 16, question_chunk: int = 256,
+                 name: str = "llava-mini"):
+        self.net, self.vision, self.cfg, self.tokenizer = net.eval(), vision.eval(), cfg, tokenizer
+        self.stop_token_ids = list(stop_token_ids or [])
+        self.batch_size = batch_size            # frames per ingest batch: bounds peak memory
+        self.question_chunk = question_chunk    # frames per question-time fusion pass
+        self.name = name
+        p = self.net.model.embed_tokens.weight
+        self.device, self.dtype = p.device, p.dtype
+        self._prefix: tuple[int, ...] | None = None
+        self.fusion_attention: Callable = _fusion_attention()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path, vision_tower=None, dtype=None, device=None, *, batch_size: int = 16,
+                        question_chunk: int = 256) -> "LlavaMini":
+        ckpt = Path(path).expanduser()
+        if not ckpt.is_dir():
+            raise CheckpointError(f"expected a checkpoint folder, got no folder at {ckpt}")
+        cfg = LlavaMiniConfig.from_file(ckpt / "config.json")
+        dtype = parse_dtype(dtype) or parse_dtype(cfg.torch_dtype) or torch.float32
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        sd = read_state_dict(ckpt, dtype)
+        folder = find_vision_tower(ckpt, cfg, vision_tower)
+        clip = load_clip(folder, dtype)
+        vision = VisionTower(clip, cfg.mm_vision_select_layer, folder)
+        width = sd.get("model.compressor.query", torch.empty(0, cfg.mm_hidden_size)).shape[-1]
+        if vision.width != width or vision.width != cfg.mm_hidden_size:
+            raise CheckpointError(
+                f"expected a vision tower of width {cfg.mm_hidden_size} (mm_hidden_size; compressor width {width}), "
+                f"got width {vision.width} from {folder}")
+        with torch.device("meta"):
+            net = LlavaMiniNet(cfg, width)
+        net = net.to_empty(device="cpu").to(dtype)
+        net.rotary = Rotary(cfg)
+        optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+        load_strict(net, sd, source=str(ckpt), optional=optional)
+        if cfg.tie_word_embeddings and "lm_head.weight" not in sd:
+            net.lm_head.weight = net.model.embed_tokens.weight
+        net.model.compressor.pos_embed.requires_grad_(False)
+        net.requires_grad_(False)
+        net.model.compressor.invalidate()
+        tok = load_tokenizer(ckpt)
+        return cls(net.to(device), vision.to(device), cfg, tok, stop_ids(ckpt, cfg.eos_token_id, cfg.vocab_size),
+                   batch_size=batch_size, question_chunk=question_chunk, name=ckpt.name)
+
+    # ------------------------------------------------------------------ small helpers
+    @property
+    def preprocess(self) -> dict:
+        """size, mean, std the frames must be prepared with (see stream.preprocess)."""
+        return self.vision.preprocess
+
+    @property
+    def default_prefix_ids(self) -> tuple[int, ...]:
+        """Prompt tokens before the placeholder in the standard prompt: fused at ingest."""
+        if self._prefix is None:
+            self._prefix = prompt_mod.prefix_ids(self.tokenizer) if self.tokenizer is not None else ()
+        return self._prefix
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.net.model.embed_tokens(ids.clamp(min=0).to(self.device))
+
+    def _positions(self, start: int, n: int):
+        pos = torch.arange(start, start + n, device=self.device)
+        return self.net.rotary(pos, self.dtype)
+
+    def _check_ids(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.shape[0] != 1:
+            shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise BadArgument(f"expected input_ids of shape (1, L), got {shape}")
+        ids = input_ids[0].long().cpu()
+        where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if len(where) != 1:
+            raise BadArgument(f"expected exactly one {IMAGE_TOKEN_INDEX} placeholder in input_ids, got {len(where)}")
+        bad = ids[(ids >= self.cfg.vocab_size) | ((ids < 0) & (ids != IMAGE_TOKEN_INDEX))]
+        if len(bad):
+            raise BadArgument(f"expected token ids in [0, {self.cfg.vocab_size}) or {IMAGE_TOKEN_INDEX}, "
+                              f"got {bad[0].item()}")
+        return ids, where[0]
+
+    # ------------------------------------------------------------------ ingest
+    @torch.no_grad()
+    def encode_frames(self, pixels: torch.Tensor, *, prefix_ids="default", pts=None, batch_size=None,
+                      kv_policy: str = "exact", out_device=None, progress=None) -> FrameStates:
+        """pixels (T, 3, S, S) float, CLIP-normalized -> FrameStates. Question-independent.
+
+        prefix_ids: prompt tokens before the placeholder to fuse now ("default": the standard
+        prompt's, () for none); a question whose prompt starts differently is still exact, it
+        just runs those rows itself. kv_policy: "exact" or "fp8" (e4m3 keys/values, per
+        frame/layer/head scales; an approximation, reported with every answer)."""
+        if not torch.is_tensor(pixels) or pixels.dim() != 4 or pixels.shape[1] != 3:
+            shape = tuple(pixels.shape) if torch.is_tensor(pixels) else type(pixels).__name__
+            raise BadArgument(f"expected pixels of shape (T, 3, H, W), got {shape}")
+        S = self.vision.image_size
+        if tuple(pixels.shape[2:]) != (S, S):
+            raise BadArgument(f"expected frames of {S}x{S} (the vision tower's size), got "
+                              f"{pixels.shape[2]}x{pixels.shape[3]}")
+        if kv_policy not in ("exact", "fp8"):
+            raise BadArgument(f"expected kv_policy 'exact' or 'fp8', got {kv_policy!r}")
+        prefix = self.default_prefix_ids if prefix_ids == "default" else tuple(int(i) for i in (prefix_ids or ()))
+        if IMAGE_TOKEN_INDEX in prefix:
+            raise BadArgument("expected prefix_ids before the placeholder, got one containing it")
+        bs = batch_size or self.batch_size
+        out_device = torch.device(out_device) if out_device is not None else self.device
+        parts = []
+        T = pixels.shape[0]
+        bar = _progress(T, "encode", progress)
+        for i in range(0, T, bs):
+            parts.append(self._encode_batch(pixels[i:i + bs], prefix, kv_policy).to(out_device))
+            bar.update(min(bs, T - i))
+        bar.close()
+        states = FrameStates.cat(parts)
+        if pts is not None:
+            states.pts = torch.as_tensor(pts, dtype=torch.float64).reshape(-1)
+            if len(states.pts) != T:
+                raise BadArgument(f"expected {T} timestamps, got {len(states.pts)}")
+        return states
+
+    def _encode_batch(self, px: torch.Tensor, prefix: tuple[int, ...], kv_policy: str) -> FrameStates:
+        m = self.net.model
+        B = px.shape[0]
+        V = self.vision(px.to(self.device, self.dtype))                     # (B, N, Dv)
+        c = m.compressor(V)                                                 # (B, nq, Dv)
+        pv, pc = m.mm_projector(V), m.mm_projector(c)                       # (B, N, H), (B, nq, H)
+        n_vis = pv.shape[1] + pc.shape[1]
+        pids = torch.tensor(prefix, dtype=torch.long)
+        keep = pids > 0                                                     # masked prefix rows are no keys
+        pemb = self._embed(pids)                                            # (P, H)
+        x = torch.cat([pv, pc, pemb[keep.to(self.device)].expand(B, -1, -1)], dim=1)  # (B, C, H)
+        cos, sin = self._positions(0, x.shape[1])
+        ks, vs = [], []
+        for layer in m.prefusion_layers:
+            x, k, v = layer.full(x, cos, sin)                               # k, v (B, nkv, C, D)
+            ks.append(k)
+            vs.append(v)
+        keys, values = torch.stack(ks, 1), torch.stack(vs, 1)               # (B, P, nkv, C, D)
+        prefix_out = None
+        if len(prefix):
+            prefix_out = pemb.expand(B, -1, -1).clone()                     # (B, P, H)
+            prefix_out[:, keep.to(self.device)] = x[:, n_vis:]
+        st = FrameStates(tokens=x[:, pv.shape[1]:n_vis].contiguous(), keys=keys, values=values,
+                         n_vision_rows=n_vis, prefix_ids=prefix, prefix_out=prefix_out)
+        if kv_policy == "fp8":
+            from triton_kernels.fusion_attention import quantize_kv_fp8_rows
+            st.keys, st.k_scale = quantize_kv_fp8_rows(keys)
+            st.values, st.v_scale = quantize_kv_fp8_rows(values)
+            st.kv_policy = "fp8"
+        return st
+
+    # ------------------------------------------------------------------ question
+    @torch.no_grad()
+    def fuse_question(self, input_ids: torch.Tensor, states: FrameStates, policy=None):
+        """The LLM's input embeddings (1, L-1+T*nq, H) and what was used."""
+        ids, p = self._check_ids(input_ids)
+        policy = FusionPolicy.parse(policy)
+        T, L = len(states), len(ids)
+        if T == 0:
+            raise BadArgument("expected at least one encoded frame, got 0")
+        total = L - 1 + T * self.cfg.nq
+        if total > self.cfg.max_context:
+            raise ContextTooLong(f"expected at most {self.cfg.max_context} tokens in the LLM's context, got {total} "
+                                 f"({L - 1} prompt + {T}x{self.cfg.nq} frame tokens)")
+        m = self.net.model
+        emb = self._embed(ids)                                             # (L, H)
+        valid = ids > 0                                                    # official mask: ids <= 0 are padding
+        P = len(states.prefix_ids)
+        cached_prefix = 0 < P <= p and tuple(ids[:P].tolist()) == states.prefix_ids
+        C = states.n_cached_rows if cached_prefix else states.n_vision_rows
+        start = P if cached_prefix else 0
+        q_rows = (valid & (torch.arange(L) >= start)).nonzero().flatten()  # question rows, all unmasked
+        frames = policy.frames(T)
+        n = len(frames)
+        text = emb.float() * n                                             # masked rows: sum of n raw embeddings
+        cos, sin = self._positions(C, len(q_rows))
+        q_emb = emb[q_rows.to(self.device)]                                # (S, H)
+        acc = torch.zeros(len(q_rows), emb.shape[1], dtype=torch.float32, device=self.device)
+        pacc = torch.zeros(P, emb.shape[1], dtype=torch.float32, device=self.device) if cached_prefix else None
+        for i in range(0, n, self.question_chunk):
+            idx = frames[i:i + self.question_chunk]
+            st = states.select(idx).to(self.device)
+            if len(q_rows):
+                h = q_emb.expand(len(idx), -1, -1)                         # (Tc, S, H)
+                for l, layer in enumerate(m.prefusion_layers):
+                    kw = {}
+                    if st.kv_policy == "fp8":
+                        kw = {"k_scale": st.k_scale[:, l], "v_scale": st.v_scale[:, l]}
+                    h = layer.cached(h, cos, sin, st.keys[:, l, :, :C], st.values[:, l, :, :C],
+                                     self.fusion_attention, **kw)
+                acc += h.float().sum(0)
+            if cached_prefix:
+                pacc += st.prefix_out.float().sum(0)
+        text[q_rows.to(self.device)] = acc
+        if cached_prefix:
+            text[:P] = pacc
+        text = (text / n).to(self.dtype)                                   # average in float32, as officially
+        vis = states.tokens.to(self.device).reshape(T * self.cfg.nq, -1)
+        embeds = torch.cat([text[:p], vis, text[p + 1:]], dim=0)[None]    # (1, L-1+T*nq, H)
+        info = {"frames": T, "frames_fused": n, "policy": policy.describe(T), "kv_policy": states.kv_policy,
+                "prompt_tokens": L, "llm_tokens": embeds.shape[1], "prefix_cached": cached_prefix}
+        return embeds, info
+
+    def _llm(self, embeds: torch.Tensor, buf: KVBuffer | None, *, all_logits: bool) -> torch.Tensor:
+        m = self.net.model
+        n0 = buf.n if buf is not None else 0
+        cos, sin = self._positions(n0, embeds.shape[1])
+        h = embeds
+        for i, layer in enumerate(m.layers):
+            if buf is None:
+                h, _, _ = layer.full(h, cos, sin)
+            else:
+                h = layer.decode(h, cos, sin, buf.k[i], buf.v[i], n0)
+        if buf is not None:
+            buf.n = n0 + embeds.shape[1]
+        h = m.norm(h if all_logits else h[:, -1:])
+        return self.net.lm_head(h).float()
+
+    @torch.no_grad()
+    def video_logits(self, input_ids: torch.Tensor, states: FrameStates, policy=None) -> torch.Tensor:
+        """(1, L) ids with one -200 -> logits (1, L-1+T*nq, vocab) float32, as the official forward."""
+        embeds, _ = self.fuse_question(input_ids, states, policy)
+        return self._llm(embeds, None, all_logits=True)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, states: FrameStates, max_new_tokens: int = 32, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+                 policy=None, stop_ids: list[int] | None = None, _info: dict | None = None) -> torch.Tensor:
+        """New tokens only, (1, n); greedy unless do_sample. Stops after a stop id (kept, as HF does)."""
+        t0 = time.perf_counter()
+        embeds, info = self.fuse_question(input_ids, states, policy)
+        t1 = time.perf_counter()
+        room = self.cfg.max_position_embeddings - embeds.shape[1]
+        steps = max(0, min(max_new_tokens, room))
+        buf = KVBuffer(self.cfg, 1, embeds.shape[1] + steps, self.dtype, self.device)
+        stops = set(self.stop_token_ids if stop_ids is None else stop_ids)
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        out: list[int] = []
+        logits = self._llm(embeds, buf, all_logits=False)[:, -1]
+        t2 = time.perf_counter()
+        for step in range(steps):
+            tok = _pick(logits[0], do_sample, temperature, top_p, gen)
+            out.append(tok)
+            if tok in stops or step == steps - 1:
+                break
+            e = self.net.model.embed_tokens(torch.tensor([[tok]], device=self.device))
+            logits = self._llm(e, buf, all_logits=False)[:, -1]
+        if _info is not None:
+            _info.update(info, fuse_s=t1 - t0, prefill_s=t2 - t1, decode_s=time.perf_counter() - t2)
+        return torch.tensor([out], dtype=torch.long)
+
+    # ------------------------------------------------------------------ words in, words out
+    def prompt_ids(self, question: str) -> torch.Tensor:
+        return prompt_mod.build_input_ids(self.tokenizer, question)
+
+    def ask(self, video, question: str, *, max_new_tokens: int = 64, policy=None, window=None, fps: float = 1.0,
+            kv_policy: str = "exact", progress=None, **gen_kw) -> Answer:
+        """Answer `question` about `video`: a FrameStates, a (T, 3, S, S) pixel tensor, or a path."""
+        timings: dict[str, float] = {}
+        report = None
+        t0 = time.perf_counter()
+        if isinstance(video, FrameStates):
+            states = video
+        elif torch.is_tensor(video):
+            states = self.encode_frames(video, kv_policy=kv_policy, progress=progress)
+            timings["encode_s"] = time.perf_counter() - t0
+        else:
+            from stream.ingest import encode_video
+            states, report = encode_video(self, video, fps=fps, window=window, kv_policy=kv_policy,
+                                          progress=progress, timings=timings)
+        if window is not None and states.pts is not None:
+            states = states.window(*window)
+            if len(states) == 0:
+                raise BadArgument(f"expected frames inside the window {window[0]}:{window[1]} s, got none")
+        ids = self.prompt_ids(question)
+        info: dict = {}
+        new = self.generate(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw)
+        timings.update({k: info[k] for k in ("fuse_s", "prefill_s", "decode_s")})
+        toks = new[0].tolist()
+        text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        span = None
+        if states.pts is not None and len(states.pts):
+            span = (float(states.pts.min()), float(states.pts.max()))
+        return Answer(text=text, token_ids=toks, frames=info["frames"], frames_fused=info["frames_fused"],
+                      time_span=span, policy=info["policy"], kv_policy=info["kv_policy"],
+                      prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],
+                      timings={k: round(v, 4) for k, v in timings.items()},
+                      decode_report=report)
+
+
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> int:
+    if not do_sample:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / max(temperature, 1e-5), -1)
+    if top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        cut = sp.cumsum(-1) - sp > top_p
+        sp[cut] = 0
+        probs = torch.zeros_like(probs).scatter_(0, si, sp)
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+class _NoBar:
+    def update(self, n): ...
+    def close(self): ...
+
+
+def _progress(total: int, desc: str, progress):
+    if progress is None:
+        progress = total >= 256
+    if not progress:
+        return _NoBar()
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="frame", leave=False)
