@@ -1,0 +1,349 @@
+"""The frame-cache interface shared by the in-process and Redis backends.
+
+A frame cache holds, per stream, a ring buffer of a fixed number of frames.
+Each frame is an encoded `FrameRecord` (opaque ``bytes``, see
+`frame_cache.record`); per-stream metadata is a small JSON object; sequence
+numbers are monotonic ints assigned at commit (0, 1, 2, ... per stream, never
+reused, even after the slot holding them is overwritten). Writers commit a
+frame atomically; readers get a `Snapshot` of a time window that is consistent
+(one instant of the stream) even while writers keep appending and overwriting
+the oldest slots.
+
+Backends:
+
+* ``InProcessFrameCache`` (`frame_cache.memory`): the CLI's embedded default.
+* A Redis backend (the service; to be written behind this same interface).
+
+Planned Redis key layout (every key of one stream carries the hash tag
+``{<stream_id>}`` so Redis Cluster places them in one slot, which MULTI/EXEC and
+Lua scripts require; keys come from `stream_key`):
+
+* ``lms:{<sid>}:meta`` - HASH, small: ``capacity``, ``next_seq`` (== total
+  appended), ``count``, ``bytes_used``, ``last_pts``, ``evicted``, ``meta``
+  (the stream's JSON meta), ``version`` (record format version).
+* ``lms:{<sid>}:slots`` - HASH ``slot index (seq % capacity) -> record bytes``.
+* ``lms:{<sid>}:pts`` - ZSET ``member = seq, score = pts`` of retained frames;
+  window lookup is ``ZRANGEBYSCORE start end`` (O(log n)), ties in pts are
+  ordered by seq because members are zero-padded decimal seqs.
+* ``lms:{<sid>}:evicted`` - ZSET of evicted frames' pts (trimmed to a bound)
+  so that ``Snapshot.dropped_before`` can be answered.
+* ``lms:streams`` - SET of stream ids (global, no hash tag; only for listing).
+
+A commit is one Lua script (or WATCH + MULTI/EXEC) that checks the pts order and
+byte budget, assigns ``seq = next_seq``, writes the slot, updates the zsets and
+counters, so a reader never sees a half-written frame. A snapshot is one Lua
+script (or MULTI/EXEC) reading the zset range and the matching slots, so the
+records returned all belong to the same instant.
+"""
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from lmstream.errors import BadArgument, CacheError
+
+from .record import FrameRecord, decode_record
+
+__all__ = [
+    "FrameCache",
+    "Snapshot",
+    "StreamInfo",
+    "StreamNotFound",
+    "StreamExists",
+    "CacheBudgetExceeded",
+    "CacheClosed",
+    "STREAM_ID_PATTERN",
+    "KEY_PREFIX",
+    "MAX_STREAM_META_BYTES",
+    "validate_stream_id",
+    "validate_stream_meta",
+    "stream_key",
+]
+
+#: Allowed stream ids: 1-128 characters of letters, digits and ``._:-``.
+STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_KEY_PART_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+#: Prefix of every Redis key the frame cache writes.
+KEY_PREFIX = "lms"
+#: Largest JSON encoding of a stream's meta dict.
+MAX_STREAM_META_BYTES = 64 * 1024
+
+
+class StreamNotFound(CacheError):
+    """A stream id that the cache does not hold."""
+
+    code, http_status = "E_STREAM_NOT_FOUND", 404
+
+
+class StreamExists(CacheError):
+    """``create_stream(..., exist_ok=False)`` for a stream that already exists."""
+
+    code, http_status = "E_STREAM_EXISTS", 409
+
+
+class CacheBudgetExceeded(CacheError):
+    """An append that would take a stream (or the cache) over its byte budget.
+
+    Nothing is stored or evicted when this is raised.
+    """
+
+    code, http_status = "E_CACHE_BUDGET", 507
+
+
+class CacheClosed(CacheError):
+    """Any use of a cache after `FrameCache.close`."""
+
+    code = "E_CACHE_CLOSED"
+
+
+def validate_stream_id(stream_id: Any) -> str:
+    """Return ``stream_id`` if it is 1-128 chars of ``[A-Za-z0-9._:-]``, else raise BadArgument."""
+    if not isinstance(stream_id, str) or STREAM_ID_PATTERN.fullmatch(stream_id) is None:
+        raise BadArgument(f"expected a stream id of 1-128 characters from [A-Za-z0-9._:-], got {stream_id!r}")
+    return stream_id
+
+
+def validate_stream_meta(meta: Any) -> dict[str, Any]:
+    """Return a deep copy of ``meta`` (a small JSON object), else raise BadArgument."""
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise BadArgument(f"expected stream meta to be a dict, got {type(meta).__name__}")
+    try:
+        text = json.dumps(meta, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as e:
+        raise BadArgument(f"expected stream meta to be JSON-serialisable without NaN/inf, got an error: {e}") from None
+    if len(text) > MAX_STREAM_META_BYTES:
+        raise BadArgument(f"expected stream meta of at most {MAX_STREAM_META_BYTES} bytes as JSON, got {len(text)}")
+    return json.loads(text)
+
+
+def stream_key(stream_id: str, part: str, *, prefix: str = KEY_PREFIX) -> str:
+    """Redis key for one part of a stream, e.g. ``lms:{cam-1}:slots``.
+
+    The stream id is wrapped in ``{}`` (a Redis Cluster hash tag) so every key
+    of one stream hashes to the same cluster slot. Stream ids cannot contain
+    braces, so the tag is always exactly the id.
+    """
+    validate_stream_id(stream_id)
+    if not isinstance(part, str) or _KEY_PART_PATTERN.fullmatch(part) is None:
+        raise BadArgument(f"expected a key part of 1-64 characters from [A-Za-z0-9._:-], got {part!r}")
+    return f"{prefix}:{{{stream_id}}}:{part}"
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """Small, JSON-friendly description of one stream at one instant.
+
+    Fields:
+        stream_id: str. The stream's id.
+        capacity: int, scalar. Most frames retained (ring size).
+        count: int, scalar. Frames retained now, ``0 <= count <= capacity``.
+        total_appended: int, scalar. Frames ever committed (== next seq).
+        oldest_seq: int, scalar. Seq of the oldest retained frame, -1 if none.
+        newest_seq: int, scalar. Seq of the newest retained frame, -1 if none.
+        oldest_pts: float | None. pts (s) of the oldest retained frame.
+        newest_pts: float | None. pts (s) of the newest retained frame.
+        bytes_used: int, scalar. Sum of the encoded byte lengths of retained records.
+        max_bytes: int | None. The stream's byte budget, None for unlimited.
+        meta: dict. The stream's JSON meta (a copy).
+    """
+
+    stream_id: str
+    capacity: int
+    count: int
+    total_appended: int
+    oldest_seq: int
+    newest_seq: int
+    oldest_pts: float | None
+    newest_pts: float | None
+    bytes_used: int
+    max_bytes: int | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def evicted(self) -> int:
+        """Frames committed and since overwritten."""
+        return self.total_appended - self.count
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (for the service and the Redis meta hash)."""
+        return {
+            "stream_id": self.stream_id,
+            "capacity": self.capacity,
+            "count": self.count,
+            "total_appended": self.total_appended,
+            "oldest_seq": self.oldest_seq,
+            "newest_seq": self.newest_seq,
+            "oldest_pts": self.oldest_pts,
+            "newest_pts": self.newest_pts,
+            "bytes_used": self.bytes_used,
+            "max_bytes": self.max_bytes,
+            "meta": json.loads(json.dumps(self.meta)),
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """A consistent, immutable view of some frames of one stream.
+
+    All frames were retained at one instant; they are in time order (pts, then
+    seq) with contiguous seqs ``first_seq .. last_seq``. Records are kept as
+    encoded bytes and decoded on access (`records`, `__iter__`, `record`).
+
+    Fields:
+        stream_id: str. The stream the frames belong to.
+        blobs: tuple[bytes, ...], length N. Encoded records (see `frame_cache.record`).
+        pts_list: tuple[float, ...], length N. pts (s) of each record, non-decreasing.
+        first_seq: int, scalar. Seq of ``blobs[0]``; -1 when N == 0.
+        last_seq: int, scalar. Seq of ``blobs[-1]``; -1 when N == 0.
+        dropped_before: int, scalar. Frames that fell in the requested window
+            (or the requested ``latest(n)`` count) but had already been
+            overwritten, i.e. the window starts before the oldest retained frame.
+        dropped_exact: bool. False when ``dropped_before`` is an estimate
+            (the backend's history of overwritten pts was trimmed).
+        copy_tensors: bool. Whether decoded tensors own their memory (default
+            True). False makes them zero-copy, read-only-by-contract views of the
+            cached bytes: cheaper, but an in-place write would corrupt the bytes
+            shared with the cache.
+    """
+
+    stream_id: str
+    blobs: tuple[bytes, ...] = ()
+    pts_list: tuple[float, ...] = ()
+    first_seq: int = -1
+    last_seq: int = -1
+    dropped_before: int = 0
+    dropped_exact: bool = True
+    copy_tensors: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.blobs)
+        if len(self.pts_list) != n:
+            raise CacheError(f"expected {n} pts for {n} snapshot records, got {len(self.pts_list)}")
+        if n and self.last_seq - self.first_seq + 1 != n:
+            raise CacheError(
+                f"expected snapshot seqs {self.first_seq}..{self.last_seq} to cover {n} records, "
+                f"they cover {self.last_seq - self.first_seq + 1}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def __iter__(self) -> Iterator[FrameRecord]:
+        return iter(self.records)
+
+    def __getitem__(self, i: int) -> FrameRecord:
+        return self.records[i]
+
+    def pts(self) -> list[float]:
+        """pts (s) of every record, in order, without decoding."""
+        return list(self.pts_list)
+
+    def seqs(self) -> list[int]:
+        """Seq of every record, in order."""
+        return list(range(self.first_seq, self.last_seq + 1)) if self.blobs else []
+
+    @property
+    def nbytes(self) -> int:
+        """Sum of the encoded record sizes."""
+        return sum(len(b) for b in self.blobs)
+
+    @cached_property
+    def records(self) -> list[FrameRecord]:
+        """The decoded records (decoded once, on first access, on CPU)."""
+        return [decode_record(b, copy=self.copy_tensors) for b in self.blobs]
+
+    def record(self, i: int, *, device: str | torch.device = "cpu") -> FrameRecord:
+        """Decode record ``i`` afresh, optionally straight onto ``device``."""
+        return decode_record(self.blobs[i], device=device, copy=self.copy_tensors)
+
+
+class FrameCache(ABC):
+    """Per-stream ring buffers of encoded frame records.
+
+    Implementations must be safe to call from several threads: appends to one
+    stream are serialised, and `snapshot`/`latest` return views consistent at
+    one instant. Every method taking a stream id raises `BadArgument` for an
+    invalid id and `StreamNotFound` for an unknown one (except `create_stream`).
+    """
+
+    @abstractmethod
+    def create_stream(
+        self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True
+    ) -> StreamInfo:
+        """Create a stream holding at most ``capacity`` frames and return its info.
+
+        If it exists and ``exist_ok``, return its info when ``capacity`` matches
+        (and ``meta`` matches, unless None), else raise BadArgument; if it exists
+        and not ``exist_ok``, raise `StreamExists`.
+        """
+
+    @abstractmethod
+    def append(self, stream_id: str, record: FrameRecord) -> int:
+        """Commit one record atomically and return the seq assigned to it.
+
+        ``record.pts`` must be >= the previous frame's pts (BadArgument
+        otherwise). When the stream is full the oldest frame is overwritten.
+        ``record.seq`` is ignored (the stored copy gets the assigned seq) and the
+        caller's object is not modified.
+        """
+
+    def append_many(self, stream_id: str, records: Iterable[FrameRecord]) -> list[int]:
+        """Commit several records in order; returns their seqs.
+
+        Backends should override this to commit the batch atomically (all or
+        nothing); this default appends one at a time.
+        """
+        return [self.append(stream_id, r) for r in records]
+
+    @abstractmethod
+    def snapshot(
+        self,
+        stream_id: str,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        max_frames: int | None = None,
+    ) -> Snapshot:
+        """Frames with ``start <= pts <= end`` (None = unbounded), in time order.
+
+        With ``max_frames``, only the newest ``max_frames`` of them.
+        """
+
+    @abstractmethod
+    def latest(self, stream_id: str, n: int) -> Snapshot:
+        """The newest ``n`` frames (fewer if fewer are retained)."""
+
+    @abstractmethod
+    def stream_info(self, stream_id: str) -> StreamInfo:
+        """Capacity, counts, pts range, bytes used and meta of one stream."""
+
+    @abstractmethod
+    def streams(self) -> list[str]:
+        """Ids of all streams, sorted."""
+
+    @abstractmethod
+    def delete_stream(self, stream_id: str) -> None:
+        """Drop a stream and all its frames (StreamNotFound if unknown)."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """JSON-serialisable memory/frame accounting: per stream and totals."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release all resources; later calls raise `CacheClosed`. Idempotent."""
+
+    def __enter__(self) -> "FrameCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
