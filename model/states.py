@@ -69,14 +69,14 @@ class FrameStates:
         return self._map(lambda t: t.to(device))
 
     def window(self, start: float | None, end: float | None) -> "FrameStates":
-        """Frames whose pts lies in [start, end] (needs pts)."""
+        """Frames whose pts lies in [start, end), like the decoder's window (needs pts)."""
         if self.pts is None:
             raise ValueError("these states carry no timestamps; a time window needs them")
         keep = torch.ones(len(self), dtype=torch.bool)
         if start is not None:
             keep &= self.pts >= start
         if end is not None:
-            keep &= self.pts <= end
+            keep &= self.pts < end
         return self.select(keep.nonzero().flatten())
 
     @staticmethod

@@ -66,6 +66,8 @@ def make_clip(folder: Path, *, hidden: int = 64, layers: int = 3, heads: int = 4
                           projection_dim=hidden)
     clip = CLIPVisionModel(vc).to(dtype)
     folder.mkdir(parents=True, exist_ok=True)
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
     clip.save_pretrained(str(folder), safe_serialization=True)
     from .vision import CLIP_MEAN, CLIP_STD
     (folder / "preprocessor_config.json").write_text(json.dumps({

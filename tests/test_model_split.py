@@ -121,7 +121,7 @@ def test_budget_policy_is_explicit(tiny_model):
 def test_states_select_window_cat(tiny_model):
     px = frames(6, seed=1)
     s = tiny_model.encode_frames(px, pts=[0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
-    w = s.window(1.5, 4.0)
+    w = s.window(1.5, 5.0)                                # half-open, like the decoder's window
     assert w.pts.tolist() == [2.0, 3.0, 4.0]
     assert torch.equal(w.tokens, s.tokens[2:5])
     both = FrameStates.cat([s.select(slice(0, 2)), s.select(slice(2, 6))])
@@ -136,3 +136,19 @@ def test_compressor_absorbed_equals_multihead_attention(tiny_model):
     comp = tiny_model.net.model.compressor
     x = torch.randn(5, 16, comp.embed_dim)
     assert_close(comp(x), comp.forward_mha(x), atol=1e-5, what="absorbed compressor")
+
+
+def test_fp8_keys_values_policy_is_close_and_reported(tiny_model):
+    """fp8 (e4m3, per frame/layer/head scales) is an approximation: measured, bounded, named."""
+    ids = tiny_model.prompt_ids("what colour is the circle ?")
+    px = frames(5, seed=21)
+    exact = tiny_model.encode_frames(px)
+    fp8 = tiny_model.encode_frames(px, kv_policy="fp8")
+    assert fp8.keys.dtype == torch.float8_e4m3fn and fp8.k_scale.shape == (5, 4, 2)
+    assert fp8.nbytes < 0.6 * exact.nbytes
+    a, b = tiny_model.video_logits(ids, exact), tiny_model.video_logits(ids, fp8)
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    print(f"fp8 keys/values: max |logit diff| / max |logit| = {rel:.4f}")
+    assert 0 < rel < 0.05
+    _, info = tiny_model.fuse_question(ids, fp8)
+    assert info["kv_policy"] == "fp8"

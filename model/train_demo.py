@@ -1,0 +1,677 @@
+"""Train the demo LLaVA-Mini on synthetic videos (LLaVA-Mini's recipe in miniature).
+
+    python -m model.train_demo --out checkpoints/demo --seed 0            # ~35 min on 2 CPU cores
+    python -m model.train_demo --out /tmp/d --steps 20 --seed 0           # a smoke run
+
+What it builds (the released design at toy sizes, `model/tiny.py` layout):
+  * a CLIP-like vision tower (HF `CLIPVisionModel`, 64x64 frames, 8x8 patches -> 64 patches),
+    trained from scratch here, saved to `<out>/clip-vision` (config names it `clip-vision`);
+  * the compressor (one query, 8 heads, nq = 1), the mlp2x_gelu projector, the pre-fusion
+    layers and a small Llama LLM, all in the official key layout (`model.safetensors`);
+  * a word-level tokenizer (`tokenizers`) with the Llama-3 chat template.
+
+The training forward computes exactly what inference computes (`LlavaMini.generate`), just
+differentiably and batched over questions (`check_exact` holds it to the engine):
+  ingest   per frame [P(V), P(c), prefix] through the pre-fusion layers (`DecoderLayer.full`),
+           keeping each layer's keys/values; the vision token is the compressor row's output;
+  fuse     each question's rows (the prompt after the <image> placeholder) through the pre-fusion
+           layers against every frame's cached rows (`DecoderLayer.cached` with the PyTorch
+           fusion attention), averaged over frames in float32 (the prefix rows likewise);
+  LLM      [fused prefix, T frame tokens, fused question rows, answer rows]; the answer rows are
+           plain embeddings (masked out of pre-fusion, as the official training masks them with
+           `input_ids * (labels == -100)` and as generated tokens are at inference), the answer is
+           followed by `<|eot_id|>`. The [prefix, frames] part is question-independent, so it runs
+           once per video and all its questions attend to its keys/values (same numbers).
+
+Recipe (fractions of --steps):
+  stage 1 "align"  (first 25 %): sparse clips of 1-6 frames, caption-like questions (what is in
+           the video, colour, shape, exists, star, count); everything trains.
+  stage 2 "instruct": 1-fps clips of 8-64 frames (windows of 10-150 s scenes, often whole 60 s
+           videos) with every question family, plus every third step a long pseudo-video
+           (300 -> 3000 frames: a few dozen distinct frames of a 10 min - 3 h scene, each repeated
+           over its span, with or without the 3-5 s needle) whose frame part runs without
+           gradient; its questions (needle, exists, colour, shape, count, order) still train
+           the fusion and the LLM, so the needle is found among thousands of frame tokens.
+AdamW, linear warm-up, cosine decay, gradient clipping at 1. Data are a pure function of
+(--seed, step): scene seeds are drawn below 10**6 (evaluation uses 10**9 + i). Deterministic
+for a seed on one device and thread count (`torch.use_deterministic_algorithms`).
+`--minutes` is a guard: if the wall clock runs out first, training stops, saves and says so.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from stream import synthetic as S
+
+from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
+from .llava_mini import LlavaMini, LlavaMiniNet
+from .prompt import build_input_ids
+from .tiny import build_tokenizer, save_weights, tiny_config
+from .vision import CLIP_MEAN, CLIP_STD, VisionTower
+
+TRAIN_SEED_LIMIT = 10 ** 6          # training scene seeds are < this; evaluation uses 10**9 + i
+CAPTION_Q = "what is in the video?"
+
+DEFAULTS = dict(
+    image_size=64, patch=8, clip_hidden=64, clip_layers=4, clip_heads=4,
+    hidden=128, layers=4, heads=4, kv_heads=2, inter=256, prefusion=2, max_pos=16384,
+)
+
+
+# =========================================================================== data
+@dataclass
+class QA:
+    family: str
+    question: str
+    answer: str
+
+
+@dataclass
+class Sample:
+    """A video for training: distinct frames (times into `spec`) and how many consecutive
+    frames of the video each one stands for (1 for a real 1-fps clip)."""
+
+    spec: S.SceneSpec
+    times: list[float]
+    reps: list[int]
+    qas: list[QA]
+    kind: str                       # "sparse" | "clip" | "long"
+    needle_times: set = field(default_factory=set)
+
+
+def _name(kind: str, colour: str) -> str:
+    return f"{colour} {kind}"
+
+
+def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generator, *,
+                   contiguous: bool, families: tuple[str, ...], caption: bool = False) -> list[QA]:
+    """Questions whose answers are what the given frames (in order) show, with the templates of
+    `stream.synthetic.questions`. `contiguous`: the frames are a 1-fps video from its start
+    (frame index == second), so "when" questions make sense."""
+    objs = spec.objects
+    first: dict[int, int] = {}                  # object -> first frame index showing it
+    first_colour: dict[int, str] = {}
+    seen_colours: dict[int, list[str]] = {}
+    held: set[tuple[str, str]] = set()
+    needle_first = None
+    for fi, t in enumerate(times):
+        for i in S.visible_objects(spec, t):
+            c = objs[i].colour_at(t)
+            if i not in first:
+                first[i], first_colour[i] = fi, c
+            if c not in seen_colours.setdefault(i, []):
+                seen_colours[i].append(c)
+            held.add((objs[i].kind, c))
+        if spec.needle is not None and spec.needle.visible(t) and needle_first is None:
+            needle_first = fi
+    present = sorted(first, key=lambda i: (first[i], i))
+    out: list[QA] = []
+
+    def pick(seq):
+        return seq[int(rng.integers(len(seq)))]
+
+    def add(fam, q, a):
+        if all(x.question != q for x in out):
+            out.append(QA(fam, q, a))
+
+    colour_users: dict[str, int] = {}
+    for i in present:
+        for c in seen_colours[i]:
+            colour_users[c] = colour_users.get(c, 0) + 1
+    if needle_first is not None:
+        colour_users[spec.needle.colour] = colour_users.get(spec.needle.colour, 0) + 1
+    for fam in families:
+        if fam == "caption" and caption and (present or needle_first is not None):
+            items = [_name(objs[i].kind, first_colour[i]) for i in present]
+            if needle_first is not None:
+                items.insert(sum(first[i] <= needle_first for i in present), _name("star", spec.needle.colour))
+            add("caption", CAPTION_Q, " and ".join(items))
+        elif fam == "colour":
+            kinds = [k for k in S.KINDS if sum(objs[i].kind == k for i in present) == 1]
+            cands = [i for i in present if objs[i].kind in kinds and len(seen_colours[i]) == 1]
+            if cands:
+                i = pick(cands)
+                add(fam, S._T_COLOUR.format(kind=objs[i].kind), seen_colours[i][0])
+        elif fam == "shape":
+            cands = [(i, c) for i in present for c in seen_colours[i] if colour_users.get(c) == 1]
+            if cands:
+                i, c = pick(cands)
+                add(fam, S._T_SHAPE.format(colour=c), objs[i].kind)
+        elif fam == "exists":
+            if rng.random() < 0.5 and held:
+                k, c = pick(sorted(held))
+                ans = "yes"
+            else:
+                absent = [(k, c) for k in S.KINDS for c in S.COLOUR_NAMES if (k, c) not in held]
+                k, c = pick(absent)
+                ans = "no"
+            add(fam, S._T_EXISTS.format(article=S._article(c), colour=c, kind=k), ans)
+        elif fam == "count" and present:
+            add(fam, S._T_COUNT, str(len(present)))
+        elif fam == "order":
+            gap = 3 if contiguous else 1
+            pairs = [(i, j) for i in present for j in present if i != j and abs(first[i] - first[j]) >= gap]
+            if pairs:
+                i, j = pick(pairs)
+                a, b = _name(objs[i].kind, first_colour[i]), _name(objs[j].kind, first_colour[j])
+                add(fam, S._T_ORDER.format(a=a, b=b), a if first[i] < first[j] else b)
+        elif fam == "when" and contiguous and present:
+            i = pick(present)
+            add(fam, S._T_WHEN.format(colour=first_colour[i], kind=objs[i].kind), str(first[i]))
+        elif fam == "needle":
+            if needle_first is not None:
+                c = spec.needle.colour
+                if rng.random() < 0.15:           # a star is there, but of another colour
+                    c = pick([x for x in S.COLOUR_NAMES if x != spec.needle.colour])
+                    add(fam, S._T_EXISTS.format(article=S._article(c), colour=c, kind="star"), "no")
+                else:
+                    add(fam, S._T_EXISTS.format(article=S._article(c), colour=c, kind="star"), "yes")
+                    if contiguous and rng.random() < 0.5:
+                        add("needle_when", S._T_WHEN.format(colour=c, kind="star"), str(needle_first))
+            else:
+                c = pick(S.COLOUR_NAMES)
+                add(fam, S._T_EXISTS.format(article=S._article(c), colour=c, kind="star"), "no")
+        elif fam == "change" and contiguous:
+            for i in present:
+                if len(seen_colours[i]) == 2:
+                    add(fam, S._T_CHANGE.format(colour=seen_colours[i][0], kind=objs[i].kind), seen_colours[i][1])
+                    break
+        elif fam == "collide" and contiguous:
+            n = len(times)
+            t0, t1 = times[0], times[-1] + 1e-6
+            hit = sorted({e.objects for e in spec.events if e.kind == "collide" and e.t < t1 and e.t_end > t0})
+            if rng.random() < 0.5:
+                cands = hit
+                ans = "yes"
+            else:
+                vis = [set(S.visible_objects(spec, t)) for t in times]
+                cands = [(i, j) for i in present for j in present if i < j and (i, j) not in hit
+                         and any(i in v and j in v for v in vis)]
+                ans = "no"
+            if cands and n:
+                i, j = pick(cands)
+                if rng.random() < 0.5:
+                    i, j = j, i
+                add(fam, S._T_COLLIDE.format(a=_name(objs[i].kind, first_colour[i]),
+                                             b=_name(objs[j].kind, first_colour[j])), ans)
+    return out
+
+
+def sparse_sample(rng) -> Sample:
+    d = int(rng.integers(8, 121))
+    spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
+    T = int(rng.integers(1, 7))
+    times = sorted(float(x) for x in rng.choice(spec.n_frames, size=min(T, spec.n_frames), replace=False))
+    if spec.needle is not None and rng.random() < 0.6:
+        n = spec.needle
+        times[int(rng.integers(len(times)))] = float(rng.integers(int(n.t_appear), int(n.t_leave)))
+        times = sorted(set(times))
+    fams = ("caption", "colour", "shape", "exists", "exists", "needle", "count", "order")
+    qas = clip_questions(spec, times, rng, contiguous=False, families=fams, caption=True)
+    return Sample(spec, times, [1] * len(times), qas, "sparse")
+
+
+def clip_sample(rng, max_frames: int = 64) -> Sample:
+    r = rng.random()
+    if r < 0.4:
+        d, T, start = 60, 60, 0                                  # the evaluation's 60 s videos
+    else:
+        d = int(rng.integers(10, 151))
+        T = int(rng.integers(8, min(d, max_frames) + 1))
+        start = int(rng.integers(0, d - T + 1)) if r < 0.75 else 0
+    spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
+    T = min(T, spec.n_frames - start)
+    times = [float(start + i) for i in range(T)]
+    fams = ("colour", "shape", "exists", "exists", "count", "count", "order", "order", "when", "needle",
+            "change", "collide")
+    qas = clip_questions(spec, times, rng, contiguous=True, families=fams, caption=rng.random() < 0.2)
+    return Sample(spec, times, [1] * T, qas, "clip")
+
+
+def long_sample(rng, length: int, anchors: int = 24) -> Sample:
+    """A long video seen through `anchors` distinct frames, each repeated over its span of the
+    `length` frames, plus (when the scene has one) the needle as 1-3 frames of its own."""
+    d = int(rng.integers(600, 10801))
+    spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
+    step = d / anchors
+    off = rng.random()
+    times = [math.floor((k + off) * step) for k in range(anchors)]
+    base = length // anchors
+    reps = [base + (1 if k < length - base * anchors else 0) for k in range(anchors)]
+    if spec.needle is not None:
+        n = spec.needle
+        tn = float(rng.integers(int(n.t_appear), int(n.t_leave)))
+        times = [t for t in times if not n.visible(t)]
+        reps = reps[:len(times)]
+        k = sum(t < tn for t in times)
+        times.insert(k, tn)
+        reps.insert(k, int(rng.integers(1, 4)))
+    times = [float(t) for t in times]
+    fams = ("needle", "needle", "exists", "colour", "shape", "count", "order")
+    qas = clip_questions(spec, times, rng, contiguous=False, families=fams)
+    return Sample(spec, times, reps, qas, "long")
+
+
+def render(sample: Sample) -> np.ndarray:
+    return np.stack([S.render_frame(sample.spec, t) for t in sample.times])
+
+
+def preprocess(frames: np.ndarray, size: int) -> torch.Tensor:
+    """Official video preprocessing (stream.preprocess): nearest resize, /255, CLIP mean/std."""
+    try:
+        from stream.preprocess import preprocess_video_frames
+        return preprocess_video_frames(frames, size, CLIP_MEAN, CLIP_STD)
+    except ImportError:                                        # pragma: no cover
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size))
+        x = x.float() / 255
+        return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+# =========================================================================== model
+def build(out: Path, a) -> tuple[LlavaMiniNet, VisionTower, LlavaMiniConfig, object, dict, torch.nn.ModuleList]:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from .checkpoint import load_tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = build_tokenizer(out, S.vocabulary() + ["and", "star"])
+    tok = load_tokenizer(out)
+    eos = [vocab["<|eot_id|>"], vocab["<|end_of_text|>"]]
+    cfgd = tiny_config(len(vocab), hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
+                       inter=a.inter, prefusion=a.prefusion, compressor_size=1, vision_width=a.clip_hidden,
+                       vision_tower="clip-vision", dtype="float32", max_pos=a.max_pos,
+                       bos=vocab["<|begin_of_text|>"], eos=eos)
+    cfg = LlavaMiniConfig.from_dict(cfgd)
+    torch.manual_seed(a.seed)
+    vc = CLIPVisionConfig(hidden_size=a.clip_hidden, intermediate_size=4 * a.clip_hidden,
+                          num_hidden_layers=a.clip_layers, num_attention_heads=a.clip_heads,
+                          image_size=a.image_size, patch_size=a.patch, projection_dim=a.clip_hidden)
+    vc._attn_implementation = "sdpa"
+    clip = CLIPVisionModel(vc)
+    enc = getattr(clip, "vision_model", clip).encoder
+    all_layers = enc.layers                                   # restored before saving
+    vision = VisionTower(clip, cfg.mm_vision_select_layer)
+    net = LlavaMiniNet(cfg, a.clip_hidden)
+    _init(net, cfg)
+    return net, vision, cfg, tok, cfgd, all_layers
+
+
+def _init(net: LlavaMiniNet, cfg: LlavaMiniConfig):
+    n_blocks = cfg.num_hidden_layers + cfg.prefusion_layer_num
+    for name, p in net.named_parameters():
+        if name.endswith("compressor.pos_embed"):
+            continue
+        if "norm" in name or name.endswith(("ln_q.weight", "ln_kv.weight")):
+            continue
+        if name.endswith("bias"):
+            torch.nn.init.zeros_(p)
+        elif "embed_tokens" in name:
+            torch.nn.init.normal_(p, std=0.3)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            torch.nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_blocks))
+        elif p.dim() >= 2 or name.endswith("compressor.query"):
+            torch.nn.init.normal_(p, std=0.02)
+
+
+class Trainer:
+    """The differentiable LLaVA-Mini forward (same computation as `LlavaMini`)."""
+
+    def __init__(self, net: LlavaMiniNet, vision: VisionTower, cfg: LlavaMiniConfig, tok, device):
+        from triton_kernels.fusion_attention import fusion_attention_reference
+        self.net, self.vision, self.cfg, self.tok, self.device = net, vision, cfg, tok, device
+        self.fusion = fusion_attention_reference
+        ids = build_input_ids(tok, "x")[0].tolist()
+        p = ids.index(IMAGE_TOKEN_INDEX)
+        self.prefix = torch.tensor(ids[:p], device=device)
+        assert (self.prefix > 0).all(), "prefix ids must be real tokens (id 0 is masked)"
+        self.eot = tok.convert_tokens_to_ids("<|eot_id|>")
+        self._qcache: dict[str, list[int]] = {}
+
+    # -- token ids -------------------------------------------------------------------------------
+    def question_rows(self, question: str) -> list[int]:
+        """Prompt ids after the placeholder (the question's own rows), cached per question text."""
+        if question not in self._qcache:
+            ids = build_input_ids(self.tok, question)[0].tolist()
+            self._qcache[question] = ids[ids.index(IMAGE_TOKEN_INDEX) + 1:]
+        return self._qcache[question]
+
+    def answer_ids(self, answer: str) -> list[int]:
+        words = S.tokenize_words(answer)
+        return self.tok.convert_tokens_to_ids(words) + [self.eot]
+
+    # -- ingest ----------------------------------------------------------------------------------
+    def encode(self, px: torch.Tensor):
+        """pixels (B,3,S,S) -> tokens (B,nq,H), keys/values per layer (B,nkv,C,D), prefix_out (B,P,H)."""
+        m = self.net.model
+        B = px.shape[0]
+        V = self.vision(px)
+        c = m.compressor.forward_mha(V)
+        pv, pc = m.mm_projector(V), m.mm_projector(c)
+        n_vis = pv.shape[1] + pc.shape[1]
+        x = torch.cat([pv, pc, m.embed_tokens(self.prefix).expand(B, -1, -1)], dim=1)
+        cos, sin = self.net.rotary(torch.arange(x.shape[1], device=self.device), x.dtype)
+        ks, vs = [], []
+        for layer in m.prefusion_layers:
+            x, k, v = layer.full(x, cos, sin)
+            ks.append(k)
+            vs.append(v)
+        return x[:, pv.shape[1]:n_vis], ks, vs, x[:, n_vis:]
+
+    # -- one video, all its questions -------------------------------------------------------------
+    def video_loss(self, tokens, ks, vs, prefix_out, reps: torch.Tensor, qas: list[QA], *,
+                   frame_grad: bool = True):
+        """Summed cross-entropy over the answer tokens of `qas`, the number of target tokens, and
+        per-question (family, first-token correct)."""
+        m, dev = self.net.model, self.device
+        H = self.cfg.hidden_size
+        K = tokens.shape[0]
+        w = reps.to(dev, torch.float32)
+        n = w.sum()
+        # fused prefix (question-independent) and the frame tokens, repeated over their spans
+        pre = ((prefix_out.float() * w[:, None, None]).sum(0) / n).to(tokens.dtype)         # (P, H)
+        vis = torch.repeat_interleave(tokens.reshape(K, -1), reps.to(dev), dim=0)           # (T, H)
+        base = torch.cat([pre, vis], 0)[None]                                               # (1, N0, H)
+        N0 = base.shape[1]
+        with torch.set_grad_enabled(frame_grad and torch.is_grad_enabled()):
+            cos, sin = self.net.rotary(torch.arange(N0, device=dev), base.dtype)
+            h, bk, bv = base, [], []
+            for layer in m.layers:
+                h, k, v = layer.full(h, cos, sin)
+                bk.append(k)
+                bv.append(v)
+        # question rows, padded; fused with every distinct frame
+        qrows = [self.question_rows(q.question) for q in qas]
+        ans = [self.answer_ids(q.answer) for q in qas]
+        Bq, Sq = len(qas), max(len(r) for r in qrows)
+        qid = torch.full((Bq, Sq), self.eot, dtype=torch.long)
+        for b, r in enumerate(qrows):
+            qid[b, :len(r)] = torch.tensor(r)
+        qid = qid.to(dev)
+        C = ks[0].shape[2]
+        x = m.embed_tokens(qid)[None].expand(K, -1, -1, -1).reshape(K * Bq, Sq, H)
+        cos, sin = self.net.rotary(torch.arange(C, C + Sq, device=dev), x.dtype)
+        for l, layer in enumerate(m.prefusion_layers):
+            kc = ks[l].repeat_interleave(Bq, 0)
+            vc = vs[l].repeat_interleave(Bq, 0)
+            x = layer.cached(x, cos, sin, kc, vc, self.fusion)
+        fused = ((x.float().view(K, Bq, Sq, H) * w[:, None, None, None]).sum(0) / n).to(x.dtype)
+        # suffix rows: fused question rows then the answer's plain embeddings
+        lens = [len(r) + len(a) - 1 for r, a in zip(qrows, ans)]
+        L = max(lens)
+        rows, tgt = [], torch.full((Bq, L), -100, dtype=torch.long)
+        for b, (r, a) in enumerate(zip(qrows, ans)):
+            parts = [fused[b, :len(r)]]
+            if len(a) > 1:
+                parts.append(m.embed_tokens(torch.tensor(a[:-1], device=dev)))
+            seq = torch.cat(parts, 0)
+            if seq.shape[0] < L:
+                seq = torch.cat([seq, seq.new_zeros(L - seq.shape[0], H)], 0)
+            rows.append(seq)
+            tgt[b, len(r) - 1:len(r) - 1 + len(a)] = torch.tensor(a)
+        y = torch.stack(rows, 0)                                                             # (Bq, L, H)
+        cos, sin = self.net.rotary(torch.arange(N0, N0 + L, device=dev), y.dtype)
+        mask = torch.cat([torch.ones(L, N0, dtype=torch.bool),
+                          torch.ones(L, L, dtype=torch.bool).tril()], 1).to(dev)
+        for i, layer in enumerate(m.layers):
+            att = layer.self_attn
+            q, k, v = att._qkv(layer.input_layernorm(y), cos, sin)
+            kk = torch.cat([bk[i].expand(Bq, -1, -1, -1), k], 2)
+            vv = torch.cat([bv[i].expand(Bq, -1, -1, -1), v], 2)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=att.scale,
+                                               enable_gqa=att.nh != att.nkv)
+            y = layer._finish(y, att._out(o))
+        logits = self.net.lm_head(m.norm(y)).float()                                        # (Bq, L, V)
+        tgt = tgt.to(dev)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                               reduction="sum")
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            ok = ((pred == tgt) | (tgt == -100)).all(1).tolist()
+        return loss, int((tgt != -100).sum()), [(q.family, bool(c)) for q, c in zip(qas, ok)]
+
+
+def check_exact(trainer: Trainer, px: torch.Tensor, question: str, answer: str) -> float:
+    """Max |logit difference| between the training forward and the inference engine
+    (`LlavaMini.fuse_question` + its LLM, the answer fed as generated tokens)."""
+    net, vision = trainer.net, trainer.vision
+    was = net.training
+    eng = LlavaMini(net, vision, trainer.cfg, trainer.tok)
+    from triton_kernels.fusion_attention import fusion_attention_reference
+    eng.fusion_attention = fusion_attention_reference
+    net.model.compressor.invalidate()
+    with torch.no_grad():
+        states = eng.encode_frames(px)
+        embeds, _ = eng.fuse_question(eng.prompt_ids(question), states)
+        a = trainer.answer_ids(answer)
+        full = torch.cat([embeds, net.model.embed_tokens(torch.tensor([a[:-1]], device=trainer.device))], 1)
+        ref = eng._llm(full, None, all_logits=True)[0, embeds.shape[1] - 1:]
+        tokens, ks, vs, po = trainer.encode(px)
+        qa = QA("check", question, answer)
+        # re-run the training forward and capture its logits
+        logits = _train_logits(trainer, tokens, ks, vs, po, qa)
+    net.train(was)
+    net.model.compressor.invalidate()
+    return float((logits - ref).abs().max())
+
+
+def _train_logits(trainer: Trainer, tokens, ks, vs, po, qa: QA) -> torch.Tensor:
+    captured = {}
+    orig = trainer.net.lm_head.forward
+
+    def hook(x):
+        out = orig(x)
+        captured["l"] = out
+        return out
+    trainer.net.lm_head.forward = hook
+    try:
+        trainer.video_loss(tokens, ks, vs, po, torch.ones(tokens.shape[0], dtype=torch.long), [qa])
+    finally:
+        trainer.net.lm_head.forward = orig
+    r = len(trainer.question_rows(qa.question))
+    n = len(trainer.answer_ids(qa.answer))
+    return captured["l"][0, r - 1:r - 1 + n].float()
+
+
+# =========================================================================== saving
+def save_checkpoint(out: Path, net: LlavaMiniNet, vision: VisionTower, cfgd: dict, all_layers, a) -> None:
+    from .tiny import BASE_WORDS  # noqa: F401  (layout reference)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfgd, indent=1))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfgd["bos_token_id"], "eos_token_id": cfgd["eos_token_id"], "do_sample": False}, indent=1))
+    sd = {k: v.detach().float().cpu() for k, v in net.state_dict().items()}
+    save_weights(out, sd)
+    clip = vision.clip
+    enc = getattr(clip, "vision_model", clip).encoder
+    used = enc.layers
+    enc.layers = all_layers                                   # the full tower, as released CLIP folders are
+    clip_dir = out / "clip-vision"
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    clip.config._attn_implementation = "eager"
+    clip.cpu().save_pretrained(str(clip_dir), safe_serialization=True)
+    enc.layers = used
+    (clip_dir / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": a.image_size, "width": a.image_size}, "size": {"shortest_edge": a.image_size},
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_center_crop": True,
+        "do_normalize": True, "do_resize": True, "image_processor_type": "CLIPImageProcessor"}, indent=1))
+
+
+def state_hash(net: LlavaMiniNet, vision: VisionTower) -> str:
+    h = hashlib.sha256()
+    for mod in (net, vision):
+        for k, v in sorted(mod.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# =========================================================================== training
+def make_step(step: int, steps: int, seed: int) -> list[Sample]:
+    rng = np.random.default_rng([seed, 0xDA7A, step])
+    f = step / max(1, steps)
+    if f < 0.25:
+        return [sparse_sample(rng) for _ in range(6)]
+    out = [sparse_sample(rng) for _ in range(2)]
+    if step % 3 == 0:
+        length = int(300 + (3000 - 300) * min(1.0, (f - 0.25) / 0.6))
+        length = int(rng.integers(length // 2, length + 1))
+        out.append(long_sample(rng, length))
+    else:
+        out.append(clip_sample(rng))
+        if rng.random() < 0.5:
+            out.append(clip_sample(rng, max_frames=24))
+    return [s for s in out if s.qas]
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="python -m model.train_demo", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("checkpoints/demo"))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=1800, help="optimizer steps (the schedule's length)")
+    ap.add_argument("--minutes", type=float, default=42.0,
+                    help="wall-clock guard: stop, save and say so if reached before --steps")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=60)
+    ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--log-every", type=int, default=10)
+    for k, v in DEFAULTS.items():
+        ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    t_start = time.perf_counter()
+    dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if a.device == "auto" else a.device))
+    if dev.type == "cpu":
+        torch.set_num_threads(a.threads)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(a.seed)
+    out = a.out
+    net, vision, cfg, tok, cfgd, all_layers = build(out, a)
+    net.to(dev).train()
+    vision.to(dev).train()
+    net.model.compressor.pos_embed.requires_grad_(False)
+    trainer = Trainer(net, vision, cfg, tok, dev)
+    params = [p for p in list(net.parameters()) + list(vision.parameters()) if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
+    n_params = sum(p.numel() for p in net.parameters()) + sum(p.numel() for p in vision.parameters())
+
+    # the training forward equals the inference engine's (random weights, a 5-frame clip)
+    rng0 = np.random.default_rng([a.seed, 1])
+    s0 = clip_sample(rng0)
+    px0 = preprocess(render(s0)[:5], a.image_size).to(dev)
+    exact_diff = check_exact(trainer, px0, "which appeared first, the red circle or the blue square?", "red circle")
+    net.train()
+    vision.train()
+    print(f"[train_demo] params {n_params:,}  device {dev}  check_exact max|dlogit| {exact_diff:.2e}", flush=True)
+    if exact_diff > 1e-3:
+        raise SystemExit(f"training forward differs from the engine by {exact_diff}")
+
+    log = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+           "config": cfgd, "params": n_params, "device": str(dev), "threads": torch.get_num_threads(),
+           "check_exact_max_abs_logit_diff": exact_diff, "train_seed_limit": TRAIN_SEED_LIMIT,
+           "data": "scene seeds drawn from numpy default_rng([seed, 0xDA7A, step]) in [0, 10**6)",
+           "curve": [], "family_first_token_acc": {}}
+    seeds_used = []
+    ema, fam_acc = None, {}
+    fam_hist: dict[str, list[int]] = {}
+    stopped_early = False
+    step = 0
+    t_loop = time.perf_counter()
+    for step in range(a.steps):
+        if time.perf_counter() - t_start > a.minutes * 60:
+            stopped_early = True
+            break
+        samples = make_step(step, a.steps, a.seed)
+        seeds_used.extend(s.spec.seed for s in samples)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
+        grad_samples = [s for s in samples if s.kind != "long"]
+        total, ntok, results = 0.0, 0, []
+        if grad_samples:
+            px = preprocess(np.concatenate([render(s) for s in grad_samples]), a.image_size).to(dev)
+            tokens, ks, vs, po = trainer.encode(px)
+            o = 0
+            for s in grad_samples:
+                K = len(s.times)
+                sl = slice(o, o + K)
+                o += K
+                l, n, r = trainer.video_loss(tokens[sl], [k[sl] for k in ks], [v[sl] for v in vs], po[sl],
+                                             torch.tensor(s.reps), s.qas)
+                total, ntok, results = total + l, ntok + n, results + r
+        for s in samples:
+            if s.kind != "long":
+                continue
+            px = preprocess(render(s), a.image_size).to(dev)
+            with torch.no_grad():
+                tokens, ks, vs, po = trainer.encode(px)
+            l, n, r = trainer.video_loss(tokens, ks, vs, po, torch.tensor(s.reps), s.qas, frame_grad=False)
+            total, ntok, results = total + l, ntok + n, results + r
+        loss = total / max(1, ntok)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        lv = float(loss)
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        for fam, ok in results:
+            fam_hist.setdefault(fam, []).append(int(ok))
+        if step % a.log_every == 0 or step == a.steps - 1:
+            el = time.perf_counter() - t_start
+            recent = {f: round(float(np.mean(v[-200:])), 3) for f, v in sorted(fam_hist.items())}
+            log["curve"].append({"step": step, "loss": round(lv, 4), "loss_ema": round(ema, 4),
+                                 "lr": round(opt.param_groups[0]["lr"], 6), "grad_norm": round(float(gn), 3),
+                                 "elapsed_s": round(el, 1), "first_token_acc": recent})
+            acc = " ".join(f"{f}={v:.2f}" for f, v in recent.items())
+            print(f"[train_demo] step {step:5d}/{a.steps} loss {lv:.4f} ema {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"gn {float(gn):.2f} {el / 60:5.1f} min | {acc}", flush=True)
+    steps_done = step + (0 if stopped_early else 1)
+    wall = time.perf_counter() - t_start
+    net.eval()
+    vision.eval()
+    save_checkpoint(out, net.cpu(), vision.cpu(), cfgd, all_layers, a)
+    log.update({"steps_done": steps_done, "stopped_early": stopped_early, "wall_time_s": round(wall, 1),
+                "train_loop_s": round(time.perf_counter() - t_loop, 1),
+                "final_loss_ema": round(ema, 4) if ema is not None else None,
+                "family_first_token_acc": {f: round(float(np.mean(v[-300:])), 3) for f, v in sorted(fam_hist.items())},
+                "scene_seeds": {"count": len(seeds_used), "distinct": len(set(seeds_used)),
+                                "min": int(min(seeds_used)) if seeds_used else None,
+                                "max": int(max(seeds_used)) if seeds_used else None,
+                                "sha256": hashlib.sha256(np.array(seeds_used, dtype=np.int64).tobytes()).hexdigest()[:16]},
+                "weights_sha256_16": state_hash(net, vision), "torch": torch.__version__,
+                "machine": {"cpus": os.cpu_count(), "platform": sys.platform}})
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    print(f"[train_demo] saved {out}  steps {steps_done}  wall {wall / 60:.1f} min  "
+          f"loss_ema {ema}  weights {log['weights_sha256_16']}" + ("  (stopped by --minutes)" if stopped_early else ""),
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

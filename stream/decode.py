@@ -1,0 +1,784 @@
+"""Streaming, damage-tolerant video decoding with presentation-time sampling.
+
+`VideoSource` opens a video (or a still image) with PyAV/FFmpeg, validates it
+on construction and, when iterated, yields `Frame`s sampled at ``fps`` frames
+per second of *presentation time*:
+
+* target times are ``t_k = start + k / fps`` (k = 0, 1, 2, ...); each target
+  takes the first decoded frame whose presentation time is ``>= t_k``.  Times
+  come from ``frame.pts * time_base`` relative to the stream start, never from
+  frame counters, so variable-frame-rate files are sampled correctly.  When a
+  single frame satisfies several pending targets (a long still section of a
+  VFR file) it is yielded once and all those targets are consumed;
+* decoding streams packet by packet: memory stays bounded by one decoded
+  frame plus the decoder's reorder buffer, however long the file is;
+* damaged input does not abort decoding: packets that fail to decode, packets
+  or frames flagged corrupt, bytes skipped by the demuxer while resyncing, a
+  demuxer error mid-file and a stream that ends before its declared duration
+  are all recorded in `DecodeReport.gaps` / `DecodeReport.errors`, and
+  decoding continues with the next good packet.  Only when no frame at all
+  can be produced is `NoFrames` raised.
+
+Example::
+
+    src = VideoSource("talk.mp4", fps=1.0, progress=True)
+    for frame in src:            # Frame(index, pts, rgb (H, W, 3) uint8)
+        consume(frame)
+    print(src.report.summary())
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+import av
+import av.error
+import numpy as np
+
+from lmstream.errors import BadArgument, InputNotFound, NoFrames, NotAVideo, NoVideoStream
+
+__all__ = [
+    "Frame",
+    "VideoInfo",
+    "DecodeReport",
+    "VideoSource",
+    "open_video",
+]
+
+#: Tolerance (seconds) when comparing presentation times with sampling targets,
+#: so that a frame at 0.999999999 s (rounding in time_base arithmetic) still
+#: counts as the frame for the 1 s target.
+_TIME_EPS = 1e-6
+
+#: Videos longer than this (seconds) get a progress bar when ``progress=True``.
+_PROGRESS_MIN_DURATION_S = 60.0
+
+#: At most this many error lines are kept in a report; the rest are counted.
+_MAX_ERROR_LINES = 20
+
+#: Container formats whose packets lie back to back in the file, so that a jump
+#: in byte position between consecutive packets means the demuxer skipped
+#: unreadable bytes while resyncing (Matroska/WebM resync silently, without an
+#: error).  Index-based (MP4) and packetised (MPEG-TS/PS) formats are excluded:
+#: their packets are legitimately non-contiguous, and damage to them shows up as
+#: decode errors or corrupt-packet flags instead.
+_CONTIGUOUS_FORMATS = ("matroska", "webm")
+
+#: A byte jump larger than this between consecutive packets of a contiguous
+#: format counts as skipped (unreadable) data.  Healthy Matroska files have
+#: gaps of a few dozen bytes (block and cluster headers).
+_BYTE_SKIP_SLACK = 1024
+
+#: After evidence of damage (skipped bytes, a corrupt or undecodable packet), a
+#: jump in decode timestamps within this many video packets means packets were
+#: lost.  Jumps without such evidence are normal in variable-frame-rate files.
+_SUSPECT_PACKETS = 3
+
+#: Frame rate assumed for estimating a missing pts when the stream declares none.
+_FALLBACK_FPS = 25.0
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One sampled video frame.
+
+    Attributes:
+        index: 0-based position of this frame among the *sampled* frames of one
+            iteration (not its index in the source file).
+        pts: presentation time in seconds, relative to the start of the video
+            stream (the first frame of a normal file has ``pts == 0.0``).
+        rgb: the picture, shape ``(H, W, 3)``, dtype ``uint8``, RGB order.
+
+    Frames compare by identity (``eq=False``): comparing pixel arrays with
+    ``==`` has no single truth value.
+    """
+
+    index: int
+    pts: float
+    rgb: np.ndarray
+
+    def __repr__(self) -> str:  # never dump pixel data
+        return f"Frame(index={self.index}, pts={self.pts:.3f}, rgb={tuple(self.rgb.shape)} {self.rgb.dtype})"
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Static facts about an opened input, known before decoding.
+
+    Attributes:
+        path: the input path as given (``str``).
+        format_name: FFmpeg container (demuxer) name, e.g. ``"mov,mp4,m4a,3gp,3g2,mj2"``.
+        codec_name: FFmpeg decoder name of the chosen video stream, e.g. ``"h264"``.
+        duration_s: duration of the video stream in seconds, ``None`` if unknown
+            (and always ``None`` for still images).
+        source_fps: average frame rate declared by the file, ``None`` if unknown
+            or for still images.
+        width: picture width in pixels.
+        height: picture height in pixels.
+        is_image: True for a still image (PNG, JPEG, ...), which yields exactly one frame.
+        stream_index: index of the chosen video stream within the container.
+    """
+
+    path: str
+    format_name: str
+    codec_name: str
+    duration_s: float | None
+    source_fps: float | None
+    width: int
+    height: int
+    is_image: bool
+    stream_index: int
+
+
+@dataclass
+class DecodeReport:
+    """What happened while decoding one iteration of a `VideoSource`.
+
+    Filled in as frames are yielded; complete once the iteration finishes.
+
+    Attributes:
+        path, format_name, codec_name, duration_s, source_fps, width, height,
+        is_image: copied from `VideoInfo`.
+        frames_decoded: every frame the decoder produced (including frames not
+            sampled, pre-roll frames before ``start`` and frames flagged corrupt).
+        frames_sampled: frames yielded to the caller.
+        packets_failed: video packets the decoder rejected.
+        frames_corrupt: decoded frames that FFmpeg flagged as corrupt; they are
+            skipped (never yielded) and counted as damage.
+        pts_estimated: frames without a pts whose time was estimated from the
+            dts or from the previous frame plus one nominal frame interval.
+        gaps: sorted, non-overlapping ``(start_s, end_s)`` presentation-time
+            ranges with no usable video because of damage: from the last good
+            frame before the damage to the first good frame after it (or to the
+            declared end for damage at the very end).
+        errors: one line per problem, at most 20 kept (``errors_dropped`` counts the rest).
+        errors_dropped: number of error lines not kept.
+    """
+
+    path: str
+    format_name: str
+    codec_name: str
+    duration_s: float | None
+    source_fps: float | None
+    width: int
+    height: int
+    is_image: bool
+    frames_decoded: int = 0
+    frames_sampled: int = 0
+    packets_failed: int = 0
+    frames_corrupt: int = 0
+    pts_estimated: int = 0
+    gaps: list[tuple[float, float]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    errors_dropped: int = 0
+
+    @classmethod
+    def from_info(cls, info: VideoInfo) -> DecodeReport:
+        """An empty report for one iteration over the input described by ``info``."""
+        return cls(
+            path=info.path,
+            format_name=info.format_name,
+            codec_name=info.codec_name,
+            duration_s=info.duration_s,
+            source_fps=info.source_fps,
+            width=info.width,
+            height=info.height,
+            is_image=info.is_image,
+        )
+
+    def add_error(self, line: str) -> None:
+        """Record one problem (newlines are folded so each entry stays one line)."""
+        if len(self.errors) < _MAX_ERROR_LINES:
+            self.errors.append(" ".join(line.split()))
+        else:
+            self.errors_dropped += 1
+
+    def add_gap(self, start_s: float, end_s: float) -> None:
+        """Record a damaged time range, merging it with the ranges it overlaps.
+
+        Ranges that merely touch stay separate: the shared end point is a good
+        frame that was decoded between two damaged stretches.
+        """
+        if not (math.isfinite(start_s) and math.isfinite(end_s)):
+            return
+        start_s, end_s = min(start_s, end_s), max(start_s, end_s)
+        merged: list[tuple[float, float]] = []
+        for a, b in sorted([*self.gaps, (start_s, end_s)]):
+            if merged and a < merged[-1][1] - _TIME_EPS:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.gaps = merged
+
+    @property
+    def damaged_s(self) -> float:
+        """Total length in seconds of all gaps."""
+        return sum(b - a for a, b in self.gaps)
+
+    def summary(self) -> str:
+        """One line for logs, e.g. ``talk.mp4: h264 1280x720 25.00 fps 63.2 s; 64/1580 frames sampled; ok``."""
+        if self.is_image:
+            media = f"{self.codec_name} image {self.width}x{self.height}"
+        else:
+            fps = f"{self.source_fps:.2f} fps" if self.source_fps else "? fps"
+            dur = f"{self.duration_s:.1f} s" if self.duration_s is not None else "? s"
+            media = f"{self.codec_name} {self.width}x{self.height} {fps} {dur}"
+        problems = []
+        if self.packets_failed:
+            problems.append(f"{self.packets_failed} packets failed")
+        if self.frames_corrupt:
+            problems.append(f"{self.frames_corrupt} corrupt frames skipped")
+        if self.gaps:
+            problems.append(f"{len(self.gaps)} gaps ({self.damaged_s:.2f} s damaged)")
+        if self.pts_estimated:
+            problems.append(f"{self.pts_estimated} frame times estimated")
+        n_err = len(self.errors) + self.errors_dropped
+        if n_err:
+            problems.append(f"{n_err} errors, first: {self.errors[0]}")
+        status = "; ".join(problems) if problems else "ok"
+        return (
+            f"{os.path.basename(self.path)}: {media}; "
+            f"{self.frames_sampled}/{self.frames_decoded} frames sampled; {status}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def _ffmpeg_reason(exc: BaseException) -> str:
+    """FFmpeg's own reason for an error, without errno and path decorations."""
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return " ".join(str(reason).split())
+
+
+def _check_window(
+    fps: float | None, start: float | None, end: float | None
+) -> tuple[float | None, float, float | None]:
+    """Validate the sampling arguments; returns ``(fps or None, start, end)``."""
+    if fps is not None:
+        if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not math.isfinite(fps) or fps < 0:
+            raise BadArgument(f"expected fps to be None, 0 (every frame) or a positive finite number, got {fps!r}")
+        fps = float(fps) or None
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0
+        ):
+            raise BadArgument(f"expected {name} to be None or a non-negative number of seconds, got {value!r}")
+    start_s = float(start) if start is not None else 0.0
+    end_s = float(end) if end is not None else None
+    if end_s is not None and end_s <= start_s:
+        raise BadArgument(f"expected end > start, got start={start_s:g} s and end={end_s:g} s")
+    return fps, start_s, end_s
+
+
+def _is_attached_picture(stream: av.stream.Stream) -> bool:
+    """True for cover art (an image attached to an audio file), which is not video."""
+    try:
+        return bool(stream.disposition & av.stream.Disposition.attached_pic)
+    except (AttributeError, TypeError):  # pragma: no cover - very old PyAV
+        return False
+
+
+def _describe_streams(container: av.container.InputContainer) -> str:
+    parts = []
+    for s in container.streams:
+        codec = getattr(getattr(s, "codec_context", None), "name", None) or "unknown codec"
+        extra = " (attached picture, not video)" if s.type == "video" and _is_attached_picture(s) else ""
+        parts.append(f"#{s.index} {s.type}/{codec}{extra}")
+    return ", ".join(parts) if parts else "no streams"
+
+
+def _parse_hms(text: str) -> float | None:
+    """Parse a Matroska ``DURATION`` tag such as ``"00:01:05.200000000"``."""
+    m = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)\s*", text or "")
+    if not m:
+        return None
+    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+
+
+def _stream_duration(
+    container: av.container.InputContainer, vs: av.video.stream.VideoStream
+) -> tuple[float | None, bool]:
+    """Duration of the video stream in seconds and whether it is specific to the video stream.
+
+    The second value is False when only the container-wide duration is known
+    (it may include a longer audio track, so it is not used to detect truncation).
+    """
+    if vs.duration is not None and vs.time_base is not None and vs.duration > 0:
+        return float(vs.duration * vs.time_base), True
+    tag = _parse_hms(vs.metadata.get("DURATION", "")) if vs.metadata else None
+    if tag:
+        return tag, True
+    if container.duration is not None and container.duration > 0:
+        return container.duration / av.time_base, False
+    return None, False
+
+
+def _is_image_container(container: av.container.InputContainer, vs: av.video.stream.VideoStream) -> bool:
+    """Still images open with an image demuxer (``png_pipe``, ``jpeg_pipe``, ``image2`` ...),
+    or carry the ``still_image`` disposition (e.g. HEIF/AVIF items)."""
+    name = container.format.name
+    if name == "image2" or name.endswith("_pipe"):
+        return True
+    still = getattr(av.stream.Disposition, "still_image", None)
+    return bool(still is not None and vs.disposition & still)
+
+
+def _drain(vs: av.video.stream.VideoStream) -> list[av.VideoFrame]:
+    """Flush the decoder: the frames it still holds (reordering, frame threads)."""
+    try:
+        return list(vs.codec_context.decode(None))
+    except av.FFmpegError:
+        return []
+
+
+def _open_container(path: str) -> av.container.InputContainer:
+    """Open ``path`` with FFmpeg, mapping failures to the shared error types."""
+    try:
+        return av.open(path, mode="r")
+    except av.error.FileNotFoundError as exc:  # raced with deletion
+        raise InputNotFound(f"expected an existing file, got {path} ({_ffmpeg_reason(exc)})") from exc
+    except av.error.EOFError as exc:  # a recognised container that ends before any media data
+        raise NoFrames(
+            f"expected at least one decodable video frame in {path}, got 0 "
+            f"(the file ends inside its header: {_ffmpeg_reason(exc)})"
+        ) from exc
+    except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        raise NotAVideo(
+            f"expected a video or image file that FFmpeg can read, got {path} ({_ffmpeg_reason(exc)})"
+        ) from exc
+
+
+def _probe(path: str, container: av.container.InputContainer) -> tuple[VideoInfo, av.video.stream.VideoStream]:
+    """Choose the video stream of an open container and describe it."""
+    candidates = [s for s in container.streams.video if not _is_attached_picture(s)]
+    if not candidates:
+        raise NoVideoStream(
+            f"expected a video stream in {path}, got none (streams found: {_describe_streams(container)})"
+        )
+    default = [s for s in candidates if s.disposition & av.stream.Disposition.default]
+    vs = (default or candidates)[0]
+    ctx = vs.codec_context
+    is_image = _is_image_container(container, vs)
+    if is_image:
+        duration, fps = None, None
+    else:
+        duration, _ = _stream_duration(container, vs)
+        rate = vs.average_rate or vs.guessed_rate or vs.base_rate
+        fps = float(rate) if rate else None
+    info = VideoInfo(
+        path=path,
+        format_name=container.format.name,
+        codec_name=ctx.name if ctx is not None else "unknown",
+        duration_s=duration,
+        source_fps=fps,
+        width=int(ctx.width or 0),
+        height=int(ctx.height or 0),
+        is_image=is_image,
+        stream_index=vs.index,
+    )
+    return info, vs
+
+
+class _TimeSampler:
+    """Decides which frames to keep: targets ``start + k / fps``, window ``[start, end)``."""
+
+    def __init__(self, fps: float | None, start: float, end: float | None):
+        self.fps, self.start, self.end = fps, start, end
+        self._k = 0  # index of the next pending target
+
+    def past_end(self, t: float) -> bool:
+        """True once ``t`` lies at or after the (exclusive) window end."""
+        return self.end is not None and t >= self.end - _TIME_EPS
+
+    def wants(self, t: float) -> bool:
+        """Whether the frame at ``t`` is the first one at or after the next pending target."""
+        if t < self.start - _TIME_EPS or self.past_end(t):
+            return False
+        if self.fps is None:
+            return True
+        if t < self.start + self._k / self.fps - _TIME_EPS:
+            return False
+        # consume every target this frame satisfies (no duplicates across a VFR hole)
+        self._k = math.floor((t - self.start) * self.fps + _TIME_EPS) + 1
+        return True
+
+
+class _Progress:
+    """A tqdm bar in seconds of video, or nothing."""
+
+    def __init__(self, enabled: bool, start: float, stop: float | None):
+        self._bar = None
+        self._start, self._done = start, 0.0
+        if enabled and stop is not None and stop - start > _PROGRESS_MIN_DURATION_S:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=round(stop - start, 1),
+                unit="s",
+                desc="decoding video",
+                file=sys.stderr,
+                dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]",
+            )
+
+    def update(self, t: float) -> None:
+        if self._bar is not None:
+            done = min(max(t - self._start, 0.0), self._bar.total)
+            if done > self._done:
+                self._bar.update(done - self._done)
+                self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+
+class VideoSource:
+    """A validated video (or still image) that yields sampled `Frame`s when iterated.
+
+    Args:
+        path: a local file path (``str`` or ``os.PathLike``).
+        fps: frames to sample per second of presentation time; ``None`` or
+            ``0`` yields every decoded frame.  Ignored for still images.
+        start: first presentation time (seconds) of the window; seeks there.
+        end: exclusive end (seconds) of the window; ``None`` means to the end.
+        progress: show a tqdm bar on stderr (seconds of video decoded) when
+            the window is known to be longer than 60 s.
+
+    Raises (on construction):
+        BadArgument: invalid ``path`` type, ``fps``, ``start`` or ``end``.
+        InputNotFound: ``path`` does not exist.
+        NotAVideo: FFmpeg cannot open ``path`` as a media file (text, empty, directory ...).
+        NoVideoStream: the file has no video stream (audio only, cover art only).
+        NoFrames: the file is cut off inside its header (no media data at all).
+
+    Iterating raises `NoFrames` at the end if no frame at all could be
+    sampled.  Each iteration re-reads the file from the start (or seeks to
+    ``start``) and replaces `report`.  The source can be used as a context
+    manager; the container of an unfinished iteration is closed on exit.
+
+    Attributes:
+        info: `VideoInfo` about the input (available right after construction).
+        report: `DecodeReport` of the current / last iteration.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        fps: float | None = 1.0,
+        start: float | None = None,
+        end: float | None = None,
+        progress: bool = False,
+    ):
+        if not isinstance(path, (str, os.PathLike)):
+            raise BadArgument(f"expected a file path (str or os.PathLike), got {type(path).__name__}")
+        self.path = os.fspath(path)
+        self.fps, self.start, self.end = _check_window(fps, start, end)
+        self.progress = bool(progress)
+        if not os.path.exists(self.path):
+            raise InputNotFound(f"expected an existing video or image file, got {self.path} (no such file)")
+        if os.path.isdir(self.path):
+            raise NotAVideo(f"expected a video or image file that FFmpeg can read, got {self.path} (a directory)")
+        container = _open_container(self.path)
+        try:
+            self.info, _ = _probe(self.path, container)
+        except BaseException:
+            container.close()
+            raise
+        self._container: av.container.InputContainer | None = container  # reused by the first iteration
+        self.report = DecodeReport.from_info(self.info)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file handle kept from validation (iterations close their own)."""
+        if self._container is not None:
+            self._container.close()
+            self._container = None
+
+    def __enter__(self) -> VideoSource:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # best effort; close() is the real API
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"VideoSource({self.path!r}, fps={self.fps}, start={self.start}, end={self.end})"
+
+    # -- iteration ---------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self._frames()
+
+    def _take_container(self) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+        container, self._container = self._container, None
+        if container is None:
+            container = _open_container(self.path)
+        try:
+            return container, container.streams[self.info.stream_index]
+        except BaseException:
+            container.close()
+            raise
+
+    def _frames(self) -> Iterator[Frame]:
+        report = self.report = DecodeReport.from_info(self.info)
+        container, vs = self._take_container()
+        try:
+            if self.info.is_image:
+                yield from self._image_frames(container, vs, report)
+            else:
+                yield from self._video_frames(container, vs, report)
+        finally:
+            container.close()
+        if report.frames_sampled == 0:
+            raise NoFrames(self._no_frames_message(report))
+
+    def _no_frames_message(self, r: DecodeReport) -> str:
+        where = self.path
+        if self.start > 0 or self.end is not None:
+            end = f"{self.end:g} s" if self.end is not None else "the end"
+            where += f" between {self.start:g} s and {end}"
+        details = []
+        if r.packets_failed:
+            details.append(f"{r.packets_failed} packets failed: {r.errors[0] if r.errors else 'decode error'}")
+        details.append(f"{r.frames_decoded} frames decoded")
+        if r.errors and not r.packets_failed:
+            details.append(r.errors[0])
+        duration = self.info.duration_s
+        if r.frames_decoded and not r.packets_failed and duration is not None and self.start >= duration:
+            details.append(f"start {self.start:g} s is past the duration {duration:.2f} s")
+        return f"expected at least one decodable video frame in {where}, got 0 ({'; '.join(details)})"
+
+    def _image_frames(self, container, vs, report: DecodeReport) -> Iterator[Frame]:
+        """A still image: the first decodable frame, at pts 0.0."""
+        try:
+            for packet in container.demux(vs):
+                try:
+                    for frame in packet.decode():
+                        report.frames_decoded += 1
+                        rgb = frame.to_ndarray(format="rgb24")
+                        report.frames_sampled += 1
+                        yield Frame(index=0, pts=0.0, rgb=rgb)
+                        return
+                except av.FFmpegError as exc:
+                    report.packets_failed += 1
+                    report.add_error(f"image data failed to decode: {_ffmpeg_reason(exc)}")
+        except av.FFmpegError as exc:
+            report.add_error(f"reading the image failed: {_ffmpeg_reason(exc)}")
+
+    def _video_frames(self, container, vs, report: DecodeReport) -> Iterator[Frame]:
+        """Demux and decode packet by packet, sampling by presentation time.
+
+        Damage bookkeeping: every piece of evidence (a packet the decoder
+        rejects, a packet or frame flagged corrupt, a jump in decode timestamps
+        right after such evidence or after bytes the demuxer skipped, a demuxer
+        error) leaves a *damage point*: the presentation time of the lost
+        content, or ``-inf`` when unknown.  Decoders emit frames late (B-frame
+        reordering, frame threads), so a point is closed only by the first good
+        frame *after* it, giving the gap ``(last good frame, that frame)``.
+        Points still open at the end run to the declared end of the stream.
+        """
+        vs.thread_type = "AUTO"  # frame + slice threads; frames still come out in pts order
+        tb = vs.time_base or Fraction(1, 1)
+        origin = vs.start_time
+        if origin is None and container.start_time is not None:
+            origin = int(container.start_time / av.time_base / tb)
+        origin = origin or 0
+        nominal = 1.0 / self.info.source_fps if self.info.source_fps else 1.0 / _FALLBACK_FPS
+        declared_end, video_specific = _stream_duration(container, vs)
+        check_bytes = any(name in container.format.name for name in _CONTIGUOUS_FORMATS)
+
+        def seconds(ts: int | None, time_base: Fraction | None = None) -> float | None:
+            return None if ts is None else float((ts - origin) * (time_base or tb))
+
+        sampler = _TimeSampler(self.fps, self.start, self.end)
+        stop = self.end if self.end is not None else declared_end
+        progress = _Progress(self.progress, self.start, stop)
+
+        if self.start > 0:
+            try:
+                container.seek(origin + int(math.floor(self.start / tb)), stream=vs, backward=True, any_frame=False)
+                vs.codec_context.flush_buffers()
+            except av.FFmpegError as exc:  # unseekable input: decode from the start and skip
+                report.add_error(f"seek to {self.start:g} s failed, decoding from the start: {_ffmpeg_reason(exc)}")
+
+        last_good: float | None = None  # presentation time of the last good frame
+        damage: list[float] = []  # open damage points (presentation times, -inf = unknown)
+        suspect = 0  # packets left during which a decode-time jump counts as lost packets
+        skipped = 0  # bytes the demuxer skipped before the current packet
+        skip_bytes, skip_point = 0, None  # bytes skipped recently, and where the loss began
+        prev_end: int | None = None  # byte offset just past the previous packet (any stream)
+        prev_dts: float | None = None  # decode time of the previous video packet
+        prev_dur = 0.0  # duration of the previous video packet, seconds
+        max_pts = -math.inf  # latest presentation time among video packets read so far
+        last_t: float | None = None  # last frame time (good or not), for pts estimates
+        reached_end = False
+        index = 0
+
+        def close_gap(t_next: float) -> None:
+            """Record damage as a gap from the last good frame to ``t_next`` (clipped to the window)."""
+            a = max(last_good if last_good is not None else self.start, self.start)
+            b = min(t_next, self.end) if self.end is not None else t_next
+            if b > a:
+                report.add_gap(a, b)
+
+        demuxer = container.demux()
+        demux_failed = False
+        try:
+            while not reached_end and not demux_failed:
+                try:
+                    packet = next(demuxer)
+                except StopIteration:
+                    break
+                except av.FFmpegError as exc:  # truncated or unreadable tail: keep what was decoded
+                    report.add_error(f"demuxing stopped after {max(max_pts, 0.0):.2f} s: {_ffmpeg_reason(exc)}")
+                    damage.append(max_pts + nominal / 2 if max_pts > -math.inf else -math.inf)
+                    demux_failed = True
+                    frames = _drain(vs)  # frames still buffered in the decoder are good
+                else:
+                    pos, size = packet.pos, packet.size
+                    if check_bytes and pos is not None and pos >= 0 and size:
+                        if prev_end is not None and pos > prev_end + _BYTE_SKIP_SLACK:
+                            skipped += pos - prev_end
+                        prev_end = pos + size
+                    if packet.stream.index != vs.index:
+                        continue
+
+                    p_pts = seconds(packet.pts if packet.pts is not None else packet.dts)
+                    p_dts = seconds(packet.dts)
+                    expected = prev_dur if prev_dur > 0 else nominal
+                    # content read so far ends at max_pts; anything lost lies after it
+                    lost_after = (max_pts if max_pts > -math.inf else (prev_dts or 0.0)) + expected / 2
+                    if skipped:  # the demuxer resynced: whatever was lost lies before this packet
+                        skip_bytes += skipped
+                        skip_point = lost_after if skip_point is None else skip_point
+                        suspect = _SUSPECT_PACKETS
+                    if packet.is_corrupt:
+                        report.add_error(f"corrupt packet near {p_pts if p_pts is not None else 0.0:.2f} s")
+                        damage.append(p_pts if p_pts is not None else -math.inf)
+                        suspect = _SUSPECT_PACKETS + 1
+                    if (
+                        suspect
+                        and p_dts is not None
+                        and prev_dts is not None
+                        and p_dts - prev_dts > 1.5 * expected + _TIME_EPS
+                    ):
+                        # a jump in decode time right after evidence of damage: packets were lost
+                        how = f"{skip_bytes} unreadable bytes skipped" if skip_bytes else "packets lost"
+                        report.add_error(f"{how} between {prev_dts:.2f} s and {p_dts:.2f} s")
+                        damage.append(skip_point if skip_point is not None else lost_after)
+                        suspect = 0
+                    if p_dts is not None:
+                        prev_dts = p_dts
+                    prev_dur = float(packet.duration * tb) if packet.duration else 0.0
+                    if p_pts is not None:
+                        max_pts = max(max_pts, p_pts)
+                    skipped = 0
+                    suspect = max(suspect - 1, 0)
+                    if not suspect:
+                        skip_point, skip_bytes = None, 0
+
+                    try:
+                        frames = packet.decode()  # an empty flush packet at the end drains the decoder
+                    except av.FFmpegError as exc:
+                        report.packets_failed += 1
+                        where = f"{p_pts:.2f} s" if p_pts is not None else "unknown time"
+                        report.add_error(f"packet at {where} failed to decode: {_ffmpeg_reason(exc)}")
+                        damage.append(p_pts if p_pts is not None else -math.inf)
+                        suspect = _SUSPECT_PACKETS + 1
+                        continue
+
+                for frame in frames:
+                    report.frames_decoded += 1
+                    t = seconds(frame.pts, frame.time_base)
+                    if t is None:  # no pts: fall back to the dts, else one interval after the previous frame
+                        report.pts_estimated += 1
+                        t = seconds(frame.dts, frame.time_base)
+                        if t is None:
+                            t = last_t + nominal if last_t is not None else 0.0
+                        if report.pts_estimated == 1:
+                            report.add_error(
+                                f"frame without pts at about {t:.2f} s: time estimated from dts/frame rate"
+                            )
+                    last_t = t
+                    if frame.is_corrupt:
+                        report.frames_corrupt += 1
+                        report.add_error(f"corrupt frame at {t:.2f} s skipped")
+                        damage.append(t)
+                        continue
+                    if last_good is not None and t < last_good - _TIME_EPS:
+                        continue  # out of order (seen after damage): never go back in time
+                    if damage and min(damage) <= t + _TIME_EPS:
+                        close_gap(t)
+                        damage = [p for p in damage if p > t + _TIME_EPS]
+                    last_good = t
+                    progress.update(t)
+
+                    if sampler.past_end(t):
+                        reached_end = True
+                        break
+                    if not sampler.wants(t):
+                        continue
+                    try:
+                        rgb = frame.to_ndarray(format="rgb24")
+                    except (av.FFmpegError, ValueError) as exc:
+                        report.add_error(f"frame at {t:.2f} s could not be converted to RGB: {_ffmpeg_reason(exc)}")
+                        continue
+                    report.frames_sampled += 1
+                    yield Frame(index=index, pts=t, rgb=rgb)
+                    index += 1
+            if last_good is not None:  # the last frame covers one more frame interval
+                progress.update(last_good + nominal)
+        finally:
+            progress.close()
+
+        if reached_end:
+            return
+        if damage:
+            # damage that no good frame followed: the gap runs to the declared end
+            # of the stream, or one frame interval when that is unknown
+            tail = last_good if last_good is not None else self.start
+            close_gap(declared_end if declared_end is not None and declared_end > tail else tail + nominal)
+        elif (
+            video_specific
+            and declared_end is not None
+            and last_good is not None
+            and declared_end - last_good > 3 * nominal + 0.5
+            and (self.end is None or self.end > last_good + 3 * nominal + 0.5)
+        ):
+            report.add_error(
+                f"video ended at {last_good:.2f} s but the file declares {declared_end:.2f} s (truncated file?)"
+            )
+            close_gap(declared_end)
+
+
+def open_video(
+    path: str | os.PathLike[str],
+    fps: float | None = 1.0,
+    start: float | None = None,
+    end: float | None = None,
+    progress: bool = False,
+) -> VideoSource:
+    """Validate ``path`` and return a `VideoSource`; see that class for arguments and errors."""
+    return VideoSource(path, fps=fps, start=start, end=end, progress=progress)

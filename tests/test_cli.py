@@ -1,0 +1,157 @@
+"""`lmstream` as a user runs it: real files, a real subprocess, one clear line per bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from test_stream import _damage, _find_box, write_audio, write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None) -> subprocess.CompletedProcess:
+    e = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    e.pop("LMSTREAM_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "lmstream.cli", *map(str, args)], capture_output=True,
+                          text=True, env=e, cwd=REPO, timeout=300)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, code: str, *fragments: str):
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error[")]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error[{code}]: expected"), lines[0]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("media") / "clip.mp4"
+    write_video(p)
+    return p
+
+
+def test_ask_answers_with_frames_span_and_timings(tiny_ckpt, video):
+    r = run("ask", video, "what is in the video ?", "--model", tiny_ckpt, "--json", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["frames"] == 6 and d["frames_fused"] == 6 and d["policy"] == "exact"
+    assert d["time_span"] == [0.0, 5.0]
+    assert {"decode_s", "encode_s", "fuse_s", "prefill_s", "decode_s", "load_s"} <= set(d["timings"])
+    assert 1 <= len(d["token_ids"]) <= 4
+
+
+def test_ask_matches_the_engine_on_the_same_frames(tiny_ckpt, tiny_model, video):
+    """The CLI's answer equals generate() over the same decoded, preprocessed frames."""
+    import torch
+    from stream.decode import VideoSource
+    from stream.preprocess import preprocess_video_frames
+    frames = [f.rgb for f in VideoSource(video, fps=0.5)]
+    px = preprocess_video_frames(np.stack(frames), **tiny_model.preprocess)
+    ids = tiny_model.prompt_ids("how many objects are there ?")
+    want = tiny_model.generate(ids, tiny_model.encode_frames(px), max_new_tokens=5)[0].tolist()
+    r = run("ask", video, "how many objects are there ?", "--model", tiny_ckpt, "--json", "--fps", "0.5",
+            "--max-new-tokens", "5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want
+    assert json.loads(r.stdout)["frames"] == len(frames) == 3
+
+
+def test_window_and_budget_policy_are_reported(tiny_ckpt, video):
+    r = run("ask", video, "what is in the video ?", "--model", tiny_ckpt, "--json", "--window", "1:5",
+            "--policy", "budget:2", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["time_span"] == [1.0, 4.0] and d["frames"] == 4          # [1, 5) half-open
+    assert d["frames_fused"] == 2 and d["policy"].startswith("budget:2")
+
+
+def test_image_instead_of_video_is_one_frame(tiny_ckpt, tmp_path):
+    p = tmp_path / "pic.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 70, 3), dtype=np.uint8)).save(p)
+    r = run("ask", p, "what is in the video ?", "--model", tiny_ckpt, "--json", "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["frames"] == 1
+
+
+def test_missing_file(tiny_ckpt, tmp_path):
+    assert_one_line_error(run("ask", tmp_path / "nope.mp4", "q", "--model", tiny_ckpt),
+                          "E_INPUT_NOT_FOUND", "nope.mp4")
+
+
+def test_not_a_video(tiny_ckpt, tmp_path):
+    p = tmp_path / "notes.mp4"
+    p.write_text("hello, I am a text file\n" * 20)
+    assert_one_line_error(run("ask", p, "q", "--model", tiny_ckpt), "E_NOT_A_VIDEO", "notes.mp4")
+
+
+def test_no_video_stream(tiny_ckpt, tmp_path):
+    p = tmp_path / "tone.wav"
+    write_audio(p)
+    assert_one_line_error(run("ask", p, "q", "--model", tiny_ckpt), "E_NO_VIDEO_STREAM", "tone.wav")
+
+
+def test_zero_decodable_frames(tiny_ckpt, tmp_path):
+    p = tmp_path / "garbage.mp4"
+    write_video(p, options={"movflags": "faststart"})
+    data = bytearray(p.read_bytes())
+    at = _find_box(bytes(data), b"mdat") + 8
+    data[at:] = np.random.default_rng(2).integers(0, 256, len(data) - at, dtype=np.uint8).tobytes()
+    p.write_bytes(bytes(data))
+    assert_one_line_error(run("ask", p, "q", "--model", tiny_ckpt), "E_NO_FRAMES", "got 0")
+
+
+def test_corruption_in_the_middle_answers_and_reports_the_gap(tiny_ckpt, tmp_path):
+    p = tmp_path / "damaged.ts"
+    write_video(p, codec="libx264", fmt="mpegts", gop=25, noise=True)
+    _damage(p)
+    r = run("ask", p, "what is in the video ?", "--model", tiny_ckpt, "--json", "--fps", "0",
+            "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert "warning[W_DECODE_GAP]" in r.stderr and "Traceback" not in r.stderr
+    d = json.loads(r.stdout)
+    assert d["decode_report"]["gaps"] and d["frames"] > 10
+
+
+def test_unknown_checkpoint_layout(tmp_path, video):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    assert_one_line_error(run("ask", video, "q", "--model", ck), "E_CHECKPOINT", "llava_mini_llama", "'llama'")
+    (ck / "config.json").unlink()
+    (ck / "pytorch_model.bin").write_bytes(b"x")
+    assert_one_line_error(run("ask", video, "q", "--model", ck), "E_CHECKPOINT", "config.json")
+
+
+def test_vision_tower_of_the_wrong_width(tiny_ckpt, tmp_path, video):
+    from model.tiny import make_clip
+    wrong = make_clip(tmp_path / "clip32", hidden=32)
+    assert_one_line_error(run("ask", video, "q", "--model", tiny_ckpt, "--vision-tower", wrong),
+                          "E_CHECKPOINT", "width 64", "got width 32")
+
+
+def test_question_longer_than_the_context(tmp_path, video):
+    from model.tiny import make_tiny_checkpoint
+    ck = make_tiny_checkpoint(tmp_path / "short", max_pos=96)
+    long_q = " ".join(["what colour is the circle ?"] * 20)
+    assert_one_line_error(run("ask", video, long_q, "--model", ck), "E_CONTEXT_TOO_LONG", "at most 96")
+
+
+def test_bad_window_argument(tiny_ckpt, video):
+    assert_one_line_error(run("ask", video, "q", "--model", tiny_ckpt, "--window", "9:3"),
+                          "E_BAD_ARGUMENT", "9:3")
+
+
+def test_demo_main_job_runs_end_to_end(tmp_path):
+    r = run("demo", "--duration", "12", "--seed", "3", env={"LMSTREAM_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert "ingest: 12 frames" in r.stdout and "correct" in r.stdout
