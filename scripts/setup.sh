@@ -11,12 +11,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING' || true
+log=.venv/setup.log
+pipq() {  # quiet pip: the full output goes to $log, shown only when pip fails
+    python -m pip install "$@" >>"$log" 2>&1 || { tail -n 30 "$log" >&2; echo "error[E_SETUP]: pip install $* failed (log: $log)" >&2; exit 1; }
+}
+echo "setting up .venv (first run: about a minute; log in $log)" >&2
+: >"$log"
+pipq --upgrade pip
 if ! python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
-    python -m pip install -q "torch==2.13.0" 2>&1 | grep -v '^WARNING' || true
+    pipq "torch==2.13.0"
 fi
 extras="kernels"
 [ "${1:-}" = "test" ] && extras="kernels,test,bench"
-python -m pip install -q -e ".[${extras}]" 2>&1 | grep -v -e '^WARNING' -e '^ *$' -e '!!' -e 'wheel_obj' -e '\*\*\*' || true
+pipq -e ".[${extras}]"
 python -c 'import torch, transformers, av, model, stream, frame_cache' \
     || { echo "error[E_SETUP]: expected the installed packages to import, got a failure above" >&2; exit 1; }
