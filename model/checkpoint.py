@@ -17,7 +17,9 @@ from torch import nn
 
 from lmstream.errors import CheckpointError
 
-IGNORED_PREFIXES = ("model.vision_tower.",)
+# Saved by the official code but unused by LLaVA-Mini's computation: the tower loads from its own
+# folder; image_newline exists only for 'unpad' patch merging, which LLaVA-Mini does not use.
+IGNORED_PREFIXES = ("model.vision_tower.", "model.image_newline")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -96,7 +98,8 @@ def stop_ids(ckpt: Path, cfg_eos: list[int], vocab: int) -> list[int]:
 
 
 def load_tokenizer(ckpt: Path):
-    """The checkpoint's tokenizer, offline; None when the folder has none."""
+    """The checkpoint's tokenizer, offline; None when the folder has none. Raises CheckpointError
+    when files are there but unreadable (the caller decides whether that is fatal)."""
     if not any((ckpt / n).exists() for n in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         return None
     import transformers

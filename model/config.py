@@ -65,8 +65,8 @@ class LlavaMiniConfig:
     mm_projector_type: str = "mlp2x_gelu"
     mm_vision_select_layer: int = -2
     mm_vision_select_feature: str = "patch"
-    compressor_size: int = 1                # nq = compressor_size ** 2 vision tokens per frame
-    prefusion_layer_num: int = 4
+    compressor_size: int | None = 1         # nq = compressor_size ** 2 vision tokens per frame
+    prefusion_layer_num: int | None = 4
     resolution_ratio: int = 1
     compressor_heads: int = 8               # hard-wired to 8 in the official Resampler
     tokenizer_model_max_length: int | None = None
@@ -86,7 +86,23 @@ class LlavaMiniConfig:
 
     @property
     def max_context(self) -> int:
-        return self.tokenizer_model_max_length or self.max_position_embeddings
+        """The LLM's context. (The official code silently truncates at tokenizer_model_max_length,
+        cutting off the question; we refuse instead, at the model's real limit.)"""
+        return self.max_position_embeddings
+
+    def infer_from_weights(self, keys_shapes: dict[str, tuple]) -> None:
+        """Fill compressor_size / prefusion_layer_num left out of config.json from the weights."""
+        if self.compressor_size is None:
+            q = keys_shapes.get("model.compressor.query")
+            if q is None:
+                raise CheckpointError("expected config.json compressor_size or the key 'model.compressor.query', "
+                                      "got neither")
+            self.compressor_size = int(round(q[0] ** 0.5))
+        if self.prefusion_layer_num is None:
+            idx = {int(k.split(".")[2]) for k in keys_shapes if k.startswith("model.prefusion_layers.")}
+            if not idx:
+                raise CheckpointError("expected keys 'model.prefusion_layers.N.*' (the pre-fusion layers), got none")
+            self.prefusion_layer_num = max(idx) + 1
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "config.json") -> "LlavaMiniConfig":
@@ -117,10 +133,10 @@ class LlavaMiniConfig:
             kw["torch_dtype"] = d["dtype"]
         if "num_key_value_heads" not in kw:
             kw["num_key_value_heads"] = d["num_attention_heads"]
-        if "prefusion_layer_num" not in d:
-            kw["prefusion_layer_num"] = 4      # official default (getattr(config, 'prefusion_layer_num', 4))
-        if "compressor_size" not in d:
-            raise CheckpointError(f"expected {source} to define compressor_size (a LLaVA-Mini field), it is missing")
+        # compressor_size / prefusion_layer_num may be absent from a saved config: the loader then
+        # reads them off the weights (query rows, prefusion layer indices); see `infer_from_weights`.
+        kw.setdefault("compressor_size", None)
+        kw.setdefault("prefusion_layer_num", None)
         cfg = cls(**kw, raw=dict(d))
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise CheckpointError(

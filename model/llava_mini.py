@@ -128,6 +128,7 @@ class LlavaMini:
         p = self.net.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
         self._prefix: tuple[int, ...] | None = None
+        self.tokenizer_error: CheckpointError | None = None
         self.fusion_attention: Callable = _fusion_attention()
 
     # ------------------------------------------------------------------ loading
@@ -141,6 +142,12 @@ class LlavaMini:
         dtype = parse_dtype(dtype) or parse_dtype(cfg.torch_dtype) or torch.float32
         device = torch.device(device) if device is not None else torch.device("cpu")
         sd = read_state_dict(ckpt, dtype)
+        cfg.infer_from_weights({k: tuple(v.shape) for k, v in sd.items()})
+        if "model.compressor.pos_embed" not in sd and "model.compressor.query" in sd:
+            # a fixed table (requires_grad False); rebuilt exactly as the official code builds it
+            from .compressor import sincos_pos_embed_2d
+            sd["model.compressor.pos_embed"] = torch.from_numpy(sincos_pos_embed_2d(
+                sd["model.compressor.query"].shape[-1], cfg.compressor_size)).to(dtype)
         folder = find_vision_tower(ckpt, cfg, vision_tower)
         clip = load_clip(folder, dtype)
         vision = VisionTower(clip, cfg.mm_vision_select_layer, folder)
@@ -160,9 +167,14 @@ class LlavaMini:
         net.model.compressor.pos_embed.requires_grad_(False)
         net.requires_grad_(False)
         net.model.compressor.invalidate()
-        tok = load_tokenizer(ckpt)
-        return cls(net.to(device), vision.to(device), cfg, tok, stop_ids(ckpt, cfg.eos_token_id, cfg.vocab_size),
-                   batch_size=batch_size, question_chunk=question_chunk, name=ckpt.name)
+        try:
+            tok, tok_error = load_tokenizer(ckpt), None
+        except CheckpointError as e:          # logits/generate need no tokenizer: fail only in ask()
+            tok, tok_error = None, e
+        m = cls(net.to(device), vision.to(device), cfg, tok, stop_ids(ckpt, cfg.eos_token_id, cfg.vocab_size),
+                batch_size=batch_size, question_chunk=question_chunk, name=ckpt.name)
+        m.tokenizer_error = tok_error
+        return m
 
     # ------------------------------------------------------------------ small helpers
     @property
@@ -369,6 +381,8 @@ class LlavaMini:
 
     # ------------------------------------------------------------------ words in, words out
     def prompt_ids(self, question: str) -> torch.Tensor:
+        if self.tokenizer is None and self.tokenizer_error is not None:
+            raise self.tokenizer_error
         return prompt_mod.build_input_ids(self.tokenizer, question)
 
     def ask(self, video, question: str, *, max_new_tokens: int = 64, policy=None, window=None, fps: float = 1.0,

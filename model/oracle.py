@@ -71,6 +71,7 @@ class OracleLlavaMini(nn.Module):
         cfg = LlavaMiniConfig.from_file(ckpt / "config.json")
         dtype = parse_dtype(dtype) or parse_dtype(cfg.torch_dtype) or torch.float32
         sd = read_state_dict(ckpt, dtype)
+        cfg.infer_from_weights({k: tuple(v.shape) for k, v in sd.items()})
         clip = load_clip(find_vision_tower(ckpt, cfg, vision_tower), dtype)
         m = cls(cfg, clip, sd["model.compressor.query"].shape[-1]).to(dtype)
         groups = {"model.prefusion_layers.": m.prefusion_layers, "model.mm_projector.": m.mm_projector,

@@ -88,6 +88,7 @@ class Sample:
     reps: list[int]
     qas: list[QA]
     kind: str                       # "sparse" | "clip" | "long"
+    codec: bool = False             # frames through `codec_like` (H.264-like chroma loss)
     needle_times: set = field(default_factory=set)
 
 
@@ -265,7 +266,29 @@ def long_sample(rng, length: int, anchors: int = 24) -> Sample:
 
 
 def render(sample: Sample) -> np.ndarray:
-    return np.stack([S.render_frame(sample.spec, t) for t in sample.times])
+    frames = np.stack([S.render_frame(sample.spec, t) for t in sample.times])
+    if sample.codec:
+        frames = codec_like(frames, np.random.default_rng([sample.spec.seed, len(sample.times)]))
+    return frames
+
+
+def codec_like(frames: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Roughly what an H.264 yuv420p round trip does to a frame: BT.601 YCbCr with the chroma
+    averaged over 2x2 blocks (nearest upsampling back) and a little luma noise."""
+    x = frames.astype(np.float32)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    y = 0.299 * r + 0.587 * g + 0.114 * b
+    cb, cr = (b - y) * 0.564, (r - y) * 0.713
+    T, H, W = y.shape
+
+    def down_up(c):
+        c = c.reshape(T, H // 2, 2, W // 2, 2).mean((2, 4))
+        return np.repeat(np.repeat(c, 2, 1), 2, 2)
+    cb, cr = down_up(cb), down_up(cr)
+    y = y + rng.normal(0, 0.8, y.shape).astype(np.float32)
+    r2, b2 = y + cr / 0.713, y + cb / 0.564
+    g2 = (y - 0.299 * r2 - 0.114 * b2) / 0.587
+    return np.clip(np.rint(np.stack([r2, g2, b2], -1)), 0, 255).astype(np.uint8)
 
 
 def preprocess(frames: np.ndarray, size: int) -> torch.Tensor:
@@ -522,16 +545,19 @@ def make_step(step: int, steps: int, seed: int) -> list[Sample]:
     rng = np.random.default_rng([seed, 0xDA7A, step])
     f = step / max(1, steps)
     if f < 0.25:
-        return [sparse_sample(rng) for _ in range(6)]
+        return [sparse_sample(rng) for _ in range(8)]
     out = [sparse_sample(rng) for _ in range(2)]
     if step % 3 == 0:
         length = int(300 + (3000 - 300) * min(1.0, (f - 0.25) / 0.6))
         length = int(rng.integers(length // 2, length + 1))
         out.append(long_sample(rng, length))
+        out.append(clip_sample(rng, max_frames=24))
     else:
         out.append(clip_sample(rng))
         if rng.random() < 0.5:
             out.append(clip_sample(rng, max_frames=24))
+    for s in out:
+        s.codec = bool(rng.random() < 0.5)
     return [s for s in out if s.qas]
 
 
@@ -638,7 +664,7 @@ def main(argv=None) -> int:
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        lv = float(loss)
+        lv = float(loss.detach())
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         for fam, ok in results:
             fam_hist.setdefault(fam, []).append(int(ok))

@@ -100,10 +100,16 @@ def load_clip(folder: Path, dtype: torch.dtype, device=None) -> nn.Module:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
-        clip = CLIPVisionModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
-                                               attn_implementation="eager")
+        clip, info = CLIPVisionModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
+                                                     attn_implementation="eager", output_loading_info=True)
     except Exception as e:  # transformers raises many kinds; the user needs the one line
         raise CheckpointError(f"expected a loadable CLIP vision model in {folder}, got: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    # transformers fills missing weights with random ones and only logs it: refuse instead.
+    bad = list(info.get("missing_keys") or []) + [str(m[0]) if isinstance(m, tuple) else str(m)
+                                                   for m in info.get("mismatched_keys") or []]
+    if bad:
+        raise CheckpointError(f"expected every CLIP vision weight in {folder}, got {len(bad)} missing or "
+                              f"mis-shaped, e.g. {bad[0]!r}")
     clip.eval().requires_grad_(False)
     return clip.to(device) if device is not None else clip

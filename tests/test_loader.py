@@ -78,7 +78,9 @@ def test_config_errors(tmp_path):
     cfg = json.loads((ck / "config.json").read_text())
     for change, msg in [({"model_type": "llava_llama"}, "model_type 'llava_mini_llama', got 'llava_llama'"),
                         ({"mm_projector_type": "linear"}, "mlp2x_gelu"),
-                        ({"compressor_size": None}, "compressor_size")]:
+                        ({"hidden_act": "gelu"}, "hidden_act 'silu', got 'gelu'"),
+                        ({"resolution_ratio": 2}, "resolution_ratio 1"),
+                        ({"hidden_size": None}, "hidden_size")]:
         bad = dict(cfg, **change)
         bad = {k: v for k, v in bad.items() if v is not None}
         (ck / "config.json").write_text(json.dumps(bad))
@@ -93,3 +95,57 @@ def test_vision_tower_not_found(tmp_path):
         LlavaMini.from_pretrained(ck)
     with pytest.raises(CheckpointError, match="no folder at"):
         LlavaMini.from_pretrained(ck, vision_tower=tmp_path / "nowhere")
+
+
+def test_official_variations_load_and_stay_exact(tmp_path):
+    """Config without compressor_size/prefusion_layer_num, no pos_embed key, an image_newline key,
+    a vision tower saved as a full CLIPModel (like openai/clip-vit-large-patch14-336)."""
+    from transformers import CLIPConfig, CLIPModel
+    ck = make_tiny_checkpoint(tmp_path / "ck", seed=6)
+    cfg = json.loads((ck / "config.json").read_text())
+    for k in ("compressor_size", "prefusion_layer_num"):
+        cfg.pop(k)
+    cfg["mm_vision_tower"] = "/nonexistent/openai/clip-vit-large-patch14-336"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    sd = load_file(str(ck / "model.safetensors"))
+    sd.pop("model.compressor.pos_embed")
+    sd["model.image_newline"] = torch.zeros(64)
+    save_file(sd, str(ck / "model.safetensors"))
+    # the tower as a full CLIP folder holding the same vision weights
+    vis = load_file(str(ck / "clip-vision" / "model.safetensors"))
+    vcfg = json.loads((ck / "clip-vision" / "config.json").read_text())
+    full = CLIPModel(CLIPConfig(vision_config={k: vcfg[k] for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size", "patch_size")},
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         vocab_size=1000), projection_dim=16))
+    missing, _ = full.vision_model.load_state_dict({k.removeprefix("vision_model."): v for k, v in vis.items()},
+                                                   strict=False)
+    assert not missing
+    full.save_pretrained(tmp_path / "clip-full")
+    m = LlavaMini.from_pretrained(ck, vision_tower=tmp_path / "clip-full", dtype=torch.float32)
+    assert m.cfg.compressor_size == 1 and m.cfg.prefusion_layer_num == 4
+    o = OracleLlavaMini.from_pretrained(ck, vision_tower=ck / "clip-vision", dtype=torch.float32)
+    ids = m.prompt_ids("what is in the video ?")
+    px = frames(2, seed=8)
+    assert_close(m.video_logits(ids, m.encode_frames(px)), o(ids, px[None, :, None]), atol=1e-4,
+                 what="official variations")
+
+
+def test_clip_folder_with_a_missing_weight_is_refused(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", seed=2)
+    f = ck / "clip-vision" / "model.safetensors"
+    vis = load_file(str(f))
+    vis.pop(next(k for k in vis if "layers.0.mlp.fc1.weight" in k))
+    save_file(vis, str(f))
+    with pytest.raises(CheckpointError, match="missing or mis-shaped.*layers.0.mlp.fc1.weight"):
+        LlavaMini.from_pretrained(ck)
+
+
+def test_broken_tokenizer_only_fails_asking_in_words(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", seed=2)
+    (ck / "tokenizer.json").write_text("{ not json")
+    m = LlavaMini.from_pretrained(ck)                      # logits and generate need no tokenizer
+    ids = torch.tensor([[1, 5, -200, 7, 9]])
+    assert m.generate(ids, m.encode_frames(frames(1)), max_new_tokens=2).shape[0] == 1
+    with pytest.raises(CheckpointError, match="tokenizer"):
+        m.ask(m.encode_frames(frames(1)), "what is in the video ?")
