@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_stream import _damage, _find_box, write_audio, write_video
+from test_stream import _damage, write_audio, write_garbage_mp4, write_video
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,12 +101,7 @@ def test_no_video_stream(tiny_ckpt, tmp_path):
 
 
 def test_zero_decodable_frames(tiny_ckpt, tmp_path):
-    p = tmp_path / "garbage.mp4"
-    write_video(p, options={"movflags": "faststart"})
-    data = bytearray(p.read_bytes())
-    at = _find_box(bytes(data), b"mdat") + 8
-    data[at:] = np.random.default_rng(2).integers(0, 256, len(data) - at, dtype=np.uint8).tobytes()
-    p.write_bytes(bytes(data))
+    p = write_garbage_mp4(tmp_path / "garbage.mp4")
     assert_one_line_error(run("ask", p, "q", "--model", tiny_ckpt), "E_NO_FRAMES", "got 0")
 
 

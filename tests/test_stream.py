@@ -334,15 +334,18 @@ def _find_box(data: bytes, name: bytes) -> int:
     return at - 4  # box starts with its 4-byte size
 
 
-def test_garbage_video_data_raises_no_frames(tmp_path):
-    # moov first (faststart) so the container still opens; every byte of the
-    # media data is replaced with garbage
-    path = tmp_path / "garbage.mp4"
+def write_garbage_mp4(path: Path) -> Path:
+    """An MP4 whose header opens (moov first, faststart) but whose media data is all garbage."""
     write_video(path, options={"movflags": "faststart"})
     data = bytearray(path.read_bytes())
     payload = _find_box(bytes(data), b"mdat") + 8
     data[payload:] = np.random.default_rng(2).integers(0, 256, len(data) - payload, dtype=np.uint8).tobytes()
     path.write_bytes(bytes(data))
+    return path
+
+
+def test_garbage_video_data_raises_no_frames(tmp_path):
+    path = write_garbage_mp4(tmp_path / "garbage.mp4")
 
     src = VideoSource(path)  # opening works: the header is intact
     with pytest.raises(NoFrames) as e:
