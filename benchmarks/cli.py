@@ -1,0 +1,77 @@
+"""`lmstream bench {flops,cpu,gpu}`: the benchmarks behind the command line (see docs/benchmarks.md).
+
+    lmstream bench flops [--frames 1000,10000,20000] [--budget 512] [--json]   # 8B FLOPs and bytes, meta tensors
+    lmstream bench cpu [--plot out/bench_cpu.png] [--json]                       # CPU wall clock, small config
+    lmstream bench gpu [--cap-gb 24] [--json] | lmstream bench gpu --tiny         # lent GPU, 8B shapes
+"""
+from __future__ import annotations
+
+# Argument definitions live here, not in the benchmark modules, so that building `lmstream`'s parser
+# imports nothing heavy (no torch): the modules are imported only when a benchmark runs.
+import argparse
+
+
+def flops_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frames", default="1000,10000,20000", help="frame counts per question")
+    p.add_argument("--budget", type=int, default=512, help="N of the budget:N fusion policy (default 512)")
+    p.add_argument("--prefix-rows", type=int, default=45, help="prompt rows before <image> (default 45)")
+    p.add_argument("--question-rows", type=int, default=24, help="prompt rows after <image> (default 24)")
+    p.add_argument("--tiny", action="store_true", help="toy shapes instead of the 8B ones (a quick check)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--out", help="also write the JSON to this file")
+
+
+def cpu_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repeats", type=int, default=5, help="interleaved ingest repeats (latency: repeats//2+1)")
+    p.add_argument("--ingest-frames", type=int, default=32, help="frames per ingest measurement")
+    p.add_argument("--frames", default="16,64,256,1024", help="frame counts for question latency")
+    p.add_argument("--official-frames", default="16,64,256", help="frame counts at which the official path also runs")
+    p.add_argument("--budget", type=int, default=64, help="N of budget:N at this small scale (default 64)")
+    p.add_argument("--plot", default="out/bench_cpu.png", help="PNG path for the latency plot ('' for none)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: see the module docstring; 0 keeps torch's default)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--out", help="also write the JSON to this file")
+
+
+def gpu_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tiny", action="store_true", help="toy shapes on the CPU (exercises the script's logic)")
+    p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory cap in GiB (0: none)")
+    p.add_argument("--batch-sizes", default="1,8,32,64")
+    p.add_argument("--frames", default="1000,10000,20000")
+    p.add_argument("--budget", type=int, default=512)
+    p.add_argument("--chunk", type=int, default=64, help="frames per question-time fusion pass (and host chunk)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per case (after one warm-up per kind)")
+    p.add_argument("--min-frames", type=int, default=64, help="frames per ingest measurement (at least)")
+    p.add_argument("--clip-attn", default="sdpa", choices=["sdpa", "eager"])
+    p.add_argument("--eager-batch", type=int, default=32, help="also time ingest with eager CLIP attention at "
+                   "this batch (0: skip)")
+    p.add_argument("--variants", default="streamed,resident,streamed-fp8kv,engine-as-shipped")
+    p.add_argument("--engine-frames", type=int, default=1000, help="largest T for the engine-as-shipped variant")
+    p.add_argument("--peak-tflops", type=float, default=798.0)
+    p.add_argument("--section-timeout", type=float, default=420.0, help="seconds per section")
+    p.add_argument("--case-timeout", type=float, default=150.0, help="seconds per time-to-first-token case")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--out", default=None, help="JSON file (default out/bench_gpu.json, --tiny: none)")
+
+
+def _runner(module: str):
+    def fn(args) -> int:
+        import importlib
+        return importlib.import_module(f"benchmarks.{module}").run(args) or 0
+    return fn
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("bench", help="benchmarks: FLOPs and bytes at 8B, CPU wall clock, GPU",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="bench", required=True)
+    for name, add, text in (("flops", flops_arguments, "machine-independent FLOPs and bytes at the 8B shapes "
+                                                       "(meta tensors)"),
+                            ("cpu", cpu_arguments, "CPU wall clock at a small configuration, baselines in the same run"),
+                            ("gpu", gpu_arguments, "the lent GPU at 8B shapes with random bf16 weights "
+                                                   "(--tiny: the same code at toy shapes on the CPU)")):
+        q = sub.add_parser(name, help=text, description=text)
+        add(q)
+        q.set_defaults(fn=_runner(name))
+    return p
