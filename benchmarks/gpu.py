@@ -247,7 +247,7 @@ class StreamedStates:
     """T frames for `LlavaMini.fuse_question` whose per-frame tensors come from one pinned host chunk.
 
     Duck-typed: fuse_question reads len(), prefix_ids, n_cached_rows, n_vision_rows, kv_policy,
-    tokens and calls `select(idx).to(device)` once per chunk, in order. Each call returns the
+    tokens and takes the frames through `iter_chunks` (one `select(idx).to(device)` per chunk, in order). Each call returns the
     chunk's keys/values/prefix rows in a device buffer (two buffers, alternating) and starts the
     copy of the next chunk on a side stream, after the compute stream has finished with that buffer
     (double buffering: the copy of chunk i+1 overlaps the computation of chunk i). Frame t's content
@@ -307,6 +307,11 @@ class StreamedStates:
             for f in self.fields:
                 buf[f][:n].copy_(getattr(self.host, f)[:n])
         self.bytes_copied += n * self.frame_bytes
+
+    def iter_chunks(self, frames, size: int, device):
+        """The engine's hook (`FrameStates.iter_chunks`): chunks in order, double-buffered."""
+        for i in range(0, len(frames), size):
+            yield self.select(frames[i:i + size]).to(device)
 
     def select(self, idx) -> _Ready:
         n = len(idx)

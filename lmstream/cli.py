@@ -131,12 +131,16 @@ def cmd_demo(args) -> int:
         print(f"ingest: {len(states)} frames sampled at {args.fps} fps, decode {timings['decode_s']:.2f} s, "
               f"encode {timings['encode_s']:.2f} s ({len(states) / max(timings['encode_s'], 1e-9):.1f} frames/s), "
               f"{states.nbytes / 1e6:.1f} MB cached")
+        t = time.perf_counter()
+        ctx = m.prepare_context(states, args.policy)
+        print(f"context: prompt prefix + {len(states)} frame tokens through the LLM once, "
+              f"{(time.perf_counter() - t) * 1e3:.1f} ms; each question below runs only its own rows")
         qas = questions(spec, per_family=1)
         right = 0
         print()
         print(f"{'family':<8} {'question':<52} {'truth':<16} {'answer':<16} ok")
         for qa in qas:
-            ans = m.ask(states, qa.question, max_new_tokens=8, policy=args.policy)
+            ans = m.ask(ctx, qa.question, max_new_tokens=8)
             ok = score(qa, ans.text)
             right += ok
             print(f"{qa.family:<8} {qa.question[:52]:<52} {qa.answer[:16]:<16} {ans.text[:16]:<16} "

@@ -4,7 +4,7 @@
     m = LlavaMini.from_pretrained(path, vision_tower=None, dtype=None, device=None)
 """
 from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
-from .llava_mini import Answer, FusionPolicy, LlavaMini
+from .llava_mini import Answer, FusionPolicy, LlavaMini, VideoContext
 from .states import FrameStates
 
-__all__ = ["LlavaMini", "LlavaMiniConfig", "FrameStates", "FusionPolicy", "Answer", "IMAGE_TOKEN_INDEX"]
+__all__ = ["LlavaMini", "LlavaMiniConfig", "FrameStates", "FusionPolicy", "Answer", "VideoContext", "IMAGE_TOKEN_INDEX"]

@@ -125,14 +125,15 @@ class Attention(nn.Module):
     def decode(self, x, cos, sin, k_buf, v_buf, n: int):
         """x (B, S, H) new rows at cache positions n..n+S-1 of the preallocated k/v_buf (B, nkv, N, D)."""
         S = x.shape[1]
-        if S > 1 and n > 0:
-            raise NotImplementedError("several new rows after a cached prefix are not supported")
         q, k, v = self._qkv(x, cos, sin)
         k_buf[:, :, n:n + S] = k
         v_buf[:, :, n:n + S] = v
-        o = F.scaled_dot_product_attention(q, k_buf[:, :, :n + S], v_buf[:, :, :n + S],
-                                           is_causal=S > 1 and n == 0, scale=self.scale,
-                                           enable_gqa=self.nh != self.nkv)
+        mask, causal = None, S > 1
+        if S > 1 and n > 0:          # several rows after a cached prefix: see the prefix and earlier new rows
+            mask = torch.ones(S, n + S, dtype=torch.bool, device=x.device).tril(diagonal=n)
+            causal = False
+        o = F.scaled_dot_product_attention(q, k_buf[:, :, :n + S], v_buf[:, :, :n + S], attn_mask=mask,
+                                           is_causal=causal, scale=self.scale, enable_gqa=self.nh != self.nkv)
         return self._out(o)
 
 

@@ -93,6 +93,24 @@ class Answer:
         return asdict(self)
 
 
+@dataclass
+class VideoContext:
+    """The LLM's keys/values over [fused prompt prefix, T*nq frame tokens] for one set of frames
+    and one fusion policy: made once by `LlavaMini.prepare_context`, reused by every question whose
+    prompt starts with that prefix and the placeholder. Holds (layers, 1, nkv, P + T*nq, D) x 2."""
+
+    states: FrameStates
+    policy: FusionPolicy
+    kv: KVBuffer
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.kv.k.numel() * self.kv.k.element_size()
+
+
 class LlavaMiniNet(nn.Module):
     """Parameters in the official layout: state-dict keys equal the checkpoint's."""
 
@@ -149,7 +167,7 @@ class LlavaMini:
             sd["model.compressor.pos_embed"] = torch.from_numpy(sincos_pos_embed_2d(
                 sd["model.compressor.query"].shape[-1], cfg.compressor_size)).to(dtype)
         folder = find_vision_tower(ckpt, cfg, vision_tower)
-        clip = load_clip(folder, dtype)
+        clip = load_clip(folder, dtype, attn="sdpa" if device.type == "cuda" else "eager")
         vision = VisionTower(clip, cfg.mm_vision_select_layer, folder)
         width = sd.get("model.compressor.query", torch.empty(0, cfg.mm_hidden_size)).shape[-1]
         if vision.width != width or vision.width != cfg.mm_hidden_size:
@@ -256,9 +274,9 @@ class LlavaMini:
         pv, pc = m.mm_projector(V), m.mm_projector(c)                       # (B, N, H), (B, nq, H)
         n_vis = pv.shape[1] + pc.shape[1]
         pids = torch.tensor(prefix, dtype=torch.long)
-        keep = pids > 0                                                     # masked prefix rows are no keys
+        kidx = (pids > 0).nonzero().flatten().to(self.device)              # masked prefix rows are no keys
         pemb = self._embed(pids)                                            # (P, H)
-        x = torch.cat([pv, pc, pemb[keep.to(self.device)].expand(B, -1, -1)], dim=1)  # (B, C, H)
+        x = torch.cat([pv, pc, pemb[kidx].expand(B, -1, -1)], dim=1)        # (B, C, H)
         cos, sin = self._positions(0, x.shape[1])
         ks, vs = [], []
         for layer in m.prefusion_layers:
@@ -269,7 +287,7 @@ class LlavaMini:
         prefix_out = None
         if len(prefix):
             prefix_out = pemb.expand(B, -1, -1).clone()                     # (B, P, H)
-            prefix_out[:, keep.to(self.device)] = x[:, n_vis:]
+            prefix_out[:, kidx] = x[:, n_vis:]
         st = FrameStates(tokens=x[:, pv.shape[1]:n_vis].contiguous(), keys=keys, values=values,
                          n_vision_rows=n_vis, prefix_ids=prefix, prefix_out=prefix_out)
         if kv_policy == "fp8":
@@ -280,19 +298,46 @@ class LlavaMini:
         return st
 
     # ------------------------------------------------------------------ question
+    def _check_context(self, L: int, T: int) -> None:
+        total = L - 1 + T * self.cfg.nq
+        if total > self.cfg.max_context:
+            raise ContextTooLong(f"expected at most {self.cfg.max_context} tokens in the LLM's context, got {total} "
+                                 f"({L - 1} prompt + {T}x{self.cfg.nq} frame tokens)")
+
+    def _fused_sums(self, emb, rows: torch.Tensor, C: int, states: FrameStates, frames: torch.Tensor,
+                    prefix: bool):
+        """One pass over `frames` (question_chunk at a time): float32 sums over frames of
+        (a) the pre-fusion outputs of the unmasked text rows `rows`, which sit after C cached rows,
+        all frames of a chunk in one batched pass per layer: (len(rows), H); and (b) when `prefix`,
+        the prefix rows fused at ingest: (P, H), else None."""
+        m = self.net.model
+        H = self.cfg.hidden_size
+        acc = torch.zeros(len(rows), H, dtype=torch.float32, device=self.device)
+        pacc = torch.zeros(len(states.prefix_ids), H, dtype=torch.float32, device=self.device) if prefix else None
+        if len(rows):
+            cos, sin = self._positions(C, len(rows))
+            q_emb = emb[rows.to(self.device)]                              # (S, H)
+        for st in states.iter_chunks(frames, self.question_chunk, self.device):
+            if len(rows):
+                h = q_emb.expand(len(st), -1, -1)                          # (Tc, S, H)
+                for l, layer in enumerate(m.prefusion_layers):
+                    kw = {"k_scale": st.k_scale[:, l], "v_scale": st.v_scale[:, l]} if st.kv_policy == "fp8" else {}
+                    h = layer.cached(h, cos, sin, st.keys[:, l, :, :C], st.values[:, l, :, :C],
+                                     self.fusion_attention, **kw)
+                acc += h.float().sum(0)
+            if prefix:
+                pacc += st.prefix_out.float().sum(0)
+        return acc, pacc
+
     @torch.no_grad()
-    def fuse_question(self, input_ids: torch.Tensor, states: FrameStates, policy=None):
+    def fuse_question(self, input_ids: torch.Tensor, states: FrameStates, policy=None, *, _tail_only=False):
         """The LLM's input embeddings (1, L-1+T*nq, H) and what was used."""
         ids, p = self._check_ids(input_ids)
         policy = FusionPolicy.parse(policy)
         T, L = len(states), len(ids)
         if T == 0:
             raise BadArgument("expected at least one encoded frame, got 0")
-        total = L - 1 + T * self.cfg.nq
-        if total > self.cfg.max_context:
-            raise ContextTooLong(f"expected at most {self.cfg.max_context} tokens in the LLM's context, got {total} "
-                                 f"({L - 1} prompt + {T}x{self.cfg.nq} frame tokens)")
-        m = self.net.model
+        self._check_context(L, T)
         emb = self._embed(ids)                                             # (L, H)
         valid = ids > 0                                                    # official mask: ids <= 0 are padding
         P = len(states.prefix_ids)
@@ -303,33 +348,71 @@ class LlavaMini:
         frames = policy.frames(T)
         n = len(frames)
         text = emb.float() * n                                             # masked rows: sum of n raw embeddings
-        cos, sin = self._positions(C, len(q_rows))
-        q_emb = emb[q_rows.to(self.device)]                                # (S, H)
-        acc = torch.zeros(len(q_rows), emb.shape[1], dtype=torch.float32, device=self.device)
-        pacc = torch.zeros(P, emb.shape[1], dtype=torch.float32, device=self.device) if cached_prefix else None
-        for i in range(0, n, self.question_chunk):
-            idx = frames[i:i + self.question_chunk]
-            st = states.select(idx).to(self.device)
-            if len(q_rows):
-                h = q_emb.expand(len(idx), -1, -1)                         # (Tc, S, H)
-                for l, layer in enumerate(m.prefusion_layers):
-                    kw = {}
-                    if st.kv_policy == "fp8":
-                        kw = {"k_scale": st.k_scale[:, l], "v_scale": st.v_scale[:, l]}
-                    h = layer.cached(h, cos, sin, st.keys[:, l, :, :C], st.values[:, l, :, :C],
-                                     self.fusion_attention, **kw)
-                acc += h.float().sum(0)
-            if cached_prefix:
-                pacc += st.prefix_out.float().sum(0)
+        acc, pacc = self._fused_sums(emb, q_rows, C, states, frames, prefix=cached_prefix and not _tail_only)
         text[q_rows.to(self.device)] = acc
+        info = {"frames": T, "frames_fused": n, "policy": policy.describe(T), "kv_policy": states.kv_policy,
+                "prompt_tokens": L, "llm_tokens": L - 1 + T * self.cfg.nq, "prefix_cached": cached_prefix}
+        if _tail_only:                                                     # rows after the placeholder
+            return (text[p + 1:] / n).to(self.dtype)[None], info
         if cached_prefix:
             text[:P] = pacc
         text = (text / n).to(self.dtype)                                   # average in float32, as officially
         vis = states.tokens.to(self.device).reshape(T * self.cfg.nq, -1)
         embeds = torch.cat([text[:p], vis, text[p + 1:]], dim=0)[None]    # (1, L-1+T*nq, H)
-        info = {"frames": T, "frames_fused": n, "policy": policy.describe(T), "kv_policy": states.kv_policy,
-                "prompt_tokens": L, "llm_tokens": embeds.shape[1], "prefix_cached": cached_prefix}
         return embeds, info
+
+    @torch.no_grad()
+    def prepare_context(self, states: FrameStates, policy=None) -> "VideoContext":
+        """The question-independent head of the LLM input, [fused prefix rows, T*nq frame tokens],
+        run through the LLM once; questions whose prompt is that prefix followed by the placeholder
+        then run only their own rows (exact: same causal computation, split at a row boundary)."""
+        policy = FusionPolicy.parse(policy)
+        P, T = len(states.prefix_ids), len(states)
+        if P == 0:
+            raise BadArgument("expected states encoded with a prompt prefix (prefix_ids) to prepare a context, "
+                              "got none")
+        self._check_context(P + 1, T)
+        frames = policy.frames(T)
+        _, pacc = self._fused_sums(None, torch.empty(0, dtype=torch.long), 0, states, frames, prefix=True)
+        prefix = (pacc / len(frames)).to(self.dtype)
+        head = torch.cat([prefix, states.tokens.to(self.device).reshape(T * self.cfg.nq, -1)])[None]
+        buf = KVBuffer(self.cfg, 1, head.shape[1], self.dtype, self.device)
+        self._llm(head, buf, all_logits=False)
+        return VideoContext(states=states, policy=policy, kv=buf)
+
+    def _prefill(self, input_ids, video, policy, extra: int):
+        """Embed, fuse and prefill the LLM for a question; returns (last logits, buffer, info)."""
+        ctx = video if isinstance(video, VideoContext) else None
+        states = ctx.states if ctx else video
+        ids = input_ids[0].tolist() if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None
+        P = len(states.prefix_ids)
+        if ctx is not None and policy is not None and FusionPolicy.parse(policy) != ctx.policy:
+            ctx = None                                                     # a different policy: no reuse
+        if ctx is not None and ids is not None and tuple(ids[:P]) == states.prefix_ids and \
+                len(ids) > P and ids[P] == IMAGE_TOKEN_INDEX:
+            t = time.perf_counter()
+            tail, info = self.fuse_question(input_ids, states, ctx.policy, _tail_only=True)
+            info["fuse_s"] = time.perf_counter() - t
+            head = ctx.kv.n
+            buf = KVBuffer(self.cfg, 1, head + tail.shape[1] + extra, self.dtype, self.device)
+            buf.k[:, :, :, :head] = ctx.kv.k[:, :, :, :head]
+            buf.v[:, :, :, :head] = ctx.kv.v[:, :, :, :head]
+            buf.n = head
+            info["llm_rows_run"] = tail.shape[1]
+            if tail.shape[1] == 0:                                         # prompt ends at the placeholder
+                raise BadArgument("expected prompt text after the placeholder to reuse a context, got none")
+            return self._llm(tail, buf, all_logits=False)[:, -1], buf, info
+        t = time.perf_counter()
+        embeds, info = self.fuse_question(input_ids, states, ctx.policy if ctx else policy)
+        info["fuse_s"] = time.perf_counter() - t
+        buf = KVBuffer(self.cfg, 1, embeds.shape[1] + extra, self.dtype, self.device)
+        info["llm_rows_run"] = embeds.shape[1]
+        return self._llm(embeds, buf, all_logits=False)[:, -1], buf, info
+
+    @torch.no_grad()
+    def next_token_logits(self, input_ids: torch.Tensor, video, policy=None) -> torch.Tensor:
+        """Logits (1, vocab) float32 of the token after the prompt; `video` is FrameStates or a VideoContext."""
+        return self._prefill(input_ids, video, policy, 0)[0]
 
     def _llm(self, embeds: torch.Tensor, buf: KVBuffer | None, *, all_logits: bool) -> torch.Tensor:
         m = self.net.model
@@ -353,21 +436,21 @@ class LlavaMini:
         return self._llm(embeds, None, all_logits=True)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, states: FrameStates, max_new_tokens: int = 32, *,
+    def generate(self, input_ids: torch.Tensor, states, max_new_tokens: int = 32, *,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  policy=None, stop_ids: list[int] | None = None, _info: dict | None = None) -> torch.Tensor:
-        """New tokens only, (1, n); greedy unless do_sample. Stops after a stop id (kept, as HF does)."""
+        """New tokens only, (1, n); greedy unless do_sample. Stops after a stop id (kept, as HF does).
+        `states` is FrameStates, or a VideoContext from `prepare_context` for repeated questions."""
         t0 = time.perf_counter()
-        embeds, info = self.fuse_question(input_ids, states, policy)
-        t1 = time.perf_counter()
-        room = self.cfg.max_position_embeddings - embeds.shape[1]
+        self._check_ids(input_ids)
+        T = len(states.states if isinstance(states, VideoContext) else states)
+        room = self.cfg.max_position_embeddings - (input_ids.shape[1] - 1 + T * self.cfg.nq)
         steps = max(0, min(max_new_tokens, room))
-        buf = KVBuffer(self.cfg, 1, embeds.shape[1] + steps, self.dtype, self.device)
+        logits, buf, info = self._prefill(input_ids, states, policy, steps)
+        t1 = time.perf_counter()
         stops = set(self.stop_token_ids if stop_ids is None else stop_ids)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         out: list[int] = []
-        logits = self._llm(embeds, buf, all_logits=False)[:, -1]
-        t2 = time.perf_counter()
         for step in range(steps):
             tok = _pick(logits[0], do_sample, temperature, top_p, gen)
             out.append(tok)
@@ -376,7 +459,7 @@ class LlavaMini:
             e = self.net.model.embed_tokens(torch.tensor([[tok]], device=self.device))
             logits = self._llm(e, buf, all_logits=False)[:, -1]
         if _info is not None:
-            _info.update(info, fuse_s=t1 - t0, prefill_s=t2 - t1, decode_s=time.perf_counter() - t2)
+            _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], decode_s=time.perf_counter() - t1)
         return torch.tensor([out], dtype=torch.long)
 
     # ------------------------------------------------------------------ words in, words out
@@ -391,7 +474,7 @@ class LlavaMini:
         timings: dict[str, float] = {}
         report = None
         t0 = time.perf_counter()
-        if isinstance(video, FrameStates):
+        if isinstance(video, (FrameStates, VideoContext)):
             states = video
         elif torch.is_tensor(video):
             states = self.encode_frames(video, kv_policy=kv_policy, progress=progress)
@@ -400,6 +483,8 @@ class LlavaMini:
             from stream.ingest import encode_video
             states, report = encode_video(self, video, fps=fps, window=window, kv_policy=kv_policy,
                                           progress=progress, timings=timings)
+        if window is not None and isinstance(states, VideoContext):
+            raise BadArgument("expected FrameStates to select a window, got a prepared VideoContext")
         if window is not None and states.pts is not None:
             states = states.window(*window)
             if len(states) == 0:
@@ -411,8 +496,9 @@ class LlavaMini:
         toks = new[0].tolist()
         text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
         span = None
-        if states.pts is not None and len(states.pts):
-            span = (float(states.pts.min()), float(states.pts.max()))
+        fs = states.states if isinstance(states, VideoContext) else states
+        if fs.pts is not None and len(fs.pts):
+            span = (float(fs.pts.min()), float(fs.pts.max()))
         return Answer(text=text, token_ids=toks, frames=info["frames"], frames_fused=info["frames_fused"],
                       time_span=span, policy=info["policy"], kv_policy=info["kv_policy"],
                       prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],

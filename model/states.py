@@ -9,6 +9,7 @@ runs only its own rows against them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 import torch
 
@@ -67,6 +68,18 @@ class FrameStates:
 
     def to(self, device) -> "FrameStates":
         return self._map(lambda t: t.to(device))
+
+    def iter_chunks(self, frames: torch.Tensor, size: int, device) -> "Iterator[FrameStates]":
+        """The states of `frames` (indices, in order), `size` frames at a time, on `device`.
+
+        The question pass reads frames only through this method, so a source that streams from
+        host memory, Redis or disk (double-buffered copies, say) plugs in by providing it."""
+        device = torch.device(device)
+        for i in range(0, len(frames), size):
+            st = self.select(frames[i:i + size])
+            if device.type == "cuda" and st.keys.device.type == "cpu":   # pinned, asynchronous copy
+                st = st._map(lambda t: t.pin_memory().to(device, non_blocking=True))
+            yield st.to(device)
 
     def window(self, start: float | None, end: float | None) -> "FrameStates":
         """Frames whose pts lies in [start, end), like the decoder's window (needs pts)."""

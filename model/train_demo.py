@@ -323,7 +323,13 @@ def build(out: Path, a) -> tuple[LlavaMiniNet, VisionTower, LlavaMiniConfig, obj
                           image_size=a.image_size, patch_size=a.patch, projection_dim=a.clip_hidden)
     vc._attn_implementation = "sdpa"
     clip = CLIPVisionModel(vc)
-    enc = getattr(clip, "vision_model", clip).encoder
+    vm = getattr(clip, "vision_model", clip)
+    with torch.no_grad():                                     # 2-D sin-cos positions (MAE-style init)
+        from .compressor import sincos_pos_embed_2d
+        pe = vm.embeddings.position_embedding.weight
+        pe[1:] = torch.from_numpy(sincos_pos_embed_2d(a.clip_hidden, a.image_size // a.patch))
+        pe[0] = 0
+    enc = vm.encoder
     all_layers = enc.layers                                   # restored before saving
     vision = VisionTower(clip, cfg.mm_vision_select_layer)
     net = LlavaMiniNet(cfg, a.clip_hidden)
@@ -507,6 +513,111 @@ def _train_logits(trainer: Trainer, tokens, ks, vs, po, qa: QA) -> torch.Tensor:
     return captured["l"][0, r - 1:r - 1 + n].float()
 
 
+# =========================================================================== stage 0: vision
+N_COLOURS = len(S.COLOUR_NAMES)
+N_CLASSES = 1 + len(S.ALL_KINDS) * N_COLOURS          # background + (kind incl. star) x colour
+
+
+def frame_labels(spec: S.SceneSpec, t: float, patch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch class (the object covering most of the patch, if >= 1/8 of it; else background)
+    and the frame's multi-hot set of (kind, colour) items, from the exact label map."""
+    lab = S.label_map(spec, t).astype(np.int64)                       # -1 bg, i, needle_label
+    cls_of = np.zeros(len(spec.objects) + 2, dtype=np.int64)           # index lab + 1
+    for i, o in enumerate(spec.objects):
+        cls_of[i + 1] = 1 + S.ALL_KINDS.index(o.kind) * N_COLOURS + S.COLOUR_NAMES.index(o.colour_at(t))
+    if spec.needle is not None:
+        cls_of[spec.needle_label + 1] = 1 + S.ALL_KINDS.index("star") * N_COLOURS + S.COLOUR_NAMES.index(spec.needle.colour)
+    cl = cls_of[lab + 1]                                               # (H, W) class per pixel
+    H, W = cl.shape
+    g = cl.reshape(H // patch, patch, W // patch, patch).transpose(0, 2, 1, 3).reshape(-1, patch * patch)
+    counts = np.bincount((np.arange(g.shape[0])[:, None] * N_CLASSES + g).reshape(-1),
+                         minlength=g.shape[0] * N_CLASSES).reshape(g.shape[0], N_CLASSES)
+    fg = counts[:, 1:]
+    best = fg.argmax(1)
+    patch_cls = np.where(fg.max(1) * 8 >= patch * patch, best + 1, 0)
+    present = np.zeros(N_CLASSES - 1, dtype=np.float32)
+    ids = np.unique(cl[cl > 0])
+    present[ids - 1] = 1
+    return patch_cls, present
+
+
+def vision_batch(rng: np.random.Generator, n: int, patch: int):
+    frames, pcls, pres = [], [], []
+    while len(frames) < n:
+        spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 200)),
+                            needle=bool(rng.random() < 0.5))
+        for _ in range(8):
+            if spec.needle is not None and rng.random() < 0.5:
+                t = float(rng.integers(int(spec.needle.t_appear), int(spec.needle.t_leave)))
+            else:
+                t = float(rng.integers(spec.n_frames))
+            f = S.render_frame(spec, t)
+            frames.append(f)
+            a, b = frame_labels(spec, t, patch)
+            pcls.append(a)
+            pres.append(b)
+    frames = np.stack(frames[:n])
+    if rng.random() < 0.5:
+        frames = codec_like(frames, rng)
+    return frames, torch.from_numpy(np.stack(pcls[:n])), torch.from_numpy(np.stack(pres[:n]))
+
+
+def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
+    """Stage 0: the CLIP-like tower (and the compressor) learn what is where, from exact frame
+    labels: per-patch colour and kind classifiers on the selected layer's patch features and a
+    multi-label (kind, colour) head on the compressor's output. The heads are then dropped:
+    the real CLIP comes pretrained, ours is pretrained here."""
+    width = vision.width
+    nk = len(S.ALL_KINDS)
+    colour_head = torch.nn.Linear(width, N_COLOURS + 1).to(dev)
+    kind_head = torch.nn.Linear(width, nk + 1).to(dev)
+    set_head = torch.nn.Linear(width, N_CLASSES - 1).to(dev)
+    comp = net.model.compressor
+    params = [p for p in list(vision.parameters()) + list(comp.parameters()) if p.requires_grad] + \
+        [p for h in (colour_head, kind_head, set_head) for p in h.parameters()]
+    opt = torch.optim.AdamW(params, lr=a.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    wc = torch.ones(N_COLOURS + 1, device=dev)
+    wk = torch.ones(nk + 1, device=dev)
+    wc[0] = wk[0] = 0.2
+    curve = []
+    for step in range(a.vision_steps):
+        rng = np.random.default_rng([a.seed, 0x0715, step])
+        frames, pcls, pres = vision_batch(rng, a.vision_batch, a.patch)
+        px = preprocess(frames, a.image_size).to(dev)
+        pc = pcls.to(dev).reshape(-1)
+        col = torch.where(pc > 0, (pc - 1) % N_COLOURS + 1, 0)
+        kin = torch.where(pc > 0, (pc - 1) // N_COLOURS + 1, 0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.vision_steps, a.vision_lr, 50)
+        V = vision(px)
+        c = comp.forward_mha(V)[:, 0]
+        Vf = V.reshape(-1, width)
+        lc = F.cross_entropy(colour_head(Vf), col, weight=wc)
+        lk = F.cross_entropy(kind_head(Vf), kin, weight=wk)
+        ls = F.binary_cross_entropy_with_logits(set_head(c), pres.to(dev))
+        loss = lc + lk + 4 * ls
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % a.log_every == 0 or step == a.vision_steps - 1:
+            with torch.no_grad():
+                fg = pc > 0
+                ok_c = colour_head(Vf).argmax(-1) == col
+                ok_k = kind_head(Vf).argmax(-1) == kin
+                kind_acc = float(ok_k[fg].float().mean()) if fg.any() else float("nan")
+                col_acc = float(ok_c[fg].float().mean()) if fg.any() else float("nan")
+                sets = float(((set_head(c) > 0).float() == pres.to(dev)).all(1).float().mean())
+            el = time.perf_counter() - t_start
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "set_loss": round(float(ls.detach()), 4),
+                          "object_patch_colour_acc": round(col_acc, 3), "object_patch_kind_acc": round(kind_acc, 3),
+                          "frame_set_exact": round(sets, 3), "elapsed_s": round(el, 1)})
+            print(f"[train_demo] vision {step:5d}/{a.vision_steps} loss {float(loss.detach()):.3f} set {float(ls.detach()):.4f} "
+                  f"patch colour {col_acc:.2f} kind {kind_acc:.2f} frame-set exact {sets:.2f} {el / 60:5.1f} min",
+                  flush=True)
+    log["vision_curve"] = curve
+
+
 # =========================================================================== saving
 def save_checkpoint(out: Path, net: LlavaMiniNet, vision: VisionTower, cfgd: dict, all_layers, a) -> None:
     from .tiny import BASE_WORDS  # noqa: F401  (layout reference)
@@ -580,6 +691,9 @@ def parse_args(argv):
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--log-every", type=int, default=10)
+    ap.add_argument("--vision-steps", type=int, default=1200, help="stage 0 steps (vision pretraining)")
+    ap.add_argument("--vision-batch", type=int, default=64)
+    ap.add_argument("--vision-lr", type=float, default=2e-3)
     for k, v in DEFAULTS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
     return ap.parse_args(argv)
@@ -592,6 +706,7 @@ def main(argv=None) -> int:
                        ("cpu" if a.device == "auto" else a.device))
     if dev.type == "cpu":
         torch.set_num_threads(a.threads)
+        torch.set_flush_denormal(True)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.manual_seed(a.seed)
@@ -624,6 +739,7 @@ def main(argv=None) -> int:
            "check_exact_max_abs_logit_diff": exact_diff, "train_seed_limit": TRAIN_SEED_LIMIT,
            "data": "scene seeds drawn from numpy default_rng([seed, 0xDA7A, step]) in [0, 10**6)",
            "curve": [], "family_first_token_acc": {}}
+    pretrain_vision(net, vision, a, dev, log, t_start)
     seeds_used = []
     ema, fam_acc = None, {}
     fam_hist: dict[str, list[int]] = {}

@@ -94,14 +94,14 @@ class VisionTower(nn.Module):
         return out.hidden_states[self.index][:, 1:]                    # (B, N, Dv), CLS dropped
 
 
-def load_clip(folder: Path, dtype: torch.dtype, device=None) -> nn.Module:
+def load_clip(folder: Path, dtype: torch.dtype, device=None, attn: str = "eager") -> nn.Module:
     from transformers import CLIPVisionModel
     import transformers
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
         clip, info = CLIPVisionModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype,
-                                                     attn_implementation="eager", output_loading_info=True)
+                                                     attn_implementation=attn, output_loading_info=True)
     except Exception as e:  # transformers raises many kinds; the user needs the one line
         raise CheckpointError(f"expected a loadable CLIP vision model in {folder}, got: "
                               f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None

@@ -152,3 +152,27 @@ def test_fp8_keys_values_policy_is_close_and_reported(tiny_model):
     assert 0 < rel < 0.05
     _, info = tiny_model.fuse_question(ids, fp8)
     assert info["kv_policy"] == "fp8"
+
+
+def test_prepared_context_reuses_the_llm_head_exactly(tiny_model):
+    """Questions over a VideoContext run only their own rows, with the same numbers."""
+    from model import VideoContext
+    states = tiny_model.encode_frames(frames(9, seed=13))
+    for policy in ("exact", "budget:4"):
+        ctx = tiny_model.prepare_context(states, policy)
+        assert isinstance(ctx, VideoContext) and ctx.kv.n == len(states.prefix_ids) + 9
+        for q in ("what colour is the circle ?", "how many objects are there ?", "is there a red square ?"):
+            ids = tiny_model.prompt_ids(q)
+            full = tiny_model.video_logits(ids, states, policy)[:, -1]
+            assert_close(tiny_model.next_token_logits(ids, ctx), full, atol=1e-5, what=f"context {policy} {q}")
+            info: dict = {}
+            got = tiny_model.generate(ids, ctx, max_new_tokens=5, _info=info)
+            assert info["llm_rows_run"] == ids.shape[1] - len(states.prefix_ids) - 1
+            assert torch.equal(got, tiny_model.generate(ids, states, max_new_tokens=5, policy=policy))
+    # a prompt that does not start with the context's prefix falls back to the full path, still exact
+    odd = torch.tensor([[IMAGE_TOKEN_INDEX, 7, 9, 11]])
+    ctx = tiny_model.prepare_context(states)
+    assert_close(tiny_model.next_token_logits(odd, ctx), tiny_model.video_logits(odd, states)[:, -1], atol=1e-5,
+                 what="fallback")
+    ans = tiny_model.ask(ctx, "what is in the video ?", max_new_tokens=3)
+    assert ans.frames == 9 and ans.policy == "exact"
