@@ -28,6 +28,8 @@ def cpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--official-frames", default="16,64,256", help="frame counts at which the official path also runs")
     p.add_argument("--budget", type=int, default=64, help="N of budget:N at this small scale (default 64)")
     p.add_argument("--plot", default="out/bench_cpu.png", help="PNG path for the latency plot ('' for none)")
+    p.add_argument("--shapes-from", default=None,
+                   help="a checkpoint folder whose sizes to use (random weights), e.g. checkpoints/demo")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: see the module docstring; 0 keeps torch's default)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
