@@ -204,7 +204,14 @@ class LlavaMini:
     def default_prefix_ids(self) -> tuple[int, ...]:
         """Prompt tokens before the placeholder in the standard prompt: fused at ingest."""
         if self._prefix is None:
-            self._prefix = prompt_mod.prefix_ids(self.tokenizer) if self.tokenizer is not None else ()
+            self._prefix = ()
+            if self.tokenizer is not None:
+                try:
+                    self._prefix = prompt_mod.prefix_ids(self.tokenizer)
+                except Exception as e:       # e.g. a chat template that does not render: ingest still works,
+                    import warnings          # questions then fuse the prompt's prefix rows themselves
+                    warnings.warn(f"could not build the standard prompt prefix ({type(e).__name__}: {e}); "
+                                  "encoding frames without a fused prefix")
         return self._prefix
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

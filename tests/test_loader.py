@@ -149,3 +149,17 @@ def test_broken_tokenizer_only_fails_asking_in_words(tmp_path):
     assert m.generate(ids, m.encode_frames(frames(1)), max_new_tokens=2).shape[0] == 1
     with pytest.raises(CheckpointError, match="tokenizer"):
         m.ask(m.encode_frames(frames(1)), "what is in the video ?")
+
+
+def test_tokenizer_whose_chat_template_fails_still_encodes(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", seed=2)
+    tc = json.loads((ck / "tokenizer_config.json").read_text())
+    tc["chat_template"] = "{{ raise_exception('no chat here') }}"
+    (ck / "tokenizer_config.json").write_text(json.dumps(tc))
+    m = LlavaMini.from_pretrained(ck)
+    o = OracleLlavaMini.from_pretrained(ck)
+    with pytest.warns(UserWarning, match="without a fused prefix"):
+        states = m.encode_frames(frames(2))
+    assert states.prefix_ids == ()
+    ids = torch.tensor([[1, 30, 31, -200, 32, 0, 33]])
+    assert_close(m.video_logits(ids, states), o(ids, frames(2)[None, :, None]), atol=1e-4, what="no prefix")
