@@ -8,8 +8,10 @@ Held-out videos: scene seeds 10**9 + i (training draws its seeds below 10**6), a
 
   60s    the real pipeline: the scene is written to an H.264 MP4 (`stream.synthetic.write_video`),
          decoded and sampled at 1 fps (`stream.decode.VideoSource`), preprocessed
-         (`stream.preprocess.preprocess_video_frames`), encoded once (`LlavaMini.encode_frames`),
-         and every question is answered by `LlavaMini.generate` on those states.
+         (`stream.preprocess.preprocess_video_frames`), encoded once in batches
+         (`LlavaMini.encode_frames`), stored in the in-process ring buffer and read back
+         (`stream.ingest.encode_video`), and every question is answered by `LlavaMini.generate`
+         on those states.
   10min  600 frames and
   3h     10,800 frames: rendered frame by frame (`iter_frames`, nothing held but the states),
          preprocessed and encoded in batches, no video file (a 3-hour MP4 round trip only costs
@@ -32,7 +34,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import tempfile
 import time
@@ -61,24 +62,15 @@ def family_of(qa) -> str:
 
 # ----------------------------------------------------------------------------- encoding
 def encode_file(m, spec, tmp: Path):
-    """The real pipeline: MP4 -> decode at 1 fps -> preprocess -> encode."""
-    import torch
-    from stream.decode import VideoSource
-    from stream.preprocess import preprocess_video_frames
+    """The real pipeline: MP4 -> decode at 1 fps -> preprocess -> encode -> ring buffer -> states."""
+    from stream.ingest import encode_video
     from stream.synthetic import write_video
     path = write_video(spec, tmp / f"eval-{spec.seed}-{int(spec.duration_s)}.mp4")
-    pp = m.preprocess
-    t0 = time.perf_counter()
-    src = VideoSource(path, fps=1.0)
-    frames = list(src)
-    t1 = time.perf_counter()
-    px = preprocess_video_frames([f.rgb for f in frames], pp["size"], pp["mean"], pp["std"])
-    states = m.encode_frames(px, pts=[f.pts for f in frames], progress=False)
-    t2 = time.perf_counter()
+    timings: dict = {}
+    states, report = encode_video(m, path, fps=1.0, timings=timings)
     path.unlink(missing_ok=True)
-    gaps = list(src.report.gaps) if getattr(src, "report", None) is not None else []
-    return states, {"decode_s": t1 - t0, "encode_s": t2 - t1, "frames": len(frames), "decode_gaps": gaps,
-                    "source": "mp4"}
+    return states, {"decode_s": timings["decode_s"], "encode_s": timings["encode_s"], "frames": len(states),
+                    "decode_gaps": list(report["gaps"]), "source": "mp4"}
 
 
 def encode_rendered(m, spec, batch: int = 256, progress: bool = False):
@@ -122,19 +114,9 @@ def encode_rendered(m, spec, batch: int = 256, progress: bool = False):
 
 def needle_variant(spec, rng: np.random.Generator):
     """The scene plus a needle star, placed and coloured as `make_scene` places needles."""
-    from stream.synthetic import COLOUR_NAMES, NEEDLE_RADIUS, Needle, _int_between
-    d = spec.duration_s
-    dur = min(_int_between(rng, 3, 5), max(1, int(d) - 1))
-    start = _int_between(rng, 0.05 * d, min(0.95 * d, d) - dur)
-    start = max(0, min(start, int(math.floor(d - dur))))
-    taken = {c for o in spec.objects for c in o.colours()}
-    free = [c for c in COLOUR_NAMES if c not in taken] or list(COLOUR_NAMES)
-    side = float(min(spec.width, spec.height))
-    nr = NEEDLE_RADIUS * side
-    nd = Needle(colour=free[int(rng.integers(len(free)))], x=float(rng.uniform(nr, spec.width - nr)),
-                y=float(rng.uniform(nr, spec.height - nr)), radius=nr, t_appear=float(start),
-                t_leave=float(start + dur))
-    return dataclasses.replace(spec, needle=nd)
+    from stream.synthetic import place_needle
+    return dataclasses.replace(spec, needle=place_needle(rng, spec.objects, spec.duration_s, spec.width,
+                                                         spec.height))
 
 
 # ----------------------------------------------------------------------------- answering

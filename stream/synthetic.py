@@ -606,21 +606,28 @@ def make_scene(seed: int, duration_s: float, fps: float = 1.0, size: tuple[int, 
     nd: Needle | None = None
     rng = stream(4)
     if has_needle:
-        lo_s, hi_s = k["needle_seconds"]
-        dur = min(_int_between(rng, lo_s, hi_s), max(1, int(d) - 1))
-        start = _int_between(rng, 0.05 * d, min(0.95 * d, d) - dur)
-        start = max(0, min(start, int(math.floor(d - dur))))
-        taken = {c for o in objects for c in o.colours()}
-        free = [c for c in COLOUR_NAMES if c not in taken] or list(COLOUR_NAMES)
-        nr = NEEDLE_RADIUS * side
-        nd = Needle(colour=free[int(rng.integers(len(free)))],
-                    x=float(rng.uniform(nr, width - nr)), y=float(rng.uniform(nr, height - nr)),
-                    radius=nr, t_appear=float(start), t_leave=float(start + dur))
+        nd = place_needle(rng, objects, d, width, height, k["needle_seconds"])
 
     spec = SceneSpec(seed=int(seed), duration_s=d, fps=float(fps), width=width, height=height,
                      background=background, objects=objects, events=[], needle=nd)
     spec.events = _events(spec)
     return spec
+
+
+def place_needle(rng: np.random.Generator, objects: list[ObjectSpec], duration_s: float, width: int,
+                 height: int, seconds: tuple[int, int] = (3, 5)) -> Needle:
+    """A needle star for a scene: visible `seconds` (whole, inclusive range) somewhere between 5 %
+    and 95 % of the video, in a colour no object of the scene ever has, anywhere on screen."""
+    d = duration_s
+    dur = min(_int_between(rng, seconds[0], seconds[1]), max(1, int(d) - 1))
+    start = _int_between(rng, 0.05 * d, min(0.95 * d, d) - dur)
+    start = max(0, min(start, int(math.floor(d - dur))))
+    taken = {c for o in objects for c in o.colours()}
+    free = [c for c in COLOUR_NAMES if c not in taken] or list(COLOUR_NAMES)
+    nr = NEEDLE_RADIUS * float(min(width, height))
+    return Needle(colour=free[int(rng.integers(len(free)))],
+                  x=float(rng.uniform(nr, width - nr)), y=float(rng.uniform(nr, height - nr)),
+                  radius=nr, t_appear=float(start), t_leave=float(start + dur))
 
 
 def _events(spec: SceneSpec) -> list[Event]:
