@@ -47,7 +47,14 @@ from typing import Any
 
 import torch
 
-from lmstream.errors import BadArgument, CacheError
+from lmcore.errors import (
+    BadArgument,
+    CacheBudgetExceeded,
+    CacheClosed,
+    CacheError,
+    StreamExists,
+    StreamNotFound,
+)
 
 from .record import FrameRecord, decode_record
 
@@ -74,33 +81,6 @@ _KEY_PART_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 KEY_PREFIX = "lms"
 #: Largest JSON encoding of a stream's meta dict.
 MAX_STREAM_META_BYTES = 64 * 1024
-
-
-class StreamNotFound(CacheError):
-    """A stream id that the cache does not hold."""
-
-    code, http_status = "E_STREAM_NOT_FOUND", 404
-
-
-class StreamExists(CacheError):
-    """``create_stream(..., exist_ok=False)`` for a stream that already exists."""
-
-    code, http_status = "E_STREAM_EXISTS", 409
-
-
-class CacheBudgetExceeded(CacheError):
-    """An append that would take a stream (or the cache) over its byte budget.
-
-    Nothing is stored or evicted when this is raised.
-    """
-
-    code, http_status = "E_CACHE_BUDGET", 507
-
-
-class CacheClosed(CacheError):
-    """Any use of a cache after `FrameCache.close`."""
-
-    code = "E_CACHE_CLOSED"
 
 
 def validate_stream_id(stream_id: Any) -> str:

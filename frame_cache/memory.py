@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from numbers import Real
 from typing import Any
 
-from lmstream.errors import BadArgument
+from lmcore.errors import BadArgument
 
 from .base import (
     CacheBudgetExceeded,

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from lmstream.errors import BadArgument, CacheError
+from lmcore.errors import BadArgument, CacheError, RecordFormatError
 
 __all__ = [
     "RECORD_MAGIC",
@@ -96,12 +96,6 @@ warnings.filterwarnings(
     category=UserWarning,
     module=r"frame_cache\.record",
 )
-
-
-class RecordFormatError(CacheError):
-    """Bytes that are not a valid frame record of a supported version."""
-
-    code = "E_RECORD_FORMAT"
 
 
 def _align(n: int) -> int:

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import BadArgument, CheckpointError, LmsError
+from lmcore.errors import BadArgument, CheckpointError, LmsError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CKPT = REPO / "checkpoints" / "demo"

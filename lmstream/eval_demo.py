@@ -177,7 +177,7 @@ def _run(args) -> int:
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     bad = [t for t in tiers if t not in TIERS]
     if bad:
-        from lmstream.errors import BadArgument
+        from lmcore.errors import BadArgument
         raise BadArgument(f"expected tiers among {', '.join(TIERS)}, got {', '.join(bad)}")
     counts = dict(QUICK_VIDEOS if args.quick else DEFAULT_VIDEOS)
     if args.videos:
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lmstream.eval_demo", description=__doc__.splitlines()[0])
     _args(ap)
     args = ap.parse_args(argv)
-    from lmstream.errors import LmsError
+    from lmcore.errors import LmsError
     try:
         return run(args)
     except LmsError as e:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmstream.errors import CheckpointError
+from lmcore.errors import CheckpointError
 
 # Saved by the official code but unused by LLaVA-Mini's computation: the tower loads from its own
 # folder; image_newline exists only for 'unpad' patch merging, which LLaVA-Mini does not use.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lmstream.errors import CheckpointError
+from lmcore.errors import CheckpointError
 
 MODEL_TYPE = "llava_mini_llama"
 IMAGE_TOKEN_INDEX = -200          # the <image> placeholder id in input_ids (official constant)

@@ -58,7 +58,7 @@ def rope_inv_freq(cfg: LlavaMiniConfig) -> tuple[torch.Tensor, float]:
         smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
         medium = ~(wavelen < hi_wavelen) * ~(wavelen > lo_wavelen)
         return torch.where(medium, smoothed, inv_l), 1.0
-    from lmstream.errors import CheckpointError
+    from lmcore.errors import CheckpointError
     raise CheckpointError(f"expected rope_scaling type default/linear/llama3, got {kind!r}")
 
 

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lmstream.errors import BadArgument, CheckpointError, ContextTooLong
+from lmcore.errors import BadArgument, CheckpointError, ContextTooLong
 
 from . import prompt as prompt_mod
 from .checkpoint import load_strict, load_tokenizer, read_state_dict, stop_ids

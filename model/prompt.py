@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lmstream.errors import BadArgument
+from lmcore.errors import BadArgument
 
 from .config import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 

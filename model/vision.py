@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmstream.errors import CheckpointError
+from lmcore.errors import CheckpointError
 
 from .config import LlavaMiniConfig
 

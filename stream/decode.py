@@ -41,7 +41,7 @@ import av
 import av.error
 import numpy as np
 
-from lmstream.errors import BadArgument, InputNotFound, NoFrames, NotAVideo, NoVideoStream
+from lmcore.errors import BadArgument, InputNotFound, NoFrames, NotAVideo, NoVideoStream
 
 __all__ = [
     "Frame",

@@ -18,7 +18,7 @@ import time
 import torch
 
 from frame_cache import FrameCache, FrameRecord, InProcessFrameCache
-from lmstream.errors import BadArgument
+from lmcore.errors import BadArgument
 from model.states import FrameStates
 
 from .decode import DecodeReport, VideoSource

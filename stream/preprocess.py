@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from lmstream.errors import BadArgument, InputNotFound, NotAVideo
+from lmcore.errors import BadArgument, InputNotFound, NotAVideo
 
 __all__ = [
     "CLIP_MEAN",

@@ -26,7 +26,7 @@ from frame_cache import (
     record_header,
     stream_key,
 )
-from lmstream.errors import BadArgument, CacheError, LmsError
+from lmcore.errors import BadArgument, CacheError, LmsError
 
 # Zero-copy decoding of immutable bytes is deliberate; torch warns about it once per process.
 pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")

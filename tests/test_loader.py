@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import assert_close, frames
-from lmstream.errors import CheckpointError
+from lmcore.errors import CheckpointError
 from model import LlavaMini
 from model.oracle import OracleLlavaMini
 from model.tiny import make_tiny_checkpoint

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lmstream.errors import BadArgument, InputNotFound, LmsError, NoFrames, NotAVideo, NoVideoStream
+from lmcore.errors import BadArgument, InputNotFound, LmsError, NoFrames, NotAVideo, NoVideoStream
 from stream.decode import DecodeReport, Frame, VideoSource, _TimeSampler, open_video
 from stream.preprocess import (
     CLIP_MEAN,

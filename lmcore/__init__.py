@@ -1,0 +1,5 @@
+"""The small core every layer shares: error types with their codes (`lmcore.errors`).
+
+`model/`, `stream/`, `frame_cache/`, the CLI (`lmstream/`) and the service (`deploy/`)
+all raise and catch these, so a code means the same thing on every surface.
+"""
