@@ -1,8 +1,8 @@
 """Per-stream ring buffers of compressed per-frame states.
 
 `FrameRecord` + `encode_record`/`decode_record` define the versioned binary
-layout of one frame; `FrameCache` is the backend interface (in-process now,
-Redis later); `InProcessFrameCache` is the embedded backend.
+layout of one frame; `FrameCache` is the backend interface; `InProcessFrameCache` is the embedded
+backend (the CLI), `RedisFrameCache` the service's; `open_cache(url)` picks one.
 """
 from .base import (
     KEY_PREFIX,
@@ -10,8 +10,11 @@ from .base import (
     STREAM_ID_PATTERN,
     CacheBudgetExceeded,
     CacheClosed,
+    ON_FULL,
     FrameCache,
+    FrameWindow,
     Snapshot,
+    WindowChunk,
     StreamExists,
     StreamInfo,
     StreamNotFound,
@@ -19,6 +22,8 @@ from .base import (
     validate_stream_id,
     validate_stream_meta,
 )
+from lmcore.errors import CacheUnavailable, CapacityExceeded, StaleWriter
+
 from .memory import DEFAULT_PTS_HISTORY, MAX_CAPACITY, InProcessFrameCache
 from .record import (
     MAX_HEADER_BYTES,
@@ -27,8 +32,11 @@ from .record import (
     SUPPORTED_DTYPES,
     FrameRecord,
     RecordFormatError,
+    KV_TENSORS,
     decode_record,
     encode_record,
+    light_record,
+    record_seq,
     record_header,
 )
 
@@ -43,6 +51,17 @@ __all__ = [
     "decode_record",
     "record_header",
     "FrameCache",
+    "FrameWindow",
+    "WindowChunk",
+    "ON_FULL",
+    "light_record",
+    "record_seq",
+    "KV_TENSORS",
+    "CapacityExceeded",
+    "StaleWriter",
+    "CacheUnavailable",
+    "RedisFrameCache",
+    "open_cache",
     "Snapshot",
     "StreamInfo",
     "StreamNotFound",
@@ -59,3 +78,22 @@ __all__ = [
     "MAX_CAPACITY",
     "DEFAULT_PTS_HISTORY",
 ]
+
+
+def __getattr__(name):  # redis-py is only needed for the Redis backend
+    if name == "RedisFrameCache":
+        from .redis_cache import RedisFrameCache
+        return RedisFrameCache
+    raise AttributeError(name)
+
+
+def open_cache(url: str | None = None, **kw) -> FrameCache:
+    """A frame cache from a URL: None / "" / "memory://" -> in-process;
+    "redis://host:port/db" (or "rediss://", "unix://") -> `RedisFrameCache`."""
+    from lmcore.errors import BadArgument
+    if not url or url == "memory://":
+        return InProcessFrameCache(**kw)
+    if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        from .redis_cache import RedisFrameCache
+        return RedisFrameCache.from_url(url, **kw)
+    raise BadArgument(f"expected a cache URL memory:// or redis://HOST:PORT[/DB], got {url!r}")

@@ -12,9 +12,24 @@ the oldest slots.
 Backends:
 
 * ``InProcessFrameCache`` (`frame_cache.memory`): the CLI's embedded default.
-* A Redis backend (the service; to be written behind this same interface).
+* ``RedisFrameCache`` (`frame_cache.redis_cache`): the service's backend.
 
-Planned Redis key layout (every key of one stream carries the hash tag
+Reading a long window: `FrameCache.window` returns a cheap, consistent
+`FrameWindow` (a seq range and its pts, no record bytes); `FrameWindow.chunks`
+then reads the records ``size`` frames at a time with `FrameCache.read`
+(prefetching the next chunk while the caller works on the current one). Each
+record read is checked against the seq asked for, so a frame overwritten
+between the window and the read is reported in `WindowChunk.missing`, never
+mixed in. A "light" read returns each frame's record without keys/values
+(vision token, fused prefix rows, pts: see `record.light_record`), which is
+what a question needs for frames it does not fuse.
+
+Writers: `FrameCache.acquire_writer` hands out a fencing token (a per-stream
+epoch); an append carrying an older token raises `StaleWriter`. An append that
+names the seq of its first record is idempotent: a retry of records already
+committed returns their seqs and stores nothing twice.
+
+Redis key layout (every key of one stream carries the hash tag
 ``{<stream_id>}`` so Redis Cluster places them in one slot, which MULTI/EXEC and
 Lua scripts require; keys come from `stream_key`):
 
@@ -22,6 +37,7 @@ Lua scripts require; keys come from `stream_key`):
   appended), ``count``, ``bytes_used``, ``last_pts``, ``evicted``, ``meta``
   (the stream's JSON meta), ``version`` (record format version).
 * ``lms:{<sid>}:slots`` - HASH ``slot index (seq % capacity) -> record bytes``.
+* ``lms:{<sid>}:light`` - HASH ``slot index -> light record bytes`` (no keys/values).
 * ``lms:{<sid>}:pts`` - ZSET ``member = seq, score = pts`` of retained frames;
   window lookup is ``ZRANGEBYSCORE start end`` (O(log n)), ties in pts are
   ordered by seq because members are zero-padded decimal seqs.
@@ -60,6 +76,9 @@ from .record import FrameRecord, decode_record
 
 __all__ = [
     "FrameCache",
+    "FrameWindow",
+    "WindowChunk",
+    "ON_FULL",
     "Snapshot",
     "StreamInfo",
     "StreamNotFound",
@@ -81,6 +100,10 @@ _KEY_PART_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 KEY_PREFIX = "lms"
 #: Largest JSON encoding of a stream's meta dict.
 MAX_STREAM_META_BYTES = 64 * 1024
+#: What an append does to a full ring: overwrite the oldest frames (a live stream's
+#: ring buffer; readers see them in ``dropped_before``) or refuse (`CapacityExceeded`,
+#: nothing stored: a file job that must keep every frame it was asked for).
+ON_FULL = ("overwrite", "error")
 
 
 def validate_stream_id(stream_id: Any) -> str:
@@ -134,6 +157,9 @@ class StreamInfo:
         bytes_used: int, scalar. Sum of the encoded byte lengths of retained records.
         max_bytes: int | None. The stream's byte budget, None for unlimited.
         meta: dict. The stream's JSON meta (a copy).
+        on_full: str. "overwrite" (ring) or "error" (refuse appends past capacity).
+        writer: int. Current writer epoch (0 until `FrameCache.acquire_writer` is called).
+        light_bytes: int. Bytes of the retained light records (counted apart from bytes_used).
     """
 
     stream_id: str
@@ -147,6 +173,9 @@ class StreamInfo:
     bytes_used: int
     max_bytes: int | None
     meta: dict[str, Any] = field(default_factory=dict)
+    on_full: str = "overwrite"
+    writer: int = 0
+    light_bytes: int = 0
 
     @property
     def evicted(self) -> int:
@@ -167,6 +196,9 @@ class StreamInfo:
             "bytes_used": self.bytes_used,
             "max_bytes": self.max_bytes,
             "meta": json.loads(json.dumps(self.meta)),
+            "on_full": self.on_full,
+            "writer": self.writer,
+            "light_bytes": self.light_bytes,
         }
 
 
@@ -246,6 +278,94 @@ class Snapshot:
         return decode_record(self.blobs[i], device=device, copy=self.copy_tensors)
 
 
+@dataclass(frozen=True)
+class WindowChunk:
+    """Up to ``size`` consecutive frames of a `FrameWindow`, as read from the cache.
+
+    Fields:
+        seqs: list[int], length n. Seqs of the frames present, in order.
+        pts: list[float], length n. Their pts (s).
+        blobs: list[bytes], length n. Their encoded records (light ones for a light read).
+        missing: list[int]. Seqs of this chunk that were overwritten (or deleted) between
+            the window and the read: reported, never replaced by other frames.
+    """
+
+    seqs: list[int]
+    pts: list[float]
+    blobs: list[bytes]
+    missing: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.blobs)
+
+    def records(self, *, copy: bool = False) -> list[FrameRecord]:
+        return [decode_record(b, copy=copy) for b in self.blobs]
+
+
+@dataclass(frozen=True, eq=False)
+class FrameWindow:
+    """A consistent seq range of one stream: which frames a question covers, no bytes yet.
+
+    Fields:
+        stream_id: str.
+        first_seq, last_seq: int. Inclusive seq range; -1, -1 when empty.
+        pts_list: tuple[float, ...], length last_seq - first_seq + 1. pts (s), non-decreasing.
+        dropped_before: int. Frames in the asked window already overwritten (see `Snapshot`).
+        dropped_exact: bool. False when ``dropped_before`` is an estimate.
+    """
+
+    stream_id: str
+    first_seq: int = -1
+    last_seq: int = -1
+    pts_list: tuple[float, ...] = ()
+    dropped_before: int = 0
+    dropped_exact: bool = True
+
+    def __post_init__(self) -> None:
+        n = len(self.pts_list)
+        if (self.last_seq - self.first_seq + 1 if n else 0) != n:
+            raise CacheError(f"expected window seqs {self.first_seq}..{self.last_seq} to match {n} pts")
+
+    def __len__(self) -> int:
+        return len(self.pts_list)
+
+    def seqs(self) -> range:
+        return range(self.first_seq, self.last_seq + 1) if self.pts_list else range(0)
+
+    def chunks(self, cache: "FrameCache", size: int, *, seqs: Iterable[int] | None = None, light: bool = False,
+               prefetch: bool = True) -> Iterator[WindowChunk]:
+        """Read the window's frames (or the subset ``seqs``, in order) ``size`` at a time.
+
+        With ``prefetch`` the next chunk is read on a helper thread while the caller works
+        on the current one, so at most two chunks are in memory at once."""
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise BadArgument(f"expected a chunk size >= 1 frames, got {size!r}")
+        order = list(self.seqs() if seqs is None else seqs)
+        for q in order:
+            if not self.first_seq <= q <= self.last_seq:
+                raise BadArgument(f"expected seqs inside the window {self.first_seq}..{self.last_seq}, got {q}")
+        groups = [order[i:i + size] for i in range(0, len(order), size)]
+
+        def read(group: list[int]) -> WindowChunk:
+            blobs = cache.read(self.stream_id, group, light=light)
+            keep = [(q, b) for q, b in zip(group, blobs) if b is not None]
+            return WindowChunk(seqs=[q for q, _ in keep], pts=[self.pts_list[q - self.first_seq] for q, _ in keep],
+                               blobs=[b for _, b in keep], missing=[q for q, b in zip(group, blobs) if b is None])
+
+        if not prefetch or len(groups) < 2:
+            for g in groups:
+                yield read(g)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(1, thread_name_prefix="lms-prefetch") as pool:
+            nxt = pool.submit(read, groups[0])
+            for i in range(len(groups)):
+                cur = nxt.result()
+                if i + 1 < len(groups):
+                    nxt = pool.submit(read, groups[i + 1])
+                yield cur
+
+
 class FrameCache(ABC):
     """Per-stream ring buffers of encoded frame records.
 
@@ -257,32 +377,61 @@ class FrameCache(ABC):
 
     @abstractmethod
     def create_stream(
-        self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True
+        self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True,
+        *, on_full: str = "overwrite",
     ) -> StreamInfo:
         """Create a stream holding at most ``capacity`` frames and return its info.
 
-        If it exists and ``exist_ok``, return its info when ``capacity`` matches
-        (and ``meta`` matches, unless None), else raise BadArgument; if it exists
-        and not ``exist_ok``, raise `StreamExists`.
+        ``on_full`` (see `ON_FULL`): "overwrite" makes a ring; "error" refuses an append
+        past capacity with `CapacityExceeded` (nothing stored). If the stream exists and
+        ``exist_ok``, return its info when ``capacity`` and ``on_full`` match (and ``meta``
+        matches, unless None), else raise BadArgument; if it exists and not ``exist_ok``,
+        raise `StreamExists`.
         """
 
     @abstractmethod
-    def append(self, stream_id: str, record: FrameRecord) -> int:
-        """Commit one record atomically and return the seq assigned to it.
+    def acquire_writer(self, stream_id: str) -> int:
+        """Become the stream's writer: bump and return its writer epoch (a fencing token).
 
-        ``record.pts`` must be >= the previous frame's pts (BadArgument
-        otherwise). When the stream is full the oldest frame is overwritten.
-        ``record.seq`` is ignored (the stored copy gets the assigned seq) and the
-        caller's object is not modified.
+        Appends passing an older ``writer`` token raise `StaleWriter` from then on."""
+
+    def append(self, stream_id: str, record: FrameRecord, *, writer: int | None = None,
+               seq: int | None = None) -> int:
+        """Commit one record atomically and return the seq assigned to it (see `append_many`)."""
+        return self.append_many(stream_id, [record], writer=writer, seq=seq)[0]
+
+    @abstractmethod
+    def append_many(self, stream_id: str, records: Iterable[FrameRecord], *, writer: int | None = None,
+                    seq: int | None = None) -> list[int]:
+        """Commit several records in order, atomically (all or none); returns their seqs.
+
+        ``record.pts`` must be >= the previous frame's pts (BadArgument otherwise).
+        When the stream is full the oldest frames are overwritten (``on_full="overwrite"``)
+        or `CapacityExceeded` is raised. ``record.seq`` is ignored (the stored copy gets the
+        assigned seq) and the caller's object is not modified.
+
+        ``writer``: a token from `acquire_writer`; an older one raises `StaleWriter`.
+        ``seq``: the seq the caller expects ``records[0]`` to get. Records whose seqs are
+        already committed are not stored again (an idempotent retry: their seqs are
+        returned); a ``seq`` past the stream's next seq raises BadArgument (a gap).
         """
 
-    def append_many(self, stream_id: str, records: Iterable[FrameRecord]) -> list[int]:
-        """Commit several records in order; returns their seqs.
+    @abstractmethod
+    def window(
+        self,
+        stream_id: str,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        max_frames: int | None = None,
+    ) -> FrameWindow:
+        """Like `snapshot` (same selection and ``dropped_before``), but only the seq range
+        and pts: cheap, consistent; read the frames with `FrameWindow.chunks`."""
 
-        Backends should override this to commit the batch atomically (all or
-        nothing); this default appends one at a time.
-        """
-        return [self.append(stream_id, r) for r in records]
+    @abstractmethod
+    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False) -> list[bytes | None]:
+        """Encoded records for ``seqs``, in that order; None for a seq no longer retained
+        (overwritten or never written). With ``light``, the records without keys/values."""
 
     @abstractmethod
     def snapshot(

@@ -15,7 +15,15 @@ Locking (always acquired in this order, never the reverse):
 4. ``_acct_lock`` - the cache-wide byte total (for ``max_bytes_total``).
 
 Memory accounting: ``bytes_used`` of a stream is exactly the sum of the byte
-lengths of its retained encoded records. Records evicted while a caller still
+lengths of its retained encoded records (``light_bytes``, their light copies
+without keys/values, is counted apart).
+
+Spill (``spill_dir``): records live in one file per stream in that folder
+instead of in memory (a slot's bytes are rewritten in place when the new record
+fits, so a ring of equal-sized records keeps a file of capacity x record size);
+the process then holds only pts and offsets, and a question reads its window
+chunk by chunk. The CLI uses this so that memory stays flat however long the
+video. Snapshots and reads copy bytes out of the file under the stream's lock. Records evicted while a caller still
 holds a `Snapshot` stay alive until that snapshot is released; they are no
 longer counted. The bounded history of evicted pts (for
 ``Snapshot.dropped_before``) is reported separately as ``index_bytes``.
@@ -24,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 import threading
 from array import array
 from bisect import bisect_left, bisect_right
@@ -31,12 +41,14 @@ from collections.abc import Iterable
 from numbers import Real
 from typing import Any
 
-from lmcore.errors import BadArgument
+from lmcore.errors import BadArgument, CapacityExceeded, StaleWriter
 
 from .base import (
+    ON_FULL,
     CacheBudgetExceeded,
     CacheClosed,
     FrameCache,
+    FrameWindow,
     Snapshot,
     StreamExists,
     StreamInfo,
@@ -44,7 +56,7 @@ from .base import (
     validate_stream_id,
     validate_stream_meta,
 )
-from .record import FrameRecord, encode_record
+from .record import FrameRecord, encode_record, light_record, record_seq
 
 __all__ = ["InProcessFrameCache", "MAX_CAPACITY", "DEFAULT_PTS_HISTORY"]
 
@@ -124,34 +136,85 @@ class _EvictionLog:
         return n, exact
 
 
+class _Spill:
+    """Blobs of one stream in a file: slot -> (offset, region size), rewritten in place when
+    a new blob fits its slot's region, else appended."""
+
+    def __init__(self, folder: str, stream_id: str) -> None:
+        fd, self.path = tempfile.mkstemp(prefix=f"lms-{stream_id[:40]}-", suffix=".ring", dir=folder)
+        self.f = os.fdopen(fd, "r+b", buffering=0)
+        self.regions: dict[object, tuple[int, int]] = {}
+        self.end = 0
+
+    def put(self, key: object, data: bytes) -> tuple[int, int]:
+        off, cap = self.regions.get(key, (0, -1))
+        if len(data) > cap:
+            off, cap = self.end, len(data)
+            self.end += cap
+            self.regions[key] = (off, cap)
+        os.pwrite(self.f.fileno(), data, off)
+        return off, len(data)
+
+    def get(self, handle: tuple[int, int]) -> bytes:
+        off, n = handle
+        data = os.pread(self.f.fileno(), n, off)
+        if len(data) != n:
+            raise OSError(f"short read from {self.path}: expected {n} bytes at {off}, got {len(data)}")
+        return data
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
 class _Stream:
-    """One stream's ring. All fields but the locks are guarded by ``lock``."""
+    """One stream's ring. All fields but the locks are guarded by ``lock``.
+
+    Slot lists grow as frames arrive (a ring of 2**20 frames costs nothing until used);
+    a slot holds the record's bytes, or its (offset, length) in the spill file."""
 
     __slots__ = (
-        "stream_id", "capacity", "meta", "max_bytes", "blobs", "pts", "head", "count",
-        "next_seq", "bytes_used", "last_pts", "evicted", "deleted", "lock", "write_lock",
+        "stream_id", "capacity", "meta", "max_bytes", "blobs", "light", "sizes", "light_sizes", "pts", "head",
+        "count", "next_seq", "bytes_used", "light_bytes", "last_pts", "evicted", "deleted", "lock", "write_lock",
+        "on_full", "writer", "spill",
     )
 
-    def __init__(self, stream_id: str, capacity: int, meta: dict, max_bytes: int | None, history: int) -> None:
+    def __init__(self, stream_id: str, capacity: int, meta: dict, max_bytes: int | None, history: int,
+                 on_full: str = "overwrite", spill_dir: str | None = None) -> None:
         self.stream_id = stream_id
         self.capacity = capacity
         self.meta = meta
         self.max_bytes = max_bytes
-        self.blobs: list[bytes | None] = [None] * capacity
-        self.pts: list[float] = [0.0] * capacity
+        self.on_full = on_full
+        self.writer = 0
+        self.blobs: list = []          # bytes | (offset, length)
+        self.light: list = []
+        self.sizes: list[int] = []
+        self.light_sizes: list[int] = []
+        self.pts: list[float] = []
         self.head = 0  # slot of the oldest retained frame
         self.count = 0
         self.next_seq = 0  # == total appended
         self.bytes_used = 0
+        self.light_bytes = 0
         self.last_pts: float | None = None  # pts of the newest frame ever committed
         self.evicted = _EvictionLog(history)
         self.deleted = False
+        self.spill = _Spill(spill_dir, stream_id) if spill_dir is not None else None
         self.lock = threading.Lock()
         self.write_lock = threading.Lock()
 
     def _pts_at(self, i: int) -> float:
         """pts of the i-th oldest retained frame."""
         return self.pts[(self.head + i) % self.capacity]
+
+    def _bytes(self, h) -> bytes:
+        return h if self.spill is None else self.spill.get(h)
 
     def window(self, start: float | None, end: float | None) -> tuple[int, int]:
         """Logical index range [lo, hi) of retained frames with start <= pts <= end; O(log n)."""
@@ -160,28 +223,50 @@ class _Stream:
         hi = self.count if end is None else bisect_right(idx, end, key=self._pts_at)
         return lo, max(lo, hi)
 
-    def take(self, lo: int, hi: int, dropped: int, exact: bool) -> Snapshot:
+    def take(self, lo: int, hi: int, dropped: int, exact: bool, *, bytes_too: bool = True):
         cap, head = self.capacity, self.head
         slots = [(head + i) % cap for i in range(lo, hi)]
         oldest_seq = self.next_seq - self.count
-        return Snapshot(
-            stream_id=self.stream_id,
-            blobs=tuple(self.blobs[s] for s in slots),  # type: ignore[misc]
-            pts_list=tuple(self.pts[s] for s in slots),
-            first_seq=oldest_seq + lo if hi > lo else -1,
-            last_seq=oldest_seq + hi - 1 if hi > lo else -1,
-            dropped_before=dropped,
-            dropped_exact=exact,
-        )
+        kw = dict(stream_id=self.stream_id, pts_list=tuple(self.pts[s] for s in slots),
+                  first_seq=oldest_seq + lo if hi > lo else -1, last_seq=oldest_seq + hi - 1 if hi > lo else -1,
+                  dropped_before=dropped, dropped_exact=exact)
+        if not bytes_too:
+            return FrameWindow(**kw)
+        return Snapshot(blobs=tuple(self._bytes(self.blobs[s]) for s in slots), **kw)
 
-    def bytes_after(self, blobs: list[bytes]) -> int:
-        """Bytes the ring would hold after committing ``blobs``."""
-        cap, n = self.capacity, len(blobs)
+    def read(self, seqs: list[int], light: bool) -> list[bytes | None]:
+        oldest = self.next_seq - self.count
+        ring = self.light if light else self.blobs
+        out: list[bytes | None] = []
+        for q in seqs:
+            if not oldest <= q < self.next_seq:
+                out.append(None)
+                continue
+            b = self._bytes(ring[q % self.capacity])
+            out.append(b if record_seq(b) == q else None)   # belt and braces: slot = seq % capacity
+        return out
+
+    def bytes_after(self, sizes: list[int], light_sizes: list[int]) -> tuple[int, int]:
+        """(bytes, light bytes) the ring would hold after committing blobs of these sizes."""
+        cap, n = self.capacity, len(sizes)
         if n >= cap:
-            return sum(len(b) for b in blobs[-cap:])
+            return sum(sizes[-cap:]), sum(light_sizes[-cap:])
         n_evict = max(0, self.count + n - cap)
-        gone = sum(len(self.blobs[(self.head + i) % cap]) for i in range(n_evict))  # type: ignore[arg-type]
-        return self.bytes_used - gone + sum(len(b) for b in blobs)
+        ev = [(self.head + i) % cap for i in range(n_evict)]
+        return (self.bytes_used - sum(self.sizes[j] for j in ev) + sum(sizes),
+                self.light_bytes - sum(self.light_sizes[j] for j in ev) + sum(light_sizes))
+
+    def put(self, slot: int, seq: int, blob: bytes, light: bytes, pts: float) -> None:
+        if self.spill is not None:
+            hb, hl = self.spill.put(("r", slot), blob), self.spill.put(("l", slot), light)
+        else:
+            hb, hl = blob, light
+        if slot == len(self.blobs):          # growing (not yet full)
+            self.blobs.append(hb), self.light.append(hl), self.pts.append(pts)
+            self.sizes.append(len(blob)), self.light_sizes.append(len(light))
+        else:
+            self.blobs[slot], self.light[slot], self.pts[slot] = hb, hl, pts
+            self.sizes[slot], self.light_sizes[slot] = len(blob), len(light)
 
     def info(self) -> StreamInfo:
         c = self.count
@@ -197,6 +282,9 @@ class _Stream:
             bytes_used=self.bytes_used,
             max_bytes=self.max_bytes,
             meta=validate_stream_meta(self.meta),  # a copy
+            on_full=self.on_full,
+            writer=self.writer,
+            light_bytes=self.light_bytes,
         )
 
 
@@ -211,6 +299,8 @@ class InProcessFrameCache(FrameCache):
             `CacheBudgetExceeded` and stores and evicts nothing.
         pts_history: evicted frames per stream whose pts are remembered exactly
             for ``Snapshot.dropped_before``; older ones give an estimate.
+        spill_dir: keep record bytes in one file per stream in this existing folder
+            instead of in memory (files removed by `delete_stream` / `close`).
     """
 
     backend = "in-process"
@@ -221,7 +311,11 @@ class InProcessFrameCache(FrameCache):
         max_bytes_per_stream: int | None = None,
         max_bytes_total: int | None = None,
         pts_history: int = DEFAULT_PTS_HISTORY,
+        spill_dir: str | os.PathLike | None = None,
     ) -> None:
+        if spill_dir is not None and not os.path.isdir(spill_dir):
+            raise BadArgument(f"expected spill_dir to be an existing folder, got {str(spill_dir)!r}")
+        self.spill_dir = None if spill_dir is None else os.fspath(spill_dir)
         self.max_bytes_per_stream = _check_budget_arg("max_bytes_per_stream", max_bytes_per_stream)
         self.max_bytes_total = _check_budget_arg("max_bytes_total", max_bytes_total)
         self.pts_history = _check_count("pts_history", pts_history)
@@ -253,9 +347,12 @@ class InProcessFrameCache(FrameCache):
 
     # -- FrameCache ----------------------------------------------------------
     def create_stream(
-        self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True
+        self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True,
+        *, on_full: str = "overwrite",
     ) -> StreamInfo:
         validate_stream_id(stream_id)
+        if on_full not in ON_FULL:
+            raise BadArgument(f"expected on_full to be one of {', '.join(ON_FULL)}, got {on_full!r}")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY:
             raise BadArgument(f"expected capacity to be an int in [1, {MAX_CAPACITY}] frames, got {capacity!r}")
         clean_meta = validate_stream_meta(meta)
@@ -269,32 +366,60 @@ class InProcessFrameCache(FrameCache):
                     raise BadArgument(
                         f"expected capacity {s.capacity} for existing stream {stream_id!r}, got {capacity}"
                     )
+                if s.on_full != on_full:
+                    raise BadArgument(
+                        f"expected on_full={s.on_full!r} for existing stream {stream_id!r}, got {on_full!r}"
+                    )
                 if meta is not None and clean_meta != s.meta:
                     raise BadArgument(
                         f"expected meta=None or the existing meta of stream {stream_id!r}, got a different meta"
                     )
             else:
-                s = _Stream(stream_id, capacity, clean_meta, self.max_bytes_per_stream, self.pts_history)
+                s = _Stream(stream_id, capacity, clean_meta, self.max_bytes_per_stream, self.pts_history,
+                            on_full, self.spill_dir)
                 self._streams[stream_id] = s
             with s.lock:
                 return s.info()
 
-    def append(self, stream_id: str, record: FrameRecord) -> int:
-        return self.append_many(stream_id, [record])[0]
+    def acquire_writer(self, stream_id: str) -> int:
+        s = self._get(stream_id)
+        with s.write_lock, s.lock:
+            self._alive(s)
+            s.writer += 1
+            return s.writer
 
-    def append_many(self, stream_id: str, records: Iterable[FrameRecord]) -> list[int]:
+    def append_many(self, stream_id: str, records: Iterable[FrameRecord], *, writer: int | None = None,
+                    seq: int | None = None) -> list[int]:
         """Commit ``records`` in order, atomically: readers see all of them or none.
 
-        On any error (pts order, encoding, budget) nothing is stored or evicted.
+        On any error (fencing, pts order, encoding, capacity, budget) nothing is stored or evicted.
         """
         recs = list(records)
         for i, r in enumerate(recs):
             if not isinstance(r, FrameRecord):
                 raise BadArgument(f"expected records[{i}] to be a FrameRecord, got {type(r).__name__}")
+        if writer is not None and (isinstance(writer, bool) or not isinstance(writer, int)):
+            raise BadArgument(f"expected writer to be None or a token from acquire_writer, got {writer!r}")
+        if seq is not None:
+            _check_count("seq", seq)
         s = self._get(stream_id)
         if not recs:
             return []
         with s.write_lock:
+            if writer is not None and writer != s.writer:
+                raise StaleWriter(f"expected writer token {s.writer} for stream {stream_id!r} (the current "
+                                  f"writer's), got {writer}: another writer took the stream over")
+            # Only committers change next_seq and they hold write_lock, so it is stable here.
+            seq0 = s.next_seq
+            done: list[int] = []
+            if seq is not None:
+                if seq > seq0:
+                    raise BadArgument(f"expected seq <= {seq0} (the next seq of stream {stream_id!r}), got {seq}: "
+                                      f"frames {seq0}..{seq - 1} would be missing")
+                skip = min(len(recs), seq0 - seq)       # an idempotent retry: these are committed already
+                done, recs = list(range(seq, seq + skip)), recs[skip:]
+                if not recs:
+                    return done
             prev = s.last_pts
             for i, r in enumerate(recs):
                 pts = r.pts
@@ -306,12 +431,16 @@ class InProcessFrameCache(FrameCache):
                         f"expected non-decreasing pts >= {prev} for stream {stream_id!r}, got {pts}{where}"
                     )
                 prev = pts
-            # Only committers change next_seq and they hold write_lock, so it is stable here.
-            seq0 = s.next_seq
-            blobs = [encode_record(dataclasses.replace(r, seq=seq0 + i)) for i, r in enumerate(recs)]
+            if s.on_full == "error" and s.count + len(recs) > s.capacity:
+                raise CapacityExceeded(
+                    f"expected at most {s.capacity} frames in stream {stream_id!r} (its capacity; on_full='error'), "
+                    f"got {s.count} stored + {len(recs)} new")
+            fulls = [dataclasses.replace(r, seq=seq0 + i) for i, r in enumerate(recs)]
+            blobs = [encode_record(r) for r in fulls]
+            lights = [encode_record(light_record(r)) for r in fulls]
             with s.lock:
                 self._alive(s)
-                after = s.bytes_after(blobs)
+                after, light_after = s.bytes_after([len(b) for b in blobs], [len(b) for b in lights])
                 if s.max_bytes is not None and after > s.max_bytes:
                     raise CacheBudgetExceeded(
                         f"expected at most {s.max_bytes} bytes for stream {stream_id!r}, would hold {after}"
@@ -326,7 +455,7 @@ class InProcessFrameCache(FrameCache):
                     self._total_bytes = total
                 cap = s.capacity
                 evicted: list[float] = []
-                for r, b in zip(recs, blobs):
+                for i, (r, b, lb) in enumerate(zip(recs, blobs, lights)):
                     if s.count == cap:  # overwrite the oldest slot
                         slot = s.head
                         evicted.append(s.pts[slot])
@@ -334,14 +463,14 @@ class InProcessFrameCache(FrameCache):
                     else:
                         slot = (s.head + s.count) % cap
                         s.count += 1
-                    s.blobs[slot] = b
-                    s.pts[slot] = r.pts
+                    s.put(slot, seq0 + i, b, lb, r.pts)
                 s.next_seq = seq0 + len(recs)
                 s.bytes_used = after
+                s.light_bytes = light_after
                 s.last_pts = prev
                 if evicted:
                     s.evicted.extend(evicted)
-        return list(range(seq0, seq0 + len(recs)))
+        return done + list(range(seq0, seq0 + len(recs)))
 
     def snapshot(
         self,
@@ -355,6 +484,13 @@ class InProcessFrameCache(FrameCache):
         end = _check_time("end", end)
         if start is not None and end is not None and start > end:
             raise BadArgument(f"expected start <= end, got start={start} end={end}")
+        return self._select(stream_id, start, end, max_frames, bytes_too=True)
+
+    def _select(self, stream_id, start, end, max_frames, *, bytes_too: bool):
+        start = _check_time("start", start)
+        end = _check_time("end", end)
+        if start is not None and end is not None and start > end:
+            raise BadArgument(f"expected start <= end, got start={start} end={end}")
         if max_frames is not None:
             _check_count("max_frames", max_frames)
         s = self._get(stream_id)
@@ -364,7 +500,26 @@ class InProcessFrameCache(FrameCache):
             if max_frames is not None and hi - lo > max_frames:
                 lo = hi - max_frames
             dropped, exact = s.evicted.count(start, end)
-            return s.take(lo, hi, dropped, exact)
+            return s.take(lo, hi, dropped, exact, bytes_too=bytes_too)
+
+    def window(
+        self,
+        stream_id: str,
+        start: float | None = None,
+        end: float | None = None,
+        *,
+        max_frames: int | None = None,
+    ) -> FrameWindow:
+        return self._select(stream_id, start, end, max_frames, bytes_too=False)
+
+    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False) -> list[bytes | None]:
+        qs = list(seqs)
+        for q in qs:
+            _check_count("seq", q)
+        s = self._get(stream_id)
+        with s.lock:
+            self._alive(s)
+            return s.read(qs, light)
 
     def latest(self, stream_id: str, n: int) -> Snapshot:
         _check_count("n", n)
@@ -402,9 +557,12 @@ class InProcessFrameCache(FrameCache):
             s.deleted = True
             with self._acct_lock:
                 self._total_bytes -= s.bytes_used
-            s.blobs = [None] * s.capacity
+            s.blobs, s.light, s.sizes, s.light_sizes, s.pts = [], [], [], [], []
             s.count = 0
             s.bytes_used = 0
+            s.light_bytes = 0
+            if s.spill is not None:
+                s.spill.close()
             s.evicted = _EvictionLog(0)
 
     def stats(self) -> dict[str, Any]:
@@ -420,6 +578,8 @@ class InProcessFrameCache(FrameCache):
                     "frames": s.count,
                     "capacity": s.capacity,
                     "bytes": s.bytes_used,
+                    "light_bytes": s.light_bytes,
+                    "on_full": s.on_full,
                     "max_bytes": s.max_bytes,
                     "total_appended": s.next_seq,
                     "evicted": s.next_seq - s.count,
@@ -433,6 +593,7 @@ class InProcessFrameCache(FrameCache):
             "total_bytes": sum(v["bytes"] for v in per.values()),
             "max_bytes_total": self.max_bytes_total,
             "max_bytes_per_stream": self.max_bytes_per_stream,
+            "spill_dir": self.spill_dir,
         }
 
     def close(self) -> None:

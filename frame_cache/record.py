@@ -57,6 +57,9 @@ __all__ = [
     "RecordFormatError",
     "encode_record",
     "decode_record",
+    "light_record",
+    "record_seq",
+    "KV_TENSORS",
     "record_header",
 ]
 
@@ -338,3 +341,19 @@ def decode_record(
                 t = t.clone()
         tensors[entry["name"]] = t
     return FrameRecord(seq=header["seq"], pts=float(header["pts"]), tensors=tensors, meta=header["meta"])
+
+
+#: Tensors a light record leaves out: the pre-fusion keys/values and their fp8 scales.
+KV_TENSORS = ("k", "v", "k_scale", "v_scale")
+
+
+def light_record(rec: FrameRecord) -> FrameRecord:
+    """``rec`` without its keys/values (`KV_TENSORS`): what a question needs of a frame it
+    does not fuse (vision token, fused prefix rows, pts). ``meta["light"]`` is True."""
+    return FrameRecord(seq=rec.seq, pts=rec.pts, meta={**rec.meta, "light": True},
+                       tensors={k: t for k, t in rec.tensors.items() if k not in KV_TENSORS})
+
+
+def record_seq(b: bytes | bytearray | memoryview) -> int:
+    """The seq stored in an encoded record's header (cheap: parses the header only)."""
+    return int(record_header(b)["seq"])
