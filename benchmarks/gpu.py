@@ -308,6 +308,9 @@ class StreamedStates:
                 buf[f][:n].copy_(getattr(self.host, f)[:n])
         self.bytes_copied += n * self.frame_bytes
 
+    def vision_tokens(self, device) -> torch.Tensor:
+        return self.tokens.to(device)
+
     def iter_chunks(self, frames, size: int, device):
         """The engine's hook (`FrameStates.iter_chunks`): chunks in order, double-buffered."""
         for i in range(0, len(frames), size):

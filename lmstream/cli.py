@@ -3,7 +3,13 @@
     lmstream demo                                   # the main job, end to end, nothing to set up
     lmstream ask VIDEO "question" [--model DIR] [--vision-tower DIR] [--fps F]
                  [--window START:END] [--policy exact|budget:N] [--kv exact|fp8] [--json]
+                 [--cache redis://HOST:PORT/DB [--stream ID]]
+    lmstream ask --stream ID "question" --cache redis://...   # ask again, nothing re-encoded
+    lmstream cache ls|info|rm [ID] --cache redis://...        # streams kept in a cache
     lmstream make-tiny DIR                          # a random checkpoint in the official layout
+
+Arguments are checked (and the video opened) before the model loads, so a typo costs
+milliseconds, not the load.
 
 Errors a user can cause print one line, `error[CODE]: expected ..., got ...`,
 and exit non-zero; set LMSTREAM_DEBUG=1 for a traceback.
@@ -18,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmcore.errors import BadArgument, CheckpointError, LmsError
+from lmcore.errors import BadArgument, CheckpointError, DeviceUnavailable, LmsError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CKPT = REPO / "checkpoints" / "demo"
@@ -94,20 +100,168 @@ def warn_gaps(report: dict | None) -> None:
               f"({report.get('packets_failed', 0)} packets failed)", file=sys.stderr)
 
 
-def cmd_ask(args) -> int:
-    window = parse_window(args.window)
-    if not args.question.strip():
+#: Largest --fps accepted: above any real camera's rate every frame is sampled anyway.
+MAX_FPS = 1000.0
+
+
+def check_common_args(args) -> None:
+    """Cheap checks of the model and sampling arguments: before the model loads."""
+    import math
+    import torch
+    if args.batch_size is not None and args.batch_size < 1:
+        raise BadArgument(f"expected --batch-size >= 1 frames, got {args.batch_size}")
+    if args.dtype is not None and args.dtype.replace("torch.", "") not in ("float32", "bfloat16", "float16"):
+        raise BadArgument(f"expected --dtype float32, bfloat16 or float16, got {args.dtype!r}")
+    if args.device is not None:
+        try:
+            dev = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            raise BadArgument(f"expected --device cpu or cuda[:N], got {args.device!r}") from None
+        if dev.type == "cuda":
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if n == 0:
+                raise DeviceUnavailable(f"expected a CUDA GPU for --device {args.device}, got none on this machine "
+                                        f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
+            if dev.index is not None and dev.index >= n:
+                raise DeviceUnavailable(f"expected --device cuda:0..cuda:{n - 1}, got {args.device}")
+        elif dev.type != "cpu":
+            raise BadArgument(f"expected --device cpu or cuda[:N], got {args.device!r}")
+    if args.fps is not None and (not math.isfinite(args.fps) or args.fps < 0 or args.fps > MAX_FPS):
+        raise BadArgument(f"expected --fps in (0, {MAX_FPS:g}] frames per second, or 0 for every frame, "
+                          f"got {args.fps:g}")
+    from model.llava_mini import FusionPolicy
+    FusionPolicy.parse(args.policy)
+
+
+def check_question(text: str) -> str:
+    """A question is non-empty UTF-8 text (argv bytes that are not UTF-8 arrive as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start:e.end].encode("utf-8", "surrogateescape")
+        raise BadArgument(f"expected the question as UTF-8 text, got bytes that are not UTF-8 ({bad!r} at "
+                          f"character {e.start})") from None
+    if not text.strip():
         raise BadArgument("expected a non-empty question, got an empty string")
-    m, load_s = load_model(args)
-    ans = m.ask(args.video, args.question, fps=args.fps, window=window, policy=args.policy,
-                kv_policy=args.kv, max_new_tokens=args.max_new_tokens, progress=not args.json and sys.stderr.isatty())
+    return text
+
+
+def open_cache_arg(url: str | None):
+    from frame_cache import open_cache
+    return open_cache(url)
+
+
+def new_stream_id(path: str) -> str:
+    import hashlib
+    import re
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(path).stem)[:40].strip("-.") or "video"
+    salt = f"{Path(path).resolve()}:{time.time_ns()}:{os.getpid()}".encode()
+    return f"file-{stem}-{hashlib.sha1(salt).hexdigest()[:8]}"
+
+
+def cmd_ask(args) -> int:
+    if args.question is None:                        # `ask --stream ID "question"`: one positional
+        args.question, args.video = args.video, None
+    if args.question is None:
+        raise BadArgument("expected a question, got none (lmstream ask VIDEO \"question\")")
+    check_question(args.question)
+    window = parse_window(args.window)
+    check_common_args(args)
+    if args.max_new_tokens < 1:
+        raise BadArgument(f"expected --max-new-tokens >= 1, got {args.max_new_tokens}")
+    if args.video is None and args.stream is None:
+        raise BadArgument("expected a VIDEO file, or --stream ID of frames already in --cache, got neither")
+    if args.video is None and not args.cache:
+        raise BadArgument("expected --cache redis://... with --stream ID and no VIDEO (the in-process cache "
+                          "lives only as long as one command), got no --cache")
+    fps = None if args.fps == 0 else args.fps
+    if args.video is not None:                       # open (and probe) the input before the model loads
+        from stream.decode import VideoSource
+        start, end = window if window is not None else (None, None)
+        VideoSource(args.video, fps=fps, start=start, end=end).close()
+    if args.cache is None:                           # the embedded default: in-process, spilling to a temp file
+        m, load_s = load_model(args)
+        ans = m.ask(args.video, args.question, fps=fps, window=window, policy=args.policy, kv_policy=args.kv,
+                    max_new_tokens=args.max_new_tokens, progress=not args.json and sys.stderr.isatty())
+        stream_id = None
+    else:
+        ans, load_s, stream_id = _ask_cached(args, window, fps)
     warn_gaps(ans.decode_report)
     if args.json:
         d = ans.to_dict()
         d["timings"]["load_s"] = round(load_s, 4)
+        d["stream_id"], d["cache"] = stream_id, _redact(args.cache)
         print(json.dumps(d, indent=1, default=str))
     else:
         print_answer(ans, load_s)
+        if stream_id:
+            print(f"stream: {stream_id} in {_redact(args.cache)} (ask again: lmstream ask --stream {stream_id} "
+                  f"\"...\" --cache {_redact(args.cache)})")
+    return 0
+
+
+def _redact(url: str | None) -> str | None:
+    """A cache URL without its password."""
+    import re
+    return None if url is None else re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+def _ask_cached(args, window, fps):
+    """`ask` through a named cache: encode VIDEO into a stream (or reuse --stream), then read the
+    window back chunk by chunk."""
+    from frame_cache import validate_stream_id
+    from lmcore.errors import StreamExists
+    from stream.ingest import ingest_video
+    from stream.window import CachedFrames
+    if args.stream is not None:
+        validate_stream_id(args.stream)
+    cache = open_cache_arg(args.cache)
+    with cache:
+        if args.video is not None:
+            sid = args.stream or new_stream_id(args.video)
+            if sid in cache.streams():
+                raise StreamExists(f"expected a new stream id to encode {args.video} into, got {sid!r}, which "
+                                   f"{_redact(args.cache)} holds already: ask about it without VIDEO "
+                                   f"(--stream {sid}), or remove it (lmstream cache rm {sid} --cache ...)")
+            start, end = window if window is not None else (None, None)
+        else:
+            sid = args.stream
+            cache.stream_info(sid)                   # StreamNotFound before the model loads
+            start, end = window if window is not None else (None, None)
+        m, load_s = load_model(args)
+        timings: dict = {}
+        report = None
+        if args.video is not None:
+            from dataclasses import asdict
+            report = asdict(ingest_video(m, args.video, cache, sid, fps=fps, window=window, kv_policy=args.kv,
+                                         progress=not args.json and sys.stderr.isatty(), timings=timings))
+            start = end = None                       # the stream holds just the window
+        src = CachedFrames(cache, sid, start, end, dtype=m.dtype)
+        ans = m._answer(src, args.question, args.max_new_tokens, args.policy, None, timings, report, {})
+    return ans, load_s, sid
+
+
+def cmd_cache(args) -> int:
+    """List, describe or remove the streams a cache holds."""
+    cache = open_cache_arg(args.cache)
+    with cache:
+        if args.action == "ls":
+            ids = cache.streams()
+            rows = [cache.stream_info(i) for i in ids]
+            if args.json:
+                print(json.dumps([r.to_dict() for r in rows], indent=1))
+            else:
+                print(f"{'stream':<40} {'frames':>8} {'span':>22} {'MB':>10}")
+                for r in rows:
+                    print(f"{r.stream_id:<40} {r.count:>8} {_fmt_span((r.oldest_pts, r.newest_pts)) if r.count else '-':>22} "
+                          f"{(r.bytes_used + r.light_bytes) / 1e6:>10.1f}")
+        elif args.id is None:
+            raise BadArgument(f"expected a stream id: lmstream cache {args.action} ID --cache URL, got none")
+        elif args.action == "info":
+            print(json.dumps(cache.stream_info(args.id).to_dict(), indent=1))
+        else:
+            cache.delete_stream(args.id)
+            print(f"removed stream {args.id}")
     return 0
 
 
@@ -115,6 +269,7 @@ def cmd_demo(args) -> int:
     """The main job: a synthetic video with known answers, through the whole pipeline."""
     from stream.ingest import encode_video
     from stream.synthetic import make_scene, questions, score, write_video
+    check_common_args(args)
     if args.model is None and default_model() is None:
         args.model = str(random_model())
     m, load_s = load_model(args)
@@ -147,7 +302,7 @@ def cmd_demo(args) -> int:
                   f"{'yes' if ok else 'no'}")
         print(f"\n{right}/{len(qas)} correct; last answer: policy {ans.policy}, "
               f"fuse {ans.timings['fuse_s'] * 1e3:.1f} ms, prefill {ans.timings['prefill_s'] * 1e3:.1f} ms, "
-              f"decode {ans.timings['decode_s'] * 1e3:.1f} ms")
+              f"generate {ans.timings['generate_s'] * 1e3:.1f} ms")
         if Path(m.name).name == RANDOM_CKPT.name:
             print("(random weights: the answers above are noise)")
     return 0
@@ -166,17 +321,21 @@ def _model_args(p):
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
     p.add_argument("--batch-size", type=int, default=16, help="frames per encoding batch (bounds peak memory)")
-    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1)")
+    p.add_argument("--fps", type=float, default=1.0, help="frames sampled per second of video (default 1; 0: every "
+                                                         "frame)")
     p.add_argument("--policy", default="exact", help="exact (default) | budget:N (fuse at most N frames)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lmstream", description="LLaVA-Mini Stream: questions about long videos")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("ask", help="answer a question about a video or image file")
-    p.add_argument("video")
-    p.add_argument("question")
+    p = sub.add_parser("ask", help="answer a question about a video or image file (or a stream in a cache)")
+    p.add_argument("video", help="video or image file (omit with --stream ID to ask about stored frames)")
+    p.add_argument("question", nargs="?")
     _model_args(p)
+    p.add_argument("--cache", help="frame cache URL: redis://HOST:PORT/DB (default: in-process, for this command)")
+    p.add_argument("--stream", help="stream id in --cache: the frames of VIDEO go there, or, without VIDEO, the "
+                                    "stored frames to ask about")
     p.add_argument("--window", help="START:END seconds of the video to use")
     p.add_argument("--kv", default="exact", choices=["exact", "fp8"], help="cached keys/values precision")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -188,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--out", help="keep the generated video at this path")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("cache", help="list, describe or remove the streams in a frame cache")
+    p.add_argument("action", choices=["ls", "info", "rm"])
+    p.add_argument("id", nargs="?")
+    p.add_argument("--cache", required=True, help="redis://HOST:PORT/DB")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_cache)
     p = sub.add_parser("make-tiny", help="write a random tiny checkpoint in the official layout")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)

@@ -5,6 +5,6 @@
 """
 from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
 from .llava_mini import Answer, FusionPolicy, LlavaMini, VideoContext
-from .states import FrameStates
+from .states import FrameSource, FrameStates
 
-__all__ = ["LlavaMini", "LlavaMiniConfig", "FrameStates", "FusionPolicy", "Answer", "VideoContext", "IMAGE_TOKEN_INDEX"]
+__all__ = ["LlavaMini", "LlavaMiniConfig", "FrameStates", "FrameSource", "FusionPolicy", "Answer", "VideoContext", "IMAGE_TOKEN_INDEX"]

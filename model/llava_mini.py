@@ -32,7 +32,7 @@ from .checkpoint import load_strict, load_tokenizer, read_state_dict, stop_ids
 from .compressor import Compressor
 from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig, parse_dtype
 from .llama import DecoderLayer, KVBuffer, RMSNorm, Rotary
-from .states import FrameStates
+from .states import FrameSource, FrameStates
 from .vision import VisionTower, find_vision_tower, load_clip
 
 
@@ -88,6 +88,8 @@ class Answer:
     llm_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     decode_report: dict | None = None
+    gaps: list = field(default_factory=list)     # [start_s, end_s] spans with no frames (decode damage, drops)
+    dropped: int = 0                             # frames of the window overwritten before it was read
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,11 +139,12 @@ def _fusion_attention():
 class LlavaMini:
     def __init__(self, net: LlavaMiniNet, vision: VisionTower, cfg: LlavaMiniConfig, tokenizer=None,
                  stop_token_ids: list[int] | None = None, *, batch_size: int = 16, question_chunk: int = 256,
-                 name: str = "llava-mini"):
+                 question_mem_bytes: int = 1 << 29, name: str = "llava-mini"):
         self.net, self.vision, self.cfg, self.tokenizer = net.eval(), vision.eval(), cfg, tokenizer
         self.stop_token_ids = list(stop_token_ids or [])
         self.batch_size = batch_size            # frames per ingest batch: bounds peak memory
-        self.question_chunk = question_chunk    # frames per question-time fusion pass
+        self.question_chunk = question_chunk    # frames per question-time fusion pass (at most)
+        self.question_mem_bytes = question_mem_bytes  # activations of one pass: fewer frames for long questions
         self.name = name
         p = self.net.model.embed_tokens.weight
         self.device, self.dtype = p.device, p.dtype
@@ -311,12 +314,21 @@ class LlavaMini:
             raise ContextTooLong(f"expected at most {self.cfg.max_context} tokens in the LLM's context, got {total} "
                                  f"({L - 1} prompt + {T}x{self.cfg.nq} frame tokens)")
 
-    def _fused_sums(self, emb, rows: torch.Tensor, C: int, states: FrameStates, frames: torch.Tensor,
+    def frames_per_pass(self, n_rows: int) -> int:
+        """Frames fused in one pass for a question of `n_rows` rows: `question_chunk`, fewer when
+        the pass's activations (rows x frames x the MLP's width, float32) would exceed
+        `question_mem_bytes` (attention scores are bounded inside the fusion attention)."""
+        c = self.cfg
+        per_frame = 4 * max(1, n_rows) * (3 * c.intermediate_size + 8 * c.hidden_size)
+        return max(1, min(self.question_chunk, self.question_mem_bytes // per_frame))
+
+    def _fused_sums(self, emb, rows: torch.Tensor, C: int, states: FrameSource, frames: torch.Tensor,
                     prefix: bool):
-        """One pass over `frames` (question_chunk at a time): float32 sums over frames of
+        """One pass over `frames` (`frames_per_pass` at a time): float32 sums over frames of
         (a) the pre-fusion outputs of the unmasked text rows `rows`, which sit after C cached rows,
         all frames of a chunk in one batched pass per layer: (len(rows), H); and (b) when `prefix`,
-        the prefix rows fused at ingest: (P, H), else None."""
+        the prefix rows fused at ingest: (P, H), else None; and (c) how many frames were summed
+        (fewer than len(frames) only when a cache-backed source lost frames mid-read)."""
         m = self.net.model
         H = self.cfg.hidden_size
         acc = torch.zeros(len(rows), H, dtype=torch.float32, device=self.device)
@@ -324,7 +336,11 @@ class LlavaMini:
         if len(rows):
             cos, sin = self._positions(C, len(rows))
             q_emb = emb[rows.to(self.device)]                              # (S, H)
-        for st in states.iter_chunks(frames, self.question_chunk, self.device):
+        n = 0
+        for st in states.iter_chunks(frames, self.frames_per_pass(len(rows)), self.device):
+            n += len(st)
+            if len(st) == 0:
+                continue
             if len(rows):
                 h = q_emb.expand(len(st), -1, -1)                          # (Tc, S, H)
                 for l, layer in enumerate(m.prefusion_layers):
@@ -334,10 +350,10 @@ class LlavaMini:
                 acc += h.float().sum(0)
             if prefix:
                 pacc += st.prefix_out.float().sum(0)
-        return acc, pacc
+        return acc, pacc, n
 
     @torch.no_grad()
-    def fuse_question(self, input_ids: torch.Tensor, states: FrameStates, policy=None, *, _tail_only=False):
+    def fuse_question(self, input_ids: torch.Tensor, states: FrameSource, policy=None, *, _tail_only=False):
         """The LLM's input embeddings (1, L-1+T*nq, H) and what was used."""
         ids, p = self._check_ids(input_ids)
         policy = FusionPolicy.parse(policy)
@@ -353,23 +369,28 @@ class LlavaMini:
         start = P if cached_prefix else 0
         q_rows = (valid & (torch.arange(L) >= start)).nonzero().flatten()  # question rows, all unmasked
         frames = policy.frames(T)
-        n = len(frames)
+        acc, pacc, n = self._fused_sums(emb, q_rows, C, states, frames, prefix=cached_prefix and not _tail_only)
+        if n == 0:
+            raise BadArgument(f"expected frames to fuse the question with, got none: all {len(frames)} were "
+                              "overwritten while being read (the stream's ring is too small for this window)")
         text = emb.float() * n                                             # masked rows: sum of n raw embeddings
-        acc, pacc = self._fused_sums(emb, q_rows, C, states, frames, prefix=cached_prefix and not _tail_only)
         text[q_rows.to(self.device)] = acc
-        info = {"frames": T, "frames_fused": n, "policy": policy.describe(T), "kv_policy": states.kv_policy,
+        desc = policy.describe(T)
+        if n < len(frames):                                                # a ring overwrote frames mid-read
+            desc += f" ({len(frames) - n} of {len(frames)} frames overwritten while read: fused {n})"
+        info = {"frames": T, "frames_fused": n, "policy": desc, "kv_policy": states.kv_policy,
                 "prompt_tokens": L, "llm_tokens": L - 1 + T * self.cfg.nq, "prefix_cached": cached_prefix}
         if _tail_only:                                                     # rows after the placeholder
             return (text[p + 1:] / n).to(self.dtype)[None], info
         if cached_prefix:
             text[:P] = pacc
         text = (text / n).to(self.dtype)                                   # average in float32, as officially
-        vis = states.tokens.to(self.device).reshape(T * self.cfg.nq, -1)
+        vis = states.vision_tokens(self.device).reshape(T * self.cfg.nq, -1)
         embeds = torch.cat([text[:p], vis, text[p + 1:]], dim=0)[None]    # (1, L-1+T*nq, H)
         return embeds, info
 
     @torch.no_grad()
-    def prepare_context(self, states: FrameStates, policy=None) -> "VideoContext":
+    def prepare_context(self, states: FrameSource, policy=None) -> "VideoContext":
         """The question-independent head of the LLM input, [fused prefix rows, T*nq frame tokens],
         run through the LLM once; questions whose prompt is that prefix followed by the placeholder
         then run only their own rows (exact: same causal computation, split at a row boundary)."""
@@ -380,9 +401,12 @@ class LlavaMini:
                               "got none")
         self._check_context(P + 1, T)
         frames = policy.frames(T)
-        _, pacc = self._fused_sums(None, torch.empty(0, dtype=torch.long), 0, states, frames, prefix=True)
-        prefix = (pacc / len(frames)).to(self.dtype)
-        head = torch.cat([prefix, states.tokens.to(self.device).reshape(T * self.cfg.nq, -1)])[None]
+        _, pacc, n = self._fused_sums(None, torch.empty(0, dtype=torch.long), 0, states, frames, prefix=True)
+        if n < len(frames):
+            raise BadArgument(f"expected all {len(frames)} frames of the window to stay in the cache while the "
+                              f"context was prepared, got {len(frames) - n} overwritten; ask about a later window")
+        prefix = (pacc / n).to(self.dtype)
+        head = torch.cat([prefix, states.vision_tokens(self.device).reshape(T * self.cfg.nq, -1)])[None]
         buf = KVBuffer(self.cfg, 1, head.shape[1], self.dtype, self.device)
         self._llm(head, buf, all_logits=False)
         return VideoContext(states=states, policy=policy, kv=buf)
@@ -466,7 +490,7 @@ class LlavaMini:
             e = self.net.model.embed_tokens(torch.tensor([[tok]], device=self.device))
             logits = self._llm(e, buf, all_logits=False)[:, -1]
         if _info is not None:
-            _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], decode_s=time.perf_counter() - t1)
+            _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], generate_s=time.perf_counter() - t1)
         return torch.tensor([out], dtype=torch.long)
 
     # ------------------------------------------------------------------ words in, words out
@@ -477,21 +501,37 @@ class LlavaMini:
 
     def ask(self, video, question: str, *, max_new_tokens: int = 64, policy=None, window=None, fps: float = 1.0,
             kv_policy: str = "exact", progress=None, **gen_kw) -> Answer:
-        """Answer `question` about `video`: a FrameStates, a (T, 3, S, S) pixel tensor, or a path."""
+        """Answer `question` about `video`: a `FrameSource` (FrameStates, CachedFrames, ...), a
+        VideoContext, a (T, 3, S, S) pixel tensor, or a path (decoded into a frame cache that
+        spills to a temporary file, then read back chunk by chunk: memory stays flat in the
+        video's length). timings: decode_s / encode_s (the video), fuse_s, prefill_s, generate_s."""
         timings: dict[str, float] = {}
-        report = None
         t0 = time.perf_counter()
-        if isinstance(video, (FrameStates, VideoContext)):
-            states = video
-        elif torch.is_tensor(video):
+        if isinstance(video, (FrameStates, VideoContext, FrameSource)):
+            return self._answer(video, question, max_new_tokens, policy, window, timings, None, gen_kw)
+        if torch.is_tensor(video):
             states = self.encode_frames(video, kv_policy=kv_policy, progress=progress)
             timings["encode_s"] = time.perf_counter() - t0
-        else:
-            from stream.ingest import encode_video
-            states, report = encode_video(self, video, fps=fps, window=window, kv_policy=kv_policy,
-                                          progress=progress, timings=timings)
+            return self._answer(states, question, max_new_tokens, policy, window, timings, None, gen_kw)
+        import tempfile
+        from dataclasses import asdict as _asdict
+        from frame_cache import InProcessFrameCache
+        from stream.ingest import ingest_video
+        from stream.window import CachedFrames
+        self.prompt_ids(question)                   # a bad question fails before the video is decoded
+        with tempfile.TemporaryDirectory(prefix="lmstream-ask-") as tmp, \
+                InProcessFrameCache(spill_dir=tmp) as cache:
+            report = ingest_video(self, video, cache, "file", fps=fps, window=window, kv_policy=kv_policy,
+                                  progress=progress, timings=timings)
+            src = CachedFrames(cache, "file", dtype=self.dtype)
+            return self._answer(src, question, max_new_tokens, policy, None, timings, _asdict(report), gen_kw)
+
+    def _answer(self, states, question, max_new_tokens, policy, window, timings, report, gen_kw) -> Answer:
         if window is not None and isinstance(states, VideoContext):
             raise BadArgument("expected FrameStates to select a window, got a prepared VideoContext")
+        if window is not None and not isinstance(states, FrameStates):
+            raise BadArgument("expected FrameStates to select a window, got a frame source: choose the window "
+                              "when making the source (e.g. CachedFrames(cache, id, start, end))")
         if window is not None and states.pts is not None:
             states = states.window(*window)
             if len(states) == 0:
@@ -499,18 +539,22 @@ class LlavaMini:
         ids = self.prompt_ids(question)
         info: dict = {}
         new = self.generate(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw)
-        timings.update({k: info[k] for k in ("fuse_s", "prefill_s", "decode_s")})
+        timings.update({k: info[k] for k in ("fuse_s", "prefill_s", "generate_s")})
         toks = new[0].tolist()
         text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
         span = None
         fs = states.states if isinstance(states, VideoContext) else states
         if fs.pts is not None and len(fs.pts):
             span = (float(fs.pts.min()), float(fs.pts.max()))
+        gaps = [list(g) for g in (report or {}).get("gaps", [])]
+        dropped = int(getattr(fs, "dropped_before", 0) or 0)
+        if dropped and span is not None:
+            gaps.insert(0, [None, span[0]])             # frames before the window's first were overwritten
         return Answer(text=text, token_ids=toks, frames=info["frames"], frames_fused=info["frames_fused"],
                       time_span=span, policy=info["policy"], kv_policy=info["kv_policy"],
                       prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],
                       timings={k: round(v, 4) for k, v in timings.items()},
-                      decode_report=report)
+                      decode_report=report, gaps=gaps, dropped=dropped)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> int:

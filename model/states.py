@@ -9,9 +9,48 @@ runs only its own rows against them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Iterator
+from typing import Iterator, Protocol, runtime_checkable
 
 import torch
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """What a question reads frames through: `LlavaMini.fuse_question`, `prepare_context` and
+    `ask` take any object with these members.
+
+    Implementations: `FrameStates` (everything in memory), `stream.window.CachedFrames` (a
+    window of a stream in a frame cache, in-process or Redis, read chunk by chunk with the next
+    chunk prefetched) and the GPU benchmark's `StreamedStates` (double-buffered host-to-device
+    copies). The question pass never needs all frames' keys/values at once: only one chunk.
+
+    Members:
+        n_vision_rows: int. N + nq, the frame's own cached rows.
+        n_cached_rows: int. Cached rows per frame (vision rows + unmasked prefix rows).
+        prefix_ids: tuple[int, ...]. Prompt tokens fused at ingest.
+        kv_policy: str. "exact" or "fp8".
+        pts: (T,) float64 tensor or None.
+        __len__() -> T.
+        vision_tokens(device) -> (T, nq, H): every frame's vision token, for the LLM.
+        iter_chunks(frames, size, device) -> FrameStates of `frames` (indices into 0..T-1, in
+            order), at most `size` at a time, keys/values included. A source may yield fewer
+            frames than asked when some vanished meanwhile (overwritten in a ring): the chunk's
+            `meta["frame_index"]` then lists which of `frames` it holds.
+    """
+
+    n_vision_rows: int
+    prefix_ids: tuple[int, ...]
+    kv_policy: str
+    pts: torch.Tensor | None
+
+    def __len__(self) -> int: ...
+
+    @property
+    def n_cached_rows(self) -> int: ...
+
+    def vision_tokens(self, device) -> torch.Tensor: ...
+
+    def iter_chunks(self, frames: torch.Tensor, size: int, device) -> Iterator["FrameStates"]: ...
 
 
 @dataclass
@@ -69,11 +108,14 @@ class FrameStates:
     def to(self, device) -> "FrameStates":
         return self._map(lambda t: t.to(device))
 
+    def vision_tokens(self, device) -> torch.Tensor:
+        """(T, nq, H) every frame's vision token on `device` (`FrameSource`)."""
+        return self.tokens.to(device)
+
     def iter_chunks(self, frames: torch.Tensor, size: int, device) -> "Iterator[FrameStates]":
         """The states of `frames` (indices, in order), `size` frames at a time, on `device`.
 
-        The question pass reads frames only through this method, so a source that streams from
-        host memory, Redis or disk (double-buffered copies, say) plugs in by providing it."""
+        The question pass reads frames only through this method (see `FrameSource`)."""
         device = torch.device(device)
         for i in range(0, len(frames), size):
             st = self.select(frames[i:i + size])

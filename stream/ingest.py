@@ -12,13 +12,13 @@ was fused at ingest, and, under the fp8 policy, the dequantisation scales.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
+import warnings
 
 import torch
 
-from frame_cache import FrameCache, FrameRecord, InProcessFrameCache
-from lmcore.errors import BadArgument
+from frame_cache import MAX_CAPACITY, FrameCache, FrameRecord, InProcessFrameCache
+from lmcore.errors import BadArgument, CacheUnavailable
 from model.states import FrameStates
 
 from .decode import DecodeReport, VideoSource
@@ -65,30 +65,66 @@ def states_from_snapshot(snapshot) -> FrameStates:
     return states_from_records(snapshot.records)
 
 
+#: Retries of one batch's append when the cache is briefly unreachable (seconds to wait before each).
+APPEND_RETRY_WAITS = (0.5, 1.0, 2.0)
+
+
+def append_retrying(cache: FrameCache, stream_id: str, records: list[FrameRecord], *, writer: int | None,
+                    seq: int, waits=APPEND_RETRY_WAITS) -> list[int]:
+    """Append with the seq of the first record, retried while the cache is unavailable: the append
+    is idempotent (a retry of frames the cache had committed stores nothing twice), and a writer
+    that was fenced off meanwhile gets `StaleWriter` instead of writing."""
+    for wait in (*waits, None):
+        try:
+            return cache.append_many(stream_id, records, writer=writer, seq=seq)
+        except CacheUnavailable:
+            if wait is None:
+                raise
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def ingest_video(model, path, cache: FrameCache, stream_id: str, *, fps: float | None = 1.0,
                  window: tuple[float | None, float | None] | None = None, kv_policy: str = "exact",
-                 progress: bool = False, timings: dict | None = None, capacity: int | None = None) -> DecodeReport:
+                 progress: bool = False, timings: dict | None = None, capacity: int | None = None,
+                 on_full: str | None = None) -> DecodeReport:
     """Decode `path`, encode its sampled frames in batches of `model.batch_size`, append them to
-    `cache` under `stream_id`. Frames stored before an error stay stored. Returns the decode report."""
+    `cache` under `stream_id`. Frames stored before an error stay stored. Returns the decode report
+    (its `dropped_frames`/`gaps` say whether a capacity limit overwrote any).
+
+    Capacity never drops frames silently: by default the stream may hold `MAX_CAPACITY` frames
+    (2**20, 12 days at 1 fps) and refuses more (`on_full="error"`: `CapacityExceeded`, frames so far
+    kept). With an explicit `capacity` the default is a ring (`on_full="overwrite"`): the oldest
+    frames are overwritten, and the report counts them and records their span as a gap."""
     start, end = window if window is not None else (None, None)
-    src = VideoSource(path, fps=fps, start=start, end=end, progress=progress)
+    src = VideoSource(path, fps=fps, start=start, end=end, progress=progress, **_resize_kw(model))
     prep = model.preprocess
     if capacity is None:
-        dur = src.info.duration_s or 0.0
-        capacity = max(16, int(math.ceil(dur * (fps or src.info.source_fps or 30.0))) + 16) if dur else 1 << 20
-    cache.create_stream(stream_id, capacity=capacity, meta={"source": str(path)}, exist_ok=True)
+        capacity, on_full = MAX_CAPACITY, on_full or "error"
+    on_full = on_full or "overwrite"
+    info = cache.create_stream(stream_id, capacity=capacity, meta={"source": str(path), "fps": fps},
+                               exist_ok=True, on_full=on_full)
+    writer = cache.acquire_writer(stream_id)
+    next_seq = info.total_appended
     t_dec = t_enc = 0.0
     batch, pts = [], []
+    first_pts: list[float] = []
+    appended = 0
 
     def flush():
-        nonlocal t_enc
+        nonlocal t_enc, next_seq, appended
         t = time.perf_counter()
         if src.info.is_image:
             px = torch.cat([preprocess_image(f, **prep) for f in batch])
         else:
             px = preprocess_video_frames(batch, **prep)
         states = model.encode_frames(px, pts=pts, kv_policy=kv_policy, progress=False)
-        cache.append_many(stream_id, states_to_records(states))
+        recs = states_to_records(states)
+        append_retrying(cache, stream_id, recs, writer=writer, seq=next_seq)
+        next_seq += len(recs)
+        appended += len(recs)
+        if not first_pts:
+            first_pts.append(pts[0])
         t_enc += time.perf_counter() - t
         batch.clear()
         pts.clear()
@@ -107,10 +143,33 @@ def ingest_video(model, path, cache: FrameCache, stream_id: str, *, fps: float |
             flush()
     finally:
         src.close()
-    if timings is not None:
-        timings["decode_s"] = timings.get("decode_s", 0.0) + t_dec
-        timings["encode_s"] = timings.get("encode_s", 0.0) + t_enc
-    return src.report
+        if timings is not None:
+            timings["decode_s"] = timings.get("decode_s", 0.0) + t_dec
+            timings["encode_s"] = timings.get("encode_s", 0.0) + t_enc
+    report = src.report
+    kept = cache.stream_info(stream_id)
+    lost = info.count + appended - kept.count                  # overwritten by this ingest (a ring)
+    if lost > 0:
+        report.dropped_frames = getattr(report, "dropped_frames", 0) + lost
+        report.add_gap(first_pts[0], kept.oldest_pts)
+        report.add_error(f"W_CAPACITY_DROP: the stream's ring holds {kept.capacity} frames; the first {lost} "
+                         f"sampled frames ({first_pts[0]:.2f}-{kept.oldest_pts:.2f} s) were overwritten")
+        warnings.warn(f"stream {stream_id!r} holds {kept.capacity} frames: {lost} of the {appended} frames "
+                      "sampled were overwritten (raise the capacity to keep them)", CapacityWarning, stacklevel=2)
+    return report
+
+
+class CapacityWarning(UserWarning):
+    """A ring overwrote frames that an ingest had just stored (explicit capacity)."""
+
+
+def _resize_kw(model) -> dict:
+    """Frames shrink to the tower's size as decoded (an 8K batch never sits in memory) when the
+    decoder supports it: the same nearest resize as `preprocess_video_frames`, bit for bit."""
+    import inspect
+    if "resize_to" in inspect.signature(VideoSource).parameters:
+        return {"resize_to": int(model.preprocess["size"])}
+    return {}
 
 
 def encode_video(model, path, *, fps: float | None = 1.0, window=None, kv_policy: str = "exact",

@@ -249,33 +249,59 @@ def fusion_attention_triton(q, k_cache, v_cache, k_new, v_new, *, scale, k_scale
     return _launch_fusion_attention(q, k_cache, v_cache, k_new, v_new, scale, k_scale, v_scale)
 
 
+#: Most float32 score elements the reference holds at once (256 MB): query rows are taken in
+#: blocks small enough for this, so a 10,000-token question stays within a fixed memory bound.
+REFERENCE_SCORE_BUDGET = 1 << 26
+
+
 def fusion_attention_reference(q, k_cache, v_cache, k_new, v_new, *, scale, k_scale=None, v_scale=None):
     """Plain PyTorch version (float32): cache scores and causal new-row scores are computed
-    separately and merged with a shared max; no concatenated K/V, no expanded kv heads."""
+    separately and merged with a shared max; no concatenated K/V, no expanded kv heads.
+    Query rows go in blocks so that scores never exceed `REFERENCE_SCORE_BUDGET` elements
+    (one block, the whole question, for ordinary question lengths)."""
     T, Hq, Hkv, S, C, D, fp8 = _check_fusion_args(q, k_cache, v_cache, k_new, v_new, k_scale, v_scale)
-    G = Hq // Hkv
-    qf = q.float().reshape(T, Hkv, G * S, D)  # rows g*S + i share kv head
-    kn, vn = k_new.float(), v_new.float()
-    s_new = (qf @ kn.transpose(-1, -2)).view(T, Hkv, G, S, S) * scale
-    causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
-    s_new = s_new.masked_fill(~causal, float("-inf"))
-    m = s_new.amax(-1)  # (T, Hkv, G, S), finite: j = 0 is always visible
+    kc = vc = None
     if C > 0:
         kc, vc = k_cache.float(), v_cache.float()
         if fp8:
             kc = kc * k_scale.float().to(q.device).view(-1, Hkv, 1, 1)   # (1|T, Hkv) scales
             vc = vc * v_scale.float().to(q.device).view(-1, Hkv, 1, 1)
-        s_c = (qf @ kc.transpose(-1, -2)).view(T, Hkv, G, S, C) * scale
+    kn, vn = k_new.float(), v_new.float()
+    per_row = max(1, T * Hq * (S + C))
+    R = max(1, min(S, REFERENCE_SCORE_BUDGET // per_row))
+    if R >= S:
+        return _reference_rows(q, kc, vc, kn, vn, 0, S, scale).reshape(T, Hq, S, D).to(q.dtype)
+    out = torch.empty(T, Hq, S, D, dtype=q.dtype, device=q.device)
+    for r0 in range(0, S, R):
+        r1 = min(S, r0 + R)
+        out[:, :, r0:r1] = _reference_rows(q, kc, vc, kn, vn, r0, r1, scale).to(q.dtype)
+    return out
+
+
+def _reference_rows(q, kc, vc, kn, vn, r0: int, r1: int, scale):
+    """Outputs (T, Hq, r1 - r0, D) float32 of question rows r0..r1-1: they see every cached row
+    and new rows 0..i (causal)."""
+    T, Hq, _, D = q.shape
+    Hkv, n = kn.shape[1], r1 - r0
+    G = Hq // Hkv
+    qf = q[:, :, r0:r1].float().reshape(T, Hkv, G * n, D)  # rows g*n + i share kv head
+    kn, vn = kn[:, :, :r1], vn[:, :, :r1]                  # later rows are never visible
+    s_new = (qf @ kn.transpose(-1, -2)).view(T, Hkv, G, n, r1) * scale
+    causal = torch.ones(n, r1, dtype=torch.bool, device=q.device).tril(diagonal=r0)
+    s_new = s_new.masked_fill(~causal, float("-inf"))
+    m = s_new.amax(-1)  # (T, Hkv, G, n), finite: j = 0 is always visible
+    if kc is not None:
+        C = kc.shape[2]
+        s_c = (qf @ kc.transpose(-1, -2)).view(T, Hkv, G, n, C) * scale
         m = torch.maximum(m, s_c.amax(-1))
     p_new = torch.exp(s_new - m[..., None])
     l = p_new.sum(-1)
-    num = (p_new.reshape(T, Hkv, G * S, S) @ vn).view(T, Hkv, G, S, D)
-    if C > 0:
+    num = (p_new.reshape(T, Hkv, G * n, r1) @ vn).view(T, Hkv, G, n, D)
+    if kc is not None:
         p_c = torch.exp(s_c - m[..., None])
         l = l + p_c.sum(-1)
-        num = num + (p_c.reshape(T, Hkv, G * S, C) @ vc).view(T, Hkv, G, S, D)
-    out = num / l[..., None]
-    return out.reshape(T, Hq, S, D).to(q.dtype)
+        num = num + (p_c.reshape(T, Hkv, G * n, C) @ vc).view(T, Hkv, G, n, D)
+    return (num / l[..., None]).reshape(T, Hq, n, D)
 
 
 def fusion_attention(q, k_cache, v_cache, k_new, v_new, *, scale, k_scale=None, v_scale=None):

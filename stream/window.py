@@ -1,0 +1,111 @@
+"""A window of a stream in a frame cache, as the question pass reads it (`model.FrameSource`).
+
+    src = CachedFrames(cache, "cam-1", start=600, end=1200)   # cheap: a seq range + the tokens
+    answer = model.ask(src, "what changed?")                   # keys/values read chunk by chunk
+
+Two passes over the cache, both chunked, neither holding the window's keys/values:
+
+1. at construction, the light records (vision token, pts; no keys/values) of every frame in the
+   window, in chunks: the LLM needs every frame's token. Frames already overwritten when read are
+   left out and counted in `dropped_during_read`;
+2. per question, `iter_chunks` reads the full records of the frames the policy fuses, one chunk
+   ahead (`FrameWindow.chunks` prefetches on a helper thread while the current chunk is fused).
+   A frame overwritten in between is skipped (the question is fused with the others) and
+   counted; the answer's `policy` says so.
+
+Peak memory is two chunks of records plus T tokens, whatever the window's length.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from frame_cache import FrameCache, FrameWindow, decode_record
+from lmcore.errors import BadArgument, NoFrames
+
+from .ingest import states_from_records
+
+__all__ = ["CachedFrames", "DEFAULT_READ_CHUNK"]
+
+#: Frames per cache read when building the token list (light records are small).
+DEFAULT_READ_CHUNK = 256
+
+
+class CachedFrames:
+    """`model.FrameSource` over ``cache``'s stream ``stream_id``, frames with start <= pts < end.
+
+    The window is half-open like the decoder's (`--window 10:70` = 60 frames at 1 fps); None on
+    either side is unbounded. ``max_frames`` keeps only the newest ones. Raises `NoFrames` when
+    the window holds no frame and `StreamNotFound` for an unknown stream.
+    """
+
+    def __init__(self, cache: FrameCache, stream_id: str, start: float | None = None, end: float | None = None,
+                 *, max_frames: int | None = None, read_chunk: int = DEFAULT_READ_CHUNK, prefetch: bool = True,
+                 dtype: torch.dtype | None = None):
+        self.cache, self.stream_id, self.prefetch = cache, stream_id, prefetch
+        win = cache.window(stream_id, start, end, max_frames=max_frames)
+        if end is not None and len(win) and win.pts_list[-1] >= end:      # half-open: drop pts == end
+            keep = sum(1 for p in win.pts_list if p < end)
+            win = FrameWindow(stream_id, win.first_seq, win.first_seq + keep - 1 if keep else -1,
+                              win.pts_list[:keep], win.dropped_before, win.dropped_exact)
+        self.window = win
+        self.dropped_before = win.dropped_before
+        if len(win) == 0:
+            span = f"{start if start is not None else '-inf'}:{end if end is not None else 'inf'}"
+            raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window {span} s, got none"
+                           + (f" ({win.dropped_before} were overwritten already)" if win.dropped_before else ""))
+        seqs, pts, toks, meta = [], [], [], None
+        for ch in win.chunks(cache, read_chunk, light=True, prefetch=prefetch):
+            for q, p, b in zip(ch.seqs, ch.pts, ch.blobs):
+                r = decode_record(b)
+                if meta is None:
+                    meta = r.meta
+                elif (r.meta["n_vision_rows"], r.meta["prefix_ids"], r.meta["kv_policy"]) != \
+                        (meta["n_vision_rows"], meta["prefix_ids"], meta["kv_policy"]):
+                    raise BadArgument(f"expected the frames of stream {stream_id!r} to come from one model, prefix "
+                                      f"and keys/values policy, got a mix (frame seq {q})")
+                seqs.append(q)
+                pts.append(p)
+                toks.append(r.tensors["token"] if dtype is None else r.tensors["token"].to(dtype))
+        if not seqs:
+            raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window, got none: all "
+                           f"{len(win)} were overwritten while being read")
+        self.seqs = seqs
+        self.dropped_during_read = len(win) - len(seqs)
+        self.pts = torch.tensor(pts, dtype=torch.float64)
+        self._tokens = torch.stack(toks)                                   # (T, nq, H)
+        self.n_vision_rows = int(meta["n_vision_rows"])
+        self.prefix_ids = tuple(int(i) for i in meta["prefix_ids"])
+        self.kv_policy = str(meta["kv_policy"])
+        self._n_cached = self.n_vision_rows + sum(1 for i in self.prefix_ids if i > 0)
+        self.bytes_read = 0
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def n_cached_rows(self) -> int:
+        return self._n_cached
+
+    @property
+    def time_span(self) -> tuple[float, float]:
+        return float(self.pts[0]), float(self.pts[-1])
+
+    def vision_tokens(self, device) -> torch.Tensor:
+        return self._tokens.to(device)
+
+    def iter_chunks(self, frames: torch.Tensor, size: int, device) -> Iterator:
+        """Full records of `frames` (indices into this source), `size` at a time, as FrameStates."""
+        idx = [int(i) for i in frames]
+        by_seq = {self.seqs[i]: i for i in idx}
+        for ch in self.window.chunks(self.cache, size, seqs=[self.seqs[i] for i in idx], prefetch=self.prefetch):
+            self.bytes_read += sum(len(b) for b in ch.blobs)
+            self.dropped_during_read += len(ch.missing)
+            if not ch.blobs:
+                continue
+            st = states_from_records([decode_record(b) for b in ch.blobs])
+            if st.n_cached_rows != self._n_cached:
+                raise BadArgument(f"expected {self._n_cached} cached rows per frame, got {st.n_cached_rows}")
+            st.meta["frame_index"] = [by_seq[q] for q in ch.seqs]
+            yield st.to(device)
