@@ -3,6 +3,7 @@
     lmstream bench flops [--frames 1000,10000,20000] [--budget 512] [--json]   # 8B FLOPs and bytes, meta tensors
     lmstream bench cpu [--plot out/bench_cpu.png] [--json]                       # CPU wall clock, small config
     lmstream bench gpu [--cap-gb 24] [--json] | lmstream bench gpu --tiny         # lent GPU, 8B shapes
+    lmstream bench cache [--redis URL] [--json]                                  # frame cache: in-process vs Redis
 """
 from __future__ import annotations
 
@@ -57,6 +58,16 @@ def gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="JSON file (default out/bench_gpu.json, --tiny: none)")
 
 
+def cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis", default=None, help="redis://HOST:PORT/DB to measure (default: start a local "
+                                                  "redis-server in a temporary folder, AOF everysec)")
+    p.add_argument("--frames-small", type=int, default=2000, help="frames per stream at the demo record size")
+    p.add_argument("--frames-8b", type=int, default=48, help="frames per stream at the 8B record sizes")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--out", default="out/bench_cache.json", help="also write the JSON to this file ('' for none)")
+
+
 def _runner(module: str):
     def fn(args) -> int:
         import importlib
@@ -72,7 +83,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                        "(meta tensors)"),
                             ("cpu", cpu_arguments, "CPU wall clock at a small configuration, baselines in the same run"),
                             ("gpu", gpu_arguments, "the lent GPU at 8B shapes with random bf16 weights "
-                                                   "(--tiny: the same code at toy shapes on the CPU)")):
+                                                   "(--tiny: the same code at toy shapes on the CPU)"),
+                            ("cache", cache_arguments, "frame cache append and chunked-read throughput, "
+                                                       "in-process vs Redis, demo and 8B record sizes")):
         q = sub.add_parser(name, help=text, description=text)
         add(q)
         q.set_defaults(fn=_runner(name))

@@ -17,6 +17,7 @@ The monolithic per-frame computation lives in `model/oracle.py` and the tests ho
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,6 +152,7 @@ class LlavaMini:
         self._prefix: tuple[int, ...] | None = None
         self.tokenizer_error: CheckpointError | None = None
         self.fusion_attention: Callable = _fusion_attention()
+        self.lock = threading.RLock()           # one forward pass at a time (see generate_iter)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -471,27 +473,44 @@ class LlavaMini:
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
                  policy=None, stop_ids: list[int] | None = None, _info: dict | None = None) -> torch.Tensor:
         """New tokens only, (1, n); greedy unless do_sample. Stops after a stop id (kept, as HF does).
-        `states` is FrameStates, or a VideoContext from `prepare_context` for repeated questions."""
+        `states` is a FrameSource, or a VideoContext from `prepare_context` for repeated questions."""
+        out = list(self.generate_iter(input_ids, states, max_new_tokens, do_sample=do_sample,
+                                      temperature=temperature, top_p=top_p, seed=seed, policy=policy,
+                                      stop_ids=stop_ids, _info=_info))
+        return torch.tensor([out], dtype=torch.long)
+
+    def generate_iter(self, input_ids: torch.Tensor, states, max_new_tokens: int = 32, *,
+                      do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                      seed: int | None = None, policy=None, stop_ids: list[int] | None = None,
+                      _info: dict | None = None):
+        """`generate`, one token id at a time, as each is chosen. Closing the iterator (a client that
+        went away) stops it: no further LLM step runs. Each forward pass holds the model's lock, so
+        questions from several threads interleave their steps on one model, never run two at once;
+        `_info` is filled when the iteration ends (normally or closed)."""
         t0 = time.perf_counter()
         self._check_ids(input_ids)
         T = len(states.states if isinstance(states, VideoContext) else states)
         room = self.cfg.max_position_embeddings - (input_ids.shape[1] - 1 + T * self.cfg.nq)
         steps = max(0, min(max_new_tokens, room))
-        logits, buf, info = self._prefill(input_ids, states, policy, steps)
+        with torch.no_grad(), self.lock:
+            logits, buf, info = self._prefill(input_ids, states, policy, steps)
         t1 = time.perf_counter()
+        if _info is not None:
+            _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], generate_s=0.0)
         stops = set(self.stop_token_ids if stop_ids is None else stop_ids)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
-        out: list[int] = []
-        for step in range(steps):
-            tok = _pick(logits[0], do_sample, temperature, top_p, gen)
-            out.append(tok)
-            if tok in stops or step == steps - 1:
-                break
-            e = self.net.model.embed_tokens(torch.tensor([[tok]], device=self.device))
-            logits = self._llm(e, buf, all_logits=False)[:, -1]
-        if _info is not None:
-            _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], generate_s=time.perf_counter() - t1)
-        return torch.tensor([out], dtype=torch.long)
+        try:
+            for step in range(steps):
+                tok = _pick(logits[0], do_sample, temperature, top_p, gen)
+                yield tok
+                if tok in stops or step == steps - 1:
+                    break
+                with torch.no_grad(), self.lock:
+                    e = self.net.model.embed_tokens(torch.tensor([[tok]], device=self.device))
+                    logits = self._llm(e, buf, all_logits=False)[:, -1]
+        finally:
+            if _info is not None:
+                _info["generate_s"] = time.perf_counter() - t1
 
     # ------------------------------------------------------------------ words in, words out
     def prompt_ids(self, question: str) -> torch.Tensor:
@@ -527,6 +546,18 @@ class LlavaMini:
             return self._answer(src, question, max_new_tokens, policy, None, timings, _asdict(report), gen_kw)
 
     def _answer(self, states, question, max_new_tokens, policy, window, timings, report, gen_kw) -> Answer:
+        for kind, *rest in self.stream_answer(states, question, max_new_tokens=max_new_tokens, policy=policy,
+                                              window=window, timings=timings, report=report, **gen_kw):
+            if kind == "answer":
+                return rest[0]
+        raise AssertionError("stream_answer ended without an answer")
+
+    def stream_answer(self, states, question: str, *, max_new_tokens: int = 64, policy=None, window=None,
+                      timings: dict | None = None, report: dict | None = None, extra_gaps=(), **gen_kw):
+        """Answer `question` about `states` (a FrameSource or VideoContext) as it is generated:
+        yields ("token", token_id, text_piece) for each new token (pieces concatenate to the answer's
+        text), then ("answer", Answer). Closing the generator stops generation at once."""
+        timings = {} if timings is None else timings
         if window is not None and isinstance(states, VideoContext):
             raise BadArgument("expected FrameStates to select a window, got a prepared VideoContext")
         if window is not None and not isinstance(states, FrameStates):
@@ -538,23 +569,33 @@ class LlavaMini:
                 raise BadArgument(f"expected frames inside the window {window[0]}:{window[1]} s, got none")
         ids = self.prompt_ids(question)
         info: dict = {}
-        new = self.generate(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw)
+        toks: list[int] = []
+        said = ""
+        for tok in self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw):
+            toks.append(tok)
+            # pieces concatenate to the final (stripped) text: trailing spaces wait for the next word,
+            # and a decode that rewrote earlier characters emits nothing until it agrees again
+            text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+            piece = text[len(said):] if text.startswith(said) else ""
+            said += piece
+            yield "token", tok, piece
         timings.update({k: info[k] for k in ("fuse_s", "prefill_s", "generate_s")})
-        toks = new[0].tolist()
         text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        if text != said:                                  # cannot happen with a prefix-stable tokenizer
+            text = said
         span = None
         fs = states.states if isinstance(states, VideoContext) else states
         if fs.pts is not None and len(fs.pts):
             span = (float(fs.pts.min()), float(fs.pts.max()))
-        gaps = [list(g) for g in (report or {}).get("gaps", [])]
+        gaps = [list(g) for g in (report or {}).get("gaps", [])] + [list(g) for g in extra_gaps]
         dropped = int(getattr(fs, "dropped_before", 0) or 0)
         if dropped and span is not None:
             gaps.insert(0, [None, span[0]])             # frames before the window's first were overwritten
-        return Answer(text=text, token_ids=toks, frames=info["frames"], frames_fused=info["frames_fused"],
-                      time_span=span, policy=info["policy"], kv_policy=info["kv_policy"],
-                      prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],
-                      timings={k: round(v, 4) for k, v in timings.items()},
-                      decode_report=report, gaps=gaps, dropped=dropped)
+        yield "answer", Answer(text=text, token_ids=toks, frames=info["frames"], frames_fused=info["frames_fused"],
+                               time_span=span, policy=info["policy"], kv_policy=info["kv_policy"],
+                               prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],
+                               timings={k: round(v, 4) for k, v in timings.items()},
+                               decode_report=report, gaps=gaps, dropped=dropped)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> int:

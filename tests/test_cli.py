@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 def run(*args, env=None) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
     e.pop("LMSTREAM_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "lmstream.cli", *map(str, args)], capture_output=True,
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    return subprocess.run([sys.executable, "-m", "lmstream.cli", *argv], capture_output=True,
                           text=True, env=e, cwd=REPO, timeout=300)
 
 
@@ -46,7 +47,7 @@ def test_ask_answers_with_frames_span_and_timings(tiny_ckpt, video):
     d = json.loads(r.stdout)
     assert d["frames"] == 6 and d["frames_fused"] == 6 and d["policy"] == "exact"
     assert d["time_span"] == [0.0, 5.0]
-    assert {"decode_s", "encode_s", "fuse_s", "prefill_s", "decode_s", "load_s"} <= set(d["timings"])
+    assert {"decode_s", "encode_s", "fuse_s", "prefill_s", "generate_s", "load_s"} <= set(d["timings"])
     assert 1 <= len(d["token_ids"]) <= 4
 
 
@@ -150,3 +151,43 @@ def test_demo_main_job_runs_end_to_end(tmp_path):
     r = run("demo", "--duration", "12", "--seed", "3", env={"LMSTREAM_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stderr
     assert "ingest: 12 frames" in r.stdout and "correct" in r.stdout
+
+
+# Arguments are checked before the model loads: with a model path that does not exist, a bad
+# argument must still be reported as itself (E_CHECKPOINT would mean the load came first).
+@pytest.mark.parametrize("extra,code,fragment", [
+    (["--batch-size", "0"], "E_BAD_ARGUMENT", "--batch-size >= 1"),
+    (["--batch-size", "-1"], "E_BAD_ARGUMENT", "got -1"),
+    (["--max-new-tokens", "0"], "E_BAD_ARGUMENT", "--max-new-tokens >= 1"),
+    (["--max-new-tokens", "-5"], "E_BAD_ARGUMENT", "got -5"),
+    (["--dtype", "foo"], "E_BAD_ARGUMENT", "'foo'"),
+    (["--device", "cuda"], "E_DEVICE_UNAVAILABLE", "expected a CUDA GPU"),
+    (["--device", "tpu"], "E_BAD_ARGUMENT", "cpu or cuda"),
+    (["--fps", "100000"], "E_BAD_ARGUMENT", "--fps in (0, 1000]"),
+    (["--fps", "-1"], "E_BAD_ARGUMENT", "--fps"),
+    (["--fps", "nan"], "E_BAD_ARGUMENT", "--fps"),
+    (["--policy", "budget:0"], "E_BAD_ARGUMENT", "budget:N"),
+    (["--window", "5:"], None, None),
+])
+def test_arguments_are_checked_before_the_model_loads(tmp_path, video, extra, code, fragment):
+    r = run("ask", video, "what is in the video ?", "--model", tmp_path / "no-such-model", *extra)
+    if code is None:                                  # a valid argument: now the missing model is reported
+        assert_one_line_error(r, "E_CHECKPOINT", "no-such-model")
+    else:
+        assert_one_line_error(r, code, fragment)
+
+
+def test_bad_inputs_are_reported_before_the_model_loads(tmp_path):
+    assert_one_line_error(run("ask", tmp_path / "nope.mp4", "q", "--model", tmp_path / "none"),
+                          "E_INPUT_NOT_FOUND", "nope.mp4")
+    (tmp_path / "t.mp4").write_text("text" * 100)
+    assert_one_line_error(run("ask", tmp_path / "t.mp4", "q", "--model", tmp_path / "none"), "E_NOT_A_VIDEO")
+
+
+def test_question_that_is_not_utf8(tiny_ckpt, video):
+    r = run("ask", video, b"what \xff\xfe is it", "--model", tiny_ckpt)
+    assert_one_line_error(r, "E_BAD_ARGUMENT", "UTF-8", "\\xff")
+
+
+def test_stream_without_cache_and_nothing_to_ask_about(tiny_ckpt):
+    assert_one_line_error(run("ask", "--stream", "s1", "q", "--model", tiny_ckpt), "E_BAD_ARGUMENT", "--cache")
