@@ -7,7 +7,7 @@ subclass of `LmsError`; the CLI prints ``error[CODE]: message`` and exits with
 was found. `error_table()` lists every code (the README's table is made from it).
 
 Exit statuses: 1 our fault, 2 bad argument or input path, 3 not a usable video,
-4 checkpoint, 5 context too long, 6 frame cache.
+4 checkpoint, 5 context too long, 6 frame cache, 7 service busy or unavailable.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ __all__ = [
     "LmsError", "InputNotFound", "InputUnreadable", "NotAVideo", "NoVideoStream", "NoFrames",
     "BadArgument", "DeviceUnavailable", "CheckpointError", "ContextTooLong", "CacheError",
     "CacheUnavailable", "CacheClosed", "StreamNotFound", "StreamExists", "CacheBudgetExceeded",
-    "CapacityExceeded", "StaleWriter", "RecordFormatError", "error_table",
+    "CapacityExceeded", "StaleWriter", "RecordFormatError", "Unauthorized", "PathNotAllowed", "NotFound",
+    "NotReady", "PayloadTooLarge", "InvalidRequest", "Busy", "ServiceUnavailable", "error_table",
 ]
 
 
@@ -155,6 +156,59 @@ class RecordFormatError(CacheError):
     """Bytes that are not a valid frame record of a supported version."""
 
     code, exit_code, http_status = "E_RECORD_FORMAT", 6, 500
+
+
+# -- service ----------------------------------------------------------------------------
+class Unauthorized(LmsError):
+    """No API key, or one the service does not know."""
+
+    code, exit_code, http_status = "E_UNAUTHORIZED", 2, 401
+
+
+class PathNotAllowed(LmsError):
+    """A `path` outside the service's allowed folders."""
+
+    code, exit_code, http_status = "E_PATH_NOT_ALLOWED", 2, 403
+
+
+class NotFound(LmsError):
+    """A video, stream or route id the service does not hold."""
+
+    code, exit_code, http_status = "E_NOT_FOUND", 2, 404
+
+
+class NotReady(LmsError):
+    """A question about a video that is not ingested yet (or failed)."""
+
+    code, exit_code, http_status = "E_NOT_READY", 2, 409
+
+
+class PayloadTooLarge(LmsError):
+    """An upload, a video or a message over the service's limits."""
+
+    code, exit_code, http_status = "E_TOO_LARGE", 2, 413
+
+
+class InvalidRequest(LmsError):
+    """A request body that does not fit its schema (the field is named)."""
+
+    code, exit_code, http_status = "E_INVALID_REQUEST", 2, 422
+
+
+class Busy(LmsError):
+    """Too many jobs or questions at once: try again after Retry-After seconds."""
+
+    code, exit_code, http_status = "E_BUSY", 7, 429
+
+    def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
+class ServiceUnavailable(LmsError):
+    """The service is starting, or a part it needs (model replica) is down."""
+
+    code, exit_code, http_status = "E_UNAVAILABLE", 7, 503
 
 
 def error_table() -> list[tuple[str, int, int, str]]:

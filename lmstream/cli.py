@@ -357,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_make_tiny)
-    for name in ("lmstream.eval_demo", "benchmarks.cli"):
+    for name in ("lmstream.serve_cmd", "lmstream.eval_demo", "benchmarks.cli"):
         try:
             mod = __import__(name, fromlist=["add_parser"])
         except ImportError:

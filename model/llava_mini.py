@@ -91,6 +91,7 @@ class Answer:
     decode_report: dict | None = None
     gaps: list = field(default_factory=list)     # [start_s, end_s] spans with no frames (decode damage, drops)
     dropped: int = 0                             # frames of the window overwritten before it was read
+    finish_reason: str = "stop"                  # "stop" (a stop token) or "length" (max_new_tokens / context)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -242,6 +243,22 @@ class LlavaMini:
 
     # ------------------------------------------------------------------ ingest
     @torch.no_grad()
+    def encode_frames_multi(self, parts: list[torch.Tensor], pts: list | None = None, **kw) -> list[FrameStates]:
+        """Frames of several streams in one batched pass: `parts[i]` (T_i, 3, S, S) -> its own
+        FrameStates, with `pts[i]` its timestamps. Identical to encoding each part alone (frames
+        never see each other), but the batches are full: the Encoder gathers streams this way."""
+        if not parts:
+            return []
+        sizes = [int(p.shape[0]) for p in parts]
+        flat = None if pts is None else [float(t) for ts in pts for t in ts]
+        states = self.encode_frames(torch.cat(list(parts)), pts=flat, **kw)
+        out, i = [], 0
+        for n in sizes:
+            out.append(states.select(slice(i, i + n)))
+            i += n
+        return out
+
+    @torch.no_grad()
     def encode_frames(self, pixels: torch.Tensor, *, prefix_ids="default", pts=None, batch_size=None,
                       kv_policy: str = "exact", out_device=None, progress=None) -> FrameStates:
         """pixels (T, 3, S, S) float, CLIP-normalized -> FrameStates. Question-independent.
@@ -268,7 +285,8 @@ class LlavaMini:
         T = pixels.shape[0]
         bar = _progress(T, "encode", progress)
         for i in range(0, T, bs):
-            parts.append(self._encode_batch(pixels[i:i + bs], prefix, kv_policy).to(out_device))
+            with self.lock:
+                parts.append(self._encode_batch(pixels[i:i + bs], prefix, kv_policy).to(out_device))
             bar.update(min(bs, T - i))
         bar.close()
         states = FrameStates.cat(parts)
@@ -494,6 +512,7 @@ class LlavaMini:
         steps = max(0, min(max_new_tokens, room))
         with torch.no_grad(), self.lock:
             logits, buf, info = self._prefill(input_ids, states, policy, steps)
+        info["finish_reason"] = "length"
         t1 = time.perf_counter()
         if _info is not None:
             _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], generate_s=0.0)
@@ -502,6 +521,8 @@ class LlavaMini:
         try:
             for step in range(steps):
                 tok = _pick(logits[0], do_sample, temperature, top_p, gen)
+                if tok in stops:
+                    info["finish_reason"] = "stop"
                 yield tok
                 if tok in stops or step == steps - 1:
                     break
@@ -511,6 +532,7 @@ class LlavaMini:
         finally:
             if _info is not None:
                 _info["generate_s"] = time.perf_counter() - t1
+                _info["finish_reason"] = info["finish_reason"]
 
     # ------------------------------------------------------------------ words in, words out
     def prompt_ids(self, question: str) -> torch.Tensor:
@@ -595,7 +617,8 @@ class LlavaMini:
                                time_span=span, policy=info["policy"], kv_policy=info["kv_policy"],
                                prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],
                                timings={k: round(v, 4) for k, v in timings.items()},
-                               decode_report=report, gaps=gaps, dropped=dropped)
+                               decode_report=report, gaps=gaps, dropped=dropped,
+                               finish_reason=info.get("finish_reason", "stop"))
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> int:

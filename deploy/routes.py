@@ -1,0 +1,547 @@
+"""Thin HTTP routes (DESIGN section 8): auth, validation, limits, then the `Backend` does the work.
+
+`build_api()` returns the FastAPI app; the process that serves it installs a `Backend` with
+`set_backend` (the Ray Serve ingress does, in `deploy/app.py`). Every error a user can cause is
+``{"error": {"code": "E_...", "message": "expected ..., got ..."}}`` with its 4xx status; 429 carries
+Retry-After.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import time
+import uuid
+from typing import Any, AsyncIterator, Protocol
+from urllib.parse import parse_qs, urlparse
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmcore.errors import (
+    BadArgument,
+    Busy,
+    InvalidRequest,
+    LmsError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
+
+from .schemas import ChatRequest, Question, VideoCreate
+from .serving import FileJob, JobStore, check_allowed, fps_ok, require_ready, video_status
+from .settings import Settings
+
+
+class Backend(Protocol):
+    """What the routes need from the deployment around them."""
+
+    settings: Settings
+    store: JobStore
+    cache: Any
+
+    async def encoder_info(self) -> dict: ...
+    async def start_job(self, job: FileJob) -> None: ...
+    def answer_events(self, req: dict) -> AsyncIterator[dict]: ...
+    async def models_ready(self) -> bool: ...
+
+
+_backend: Backend | None = None
+
+
+def set_backend(b: Backend) -> None:
+    global _backend
+    _backend = b
+
+
+def backend() -> Backend:
+    if _backend is None:
+        raise ServiceUnavailable("expected the service to be started, got no backend yet (starting up)")
+    return _backend
+
+
+def error_response(e: LmsError) -> JSONResponse:
+    headers = {"Retry-After": str(getattr(e, "retry_after", 5))} if isinstance(e, Busy) else None
+    return JSONResponse({"error": e.to_dict()}, status_code=e.http_status, headers=headers)
+
+
+class Metrics:
+    """Prometheus metrics of this ingress process, plus stream and job gauges read at scrape time."""
+
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("lms_http_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.questions = Counter("lms_questions", "questions answered", ["kind"], registry=r)
+        self.ttft = Histogram("lms_time_to_first_token_seconds", "time to the first answer token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.tokens = Counter("lms_answer_tokens", "answer tokens generated", registry=r)
+        self.tps = Gauge("lms_tokens_per_second", "tokens/s of the last answer", registry=r)
+        self.inflight = Gauge("lms_questions_inflight", "questions queued or running (the queue depth)",
+                              registry=r)
+        self.jobs_started = Counter("lms_jobs_started", "file jobs started", registry=r)
+
+    def render(self, b: Backend | None) -> bytes:
+        from prometheus_client import CollectorRegistry, Gauge, generate_latest
+        out = generate_latest(self.registry)
+        if b is None:
+            return out
+        extra = CollectorRegistry()
+        frames = Gauge("lms_stream_frames", "frames stored per stream", ["stream"], registry=extra)
+        appended = Gauge("lms_stream_frames_ingested", "frames ever ingested per stream", ["stream"], registry=extra)
+        dropped = Gauge("lms_stream_frames_dropped", "frames overwritten (ring) per stream", ["stream"],
+                        registry=extra)
+        nbytes = Gauge("lms_stream_bytes", "cache bytes per stream (records + light records)", ["stream"],
+                       registry=extra)
+        jobs = Gauge("lms_jobs", "file jobs by status", ["status"], registry=extra)
+        up = Gauge("lms_cache_up", "1 when the frame cache answers", registry=extra)
+        try:
+            for sid in b.cache.streams():
+                i = b.cache.stream_info(sid)
+                frames.labels(sid).set(i.count)
+                appended.labels(sid).set(i.total_appended)
+                dropped.labels(sid).set(i.evicted)
+                nbytes.labels(sid).set(i.bytes_used + i.light_bytes)
+            counts: dict[str, int] = {}
+            for jid in b.store.ids():
+                try:
+                    st = b.store.get(jid)["status"]
+                except NotFound:
+                    continue
+                counts[st] = counts.get(st, 0) + 1
+            for st in ("queued", "ingesting", "ready", "failed"):
+                jobs.labels(st).set(counts.get(st, 0))
+            up.set(1)
+        except LmsError:
+            up.set(0)
+        return out + generate_latest(extra)
+
+
+def build_api() -> FastAPI:
+    api = FastAPI(title="LLaVA-Mini Stream", version="0.2.0",
+                  description="Questions about live and very long videos, one vision token per frame.")
+    metrics = Metrics()
+    inflight = {"n": 0}
+
+    # -- errors ---------------------------------------------------------------------------------
+    @api.exception_handler(LmsError)
+    async def _lms(_req: Request, e: LmsError):
+        return error_response(e)
+
+    @api.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, e: RequestValidationError):
+        errs = e.errors()
+        first = errs[0] if errs else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
+        got = first.get("input")
+        got_s = json.dumps(got)[:200] if got is not None and not isinstance(got, (bytes, bytearray)) else "nothing"
+        return error_response(InvalidRequest(f"expected {where}: {first.get('msg', 'a valid value')}, got {got_s}"))
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http(_req: Request, e: StarletteHTTPException):
+        code = {404: "E_NOT_FOUND", 405: "E_METHOD_NOT_ALLOWED"}.get(e.status_code, "E_HTTP")
+        return JSONResponse({"error": {"code": code, "message": f"expected a route of this API, got {e.detail}"}},
+                            status_code=e.status_code)
+
+    @api.middleware("http")
+    async def _count(request: Request, call_next):
+        resp = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(resp.status_code)).inc()
+        return resp
+
+    # -- auth -------------------------------------------------------------------------------------
+    def auth(request: Request) -> Backend:
+        b = backend()
+        h = request.headers.get("authorization", "")
+        key = h[7:].strip() if h.lower().startswith("bearer ") else request.query_params.get("token")
+        if not key:
+            raise Unauthorized("expected an API key (Authorization: Bearer KEY), got none")
+        if not any(secrets.compare_digest(key.encode(), k.encode()) for k in b.settings.api_keys):
+            raise Unauthorized("expected a valid API key, got one the service does not know")
+        return b
+
+    # -- health -----------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(b: Backend = Depends(auth)):
+        redis_ok = await asyncio.to_thread(b.store.ping)
+        try:
+            models_ok = await asyncio.wait_for(b.models_ready(), 10)
+        except Exception:
+            models_ok = False
+        body = {"ready": redis_ok and models_ok, "redis": redis_ok, "model": models_ok}
+        if not body["ready"]:
+            what = " and ".join(n for n, ok in (("Redis", redis_ok), ("a model replica", models_ok)) if not ok)
+            body["error"] = {"code": "E_UNAVAILABLE", "message": f"expected {what} to answer, got no answer"}
+        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+    @api.get("/metrics")
+    async def prom(b: Backend = Depends(auth)):
+        metrics.inflight.set(inflight["n"])
+        data = await asyncio.to_thread(metrics.render, b)
+        return PlainTextResponse(data, media_type="text/plain; version=0.0.4")
+
+    # -- videos -----------------------------------------------------------------------------------
+    async def _check_jobs(b: Backend):
+        active = await asyncio.to_thread(b.store.active)
+        if active >= b.settings.limits.max_concurrent_jobs:
+            raise Busy(f"expected at most {b.settings.limits.max_concurrent_jobs} video jobs at once, got {active} "
+                       "running: try again later", retry_after=b.settings.limits.retry_after_s)
+
+    @api.post("/v1/videos", status_code=202)
+    async def create_video(request: Request, b: Backend = Depends(auth)):
+        lim = b.settings.limits
+        ctype = request.headers.get("content-type", "")
+        job_id = "vid-" + uuid.uuid4().hex[:16]
+        if ctype.startswith("multipart/form-data"):
+            clen = request.headers.get("content-length")
+            if clen and clen.isdigit() and int(clen) > lim.max_upload_bytes + 65536:
+                raise PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got {clen}")
+            await _check_jobs(b)
+            path, opts = await _save_upload(request, b, job_id)
+            delete_after = True
+        elif ctype.startswith("application/json"):
+            try:
+                body = VideoCreate.model_validate(await request.json())
+            except json.JSONDecodeError as e:
+                raise InvalidRequest(f"expected a JSON body, got invalid JSON ({e.msg} at {e.pos})") from None
+            except Exception as e:
+                from pydantic import ValidationError
+                if isinstance(e, ValidationError):
+                    raise RequestValidationError(e.errors()) from None
+                raise
+            path = check_allowed(body.path, b.settings.allowed_dirs)
+            if not os.path.exists(path):
+                raise NotFound(f"expected a file at {body.path!r} inside the allowed folders, got none")
+            await _check_jobs(b)
+            opts = {"fps": body.fps, "window": body.window, "kv_policy": body.kv_policy, "source": body.path}
+            delete_after = False
+        else:
+            raise InvalidRequest(f"expected multipart/form-data (file=) or application/json ({{\"path\"}}), "
+                                 f"got content-type {ctype or 'none'!r}")
+        fps = fps_ok(opts.get("fps"), b.settings)
+        info = await b.encoder_info()
+        job = FileJob(job_id=job_id, path=path, fps=fps, window=opts.get("window"), kv_policy=opts["kv_policy"],
+                      size=info["size"], batch=b.settings.encode_batch, max_frames=lim.max_frames_per_job,
+                      max_duration_s=lim.max_duration_s, delete_after=delete_after)
+        await asyncio.to_thread(b.store.create, job_id, {"source": opts.get("source"), "fps": fps,
+                                                         "kv_policy": job.kv_policy, "window": job.window})
+        await b.start_job(job)
+        metrics.jobs_started.inc()
+        return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
+
+    @api.get("/v1/videos")
+    async def list_videos(b: Backend = Depends(auth)):
+        ids = await asyncio.to_thread(b.store.ids)
+        out = []
+        for jid in ids:
+            try:
+                out.append(video_status(await asyncio.to_thread(b.store.get, jid)))
+            except NotFound:
+                pass
+        return {"object": "list", "data": out}
+
+    @api.get("/v1/videos/{vid}")
+    async def get_video(vid: str, b: Backend = Depends(auth)):
+        _check_id(vid)
+        return video_status(await asyncio.to_thread(b.store.get, vid))
+
+    @api.delete("/v1/videos/{vid}")
+    async def delete_video(vid: str, b: Backend = Depends(auth)):
+        _check_id(vid)
+        d = await asyncio.to_thread(b.store.get, vid)
+        if d["status"] in ("queued", "ingesting"):
+            raise BadArgument(f"expected a finished job to delete, got video {vid!r} still {d['status']}; "
+                              "wait for it to finish", code="E_BUSY_JOB")
+        from frame_cache import StreamNotFound
+
+        def drop():
+            try:
+                b.cache.delete_stream(vid)
+            except StreamNotFound:
+                pass
+            b.store.delete(vid)
+        await asyncio.to_thread(drop)
+        return {"id": vid, "deleted": True}
+
+    @api.post("/v1/videos/{vid}/questions")
+    async def ask_video(vid: str, q: Question, b: Backend = Depends(auth)):
+        _check_id(vid)
+        d = await asyncio.to_thread(b.store.get, vid)
+        require_ready(d)
+        req = _question_req(b, vid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [])
+        if q.stream:
+            return await _sse(b, req, _sse_events)
+        return await _json_answer(b, req)
+
+    # -- OpenAI-compatible ------------------------------------------------------------------------
+    @api.get("/v1/models")
+    async def models(b: Backend = Depends(auth)):
+        info = await b.encoder_info()
+        return {"object": "list", "data": [{"id": info["model"], "object": "model", "created": 0,
+                                            "owned_by": "lmstream"}]}
+
+    @api.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, b: Backend = Depends(auth)):
+        info = await b.encoder_info()
+        question, ref = _chat_parts(body)
+        kind, sid, window, last_s = ref
+        gaps: list = []
+        if kind == "videos":
+            d = await asyncio.to_thread(b.store.get, sid)
+            require_ready(d)
+            gaps = d.get("gaps") or []
+        max_tokens = body.max_completion_tokens or body.max_tokens or 64
+        sampling = {}
+        if body.temperature is not None and body.temperature > 0:
+            sampling = {"do_sample": True, "temperature": body.temperature, "top_p": body.top_p or 1.0,
+                        "seed": body.seed}
+        req = _question_req(b, sid, question, window, last_s, body.lmstream_policy or "exact", max_tokens, gaps)
+        req["sampling"] = sampling
+        model = body.model or info["model"]
+        cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        if body.stream:
+            return await _sse(b, req, lambda evs: _chat_chunks(evs, cid, created, model))
+        ans = await _collect(b, req)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ans["text"]},
+                             "finish_reason": ans["finish_reason"], "logprobs": None}],
+                "usage": {"prompt_tokens": ans["llm_tokens"], "completion_tokens": len(ans["token_ids"]),
+                          "total_tokens": ans["llm_tokens"] + len(ans["token_ids"])},
+                "lmstream": ans}
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps) -> dict:
+        lim = b.settings.limits
+        if max_tokens > lim.max_tokens:
+            raise InvalidRequest(f"expected max_tokens <= {lim.max_tokens}, got {max_tokens}")
+        if len(question) > lim.max_question_chars:
+            raise PayloadTooLarge(f"expected a question of at most {lim.max_question_chars} characters, "
+                                  f"got {len(question)}")
+        from model.llava_mini import FusionPolicy
+        FusionPolicy.parse(policy)
+        return {"stream_id": sid, "question": question, "window": list(window) if window else None,
+                "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
+
+    def _admit(b: Backend):
+        lim = b.settings.limits
+        if inflight["n"] >= lim.max_queued_questions:
+            raise Busy(f"expected at most {lim.max_queued_questions} questions queued at once, got "
+                       f"{inflight['n']}: try again later", retry_after=lim.retry_after_s)
+        inflight["n"] += 1
+
+    async def _events(b: Backend, req: dict):
+        """The answer's events with metrics; the first one is awaited by the caller before a
+        response starts, so an error can still become an HTTP status."""
+        t0 = time.perf_counter()
+        n = 0
+        first = None
+        agen = b.answer_events(req)
+        try:
+            async for ev in agen:
+                if ev["type"] == "token":
+                    n += 1
+                    if first is None:
+                        first = time.perf_counter() - t0
+                        metrics.ttft.observe(first)
+                yield ev
+        finally:
+            inflight["n"] -= 1
+            metrics.tokens.inc(n)
+            if first is not None and n > 1:
+                metrics.tps.set((n - 1) / max(time.perf_counter() - t0 - first, 1e-6))
+            await agen.aclose()
+
+    async def _first(b: Backend, req: dict):
+        _admit(b)
+        it = _events(b, req).__aiter__()
+        try:
+            ev = await it.__anext__()
+        except StopAsyncIteration:
+            raise ServiceUnavailable("expected an answer from the model replica, got nothing") from None
+        if ev["type"] == "error":
+            await it.aclose()
+            raise LmsError(ev["message"], code=ev["code"]) if ev.get("status", 500) >= 500 else \
+                _status_error(ev)
+        return ev, it
+
+    async def _collect(b: Backend, req: dict) -> dict:
+        ev, it = await _first(b, req)
+        try:
+            while ev["type"] != "answer":
+                if ev["type"] == "error":
+                    raise _status_error(ev)
+                ev = await it.__anext__()
+        finally:
+            await it.aclose()
+        metrics.questions.labels("json").inc()
+        return {k: v for k, v in ev.items() if k != "type"}
+
+    async def _json_answer(b: Backend, req: dict):
+        return await _collect(b, req)
+
+    async def _sse(b: Backend, req: dict, fmt):
+        ev, it = await _first(b, req)
+
+        async def chain():
+            yield ev
+            async for e in it:
+                yield e
+
+        async def body():
+            try:
+                async for chunk in fmt(chain()):
+                    yield chunk
+            finally:
+                await it.aclose()
+        metrics.questions.labels("stream").inc()
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return api
+
+
+def _status_error(ev: dict) -> LmsError:
+    e = LmsError(ev["message"], code=ev["code"])
+    e.http_status = int(ev.get("status", 500))
+    return e
+
+
+def _check_id(vid: str) -> None:
+    from frame_cache import STREAM_ID_PATTERN
+    if STREAM_ID_PATTERN.fullmatch(vid) is None:
+        raise NotFound(f"expected a video id of [A-Za-z0-9._:-], got {vid!r}")
+
+
+async def _sse_events(events):
+    async for ev in events:
+        kind = ev["type"]
+        data = {k: v for k, v in ev.items() if k != "type"}
+        yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+async def _chat_chunks(events, cid: str, created: int, model: str):
+    def chunk(delta: dict, finish=None, extra=None):
+        d = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if extra:
+            d.update(extra)
+        return f"data: {json.dumps(d)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for ev in events:
+        if ev["type"] == "token":
+            if ev["text"]:
+                yield chunk({"content": ev["text"]})
+        elif ev["type"] == "answer":
+            ans = {k: v for k, v in ev.items() if k != "type"}
+            yield chunk({}, ans["finish_reason"], {"lmstream": ans})
+        elif ev["type"] == "error":
+            yield f"data: {json.dumps({'error': {'code': ev['code'], 'message': ev['message']}})}\n\n"
+            break
+    yield "data: [DONE]\n\n"
+
+
+def _chat_parts(body: ChatRequest):
+    """(question text, (kind, id, window, last_s)) from the last user message."""
+    users = [m for m in body.messages if m.role == "user"]
+    if not users:
+        raise InvalidRequest("expected a user message, got none")
+    content = users[-1].content
+    if not isinstance(content, list):
+        raise InvalidRequest("expected the user message's content to be a list holding a text part and a "
+                             "video_url part (lms://videos/ID), got plain text")
+    texts, refs = [], []
+    for i, part in enumerate(content):
+        t = part.get("type") if isinstance(part, dict) else None
+        if t == "text":
+            texts.append(str(part.get("text", "")))
+        elif t == "video_url":
+            url = (part.get("video_url") or {}).get("url") if isinstance(part.get("video_url"), dict) else None
+            refs.append(_parse_lms_url(url, i))
+        else:
+            raise InvalidRequest(f"expected content parts of type text or video_url, got {t!r} at messages[-1]."
+                                 f"content[{i}]")
+    question = " ".join(t for t in texts if t.strip()).strip()
+    if not question:
+        raise InvalidRequest("expected a text part with the question, got none")
+    if len(refs) != 1:
+        raise InvalidRequest(f"expected exactly one video_url part (lms://videos/ID), got {len(refs)}")
+    return question, refs[0]
+
+
+def _parse_lms_url(url, i: int):
+    if not isinstance(url, str):
+        raise InvalidRequest(f"expected video_url.url at content[{i}] to be a string, got {url!r}")
+    u = urlparse(url)
+    parts = [p for p in (u.netloc + u.path).split("/") if p]
+    if u.scheme != "lms" or len(parts) != 2 or parts[0] not in ("videos", "streams"):
+        raise InvalidRequest(f"expected video_url lms://videos/ID or lms://streams/ID, got {url!r} (the service "
+                             "never fetches other URLs)")
+    q = parse_qs(u.query)
+    try:
+        last_s = float(q["last_s"][0]) if "last_s" in q else None
+        window = (float(q["start"][0]), float(q["end"][0])) if "start" in q and "end" in q else None
+    except ValueError:
+        raise InvalidRequest(f"expected numbers in {url!r}'s last_s/start/end, got {u.query!r}") from None
+    _check_id(parts[1])
+    return parts[0], parts[1], window, last_s
+
+
+async def _save_upload(request: Request, b: Backend, job_id: str):
+    """Stream a multipart upload to the upload folder (never held in memory); 413 past the limit."""
+    from starlette.formparsers import MultiPartParser  # noqa: F401  (python-multipart must be present)
+    lim = b.settings.limits
+    b.settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    form = await request.form(max_files=1, max_fields=8)
+    try:
+        up = form.get("file")
+        if up is None or isinstance(up, str):
+            raise InvalidRequest("expected a multipart field file= holding the video, got none")
+        ext = os.path.splitext(up.filename or "")[1][:10]
+        ext = ext if ext.replace(".", "").isalnum() else ""
+        dest = b.settings.upload_dir / f"{job_id}{ext}"
+        size = 0
+        with open(dest, "wb") as out:
+            while True:
+                chunk = await up.read(1 << 20)
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > lim.max_upload_bytes:
+                    out.close()
+                    dest.unlink(missing_ok=True)
+                    raise PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got more")
+                out.write(chunk)
+        if size == 0:
+            dest.unlink(missing_ok=True)
+            raise InvalidRequest("expected a non-empty file=, got 0 bytes")
+        opts: dict[str, Any] = {"source": up.filename, "kv_policy": str(form.get("kv_policy") or "exact")}
+        if opts["kv_policy"] not in ("exact", "fp8"):
+            raise InvalidRequest(f"expected kv_policy exact or fp8, got {opts['kv_policy']!r}")
+        if form.get("fps"):
+            try:
+                opts["fps"] = float(form.get("fps"))
+            except ValueError:
+                raise InvalidRequest(f"expected fps to be a number, got {form.get('fps')!r}") from None
+        if form.get("window"):
+            try:
+                s, e = (float(x) for x in str(form.get("window")).split(","))
+            except ValueError:
+                raise InvalidRequest(f"expected window as START,END seconds, got {form.get('window')!r}") from None
+            if not 0 <= s < e:
+                raise InvalidRequest(f"expected window with 0 <= START < END, got {form.get('window')!r}")
+            opts["window"] = (s, e)
+        return str(dest), opts
+    finally:
+        await form.close()

@@ -1,0 +1,113 @@
+"""Request and response bodies of the HTTP API (DESIGN section 8), as pydantic models.
+
+A request that does not fit answers 422 with the field named (`routes.py` reshapes FastAPI's
+validation error into the service's `{"error": {"code", "message"}}` form).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class VideoCreate(BaseModel):
+    """`POST /v1/videos` as JSON: a file inside an allowed folder."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=4096)
+    fps: float | None = Field(None, gt=0)
+    window: tuple[float, float] | None = None
+    kv_policy: Literal["exact", "fp8"] = "exact"
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, w):
+        if w is not None and not (0 <= w[0] < w[1]):
+            raise ValueError(f"expected window [start, end] with 0 <= start < end, got {list(w)}")
+        return w
+
+
+class VideoStatus(BaseModel):
+    id: str
+    status: Literal["queued", "ingesting", "ready", "failed"]
+    frames: int = 0
+    duration_s: float | None = None
+    progress: float = 0.0
+    gaps: list[list[float | None]] = Field(default_factory=list)
+    error: ErrorBody | None = None
+    source: str | None = None
+    created: float | None = None
+
+
+class Question(BaseModel):
+    """`POST /v1/videos/{id}/questions` (and streams')."""
+
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1)
+    window: tuple[float, float] | None = None
+    last_s: float | None = Field(None, gt=0)
+    policy: str = "exact"
+    max_tokens: int = Field(64, ge=1)
+    stream: bool = False
+
+    @field_validator("question")
+    @classmethod
+    def _not_blank(cls, q: str) -> str:
+        if not q.strip():
+            raise ValueError("expected a non-empty question, got only whitespace")
+        return q
+
+    @model_validator(mode="after")
+    def _one_window(self):
+        if self.window is not None and self.last_s is not None:
+            raise ValueError("expected at most one of window and last_s, got both")
+        if self.window is not None and not (0 <= self.window[0] < self.window[1]):
+            raise ValueError(f"expected window [start, end] with 0 <= start < end, got {list(self.window)}")
+        return self
+
+
+class AnswerBody(BaseModel):
+    """Every answer, as JSON or as the last message of a stream."""
+
+    text: str
+    token_ids: list[int]
+    frames: int
+    frames_fused: int
+    time_span: list[float] | None
+    policy: str
+    kv_policy: str
+    gaps: list[list[float | None]]
+    dropped: int = 0
+    timings: dict[str, float]
+    prompt_tokens: int
+    llm_tokens: int
+    finish_reason: Literal["stop", "length"] = "stop"
+
+
+# -- OpenAI-compatible chat -------------------------------------------------------------------
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")      # unknown OpenAI fields are accepted and ignored
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    lmstream_policy: str | None = Field(None, alias="lmstream_policy")

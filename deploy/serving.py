@@ -1,0 +1,435 @@
+"""The service's work, free of HTTP and Ray: each class is usable (and tested) on its own.
+
+* `JobStore`     - file jobs' status in Redis (``lms:{<id>}:job``, beside the stream's frames).
+* `EncoderCore`  - frames of any number of streams -> one batched `encode_frames_multi` -> each
+                   stream's records appended to the ring (writer token + seq: idempotent).
+* `AnswerCore`   - a question over a window of a stream: `CachedFrames` (chunked reads) ->
+                   `LlavaMini.stream_answer`; events ``{"type": "token"}`` ... ``{"type": "answer"}``.
+* `run_file_job` - the Source's loop for a file: decode, sample, shrink each frame to the tower's
+                   size, hand batches to an encode function, keep the job's status current.
+* `answer_events_in_thread` - runs a blocking answer generator on a thread and hands its events to
+                   asyncio, stopping it between tokens when the consumer goes away.
+
+The Ray Serve wiring (`deploy/app.py`) and the routes (`deploy/routes.py`) only call these.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from lmcore.errors import (
+    BadArgument,
+    CacheUnavailable,
+    LmsError,
+    NoFrames,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+)
+
+from .settings import Settings
+
+JOB_STATES = ("queued", "ingesting", "ready", "failed")
+
+
+def job_key(job_id: str) -> str:
+    from frame_cache import stream_key
+    return stream_key(job_id, "job")
+
+
+def error_dict(e: BaseException) -> dict:
+    if isinstance(e, LmsError):
+        return {"code": e.code, "message": e.message}
+    return {"code": "E_INTERNAL", "message": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+# ------------------------------------------------------------------------------------------ jobs
+class JobStore:
+    """File jobs in Redis: a hash per job (status, frames, duration_s, progress, gaps, error, ...)
+    and the set ``lms:jobs``. Survives a restart of the service with the frames themselves."""
+
+    def __init__(self, redis_url: str, *, timeout: float = 5.0):
+        import redis
+        self.url = redis_url
+        self.r = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+
+    def _call(self, what: str, fn):
+        import redis
+        try:
+            return fn()
+        except redis.RedisError as e:
+            raise CacheUnavailable(f"expected a reachable Redis at {self.url} for {what}, got "
+                                   f"{type(e).__name__}: {e}") from None
+
+    def create(self, job_id: str, fields: dict) -> None:
+        d = {"status": "queued", "frames": 0, "progress": 0.0, "gaps": [], "error": None, "created": time.time(),
+             **fields}
+        self._call("creating a job", lambda: (self.r.hset(job_key(job_id), mapping=_enc(d)),
+                                              self.r.sadd("lms:jobs", job_id)))
+
+    def update(self, job_id: str, **fields) -> None:
+        self._call("updating a job", lambda: self.r.hset(job_key(job_id), mapping=_enc(fields)))
+
+    def get(self, job_id: str) -> dict:
+        raw = self._call("reading a job", lambda: self.r.hgetall(job_key(job_id)))
+        if not raw:
+            raise NotFound(f"expected a known video id, got {job_id!r}")
+        d = {k.decode(): json.loads(v) for k, v in raw.items()}
+        d["id"] = job_id
+        return d
+
+    def ids(self) -> list[str]:
+        return sorted(x.decode() for x in self._call("listing jobs", lambda: self.r.smembers("lms:jobs")))
+
+    def delete(self, job_id: str) -> None:
+        self._call("deleting a job", lambda: (self.r.delete(job_key(job_id)), self.r.srem("lms:jobs", job_id)))
+
+    def active(self) -> int:
+        """Jobs queued or ingesting now."""
+        n = 0
+        for jid in self.ids():
+            try:
+                if self.get(jid)["status"] in ("queued", "ingesting"):
+                    n += 1
+            except NotFound:
+                pass
+        return n
+
+    def fail_interrupted(self) -> list[str]:
+        """Jobs left queued/ingesting by a service that stopped: failed, their frames kept."""
+        out = []
+        for jid in self.ids():
+            try:
+                d = self.get(jid)
+            except NotFound:
+                continue
+            if d["status"] in ("queued", "ingesting"):
+                self.update(jid, status="failed", error={"code": "E_INTERRUPTED", "message":
+                            f"expected the job to finish, got the service stopped at {d.get('progress', 0):.0%}; "
+                            f"the {d.get('frames', 0)} frames stored stay, upload again to ingest the rest"})
+                out.append(jid)
+        return out
+
+    def ping(self) -> bool:
+        try:
+            return bool(self.r.ping())
+        except Exception:
+            return False
+
+
+def _enc(d: dict) -> dict:
+    return {k: json.dumps(v) for k, v in d.items()}
+
+
+# ------------------------------------------------------------------------------------------ model
+def load_model(settings: Settings):
+    import torch
+    from model import LlavaMini
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    m = LlavaMini.from_pretrained(settings.model, vision_tower=settings.vision_tower, dtype=settings.dtype,
+                                  device=device, batch_size=settings.encode_batch)
+    torch.set_grad_enabled(False)
+    return m
+
+
+@dataclass
+class EncodeItem:
+    """Frames of one stream for the Encoder.
+
+    frames: (n, S, S, 3) uint8 RGB, already at the tower's size (or any size: resized here).
+    pts: n presentation times (s). writer: the stream's writer token. seq: the seq of frames[0]
+    (so a retried request stores nothing twice)."""
+
+    stream_id: str
+    frames: np.ndarray
+    pts: list[float]
+    writer: int | None = None
+    seq: int | None = None
+    kv_policy: str = "exact"
+
+
+class EncoderCore:
+    """One model replica's ingest side."""
+
+    def __init__(self, settings: Settings, model=None, cache=None):
+        from frame_cache import open_cache
+        self.settings = settings
+        self.model = model or load_model(settings)
+        self.cache = cache or open_cache(settings.redis_url)
+        self.frames_encoded = 0
+        self.batches = 0
+
+    def info(self) -> dict:
+        m = self.model
+        return {"model": m.name, "size": int(m.preprocess["size"]), "dtype": str(m.dtype), "device": str(m.device)}
+
+    def encode(self, items: list[EncodeItem]) -> list[dict]:
+        """Encode the frames of every item in shared batches; append each stream's records.
+        Returns per item {"seqs": [...]} or {"error": {...}}: one stream's failure is its own."""
+        import torch
+        from stream.ingest import append_retrying, states_to_records
+        from stream.preprocess import preprocess_video_frames
+        prep = self.model.preprocess
+        out: list[dict] = [{} for _ in items]
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(it.kv_policy, []).append(i)
+        for kv, idx in groups.items():
+            try:
+                px = [preprocess_video_frames(items[i].frames, **prep) for i in idx]
+                states = self.model.encode_frames_multi(px, [items[i].pts for i in idx], kv_policy=kv)
+            except Exception as e:                              # a bad frame batch fails its items only
+                for i in idx:
+                    out[i] = {"error": error_dict(e)}
+                continue
+            self.batches += 1
+            for i, st in zip(idx, states):
+                it = items[i]
+                try:
+                    seqs = append_retrying(self.cache, it.stream_id, states_to_records(st), writer=it.writer,
+                                           seq=it.seq)
+                    out[i] = {"seqs": seqs}
+                    self.frames_encoded += len(seqs)
+                except Exception as e:
+                    out[i] = {"error": error_dict(e)}
+            del px, states
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        return out
+
+
+class AnswerCore:
+    """One model replica's question side."""
+
+    def __init__(self, settings: Settings, model=None, cache=None):
+        from frame_cache import open_cache
+        self.settings = settings
+        self.model = model or load_model(settings)
+        self.cache = cache or open_cache(settings.redis_url)
+
+    def window(self, stream_id: str, window=None, last_s: float | None = None):
+        from stream.window import CachedFrames
+        start = end = None
+        if window is not None:
+            start, end = float(window[0]), float(window[1])
+        elif last_s is not None:
+            info = self.cache.stream_info(stream_id)
+            if info.count == 0:
+                raise NoFrames(f"expected stored frames of stream {stream_id!r}, got none")
+            start = info.newest_pts - float(last_s)
+        return CachedFrames(self.cache, stream_id, start, end, dtype=self.model.dtype)
+
+    def answer(self, stream_id: str, question: str, *, window=None, last_s=None, policy: str = "exact",
+               max_tokens: int = 64, gaps=(), sampling: dict | None = None) -> Iterator[dict]:
+        """Events: {"type": "token", "text", "token_id"} ... {"type": "answer", **answer fields}."""
+        t0 = time.perf_counter()
+        src = self.window(stream_id, window, last_s)
+        lo, hi = src.time_span
+        inside = [list(g) for g in gaps if (g[1] is None or g[1] >= lo) and (g[0] is None or g[0] <= hi)]
+        first = None
+        for kind, *rest in self.model.stream_answer(src, question, max_new_tokens=max_tokens, policy=policy,
+                                                    extra_gaps=inside, **(sampling or {})):
+            if kind == "token":
+                if first is None:
+                    first = time.perf_counter() - t0
+                yield {"type": "token", "text": rest[1], "token_id": rest[0]}
+            else:
+                a = rest[0]
+                d = answer_fields(a)
+                d["timings"]["first_token_s"] = round(first if first is not None else time.perf_counter() - t0, 4)
+                d["timings"]["read_MB"] = round(src.bytes_read / 1e6, 3)
+                yield {"type": "answer", **d}
+
+
+def answer_fields(a) -> dict:
+    """The answer fields of DESIGN section 8 from an `Answer`."""
+    return {"text": a.text, "token_ids": list(a.token_ids), "frames": a.frames, "frames_fused": a.frames_fused,
+            "time_span": list(a.time_span) if a.time_span else None, "policy": a.policy, "kv_policy": a.kv_policy,
+            "gaps": [list(g) for g in a.gaps], "dropped": a.dropped, "timings": dict(a.timings),
+            "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason}
+
+
+def answer_events_in_thread(make_events: Callable[[], Iterator[dict]]):
+    """An async iterator over `make_events()`'s events, the generator running on its own thread.
+
+    When the consumer stops early (client gone, task cancelled), a flag stops the generator
+    before its next token and closes it there: no further LLM step runs. Errors become one
+    ``{"type": "error", ...}`` event."""
+
+    async def agen():
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        stop = threading.Event()
+
+        def work():
+            gen = None
+            try:
+                gen = make_events()
+                for ev in gen:
+                    loop.call_soon_threadsafe(q.put_nowait, ev)
+                    if stop.is_set():
+                        break
+            except BaseException as e:                    # noqa: BLE001 - reported to the client
+                loop.call_soon_threadsafe(q.put_nowait, {"type": "error", **error_dict(e),
+                                                         "status": getattr(e, "http_status", 500)})
+            finally:
+                if gen is not None:
+                    gen.close()
+                loop.call_soon_threadsafe(q.put_nowait, None)
+
+        th = threading.Thread(target=work, name="lms-answer", daemon=True)
+        th.start()
+        try:
+            while True:
+                ev = await q.get()
+                if ev is None:
+                    return
+                yield ev
+        finally:
+            stop.set()
+
+    return agen()
+
+
+# ------------------------------------------------------------------------------------------ file jobs
+@dataclass
+class FileJob:
+    job_id: str
+    path: str
+    fps: float = 1.0
+    window: tuple[float, float] | None = None
+    kv_policy: str = "exact"
+    size: int | None = None                    # the tower's frame size (frames shrink as decoded)
+    batch: int = 16
+    max_frames: int = 100_000
+    max_duration_s: float = 6 * 3600.0
+    delete_after: bool = False                 # an upload: remove the file when done
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]], store: JobStore, cache) -> dict:
+    """Decode `job.path`, sample at `job.fps`, hand batches to `encode`, keep `store` current.
+    Returns the final job record. Never raises for bad input: the job ends `failed` with the
+    decoder's error code, and frames stored before the error stay stored."""
+    import os
+    from stream.decode import VideoSource
+    store.update(job.job_id, status="ingesting")
+    sid = job.job_id
+    frames = 0
+    src = None
+    try:
+        kw = {"resize_to": job.size} if job.size else {}
+        start, end = job.window if job.window else (None, None)
+        src = VideoSource(job.path, fps=job.fps, start=start, end=end, **kw)
+        dur = src.info.duration_s
+        if dur is not None and dur > job.max_duration_s and (job.window is None or
+                                                              job.window[1] - job.window[0] > job.max_duration_s):
+            raise PayloadTooLarge(f"expected a video of at most {job.max_duration_s:g} s, got {dur:.0f} s "
+                                  "(ask for a window, or raise the limit)")
+        span = ((end or dur or 0.0) - (start or 0.0)) or None
+        store.update(job.job_id, duration_s=dur, source_fps=src.info.source_fps, width=src.info.width,
+                     height=src.info.height)
+        cache.create_stream(sid, capacity=job.max_frames, meta={"source": os.path.basename(job.path),
+                                                                "fps": job.fps}, exist_ok=True, on_full="error")
+        writer = cache.acquire_writer(sid)
+        seq = cache.stream_info(sid).total_appended
+        buf: list[np.ndarray] = []
+        pts: list[float] = []
+        last_update = 0.0
+
+        def flush():
+            nonlocal seq, frames
+            item = EncodeItem(sid, np.stack(buf), list(pts), writer=writer, seq=seq, kv_policy=job.kv_policy)
+            res = encode([item])[0]
+            if "error" in res:
+                err = res["error"]
+                raise LmsError(err["message"], code=err["code"])
+            seq += len(res["seqs"])
+            frames += len(res["seqs"])
+            buf.clear()
+            pts.clear()
+
+        for f in src:
+            if frames + len(buf) >= job.max_frames:
+                raise PayloadTooLarge(f"expected at most {job.max_frames} frames per video at {job.fps:g} fps, got "
+                                      "more (ask for a window or a lower fps)")
+            if f.rgb.ndim == 2 or f.rgb.shape[-1] != 3:
+                raise BadArgument(f"expected RGB frames, got shape {tuple(f.rgb.shape)}")
+            buf.append(f.rgb if job.size is None or f.rgb.shape[:2] == (job.size, job.size) else
+                       _nearest(f.rgb, job.size))
+            pts.append(f.pts)
+            if len(buf) >= job.batch:
+                flush()
+                now = time.monotonic()
+                if now - last_update > 0.5:
+                    prog = min(0.999, (f.pts - (start or 0.0)) / span) if span else 0.0
+                    store.update(job.job_id, frames=frames, progress=round(max(prog, 0.0), 4))
+                    last_update = now
+        if buf:
+            flush()
+        rep = src.report
+        store.update(job.job_id, status="ready", frames=frames, progress=1.0,
+                     gaps=[list(g) for g in rep.gaps], decode_errors=rep.errors[:5],
+                     duration_s=rep.duration_s if rep.duration_s is not None else dur)
+    except BaseException as e:                          # noqa: BLE001 - the job says what happened
+        store.update(job.job_id, status="failed", frames=frames, error=error_dict(e),
+                     gaps=[list(g) for g in (src.report.gaps if src is not None else [])])
+        if not isinstance(e, Exception):
+            raise
+    finally:
+        if src is not None:
+            src.close()
+        if job.delete_after:
+            try:
+                os.unlink(job.path)
+            except OSError:
+                pass
+    return store.get(job.job_id)
+
+
+def _nearest(rgb: np.ndarray, size: int) -> np.ndarray:
+    """The preprocessing's nearest resize (rows floor(i * H / size)), for decoders without resize_to."""
+    H, W = rgb.shape[:2]
+    r = (np.arange(size) * H // size).clip(0, H - 1)
+    c = (np.arange(size) * W // size).clip(0, W - 1)
+    return np.ascontiguousarray(rgb[r][:, c])
+
+
+def check_allowed(path: str, allowed: list[str]) -> str:
+    """The real path of `path` if it lies inside one of `allowed`, else `PathNotAllowed`."""
+    import os
+    from lmcore.errors import PathNotAllowed
+    real = os.path.realpath(os.path.expanduser(path))
+    for d in allowed:
+        if real == d or real.startswith(d.rstrip(os.sep) + os.sep):
+            return real
+    shown = ", ".join(allowed) if allowed else "none configured (lmstream serve --allowed-dir DIR)"
+    raise PathNotAllowed(f"expected a path inside the allowed folders ({shown}), got {path!r}")
+
+
+def fps_ok(fps: float | None, settings: Settings) -> float:
+    fps = settings.fps if fps is None else float(fps)
+    if not math.isfinite(fps) or fps <= 0 or fps > settings.limits.max_fps:
+        raise BadArgument(f"expected fps in (0, {settings.limits.max_fps:g}], got {fps}")
+    return fps
+
+
+def video_status(d: dict) -> dict:
+    """A job record as the API shows it (`schemas.VideoStatus`)."""
+    return {"id": d["id"], "status": d["status"], "frames": int(d.get("frames") or 0),
+            "duration_s": d.get("duration_s"), "progress": float(d.get("progress") or 0.0),
+            "gaps": d.get("gaps") or [], "error": d.get("error"), "source": d.get("source"),
+            "created": d.get("created")}
+
+
+def require_ready(d: dict) -> None:
+    if d["status"] != "ready":
+        err = d.get("error") or {}
+        why = f": {err.get('code')} {err.get('message')}" if d["status"] == "failed" else ""
+        raise NotReady(f"expected video {d['id']!r} to be ready, got status {d['status']!r}{why}")

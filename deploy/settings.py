@@ -1,0 +1,101 @@
+"""One typed settings object for the whole service (DESIGN section 8).
+
+Every part (`lmstream serve`, `deploy/serve.yaml`, the KubeRay manifest, the tests) builds the
+app from a `Settings`; values come from arguments, then ``LMSTREAM_*`` environment variables,
+then the defaults below. `Settings.from_env()` reads the environment.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import BaseModel, Field, field_validator
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Limits(BaseModel):
+    """What one client can ask of the service; past a limit it gets 413/422/429, never a hang."""
+
+    max_upload_bytes: int = Field(2 << 30, ge=1, description="largest upload (413 past it)")
+    max_duration_s: float = Field(6 * 3600.0, gt=0, description="longest video a job ingests (s of video)")
+    max_frames_per_job: int = Field(100_000, ge=1, description="most frames sampled from one file")
+    max_concurrent_jobs: int = Field(4, ge=1, description="file jobs queued or ingesting at once (429 past it)")
+    max_queued_questions: int = Field(16, ge=1, description="questions waiting or running at once (429 past it)")
+    max_tokens: int = Field(512, ge=1, description="largest max_tokens a question may ask for")
+    max_question_chars: int = Field(8000, ge=1, description="longest question text")
+    max_fps: float = Field(30.0, gt=0, description="largest sampling rate a job may ask for")
+    retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with 429")
+
+
+class Settings(BaseModel):
+    """The service's settings.
+
+    Fields:
+        model: checkpoint folder in the official layout (default: the demo checkpoint).
+        vision_tower: CLIP folder (default: the checkpoint's mm_vision_tower).
+        device: "cpu" | "cuda" (default: cuda when present).
+        dtype: torch dtype name or None for the checkpoint's.
+        redis_url: the frame cache and job store.
+        data_dir: uploads (and, for `lmstream serve`, Redis' AOF and Ray's temp folder).
+        allowed_dirs: folders whose files `POST /v1/videos {"path"}` may name.
+        api_keys: accepted bearer keys (at least one).
+        fps: default sampling rate for file jobs.
+        encode_batch: most frames per Encoder batch (across requests and streams).
+        encoder_replicas, answerer_replicas: Serve replicas; each loads the model once.
+        gpus_per_replica: `num_gpus` of each model replica (0 on a CPU machine).
+        limits: `Limits`.
+    """
+
+    model: str = str(REPO / "checkpoints" / "demo")
+    vision_tower: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    data_dir: str = str(REPO / ".lmstream")
+    allowed_dirs: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(default_factory=list)
+    fps: float = 1.0
+    encode_batch: int = Field(32, ge=1)
+    encoder_replicas: int = Field(1, ge=1)
+    answerer_replicas: int = Field(1, ge=1)
+    gpus_per_replica: float = Field(0.0, ge=0)
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("allowed_dirs")
+    @classmethod
+    def _real_dirs(cls, v: list[str]) -> list[str]:
+        return [os.path.realpath(os.path.expanduser(d)) for d in v]
+
+    @property
+    def upload_dir(self) -> Path:
+        return Path(self.data_dir) / "uploads"
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        """Defaults, then LMSTREAM_* variables, then `overrides` (None values ignored)."""
+        env = os.environ
+        d: dict = {}
+        for name, var in (("model", "LMSTREAM_MODEL"), ("vision_tower", "LMSTREAM_VISION_TOWER"),
+                          ("device", "LMSTREAM_DEVICE"), ("dtype", "LMSTREAM_DTYPE"),
+                          ("redis_url", "LMSTREAM_REDIS_URL"), ("data_dir", "LMSTREAM_DATA_DIR")):
+            if env.get(var):
+                d[name] = env[var]
+        if env.get("LMSTREAM_API_KEYS"):
+            d["api_keys"] = [k.strip() for k in env["LMSTREAM_API_KEYS"].split(",") if k.strip()]
+        if env.get("LMSTREAM_ALLOWED_DIRS"):
+            d["allowed_dirs"] = [p for p in env["LMSTREAM_ALLOWED_DIRS"].split(os.pathsep) if p]
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**d)
+
+    def with_generated_key(self) -> tuple["Settings", str | None]:
+        """These settings, plus a fresh random API key when none is configured (returned too)."""
+        if self.api_keys:
+            return self, None
+        key = "lms-" + secrets.token_urlsafe(24)
+        return self.model_copy(update={"api_keys": [key]}), key
+
+    def replica_resources(self) -> dict:
+        """Ray actor options for a model replica: a GPU each when the settings ask for one."""
+        return {"num_gpus": self.gpus_per_replica} if self.gpus_per_replica else {"num_cpus": 0}

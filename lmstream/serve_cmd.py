@@ -1,0 +1,133 @@
+"""`lmstream serve`: the service on this machine, with everything it needs started and stopped by it.
+
+    lmstream serve [--host 127.0.0.1] [--port 8000] [--model DIR] [--redis URL]
+                   [--allowed-dir DIR ...] [--api-key KEY ...] [--data-dir DIR]
+
+* Redis: its own `redis-server` child (AOF everysec, data in DATA_DIR/redis) unless --redis URL.
+* Ray: a local instance (no dashboard, usage stats off, temp folder DATA_DIR/ray) and the Serve
+  app of `deploy/app.py`, HTTP on HOST:PORT.
+* API keys: --api-key, else LMSTREAM_API_KEYS, else one generated now and printed.
+* Prints the URL once `/ready` answers 200; Ctrl-C or SIGTERM stops Serve, Ray and its Redis (by PID).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from lmcore.errors import BadArgument, ServiceUnavailable
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="run the service (Ray Serve + Redis) on this machine")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="checkpoint folder (default: LMSTREAM_MODEL or the demo checkpoint)")
+    p.add_argument("--vision-tower", help="CLIP folder (default: the checkpoint's mm_vision_tower)")
+    p.add_argument("--device", help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--redis", help="redis://HOST:PORT/DB of a running Redis (default: start one)")
+    p.add_argument("--allowed-dir", action="append", default=None,
+                   help="folder whose files POST /v1/videos {\"path\"} may name (repeatable)")
+    p.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable)")
+    p.add_argument("--data-dir", help="uploads, Redis AOF, Ray temp files (default: .lmstream in the repo)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
+    p.set_defaults(fn=cmd_serve)
+
+
+def _wait_ready(url: str, key: str, timeout: float, alive) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if not alive():
+            raise ServiceUnavailable("expected the service to start, got a stop request")
+        try:
+            req = urllib.request.Request(url + "/ready", headers={"Authorization": f"Bearer {key}"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as e:
+            last = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError) as e:
+            last = str(e)
+        time.sleep(0.5)
+    raise ServiceUnavailable(f"expected {url}/ready to answer 200 within {timeout:g} s, got {last}")
+
+
+def cmd_serve(args) -> int:
+    from deploy.settings import Settings
+    if not 0 < args.port < 65536:
+        raise BadArgument(f"expected --port in 1..65535, got {args.port}")
+    settings = Settings.from_env(model=args.model, vision_tower=args.vision_tower, device=args.device,
+                                 redis_url=args.redis, data_dir=args.data_dir, allowed_dirs=args.allowed_dir,
+                                 api_keys=args.api_key)
+    if not (Path(settings.model) / "config.json").exists():
+        from lmcore.errors import CheckpointError
+        raise CheckpointError(f"expected a checkpoint folder with config.json, got {settings.model}")
+    for d in settings.allowed_dirs:
+        if not os.path.isdir(d):
+            raise BadArgument(f"expected --allowed-dir to be an existing folder, got {d}")
+    settings, generated = settings.with_generated_key()
+    data = Path(settings.data_dir)
+    data.mkdir(parents=True, exist_ok=True)
+    stopping = {"flag": False}
+
+    def on_signal(signum, _frame):
+        stopping["flag"] = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    redis_srv = None
+    ray_started = False
+    try:
+        if args.redis is None and not os.environ.get("LMSTREAM_REDIS_URL"):
+            from frame_cache.redis_server import RedisServer
+            redis_srv = RedisServer(data / "redis").start()
+            settings = settings.model_copy(update={"redis_url": redis_srv.url})
+            print(f"redis: started redis-server pid {redis_srv.proc.pid} on {redis_srv.url} (AOF in {data / 'redis'})",
+                  file=sys.stderr)
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ["RAY_TMPDIR"] = str(data / "ray")
+        os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+        (data / "ray").mkdir(exist_ok=True)
+        import ray
+        from ray import serve
+        from deploy.app import build_app
+        print("ray: starting a local instance (no dashboard)", file=sys.stderr)
+        ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=str(data / "ray"),
+                 namespace="lmstream", logging_level="WARNING", log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+        ray_started = True
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(settings), name="lmstream", route_prefix="/", blocking=False)
+        url = f"http://{args.host}:{args.port}"
+        _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
+        print(json.dumps({"url": url, "api_key": generated or "(from --api-key / LMSTREAM_API_KEYS)",
+                          "redis": settings.redis_url}), flush=True)
+        print(f"lmstream: serving {settings.model} at {url}" +
+              (f"\nAPI key: {generated}" if generated else ""), file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("lmstream: stopping", file=sys.stderr)
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if ray_started:
+            try:
+                from ray import serve
+                serve.shutdown()
+            except Exception as e:  # noqa: BLE001 - shutting down regardless
+                print(f"warning: serve.shutdown: {e}", file=sys.stderr)
+            import ray
+            ray.shutdown()
+        if redis_srv is not None:
+            redis_srv.stop()
