@@ -105,6 +105,8 @@ def cmd_serve(args) -> int:
                  namespace="lmstream", logging_level="WARNING", log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
         ray_started = True
+        signal.signal(signal.SIGTERM, on_signal)        # ray.init installs its own handlers: ours again
+        signal.signal(signal.SIGINT, on_signal)
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(settings), name="lmstream", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}"
