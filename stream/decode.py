@@ -17,7 +17,19 @@ per second of *presentation time*:
   demuxer error mid-file and a stream that ends before its declared duration
   are all recorded in `DecodeReport.gaps` / `DecodeReport.errors`, and
   decoding continues with the next good packet.  Only when no frame at all
-  can be produced is `NoFrames` raised.
+  can be produced is `NoFrames` raised;
+* frames come out upright, as ffplay shows them: a display matrix (the
+  rotation a phone records in an MP4's ``tkhd``, an EXIF orientation) is
+  applied to every frame, and `VideoInfo` gives the upright width and height;
+* with ``resize_to=S`` each video frame is squashed to ``S x S`` right after
+  decoding, bit for bit as `stream.preprocess.preprocess_video_frames` would
+  do it later, so that a batch of 8K frames never sits in memory;
+* the path is checked before FFmpeg sees it: a FIFO, socket, device, folder,
+  symbolic link loop or unreadable file is refused (`InputUnreadable`)
+  instead of blocking or being reported as missing; FFmpeg opens it through
+  its ``file:`` protocol only (a file named ``pipe:0`` is a file), reads no
+  other file on its behalf (playlists such as HLS or ffconcat, image-sequence
+  patterns) and every failure becomes an `LmsError` subclass.
 
 Example::
 
@@ -28,26 +40,39 @@ Example::
 """
 from __future__ import annotations
 
+import errno
+import functools
 import math
 import numbers
 import os
 import re
+import stat
+import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import av
 import av.error
+import av.format
 import numpy as np
 
-from lmcore.errors import BadArgument, InputNotFound, NoFrames, NotAVideo, NoVideoStream
+from lmcore.errors import (
+    BadArgument,
+    InputNotFound,
+    InputUnreadable,
+    NoFrames,
+    NotAVideo,
+    NoVideoStream,
+)
 
 __all__ = [
     "Frame",
     "VideoInfo",
     "DecodeReport",
     "VideoSource",
+    "check_input_path",
     "open_video",
 ]
 
@@ -93,7 +118,8 @@ class Frame:
             iteration (not its index in the source file).
         pts: presentation time in seconds, relative to the start of the video
             stream (the first frame of a normal file has ``pts == 0.0``).
-        rgb: the picture, shape ``(H, W, 3)``, dtype ``uint8``, RGB order.
+        rgb: the picture, upright, shape ``(H, W, 3)`` (``(S, S, 3)`` for a video
+            read with ``resize_to=S``), dtype ``uint8``, RGB order.
 
     Frames compare by identity (``eq=False``): comparing pixel arrays with
     ``==`` has no single truth value.
@@ -119,8 +145,10 @@ class VideoInfo:
             (and always ``None`` for still images).
         source_fps: average frame rate declared by the file, ``None`` if unknown
             or for still images.
-        width: picture width in pixels.
-        height: picture height in pixels.
+        width: width in pixels of the upright picture (after the display
+            matrix, before any ``resize_to``); for a video rotated by 90 degrees
+            this is the coded height.
+        height: height in pixels of the upright picture.
         is_image: True for a still image (PNG, JPEG, ...), which yields exactly one frame.
         stream_index: index of the chosen video stream within the container.
     """
@@ -249,6 +277,261 @@ class DecodeReport:
 
 
 # ---------------------------------------------------------------------------
+# the input path
+# ---------------------------------------------------------------------------
+
+
+class _DirectoryGiven(InputUnreadable, NotAVideo):
+    """A folder given where a file was expected.
+
+    An `InputUnreadable` (its code, exit status and HTTP status), and also a
+    `NotAVideo`, which is what a folder was reported as before, so that callers
+    catching that keep working.
+    """
+
+
+#: File types that are not regular files, as they are named in messages.
+_SPECIAL_KINDS: tuple[tuple[Callable[[int], bool], str], ...] = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _check_mode(path: str, mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _SPECIAL_KINDS if test(mode)), f"a special file (mode {mode:o})")
+    cls = _DirectoryGiven if stat.S_ISDIR(mode) else InputUnreadable
+    raise cls(f"expected a regular file, got {kind} at {path}")
+
+
+def _link_chain(path: str, limit: int = 40) -> str:
+    """``a -> b -> a``: the symbolic links followed from ``path`` until one repeats (best effort)."""
+    seen: list[str] = []
+    here = os.path.abspath(path)
+    try:
+        for _ in range(limit):
+            if here in seen:
+                break
+            seen.append(here)
+            if not os.path.islink(here):
+                return ""  # the loop is in a parent folder, not in this chain
+            here = os.path.normpath(os.path.join(os.path.dirname(here), os.readlink(here)))
+        else:
+            return ""
+    except OSError:
+        return ""
+    return " -> ".join([*seen, here])
+
+
+def _path_error(path: str, exc: OSError, what: str) -> InputNotFound | InputUnreadable:
+    """The error for an `OSError` raised while looking at or opening ``path``."""
+    code = exc.errno
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        if os.path.islink(path):
+            try:
+                target = os.readlink(path)
+            except OSError:
+                target = "?"
+            return InputNotFound(
+                f"expected an existing {what}, got {path} (a symbolic link to {target}, which does not exist)"
+            )
+        return InputNotFound(f"expected an existing {what}, got {path} (no such file)")
+    if code == errno.ELOOP:
+        chain = _link_chain(path)
+        return InputUnreadable(
+            f"expected a regular file, got a symbolic link loop at {path} "
+            f"({chain or 'too many levels of symbolic links'})"
+        )
+    if code in (errno.EACCES, errno.EPERM):
+        return InputUnreadable(f"expected a readable {what}, got {path} (permission denied)")
+    return InputUnreadable(f"expected a readable {what}, got {path} ({exc.strerror or exc})")
+
+
+def check_input_path(path: str | os.PathLike[str], what: str = "video or image file") -> str:
+    """Check that ``path`` is a regular file this process can read; returns it as a ``str``.
+
+    Looks before anything opens the path, so that nothing blocks on it: a FIFO
+    without a writer would stall FFmpeg (or Pillow) forever.  The final check
+    opens the file non-blocking and looks at what was actually opened, so a
+    FIFO put in its place after the first look is refused too.
+
+    Raises:
+        BadArgument: ``path`` is not a str / os.PathLike, or holds a NUL byte.
+        InputNotFound: nothing at ``path`` (or a symbolic link to nothing).
+        InputUnreadable: a folder, FIFO, socket, device, a symbolic link loop,
+            or a file without read permission.
+    """
+    if not isinstance(path, (str, os.PathLike)):
+        raise BadArgument(f"expected a file path (str or os.PathLike), got {type(path).__name__}")
+    try:
+        path = os.fspath(path)
+    except TypeError as exc:
+        raise BadArgument(f"expected a file path (str or os.PathLike), got {type(path).__name__}") from exc
+    if not isinstance(path, str):
+        raise BadArgument(f"expected a file path as str, got {type(path).__name__}")
+    if "\0" in path:
+        raise BadArgument(f"expected a file path without NUL characters, got {path!r}")
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise _path_error(path, exc, what) from exc
+    _check_mode(path, st.st_mode)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise _path_error(path, exc, what) from exc
+    try:
+        _check_mode(path, os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    return path
+
+
+#: Demuxers that open further files or network addresses named inside the input
+#: (playlists, concatenation scripts, session descriptions).  A hostile file of
+#: such a format can make FFmpeg read any local file (a FIFO blocks forever), so
+#: they are not offered to FFmpeg's format probe.
+_REFERRING_DEMUXERS = frozenset({"hls", "applehttp", "concat", "dash", "imf", "sdp", "rtp", "rtsp", "tee"})
+
+
+@functools.lru_cache(maxsize=1)
+def _container_options() -> dict[str, str]:
+    """Options for opening inputs: only the ``file`` protocol, no referring demuxers,
+    no image-sequence patterns (``img%d.png`` is one file, not a sequence)."""
+    names = []
+    for name in sorted(av.formats_available):
+        try:
+            av.format.ContainerFormat(name, "r")
+        except Exception:  # a muxer only
+            continue
+        if not set(name.split(",")) & _REFERRING_DEMUXERS:
+            names.append(name)
+    return {"format_whitelist": ",".join(names), "protocol_whitelist": "file", "pattern_type": "none"}
+
+
+def _mp4_hint(path: str) -> str:
+    """For an MP4/MOV that FFmpeg cannot open: the likely reason (its index is missing)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return ""
+    if head[4:8] in (b"ftyp", b"mdat", b"wide", b"free"):
+        return "; an MP4/MOV without a readable index (moov box): cut off while being written?"
+    return ""
+
+
+# ---------------------------------------------------------------------------
+# orientation (display matrix) and per-frame resizing
+# ---------------------------------------------------------------------------
+
+#: How each orientation puts a decoded ``(H, W, 3)`` picture upright (numpy views, no copy).
+#: Names follow FFmpeg's ``transpose`` filter: ``clock`` turns 90 degrees clockwise,
+#: ``cclock`` counter-clockwise, ``transpose`` is ``cclock_flip`` (swap axes) and
+#: ``antitranspose`` is ``clock_flip``.
+_ORIENT: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "clock": lambda a: np.rot90(a, -1),
+    "cclock": lambda a: np.rot90(a, 1),
+    "transpose": lambda a: a.transpose(1, 0, 2),
+    "antitranspose": lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    "hflip": lambda a: a[:, ::-1],
+    "vflip": lambda a: a[::-1],
+    "rot180": lambda a: a[::-1, ::-1],
+}
+
+#: EXIF orientation tag (1-8) -> the operation that puts the picture upright.
+_EXIF_ORIENT = {1: None, 2: "hflip", 3: "rot180", 4: "vflip", 5: "transpose", 6: "clock", 7: "antitranspose", 8: "cclock"}
+
+
+def _c_round(x: float) -> float:
+    """C's ``round``: halves away from zero."""
+    return math.copysign(math.floor(abs(x) + 0.5), x)
+
+
+def _orientation_of_matrix(m: tuple[int, ...] | None) -> str | None:
+    """The operation that displays a frame with display matrix ``m`` upright, exactly as
+    ffplay / ffmpeg's autorotate choose it (``get_rotation`` + transpose/hflip/vflip);
+    ``"rotate:<degrees>"`` for an angle that is not a multiple of 90 degrees."""
+    if m is None:
+        return None
+    a, b, c, d = (v / 65536.0 for v in (m[0], m[1], m[3], m[4]))
+    s0, s1 = math.hypot(a, c), math.hypot(b, d)
+    if s0 == 0.0 or s1 == 0.0:
+        theta = math.nan  # av_display_rotation_get gives NaN: no turn, maybe a flip below
+    else:
+        rotation = -math.degrees(math.atan2(b / s1, a / s0))  # av_display_rotation_get
+        theta = -_c_round(rotation)
+        theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1.0:
+        return "transpose" if m[3] > 0 else "clock"
+    if abs(theta - 180) < 1.0:
+        h, v = m[0] < 0, m[4] < 0
+        return "rot180" if h and v else "hflip" if h else "vflip" if v else None
+    if abs(theta - 270) < 1.0:
+        return "antitranspose" if m[3] < 0 else "cclock"
+    if abs(theta) > 1.0:
+        return f"rotate:{theta:g}"
+    return "vflip" if m[4] < 0 else None
+
+
+def _rotation_matrix(degrees_ccw: float) -> tuple[int, ...]:
+    """A pure rotation display matrix (av_display_rotation_set(-degrees_ccw))."""
+    r = math.radians(degrees_ccw)
+    cos, sin = round(math.cos(r) * 65536), round(math.sin(r) * 65536)
+    return (cos, -sin, 0, sin, cos, 0, 0, 0, 1 << 30)
+
+
+def _exif_orientation(path: str) -> int | None:
+    """The EXIF orientation tag of an image file, read with Pillow (header only)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            value = im.getexif().get(0x0112)
+    except Exception:  # best effort: no Pillow, not an image Pillow knows, bad EXIF
+        return None
+    return int(value) if isinstance(value, int) and value in _EXIF_ORIENT else None
+
+
+def _frame_orientation(frame: av.VideoFrame, path: str, is_image: bool) -> str | None:
+    """The operation that puts ``frame`` upright, from its display matrix side data.
+
+    Lists the frame's side data, which (PyAV) makes a reference cycle through the
+    frame: call it once per rotation angle, not for every frame (see `VideoSource._picture`).
+    """
+    try:
+        sd = frame.side_data.get("DISPLAYMATRIX")
+    except (ValueError, KeyError, TypeError):
+        # PyAV cannot name some side data of newer FFmpeg (EXIF, for one) and then lists
+        # none; the rotation angle is still readable, flips are not
+        rotation = frame.rotation
+        if is_image:
+            tag = _exif_orientation(path)
+            if tag is not None:
+                return _EXIF_ORIENT[tag]
+        return _orientation_of_matrix(_rotation_matrix(rotation)) if rotation else None
+    if sd is None:
+        return None
+    raw = bytes(sd)
+    if len(raw) < 36:
+        return None
+    return _orientation_of_matrix(struct.unpack("=9i", raw[:36]))
+
+
+def _check_resize_to(resize_to: int | None) -> int | None:
+    if resize_to is None:
+        return None
+    if isinstance(resize_to, bool) or not isinstance(resize_to, numbers.Integral) or resize_to <= 0:
+        raise BadArgument(f"expected resize_to to be None or a positive integer (pixels), got {resize_to!r}")
+    return int(resize_to)
+
+
+# ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
 
@@ -290,8 +573,11 @@ def _is_attached_picture(stream: av.stream.Stream) -> bool:
 def _describe_streams(container: av.container.InputContainer) -> str:
     parts = []
     for s in container.streams:
-        codec = getattr(getattr(s, "codec_context", None), "name", None) or "unknown codec"
+        ctx = getattr(s, "codec_context", None)
+        codec = getattr(ctx, "name", None) or "unknown codec"
         extra = " (attached picture, not video)" if s.type == "video" and _is_attached_picture(s) else ""
+        if ctx is None and s.type == "video":
+            extra += " (no decoder)"
         parts.append(f"#{s.index} {s.type}/{codec}{extra}")
     return ", ".join(parts) if parts else "no streams"
 
@@ -341,31 +627,87 @@ def _drain(vs: av.video.stream.VideoStream) -> list[av.VideoFrame]:
 
 
 def _open_container(path: str) -> av.container.InputContainer:
-    """Open ``path`` with FFmpeg, mapping failures to the shared error types."""
+    """Check ``path`` and open it with FFmpeg, mapping failures to the shared error types.
+
+    FFmpeg gets ``file:<path>``, so that a name such as ``pipe:0`` or
+    ``concat:a|b`` is read as the file it is, and options that keep it from
+    opening anything else (see `_container_options`).
+    """
+    check_input_path(path)
     try:
-        return av.open(path, mode="r")
+        return av.open("file:" + path, mode="r", container_options=dict(_container_options()))
     except av.error.FileNotFoundError as exc:  # raced with deletion
         raise InputNotFound(f"expected an existing file, got {path} ({_ffmpeg_reason(exc)})") from exc
+    except (av.error.PermissionError, av.error.IsADirectoryError) as exc:  # raced with a change
+        raise InputUnreadable(f"expected a readable regular file, got {path} ({_ffmpeg_reason(exc)})") from exc
     except av.error.EOFError as exc:  # a recognised container that ends before any media data
         raise NoFrames(
             f"expected at least one decodable video frame in {path}, got 0 "
             f"(the file ends inside its header: {_ffmpeg_reason(exc)})"
         ) from exc
-    except (av.FFmpegError, OSError, UnicodeDecodeError) as exc:
+    except av.error.ArgumentError as exc:  # a demuxer that is not on the whitelist
         raise NotAVideo(
-            f"expected a video or image file that FFmpeg can read, got {path} ({_ffmpeg_reason(exc)})"
+            f"expected a video or image file that FFmpeg can read, got {path} ({_ffmpeg_reason(exc)}: "
+            "playlists and other formats that name further files to read (HLS, ffconcat, SDP) are refused)"
+        ) from exc
+    except (av.FFmpegError, OSError, UnicodeError, ValueError, OverflowError) as exc:
+        raise NotAVideo(
+            f"expected a video or image file that FFmpeg can read, got {path} ({_ffmpeg_reason(exc)}{_mp4_hint(path)})"
         ) from exc
 
 
+def _peek_frame(
+    container: av.container.InputContainer,
+    vs: av.video.stream.VideoStream,
+    max_packets: int = 64,
+    max_other_packets: int = 4096,
+) -> av.VideoFrame | None:
+    """The first frame the decoder gives for ``vs``, or None when none comes within
+    ``max_packets`` of its packets (or ``max_other_packets`` of other streams': a
+    video track whose data sits after hours of audio is not read twice).
+    Reads the container: rewind it (or reopen the file) before decoding for real."""
+    seen = other = 0
+    try:
+        for packet in container.demux():
+            if packet.stream.index != vs.index:
+                other += 1
+                if other >= max_other_packets:
+                    return None
+                continue
+            try:
+                frames = packet.decode()  # the empty packet at the end drains the decoder
+            except (av.FFmpegError, ValueError):
+                frames = []
+            if frames:
+                return frames[0]
+            seen += 1
+            if seen >= max_packets:
+                break
+        frames = _drain(vs)
+        return frames[0] if frames else None
+    except (av.FFmpegError, OSError, ValueError):
+        return None
+
+
 def _probe(path: str, container: av.container.InputContainer) -> tuple[VideoInfo, av.video.stream.VideoStream]:
-    """Choose the video stream of an open container and describe it."""
+    """Choose the video stream of an open container and describe it.
+
+    Decodes the first frame (a display matrix travels with decoded frames) to
+    give the upright size: the container is left somewhere in the file.
+    """
     candidates = [s for s in container.streams.video if not _is_attached_picture(s)]
     if not candidates:
+        found = _describe_streams(container)
+        hint = _mp4_hint(path) if not container.streams else ""
+        raise NoVideoStream(f"expected a video stream in {path}, got none (streams found: {found}{hint})")
+    decodable = [s for s in candidates if s.codec_context is not None]
+    if not decodable:
         raise NoVideoStream(
-            f"expected a video stream in {path}, got none (streams found: {_describe_streams(container)})"
+            f"expected a video stream that FFmpeg can decode in {path}, got none "
+            f"(streams found: {_describe_streams(container)})"
         )
-    default = [s for s in candidates if s.disposition & av.stream.Disposition.default]
-    vs = (default or candidates)[0]
+    default = [s for s in decodable if s.disposition & av.stream.Disposition.default]
+    vs = (default or decodable)[0]
     ctx = vs.codec_context
     is_image = _is_image_container(container, vs)
     if is_image:
@@ -374,14 +716,23 @@ def _probe(path: str, container: av.container.InputContainer) -> tuple[VideoInfo
         duration, _ = _stream_duration(container, vs)
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
         fps = float(rate) if rate else None
+        if fps is not None and not (math.isfinite(fps) and fps > 0):
+            fps = None
+    width, height = int(ctx.width or 0), int(ctx.height or 0)
+    first = _peek_frame(container, vs)
+    if first is not None:
+        width, height = int(first.width), int(first.height)
+        op = _frame_orientation(first, path, is_image)
+        if op in ("clock", "cclock", "transpose", "antitranspose"):
+            width, height = height, width
     info = VideoInfo(
         path=path,
         format_name=container.format.name,
-        codec_name=ctx.name if ctx is not None else "unknown",
+        codec_name=ctx.name,
         duration_s=duration,
         source_fps=fps,
-        width=int(ctx.width or 0),
-        height=int(ctx.height or 0),
+        width=width,
+        height=height,
         is_image=is_image,
         stream_index=vs.index,
     )
@@ -459,12 +810,24 @@ class VideoSource:
         end: exclusive end (seconds) of the window; ``None`` means to the end.
         progress: show a tqdm bar on stderr (seconds of video decoded) when
             the window is known to be longer than 60 s.
+        resize_to: if given, each sampled video frame is squashed to
+            ``resize_to x resize_to`` as soon as it is decoded (after being put
+            upright), with the very nearest-neighbour resize of
+            `stream.preprocess.preprocess_video_frames` (same pixels, bit for
+            bit), so only small frames are ever held.  Still images are not
+            resized: they go through `preprocess_image`, which needs the whole
+            picture.
 
     Raises (on construction):
-        BadArgument: invalid ``path`` type, ``fps``, ``start`` or ``end``.
-        InputNotFound: ``path`` does not exist.
-        NotAVideo: FFmpeg cannot open ``path`` as a media file (text, empty, directory ...).
-        NoVideoStream: the file has no video stream (audio only, cover art only).
+        BadArgument: invalid ``path`` type, ``fps``, ``start``, ``end`` or ``resize_to``.
+        InputNotFound: ``path`` does not exist (or is a symbolic link to nothing).
+        InputUnreadable: ``path`` is a folder, FIFO, socket, device, a symbolic
+            link loop or a file without read permission (nothing blocks on it).
+            A folder's error is also a `NotAVideo`.
+        NotAVideo: FFmpeg cannot open ``path`` as a media file (text, empty,
+            an MP4 cut off before its index, a playlist ...).
+        NoVideoStream: the file has no video stream that FFmpeg can decode
+            (audio only, cover art only, an unknown codec).
         NoFrames: the file is cut off inside its header (no media data at all).
 
     Iterating raises `NoFrames` at the end if no frame at all could be
@@ -484,29 +847,30 @@ class VideoSource:
         start: float | None = None,
         end: float | None = None,
         progress: bool = False,
+        resize_to: int | None = None,
     ):
+        self._container: av.container.InputContainer | None = None
         if not isinstance(path, (str, os.PathLike)):
             raise BadArgument(f"expected a file path (str or os.PathLike), got {type(path).__name__}")
         self.path = os.fspath(path)
+        if not isinstance(self.path, str):
+            raise BadArgument(f"expected a file path as str, got {type(self.path).__name__}")
         self.fps, self.start, self.end = _check_window(fps, start, end)
         self.progress = bool(progress)
-        if not os.path.exists(self.path):
-            raise InputNotFound(f"expected an existing video or image file, got {self.path} (no such file)")
-        if os.path.isdir(self.path):
-            raise NotAVideo(f"expected a video or image file that FFmpeg can read, got {self.path} (a directory)")
-        container = _open_container(self.path)
+        self.resize_to = _check_resize_to(resize_to)
+        container = _open_container(self.path)  # checks the path first
         try:
             self.info, _ = _probe(self.path, container)
-        except BaseException:
-            container.close()
-            raise
-        self._container: av.container.InputContainer | None = container  # reused by the first iteration
+        finally:
+            container.close()  # probing decoded the first frame: iterations open their own
         self.report = DecodeReport.from_info(self.info)
+        self._unapplied: set[str] = set()  # orientations that could not be applied, reported once
+        self._orient_by_rotation: dict[int, str | None] = {}  # frame.rotation -> how to put it upright
 
     # -- lifecycle ---------------------------------------------------------
 
     def close(self) -> None:
-        """Release the file handle kept from validation (iterations close their own)."""
+        """Release any file handle held (validation closes its own now, as do iterations: kept for callers)."""
         if self._container is not None:
             self._container.close()
             self._container = None
@@ -524,7 +888,8 @@ class VideoSource:
             pass
 
     def __repr__(self) -> str:
-        return f"VideoSource({self.path!r}, fps={self.fps}, start={self.start}, end={self.end})"
+        extra = f", resize_to={self.resize_to}" if self.resize_to is not None else ""
+        return f"VideoSource({self.path!r}, fps={self.fps}, start={self.start}, end={self.end}{extra})"
 
     # -- iteration ---------------------------------------------------------
 
@@ -536,13 +901,51 @@ class VideoSource:
         if container is None:
             container = _open_container(self.path)
         try:
-            return container, container.streams[self.info.stream_index]
+            streams = container.streams
+            i = self.info.stream_index
+            vs = streams[i] if 0 <= i < len(streams) else None
+            if vs is None or vs.type != "video" or vs.codec_context is None:
+                raise NotAVideo(
+                    f"expected {self.path} to hold the video stream #{i} found when it was opened, got "
+                    f"{_describe_streams(container)} (the file changed?)"
+                )
+            return container, vs
         except BaseException:
             container.close()
             raise
 
+    def _picture(self, frame: av.VideoFrame, report: DecodeReport, t: float) -> np.ndarray:
+        """The upright RGB picture of ``frame`` (squashed to ``resize_to`` for videos).
+
+        The full-size array lives only inside this call: what is returned for a
+        resized frame is a new ``(S, S, 3)`` array that shares nothing with it.
+        """
+        rgb = frame.to_ndarray(format="rgb24")
+        # PyAV's frame.side_data ties the frame into a reference cycle, so a frame whose side
+        # data was listed lives until the garbage collector runs (dozens of 8K frames); the
+        # rotation angle is read without that, and the side data only once per angle
+        rotation = frame.rotation
+        op = self._orient_by_rotation.get(rotation, "?")
+        if op == "?":
+            op = self._orient_by_rotation[rotation] = _frame_orientation(frame, self.path, self.info.is_image)
+        if op is not None and op.startswith("rotate:"):
+            if op not in self._unapplied:
+                self._unapplied.add(op)
+                report.add_error(
+                    f"display rotation of {op[7:]} degrees clockwise at {t:.2f} s not applied (only multiples of 90 are)"
+                )
+            op = None
+        if op is not None:
+            rgb = _ORIENT[op](rgb)  # a view
+        if self.resize_to is not None and not self.info.is_image:
+            from .preprocess import resize_frame_nearest
+
+            return resize_frame_nearest(rgb, self.resize_to)
+        return np.ascontiguousarray(rgb) if op is not None else rgb
+
     def _frames(self) -> Iterator[Frame]:
         report = self.report = DecodeReport.from_info(self.info)
+        self._unapplied, self._orient_by_rotation = set(), {}
         container, vs = self._take_container()
         try:
             if self.info.is_image:
@@ -575,16 +978,22 @@ class VideoSource:
         try:
             for packet in container.demux(vs):
                 try:
-                    for frame in packet.decode():
-                        report.frames_decoded += 1
-                        rgb = frame.to_ndarray(format="rgb24")
-                        report.frames_sampled += 1
-                        yield Frame(index=0, pts=0.0, rgb=rgb)
-                        return
-                except av.FFmpegError as exc:
+                    frames = packet.decode()
+                except (av.FFmpegError, ValueError) as exc:
                     report.packets_failed += 1
                     report.add_error(f"image data failed to decode: {_ffmpeg_reason(exc)}")
-        except av.FFmpegError as exc:
+                    continue
+                for frame in frames:
+                    report.frames_decoded += 1
+                    try:
+                        rgb = self._picture(frame, report, 0.0)
+                    except (av.FFmpegError, ValueError) as exc:
+                        report.add_error(f"the image could not be converted to RGB: {_ffmpeg_reason(exc)}")
+                        continue
+                    report.frames_sampled += 1
+                    yield Frame(index=0, pts=0.0, rgb=rgb)
+                    return
+        except (av.FFmpegError, OSError) as exc:
             report.add_error(f"reading the image failed: {_ffmpeg_reason(exc)}")
 
     def _video_frames(self, container, vs, report: DecodeReport) -> Iterator[Frame]:
@@ -620,7 +1029,8 @@ class VideoSource:
             try:
                 container.seek(origin + int(math.floor(self.start / tb)), stream=vs, backward=True, any_frame=False)
                 vs.codec_context.flush_buffers()
-            except av.FFmpegError as exc:  # unseekable input: decode from the start and skip
+            except (av.FFmpegError, OSError, OverflowError, ValueError) as exc:
+                # unseekable input, or a target beyond what a timestamp can hold: decode from the start and skip
                 report.add_error(f"seek to {self.start:g} s failed, decoding from the start: {_ffmpeg_reason(exc)}")
 
         last_good: float | None = None  # presentation time of the last good frame
@@ -651,7 +1061,7 @@ class VideoSource:
                     packet = next(demuxer)
                 except StopIteration:
                     break
-                except av.FFmpegError as exc:  # truncated or unreadable tail: keep what was decoded
+                except (av.FFmpegError, OSError) as exc:  # truncated or unreadable tail: keep what was decoded
                     report.add_error(f"demuxing stopped after {max(max_pts, 0.0):.2f} s: {_ffmpeg_reason(exc)}")
                     damage.append(max_pts + nominal / 2 if max_pts > -math.inf else -math.inf)
                     demux_failed = True
@@ -701,7 +1111,7 @@ class VideoSource:
 
                     try:
                         frames = packet.decode()  # an empty flush packet at the end drains the decoder
-                    except av.FFmpegError as exc:
+                    except (av.FFmpegError, ValueError) as exc:
                         report.packets_failed += 1
                         where = f"{p_pts:.2f} s" if p_pts is not None else "unknown time"
                         report.add_error(f"packet at {where} failed to decode: {_ffmpeg_reason(exc)}")
@@ -741,7 +1151,7 @@ class VideoSource:
                     if not sampler.wants(t):
                         continue
                     try:
-                        rgb = frame.to_ndarray(format="rgb24")
+                        rgb = self._picture(frame, report, t)  # full size only inside the call
                     except (av.FFmpegError, ValueError) as exc:
                         report.add_error(f"frame at {t:.2f} s could not be converted to RGB: {_ffmpeg_reason(exc)}")
                         continue
@@ -779,6 +1189,7 @@ def open_video(
     start: float | None = None,
     end: float | None = None,
     progress: bool = False,
+    resize_to: int | None = None,
 ) -> VideoSource:
     """Validate ``path`` and return a `VideoSource`; see that class for arguments and errors."""
-    return VideoSource(path, fps=fps, start=start, end=end, progress=progress)
+    return VideoSource(path, fps=fps, start=start, end=end, progress=progress, resize_to=resize_to)

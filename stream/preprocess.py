@@ -6,10 +6,14 @@ LLaVA-Mini feeds CLIP ViT-L/14-336 with two different paths:
   ``(T, H, W, 3)`` are turned into a ``(T, 3, H, W)`` tensor and squashed to
   ``size x size`` with ``torch.nn.functional.interpolate(x, size=(size, size))``
   (default ``mode="nearest"``, aspect ratio *not* kept), then go through
-  ``CLIPImageProcessor``.  On an image that is already ``size x size`` the
-  processor's shortest-edge resize and centre crop are identities (PIL returns
-  an unchanged copy when asked for the same size), so what remains is
-  rescale by 1/255 and normalize with the CLIP mean/std;
+  ``CLIPImageProcessor``.  `resize_frame_nearest` does that resize for one
+  frame, bit for bit the same, so a decoder can shrink frames as they come
+  (`stream.decode.VideoSource(..., resize_to=size)`); frames that are already
+  ``size x size`` pass through the resize unchanged.  On an image that is
+  already ``size x size`` the processor's shortest-edge resize and centre
+  crop are identities (PIL returns an unchanged copy when asked for the same
+  size), so what remains is rescale by 1/255 and normalize with the CLIP
+  mean/std;
 * **still images** (`preprocess_image`): ``expand2square`` pads the image to
   a square with the CLIP mean colour, then ``CLIPImageProcessor`` resizes the
   shortest edge to ``size`` with PIL bicubic, centre crops ``size x size``,
@@ -37,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from lmcore.errors import BadArgument, InputNotFound, NotAVideo
+from lmcore.errors import BadArgument, NotAVideo
 
 __all__ = [
     "CLIP_MEAN",
@@ -47,6 +51,7 @@ __all__ = [
     "load_image",
     "preprocess_image",
     "preprocess_video_frames",
+    "resize_frame_nearest",
 ]
 
 #: OpenAI CLIP normalisation constants (RGB order), as in ``CLIPImageProcessor``.
@@ -162,10 +167,48 @@ def preprocess_video_frames(
     """
     size = _check_size(size)
     m, s = _check_stats(mean, std)
-    x = _frames_to_uint8(frames).permute(0, 3, 1, 2)  # (T, 3, H, W) uint8
-    if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size))  # mode="nearest", on uint8 like the official code
+    x = _nearest_resize(_frames_to_uint8(frames).permute(0, 3, 1, 2), size)  # (T, 3, size, size) uint8
     return _rescale_normalize(x, m.to(x.device), s.to(x.device))
+
+
+def _nearest_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``(T, 3, H, W)`` (a channels-last view of ``(T, H, W, 3)`` frames) -> ``(T, 3, size, size)``.
+
+    The one place the video path resizes: ``F.interpolate`` with its default
+    ``mode="nearest"`` on uint8, like the official code.  Frames that are
+    already ``size x size`` are returned as they are (nearest resizing to the
+    same size is the identity).  Shared by `preprocess_video_frames` and
+    `resize_frame_nearest`, so that frames resized one at a time while decoding
+    equal frames resized here in a batch, bit for bit.
+    """
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size))
+
+
+def resize_frame_nearest(rgb: np.ndarray, size: int = 336) -> np.ndarray:
+    """One ``(H, W, 3)`` uint8 RGB frame -> a new ``(size, size, 3)`` uint8 array, with
+    exactly the pixels `preprocess_video_frames` would pick (nearest neighbour,
+    aspect ratio not kept).
+
+    For decoders that shrink each frame as it is decoded (an 8K frame is
+    reduced before the next one is decoded): ``preprocess_video_frames`` of
+    the results equals ``preprocess_video_frames`` of the full frames.  Any
+    strides are accepted (a rotated view, say); the result never shares memory
+    with ``rgb``.
+    """
+    size = _check_size(size)
+    if isinstance(rgb, torch.Tensor):
+        rgb = rgb.detach().cpu().numpy()
+    a = np.asarray(rgb)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3 or 0 in a.shape:
+        raise BadArgument(f"expected an (H, W, 3) uint8 RGB frame, got shape {a.shape} dtype {a.dtype}")
+    if a.shape[:2] == (size, size):  # nothing to resize: still a copy, never the caller's buffer
+        return np.array(a, order="C", copy=True)
+    # the layout of a frame in the batch path: a C-contiguous (H, W, 3) array seen as (1, 3, H, W)
+    a = np.ascontiguousarray(a) if a.flags.writeable else a.copy()
+    y = _nearest_resize(torch.from_numpy(a).permute(2, 0, 1).unsqueeze(0), size)
+    return y[0].permute(1, 2, 0).contiguous().numpy()
 
 
 # ---------------------------------------------------------------------------
@@ -245,15 +288,17 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     Raises:
         BadArgument: ``path`` is not a str / os.PathLike.
         InputNotFound: the file does not exist.
+        InputUnreadable: a FIFO, socket, device, symbolic link loop or unreadable file.
         NotAnImage: the path is a directory or Pillow cannot decode the file.
     """
     if not isinstance(path, (str, os.PathLike)):
         raise BadArgument(f"expected an image path (str or os.PathLike), got {type(path).__name__}")
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise InputNotFound(f"expected an existing image file, got {path} (no such file)")
     if os.path.isdir(path):
         raise NotAnImage(f"expected an image file that Pillow can read, got {path} (a directory)")
+    from .decode import check_input_path  # a FIFO would block Pillow forever; a loop is no "no such file"
+
+    check_input_path(path, what="image file")
     try:
         with Image.open(path) as im:
             im.load()
