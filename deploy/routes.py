@@ -371,8 +371,7 @@ def build_api() -> FastAPI:
             raise ServiceUnavailable("expected an answer from the model replica, got nothing") from None
         if ev["type"] == "error":
             await it.aclose()
-            raise LmsError(ev["message"], code=ev["code"]) if ev.get("status", 500) >= 500 else \
-                _status_error(ev)
+            raise _status_error(ev)
         return ev, it
 
     async def _collect(b: Backend, req: dict) -> dict:

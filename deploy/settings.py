@@ -84,6 +84,9 @@ class Settings(BaseModel):
                 d[name] = env[var]
         if env.get("LMSTREAM_API_KEYS"):
             d["api_keys"] = [k.strip() for k in env["LMSTREAM_API_KEYS"].split(",") if k.strip()]
+        if env.get("LMSTREAM_LIMITS"):                   # JSON, e.g. '{"max_upload_bytes": 1000000}'
+            import json
+            d["limits"] = json.loads(env["LMSTREAM_LIMITS"])
         if env.get("LMSTREAM_ALLOWED_DIRS"):
             d["allowed_dirs"] = [p for p in env["LMSTREAM_ALLOWED_DIRS"].split(os.pathsep) if p]
         d.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,296 @@
+"""The service with its real parts: `lmstream serve` (Ray Serve) as a user starts it, a real
+redis-server, real HTTP (httpx) and the official `openai` client. One service per test module
+(Ray takes ~20 s to come up on 2 cores); a restart and a Redis outage are tested at the end."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from frame_cache.redis_server import RedisServer, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "checkpoints" / "demo"
+KEY = "test-key-123"
+pytestmark = pytest.mark.timeout(900)
+
+
+class Service:
+    """`lmstream serve` in a subprocess, stopped by its PID (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, data_dir: Path, redis_url: str, allowed: Path, limits: dict | None = None):
+        self.data_dir, self.redis_url, self.allowed, self.limits = data_dir, redis_url, allowed, limits or {}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 240.0) -> "Service":
+        env = dict(os.environ, PYTHONPATH=str(REPO), LMSTREAM_LIMITS=json.dumps(self.limits))
+        env.pop("LMSTREAM_API_KEYS", None)
+        self.log = open(self.data_dir / f"serve-{self.port}.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lmstream.cli", "serve", "--port", str(self.port), "--model", str(DEMO),
+             "--redis", self.redis_url, "--data-dir", str(self.data_dir), "--api-key", KEY,
+             "--allowed-dir", str(self.allowed), "--num-cpus", "2"],
+            stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        line = b""
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            line = self.proc.stdout.readline()
+            if line.startswith(b"{"):
+                return self
+        self.stop()
+        raise AssertionError(f"lmstream serve did not start: {line!r}; log {self.log.name}:\n"
+                             + Path(self.log.name).read_text(errors="replace")[-3000:])
+
+    def stop(self) -> None:
+        p, self.proc = self.proc, None
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.log.close()
+
+    def client(self, key: str | None = KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    from stream.synthetic import make_scene, write_video
+    d = tmp_path_factory.mktemp("allowed")
+    spec = make_scene(11, 40, size=(64, 64))
+    write_video(spec, d / "scene.mp4")
+    write_video(make_scene(12, 150, size=(64, 64)), d / "long.mp4")
+    (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + os.urandom(20000))
+    return d
+
+
+@pytest.fixture(scope="module")
+def redis_srv(tmp_path_factory):
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, redis_srv, media):
+    data = tmp_path_factory.mktemp("svc")
+    svc = Service(data, redis_srv.url, media, limits={"max_upload_bytes": 3_000_000, "max_concurrent_jobs": 2,
+                                                      "max_tokens": 64}).start()
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    from model import LlavaMini
+    return LlavaMini.from_pretrained(DEMO)
+
+
+def wait_ready(c: httpx.Client, vid: str, timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d = c.get(f"/v1/videos/{vid}").json()
+        if d["status"] in ("ready", "failed"):
+            return d
+        time.sleep(0.5)
+    raise AssertionError(f"video {vid} not ready after {timeout} s: {d}")
+
+
+@pytest.fixture(scope="module")
+def uploaded(service, media):
+    with service.client() as c:
+        with open(media / "scene.mp4", "rb") as f:
+            r = c.post("/v1/videos", files={"file": ("scene.mp4", f, "video/mp4")})
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "queued"
+        d = wait_ready(c, r.json()["id"])
+    assert d["status"] == "ready", d
+    return d
+
+
+QUESTIONS = ["what colour is the circle ?", "how many objects are there ?", "is there a red square ?"]
+
+
+def test_health_needs_no_key_everything_else_does(service):
+    with service.client(key=None) as c:
+        assert c.get("/health").json() == {"status": "ok"}
+        for method, path in (("GET", "/ready"), ("GET", "/v1/videos"), ("GET", "/metrics"), ("GET", "/v1/models"),
+                             ("POST", "/v1/chat/completions"), ("POST", "/v1/videos")):
+            r = c.request(method, path)
+            assert r.status_code == 401, (path, r.text)
+            assert r.json()["error"]["code"] == "E_UNAUTHORIZED"
+    with service.client(key="wrong") as c:
+        assert c.get("/v1/videos").status_code == 401
+    with service.client() as c:
+        assert c.get("/ready").json() == {"ready": True, "redis": True, "model": True}
+
+
+def test_upload_then_answers_equal_the_engine_token_for_token(service, uploaded, media, demo_model):
+    assert uploaded["frames"] == 40 and uploaded["duration_s"] == pytest.approx(40.0) and uploaded["progress"] == 1.0
+    with service.client() as c:
+        for q in QUESTIONS:
+            r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "max_tokens": 8})
+            assert r.status_code == 200, r.text
+            got = r.json()
+            want = demo_model.ask(media / "scene.mp4", q, max_new_tokens=8)
+            assert got["token_ids"] == want.token_ids and got["text"] == want.text, q
+            assert got["frames"] == 40 and got["frames_fused"] == 40 and got["time_span"] == [0.0, 39.0]
+            assert got["policy"] == "exact" and got["kv_policy"] == "exact" and got["gaps"] == []
+            assert {"fuse_s", "prefill_s", "generate_s", "first_token_s"} <= set(got["timings"])
+        # a window and a budget policy, reported
+        r = c.post(f"/v1/videos/{uploaded['id']}/questions",
+                   json={"question": QUESTIONS[0], "window": [10, 20], "policy": "budget:4"})
+        d = r.json()
+        assert d["time_span"] == [10.0, 19.0] and d["frames"] == 10 and d["frames_fused"] == 4
+        assert d["policy"].startswith("budget:4")
+
+
+def test_streamed_tokens_concatenate_to_the_answer(service, uploaded):
+    with service.client() as c:
+        plain = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[1]}).json()
+        with c.stream("POST", f"/v1/videos/{uploaded['id']}/questions",
+                      json={"question": QUESTIONS[1], "stream": True}) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events, kind = [], None
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[7:]
+                elif line.startswith("data: "):
+                    events.append((kind, json.loads(line[6:])))
+    assert [k for k, _ in events[:-1]] == ["token"] * (len(events) - 1) and events[-1][0] == "answer"
+    assert "".join(d["text"] for _, d in events[:-1]) == plain["text"] == events[-1][1]["text"]
+    assert [d["token_id"] for _, d in events[:-1]] == plain["token_ids"] == events[-1][1]["token_ids"]
+
+
+def test_openai_client_unchanged(service, uploaded):
+    import openai
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY)
+    assert [m.id for m in client.models.list().data] == ["demo"]
+    content = [{"type": "text", "text": QUESTIONS[0]},
+               {"type": "video_url", "video_url": {"url": f"lms://videos/{uploaded['id']}"}}]
+    r = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}], max_tokens=8)
+    text = r.choices[0].message.content
+    assert r.object == "chat.completion" and r.choices[0].finish_reason in ("stop", "length")
+    extra = r.model_extra["lmstream"]
+    assert extra["frames"] == 40 and extra["text"] == text and extra["policy"] == "exact"
+    chunks = list(client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}],
+                                                 max_tokens=8, stream=True))
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=service.url + "/v1", api_key="nope").models.list()
+    with pytest.raises(openai.UnprocessableEntityError):
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}])
+
+
+def test_paths_limits_and_validation(service, media, tmp_path):
+    with service.client() as c:
+        r = c.post("/v1/videos", json={"path": "/etc/passwd"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "E_PATH_NOT_ALLOWED"
+        r = c.post("/v1/videos", json={"path": str(media / "../" / media.name / ".." / "x.mp4")})
+        assert r.status_code in (403, 404)
+        r = c.post("/v1/videos", json={"path": str(media / "scene.mp4"), "fps": -1})
+        assert r.status_code == 422 and "fps" in r.json()["error"]["message"]
+        r = c.post("/v1/videos", json={"path": str(media / "scene.mp4"), "surprise": 1})
+        assert r.status_code == 422 and "surprise" in r.json()["error"]["message"]
+        r = c.post("/v1/videos/vid-nope/questions", json={"question": "q"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "E_NOT_FOUND"
+        r = c.post("/v1/videos", files={"file": ("big.mp4", b"\0" * 3_500_000, "video/mp4")})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "E_TOO_LARGE"
+        r = c.post("/v1/videos", content=b"x", headers={"content-type": "text/plain"})
+        assert r.status_code == 422
+        r = c.post("/v1/videos/x/questions", content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422
+
+
+def test_concurrent_jobs_are_bounded_with_retry_after(service, media):
+    with service.client() as c:
+        ids, limited = [], None
+        for _ in range(4):
+            r = c.post("/v1/videos", json={"path": str(media / "long.mp4")})
+            if r.status_code == 429:
+                limited = r
+                break
+            assert r.status_code == 202, r.text
+            ids.append(r.json()["id"])
+        assert limited is not None and int(limited.headers["Retry-After"]) >= 1
+        assert limited.json()["error"]["code"] == "E_BUSY" and len(ids) <= 2
+        for vid in ids:
+            assert wait_ready(c, vid)["status"] == "ready"
+        assert c.get(f"/v1/videos/{ids[0]}").json()["frames"] == 150
+
+
+def test_corrupt_upload_fails_with_the_decoders_code_and_others_still_answer(service, media, uploaded):
+    with service.client() as c:
+        with open(media / "corrupt.mp4", "rb") as f:
+            r = c.post("/v1/videos", files={"file": ("corrupt.mp4", f, "video/mp4")})
+        assert r.status_code == 202
+        d = wait_ready(c, r.json()["id"])
+        assert d["status"] == "failed" and d["error"]["code"] in ("E_NOT_A_VIDEO", "E_NO_FRAMES", "E_NO_VIDEO_STREAM")
+        assert d["error"]["message"].startswith("expected")
+        r2 = c.post(f"/v1/videos/{d['id']}/questions", json={"question": "q"})
+        assert r2.status_code == 409 and r2.json()["error"]["code"] == "E_NOT_READY"
+        assert c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[0]}).status_code == 200
+
+
+def test_metrics_are_prometheus_text(service, uploaded):
+    with service.client() as c:
+        text = c.get("/metrics").text
+    assert "lms_time_to_first_token_seconds_count" in text
+    assert f'lms_stream_frames{{stream="{uploaded["id"]}"}} 40.0' in text
+    assert 'lms_jobs{status="ready"}' in text
+
+
+def test_delete_frees_the_frames(service, media):
+    from frame_cache import open_cache
+    with service.client() as c:
+        vid = c.post("/v1/videos", json={"path": str(media / "scene.mp4")}).json()["id"]
+        assert wait_ready(c, vid)["status"] == "ready"
+        cache = open_cache(service.redis_url)
+        assert cache.stream_info(vid).count == 40
+        assert c.delete(f"/v1/videos/{vid}").json() == {"id": vid, "deleted": True}
+        assert vid not in cache.streams()
+        cache.close()
+        assert c.get(f"/v1/videos/{vid}").status_code == 404
+
+
+def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, uploaded, redis_srv):
+    with service.client() as c:
+        before = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
+    service.stop()
+    service.start()
+    with service.client() as c:
+        assert c.get(f"/v1/videos/{uploaded['id']}").json()["status"] == "ready"
+        after = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
+        assert after["token_ids"] == before["token_ids"] and after["frames"] == 40
+        redis_srv.proc.kill()                                     # kill -9 under a running service
+        redis_srv.proc.wait()
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["redis"] is False
+        r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "E_CACHE_UNAVAILABLE"
+        redis_srv.proc = None
+        redis_srv.start()                                         # same folder: the AOF brings the frames back
+        deadline = time.monotonic() + 30
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert c.get("/ready").status_code == 200
+        again = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
+        assert again["token_ids"] == before["token_ids"]
