@@ -187,6 +187,8 @@ class DecodeReport:
             declared end for damage at the very end).
         errors: one line per problem, at most 20 kept (``errors_dropped`` counts the rest).
         errors_dropped: number of error lines not kept.
+        dropped_frames: sampled frames a capacity limit overwrote after they were stored
+            (set by the ingest pipeline; their span is also in ``gaps``).
     """
 
     path: str
@@ -205,6 +207,7 @@ class DecodeReport:
     gaps: list[tuple[float, float]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     errors_dropped: int = 0
+    dropped_frames: int = 0
 
     @classmethod
     def from_info(cls, info: VideoInfo) -> DecodeReport:

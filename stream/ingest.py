@@ -150,7 +150,7 @@ def ingest_video(model, path, cache: FrameCache, stream_id: str, *, fps: float |
     kept = cache.stream_info(stream_id)
     lost = info.count + appended - kept.count                  # overwritten by this ingest (a ring)
     if lost > 0:
-        report.dropped_frames = getattr(report, "dropped_frames", 0) + lost
+        report.dropped_frames += lost
         report.add_gap(first_pts[0], kept.oldest_pts)
         report.add_error(f"W_CAPACITY_DROP: the stream's ring holds {kept.capacity} frames; the first {lost} "
                          f"sampled frames ({first_pts[0]:.2f}-{kept.oldest_pts:.2f} s) were overwritten")
