@@ -298,7 +298,9 @@ class WindowChunk:
     def __len__(self) -> int:
         return len(self.blobs)
 
-    def records(self, *, copy: bool = False) -> list[FrameRecord]:
+    def records(self, *, copy: bool = True) -> list[FrameRecord]:
+        """Decoded records; ``copy=False`` gives zero-copy views that must stay read-only (they may
+        share memory with the cache)."""
         return [decode_record(b, copy=copy) for b in self.blobs]
 
 

@@ -1,14 +1,22 @@
-"""A `redis-server` child process that this program starts, owns and stops by its own PID.
+"""``redis-server`` processes this program starts, owns and stops: one server, or a 3-master Redis Cluster.
 
-    with RedisServer(data_dir) as srv:          # free loopback port, AOF everysec, files in data_dir
-        cache = RedisFrameCache.from_url(srv.url)
+Used by `lmstream serve` (its own Redis when no --redis URL is given), `lmstream bench cache` and the
+tests. Every server runs in the foreground (``--daemonize no``) as a child of the test process,
+on a free loopback port, with all its files (append-only file, cluster config, log) in the
+folder it is given, and is stopped by its own pid (terminate, wait, kill). Nothing is left
+running or written elsewhere; on Linux a server also gets SIGTERM if the test process dies
+without stopping it (``PR_SET_PDEATHSIG``: it fires when the *thread* that started the
+server exits, so start servers from the test's main thread).
 
-Used by `lmstream bench cache` (and the service's `lmstream serve` when no --redis URL is
-given). Nothing is written outside ``data_dir``; `stop` terminates the process it started (SIGTERM,
-then SIGKILL after a grace period) and never touches any other redis-server.
+    with RedisServer(tmp_path / "r") as srv:       # srv.url == "redis://127.0.0.1:PORT/0"
+        srv.kill9(); srv.restart()                   # same port and folder: AOF replayed
+
+    with RedisClusterServers(tmp_path / "c") as cl:  # cl.url == "redis://127.0.0.1:P1?cluster=1"
+        ...
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -17,105 +25,267 @@ import subprocess
 import time
 from pathlib import Path
 
+import redis
+
 from lmcore.errors import CacheUnavailable
 
-__all__ = ["RedisServer", "free_port"]
+__all__ = ["RedisServer", "RedisClusterServers", "redis_binaries_missing", "free_port"]
+
+_PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec (Linux): SIGTERM when the process that started it dies, so a
-    crashed parent never leaves a redis-server behind."""
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: SIGTERM the server if the test process dies without stopping it (pytest killed);
+    elsewhere a no-op."""
     try:
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
 
+_INSTALL_HINT = ("run ./run-tests.sh or scripts/setup.sh (they install redis-server with apt-get), or give the "
+                 "redis:// URL of a running server")
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def redis_binaries_missing() -> str | None:
+    """A message naming the missing binaries and how to install them, or None."""
+    missing = [b for b in ("redis-server", "redis-cli") if shutil.which(b) is None]
+    if missing:
+        return f"expected {' and '.join(missing)} on PATH, got none: {_INSTALL_HINT}"
+    return None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(*, cluster_bus: bool = False) -> int:
+    """A loopback port nobody listens on (and port + 10000 too, for a cluster's bus)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 10000 > 65535 and cluster_bus:
+            continue
+        if not cluster_bus or _port_free(port + 10000):
+            return port
+    raise CacheUnavailable("expected a free loopback port, got none in 200 tries")
 
 
 class RedisServer:
-    """A redis-server on 127.0.0.1 with its data (AOF) in ``data_dir``.
+    """One ``redis-server`` with AOF (``appendfsync everysec``) in ``folder``.
 
     Args:
-        data_dir: folder for the AOF and the log (created if missing).
-        port: TCP port (default: a free one).
-        appendonly: AOF with ``appendfsync everysec`` (every acknowledged write survives a crash
-            of the server up to about a second before it).
-        maxmemory: e.g. "2gb" (with ``noeviction``: writes past it are refused, never evicted).
+        folder: where the server keeps its files (created; kept across `restart`).
+        port: TCP port on 127.0.0.1 (default: a free one, kept across restarts).
+        cluster: start with ``--cluster-enabled yes`` (see `RedisClusterServers`).
+        maxmemory: e.g. "2gb": writes past it are refused (``noeviction``), never evicted.
         extra: more ``--option value`` arguments.
+        start_timeout: seconds to wait for the first PING answer.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, port: int | None = None, *, appendonly: bool = True,
-                 maxmemory: str | None = None, extra: list[str] | None = None, executable: str = "redis-server"):
-        self.data_dir = Path(data_dir)
-        self.port = port or free_port()
-        self.appendonly = appendonly
-        self.maxmemory = maxmemory
-        self.extra = list(extra or [])
-        self.executable = executable
+    def __init__(self, folder: Path, *, port: int | None = None, cluster: bool = False,
+                 maxmemory: str | None = None, extra: tuple[str, ...] = (), start_timeout: float = 15.0) -> None:
+        msg = redis_binaries_missing()
+        if msg:
+            raise CacheUnavailable(msg)
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = port if port is not None else free_port(cluster_bus=cluster)
+        self.cluster = cluster
+        self.extra = tuple(extra) + (("--maxmemory", maxmemory, "--maxmemory-policy", "noeviction")
+                                     if maxmemory else ())
+        self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
+        self._log = None
 
+    # -- addresses -------------------------------------------------------------
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def argv(self) -> list[str]:
-        exe = shutil.which(self.executable)
-        if exe is None:
-            raise CacheUnavailable(f"expected {self.executable} on PATH to start a local Redis, got none "
-                                   "(./run-tests.sh installs it; or give a redis:// URL of a running server)")
-        a = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.data_dir),
-             "--daemonize", "no", "--logfile", str(self.data_dir / "redis.log"), "--protected-mode", "yes"]
-        if self.appendonly:
-            a += ["--appendonly", "yes", "--appendfsync", "everysec"]
-        if self.maxmemory:
-            a += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
-        return a + self.extra
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
-    def start(self, timeout: float = 10.0) -> "RedisServer":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                log = (self.data_dir / "redis.log")
-                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
-                raise CacheUnavailable(f"expected redis-server to start on port {self.port}, got exit status "
-                                       f"{self.proc.returncode}: {tail.strip()}")
-            if self.ping():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise CacheUnavailable(f"expected redis-server on port {self.port} to answer PING within {timeout:g} s, "
-                               "got no answer")
+    def client(self, **kw) -> redis.Redis:
+        """A plain client of this node (short timeouts, bytes replies)."""
+        kw.setdefault("socket_timeout", 5)
+        kw.setdefault("socket_connect_timeout", 5)
+        return redis.Redis(host="127.0.0.1", port=self.port, **kw)
 
-    def ping(self) -> bool:
+    def log_tail(self, n: int = 20) -> str:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")       # "-LOADING" while the AOF is replayed
+            return "\n".join((self.folder / "redis.log").read_text(errors="replace").splitlines()[-n:])
         except OSError:
-            return False
+            return "(no log)"
 
-    def stop(self, grace: float = 5.0) -> None:
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
+    # -- life cycle --------------------------------------------------------------
+    def _argv(self) -> list[str]:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.folder),
+                "--daemonize", "no", "--logfile", "", "--protected-mode", "no"]
+        if self.cluster:
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                     "--cluster-node-timeout", "5000"]
+        return argv + list(self.extra)
+
+    def start(self) -> "RedisServer":
+        """Start the server and wait until it answers PING (RuntimeError with its log if not)."""
+        if self.proc is not None and self.proc.poll() is None:
+            raise CacheUnavailable(f"expected a stopped redis-server, got pid {self.proc.pid} running")
+        self._log = open(self.folder / "redis.log", "ab")
+        self.proc = subprocess.Popen(self._argv(), cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + self.start_timeout
+        c = self.client(socket_timeout=1, socket_connect_timeout=1)
         try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            while True:
+                if self.proc.poll() is not None:
+                    raise CacheUnavailable(f"expected redis-server on port {self.port} to start, it exited with "
+                                       f"status {self.proc.returncode}; log:\n{self.log_tail()}")
+                try:
+                    if c.ping():
+                        return self
+                except redis.exceptions.BusyLoadingError:
+                    pass  # replaying its AOF
+                except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise CacheUnavailable(f"expected redis-server on port {self.port} to answer PING within "
+                                       f"{self.start_timeout} s, got no answer; log:\n{self.log_tail()}")
+                time.sleep(0.02)
+        finally:
+            c.close()
+
+    def kill9(self) -> None:
+        """SIGKILL the server (no shutdown, no final fsync) and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._close_log()
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its sockets but answers nothing (a frozen server)."""
+        assert self.proc is not None and self.proc.poll() is None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause`."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def restart(self) -> "RedisServer":
+        """`kill9` if running, then start again on the same port with the same folder."""
+        self.kill9()
+        return self.start()
+
+    def stop(self) -> None:
+        """Terminate the server by its pid (SIGCONT first in case it is paused), wait, kill."""
+        p = self.proc
+        if p is not None and p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGCONT)
+                p.terminate()
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+            except ProcessLookupError:
+                pass
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> "RedisServer":
-        return self.start() if self.proc is None else self
+        return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RedisClusterServers:
+    """``n`` (default 3) cluster-enabled masters, no replicas, joined with
+    ``redis-cli --cluster create ... --cluster-replicas 0 --cluster-yes``; each in
+    ``folder/node-<port>``.
+
+    ``url`` is one node's address with ``?cluster=1`` (for `RedisFrameCache.from_url`)."""
+
+    def __init__(self, folder: Path, n: int = 3, *, join_timeout: float = 30.0) -> None:
+        self.folder = Path(folder)
+        self.nodes: list[RedisServer] = []
+        self.n = n
+        self.join_timeout = join_timeout
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}?cluster=1"
+
+    def start(self) -> "RedisClusterServers":
+        try:
+            ports: set[int] = set()
+            for _ in range(self.n):
+                port = free_port(cluster_bus=True)
+                while port in ports or port + 10000 in ports or port - 10000 in ports:
+                    port = free_port(cluster_bus=True)
+                ports.add(port)
+                node = RedisServer(self.folder / f"node-{port}", port=port, cluster=True)
+                self.nodes.append(node)
+                node.start()
+            addrs = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            r = subprocess.run(["redis-cli", "--cluster", "create", *addrs, "--cluster-replicas", "0",
+                                "--cluster-yes"], capture_output=True, text=True, timeout=self.join_timeout,
+                               stdin=subprocess.DEVNULL, cwd=self.folder)
+            if r.returncode != 0:
+                raise CacheUnavailable(f"expected redis-cli --cluster create to succeed, got status {r.returncode}:\n"
+                                   f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+            self._wait_ok()
+            return self
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ok(self) -> None:
+        """Until every node says ``cluster_state:ok`` and knows all ``n`` masters."""
+        deadline = time.monotonic() + self.join_timeout
+        while True:
+            ok = True
+            for node in self.nodes:
+                c = node.client(socket_timeout=2)
+                try:
+                    info = c.cluster("info")
+                    nodes = c.cluster("nodes")
+                except redis.exceptions.RedisError:
+                    ok = False
+                    break
+                finally:
+                    c.close()
+                state = info.get("cluster_state") if isinstance(info, dict) else None
+                if state != "ok" or len(nodes) != self.n:
+                    ok = False
+                    break
+            if ok:
+                return
+            if time.monotonic() > deadline:
+                raise CacheUnavailable(f"expected the {self.n}-node cluster to reach cluster_state:ok within "
+                                   f"{self.join_timeout} s, got {info!r}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> "RedisClusterServers":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -48,3 +48,68 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol
             f"{what}: {int(bad.sum())} of {diff.numel()} elements differ beyond atol={atol} rtol={rtol}; "
             f"max abs diff {diff.max().item():.3e} at {idx}: actual {actual.flatten()[i].item():.6f} "
             f"expected {expected.flatten()[i].item():.6f}")
+
+
+# --------------------------------------------------------------------------- frame-cache backends
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real ``redis-server`` (AOF, appendfsync everysec) on a free loopback port for the
+    whole session, with its files in a temporary folder; stopped by its pid at the end.
+    Fails (never skips) when redis-server is not installed."""
+    from redis_servers import RedisServer, redis_binaries_missing
+    missing = redis_binaries_missing()
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    with RedisServer(tmp_path_factory.mktemp("redis-session")) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cache_backend(request) -> str:
+    """The frame-cache backend a conformance test runs on: "memory" or "redis"."""
+    return request.param
+
+
+@pytest.fixture
+def any_cache_factory(cache_backend, request):
+    """``make(**options) -> FrameCache``: a new, empty cache of the test's backend with the
+    given options (``max_bytes_per_stream``, ``max_bytes_total``, ``pts_history``, ...).
+
+    Redis caches live on the session's `redis_server`, each under its own fresh key prefix
+    (so two caches made in one test are as separate as two in-process ones); their keys are
+    removed and every cache closed when the test ends."""
+    import uuid
+
+    from frame_cache import InProcessFrameCache
+    made, prefixes = [], []
+    server = request.getfixturevalue("redis_server") if cache_backend == "redis" else None
+
+    def make(**options):
+        if server is None:
+            c = InProcessFrameCache(**options)
+        else:
+            from frame_cache.redis_cache import RedisFrameCache
+            prefixes.append(f"t{uuid.uuid4().hex[:12]}")
+            c = RedisFrameCache.from_url(server.url, prefix=prefixes[-1], **options)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+    if server is not None and prefixes:
+        r = server.client()
+        try:
+            for p in prefixes:
+                keys = list(r.scan_iter(match=f"{p}:*", count=1000))
+                if keys:
+                    r.unlink(*keys)
+        finally:
+            r.close()
+
+
+@pytest.fixture
+def any_cache(any_cache_factory):
+    """A fresh, empty `FrameCache` with default options, on each backend in turn
+    (parametrized through `cache_backend`: test ids end in ``[memory]`` / ``[redis]``)."""
+    return any_cache_factory()

@@ -1,4 +1,8 @@
-"""Tests for frame_cache: record layout, ring semantics, accounting, concurrency."""
+"""Tests for frame_cache: record layout, ring semantics, accounting, concurrency.
+
+Every cache test runs on both backends (the in-process one and Redis on a real
+redis-server) through the ``any_cache`` / ``any_cache_factory`` fixtures of conftest.py:
+the in-process backend is the reference semantics, this file the conformance suite."""
 from __future__ import annotations
 
 import json
@@ -11,19 +15,26 @@ import pytest
 import torch
 
 from frame_cache import (
+    KV_TENSORS,
     RECORD_VERSION,
     SUPPORTED_DTYPES,
     CacheBudgetExceeded,
+    CapacityExceeded,
     FrameCache,
     FrameRecord,
+    FrameWindow,
     InProcessFrameCache,
     RecordFormatError,
     Snapshot,
     StreamExists,
+    StaleWriter,
     StreamNotFound,
+    WindowChunk,
     decode_record,
     encode_record,
+    light_record,
     record_header,
+    record_seq,
     stream_key,
 )
 from lmcore.errors import BadArgument, CacheError, LmsError
@@ -220,13 +231,12 @@ def test_decode_rejects_bad_json() -> None:
 
 # --------------------------------------------------------------------------- ring semantics
 @pytest.fixture
-def cache():
-    c = InProcessFrameCache()
-    yield c
-    c.close()
+def cache(any_cache: FrameCache) -> FrameCache:
+    """A fresh, empty cache: in-process, then Redis (see conftest.py)."""
+    return any_cache
 
 
-def test_interface_and_stream_key(cache: InProcessFrameCache) -> None:
+def test_interface_and_stream_key(cache: FrameCache) -> None:
     assert isinstance(cache, FrameCache)
     assert stream_key("cam-1", "slots") == "lms:{cam-1}:slots"
     assert stream_key("a.b:c_d-9", "meta") == "lms:{a.b:c_d-9}:meta"
@@ -239,7 +249,7 @@ def test_interface_and_stream_key(cache: InProcessFrameCache) -> None:
         stream_key("s", "a b")
 
 
-def test_ring_overwrite_and_windows(cache: InProcessFrameCache) -> None:
+def test_ring_overwrite_and_windows(cache: FrameCache) -> None:
     info = cache.create_stream("s", 5, meta={"fps": 1})
     assert (info.capacity, info.count, info.total_appended, info.oldest_pts, info.meta) == (5, 0, 0, None, {"fps": 1})
     seqs = [cache.append("s", _frame(i)) for i in range(12)]
@@ -283,8 +293,8 @@ def test_ring_overwrite_and_windows(cache: InProcessFrameCache) -> None:
         cache.snapshot("s", max_frames=-1)
 
 
-def test_equal_pts_and_window_bisect() -> None:
-    c = InProcessFrameCache()
+def test_equal_pts_and_window_bisect(any_cache_factory) -> None:
+    c = any_cache_factory()
     c.create_stream("dup", 6)
     pts = [0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 3.0, 3.0]
     assert c.append_many("dup", [_frame(i, p) for i, p in enumerate(pts)]) == list(range(8))
@@ -311,7 +321,7 @@ def test_equal_pts_and_window_bisect() -> None:
     c.close()
 
 
-def test_pts_must_be_non_decreasing(cache: InProcessFrameCache) -> None:
+def test_pts_must_be_non_decreasing(cache: FrameCache) -> None:
     cache.create_stream("s", 4)
     cache.append("s", _frame(0, 5.0))
     cache.append("s", _frame(1, 5.0))  # equal is fine
@@ -324,7 +334,7 @@ def test_pts_must_be_non_decreasing(cache: InProcessFrameCache) -> None:
     assert cache.append("s", _frame(2, 6.0)) == 2
 
 
-def test_create_stream_rules(cache: InProcessFrameCache) -> None:
+def test_create_stream_rules(cache: FrameCache) -> None:
     cache.create_stream("s", 4, meta={"a": 1})
     assert cache.create_stream("s", 4).meta == {"a": 1}
     assert cache.create_stream("s", 4, meta={"a": 1}).capacity == 4
@@ -344,7 +354,7 @@ def test_create_stream_rules(cache: InProcessFrameCache) -> None:
 
 
 # --------------------------------------------------------------------------- accounting
-def test_memory_accounting_exact(cache: InProcessFrameCache) -> None:
+def test_memory_accounting_exact(cache: FrameCache) -> None:
     cache.create_stream("s", 3)
     cache.create_stream("t", 10)
     sizes = []
@@ -366,21 +376,28 @@ def test_memory_accounting_exact(cache: InProcessFrameCache) -> None:
     st = cache.stats()
     assert st["streams"]["s"] == {**st["streams"]["s"], "frames": 3, "bytes": sum(after), "evicted": 1}
     assert st["streams"]["t"]["bytes"] == t_bytes and st["total_frames"] == 7
-    assert st["total_bytes"] == sum(after) + t_bytes == cache._total_bytes
+    assert st["total_bytes"] == sum(after) + t_bytes
+    assert st["backend"] == cache.backend and st["num_streams"] == 2
     json.dumps(st)  # JSON-serialisable
+    # the backend's own running total (for max_bytes_total) agrees: see test_redis_cache for Redis's
+    internal = (lambda: cache._total_bytes) if isinstance(cache, InProcessFrameCache) else None
+    if internal:
+        assert internal() == st["total_bytes"]
 
     cache.delete_stream("s")
     st = cache.stats()
-    assert list(st["streams"]) == ["t"] and st["total_bytes"] == t_bytes == cache._total_bytes
+    assert list(st["streams"]) == ["t"] and st["total_bytes"] == t_bytes
+    assert internal is None or internal() == t_bytes
     cache.delete_stream("t")
-    assert cache.stats()["total_bytes"] == 0 == cache._total_bytes
+    assert cache.stats()["total_bytes"] == 0 and cache.streams() == []
+    assert internal is None or internal() == 0
 
 
-def test_budget_errors_do_not_lose_frames() -> None:
+def test_budget_errors_do_not_lose_frames(any_cache_factory) -> None:
     one = len(encode_record(_with_seq(_frame(0), 0)))
     big = FrameRecord(pts=100.0, tensors={"x": torch.zeros(4096)})
 
-    c = InProcessFrameCache(max_bytes_per_stream=one * 4)
+    c = any_cache_factory(max_bytes_per_stream=one * 4)
     c.create_stream("s", 8)
     c.append_many("s", [_frame(i) for i in range(4)])
     before = c.snapshot("s")
@@ -397,14 +414,14 @@ def test_budget_errors_do_not_lose_frames() -> None:
     c.close()
 
     # a full ring can keep overwriting within budget
-    c = InProcessFrameCache(max_bytes_per_stream=one * 4)
+    c = any_cache_factory(max_bytes_per_stream=one * 4)
     c.create_stream("s", 4)
     c.append_many("s", [_frame(i) for i in range(10)])
     assert c.snapshot("s").seqs() == [6, 7, 8, 9]
     c.close()
 
     # global budget across streams
-    c = InProcessFrameCache(max_bytes_total=one * 5)
+    c = any_cache_factory(max_bytes_total=one * 5)
     c.create_stream("a", 8)
     c.create_stream("b", 8)
     c.append_many("a", [_frame(i) for i in range(3)])
@@ -417,7 +434,7 @@ def test_budget_errors_do_not_lose_frames() -> None:
     c.close()
 
 
-def test_unknown_stream_errors(cache: InProcessFrameCache) -> None:
+def test_unknown_stream_errors(cache: FrameCache) -> None:
     calls = [
         lambda: cache.append("nope", _frame(0)),
         lambda: cache.append_many("nope", [_frame(0)]),
@@ -425,6 +442,10 @@ def test_unknown_stream_errors(cache: InProcessFrameCache) -> None:
         lambda: cache.latest("nope", 1),
         lambda: cache.stream_info("nope"),
         lambda: cache.delete_stream("nope"),
+        lambda: cache.window("nope"),
+        lambda: cache.read("nope", [0]),
+        lambda: cache.acquire_writer("nope"),
+        lambda: cache.append_many("nope", []),
     ]
     for call in calls:
         with pytest.raises(StreamNotFound) as ei:
@@ -439,18 +460,23 @@ def test_unknown_stream_errors(cache: InProcessFrameCache) -> None:
         cache.snapshot("gone")
 
 
-def test_closed_cache_rejects_calls() -> None:
-    c = InProcessFrameCache()
+def test_closed_cache_rejects_calls(any_cache_factory) -> None:
+    c = any_cache_factory()
     with c:
         c.create_stream("s", 2)
     with pytest.raises(CacheError, match="closed"):
         c.streams()
     with pytest.raises(CacheError, match="closed"):
         c.snapshot("s")
+    for call in (lambda: c.append("s", _frame(0)), lambda: c.window("s"), lambda: c.read("s", [0]),
+                 lambda: c.acquire_writer("s"), lambda: c.stats(), lambda: c.create_stream("t", 2)):
+        with pytest.raises(CacheError, match="closed") as ei:
+            call()
+        assert ei.value.code == "E_CACHE_CLOSED"
     c.close()  # idempotent
 
 
-def test_snapshot_is_immutable_after_later_writes(cache: InProcessFrameCache) -> None:
+def test_snapshot_is_immutable_after_later_writes(cache: FrameCache) -> None:
     cache.create_stream("s", 3)
     cache.append_many("s", [_frame(i) for i in range(3)])
     snap = cache.snapshot("s")
@@ -463,8 +489,8 @@ def test_snapshot_is_immutable_after_later_writes(cache: InProcessFrameCache) ->
     assert cache.latest("s", 1)[0].tensors["idx"].item() == 8
 
 
-def test_dropped_before_with_trimmed_history() -> None:
-    c = InProcessFrameCache(pts_history=4)
+def test_dropped_before_with_trimmed_history(any_cache_factory) -> None:
+    c = any_cache_factory(pts_history=4)
     c.create_stream("s", 2)
     c.append_many("s", [_frame(i) for i in range(20)])  # 18 evicted, history keeps 4..8 exactly
     snap = c.snapshot("s")
@@ -473,13 +499,26 @@ def test_dropped_before_with_trimmed_history() -> None:
     assert recent.dropped_before == 3 and recent.dropped_exact
     old = c.snapshot("s", 2.0, 5.0)  # reaches into the collapsed part: an estimate, flagged
     assert not old.dropped_exact and abs(old.dropped_before - 4) <= 1
-    assert c.stats()["streams"]["s"]["index_bytes"] <= 8 * 8
+    st = c.stats()["streams"]["s"]
+    if isinstance(c, InProcessFrameCache):
+        assert st["index_bytes"] <= 8 * 8
+    else:  # Redis: the evicted-pts zset keeps between pts_history and 2 * pts_history entries
+        assert 4 <= st["index_frames"] <= 8 and 0 < st["index_bytes"] < 4096
+    # more evictions keep the exact part bounded and the estimate flagged
+    c.append_many("s", [_frame(i) for i in range(20, 60)])
+    snap = c.snapshot("s")
+    assert snap.dropped_before == 58 and snap.dropped_exact and snap.seqs() == [58, 59]
+    recent = c.snapshot("s", 55.0, 59.0)  # evicted 55..57, all in the exact part
+    assert recent.dropped_before == 3 and recent.dropped_exact
+    old = c.snapshot("s", 10.0, 19.0)
+    assert not old.dropped_exact and abs(old.dropped_before - 10) <= 1
+    assert c.window("s", 10.0, 19.0).dropped_before == old.dropped_before
     c.close()
 
 
 # --------------------------------------------------------------------------- concurrency
-def test_concurrent_writer_and_readers() -> None:
-    c = InProcessFrameCache()
+def test_concurrent_writer_and_readers(any_cache_factory) -> None:
+    c = any_cache_factory()
     c.create_stream("live", 64)
     n_frames = 2000
     done = threading.Event()
@@ -543,3 +582,204 @@ def test_concurrent_writer_and_readers() -> None:
     check(final)
     assert final.dropped_before == n_frames - 64
     c.close()
+
+
+# --------------------------------------------------------------------------- windows, light reads, writers
+def _kv_frame(i: int, pts: float | None = None) -> FrameRecord:
+    """A record with keys/values and their fp8 scales besides the vision token."""
+    g = torch.Generator().manual_seed(i)
+    return FrameRecord(
+        pts=float(i) if pts is None else pts,
+        tensors={
+            "vision": torch.full((1, 8), float(i), dtype=torch.bfloat16),
+            "k": torch.randn(2, 2, 3, 4, generator=g).to(torch.float8_e4m3fn),
+            "v": torch.randn(2, 2, 3, 4, generator=g).to(torch.float8_e4m3fn),
+            "k_scale": torch.rand(2, 2, generator=g),
+            "v_scale": torch.rand(2, 2, generator=g),
+            "prefix": torch.full((3, 8), -float(i)),
+        },
+        meta={"i": i},
+    )
+
+
+def _contents(cache: FrameCache, sid: str) -> tuple:
+    """Everything observable about a stream, to show that a refused call changed nothing."""
+    info = cache.stream_info(sid)
+    snap = cache.snapshot(sid)
+    return info.to_dict(), snap.blobs, snap.pts(), snap.seqs(), snap.dropped_before
+
+
+def test_window_chunks_equal_snapshot(cache: FrameCache) -> None:
+    cache.create_stream("w", 16)
+    pts = [0.0, 0.5, 0.5, 1.0, 2.0, 2.0, 2.0, 3.5, 4.0, 4.0, 5.0, 6.0, 7.0, 7.5, 8.0, 8.0, 9.0, 9.5, 10.0, 11.0]
+    cache.append_many("w", [_kv_frame(i, p) for i, p in enumerate(pts)])  # 4 overwritten
+    for start, end, mf in [(None, None, None), (2.0, 8.0, None), (0.0, 4.0, None), (3.0, 9.0, 5),
+                           (None, None, 0), (12.0, 20.0, None), (-5.0, 0.5, None)]:
+        w = cache.window("w", start, end, max_frames=mf)
+        snap = cache.snapshot("w", start, end, max_frames=mf)
+        assert isinstance(w, FrameWindow) and len(w) == len(snap)
+        assert (w.first_seq, w.last_seq, list(w.seqs())) == (snap.first_seq, snap.last_seq, snap.seqs())
+        assert (list(w.pts_list), w.dropped_before, w.dropped_exact) == (snap.pts(), snap.dropped_before,
+                                                                        snap.dropped_exact)
+        for size in (1, 3, 100):
+            for prefetch in (True, False):
+                chunks = list(w.chunks(cache, size, prefetch=prefetch))
+                assert all(isinstance(ch, WindowChunk) and len(ch) <= size and not ch.missing for ch in chunks)
+                assert len(chunks) == -(-len(w) // size)
+                assert [q for ch in chunks for q in ch.seqs] == snap.seqs()
+                assert [p for ch in chunks for p in ch.pts] == snap.pts()
+                assert tuple(b for ch in chunks for b in ch.blobs) == snap.blobs
+    # a subset of the window, in the caller's order, and light chunks of it
+    w = cache.window("w")
+    pick = [w.last_seq, w.first_seq + 2, w.first_seq]
+    (ch,) = w.chunks(cache, 10, seqs=pick)
+    assert ch.seqs == pick and ch.blobs == cache.read("w", pick)
+    assert [r.seq for r in ch.records()] == pick
+    (lch,) = w.chunks(cache, 10, seqs=pick, light=True)
+    assert lch.seqs == pick and all(not set(KV_TENSORS) & set(r.tensors) for r in lch.records())
+    with pytest.raises(BadArgument, match="inside the window"):
+        list(w.chunks(cache, 2, seqs=[w.first_seq - 1]))
+    with pytest.raises(BadArgument, match="chunk size"):
+        list(w.chunks(cache, 0))
+
+
+def test_frames_overwritten_after_the_window_are_missing(cache: FrameCache) -> None:
+    cache.create_stream("o", 6)
+    cache.append_many("o", [_kv_frame(i) for i in range(6)])
+    w = cache.window("o")
+    before = dict(zip(w.seqs(), cache.snapshot("o").blobs))
+    cache.append_many("o", [_kv_frame(i) for i in range(6, 10)])  # seqs 0..3 overwritten
+    chunks = list(w.chunks(cache, 4))
+    assert [ch.missing for ch in chunks] == [[0, 1, 2, 3], []]
+    assert [ch.seqs for ch in chunks] == [[], [4, 5]]
+    assert chunks[1].blobs == [before[4], before[5]] and chunks[1].pts == [4.0, 5.0]
+    # read() itself: None for overwritten and for not-yet-written seqs, never another frame
+    got = cache.read("o", [3, 4, 9, 10, 1000])
+    assert got[0] is None and got[3] is None and got[4] is None
+    assert record_seq(got[1]) == 4 and record_seq(got[2]) == 9
+    assert cache.read("o", []) == []
+    with pytest.raises(BadArgument, match="seq"):
+        cache.read("o", [-1])
+    with pytest.raises(StreamNotFound):
+        cache.read("nope", [0])
+
+
+def test_light_reads_lack_keys_values(cache: FrameCache) -> None:
+    cache.create_stream("l", 4)
+    recs = [_kv_frame(i) for i in range(6)]
+    cache.append_many("l", recs)
+    seqs = [2, 3, 4, 5]
+    full = cache.read("l", seqs)
+    light = cache.read("l", seqs, light=True)
+    for q, fb, lb in zip(seqs, full, light):
+        f, lr = decode_record(fb), decode_record(lb)
+        assert f.seq == lr.seq == q and f.pts == lr.pts == float(q)
+        assert set(KV_TENSORS) <= set(f.tensors)
+        assert not set(KV_TENSORS) & set(lr.tensors) and list(lr.tensors) == ["vision", "prefix"]
+        assert lr.meta == {"i": q, "light": True} and f.meta == {"i": q}
+        for name in ("vision", "prefix"):
+            assert torch.equal(_bits(lr.tensors[name]), _bits(recs[q].tensors[name]))
+        assert lb == encode_record(light_record(_with_seq(recs[q], q))) and len(lb) < len(fb)
+    assert cache.read("l", [0, 1], light=True) == [None, None]  # overwritten
+    info = cache.stream_info("l")
+    assert info.light_bytes == sum(len(b) for b in light) and info.bytes_used == sum(len(b) for b in full)
+
+
+def test_acquire_writer_fences_old_writers(cache: FrameCache) -> None:
+    cache.create_stream("f", 8)
+    assert cache.stream_info("f").writer == 0
+    t1 = cache.acquire_writer("f")
+    assert cache.append("f", _frame(0), writer=t1) == 0
+    t2 = cache.acquire_writer("f")
+    assert t2 > t1 and cache.stream_info("f").writer == t2
+    state = _contents(cache, "f")
+    for call in (lambda: cache.append("f", _frame(1), writer=t1),
+                 lambda: cache.append_many("f", [_frame(1), _frame(2)], writer=t1),
+                 lambda: cache.append_many("f", [_frame(0)], writer=t1, seq=0)):  # even a retry
+        with pytest.raises(StaleWriter) as ei:
+            call()
+        assert ei.value.code == "E_STALE_WRITER" and ei.value.http_status == 409
+        msg = ei.value.message
+        assert msg.startswith(f"expected writer token {t2} for stream 'f'") and f"got {t1}" in msg
+    assert _contents(cache, "f") == state  # nothing stored, nothing evicted
+    assert cache.append_many("f", [_frame(1), _frame(2)], writer=t2) == [1, 2]
+    assert cache.append("f", _frame(3)) == 3  # no token: not fenced
+    with pytest.raises(BadArgument, match="writer"):
+        cache.append("f", _frame(4), writer="me")  # type: ignore[arg-type]
+    with pytest.raises(StreamNotFound, match="'nope'"):
+        cache.acquire_writer("nope")
+
+
+def test_idempotent_append_with_seq(cache: FrameCache) -> None:
+    cache.create_stream("i", 4)
+    recs = [_frame(i) for i in range(8)]
+    assert cache.append_many("i", recs[0:3], seq=0) == [0, 1, 2]
+    blobs = cache.snapshot("i").blobs
+    assert cache.append_many("i", recs[0:3], seq=0) == [0, 1, 2]  # a retry: nothing stored twice
+    assert cache.stream_info("i").total_appended == 3 and cache.snapshot("i").blobs == blobs
+    assert cache.append("i", recs[2], seq=2) == 2
+    assert cache.append_many("i", recs[1:5], seq=1) == [1, 2, 3, 4]  # 1, 2 known; 3, 4 new
+    info = cache.stream_info("i")
+    assert (info.total_appended, info.count, info.oldest_seq) == (5, 4, 1)
+    snap = cache.snapshot("i")
+    assert snap.seqs() == [1, 2, 3, 4] and [r.meta["i"] for r in snap] == [1, 2, 3, 4]
+    state = _contents(cache, "i")
+    with pytest.raises(BadArgument, match=r"expected seq <= 5 \(the next seq of stream 'i'\), got 7"):
+        cache.append_many("i", recs[7:8], seq=7)  # a gap: 5, 6 would be missing
+    with pytest.raises(BadArgument, match="seq"):
+        cache.append("i", recs[5], seq=-1)
+    assert _contents(cache, "i") == state
+    # retrying records long overwritten is still a no-op
+    cache.append_many("i", recs[5:8], seq=5)
+    assert cache.append_many("i", recs[0:8], seq=0) == list(range(8))
+    assert cache.stream_info("i").total_appended == 8 and cache.snapshot("i").seqs() == [4, 5, 6, 7]
+    assert cache.append("i", _frame(8), seq=8) == 8 and cache.append("i", _frame(8), seq=8) == 8
+
+
+def test_on_full_error_refuses_with_nothing_stored(cache: FrameCache) -> None:
+    info = cache.create_stream("e", 3, on_full="error")
+    assert info.on_full == "error" and cache.create_stream("e", 3, on_full="error").on_full == "error"
+    with pytest.raises(BadArgument, match="on_full='error'"):
+        cache.create_stream("e", 3)  # exists with another on_full
+    with pytest.raises(BadArgument, match="on_full"):
+        cache.create_stream("x", 3, on_full="drop")
+    assert cache.append_many("e", [_frame(0), _frame(1)]) == [0, 1]
+    state = _contents(cache, "e")
+    with pytest.raises(CapacityExceeded) as ei:
+        cache.append_many("e", [_frame(2), _frame(3)])
+    assert ei.value.code == "E_CAPACITY" and ei.value.http_status == 507
+    assert ei.value.message == ("expected at most 3 frames in stream 'e' (its capacity; on_full='error'), "
+                                "got 2 stored + 2 new")
+    assert _contents(cache, "e") == state
+    assert cache.append("e", _frame(2)) == 2
+    with pytest.raises(CapacityExceeded):
+        cache.append("e", _frame(3))
+    assert cache.append_many("e", [_frame(1), _frame(2)], seq=1) == [1, 2]  # a retry is not "more"
+    info = cache.stream_info("e")
+    assert (info.count, info.total_appended, info.evicted) == (3, 3, 0)
+    assert cache.stats()["streams"]["e"]["on_full"] == "error"
+
+
+def test_counters_in_stats_and_stream_info(cache: FrameCache) -> None:
+    cache.create_stream("c", 5, meta={"src": "cam"})
+    cache.append_many("c", [_kv_frame(i) for i in range(3)])
+    cache.append_many("c", [_kv_frame(i) for i in range(3, 9)])  # 4 overwritten
+    seqs = list(range(4, 9))
+    full, light = cache.read("c", seqs), cache.read("c", seqs, light=True)
+    info = cache.stream_info("c")
+    assert (info.capacity, info.count, info.total_appended, info.evicted) == (5, 5, 9, 4)
+    assert (info.oldest_seq, info.newest_seq, info.oldest_pts, info.newest_pts) == (4, 8, 4.0, 8.0)
+    assert info.bytes_used == sum(map(len, full)) and info.light_bytes == sum(map(len, light))
+    assert 0 < info.light_bytes < info.bytes_used
+    d = info.to_dict()
+    assert d["light_bytes"] == info.light_bytes and d["writer"] == 0 and d["on_full"] == "overwrite"
+    assert d["meta"] == {"src": "cam"} and json.loads(json.dumps(d)) == d
+    st = cache.stats()
+    s = st["streams"]["c"]
+    assert (s["frames"], s["capacity"], s["bytes"], s["light_bytes"], s["evicted"], s["total_appended"]) == \
+        (5, 5, info.bytes_used, info.light_bytes, 4, 9)
+    assert st["total_frames"] == 5 and st["total_bytes"] == info.bytes_used
+    json.dumps(st)
+    cache.create_stream("d", 2)
+    assert cache.stream_info("d").to_dict() == {**cache.stream_info("d").to_dict(), "count": 0, "light_bytes": 0,
+                                                "bytes_used": 0, "oldest_pts": None, "oldest_seq": -1}
