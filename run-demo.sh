@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: set up .venv, then answer questions about a synthetic
-# video end to end (decode -> encode -> ring buffer -> fuse -> answer), with the ground truth.
+# The main job on a fresh machine: set up .venv, start the service (its own Redis and Ray Serve),
+# send a synthetic video through the batch file API, ask its questions over HTTP (one streamed),
+# print the answers next to the truth, stop everything. `lmstream demo` alone: the same in-process.
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
-exec .venv/bin/lmstream demo "$@"
+exec .venv/bin/lmstream demo --service "$@"

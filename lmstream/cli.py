@@ -267,6 +267,10 @@ def cmd_cache(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job: a synthetic video with known answers, through the whole pipeline."""
+    if args.service:
+        check_common_args(args)
+        from .demo_service import run
+        return run(args)
     from stream.ingest import encode_video
     from stream.synthetic import make_scene, questions, score, write_video
     check_common_args(args)
@@ -346,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--out", help="keep the generated video at this path")
+    p.add_argument("--service", action="store_true", help="through the service: start `lmstream serve`, upload, "
+                                                          "ask over HTTP (one answer streamed), stop it")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("cache", help="list, describe or remove the streams in a frame cache")
     p.add_argument("action", choices=["ls", "info", "rm"])

@@ -21,19 +21,17 @@ pipq --upgrade pip
 if ! python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
     pipq "torch==2.13.0"
 fi
-# System packages the tests start themselves (never started here): redis-server for the
-# frame-cache conformance suite. Debian's packages, as root (apt-get does not start it).
+# System packages the service and the tests start themselves (never started here): redis-server.
+# Debian's packages, as root (apt-get does not start it).
 apt_need() {
     command -v apt-get >/dev/null || { echo "error[E_SETUP]: expected apt-get to install $*, got none; install them by hand" >&2; exit 1; }
     echo "installing system packages: $* (log in $log)" >&2
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"; } >>"$log" 2>&1 \
         || { tail -n 30 "$log" >&2; echo "error[E_SETUP]: apt-get install $* failed (log: $log)" >&2; exit 1; }
 }
-if [ "${1:-}" = "test" ]; then
-    command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_need redis-server
-fi
-extras="kernels,cache"
-[ "${1:-}" = "test" ] && extras="kernels,cache,test,bench"
+command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_need redis-server
+extras="kernels,cache,serve"
+[ "${1:-}" = "test" ] && extras="kernels,cache,serve,test,bench"
 pipq -e ".[${extras}]"
-python -c 'import torch, transformers, av, model, stream, frame_cache' \
+python -c 'import torch, transformers, av, ray.serve, redis, fastapi, model, stream, frame_cache, deploy.settings' \
     || { echo "error[E_SETUP]: expected the installed packages to import, got a failure above" >&2; exit 1; }

@@ -1,0 +1,143 @@
+"""`lmstream demo --service`: the main job through the service, as a client sees it.
+
+Starts `lmstream serve` (its own Redis and Ray, in a temporary folder), writes a synthetic video with
+known answers, uploads it to `POST /v1/videos`, follows the job's progress, asks the questions over
+HTTP (the last one streamed token by token, SSE), prints each answer next to the truth, and stops the
+service (SIGTERM to the PID it started: Serve, Ray and Redis go with it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from lmcore.errors import ServiceUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _start_service(data: Path, model: str | None, key: str) -> tuple[subprocess.Popen, str, Path]:
+    from frame_cache.redis_server import free_port
+    port = free_port()
+    log = data / "serve.log"
+    argv = [sys.executable, "-m", "lmstream.cli", "serve", "--port", str(port), "--data-dir", str(data / "svc"),
+            "--api-key", key]
+    if model:
+        argv += ["--model", model]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("LMSTREAM_API_KEYS", None)
+    with open(log, "ab") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO)
+    t0 = time.monotonic()
+    while True:
+        line = proc.stdout.readline()
+        if line.startswith(b"{"):
+            return proc, json.loads(line)["url"], log
+        if proc.poll() is not None or not line:
+            tail = log.read_text(errors="replace")[-2000:]
+            raise ServiceUnavailable(f"expected `lmstream serve` to start, got exit status {proc.poll()}; its log "
+                                     f"({log}):\n{tail}")
+        if time.monotonic() - t0 > 300:
+            proc.terminate()
+            raise ServiceUnavailable("expected `lmstream serve` to be ready within 300 s, got no answer")
+
+
+def _stop(proc: subprocess.Popen) -> float:
+    t = time.perf_counter()
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return time.perf_counter() - t
+
+
+def run(args) -> int:
+    import httpx
+    from stream.synthetic import make_scene, questions, score, write_video
+    key = "demo-" + secrets.token_hex(8)
+    with tempfile.TemporaryDirectory(prefix="lmstream-demo-") as tmp:
+        tmpd = Path(tmp)
+        t0 = time.perf_counter()
+        print("service: starting `lmstream serve` (Redis, Ray Serve, the demo model) ...", flush=True)
+        proc, url, log = _start_service(tmpd, args.model, key)
+        try:
+            print(f"service: ready at {url} in {time.perf_counter() - t0:.1f} s (log {log.name})")
+            spec = make_scene(args.seed, args.duration, size=(64, 64))
+            video = Path(args.out) if args.out else tmpd / f"synthetic-{args.seed}.mp4"
+            write_video(spec, video)
+            print(f"video: {video.name} ({args.duration:.0f} s synthetic scene, seed {args.seed}, H.264, "
+                  f"{video.stat().st_size / 1e3:.0f} kB)")
+            h = {"Authorization": f"Bearer {key}"}
+            with httpx.Client(base_url=url, headers=h, timeout=120) as c:
+                t = time.perf_counter()
+                with open(video, "rb") as f:
+                    r = c.post("/v1/videos", files={"file": (video.name, f, "video/mp4")},
+                               data={"fps": str(args.fps)})
+                r.raise_for_status()
+                vid = r.json()["id"]
+                print(f"POST /v1/videos -> 202 {vid}")
+                last = None
+                while True:
+                    d = c.get(f"/v1/videos/{vid}").json()
+                    line = f"  {d['status']:<10} {d['progress']:>6.0%}  {d['frames']} frames"
+                    if line != last:
+                        print(line, flush=True)
+                        last = line
+                    if d["status"] in ("ready", "failed"):
+                        break
+                    time.sleep(0.5)
+                if d["status"] != "ready":
+                    print(f"error[{d['error']['code']}]: {d['error']['message']}", file=sys.stderr)
+                    return 1
+                print(f"ingest: {d['frames']} frames of {d['duration_s']:.0f} s in {time.perf_counter() - t:.1f} s "
+                      "(decode -> Encoder batches -> Redis ring)")
+                qas = questions(spec, per_family=1)
+                print()
+                print(f"{'family':<8} {'question':<52} {'truth':<16} {'answer':<16} ok  first token")
+                right = 0
+                for i, qa in enumerate(qas):
+                    if i < len(qas) - 1:
+                        a = c.post(f"/v1/videos/{vid}/questions", json={"question": qa.question, "max_tokens": 8})
+                        a.raise_for_status()
+                        ans = a.json()
+                    else:                                   # the last one streamed, token by token
+                        print(f"{qa.family:<8} {qa.question[:52]:<52} {qa.answer[:16]:<16} ", end="", flush=True)
+                        ans, shown = None, ""
+                        with c.stream("POST", f"/v1/videos/{vid}/questions",
+                                      json={"question": qa.question, "max_tokens": 8, "stream": True}) as s:
+                            kind = None
+                            for ln in s.iter_lines():
+                                if ln.startswith("event: "):
+                                    kind = ln[7:]
+                                elif ln.startswith("data: "):
+                                    ev = json.loads(ln[6:])
+                                    if kind == "token":
+                                        print(ev["text"], end="", flush=True)
+                                        shown += ev["text"]
+                                    elif kind == "answer":
+                                        ans = ev
+                        ok = score(qa, ans["text"])
+                        right += ok
+                        print(f"{'':<{max(0, 16 - len(shown))}} {'yes' if ok else 'no':<3} "
+                              f"{ans['timings']['first_token_s'] * 1e3:.0f} ms  (streamed)")
+                        continue
+                    ok = score(qa, ans["text"])
+                    right += ok
+                    print(f"{qa.family:<8} {qa.question[:52]:<52} {qa.answer[:16]:<16} {ans['text'][:16]:<16} "
+                          f"{'yes' if ok else 'no':<3} {ans['timings']['first_token_s'] * 1e3:.0f} ms")
+                print(f"\n{right}/{len(qas)} correct; every answer: {ans['frames']} frames "
+                      f"({ans['time_span'][0]:.0f}-{ans['time_span'][1]:.0f} s), fused {ans['frames_fused']}, policy "
+                      f"{ans['policy']}, keys/values {ans['kv_policy']}, gaps {ans['gaps']}")
+        finally:
+            s = _stop(proc)
+            print(f"service: stopped in {s:.1f} s (Serve, Ray and Redis); total {time.perf_counter() - t0:.1f} s")
+    return 0
