@@ -13,6 +13,7 @@ import os
 import secrets
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 from urllib.parse import parse_qs, urlparse
 
@@ -137,6 +138,9 @@ def build_api() -> FastAPI:
     async def _invalid(_req: Request, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {}
+        if first.get("type") == "json_invalid":
+            pos = first.get("loc", ("body", "?"))[-1]
+            return error_response(InvalidRequest(f"expected a JSON body, got invalid JSON (error at position {pos})"))
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
         got = first.get("input")
         got_s = json.dumps(got)[:200] if got is not None and not isinstance(got, (bytes, bytearray)) else "nothing"
@@ -228,11 +232,21 @@ def build_api() -> FastAPI:
         else:
             raise InvalidRequest(f"expected multipart/form-data (file=) or application/json ({{\"path\"}}), "
                                  f"got content-type {ctype or 'none'!r}")
+        try:
+            return await _start(b, job_id, path, opts, delete_after)
+        except BaseException:
+            if delete_after:                 # nothing left behind by a request that failed
+                Path(path).unlink(missing_ok=True)
+            raise
+
+    async def _start(b: Backend, job_id: str, path: str, opts: dict, delete_after: bool):
+        lim = b.settings.limits
         fps = fps_ok(opts.get("fps"), b.settings)
         info = await b.encoder_info()
         job = FileJob(job_id=job_id, path=path, fps=fps, window=opts.get("window"), kv_policy=opts["kv_policy"],
                       size=info["size"], batch=b.settings.encode_batch, max_frames=lim.max_frames_per_job,
-                      max_duration_s=lim.max_duration_s, delete_after=delete_after)
+                      max_duration_s=lim.max_duration_s, delete_after=delete_after,
+                      extra={"source": opts.get("source")})
         await asyncio.to_thread(b.store.create, job_id, {"source": opts.get("source"), "fps": fps,
                                                          "kv_policy": job.kv_policy, "window": job.window})
         await b.start_job(job)
@@ -260,8 +274,9 @@ def build_api() -> FastAPI:
         _check_id(vid)
         d = await asyncio.to_thread(b.store.get, vid)
         if d["status"] in ("queued", "ingesting"):
-            raise BadArgument(f"expected a finished job to delete, got video {vid!r} still {d['status']}; "
-                              "wait for it to finish", code="E_BUSY_JOB")
+            from lmcore.errors import NotReady
+            raise NotReady(f"expected a finished job to delete, got video {vid!r} still {d['status']}; "
+                           "wait for it to finish", code="E_JOB_RUNNING")
         from frame_cache import StreamNotFound
 
         def drop():
@@ -296,10 +311,17 @@ def build_api() -> FastAPI:
         question, ref = _chat_parts(body)
         kind, sid, window, last_s = ref
         gaps: list = []
-        if kind == "videos":
-            d = await asyncio.to_thread(b.store.get, sid)
-            require_ready(d)
-            gaps = d.get("gaps") or []
+        job = None
+        try:
+            job = await asyncio.to_thread(b.store.get, sid)
+        except NotFound:
+            if kind == "videos":
+                raise
+        if job is not None:                  # a video (also when named as lms://streams/ID): ready first
+            require_ready(job)
+            gaps = job.get("gaps") or []
+        elif sid not in await asyncio.to_thread(b.cache.streams):
+            raise NotFound(f"expected a known stream id, got {sid!r}")
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
         sampling = {}
         if body.temperature is not None and body.temperature > 0:
@@ -329,7 +351,10 @@ def build_api() -> FastAPI:
             raise PayloadTooLarge(f"expected a question of at most {lim.max_question_chars} characters, "
                                   f"got {len(question)}")
         from model.llava_mini import FusionPolicy
-        FusionPolicy.parse(policy)
+        try:
+            FusionPolicy.parse(policy)
+        except BadArgument as e:
+            raise InvalidRequest(f"policy: {e.message}") from None
         return {"stream_id": sid, "question": question, "window": list(window) if window else None,
                 "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
 
@@ -498,49 +523,105 @@ def _parse_lms_url(url, i: int):
 
 
 async def _save_upload(request: Request, b: Backend, job_id: str):
-    """Stream a multipart upload to the upload folder (never held in memory); 413 past the limit."""
-    from starlette.formparsers import MultiPartParser  # noqa: F401  (python-multipart must be present)
+    """Stream a multipart upload straight into the upload folder as it arrives (never spooled to
+    /tmp, never held in memory); 413 as soon as the file passes the limit; a rejected upload
+    leaves no file behind. Small form fields (fps, window, kv_policy) are read beside it."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
     lim = b.settings.limits
     b.settings.upload_dir.mkdir(parents=True, exist_ok=True)
-    form = await request.form(max_files=1, max_fields=8)
+    _, params = parse_options_header(request.headers.get("content-type", ""))
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise InvalidRequest("expected a multipart/form-data body with a boundary, got none")
+    st: dict[str, Any] = {"fields": {}, "name": None, "filename": None, "headers": {}, "hfield": b"",
+                          "hvalue": b"", "buf": b"", "out": None, "dest": None, "size": 0, "error": None}
+
+    def on_header_field(data, start, end):
+        st["hfield"] += data[start:end]
+
+    def on_header_value(data, start, end):
+        st["hvalue"] += data[start:end]
+
+    def on_header_end():
+        st["headers"][st["hfield"].decode("latin-1").lower()] = st["hvalue"]
+        st["hfield"], st["hvalue"] = b"", b""
+
+    def on_headers_finished():
+        _, p = parse_options_header(st["headers"].get("content-disposition", b""))
+        st["name"] = p.get(b"name", b"").decode("utf-8", "replace")
+        fn = p.get(b"filename")
+        st["filename"] = None if fn is None else fn.decode("utf-8", "replace")
+        st["buf"] = b""
+        if st["name"] == "file" and st["filename"] is not None:
+            if st["out"] is not None:
+                st["error"] = InvalidRequest("expected one file= part, got several")
+                return
+            ext = os.path.splitext(st["filename"])[1][:10]
+            ext = ext if ext[1:].isalnum() else ""
+            st["dest"] = b.settings.upload_dir / f"{job_id}{ext}"
+            st["out"] = open(st["dest"], "wb")
+
+    def on_part_data(data, start, end):
+        if st["error"] is not None:
+            return
+        chunk = data[start:end]
+        if st["name"] == "file" and st["out"] is not None:
+            st["size"] += len(chunk)
+            if st["size"] > lim.max_upload_bytes:
+                st["error"] = PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got more")
+                return
+            st["out"].write(chunk)
+        else:
+            st["buf"] += chunk
+            if len(st["buf"]) > 4096:
+                st["error"] = InvalidRequest(f"expected a short form field {st['name']!r}, got over 4096 bytes")
+
+    def on_part_end():
+        if st["name"] != "file" and st["name"]:
+            st["fields"][st["name"]] = st["buf"].decode("utf-8", "replace").strip()
+        st["headers"] = {}
+
+    parser = MultipartParser(boundary, {"on_header_field": on_header_field, "on_header_value": on_header_value,
+                                        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+                                        "on_part_data": on_part_data, "on_part_end": on_part_end})
     try:
-        up = form.get("file")
-        if up is None or isinstance(up, str):
+        try:
+            async for chunk in request.stream():
+                parser.write(chunk)
+                if st["error"] is not None:
+                    raise st["error"]
+            parser.finalize()
+        except LmsError:
+            raise
+        except Exception as e:                     # a malformed body
+            raise InvalidRequest(f"expected a well-formed multipart body, got {type(e).__name__}: {e}") from None
+        if st["out"] is None:
             raise InvalidRequest("expected a multipart field file= holding the video, got none")
-        ext = os.path.splitext(up.filename or "")[1][:10]
-        ext = ext if ext.replace(".", "").isalnum() else ""
-        dest = b.settings.upload_dir / f"{job_id}{ext}"
-        size = 0
-        with open(dest, "wb") as out:
-            while True:
-                chunk = await up.read(1 << 20)
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > lim.max_upload_bytes:
-                    out.close()
-                    dest.unlink(missing_ok=True)
-                    raise PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got more")
-                out.write(chunk)
-        if size == 0:
-            dest.unlink(missing_ok=True)
+        st["out"].close()
+        if st["size"] == 0:
             raise InvalidRequest("expected a non-empty file=, got 0 bytes")
-        opts: dict[str, Any] = {"source": up.filename, "kv_policy": str(form.get("kv_policy") or "exact")}
+        f = st["fields"]
+        opts: dict[str, Any] = {"source": st["filename"], "kv_policy": f.get("kv_policy") or "exact"}
         if opts["kv_policy"] not in ("exact", "fp8"):
             raise InvalidRequest(f"expected kv_policy exact or fp8, got {opts['kv_policy']!r}")
-        if form.get("fps"):
+        if f.get("fps"):
             try:
-                opts["fps"] = float(form.get("fps"))
+                opts["fps"] = float(f["fps"])
             except ValueError:
-                raise InvalidRequest(f"expected fps to be a number, got {form.get('fps')!r}") from None
-        if form.get("window"):
+                raise InvalidRequest(f"expected fps to be a number, got {f['fps']!r}") from None
+            fps_ok(opts["fps"], b.settings)
+        if f.get("window"):
             try:
-                s, e = (float(x) for x in str(form.get("window")).split(","))
+                s0, e0 = (float(x) for x in f["window"].split(","))
             except ValueError:
-                raise InvalidRequest(f"expected window as START,END seconds, got {form.get('window')!r}") from None
-            if not 0 <= s < e:
-                raise InvalidRequest(f"expected window with 0 <= START < END, got {form.get('window')!r}")
-            opts["window"] = (s, e)
-        return str(dest), opts
-    finally:
-        await form.close()
+                raise InvalidRequest(f"expected window as START,END seconds, got {f['window']!r}") from None
+            if not 0 <= s0 < e0:
+                raise InvalidRequest(f"expected window with 0 <= START < END, got {f['window']!r}")
+            opts["window"] = (s0, e0)
+        return str(st["dest"]), opts
+    except BaseException:
+        if st["out"] is not None:
+            st["out"].close()
+        if st["dest"] is not None:
+            st["dest"].unlink(missing_ok=True)
+        raise

@@ -378,7 +378,10 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                      gaps=[list(g) for g in rep.gaps], decode_errors=rep.errors[:5],
                      duration_s=rep.duration_s if rep.duration_s is not None else dur)
     except BaseException as e:                          # noqa: BLE001 - the job says what happened
-        store.update(job.job_id, status="failed", frames=frames, error=error_dict(e),
+        err = error_dict(e)
+        shown = job.extra.get("source") or os.path.basename(job.path)
+        err["message"] = err["message"].replace(job.path, shown)       # never the server's upload path
+        store.update(job.job_id, status="failed", frames=frames, error=err,
                      gaps=[list(g) for g in (src.report.gaps if src is not None else [])])
         if not isinstance(e, Exception):
             raise
@@ -404,7 +407,9 @@ def _nearest(rgb: np.ndarray, size: int) -> np.ndarray:
 def check_allowed(path: str, allowed: list[str]) -> str:
     """The real path of `path` if it lies inside one of `allowed`, else `PathNotAllowed`."""
     import os
-    from lmcore.errors import PathNotAllowed
+    from lmcore.errors import InvalidRequest, PathNotAllowed
+    if "\x00" in path:
+        raise InvalidRequest(f"expected path without NUL bytes, got {path!r}")
     real = os.path.realpath(os.path.expanduser(path))
     for d in allowed:
         if real == d or real.startswith(d.rstrip(os.sep) + os.sep):
@@ -416,7 +421,8 @@ def check_allowed(path: str, allowed: list[str]) -> str:
 def fps_ok(fps: float | None, settings: Settings) -> float:
     fps = settings.fps if fps is None else float(fps)
     if not math.isfinite(fps) or fps <= 0 or fps > settings.limits.max_fps:
-        raise BadArgument(f"expected fps in (0, {settings.limits.max_fps:g}], got {fps}")
+        from lmcore.errors import InvalidRequest
+        raise InvalidRequest(f"expected fps in (0, {settings.limits.max_fps:g}], got {fps}")
     return fps
 
 

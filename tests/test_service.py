@@ -271,6 +271,51 @@ def test_delete_frees_the_frames(service, media):
         assert c.get(f"/v1/videos/{vid}").status_code == 404
 
 
+def _uploads(service) -> list[str]:
+    d = service.data_dir / "uploads"
+    return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def test_uploads_stream_to_the_data_folder_and_rejects_leave_nothing(service, media):
+    before = _uploads(service)
+    with service.client() as c:
+        def chunks():                                            # chunked: no Content-Length to refuse early
+            yield b"--XB\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.mp4\"\r\n\r\n"
+            for _ in range(8):
+                yield b"\0" * 500_000
+            yield b"\r\n--XB--\r\n"
+        r = c.post("/v1/videos", content=chunks(), headers={"content-type": "multipart/form-data; boundary=XB"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "E_TOO_LARGE"
+        with open(media / "scene.mp4", "rb") as f:
+            data = f.read()
+        for form in ({"kv_policy": "int2"}, {"fps": "abc"}, {"window": "5,3"}, {"fps": "1000"}):
+            r = c.post("/v1/videos", files={"file": ("scene.mp4", data, "video/mp4")}, data=form)
+            assert r.status_code == 422, (form, r.text)
+        r = c.post("/v1/videos", json={"path": str(media / "scene.mp4") + "\u0000.txt"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "E_INVALID_REQUEST"
+        r = c.post("/v1/videos/x/questions", content=b"{bad", headers={"content-type": "application/json"})
+        assert r.status_code == 422 and "invalid JSON" in r.json()["error"]["message"]
+    assert _uploads(service) == before                           # nothing left behind
+
+
+def test_policy_errors_are_422_and_streams_urls_respect_job_status(service, media, uploaded):
+    import openai
+    with service.client() as c:
+        r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": "q", "policy": "bogus"})
+        assert r.status_code == 422 and "policy" in r.json()["error"]["message"]
+        vid = c.post("/v1/videos", json={"path": str(media / "long.mp4")}).json()["id"]
+        client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY)
+        content = [{"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": f"lms://streams/{vid}"}}]
+        with pytest.raises(openai.ConflictError):                # still queued / ingesting: not an answer yet
+            client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}])
+        r = c.delete(f"/v1/videos/{vid}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "E_JOB_RUNNING"
+        assert wait_ready(c, vid)["status"] == "ready"
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [
+                {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": "lms://streams/nope"}}]}])
+
+
 def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, uploaded, redis_srv):
     with service.client() as c:
         before = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
