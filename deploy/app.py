@@ -25,7 +25,17 @@ import ray
 from ray import serve
 
 from .routes import build_api, set_backend
-from .serving import AnswerCore, EncodeItem, EncoderCore, FileJob, JobStore, answer_events_in_thread, run_file_job
+from .serving import (
+    AnswerCore,
+    EncodeItem,
+    EncoderCore,
+    FileJob,
+    JobStore,
+    LiveStore,
+    answer_events_in_thread,
+    run_file_job,
+    run_rtsp_stream,
+)
 from .settings import Settings
 
 log = logging.getLogger("lmstream.serve")
@@ -91,6 +101,28 @@ class FileSource:
             cache.close()
 
 
+@ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
+class StreamSource:
+    """One camera: RTSP -> sampled frames -> Encoder -> ring; reconnects; status in Redis."""
+
+    def __init__(self):
+        import threading
+        self.stop_flag = threading.Event()
+
+    def run(self, sid: str, url: str, fps: float, size: int, encoder, settings: dict) -> dict:
+        from frame_cache import open_cache
+        s = Settings.model_validate(settings)
+        live, cache = LiveStore(s.redis_url), open_cache(s.redis_url)
+        try:
+            return run_rtsp_stream(sid, url, fps, size, lambda items: encoder.encode.remote(items).result(),
+                                   live, cache, self.stop_flag)
+        finally:
+            cache.close()
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+
+
 class RayBackend:
     """The routes' `Backend` inside the Ingress replica."""
 
@@ -98,7 +130,9 @@ class RayBackend:
         from frame_cache import open_cache
         self.settings = settings
         self.store = JobStore(settings.redis_url)
+        self.live = LiveStore(settings.redis_url)
         self.cache = open_cache(settings.redis_url)
+        self._streams: dict[str, Any] = {}
         self.encoder, self.answerer = encoder, answerer
         self._info: dict | None = None
         self._sources: dict[str, Any] = {}
@@ -124,6 +158,30 @@ class RayBackend:
             actor, _ = self._sources.pop(j)
             ray.kill(actor)
 
+    async def encode(self, items: list[EncodeItem]) -> list[dict]:
+        return await self.encoder.encode.remote(items)
+
+    async def start_stream(self, sid: str, url: str, fps: float) -> None:
+        info = await self.encoder_info()
+        old = self._streams.pop(sid, None)
+        if old is not None:
+            ray.kill(old[0])
+        actor = StreamSource.options(name=f"lms-cam-{sid}").remote()
+        ref = actor.run.remote(sid, url, fps, info["size"], self.encoder, self.settings.model_dump())
+        self._streams[sid] = (actor, ref)
+
+    async def stop_stream(self, sid: str) -> None:
+        got = self._streams.pop(sid, None)
+        if got is None:
+            return
+        actor, ref = got
+        await actor.stop.remote()
+        try:
+            await asyncio.wait_for(ref, 30)
+        except Exception:                      # noqa: BLE001 - stopping regardless
+            pass
+        ray.kill(actor)
+
     def answer_events(self, req: dict):
         gen = self.answerer.options(stream=True).answer.remote(req)
 
@@ -139,13 +197,26 @@ class RayBackend:
 @serve.deployment(max_ongoing_requests=256)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, encoder, answerer, settings: dict):
+    async def __init__(self, encoder, answerer, settings: dict):
         s = Settings.model_validate(settings)
         self.backend = RayBackend(s, encoder, answerer)
         failed = self.backend.store.fail_interrupted() if self.backend.store.ping() else []
         if failed:
             log.warning("marked %d interrupted video jobs failed (their frames stay): %s", len(failed), failed)
         set_backend(self.backend)
+        self._resume = asyncio.get_running_loop().create_task(self._resume_cameras()) \
+            if self.backend.store.ping() else None
+
+    async def _resume_cameras(self):
+        """Cameras registered before a restart reconnect (their frames are in Redis already)."""
+        for sid in await asyncio.to_thread(self.backend.live.ids):
+            try:
+                d = await asyncio.to_thread(self.backend.live.get, sid)
+                if d.get("kind") == "rtsp" and d.get("status") not in ("stopped", "failed"):
+                    await asyncio.to_thread(self.backend.live.update, sid, status="reconnecting")
+                    await self.backend.start_stream(sid, d["source"], float(d.get("fps") or 1.0))
+            except Exception as e:             # noqa: BLE001 - one camera must not stop the others
+                log.warning("could not resume camera %s: %s", sid, e)
 
 
 def build_app(settings: Settings):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 from urllib.parse import parse_qs, urlparse
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,8 +33,21 @@ from lmcore.errors import (
     Unauthorized,
 )
 
-from .schemas import ChatRequest, Question, VideoCreate
-from .serving import FileJob, JobStore, check_allowed, fps_ok, require_ready, video_status
+from .schemas import ChatRequest, Question, StreamCreate, VideoCreate
+from .serving import (
+    EncodeItem,
+    FileJob,
+    FrameSampler,
+    JobStore,
+    LiveStore,
+    check_allowed,
+    decode_image,
+    error_dict,
+    fps_ok,
+    require_ready,
+    stream_status,
+    video_status,
+)
 from .settings import Settings
 
 
@@ -49,6 +62,9 @@ class Backend(Protocol):
     async def start_job(self, job: FileJob) -> None: ...
     def answer_events(self, req: dict) -> AsyncIterator[dict]: ...
     async def models_ready(self) -> bool: ...
+    async def encode(self, items: list) -> list[dict]: ...
+    async def start_stream(self, sid: str, url: str, fps: float) -> None: ...
+    async def stop_stream(self, sid: str) -> None: ...
 
 
 _backend: Backend | None = None
@@ -57,6 +73,10 @@ _backend: Backend | None = None
 def set_backend(b: Backend) -> None:
     global _backend
     _backend = b
+
+
+def current_backend() -> Backend | None:
+    return _backend
 
 
 def backend() -> Backend:
@@ -169,6 +189,12 @@ def build_api() -> FastAPI:
         if not any(secrets.compare_digest(key.encode(), k.encode()) for k in b.settings.api_keys):
             raise Unauthorized("expected a valid API key, got one the service does not know")
         return b
+
+    # -- the web page (no key to load it; the page asks for one and sends it on the socket) -----------
+    @api.get("/", include_in_schema=False)
+    async def page():
+        from fastapi.responses import HTMLResponse
+        return HTMLResponse((Path(__file__).parent / "web" / "index.html").read_text())
 
     # -- health -----------------------------------------------------------------------------------
     @api.get("/health")
@@ -297,6 +323,108 @@ def build_api() -> FastAPI:
         if q.stream:
             return await _sse(b, req, _sse_events)
         return await _json_answer(b, req)
+
+    # -- live streams -------------------------------------------------------------------------------
+    def _live(b: Backend) -> LiveStore:
+        return b.live
+
+    @api.post("/v1/streams", status_code=201)
+    async def create_stream(body: StreamCreate, b: Backend = Depends(auth)):
+        from frame_cache import validate_stream_id
+        url = await asyncio.to_thread(check_source, body.source, b.settings.allow_private_sources)
+        fps = fps_ok(body.fps, b.settings)
+        ids = await asyncio.to_thread(_live(b).ids)
+        if len(ids) >= b.settings.limits.max_live_streams:
+            raise Busy(f"expected at most {b.settings.limits.max_live_streams} live streams, got {len(ids)}",
+                       retry_after=b.settings.limits.retry_after_s)
+        sid = body.id or "cam-" + uuid.uuid4().hex[:12]
+        validate_stream_id(sid)
+        if sid in ids:
+            from frame_cache import StreamExists
+            raise StreamExists(f"expected a new stream id, got {sid!r}, which exists")
+        cap = body.capacity_frames or b.settings.limits.live_capacity_frames
+        await asyncio.to_thread(b.cache.create_stream, sid, cap, {"source": _redact_url(url), "fps": fps})
+        await asyncio.to_thread(_live(b).create, sid, {"kind": "rtsp", "source": url, "fps": fps,
+                                                      "capacity_frames": cap})
+        await b.start_stream(sid, url, fps)
+        return JSONResponse({"id": sid, "status": "connecting"}, status_code=201)
+
+    @api.get("/v1/streams")
+    async def list_streams(b: Backend = Depends(auth)):
+        out = []
+        for sid in await asyncio.to_thread(_live(b).ids):
+            try:
+                out.append(_public(stream_status(await asyncio.to_thread(_live(b).get, sid))))
+            except NotFound:
+                pass
+        return {"object": "list", "data": out}
+
+    @api.get("/v1/streams/{sid}")
+    async def get_stream(sid: str, b: Backend = Depends(auth)):
+        _check_id(sid)
+        return _public(stream_status(await asyncio.to_thread(_live(b).get, sid)))
+
+    @api.delete("/v1/streams/{sid}")
+    async def delete_stream(sid: str, purge: bool = False, b: Backend = Depends(auth)):
+        _check_id(sid)
+        d = await asyncio.to_thread(_live(b).get, sid)
+        if d.get("kind") == "rtsp":
+            await b.stop_stream(sid)
+        await asyncio.to_thread(_live(b).update, sid, status="stopped")
+        if purge:
+            from frame_cache import StreamNotFound
+
+            def drop():
+                try:
+                    b.cache.delete_stream(sid)
+                except StreamNotFound:
+                    pass
+                _live(b).delete(sid)
+            await asyncio.to_thread(drop)
+        return {"id": sid, "status": "stopped", "purged": purge}
+
+    @api.post("/v1/streams/{sid}/questions")
+    async def ask_stream(sid: str, q: Question, b: Backend = Depends(auth)):
+        _check_id(sid)
+        d = await asyncio.to_thread(_live(b).get, sid)
+        req = _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [])
+        if q.stream:
+            return await _sse(b, req, _sse_events)
+        return await _json_answer(b, req)
+
+    @api.websocket("/v1/live")
+    async def live(ws: WebSocket):
+        """Push frames and ask at any time on one socket (DESIGN section 8):
+
+        1. `{"type": "start", "stream_id": null | ID, "fps": 1, "format": "jpeg"}` -> `{"type": "started",
+           "stream_id"}`; an existing id is continued (this socket becomes its writer; an older writer
+           is fenced off).
+        2. binary messages, one JPEG/PNG frame each, timestamped by a preceding `{"type": "frame",
+           "pts": S}` or by arrival time; sampled at `fps`; `{"type": "ingested", "frames", "last_pts"}`
+           per stored frame; `{"type": "dropped", "frames", "why"}` when frames are shed (over the rate,
+           or the encoder still busy with the previous one: never an unbounded queue).
+        3. `{"type": "ask", "id", "question", "last_s" | "window", "policy", "max_tokens"}` at any time ->
+           `{"type": "token", "id", "text"}` ... `{"type": "answer", "id", ...answer fields}`.
+        4. `{"type": "attach", "stream_id"}`: ask about a stream someone else feeds (read only).
+        5. `{"type": "stop"}` -> `{"type": "stopped", "frames"}`, close 1000. Errors: `{"type": "error",
+           "code", "message"}`; a message over the limit closes 1009, bad credentials 1008.
+        A disconnect cancels the session's questions and releases its writer; stored frames stay.
+        """
+        b = current_backend()            # a module function: closures here are shipped to Ray by value
+        await ws.accept()
+        if b is None:
+            await ws.close(code=1011)
+            return
+        h = ws.headers.get("authorization", "")
+        key = h[7:].strip() if h.lower().startswith("bearer ") else ws.query_params.get("token")
+        if not key or not any(secrets.compare_digest(key.encode(), k.encode()) for k in b.settings.api_keys):
+            await ws.close(code=1008, reason="expected a valid API key (?token= or Authorization), got none")
+            return
+        sess = _LiveSession(b, ws, metrics, inflight)
+        try:
+            await sess.run()
+        finally:
+            await sess.release()
 
     # -- OpenAI-compatible ------------------------------------------------------------------------
     @api.get("/v1/models")
@@ -625,3 +753,276 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
         if st["dest"] is not None:
             st["dest"].unlink(missing_ok=True)
         raise
+
+
+def check_source(url: str, allow_private: bool) -> str:
+    """Only rtsp:// and rtsps:// URLs, and no loopback/private/link-local host unless allowed."""
+    import ipaddress
+    import socket
+    u = urlparse(url)
+    if u.scheme not in ("rtsp", "rtsps") or not u.hostname:
+        raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH or rtsps://..., got {_redact_url(url)!r}")
+    if not allow_private:
+        try:
+            infos = socket.getaddrinfo(u.hostname, None)
+        except OSError:
+            raise InvalidRequest(f"expected a resolvable camera host, got {u.hostname!r}") from None
+        for info in infos:
+            ip = ipaddress.ip_address(info[4][0])
+            if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+                from lmcore.errors import PathNotAllowed
+                raise PathNotAllowed(f"expected a public camera address, got {u.hostname} ({ip}); private "
+                                     "addresses need allow_private_sources in the settings")
+    return url
+
+
+def _redact_url(url: str) -> str:
+    import re
+    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+
+
+def _public(d: dict) -> dict:
+    d = dict(d)
+    if isinstance(d.get("source"), str):
+        d["source"] = _redact_url(d["source"])
+    return d
+
+
+class _LiveSession:
+    """One `/v1/live` socket's state; see `live` in `build_api` for the protocol."""
+
+    def __init__(self, b, ws: WebSocket, metrics, inflight):
+        self.b, self.ws, self.metrics, self.inflight = b, ws, metrics, inflight
+        self.sid: str | None = None
+        self.writer = False
+        self.token: int | None = None
+        self.seq = 0
+        self.fps = 1.0
+        self.sampler: FrameSampler | None = None
+        self.pending_pts: float | None = None
+        self.t0 = time.monotonic()
+        self.offset = 0.0
+        self.frames = 0
+        self.dropped = {"over fps": 0, "encoder busy": 0, "bad frame": 0}
+        self.last_dropped_msg = 0.0
+        self.busy = False
+        self.tasks: set[asyncio.Task] = set()
+        self.send_lock = asyncio.Lock()
+        self.size: int | None = None
+        self.closed = False
+
+    async def send(self, msg: dict) -> None:
+        if self.closed:
+            return
+        async with self.send_lock:
+            try:
+                await self.ws.send_text(json.dumps(msg))
+            except Exception:              # the socket went away: the receive loop ends it
+                self.closed = True
+
+    async def error(self, e: BaseException, qid: str | None = None) -> None:
+        d = {"type": "error", **error_dict(e)}
+        if qid is not None:
+            d["id"] = qid
+        await self.send(d)
+
+    async def run(self) -> None:
+        limit = self.b.settings.limits.max_ws_message_bytes
+        while True:
+            try:
+                msg = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if msg["type"] == "websocket.disconnect":
+                return
+            data, text = msg.get("bytes"), msg.get("text")
+            if len(data or b"") > limit or len((text or "").encode()) > limit:
+                await self.ws.close(code=1009, reason=f"expected messages of at most {limit} bytes")
+                self.closed = True
+                return
+            try:
+                if text is not None:
+                    if await self.on_text(text):
+                        return
+                elif data is not None:
+                    await self.on_frame(data)
+            except LmsError as e:
+                await self.error(e)
+
+    async def on_text(self, text: str) -> bool:
+        try:
+            m = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InvalidRequest(f"expected a JSON message, got invalid JSON ({e.msg})") from None
+        if not isinstance(m, dict) or not isinstance(m.get("type"), str):
+            raise InvalidRequest(f"expected a JSON object with a type, got {text[:80]!r}")
+        t = m["type"]
+        if t == "start":
+            await self.start(m)
+        elif t == "frame":
+            pts = m.get("pts")
+            if not isinstance(pts, (int, float)) or isinstance(pts, bool) or not (pts >= 0 and pts < 1e9):
+                raise InvalidRequest(f"expected frame pts as seconds >= 0, got {pts!r}")
+            self.pending_pts = float(pts)
+        elif t == "ask":
+            self.ask(m)
+        elif t == "attach":
+            sid = m.get("stream_id")
+            if not isinstance(sid, str):
+                raise InvalidRequest(f"expected attach.stream_id, got {sid!r}")
+            _check_id(sid)
+            if sid not in await asyncio.to_thread(self.b.cache.streams):
+                raise NotFound(f"expected a known stream id to attach to, got {sid!r}")
+            self.sid, self.writer = sid, False
+            info = await asyncio.to_thread(self.b.cache.stream_info, sid)
+            await self.send({"type": "attached", "stream_id": sid, "frames": info.count})
+        elif t == "stop":
+            await self.send({"type": "stopped", "stream_id": self.sid, "frames": self.frames,
+                             "dropped": sum(self.dropped.values())})
+            await self.ws.close(code=1000)
+            self.closed = True
+            return True
+        else:
+            raise InvalidRequest(f"expected type start, frame, ask, attach or stop, got {t!r}")
+        return False
+
+    async def start(self, m: dict) -> None:
+        from frame_cache import validate_stream_id
+        b = self.b
+        if self.writer:
+            raise InvalidRequest(f"expected one start per socket, got another (streaming to {self.sid!r})")
+        fmt = m.get("format", "jpeg")
+        if fmt not in ("jpeg", "png"):
+            raise InvalidRequest(f"expected format jpeg (or png), got {fmt!r} (WebM/fMP4 byte streams are not "
+                                 "supported yet)")
+        self.fps = fps_ok(m.get("fps"), b.settings)
+        sid = m.get("stream_id")
+        live = b.live
+        if sid is None:
+            ids = await asyncio.to_thread(live.ids)
+            if len(ids) >= b.settings.limits.max_live_streams:
+                raise Busy(f"expected at most {b.settings.limits.max_live_streams} live streams, got {len(ids)}")
+            sid = "live-" + uuid.uuid4().hex[:12]
+        validate_stream_id(sid)
+        cap = b.settings.limits.live_capacity_frames
+        info = await asyncio.to_thread(b.cache.create_stream, sid, cap, None, True)
+        try:
+            await asyncio.to_thread(live.get, sid)
+        except NotFound:
+            await asyncio.to_thread(live.create, sid, {"kind": "push", "source": "websocket", "fps": self.fps,
+                                                       "capacity_frames": info.capacity})
+        self.token = await asyncio.to_thread(b.cache.acquire_writer, sid)
+        info = await asyncio.to_thread(b.cache.stream_info, sid)
+        self.seq = info.total_appended
+        self.offset = (info.newest_pts + 1.0 / self.fps) if info.newest_pts is not None else 0.0
+        self.sid, self.writer = sid, True
+        self.sampler = FrameSampler(self.fps)
+        self.size = (await b.encoder_info())["size"]
+        await asyncio.to_thread(live.update, sid, status="live", fps=self.fps)
+        await self.send({"type": "started", "stream_id": sid})
+
+    async def on_frame(self, data: bytes) -> None:
+        if not self.writer:
+            raise InvalidRequest("expected {\"type\": \"start\"} before frames, got a frame")
+        pts = self.pending_pts if self.pending_pts is not None else time.monotonic() - self.t0
+        self.pending_pts = None
+        pts += self.offset
+        if not self.sampler.want(pts):
+            self.dropped["over fps"] += 1
+            return await self.note_drop("over fps")
+        if self.busy:                                   # shed load: never queue frames without bound
+            self.dropped["encoder busy"] += 1
+            return await self.note_drop("encoder busy")
+        try:
+            rgb = await asyncio.to_thread(decode_image, data, self.size)
+        except LmsError:
+            self.dropped["bad frame"] += 1
+            raise
+        self.busy = True
+        task = asyncio.create_task(self.encode(rgb, pts))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def note_drop(self, why: str) -> None:
+        now = time.monotonic()
+        if now - self.last_dropped_msg >= 1.0:
+            self.last_dropped_msg = now
+            await self.send({"type": "dropped", "frames": sum(self.dropped.values()), "why": why,
+                             "by_reason": dict(self.dropped)})
+
+    async def encode(self, rgb, pts: float) -> None:
+        import numpy as np
+        try:
+            item = EncodeItem(self.sid, np.stack([rgb]), [pts], writer=self.token, seq=self.seq)
+            res = (await self.b.encode([item]))[0]
+            if "error" in res:
+                err = res["error"]
+                await self.send({"type": "error", **err})
+                return
+            self.seq += len(res["seqs"])
+            self.frames += len(res["seqs"])
+            await asyncio.to_thread(self.b.live.update, self.sid, frames=self.seq, last_pts=pts,
+                                    dropped=sum(self.dropped.values()))
+            await self.send({"type": "ingested", "frames": self.frames, "last_pts": pts})
+        except LmsError as e:
+            await self.error(e)
+        finally:
+            self.busy = False
+
+    def ask(self, m: dict) -> None:
+        qid = m.get("id")
+        task = asyncio.create_task(self.answer(m, qid))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def answer(self, m: dict, qid) -> None:
+        from pydantic import ValidationError
+        try:
+            if self.sid is None:
+                raise InvalidRequest("expected start or attach before ask, got ask first")
+            try:
+                q = Question.model_validate({k: v for k, v in m.items() if k not in ("type", "id")})
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(x) for x in first.get("loc", ())) or "message"
+                raise InvalidRequest(f"expected {where}: {first.get('msg')}") from None
+            b = self.b
+            lim = b.settings.limits
+            if q.max_tokens > lim.max_tokens:
+                raise InvalidRequest(f"expected max_tokens <= {lim.max_tokens}, got {q.max_tokens}")
+            if self.inflight["n"] >= lim.max_queued_questions:
+                raise Busy(f"expected at most {lim.max_queued_questions} questions queued at once, got "
+                           f"{self.inflight['n']}")
+            try:
+                gaps = (await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or []
+            except NotFound:
+                gaps = []
+            req = {"stream_id": self.sid, "question": q.question, "window": list(q.window) if q.window else None,
+                   "last_s": q.last_s, "policy": q.policy, "max_tokens": q.max_tokens, "gaps": gaps}
+            self.inflight["n"] += 1
+            try:
+                agen = b.answer_events(req)
+                try:
+                    async for ev in agen:
+                        if ev["type"] == "token":
+                            await self.send({"type": "token", "id": qid, "text": ev["text"],
+                                             "token_id": ev["token_id"]})
+                        elif ev["type"] == "answer":
+                            await self.send({**ev, "id": qid})
+                        else:
+                            await self.send({**ev, "id": qid})
+                finally:
+                    await agen.aclose()
+            finally:
+                self.inflight["n"] -= 1
+        except LmsError as e:
+            await self.error(e, qid)
+
+    async def release(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        if self.writer and self.sid is not None:
+            try:
+                await asyncio.to_thread(self.b.live.update, self.sid, status="stopped")
+            except LmsError:
+                pass

@@ -48,6 +48,17 @@ class VideoStatus(BaseModel):
     created: float | None = None
 
 
+class StreamCreate(BaseModel):
+    """`POST /v1/streams`: a camera."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(min_length=8, max_length=2048)
+    id: str | None = Field(None, min_length=1, max_length=128)
+    fps: float | None = Field(None, gt=0)
+    capacity_frames: int | None = Field(None, ge=1, le=1 << 20)
+    retain: dict | None = None
+
+
 class Question(BaseModel):
     """`POST /v1/videos/{id}/questions` (and streams')."""
 

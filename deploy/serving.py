@@ -397,11 +397,9 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
 
 
 def _nearest(rgb: np.ndarray, size: int) -> np.ndarray:
-    """The preprocessing's nearest resize (rows floor(i * H / size)), for decoders without resize_to."""
-    H, W = rgb.shape[:2]
-    r = (np.arange(size) * H // size).clip(0, H - 1)
-    c = (np.arange(size) * W // size).clip(0, W - 1)
-    return np.ascontiguousarray(rgb[r][:, c])
+    """The preprocessing's own nearest resize (bit-identical to `preprocess_video_frames`)."""
+    from stream.preprocess import resize_frame_nearest
+    return resize_frame_nearest(rgb, size)
 
 
 def check_allowed(path: str, allowed: list[str]) -> str:
@@ -439,3 +437,139 @@ def require_ready(d: dict) -> None:
         err = d.get("error") or {}
         why = f": {err.get('code')} {err.get('message')}" if d["status"] == "failed" else ""
         raise NotReady(f"expected video {d['id']!r} to be ready, got status {d['status']!r}{why}")
+
+
+# ------------------------------------------------------------------------------------------ live streams
+class LiveStore(JobStore):
+    """Live streams' status in Redis (``lms:{<id>}:live``, set ``lms:live``): source, kind (rtsp |
+    push), fps, status, frames, last_pts, lag_s, gaps, last_error. Same error mapping as jobs."""
+
+    def _key(self, sid: str) -> str:
+        from frame_cache import stream_key
+        return stream_key(sid, "live")
+
+    def create(self, sid: str, fields: dict) -> None:
+        d = {"status": "connecting", "frames": 0, "last_pts": None, "lag_s": None, "gaps": [], "last_error": None,
+             "dropped": 0, "created": time.time(), **fields}
+        self._call("creating a stream", lambda: (self.r.hset(self._key(sid), mapping=_enc(d)),
+                                                 self.r.sadd("lms:live", sid)))
+
+    def update(self, sid: str, **fields) -> None:
+        self._call("updating a stream", lambda: self.r.hset(self._key(sid), mapping=_enc(fields)))
+
+    def get(self, sid: str) -> dict:
+        raw = self._call("reading a stream", lambda: self.r.hgetall(self._key(sid)))
+        if not raw:
+            raise NotFound(f"expected a known stream id, got {sid!r}")
+        d = {k.decode(): json.loads(v) for k, v in raw.items()}
+        d["id"] = sid
+        return d
+
+    def ids(self) -> list[str]:
+        return sorted(x.decode() for x in self._call("listing streams", lambda: self.r.smembers("lms:live")))
+
+    def delete(self, sid: str) -> None:
+        self._call("deleting a stream", lambda: (self.r.delete(self._key(sid)), self.r.srem("lms:live", sid)))
+
+
+def stream_status(d: dict) -> dict:
+    keys = ("id", "kind", "source", "fps", "status", "frames", "last_pts", "lag_s", "gaps", "last_error", "dropped",
+            "created")
+    return {k: d.get(k) for k in keys}
+
+
+class FrameSampler:
+    """Keeps frames at most `fps` per second of their pts (the first frame at or after each
+    target time, like the file decoder), and counts the rest as dropped."""
+
+    def __init__(self, fps: float):
+        self.fps, self.t0, self.next_t, self.dropped = fps, None, None, 0
+
+    def want(self, pts: float) -> bool:
+        if self.t0 is None:
+            self.t0 = pts
+        if self.next_t is not None and pts < self.next_t - 1e-6:
+            self.dropped += 1
+            return False
+        k = math.floor((pts - self.t0) * self.fps + 1e-6) + 1        # every target <= pts is consumed
+        self.next_t = self.t0 + k / self.fps
+        return True
+
+
+def decode_image(data: bytes, size: int | None) -> np.ndarray:
+    """One JPEG/PNG message -> (S, S, 3) uint8 RGB, shrunk like the file decoder's frames."""
+    import io
+    from PIL import Image, UnidentifiedImageError
+    from lmcore.errors import NotAVideo
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("JPEG", "PNG", "WEBP"):
+                raise NotAVideo(f"expected a JPEG or PNG frame, got {im.format} data")
+            w, h = im.size
+            if w * h > 8192 * 8192:
+                raise PayloadTooLarge(f"expected a frame of at most 8192x8192 pixels, got {w}x{h}")
+            rgb = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise NotAVideo(f"expected a JPEG or PNG frame, got {len(data)} bytes that are not an image "
+                        f"({type(e).__name__})") from None
+    return rgb if size is None or rgb.shape[:2] == (size, size) else _nearest(rgb, size)
+
+
+def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[[list[EncodeItem]], list[dict]],
+                    live: LiveStore, cache, stop: threading.Event) -> dict:
+    """A camera's loop (the StreamSource actor): `stream.live.RtspSource` frames -> `encode` -> ring,
+    the stream's status (connecting / live / stalled / reconnecting / stopped / failed), frames,
+    last_pts, lag_s and outage gaps kept current in `live`. Ends when `stop` is set."""
+    from stream.live import RtspSource
+    src = RtspSource(url, fps=fps, resize_to=size)
+    writer = cache.acquire_writer(sid)
+    seq = cache.stream_info(sid).total_appended
+    info = cache.stream_info(sid)
+    offset = (info.newest_pts + 1.0 / fps) if info.newest_pts is not None else 0.0   # after a restart
+    state = {"last": 0.0}
+
+    def publish(force: bool = False, **extra):
+        now = time.monotonic()
+        if force or now - state["last"] >= 1.0:
+            st = src.status_dict()
+            gaps = [[g[0] + offset, g[1] + offset if g[1] is not None else None] for g in st.get("gaps", [])]
+            live.update(sid, status=st["status"], frames=seq, gaps=gaps, last_error=st.get("last_error"), **extra)
+            state["last"] = now
+
+    watcher = threading.Thread(target=lambda: (stop.wait(), src.stop()), daemon=True, name="lms-cam-stop")
+    watcher.start()
+    pub = threading.Thread(target=lambda: _publish_loop(publish, stop), daemon=True, name="lms-cam-status")
+    pub.start()
+    try:
+        for f in src:
+            if stop.is_set():
+                break
+            pts = f.pts + offset
+            t_arrive = time.monotonic()
+            res = encode([EncodeItem(sid, f.rgb[None], [pts], writer=writer, seq=seq)])[0]
+            if "error" in res:
+                live.update(sid, last_error=res["error"])
+                if res["error"]["code"] == "E_STALE_WRITER":
+                    break
+                continue
+            seq += len(res["seqs"])
+            publish(last_pts=pts, lag_s=round(time.monotonic() - t_arrive, 3))
+    except Exception as e:                               # noqa: BLE001 - the status says what happened
+        live.update(sid, status="failed", last_error=error_dict(e))
+        raise
+    finally:
+        stop.set()
+        src.stop()
+        final = "failed" if src.status_dict()["status"] == "failed" else "stopped"
+        publish(force=True)
+        live.update(sid, status=final)
+    return live.get(sid)
+
+
+def _publish_loop(publish, stop: threading.Event) -> None:
+    """Status changes (stalled, reconnecting) show even while no frame arrives."""
+    while not stop.wait(1.0):
+        try:
+            publish(force=True)
+        except Exception:                                # noqa: BLE001 - Redis down: next time
+            pass

@@ -27,6 +27,9 @@ class Limits(BaseModel):
     max_question_chars: int = Field(8000, ge=1, description="longest question text")
     max_fps: float = Field(30.0, gt=0, description="largest sampling rate a job may ask for")
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with 429")
+    max_ws_message_bytes: int = Field(8 << 20, ge=1024, description="largest WebSocket message (close 1009)")
+    live_capacity_frames: int = Field(86_400, ge=1, description="default ring of a live stream (24 h at 1 fps)")
+    max_live_streams: int = Field(64, ge=1, description="live streams (cameras + sockets) at once (429 past it)")
 
 
 class Settings(BaseModel):
@@ -61,6 +64,7 @@ class Settings(BaseModel):
     encoder_replicas: int = Field(1, ge=1)
     answerer_replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0.0, ge=0)
+    allow_private_sources: bool = False     # rtsp:// to loopback/private addresses (a lab, the tests)
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("allowed_dirs")
@@ -84,6 +88,8 @@ class Settings(BaseModel):
                 d[name] = env[var]
         if env.get("LMSTREAM_API_KEYS"):
             d["api_keys"] = [k.strip() for k in env["LMSTREAM_API_KEYS"].split(",") if k.strip()]
+        if env.get("LMSTREAM_ALLOW_PRIVATE_SOURCES"):
+            d["allow_private_sources"] = env["LMSTREAM_ALLOW_PRIVATE_SOURCES"].lower() in ("1", "true", "yes")
         if env.get("LMSTREAM_LIMITS"):                   # JSON, e.g. '{"max_upload_bytes": 1000000}'
             import json
             d["limits"] = json.loads(env["LMSTREAM_LIMITS"])

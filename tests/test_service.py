@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from frame_cache.redis_server import RedisServer, free_port
@@ -90,7 +91,7 @@ def redis_srv(tmp_path_factory):
 def service(tmp_path_factory, redis_srv, media):
     data = tmp_path_factory.mktemp("svc")
     svc = Service(data, redis_srv.url, media, limits={"max_upload_bytes": 3_000_000, "max_concurrent_jobs": 2,
-                                                      "max_tokens": 64}).start()
+                                                      "max_tokens": 64, "max_ws_message_bytes": 300_000}).start()
     yield svc
     svc.stop()
 
@@ -314,6 +315,127 @@ def test_policy_errors_are_422_and_streams_urls_respect_job_status(service, medi
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [
                 {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": "lms://streams/nope"}}]}])
+
+
+def _png(rgb) -> bytes:
+    import io
+    from PIL import Image
+    b = io.BytesIO()
+    Image.fromarray(rgb).save(b, format="PNG")
+    return b.getvalue()
+
+
+def _ws_url(service, token=KEY) -> str:
+    return service.url.replace("http://", "ws://") + "/v1/live" + (f"?token={token}" if token else "")
+
+
+def test_websocket_push_ask_attach_stop(service, media, demo_model):
+    """A websockets client pushes a video's frames (PNG, explicit pts) and asks; the answer equals the
+    in-process engine over the same frames. A second socket attaches and asks too."""
+    import asyncio
+    import websockets
+    from stream.decode import VideoSource
+    from stream.preprocess import preprocess_video_frames
+    size = demo_model.preprocess["size"]
+    frames = [(f.pts, f.rgb) for f in VideoSource(media / "scene.mp4", fps=1.0, resize_to=size)]
+    q = "how many objects are there ?"
+    states = demo_model.encode_frames(preprocess_video_frames(np.stack([r for _, r in frames]), **demo_model.preprocess),
+                                      pts=[p for p, _ in frames])
+    want = demo_model.ask(states, q, max_new_tokens=8)
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "stream_id": None, "fps": 1, "format": "jpeg"}))
+            started = json.loads(await ws.recv())
+            assert started["type"] == "started"
+            sid = started["stream_id"]
+            for pts, rgb in frames:                       # one at a time: the server never queues
+                await ws.send(json.dumps({"type": "frame", "pts": pts}))
+                await ws.send(_png(rgb))
+                while True:
+                    m = json.loads(await ws.recv())
+                    if m["type"] == "ingested":
+                        break
+                    assert m["type"] == "dropped", m
+            await ws.send(json.dumps({"type": "frame", "pts": frames[-1][0] + 0.2}))   # over the 1 fps rate
+            await ws.send(_png(frames[-1][1]))
+            await ws.send(json.dumps({"type": "ask", "id": "q1", "question": q, "max_tokens": 8}))
+            toks, ans, dropped = [], None, None
+            while ans is None:
+                m = json.loads(await ws.recv())
+                if m["type"] == "token":
+                    assert m["id"] == "q1"
+                    toks.append(m["text"])
+                elif m["type"] == "answer":
+                    ans = m
+                elif m["type"] == "dropped":
+                    dropped = m
+            assert dropped is not None and dropped["why"] == "over fps"
+            async with websockets.connect(_ws_url(service), max_size=None) as other:
+                await other.send(json.dumps({"type": "attach", "stream_id": sid}))
+                att = json.loads(await other.recv())
+                assert att == {"type": "attached", "stream_id": sid, "frames": len(frames)}
+                await other.send(json.dumps({"type": "ask", "id": "a", "question": q, "max_tokens": 8,
+                                             "last_s": 10}))
+                while (m := json.loads(await other.recv()))["type"] != "answer":
+                    pass
+                assert m["frames"] == 11 and m["id"] == "a"                # pts 29..39 (last_s 10 from 39)
+            await ws.send(json.dumps({"type": "stop"}))
+            stopped = json.loads(await ws.recv())
+            assert stopped["type"] == "stopped" and stopped["frames"] == len(frames)
+            await ws.wait_closed()
+            assert ws.close_code == 1000
+            return sid, toks, ans
+
+    sid, toks, ans = asyncio.run(session())
+    assert ans["token_ids"] == want.token_ids and ans["text"] == want.text == "".join(toks)
+    assert ans["frames"] == len(frames) == 40 and ans["time_span"] == [0.0, 39.0]
+    with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+        assert d["status"] == "stopped" and d["frames"] == 40 and d["kind"] == "push"
+        r = c.post(f"/v1/streams/{sid}/questions", json={"question": q, "max_tokens": 8})
+        assert r.json()["token_ids"] == want.token_ids                  # the frames stay after the socket
+        assert c.delete(f"/v1/streams/{sid}?purge=true").json()["purged"] is True
+        assert c.get(f"/v1/streams/{sid}").status_code == 404
+
+
+def test_websocket_auth_size_limit_and_bad_messages(service):
+    import asyncio
+    import websockets
+
+    async def run():
+        async with websockets.connect(_ws_url(service, token="wrong")) as ws:
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send("{not json")
+            m = json.loads(await ws.recv())
+            assert m["type"] == "error" and m["code"] == "E_INVALID_REQUEST"
+            await ws.send(b"\x89PNG but no start")
+            m = json.loads(await ws.recv())
+            assert m["type"] == "error" and "start" in m["message"]
+            await ws.send(json.dumps({"type": "start", "fps": 1}))
+            assert json.loads(await ws.recv())["type"] == "started"
+            await ws.send(b"not an image at all")
+            m = json.loads(await ws.recv())
+            assert m["type"] == "error" and m["code"] == "E_NOT_A_VIDEO"
+            await ws.send(b"\0" * 400_000)                       # over max_ws_message_bytes
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    await ws.recv()
+            assert ws.close_code == 1009
+    asyncio.run(run())
+
+
+def test_streams_routes_validate_sources(service):
+    with service.client() as c:
+        r = c.post("/v1/streams", json={"source": "http://example.com/cam"})
+        assert r.status_code == 422 and "rtsp://" in r.json()["error"]["message"]
+        r = c.post("/v1/streams", json={"source": "rtsp://127.0.0.1:8554/cam"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "E_PATH_NOT_ALLOWED"   # private address
+        assert c.get("/v1/streams/nope").status_code == 404
+        assert c.get("/").status_code == 200 and "/v1/live" in c.get("/").text   # the web page
 
 
 def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, uploaded, redis_srv):
