@@ -191,3 +191,34 @@ def test_question_that_is_not_utf8(tiny_ckpt, video):
 
 def test_stream_without_cache_and_nothing_to_ask_about(tiny_ckpt):
     assert_one_line_error(run("ask", "--stream", "s1", "q", "--model", tiny_ckpt), "E_BAD_ARGUMENT", "--cache")
+
+
+def test_ask_through_redis_then_again_by_stream_id(tiny_ckpt, video, redis_server):
+    url = redis_server.url
+    r = run("ask", video, "what is in the video ?", "--model", tiny_ckpt, "--json", "--max-new-tokens", "4",
+            "--cache", url)
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    sid = first["stream_id"]
+    assert sid.startswith("file-clip-") and first["cache"] == url and "encode_s" in first["timings"]
+    r = run("ask", "--stream", sid, "what is in the video ?", "--model", tiny_ckpt, "--json", "--max-new-tokens",
+            "4", "--cache", url)
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout)
+    assert again["token_ids"] == first["token_ids"] and again["frames"] == first["frames"] == 6
+    assert "encode_s" not in again["timings"]                   # nothing re-encoded
+    r = run("ask", "--stream", sid, "q", "--model", tiny_ckpt, "--json", "--cache", url, "--window", "2:4")
+    assert json.loads(r.stdout)["time_span"] == [2.0, 3.0]
+    r = run("ask", video, "q", "--model", tiny_ckpt, "--cache", url, "--stream", sid)
+    assert_one_line_error(r, "E_STREAM_EXISTS", sid)
+    r = run("cache", "ls", "--cache", url, "--json")
+    assert sid in [d["stream_id"] for d in json.loads(r.stdout)]
+    assert run("cache", "rm", sid, "--cache", url).returncode == 0
+    assert_one_line_error(run("ask", "--stream", sid, "q", "--model", tiny_ckpt, "--cache", url),
+                          "E_STREAM_NOT_FOUND", sid)
+
+
+def test_unreachable_redis_is_a_clear_error(tiny_ckpt, video):
+    from frame_cache.redis_server import free_port
+    r = run("ask", video, "q", "--model", tiny_ckpt, "--cache", f"redis://127.0.0.1:{free_port()}/0")
+    assert_one_line_error(r, "E_CACHE_UNAVAILABLE", "127.0.0.1")
