@@ -95,5 +95,8 @@ def open_cache(url: str | None = None, **kw) -> FrameCache:
         return InProcessFrameCache(**kw)
     if url.split("://", 1)[0] in ("redis", "rediss", "unix"):
         from .redis_cache import RedisFrameCache
-        return RedisFrameCache.from_url(url, **kw)
+        try:
+            return RedisFrameCache.from_url(url, **kw)
+        except ValueError as e:            # redis-py's URL parser: bad port, bad IPv6 literal, ...
+            raise BadArgument(f"expected a cache URL redis://HOST:PORT[/DB], got {url!r} ({e})") from None
     raise BadArgument(f"expected a cache URL memory:// or redis://HOST:PORT[/DB], got {url!r}")

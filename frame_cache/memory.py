@@ -143,6 +143,10 @@ class _Spill:
     def __init__(self, folder: str, stream_id: str) -> None:
         fd, self.path = tempfile.mkstemp(prefix=f"lms-{stream_id[:40]}-", suffix=".ring", dir=folder)
         self.f = os.fdopen(fd, "r+b", buffering=0)
+        try:                # nameless from now on: even a killed process leaves no file behind (POSIX)
+            os.unlink(self.path)
+        except OSError:
+            pass
         self.regions: dict[object, tuple[int, int]] = {}
         self.end = 0
 

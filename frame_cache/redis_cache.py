@@ -526,8 +526,11 @@ class RedisFrameCache(FrameCache):
             if cluster is not None and cluster != from_query:
                 raise BadArgument(f"expected cluster={cluster} to agree with the URL's ?cluster={flags[-1]}")
             cluster = from_query
-        clean = urlunsplit((p.scheme, p.netloc, p.path, urlencode([(k, v) for k, v in query if k != "cluster"]),
-                            p.fragment))
+        rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+        if p.scheme == "unix":             # urlunsplit drops the "//" of a host-less URL: keep unix:///path
+            clean = f"unix://{p.netloc}{p.path}" + (f"?{rest}" if rest else "")
+        else:
+            clean = urlunsplit((p.scheme, p.netloc, p.path, rest, p.fragment))
         timeouts = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout)
         if cluster is None:
             cluster = cls._is_cluster(clean, {**client_kw, **timeouts})

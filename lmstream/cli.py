@@ -160,10 +160,17 @@ def new_stream_id(path: str) -> str:
 
 
 def cmd_ask(args) -> int:
-    if args.question is None:                        # `ask --stream ID "question"`: one positional
-        args.question, args.video = args.video, None
     if args.question is None:
-        raise BadArgument("expected a question, got none (lmstream ask VIDEO \"question\")")
+        if args.stream is None:
+            raise BadArgument(f"expected a question after the video, got none (lmstream ask {args.video} "
+                              "\"what happens?\")")
+        args.question, args.video = args.video, None     # `ask --stream ID "question"`: one positional
+    if args.stream is not None:
+        from frame_cache import validate_stream_id
+        validate_stream_id(args.stream)
+        if not args.cache:
+            raise BadArgument("expected --cache redis://... with --stream ID (the in-process cache lives only as "
+                              "long as one command), got no --cache")
     check_question(args.question)
     window = parse_window(args.window)
     check_common_args(args)
@@ -331,8 +338,8 @@ def _model_args(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lmstream", description="LLaVA-Mini Stream: questions about long videos")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(prog="lmstream", description="LLaVA-Mini Stream: questions about long videos")
+    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
     p = sub.add_parser("ask", help="answer a question about a video or image file (or a stream in a cache)")
     p.add_argument("video", help="video or image file (omit with --stream ID to ask about stored frames)")
     p.add_argument("question", nargs="?")
@@ -372,7 +379,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `error[E_BAD_ARGUMENT]` line, like every other error."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        print(f"error[E_BAD_ARGUMENT]: expected valid arguments for `{self.prog}`, got {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _terminate(signum, _frame):
+    raise KeyboardInterrupt              # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C: temp files go
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args) or 0

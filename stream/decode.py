@@ -400,6 +400,9 @@ def check_input_path(path: str | os.PathLike[str], what: str = "video or image f
 #: such a format can make FFmpeg read any local file (a FIFO blocks forever), so
 #: they are not offered to FFmpeg's format probe.
 _REFERRING_DEMUXERS = frozenset({"hls", "applehttp", "concat", "dash", "imf", "sdp", "rtp", "rtsp", "tee"})
+#: Demuxers that render text as pictures (FFmpeg's ``tty`` reads any text file as ANSI art): a
+#: notes.txt is not a video, and must not be answered about as one.
+_TEXT_DEMUXERS = frozenset({"tty", "ansi", "bintext", "xbin", "adf", "idf"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -412,7 +415,7 @@ def _container_options() -> dict[str, str]:
             av.format.ContainerFormat(name, "r")
         except Exception:  # a muxer only
             continue
-        if not set(name.split(",")) & _REFERRING_DEMUXERS:
+        if not set(name.split(",")) & (_REFERRING_DEMUXERS | _TEXT_DEMUXERS):
             names.append(name)
     return {"format_whitelist": ",".join(names), "protocol_whitelist": "file", "pattern_type": "none"}
 
@@ -651,7 +654,7 @@ def _open_container(path: str) -> av.container.InputContainer:
     except av.error.ArgumentError as exc:  # a demuxer that is not on the whitelist
         raise NotAVideo(
             f"expected a video or image file that FFmpeg can read, got {path} ({_ffmpeg_reason(exc)}: "
-            "playlists and other formats that name further files to read (HLS, ffconcat, SDP) are refused)"
+            "not a video container: playlists and other formats that name further files to read (HLS, ffconcat, SDP), and text files, are refused)"
         ) from exc
     except (av.FFmpegError, OSError, UnicodeError, ValueError, OverflowError) as exc:
         raise NotAVideo(

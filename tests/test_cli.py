@@ -222,3 +222,14 @@ def test_unreachable_redis_is_a_clear_error(tiny_ckpt, video):
     from frame_cache.redis_server import free_port
     r = run("ask", video, "q", "--model", tiny_ckpt, "--cache", f"redis://127.0.0.1:{free_port()}/0")
     assert_one_line_error(r, "E_CACHE_UNAVAILABLE", "127.0.0.1")
+
+
+def test_usage_errors_are_one_line_with_a_code(tiny_ckpt, video, tmp_path):
+    r = run("ask", video, "q", "--kv", "fp9", "--model", tiny_ckpt)
+    assert_one_line_error(r, "E_BAD_ARGUMENT", "fp9")
+    assert_one_line_error(run("ask", video, "--model", tiny_ckpt), "E_BAD_ARGUMENT", "a question")
+    assert_one_line_error(run("ask", video, "q", "--stream", "bad id!"), "E_BAD_ARGUMENT", "stream id")
+    assert_one_line_error(run("ask", video, "q", "--cache", "redis://localhost:notaport/0"), "E_BAD_ARGUMENT",
+                          "notaport")
+    (tmp_path / "notes.txt").write_text("hello\n" * 50)
+    assert_one_line_error(run("ask", tmp_path / "notes.txt", "q", "--model", tiny_ckpt), "E_NOT_A_VIDEO")

@@ -617,3 +617,13 @@ def test_start_beyond_any_timestamp_is_no_frames_not_overflow(tmp_path):
     write_plain(path, n=10)
     with pytest.raises(NoFrames):
         list(VideoSource(path, start=1e15))  # start / time_base does not fit a 64-bit timestamp
+
+
+def test_text_file_is_not_a_video(tmp_path):
+    """FFmpeg's tty demuxer renders any text as a picture; a notes.txt must not be answered about."""
+    from stream.decode import VideoSource
+    from lmcore.errors import NotAVideo
+    p = tmp_path / "notes.txt"
+    p.write_text("hello\n" * 100)
+    with pytest.raises(NotAVideo, match="text files"):
+        VideoSource(p, fps=1.0)

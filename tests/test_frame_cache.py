@@ -783,3 +783,15 @@ def test_counters_in_stats_and_stream_info(cache: FrameCache) -> None:
     cache.create_stream("d", 2)
     assert cache.stream_info("d").to_dict() == {**cache.stream_info("d").to_dict(), "count": 0, "light_bytes": 0,
                                                 "bytes_used": 0, "oldest_pts": None, "oldest_seq": -1}
+
+
+def test_spill_files_have_no_name(tmp_path) -> None:
+    """A spilled ring is an unlinked file: nothing is left in the folder, even if the process is killed."""
+    import torch
+    from frame_cache import FrameRecord, InProcessFrameCache
+    c = InProcessFrameCache(spill_dir=tmp_path)
+    c.create_stream("s", 4)
+    c.append_many("s", [FrameRecord(pts=float(i), tensors={"token": torch.full((3,), float(i))}) for i in range(6)])
+    assert list(tmp_path.iterdir()) == []
+    assert [r.tensors["token"][0].item() for r in c.snapshot("s")] == [2.0, 3.0, 4.0, 5.0]
+    c.close()
