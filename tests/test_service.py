@@ -33,7 +33,8 @@ class Service:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240.0) -> "Service":
-        env = dict(os.environ, PYTHONPATH=str(REPO), LMSTREAM_LIMITS=json.dumps(self.limits))
+        env = dict(os.environ, PYTHONPATH=str(REPO), LMSTREAM_LIMITS=json.dumps(self.limits),
+                   LMSTREAM_ALLOW_PRIVATE_SOURCES="1")              # the test camera is on loopback
         env.pop("LMSTREAM_API_KEYS", None)
         self.log = open(self.data_dir / f"serve-{self.port}.log", "ab")
         self.proc = subprocess.Popen(
@@ -428,12 +429,21 @@ def test_websocket_auth_size_limit_and_bad_messages(service):
     asyncio.run(run())
 
 
+def test_private_camera_addresses_are_refused_unless_allowed():
+    from deploy.routes import check_source
+    from lmcore.errors import InvalidRequest, PathNotAllowed
+    for url in ("rtsp://127.0.0.1:8554/cam", "rtsp://10.1.2.3/x", "rtsp://[::1]:554/x", "rtsp://169.254.1.1/x"):
+        with pytest.raises(PathNotAllowed, match="private"):
+            check_source(url, allow_private=False)
+        assert check_source(url, allow_private=True) == url
+    with pytest.raises(InvalidRequest, match="rtsp://"):
+        check_source("file:///etc/passwd", allow_private=True)
+
+
 def test_streams_routes_validate_sources(service):
     with service.client() as c:
         r = c.post("/v1/streams", json={"source": "http://example.com/cam"})
         assert r.status_code == 422 and "rtsp://" in r.json()["error"]["message"]
-        r = c.post("/v1/streams", json={"source": "rtsp://127.0.0.1:8554/cam"})
-        assert r.status_code == 403 and r.json()["error"]["code"] == "E_PATH_NOT_ALLOWED"   # private address
         assert c.get("/v1/streams/nope").status_code == 404
         assert c.get("/").status_code == 200 and "/v1/live" in c.get("/").text   # the web page
 
