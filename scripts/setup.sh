@@ -30,6 +30,14 @@ apt_need() {
         || { tail -n 30 "$log" >&2; echo "error[E_SETUP]: apt-get install $* failed (log: $log)" >&2; exit 1; }
 }
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || apt_need redis-server
+# Tests only: the RTSP camera of tests/rtsp_server.py, Debian's GStreamer RTSP server run by /usr/bin/python3 (gi).
+rtsp_ok() {
+    /usr/bin/python3 -c 'import sys, gi; gi.require_version("Gst", "1.0"); gi.require_version("GstRtspServer", "1.0")
+from gi.repository import Gst, GstRtspServer; Gst.init(None)
+sys.exit(0 if all(Gst.ElementFactory.find(e) for e in ("videotestsrc", "x264enc", "rtph264pay")) else 1)' 2>/dev/null
+}
+[ "${1:-}" != "test" ] || rtsp_ok || apt_need gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-ugly \
+    gstreamer1.0-plugins-good gstreamer1.0-plugins-base gstreamer1.0-libav python3-gi
 extras="kernels,cache,serve"
 [ "${1:-}" = "test" ] && extras="kernels,cache,serve,test,bench"
 pipq -e ".[${extras}]"

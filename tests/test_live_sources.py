@@ -1,0 +1,467 @@
+"""Live sources (stream.live): RTSP cameras from a real GStreamer RTSP server, and frames pushed
+as pictures or as a WebM byte stream.
+
+The RTSP server is Debian's (tests/rtsp_server.py, run by /usr/bin/python3); when its packages
+are missing the tests fail, with a message saying to run ./run-tests.sh, and never skip.
+Every wait is bounded (and pytest-timeout bounds each test), so a regression fails instead of
+hanging; consumers run on daemon threads that record what they saw and any exception.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from lmcore.errors import BadArgument, LmsError, NotAVideo, PayloadTooLarge
+from stream.live import STATUSES, PushSource, RtspSource
+from stream.preprocess import resize_frame_nearest
+
+
+# --------------------------------------------------------------------------- helpers
+def wait_for(pred, timeout: float, step: float = 0.05) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+class Consumer:
+    """Iterates a source on a daemon thread: frames (with arrival times) and any exception."""
+
+    def __init__(self, src):
+        self.src, self.frames, self.error = src, [], None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            for f in self.src:
+                self.frames.append((time.monotonic(), f))
+        except BaseException as exc:  # recorded: the test asserts there was none
+            self.error = exc
+
+    def pts(self) -> list[float]:
+        return [f.pts for _, f in list(self.frames)]
+
+    def count(self) -> int:
+        return len(self.frames)
+
+    def finish(self, timeout: float = 2.0) -> None:
+        self.src.stop()
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "iteration did not end after stop()"
+        assert self.error is None, f"iteration raised {self.error!r}"
+
+
+def assert_sampled(pts: list[float], fps: float, what: str) -> None:
+    """Strictly increasing; consecutive frames about 1/fps apart (a 10 fps camera: +-0.1 s)."""
+    assert len(pts) >= 2, f"{what}: too few frames {pts}"
+    steps = np.diff(pts)
+    assert (steps > 0).all(), f"{what}: pts not increasing: {pts}"
+    assert (steps > 1 / fps - 0.15).all() and (np.median(steps) < 1 / fps + 0.15), f"{what}: steps {steps}"
+
+
+def jpeg(i: int, w: int = 64, h: int = 48, quality: int = 90) -> bytes:
+    a = np.zeros((h, w, 3), np.uint8)
+    a[..., 0] = (i * 37) % 256
+    a[:, i % w, 1] = 255
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, "JPEG", quality=quality)
+    return b.getvalue()
+
+
+def png_of(a: np.ndarray) -> bytes:
+    b = io.BytesIO()
+    Image.fromarray(a).save(b, "PNG")
+    return b.getvalue()
+
+
+def vp8_webm(n: int = 30, fps: int = 10, w: int = 96, h: int = 64) -> bytes:
+    """A short VP8 WebM made in memory (noise, so that it spans many 4 KB chunks)."""
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="webm") as c:
+        s = c.add_stream("libvpx", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        for i in range(n):
+            a = np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return buf.getvalue()
+
+
+def chunks(data: bytes, size: int = 4096) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+@pytest.fixture(scope="module")
+def webm_bytes() -> bytes:
+    return vp8_webm()
+
+
+# --------------------------------------------------------------------------- the RTSP server
+def _server(folder, mounts):
+    from rtsp_server import RtspServer, rtsp_server_missing
+
+    missing = rtsp_server_missing()
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    return RtspServer(folder, mounts=mounts)
+
+
+@pytest.fixture(scope="module")
+def cameras(tmp_path_factory):
+    """One server with two cameras for the tests that do not disturb it."""
+    with _server(tmp_path_factory.mktemp("rtsp-shared"), ("cam1", "cam2")) as srv:
+        yield srv
+
+
+@pytest.fixture
+def camera(tmp_path):
+    """A server of the test's own, to kill, freeze and restart."""
+    with _server(tmp_path / "rtsp", ("cam",)) as srv:
+        yield srv
+
+
+# --------------------------------------------------------------------------- RTSP
+@pytest.mark.timeout(60)
+def test_two_cameras_at_fps_live(cameras):
+    a = RtspSource(cameras.url("cam1"), fps=2, open_timeout_s=15, read_timeout_s=3)
+    b = RtspSource(cameras.url("cam2"), fps=2, resize_to=48, open_timeout_s=15, read_timeout_s=3)
+    assert a.status == "connecting"
+    ca, cb = Consumer(a), Consumer(b)
+    try:
+        assert wait_for(lambda: ca.count() >= 8 and cb.count() >= 8, 25), (a.status_dict(), b.status_dict())
+        assert a.status == "live" and b.status == "live"
+        first_live = ca.frames[0][0]
+        assert wait_for(lambda: ca.count() >= 12, 6)
+        pa, pb = ca.pts(), cb.pts()
+        assert pa[0] == 0.0 and pb[0] == 0.0
+        assert_sampled(pa, 2, "cam1")
+        assert_sampled(pb, 2, "cam2")
+        # ~2 frames per second of wall time once the opening burst is out
+        late = [t for t, _ in ca.frames if t > first_live + 0.5]
+        if len(late) >= 3:
+            rate = (len(late) - 1) / (late[-1] - late[0])
+            assert 1.3 < rate < 3.0, rate
+        fa, fb = ca.frames[-1][1], cb.frames[-1][1]
+        assert fa.rgb.shape == (240, 320, 3) and fa.rgb.dtype == np.uint8
+        assert fb.rgb.shape == (48, 48, 3) and fb.rgb.dtype == np.uint8
+        assert [f.index for _, f in ca.frames] == list(range(ca.count()))
+        # two different scenes (ball vs colour bars)
+        assert abs(float(fa.rgb.mean()) - float(fb.rgb.mean())) > 10
+        d = a.status_dict()
+        assert d["status"] == "live" and d["frames"] == ca.count() and d["last_pts"] == pa[-1]
+        assert d["gaps"] == [] and d["dropped_why"].get("rate", 0) > 0 and d["url"] == cameras.url("cam1")
+    finally:
+        ca.finish()
+        cb.finish()
+    assert a.status == "stopped" and b.status == "stopped"
+    assert a.join(5) and b.join(5)
+
+
+@pytest.mark.timeout(60)
+def test_server_killed_reconnects_and_restarted_is_live_with_one_gap(camera):
+    src = RtspSource(camera.url(), fps=2, open_timeout_s=15, read_timeout_s=3, stall_after_s=10,
+                     backoff=(0.2, 0.5))
+    c = Consumer(src)
+    try:
+        assert wait_for(lambda: c.count() >= 4, 20), src.status_dict()
+        assert src.status == "live"
+        camera.kill()
+        killed_at = time.monotonic()
+        assert wait_for(lambda: src.status == "reconnecting", 5), src.status_dict()
+        n_before = c.count()
+        pts_before = c.pts()[-1]
+        time.sleep(1.5)
+        assert src.status == "reconnecting" and c.thread.is_alive() and c.error is None
+        assert src.last_error and src.last_error["code"].startswith("E_SOURCE_")
+        camera.start()
+        assert wait_for(lambda: src.status == "live" and c.count() >= n_before + 3, 20), src.status_dict()
+        outage_s = time.monotonic() - killed_at
+    finally:
+        c.finish()
+    pts = c.pts()
+    assert all(b > a for a, b in zip(pts, pts[1:])), pts
+    gaps = src.gaps
+    assert len(gaps) == 1, gaps
+    g0, g1 = gaps[0]
+    assert g0 <= pts_before + 0.6 and g0 >= pts_before - 0.6, (gaps, pts_before)
+    assert 0.5 < g1 - g0 < outage_s + 1, (gaps, outage_s)
+    assert not any(g0 < p < g1 for p in pts), (gaps, pts)  # no frame inside the outage
+    d = src.status_dict()
+    assert d["reconnects"] >= 1 and d["gaps"] == [[g0, g1]] and d["status"] == "stopped"
+
+
+@pytest.mark.timeout(60)
+def test_server_frozen_stalls_then_recovers_and_stop_never_hangs(camera):
+    src = RtspSource(camera.url(), fps=2, open_timeout_s=6, read_timeout_s=3, stall_after_s=1.5,
+                     backoff=(0.2,))
+    c = Consumer(src)
+    seen: list[str] = []
+
+    def status_is(s):
+        now = src.status
+        assert now in STATUSES
+        if not seen or seen[-1] != now:
+            seen.append(now)
+        return now == s
+
+    try:
+        assert wait_for(lambda: c.count() >= 3, 20), src.status_dict()
+        camera.freeze()
+        frozen_at = time.monotonic()
+        assert wait_for(lambda: status_is("stalled"), 1.5 + 2.0), (seen, src.status_dict())
+        assert time.monotonic() - frozen_at < 4.0
+        assert c.thread.is_alive() and c.error is None
+        camera.thaw()
+        n = c.count()
+        assert wait_for(lambda: status_is("live") and c.count() >= n + 2, 20), (seen, src.status_dict())
+        assert src.gaps, src.status_dict()  # the stall is an outage
+        # frozen again: stop() must end iteration at once although the reader is blocked
+        camera.freeze()
+        assert wait_for(lambda: status_is("stalled") or status_is("reconnecting"), 8), seen
+        t0 = time.monotonic()
+        src.stop()
+        c.thread.join(1.5)
+        assert not c.thread.is_alive(), "iteration still running 1.5 s after stop()"
+        assert time.monotonic() - t0 < 1.5
+        assert src.status == "stopped"
+    finally:
+        camera.thaw()
+        c.finish()
+    assert src.join(2 * 3 + 6 + 2), "the reader thread did not exit after its timeouts"
+    pts = c.pts()
+    assert all(b > a for a, b in zip(pts, pts[1:])), pts
+
+
+@pytest.mark.timeout(30)
+def test_no_such_stream_fails_and_refused_keeps_retrying(cameras):
+    from rtsp_server import free_port
+
+    src = RtspSource(cameras.url("no-such-mount"), backoff=(0.05,), give_up_after=2)
+    c = Consumer(src)
+    c.thread.join(10)
+    assert not c.thread.is_alive() and c.error is None and c.frames == []
+    assert src.status == "failed"
+    assert src.last_error["code"] == "E_INPUT_NOT_FOUND" and "404" in src.last_error["message"]
+
+    down = RtspSource(f"rtsp://user:secret@127.0.0.1:{free_port()}/cam", backoff=(0.05,), give_up_after=2)
+    c2 = Consumer(down)
+    assert wait_for(lambda: down.status_dict()["reconnects"] >= 3, 5), down.status_dict()
+    d = down.status_dict()
+    assert d["status"] == "reconnecting" and d["last_error"]["code"] == "E_SOURCE_UNREACHABLE"
+    assert "secret" not in repr(d) and "secret" not in repr(down), d
+    c2.finish(1.0)
+    assert down.status == "stopped" and down.join(3)
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1/cam", "file:///etc/passwd", "rtsp://", "rtsp:///cam", "rtmp://host/live",
+    "rtsp://host:99999/x", "rtsp://ho st/x", "rtsp://host/x\n", "", 42, None, b"rtsp://host/x",
+])
+def test_invalid_url_is_bad_argument(url):
+    with pytest.raises(BadArgument) as ei:
+        RtspSource(url)
+    assert ei.value.code == "E_BAD_ARGUMENT" and "expected" in ei.value.message
+
+
+def test_bad_arguments_and_redaction():
+    with pytest.raises(BadArgument) as ei:
+        RtspSource("https://user:hunter2@host/cam")
+    assert "hunter2" not in ei.value.message
+    for kw in ({"fps": -1}, {"resize_to": 0}, {"stall_after_s": 0}, {"backoff": ()}, {"backoff": (1, -2)},
+               {"read_timeout_s": float("nan")}, {"max_queue": 0}, {"give_up_after": 0}):
+        with pytest.raises(BadArgument):
+            RtspSource("rtsp://127.0.0.1/cam", **kw)
+    with pytest.raises(BadArgument):
+        PushSource(max_queue=0)
+
+
+# --------------------------------------------------------------------------- pushed pictures
+def test_push_jpeg_sampled_with_caller_pts_and_drop_counts():
+    src = PushSource(fps=2, max_queue=64)
+    kept = [src.push_image(jpeg(i), pts=i * 0.1) for i in range(30)]  # 10 fps, 3 s
+    assert sum(kept) == 6
+    src.close()
+    frames = list(src)
+    assert [f.pts for f in frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert [f.index for f in frames] == list(range(6))
+    assert all(f.rgb.shape == (48, 64, 3) and f.rgb.dtype == np.uint8 for f in frames)
+    assert src.dropped == 24 and src.dropped_why == {"rate": 24}
+    d = src.status_dict()
+    assert d["frames"] == 6 and d["last_pts"] == 2.5 and d["frames_received"] == 30 and d["status"] == "stopped"
+
+
+def test_push_arrival_time_and_backwards_pts():
+    now = [100.0]
+    src = PushSource(fps=1, clock=lambda: now[0])
+    for i in range(8):  # no pts: arrival time, relative to the first frame
+        src.push_image(jpeg(i))
+        now[0] += 0.3
+    src.close()
+    assert [round(f.pts, 6) for f in src] == [0.0, 1.2, 2.1]
+
+    src = PushSource(fps=None)
+    assert src.push_image(jpeg(0), pts=5.0) == 1
+    assert src.push_image(jpeg(1), pts=4.0) == 0  # before an earlier frame
+    assert src.push_image(jpeg(2), pts=5.5) == 1
+    assert src.dropped_why == {"pts_backwards": 1}
+    for bad in (-1.0, float("nan"), float("inf"), "1.0", True):
+        with pytest.raises(BadArgument):
+            src.push_image(jpeg(3), pts=bad)
+
+
+def test_push_bounded_queue_drops_oldest():
+    src = PushSource(fps=None, max_queue=3)
+    for i in range(10):
+        src.push_image(jpeg(i), pts=float(i))
+    assert src.queued == 3 and src.dropped_why == {"queue_full": 7}
+    assert src.gaps == [(0.0, 7.0)]
+    src.close()
+    assert [f.pts for f in src] == [7.0, 8.0, 9.0]
+
+
+def test_push_garbage_is_a_clear_error_and_the_next_frame_works():
+    src = PushSource(fps=2)
+    assert src.push_image(jpeg(0), pts=0.0) == 1
+    with pytest.raises(NotAVideo) as ei:
+        src.push_image(b"this is not a picture" * 10, pts=0.5)
+    assert ei.value.code == "E_NOT_A_VIDEO" and ei.value.message.startswith("expected a JPEG, PNG or WebP")
+    assert src.last_error == ei.value.to_dict()
+    big = jpeg(1, w=320, h=240)
+    with pytest.raises(NotAVideo, match="expected a complete JPEG picture, got a damaged one"):
+        src.push_image(big[: len(big) * 3 // 4], pts=0.5)  # a truncated JPEG at a sampling target
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, "GIF")
+    with pytest.raises(NotAVideo, match="got GIF"):
+        src.push_image(gif.getvalue(), pts=0.5)
+    with pytest.raises(BadArgument):
+        src.push_image("not bytes", pts=0.5)
+    with pytest.raises(PayloadTooLarge):
+        PushSource(max_pixels=1000).push_image(jpeg(0))  # 64 x 48 = 3072 pixels
+    assert src.push_image(jpeg(2), pts=0.5) == 1  # the target the bad ones missed is still open
+    with pytest.raises(BadArgument, match="image pushes"):
+        src.push_stream(b"\x1a\x45\xdf\xa3")
+    src.close()
+    assert [f.pts for f in src] == [0.0, 0.5]
+    with pytest.raises(BadArgument, match="after close"):
+        src.push_image(jpeg(3), pts=1.0)
+
+
+def test_resize_to_is_bit_identical_to_resize_frame_nearest(webm_bytes):
+    rng = np.random.default_rng(7)
+    pictures = [rng.integers(0, 255, (48 + 8 * i, 64 + 12 * i, 3), dtype=np.uint8) for i in range(3)]
+    src = PushSource(fps=None, resize_to=40)
+    for i, a in enumerate(pictures):
+        src.push_image(png_of(a), pts=float(i))
+    src.close()
+    out = list(src)
+    assert len(out) == 3
+    for a, f in zip(pictures, out):
+        assert f.rgb.shape == (40, 40, 3) and np.array_equal(f.rgb, resize_frame_nearest(a, 40))
+
+    full, small = PushSource(fps=None, max_queue=64), PushSource(fps=None, max_queue=64, resize_to=32)
+    for s in (full, small):
+        for ch in chunks(webm_bytes):
+            s.push_stream(ch)
+        s.close()
+    fa, fs = list(full), list(small)
+    assert len(fa) == len(fs) == 30
+    for x, y in zip(fa, fs):
+        assert x.pts == y.pts and np.array_equal(y.rgb, resize_frame_nearest(x.rgb, 32))
+
+
+# --------------------------------------------------------------------------- pushed byte streams
+def test_push_webm_stream_in_4k_chunks(webm_bytes):
+    src = PushSource(fps=2, max_queue=64)
+    c = Consumer(src)
+    parts = chunks(webm_bytes)
+    assert len(parts) >= 8
+    added = [src.push_stream(p) for p in parts]
+    assert sum(added[: len(parts) // 2]) >= 2  # frames come out while the stream is still arriving
+    assert wait_for(lambda: c.count() >= 2, 5)
+    src.close()
+    c.thread.join(5)
+    assert not c.thread.is_alive() and c.error is None
+    pts = c.pts()
+    assert pts == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5]), pts
+    assert all(f.rgb.shape == (64, 96, 3) for _, f in c.frames)
+    d = src.status_dict()
+    assert d["frames_received"] == 30 and d["dropped_why"] == {"rate": 24} and d["gaps"] == []
+    assert d["mode"] == "stream" and d["status"] == "stopped"
+
+
+def test_push_fragmented_mp4_stream():
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt, s.options = 96, 64, "yuv420p", {"g": "5", "bf": "0"}
+        for i in range(20):
+            a = np.random.default_rng(i).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    parts = chunks(buf.getvalue())
+    src = PushSource(fps=2, max_queue=64)
+    added = [src.push_stream(p) for p in parts]
+    assert sum(added[: len(parts) // 2]) >= 1, added  # not held back by FFmpeg's probing
+    src.close()
+    assert [f.pts for f in src] == pytest.approx([0.0, 0.5, 1.0, 1.5])
+    assert src.last_error is None
+
+
+def test_push_stream_garbage_then_a_good_stream(webm_bytes):
+    src = PushSource(fps=None, max_queue=64)
+    with pytest.raises(NotAVideo) as ei:
+        src.push_stream(b"\x00garbage bytes, no header\xff" * 200)
+    assert "expected the start of a WebM" in ei.value.message and "got 5200 bytes" in ei.value.message
+    with pytest.raises(NotAVideo, match="expected a WebM or fragmented MP4 byte stream, got data FFmpeg cannot"):
+        src.push_stream(b"\x1a\x45\xdf\xa3" + b"\x00 not matroska" * 300)  # a header that is not one
+    for p in chunks(webm_bytes):  # a new stream (EBML header) works
+        src.push_stream(p)
+    src.close()
+    assert len(list(src)) == 30
+
+
+def test_push_stream_damaged_mid_way_raises_records_a_gap_and_goes_on(webm_bytes):
+    src = PushSource(fps=None, max_queue=64)
+    parts = chunks(webm_bytes)
+    half = len(parts) // 2
+    errors = []
+    for p in parts[:half] + [b"\x00\x13 damaged \x37" * 400] + parts[half:]:
+        try:
+            src.push_stream(p)
+        except NotAVideo as exc:
+            errors.append(exc)
+    src.close()
+    pts = [f.pts for f in src]
+    assert len(errors) == 1 and "unreadable bytes" in errors[0].message, errors
+    assert 10 < len(pts) < 30 and pts[-1] == pytest.approx(2.9), pts
+    assert len(src.gaps) == 1
+    g0, g1 = src.gaps[0]
+    assert not any(g0 < p < g1 for p in pts) and g1 - g0 > 0.15
+    assert src.last_error["code"] == "E_NOT_A_VIDEO"
+
+
+def test_stop_ends_a_waiting_iteration_promptly():
+    src = PushSource()
+    c = Consumer(src)
+    time.sleep(0.2)
+    assert c.thread.is_alive()
+    t0 = time.monotonic()
+    src.stop()
+    c.thread.join(1.0)
+    assert not c.thread.is_alive() and time.monotonic() - t0 < 1.0 and c.error is None
+    assert src.status == "stopped"
+    with pytest.raises(LmsError):
+        src.push_image(jpeg(0))
