@@ -526,14 +526,15 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     seq = cache.stream_info(sid).total_appended
     info = cache.stream_info(sid)
     offset = (info.newest_pts + 1.0 / fps) if info.newest_pts is not None else 0.0   # after a restart
-    state = {"last": 0.0}
+    state = {"last": 0.0, "last_pts": info.newest_pts, "lag_s": None}
 
-    def publish(force: bool = False, **extra):
+    def publish(force: bool = False):
         now = time.monotonic()
         if force or now - state["last"] >= 1.0:
             st = src.status_dict()
             gaps = [[g[0] + offset, g[1] + offset if g[1] is not None else None] for g in st.get("gaps", [])]
-            live.update(sid, status=st["status"], frames=seq, gaps=gaps, last_error=st.get("last_error"), **extra)
+            live.update(sid, status=st["status"], frames=seq, gaps=gaps, last_error=st.get("last_error"),
+                        last_pts=state["last_pts"], lag_s=state["lag_s"], dropped=st.get("dropped", 0))
             state["last"] = now
 
     watcher = threading.Thread(target=lambda: (stop.wait(), src.stop()), daemon=True, name="lms-cam-stop")
@@ -553,7 +554,9 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
                     break
                 continue
             seq += len(res["seqs"])
-            publish(last_pts=pts, lag_s=round(time.monotonic() - t_arrive, 3))
+            queued_s = src.status_dict().get("lag_s") or 0.0          # waited in the source's queue
+            state["last_pts"], state["lag_s"] = pts, round(time.monotonic() - t_arrive + queued_s, 3)
+            publish()
     except Exception as e:                               # noqa: BLE001 - the status says what happened
         live.update(sid, status="failed", last_error=error_dict(e))
         raise

@@ -448,6 +448,54 @@ def test_streams_routes_validate_sources(service):
         assert c.get("/").status_code == 200 and "/v1/live" in c.get("/").text   # the web page
 
 
+def test_rtsp_camera_live_outage_gap_and_two_cameras(service, tmp_path):
+    """Two cameras from a real GStreamer RTSP server: frames flow (batched across cameras by the
+    Encoder), a killed server makes the stream reconnect, and an answer over the outage reports it in
+    `gaps`; DELETE stops the source and keeps the frames."""
+    from rtsp_server import RtspServer
+
+    def status(c, sid):
+        return c.get(f"/v1/streams/{sid}").json()
+
+    def wait(c, sid, pred, timeout=90):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            d = status(c, sid)
+            if pred(d):
+                return d
+            time.sleep(0.5)
+        raise AssertionError(f"stream {sid} never reached the state: {d}")
+
+    with RtspServer(tmp_path / "rtsp", mounts=("cam1", "cam2")) as cam, service.client() as c:
+        ids = []
+        for m in ("cam1", "cam2"):
+            r = c.post("/v1/streams", json={"source": cam.url(m), "fps": 1, "id": f"test-{m}"})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        for sid in ids:
+            d = wait(c, sid, lambda d: d["status"] == "live" and d["frames"] >= 3)
+            assert d["kind"] == "rtsp" and d["last_pts"] is not None
+        assert {s["id"] for s in c.get("/v1/streams").json()["data"]} >= set(ids)
+        cam.kill()
+        d = wait(c, ids[0], lambda d: d["status"] in ("reconnecting", "stalled"))
+        cam.restart()
+        d = wait(c, ids[0], lambda d: d["status"] == "live" and d["gaps"], timeout=120)
+        n = d["frames"]
+        wait(c, ids[0], lambda d: d["frames"] >= n + 2)
+        ans = c.post(f"/v1/streams/{ids[0]}/questions", json={"question": "what is in the video ?",
+                                                               "max_tokens": 4}).json()
+        assert ans["gaps"] and ans["frames"] >= 5, ans                     # the outage is inside the window
+        g = ans["gaps"][0]
+        assert ans["time_span"][0] <= g[1] and g[0] <= ans["time_span"][1]
+        for sid in ids:
+            r = c.delete(f"/v1/streams/{sid}")
+            assert r.json()["status"] == "stopped"
+            frames = status(c, sid)["frames"]
+            time.sleep(2)
+            assert status(c, sid)["frames"] == frames                    # stopped: no more frames
+            assert c.post(f"/v1/streams/{sid}/questions", json={"question": "q", "max_tokens": 2}).status_code == 200
+
+
 def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, uploaded, redis_srv):
     with service.client() as c:
         before = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
