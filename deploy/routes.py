@@ -810,6 +810,8 @@ class _LiveSession:
         self.send_lock = asyncio.Lock()
         self.size: int | None = None
         self.closed = False
+        self.push = None                               # PushSource for webm/mp4 byte streams
+        self.consumer = None
 
     async def send(self, msg: dict) -> None:
         if self.closed:
@@ -877,6 +879,12 @@ class _LiveSession:
             info = await asyncio.to_thread(self.b.cache.stream_info, sid)
             await self.send({"type": "attached", "stream_id": sid, "frames": info.count})
         elif t == "stop":
+            if self.push is not None:                  # flush a byte stream's last frames first
+                await asyncio.to_thread(self.push.close, 10.0)
+                try:
+                    await asyncio.wait_for(self.consumer, 60)
+                except Exception:                      # noqa: BLE001 - stop regardless
+                    pass
             await self.send({"type": "stopped", "stream_id": self.sid, "frames": self.frames,
                              "dropped": sum(self.dropped.values())})
             await self.ws.close(code=1000)
@@ -892,9 +900,8 @@ class _LiveSession:
         if self.writer:
             raise InvalidRequest(f"expected one start per socket, got another (streaming to {self.sid!r})")
         fmt = m.get("format", "jpeg")
-        if fmt not in ("jpeg", "png"):
-            raise InvalidRequest(f"expected format jpeg (or png), got {fmt!r} (WebM/fMP4 byte streams are not "
-                                 "supported yet)")
+        if fmt not in ("jpeg", "png", "webm", "mp4"):
+            raise InvalidRequest(f"expected format jpeg, png, webm or mp4, got {fmt!r}")
         self.fps = fps_ok(m.get("fps"), b.settings)
         sid = m.get("stream_id")
         live = b.live
@@ -918,12 +925,37 @@ class _LiveSession:
         self.sid, self.writer = sid, True
         self.sampler = FrameSampler(self.fps)
         self.size = (await b.encoder_info())["size"]
+        if fmt in ("webm", "mp4"):                     # a byte stream: demuxed as it comes, sampled at fps
+            from stream.live import PushSource
+            self.push = PushSource(fps=self.fps, resize_to=self.size, max_queue=4)
+            loop = asyncio.get_running_loop()
+            self.consumer = loop.run_in_executor(None, self._consume, loop)
         await asyncio.to_thread(live.update, sid, status="live", fps=self.fps)
         await self.send({"type": "started", "stream_id": sid})
+
+    def _consume(self, loop) -> None:
+        """Thread: frames the PushSource demuxed -> the Encoder, one at a time (its queue is bounded)."""
+        for f in self.push:
+            fut = asyncio.run_coroutine_threadsafe(self._encode_now(f.rgb, f.pts + self.offset), loop)
+            try:
+                fut.result()
+            except Exception:                          # noqa: BLE001 - reported on the socket already
+                pass
+
+    async def _encode_now(self, rgb, pts: float) -> None:
+        self.busy = True
+        await self.encode(rgb, pts)
 
     async def on_frame(self, data: bytes) -> None:
         if not self.writer:
             raise InvalidRequest("expected {\"type\": \"start\"} before frames, got a frame")
+        if self.push is not None:                      # a WebM/fMP4 chunk
+            before = self.push.dropped
+            await asyncio.to_thread(self.push.push_stream, data)
+            if self.push.dropped > before:
+                self.dropped["queue full"] = self.dropped.get("queue full", 0) + self.push.dropped - before
+                await self.note_drop("queue full")
+            return
         pts = self.pending_pts if self.pending_pts is not None else time.monotonic() - self.t0
         self.pending_pts = None
         pts += self.offset
@@ -1019,6 +1051,8 @@ class _LiveSession:
             await self.error(e, qid)
 
     async def release(self) -> None:
+        if self.push is not None:
+            self.push.stop()
         for t in list(self.tasks):
             t.cancel()
         if self.writer and self.sid is not None:

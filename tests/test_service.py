@@ -400,6 +400,31 @@ def test_websocket_push_ask_attach_stop(service, media, demo_model):
         assert c.get(f"/v1/streams/{sid}").status_code == 404
 
 
+def test_websocket_webm_byte_stream(service):
+    """format webm: MediaRecorder-style chunks of one VP8 WebM stream, demuxed as they come."""
+    import asyncio
+    import websockets
+    from test_live_sources import vp8_webm
+    data = vp8_webm(n=40, fps=10)                    # 4 s of video: 4 frames at 1 fps
+
+    async def run():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "webm"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            for i in range(0, len(data), 4096):
+                await ws.send(data[i:i + 4096])
+            await ws.send(json.dumps({"type": "stop"}))
+            while (m := json.loads(await ws.recv()))["type"] != "stopped":
+                assert m["type"] in ("ingested", "dropped"), m
+            return sid, m
+
+    sid, stopped = asyncio.run(run())
+    assert stopped["frames"] == 4
+    with service.client() as c:
+        ans = c.post(f"/v1/streams/{sid}/questions", json={"question": "what is in the video ?", "max_tokens": 4})
+        assert ans.json()["frames"] == 4 and ans.json()["time_span"] == [0.0, 3.0]
+
+
 def test_websocket_auth_size_limit_and_bad_messages(service):
     import asyncio
     import websockets
