@@ -38,6 +38,8 @@ sys.exit(0 if all(Gst.ElementFactory.find(e) for e in ("videotestsrc", "x264enc"
 }
 [ "${1:-}" != "test" ] || rtsp_ok || apt_need gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-ugly \
     gstreamer1.0-plugins-good gstreamer1.0-plugins-base gstreamer1.0-libav python3-gi
+# Tests only: Debian's Chromium for the web page (Playwright drives it; it downloads no browser).
+[ "${1:-}" != "test" ] || command -v chromium >/dev/null || apt_need chromium
 extras="kernels,cache,serve"
 [ "${1:-}" = "test" ] && extras="kernels,cache,serve,test,bench"
 pipq -e ".[${extras}]"

@@ -425,6 +425,34 @@ def test_websocket_webm_byte_stream(service):
         assert ans.json()["frames"] == 4 and ans.json()["time_span"] == [0.0, 3.0]
 
 
+def test_web_page_in_headless_chromium(service, tmp_path):
+    """The page at / in Debian's Chromium (Playwright, fake webcam): it streams the camera over
+    /v1/live and an answer streams into the page."""
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=[
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--no-sandbox", "--disable-gpu",
+            "--no-first-run", "--disable-background-networking"])   # Playwright makes and removes its own profile
+        try:
+            page = browser.new_page()
+            page.goto(service.url + "/")
+            page.fill("#key", KEY)
+            page.click("#connect")
+            page.wait_for_function("Number(document.getElementById('frames').textContent) >= 3", timeout=60_000)
+            assert page.text_content("#streamId").startswith("live-")
+            page.fill("#question", "what is in the video ?")
+            page.fill("#lastS", "60")
+            page.click("#ask")
+            page.wait_for_function("document.body.dataset.answered === '1'", timeout=60_000)
+            meta = page.text_content("#meta")
+            assert "frames" in meta and "policy exact" in meta, meta
+            page.click("#stop")
+            page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')",
+                                   timeout=30_000)
+        finally:
+            browser.close()
+
+
 def test_websocket_auth_size_limit_and_bad_messages(service):
     import asyncio
     import websockets
