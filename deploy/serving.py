@@ -222,7 +222,7 @@ class AnswerCore:
             info = self.cache.stream_info(stream_id)
             if info.count == 0:
                 raise NoFrames(f"expected stored frames of stream {stream_id!r}, got none")
-            start = info.newest_pts - float(last_s)
+            start = info.newest_pts - float(last_s) + 1e-6     # (newest - last_s, newest]: 30 frames at 1 fps
         return CachedFrames(self.cache, stream_id, start, end, dtype=self.model.dtype)
 
     def answer(self, stream_id: str, question: str, *, window=None, last_s=None, policy: str = "exact",

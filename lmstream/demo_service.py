@@ -2,7 +2,8 @@
 
 Starts `lmstream serve` (its own Redis and Ray, in a temporary folder), writes a synthetic video with
 known answers, uploads it to `POST /v1/videos`, follows the job's progress, asks the questions over
-HTTP (the last one streamed token by token, SSE), prints each answer next to the truth, and stops the
+HTTP (the last one streamed token by token, SSE), prints each answer next to the truth; then pushes the
+same scene live over the `/v1/live` WebSocket and asks about its last 30 s on the socket; and stops the
 service (SIGTERM to the PID it started: Serve, Ray and Redis go with it).
 """
 from __future__ import annotations
@@ -137,7 +138,53 @@ def run(args) -> int:
                 print(f"\n{right}/{len(qas)} correct; every answer: {ans['frames']} frames "
                       f"({ans['time_span'][0]:.0f}-{ans['time_span'][1]:.0f} s), fused {ans['frames_fused']}, policy "
                       f"{ans['policy']}, keys/values {ans['kv_policy']}, gaps {ans['gaps']}")
+            _live_demo(url, key, video, qas[-1])
         finally:
             s = _stop(proc)
             print(f"service: stopped in {s:.1f} s (Serve, Ray and Redis); total {time.perf_counter() - t0:.1f} s")
     return 0
+
+
+def _live_demo(url: str, key: str, video: Path, qa) -> None:
+    """The live path: the same scene pushed frame by frame over the /v1/live WebSocket (as a browser or
+    a camera app would), then a question about the last 30 s, answered token by token on the socket."""
+    import asyncio
+    import io
+    import websockets
+    from PIL import Image
+    from stream.decode import VideoSource
+    frames = [(f.pts, f.rgb) for f in VideoSource(video, fps=1.0)]
+
+    async def run():
+        ws_url = url.replace("http://", "ws://") + f"/v1/live?token={key}"
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "stream_id": None, "fps": 1, "format": "jpeg"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            t = time.perf_counter()
+            for pts, rgb in frames:
+                buf = io.BytesIO()
+                Image.fromarray(rgb).save(buf, format="PNG")
+                await ws.send(json.dumps({"type": "frame", "pts": pts}))
+                await ws.send(buf.getvalue())
+                while json.loads(await ws.recv())["type"] != "ingested":
+                    pass
+            print(f"\nlive: pushed {len(frames)} frames over the WebSocket as stream {sid} in "
+                  f"{time.perf_counter() - t:.1f} s; asking about the last 30 s on the same socket")
+            await ws.send(json.dumps({"type": "ask", "id": "q1", "question": qa.question, "last_s": 30,
+                                      "max_tokens": 8}))
+            print(f"  {qa.question} -> ", end="", flush=True)
+            while True:
+                m = json.loads(await ws.recv())
+                if m["type"] == "token":
+                    print(m["text"], end="", flush=True)
+                elif m["type"] == "answer":
+                    print(f"   ({m['frames']} frames, {m['time_span'][0]:.0f}-{m['time_span'][1]:.0f} s, "
+                          f"first token {m['timings']['first_token_s'] * 1e3:.0f} ms)")
+                    break
+                elif m["type"] == "error":
+                    print(f"error[{m['code']}]: {m['message']}")
+                    break
+            await ws.send(json.dumps({"type": "stop"}))
+            while json.loads(await ws.recv())["type"] != "stopped":
+                pass
+    asyncio.run(run())

@@ -380,7 +380,7 @@ def test_websocket_push_ask_attach_stop(service, media, demo_model):
                                              "last_s": 10}))
                 while (m := json.loads(await other.recv()))["type"] != "answer":
                     pass
-                assert m["frames"] == 11 and m["id"] == "a"                # pts 29..39 (last_s 10 from 39)
+                assert m["frames"] == 10 and m["id"] == "a"                # pts 30..39: (39 - 10, 39]
             await ws.send(json.dumps({"type": "stop"}))
             stopped = json.loads(await ws.recv())
             assert stopped["type"] == "stopped" and stopped["frames"] == len(frames)
