@@ -115,6 +115,42 @@ class VideoContext:
         return 2 * self.kv.k.numel() * self.kv.k.element_size()
 
 
+@dataclass
+class PrefusedRows:
+    """A window's frames for a watch question, already fused at ingest: the float32 sums over the
+    window's frames of the question rows' outputs (`LlavaMini.watch_rows`) and of the fused prefix rows,
+    plus every frame's vision token. `ask`/`stream_answer` take it like any FrameSource; the result is
+    the exact answer over those frames, without reading a single key/value.
+
+    rows_sum: (S, H) float32; prefix_sum: (P, H) float32; n_fused: frames summed;
+    tokens: (T, nq, H); input_ids: the watch's prompt (a question must be exactly it)."""
+
+    rows_sum: torch.Tensor
+    prefix_sum: torch.Tensor
+    n_fused: int
+    tokens: torch.Tensor
+    input_ids: tuple[int, ...]
+    n_vision_rows: int
+    n_cached: int
+    prefix_ids: tuple[int, ...]
+    kv_policy: str = "exact"
+    pts: torch.Tensor | None = None
+    dropped_before: int = 0
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def n_cached_rows(self) -> int:
+        return self.n_cached
+
+    def vision_tokens(self, device) -> torch.Tensor:
+        return self.tokens.to(device)
+
+    def iter_chunks(self, frames, size, device):
+        raise BadArgument("expected a question that fuses frames to read keys/values, got a watch's rows")
+
+
 class LlavaMiniNet(nn.Module):
     """Parameters in the official layout: state-dict keys equal the checkpoint's."""
 
@@ -362,15 +398,61 @@ class LlavaMini:
             if len(st) == 0:
                 continue
             if len(rows):
-                h = q_emb.expand(len(st), -1, -1)                          # (Tc, S, H)
-                for l, layer in enumerate(m.prefusion_layers):
-                    kw = {"k_scale": st.k_scale[:, l], "v_scale": st.v_scale[:, l]} if st.kv_policy == "fp8" else {}
-                    h = layer.cached(h, cos, sin, st.keys[:, l, :, :C], st.values[:, l, :, :C],
-                                     self.fusion_attention, **kw)
-                acc += h.float().sum(0)
+                acc += self._fuse_chunk(q_emb, cos, sin, st, C).float().sum(0)
             if prefix:
                 pacc += st.prefix_out.float().sum(0)
         return acc, pacc, n
+
+    def _fuse_chunk(self, q_emb, cos, sin, st: FrameStates, C: int) -> torch.Tensor:
+        """The question rows `q_emb` (S, H) through the pre-fusion layers against each frame of `st`'s
+        C cached rows: (Tc, S, H) in the model dtype."""
+        h = q_emb.expand(len(st), -1, -1)                                  # (Tc, S, H)
+        for l, layer in enumerate(self.net.model.prefusion_layers):
+            kw = {"k_scale": st.k_scale[:, l], "v_scale": st.v_scale[:, l]} if st.kv_policy == "fp8" else {}
+            h = layer.cached(h, cos, sin, st.keys[:, l, :, :C], st.values[:, l, :, :C], self.fusion_attention, **kw)
+        return h
+
+    def _question_rows(self, ids: torch.Tensor, states) -> tuple[torch.Tensor, int, bool]:
+        """(unmasked question rows fused per frame, cached rows C, prefix cached?) for prompt `ids`."""
+        p = int((ids == IMAGE_TOKEN_INDEX).nonzero()[0])
+        P = len(states.prefix_ids)
+        cached_prefix = 0 < P <= p and tuple(ids[:P].tolist()) == states.prefix_ids
+        C = states.n_cached_rows if cached_prefix else states.n_vision_rows
+        start = P if cached_prefix else 0
+        q_rows = ((ids > 0) & (torch.arange(len(ids)) >= start)).nonzero().flatten()
+        return q_rows, C, cached_prefix
+
+    def prefused(self, question: str, *, rows_sum: torch.Tensor, prefix_sum: torch.Tensor, n_fused: int,
+                 tokens: torch.Tensor, n_vision_rows: int, prefix_ids, pts=None, kv_policy: str = "exact",
+                 dropped_before: int = 0) -> "PrefusedRows":
+        """A `PrefusedRows` for `question` from sums of its stored per-frame rows (see `watch_rows`)."""
+        from types import SimpleNamespace
+        ids, _ = self._check_ids(self.prompt_ids(question))
+        prefix_ids = tuple(int(i) for i in prefix_ids)
+        n_cached = n_vision_rows + sum(1 for i in prefix_ids if i > 0)
+        view = SimpleNamespace(prefix_ids=prefix_ids, n_vision_rows=n_vision_rows, n_cached_rows=n_cached)
+        _, _, cached = self._question_rows(ids, view)
+        if not cached:
+            raise BadArgument("expected frames encoded with the standard prompt prefix for a watch, got other")
+        return PrefusedRows(rows_sum=rows_sum, prefix_sum=prefix_sum, n_fused=n_fused, tokens=tokens,
+                            input_ids=tuple(ids.tolist()),
+                            n_vision_rows=n_vision_rows, n_cached=n_cached, prefix_ids=prefix_ids,
+                            kv_policy=kv_policy, pts=pts, dropped_before=dropped_before)
+
+    @torch.no_grad()
+    def watch_rows(self, question: str, states: FrameStates) -> torch.Tensor:
+        """A standing question fused with each frame at ingest (DESIGN section 8, watches): the
+        pre-fusion outputs of its rows, (T, S, H) in the model dtype. Summed over any window's frames
+        (in float32, as `fuse_question` does) they give that window's exact fused text without the
+        frames' keys/values: see `PrefusedRows`."""
+        ids, _ = self._check_ids(self.prompt_ids(question))
+        q_rows, C, cached = self._question_rows(ids, states)
+        if not cached:
+            raise BadArgument("expected frames encoded with the standard prompt prefix to fuse a watch, got other")
+        cos, sin = self._positions(C, len(q_rows))
+        q_emb = self._embed(ids)[q_rows.to(self.device)]
+        with self.lock:
+            return self._fuse_chunk(q_emb, cos, sin, states.to(self.device), C)
 
     @torch.no_grad()
     def fuse_question(self, input_ids: torch.Tensor, states: FrameSource, policy=None, *, _tail_only=False):
@@ -389,13 +471,20 @@ class LlavaMini:
         start = P if cached_prefix else 0
         q_rows = (valid & (torch.arange(L) >= start)).nonzero().flatten()  # question rows, all unmasked
         frames = policy.frames(T)
-        acc, pacc, n = self._fused_sums(emb, q_rows, C, states, frames, prefix=cached_prefix and not _tail_only)
+        if isinstance(states, PrefusedRows):                               # a watch: fused at ingest
+            if not cached_prefix or tuple(ids.tolist()) != states.input_ids:
+                raise BadArgument("expected the watch's own question for its pre-fused rows, got another prompt")
+            acc, pacc, n = states.rows_sum.to(self.device), states.prefix_sum.to(self.device), states.n_fused
+            frames = torch.arange(n)
+        else:
+            acc, pacc, n = self._fused_sums(emb, q_rows, C, states, frames, prefix=cached_prefix and not _tail_only)
         if n == 0:
             raise BadArgument(f"expected frames to fuse the question with, got none: all {len(frames)} were "
                               "overwritten while being read (the stream's ring is too small for this window)")
         text = emb.float() * n                                             # masked rows: sum of n raw embeddings
         text[q_rows.to(self.device)] = acc
-        desc = policy.describe(T)
+        desc = policy.describe(T) if not isinstance(states, PrefusedRows) else \
+            ("exact (watch: fused at ingest)" if n == T else f"watch: fused at ingest with {n} of {T} frames")
         if n < len(frames):                                                # a ring overwrote frames mid-read
             desc += f" ({len(frames) - n} of {len(frames)} frames overwritten while read: fused {n})"
         info = {"frames": T, "frames_fused": n, "policy": desc, "kv_policy": states.kv_policy,
@@ -548,7 +637,7 @@ class LlavaMini:
         video's length). timings: decode_s / encode_s (the video), fuse_s, prefill_s, generate_s."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        if isinstance(video, (FrameStates, VideoContext, FrameSource)):
+        if isinstance(video, (FrameStates, VideoContext, FrameSource, PrefusedRows)):
             return self._answer(video, question, max_new_tokens, policy, window, timings, None, gen_kw)
         if torch.is_tensor(video):
             states = self.encode_frames(video, kv_policy=kv_policy, progress=progress)
