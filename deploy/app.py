@@ -32,6 +32,7 @@ from .serving import (
     FileJob,
     JobStore,
     LiveStore,
+    WatchStore,
     answer_events_in_thread,
     run_file_job,
     run_rtsp_stream,
@@ -131,6 +132,8 @@ class RayBackend:
         self.settings = settings
         self.store = JobStore(settings.redis_url)
         self.live = LiveStore(settings.redis_url)
+        self.watches = WatchStore(settings.redis_url)
+        self._last_eval: dict[tuple[str, str], float] = {}
         self.cache = open_cache(settings.redis_url)
         self._streams: dict[str, Any] = {}
         self.encoder, self.answerer = encoder, answerer
@@ -182,6 +185,50 @@ class RayBackend:
             pass
         ray.kill(actor)
 
+    def model_prompt_check(self, question: str) -> None:
+        if not question.strip():
+            from lmcore.errors import InvalidRequest
+            raise InvalidRequest("expected a non-empty watch question, got only whitespace")
+
+    async def evaluate_watches(self) -> None:
+        """Every second: each watch that is due is answered over its last `last_s` (exactly, from its
+        rows fused at ingest); a changed answer becomes an event (SSE and attached sockets)."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                sids = await asyncio.to_thread(self.live.ids)
+            except Exception:                      # noqa: BLE001 - Redis down: try again later
+                continue
+            for sid in sids:
+                try:
+                    watches = await asyncio.to_thread(self.watches.all, sid)
+                except Exception:                  # noqa: BLE001
+                    continue
+                for wid, w in watches.items():
+                    now = time.monotonic()
+                    if now - self._last_eval.get((sid, wid), 0.0) < float(w.get("every_s") or 5):
+                        continue
+                    self._last_eval[(sid, wid)] = now
+                    await self._evaluate(sid, wid, w)
+
+    async def _evaluate(self, sid: str, wid: str, w: dict) -> None:
+        req = {"stream_id": sid, "question": w["question"], "last_s": w.get("last_s") or 10, "max_tokens": 16,
+               "watch": wid}
+        ans = None
+        try:
+            async for ev in self.answer_events(req):
+                if ev["type"] == "answer":
+                    ans = ev
+        except Exception:                          # noqa: BLE001 - no frames fused yet, Redis down...
+            return
+        if ans is None or ans["text"] == w.get("last_text"):
+            return
+        ev = {"type": "event", "watch": wid, "question": w["question"], "text": ans["text"],
+              "previous": w.get("last_text"), "time_span": ans["time_span"], "frames": ans["frames"],
+              "frames_fused": ans["frames_fused"], "policy": ans["policy"], "at": time.time()}
+        await asyncio.to_thread(self.watches.push_event, sid, ev)
+        await asyncio.to_thread(self.watches.update, sid, wid, last_text=ans["text"])
+
     def answer_events(self, req: dict):
         gen = self.answerer.options(stream=True).answer.remote(req)
 
@@ -204,8 +251,9 @@ class Ingress:
         if failed:
             log.warning("marked %d interrupted video jobs failed (their frames stay): %s", len(failed), failed)
         set_backend(self.backend)
-        self._resume = asyncio.get_running_loop().create_task(self._resume_cameras()) \
-            if self.backend.store.ping() else None
+        loop = asyncio.get_running_loop()
+        self._resume = loop.create_task(self._resume_cameras()) if self.backend.store.ping() else None
+        self._watcher = loop.create_task(self.backend.evaluate_watches())
 
     async def _resume_cameras(self):
         """Cameras registered before a restart reconnect (their frames are in Redis already)."""

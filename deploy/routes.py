@@ -33,13 +33,14 @@ from lmcore.errors import (
     Unauthorized,
 )
 
-from .schemas import ChatRequest, Question, StreamCreate, VideoCreate
+from .schemas import ChatRequest, Question, StreamCreate, VideoCreate, WatchCreate
 from .serving import (
     EncodeItem,
     FileJob,
     FrameSampler,
     JobStore,
     LiveStore,
+    WatchStore,
     check_allowed,
     decode_image,
     error_dict,
@@ -65,6 +66,8 @@ class Backend(Protocol):
     async def encode(self, items: list) -> list[dict]: ...
     async def start_stream(self, sid: str, url: str, fps: float) -> None: ...
     async def stop_stream(self, sid: str) -> None: ...
+    watches: WatchStore
+    def model_prompt_check(self, question: str) -> None: ...
 
 
 _backend: Backend | None = None
@@ -391,6 +394,65 @@ def build_api() -> FastAPI:
         if q.stream:
             return await _sse(b, req, _sse_events)
         return await _json_answer(b, req)
+
+    @api.post("/v1/streams/{sid}/watches", status_code=201)
+    async def create_watch(sid: str, w: WatchCreate, b: Backend = Depends(auth)):
+        """A standing question: fused with every frame from now on (at ingest), evaluated every `every_s`
+        over the last `last_s`, exactly, from the stored rows; an event when the answer changes."""
+        _check_id(sid)
+        await asyncio.to_thread(_live(b).get, sid)
+        b.model_prompt_check(w.question)
+        wid = "w-" + uuid.uuid4().hex[:10]
+        await asyncio.to_thread(b.watches.add, sid, wid, {"question": w.question, "every_s": w.every_s,
+                                                            "last_s": w.last_s, "last_text": None,
+                                                            "created": time.time()})
+        return JSONResponse({"id": wid, "stream_id": sid, "question": w.question, "every_s": w.every_s,
+                             "last_s": w.last_s}, status_code=201)
+
+    @api.get("/v1/streams/{sid}/watches")
+    async def list_watches(sid: str, b: Backend = Depends(auth)):
+        _check_id(sid)
+        ws_ = await asyncio.to_thread(b.watches.all, sid)
+        return {"object": "list", "data": [{"id": k, **v} for k, v in sorted(ws_.items())]}
+
+    @api.delete("/v1/streams/{sid}/watches/{wid}")
+    async def delete_watch(sid: str, wid: str, b: Backend = Depends(auth)):
+        _check_id(sid)
+        if not await asyncio.to_thread(b.watches.remove, sid, wid):
+            raise NotFound(f"expected a watch of stream {sid!r}, got unknown id {wid!r}")
+        return {"id": wid, "deleted": True}
+
+    @api.post("/v1/streams/{sid}/watches/{wid}/questions")
+    async def ask_watch(sid: str, wid: str, q: Question, b: Backend = Depends(auth)):
+        """The watch's question over any window, exactly, from its rows fused at ingest (no keys/values)."""
+        _check_id(sid)
+        w = (await asyncio.to_thread(b.watches.all, sid)).get(wid)
+        if w is None:
+            raise NotFound(f"expected a watch of stream {sid!r}, got unknown id {wid!r}")
+        d = await asyncio.to_thread(_live(b).get, sid)
+        req = _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens, d.get("gaps") or [])
+        req["watch"] = wid
+        return await _json_answer(b, req)
+
+    @api.get("/v1/streams/{sid}/events")
+    async def events(sid: str, request: Request, after: int = 0, b: Backend = Depends(auth)):
+        """Watch events as SSE (`event: event`), from seq `after` on; a comment every 15 s keeps it open."""
+        _check_id(sid)
+        await asyncio.to_thread(_live(b).get, sid)
+
+        async def gen():
+            seq, idle = after, 0.0
+            while not await request.is_disconnected():
+                evs = await asyncio.to_thread(b.watches.events_after, sid, seq)
+                for e in evs:
+                    seq = e["seq"]
+                    yield f"event: event\nid: {seq}\ndata: {json.dumps(e)}\n\n"
+                idle = 0.0 if evs else idle + 0.5
+                if idle >= 15:
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+                await asyncio.sleep(0.5)
+        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.websocket("/v1/live")
     async def live(ws: WebSocket):
@@ -878,6 +940,7 @@ class _LiveSession:
             self.sid, self.writer = sid, False
             info = await asyncio.to_thread(self.b.cache.stream_info, sid)
             await self.send({"type": "attached", "stream_id": sid, "frames": info.count})
+            self._follow_events()
         elif t == "stop":
             if self.push is not None:                  # flush a byte stream's last frames first
                 await asyncio.to_thread(self.push.close, 10.0)
@@ -932,6 +995,7 @@ class _LiveSession:
             self.consumer = loop.run_in_executor(None, self._consume, loop)
         await asyncio.to_thread(live.update, sid, status="live", fps=self.fps)
         await self.send({"type": "started", "stream_id": sid})
+        self._follow_events()
 
     def _consume(self, loop) -> None:
         """Thread: frames the PushSource demuxed -> the Encoder, one at a time (its queue is bounded)."""
@@ -1000,6 +1064,26 @@ class _LiveSession:
             await self.error(e)
         finally:
             self.busy = False
+
+    def _follow_events(self) -> None:
+        """Watch events of this socket's stream arrive as {"type": "event", ...} messages."""
+        async def follow(sid: str):
+            seq = None
+            while not self.closed and self.sid == sid:
+                try:
+                    evs = await asyncio.to_thread(self.b.watches.events_after, sid, seq or 0)
+                    if seq is None:                    # only events from now on
+                        seq = evs[-1]["seq"] if evs else 0
+                    else:
+                        for e in evs:
+                            seq = e["seq"]
+                            await self.send({**e, "type": "event"})
+                except LmsError:
+                    pass
+                await asyncio.sleep(0.5)
+        task = asyncio.create_task(follow(self.sid))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     def ask(self, m: dict) -> None:
         qid = m.get("id")

@@ -59,6 +59,15 @@ class StreamCreate(BaseModel):
     retain: dict | None = None
 
 
+class WatchCreate(BaseModel):
+    """`POST /v1/streams/{id}/watches`: a standing question."""
+
+    model_config = ConfigDict(extra="forbid")
+    question: str = Field(min_length=1, max_length=2000)
+    every_s: float = Field(5.0, ge=0.5, le=86400)
+    last_s: float = Field(10.0, gt=0, le=86400 * 7)
+
+
 class Question(BaseModel):
     """`POST /v1/videos/{id}/questions` (and streams')."""
 

@@ -163,6 +163,7 @@ class EncoderCore:
         self.settings = settings
         self.model = model or load_model(settings)
         self.cache = cache or open_cache(settings.redis_url)
+        self.watches = WatchStore(settings.redis_url)
         self.frames_encoded = 0
         self.batches = 0
 
@@ -193,8 +194,12 @@ class EncoderCore:
             for i, st in zip(idx, states):
                 it = items[i]
                 try:
-                    seqs = append_retrying(self.cache, it.stream_id, states_to_records(st), writer=it.writer,
-                                           seq=it.seq)
+                    recs = states_to_records(st)
+                    for wid, w in self.watches.active(it.stream_id).items():    # standing questions, fused now
+                        rows = self.model.watch_rows(w["question"], st)          # (n, S, H)
+                        for r, row in zip(recs, rows):
+                            r.tensors[f"w:{wid}"] = row.cpu()
+                    seqs = append_retrying(self.cache, it.stream_id, recs, writer=it.writer, seq=it.seq)
                     out[i] = {"seqs": seqs}
                     self.frames_encoded += len(seqs)
                 except Exception as e:
@@ -225,11 +230,56 @@ class AnswerCore:
             start = info.newest_pts - float(last_s) + 1e-6     # (newest - last_s, newest]: 30 frames at 1 fps
         return CachedFrames(self.cache, stream_id, start, end, dtype=self.model.dtype)
 
+    def watch_source(self, stream_id: str, wid: str, question: str, window=None, last_s=None):
+        """A watch's window as `PrefusedRows`: light records only (tokens, fused prefix rows and the
+        watch's rows stored at ingest), summed chunk by chunk; no keys/values are read."""
+        import torch
+        from frame_cache import decode_record
+        start = end = None
+        if window is not None:
+            start, end = float(window[0]), float(window[1])
+        elif last_s is not None:
+            info = self.cache.stream_info(stream_id)
+            if info.count == 0:
+                raise NoFrames(f"expected stored frames of stream {stream_id!r}, got none")
+            start = info.newest_pts - float(last_s) + 1e-6
+        win = self.cache.window(stream_id, start, end)
+        name = f"w:{wid}"
+        rows = prefix = None
+        n, toks, pts, meta = 0, [], [], None
+        for ch in win.chunks(self.cache, 256, light=True):
+            for p, b in zip(ch.pts, ch.blobs):
+                if end is not None and p >= end:
+                    continue
+                r = decode_record(b)
+                meta = meta or r.meta
+                toks.append(r.tensors["token"])
+                pts.append(p)
+                if name in r.tensors:
+                    x, y = r.tensors[name].float(), r.tensors["prefix_out"].float()
+                    rows = x.clone() if rows is None else rows.add_(x)
+                    prefix = y.clone() if prefix is None else prefix.add_(y)
+                    n += 1
+        if not toks:
+            raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window, got none")
+        if n == 0:
+            raise NoFrames(f"expected frames fused with watch {wid!r} in the window, got none (frames stored "
+                           "before the watch was made are not fused with it)")
+        return self.model.prefused(question, rows_sum=rows, prefix_sum=prefix, n_fused=n, tokens=torch.stack(toks),
+                                   n_vision_rows=int(meta["n_vision_rows"]), prefix_ids=meta["prefix_ids"],
+                                   pts=torch.tensor(pts, dtype=torch.float64), kv_policy=str(meta["kv_policy"]),
+                                   dropped_before=win.dropped_before)
+
     def answer(self, stream_id: str, question: str, *, window=None, last_s=None, policy: str = "exact",
-               max_tokens: int = 64, gaps=(), sampling: dict | None = None) -> Iterator[dict]:
+               max_tokens: int = 64, gaps=(), sampling: dict | None = None, watch: str | None = None
+               ) -> Iterator[dict]:
         """Events: {"type": "token", "text", "token_id"} ... {"type": "answer", **answer fields}."""
         t0 = time.perf_counter()
-        src = self.window(stream_id, window, last_s)
+        if watch is not None:
+            src = self.watch_source(stream_id, watch, question, window, last_s)
+            src.time_span, src.bytes_read = (float(src.pts[0]), float(src.pts[-1])), 0
+        else:
+            src = self.window(stream_id, window, last_s)
         lo, hi = src.time_span
         inside = [list(g) for g in gaps if (g[1] is None or g[1] >= lo) and (g[0] is None or g[0] <= hi)]
         first = None
@@ -576,3 +626,62 @@ def _publish_loop(publish, stop: threading.Event) -> None:
             publish(force=True)
         except Exception:                                # noqa: BLE001 - Redis down: next time
             pass
+
+
+
+class WatchStore(JobStore):
+    """Watches per stream (``lms:{<id>}:watches``: id -> {"question", "every_s", "last_s", "last_text"})
+    and their events (``lms:{<id>}:events``, newest first, capped; ``lms:{<id>}:event_seq``)."""
+
+    MAX_EVENTS = 1000
+
+    def _k(self, sid: str, part: str) -> str:
+        from frame_cache import stream_key
+        return stream_key(sid, part)
+
+    def add(self, sid: str, wid: str, w: dict) -> None:
+        self._call("adding a watch", lambda: self.r.hset(self._k(sid, "watches"), wid, json.dumps(w)))
+        self._cache.pop(sid, None)
+
+    def all(self, sid: str) -> dict[str, dict]:
+        raw = self._call("reading watches", lambda: self.r.hgetall(self._k(sid, "watches")))
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def active(self, sid: str, max_age: float = 1.0) -> dict[str, dict]:
+        """The stream's watches, re-read at most every `max_age` s (the Encoder asks per batch)."""
+        now = time.monotonic()
+        got = self._cache.get(sid)
+        if got is None or now - got[0] > max_age:
+            got = (now, self.all(sid))
+            self._cache[sid] = got
+        return got[1]
+
+    def remove(self, sid: str, wid: str) -> bool:
+        self._cache.pop(sid, None)
+        return bool(self._call("removing a watch", lambda: self.r.hdel(self._k(sid, "watches"), wid)))
+
+    def update(self, sid: str, wid: str, **fields) -> None:
+        w = self.all(sid).get(wid)
+        if w is not None:
+            w.update(fields)
+            self._call("updating a watch", lambda: self.r.hset(self._k(sid, "watches"), wid, json.dumps(w)))
+
+    def push_event(self, sid: str, ev: dict) -> dict:
+        def do():
+            seq = self.r.incr(self._k(sid, "event_seq"))
+            e = {**ev, "seq": int(seq)}
+            pipe = self.r.pipeline()
+            pipe.lpush(self._k(sid, "events"), json.dumps(e))
+            pipe.ltrim(self._k(sid, "events"), 0, self.MAX_EVENTS - 1)
+            pipe.execute()
+            return e
+        return self._call("storing an event", do)
+
+    def events_after(self, sid: str, seq: int) -> list[dict]:
+        raw = self._call("reading events", lambda: self.r.lrange(self._k(sid, "events"), 0, self.MAX_EVENTS - 1))
+        evs = [json.loads(x) for x in raw]
+        return sorted((e for e in evs if e["seq"] > seq), key=lambda e: e["seq"])
+
+    def __init__(self, redis_url: str, *, timeout: float = 5.0):
+        super().__init__(redis_url, timeout=timeout)
+        self._cache: dict[str, tuple[float, dict]] = {}

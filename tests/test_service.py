@@ -453,6 +453,72 @@ def test_web_page_in_headless_chromium(service, tmp_path):
             browser.close()
 
 
+def test_watches_fused_at_ingest_answer_exactly_and_emit_events(service, media):
+    """A watch on a live stream: frames pushed after it are fused with its question at ingest; its
+    answer over a window equals the plain exact answer over the same frames, token for token; events
+    arrive over SSE and on an attached socket."""
+    import asyncio
+    import websockets
+    from stream.decode import VideoSource
+    frames = [(f.pts, f.rgb) for f in VideoSource(media / "scene.mp4", fps=1.0, resize_to=64)][:16]
+    q = "what colour is the circle ?"
+
+    async def push(ws, part):
+        for pts, rgb in part:
+            await ws.send(json.dumps({"type": "frame", "pts": pts}))
+            await ws.send(_png(rgb))
+            while json.loads(await ws.recv())["type"] != "ingested":
+                pass
+
+    async def run():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            await push(ws, frames[:6])
+            with service.client() as c:
+                r = c.post(f"/v1/streams/{sid}/watches", json={"question": q, "every_s": 1, "last_s": 100})
+                assert r.status_code == 201, r.text
+                wid = r.json()["id"]
+            await asyncio.sleep(1.2)                        # the Encoder re-reads watches at most every 1 s
+            await push(ws, frames[6:])
+            async with websockets.connect(_ws_url(service), max_size=None) as other:
+                await other.send(json.dumps({"type": "attach", "stream_id": sid}))
+                assert json.loads(await other.recv())["type"] == "attached"
+                with service.client() as c:
+                    wid2 = c.post(f"/v1/streams/{sid}/watches", json={"question": "how many objects are there ?",
+                                                                      "every_s": 1, "last_s": 100}).json()["id"]
+                    await asyncio.sleep(1.2)
+                    await push(ws, [(16.0, frames[-1][1]), (17.0, frames[-1][1])])
+                ev = None
+                while ev is None:
+                    m = json.loads(await asyncio.wait_for(other.recv(), 60))
+                    if m["type"] == "event" and m["watch"] == wid2:
+                        ev = m
+            await ws.send(json.dumps({"type": "stop"}))
+            return sid, wid, ev
+
+    sid, wid, ev = asyncio.run(run())
+    assert ev["text"] and ev["policy"].startswith("watch: fused at ingest with "), ev      # frames since wid2
+    with service.client() as c:
+        w = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"question": "ignored", "window": [6, 16],
+                                                                      "max_tokens": 8}).json()
+        p = c.post(f"/v1/streams/{sid}/questions", json={"question": q, "window": [6, 16], "max_tokens": 8}).json()
+        assert w["token_ids"] == p["token_ids"] and w["frames"] == p["frames"] == 10, (w, p)
+        assert w["policy"] == "exact (watch: fused at ingest)" and p["policy"] == "exact"
+        mixed = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"question": "x", "window": [0, 16]}).json()
+        assert mixed["frames"] == 16 and mixed["frames_fused"] == 10 and "10 of 16" in mixed["policy"]
+        got = []
+        with c.stream("GET", f"/v1/streams/{sid}/events?after=0", timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    got.append(json.loads(line[6:]))
+                    if {e["watch"] for e in got} >= {wid}:
+                        break
+        assert any(e["watch"] == wid and e["text"] for e in got)
+        assert [x["id"] for x in c.get(f"/v1/streams/{sid}/watches").json()["data"]] == sorted([wid, ev["watch"]])
+        assert c.delete(f"/v1/streams/{sid}/watches/{wid}").json()["deleted"] is True
+
+
 def test_websocket_auth_size_limit_and_bad_messages(service):
     import asyncio
     import websockets
