@@ -446,6 +446,11 @@ def test_web_page_in_headless_chromium(service, tmp_path):
             page.wait_for_function("document.body.dataset.answered === '1'", timeout=60_000)
             meta = page.text_content("#meta")
             assert "frames" in meta and "policy exact" in meta, meta
+            page.fill("#watchQ", "what is in the video ?")
+            page.fill("#watchEvery", "1")
+            page.click("#watch")
+            page.wait_for_selector("#watches li", timeout=10_000)
+            page.wait_for_selector("#events .event", timeout=60_000)      # the watch's first answer, live
             page.click("#stop")
             page.wait_for_function("document.getElementById('status').textContent.startsWith('stopped')",
                                    timeout=30_000)
