@@ -611,11 +611,15 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
         live.update(sid, status="failed", last_error=error_dict(e))
         raise
     finally:
+        asked = stop.is_set()                            # DELETE /v1/streams/ID, not a service going down
         stop.set()
         src.stop()
-        final = "failed" if src.status_dict()["status"] == "failed" else "stopped"
-        publish(force=True)
-        live.update(sid, status=final)
+        final = "failed" if src.status_dict()["status"] == "failed" else ("stopped" if asked else "reconnecting")
+        try:
+            publish(force=True)
+            live.update(sid, status=final)               # "reconnecting": the next service start resumes it
+        except LmsError:
+            pass
     return live.get(sid)
 
 

@@ -620,11 +620,31 @@ def test_rtsp_camera_live_outage_gap_and_two_cameras(service, tmp_path):
             assert c.post(f"/v1/streams/{sid}/questions", json={"question": "q", "max_tokens": 2}).status_code == 200
 
 
-def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, uploaded, redis_srv):
-    with service.client() as c:
-        before = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
-    service.stop()
-    service.start()
+def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, uploaded, redis_srv, tmp_path):
+    from rtsp_server import RtspServer
+    cam = RtspServer(tmp_path / "rtsp", mounts=("door",)).start()
+    try:
+        with service.client() as c:
+            before = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
+            assert c.post("/v1/streams", json={"source": cam.url("door"), "id": "door"}).status_code == 201
+            deadline = time.monotonic() + 90
+            while c.get("/v1/streams/door").json()["frames"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.5)
+            n = c.get("/v1/streams/door").json()["frames"]
+            assert n >= 2
+        service.stop()
+        service.start()
+        with service.client() as c:                           # the camera reconnects by itself after a restart
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline:
+                d = c.get("/v1/streams/door").json()
+                if d["status"] == "live" and d["frames"] >= n + 2:
+                    break
+                time.sleep(0.5)
+            assert d["status"] == "live" and d["frames"] >= n + 2, d
+            c.delete("/v1/streams/door?purge=true")
+    finally:
+        cam.stop()
     with service.client() as c:
         assert c.get(f"/v1/videos/{uploaded['id']}").json()["status"] == "ready"
         after = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
