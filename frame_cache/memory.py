@@ -66,6 +66,7 @@ MAX_CAPACITY = 1 << 20
 DEFAULT_PTS_HISTORY = 1 << 18
 
 
+# Argument checks shared by both backends (redis_cache imports them): one wording for one mistake.
 def _check_budget_arg(name: str, value: Any) -> int | None:
     if value is None:
         return None

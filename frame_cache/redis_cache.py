@@ -70,7 +70,6 @@ import hashlib
 import json
 import math
 import threading
-from numbers import Real
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -108,7 +107,7 @@ from .base import (
     validate_stream_id,
     validate_stream_meta,
 )
-from .memory import DEFAULT_PTS_HISTORY, MAX_CAPACITY
+from .memory import DEFAULT_PTS_HISTORY, MAX_CAPACITY, _check_budget_arg, _check_count, _check_time
 from .record import RECORD_VERSION, FrameRecord, encode_record, light_record, record_seq
 
 __all__ = ["RedisFrameCache", "DEFAULT_SNAPSHOT_SCRIPT_BYTES"]
@@ -316,30 +315,6 @@ return {f, items, zc, HMGET_MANY(KEYS[2], fields), 'ALL'}
 """
 
 # KEYS: meta, slots-or-light. ARGV: seqs. -> record bytes or nil per seq (nil: not retained).
-
-
-# Argument checks with the in-process backend's messages (kept here, not imported, so that
-# the two modules can change independently).
-def _check_budget_arg(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadArgument(f"expected {name} to be None or an int >= 1, got {value!r}")
-    return value
-
-
-def _check_time(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise BadArgument(f"expected {name} to be None or a finite number of seconds, got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadArgument(f"expected {name} to be an int >= 0, got {value!r}")
-    return value
 
 
 class _Script:
