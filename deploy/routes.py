@@ -123,6 +123,8 @@ class Metrics:
         nbytes = Gauge("lms_stream_bytes", "cache bytes per stream (records + light records)", ["stream"],
                        registry=extra)
         jobs = Gauge("lms_jobs", "file jobs by status", ["status"], registry=extra)
+        lag = Gauge("lms_stream_lag_seconds", "live streams: seconds from a frame's arrival to its storage",
+                    ["stream"], registry=extra)
         up = Gauge("lms_cache_up", "1 when the frame cache answers", registry=extra)
         try:
             for sid in b.cache.streams():
@@ -140,6 +142,13 @@ class Metrics:
                 counts[st] = counts.get(st, 0) + 1
             for st in ("queued", "ingesting", "ready", "failed"):
                 jobs.labels(st).set(counts.get(st, 0))
+            for sid in b.live.ids():
+                try:
+                    d = b.live.get(sid)
+                except NotFound:
+                    continue
+                if d.get("lag_s") is not None and d.get("status") not in ("stopped", "failed"):
+                    lag.labels(sid).set(float(d["lag_s"]))
             up.set(1)
         except LmsError:
             up.set(0)

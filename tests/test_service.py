@@ -600,6 +600,7 @@ def test_rtsp_camera_live_outage_gap_and_two_cameras(service, tmp_path):
             d = wait(c, sid, lambda d: d["status"] == "live" and d["frames"] >= 3)
             assert d["kind"] == "rtsp" and d["last_pts"] is not None
         assert {s["id"] for s in c.get("/v1/streams").json()["data"]} >= set(ids)
+        assert 'lms_stream_lag_seconds{stream="test-cam1"}' in c.get("/metrics").text
         cam.kill()
         d = wait(c, ids[0], lambda d: d["status"] in ("reconnecting", "stalled"))
         cam.restart()
