@@ -195,6 +195,9 @@ def _run(args) -> int:
     m = LlavaMini.from_pretrained(model_path, dtype=args.dtype, device=args.device, batch_size=args.batch_size)
     tally, timing, videos_info = Tally(), {}, []
     tmp = Path(tempfile.mkdtemp(prefix="lmstream-eval-"))
+    import atexit
+    import shutil
+    atexit.register(shutil.rmtree, tmp, True)          # the 60 s tier's MP4s: gone when the command ends
     base = args.seed_base
     for tier in tiers:
         dur = TIERS[tier]
