@@ -54,11 +54,13 @@ records returned all belong to the same instant.
 from __future__ import annotations
 
 import json
+import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
+from numbers import Real
 from typing import Any
 
 import torch
@@ -79,6 +81,7 @@ __all__ = [
     "FrameWindow",
     "WindowChunk",
     "ON_FULL",
+    "MAX_CAPACITY",
     "Snapshot",
     "StreamInfo",
     "StreamNotFound",
@@ -100,6 +103,9 @@ _KEY_PART_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 KEY_PREFIX = "lms"
 #: Largest JSON encoding of a stream's meta dict.
 MAX_STREAM_META_BYTES = 64 * 1024
+#: Largest ring a stream may have, in frames.
+MAX_CAPACITY = 1 << 20
+
 #: What an append does to a full ring: overwrite the oldest frames (a live stream's
 #: ring buffer; readers see them in ``dropped_before``) or refuse (`CapacityExceeded`,
 #: nothing stored: a file job that must keep every frame it was asked for).
@@ -111,6 +117,52 @@ def validate_stream_id(stream_id: Any) -> str:
     if not isinstance(stream_id, str) or STREAM_ID_PATTERN.fullmatch(stream_id) is None:
         raise BadArgument(f"expected a stream id of 1-128 characters from [A-Za-z0-9._:-], got {stream_id!r}")
     return stream_id
+
+
+# Argument checks shared by both backends: one wording for one mistake.
+def check_budget_arg(name: str, value: Any) -> int | None:
+    """None, or an int >= 1 (a byte budget)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadArgument(f"expected {name} to be None or an int >= 1, got {value!r}")
+    return value
+
+
+def check_time(name: str, value: Any) -> float | None:
+    """None, or a finite number of seconds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+        raise BadArgument(f"expected {name} to be None or a finite number of seconds, got {value!r}")
+    return float(value)
+
+
+def check_count(name: str, value: Any) -> int:
+    """An int >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise BadArgument(f"expected {name} to be an int >= 0, got {value!r}")
+    return value
+
+
+def check_window_args(start: Any, end: Any, max_frames: Any) -> tuple[float | None, float | None]:
+    """The (start, end) of `FrameCache.snapshot` / `window`, checked, and ``max_frames`` checked."""
+    start, end = check_time("start", start), check_time("end", end)
+    if start is not None and end is not None and start > end:
+        raise BadArgument(f"expected start <= end, got start={start} end={end}")
+    if max_frames is not None:
+        check_count("max_frames", max_frames)
+    return start, end
+
+
+def check_new_stream(stream_id: Any, capacity: Any, meta: Any, on_full: Any) -> dict[str, Any]:
+    """The arguments of `FrameCache.create_stream`, checked; returns a clean copy of ``meta``."""
+    validate_stream_id(stream_id)
+    if on_full not in ON_FULL:
+        raise BadArgument(f"expected on_full to be one of {', '.join(ON_FULL)}, got {on_full!r}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY:
+        raise BadArgument(f"expected capacity to be an int in [1, {MAX_CAPACITY}] frames, got {capacity!r}")
+    return validate_stream_meta(meta)
 
 
 def validate_stream_meta(meta: Any) -> dict[str, Any]:

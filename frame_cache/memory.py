@@ -38,13 +38,12 @@ import threading
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable
-from numbers import Real
 from typing import Any
 
 from lmcore.errors import BadArgument, CapacityExceeded, StaleWriter
 
 from .base import (
-    ON_FULL,
+    MAX_CAPACITY,
     CacheBudgetExceeded,
     CacheClosed,
     FrameCache,
@@ -53,6 +52,10 @@ from .base import (
     StreamExists,
     StreamInfo,
     StreamNotFound,
+    check_budget_arg as _check_budget_arg,
+    check_count as _check_count,
+    check_new_stream,
+    check_window_args,
     validate_stream_id,
     validate_stream_meta,
 )
@@ -60,33 +63,8 @@ from .record import FrameRecord, encode_record, light_record, record_seq
 
 __all__ = ["InProcessFrameCache", "MAX_CAPACITY", "DEFAULT_PTS_HISTORY"]
 
-#: Largest ring a stream may have, in frames.
-MAX_CAPACITY = 1 << 20
 #: Default number of evicted frames whose pts are remembered exactly per stream.
 DEFAULT_PTS_HISTORY = 1 << 18
-
-
-# Argument checks shared by both backends (redis_cache imports them): one wording for one mistake.
-def _check_budget_arg(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise BadArgument(f"expected {name} to be None or an int >= 1, got {value!r}")
-    return value
-
-
-def _check_time(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-        raise BadArgument(f"expected {name} to be None or a finite number of seconds, got {value!r}")
-    return float(value)
-
-
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadArgument(f"expected {name} to be an int >= 0, got {value!r}")
-    return value
 
 
 class _EvictionLog:
@@ -355,12 +333,7 @@ class InProcessFrameCache(FrameCache):
         self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True,
         *, on_full: str = "overwrite",
     ) -> StreamInfo:
-        validate_stream_id(stream_id)
-        if on_full not in ON_FULL:
-            raise BadArgument(f"expected on_full to be one of {', '.join(ON_FULL)}, got {on_full!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY:
-            raise BadArgument(f"expected capacity to be an int in [1, {MAX_CAPACITY}] frames, got {capacity!r}")
-        clean_meta = validate_stream_meta(meta)
+        clean_meta = check_new_stream(stream_id, capacity, meta, on_full)
         with self._registry_lock:
             self._check_open()
             s = self._streams.get(stream_id)
@@ -485,19 +458,10 @@ class InProcessFrameCache(FrameCache):
         *,
         max_frames: int | None = None,
     ) -> Snapshot:
-        start = _check_time("start", start)
-        end = _check_time("end", end)
-        if start is not None and end is not None and start > end:
-            raise BadArgument(f"expected start <= end, got start={start} end={end}")
         return self._select(stream_id, start, end, max_frames, bytes_too=True)
 
     def _select(self, stream_id, start, end, max_frames, *, bytes_too: bool):
-        start = _check_time("start", start)
-        end = _check_time("end", end)
-        if start is not None and end is not None and start > end:
-            raise BadArgument(f"expected start <= end, got start={start} end={end}")
-        if max_frames is not None:
-            _check_count("max_frames", max_frames)
+        start, end = check_window_args(start, end, max_frames)
         s = self._get(stream_id)
         with s.lock:
             self._alive(s)

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from lmcore.errors import BadArgument, CacheError, RecordFormatError
+from lmcore.errors import BadArgument, RecordFormatError
 
 __all__ = [
     "RECORD_MAGIC",

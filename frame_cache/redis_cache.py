@@ -93,7 +93,7 @@ from lmcore.errors import (
 
 from .base import (
     KEY_PREFIX,
-    ON_FULL,
+    MAX_CAPACITY,
     CacheBudgetExceeded,
     CacheClosed,
     FrameCache,
@@ -103,11 +103,14 @@ from .base import (
     StreamInfo,
     StreamNotFound,
     _KEY_PART_PATTERN,
+    check_budget_arg as _check_budget_arg,
+    check_count as _check_count,
+    check_new_stream,
+    check_window_args,
     stream_key,
     validate_stream_id,
-    validate_stream_meta,
 )
-from .memory import DEFAULT_PTS_HISTORY, MAX_CAPACITY, _check_budget_arg, _check_count, _check_time
+from .memory import DEFAULT_PTS_HISTORY
 from .record import RECORD_VERSION, FrameRecord, encode_record, light_record, record_seq
 
 __all__ = ["RedisFrameCache", "DEFAULT_SNAPSHOT_SCRIPT_BYTES"]
@@ -612,12 +615,7 @@ class RedisFrameCache(FrameCache):
         self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True,
         *, on_full: str = "overwrite",
     ) -> StreamInfo:
-        validate_stream_id(stream_id)
-        if on_full not in ON_FULL:
-            raise BadArgument(f"expected on_full to be one of {', '.join(ON_FULL)}, got {on_full!r}")
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= MAX_CAPACITY:
-            raise BadArgument(f"expected capacity to be an int in [1, {MAX_CAPACITY}] frames, got {capacity!r}")
-        clean_meta = validate_stream_meta(meta)
+        clean_meta = check_new_stream(stream_id, capacity, meta, on_full)
         self._check_open()
         what = f"creating stream {stream_id!r}"
         # The listing set first: a stream whose meta exists is always listed (`streams`
@@ -760,12 +758,7 @@ class RedisFrameCache(FrameCache):
         return CacheError(f"expected the append script to commit or refuse, got {e}")
 
     def _select(self, stream_id: str, start: Any, end: Any, max_frames: Any, *, blobs: bool) -> Any:
-        start = _check_time("start", start)
-        end = _check_time("end", end)
-        if start is not None and end is not None and start > end:
-            raise BadArgument(f"expected start <= end, got start={start} end={end}")
-        if max_frames is not None:
-            _check_count("max_frames", max_frames)
+        start, end = check_window_args(start, end, max_frames)
         validate_stream_id(stream_id)
         self._check_open()
         # a stream never holds more than MAX_CAPACITY frames: clamp what the script sees
