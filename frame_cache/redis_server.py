@@ -16,7 +16,6 @@ server exits, so start servers from the test's main thread).
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -28,19 +27,11 @@ from pathlib import Path
 import redis
 
 from lmcore.errors import CacheUnavailable
+from lmcore.procs import die_with_parent, stop_child
 
 __all__ = ["RedisServer", "RedisClusterServers", "redis_binaries_missing", "free_port"]
 
-_PR_SET_PDEATHSIG = 1
 
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM the server if the test process dies without stopping it (pytest killed);
-    elsewhere a no-op."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 _INSTALL_HINT = ("run ./run-tests.sh or scripts/setup.sh (they install redis-server with apt-get), or give the "
                  "redis:// URL of a running server")
@@ -140,7 +131,7 @@ class RedisServer:
             raise CacheUnavailable(f"expected a stopped redis-server, got pid {self.proc.pid} running")
         self._log = open(self.folder / "redis.log", "ab")
         self.proc = subprocess.Popen(self._argv(), cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         deadline = time.monotonic() + self.start_timeout
         c = self.client(socket_timeout=1, socket_connect_timeout=1)
         try:
@@ -187,17 +178,7 @@ class RedisServer:
 
     def stop(self) -> None:
         """Terminate the server by its pid (SIGCONT first in case it is paused), wait, kill."""
-        p = self.proc
-        if p is not None and p.poll() is None:
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
-            except ProcessLookupError:
-                pass
+        stop_child(self.proc, 10)
         self._close_log()
 
     def _close_log(self) -> None:

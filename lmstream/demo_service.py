@@ -11,53 +11,30 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from lmcore.errors import ServiceUnavailable
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _start_service(data: Path, model: str | None, key: str) -> tuple[subprocess.Popen, str, Path]:
     from frame_cache.redis_server import free_port
-    port = free_port()
+    from .serve_cmd import start_serve_process
     log = data / "serve.log"
-    argv = [sys.executable, "-m", "lmstream.cli", "serve", "--port", str(port), "--data-dir", str(data / "svc"),
-            "--api-key", key]
-    if model:
-        argv += ["--model", model]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    args = ["--port", free_port(), "--data-dir", data / "svc", "--api-key", key] + (["--model", model] if model else [])
+    env = dict(os.environ)
     env.pop("LMSTREAM_API_KEYS", None)
-    with open(log, "ab") as err:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO)
-    t0 = time.monotonic()
-    while True:
-        line = proc.stdout.readline()
-        if line.startswith(b"{"):
-            return proc, json.loads(line)["url"], log
-        if proc.poll() is not None or not line:
-            tail = log.read_text(errors="replace")[-2000:]
-            raise ServiceUnavailable(f"expected `lmstream serve` to start, got exit status {proc.poll()}; its log "
-                                     f"({log}):\n{tail}")
-        if time.monotonic() - t0 > 300:
-            proc.terminate()
-            raise ServiceUnavailable("expected `lmstream serve` to be ready within 300 s, got no answer")
+    proc, ready = start_serve_process(args, log, env=env)
+    return proc, ready["url"], log
 
 
 def _stop(proc: subprocess.Popen) -> float:
+    from lmcore.procs import stop_child
     t = time.perf_counter()
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_child(proc, 90)
     return time.perf_counter() - t
 
 

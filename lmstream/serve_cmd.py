@@ -133,3 +133,28 @@ def cmd_serve(args) -> int:
             ray.shutdown()
         if redis_srv is not None:
             redis_srv.stop()
+
+
+def start_serve_process(args: list[str], log_path: Path, *, env: dict | None = None, timeout: float = 300.0):
+    """`lmstream serve ARGS` as a child process (stderr to `log_path`), returned with its ready line
+    (`{"url", "api_key", "redis"}`) once `/ready` answered 200; stop it with `lmcore.procs.stop_child`.
+    Raises `ServiceUnavailable` with the log's tail when it does not come up within `timeout` s."""
+    import subprocess
+    from lmcore.procs import stop_child
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = str(repo)
+    with open(log_path, "ab") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "lmstream.cli", "serve", *map(str, args)],
+                                stdout=subprocess.PIPE, stderr=err, env=env, cwd=repo)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()                 # the ready line, or "" when the process ended
+        if line.startswith(b"{"):
+            return proc, json.loads(line)
+        if not line and proc.poll() is not None:
+            break
+    stop_child(proc, 30)
+    tail = Path(log_path).read_text(errors="replace")[-3000:]
+    raise ServiceUnavailable(f"expected `lmstream serve` to be ready within {timeout:g} s, got exit status "
+                             f"{proc.returncode}; its log ({log_path}):\n{tail}")

@@ -16,7 +16,6 @@ system packages are not installed; the fixture fails with that message, never sk
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -24,10 +23,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from frame_cache.redis_server import free_port
+from lmcore.procs import die_with_parent, stop_child
+
 __all__ = ["RtspServer", "rtsp_server_missing", "free_port", "SYSTEM_PYTHON"]
 
 SYSTEM_PYTHON = "/usr/bin/python3"
-_PR_SET_PDEATHSIG = 1
 _PACKAGES = ("gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-ugly gstreamer1.0-plugins-good "
              "gstreamer1.0-plugins-base gstreamer1.0-libav python3-gi")
 
@@ -97,20 +98,6 @@ def rtsp_server_missing() -> str | None:
     return msg
 
 
-def free_port() -> int:
-    """A loopback TCP port nobody listens on (at the time of asking)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 class RtspServer:
     """One GStreamer RTSP server process serving ``mounts`` on ``rtsp://127.0.0.1:PORT/<mount>``.
 
@@ -177,7 +164,7 @@ class RtspServer:
                 str(self.fps), *(f"{m}:{p}" for m, p in self.mounts.items())]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
         self.proc = subprocess.Popen(argv, cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=_die_with_parent)
+                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent)
         self.frozen = False
         deadline = time.monotonic() + self.start_timeout
         while True:
@@ -235,17 +222,7 @@ class RtspServer:
 
     def stop(self) -> None:
         """SIGCONT (in case it is frozen), SIGTERM, wait; SIGKILL if it does not exit."""
-        p = self.proc
-        if p is not None and p.poll() is None:
-            try:
-                os.kill(p.pid, signal.SIGCONT)
-                p.terminate()
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
-            except ProcessLookupError:
-                pass
+        stop_child(self.proc, 5)
         self.frozen = False
         self._close_log()
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -33,37 +31,20 @@ class Service:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240.0) -> "Service":
-        env = dict(os.environ, PYTHONPATH=str(REPO), LMSTREAM_LIMITS=json.dumps(self.limits),
+        from lmstream.serve_cmd import start_serve_process
+        env = dict(os.environ, LMSTREAM_LIMITS=json.dumps(self.limits),
                    LMSTREAM_ALLOW_PRIVATE_SOURCES="1")              # the test camera is on loopback
         env.pop("LMSTREAM_API_KEYS", None)
-        self.log = open(self.data_dir / f"serve-{self.port}.log", "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmstream.cli", "serve", "--port", str(self.port), "--model", str(DEMO),
-             "--redis", self.redis_url, "--data-dir", str(self.data_dir), "--api-key", KEY,
-             "--allowed-dir", str(self.allowed), "--num-cpus", "2"],
-            stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        line = b""
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            line = self.proc.stdout.readline()
-            if line.startswith(b"{"):
-                return self
-        self.stop()
-        raise AssertionError(f"lmstream serve did not start: {line!r}; log {self.log.name}:\n"
-                             + Path(self.log.name).read_text(errors="replace")[-3000:])
+        self.proc, _ = start_serve_process(
+            ["--port", self.port, "--model", DEMO, "--redis", self.redis_url, "--data-dir", self.data_dir,
+             "--api-key", KEY, "--allowed-dir", self.allowed, "--num-cpus", "2"],
+            self.data_dir / f"serve-{self.port}.log", env=env, timeout=timeout)
+        return self
 
     def stop(self) -> None:
+        from lmcore.procs import stop_child
         p, self.proc = self.proc, None
-        if p is None:
-            return
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self.log.close()
+        stop_child(p, 60)
 
     def client(self, key: str | None = KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
