@@ -293,14 +293,7 @@ def build_api() -> FastAPI:
 
     @api.get("/v1/videos")
     async def list_videos(b: Backend = Depends(auth)):
-        ids = await asyncio.to_thread(b.store.ids)
-        out = []
-        for jid in ids:
-            try:
-                out.append(video_status(await asyncio.to_thread(b.store.get, jid)))
-            except NotFound:
-                pass
-        return {"object": "list", "data": out}
+        return await _listing(b.store, video_status)
 
     @api.get("/v1/videos/{vid}")
     async def get_video(vid: str, b: Backend = Depends(auth)):
@@ -363,13 +356,7 @@ def build_api() -> FastAPI:
 
     @api.get("/v1/streams")
     async def list_streams(b: Backend = Depends(auth)):
-        out = []
-        for sid in await asyncio.to_thread(_live(b).ids):
-            try:
-                out.append(_public(stream_status(await asyncio.to_thread(_live(b).get, sid))))
-            except NotFound:
-                pass
-        return {"object": "list", "data": out}
+        return await _listing(_live(b), lambda d: _public(stream_status(d)))
 
     @api.get("/v1/streams/{sid}")
     async def get_stream(sid: str, b: Backend = Depends(auth)):
@@ -632,6 +619,18 @@ def build_api() -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return api
+
+
+async def _listing(store: JobStore, shape) -> dict:
+    """An OpenAI-style list of a store's records (jobs or live streams), each shaped by `shape`;
+    records deleted while listing are left out."""
+    out = []
+    for rid in await asyncio.to_thread(store.ids):
+        try:
+            out.append(shape(await asyncio.to_thread(store.get, rid)))
+        except NotFound:
+            pass
+    return {"object": "list", "data": out}
 
 
 def _status_error(ev: dict) -> LmsError:

@@ -39,11 +39,6 @@ from .settings import Settings
 JOB_STATES = ("queued", "ingesting", "ready", "failed")
 
 
-def job_key(job_id: str) -> str:
-    from frame_cache import stream_key
-    return stream_key(job_id, "job")
-
-
 def error_dict(e: BaseException) -> dict:
     if isinstance(e, LmsError):
         return {"code": e.code, "message": e.message}
@@ -68,28 +63,36 @@ class JobStore:
             raise CacheUnavailable(f"expected a reachable Redis at {self.url} for {what}, got "
                                    f"{type(e).__name__}: {e}") from None
 
-    def create(self, job_id: str, fields: dict) -> None:
-        d = {"status": "queued", "frames": 0, "progress": 0.0, "gaps": [], "error": None, "created": time.time(),
-             **fields}
-        self._call("creating a job", lambda: (self.r.hset(job_key(job_id), mapping=_enc(d)),
-                                              self.r.sadd("lms:jobs", job_id)))
+    #: the record's key part (``lms:{<id>}:<PART>``), the set listing the ids, what a record is called,
+    #: what its ids name in errors, and the fields a new record starts with.
+    PART, SET, NOUN, ID_OF = "job", "lms:jobs", "job", "video"
+    DEFAULTS = {"status": "queued", "frames": 0, "progress": 0.0, "gaps": [], "error": None}
 
-    def update(self, job_id: str, **fields) -> None:
-        self._call("updating a job", lambda: self.r.hset(job_key(job_id), mapping=_enc(fields)))
+    def _key(self, rid: str) -> str:
+        from frame_cache import stream_key
+        return stream_key(rid, self.PART)
 
-    def get(self, job_id: str) -> dict:
-        raw = self._call("reading a job", lambda: self.r.hgetall(job_key(job_id)))
+    def create(self, rid: str, fields: dict) -> None:
+        d = {**self.DEFAULTS, "created": time.time(), **fields}
+        self._call(f"creating a {self.NOUN}", lambda: (self.r.hset(self._key(rid), mapping=_enc(d)),
+                                                       self.r.sadd(self.SET, rid)))
+
+    def update(self, rid: str, **fields) -> None:
+        self._call(f"updating a {self.NOUN}", lambda: self.r.hset(self._key(rid), mapping=_enc(fields)))
+
+    def get(self, rid: str) -> dict:
+        raw = self._call(f"reading a {self.NOUN}", lambda: self.r.hgetall(self._key(rid)))
         if not raw:
-            raise NotFound(f"expected a known video id, got {job_id!r}")
+            raise NotFound(f"expected a known {self.ID_OF} id, got {rid!r}")
         d = {k.decode(): json.loads(v) for k, v in raw.items()}
-        d["id"] = job_id
+        d["id"] = rid
         return d
 
     def ids(self) -> list[str]:
-        return sorted(x.decode() for x in self._call("listing jobs", lambda: self.r.smembers("lms:jobs")))
+        return sorted(x.decode() for x in self._call(f"listing {self.NOUN}s", lambda: self.r.smembers(self.SET)))
 
-    def delete(self, job_id: str) -> None:
-        self._call("deleting a job", lambda: (self.r.delete(job_key(job_id)), self.r.srem("lms:jobs", job_id)))
+    def delete(self, rid: str) -> None:
+        self._call(f"deleting a {self.NOUN}", lambda: (self.r.delete(self._key(rid)), self.r.srem(self.SET, rid)))
 
     def active(self) -> int:
         """Jobs queued or ingesting now."""
@@ -218,16 +221,21 @@ class AnswerCore:
         self.model = model or load_model(settings)
         self.cache = cache or open_cache(settings.redis_url)
 
+    def bounds(self, stream_id: str, window=None, last_s: float | None = None) -> tuple[float | None, float | None]:
+        """(start, end) in stream seconds of a question's window: `window` [s, e), or the newest
+        `last_s` seconds (newest - last_s, newest], or everything (None, None)."""
+        if window is not None:
+            return float(window[0]), float(window[1])
+        if last_s is None:
+            return None, None
+        info = self.cache.stream_info(stream_id)
+        if info.count == 0:
+            raise NoFrames(f"expected stored frames of stream {stream_id!r}, got none")
+        return info.newest_pts - float(last_s) + 1e-6, None     # 30 frames at 1 fps for last_s 30
+
     def window(self, stream_id: str, window=None, last_s: float | None = None):
         from stream.window import CachedFrames
-        start = end = None
-        if window is not None:
-            start, end = float(window[0]), float(window[1])
-        elif last_s is not None:
-            info = self.cache.stream_info(stream_id)
-            if info.count == 0:
-                raise NoFrames(f"expected stored frames of stream {stream_id!r}, got none")
-            start = info.newest_pts - float(last_s) + 1e-6     # (newest - last_s, newest]: 30 frames at 1 fps
+        start, end = self.bounds(stream_id, window, last_s)
         return CachedFrames(self.cache, stream_id, start, end, dtype=self.model.dtype)
 
     def watch_source(self, stream_id: str, wid: str, question: str, window=None, last_s=None):
@@ -235,14 +243,7 @@ class AnswerCore:
         watch's rows stored at ingest), summed chunk by chunk; no keys/values are read."""
         import torch
         from frame_cache import decode_record
-        start = end = None
-        if window is not None:
-            start, end = float(window[0]), float(window[1])
-        elif last_s is not None:
-            info = self.cache.stream_info(stream_id)
-            if info.count == 0:
-                raise NoFrames(f"expected stored frames of stream {stream_id!r}, got none")
-            start = info.newest_pts - float(last_s) + 1e-6
+        start, end = self.bounds(stream_id, window, last_s)
         win = self.cache.window(stream_id, start, end)
         name = f"w:{wid}"
         rows = prefix = None
@@ -492,34 +493,11 @@ def require_ready(d: dict) -> None:
 # ------------------------------------------------------------------------------------------ live streams
 class LiveStore(JobStore):
     """Live streams' status in Redis (``lms:{<id>}:live``, set ``lms:live``): source, kind (rtsp |
-    push), fps, status, frames, last_pts, lag_s, gaps, last_error. Same error mapping as jobs."""
+    push), fps, status, frames, last_pts, lag_s, gaps, last_error. Same storage and errors as jobs."""
 
-    def _key(self, sid: str) -> str:
-        from frame_cache import stream_key
-        return stream_key(sid, "live")
-
-    def create(self, sid: str, fields: dict) -> None:
-        d = {"status": "connecting", "frames": 0, "last_pts": None, "lag_s": None, "gaps": [], "last_error": None,
-             "dropped": 0, "created": time.time(), **fields}
-        self._call("creating a stream", lambda: (self.r.hset(self._key(sid), mapping=_enc(d)),
-                                                 self.r.sadd("lms:live", sid)))
-
-    def update(self, sid: str, **fields) -> None:
-        self._call("updating a stream", lambda: self.r.hset(self._key(sid), mapping=_enc(fields)))
-
-    def get(self, sid: str) -> dict:
-        raw = self._call("reading a stream", lambda: self.r.hgetall(self._key(sid)))
-        if not raw:
-            raise NotFound(f"expected a known stream id, got {sid!r}")
-        d = {k.decode(): json.loads(v) for k, v in raw.items()}
-        d["id"] = sid
-        return d
-
-    def ids(self) -> list[str]:
-        return sorted(x.decode() for x in self._call("listing streams", lambda: self.r.smembers("lms:live")))
-
-    def delete(self, sid: str) -> None:
-        self._call("deleting a stream", lambda: (self.r.delete(self._key(sid)), self.r.srem("lms:live", sid)))
+    PART, SET, NOUN, ID_OF = "live", "lms:live", "stream", "stream"
+    DEFAULTS = {"status": "connecting", "frames": 0, "last_pts": None, "lag_s": None, "gaps": [],
+                "last_error": None, "dropped": 0}
 
 
 def stream_status(d: dict) -> dict:
