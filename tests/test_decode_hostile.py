@@ -35,6 +35,7 @@ from lmcore.errors import (
 )
 from stream.decode import VideoSource, _orientation_of_matrix, _ORIENT, check_input_path
 from stream.preprocess import load_image, preprocess_video_frames, resize_frame_nearest
+from test_stream import has_encoder
 
 FPS = 25
 DEADLINE_S = 20.0  # far more than any of these calls needs; only a hang reaches it
@@ -43,14 +44,6 @@ DEADLINE_S = 20.0  # far more than any of these calls needs; only a hang reaches
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-
-
-def has_encoder(name: str) -> bool:
-    try:
-        av.codec.Codec(name, "w")
-        return True
-    except Exception:
-        return False
 
 
 def promptly(fn, *, fifos: tuple[Path, ...] = ()):
@@ -337,9 +330,9 @@ def test_resize_frame_nearest_rejects_bad_input():
         resize_frame_nearest(np.zeros((4, 4, 3), np.uint8), 0)
 
 
-@pytest.mark.skipif(not has_encoder("ffv1"), reason="no FFV1 encoder in this PyAV build")
 @pytest.mark.parametrize("size", [336, 64])
 def test_videosource_resize_to_equals_preprocess_of_full_frames(tmp_path, size):
+    assert has_encoder("ffv1"), "expected the FFV1 encoder in PyAV's bundled FFmpeg (the av wheels ship it)"
     rng = np.random.default_rng(7)
     frames = [rng.integers(0, 256, (563, 1001, 3), dtype=np.uint8) for _ in range(3)]
     path = tmp_path / "odd.mkv"
@@ -366,8 +359,8 @@ def test_videosource_resize_to_equals_preprocess_of_full_frames(tmp_path, size):
 def test_resize_to_after_rotation_matches_preprocess_of_upright(tmp_path):
     coded = np.random.default_rng(3).integers(0, 256, (48, 80, 3), dtype=np.uint8)
     path = tmp_path / "phone.mp4"
-    if not write_rgb_video(path, [coded] * 2, rotation=-90):
-        pytest.skip("needs lossless libx264rgb")
+    assert write_rgb_video(path, [coded] * 2, rotation=-90), \
+        "expected the lossless libx264rgb encoder in PyAV's bundled FFmpeg (the av wheels ship it)"
     upright = [f.rgb for f in VideoSource(path, fps=None)]
     assert all(np.array_equal(u, np.rot90(coded, -1)) for u in upright)
     small = [f.rgb for f in VideoSource(path, fps=None, resize_to=36)]
