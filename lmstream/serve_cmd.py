@@ -148,12 +148,16 @@ def start_serve_process(args: list[str], log_path: Path, *, env: dict | None = N
         proc = subprocess.Popen([sys.executable, "-m", "lmstream.cli", "serve", *map(str, args)],
                                 stdout=subprocess.PIPE, stderr=err, env=env, cwd=repo)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()                 # the ready line, or "" when the process ended
-        if line.startswith(b"{"):
-            return proc, json.loads(line)
-        if not line and proc.poll() is not None:
-            break
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()             # the ready line, or "" when the process ended
+            if line.startswith(b"{"):
+                return proc, json.loads(line)
+            if not line and proc.poll() is not None:
+                break
+    except BaseException:                             # Ctrl-C / SIGTERM while it starts: stop it, by its PID
+        stop_child(proc, 30)
+        raise
     stop_child(proc, 30)
     tail = Path(log_path).read_text(errors="replace")[-3000:]
     raise ServiceUnavailable(f"expected `lmstream serve` to be ready within {timeout:g} s, got exit status "
