@@ -155,6 +155,16 @@ class Metrics:
         return out + generate_latest(extra)
 
 
+def _retain(spec) -> dict | None:
+    """A request's `retain` (DESIGN.md section 9) checked and normalised for the stream's meta."""
+    from frame_cache.retention import Retention
+    try:
+        r = Retention.parse(spec)
+    except BadArgument as e:                  # a request field: 422 like every other field error
+        raise InvalidRequest(str(e)) from None
+    return None if r is None else r.to_dict()
+
+
 def build_api() -> FastAPI:
     api = FastAPI(title="LLaVA-Mini Stream", version="0.2.0",
                   description="Questions about live and very long videos, one vision token per frame.")
@@ -265,7 +275,8 @@ def build_api() -> FastAPI:
             if not os.path.exists(path):
                 raise NotFound(f"expected a file at {body.path!r} inside the allowed folders, got none")
             await _check_jobs(b)
-            opts = {"fps": body.fps, "window": body.window, "kv_policy": body.kv_policy, "source": body.path}
+            opts = {"fps": body.fps, "window": body.window, "kv_policy": body.kv_policy, "source": body.path,
+                    "retain": _retain(body.retain)}
             delete_after = False
         else:
             raise InvalidRequest(f"expected multipart/form-data (file=) or application/json ({{\"path\"}}), "
@@ -282,6 +293,7 @@ def build_api() -> FastAPI:
         fps = fps_ok(opts.get("fps"), b.settings)
         info = await b.encoder_info()
         job = FileJob(job_id=job_id, path=path, fps=fps, window=opts.get("window"), kv_policy=opts["kv_policy"],
+                      retain=opts.get("retain"),
                       size=info["size"], batch=b.settings.encode_batch, max_frames=lim.max_frames_per_job,
                       max_duration_s=lim.max_duration_s, delete_after=delete_after,
                       extra={"source": opts.get("source")})
@@ -348,7 +360,10 @@ def build_api() -> FastAPI:
             from frame_cache import StreamExists
             raise StreamExists(f"expected a new stream id, got {sid!r}, which exists")
         cap = body.capacity_frames or b.settings.limits.live_capacity_frames
-        await asyncio.to_thread(b.cache.create_stream, sid, cap, {"source": _redact_url(url), "fps": fps})
+        meta = {"source": _redact_url(url), "fps": fps}
+        if body.retain is not None:
+            meta["retain"] = _retain(body.retain)
+        await asyncio.to_thread(b.cache.create_stream, sid, cap, meta)
         await asyncio.to_thread(_live(b).create, sid, {"kind": "rtsp", "source": url, "fps": fps,
                                                       "capacity_frames": cap})
         await b.start_stream(sid, url, fps)
@@ -802,6 +817,8 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
         opts: dict[str, Any] = {"source": st["filename"], "kv_policy": f.get("kv_policy") or "exact"}
         if opts["kv_policy"] not in ("exact", "fp8"):
             raise InvalidRequest(f"expected kv_policy exact or fp8, got {opts['kv_policy']!r}")
+        if f.get("retain"):
+            opts["retain"] = _retain(f["retain"])
         if f.get("fps"):
             try:
                 opts["fps"] = float(f["fps"])
@@ -983,7 +1000,10 @@ class _LiveSession:
             sid = "live-" + uuid.uuid4().hex[:12]
         validate_stream_id(sid)
         cap = b.settings.limits.live_capacity_frames
-        info = await asyncio.to_thread(b.cache.create_stream, sid, cap, None, True)
+        meta = None
+        if m.get("retain") is not None:
+            meta = {"source": "websocket", "fps": self.fps, "retain": _retain(m["retain"])}
+        info = await asyncio.to_thread(b.cache.create_stream, sid, cap, meta, True)
         try:
             await asyncio.to_thread(live.get, sid)
         except NotFound:

@@ -27,6 +27,7 @@ class VideoCreate(BaseModel):
     fps: float | None = Field(None, gt=0)
     window: tuple[float, float] | None = None
     kv_policy: Literal["exact", "fp8"] = "exact"
+    retain: dict | None = None
 
     @field_validator("window")
     @classmethod

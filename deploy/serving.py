@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import threading
 import time
@@ -35,6 +36,8 @@ from lmcore.errors import (
 )
 
 from .settings import Settings
+
+log = logging.getLogger("lmstream.serve")
 
 JOB_STATES = ("queued", "ingesting", "ready", "failed")
 
@@ -169,6 +172,7 @@ class EncoderCore:
         self.watches = WatchStore(settings.redis_url)
         self.frames_encoded = 0
         self.batches = 0
+        self._runners: dict[str, Any] = {}
 
     def info(self) -> dict:
         m = self.model
@@ -205,11 +209,28 @@ class EncoderCore:
                     seqs = append_retrying(self.cache, it.stream_id, recs, writer=it.writer, seq=it.seq)
                     out[i] = {"seqs": seqs}
                     self.frames_encoded += len(seqs)
+                    self._apply_retention(it.stream_id)
                 except Exception as e:
                     out[i] = {"error": error_dict(e)}
             del px, states
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
         return out
+
+
+    def _apply_retention(self, sid: str) -> None:
+        """Demote the frames of `sid` that left its hot window (its `retain`, DESIGN.md section 9).
+        A failure here is logged, not the frames' failure: they are stored, only not demoted yet."""
+        from frame_cache.retention import RetentionRunner, retention_of
+        try:
+            if sid not in self._runners:
+                ret = retention_of(self.cache.stream_info(sid).meta)
+                self._runners[sid] = None if ret is None or ret.keeps_everything else \
+                    RetentionRunner(self.cache, sid, ret)
+            if self._runners[sid] is not None:
+                self._runners[sid].apply()
+        except Exception as e:                                  # noqa: BLE001 - retried after the next batch
+            self._runners.pop(sid, None)
+            log.warning("retention of stream %s: %s", sid, e)
 
 
 class AnswerCore:
@@ -356,6 +377,7 @@ class FileJob:
     fps: float = 1.0
     window: tuple[float, float] | None = None
     kv_policy: str = "exact"
+    retain: dict | None = None                 # retention tiers (frame_cache.retention), None: all exact
     size: int | None = None                    # the tower's frame size (frames shrink as decoded)
     batch: int = 16
     max_frames: int = 100_000
@@ -386,8 +408,10 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
         span = ((end or dur or 0.0) - (start or 0.0)) or None
         store.update(job.job_id, duration_s=dur, source_fps=src.info.source_fps, width=src.info.width,
                      height=src.info.height)
-        cache.create_stream(sid, capacity=job.max_frames, meta={"source": os.path.basename(job.path),
-                                                                "fps": job.fps}, exist_ok=True, on_full="error")
+        meta = {"source": os.path.basename(job.path), "fps": job.fps}
+        if job.retain is not None:
+            meta["retain"] = job.retain
+        cache.create_stream(sid, capacity=job.max_frames, meta=meta, exist_ok=True, on_full="error")
         writer = cache.acquire_writer(sid)
         seq = cache.stream_info(sid).total_appended
         buf: list[np.ndarray] = []

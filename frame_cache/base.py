@@ -145,6 +145,19 @@ def check_count(name: str, value: Any) -> int:
     return value
 
 
+def check_replacements(records: Iterable[FrameRecord]) -> list[FrameRecord]:
+    """`replace_records`' argument: FrameRecords with a seq each, no seq twice."""
+    recs = list(records)
+    seen: set[int] = set()
+    for i, r in enumerate(recs):
+        if not isinstance(r, FrameRecord):
+            raise BadArgument(f"expected records[{i}] to be a FrameRecord, got {type(r).__name__}")
+        if isinstance(r.seq, bool) or not isinstance(r.seq, int) or r.seq < 0 or r.seq in seen:
+            raise BadArgument(f"expected records[{i}].seq to be a distinct seq >= 0, got {r.seq!r}")
+        seen.add(r.seq)
+    return recs
+
+
 def check_window_args(start: Any, end: Any, max_frames: Any) -> tuple[float | None, float | None]:
     """The (start, end) of `FrameCache.snapshot` / `window`, checked, and ``max_frames`` checked."""
     start, end = check_time("start", start), check_time("end", end)
@@ -469,6 +482,14 @@ class FrameCache(ABC):
         already committed are not stored again (an idempotent retry: their seqs are
         returned); a ``seq`` past the stream's next seq raises BadArgument (a gap).
         """
+
+    @abstractmethod
+    def replace_records(self, stream_id: str, records: Iterable[FrameRecord]) -> list[int]:
+        """Rewrite frames still in the ring (retention tiers: `frame_cache.retention`): each record
+        replaces the stored frame with the same ``seq`` (its pts must equal the stored one), the
+        light copy too, atomically per call. Frames no longer retained are skipped; returns the
+        seqs rewritten. Byte accounting follows the new sizes; budgets are not checked (a rewrite
+        only ever shrinks a frame here)."""
 
     @abstractmethod
     def window(

@@ -55,6 +55,7 @@ from .base import (
     check_budget_arg as _check_budget_arg,
     check_count as _check_count,
     check_new_stream,
+    check_replacements,
     check_window_args,
     validate_stream_id,
     validate_stream_meta,
@@ -449,6 +450,34 @@ class InProcessFrameCache(FrameCache):
                 if evicted:
                     s.evicted.extend(evicted)
         return done + list(range(seq0, seq0 + len(recs)))
+
+    def replace_records(self, stream_id: str, records: Iterable[FrameRecord]) -> list[int]:
+        recs = check_replacements(records)
+        s = self._get(stream_id)
+        if not recs:
+            return []
+        blobs = [encode_record(r) for r in recs]
+        lights = [encode_record(light_record(r)) for r in recs]
+        done: list[int] = []
+        with s.write_lock, s.lock:
+            self._alive(s)
+            oldest = s.next_seq - s.count
+            delta = 0
+            for r, b, lb in zip(recs, blobs, lights):
+                if not oldest <= r.seq < s.next_seq:
+                    continue
+                slot = r.seq % s.capacity
+                if s.pts[slot] != r.pts:
+                    raise BadArgument(f"expected pts {s.pts[slot]} for frame {r.seq} of stream {stream_id!r} "
+                                      f"(a rewrite keeps the frame's time), got {r.pts}")
+                delta += len(b) - s.sizes[slot]
+                s.light_bytes += len(lb) - s.light_sizes[slot]
+                s.put(slot, r.seq, b, lb, r.pts)
+                done.append(r.seq)
+            s.bytes_used += delta
+            with self._acct_lock:
+                self._total_bytes += delta
+        return done
 
     def snapshot(
         self,

@@ -106,6 +106,7 @@ from .base import (
     check_budget_arg as _check_budget_arg,
     check_count as _check_count,
     check_new_stream,
+    check_replacements,
     check_window_args,
     stream_key,
     validate_stream_id,
@@ -280,6 +281,40 @@ redis.call('HSET', mk, 'next_seq', I(seq0 + n), 'count', I(math.min(cap, count +
            'batch', ARGV[3], 'batch_seq0', I(seq0), 'batch_n', I(n))
 if tk then redis.call('INCRBY', tk, I(after - used)) end
 return {'OK', I(seq0)}
+"""
+
+# ARGV: 1 n, then per record i (1-based) ARGV[1+4i-3] seq, ARGV[1+4i-2] pts (repr), ARGV[1+4i-1] record
+#       bytes, ARGV[1+4i] light record bytes. KEYS[6] (standalone only): the total-bytes counter.
+# -> {seq, ...} the frames rewritten (those still in the ring) | error 'LMSERR PTS seq stored'.
+_LUA_REPLACE = "#!lua flags=allow-oom\n" + _LUA_HELPERS + r"""
+local mk, sk, lk, pk, tk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6]
+if redis.call('EXISTS', mk) == 0 then return redis.error_reply('LMSERR NOSTREAM') end
+local f = redis.call('HMGET', mk, 'capacity', 'bytes_used', 'light_bytes')
+local cap, used, lused = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
+local n, done, todo = tonumber(ARGV[1]), {}, {}
+for i = 1, n do
+  local seq = ARGV[4 * i - 2]
+  local score = redis.call('ZSCORE', pk, M(tonumber(seq)))
+  if score then
+    if tonumber(score) ~= tonumber(ARGV[4 * i - 1]) then
+      return redis.error_reply('LMSERR PTS ' .. seq .. ' ' .. score)
+    end
+    todo[#todo + 1] = i
+  end
+end
+-- all checks passed: from here on, only writes
+for _, i in ipairs(todo) do
+  local seq = tonumber(ARGV[4 * i - 2])
+  local slot = I(seq % cap)
+  used = used - redis.call('HSTRLEN', sk, slot) + #ARGV[4 * i]
+  lused = lused - redis.call('HSTRLEN', lk, slot) + #ARGV[4 * i + 1]
+  redis.call('HSET', sk, slot, ARGV[4 * i])
+  redis.call('HSET', lk, slot, ARGV[4 * i + 1])
+  done[#done + 1] = I(seq)
+end
+if tk then redis.call('INCRBY', tk, I(used - tonumber(f[2]))) end
+redis.call('HSET', mk, 'bytes_used', I(used), 'light_bytes', I(lused))
+return done
 """
 
 # ARGV: 1 mode ('range' | 'latest'), 2 start score ('-inf' or repr), 3 end score ('+inf' or repr),
@@ -465,7 +500,8 @@ class RedisFrameCache(FrameCache):
         self._append_retries = 0  # appends re-read and re-encoded after a concurrent commit
         self._s_create, self._s_info, self._s_stats, self._s_acquire, self._s_delete = (
             _Script(client, t) for t in (_LUA_CREATE, _LUA_INFO, _LUA_STATS, _LUA_ACQUIRE, _LUA_DELETE))
-        self._s_append, self._s_window = (_Script(client, t) for t in (_LUA_APPEND, _LUA_WINDOW))
+        self._s_append, self._s_window, self._s_replace = (
+            _Script(client, t) for t in (_LUA_APPEND, _LUA_WINDOW, _LUA_REPLACE))
         self._caps: dict[str, int] = {}
 
     @classmethod
@@ -756,6 +792,25 @@ class RedisFrameCache(FrameCache):
             return CacheBudgetExceeded(f"expected at most {a[0]} bytes in the cache in total, would hold {a[1]} "
                                        f"(appending to stream {stream_id!r})")
         return CacheError(f"expected the append script to commit or refuse, got {e}")
+
+    def replace_records(self, stream_id: str, records: Iterable[FrameRecord]) -> list[int]:
+        recs = check_replacements(records)
+        validate_stream_id(stream_id)
+        self._check_open()
+        if not recs:
+            return []
+        args: list[Any] = [len(recs)]
+        for r in recs:
+            args += [r.seq, repr(r.pts), encode_record(r), encode_record(light_record(r))]
+        try:
+            with self._redis(f"rewriting {len(recs)} frame(s) of stream {stream_id!r}", stream_id):
+                res = self._s_replace(keys=self._keys(stream_id, total=True), args=args)
+        except _ScriptError as e:
+            if e.kind == "PTS":
+                raise BadArgument(f"expected pts {e.args_[1]} for frame {e.args_[0]} of stream {stream_id!r} "
+                                  "(a rewrite keeps the frame's time), got another") from None
+            raise CacheError(f"expected the rewrite script to commit or refuse, got {e}") from None
+        return [int(x) for x in res]
 
     def _select(self, stream_id: str, start: Any, end: Any, max_frames: Any, *, blobs: bool) -> Any:
         start, end = check_window_args(start, end, max_frames)

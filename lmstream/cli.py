@@ -131,6 +131,9 @@ def check_common_args(args) -> None:
                           f"got {args.fps:g}")
     from model.llava_mini import FusionPolicy
     FusionPolicy.parse(args.policy)
+    if getattr(args, "retain", None) is not None:
+        from frame_cache.retention import Retention
+        args.retain = Retention.parse(args.retain)
 
 
 def check_question(text: str) -> str:
@@ -189,7 +192,7 @@ def cmd_ask(args) -> int:
     if args.cache is None:                           # the embedded default: in-process, spilling to a temp file
         m, load_s = load_model(args)
         ans = m.ask(args.video, args.question, fps=fps, window=window, policy=args.policy, kv_policy=args.kv,
-                    max_new_tokens=args.max_new_tokens, progress=not args.json and sys.stderr.isatty())
+                    retain=args.retain, max_new_tokens=args.max_new_tokens, progress=not args.json and sys.stderr.isatty())
         stream_id = None
     else:
         ans, load_s, stream_id = _ask_cached(args, window, fps)
@@ -241,7 +244,7 @@ def _ask_cached(args, window, fps):
         if args.video is not None:
             from dataclasses import asdict
             report = asdict(ingest_video(m, args.video, cache, sid, fps=fps, window=window, kv_policy=args.kv,
-                                         progress=not args.json and sys.stderr.isatty(), timings=timings))
+                                         retain=args.retain, progress=not args.json and sys.stderr.isatty(), timings=timings))
             start = end = None                       # the stream holds just the window
         src = CachedFrames(cache, sid, start, end, dtype=m.dtype)
         ans = m._answer(src, args.question, args.max_new_tokens, args.policy, None, timings, report, {})
@@ -349,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "stored frames to ask about")
     p.add_argument("--window", help="START:END seconds of the video to use")
     p.add_argument("--kv", default="exact", choices=["exact", "fp8"], help="cached keys/values precision")
+    p.add_argument("--retain", default=None, metavar="POLICY",
+                   help="retention tiers, e.g. exact_s=600,kv=fp8,kv_stride=10: frames older than exact_s keep "
+                        "keys/values only every kv_stride-th frame, as kv (exact|fp8|none); questions there fuse "
+                        "those frames and report the mix (default: every frame exact)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(fn=cmd_ask)

@@ -454,6 +454,19 @@ class LlavaMini:
         with self.lock:
             return self._fuse_chunk(q_emb, cos, sin, states.to(self.device), C)
 
+    @staticmethod
+    def _fusion_frames(states, policy: FusionPolicy) -> torch.Tensor:
+        """The frames a question is fused with: the policy's choice among the frames that hold
+        keys/values (all of them, unless a retention policy dropped some: `kv_frames`)."""
+        kvf = getattr(states, "kv_frames", None)
+        if kvf is None:
+            return policy.frames(len(states))
+        if len(kvf) == 0:
+            raise BadArgument(f"expected frames that still hold keys/values to fuse the question with, got none "
+                              f"of the window's {len(states)} (its retention policy keeps only tokens and "
+                              "prefix rows there); ask about a more recent window or use a watch")
+        return kvf[policy.frames(len(kvf))]
+
     @torch.no_grad()
     def fuse_question(self, input_ids: torch.Tensor, states: FrameSource, policy=None, *, _tail_only=False):
         """The LLM's input embeddings (1, L-1+T*nq, H) and what was used."""
@@ -470,7 +483,7 @@ class LlavaMini:
         C = states.n_cached_rows if cached_prefix else states.n_vision_rows
         start = P if cached_prefix else 0
         q_rows = (valid & (torch.arange(L) >= start)).nonzero().flatten()  # question rows, all unmasked
-        frames = policy.frames(T)
+        frames = self._fusion_frames(states, policy)
         if isinstance(states, PrefusedRows):                               # a watch: fused at ingest
             if not cached_prefix or tuple(ids.tolist()) != states.input_ids:
                 raise BadArgument("expected the watch's own question for its pre-fused rows, got another prompt")
@@ -483,8 +496,12 @@ class LlavaMini:
                               "overwritten while being read (the stream's ring is too small for this window)")
         text = emb.float() * n                                             # masked rows: sum of n raw embeddings
         text[q_rows.to(self.device)] = acc
-        desc = policy.describe(T) if not isinstance(states, PrefusedRows) else \
-            ("exact (watch: fused at ingest)" if n == T else f"watch: fused at ingest with {n} of {T} frames")
+        if isinstance(states, PrefusedRows):
+            desc = "exact (watch: fused at ingest)" if n == T else f"watch: fused at ingest with {n} of {T} frames"
+        elif getattr(states, "kv_frames", None) is not None:              # retention tiers: a mixed window
+            desc = states.kv_description(len(frames), policy)
+        else:
+            desc = policy.describe(T)
         if n < len(frames):                                                # a ring overwrote frames mid-read
             desc += f" ({len(frames) - n} of {len(frames)} frames overwritten while read: fused {n})"
         info = {"frames": T, "frames_fused": n, "policy": desc, "kv_policy": states.kv_policy,
@@ -509,7 +526,7 @@ class LlavaMini:
             raise BadArgument("expected states encoded with a prompt prefix (prefix_ids) to prepare a context, "
                               "got none")
         self._check_context(P + 1, T)
-        frames = policy.frames(T)
+        frames = self._fusion_frames(states, policy)
         _, pacc, n = self._fused_sums(None, torch.empty(0, dtype=torch.long), 0, states, frames, prefix=True)
         if n < len(frames):
             raise BadArgument(f"expected all {len(frames)} frames of the window to stay in the cache while the "
@@ -630,11 +647,12 @@ class LlavaMini:
         return prompt_mod.build_input_ids(self.tokenizer, question)
 
     def ask(self, video, question: str, *, max_new_tokens: int = 64, policy=None, window=None, fps: float = 1.0,
-            kv_policy: str = "exact", progress=None, **gen_kw) -> Answer:
+            kv_policy: str = "exact", progress=None, retain=None, **gen_kw) -> Answer:
         """Answer `question` about `video`: a `FrameSource` (FrameStates, CachedFrames, ...), a
         VideoContext, a (T, 3, S, S) pixel tensor, or a path (decoded into a frame cache that
         spills to a temporary file, then read back chunk by chunk: memory stays flat in the
-        video's length). timings: decode_s / encode_s (the video), fuse_s, prefill_s, generate_s."""
+        video's length). timings: decode_s / encode_s (the video), fuse_s, prefill_s, generate_s.
+        `retain`: a retention policy for a path's frames (`frame_cache.retention.Retention`)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         if isinstance(video, (FrameStates, VideoContext, FrameSource, PrefusedRows)):
@@ -652,7 +670,7 @@ class LlavaMini:
         with tempfile.TemporaryDirectory(prefix="lmstream-ask-") as tmp, \
                 InProcessFrameCache(spill_dir=tmp) as cache:
             report = ingest_video(self, video, cache, "file", fps=fps, window=window, kv_policy=kv_policy,
-                                  progress=progress, timings=timings)
+                                  progress=progress, timings=timings, retain=retain)
             src = CachedFrames(cache, "file", dtype=self.dtype)
             return self._answer(src, question, max_new_tokens, policy, None, timings, _asdict(report), gen_kw)
 

@@ -28,7 +28,12 @@ class FrameSource(Protocol):
         n_vision_rows: int. N + nq, the frame's own cached rows.
         n_cached_rows: int. Cached rows per frame (vision rows + unmasked prefix rows).
         prefix_ids: tuple[int, ...]. Prompt tokens fused at ingest.
-        kv_policy: str. "exact" or "fp8".
+        kv_policy: str. "exact" or "fp8", or "mixed" for a window whose frames hold different
+            forms (retention tiers, `frame_cache.retention`).
+        kv_frames (optional): (F,) long tensor of the frames that hold keys/values, or None /
+            absent when all do. Questions are fused with (the policy's choice among) these only;
+            the LLM still sees every frame's token. A source that has it also has
+            kv_description(n_fused, policy) -> str, the answer's `policy` text.
         pts: (T,) float64 tensor or None.
         __len__() -> T.
         vision_tokens(device) -> (T, nq, H): every frame's vision token, for the LLM.

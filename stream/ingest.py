@@ -87,7 +87,7 @@ def append_retrying(cache: FrameCache, stream_id: str, records: list[FrameRecord
 def ingest_video(model, path, cache: FrameCache, stream_id: str, *, fps: float | None = 1.0,
                  window: tuple[float | None, float | None] | None = None, kv_policy: str = "exact",
                  progress: bool = False, timings: dict | None = None, capacity: int | None = None,
-                 on_full: str | None = None) -> DecodeReport:
+                 on_full: str | None = None, retain=None) -> DecodeReport:
     """Decode `path`, encode its sampled frames in batches of `model.batch_size`, append them to
     `cache` under `stream_id`. Frames stored before an error stay stored. Returns the decode report
     (its `dropped_frames`/`gaps` say whether a capacity limit overwrote any).
@@ -95,16 +95,25 @@ def ingest_video(model, path, cache: FrameCache, stream_id: str, *, fps: float |
     Capacity never drops frames silently: by default the stream may hold `MAX_CAPACITY` frames
     (2**20, 12 days at 1 fps) and refuses more (`on_full="error"`: `CapacityExceeded`, frames so far
     kept). With an explicit `capacity` the default is a ring (`on_full="overwrite"`): the oldest
-    frames are overwritten, and the report counts them and records their span as a gap."""
+    frames are overwritten, and the report counts them and records their span as a gap.
+
+    `retain`: a retention policy (`frame_cache.retention.Retention` or its dict / CLI form), stored
+    in the stream's meta and applied after every batch: frames that leave the hot window keep
+    their keys/values in the policy's form or none (DESIGN.md section 9). None keeps all exact."""
+    from frame_cache.retention import Retention, RetentionRunner
+    retain = Retention.parse(retain)
     start, end = window if window is not None else (None, None)
     src = VideoSource(path, fps=fps, start=start, end=end, progress=progress, **_resize_kw(model))
     prep = model.preprocess
     if capacity is None:
         capacity, on_full = MAX_CAPACITY, on_full or "error"
     on_full = on_full or "overwrite"
-    info = cache.create_stream(stream_id, capacity=capacity, meta={"source": str(path), "fps": fps},
-                               exist_ok=True, on_full=on_full)
+    meta = {"source": str(path), "fps": fps}
+    if retain is not None:
+        meta["retain"] = retain.to_dict()
+    info = cache.create_stream(stream_id, capacity=capacity, meta=meta, exist_ok=True, on_full=on_full)
     writer = cache.acquire_writer(stream_id)
+    runner = RetentionRunner(cache, stream_id, retain) if retain is not None else None
     next_seq = info.total_appended
     t_dec = t_enc = 0.0
     batch, pts = [], []
@@ -121,6 +130,8 @@ def ingest_video(model, path, cache: FrameCache, stream_id: str, *, fps: float |
         states = model.encode_frames(px, pts=pts, kv_policy=kv_policy, progress=False)
         recs = states_to_records(states)
         append_retrying(cache, stream_id, recs, writer=writer, seq=next_seq)
+        if runner is not None:
+            runner.apply()
         next_seq += len(recs)
         appended += len(recs)
         if not first_pts:

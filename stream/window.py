@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 
 from frame_cache import FrameCache, FrameWindow, decode_record
+from frame_cache.retention import KV_FORMS, kv_state, retention_of
 from lmcore.errors import BadArgument, NoFrames
 
 from .ingest import states_from_records
@@ -55,18 +56,18 @@ class CachedFrames:
             span = f"{start if start is not None else '-inf'}:{end if end is not None else 'inf'}"
             raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window {span} s, got none"
                            + (f" ({win.dropped_before} were overwritten already)" if win.dropped_before else ""))
-        seqs, pts, toks, meta = [], [], [], None
+        seqs, pts, toks, kv, meta = [], [], [], [], None
         for ch in win.chunks(cache, read_chunk, light=True, prefetch=prefetch):
             for q, p, b in zip(ch.seqs, ch.pts, ch.blobs):
                 r = decode_record(b)
                 if meta is None:
                     meta = r.meta
-                elif (r.meta["n_vision_rows"], r.meta["prefix_ids"], r.meta["kv_policy"]) != \
-                        (meta["n_vision_rows"], meta["prefix_ids"], meta["kv_policy"]):
-                    raise BadArgument(f"expected the frames of stream {stream_id!r} to come from one model, prefix "
-                                      f"and keys/values policy, got a mix (frame seq {q})")
+                elif (r.meta["n_vision_rows"], r.meta["prefix_ids"]) != (meta["n_vision_rows"], meta["prefix_ids"]):
+                    raise BadArgument(f"expected the frames of stream {stream_id!r} to come from one model and "
+                                      f"prompt prefix, got a mix (frame seq {q})")
                 seqs.append(q)
                 pts.append(p)
+                kv.append(kv_state(r.meta))
                 toks.append(r.tensors["token"] if dtype is None else r.tensors["token"].to(dtype))
         if not seqs:
             raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window, got none: all "
@@ -77,9 +78,16 @@ class CachedFrames:
         self._tokens = torch.stack(toks)                                   # (T, nq, H)
         self.n_vision_rows = int(meta["n_vision_rows"])
         self.prefix_ids = tuple(int(i) for i in meta["prefix_ids"])
-        self.kv_policy = str(meta["kv_policy"])
+        self.kv_states = kv
+        self.kv_counts = {k: kv.count(k) for k in KV_FORMS if k in kv}
+        self.kv_policy = kv[0] if len(self.kv_counts) == 1 else "mixed"
+        # None: every frame holds keys/values (the plain path); else the ones that do (retention tiers)
+        self.kv_frames = None if "none" not in self.kv_counts else \
+            torch.tensor([i for i, k in enumerate(kv) if k != "none"], dtype=torch.long)
+        self.retain = retention_of(cache.stream_info(stream_id).meta) if self.kv_frames is not None else None
         self._n_cached = self.n_vision_rows + sum(1 for i in self.prefix_ids if i > 0)
         self.bytes_read = 0
+        self.demoted_during_read = 0
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -104,8 +112,33 @@ class CachedFrames:
             self.dropped_during_read += len(ch.missing)
             if not ch.blobs:
                 continue
-            st = states_from_records([decode_record(b) for b in ch.blobs])
-            if st.n_cached_rows != self._n_cached:
-                raise BadArgument(f"expected {self._n_cached} cached rows per frame, got {st.n_cached_rows}")
-            st.meta["frame_index"] = [by_seq[q] for q in ch.seqs]
-            yield st.to(device)
+            recs = [decode_record(b) for b in ch.blobs]
+            # one pass per run of frames in the same form (exact / fp8); a frame demoted to
+            # "none" since its light record was read is left out like an overwritten one
+            runs: list[list] = []
+            for q, r in zip(ch.seqs, recs):
+                form = kv_state(r.meta)
+                if form == "none":
+                    self.dropped_during_read += 1
+                    self.demoted_during_read += 1
+                    continue
+                if runs and kv_state(runs[-1][-1][1].meta) == form:
+                    runs[-1].append((q, r))
+                else:
+                    runs.append([(q, r)])
+            for run in runs:
+                st = states_from_records([r for _, r in run])
+                if st.n_cached_rows != self._n_cached:
+                    raise BadArgument(f"expected {self._n_cached} cached rows per frame, got {st.n_cached_rows}")
+                st.meta["frame_index"] = [by_seq[q] for q, _ in run]
+                yield st.to(device)
+
+    def kv_description(self, n_fused: int, policy) -> str:
+        """The answer's `policy` for a window whose frames hold different forms of keys/values:
+        how many frames of each form, how many the question was fused with, and the retention."""
+        T = len(self)
+        parts = [f"{name} {self.kv_counts[k]:,}" for k, name in
+                 (("exact", "exact"), ("fp8", "fp8"), ("none", "token-only")) if self.kv_counts.get(k)]
+        head = "mixed" if policy.name == "exact" else f"{policy.name}:{policy.max_fused_frames}, mixed"
+        ret = f"; retain {self.retain.describe()}" if self.retain is not None else ""
+        return f"{head}: {', '.join(parts)} (fused {n_fused:,} of {T:,} frames{ret})"
