@@ -1,0 +1,236 @@
+"""Keys/values where a question can read them fast: a tier local to the answering process.
+
+DESIGN.md section 9: Redis holds the durable ring, but an exact question over a long window at 8B
+shapes reads ~9.45 MB of keys/values per frame, which Redis on loopback moves at 0.3-0.5 GB/s. So
+the Answerer keeps the full records it has read in a memory-mapped local file per stream, and reads
+them from there the next time: page-cache speed, no network, no Redis CPU.
+
+    tiered = LocalTierCache(redis_cache, LocalKVTier(folder, max_bytes=64 << 30))
+    src = CachedFrames(tiered, "cam-1", 0, 3600)      # light records from Redis, keys/values local
+
+Correctness never depends on the tier: Redis stays the source of truth. A full read first reads
+the frames' light records from Redis (small: token, prefix rows, pts; about 1/25 of a frame at
+8B) and takes a local copy only when it holds the same seq in the same keys/values form (a frame
+demoted by its retention policy, or overwritten in the ring, is read again from Redis). A replica
+that starts, or takes over a stream from another, simply starts empty and fills as questions read:
+"rebuilt from Redis". `warm(stream_id)` fills it ahead of the first question.
+
+Files are unlinked as soon as they are made (like the in-process cache's spill files), so a killed
+process leaves nothing behind; the budget `max_bytes` is kept by dropping the least recently used
+streams' files whole, and a stream's file is rewritten once more than half of it is dead records.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from lmcore.errors import BadArgument
+
+from .record import record_header
+
+__all__ = ["LocalKVTier", "LocalTierCache"]
+
+
+def _form(blob: bytes | memoryview) -> tuple[int, str]:
+    h = record_header(blob)
+    return int(h["seq"]), str(h["meta"].get("kv_policy", "exact"))
+
+
+class _StreamFile:
+    """One stream's records in one unlinked file: seq -> (offset, length, form)."""
+
+    def __init__(self, folder: str, stream_id: str):
+        fd, path = tempfile.mkstemp(prefix=f"lms-kv-{stream_id[:40]}-", suffix=".tier", dir=folder)
+        os.unlink(path)                               # nameless: nothing left behind, whatever happens
+        self.fd = fd
+        self.index: dict[int, tuple[int, int, str]] = {}
+        self.end = 0
+        self.live = 0
+        self._map: mmap.mmap | None = None
+        self._mapped = 0
+
+    def put(self, seq: int, form: str, blob: bytes) -> int:
+        old = self.index.get(seq)
+        os.pwrite(self.fd, blob, self.end)
+        self.index[seq] = (self.end, len(blob), form)
+        self.end += len(blob)
+        self.live += len(blob) - (old[1] if old else 0)
+        return len(blob) - (old[1] if old else 0)
+
+    def get(self, seq: int) -> tuple[memoryview, str] | None:
+        e = self.index.get(seq)
+        if e is None:
+            return None
+        off, n, form = e
+        if self._map is None or off + n > self._mapped:              # grow the mapping as the file grows
+            # the old mapping is not closed: records decoded from it may still be in use (zero-copy
+            # views); it goes away with the last of them. The file is append-only, so no view ever
+            # sees its bytes change.
+            self._map = mmap.mmap(self.fd, self.end, prot=mmap.PROT_READ)
+            self._mapped = self.end
+        return memoryview(self._map)[off:off + n], form
+
+    def drop(self, seqs: Iterable[int]) -> int:
+        freed = 0
+        for q in seqs:
+            e = self.index.pop(q, None)
+            if e is not None:
+                freed += e[1]
+        self.live -= freed
+        return freed
+
+    @property
+    def dead(self) -> int:
+        return self.end - self.live
+
+    def close(self) -> None:
+        self._map = None                              # unmapped when the last view of it is gone
+        os.close(self.fd)
+
+
+class LocalKVTier:
+    """Full frame records kept in local memory-mapped files, per stream, within `max_bytes`.
+
+    Thread-safe. `get` returns zero-copy views into the mapping (valid while the stream's file
+    is open); callers copy what they keep (decoding a record and moving it to a device does)."""
+
+    def __init__(self, folder: str | os.PathLike | None = None, max_bytes: int = 8 << 30):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise BadArgument(f"expected the local keys/values tier's max_bytes to be an int >= 0, got {max_bytes!r}")
+        if folder is None:
+            folder = tempfile.gettempdir()
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        self.folder, self.max_bytes = folder, max_bytes
+        self._files: OrderedDict[str, _StreamFile] = OrderedDict()
+        self._lock = threading.Lock()
+        self.used = 0
+        self.hits = self.misses = self.evicted_streams = 0
+        self.bytes_local = self.bytes_remote = 0
+
+    def _file(self, sid: str, create: bool) -> _StreamFile | None:
+        f = self._files.get(sid)
+        if f is None and create:
+            f = self._files[sid] = _StreamFile(self.folder, sid)
+        if f is not None:
+            self._files.move_to_end(sid)
+        return f
+
+    def get(self, sid: str, seq: int, form: str) -> memoryview | None:
+        """The record of frame `seq` if held in the keys/values `form` the caller expects."""
+        with self._lock:
+            f = self._file(sid, False)
+            got = f.get(seq) if f is not None else None
+            if got is None or got[1] != form:
+                return None
+            return got[0]
+
+    def put(self, sid: str, blob: bytes) -> None:
+        """Keep a full record read from the durable cache (replacing an older copy of its frame)."""
+        if len(blob) > self.max_bytes:
+            return
+        seq, form = _form(blob)
+        with self._lock:
+            f = self._file(sid, True)
+            if f.dead > max(f.live, 64 << 20):        # mostly dead records: start the stream's file afresh
+                self.used -= f.live
+                f.close()
+                f = self._files[sid] = _StreamFile(self.folder, sid)
+            self.used += f.put(seq, form, blob)
+            while self.used > self.max_bytes and len(self._files) > 1:
+                old, of = self._files.popitem(last=False)      # least recently used stream
+                if old == sid:
+                    self._files[sid] = of
+                    self._files.move_to_end(sid, last=False)
+                    continue
+                self.used -= of.live
+                of.close()
+                self.evicted_streams += 1
+
+    def forget(self, sid: str, below_seq: int | None = None) -> None:
+        """Drop a stream's records (all, or those with seq < below_seq: overwritten in the ring)."""
+        with self._lock:
+            f = self._files.get(sid)
+            if f is None:
+                return
+            if below_seq is None:
+                del self._files[sid]
+                self.used -= f.live
+                f.close()
+            else:
+                self.used -= f.drop([q for q in f.index if q < below_seq])
+
+    def streams(self) -> list[str]:
+        with self._lock:
+            return list(self._files)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"streams": len(self._files), "bytes": self.used, "max_bytes": self.max_bytes,
+                    "hits": self.hits, "misses": self.misses, "evicted_streams": self.evicted_streams,
+                    "bytes_local": self.bytes_local, "bytes_remote": self.bytes_remote,
+                    "frames": sum(len(f.index) for f in self._files.values())}
+
+    def close(self) -> None:
+        with self._lock:
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+            self.used = 0
+
+
+class LocalTierCache:
+    """A `FrameCache` for readers: everything from `inner` (the durable cache), except full-record
+    reads, which come from the `LocalKVTier` when it holds the same frame in the same form."""
+
+    def __init__(self, inner, tier: LocalKVTier):
+        self.inner, self.tier = inner, tier
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False) -> list[bytes | memoryview | None]:
+        qs = list(seqs)
+        if light or not qs:
+            return self.inner.read(stream_id, qs, light=light)
+        t0 = time.perf_counter()
+        heads = self.inner.read(stream_id, qs, light=True)      # the truth: which frames, in which form
+        out: list[bytes | memoryview | None] = [None] * len(qs)
+        todo = []
+        for i, (q, h) in enumerate(zip(qs, heads)):
+            if h is None:
+                continue                                          # overwritten: gone from the ring
+            form = _form(h)[1]
+            b = self.tier.get(stream_id, q, form)
+            if b is not None:
+                out[i] = b
+            else:
+                todo.append(i)
+        if todo:
+            got = self.inner.read(stream_id, [qs[i] for i in todo])
+            for i, b in zip(todo, got):
+                if b is not None:
+                    out[i] = b
+                    self.tier.put(stream_id, b)
+        remote = sum(len(out[i]) for i in todo if out[i] is not None)
+        with self.tier._lock:
+            self.tier.hits += len(qs) - len(todo)
+            self.tier.misses += len(todo)
+            self.tier.bytes_remote += remote
+            self.tier.bytes_local += sum(len(b) for b in out if b is not None) - remote
+        self.last_read_s = time.perf_counter() - t0
+        return out
+
+    def warm(self, stream_id: str, start: float | None = None, end: float | None = None, *, chunk: int = 64) -> int:
+        """Copy a window's full records into the tier ahead of the first question; returns frames read."""
+        win = self.inner.window(stream_id, start, end)
+        n = 0
+        for ch in win.chunks(self, chunk, prefetch=False):
+            n += len(ch.blobs)
+        return n
