@@ -78,13 +78,39 @@ class Answerer:
     def ready(self) -> bool:
         return True
 
+    @serve.multiplexed(max_num_models_per_replica=64)
+    async def stream_lease(self, stream_id: str) -> "_StreamLease":
+        """Stream-to-replica affinity: the Ingress sends a stream's questions with
+        `multiplexed_model_id=stream_id`, so Serve routes them to a replica that holds this lease
+        (its local keys/values tier then has the stream's records). When Serve unloads the lease
+        (LRU over 64 streams per replica), the stream's local records are dropped."""
+        return _StreamLease(self.core, stream_id)
+
+    def tier_stats(self) -> dict:
+        return self.core.tier.stats() if self.core.tier is not None else {}
+
     async def answer(self, req: dict):
         """Streams the question's events; stops between tokens when the caller goes away."""
         req = dict(req)
         sid = req.pop("stream_id")
+        if serve.get_multiplexed_model_id() == sid:
+            await self.stream_lease(sid)
         question = req.pop("question")
         async for ev in answer_events_in_thread(lambda: self.core.answer(sid, question, **req)):
             yield ev
+
+
+class _StreamLease:
+    """A stream held by one Answerer replica (see `Answerer.stream_lease`)."""
+
+    def __init__(self, core: AnswerCore, stream_id: str):
+        self.core, self.stream_id = core, stream_id
+
+    def __del__(self):
+        try:
+            self.core.forget_stream(self.stream_id)
+        except Exception:                          # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -104,17 +130,26 @@ class FileSource:
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
 class StreamSource:
-    """One camera: RTSP -> sampled frames -> Encoder -> ring; reconnects; status in Redis."""
+    """One camera: RTSP -> sampled frames -> Encoder -> ring; reconnects; status in Redis.
+
+    Started by the Ingress on the alive node with the fewest cameras (`RayBackend.start_stream`)
+    and supervised there: when the actor dies (its node died), the Ingress starts a new one on a
+    surviving node, which takes the stream's writer token (the old one is fenced) and appends on."""
 
     def __init__(self):
         import threading
         self.stop_flag = threading.Event()
 
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def run(self, sid: str, url: str, fps: float, size: int, encoder, settings: dict) -> dict:
+        import os
         from frame_cache import open_cache
         s = Settings.model_validate(settings)
         live, cache = LiveStore(s.redis_url), open_cache(s.redis_url)
         try:
+            live.update(sid, node=self.node(), pid=os.getpid())     # where the camera runs now
             return run_rtsp_stream(sid, url, fps, size, lambda items: encoder.encode.remote(items).result(),
                                    live, cache, self.stop_flag)
         finally:
@@ -122,6 +157,20 @@ class StreamSource:
 
     def stop(self) -> None:
         self.stop_flag.set()
+
+
+class _Camera:
+    """One supervised camera of this Ingress: its actor, the actor's `run` ref, the node it was placed on."""
+
+    def __init__(self, sid: str, url: str, fps: float, restarts: int = 0):
+        self.sid, self.url, self.fps, self.restarts = sid, url, fps, restarts
+        self.actor = self.ref = self.node = self.task = None
+        self.started = 0.0
+
+
+async def _failed_ref(e: BaseException):
+    """An awaitable that raises `e` (a launch that failed is supervised like a lost actor)."""
+    raise e
 
 
 class RayBackend:
@@ -164,26 +213,112 @@ class RayBackend:
     async def encode(self, items: list[EncodeItem]) -> list[dict]:
         return await self.encoder.encode.remote(items)
 
+    # -- cameras: placed over the nodes, supervised ---------------------------------------------
+    def _camera_nodes(self) -> list[str]:
+        """Alive nodes that have the settings' `camera_resources` (blocking: asks the GCS)."""
+        need = self.settings.camera_resources
+        return sorted(n["NodeID"] for n in ray.nodes()
+                      if n.get("Alive") and all(n["Resources"].get(k, 0) >= v for k, v in need.items()))
+
     async def start_stream(self, sid: str, url: str, fps: float) -> None:
+        """A camera actor on the alive node with the fewest of this Ingress' cameras, and a task
+        that restarts it elsewhere when it dies."""
         info = await self.encoder_info()
         old = self._streams.pop(sid, None)
         if old is not None:
-            ray.kill(old[0])
-        actor = StreamSource.options(name=f"lms-cam-{sid}").remote()
-        ref = actor.run.remote(sid, url, fps, info["size"], self.encoder, self.settings.model_dump())
-        self._streams[sid] = (actor, ref)
+            old.task.cancel()
+            ray.kill(old.actor)
+        cam = _Camera(sid, url, fps, restarts=old.restarts if old is not None else 0)
+        await self._launch(cam, info["size"])
+        self._streams[sid] = cam
+        cam.task = asyncio.get_running_loop().create_task(self._supervise(cam, info["size"]))
+
+    async def _launch(self, cam: "_Camera", size: int) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        try:
+            nodes = await asyncio.to_thread(self._camera_nodes)
+        except Exception as e:                 # noqa: BLE001 - the GCS is busy: let Ray place it
+            log.warning("camera %s: could not list nodes (%s); Ray places it", cam.sid, e)
+            nodes = []
+        load = {n: 0 for n in nodes}
+        for other in self._streams.values():
+            if other is not cam and other.node in load:
+                load[other.node] += 1
+        opts: dict[str, Any] = {"name": f"lms-cam-{cam.sid}-{cam.restarts}"}
+        if self.settings.camera_resources:
+            opts["resources"] = dict(self.settings.camera_resources)
+        if nodes:
+            cam.node = min(nodes, key=lambda n: (load[n], n))
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(cam.node, soft=False)
+        else:
+            cam.node, opts["scheduling_strategy"] = None, "SPREAD"
+        cam.actor = StreamSource.options(**opts).remote()
+        cam.ref = cam.actor.run.remote(cam.sid, cam.url, cam.fps, size, self.encoder, self.settings.model_dump())
+        cam.started = time.monotonic()
+
+    async def _supervise(self, cam: "_Camera", size: int) -> None:
+        """Waits on the camera's `run`; when it ends with an error (its actor or node lost, or Redis /
+        the Encoder unreachable), starts the camera again (with backoff) on an alive node, unless the
+        stream was stopped or failed for good meanwhile. A `run` that returns (asked to stop, camera
+        failed for good, writer fenced by a newer source) is left alone."""
+        backoff = (0.5, 1, 2, 5, 10)
+        fails = 0
+        while True:
+            try:
+                await cam.ref
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:                     # noqa: BLE001 - the actor, its node or Redis is gone
+                if self._streams.get(cam.sid) is not cam:
+                    return                             # stopped or replaced meanwhile
+                lost_on, why = cam.node, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            if await self._ended_for_good(cam.sid):
+                return
+            cam.restarts += 1
+            log.warning("camera %s: source on node %s ended (%s); restart %d", cam.sid, lost_on, why, cam.restarts)
+            msg = f"expected the camera's source on node {lost_on} to keep running, got it ended ({why}); restarting"
+            try:
+                await asyncio.to_thread(self.live.update, cam.sid, status="reconnecting", restarts=cam.restarts,
+                                        last_error={"code": "E_UNAVAILABLE", "message": msg})
+            except Exception:                          # noqa: BLE001 - Redis down: the new source publishes
+                pass
+            if time.monotonic() - cam.started > 60:
+                fails = 0
+            await asyncio.sleep(backoff[min(fails, len(backoff) - 1)])
+            fails += 1
+            if self._streams.get(cam.sid) is not cam or await self._ended_for_good(cam.sid):
+                return
+            try:
+                ray.kill(cam.actor)                    # a run that raised leaves its actor idle
+            except Exception:                          # noqa: BLE001 - already gone with its node
+                pass
+            try:
+                await self._launch(cam, size)
+            except Exception as e:                     # noqa: BLE001 - try again after the backoff
+                cam.ref = _failed_ref(e)
+                continue
+            log.warning("camera %s: restarted on node %s", cam.sid, cam.node)
+
+    async def _ended_for_good(self, sid: str) -> bool:
+        """The stream's record says stopped (DELETE) or failed (the camera refused for good)."""
+        try:
+            d = await asyncio.to_thread(self.live.get, sid)
+        except Exception:                              # noqa: BLE001 - Redis down: not known to have ended
+            return False
+        return d.get("status") in ("stopped", "failed")
 
     async def stop_stream(self, sid: str) -> None:
-        got = self._streams.pop(sid, None)
-        if got is None:
+        cam = self._streams.pop(sid, None)
+        if cam is None:
             return
-        actor, ref = got
-        await actor.stop.remote()
+        cam.task.cancel()
         try:
-            await asyncio.wait_for(ref, 30)
+            await asyncio.wait_for(cam.actor.stop.remote(), 10)
+            await asyncio.wait_for(cam.ref, 30)
         except Exception:                      # noqa: BLE001 - stopping regardless
             pass
-        ray.kill(actor)
+        ray.kill(cam.actor)
 
     def model_prompt_check(self, question: str) -> None:
         if not question.strip():
@@ -230,7 +365,8 @@ class RayBackend:
         await asyncio.to_thread(self.watches.update, sid, wid, last_text=ans["text"])
 
     def answer_events(self, req: dict):
-        gen = self.answerer.options(stream=True).answer.remote(req)
+        # the same replica answers a stream's questions (its local keys/values tier holds the stream)
+        gen = self.answerer.options(stream=True, multiplexed_model_id=req["stream_id"]).answer.remote(req)
 
         async def events():
             try:
@@ -273,7 +409,10 @@ def build_app(settings: Settings):
     opts = settings.replica_resources()
     enc = Encoder.options(num_replicas=settings.encoder_replicas, ray_actor_options=opts).bind(d)
     ans = Answerer.options(num_replicas=settings.answerer_replicas, ray_actor_options=opts).bind(d)
-    return Ingress.options(ray_actor_options={"num_cpus": 0}).bind(enc, ans, d)
+    ingress_opts: dict[str, Any] = {"num_cpus": 0}
+    if settings.service_resources:                      # e.g. the head node only: cameras go elsewhere too
+        ingress_opts["resources"] = dict(settings.service_resources)
+    return Ingress.options(ray_actor_options=ingress_opts).bind(enc, ans, d)
 
 
 def app_builder(args: dict[str, Any]):

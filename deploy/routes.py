@@ -348,6 +348,7 @@ def build_api() -> FastAPI:
     @api.post("/v1/streams", status_code=201)
     async def create_stream(body: StreamCreate, b: Backend = Depends(auth)):
         from frame_cache import validate_stream_id
+        retain = _retain(body.retain)
         url = await asyncio.to_thread(check_source, body.source, b.settings.allow_private_sources)
         fps = fps_ok(body.fps, b.settings)
         ids = await asyncio.to_thread(_live(b).ids)
@@ -361,8 +362,8 @@ def build_api() -> FastAPI:
             raise StreamExists(f"expected a new stream id, got {sid!r}, which exists")
         cap = body.capacity_frames or b.settings.limits.live_capacity_frames
         meta = {"source": _redact_url(url), "fps": fps}
-        if body.retain is not None:
-            meta["retain"] = _retain(body.retain)
+        if retain is not None:
+            meta["retain"] = retain
         await asyncio.to_thread(b.cache.create_stream, sid, cap, meta)
         await asyncio.to_thread(_live(b).create, sid, {"kind": "rtsp", "source": url, "fps": fps,
                                                       "capacity_frames": cap})
@@ -471,7 +472,8 @@ def build_api() -> FastAPI:
 
         1. `{"type": "start", "stream_id": null | ID, "fps": 1, "format": "jpeg"}` -> `{"type": "started",
            "stream_id"}`; an existing id is continued (this socket becomes its writer; an older writer
-           is fenced off).
+           is fenced off). Optional `"retain": {"exact_s", "kv", "kv_stride"}` (DESIGN.md section 9)
+           for a new stream.
         2. binary messages, one JPEG/PNG frame each, timestamped by a preceding `{"type": "frame",
            "pts": S}` or by arrival time; sampled at `fps`; `{"type": "ingested", "frames", "last_pts"}`
            per stored frame; `{"type": "dropped", "frames", "why"}` when frames are shed (over the rate,

@@ -18,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -238,9 +239,21 @@ class AnswerCore:
 
     def __init__(self, settings: Settings, model=None, cache=None):
         from frame_cache import open_cache
+        from frame_cache.local_tier import LocalKVTier, LocalTierCache
         self.settings = settings
         self.model = model or load_model(settings)
         self.cache = cache or open_cache(settings.redis_url)
+        self.tier = None
+        self.reader = self.cache               # what questions read keys/values through
+        if settings.local_kv_bytes > 0:
+            folder = settings.local_kv_dir or os.path.join(settings.data_dir, "kv-tier")
+            self.tier = LocalKVTier(folder, max_bytes=settings.local_kv_bytes)
+            self.reader = LocalTierCache(self.cache, self.tier)
+
+    def forget_stream(self, stream_id: str) -> None:
+        """The stream moved to another replica (or was deleted): drop its local keys/values."""
+        if self.tier is not None:
+            self.tier.forget(stream_id)
 
     def bounds(self, stream_id: str, window=None, last_s: float | None = None) -> tuple[float | None, float | None]:
         """(start, end) in stream seconds of a question's window: `window` [s, e), or the newest
@@ -257,7 +270,7 @@ class AnswerCore:
     def window(self, stream_id: str, window=None, last_s: float | None = None):
         from stream.window import CachedFrames
         start, end = self.bounds(stream_id, window, last_s)
-        return CachedFrames(self.cache, stream_id, start, end, dtype=self.model.dtype)
+        return CachedFrames(self.reader, stream_id, start, end, dtype=self.model.dtype)
 
     def watch_source(self, stream_id: str, wid: str, question: str, window=None, last_s=None):
         """A watch's window as `PrefusedRows`: light records only (tokens, fused prefix rows and the
@@ -316,6 +329,7 @@ class AnswerCore:
                 d = answer_fields(a)
                 d["timings"]["first_token_s"] = round(first if first is not None else time.perf_counter() - t0, 4)
                 d["timings"]["read_MB"] = round(src.bytes_read / 1e6, 3)
+                d["timings"]["read_local_MB"] = round(getattr(src, "bytes_local", 0) / 1e6, 3)
                 yield {"type": "answer", **d}
 
 

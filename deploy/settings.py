@@ -48,6 +48,14 @@ class Settings(BaseModel):
         encode_batch: most frames per Encoder batch (across requests and streams).
         encoder_replicas, answerer_replicas: Serve replicas; each loads the model once.
         gpus_per_replica: `num_gpus` of each model replica (0 on a CPU machine).
+        service_resources: Ray custom resources each Serve replica (Ingress, Encoder, Answerer) asks
+            for, e.g. {"head_node": 0.01} keeps them on the nodes started with that resource.
+        camera_resources: Ray custom resources each camera actor (StreamSource) asks for; cameras are
+            spread over the alive nodes that have them (all nodes when empty).
+        local_kv_bytes: budget of each Answerer's local keys/values tier (`frame_cache.local_tier`:
+            memory-mapped files of the full records its questions read, refilled from Redis);
+            0 turns it off (every question reads keys/values from Redis).
+        local_kv_dir: folder of that tier's (nameless) files (default: data_dir/kv-tier).
         limits: `Limits`.
     """
 
@@ -65,6 +73,10 @@ class Settings(BaseModel):
     answerer_replicas: int = Field(1, ge=1)
     gpus_per_replica: float = Field(0.0, ge=0)
     allow_private_sources: bool = False     # rtsp:// to loopback/private addresses (a lab, the tests)
+    service_resources: dict[str, float] = Field(default_factory=dict)
+    camera_resources: dict[str, float] = Field(default_factory=dict)
+    local_kv_bytes: int = Field(8 << 30, ge=0)
+    local_kv_dir: str | None = None
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("allowed_dirs")
@@ -90,9 +102,17 @@ class Settings(BaseModel):
             d["api_keys"] = [k.strip() for k in env["LMSTREAM_API_KEYS"].split(",") if k.strip()]
         if env.get("LMSTREAM_ALLOW_PRIVATE_SOURCES"):
             d["allow_private_sources"] = env["LMSTREAM_ALLOW_PRIVATE_SOURCES"].lower() in ("1", "true", "yes")
+        import json
         if env.get("LMSTREAM_LIMITS"):                   # JSON, e.g. '{"max_upload_bytes": 1000000}'
-            import json
             d["limits"] = json.loads(env["LMSTREAM_LIMITS"])
+        for name, var in (("service_resources", "LMSTREAM_SERVICE_RESOURCES"),    # JSON, e.g. '{"head_node": 0.01}'
+                          ("camera_resources", "LMSTREAM_CAMERA_RESOURCES")):
+            if env.get(var):
+                d[name] = json.loads(env[var])
+        if env.get("LMSTREAM_LOCAL_KV_BYTES"):
+            d["local_kv_bytes"] = int(env["LMSTREAM_LOCAL_KV_BYTES"])
+        if env.get("LMSTREAM_LOCAL_KV_DIR"):
+            d["local_kv_dir"] = env["LMSTREAM_LOCAL_KV_DIR"]
         if env.get("LMSTREAM_ALLOWED_DIRS"):
             d["allowed_dirs"] = [p for p in env["LMSTREAM_ALLOWED_DIRS"].split(os.pathsep) if p]
         d.update({k: v for k, v in overrides.items() if v is not None})
@@ -106,5 +126,9 @@ class Settings(BaseModel):
         return self.model_copy(update={"api_keys": [key]}), key
 
     def replica_resources(self) -> dict:
-        """Ray actor options for a model replica: a GPU each when the settings ask for one."""
-        return {"num_gpus": self.gpus_per_replica} if self.gpus_per_replica else {"num_cpus": 0}
+        """Ray actor options for a model replica: a GPU each when the settings ask for one, and the
+        `service_resources` (which pin the replicas to some nodes)."""
+        opts: dict = {"num_gpus": self.gpus_per_replica} if self.gpus_per_replica else {"num_cpus": 0}
+        if self.service_resources:
+            opts["resources"] = dict(self.service_resources)
+        return opts

@@ -87,6 +87,7 @@ class CachedFrames:
         self.retain = retention_of(cache.stream_info(stream_id).meta) if self.kv_frames is not None else None
         self._n_cached = self.n_vision_rows + sum(1 for i in self.prefix_ids if i > 0)
         self.bytes_read = 0
+        self.bytes_local = 0                 # of which from a local keys/values tier (frame_cache.local_tier)
         self.demoted_during_read = 0
 
     def __len__(self) -> int:
@@ -109,6 +110,7 @@ class CachedFrames:
         by_seq = {self.seqs[i]: i for i in idx}
         for ch in self.window.chunks(self.cache, size, seqs=[self.seqs[i] for i in idx], prefetch=self.prefetch):
             self.bytes_read += sum(len(b) for b in ch.blobs)
+            self.bytes_local += sum(len(b) for b in ch.blobs if isinstance(b, memoryview))   # a local tier's
             self.dropped_during_read += len(ch.missing)
             if not ch.blobs:
                 continue

@@ -381,6 +381,70 @@ def test_websocket_push_ask_attach_stop(service, media, demo_model):
         assert c.get(f"/v1/streams/{sid}").status_code == 404
 
 
+def test_retention_over_a_websocket_stream_reports_the_mix_and_stays_exact_in_the_hot_window(service, media,
+                                                                                              demo_model):
+    """A live stream with `retain` (DESIGN.md section 9): the last 10 s keep exact keys/values, older
+    frames none. A question over the last 10 s equals the engine's exact answer; one over the whole
+    stream equals the engine fusing exactly those 10 frames (the LLM still sees all 40 tokens), and
+    says so in `policy`. A bad `retain` is refused with the field named."""
+    import asyncio
+    import websockets
+    from frame_cache import InProcessFrameCache
+    from frame_cache.retention import Retention, RetentionRunner
+    from stream.decode import VideoSource
+    from stream.ingest import states_to_records
+    from stream.preprocess import preprocess_video_frames
+    from stream.window import CachedFrames
+    size = demo_model.preprocess["size"]
+    frames = [(f.pts, f.rgb) for f in VideoSource(media / "scene.mp4", fps=1.0, resize_to=size)]
+    q = "how many objects are there ?"
+    retain = {"exact_s": 10, "kv": "none"}
+    states = demo_model.encode_frames(preprocess_video_frames(np.stack([r for _, r in frames]), **demo_model.preprocess),
+                                      pts=[p for p, _ in frames])
+    local = InProcessFrameCache()
+    local.create_stream("x", 64, meta={"retain": retain})
+    local.append_many("x", states_to_records(states))
+    RetentionRunner(local, "x", Retention.parse(retain)).apply()
+    want_all = demo_model.ask(CachedFrames(local, "x"), q, max_new_tokens=8)
+    want_hot = demo_model.ask(states.window(29.5, None), q, max_new_tokens=8)
+
+    async def ask(ws, qid, **kw):
+        await ws.send(json.dumps({"type": "ask", "id": qid, "question": q, "max_tokens": 8, **kw}))
+        while (m := json.loads(await ws.recv()))["type"] != "answer":
+            assert m["type"] in ("token", "dropped"), m
+        return m
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png", "retain": {"kv": "zip"}}))
+            err = json.loads(await ws.recv())
+            assert err["type"] == "error" and "retain.kv to be one of" in err["message"], err
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png", "retain": retain}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            for pts, rgb in frames:
+                await ws.send(json.dumps({"type": "frame", "pts": pts}))
+                await ws.send(_png(rgb))
+                while json.loads(await ws.recv())["type"] != "ingested":
+                    pass
+            hot = await ask(ws, "hot", last_s=10)
+            whole = await ask(ws, "all")
+            again = await ask(ws, "again")                # the second read comes from the local tier
+            await ws.send(json.dumps({"type": "stop"}))
+            return hot, whole, again
+
+    hot, whole, again = asyncio.run(session())
+    assert hot["policy"] == "exact" and hot["frames"] == 10 and hot["token_ids"] == want_hot.token_ids
+    assert whole["frames"] == 40 and whole["frames_fused"] == 10 and whole["kv_policy"] == "mixed"
+    assert whole["policy"] == want_all.policy and whole["policy"].startswith("mixed: exact 10, token-only 30")
+    assert whole["token_ids"] == want_all.token_ids and again["token_ids"] == whole["token_ids"]
+    # the same replica answered (stream affinity) and read the keys/values from its local tier
+    assert again["timings"]["read_MB"] > 0 and again["timings"]["read_local_MB"] == again["timings"]["read_MB"]
+    with service.client() as c:
+        r = c.post("/v1/streams", json={"source": "rtsp://127.0.0.1:1/x", "retain": {"kv_stride": 0}})
+        assert r.status_code == 422 and "kv_stride to be an integer >= 1, got 0" in r.json()["error"]["message"]
+
+
 def test_websocket_webm_byte_stream(service):
     """format webm: MediaRecorder-style chunks of one VP8 WebM stream, demuxed as they come."""
     import asyncio
