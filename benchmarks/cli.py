@@ -49,7 +49,10 @@ def gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--eager-batch", type=int, default=32, help="also time ingest with eager CLIP attention at "
                    "this batch (0: skip)")
-    p.add_argument("--variants", default="streamed,resident,streamed-fp8kv,engine-as-shipped")
+    p.add_argument("--variants", default="streamed,resident,streamed-fp8kv,streamed-mmap,engine-as-shipped")
+    p.add_argument("--mmap-frames", type=int, default=1024, help="frames in the memory-mapped K/V file of the "
+                   "streamed-mmap variant (1024 at 8B: 10.8 GB; frame t reads file frame t mod this)")
+    p.add_argument("--mmap-dir", default=None, help="folder for that file (default: the temporary folder)")
     p.add_argument("--engine-frames", type=int, default=1000, help="largest T for the engine-as-shipped variant")
     p.add_argument("--peak-tflops", type=float, default=798.0)
     p.add_argument("--section-timeout", type=float, default=420.0, help="seconds per section")

@@ -28,6 +28,9 @@ every section, so a run cut short keeps what it measured):
      * streamed (the headline),
      * resident: the same chunk kept on the GPU, no copies (the computation alone, a lower bound),
      * streamed fp8 K/V (the "fp8" keys/values policy, an approximation: half the bytes),
+     * streamed from a local memory-mapped file tier (`MmapKVTier`: `--mmap-frames` frames of K/V written
+       once to a file and mapped; `MmapStreamedStates` copies each chunk from the mapping into a pinned
+       staging chunk, then to the GPU as the streamed variant does, overlapped with the fusion),
      * engine as shipped: a plain host `FrameStates` (pageable; `select` gathers on the CPU, then a
        synchronous copy), at the smaller frame counts only.
    Peak GPU memory per case, achieved TFLOP/s (causal FLOPs from `benchmarks.formulas`, which the
@@ -40,8 +43,10 @@ import argparse
 import contextlib
 import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 
@@ -290,22 +295,27 @@ class StreamedStates:
                                   for f in self.fields}
         return self.buffers[slot]
 
+    def _stage(self, slot: int, n: int) -> dict:
+        """The host tensors the next n frames are copied from (`MmapStreamedStates` stages them from a file)."""
+        return {f: getattr(self.host, f)[:n] for f in self.fields}
+
     def _issue(self, slot: int, n: int) -> None:
         self._issued += n
         if not self.copy:
             return
         buf = self._buffer(slot)
+        src = self._stage(slot, n)
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))   # the buffer's last user is done
             with torch.cuda.stream(self.stream):
                 for f in self.fields:
-                    buf[f][:n].copy_(getattr(self.host, f)[:n], non_blocking=True)
+                    buf[f][:n].copy_(src[f], non_blocking=True)
                 ev = torch.cuda.Event()
                 ev.record(self.stream)
             self._events[slot] = ev
         else:
             for f in self.fields:
-                buf[f][:n].copy_(getattr(self.host, f)[:n])
+                buf[f][:n].copy_(src[f])
         self.bytes_copied += n * self.frame_bytes
 
     def vision_tokens(self, device) -> torch.Tensor:
@@ -315,6 +325,10 @@ class StreamedStates:
         """The engine's hook (`FrameStates.iter_chunks`): chunks in order, double-buffered."""
         for i in range(0, len(frames), size):
             yield self.select(frames[i:i + size]).to(device)
+        if self.copy:
+            # every chunk's work is queued: the buffers go back to the allocator (in stream order) instead of
+            # being held through the LLM prefill
+            self.buffers = [None, None]
 
     def select(self, idx) -> _Ready:
         n = len(idx)
@@ -338,6 +352,76 @@ class StreamedStates:
         kw = {f: buf[f][:n] for f in self.fields}
         return _Ready(FrameStates(tokens=self.tokens[:n], n_vision_rows=self.n_vision_rows,
                                   prefix_ids=self.prefix_ids, kv_policy=self.kv_policy, **kw))
+
+
+class MmapKVTier:
+    """A local keys/values tier: `frames` frames' per-frame tensors (keys, values, fused prefix rows, fp8
+    scales), written once to a file and memory-mapped. One contiguous (frames, ...) array per field at a
+    4096-byte aligned offset; frame j holds the host chunk's row (j mod len(host)), so `frames` is rounded
+    up to a multiple of the chunk and a streamed frame t (file frame t mod frames) has the content the
+    other variants give it."""
+
+    def __init__(self, host: FrameStates, frames: int, path):
+        from pathlib import Path
+        c = len(host)
+        self.frames = -(-max(frames, c) // c) * c
+        self.path = Path(path)
+        self.fields = [f for f in _STATE_FIELDS if getattr(host, f) is not None]
+        layout, off = {}, 0
+        for f in self.fields:
+            t = getattr(host, f)
+            off = -(-off // 4096) * 4096
+            nb = self.frames * t[0].numel() * t.element_size()
+            layout[f] = (off, nb, tuple(t.shape[1:]), t.dtype)
+            off += nb
+        t0 = time.perf_counter()
+        with open(self.path, "wb") as fh:
+            fh.truncate(off)
+            for f, (o, nb, _, _) in layout.items():
+                rows = getattr(host, f).contiguous().view(torch.uint8).reshape(c, -1).numpy().tobytes()
+                fh.seek(o)
+                for _ in range(self.frames // c):
+                    fh.write(rows)
+        self.write_s = time.perf_counter() - t0
+        self.nbytes = off
+        data = torch.from_file(str(self.path), shared=True, size=off, dtype=torch.uint8)   # mmap (MAP_SHARED)
+        self.view = {f: data[o:o + nb].view(dt).view(self.frames, *shape) for f, (o, nb, shape, dt) in layout.items()}
+
+
+class MmapStreamedStates(StreamedStates):
+    """`StreamedStates` whose chunks come from an `MmapKVTier`: file frames (t mod tier.frames), copied on the
+    CPU out of the mapping (the page cache) into a pinned staging chunk, then to the device buffer exactly as
+    `StreamedStates` does (asynchronously, on the side stream, overlapping the current chunk's fusion). The
+    CPU copy of chunk i+1 runs when chunk i is handed out, while the GPU still works through the kernels
+    already queued; a staging chunk is refilled only after its previous host-to-device copy has finished."""
+
+    def __init__(self, tier: MmapKVTier, host: FrameStates, T: int, tokens: torch.Tensor, device):
+        self.tier = tier
+        self.staging: list[dict | None] = [None, None]
+        super().__init__(host, T, tokens, device, copy=True)
+
+    def begin(self, n_fused: int) -> "MmapStreamedStates":
+        super().begin(n_fused)
+        self._file_pos, self.bytes_from_file = 0, 0
+        return self
+
+    def _stage(self, slot: int, n: int) -> dict:
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()            # the last copy out of this staging chunk is done
+        if self.staging[slot] is None:
+            pin = self.device.type == "cuda"
+            self.staging[slot] = {f: torch.empty(getattr(self.host, f).shape, dtype=getattr(self.host, f).dtype,
+                                                 pin_memory=pin) for f in self.fields}
+        st, F = self.staging[slot], self.tier.frames
+        for f in self.fields:
+            src, done, i = self.tier.view[f], 0, self._file_pos
+            while done < n:                                 # wrap around the end of the file
+                k = min(n - done, F - i)
+                st[f][done:done + k].copy_(src[i:i + k])
+                done, i = done + k, (i + k) % F
+        self._file_pos = (self._file_pos + n) % F
+        self.bytes_from_file += n * self.frame_bytes
+        return {f: st[f][:n] for f in self.fields}
 
 
 def virtual_host_states(host: FrameStates, T: int) -> FrameStates:
@@ -417,7 +501,7 @@ def bench_ttft(m: LlavaMini, ids, hosts: dict, frames, budget: int, device, s: F
     for T in frames:
         tokens = torch.randn(T, m.cfg.nq, m.cfg.hidden_size, device=device, dtype=m.dtype)
         for variant in variants:
-            policies = ["exact"] if variant == "streamed-fp8kv" else ["exact", f"budget:{budget}"]
+            policies = ["exact"] if variant in ("streamed-fp8kv", "streamed-mmap") else ["exact", f"budget:{budget}"]
             if variant == "engine-as-shipped" and T > engine_frames:
                 continue
             for pol in policies:
@@ -432,6 +516,8 @@ def bench_ttft(m: LlavaMini, ids, hosts: dict, frames, budget: int, device, s: F
                         host = hosts["fp8" if variant == "streamed-fp8kv" else "exact"]
                         if variant == "engine-as-shipped":
                             states = virtual_host_states(host, T)
+                        elif variant == "streamed-mmap":
+                            states = MmapStreamedStates(hosts["mmap"], host, T, tokens, device)
                         else:
                             states = StreamedStates(host, T, tokens, device, copy=(variant != "resident"))
                         times, infos = [], []
@@ -463,6 +549,8 @@ def bench_ttft(m: LlavaMini, ids, hosts: dict, frames, budget: int, device, s: F
                                flops_causal=fl, achieved_tflops=fl / best / 1e12,
                                fraction_of_peak=fl / best / 1e12 / peak, bytes_host_to_device=moved,
                                **memory(device))
+                    if isinstance(states, MmapStreamedStates):
+                        rec["bytes_from_file"] = states.bytes_from_file
                     log(f"T={T} {variant} {pol}: first token {rec['ttft_s'] * 1e3:.0f} ms "
                         f"(fuse {rec['fuse_s'] * 1e3:.0f} + prefill {rec['prefill_s'] * 1e3:.0f}), "
                         f"peak {rec.get('peak_allocated_gb', 0):.1f} GB")
@@ -485,15 +573,19 @@ def bench_ttft(m: LlavaMini, ids, hosts: dict, frames, budget: int, device, s: F
     return rows
 
 
-def self_check(m: LlavaMini, ids, host: FrameStates, device) -> dict:
+def self_check(m: LlavaMini, ids, host: FrameStates, device, tier: "MmapKVTier | None" = None) -> dict:
     """The streamed states give the same LLM input as ordinary device-resident states (exact policy)."""
     T = 2 * len(host) + 3
     real = host.select(torch.arange(T) % len(host)).to(device)
     streamed = StreamedStates(host, T, real.tokens, device).begin(T)
     a, _ = m.fuse_question(ids, real, "exact")
     b, _ = m.fuse_question(ids, streamed, "exact")
+    out = {"frames": T, "max_abs_diff": float((a.float() - b.float()).abs().max())}
+    if tier is not None:                                # frames read back from the memory-mapped file
+        c, _ = m.fuse_question(ids, MmapStreamedStates(tier, host, T, real.tokens, device).begin(T), "exact")
+        out["mmap_max_abs_diff"] = float((a.float() - c.float()).abs().max())
     sync(device)
-    return {"frames": T, "max_abs_diff": float((a.float() - b.float()).abs().max())}
+    return out
 
 
 # ------------------------------------------------------------------ main
@@ -557,6 +649,7 @@ def _run(args) -> int:
         args.eager_batch = min(args.eager_batch, 2)
         args.engine_frames = min(args.engine_frames, 50)
         args.repeats = min(args.repeats, 1)
+        args.mmap_frames = min(args.mmap_frames, 3 * args.chunk)     # < the frame counts: the file wraps around
         out_path = args.out
     else:
         if not torch.cuda.is_available():
@@ -619,6 +712,7 @@ def _run(args) -> int:
 
     # -- 2. time to first token
     r["ttft"] = []
+    tier_dir = None
     try:
         with time_limit(args.section_timeout * 2):
             reset_peak(device)
@@ -630,15 +724,29 @@ def _run(args) -> int:
                 except Exception as e:  # noqa: BLE001
                     variants.remove("streamed-fp8kv")
                     r["fp8_setup"] = error_record(e, device)
+            if "streamed-mmap" in variants:
+                try:
+                    tier_dir = tempfile.mkdtemp(prefix="lms-kv-tier-", dir=args.mmap_dir)
+                    hosts["mmap"] = MmapKVTier(hosts["exact"], args.mmap_frames, os.path.join(tier_dir, "kv.bin"))
+                    r["mmap_tier"] = {"frames": hosts["mmap"].frames, "bytes": hosts["mmap"].nbytes,
+                                      "write_s": hosts["mmap"].write_s, "dir": tier_dir,
+                                      "note": "written just before: its pages sit in the page cache"}
+                    log(f"mmap tier: {hosts['mmap'].frames} frames, {hosts['mmap'].nbytes / 1e9:.1f} GB written in "
+                        f"{hosts['mmap'].write_s:.1f} s")
+                except Exception as e:  # noqa: BLE001
+                    variants.remove("streamed-mmap")
+                    r["mmap_setup"] = error_record(e, device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            r["self_check"] = self_check(m, ids, hosts["exact"], device)
+            r["self_check"] = self_check(m, ids, hosts["exact"], device, hosts.get("mmap"))
             log(f"streamed == resident states: {r['self_check']}")
             bench_ttft(m, ids, hosts, parse_ints(args.frames), args.budget, device, s, args.peak_tflops,
                        args.repeats, args.engine_frames, args.case_timeout, variants, rows=r["ttft"], save=save)
     except Exception as e:  # noqa: BLE001
         r["ttft_error"] = error_record(e, device)
         log(f"time to first token stopped: {r['ttft_error']['error']} {r['ttft_error']['detail'][:160]}")
+    if tier_dir is not None:
+        shutil.rmtree(tier_dir, ignore_errors=True)
     r["seconds"] = time.perf_counter() - t_start
     save()
     if args.json:

@@ -105,6 +105,14 @@ def test_gpu_script_tiny_path_runs_on_cpu(tmp_path, monkeypatch):
     assert not r.get("ttft_error") and r["ttft"], r.get("ttft_error")
     cases = {(x["frames"], x["variant"], x["policy"]) for x in r["ttft"]}
     assert (50, "streamed", "exact") in cases and (50, "resident", "budget:8") in cases
+    # the local memory-mapped K/V tier: a file of 24 frames, read around its end for 50; same numbers, same bytes
+    assert r["mmap_tier"]["frames"] == 24 and r["self_check"]["mmap_max_abs_diff"] == 0.0
+    assert not Path(r["mmap_tier"]["dir"]).exists()                  # the file went with the run
+    mm = {x["frames"]: x for x in r["ttft"] if x["variant"] == "streamed-mmap"}
+    st = {x["frames"]: x for x in r["ttft"] if x["variant"] == "streamed" and x["policy"] == "exact"}
+    assert set(mm) == {24, 50} and all(x["policy"] == "exact" for x in mm.values())
+    for T, x in mm.items():
+        assert x["bytes_from_file"] == x["bytes_host_to_device"] == st[T]["bytes_host_to_device"] > 0
     for x in r["ttft"]:
         assert "error" not in x, x
         assert x["ttft_s"] > 0 and x["flops_causal"] > 0
