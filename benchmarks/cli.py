@@ -4,6 +4,7 @@
     lmstream bench cpu [--plot out/bench_cpu.png] [--json]                       # CPU wall clock, small config
     lmstream bench gpu [--cap-gb 24] [--json] | lmstream bench gpu --tiny         # lent GPU, 8B shapes
     lmstream bench cache [--redis URL] [--json]                                  # frame cache: in-process vs Redis
+    lmstream bench memory [--frames 10000,20000] [--cap-gb 24] [--json]            # GPU peak, bytes per stream-hour
 """
 from __future__ import annotations
 
@@ -71,6 +72,20 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/bench_cache.json", help="also write the JSON to this file ('' for none)")
 
 
+def memory_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--frames", default="10000,20000", help="frames per exact question (default 10000,20000)")
+    p.add_argument("--chunks", default="32,64,128", help="frames per fusion pass / K/V chunk (default 32,64,128)")
+    p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory cap in GiB (default 24)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer tokens the LLM KV buffer holds (default 64)")
+    p.add_argument("--watches", default="0,1,4", help="watches per stream for the bytes per stream-hour")
+    p.add_argument("--redis-gb", type=float, default=64.0, help="Redis memory for the stream-hours (GiB, default 64)")
+    p.add_argument("--host-gb", type=float, default=512.0, help="host memory for the K/V tier (GiB, default 512)")
+    p.add_argument("--redis", default="auto", choices=["auto", "yes", "no"],
+                   help="also store frames in a real redis-server and read MEMORY USAGE (auto: if installed)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--out", default=None, help="also write the JSON to this file")
+
+
 def _runner(module: str):
     def fn(args) -> int:
         import importlib
@@ -88,7 +103,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             ("gpu", gpu_arguments, "the lent GPU at 8B shapes with random bf16 weights "
                                                    "(--tiny: the same code at toy shapes on the CPU)"),
                             ("cache", cache_arguments, "frame cache append and chunked-read throughput, "
-                                                       "in-process vs Redis, demo and 8B record sizes")):
+                                                       "in-process vs Redis, demo and 8B record sizes"),
+                            ("memory", memory_arguments, "memory proof at the 8B shapes: GPU peak of an exact "
+                                                         "question (meta tensors), host and Redis bytes per "
+                                                         "stream-hour per retention policy")):
         q = sub.add_parser(name, help=text, description=text)
         add(q)
         q.set_defaults(fn=_runner(name))

@@ -188,3 +188,113 @@ def test_lmstream_bench_flops_json():
     q = d["per_question"][0]
     assert {"official", "exact", "budget", "ratio_official_exact", "ratio_official_budget", "llm_prefill"} <= set(q)
     assert {"kv_bf16", "kv_fp8", "vision_token", "stored_bf16"} <= set(d["bytes"]["per_frame"])
+
+
+# ------------------------------------------------------------------ the memory proof (`lmstream bench memory`)
+@pytest.fixture(scope="module")
+def memory_8b():
+    """The memory benchmark's JSON path at the 8B shapes: one exact and one fp8 question over 10,000 frames."""
+    from benchmarks import memory
+    r = memory.measure(frames=(10_000,), chunks=(128,), watches=(0, 1), redis=False)
+    return json.loads(json.dumps(r, default=str))                # what --json prints
+
+
+def test_memory_gpu_peak_adds_up_and_fits_24_gib(memory_8b):
+    g = memory_8b["gpu"]
+    cases = {c["kv"]: c for c in g["cases"]}
+    assert set(cases) == {"exact", "fp8"} and all(c["frames"] == 10_000 and c["chunk"] == 128 for c in cases.values())
+    # weights: LLM + pre-fusion + projector/compressor + CLIP, bf16 (DESIGN section 4: about 18.5 GB)
+    assert g["weights_total"] == sum(g["weights"].values())
+    assert 18.0e9 < g["weights_total"] < 19.0e9
+    for c in cases.values():
+        assert c["total"] == c["weights"] + c["peak_live"]
+        assert sum(c["at_peak"].values()) == c["peak_live"]
+        assert all(c["max_by_component"][k] >= v for k, v in c["at_peak"].items())
+        # the LLM KV buffer: 32 layers x 8 heads x 128, keys and values, bf16, for prompt + frames + answer
+        assert c["kv_buffer_tokens"] == 70 - 1 + 10_000 + g["max_new_tokens"]
+        assert c["max_by_component"]["LLM KV buffer"] == 2 * 32 * 8 * c["kv_buffer_tokens"] * 128 * 2
+        assert c["max_by_component"]["vision tokens"] == 10_000 * 4096 * 2
+    ex, f8 = cases["exact"], cases["fp8"]
+    # two chunk buffers (current + prefetched) of 128 frames' keys/values + prefix rows (+ fp8 scales)
+    per_frame = {"exact": 2 * 4 * 8 * 622 * 128 * 2 + 45 * 4096 * 2,
+                 "fp8": 2 * 4 * 8 * 622 * 128 + 2 * 4 * 8 * 4 + 45 * 4096 * 2}
+    for kv, c in cases.items():
+        assert abs(c["max_by_component"]["K/V chunk buffers"] - 2 * 128 * per_frame[kv]) <= 2 * 5 * 512, kv
+        assert c["bytes_host_to_device"] == 10_000 * per_frame[kv]
+    assert f8["total"] < ex["total"]
+    assert ex["total_gib"] < 24.0 and ex["under_cap"]
+
+
+def test_memory_bytes_per_stream_hour_follow_the_records(memory_8b):
+    from benchmarks import memory
+    from frame_cache import encode_record, light_record
+    from frame_cache.record import record_header
+    b = memory_8b["stream"]
+    f0, f1 = b["per_frame"]["0"], b["per_frame"]["1"]
+    assert f0["fp8"]["record"] < f0["exact"]["record"] and f0["none"]["record"] < f0["fp8"]["record"]
+    assert f0["none"]["host_split"] == 0 and f0["exact"]["host_split"] == 2 * 4 * 8 * 622 * 128 * 2
+    assert b["watch_rows"] == 24
+    # a watch adds its 24 x 4096 bf16 rows to the record and to its light copy (+ header and alignment)
+    assert 2 * 24 * 4096 * 2 <= f1["none"]["redis_all"] - f0["none"]["redis_all"] <= 2 * 24 * 4096 * 2 + 256
+    hours = {(x["policy"], x["watches"]): x for x in b["hours"]["rows"]}
+    n = lambda p: hours[(p, 0)]["redis_all"]["first_hour"]
+    assert n("all exact") == 3600 * f0["exact"]["redis_all"]
+    assert n("token-only (exact_s 0, none)") == 3600 * f0["none"]["redis_all"]
+    assert n("exact 600 s, then fp8 every 10th") == (600 * f0["exact"]["redis_all"] + 300 * f0["fp8"]["redis_all"]
+                                                     + 2700 * f0["none"]["redis_all"])
+    assert hours[("exact 600 s, then fp8 every 10th", 0)]["redis_all"]["each_further_hour"] == \
+        360 * f0["fp8"]["redis_all"] + 3240 * f0["none"]["redis_all"]
+    order = ["token-only (exact_s 0, none)", "exact 600 s, then none", "exact 600 s, then fp8 every 10th",
+             "exact 600 s, then exact every 10th", "all exact"]
+    assert [n(p) for p in order] == sorted(n(p) for p in order)
+    # the byte counts are those of real records: the same rule at the tiny config, against a frame encoded there
+    from benchmarks.common import tiny_configs
+    from benchmarks.gpu import build_engine
+    from stream.ingest import states_to_records
+    cfg, vcfg = tiny_configs()
+    m = build_engine(cfg, vcfg, torch.device("cpu"), torch.float32, "eager", 8)
+    S = m.vision.image_size
+    with torch.no_grad():
+        real = {kv: m.encode_frames(torch.randn(1, 3, S, S), prefix_ids=(5, 6, 7), kv_policy=kv, pts=[43_200.0])
+                for kv in ("exact", "fp8")}
+    forms = memory.frame_forms(real["exact"], real["fp8"], watches=1, watch_rows=3)
+    for kv in ("exact", "fp8"):
+        rec = states_to_records(real[kv])[0]
+        rec.seq = 43_200
+        rec.tensors["w:w-012345678" + "0"] = torch.zeros(3, cfg.hidden_size)
+        blob = encode_record(rec)
+        assert forms[kv]["record"] == len(blob) and forms[kv]["light"] == len(encode_record(light_record(rec)))
+        h = record_header(blob)                                    # the layout rule: 64-byte aligned tensors
+        data = -(-(10 + len(json.dumps(h, separators=(",", ":")))) // 64) * 64
+        last = h["tensors"][-1]
+        assert len(blob) == data + last["offset"] + last["nbytes"]
+
+
+def test_memory_design_figures_and_render(memory_8b):
+    from benchmarks import memory
+    d = {x["what"]: x for x in memory_8b["design_check"]}
+    assert d["vision token"]["measured"] == 8192
+    assert _close(d["fused prefix rows"]["measured"], 0.37e6, 0.01)
+    assert _close(d["pre-fusion K/V bf16, 577 vision rows (DESIGN's count)"]["measured"], 9.45e6, 0.01)
+    assert _close(d["a watch's fused rows"]["measured"], 0.2e6, 0.02)
+    text = memory.render(memory_8b)
+    assert "GPU peak" in text and "token-only" in text and "K/V chunks" in text and "fusion-phase peak" in text
+
+
+def test_memory_replay_of_steady_calls_changes_no_figure():
+    """The benchmark replays a call's allocations once two real calls with the same shapes allocated alike;
+    at a size where every call can run, the figures with and without replay are identical."""
+    from benchmarks import memory
+    from benchmarks.common import prompt_ids
+    from benchmarks.flops import build_meta_engine, count
+    m = build_meta_engine()
+    prefix, ids = prompt_ids(45, 24, m.cfg.vocab_size)
+    px = torch.empty(1, 3, 336, 336, device="meta")
+    host, _, _ = count(lambda: m.encode_frames(px, prefix_ids=prefix, batch_size=1, kv_policy="fp8"))
+    a = memory.question_peak(m, ids, host, 100, 16, 8, replay=True)
+    b = memory.question_peak(m, ids, host, 100, 16, 8, replay=False)
+    assert a["calls_run_and_replayed"]["replayed"] > 30 and not b["calls_run_and_replayed"]
+    for k in ("peak_live", "peak_live_fusion_phase", "at_peak", "max_by_component", "bytes_host_to_device"):
+        assert a[k] == b[k], k
+    # the fusion phase holds two chunk buffers of 16 frames at once (current + prefetched)
+    assert b["max_by_component"]["K/V chunk buffers"] >= 2 * 16 * 2 * 4 * 8 * 622 * 128
