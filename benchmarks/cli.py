@@ -5,6 +5,7 @@
     lmstream bench gpu [--cap-gb 24] [--json] | lmstream bench gpu --tiny         # lent GPU, 8B shapes
     lmstream bench cache [--redis URL] [--json]                                  # frame cache: in-process vs Redis
     lmstream bench memory [--frames 10000,20000] [--cap-gb 24] [--json]            # GPU peak, bytes per stream-hour
+    lmstream bench load [--max-n 32] [--duration 30] [--kinds rtsp,ws] [--json]   # N cameras into the service
 """
 from __future__ import annotations
 
@@ -72,6 +73,20 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/bench_cache.json", help="also write the JSON to this file ('' for none)")
 
 
+def load_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-n", type=int, default=32, help="largest N (cameras per kind), doubling from 1 (default 32)")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of the steady window per N (default 30)")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds after every stream stores frames (default 5)")
+    p.add_argument("--kinds", default="rtsp,ws", help="rtsp (GStreamer cameras), ws (/v1/live pushers) or both")
+    p.add_argument("--questions", type=int, default=4, help="streamed questions per N during the window")
+    p.add_argument("--lag-tolerance", type=float, default=1.0, help="lag growth (s) over the window still 'no growth'")
+    p.add_argument("--keep-going", action="store_true", help="measure every N up to --max-n even after lag grows")
+    p.add_argument("--no-batching", action="store_true", help="skip the cross-stream vs per-stream batch comparison")
+    p.add_argument("--plot", default=None, help="also draw a PNG here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--out", default="benchmarks/results/bench_load.json", help="also write the JSON here ('' for none)")
+
+
 def memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", default="10000,20000", help="frames per exact question (default 10000,20000)")
     p.add_argument("--chunks", default="32,64,128", help="frames per fusion pass / K/V chunk (default 32,64,128)")
@@ -106,7 +121,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                        "in-process vs Redis, demo and 8B record sizes"),
                             ("memory", memory_arguments, "memory proof at the 8B shapes: GPU peak of an exact "
                                                          "question (meta tensors), host and Redis bytes per "
-                                                         "stream-hour per retention policy")):
+                                                         "stream-hour per retention policy"),
+                            ("load", load_arguments, "N synthetic cameras (RTSP + WebSocket) at 1 fps into the real "
+                                                     "service: ingest, lag, drops, time to first token, Redis memory")):
         q = sub.add_parser(name, help=text, description=text)
         add(q)
         q.set_defaults(fn=_runner(name))

@@ -190,6 +190,68 @@ def test_lmstream_bench_flops_json():
     assert {"kv_bf16", "kv_fp8", "vision_token", "stored_bf16"} <= set(d["bytes"]["per_frame"])
 
 
+def test_lmstream_bench_load_small_run_is_consistent_and_leaves_nothing_running(tmp_path):
+    """`lmstream bench load --max-n 2` against the real parts (`lmstream serve`, redis-server, a GStreamer
+    RTSP server, WebSocket pushers): the result is internally consistent and every process it started is
+    gone afterwards, its temporary folder too. No timing is asserted. About 80 s on a quiet 2-core machine
+    (the service's start is half of it), up to ~2 min while other jobs load the CPU."""
+    from rtsp_server import rtsp_server_missing
+    missing = rtsp_server_missing()
+    assert missing is None, missing
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("LMSTREAM_API_KEYS", None)
+    out = tmp_path / "load.json"
+    p = subprocess.run([sys.executable, "-m", "lmstream.cli", "bench", "load", "--max-n", "2", "--duration", "3",
+                        "--warmup", "0", "--questions", "1", "--keep-going", "--no-batching", "--json",
+                        "--out", str(out)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    d = json.loads(p.stdout)
+    assert json.loads(out.read_text())["steps"] == d["steps"]
+    assert d["config"]["n_values"] == [1, 2] and [s["n"] for s in d["steps"]] == [1, 2]
+    for s in d["steps"]:
+        assert s["streams"] == {"rtsp": s["n"], "ws": s["n"]}
+        assert {"rtsp", "ws"} == set(s["per_kind"])
+        for k in ("offered_fps", "ingested_fps", "lag_growth_s", "dropped", "questions", "redis_used_memory_bytes",
+                  "keeps_up", "window_s"):
+            assert k in s, (k, s)
+        ws, rt = s["per_kind"]["ws"], s["per_kind"]["rtsp"]
+        assert 0 <= ws["ingested_frames"] <= ws["offered_frames"] and ws["dropped"] == ws["offered_frames"] - ws["ingested_frames"]
+        assert ws["offered_frames"] >= 1
+        # RTSP: frames stored in the window vs the cameras' 1 fps; a frame at each window edge may count
+        assert 0 <= rt["ingested_fps"] * s["window_s"] <= rt["offered_fps"] * s["window_s"] + s["n"] + 1e-6
+        assert rt["offered_fps"] == s["n"]
+        assert s["offered_fps"] == pytest.approx(ws["offered_fps"] + rt["offered_fps"], abs=2e-3)
+        assert s["ingested_fps"] == pytest.approx(ws["ingested_fps"] + rt["ingested_fps"], abs=2e-3)
+        assert s["dropped"] == ws["dropped"] + rt["dropped"] and rt["dropped"] >= 0
+        q = s["questions"]
+        assert q["asked"] == 1 and q["answered"] + len(q["errors"]) == q["asked"]
+        if q["answered"]:
+            assert 0 < q["ttft_p50_s"] <= q["ttft_p95_s"]
+        assert s["redis_used_memory_bytes"] > 0 and s["frames_stored"] >= 1
+        assert s["keeps_up"] == (s["why_not"] == "")
+    assert d["largest_n_no_lag_growth"] in (0, 1, 2)
+    ok = [s["n"] for s in d["steps"] if s["keeps_up"]]
+    assert d["largest_n_no_lag_growth"] == (2 if ok == [1, 2] else 1 if ok[:1] == [1] else 0)
+    assert "batching" not in d                  # --no-batching: the in-process comparison is the full run's
+    # nothing left: the PIDs it started, any process naming its folder, the folder itself
+    assert d["leftover_processes"] == [] and d["folder_removed"] is True
+    assert len(d["processes"]["serve"]) == 1 and len(d["processes"]["redis"]) == 1 and len(d["processes"]["rtsp"]) == 2
+    assert not Path(d["folder"]).exists()
+    for pid in (pid for k in ("serve", "redis", "rtsp") for pid in d["processes"][k]):
+        try:                                       # gone (or, improbably, the PID reused by something else)
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        assert not any(w in cmd for w in ("redis-server", "lmstream", "rtsp_server_gst")), (pid, cmd)
+    for proc in Path("/proc").iterdir():       # serve, Ray, redis-server, the RTSP server: all name the folder
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            assert d["folder"] not in cmd, cmd
+
+
 # ------------------------------------------------------------------ the memory proof (`lmstream bench memory`)
 @pytest.fixture(scope="module")
 def memory_8b():
