@@ -116,12 +116,12 @@ def test_questions_inside_the_hot_window_are_exact(tiny_model, any_cache):
     assert a.token_ids == b.token_ids and a.policy == b.policy == "exact"
 
 
-def test_mixed_window_equals_the_oracle_fusing_the_frames_that_kept_keys_values(tiny_model, tiny_oracle,
-                                                                                  any_cache):
+def test_mixed_window_equals_the_oracle_fusing_the_frames_that_kept_keys_values(tiny_model, tiny_oracle):
     """Older frames keep exact keys/values every 4th frame; the oracle (the official computation,
     transformers' modules) fuses the question with exactly those frames and the hot ones, and the
-    LLM sees every frame's token."""
-    m, T = tiny_model, 24
+    LLM sees every frame's token. (In process: the backends' equality is the next tests' job.)"""
+    any_cache = InProcessFrameCache()
+    m, T = tiny_model, 16
     px = frames(T, seed=5)
     states, _ = _stream(m, any_cache, {"exact_s": 6, "kv": "exact", "kv_stride": 4}, T)
     kept = [q for q in range(T) if q > T - 1 - 6 or q % 4 == 0]
@@ -138,9 +138,9 @@ def test_mixed_window_equals_the_oracle_fusing_the_frames_that_kept_keys_values(
     p = int((ids[0] == -200).nonzero())
     want = torch.cat([text[:, :p], full[:, p:p + T], text[:, p + len(kept):]], dim=1)
     assert torch.allclose(emb, want, atol=2e-5), (emb - want).abs().max()
-    got = m.ask(CachedFrames(any_cache, "s"), QUESTION, max_new_tokens=8)
+    got = m.ask(CachedFrames(any_cache, "s"), QUESTION, max_new_tokens=5)
     oracle_ids, e = [], want
-    for _ in range(8):
+    for _ in range(5):
         tok = int(tiny_oracle.llm(inputs_embeds=e).logits[0, -1].argmax())
         oracle_ids.append(tok)
         if tok in tiny_oracle.stop_token_ids:
