@@ -421,6 +421,9 @@ def run_step(h: Harness, n: int, kinds: tuple[str, ...], duration: float, warmup
             time.sleep(1.0)
         step["setup_s"] = _r(time.monotonic() - t_setup, 1)
         step["not_live_at_start"] = waiting
+        if waiting:                                   # what the service says about them
+            step["not_live_status"] = {s: {k: st.get(s, {}).get(k) for k in ("status", "frames", "last_error")}
+                                       for s in waiting[:4]}
         time.sleep(warmup)
 
         # -- the window --------------------------------------------------------------------------
