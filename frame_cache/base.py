@@ -74,7 +74,7 @@ from lmcore.errors import (
     StreamNotFound,
 )
 
-from .record import FrameRecord, decode_record
+from .record import KV_TENSORS, FrameRecord, decode_record, encode_record, light_record
 
 __all__ = [
     "FrameCache",
@@ -82,6 +82,7 @@ __all__ = [
     "WindowChunk",
     "ON_FULL",
     "MAX_CAPACITY",
+    "LIGHT_SAME_AS_FULL",
     "Snapshot",
     "StreamInfo",
     "StreamNotFound",
@@ -105,6 +106,9 @@ KEY_PREFIX = "lms"
 MAX_STREAM_META_BYTES = 64 * 1024
 #: Largest ring a stream may have, in frames.
 MAX_CAPACITY = 1 << 20
+#: What a backend stores as a frame's light copy when the record itself holds no keys/values (a
+#: frame demoted to token-only by its retention policy): light reads then return the record.
+LIGHT_SAME_AS_FULL = b""
 
 #: What an append does to a full ring: overwrite the oldest frames (a live stream's
 #: ring buffer; readers see them in ``dropped_before``) or refuse (`CapacityExceeded`,
@@ -156,6 +160,14 @@ def check_replacements(records: Iterable[FrameRecord]) -> list[FrameRecord]:
             raise BadArgument(f"expected records[{i}].seq to be a distinct seq >= 0, got {r.seq!r}")
         seen.add(r.seq)
     return recs
+
+
+def light_copy_bytes(rec: FrameRecord) -> bytes:
+    """The light copy a backend stores beside `rec` when rewriting it: `LIGHT_SAME_AS_FULL` (empty)
+    when the record holds no keys/values, so a token-only frame is kept once, not twice."""
+    if not set(KV_TENSORS) & set(rec.tensors):
+        return LIGHT_SAME_AS_FULL
+    return encode_record(light_record(rec))
 
 
 def check_window_args(start: Any, end: Any, max_frames: Any) -> tuple[float | None, float | None]:

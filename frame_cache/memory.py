@@ -56,6 +56,7 @@ from .base import (
     check_count as _check_count,
     check_new_stream,
     check_replacements,
+    light_copy_bytes,
     check_window_args,
     validate_stream_id,
     validate_stream_meta,
@@ -227,6 +228,8 @@ class _Stream:
                 out.append(None)
                 continue
             b = self._bytes(ring[q % self.capacity])
+            if light and not b:                              # LIGHT_SAME_AS_FULL: a record without keys/values
+                b = self._bytes(self.blobs[q % self.capacity])
             out.append(b if record_seq(b) == q else None)   # belt and braces: slot = seq % capacity
         return out
 
@@ -457,7 +460,7 @@ class InProcessFrameCache(FrameCache):
         if not recs:
             return []
         blobs = [encode_record(r) for r in recs]
-        lights = [encode_record(light_record(r)) for r in recs]
+        lights = [light_copy_bytes(r) for r in recs]
         done: list[int] = []
         with s.write_lock, s.lock:
             self._alive(s)

@@ -93,6 +93,7 @@ from lmcore.errors import (
 
 from .base import (
     KEY_PREFIX,
+    LIGHT_SAME_AS_FULL,
     MAX_CAPACITY,
     CacheBudgetExceeded,
     CacheClosed,
@@ -108,6 +109,7 @@ from .base import (
     check_new_stream,
     check_replacements,
     check_window_args,
+    light_copy_bytes,
     stream_key,
     validate_stream_id,
 )
@@ -801,7 +803,7 @@ class RedisFrameCache(FrameCache):
             return []
         args: list[Any] = [len(recs)]
         for r in recs:
-            args += [r.seq, repr(r.pts), encode_record(r), encode_record(light_record(r))]
+            args += [r.seq, repr(r.pts), encode_record(r), light_copy_bytes(r)]
         try:
             with self._redis(f"rewriting {len(recs)} frame(s) of stream {stream_id!r}", stream_id):
                 res = self._s_replace(keys=self._keys(stream_id, total=True), args=args)
@@ -909,6 +911,10 @@ class RedisFrameCache(FrameCache):
             for attempt in range(2):
                 cap = self._ring_capacity(stream_id, keys[0], fresh=attempt > 0)
                 got = self._client.hmget(field_key, [str(q % cap) for q in qs]) if qs else []
+                same = [i for i, b in enumerate(got) if light and b == LIGHT_SAME_AS_FULL]
+                if same:                                   # token-only frames: the light copy is the record
+                    for i, b in zip(same, self._client.hmget(keys[1], [str(qs[i] % cap) for i in same])):
+                        got[i] = b
                 out = [b if b is not None and record_seq(b) == q else None for q, b in zip(qs, got)]
                 if all(b is not None for b in out):
                     return out

@@ -76,6 +76,11 @@ def test_runner_demotes_by_age_and_stride_and_shrinks_the_ring(tiny_model, any_c
     assert info.bytes_used < before.stream_info("s").bytes_used / 2
     full = any_cache.read("s", range(T))
     assert sum(len(b) for b in full) == info.bytes_used                # accounting follows the rewrites
+    lights = any_cache.read("s", range(T), light=True)
+    for q, f in enumerate(forms):
+        if f == "none":
+            assert lights[q] == full[q]                # a token-only frame is stored once: its light read is it
+    assert info.light_bytes == sum(len(lights[q]) for q, f in enumerate(forms) if f != "none")
     assert RetentionRunner(any_cache, "s", Retention.parse(retain)).apply() == 0   # a fresh runner: nothing left
     assert runner.apply() == 0
     # tokens, prefix rows (and pts) survive demotion untouched
