@@ -2,12 +2,17 @@
 
     lmstream serve [--host 127.0.0.1] [--port 8000] [--model DIR] [--redis URL]
                    [--allowed-dir DIR ...] [--api-key KEY ...] [--data-dir DIR]
+                   [--ray-address HOST:PORT] [--service-resources JSON] [--camera-resources JSON]
 
-* Redis: its own `redis-server` child (AOF everysec, data in DATA_DIR/redis) unless --redis URL.
-* Ray: a local instance (no dashboard, usage stats off, temp folder DATA_DIR/ray) and the Serve
-  app of `deploy/app.py`, HTTP on HOST:PORT.
+* Redis: its own `redis-server` child (AOF everysec, data in DATA_DIR/redis) unless --redis URL
+  (a Redis Cluster: ``redis://HOST:PORT?cluster=1``, one node's address).
+* Ray: a local instance (no dashboard, usage stats off, temp folder DATA_DIR/ray), or with
+  --ray-address an existing cluster (``ray start --head`` ...), and the Serve app of
+  `deploy/app.py`, HTTP on HOST:PORT (one proxy, on the head node).
 * API keys: --api-key, else LMSTREAM_API_KEYS, else one generated now and printed.
-* Prints the URL once `/ready` answers 200; Ctrl-C or SIGTERM stops Serve, Ray and its Redis (by PID).
+* Prints the URL once `/ready` answers 200; Ctrl-C or SIGTERM stops what it started: Serve, Ray and
+  its Redis (by PID). On a cluster it attached to, it deletes its app (and Serve, when it started
+  Serve there) and leaves the cluster running.
 """
 from __future__ import annotations
 
@@ -35,7 +40,13 @@ def add_parser(sub) -> None:
                    help="folder whose files POST /v1/videos {\"path\"} may name (repeatable)")
     p.add_argument("--api-key", action="append", default=None, help="accepted API key (repeatable)")
     p.add_argument("--data-dir", help="uploads, Redis AOF, Ray temp files (default: .lmstream in the repo)")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all; local Ray only)")
+    p.add_argument("--ray-address", help="attach to this running Ray cluster (HOST:PORT of its GCS) instead of "
+                   "starting a local one; it is left running on exit")
+    p.add_argument("--service-resources", type=json.loads, default=None, metavar="JSON",
+                   help='Ray resources each Serve replica asks for, e.g. \'{"head_node": 0.01}\' (pins them)')
+    p.add_argument("--camera-resources", type=json.loads, default=None, metavar="JSON",
+                   help="Ray resources each camera actor asks for (cameras spread over the nodes that have them)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
     p.set_defaults(fn=cmd_serve)
 
@@ -65,7 +76,8 @@ def cmd_serve(args) -> int:
         raise BadArgument(f"expected --port in 1..65535, got {args.port}")
     settings = Settings.from_env(model=args.model, vision_tower=args.vision_tower, device=args.device,
                                  redis_url=args.redis, data_dir=args.data_dir, allowed_dirs=args.allowed_dir,
-                                 api_keys=args.api_key)
+                                 api_keys=args.api_key, service_resources=args.service_resources,
+                                 camera_resources=args.camera_resources)
     if not (Path(settings.model) / "config.json").exists():
         from lmcore.errors import CheckpointError
         raise CheckpointError(f"expected a checkpoint folder with config.json, got {settings.model}")
@@ -84,7 +96,8 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     redis_srv = None
-    ray_started = False
+    ray_started = False            # connected to Ray (a local instance we started, or a cluster)
+    serve_started = False          # Serve was not running before us: we shut it down on exit
     try:
         if args.redis is None and not os.environ.get("LMSTREAM_REDIS_URL"):
             from frame_cache.redis_server import RedisServer
@@ -94,20 +107,25 @@ def cmd_serve(args) -> int:
                   file=sys.stderr)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ["RAY_TMPDIR"] = str(data / "ray")
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
-        (data / "ray").mkdir(exist_ok=True)
         import ray
         from ray import serve
         from deploy.app import build_app
-        print("ray: starting a local instance (no dashboard)", file=sys.stderr)
-        ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=str(data / "ray"),
-                 namespace="lmstream", logging_level="WARNING", log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+        common = dict(namespace="lmstream", logging_level="WARNING", log_to_driver=False,
+                      runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
+        if args.ray_address:
+            print(f"ray: attaching to the cluster at {args.ray_address}", file=sys.stderr)
+            ray.init(address=args.ray_address, **common)
+        else:
+            os.environ["RAY_TMPDIR"] = str(data / "ray")
+            (data / "ray").mkdir(exist_ok=True)
+            print("ray: starting a local instance (no dashboard)", file=sys.stderr)
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=str(data / "ray"), **common)
         ray_started = True
         signal.signal(signal.SIGTERM, on_signal)        # ray.init installs its own handlers: ours again
         signal.signal(signal.SIGINT, on_signal)
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve_started = not _serve_running()
+        serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
         serve.run(build_app(settings), name="lmstream", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}"
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
@@ -126,13 +144,27 @@ def cmd_serve(args) -> int:
         if ray_started:
             try:
                 from ray import serve
-                serve.shutdown()
+                if serve_started:
+                    serve.shutdown()
+                else:                                   # someone else's Serve: only our app goes
+                    serve.delete("lmstream")
             except Exception as e:  # noqa: BLE001 - shutting down regardless
-                print(f"warning: serve.shutdown: {e}", file=sys.stderr)
+                print(f"warning: stopping Serve: {e}", file=sys.stderr)
             import ray
-            ray.shutdown()
+            ray.shutdown()                              # a cluster we attached to keeps running
         if redis_srv is not None:
             redis_srv.stop()
+
+
+def _serve_running() -> bool:
+    """Whether Ray Serve already runs on the connected cluster (its controller actor exists)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
 
 
 def start_serve_process(args: list[str], log_path: Path, *, env: dict | None = None, timeout: float = 300.0):
