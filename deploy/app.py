@@ -145,7 +145,9 @@ class StreamSource:
 
     def run(self, sid: str, url: str, fps: float, size: int, encoder, settings: dict) -> dict:
         import os
+        import threading
         from frame_cache import open_cache
+        self.stop_flag = threading.Event()                  # a run after one that raised starts afresh
         s = Settings.model_validate(settings)
         live, cache = LiveStore(s.redis_url), open_cache(s.redis_url)
         try:
@@ -273,6 +275,7 @@ class RayBackend:
                 if self._streams.get(cam.sid) is not cam:
                     return                             # stopped or replaced meanwhile
                 lost_on, why = cam.node, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+                rerun = isinstance(e, ray.exceptions.RayTaskError)   # run() raised; its actor is alive
             if await self._ended_for_good(cam.sid):
                 return
             cam.restarts += 1
@@ -289,8 +292,13 @@ class RayBackend:
             fails += 1
             if self._streams.get(cam.sid) is not cam or await self._ended_for_good(cam.sid):
                 return
+            if rerun:                                  # Redis or the Encoder was unreachable: same actor
+                cam.ref = cam.actor.run.remote(cam.sid, cam.url, cam.fps, size, self.encoder,
+                                               self.settings.model_dump())
+                cam.started = time.monotonic()
+                continue
             try:
-                ray.kill(cam.actor)                    # a run that raised leaves its actor idle
+                ray.kill(cam.actor)
             except Exception:                          # noqa: BLE001 - already gone with its node
                 pass
             try:
