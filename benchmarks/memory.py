@@ -30,7 +30,7 @@
     `frame_cache.retention.demote_record`, watches' rows added as the Encoder adds them (`w:<id>`), and
     every record measured as `len(encode_record(...))`. What the Redis backend writes per frame
     (`RedisFrameCache.append_many`): the record, its light copy (`light_record`: the record without
-    keys/values) and index entries (the slot number as a field name in both hashes, the pts ZSET
+    keys/values; none for a token-only frame, whose record is its own light copy) and index entries (the slot number as a field name in both hashes, the pts ZSET
     member `%016d` and its 8-byte score). Two placements:
       * as built: everything in Redis (the ring holds each frame's record in its retained form);
       * split: a local keys/values tier on the Answerer's host (raw key/value bytes, as the mmap tier
@@ -384,23 +384,15 @@ def _zeros_like(st, n: int = 1):
 
 
 def _demote(rec, to: str):
-    """`frame_cache.retention.demote_record` when that module is there; the same rule otherwise."""
-    try:
-        from frame_cache.retention import demote_record
-    except ImportError:                                     # pragma: no cover - retention not merged yet
-        demote_record = None
-    if demote_record is not None:
-        return demote_record(rec, to) or rec
-    from frame_cache.record import KV_TENSORS, FrameRecord
-    assert to == "none", to
-    return FrameRecord(seq=rec.seq, pts=rec.pts, meta={**rec.meta, "kv_policy": "none"},
-                       tensors={k: t for k, t in rec.tensors.items() if k not in KV_TENSORS})
+    from frame_cache.retention import demote_record
+    return demote_record(rec, to) or rec
 
 
 def frame_forms(exact_states, fp8_states, watches: int, watch_rows: int, seq: int = 43_200,
                 capacity: int = 1 << 20) -> dict:
     """Per retained form ("exact", "fp8", "none"): the bytes of the real records of one frame."""
-    from frame_cache import encode_record, light_record
+    from frame_cache import encode_record
+    from frame_cache.base import light_copy_bytes
     from frame_cache.record import KV_TENSORS
     from stream.ingest import states_to_records
     recs = {}
@@ -416,14 +408,14 @@ def frame_forms(exact_states, fp8_states, watches: int, watch_rows: int, seq: in
     index = 2 * len(str(seq % capacity)) + len("%016d" % seq) + 8
     out = {}
     for name, r in recs.items():
-        full, light = encode_record(r), encode_record(light_record(r))
+        full, light = encode_record(r), light_copy_bytes(r)          # a token-only frame is stored once
         kv_raw = sum(t.numel() * t.element_size() for k, t in r.tensors.items() if k in KV_TENSORS)
         none = encode_record(_demote(r, "none")) if name != "none" else full
         out[name] = {"record": len(full), "light": len(light), "index": index, "kv_raw": kv_raw,
                      "record_without_kv": len(none), "kv_policy_meta": r.meta["kv_policy"],
                      "tensors": {k: [list(t.shape), str(t.dtype).replace("torch.", "")] for k, t in r.tensors.items()}}
         out[name]["redis_all"] = len(full) + len(light) + index
-        out[name]["redis_split"] = len(none) + len(light) + index
+        out[name]["redis_split"] = len(none) + index                  # records without K/V: no light copy
         out[name]["host_split"] = kv_raw
     return out
 
@@ -531,10 +523,10 @@ def design_check(b: dict) -> list[dict]:
          "tensor bytes"),
         (f"pre-fusion K/V fp8 + scales, {k[2]} rows", 4.7e6, f0["fp8"]["kv_raw"], "tensor bytes"),
         ("a watch's fused rows", 0.2e6, f1["none"]["record"] - f0["none"]["record"], "record bytes added"),
-        ("a watch in Redis (record + light copy)", 0.2e6, f1["none"]["redis_all"] - f0["none"]["redis_all"],
+        ("a watch in Redis (token-only frame: record only)", 0.2e6, f1["none"]["redis_all"] - f0["none"]["redis_all"],
          "Redis bytes added"),
         ("kept for every frame (token + prefix rows), in Redis", 0.37e6 + 8192, f0["none"]["redis_all"],
-         "record + light copy + index"),
+         "record + index"),
     ]
     return [{"what": w, "design": d, "measured": m_, "unit": u, "ratio": m_ / d} for w, d, m_, u in rows]
 

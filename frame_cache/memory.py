@@ -61,7 +61,7 @@ from .base import (
     validate_stream_id,
     validate_stream_meta,
 )
-from .record import FrameRecord, encode_record, light_record, record_seq
+from .record import FrameRecord, encode_record, record_seq
 
 __all__ = ["InProcessFrameCache", "MAX_CAPACITY", "DEFAULT_PTS_HISTORY"]
 
@@ -419,7 +419,7 @@ class InProcessFrameCache(FrameCache):
                     f"got {s.count} stored + {len(recs)} new")
             fulls = [dataclasses.replace(r, seq=seq0 + i) for i, r in enumerate(recs)]
             blobs = [encode_record(r) for r in fulls]
-            lights = [encode_record(light_record(r)) for r in fulls]
+            lights = [light_copy_bytes(r) for r in fulls]
             with s.lock:
                 self._alive(s)
                 after, light_after = s.bytes_after([len(b) for b in blobs], [len(b) for b in lights])

@@ -114,7 +114,7 @@ from .base import (
     validate_stream_id,
 )
 from .memory import DEFAULT_PTS_HISTORY
-from .record import RECORD_VERSION, FrameRecord, encode_record, light_record, record_seq
+from .record import RECORD_VERSION, FrameRecord, encode_record, record_seq
 
 __all__ = ["RedisFrameCache", "DEFAULT_SNAPSHOT_SCRIPT_BYTES"]
 
@@ -748,7 +748,7 @@ class RedisFrameCache(FrameCache):
                                "" if self.max_bytes_total is None else self.max_bytes_total, len(todo)]
             for i, r in enumerate(todo):
                 full = replace(r, seq=seq0 + i)
-                args += [repr(r.pts), encode_record(full), encode_record(light_record(full))]
+                args += [repr(r.pts), encode_record(full), light_copy_bytes(full)]
             try:
                 with self._redis(what, stream_id):
                     res = self._s_append(keys=keys, args=args)
