@@ -47,7 +47,10 @@ api = build_api()
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30)
 class Encoder:
     def __init__(self, settings: dict):
-        self.core = EncoderCore(Settings.model_validate(settings))
+        s = Settings.model_validate(settings)
+        self.core = EncoderCore(s)
+        self.encode.set_max_batch_size(s.serve_batch)            # batching across streams (Settings)
+        self.encode.set_batch_wait_timeout_s(s.serve_batch_wait_s)
 
     def info(self) -> dict:
         return self.core.info()

@@ -1050,7 +1050,8 @@ class _LiveSession:
                 self.dropped["queue full"] = self.dropped.get("queue full", 0) + self.push.dropped - before
                 await self.note_drop("queue full")
             return
-        pts = self.pending_pts if self.pending_pts is not None else time.monotonic() - self.t0
+        t_arrive = time.monotonic()
+        pts = self.pending_pts if self.pending_pts is not None else t_arrive - self.t0
         self.pending_pts = None
         pts += self.offset
         if not self.sampler.want(pts):
@@ -1065,7 +1066,7 @@ class _LiveSession:
             self.dropped["bad frame"] += 1
             raise
         self.busy = True
-        task = asyncio.create_task(self.encode(rgb, pts))
+        task = asyncio.create_task(self.encode(rgb, pts, t_arrive))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -1076,7 +1077,8 @@ class _LiveSession:
             await self.send({"type": "dropped", "frames": sum(self.dropped.values()), "why": why,
                              "by_reason": dict(self.dropped)})
 
-    async def encode(self, rgb, pts: float) -> None:
+    async def encode(self, rgb, pts: float, t_arrive: float | None = None) -> None:
+        """Store one frame; `t_arrive` (monotonic) gives the stream's ingest lag (arrival -> stored)."""
         import numpy as np
         try:
             item = EncodeItem(self.sid, np.stack([rgb]), [pts], writer=self.token, seq=self.seq)
@@ -1087,8 +1089,9 @@ class _LiveSession:
                 return
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])
+            lag = {"lag_s": round(time.monotonic() - t_arrive, 3)} if t_arrive is not None else {}
             await asyncio.to_thread(self.b.live.update, self.sid, frames=self.seq, last_pts=pts,
-                                    dropped=sum(self.dropped.values()))
+                                    dropped=sum(self.dropped.values()), dropped_why=dict(self.dropped), **lag)
             await self.send({"type": "ingested", "frames": self.frames, "last_pts": pts})
         except LmsError as e:
             await self.error(e)

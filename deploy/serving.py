@@ -55,9 +55,8 @@ class JobStore:
     and the set ``lms:jobs``. Survives a restart of the service with the frames themselves."""
 
     def __init__(self, redis_url: str, *, timeout: float = 5.0):
-        import redis
         self.url = redis_url
-        self.r = redis.Redis.from_url(redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        self.r = redis_client(redis_url, timeout)
 
     def _call(self, what: str, fn):
         import redis
@@ -125,10 +124,21 @@ class JobStore:
         return out
 
     def ping(self) -> bool:
+        """Redis answers; on a Redis Cluster, every master does (a dead master takes its streams)."""
         try:
+            import redis
+            if isinstance(self.r, redis.cluster.RedisCluster):
+                return bool(self.r.ping(target_nodes=redis.cluster.RedisCluster.PRIMARIES))
             return bool(self.r.ping())
         except Exception:
             return False
+
+
+def redis_client(url: str, timeout: float = 5.0):
+    """A redis-py client for `url`, as the frame cache makes it: a `RedisCluster` for a Redis Cluster
+    (``?cluster=1``, or a node that says it runs in cluster mode), else a plain `Redis`."""
+    from frame_cache.redis_cache import RedisFrameCache
+    return RedisFrameCache.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).client
 
 
 def _enc(d: dict) -> dict:
@@ -540,7 +550,7 @@ class LiveStore(JobStore):
 
 def stream_status(d: dict) -> dict:
     keys = ("id", "kind", "source", "fps", "status", "frames", "last_pts", "lag_s", "gaps", "last_error", "dropped",
-            "created")
+            "dropped_why", "node", "restarts", "created")
     return {k: d.get(k) for k in keys}
 
 
@@ -591,16 +601,24 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     writer = cache.acquire_writer(sid)
     seq = cache.stream_info(sid).total_appended
     info = cache.stream_info(sid)
-    offset = (info.newest_pts + 1.0 / fps) if info.newest_pts is not None else 0.0   # after a restart
-    state = {"last": 0.0, "last_pts": info.newest_pts, "lag_s": None}
+    before = live.get(sid)
+    carried = [list(g) for g in before.get("gaps") or []]     # outages of earlier sources of this stream
+    offset = 0.0
+    if info.newest_pts is not None:                      # a resumed stream (service restart, actor moved)
+        away = time.time() - before["last_wall"] if before.get("last_wall") else 0.0
+        offset = info.newest_pts + max(1.0 / fps, away)  # stream time goes on with the wall clock
+        if away > 1.5 / fps:
+            carried.append([info.newest_pts, offset])   # no source ran: the outage is a gap
+    state = {"last": 0.0, "last_pts": info.newest_pts, "lag_s": None, "last_wall": before.get("last_wall")}
 
     def publish(force: bool = False):
         now = time.monotonic()
         if force or now - state["last"] >= 1.0:
             st = src.status_dict()
-            gaps = [[g[0] + offset, g[1] + offset if g[1] is not None else None] for g in st.get("gaps", [])]
+            gaps = carried + [[g[0] + offset, g[1] + offset if g[1] is not None else None] for g in st.get("gaps", [])]
             live.update(sid, status=st["status"], frames=seq, gaps=gaps, last_error=st.get("last_error"),
-                        last_pts=state["last_pts"], lag_s=state["lag_s"], dropped=st.get("dropped", 0))
+                        last_pts=state["last_pts"], lag_s=state["lag_s"], dropped=st.get("dropped", 0),
+                        dropped_why=st.get("dropped_why") or {}, last_wall=state["last_wall"])
             state["last"] = now
 
     watcher = threading.Thread(target=lambda: (stop.wait(), src.stop()), daemon=True, name="lms-cam-stop")
@@ -622,6 +640,7 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
             seq += len(res["seqs"])
             queued_s = src.status_dict().get("lag_s") or 0.0          # waited in the source's queue
             state["last_pts"], state["lag_s"] = pts, round(time.monotonic() - t_arrive + queued_s, 3)
+            state["last_wall"] = time.time()
             publish()
     except Exception as e:                               # noqa: BLE001 - the status says what happened
         live.update(sid, status="failed", last_error=error_dict(e))

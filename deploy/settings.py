@@ -52,6 +52,9 @@ class Settings(BaseModel):
             for, e.g. {"head_node": 0.01} keeps them on the nodes started with that resource.
         camera_resources: Ray custom resources each camera actor (StreamSource) asks for; cameras are
             spread over the alive nodes that have them (all nodes when empty).
+        serve_batch, serve_batch_wait_s: the Encoder's Serve batching across requests (streams, file
+            jobs): at most this many requests per batched pass, waiting this long for more (1: one
+            pass per request, the per-stream baseline of `lmstream bench load`).
         local_kv_bytes: budget of each Answerer's local keys/values tier (`frame_cache.local_tier`:
             memory-mapped files of the full records its questions read, refilled from Redis);
             0 turns it off (every question reads keys/values from Redis).
@@ -75,6 +78,8 @@ class Settings(BaseModel):
     allow_private_sources: bool = False     # rtsp:// to loopback/private addresses (a lab, the tests)
     service_resources: dict[str, float] = Field(default_factory=dict)
     camera_resources: dict[str, float] = Field(default_factory=dict)
+    serve_batch: int = Field(16, ge=1, le=1024)
+    serve_batch_wait_s: float = Field(0.02, ge=0, le=10)
     local_kv_bytes: int = Field(8 << 30, ge=0)
     local_kv_dir: str | None = None
     limits: Limits = Field(default_factory=Limits)
@@ -109,6 +114,10 @@ class Settings(BaseModel):
                           ("camera_resources", "LMSTREAM_CAMERA_RESOURCES")):
             if env.get(var):
                 d[name] = json.loads(env[var])
+        if env.get("LMSTREAM_SERVE_BATCH"):
+            d["serve_batch"] = int(env["LMSTREAM_SERVE_BATCH"])
+        if env.get("LMSTREAM_SERVE_BATCH_WAIT_S"):
+            d["serve_batch_wait_s"] = float(env["LMSTREAM_SERVE_BATCH_WAIT_S"])
         if env.get("LMSTREAM_LOCAL_KV_BYTES"):
             d["local_kv_bytes"] = int(env["LMSTREAM_LOCAL_KV_BYTES"])
         if env.get("LMSTREAM_LOCAL_KV_DIR"):

@@ -589,6 +589,12 @@ class RedisFrameCache(FrameCache):
         if self._closed:
             raise CacheClosed("expected an open frame cache, got one that was closed")
 
+    @property
+    def client(self):
+        """The redis-py client (a `RedisCluster` for a cluster): for other state of the service that
+        lives beside the frames (job and stream records)."""
+        return self._client
+
     def _keys(self, stream_id: str, *, total: bool = False) -> list[str]:
         keys = [stream_key(stream_id, part, prefix=self.prefix) for part in _PARTS]
         if total and not self.cluster:
