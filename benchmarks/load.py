@@ -177,7 +177,12 @@ class WsPushers:
             m = json.loads(raw)
             t = m.get("type")
             if t == "ingested":
-                p.acks[int(round(float(m["last_pts"]) * self.fps))] = time.monotonic()
+                # one message may acknowledge several frames (those that waited go as one request):
+                # the `frames` count says how many; they are the newest unacknowledged ones up to last_pts
+                now, last = time.monotonic(), int(round(float(m["last_pts"]) * self.fps))
+                new = int(m.get("frames", len(p.acks) + 1)) - len(p.acks)
+                for k in sorted((k for k in p.sent if k <= last and k not in p.acks), reverse=True)[:max(new, 1)]:
+                    p.acks[k] = now
             elif t == "dropped":
                 p.dropped_msg = m
             elif t == "stopped":

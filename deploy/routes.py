@@ -476,8 +476,9 @@ def build_api() -> FastAPI:
            for a new stream.
         2. binary messages, one JPEG/PNG frame each, timestamped by a preceding `{"type": "frame",
            "pts": S}` or by arrival time; sampled at `fps`; `{"type": "ingested", "frames", "last_pts"}`
-           per stored frame; `{"type": "dropped", "frames", "why"}` when frames are shed (over the rate,
-           or the encoder still busy with the previous one: never an unbounded queue).
+           when frames are stored (frames waiting behind the one being stored, up to 8, go in one request
+           and are acknowledged together); `{"type": "dropped", "frames", "why"}` when frames are shed
+           (over the rate, or 8 already waiting: never an unbounded queue).
         3. `{"type": "ask", "id", "question", "last_s" | "window", "policy", "max_tokens"}` at any time ->
            `{"type": "token", "id", "text"}` ... `{"type": "answer", "id", ...answer fields}`.
         4. `{"type": "attach", "stream_id"}`: ask about a stream someone else feeds (read only).
@@ -877,6 +878,11 @@ def _public(d: dict) -> dict:
     return d
 
 
+#: Frames a `/v1/live` socket may have waiting behind the one being stored; more are dropped
+#: ("encoder busy"). Waiting frames go to the Encoder together, as one request.
+LIVE_QUEUE_FRAMES = 8
+
+
 class _LiveSession:
     """One `/v1/live` socket's state; see `live` in `build_api` for the protocol."""
 
@@ -895,6 +901,7 @@ class _LiveSession:
         self.dropped = {"over fps": 0, "encoder busy": 0, "bad frame": 0}
         self.last_dropped_msg = 0.0
         self.busy = False
+        self.queue: list = []                          # frames waiting while the Encoder has earlier ones
         self.tasks: set[asyncio.Task] = set()
         self.send_lock = asyncio.Lock()
         self.size: int | None = None
@@ -1057,7 +1064,7 @@ class _LiveSession:
         if not self.sampler.want(pts):
             self.dropped["over fps"] += 1
             return await self.note_drop("over fps")
-        if self.busy:                                   # shed load: never queue frames without bound
+        if self.busy and len(self.queue) >= LIVE_QUEUE_FRAMES:   # shed load: never queue without bound
             self.dropped["encoder busy"] += 1
             return await self.note_drop("encoder busy")
         try:
@@ -1065,10 +1072,24 @@ class _LiveSession:
         except LmsError:
             self.dropped["bad frame"] += 1
             raise
+        if self.busy:                                   # the Encoder has the previous frames: wait in line
+            self.queue.append((rgb, pts, t_arrive))
+            return
         self.busy = True
-        task = asyncio.create_task(self.encode(rgb, pts, t_arrive))
+        task = asyncio.create_task(self._drain([(rgb, pts, t_arrive)]))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    async def _drain(self, batch: list) -> None:
+        """Store `batch`, then whatever queued meanwhile as one request, until the queue is empty:
+        frames stay in order (one request at a time) and a slow round trip batches instead of shedding."""
+        try:
+            while batch:
+                await self.encode_many(batch)
+                batch, self.queue = self.queue, []
+        finally:
+            self.queue = []
+            self.busy = False
 
     async def note_drop(self, why: str) -> None:
         now = time.monotonic()
@@ -1078,10 +1099,21 @@ class _LiveSession:
                              "by_reason": dict(self.dropped)})
 
     async def encode(self, rgb, pts: float, t_arrive: float | None = None) -> None:
-        """Store one frame; `t_arrive` (monotonic) gives the stream's ingest lag (arrival -> stored)."""
-        import numpy as np
         try:
-            item = EncodeItem(self.sid, np.stack([rgb]), [pts], writer=self.token, seq=self.seq)
+            await self.encode_many([(rgb, pts, t_arrive)])
+        finally:
+            self.busy = False
+
+    async def encode_many(self, frames: list) -> None:
+        """Store frames [(rgb, pts, t_arrive)] in one request; t_arrive (monotonic, or None) gives the
+        stream's ingest lag (the oldest frame's arrival -> stored)."""
+        import numpy as np
+        pts = frames[-1][1]
+        arrivals = [t for _, _, t in frames if t is not None]
+        t_arrive = min(arrivals) if arrivals else None
+        try:
+            item = EncodeItem(self.sid, np.stack([f[0] for f in frames]), [f[1] for f in frames], writer=self.token,
+                              seq=self.seq)
             res = (await self.b.encode([item]))[0]
             if "error" in res:
                 err = res["error"]
@@ -1095,8 +1127,6 @@ class _LiveSession:
             await self.send({"type": "ingested", "frames": self.frames, "last_pts": pts})
         except LmsError as e:
             await self.error(e)
-        finally:
-            self.busy = False
 
     def _follow_events(self) -> None:
         """Watch events of this socket's stream arrive as {"type": "event", ...} messages."""

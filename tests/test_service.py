@@ -445,6 +445,37 @@ def test_retention_over_a_websocket_stream_reports_the_mix_and_stays_exact_in_th
         assert r.status_code == 422 and "kv_stride to be an integer >= 1, got 0" in r.json()["error"]["message"]
 
 
+def test_websocket_frames_sent_back_to_back_wait_in_line_instead_of_being_shed(service, media, demo_model):
+    """Frames that arrive while earlier ones are being stored wait (up to 8) and are stored together,
+    in order; none is shed as `encoder busy`."""
+    import asyncio
+    import websockets
+    from stream.decode import VideoSource
+    size = demo_model.preprocess["size"]
+    frames = [(f.pts, f.rgb) for f in VideoSource(media / "scene.mp4", fps=1.0, resize_to=size)][:7]
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            for pts, rgb in frames:                        # no waiting for acknowledgements
+                await ws.send(json.dumps({"type": "frame", "pts": pts}))
+                await ws.send(_png(rgb))
+            acks = []
+            while not acks or acks[-1]["frames"] < len(frames):
+                m = json.loads(await ws.recv())
+                assert m["type"] == "ingested", m            # no `dropped`
+                acks.append(m)
+            await ws.send(json.dumps({"type": "stop"}))
+            return sid, acks
+
+    sid, acks = asyncio.run(session())
+    assert acks[-1]["last_pts"] == frames[-1][0] and len(acks) < len(frames)   # some went as one request
+    with service.client() as c:
+        st = c.get(f"/v1/streams/{sid}").json()
+        assert st["frames"] == len(frames) and st["dropped"] == 0 and st["lag_s"] is not None
+
+
 def test_websocket_webm_byte_stream(service):
     """format webm: MediaRecorder-style chunks of one VP8 WebM stream, demuxed as they come."""
     import asyncio
