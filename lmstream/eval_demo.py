@@ -50,7 +50,7 @@ QUICK_VIDEOS = {"60s": 2, "10min": 1, "3h": 0}
 LONG_FAMILIES = ("colour", "shape", "exists", "count", "order", "when")
 TARGETS = {  # the issue's targets: (tier, family, policy) -> minimum accuracy
     ("60s", "colour", "exact"): 0.9, ("60s", "shape", "exact"): 0.9, ("60s", "exists", "exact"): 0.9,
-    ("60s", "count", "exact"): 0.7, ("60s", "order", "exact"): 0.7, ("3h", "needle", "exact"): 0.8,
+    ("60s", "count", "exact"): 0.8, ("60s", "order", "exact"): 0.8, ("3h", "needle", "exact"): 0.8,
 }
 
 
@@ -124,10 +124,36 @@ class Tally:
     def __init__(self):
         self.rows: dict[tuple[str, str, str], list[int]] = {}
         self.examples: list[dict] = []
+        self.asked: dict[tuple[str, str], list] = {}       # (tier, family) -> the QAs, once each
 
     def add(self, tier, family, policy, ok, record):
         self.rows.setdefault((tier, family, policy), []).append(int(ok))
         self.examples.append(record)
+
+    def ask(self, tier, family, qa):
+        self.asked.setdefault((tier, family), []).append(qa)
+
+
+def blind_baseline(qas) -> dict:
+    """The best video-blind rule for a set of questions of one family: always the most frequent
+    answer, or (questions naming two options, "order") always the first or always the second
+    named. Chosen with the answers in hand, so no rule that reads only the question text and
+    answers the same way for every question does better."""
+    from stream.synthetic import normalize_answer, score
+    counts: dict[str, int] = {}
+    for qa in qas:
+        key = " ".join(normalize_answer(qa.answer))
+        counts[key] = counts.get(key, 0) + 1
+    best_answer, best = max(counts.items(), key=lambda kv: (kv[1], kv[0]))
+    rule = f"always {best_answer!r}"
+    opts = [qa.choices for qa in qas if qa.choices and len(qa.choices) == 2 and qa.family == "order"]
+    if opts and len(opts) == len(qas):
+        for pos, name in ((0, "always the first named"), (1, "always the second named")):
+            n = sum(bool(score(qa, qa.choices[pos])) for qa in qas)
+            if n > best:
+                best, rule = n, name
+    return {"accuracy": round(best / len(qas), 4), "n": len(qas), "rule": rule,
+            "answers": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
 
 
 def answer(m, states, qa, policy: str, max_new_tokens: int):
@@ -144,6 +170,7 @@ def answer(m, states, qa, policy: str, max_new_tokens: int):
 def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing, label="", verbose=False):
     for qa in qas:
         fam = family_of(qa)
+        tally.ask(tier, fam, qa)
         for pol in policies:
             text, ok, dt = answer(m, states, qa, pol, max_new_tokens)
             timing.setdefault(f"{tier}/{pol}", []).append(dt)
@@ -168,7 +195,7 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
     from model import LlavaMini
-    from stream.synthetic import COLOUR_NAMES, QA, _T_EXISTS, _article, make_scene, questions
+    from stream.synthetic import COLOUR_NAMES, MAX_OBJECTS, QA, _T_EXISTS, _article, make_scene, questions
 
     t_all = time.perf_counter()
     torch.set_grad_enabled(False)
@@ -205,14 +232,18 @@ def _run(args) -> int:
         for i in range(n):
             seed = base + list(TIERS).index(tier) * 100_000 + i     # 60s: +0, 10min: +1e5, 3h: +2e5
             long_tier = tier != "60s"
+            # balanced answers: the object count cycles 1..5, needle / no needle alternate (60 s), and
+            # the yes/no and which-is-first polarities alternate over the videos of a tier
+            knobs = {"n_objects": 1 + (i // 2) % MAX_OBJECTS}
+            pol = {"exists": (i // 2) % 2 == 0, "collide": i % 4 in (0, 3), "order": (i // 4) % 2 == 0}
             if long_tier:
-                spec = make_scene(seed, dur, needle=False)
+                spec = make_scene(seed, dur, needle=False, **knobs)
                 states, info = encode_rendered(m, spec, progress=args.progress)
-                qas = [q for q in questions(spec, per_family=1) if q.family in LONG_FAMILIES]
+                qas = [q for q in questions(spec, per_family=1, polarity=pol) if q.family in LONG_FAMILIES]
             else:
-                spec = make_scene(seed, dur, needle=bool(i % 2 == 0))
+                spec = make_scene(seed, dur, needle=bool(i % 2 == 0), **knobs)
                 states, info = encode_file(m, spec, tmp)
-                qas = questions(spec, per_family=1)
+                qas = questions(spec, per_family=1, polarity=pol)
             if args.quick:
                 qas = qas[:6]
             info.update({"tier": tier, "seed": seed, "objects": len(spec.objects),
@@ -281,6 +312,14 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
             allv = [x for (t, f, p), v in tally.rows.items() if t == tier and p == pol for x in v]
             if allv:
                 acc[tier][pol]["all"] = {"accuracy": round(sum(allv) / len(allv), 4), "n": len(allv)}
+    blind: dict = {}
+    for tier in tiers:
+        per = {f: blind_baseline(q) for (t, f), q in tally.asked.items() if t == tier and q}
+        allq = [q for (t, f), qs in tally.asked.items() if t == tier for q in qs]
+        if per:
+            per["all"] = {"accuracy": round(sum(v["accuracy"] * v["n"] for v in per.values()) / len(allq), 4),
+                          "n": len(allq), "rule": "each family's own rule"}
+        blind[tier] = per
     targets = []
     for (tier, fam, pol), need in TARGETS.items():
         got = acc.get(tier, {}).get(pol, {}).get(fam)
@@ -297,7 +336,7 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
         "videos": {t: sum(1 for v in videos_info if v["tier"] == t) for t in tiers},
         "questions": {t: sum(len(v) for (tt, _, p), v in tally.rows.items() if tt == t and p == policies[0])
                       for t in tiers},
-        "accuracy": acc, "targets": targets,
+        "accuracy": acc, "blind_baseline": blind, "targets": targets,
         "seconds_per_answer": {k: round(float(np.mean(v)), 4) for k, v in timing.items()},
         "video_details": videos_info, "wall_s": round(time.perf_counter() - t_all, 1),
         "answers": tally.examples if args.answers else None,
@@ -312,8 +351,9 @@ def _fam_order(f):
 
 
 def render_table(r: dict) -> str:
-    """Markdown: one row per family, one column per tier x policy (accuracy % and n)."""
-    cols = [(t, p) for t in r["tiers"] for p in r["policies"]]
+    """Markdown: one row per family, one column per tier x policy (accuracy % and n), and per tier
+    the video-blind baseline (the best constant answer or option position for that family)."""
+    cols = [(t, p) for t in r["tiers"] for p in list(r["policies"]) + ["blind"]]
     fams = []
     for t, p in cols:
         for f in r["accuracy"].get(t, {}).get(p, {}):
@@ -325,13 +365,18 @@ def render_table(r: dict) -> str:
     for f in fams:
         cells = []
         for t, p in cols:
-            c = r["accuracy"].get(t, {}).get(p, {}).get(f)
+            if p == "blind":
+                c = r.get("blind_baseline", {}).get(t, {}).get(f)
+            else:
+                c = r["accuracy"].get(t, {}).get(p, {}).get(f)
             cells.append("-" if c is None else f"{100 * c['accuracy']:.0f} % ({c['n']})")
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
     out = ["", f"model {r['model']} ({r['parameters'] / 1e6:.2f} M parameters with the CLIP tower used, "
                f"{r['device']}, {r['dtype']}); "
                f"videos {r['videos']}; questions {r['questions']}; wall {r['wall_s']:.0f} s", ""] + lines
     out.append("")
+    out.append("blind: the best video-blind rule per family (always its most frequent answer, or for order "
+               "always the first or the second named), chosen with the answers in hand")
     for tg in r["targets"]:
         if tg["accuracy"] is None:
             continue

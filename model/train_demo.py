@@ -1,6 +1,8 @@
 """Train the demo LLaVA-Mini on synthetic videos (LLaVA-Mini's recipe in miniature).
 
-    python -m model.train_demo --out checkpoints/demo --seed 0            # ~30 min on 2 CPU cores
+    python -m model.train_demo --out DIR0 --seed 0                        # from scratch, ~30 min on 2 CPU cores
+    python -m model.train_demo --out checkpoints/demo --seed 0 --init-from DIR0 --vision-steps 0 \
+        --steps 2500 --stage1 0.1 --lr 1e-3 --warmup 30 --ema 0.995 --threads 1   # the committed one
     python -m model.train_demo --out /tmp/d --vision-steps 20 --steps 20  # a smoke run
 
 What it builds (the released design at toy sizes, `model/tiny.py` layout):
@@ -45,7 +47,20 @@ Recipe (LLaVA-Mini's in miniature; the real CLIP comes pretrained, ours is pretr
            Without it the randomly initialised LLM never learned to read the single vision token
            within the budget (measured: colour of a lone object at chance after 300 steps; with
            it 89 %).
-AdamW, linear warm-up, cosine decay, gradient clipping at 1. Data are a pure function of
+  binding (stages 1-2, --bind): training-only linear read-outs (dropped when saving, like stage 0's
+           heads) hold the model to what colour, shape and existence questions need, the (kind,
+           colour) pair, not colours and kinds apart: the frame token must name the pairs its frame
+           shows, and each frame row after --bind-layer LLM layers the pairs shown so far and how
+           many objects so far (what "is there", "which appeared first" and "how many" read).
+  data     "is there a <colour> <kind>?" negatives are mostly hard (a shown kind in another shown
+           colour, 60 %); half the instruct clips are whole 60 s videos; 10 % of the colour, shape,
+           exists and count questions are asked in other everyday phrasings ("how many objects?",
+           "count the objects.", "does the video show a red circle?", ...); the tokenizer maps
+           "color" to "colour".
+  warm start (--init-from DIR --vision-steps 0): every matching weight of an earlier demo
+           checkpoint, the vision tower included, new words' embeddings fresh.
+AdamW, linear warm-up, cosine decay, gradient clipping at 1; --ema saves an exponential moving
+average of the weights; --save-every writes the checkpoint and the log every N steps. Data are a pure function of
 (--seed, step): scene seeds are drawn below 10**6 (evaluation uses 10**9 + i). Deterministic
 for a seed on one device and thread count (`torch.use_deterministic_algorithms`).
 `--minutes` is a guard: if the wall clock runs out first, training stops, saves and says so.
@@ -121,7 +136,8 @@ def _name(kind: str, colour: str) -> str:
 
 
 def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generator, *,
-                   contiguous: bool, families: tuple[str, ...], caption: bool = False) -> list[QA]:
+                   contiguous: bool, families: tuple[str, ...], caption: bool = False,
+                   paraphrase: float = 0.0) -> list[QA]:
     """Questions whose answers are what the given frames (in order) show, with the templates of
     `stream.synthetic.questions`. `contiguous`: the frames are a 1-fps video from its start
     (frame index == second), so "when" questions make sense."""
@@ -180,7 +196,9 @@ def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generat
                 ans = "yes"
             else:
                 absent = [(k, c) for k in S.KINDS for c in S.COLOUR_NAMES if (k, c) not in held]
-                k, c = pick(absent)
+                # hard negatives: mostly a shown kind in another shown colour (the binding itself)
+                near = [(k, c) for (k, c) in absent if any(k == hk for hk, _ in held) and any(c == hc for _, hc in held)]
+                k, c = pick(near if near and rng.random() < 0.6 else absent)
                 ans = "no"
             add(fam, S._T_EXISTS.format(article=S._article(c), colour=c, kind=k), ans)
         elif fam == "count" and present:
@@ -231,7 +249,39 @@ def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generat
                     i, j = j, i
                 add(fam, S._T_COLLIDE.format(a=_name(objs[i].kind, first_colour[i]),
                                              b=_name(objs[j].kind, first_colour[j])), ans)
+    if paraphrase:
+        for q in out:
+            if rng.random() < paraphrase:
+                q.question = rephrase(q, rng)
     return out
+
+
+# ordinary phrasings users type (training only; the evaluation asks the templates). "color" is
+# mapped to "colour" by the tokenizer's normalizer; these add words the templates lack.
+PARAPHRASES = {
+    "count": ["count the objects.", "what is the number of objects?", "how many objects does the video show?",
+              "how many objects?"],
+    "colour": ["which colour is the {kind}?", "what is the colour of the {kind}?"],
+    "shape": ["which shape is the {colour} object?", "what kind of shape is the {colour} object?"],
+    "exists": ["does the video show {article} {colour} {kind}?", "is there {article} {colour} {kind} in the video?"],
+}
+PARAPHRASE_RATE = 0.1
+PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
+
+
+def rephrase(q: QA, rng: np.random.Generator) -> str:
+    fam = "exists" if q.family == "needle" and q.question.startswith("is there") else q.family
+    if fam not in PARAPHRASES:
+        return q.question
+    w = S.tokenize_words(q.question)
+    tpl = PARAPHRASES[fam][int(rng.integers(len(PARAPHRASES[fam])))]
+    if fam == "colour":
+        return tpl.format(kind=w[-1])
+    if fam == "shape":
+        return tpl.format(colour=w[-2])
+    if fam == "exists":
+        return tpl.format(article=w[2], colour=w[3], kind=w[4])
+    return tpl
 
 
 def sparse_sample(rng, max_objects: int | None = None, max_frames: int = 6) -> Sample:
@@ -247,24 +297,25 @@ def sparse_sample(rng, max_objects: int | None = None, max_frames: int = 6) -> S
         times[int(rng.integers(len(times)))] = float(rng.integers(int(n.t_appear), int(n.t_leave)))
         times = sorted(set(times))
     fams = ("caption", "colour", "shape", "exists", "exists", "needle", "count", "order")
-    qas = clip_questions(spec, times, rng, contiguous=False, families=fams, caption=True)
+    qas = clip_questions(spec, times, rng, contiguous=False, families=fams, caption=True, paraphrase=PARAPHRASE_RATE)
     return Sample(spec, times, [1] * len(times), qas, "sparse")
 
 
 def clip_sample(rng, max_frames: int = 64) -> Sample:
     r = rng.random()
-    if r < 0.4:
+    if r < 0.5:
         d, T, start = 60, 60, 0                                  # the evaluation's 60 s videos
     else:
         d = int(rng.integers(10, 151))
         T = int(rng.integers(8, min(d, max_frames) + 1))
-        start = int(rng.integers(0, d - T + 1)) if r < 0.75 else 0
+        start = int(rng.integers(0, d - T + 1)) if r < 0.8 else 0
     spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
     T = min(T, spec.n_frames - start)
     times = [float(start + i) for i in range(T)]
     fams = ("colour", "shape", "exists", "exists", "count", "count", "order", "order", "when", "needle",
             "change", "collide")
-    qas = clip_questions(spec, times, rng, contiguous=True, families=fams, caption=rng.random() < 0.2)
+    qas = clip_questions(spec, times, rng, contiguous=True, families=fams, caption=rng.random() < 0.2,
+                         paraphrase=PARAPHRASE_RATE)
     return Sample(spec, times, [1] * T, qas, "clip")
 
 
@@ -336,7 +387,11 @@ def build(out: Path, a) -> tuple[LlavaMiniNet, VisionTower, LlavaMiniConfig, obj
     from transformers import CLIPVisionConfig, CLIPVisionModel
     from .checkpoint import load_tokenizer
     out.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(out, S.vocabulary() + ["and", "star"])
+    vocab = build_tokenizer(out, S.vocabulary() + ["and", "star"] + PARAPHRASE_WORDS)
+    from tokenizers import Tokenizer, normalizers
+    t = Tokenizer.from_file(str(out / "tokenizer.json"))        # "color" is "colour" to this model
+    t.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("color", "colour")])
+    t.save(str(out / "tokenizer.json"))
     tok = load_tokenizer(out)
     eos = [vocab["<|eot_id|>"], vocab["<|end_of_text|>"]]
     cfgd = tiny_config(len(vocab), hidden=a.hidden, layers=a.layers, heads=a.heads, kv_heads=a.kv_heads,
@@ -409,6 +464,25 @@ class Trainer:
                 out[k, self.aux_words.index(colour)] = 1
         return out.to(self.device)
 
+    def frame_pairs(self, spec: S.SceneSpec, times: list[float]):
+        """Binding targets per frame (training only): (K, 35) the (kind, colour) pairs the frame
+        shows, (K, 35) the pairs shown by this or any earlier frame of the sample, (K,) how many
+        distinct objects (the needle not counted) this and the earlier frames showed."""
+        K = len(times)
+        now = torch.zeros(K, N_PAIRS)
+        seen_objs: set[int] = set()
+        cnt = torch.zeros(K, dtype=torch.long)
+        for k, t in enumerate(times):
+            for i in S.visible_objects(spec, t):
+                o = spec.objects[i]
+                now[k, pair_index(o.kind, o.colour_at(t))] = 1
+                seen_objs.add(i)
+            if spec.needle is not None and spec.needle.visible(t):
+                now[k, pair_index("star", spec.needle.colour)] = 1
+            cnt[k] = min(len(seen_objs), S.MAX_OBJECTS)
+        cum = torch.cummax(now, 0).values
+        return now.to(self.device), cum.to(self.device), cnt.to(self.device)
+
     # -- token ids -------------------------------------------------------------------------------
     def question_rows(self, question: str) -> list[int]:
         """Prompt ids after the placeholder (the question's own rows), cached per question text."""
@@ -441,7 +515,8 @@ class Trainer:
 
     # -- one video, all its questions -------------------------------------------------------------
     def video_loss(self, tokens, ks, vs, prefix_out, reps: torch.Tensor, qas: list[QA], *,
-                   frame_grad: bool = True, frame_words: torch.Tensor | None = None, aux: list | None = None):
+                   frame_grad: bool = True, frame_words: torch.Tensor | None = None, aux: list | None = None,
+                   pairs=None, heads=None, bind: list | None = None):
         """Summed cross-entropy over the answer tokens of `qas`, the number of target tokens, and
         per-question (family, first-token correct)."""
         m, dev = self.net.model, self.device
@@ -457,15 +532,29 @@ class Trainer:
         with torch.set_grad_enabled(frame_grad and torch.is_grad_enabled()):
             cos, sin = self.net.rotary(torch.arange(N0, device=dev), base.dtype)
             h, bk, bv = base, [], []
-            for layer in m.layers:
+            want_bind = pairs is not None and heads is not None and bind is not None and torch.is_grad_enabled()
+            r = reps.to(dev)
+            idx = pre.shape[0] + torch.cumsum(r, 0) - r                     # each distinct frame's first row
+            for li, layer in enumerate(m.layers):
                 h, k, v = layer.full(h, cos, sin)
                 bk.append(k)
                 bv.append(v)
+                if want_bind and li + 1 == heads.layer:
+                    # binding (training only): after `heads.layer` LLM layers each frame row holds
+                    # the (kind, colour) pairs seen so far and how many objects, for the question
+                    # rows' later layers to read
+                    hh = _rms(h[0, idx]).float()
+                    cum_loss = F.binary_cross_entropy_with_logits(heads.cum(hh), pairs[1], reduction="sum") \
+                        + F.cross_entropy(heads.cnt(hh), pairs[2], reduction="sum")
+            if want_bind:
+                # the frame token itself names the (kind, colour) pairs its frame shows
+                now_loss = F.binary_cross_entropy_with_logits(heads.now(_rms(tokens.reshape(K, -1)).float()),
+                                                              pairs[0], reduction="sum")
+                bind.append(now_loss + cum_loss)
+                bind.append(K)
             if frame_words is not None and aux is not None and torch.is_grad_enabled():
                 # auxiliary (training only; the outputs at frame rows are unused at inference):
                 # each frame row's own LLM output names the colours and kinds it shows
-                r = reps.to(dev)
-                idx = pre.shape[0] + torch.cumsum(r, 0) - r
                 fl = self.net.lm_head(m.norm(h[0, idx]))[:, self.aux_ids].float()
                 aux.append(F.binary_cross_entropy_with_logits(fl, frame_words, reduction="sum") / fl.shape[1])
                 aux.append(fl.shape[0])        # question rows, padded; fused with every distinct frame
@@ -564,6 +653,28 @@ def _train_logits(trainer: Trainer, tokens, ks, vs, po, qa: QA) -> torch.Tensor:
 # =========================================================================== stage 0: vision
 N_COLOURS = len(S.COLOUR_NAMES)
 N_CLASSES = 1 + len(S.ALL_KINDS) * N_COLOURS          # background + (kind incl. star) x colour
+N_PAIRS = N_CLASSES - 1                                # (kind incl. star, colour)
+
+
+def pair_index(kind: str, colour: str) -> int:
+    return S.ALL_KINDS.index(kind) * N_COLOURS + S.COLOUR_NAMES.index(colour)
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+class BindHeads(torch.nn.Module):
+    """Training-only linear read-outs (dropped when saving, like stage 0's heads): `now` on the
+    frame token (pairs in the frame), `cum` and `cnt` on the frame rows after `layer` LLM layers
+    (pairs seen so far, objects seen so far)."""
+
+    def __init__(self, hidden: int, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.now = torch.nn.Linear(hidden, N_PAIRS)
+        self.cum = torch.nn.Linear(hidden, N_PAIRS)
+        self.cnt = torch.nn.Linear(hidden, S.MAX_OBJECTS + 1)
 
 
 def frame_labels(spec: S.SceneSpec, t: float, patch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -696,6 +807,46 @@ def save_checkpoint(out: Path, net: LlavaMiniNet, vision: VisionTower, cfgd: dic
         "do_normalize": True, "do_resize": True, "image_processor_type": "CLIPImageProcessor"}, indent=1))
 
 
+def init_from(src: Path, net: LlavaMiniNet, vision: VisionTower, all_layers, tok) -> dict:
+    """Warm start from a trained demo checkpoint: every weight whose name and shape match, the
+    vision tower included; token embeddings and the LM head row by row for the words both
+    vocabularies hold (new words keep their fresh initialisation)."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+    from transformers import CLIPVisionModel
+    clip = CLIPVisionModel.from_pretrained(str(src / "clip-vision"))
+    enc = getattr(vision.clip, "vision_model", vision.clip).encoder
+    used = enc.layers
+    enc.layers = all_layers
+    vision.clip.load_state_dict(clip.state_dict())
+    enc.layers = used
+    sd = load_file(str(src / "model.safetensors"))
+    old_vocab = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab()
+    new_vocab = tok.get_vocab()
+    rows = [(new_vocab[w], i) for w, i in old_vocab.items() if w in new_vocab]
+    own = net.state_dict()
+    copied, skipped = 0, []
+    with torch.no_grad():
+        for k, v in sd.items():
+            if k not in own:
+                skipped.append(k)
+            elif k in ("model.embed_tokens.weight", "lm_head.weight"):
+                dst, srcr = zip(*rows)
+                own[k][list(dst)] = v[list(srcr)].to(own[k].dtype)
+                copied += 1
+            elif own[k].shape == v.shape:
+                own[k].copy_(v)
+                copied += 1
+            else:
+                skipped.append(k)
+    net.model.compressor.invalidate()
+    sha = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()[:16]
+    say(f"[train_demo] warm start from {src} (model.safetensors sha256 {sha}): {copied} tensors, "
+        f"{len(rows)} of {len(new_vocab)} token rows, skipped {skipped}")
+    return {"from": str(src), "model_safetensors_sha256_16": sha, "tensors": copied,
+            "token_rows": len(rows), "skipped": skipped}
+
+
 def state_hash(net: LlavaMiniNet, vision: VisionTower) -> str:
     h = hashlib.sha256()
     for mod in (net, vision):
@@ -706,7 +857,7 @@ def state_hash(net: LlavaMiniNet, vision: VisionTower) -> str:
 
 
 # =========================================================================== training
-def make_step(step: int, steps: int, seed: int, a_stage1: float = 0.3) -> list[Sample]:
+def make_step(step: int, steps: int, seed: int, a_stage1: float = 0.3, long_every: int = 3) -> list[Sample]:
     rng = np.random.default_rng([seed, 0xDA7A, step])
     f = step / max(1, steps)
     if f < a_stage1:
@@ -716,7 +867,7 @@ def make_step(step: int, steps: int, seed: int, a_stage1: float = 0.3) -> list[S
             s.codec = bool(rng.random() < 0.5)
         return [s for s in out if s.qas]
     out = [sparse_sample(rng) for _ in range(2)]
-    if step % 3 == 0:
+    if step % long_every == 0:
         length = int(300 + (3000 - 300) * min(1.0, (f - a_stage1) / (0.85 - a_stage1)))
         length = int(rng.integers(length // 2, length + 1))
         out.append(long_sample(rng, length))
@@ -755,6 +906,18 @@ def parse_args(argv):
     ap.add_argument("--act-penalty", type=float, default=0.01, help="stage 0: weight of mean(feature^2)")
     ap.add_argument("--aux", type=float, default=1.0,
                     help="weight of the auxiliary loss: each frame row's LLM output names what the frame shows")
+    ap.add_argument("--bind", type=float, default=0.2,
+                    help="weight of the binding loss: (kind, colour) pairs per frame token, pairs and objects "
+                         "seen so far after --bind-layer LLM layers (0: off)")
+    ap.add_argument("--bind-layer", type=int, default=2)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="warm start: every matching weight of this demo checkpoint (the vision tower too); "
+                         "use with --vision-steps 0")
+    ap.add_argument("--long-every", type=int, default=3, help="stage 2: a long pseudo-video every N steps")
+    ap.add_argument("--ema", type=float, default=0.0,
+                    help="save an exponential moving average of the weights with this decay (0: the weights)")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also save the checkpoint (and the log so far) every N steps")
     ap.add_argument("--stage1", type=float, default=0.3, help="fraction of --steps in stage 1 (align)")
     ap.add_argument("--train-vision", action="store_true",
                     help="keep training the CLIP tower after stage 0 (LLaVA-Mini keeps it frozen)")
@@ -782,9 +945,12 @@ def main(argv=None) -> int:
     net, vision, cfg, tok, cfgd, all_layers = build(out, a)
     net.to(dev).train()
     vision.to(dev).train()
+    warm = init_from(a.init_from, net, vision, all_layers, tok) if a.init_from is not None else None
     net.model.compressor.pos_embed.requires_grad_(False)
     trainer = Trainer(net, vision, cfg, tok, dev)
-    params = [p for p in list(net.parameters()) + list(vision.parameters()) if p.requires_grad]
+    heads = BindHeads(cfg.hidden_size, a.bind_layer).to(dev) if a.bind else None
+    extra = list(heads.parameters()) if heads is not None else []
+    params = [p for p in list(net.parameters()) + list(vision.parameters()) + extra if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
@@ -821,17 +987,55 @@ def main(argv=None) -> int:
     fam_hist: dict[str, list[int]] = {}
     stopped_early = False
     step = 0
+    averaged = {k: v.detach().clone() for k, v in net.state_dict().items()} if a.ema else None
+
+    def write_out(steps_done: int, stopped_early: bool, final: bool) -> None:
+        """Save the checkpoint (the averaged weights with --ema) and the log so far."""
+        wall = time.perf_counter() - t_start
+        was = net.training
+        net.eval()
+        vision.eval()
+        live = None
+        if averaged is not None:
+            live = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            net.load_state_dict(averaged)
+        save_checkpoint(out, net, vision, cfgd, all_layers, a)
+        vision.to(dev)
+        log.update({"steps_done": steps_done, "stopped_early": stopped_early, "final": final,
+                    "wall_time_s": round(wall, 1), "train_loop_s": round(time.perf_counter() - t_loop, 1),
+                    "final_loss_ema": round(ema, 4) if ema is not None else None,
+                    "saved_weights": f"exponential moving average, decay {a.ema}" if a.ema else "last step",
+                    "warm_start": warm,
+                    "family_first_token_acc": {f: round(float(np.mean(v[-300:])), 3) for f, v in sorted(fam_hist.items())},
+                    "scene_seeds": {"count": len(seeds_used), "distinct": len(set(seeds_used)),
+                                    "min": int(min(seeds_used)) if seeds_used else None,
+                                    "max": int(max(seeds_used)) if seeds_used else None,
+                                    "sha256": hashlib.sha256(np.array(seeds_used, dtype=np.int64).tobytes()).hexdigest()[:16]},
+                    "weights_sha256_16": state_hash(net, vision), "torch": torch.__version__,
+                    "machine": {"cpus": os.cpu_count(), "platform": sys.platform}})
+        (out / "training_log.json").write_text(json.dumps(log, indent=1))
+        say(f"[train_demo] saved {out}  steps {steps_done}  wall {wall / 60:.1f} min  "
+            f"loss_ema {ema}  weights {log['weights_sha256_16']}" + ("  (stopped by --minutes)" if stopped_early else "")
+            + ("" if final else "  (snapshot)"))
+        if live is not None:
+            net.load_state_dict(live)
+        net.train(was)
+        if was and not a.train_vision:
+            vision.eval()
+        elif was:
+            vision.train()
+
     t_loop = time.perf_counter()
     for step in range(a.steps):
         if time.perf_counter() - t_start > a.minutes * 60:
             stopped_early = True
             break
-        samples = make_step(step, a.steps, a.seed, a.stage1)
+        samples = make_step(step, a.steps, a.seed, a.stage1, a.long_every)
         seeds_used.extend(s.spec.seed for s in samples)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
         grad_samples = [s for s in samples if s.kind != "long"]
-        total, ntok, results, aux = 0.0, 0, [], []
+        total, ntok, results, aux, bind = 0.0, 0, [], [], []
         if grad_samples:
             px = preprocess(np.concatenate([render(s) for s in grad_samples]), a.image_size).to(dev)
             tokens, ks, vs, po = trainer.encode(px)
@@ -842,7 +1046,9 @@ def main(argv=None) -> int:
                 o += K
                 l, n, r = trainer.video_loss(tokens[sl], [k[sl] for k in ks], [v[sl] for v in vs], po[sl],
                                              torch.tensor(s.reps), s.qas, aux=aux,
-                                             frame_words=trainer.frame_words(s.spec, s.times) if a.aux else None)
+                                             frame_words=trainer.frame_words(s.spec, s.times) if a.aux else None,
+                                             pairs=trainer.frame_pairs(s.spec, s.times) if heads is not None else None,
+                                             heads=heads, bind=bind)
                 total, ntok, results = total + l, ntok + n, results + r
         for s in samples:
             if s.kind != "long":
@@ -854,10 +1060,22 @@ def main(argv=None) -> int:
             total, ntok, results = total + l, ntok + n, results + r
         loss = total / max(1, ntok)
         aux_loss = sum(aux[0::2]) / max(1, sum(aux[1::2])) if aux else None
+        bind_loss = sum(bind[0::2]) / max(1, sum(bind[1::2])) if bind else None
         opt.zero_grad(set_to_none=True)
-        (loss + a.aux * aux_loss if aux_loss is not None else loss).backward()
+        objective = loss
+        if aux_loss is not None:
+            objective = objective + a.aux * aux_loss
+        if bind_loss is not None:
+            objective = objective + a.bind * bind_loss
+        objective.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if averaged is not None:
+            with torch.no_grad():
+                d = min(a.ema, (1 + step) / (10 + step))
+                for k, v in net.state_dict().items():
+                    if v.is_floating_point():
+                        averaged[k].mul_(d).add_(v.detach(), alpha=1 - d)
         lv = float(loss.detach())
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         for fam, ok in results:
@@ -867,30 +1085,16 @@ def main(argv=None) -> int:
             recent = {f: round(float(np.mean(v[-200:])), 3) for f, v in sorted(fam_hist.items())}
             log["curve"].append({"step": step, "loss": round(lv, 4), "loss_ema": round(ema, 4),
                                  "aux_loss": None if aux_loss is None else round(float(aux_loss.detach()), 4),
+                                 "bind_loss": None if bind_loss is None else round(float(bind_loss.detach()), 4),
                                  "lr": round(opt.param_groups[0]["lr"], 6), "grad_norm": round(float(gn), 3),
                                  "elapsed_s": round(el, 1), "first_token_acc": recent})
             acc = " ".join(f"{f}={v:.2f}" for f, v in recent.items())
             say(f"[train_demo] step {step:5d}/{a.steps} loss {lv:.4f} ema {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"gn {float(gn):.2f} aux {float(aux_loss.detach()) if aux_loss is not None else 0:.3f} {el / 60:5.1f} min | {acc}")
+                  f"gn {float(gn):.2f} aux {float(aux_loss.detach()) if aux_loss is not None else 0:.3f} bind {float(bind_loss.detach()) if bind_loss is not None else 0:.2f} {el / 60:5.1f} min | {acc}")
+        if a.save_every and step and step % a.save_every == 0 and step != a.steps - 1:
+            write_out(step + 1, False, final=False)
     steps_done = step + (0 if stopped_early or a.steps == 0 else 1)
-    wall = time.perf_counter() - t_start
-    net.eval()
-    vision.eval()
-    save_checkpoint(out, net.cpu(), vision.cpu(), cfgd, all_layers, a)
-    log.update({"steps_done": steps_done, "stopped_early": stopped_early, "wall_time_s": round(wall, 1),
-                "train_loop_s": round(time.perf_counter() - t_loop, 1),
-                "final_loss_ema": round(ema, 4) if ema is not None else None,
-                "family_first_token_acc": {f: round(float(np.mean(v[-300:])), 3) for f, v in sorted(fam_hist.items())},
-                "scene_seeds": {"count": len(seeds_used), "distinct": len(set(seeds_used)),
-                                "min": int(min(seeds_used)) if seeds_used else None,
-                                "max": int(max(seeds_used)) if seeds_used else None,
-                                "sha256": hashlib.sha256(np.array(seeds_used, dtype=np.int64).tobytes()).hexdigest()[:16]},
-                "weights_sha256_16": state_hash(net, vision), "torch": torch.__version__,
-                "machine": {"cpus": os.cpu_count(), "platform": sys.platform}})
-    (out / "training_log.json").write_text(json.dumps(log, indent=1))
-    say(f"[train_demo] saved {out}  steps {steps_done}  wall {wall / 60:.1f} min  "
-          f"loss_ema {ema}  weights {log['weights_sha256_16']}" + ("  (stopped by --minutes)" if stopped_early else ""),
-          )
+    write_out(steps_done, stopped_early, final=True)
     return 0
 
 

@@ -905,9 +905,16 @@ def _default_rng(spec: SceneSpec) -> np.random.Generator:
 
 def questions(spec: SceneSpec, rng: np.random.Generator | None = None,
               families: Sequence[str] | None = None, per_family: int = 1,
-              when_tolerance_s: float = WHEN_TOLERANCE_S) -> list[QA]:
+              when_tolerance_s: float = WHEN_TOLERANCE_S,
+              polarity: dict[str, bool] | None = None) -> list[QA]:
     """Ground-truth questions about ``spec``: up to ``per_family`` per family (in
-    `FAMILIES` order; families not applicable to the video are skipped)."""
+    `FAMILIES` order; families not applicable to the video are skipped).
+
+    ``polarity`` fixes what a fair coin otherwise draws, so that an evaluation can balance its
+    answers exactly: ``{"exists": True}`` asks about a present pair ("yes"), ``{"collide": False}``
+    about a pair that never collides ("no"), ``{"order": True}`` names the earlier object first.
+    The coin is still drawn, so the other questions are the same either way."""
+    polarity = polarity or {}
     rng = _default_rng(spec) if rng is None else rng
     fams = FAMILIES if families is None else tuple(families)
     bad = set(fams) - set(FAMILIES)
@@ -951,6 +958,7 @@ def questions(spec: SceneSpec, rng: np.random.Generator | None = None,
                 qa(fam, _T_SHAPE.format(colour=c), objs[i].kind, list(KINDS), objects=[i])
             elif fam == "exists":
                 want_yes = bool(rng.random() < 0.5)
+                want_yes = polarity.get(fam, want_yes)
                 if want_yes:
                     kd, c = pick(sorted(held))
                 else:
@@ -968,6 +976,8 @@ def questions(spec: SceneSpec, rng: np.random.Generator | None = None,
                 if not pairs:
                     break
                 i, j = pick(pairs)       # listed as (i, j): i first in the sentence
+                if fam in polarity and (objs[i].t_appear < objs[j].t_appear) != polarity[fam]:
+                    i, j = j, i
                 first = i if objs[i].t_appear < objs[j].t_appear else j
                 qa(fam, _T_ORDER.format(a=objs[i].name, b=objs[j].name), objs[first].name,
                    [objs[i].name, objs[j].name], objects=[i, j])
@@ -1004,6 +1014,7 @@ def questions(spec: SceneSpec, rng: np.random.Generator | None = None,
             elif fam == "collide":
                 hit = sorted({e.objects for e in spec.events if e.kind == "collide"})
                 want_yes = bool(rng.random() < 0.5)
+                want_yes = polarity.get(fam, want_yes)
                 if want_yes:
                     cands = hit
                 else:
