@@ -1,8 +1,9 @@
 """Train the demo LLaVA-Mini on synthetic videos (LLaVA-Mini's recipe in miniature).
 
-    python -m model.train_demo --out DIR0 --seed 0                        # from scratch, ~30 min on 2 CPU cores
-    python -m model.train_demo --out checkpoints/demo --seed 0 --init-from DIR0 --vision-steps 0 \
-        --steps 2500 --stage1 0.1 --lr 1e-3 --warmup 30 --ema 0.995 --threads 1   # the committed one
+    python -m model.train_demo --out checkpoints/demo --seed 0            # the committed one, ~32 min on 2 CPU cores
+    python -m model.train_demo --out DIR --seed 0 --init-from checkpoints/demo --vision-steps 0 \
+        --steps 1100 --stage1 0.05 --lr 5e-4 --warmup 20 --bind 0.2 --hard-negatives 0.6 \
+        --paraphrase 0.1 --whole-videos 0.5 --long-every 4 --ema 0.99   # issue 11's levers (docs/demo.md)
     python -m model.train_demo --out /tmp/d --vision-steps 20 --steps 20  # a smoke run
 
 What it builds (the released design at toy sizes, `model/tiny.py` layout):
@@ -47,16 +48,19 @@ Recipe (LLaVA-Mini's in miniature; the real CLIP comes pretrained, ours is pretr
            Without it the randomly initialised LLM never learned to read the single vision token
            within the budget (measured: colour of a lone object at chance after 300 steps; with
            it 89 %).
+Issue 11's levers, all off by default so that the command above still reproduces the committed
+checkpoint (measured in docs/demo.md; none beat it within the CPU time it had):
   binding (stages 1-2, --bind): training-only linear read-outs (dropped when saving, like stage 0's
            heads) hold the model to what colour, shape and existence questions need, the (kind,
            colour) pair, not colours and kinds apart: the frame token must name the pairs its frame
            shows, and each frame row after --bind-layer LLM layers the pairs shown so far and how
            many objects so far (what "is there", "which appeared first" and "how many" read).
-  data     "is there a <colour> <kind>?" negatives are mostly hard (a shown kind in another shown
-           colour, 60 %); half the instruct clips are whole 60 s videos; 10 % of the colour, shape,
-           exists and count questions are asked in other everyday phrasings ("how many objects?",
-           "count the objects.", "does the video show a red circle?", ...); the tokenizer maps
-           "color" to "colour".
+  data     --hard-negatives: that share of the "is there a <colour> <kind>?" negatives is hard (a
+           shown kind in another shown colour); --whole-videos: that share of the instruct clips
+           are whole 60 s videos; --paraphrase: that share of the colour, shape, exists and count
+           questions is asked in other everyday phrasings ("how many objects?", "count the
+           objects.", "does the video show a red circle?", ...), their words join the vocabulary.
+           Always: the tokenizer maps "color" to "colour" (no weight depends on it).
   warm start (--init-from DIR --vision-steps 0): every matching weight of an earlier demo
            checkpoint, the vision tower included, new words' embeddings fresh.
 AdamW, linear warm-up, cosine decay, gradient clipping at 1; --ema saves an exponential moving
@@ -198,7 +202,8 @@ def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generat
                 absent = [(k, c) for k in S.KINDS for c in S.COLOUR_NAMES if (k, c) not in held]
                 # hard negatives: mostly a shown kind in another shown colour (the binding itself)
                 near = [(k, c) for (k, c) in absent if any(k == hk for hk, _ in held) and any(c == hc for _, hc in held)]
-                k, c = pick(near if near and rng.random() < 0.6 else absent)
+                k, c = pick(near if near and RECIPE["hard_negatives"] and rng.random() < RECIPE["hard_negatives"]
+                            else absent)
                 ans = "no"
             add(fam, S._T_EXISTS.format(article=S._article(c), colour=c, kind=k), ans)
         elif fam == "count" and present:
@@ -265,7 +270,9 @@ PARAPHRASES = {
     "shape": ["which shape is the {colour} object?", "what kind of shape is the {colour} object?"],
     "exists": ["does the video show {article} {colour} {kind}?", "is there {article} {colour} {kind} in the video?"],
 }
-PARAPHRASE_RATE = 0.1
+# the data levers of issue 11 (set from the command line by `main`; the defaults reproduce the
+# committed checkpoint's data exactly: every lever off draws nothing from the random streams)
+RECIPE = {"hard_negatives": 0.0, "paraphrase": 0.0, "whole_videos": 0.4}
 PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 
 
@@ -297,25 +304,26 @@ def sparse_sample(rng, max_objects: int | None = None, max_frames: int = 6) -> S
         times[int(rng.integers(len(times)))] = float(rng.integers(int(n.t_appear), int(n.t_leave)))
         times = sorted(set(times))
     fams = ("caption", "colour", "shape", "exists", "exists", "needle", "count", "order")
-    qas = clip_questions(spec, times, rng, contiguous=False, families=fams, caption=True, paraphrase=PARAPHRASE_RATE)
+    qas = clip_questions(spec, times, rng, contiguous=False, families=fams, caption=True, paraphrase=RECIPE["paraphrase"])
     return Sample(spec, times, [1] * len(times), qas, "sparse")
 
 
 def clip_sample(rng, max_frames: int = 64) -> Sample:
     r = rng.random()
-    if r < 0.5:
+    w = RECIPE["whole_videos"]
+    if r < w:
         d, T, start = 60, 60, 0                                  # the evaluation's 60 s videos
     else:
         d = int(rng.integers(10, 151))
         T = int(rng.integers(8, min(d, max_frames) + 1))
-        start = int(rng.integers(0, d - T + 1)) if r < 0.8 else 0
+        start = int(rng.integers(0, d - T + 1)) if r < 0.75 + 0.5 * (w - 0.4) else 0
     spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
     T = min(T, spec.n_frames - start)
     times = [float(start + i) for i in range(T)]
     fams = ("colour", "shape", "exists", "exists", "count", "count", "order", "order", "when", "needle",
             "change", "collide")
     qas = clip_questions(spec, times, rng, contiguous=True, families=fams, caption=rng.random() < 0.2,
-                         paraphrase=PARAPHRASE_RATE)
+                         paraphrase=RECIPE["paraphrase"])
     return Sample(spec, times, [1] * T, qas, "clip")
 
 
@@ -387,7 +395,7 @@ def build(out: Path, a) -> tuple[LlavaMiniNet, VisionTower, LlavaMiniConfig, obj
     from transformers import CLIPVisionConfig, CLIPVisionModel
     from .checkpoint import load_tokenizer
     out.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(out, S.vocabulary() + ["and", "star"] + PARAPHRASE_WORDS)
+    vocab = build_tokenizer(out, S.vocabulary() + ["and", "star"] + (PARAPHRASE_WORDS if a.paraphrase else []))
     from tokenizers import Tokenizer, normalizers
     t = Tokenizer.from_file(str(out / "tokenizer.json"))        # "color" is "colour" to this model
     t.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("color", "colour")])
@@ -906,7 +914,14 @@ def parse_args(argv):
     ap.add_argument("--act-penalty", type=float, default=0.01, help="stage 0: weight of mean(feature^2)")
     ap.add_argument("--aux", type=float, default=1.0,
                     help="weight of the auxiliary loss: each frame row's LLM output names what the frame shows")
-    ap.add_argument("--bind", type=float, default=0.2,
+    ap.add_argument("--hard-negatives", type=float, default=0.0,
+                    help="share of 'is there' negatives that name a shown kind in another shown colour "
+                         "(0: absent pairs drawn uniformly)")
+    ap.add_argument("--paraphrase", type=float, default=0.0,
+                    help="share of colour/shape/exists/count questions asked in other everyday phrasings "
+                         "(> 0 adds their words to the vocabulary)")
+    ap.add_argument("--whole-videos", type=float, default=0.4, help="share of instruct clips that are whole 60 s videos")
+    ap.add_argument("--bind", type=float, default=0.0,
                     help="weight of the binding loss: (kind, colour) pairs per frame token, pairs and objects "
                          "seen so far after --bind-layer LLM layers (0: off)")
     ap.add_argument("--bind-layer", type=int, default=2)
@@ -928,6 +943,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    RECIPE.update(hard_negatives=a.hard_negatives, paraphrase=a.paraphrase, whole_videos=a.whole_videos)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))

@@ -68,6 +68,8 @@ def test_loads_with_its_tokenizer(demo):
     words = demo.tokenizer.convert_ids_to_tokens([i for i in ids if i >= 0])
     assert "<unk>" not in words
     assert demo.tokenizer.convert_tokens_to_ids("<|eot_id|>") in demo.stop_token_ids
+    # what users type: "color" is this model's "colour"
+    assert demo.prompt_ids("What COLOR is the circle?").tolist() == demo.prompt_ids("what colour is the circle?").tolist()
 
 
 def test_answers_fresh_videos_well_above_chance(demo):
