@@ -30,8 +30,9 @@
     `frame_cache.retention.demote_record`, watches' rows added as the Encoder adds them (`w:<id>`), and
     every record measured as `len(encode_record(...))`. What the Redis backend writes per frame
     (`RedisFrameCache.append_many`): the record, its light copy (`light_record`: the record without
-    keys/values; none for a token-only frame, whose record is its own light copy) and index entries (the slot number as a field name in both hashes, the pts ZSET
-    member `%016d` and its 8-byte score). Two placements:
+    keys/values; none for a token-only frame, whose record is its own light copy) and index entries
+    (the slot number as a field name in both hashes, the pts ZSET member `%016d` and its 8-byte score).
+    Two placements:
       * as built: everything in Redis (the ring holds each frame's record in its retained form);
       * split: a local keys/values tier on the Answerer's host (raw key/value bytes, as the mmap tier
         of `bench gpu` stores them), Redis holding each frame's record without keys/values.

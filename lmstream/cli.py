@@ -192,7 +192,8 @@ def cmd_ask(args) -> int:
     if args.cache is None:                           # the embedded default: in-process, spilling to a temp file
         m, load_s = load_model(args)
         ans = m.ask(args.video, args.question, fps=fps, window=window, policy=args.policy, kv_policy=args.kv,
-                    retain=args.retain, max_new_tokens=args.max_new_tokens, progress=not args.json and sys.stderr.isatty())
+                    retain=args.retain, max_new_tokens=args.max_new_tokens,
+                    progress=not args.json and sys.stderr.isatty())
         stream_id = None
     else:
         ans, load_s, stream_id = _ask_cached(args, window, fps)
@@ -244,7 +245,8 @@ def _ask_cached(args, window, fps):
         if args.video is not None:
             from dataclasses import asdict
             report = asdict(ingest_video(m, args.video, cache, sid, fps=fps, window=window, kv_policy=args.kv,
-                                         retain=args.retain, progress=not args.json and sys.stderr.isatty(), timings=timings))
+                                         retain=args.retain, progress=not args.json and sys.stderr.isatty(),
+                                         timings=timings))
             start = end = None                       # the stream holds just the window
         src = CachedFrames(cache, sid, start, end, dtype=m.dtype)
         ans = m._answer(src, args.question, args.max_new_tokens, args.policy, None, timings, report, {})
