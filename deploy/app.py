@@ -194,6 +194,14 @@ class RayBackend:
         self._info: dict | None = None
         self._sources: dict[str, Any] = {}
 
+    def encoder_stats(self) -> dict:
+        """The Encoder replica's totals (blocking: called from the metrics thread)."""
+        return self.encoder.stats.remote().result(timeout_s=5)
+
+    def tier_stats(self) -> dict:
+        """The Answerer replica's local keys/values tier (blocking: called from the metrics thread)."""
+        return self.answerer.tier_stats.remote().result(timeout_s=5)
+
     async def encoder_info(self) -> dict:
         if self._info is None:
             self._info = await self.encoder.info.remote()

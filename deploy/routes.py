@@ -126,6 +126,18 @@ class Metrics:
         lag = Gauge("lms_stream_lag_seconds", "live streams: seconds from a frame's arrival to its storage",
                     ["stream"], registry=extra)
         up = Gauge("lms_cache_up", "1 when the frame cache answers", registry=extra)
+        enc = Gauge("lms_encoder", "Encoder replica totals: frames encoded, batched passes (frames/pass = the batch "
+                    "formed across streams)", ["what"], registry=extra)
+        tier = Gauge("lms_local_kv", "the Answerer's local keys/values tier: bytes, frames, hits, misses",
+                     ["what"], registry=extra)
+        for gauge, name in ((enc, "encoder_stats"), (tier, "tier_stats")):
+            get = getattr(b, name, None)
+            try:
+                for k, v in (get() if get is not None else {}).items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        gauge.labels(k).set(v)
+            except Exception:                  # noqa: BLE001 - a replica restarting: the rest still renders
+                pass
         try:
             for sid in b.cache.streams():
                 i = b.cache.stream_info(sid)

@@ -239,6 +239,10 @@ def test_metrics_are_prometheus_text(service, uploaded):
     assert "lms_time_to_first_token_seconds_count" in text
     assert f'lms_stream_frames{{stream="{uploaded["id"]}"}} 40.0' in text
     assert 'lms_jobs{status="ready"}' in text
+    import re
+    enc = dict(re.findall(r'^lms_encoder\{what="(\w+)"\} ([0-9.e+]+)$', text, re.M))
+    assert float(enc["frames_encoded"]) >= 40 and 1 <= float(enc["batches"]) <= float(enc["frames_encoded"])
+    assert re.search(r'^lms_local_kv\{what="max_bytes"\} [1-9]', text, re.M), text[-2000:]
 
 
 def test_delete_frees_the_frames(service, media):
