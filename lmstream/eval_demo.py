@@ -23,6 +23,12 @@ Held-out videos: scene seeds 10**9 + i (training draws its seeds below 10**6), a
          (yes) and "when did the <colour> star appear?"; the base is asked the same number of
          "is there a <colour> star?" with random colours (no).
 
+Answers are balanced by construction: the number of objects cycles 1..5 over a tier's videos,
+needle and no-needle 60 s videos alternate, and "is there" / "did they collide" yes-no and which
+object an "order" question names first alternate (`questions(..., polarity=...)`). Beside each
+tier the table gives a video-blind baseline per family: always its most frequent answer (for
+"order": always the first or always the second named), chosen with the answers in hand.
+
 Every question is answered with each fusion policy of `--policies` (default exact and
 budget:32: the question fused with at most 32 evenly spaced frames; the LLM still sees every
 frame token). Scoring is `stream.synthetic.score`. Families are those of
