@@ -137,8 +137,8 @@ class JobStore:
 def redis_client(url: str, timeout: float = 5.0):
     """A redis-py client for `url`, as the frame cache makes it: a `RedisCluster` for a Redis Cluster
     (``?cluster=1``, or a node that says it runs in cluster mode), else a plain `Redis`."""
-    from frame_cache.redis_cache import RedisFrameCache
-    return RedisFrameCache.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout).client
+    from frame_cache.redis_cache import client_from_url
+    return client_from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)[0]
 
 
 def _enc(d: dict) -> dict:
@@ -261,7 +261,7 @@ class AnswerCore:
             self.reader = LocalTierCache(self.cache, self.tier)
 
     def forget_stream(self, stream_id: str) -> None:
-        """The stream moved to another replica (or was deleted): drop its local keys/values."""
+        """This replica no longer holds the stream's lease (Serve unloaded it): drop its local keys/values."""
         if self.tier is not None:
             self.tier.forget(stream_id)
 

@@ -116,7 +116,7 @@ from .base import (
 from .memory import DEFAULT_PTS_HISTORY
 from .record import RECORD_VERSION, FrameRecord, encode_record, record_seq
 
-__all__ = ["RedisFrameCache", "DEFAULT_SNAPSHOT_SCRIPT_BYTES"]
+__all__ = ["RedisFrameCache", "DEFAULT_SNAPSHOT_SCRIPT_BYTES", "client_from_url"]
 
 #: Largest snapshot (sum of record bytes) read by a single script; a larger one is read in
 #: chunks (each record checked against its seq; the whole read redone if one was overwritten).
@@ -428,6 +428,60 @@ def _client_url(client: Any) -> str:
         return f"<{type(client).__name__}>"
 
 
+def _is_cluster(url: str, kw: dict[str, Any]) -> bool:
+    """Whether the server at ``url`` runs in cluster mode (False when it cannot be asked)."""
+    kw = {**kw, "retry": Retry(ExponentialBackoff(cap=0.1, base=0.05), 0)}
+    kw["socket_timeout"] = min(kw.get("socket_timeout") or 2.0, 2.0)
+    kw["socket_connect_timeout"] = min(kw.get("socket_connect_timeout") or 2.0, 2.0)
+    try:
+        probe = redis.Redis.from_url(url, **kw)
+    except (ValueError, TypeError) as e:
+        raise BadArgument(f"expected a usable Redis URL and options, got {_safe_url(url)!r}: {e}") from None
+    try:
+        return bool(int(probe.info("cluster").get("cluster_enabled", 0)))
+    except (redis.exceptions.RedisError, OSError, ValueError):
+        return False
+    finally:
+        probe.close()
+
+
+def client_from_url(url: str, *, cluster: bool | None = None, socket_timeout: float = 5.0,
+                    socket_connect_timeout: float = 5.0, **client_kw: Any) -> tuple[Any, bool, str]:
+    """(client, cluster, URL without password) for ``url``, as `RedisFrameCache.from_url` documents:
+    a `RedisCluster` for a Redis Cluster (``?cluster=1``, or a server that says so), else a plain
+    `Redis`. The service's other Redis state (jobs, streams, watches) uses the same clients."""
+    if not isinstance(url, str) or "://" not in url:
+        raise BadArgument(f"expected a Redis URL redis://HOST:PORT[/DB], got {url!r}")
+    p = urlsplit(url)
+    query = parse_qsl(p.query, keep_blank_values=True)
+    flags = [v for k, v in query if k == "cluster"]
+    if flags:
+        if flags[-1].lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise BadArgument(f"expected ?cluster=1 or ?cluster=0 in the Redis URL, got cluster={flags[-1]!r}")
+        from_query = flags[-1].lower() in ("1", "true", "yes")
+        if cluster is not None and cluster != from_query:
+            raise BadArgument(f"expected cluster={cluster} to agree with the URL's ?cluster={flags[-1]}")
+        cluster = from_query
+    rest = urlencode([(k, v) for k, v in query if k != "cluster"])
+    if p.scheme == "unix":             # urlunsplit drops the "//" of a host-less URL: keep unix:///path
+        clean = f"unix://{p.netloc}{p.path}" + (f"?{rest}" if rest else "")
+    else:
+        clean = urlunsplit((p.scheme, p.netloc, p.path, rest, p.fragment))
+    timeouts = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout)
+    if cluster is None:
+        cluster = _is_cluster(clean, {**client_kw, **timeouts})
+    safe = _safe_url(clean) + ("?cluster=1" if cluster else "")
+    client_kw.setdefault("retry", Retry(ExponentialBackoff(cap=0.25, base=0.05), 1))
+    try:
+        make = redis.cluster.RedisCluster.from_url if cluster else redis.Redis.from_url
+        client = make(clean, **timeouts, **client_kw)
+    except (ValueError, TypeError) as e:
+        raise BadArgument(f"expected a usable Redis URL and options, got {safe!r}: {e}") from None
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:  # a cluster connects now
+        raise CacheUnavailable(f"expected a reachable Redis at {safe}, got {type(e).__name__}: {e}") from None
+    return client, bool(cluster), safe
+
+
 class RedisFrameCache(FrameCache):
     """`FrameCache` on Redis (standalone or Cluster), same semantics as `InProcessFrameCache`.
 
@@ -530,70 +584,20 @@ class RedisFrameCache(FrameCache):
         ``socket_timeout`` and ``socket_connect_timeout`` (s) bound every call, so a dead or
         frozen Redis gives `CacheUnavailable` instead of a hang; redis-py retries a failed
         connection once. ``client_kw`` go to redis-py."""
-        if not isinstance(url, str) or "://" not in url:
-            raise BadArgument(f"expected a Redis URL redis://HOST:PORT[/DB], got {url!r}")
-        p = urlsplit(url)
-        query = parse_qsl(p.query, keep_blank_values=True)
-        flags = [v for k, v in query if k == "cluster"]
-        if flags:
-            if flags[-1].lower() not in ("1", "0", "true", "false", "yes", "no"):
-                raise BadArgument(f"expected ?cluster=1 or ?cluster=0 in the Redis URL, got cluster={flags[-1]!r}")
-            from_query = flags[-1].lower() in ("1", "true", "yes")
-            if cluster is not None and cluster != from_query:
-                raise BadArgument(f"expected cluster={cluster} to agree with the URL's ?cluster={flags[-1]}")
-            cluster = from_query
-        rest = urlencode([(k, v) for k, v in query if k != "cluster"])
-        if p.scheme == "unix":             # urlunsplit drops the "//" of a host-less URL: keep unix:///path
-            clean = f"unix://{p.netloc}{p.path}" + (f"?{rest}" if rest else "")
-        else:
-            clean = urlunsplit((p.scheme, p.netloc, p.path, rest, p.fragment))
-        timeouts = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout)
-        if cluster is None:
-            cluster = cls._is_cluster(clean, {**client_kw, **timeouts})
-        safe = _safe_url(clean) + ("?cluster=1" if cluster else "")
-        client_kw.setdefault("retry", Retry(ExponentialBackoff(cap=0.25, base=0.05), 1))
+        client, cluster, safe = client_from_url(url, cluster=cluster, socket_timeout=socket_timeout,
+                                                socket_connect_timeout=socket_connect_timeout, **client_kw)
         try:
-            make = redis.cluster.RedisCluster.from_url if cluster else redis.Redis.from_url
-            client = make(clean, **timeouts, **client_kw)
-        except (ValueError, TypeError) as e:
-            raise BadArgument(f"expected a usable Redis URL and options, got {safe!r}: {e}") from None
-        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as e:  # a cluster connects now
-            raise CacheUnavailable(f"expected a reachable Redis at {safe}, got {type(e).__name__}: {e}") from None
-        try:
-            return cls(client, cluster=bool(cluster), max_bytes_per_stream=max_bytes_per_stream,
+            return cls(client, cluster=cluster, max_bytes_per_stream=max_bytes_per_stream,
                        max_bytes_total=max_bytes_total, pts_history=pts_history, prefix=prefix,
                        owns_client=True, url=safe, snapshot_script_bytes=snapshot_script_bytes)
         except BaseException:
             client.close()
             raise
 
-    @staticmethod
-    def _is_cluster(url: str, kw: dict[str, Any]) -> bool:
-        """Whether the server at ``url`` runs in cluster mode (False when it cannot be asked)."""
-        kw = {**kw, "retry": Retry(ExponentialBackoff(cap=0.1, base=0.05), 0)}
-        kw["socket_timeout"] = min(kw.get("socket_timeout") or 2.0, 2.0)
-        kw["socket_connect_timeout"] = min(kw.get("socket_connect_timeout") or 2.0, 2.0)
-        try:
-            probe = redis.Redis.from_url(url, **kw)
-        except (ValueError, TypeError) as e:
-            raise BadArgument(f"expected a usable Redis URL and options, got {_safe_url(url)!r}: {e}") from None
-        try:
-            return bool(int(probe.info("cluster").get("cluster_enabled", 0)))
-        except (redis.exceptions.RedisError, OSError, ValueError):
-            return False
-        finally:
-            probe.close()
-
     # -- helpers -------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise CacheClosed("expected an open frame cache, got one that was closed")
-
-    @property
-    def client(self):
-        """The redis-py client (a `RedisCluster` for a cluster): for other state of the service that
-        lives beside the frames (job and stream records)."""
-        return self._client
 
     def _keys(self, stream_id: str, *, total: bool = False) -> list[str]:
         keys = [stream_key(stream_id, part, prefix=self.prefix) for part in _PARTS]
