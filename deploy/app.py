@@ -266,6 +266,10 @@ class RayBackend:
         else:
             cam.node, opts["scheduling_strategy"] = None, "SPREAD"
         cam.actor = StreamSource.options(**opts).remote()
+        self._run(cam, size)
+
+    def _run(self, cam: "_Camera", size: int) -> None:
+        """Start (or re-run) the camera's `run` on its actor."""
         cam.ref = cam.actor.run.remote(cam.sid, cam.url, cam.fps, size, self.encoder, self.settings.model_dump())
         cam.started = time.monotonic()
 
@@ -304,9 +308,7 @@ class RayBackend:
             if self._streams.get(cam.sid) is not cam or await self._ended_for_good(cam.sid):
                 return
             if rerun:                                  # Redis or the Encoder was unreachable: same actor
-                cam.ref = cam.actor.run.remote(cam.sid, cam.url, cam.fps, size, self.encoder,
-                                               self.settings.model_dump())
-                cam.started = time.monotonic()
+                self._run(cam, size)
                 continue
             try:
                 ray.kill(cam.actor)

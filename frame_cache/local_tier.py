@@ -25,7 +25,6 @@ import mmap
 import os
 import tempfile
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
@@ -144,14 +143,18 @@ class LocalKVTier:
                 f = self._files[sid] = _StreamFile(self.folder, sid)
             self.used += f.put(seq, form, blob)
             while self.used > self.max_bytes and len(self._files) > 1:
-                old, of = self._files.popitem(last=False)      # least recently used stream
-                if old == sid:
-                    self._files[sid] = of
-                    self._files.move_to_end(sid, last=False)
-                    continue
+                _, of = self._files.popitem(last=False)        # least recently used (never `sid`: it is last)
                 self.used -= of.live
                 of.close()
                 self.evicted_streams += 1
+
+    def count(self, *, hits: int, misses: int, local: int, remote: int) -> None:
+        """Account one read through the tier (see `stats`)."""
+        with self._lock:
+            self.hits += hits
+            self.misses += misses
+            self.bytes_local += local
+            self.bytes_remote += remote
 
     def forget(self, sid: str, below_seq: int | None = None) -> None:
         """Drop a stream's records (all, or those with seq < below_seq: overwritten in the ring)."""
@@ -199,7 +202,6 @@ class LocalTierCache:
         qs = list(seqs)
         if light or not qs:
             return self.inner.read(stream_id, qs, light=light)
-        t0 = time.perf_counter()
         heads = self.inner.read(stream_id, qs, light=True)      # the truth: which frames, in which form
         out: list[bytes | memoryview | None] = [None] * len(qs)
         todo = []
@@ -218,13 +220,9 @@ class LocalTierCache:
                 if b is not None:
                     out[i] = b
                     self.tier.put(stream_id, b)
-        remote = sum(len(out[i]) for i in todo if out[i] is not None)
-        with self.tier._lock:
-            self.tier.hits += len(qs) - len(todo)
-            self.tier.misses += len(todo)
-            self.tier.bytes_remote += remote
-            self.tier.bytes_local += sum(len(b) for b in out if b is not None) - remote
-        self.last_read_s = time.perf_counter() - t0
+        local = [b for b in out if isinstance(b, memoryview)]        # the tier's views; Redis gives bytes
+        self.tier.count(hits=len(local), misses=len(todo), local=sum(map(len, local)),
+                        remote=sum(len(out[i]) for i in todo if out[i] is not None))
         return out
 
     def warm(self, stream_id: str, start: float | None = None, end: float | None = None, *, chunk: int = 64) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 from lmcore.errors import BadArgument
 
-from .record import KV_TENSORS, FrameRecord, decode_record
+from .record import KV_TENSORS, FrameRecord, decode_record, record_header, record_seq
 
 __all__ = ["Retention", "RetentionRunner", "demote_record", "retention_of", "KV_FORMS", "kv_state"]
 
@@ -157,7 +157,6 @@ class RetentionRunner:
     def __init__(self, cache, stream_id: str, retain: Retention, *, chunk: int = 64):
         self.cache, self.stream_id, self.retain, self.chunk = cache, stream_id, retain, chunk
         self.done_below = -1            # every seq < done_below has its target form
-        self.demoted = {"fp8": 0, "none": 0}
 
     def apply(self) -> int:
         """Demote what is due now; returns how many frames were rewritten."""
@@ -169,38 +168,27 @@ class RetentionRunner:
         cutoff = info.newest_pts - self.retain.exact_s
         lo = max(self.done_below, info.oldest_seq)
         win = self.cache.window(self.stream_id, None, cutoff)        # pts <= cutoff: the aged frames
-        seqs = [q for q, p in zip(win.seqs(), win.pts_list) if q >= lo and self.retain.target(q, p, info.newest_pts)]
+        due = {q: t for q, p in zip(win.seqs(), win.pts_list)
+               if q >= lo and (t := self.retain.target(q, p, info.newest_pts)) is not None}
+        seqs = list(due)
         if not seqs:
             self.done_below = max(self.done_below, win.last_seq + 1 if len(win) else lo)
             return 0
         n = 0
         for i in range(0, len(seqs), self.chunk):
             part = seqs[i:i + self.chunk]
-            lights = self.cache.read(self.stream_id, part, light=True)
-            todo = []
-            for q, b in zip(part, lights):
-                if b is None:
-                    continue
-                want = self.retain.target(q, win.pts_list[q - win.first_seq], info.newest_pts)
-                if _RANK[want] < _RANK[kv_state(decode_record(b).meta)]:
-                    todo.append(q)
+            # the light records say what each frame holds now: only frames above their target are read whole
+            todo = [q for q, b in zip(part, self.cache.read(self.stream_id, part, light=True))
+                    if b is not None and _RANK[due[q]] < _RANK[kv_state(record_header(b)["meta"])]]
             if not todo:
                 continue
             new = []
-            for q, b in zip(todo, self.cache.read(self.stream_id, todo)):
-                if b is None:
-                    continue
-                rec = decode_record(b)
-                d = demote_record(rec, self.retain.target(q, rec.pts, info.newest_pts))
+            for b in self.cache.read(self.stream_id, todo):
+                d = demote_record(decode_record(b), due[record_seq(b)]) if b is not None else None
                 if d is not None:
-                    d.tensors = {k: t.clone() for k, t in d.tensors.items()}   # own the bytes
                     new.append(d)
             if new:
-                got = self.cache.replace_records(self.stream_id, new)
-                n += len(got)
-                for r in new:
-                    if r.seq in got:
-                        self.demoted[kv_state(r.meta)] += 1
+                n += len(self.cache.replace_records(self.stream_id, new))
         self.done_below = max(self.done_below, seqs[-1] + 1)
         return n
 

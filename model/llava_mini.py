@@ -477,19 +477,15 @@ class LlavaMini:
             raise BadArgument("expected at least one encoded frame, got 0")
         self._check_context(L, T)
         emb = self._embed(ids)                                             # (L, H)
-        valid = ids > 0                                                    # official mask: ids <= 0 are padding
         P = len(states.prefix_ids)
-        cached_prefix = 0 < P <= p and tuple(ids[:P].tolist()) == states.prefix_ids
-        C = states.n_cached_rows if cached_prefix else states.n_vision_rows
-        start = P if cached_prefix else 0
-        q_rows = (valid & (torch.arange(L) >= start)).nonzero().flatten()  # question rows, all unmasked
-        frames = self._fusion_frames(states, policy)
+        q_rows, C, cached_prefix = self._question_rows(ids, states)        # unmasked rows (ids <= 0: padding)
         if isinstance(states, PrefusedRows):                               # a watch: fused at ingest
             if not cached_prefix or tuple(ids.tolist()) != states.input_ids:
                 raise BadArgument("expected the watch's own question for its pre-fused rows, got another prompt")
             acc, pacc, n = states.rows_sum.to(self.device), states.prefix_sum.to(self.device), states.n_fused
             frames = torch.arange(n)
         else:
+            frames = self._fusion_frames(states, policy)
             acc, pacc, n = self._fused_sums(emb, q_rows, C, states, frames, prefix=cached_prefix and not _tail_only)
         if n == 0:
             raise BadArgument(f"expected frames to fuse the question with, got none: all {len(frames)} were "

@@ -18,6 +18,7 @@ Peak memory is two chunks of records plus T tokens, whatever the window's length
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import groupby
 
 import torch
 
@@ -78,7 +79,6 @@ class CachedFrames:
         self._tokens = torch.stack(toks)                                   # (T, nq, H)
         self.n_vision_rows = int(meta["n_vision_rows"])
         self.prefix_ids = tuple(int(i) for i in meta["prefix_ids"])
-        self.kv_states = kv
         self.kv_counts = {k: kv.count(k) for k in KV_FORMS if k in kv}
         self.kv_policy = kv[0] if len(self.kv_counts) == 1 else "mixed"
         # None: every frame holds keys/values (the plain path); else the ones that do (retention tiers)
@@ -88,7 +88,6 @@ class CachedFrames:
         self._n_cached = self.n_vision_rows + sum(1 for i in self.prefix_ids if i > 0)
         self.bytes_read = 0
         self.bytes_local = 0                 # of which from a local keys/values tier (frame_cache.local_tier)
-        self.demoted_during_read = 0
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -114,21 +113,13 @@ class CachedFrames:
             self.dropped_during_read += len(ch.missing)
             if not ch.blobs:
                 continue
-            recs = [decode_record(b) for b in ch.blobs]
-            # one pass per run of frames in the same form (exact / fp8); a frame demoted to
-            # "none" since its light record was read is left out like an overwritten one
-            runs: list[list] = []
-            for q, r in zip(ch.seqs, recs):
-                form = kv_state(r.meta)
-                if form == "none":
-                    self.dropped_during_read += 1
-                    self.demoted_during_read += 1
-                    continue
-                if runs and kv_state(runs[-1][-1][1].meta) == form:
-                    runs[-1].append((q, r))
-                else:
-                    runs.append([(q, r)])
-            for run in runs:
+            recs = [(q, decode_record(b)) for q, b in zip(ch.seqs, ch.blobs)]
+            # a frame demoted to "none" since its light record was read is left out like an overwritten one
+            kept = [(q, r) for q, r in recs if kv_state(r.meta) != "none"]
+            self.dropped_during_read += len(recs) - len(kept)
+            # one pass per run of frames in the same form (exact / fp8)
+            for _, run in groupby(kept, key=lambda qr: kv_state(qr[1].meta)):
+                run = list(run)
                 st = states_from_records([r for _, r in run])
                 if st.n_cached_rows != self._n_cached:
                     raise BadArgument(f"expected {self._n_cached} cached rows per frame, got {st.n_cached_rows}")
