@@ -1,9 +1,8 @@
 """Train the demo LLaVA-Mini on synthetic videos (LLaVA-Mini's recipe in miniature).
 
-    python -m model.train_demo --out checkpoints/demo --seed 0            # the committed one, ~32 min on 2 CPU cores
-    python -m model.train_demo --out DIR --seed 0 --init-from checkpoints/demo --vision-steps 0 \
-        --steps 1100 --stage1 0.05 --lr 5e-4 --warmup 20 --bind 0.2 --hard-negatives 0.6 \
-        --paraphrase 0.1 --whole-videos 0.5 --long-every 4 --ema 0.99   # issue 11's levers (docs/demo.md)
+    python -m model.train_demo --out DIR --seed 0       # the base model, ~32 min on 2 CPU cores
+    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then four
+                                                         # runs with issue 11's levers (~2 h 5 min)
     python -m model.train_demo --out /tmp/d --vision-steps 20 --steps 20  # a smoke run
 
 What it builds (the released design at toy sizes, `model/tiny.py` layout):
@@ -48,8 +47,8 @@ Recipe (LLaVA-Mini's in miniature; the real CLIP comes pretrained, ours is pretr
            Without it the randomly initialised LLM never learned to read the single vision token
            within the budget (measured: colour of a lone object at chance after 300 steps; with
            it 89 %).
-Issue 11's levers, all off by default so that the command above still reproduces the committed
-checkpoint (measured in docs/demo.md; none beat it within the CPU time it had):
+Issue 11's levers, all off by default so that `--seed 0` alone still gives the base model (the
+chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
   binding (stages 1-2, --bind): training-only linear read-outs (dropped when saving, like stage 0's
            heads) hold the model to what colour, shape and existence questions need, the (kind,
            colour) pair, not colours and kinds apart: the frame token must name the pairs its frame
@@ -61,10 +60,23 @@ checkpoint (measured in docs/demo.md; none beat it within the CPU time it had):
            questions is asked in other everyday phrasings ("how many objects?", "count the
            objects.", "does the video show a red circle?", ...), their words join the vocabulary.
            Always: the tokenizer maps "color" to "colour" (no weight depends on it).
-  warm start (--init-from DIR --vision-steps 0): every matching weight of an earlier demo
-           checkpoint, the vision tower included, new words' embeddings fresh.
+  local    --local: the question rows fused with one frame must already say what that frame shows
+           about the question (a training-only read-out of the referent word's row: the colour of
+           the named kind, the kind of the named colour, "yes" when the named pair is on screen,
+           "none" otherwise), and the same read-out of the frame-averaged row the answer: the
+           route by which colour, shape and "is there" are answered without the frame token.
+  stage 0  --pair-loss: a per-patch classifier over the (kind, colour) pairs themselves on P(V)
+           (binding at patch level: colour and kind are otherwise classified apart);
+           --set-weight: the weight of the set loss on P(c); --token-set: the same set loss on the
+           frame token itself, after the pre-fusion layers (which then train in stage 0 too). The
+           end of stage 0 logs a held-out probe: how often P(c) (and the token) name exactly the
+           pairs on screen, by how many are on screen.
+  warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
+           tower included, new words' embeddings fresh; with --vision-steps > 0 stage 0 continues
+           from those weights (fresh read-out heads).
 AdamW, linear warm-up, cosine decay, gradient clipping at 1; --ema saves an exponential moving
-average of the weights; --save-every writes the checkpoint and the log every N steps. Data are a pure function of
+average of the weights; --save-every writes the checkpoint and the log every N steps;
+--stop-after N stops (and saves) after N steps of the --steps schedule. Data are a pure function of
 (--seed, step): scene seeds are drawn below 10**6 (evaluation uses 10**9 + i). Deterministic
 for a seed on one device and thread count (`torch.use_deterministic_algorithms`).
 `--minutes` is a guard: if the wall clock runs out first, training stops, saves and says so.
@@ -499,6 +511,14 @@ class Trainer:
             self._qcache[question] = ids[ids.index(IMAGE_TOKEN_INDEX) + 1:]
         return self._qcache[question]
 
+    def referent_row(self, qa: QA, rows: list[int]) -> int:
+        """The question row of the word that names what is asked about (the kind of a colour or
+        "is there" question, the colour of a shape question): after the first pre-fusion layer
+        it has looked at the frame's patches for that word."""
+        words = set(S.COLOUR_NAMES) if qa.family == "shape" else set(S.ALL_KINDS)
+        ids = {self.tok.convert_tokens_to_ids(w) for w in words}
+        return max(i for i, t in enumerate(rows) if t in ids)
+
     def answer_ids(self, answer: str) -> list[int]:
         words = S.tokenize_words(answer)
         return self.tok.convert_tokens_to_ids(words) + [self.eot]
@@ -524,7 +544,7 @@ class Trainer:
     # -- one video, all its questions -------------------------------------------------------------
     def video_loss(self, tokens, ks, vs, prefix_out, reps: torch.Tensor, qas: list[QA], *,
                    frame_grad: bool = True, frame_words: torch.Tensor | None = None, aux: list | None = None,
-                   pairs=None, heads=None, bind: list | None = None):
+                   pairs=None, heads=None, bind: list | None = None, local=None, local_out: list | None = None):
         """Summed cross-entropy over the answer tokens of `qas`, the number of target tokens, and
         per-question (family, first-token correct)."""
         m, dev = self.net.model, self.device
@@ -581,6 +601,20 @@ class Trainer:
             vc = vs[l].repeat_interleave(Bq, 0)
             x = layer.cached(x, cos, sin, kc, vc, self.fusion)
         fused = ((x.float().view(K, Bq, Sq, H) * w[:, None, None, None]).sum(0) / n).to(x.dtype)
+        if local is not None and local_out is not None and torch.is_grad_enabled():
+            # --local (training only): the question's referent row, fused with each frame, names
+            # what that frame shows about it; the same read-out of the average names the answer
+            head, spec, times = local
+            xs = x.view(K, Bq, Sq, H)
+            for b, qa in enumerate(qas):
+                tg = local_targets(spec, times, qa)
+                if tg is None:
+                    continue
+                row = self.referent_row(qa, qrows[b])
+                per = F.cross_entropy(head.lin(_rms(xs[:, b, row]).float()), torch.tensor(tg[0], device=dev),
+                                      reduction="none")
+                vid = F.cross_entropy(head.lin(_rms(fused[b, row]).float())[None], torch.tensor([tg[1]], device=dev))
+                local_out.append((per * w).sum() / n + vid)
         # suffix rows: fused question rows then the answer's plain embeddings
         lens = [len(r) + len(a) - 1 for r, a in zip(qrows, ans)]
         L = max(lens)
@@ -685,6 +719,49 @@ class BindHeads(torch.nn.Module):
         self.cnt = torch.nn.Linear(hidden, S.MAX_OBJECTS + 1)
 
 
+class LocalHead(torch.nn.Module):
+    """Training-only (dropped when saving): reads `LOCAL_CLASSES` from a question's referent row
+    (`Trainer.referent_row`) fused with one frame, and from the average over frames that the LLM
+    sees. One linear map for both, so an absent object's frames must read "none" and leave the
+    present frames' class on top of the average (a short appearance's dilution cannot flip it)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(hidden, len(LOCAL_CLASSES))
+
+
+# --local: what one frame says about a question, for a training-only read-out of the question's
+# referent row fused with that frame (before the average over frames)
+LOCAL_CLASSES = ("none",) + S.COLOUR_NAMES + S.ALL_KINDS + ("yes",)
+LOCAL_FAMILIES = ("colour", "shape", "exists", "needle")
+
+
+def local_targets(spec: S.SceneSpec, times: list[float], qa: QA) -> tuple[list[int], int] | None:
+    """Per-frame and whole-video classes of `LOCAL_CLASSES` for a colour, shape or "is there"
+    question: the colour of the named kind / the kind of the named colour / "yes" when the named
+    (colour, kind) is on screen in that frame, else "none"; the whole video's class is the
+    answer ("none" for a "no"). None for other questions."""
+    if qa.family not in LOCAL_FAMILIES:
+        return None
+    words = S.tokenize_words(qa.question)
+    cols = [w for w in words if w in S.COLOUR_NAMES]
+    kinds = [w for w in words if w in S.ALL_KINDS]
+    if qa.family == "colour" and len(kinds) == 1:
+        key = lambda items: next((LOCAL_CLASSES.index(c) for k, c in items if k == kinds[0]), 0)  # noqa: E731
+        video = LOCAL_CLASSES.index(qa.answer) if qa.answer in LOCAL_CLASSES else None
+    elif qa.family == "shape" and len(cols) == 1:
+        key = lambda items: next((LOCAL_CLASSES.index(k) for k, c in items if c == cols[0]), 0)  # noqa: E731
+        video = LOCAL_CLASSES.index(qa.answer) if qa.answer in LOCAL_CLASSES else None
+    elif qa.family in ("exists", "needle") and len(cols) == 1 and len(kinds) == 1 and qa.answer in ("yes", "no"):
+        key = lambda items: LOCAL_CLASSES.index("yes") if (kinds[0], cols[0]) in items else 0  # noqa: E731
+        video = LOCAL_CLASSES.index("yes") if qa.answer == "yes" else 0
+    else:
+        return None
+    if video is None:
+        return None
+    return [key(frame_items(spec, t)) for t in times], video
+
+
 def frame_labels(spec: S.SceneSpec, t: float, patch: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-patch class (the object covering most of the patch, if >= 1/8 of it; else background)
     and the frame's multi-hot set of (kind, colour) items, from the exact label map."""
@@ -729,7 +806,7 @@ def vision_batch(rng: np.random.Generator, n: int, patch: int):
     return frames, torch.from_numpy(np.stack(pcls[:n])), torch.from_numpy(np.stack(pres[:n]))
 
 
-def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
+def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_start: float, tok=None, cfg=None) -> None:
     """Stage 0: the CLIP-like tower (and the compressor) learn what is where, from exact frame
     labels: per-patch colour and kind classifiers on the selected layer's patch features and a
     multi-label (kind, colour) head on the compressor's output. The heads are then dropped:
@@ -740,10 +817,22 @@ def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t
     colour_head = torch.nn.Linear(H, N_COLOURS + 1).to(dev)
     kind_head = torch.nn.Linear(H, nk + 1).to(dev)
     set_head = torch.nn.Linear(H, N_CLASSES - 1).to(dev)
+    # issue 11's stage-0 levers (made only when on, so the default run draws the same numbers)
+    pair_head = torch.nn.Linear(H, N_CLASSES).to(dev) if a.pair_loss else None     # background + pairs
+    tok_head = torch.nn.Linear(H, N_PAIRS).to(dev) if a.token_set else None        # on the frame token
     comp, proj = net.model.compressor, net.model.mm_projector
-    params = [p for p in list(vision.parameters()) + list(comp.parameters()) + list(proj.parameters())
-              if p.requires_grad] + \
-        [p for h in (colour_head, kind_head, set_head) for p in h.parameters()]
+    trained = [vision, comp, proj]
+    heads = [colour_head, kind_head, set_head]
+    if a.pair_loss:
+        heads.append(pair_head)
+    if a.token_set:
+        trained += [net.model.prefusion_layers, net.model.embed_tokens]
+        heads.append(tok_head)
+    params = [p for mod in trained for p in mod.parameters() if p.requires_grad] + \
+        [p for h in heads for p in h.parameters()]
+    trainer = Trainer(net, vision, cfg, tok, dev) if a.token_set else None
+    wp = torch.ones(N_CLASSES, device=dev)
+    wp[0] = 0.2
     opt = torch.optim.AdamW(params, lr=a.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
     wc = torch.ones(N_COLOURS + 1, device=dev)
     wk = torch.ones(nk + 1, device=dev)
@@ -768,7 +857,12 @@ def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t
         # content, not a large common offset
         act = V.pow(2).mean() + Vf.pow(2).mean() + c.pow(2).mean() + \
             10 * (c.mean(0).pow(2).mean() + Vf.mean(0).pow(2).mean())
-        loss = lc + lk + 4 * ls + a.act_penalty * act
+        loss = lc + lk + a.set_weight * ls + a.act_penalty * act
+        if a.pair_loss:
+            loss = loss + a.pair_loss * F.cross_entropy(pair_head(Vf), pc, weight=wp)
+        if a.token_set:
+            tokens = trainer.encode(px)[0][:, 0]
+            loss = loss + a.token_set * F.binary_cross_entropy_with_logits(tok_head(_rms(tokens)), pres.to(dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -790,6 +884,159 @@ def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t
                 f"set {float(ls.detach()):.4f} patch colour {col_acc:.2f} kind {kind_acc:.2f} "
                 f"frame-set exact {sets:.2f} feature rms {float(V.detach().pow(2).mean().sqrt()):.2f} {el / 60:5.1f} min")
     log["vision_curve"] = curve
+    if a.vision_steps:
+        log["vision_probe"] = set_probe(net, vision, set_head, tok_head if a.token_set else None, trainer, a, dev)
+
+
+def set_probe(net, vision, set_head, tok_head, trainer, a, dev, n: int = 512) -> dict:
+    """Held-out frames (scene seeds >= 10**9): how often stage 0's set heads name exactly the
+    (kind, colour) pairs on screen, by how many are on screen (what one frame token holds)."""
+    rng = np.random.default_rng(123)
+    frames, pres = [], []
+    while len(frames) < n:
+        spec = S.make_scene(10 ** 9 + int(rng.integers(10 ** 6)), int(rng.integers(10, 200)),
+                            needle=bool(rng.random() < 0.5))
+        for _ in range(4):
+            t = float(rng.integers(spec.n_frames))
+            frames.append(S.render_frame(spec, t))
+            pres.append(frame_labels(spec, t, a.patch)[1])
+    px = preprocess(np.stack(frames[:n]), a.image_size).to(dev)
+    pres = torch.from_numpy(np.stack(pres[:n])).to(dev)
+    k = pres.sum(1)
+    out = {}
+    with torch.no_grad():
+        reads = {"P(c)": set_head(net.model.mm_projector(net.model.compressor.forward_mha(vision(px)))[:, 0])}
+        if tok_head is not None:
+            reads["token"] = tok_head(_rms(trainer.encode(px)[0][:, 0]))
+        for name, logits in reads.items():
+            ok = ((logits > 0).float() == pres).all(1)
+            out[name] = {str(int(c)): {"exact": round(float(ok[k == c].float().mean()), 3), "frames": int((k == c).sum())}
+                         for c in sorted(set(k.tolist()))}
+            say(f"[train_demo] vision probe {name}: exact (kind, colour) set by pairs on screen "
+                + " ".join(f"{c}: {v['exact']:.2f} ({v['frames']})" for c, v in out[name].items()))
+    return out
+
+
+# =========================================================================== stage 0c: question fusion
+def frame_questions(spec: S.SceneSpec, t: float, rng: np.random.Generator) -> list[tuple[str, int]]:
+    """Four questions about one frame and what the frame answers (a `LOCAL_CLASSES` index): two
+    "is there a <colour> <kind>?" (the star included; present, absent, or half the absent ones
+    hard: a shown kind in another shown colour), one colour and one shape question (about a kind
+    or colour shown once, or one not shown: "none")."""
+    items = frame_items(spec, t)
+    out = []
+    for _ in range(2):
+        if items and rng.random() < 0.5:
+            k, c = items[int(rng.integers(len(items)))]
+            y = LOCAL_CLASSES.index("yes")
+        else:
+            absent = [(k, c) for k in S.ALL_KINDS for c in S.COLOUR_NAMES if (k, c) not in items]
+            near = [(k, c) for (k, c) in absent if any(k == a for a, _ in items) and any(c == b for _, b in items)]
+            pool = near if near and rng.random() < 0.5 else absent
+            k, c = pool[int(rng.integers(len(pool)))]
+            y = 0
+        out.append((S._T_EXISTS.format(article=S._article(c), colour=c, kind=k), y))
+    once_k = [k for k in S.KINDS if sum(a == k for a, _ in items) == 1]
+    k, y = _once_or_absent(S.KINDS, once_k, {a for a, _ in items}, lambda k: next(c for a, c in items if a == k), rng)
+    if y is not None:
+        out.append((S._T_COLOUR.format(kind=k), y))
+    once_c = [c for c in S.COLOUR_NAMES if sum(b == c for a, b in items if a != "star") == 1
+              and all(not (a == "star" and b == c) for a, b in items)]
+    c, y = _once_or_absent(S.COLOUR_NAMES, once_c, {b for _, b in items}, lambda c: next(a for a, b in items if b == c), rng)
+    if y is not None:
+        out.append((S._T_SHAPE.format(colour=c), y))
+    return out
+
+
+def _once_or_absent(names, once, shown, partner, rng) -> tuple[str, int | None]:
+    """60 %: a name shown exactly once, and its partner's class (the colour of a kind, the kind of
+    a colour); else any name: "none" if it is not shown, None (skip) if it is."""
+    if once and rng.random() < 0.6:
+        n = once[int(rng.integers(len(once)))]
+        return n, LOCAL_CLASSES.index(partner(n))
+    n = names[int(rng.integers(len(names)))]
+    return n, (0 if n not in shown else None)
+
+
+def frame_items(spec: S.SceneSpec, t: float) -> list[tuple[str, str]]:
+    """(kind, colour) of everything on screen at `t`, the needle star included."""
+    items = [(spec.objects[i].kind, spec.objects[i].colour_at(t)) for i in S.visible_objects(spec, t)]
+    if spec.needle is not None and spec.needle.visible(t):
+        items.append(("star", spec.needle.colour))
+    return items
+
+
+def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
+    """Stage 0c (--fusion-steps): the pre-fusion layers learn, on single frames, to answer in the
+    question's referent row what that frame shows about a colour, shape or "is there" question
+    (the per-frame half of --local, on many independent frames instead of a few videos; the
+    frozen tower's patches are what they read). A training-only head, dropped."""
+    net = trainer.net
+    head = LocalHead(trainer.cfg.hidden_size).to(dev)
+    mods = [net.model.prefusion_layers, net.model.embed_tokens]
+    for mod in mods:
+        mod.requires_grad_(True)
+    params = [p for mod in mods for p in mod.parameters()] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=a.fusion_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    yes = LOCAL_CLASSES.index("yes")
+    curve, hist = [], []
+    for step in range(a.fusion_steps):
+        rng = np.random.default_rng([a.seed, 0xF05E, step])
+        frames, qs = [], []
+        while len(frames) < a.fusion_batch:
+            spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 200)),
+                                needle=bool(rng.random() < 0.5))
+            for _ in range(4):
+                if spec.needle is not None and rng.random() < 0.3:
+                    t = float(rng.integers(int(spec.needle.t_appear), int(spec.needle.t_leave)))
+                else:
+                    t = float(rng.integers(spec.n_frames))
+                frames.append(S.render_frame(spec, t))
+                qs.append(frame_questions(spec, t, rng))
+        frames, qs = np.stack(frames[:a.fusion_batch]), qs[:a.fusion_batch]
+        if rng.random() < 0.5:
+            frames = codec_like(frames, rng)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.fusion_steps, a.fusion_lr, 50)
+        px = preprocess(frames, a.image_size).to(dev)
+        _, ks, vs, _ = trainer.encode(px)
+        fi = [f for f, q in enumerate(qs) for _ in q]
+        flat = [x for q in qs for x in q]
+        rows = [trainer.question_rows(q) for q, _ in flat]
+        Sq = max(len(r) for r in rows)
+        qid = torch.full((len(rows), Sq), trainer.eot, dtype=torch.long)
+        for b, r in enumerate(rows):
+            qid[b, :len(r)] = torch.tensor(r)
+        m = net.model
+        x = m.embed_tokens(qid.to(dev))
+        C = ks[0].shape[2]
+        cos, sin = net.rotary(torch.arange(C, C + Sq, device=dev), x.dtype)
+        idx = torch.tensor(fi, device=dev)
+        for l, layer in enumerate(m.prefusion_layers):
+            x = layer.cached(x, cos, sin, ks[l][idx], vs[l][idx], trainer.fusion)
+        ref = [trainer.referent_row(QA("shape" if q.startswith("what shape") else "x", q, ""), r)
+               for (q, _), r in zip(flat, rows)]
+        sel = x[torch.arange(len(rows), device=dev), torch.tensor(ref, device=dev)]
+        logits = head.lin(_rms(sel).float())
+        tgt = torch.tensor([y for _, y in flat], device=dev)
+        loss = F.cross_entropy(logits, tgt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            ok = (logits.argmax(-1) == tgt)
+            exist = torch.tensor([q.startswith("is there") for q, _ in flat], device=dev)
+            hist.append((float(ok[exist].float().mean()), float(ok[~exist].float().mean()),
+                         float(ok[exist & (tgt == yes)].float().mean())))
+        if step % a.log_every == 0 or step == a.fusion_steps - 1:
+            r = np.mean(hist[-50:], 0)
+            el = time.perf_counter() - t_start
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "exists_acc": round(float(r[0]), 3),
+                          "colour_shape_acc": round(float(r[1]), 3), "elapsed_s": round(el, 1)})
+            say(f"[train_demo] fusion {step:5d}/{a.fusion_steps} loss {float(loss.detach()):.3f} per-frame "
+                f"is-there {r[0]:.2f} (yes {r[2]:.2f}) colour/shape {r[1]:.2f} {el / 60:5.1f} min")
+    log["fusion_curve"] = curve
 
 
 # =========================================================================== saving
@@ -912,6 +1159,14 @@ def parse_args(argv):
     ap.add_argument("--vision-batch", type=int, default=64)
     ap.add_argument("--vision-lr", type=float, default=1e-3)
     ap.add_argument("--act-penalty", type=float, default=0.01, help="stage 0: weight of mean(feature^2)")
+    ap.add_argument("--set-weight", type=float, default=4.0,
+                    help="stage 0: weight of the (kind, colour) set loss on P(c) (mean binary cross-entropy)")
+    ap.add_argument("--pair-loss", type=float, default=0.0,
+                    help="stage 0: weight of a per-patch (kind, colour) classifier on P(V), the binding at "
+                         "patch level (0: off, colour and kind are classified apart)")
+    ap.add_argument("--token-set", type=float, default=0.0,
+                    help="stage 0: weight of the (kind, colour) set loss on the frame token itself (after the "
+                         "pre-fusion layers, which then train in stage 0 too; 0: off)")
     ap.add_argument("--aux", type=float, default=1.0,
                     help="weight of the auxiliary loss: each frame row's LLM output names what the frame shows")
     ap.add_argument("--hard-negatives", type=float, default=0.0,
@@ -925,6 +1180,10 @@ def parse_args(argv):
                     help="weight of the binding loss: (kind, colour) pairs per frame token, pairs and objects "
                          "seen so far after --bind-layer LLM layers (0: off)")
     ap.add_argument("--bind-layer", type=int, default=2)
+    ap.add_argument("--local", type=float, default=0.0,
+                    help="weight of the per-frame loss on the fused question rows: the referent word's row of a "
+                         "colour, shape or 'is there' question fused with one frame names what that frame shows "
+                         "about it, and the same read-out of the average over frames the answer (0: off)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="warm start: every matching weight of this demo checkpoint (the vision tower too); "
                          "use with --vision-steps 0")
@@ -933,6 +1192,13 @@ def parse_args(argv):
                     help="save an exponential moving average of the weights with this decay (0: the weights)")
     ap.add_argument("--save-every", type=int, default=0,
                     help="also save the checkpoint (and the log so far) every N steps")
+    ap.add_argument("--fusion-steps", type=int, default=0,
+                    help="stage 0c: steps of per-frame question-fusion training (pre-fusion layers and "
+                         "embeddings; 0: none)")
+    ap.add_argument("--fusion-batch", type=int, default=96, help="stage 0c: frames per step (4 questions each)")
+    ap.add_argument("--fusion-lr", type=float, default=1e-3)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop (and save) after this many steps of the --steps schedule (0: run it all)")
     ap.add_argument("--stage1", type=float, default=0.3, help="fraction of --steps in stage 1 (align)")
     ap.add_argument("--train-vision", action="store_true",
                     help="keep training the CLIP tower after stage 0 (LLaVA-Mini keeps it frozen)")
@@ -965,7 +1231,9 @@ def main(argv=None) -> int:
     net.model.compressor.pos_embed.requires_grad_(False)
     trainer = Trainer(net, vision, cfg, tok, dev)
     heads = BindHeads(cfg.hidden_size, a.bind_layer).to(dev) if a.bind else None
-    extra = list(heads.parameters()) if heads is not None else []
+    local_head = LocalHead(cfg.hidden_size).to(dev) if a.local else None
+    extra = (list(heads.parameters()) if heads is not None else []) + \
+        (list(local_head.parameters()) if local_head is not None else [])
     params = [p for p in list(net.parameters()) + list(vision.parameters()) + extra if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -989,10 +1257,16 @@ def main(argv=None) -> int:
            "check_exact_max_abs_logit_diff": exact_diff, "train_seed_limit": TRAIN_SEED_LIMIT,
            "data": "scene seeds drawn from numpy default_rng([seed, 0xDA7A, step]) in [0, 10**6)",
            "curve": [], "family_first_token_acc": {}}
-    pretrain_vision(net, vision, a, dev, log, t_start)
+    pretrain_vision(net, vision, a, dev, log, t_start, tok, cfg)
     if not a.train_vision:                     # LLaVA-Mini's recipe: the vision tower stays frozen
         vision.requires_grad_(False)
         vision.eval()
+    if a.fusion_steps:
+        was = [p.requires_grad for p in net.parameters()]
+        net.requires_grad_(False)
+        pretrain_fusion(trainer, a, dev, log, t_start)
+        for p, w in zip(net.parameters(), was):
+            p.requires_grad_(w)
         params = [p for p in params if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
@@ -1042,16 +1316,20 @@ def main(argv=None) -> int:
             vision.train()
 
     t_loop = time.perf_counter()
+    stopped_at = None
     for step in range(a.steps):
         if time.perf_counter() - t_start > a.minutes * 60:
             stopped_early = True
+            break
+        if a.stop_after and step >= a.stop_after:
+            stopped_at = step
             break
         samples = make_step(step, a.steps, a.seed, a.stage1, a.long_every)
         seeds_used.extend(s.spec.seed for s in samples)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.steps, a.lr, a.warmup)
         grad_samples = [s for s in samples if s.kind != "long"]
-        total, ntok, results, aux, bind = 0.0, 0, [], [], []
+        total, ntok, results, aux, bind, loc = 0.0, 0, [], [], [], []
         if grad_samples:
             px = preprocess(np.concatenate([render(s) for s in grad_samples]), a.image_size).to(dev)
             tokens, ks, vs, po = trainer.encode(px)
@@ -1064,7 +1342,8 @@ def main(argv=None) -> int:
                                              torch.tensor(s.reps), s.qas, aux=aux,
                                              frame_words=trainer.frame_words(s.spec, s.times) if a.aux else None,
                                              pairs=trainer.frame_pairs(s.spec, s.times) if heads is not None else None,
-                                             heads=heads, bind=bind)
+                                             heads=heads, bind=bind, local_out=loc,
+                                             local=(local_head, s.spec, s.times) if local_head is not None else None)
                 total, ntok, results = total + l, ntok + n, results + r
         for s in samples:
             if s.kind != "long":
@@ -1072,17 +1351,22 @@ def main(argv=None) -> int:
             px = preprocess(render(s), a.image_size).to(dev)
             with torch.no_grad():
                 tokens, ks, vs, po = trainer.encode(px)
-            l, n, r = trainer.video_loss(tokens, ks, vs, po, torch.tensor(s.reps), s.qas, frame_grad=False)
+            l, n, r = trainer.video_loss(tokens, ks, vs, po, torch.tensor(s.reps), s.qas, frame_grad=False,
+                                         local_out=loc,
+                                         local=(local_head, s.spec, s.times) if local_head is not None else None)
             total, ntok, results = total + l, ntok + n, results + r
         loss = total / max(1, ntok)
         aux_loss = sum(aux[0::2]) / max(1, sum(aux[1::2])) if aux else None
         bind_loss = sum(bind[0::2]) / max(1, sum(bind[1::2])) if bind else None
+        local_loss = sum(loc) / len(loc) if loc else None
         opt.zero_grad(set_to_none=True)
         objective = loss
         if aux_loss is not None:
             objective = objective + a.aux * aux_loss
         if bind_loss is not None:
             objective = objective + a.bind * bind_loss
+        if local_loss is not None:
+            objective = objective + a.local * local_loss
         objective.backward()
         gn = torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -1102,14 +1386,16 @@ def main(argv=None) -> int:
             log["curve"].append({"step": step, "loss": round(lv, 4), "loss_ema": round(ema, 4),
                                  "aux_loss": None if aux_loss is None else round(float(aux_loss.detach()), 4),
                                  "bind_loss": None if bind_loss is None else round(float(bind_loss.detach()), 4),
+                                 "local_loss": None if local_loss is None else round(float(local_loss.detach()), 4),
                                  "lr": round(opt.param_groups[0]["lr"], 6), "grad_norm": round(float(gn), 3),
                                  "elapsed_s": round(el, 1), "first_token_acc": recent})
             acc = " ".join(f"{f}={v:.2f}" for f, v in recent.items())
             say(f"[train_demo] step {step:5d}/{a.steps} loss {lv:.4f} ema {ema:.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"gn {float(gn):.2f} aux {float(aux_loss.detach()) if aux_loss is not None else 0:.3f} bind {float(bind_loss.detach()) if bind_loss is not None else 0:.2f} {el / 60:5.1f} min | {acc}")
+                  f"gn {float(gn):.2f} aux {float(aux_loss.detach()) if aux_loss is not None else 0:.3f} bind {float(bind_loss.detach()) if bind_loss is not None else 0:.2f} "
+                f"local {float(local_loss.detach()) if local_loss is not None else 0:.2f} {el / 60:5.1f} min | {acc}")
         if a.save_every and step and step % a.save_every == 0 and step != a.steps - 1:
             write_out(step + 1, False, final=False)
-    steps_done = step + (0 if stopped_early or a.steps == 0 else 1)
+    steps_done = stopped_at if stopped_at is not None else step + (0 if stopped_early or a.steps == 0 else 1)
     write_out(steps_done, stopped_early, final=True)
     return 0
 
