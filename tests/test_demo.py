@@ -74,22 +74,20 @@ def test_loads_with_its_tokenizer(demo):
 
 def test_answers_fresh_videos_well_above_chance(demo):
     """Six fresh 30 s videos (held-out seeds). Measured when the checkpoint was made (docs/demo.md):
-    colour 4/8 and shape 7/12 right (chance about 1/7 and 1/4: 11/20 against ~4/20), the needle
-    star 5/6 (chance 1/2). "is there a <colour> <kind>?" is not asserted: this model answers it
-    at chance (10/16 here, with 10 of the 16 answers "yes")."""
+    shape 12/12 and "is there a <colour> <kind>?" 13/16 (chance about 1/4 and 1/2), colour 3/8
+    (chance about 1/7). Not asserted: the needle star, 3/6 on these six (chance; `eval-demo`'s
+    60 s tier measures it on 30 videos: 97 %), and count, 3/6."""
     from stream.synthetic import make_scene, questions, score
     right: dict[str, list[bool]] = {}
     for i in range(6):
         spec = make_scene(10 ** 9 + 7_000 + i, 30.0, needle=bool(i % 2))
         states = _encode(demo, spec)
-        for qa in questions(spec, families=["colour", "shape", "needle"], per_family=3):
-            if qa.meta.get("form") == "when":
-                continue
+        for qa in questions(spec, families=["colour", "shape", "exists"], per_family=3):
             right.setdefault(qa.family, []).append(score(qa, demo.ask(states, qa.question, max_new_tokens=6).text))
-    attr = right["colour"] + right["shape"]
-    assert len(attr) >= 12 and len(right["needle"]) == 6, {k: len(v) for k, v in right.items()}
-    assert np.mean(attr) >= 0.4, right          # chance ~0.2
-    assert np.mean(right["needle"]) >= 0.6, right
+    assert len(right["shape"]) >= 10 and len(right["exists"]) >= 12, {k: len(v) for k, v in right.items()}
+    assert np.mean(right["shape"]) >= 0.75, right              # chance ~0.25
+    assert np.mean(right["exists"]) >= 0.7, right              # chance 0.5
+    assert np.mean(right["colour"] + right["shape"]) >= 0.5, right
 
 
 def test_training_forward_is_the_inference_computation(demo):
@@ -166,3 +164,112 @@ def test_eval_balances_answers_and_reports_a_blind_baseline():
                                                  polarity={"exists": i % 2 == 0}) if q.family == "exists"]
     b = blind_baseline(qs)
     assert b["n"] == 6 and b["accuracy"] == 0.5 and b["answers"] == {"yes": 3, "no": 3}
+
+
+def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
+    """Issue 11's stage-0 levers (per-patch (kind, colour) classes, the set loss on the frame token
+    itself, stage 0c's per-frame question fusion) run, train the pre-fusion layers before stage 1
+    (they are not trained there otherwise), and
+    the log carries the held-out probe: per count of pairs on screen, how often the set is read
+    exactly, over frames that add up to the probe's size."""
+    from model import LlavaMini, train_demo
+    from safetensors.torch import load_file
+    threads = torch.get_num_threads()
+    out = tmp_path / "levers"
+    try:
+        argv = ["--out", str(out), "--seed", "3", "--vision-steps", "3", "--steps", "0", "--threads", "1",
+                "--pair-loss", "1", "--token-set", "4", "--fusion-steps", "2", "--fusion-batch", "8",
+                "--log-every", "1"]
+        assert train_demo.main(argv) == 0
+        plain = tmp_path / "plain"
+        assert train_demo.main(["--out", str(plain), "--seed", "3", "--vision-steps", "3", "--steps", "0",
+                                "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+        torch.set_flush_denormal(False)
+    log = json.loads((out / "training_log.json").read_text())
+    probe = log["vision_probe"]
+    assert set(probe) == {"P(c)", "token"}
+    for read in probe.values():
+        assert sum(v["frames"] for v in read.values()) == 512
+        assert all(0.0 <= v["exact"] <= 1.0 for v in read.values())
+    assert [c["step"] for c in log["fusion_curve"]] == [0, 1]
+    plain_log = json.loads((plain / "training_log.json").read_text())
+    assert set(plain_log["vision_probe"]) == {"P(c)"} and "fusion_curve" not in plain_log
+    # stage 0 moved the pre-fusion layers only with --token-set
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(plain / "model.safetensors"))
+    key = "model.prefusion_layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(a[key], b[key])
+    assert LlavaMini.from_pretrained(out).tokenizer is not None
+
+
+def test_local_targets_name_what_each_frame_shows():
+    """--local's per-frame classes follow the scene: the colour of the named kind, the kind of the
+    named colour, "yes" where the named (colour, kind) is on screen, "none" elsewhere; the whole
+    video's class is the answer ("none" for a "no")."""
+    from model.train_demo import LOCAL_CLASSES, QA, local_targets
+    from stream import synthetic as S
+    spec = S.make_scene(10 ** 9 + 7_400, 40.0, n_objects=3, needle=True)
+    times = [float(t) for t in range(spec.n_frames)]
+    seen = 0
+    for i, o in enumerate(spec.objects):
+        c = o.colour_at(o.t_appear)
+        on = [i in S.visible_objects(spec, t) and o.colour_at(t) == c for t in times]
+        per, video = local_targets(spec, times, QA("exists", f"does the video show a {c} {o.kind}?", "yes"))
+        assert [p == LOCAL_CLASSES.index("yes") for p in per] == on and video == LOCAL_CLASSES.index("yes")
+        if sum(x.kind == o.kind for x in spec.objects) == 1:
+            per, video = local_targets(spec, times, QA("colour", f"what color is the {o.kind}?", c))
+            assert [LOCAL_CLASSES[p] for p in per] == [
+                spec.objects[i].colour_at(t) if i in S.visible_objects(spec, t) else "none" for t in times]
+            assert LOCAL_CLASSES[video] == c
+            seen += 1
+    n = spec.needle
+    per, video = local_targets(spec, times, QA("needle", f"is there a {n.colour} star?", "yes"))
+    assert [p != 0 for p in per] == [n.visible(t) for t in times]
+    absent = next(c for c in S.COLOUR_NAMES if c != n.colour)
+    per, video = local_targets(spec, times, QA("needle", f"is there a {absent} star?", "no"))
+    assert set(per) == {0} and video == 0
+    assert local_targets(spec, times, QA("count", "how many objects are there?", "3")) is None
+    assert seen >= 1
+
+
+def test_frame_questions_are_answered_by_the_frame():
+    """Stage 0c's questions: "is there" is "yes" exactly when the pair is on screen (the star
+    included), a colour (shape) question names the colour (kind) of the one object of that kind
+    (colour) on screen, or "none" when there is none."""
+    from model.train_demo import LOCAL_CLASSES, frame_questions
+    from stream import synthetic as S
+    rng = np.random.default_rng(0)
+    n = 0
+    for i in range(12):
+        spec = S.make_scene(10 ** 9 + 7_500 + i, 30.0, needle=True)
+        for t in (0.0, 5.0, 12.0, 20.0, float(spec.needle.t_appear)):
+            items = [(spec.objects[j].kind, spec.objects[j].colour_at(t)) for j in S.visible_objects(spec, t)]
+            if spec.needle.visible(t):
+                items.append(("star", spec.needle.colour))
+            for q, y in frame_questions(spec, t, rng):
+                w = S.tokenize_words(q)
+                if q.startswith("is there"):
+                    assert (LOCAL_CLASSES[y] == "yes") == ((w[-1], w[-2]) in items), (q, items)
+                elif q.startswith("what colour"):
+                    shown = [c for k, c in items if k == w[-1]]
+                    assert LOCAL_CLASSES[y] == (shown[0] if shown else "none") and len(shown) <= 1
+                else:
+                    shown = [k for k, c in items if c == w[-2]]
+                    assert LOCAL_CLASSES[y] == (shown[0] if shown else "none") and len(shown) <= 1
+                n += 1
+    assert n >= 200
+
+
+def test_probe_demo_reads_the_fused_question_rows(capsys):
+    """`python -m model.probe_demo` runs on the committed checkpoint and reports held-out
+    accuracies per group (what docs/demo.md's probe table is made of)."""
+    from model import probe_demo
+    threads = torch.get_num_threads()
+    try:
+        assert probe_demo.main([str(CKPT), "--frames", "120"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "referent" in out and "hard absent" in out and "(36 of 120 frames)" in out
