@@ -52,22 +52,13 @@ def probe(model_dir: str, frames: int = 800, seed: int = 5) -> dict:
         groups.append(g)
     px = T.preprocess(np.stack(imgs), m.preprocess["size"])
     feats: dict[str, list[torch.Tensor]] = {"referent": [], "last": []}
-    mm = m.net.model
     with torch.no_grad():
         _, ks, vs, _ = tr.encode(px)
         rows = [tr.question_rows(q) for q in qs]
         for b0 in range(0, len(qs), 200):
             sl = slice(b0, b0 + 200)
             rws = rows[sl]
-            Sq = max(len(r) for r in rws)
-            qid = torch.full((len(rws), Sq), tr.eot)
-            for i, r in enumerate(rws):
-                qid[i, :len(r)] = torch.tensor(r)
-            x = mm.embed_tokens(qid)
-            C = ks[0].shape[2]
-            cos, sin = m.net.rotary(torch.arange(C, C + Sq), x.dtype)
-            for li, layer in enumerate(mm.prefusion_layers):
-                x = layer.cached(x, cos, sin, ks[li][sl], vs[li][sl], tr.fusion)
+            x = tr.fuse_rows(rws, [k[sl] for k in ks], [v[sl] for v in vs])
             for i, (q, r) in enumerate(zip(qs[sl], rws)):
                 feats["referent"].append(x[i, tr.referent_row(T.QA("exists", q, ""), r)])
                 feats["last"].append(x[i, len(r) - 1])

@@ -476,10 +476,7 @@ class Trainer:
         """(K, len(aux_words)) multi-hot: the colour and kind words of what each frame shows."""
         out = torch.zeros(len(times), len(self.aux_words))
         for k, t in enumerate(times):
-            items = [(spec.objects[i].kind, spec.objects[i].colour_at(t)) for i in S.visible_objects(spec, t)]
-            if spec.needle is not None and spec.needle.visible(t):
-                items.append(("star", spec.needle.colour))
-            for kind, colour in items:
+            for kind, colour in frame_items(spec, t):
                 out[k, self.aux_words.index(kind)] = 1
                 out[k, self.aux_words.index(colour)] = 1
         return out.to(self.device)
@@ -518,6 +515,21 @@ class Trainer:
         words = set(S.COLOUR_NAMES) if qa.family == "shape" else set(S.ALL_KINDS)
         ids = {self.tok.convert_tokens_to_ids(w) for w in words}
         return max(i for i, t in enumerate(rows) if t in ids)
+
+    def fuse_rows(self, rows: list[list[int]], ks, vs) -> torch.Tensor:
+        """Question rows (padded with <|eot_id|>) through the pre-fusion layers, row b against the
+        cached keys/values ks[l][b], vs[l][b] of its frame: (len(rows), max length, H)."""
+        m = self.net.model
+        Sq = max(len(r) for r in rows)
+        qid = torch.full((len(rows), Sq), self.eot, dtype=torch.long)
+        for b, r in enumerate(rows):
+            qid[b, :len(r)] = torch.tensor(r)
+        x = m.embed_tokens(qid.to(self.device))
+        C = ks[0].shape[2]
+        cos, sin = self.net.rotary(torch.arange(C, C + Sq, device=self.device), x.dtype)
+        for l, layer in enumerate(m.prefusion_layers):
+            x = layer.cached(x, cos, sin, ks[l], vs[l], self.fusion)
+        return x
 
     def answer_ids(self, answer: str) -> list[int]:
         words = S.tokenize_words(answer)
@@ -1003,17 +1015,8 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         fi = [f for f, q in enumerate(qs) for _ in q]
         flat = [x for q in qs for x in q]
         rows = [trainer.question_rows(q) for q, _ in flat]
-        Sq = max(len(r) for r in rows)
-        qid = torch.full((len(rows), Sq), trainer.eot, dtype=torch.long)
-        for b, r in enumerate(rows):
-            qid[b, :len(r)] = torch.tensor(r)
-        m = net.model
-        x = m.embed_tokens(qid.to(dev))
-        C = ks[0].shape[2]
-        cos, sin = net.rotary(torch.arange(C, C + Sq, device=dev), x.dtype)
         idx = torch.tensor(fi, device=dev)
-        for l, layer in enumerate(m.prefusion_layers):
-            x = layer.cached(x, cos, sin, ks[l][idx], vs[l][idx], trainer.fusion)
+        x = trainer.fuse_rows(rows, [k[idx] for k in ks], [v[idx] for v in vs])
         ref = [trainer.referent_row(QA("shape" if q.startswith("what shape") else "x", q, ""), r)
                for (q, _), r in zip(flat, rows)]
         sel = x[torch.arange(len(rows), device=dev), torch.tensor(ref, device=dev)]
