@@ -284,7 +284,7 @@ PARAPHRASES = {
 }
 # the data levers of issue 11 (set from the command line by `main`; the defaults reproduce the
 # committed checkpoint's data exactly: every lever off draws nothing from the random streams)
-RECIPE = {"hard_negatives": 0.0, "paraphrase": 0.0, "whole_videos": 0.4}
+RECIPE = {"hard_negatives": 0.0, "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24}
 PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 
 
@@ -344,6 +344,7 @@ def long_sample(rng, length: int, anchors: int = 24) -> Sample:
     `length` frames, plus (when the scene has one) the needle as 1-3 frames of its own."""
     d = int(rng.integers(600, 10801))
     spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
+    anchors = min(anchors, length)
     step = d / anchors
     off = rng.random()
     times = [math.floor((k + off) * step) for k in range(anchors)]
@@ -357,6 +358,16 @@ def long_sample(rng, length: int, anchors: int = 24) -> Sample:
         k = sum(t < tn for t in times)
         times.insert(k, tn)
         reps.insert(k, int(rng.integers(1, 4)))
+    if RECIPE["decoys"]:
+        # --decoys: other moments of the video as short runs of 1-3 frames too, so that "a frame
+        # unlike its neighbours" is not a shortcut to the needle (in a real video every frame differs)
+        for _ in range(RECIPE["decoys"]):
+            td = int(rng.integers(d))
+            if spec.needle is not None and spec.needle.visible(float(td)):
+                continue
+            k = sum(t <= td for t in times)
+            times.insert(k, td)
+            reps.insert(k, int(rng.integers(1, 4)))
     times = [float(t) for t in times]
     fams = ("needle", "needle", "exists", "colour", "shape", "count", "order")
     qas = clip_questions(spec, times, rng, contiguous=False, families=fams)
@@ -626,7 +637,17 @@ class Trainer:
                 per = F.cross_entropy(head.lin(_rms(xs[:, b, row]).float()), torch.tensor(tg[0], device=dev),
                                       reduction="none")
                 vid = F.cross_entropy(head.lin(_rms(fused[b, row]).float())[None], torch.tensor([tg[1]], device=dev))
-                local_out.append((per * w).sum() / n + vid)
+                term = (per * w).sum() / n + vid
+                none = [k for k, y in enumerate(tg[0]) if y == 0]
+                if head.null and len(none) >= 2:
+                    # every row from the referent word on (the ones that know what is asked), or
+                    # with --null-rows referent that word's row only
+                    ii = torch.tensor(none, device=dev)
+                    R = 1 if head.null_rows == "referent" else len(qrows[b]) - row
+                    tail = xs[ii, b, row:row + R].reshape(len(none) * R, H)
+                    term = term + head.null * null_spread(tail, list(range(R)) * len(none),
+                                                          w[ii].repeat_interleave(R)) / (n * R)
+                local_out.append(term)
         # suffix rows: fused question rows then the answer's plain embeddings
         lens = [len(r) + len(a) - 1 for r, a in zip(qrows, ans)]
         L = max(lens)
@@ -737,15 +758,39 @@ class LocalHead(torch.nn.Module):
     sees. One linear map for both, so an absent object's frames must read "none" and leave the
     present frames' class on top of the average (a short appearance's dilution cannot flip it)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, null: float = 0.0, null_rows: str = "rest"):
         super().__init__()
         self.lin = torch.nn.Linear(hidden, len(LOCAL_CLASSES))
+        self.null = null                   # --null: weight of `null_spread` on the "none" frames
+        self.null_rows = null_rows         # --null-rows: "rest" (referent word on) or "referent"
 
 
 # --local: what one frame says about a question, for a training-only read-out of the question's
 # referent row fused with that frame (before the average over frames)
 LOCAL_CLASSES = ("none",) + S.COLOUR_NAMES + S.ALL_KINDS + ("yes",)
 LOCAL_FAMILIES = ("colour", "shape", "exists", "needle")
+
+
+def null_spread(rows: torch.Tensor, groups: list, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """--null: how far the question rows (the referent word's and every later one) of frames that
+    do not show what is asked about ("none") spread around their own mean, per group (one question
+    and row): sum of w * mean((rms(row) - mean)^2) over rows. Those frames then add the same row to the frame average whatever else they show,
+    so the average leans only toward the frames that do show it (no other object's colour leaks
+    in). `rows` (N, H), `groups` one key per row, `weights` (N,) or None (all 1)."""
+    x = _rms(rows).float()
+    w = torch.ones(len(groups), device=rows.device) if weights is None else weights.float()
+    total = x.new_zeros(())
+    keys: dict = {}
+    for i, g in enumerate(groups):
+        keys.setdefault(g, []).append(i)
+    for idx in keys.values():
+        if len(idx) < 2:
+            continue
+        ii = torch.tensor(idx, device=rows.device)
+        xw, ww = x[ii], w[ii]
+        mean = (xw * ww[:, None]).sum(0) / ww.sum()
+        total = total + (ww * ((xw - mean) ** 2).mean(-1)).sum()
+    return total
 
 
 def local_targets(spec: S.SceneSpec, times: list[float], qa: QA) -> tuple[list[int], int] | None:
@@ -833,7 +878,7 @@ def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t
     pair_head = torch.nn.Linear(H, N_CLASSES).to(dev) if a.pair_loss else None     # background + pairs
     tok_head = torch.nn.Linear(H, N_PAIRS).to(dev) if a.token_set else None        # on the frame token
     comp, proj = net.model.compressor, net.model.mm_projector
-    trained = [vision, comp, proj]
+    trained = [comp] if a.compressor_only else [vision, comp, proj]
     heads = [colour_head, kind_head, set_head]
     if a.pair_loss:
         heads.append(pair_head)
@@ -859,7 +904,8 @@ def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t
         kin = torch.where(pc > 0, (pc - 1) // N_COLOURS + 1, 0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.vision_steps, a.vision_lr, 50)
-        V = vision(px)
+        with torch.set_grad_enabled(not a.compressor_only):
+            V = vision(px)
         c = proj(comp.forward_mha(V))[:, 0]            # the frame token's start, P(c)
         Vf = proj(V).reshape(-1, H)                     # the patch rows, P(V)
         lc = F.cross_entropy(colour_head(Vf), col, weight=wc)
@@ -1023,6 +1069,18 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         logits = head.lin(_rms(sel).float())
         tgt = torch.tensor([y for _, y in flat], device=dev)
         loss = F.cross_entropy(logits, tgt)
+        spread = None
+        if a.null:
+            # every row from the referent word on (the ones that know what is asked; with
+            # --null-rows referent that word's row only), per question and row; normalised per row
+            none = [i for i, (_, y) in enumerate(flat) if y == 0]
+            if none:
+                end = [ref[i] + 1 if a.null_rows == "referent" else len(rows[i]) for i in range(len(rows))]
+                bi = [i for i in none for _ in range(ref[i], end[i])]
+                ri = [j for i in none for j in range(ref[i], end[i])]
+                tail = x[torch.tensor(bi, device=dev), torch.tensor(ri, device=dev)]
+                spread = null_spread(tail, [(flat[i][0], j) for i, j in zip(bi, ri)]) / len(bi)
+                loss = loss + a.null * spread
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1030,15 +1088,20 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         with torch.no_grad():
             ok = (logits.argmax(-1) == tgt)
             exist = torch.tensor([q.startswith("is there") for q, _ in flat], device=dev)
+            colour_q = torch.tensor([q.startswith("what colour") for q, _ in flat], device=dev)
             hist.append((float(ok[exist].float().mean()), float(ok[~exist].float().mean()),
-                         float(ok[exist & (tgt == yes)].float().mean())))
+                         float(ok[exist & (tgt == yes)].float().mean()),
+                         float(ok[colour_q & (tgt != 0)].float().mean()) if bool((colour_q & (tgt != 0)).any()) else 0.0,
+                         float(spread.detach()) if spread is not None else 0.0))
         if step % a.log_every == 0 or step == a.fusion_steps - 1:
             r = np.mean(hist[-50:], 0)
             el = time.perf_counter() - t_start
             curve.append({"step": step, "loss": round(float(loss.detach()), 4), "exists_acc": round(float(r[0]), 3),
-                          "colour_shape_acc": round(float(r[1]), 3), "elapsed_s": round(el, 1)})
+                          "colour_shape_acc": round(float(r[1]), 3), "colour_shown_acc": round(float(r[3]), 3),
+                          "null_spread": round(float(r[4]), 4), "elapsed_s": round(el, 1)})
             say(f"[train_demo] fusion {step:5d}/{a.fusion_steps} loss {float(loss.detach()):.3f} per-frame "
-                f"is-there {r[0]:.2f} (yes {r[2]:.2f}) colour/shape {r[1]:.2f} {el / 60:5.1f} min")
+                f"is-there {r[0]:.2f} (yes {r[2]:.2f}) colour/shape {r[1]:.2f} (colour shown {r[3]:.2f}) "
+                f"null {r[4]:.3f} {el / 60:5.1f} min")
     log["fusion_curve"] = curve
 
 
@@ -1128,7 +1191,7 @@ def make_step(step: int, steps: int, seed: int, a_stage1: float = 0.3, long_ever
     if step % long_every == 0:
         length = int(300 + (3000 - 300) * min(1.0, (f - a_stage1) / (0.85 - a_stage1)))
         length = int(rng.integers(length // 2, length + 1))
-        out.append(long_sample(rng, length))
+        out.append(long_sample(rng, length, RECIPE["long_anchors"]))
         out.append(clip_sample(rng, max_frames=24))
     else:
         out.append(clip_sample(rng))
@@ -1167,6 +1230,10 @@ def parse_args(argv):
     ap.add_argument("--pair-loss", type=float, default=0.0,
                     help="stage 0: weight of a per-patch (kind, colour) classifier on P(V), the binding at "
                          "patch level (0: off, colour and kind are classified apart)")
+    ap.add_argument("--compressor-only", action="store_true",
+                    help="stage 0: train only the compressor (tower, projector and so the patch rows the "
+                         "question rows read stay as they are): the set losses then teach the frame token "
+                         "to hold every object on screen")
     ap.add_argument("--token-set", type=float, default=0.0,
                     help="stage 0: weight of the (kind, colour) set loss on the frame token itself (after the "
                          "pre-fusion layers, which then train in stage 0 too; 0: off)")
@@ -1187,9 +1254,24 @@ def parse_args(argv):
                     help="weight of the per-frame loss on the fused question rows: the referent word's row of a "
                          "colour, shape or 'is there' question fused with one frame names what that frame shows "
                          "about it, and the same read-out of the average over frames the answer (0: off)")
+    ap.add_argument("--null", type=float, default=0.0,
+                    help="stage 0c and --local: the referent rows of frames that do not show what is asked "
+                         "about must all be the same row (weight of their spread), so the frame average "
+                         "leans only toward the frames that do")
+    ap.add_argument("--null-rows", choices=("rest", "referent"), default="rest",
+                    help="--null's rows: the referent word's and every later question row (rest), or the "
+                         "referent word's only (runs E0 and E of the chain)")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="warm start: every matching weight of this demo checkpoint (the vision tower too); "
                          "use with --vision-steps 0")
+    ap.add_argument("--decoys", type=int, default=0,
+                    help="stage 2: short runs (1-3 frames) of other moments in each long pseudo-video, "
+                         "so only the needle's content tells it apart")
+    ap.add_argument("--long-anchors", type=int, default=24,
+                    help="stage 2: distinct frames in a long pseudo-video (each repeated over its span)")
+    ap.add_argument("--long-grad", action="store_true",
+                    help="stage 2: gradient through the LLM over the long pseudo-videos' frame rows too "
+                         "(with --bind: each must name the pairs seen so far, the needle included)")
     ap.add_argument("--long-every", type=int, default=3, help="stage 2: a long pseudo-video every N steps")
     ap.add_argument("--ema", type=float, default=0.0,
                     help="save an exponential moving average of the weights with this decay (0: the weights)")
@@ -1212,7 +1294,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    RECIPE.update(hard_negatives=a.hard_negatives, paraphrase=a.paraphrase, whole_videos=a.whole_videos)
+    RECIPE.update(hard_negatives=a.hard_negatives, paraphrase=a.paraphrase, whole_videos=a.whole_videos,
+                  decoys=a.decoys, long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
@@ -1234,7 +1317,7 @@ def main(argv=None) -> int:
     net.model.compressor.pos_embed.requires_grad_(False)
     trainer = Trainer(net, vision, cfg, tok, dev)
     heads = BindHeads(cfg.hidden_size, a.bind_layer).to(dev) if a.bind else None
-    local_head = LocalHead(cfg.hidden_size).to(dev) if a.local else None
+    local_head = LocalHead(cfg.hidden_size, a.null, a.null_rows).to(dev) if a.local else None
     extra = (list(heads.parameters()) if heads is not None else []) + \
         (list(local_head.parameters()) if local_head is not None else [])
     params = [p for p in list(net.parameters()) + list(vision.parameters()) + extra if p.requires_grad]
@@ -1354,7 +1437,12 @@ def main(argv=None) -> int:
             px = preprocess(render(s), a.image_size).to(dev)
             with torch.no_grad():
                 tokens, ks, vs, po = trainer.encode(px)
-            l, n, r = trainer.video_loss(tokens, ks, vs, po, torch.tensor(s.reps), s.qas, frame_grad=False,
+            # --long-grad: the LLM's frame rows train on the long video too (the tokens stay fixed),
+            # and with --bind every frame row there must name what the video showed so far
+            lg = a.long_grad and heads is not None
+            l, n, r = trainer.video_loss(tokens, ks, vs, po, torch.tensor(s.reps), s.qas, frame_grad=a.long_grad,
+                                         pairs=trainer.frame_pairs(s.spec, s.times) if lg else None,
+                                         heads=heads if lg else None, bind=bind if lg else None,
                                          local_out=loc,
                                          local=(local_head, s.spec, s.times) if local_head is not None else None)
             total, ntok, results = total + l, ntok + n, results + r

@@ -178,12 +178,15 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
     out = tmp_path / "levers"
     try:
         argv = ["--out", str(out), "--seed", "3", "--vision-steps", "3", "--steps", "0", "--threads", "1",
-                "--pair-loss", "1", "--token-set", "4", "--fusion-steps", "2", "--fusion-batch", "8",
-                "--log-every", "1"]
+                "--pair-loss", "1", "--token-set", "4", "--fusion-steps", "2", "--fusion-batch", "32",
+                "--null", "1", "--log-every", "1"]
         assert train_demo.main(argv) == 0
         plain = tmp_path / "plain"
         assert train_demo.main(["--out", str(plain), "--seed", "3", "--vision-steps", "3", "--steps", "0",
                                 "--threads", "1"]) == 0
+        comp = tmp_path / "comp"
+        assert train_demo.main(["--out", str(comp), "--seed", "3", "--init-from", str(plain), "--vision-steps", "3",
+                                "--compressor-only", "--steps", "0", "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
@@ -195,6 +198,7 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
         assert sum(v["frames"] for v in read.values()) == 512
         assert all(0.0 <= v["exact"] <= 1.0 for v in read.values())
     assert [c["step"] for c in log["fusion_curve"]] == [0, 1]
+    assert all(c["null_spread"] >= 0 for c in log["fusion_curve"])       # --null logged (unit test below)
     plain_log = json.loads((plain / "training_log.json").read_text())
     assert set(plain_log["vision_probe"]) == {"P(c)"} and "fusion_curve" not in plain_log
     # stage 0 moved the pre-fusion layers only with --token-set
@@ -202,6 +206,12 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
     key = "model.prefusion_layers.0.self_attn.q_proj.weight"
     assert not torch.equal(a[key], b[key])
     assert LlavaMini.from_pretrained(out).tokenizer is not None
+    # --compressor-only: the compressor moves, the tower and the projector (the patch rows) do not
+    c = load_file(str(comp / "model.safetensors"))
+    assert not torch.equal(c["model.compressor.query"], b["model.compressor.query"])
+    assert all(torch.equal(c[k], b[k]) for k in b if not k.startswith("model.compressor."))
+    tv = lambda d: load_file(str(d / "clip-vision" / "model.safetensors"))  # noqa: E731
+    assert all(torch.equal(x, y) for x, y in zip(tv(comp).values(), tv(plain).values()))
 
 
 def test_local_targets_name_what_each_frame_shows():
@@ -273,3 +283,55 @@ def test_probe_demo_reads_the_fused_question_rows(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "referent" in out and "hard absent" in out and "(36 of 120 frames)" in out
+
+
+def test_null_spread_measures_how_far_none_rows_differ_per_question():
+    """--null's penalty: zero when every "none" row of one question is the same row (whatever its
+    scale: rows are RMS-normalised), positive otherwise, per group only (two questions' rows may
+    differ), weighted, and its gradient pulls the rows together."""
+    from model.train_demo import null_spread
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    same = torch.stack([a, 2 * a, b, 3 * b])
+    assert float(null_spread(same, ["q1", "q1", "q2", "q2"])) < 1e-10
+    assert float(null_spread(same, ["q1", "q1", "q1", "q1"])) > 0.1
+    assert float(null_spread(same[:1], ["q1"])) == 0.0                     # one row: nothing to compare
+    w = torch.tensor([1.0, 1.0, 0.0])
+    rows = torch.stack([a, a, b])
+    assert float(null_spread(rows, [0, 0, 0], w)) < 1e-10                 # weight 0: left out
+    x = torch.stack([a, b]).requires_grad_(True)
+    null_spread(x, [0, 0]).backward()
+    step = x.detach() - 0.1 * x.grad
+    assert float(null_spread(step, [0, 0])) < float(null_spread(x.detach(), [0, 0]))
+
+
+def test_decoys_make_the_needle_not_the_only_short_run():
+    """--decoys: a long pseudo-video also shows other moments as runs of 1-3 frames, so the needle
+    is not the only short run; the questions are still answered by the frames it shows."""
+    import numpy as np
+    from model import train_demo as T
+    from stream import synthetic as S
+    saved = dict(T.RECIPE)
+    try:
+        T.RECIPE["decoys"] = 0
+        plain = T.long_sample(np.random.default_rng(11), 2000)
+        T.RECIPE["decoys"] = 12
+        found = 0
+        for seed in range(40):
+            s = T.long_sample(np.random.default_rng(seed), 2000)
+            short = [t for t, r in zip(s.times, s.reps) if r <= 3]
+            assert s.times == sorted(s.times) and len(s.times) == len(s.reps)
+            needle = [t for t in short if s.spec.needle is not None and s.spec.needle.visible(t)]
+            assert len(short) - len(needle) >= 6          # decoys (a few may land on the needle's span)
+            found += bool(needle)
+            for qa in s.qas:
+                if qa.family == "needle" and qa.answer == "yes":
+                    assert needle
+        assert found >= 5
+    finally:
+        T.RECIPE.clear()
+        T.RECIPE.update(saved)
+    assert sum(r <= 3 for r in plain.reps) <= 1           # without: only the needle is short
+    # --long-anchors: more distinct frames, never more than the video's length (no empty spans)
+    many = T.long_sample(np.random.default_rng(3), 150, 200)
+    assert min(many.reps) >= 1 and sum(many.reps) >= 150 and len(many.times) >= 100
