@@ -65,12 +65,21 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            the named kind, the kind of the named colour, "yes" when the named pair is on screen,
            "none" otherwise), and the same read-out of the frame-averaged row the answer: the
            route by which colour, shape and "is there" are answered without the frame token.
+  null     --null W (stage 0c and --local): the question rows of frames that do not show what is
+           asked about (the referent word's row and every later one; --null-rows referent: that
+           word's only) must all be one row per question, so those frames add nothing but a
+           constant to the frame average (other objects' colours no longer leak in).
+  long     --decoys N: N more runs of 1-3 frames of other moments in each long pseudo-video (the
+           needle is then not the only short run); --long-anchors N: N distinct frames instead of
+           24; --long-grad: gradient through the LLM over the long video's frame rows (tokens
+           fixed), and with --bind their "pairs seen so far" read-out there too.
   stage 0  --pair-loss: a per-patch classifier over the (kind, colour) pairs themselves on P(V)
            (binding at patch level: colour and kind are otherwise classified apart);
            --set-weight: the weight of the set loss on P(c); --token-set: the same set loss on the
            frame token itself, after the pre-fusion layers (which then train in stage 0 too). The
            end of stage 0 logs a held-out probe: how often P(c) (and the token) name exactly the
-           pairs on screen, by how many are on screen.
+           pairs on screen, by how many are on screen. --compressor-only: stage 0 trains only the
+           compressor (tower, projector and so the patch rows unchanged).
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
            tower included, new words' embeddings fresh; with --vision-steps > 0 stage 0 continues
            from those weights (fresh read-out heads).
@@ -774,9 +783,10 @@ LOCAL_FAMILIES = ("colour", "shape", "exists", "needle")
 def null_spread(rows: torch.Tensor, groups: list, weights: torch.Tensor | None = None) -> torch.Tensor:
     """--null: how far the question rows (the referent word's and every later one) of frames that
     do not show what is asked about ("none") spread around their own mean, per group (one question
-    and row): sum of w * mean((rms(row) - mean)^2) over rows. Those frames then add the same row to the frame average whatever else they show,
-    so the average leans only toward the frames that do show it (no other object's colour leaks
-    in). `rows` (N, H), `groups` one key per row, `weights` (N,) or None (all 1)."""
+    and row): sum of w * mean((rms(row) - mean)^2) over rows. Those frames then add the same row
+    to the frame average whatever else they show, so the average leans only toward the frames that
+    do show it (no other object's colour leaks in). `rows` (N, H), `groups` one key per row,
+    `weights` (N,) or None (all 1)."""
     x = _rms(rows).float()
     w = torch.ones(len(groups), device=rows.device) if weights is None else weights.float()
     total = x.new_zeros(())
