@@ -1108,7 +1108,7 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             el = time.perf_counter() - t_start
             curve.append({"step": step, "loss": round(float(loss.detach()), 4), "exists_acc": round(float(r[0]), 3),
                           "colour_shape_acc": round(float(r[1]), 3), "colour_shown_acc": round(float(r[3]), 3),
-                          "null_spread": round(float(r[4]), 4), "elapsed_s": round(el, 1)})
+                          "null_spread": float(f"{r[4]:.4g}"), "elapsed_s": round(el, 1)})
             say(f"[train_demo] fusion {step:5d}/{a.fusion_steps} loss {float(loss.detach()):.3f} per-frame "
                 f"is-there {r[0]:.2f} (yes {r[2]:.2f}) colour/shape {r[1]:.2f} (colour shown {r[3]:.2f}) "
                 f"null {r[4]:.3f} {el / 60:5.1f} min")

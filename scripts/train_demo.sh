@@ -37,6 +37,9 @@ run --out "$W/d" --seed 3 --init-from "$W/d0" --vision-steps 0 --steps 2300 \
     --stage1 0.02 --lr 5e-4 --warmup 50 --bind 0.5 --local 1 --hard-negatives 0.5 --paraphrase 0.1 \
     --whole-videos 0.5 --long-every 4 --ema 0.995 --minutes 600
 
+# (E0, F0 and H0 ran without --paraphrase: each rebuilt the 88-word template vocabulary, and the
+# next run added the 5 paraphrase words back with fresh embeddings; kept as it ran. docs/demo.md)
+
 # E0. stage 0c again, now also holding the question rows of frames without the asked-about thing
 #     to one row (--null; this run: the referent word's row only), 6.6 min
 run --out "$W/e0" --seed 4 --init-from "$W/d" --vision-steps 0 --fusion-steps 600 --fusion-batch 96 \

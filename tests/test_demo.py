@@ -199,7 +199,7 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
         assert sum(v["frames"] for v in read.values()) == 512
         assert all(0.0 <= v["exact"] <= 1.0 for v in read.values())
     assert [c["step"] for c in log["fusion_curve"]] == [0, 1]
-    assert all(c["null_spread"] >= 0 for c in log["fusion_curve"])       # --null logged (unit test below)
+    assert any(c["null_spread"] > 0 for c in log["fusion_curve"])        # --null measured (unit test below)
     plain_log = json.loads((plain / "training_log.json").read_text())
     assert set(plain_log["vision_probe"]) == {"P(c)"} and "fusion_curve" not in plain_log
     # stage 0 moved the pre-fusion layers only with --token-set
@@ -212,7 +212,8 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
     assert not torch.equal(c["model.compressor.query"], b["model.compressor.query"])
     assert all(torch.equal(c[k], b[k]) for k in b if not k.startswith("model.compressor."))
     tv = lambda d: load_file(str(d / "clip-vision" / "model.safetensors"))  # noqa: E731
-    assert all(torch.equal(x, y) for x, y in zip(tv(comp).values(), tv(plain).values()))
+    tc, tp = tv(comp), tv(plain)
+    assert tc.keys() == tp.keys() and all(torch.equal(tc[k], tp[k]) for k in tp)
 
 
 def test_local_targets_name_what_each_frame_shows():
