@@ -649,11 +649,10 @@ class Trainer:
                 term = (per * w).sum() / n + vid
                 none = [k for k, y in enumerate(tg[0]) if y == 0]
                 if head.null and len(none) >= 2:
-                    # every row from the referent word on (the ones that know what is asked), or
-                    # with --null-rows referent that word's row only
                     ii = torch.tensor(none, device=dev)
-                    R = 1 if head.null_rows == "referent" else len(qrows[b]) - row
-                    tail = xs[ii, b, row:row + R].reshape(len(none) * R, H)
+                    span = null_span(row, len(qrows[b]), head.null_rows)
+                    R = len(span)
+                    tail = xs[ii, b, span.start:span.stop].reshape(len(none) * R, H)
                     term = term + head.null * null_spread(tail, list(range(R)) * len(none),
                                                           w[ii].repeat_interleave(R)) / (n * R)
                 local_out.append(term)
@@ -780,6 +779,12 @@ LOCAL_CLASSES = ("none",) + S.COLOUR_NAMES + S.ALL_KINDS + ("yes",)
 LOCAL_FAMILIES = ("colour", "shape", "exists", "needle")
 
 
+def null_span(ref: int, n_rows: int, mode: str) -> range:
+    """The question rows --null holds to one row: the referent word's and every later one of the
+    question's `n_rows` ("rest"), or the referent word's only ("referent", --null-rows)."""
+    return range(ref, ref + 1 if mode == "referent" else n_rows)
+
+
 def null_spread(rows: torch.Tensor, groups: list, weights: torch.Tensor | None = None) -> torch.Tensor:
     """--null: how far the question rows (the referent word's and every later one) of frames that
     do not show what is asked about ("none") spread around their own mean, per group (one question
@@ -852,16 +857,26 @@ def frame_labels(spec: S.SceneSpec, t: float, patch: int) -> tuple[np.ndarray, n
     return patch_cls, present
 
 
+def random_scene(rng: np.random.Generator) -> S.SceneSpec:
+    """A training scene of 10-199 s (seed below TRAIN_SEED_LIMIT), with a needle half the time."""
+    return S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 200)),
+                        needle=bool(rng.random() < 0.5))
+
+
+def random_time(spec: S.SceneSpec, rng: np.random.Generator, p_needle: float) -> float:
+    """A frame time of `spec`: while its needle shows with probability `p_needle` (scenes with one),
+    else anywhere."""
+    if spec.needle is not None and rng.random() < p_needle:
+        return float(rng.integers(int(spec.needle.t_appear), int(spec.needle.t_leave)))
+    return float(rng.integers(spec.n_frames))
+
+
 def vision_batch(rng: np.random.Generator, n: int, patch: int):
     frames, pcls, pres = [], [], []
     while len(frames) < n:
-        spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 200)),
-                            needle=bool(rng.random() < 0.5))
+        spec = random_scene(rng)
         for _ in range(8):
-            if spec.needle is not None and rng.random() < 0.5:
-                t = float(rng.integers(int(spec.needle.t_appear), int(spec.needle.t_leave)))
-            else:
-                t = float(rng.integers(spec.n_frames))
+            t = random_time(spec, rng, 0.5)
             f = S.render_frame(spec, t)
             frames.append(f)
             a, b = frame_labels(spec, t, patch)
@@ -1052,13 +1067,9 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         rng = np.random.default_rng([a.seed, 0xF05E, step])
         frames, qs = [], []
         while len(frames) < a.fusion_batch:
-            spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 200)),
-                                needle=bool(rng.random() < 0.5))
+            spec = random_scene(rng)
             for _ in range(4):
-                if spec.needle is not None and rng.random() < 0.3:
-                    t = float(rng.integers(int(spec.needle.t_appear), int(spec.needle.t_leave)))
-                else:
-                    t = float(rng.integers(spec.n_frames))
+                t = random_time(spec, rng, 0.3)
                 frames.append(S.render_frame(spec, t))
                 qs.append(frame_questions(spec, t, rng))
         frames, qs = np.stack(frames[:a.fusion_batch]), qs[:a.fusion_batch]
@@ -1081,13 +1092,12 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         loss = F.cross_entropy(logits, tgt)
         spread = None
         if a.null:
-            # every row from the referent word on (the ones that know what is asked; with
-            # --null-rows referent that word's row only), per question and row; normalised per row
+            # per question and row (`null_span`); normalised per row
             none = [i for i, (_, y) in enumerate(flat) if y == 0]
             if none:
-                end = [ref[i] + 1 if a.null_rows == "referent" else len(rows[i]) for i in range(len(rows))]
-                bi = [i for i in none for _ in range(ref[i], end[i])]
-                ri = [j for i in none for j in range(ref[i], end[i])]
+                spans = {i: null_span(ref[i], len(rows[i]), a.null_rows) for i in none}
+                bi = [i for i in none for _ in spans[i]]
+                ri = [j for i in none for j in spans[i]]
                 tail = x[torch.tensor(bi, device=dev), torch.tensor(ri, device=dev)]
                 spread = null_spread(tail, [(flat[i][0], j) for i, j in zip(bi, ri)]) / len(bi)
                 loss = loss + a.null * spread
@@ -1265,9 +1275,9 @@ def parse_args(argv):
                          "colour, shape or 'is there' question fused with one frame names what that frame shows "
                          "about it, and the same read-out of the average over frames the answer (0: off)")
     ap.add_argument("--null", type=float, default=0.0,
-                    help="stage 0c and --local: the referent rows of frames that do not show what is asked "
-                         "about must all be the same row (weight of their spread), so the frame average "
-                         "leans only toward the frames that do")
+                    help="stage 0c and --local: the question rows (--null-rows) of frames that do not show "
+                         "what is asked about must all be the same row (weight of their spread), so the "
+                         "frame average leans only toward the frames that do")
     ap.add_argument("--null-rows", choices=("rest", "referent"), default="rest",
                     help="--null's rows: the referent word's and every later question row (rest), or the "
                          "referent word's only (runs E0 and E of the chain)")
