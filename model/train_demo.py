@@ -93,6 +93,7 @@ for a seed on one device and thread count (`torch.use_deterministic_algorithms`)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -1125,6 +1126,227 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     log["fusion_curve"] = curve
 
 
+def adamw(params: list, lr: float) -> torch.optim.AdamW:
+    """The instruct optimiser: AdamW, weight decay 0.01 on matrices only."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.01},
+                              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.98), eps=1e-8)
+
+
+def isolated(net: LlavaMiniNet, stage, *args) -> None:
+    """Run a stage that switches on the gradients of what it trains, from everything frozen;
+    then give every weight back the requires_grad it had."""
+    was = [p.requires_grad for p in net.parameters()]
+    net.requires_grad_(False)
+    stage(*args)
+    for p, w in zip(net.parameters(), was):
+        p.requires_grad_(w)
+
+
+def llm_modules(net: LlavaMiniNet) -> list[torch.nn.Module]:
+    """What stages 0r and 0n and --llm-only train: the LLM's layers, final norm and output head
+    (not the embeddings, which the pre-fusion layers read too)."""
+    return [net.model.layers, net.model.norm, net.lm_head]
+
+
+def needle_pair(rng: np.random.Generator, length: int, anchors: int, decoys: int) -> tuple[Sample, Sample]:
+    """Stage 0n's data: one scene of `length` seconds seen as `length` frames, twice: with its
+    needle star (every frame of its 3-5 s, as a real 1-fps video shows it) and without it (the
+    same frames at those times, star-free). The rest of the video is `anchors` distinct frames,
+    each repeated over its span, plus `decoys` single frames of other moments, identical in both.
+    The star video is asked about the star's colour ("yes", and with probability 0.3 about another
+    colour, "no"); the star-free one about a random colour ("no"), as `eval-demo` asks."""
+    spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), length, needle=True)
+    n = spec.needle
+    star = [float(t) for t in range(int(math.ceil(n.t_appear)), length) if n.visible(float(t))]
+    free = [t for t in range(length) if not n.visible(float(t))]
+    anchors = min(anchors, len(free))
+    # spans over the star-free seconds, as (first position in `free`, frames); each shows its
+    # first frame
+    cut = sorted(rng.choice(len(free), anchors - 1, replace=False).tolist()) if anchors > 1 else []
+    starts = [0] + [c for c in cut if c > 0]
+    spans = [(p, q - p) for p, q in zip(starts, starts[1:] + [len(free)])]
+    # decoys: single real frames of other moments inside a span (the span is split around them)
+    for td in sorted(rng.choice(len(free), min(decoys, len(free)), replace=False).tolist()):
+        k = max(i for i, (p, _) in enumerate(spans) if p <= td)
+        p, r = spans[k]
+        if td == p:
+            continue
+        spans[k:k + 1] = [(p, td - p), (td, 1)] + ([(td + 1, p + r - td - 1)] if td + 1 < p + r else [])
+    # the needle's seconds go where they are in the video: the span running over them is split
+    b = sum(t < star[0] for t in free)
+    k = max(i for i, (p, _) in enumerate(spans) if p <= b) if b < len(free) else len(spans) - 1
+    p, r = spans[k]
+    if p < b < p + r:
+        spans[k:k + 1] = [(p, b - p), (b, p + r - b)]
+    times = [float(free[p]) for p, _ in spans]
+    reps = [r for _, r in spans]
+    k = sum(t < star[0] for t in times)
+    yes_times = times[:k] + star + times[k:]
+    yes_reps = reps[:k] + [1] * len(star) + reps[k:]
+    no_spec = dataclasses.replace(spec, needle=None)
+    c = n.colour
+    q_yes = [QA("needle", S._T_EXISTS.format(article=S._article(c), colour=c, kind="star"), "yes")]
+    if rng.random() < 0.3:
+        o = str(rng.choice([x for x in S.COLOUR_NAMES if x != c]))
+        q_yes.append(QA("needle", S._T_EXISTS.format(article=S._article(o), colour=o, kind="star"), "no"))
+    o = str(rng.choice(S.COLOUR_NAMES))
+    q_no = [QA("needle", S._T_EXISTS.format(article=S._article(o), colour=o, kind="star"), "no")]
+    return (Sample(spec, yes_times, yes_reps, q_yes, "long"),
+            Sample(no_spec, list(yes_times), list(yes_reps), q_no, "long"))
+
+
+def needle_length(rng: np.random.Generator, f: float, longest: int, shortest: int = 60) -> int:
+    """Stage 0n's video length at fraction f of the stage: log-uniform from `shortest` frames up
+    to a maximum that grows from 10 x `shortest` to `longest` over the first 60 % of the stage."""
+    lo = shortest
+    top = min(longest, 10 * lo) * (longest / min(longest, 10 * lo)) ** min(1.0, f / 0.6)
+    return int(round(math.exp(rng.uniform(math.log(lo), math.log(max(lo + 1, top))))))
+
+
+def needle_anchors_min(a) -> int:
+    """The fewest distinct frames a stage-0n video draws (--needle-anchors-min; a quarter of
+    --needle-anchors unless given)."""
+    return a.needle_anchors // 4 if a.needle_anchors_min is None else a.needle_anchors_min
+
+
+def needle_encode(trainer: "Trainer", pair: tuple[Sample, Sample], codec: bool, size: int, dev):
+    """Encode a `needle_pair` without gradient, sharing the frames the two videos have in common:
+    the star-free video's frames at the star's seconds are encoded on their own and put in place
+    (frames are encoded independently, so without `codec` this is what encoding it whole would
+    give, up to the float rounding a different batch size can bring; with `codec`, those frames
+    get their own draw of the codec-like noise)."""
+    yes, no = pair
+    yes.codec = no.codec = codec
+    with torch.no_grad():
+        tok, ks, vs, po = trainer.encode(preprocess(render(yes), size).to(dev))
+        idx = [k for k, t in enumerate(yes.times) if yes.spec.needle.visible(t)]
+        sub = Sample(no.spec, [no.times[k] for k in idx], [1] * len(idx), [], "long", codec)
+        t2, k2, v2, p2 = trainer.encode(preprocess(render(sub), size).to(dev))
+        ii = torch.tensor(idx, device=dev)
+        ntok, npo = tok.clone(), po.clone()
+        ntok[ii], npo[ii] = t2, p2
+        nks, nvs = [k.clone() for k in ks], [v.clone() for v in vs]
+        for l in range(len(ks)):
+            nks[l][ii], nvs[l][ii] = k2[l], v2[l]
+    return (tok, ks, vs, po), (ntok, nks, nvs, npo)
+
+
+def pretrain_needle(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
+    """Stage 0n (--needle-steps): the LLM learns to find a 3-5 s star among up to `--needle-longest`
+    frame tokens. The question rows' frame average cannot carry a few frames of 10,800 (the star
+    is 0.05 % of it), so the answer has to come from attending to the star's frame tokens; each
+    step shows one scene with and without its star (same other frames), so only the star tells
+    the two apart. The LLM alone trains (tower, compressor, projector, pre-fusion layers and
+    embeddings stay as they are, so the frame tokens and the fused question rows do not change)."""
+    net = trainer.net
+    mods = llm_modules(net)
+    for mod in mods:
+        mod.requires_grad_(True)
+    params = [p for mod in mods for p in mod.parameters()]
+    opt = torch.optim.AdamW(params, lr=a.needle_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    curve, hist = [], []
+    for step in range(a.needle_steps):
+        rng = np.random.default_rng([a.seed, 0x57A2, step])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.needle_steps, a.needle_lr, 20)
+        L = needle_length(rng, step / max(1, a.needle_steps), a.needle_longest, a.needle_shortest)
+        pair = needle_pair(rng, L, int(rng.integers(needle_anchors_min(a), a.needle_anchors + 1)), a.decoys)
+        codec = bool(rng.random() < 0.5)
+        total, ntok, res = 0.0, 0, []
+        for s, enc in zip(pair, needle_encode(trainer, pair, codec, a.image_size, dev)):
+            l, n_, r = trainer.video_loss(*enc, torch.tensor(s.reps), s.qas)
+            total, ntok, res = total + l, ntok + n_, res + [(L, q.answer, ok) for (_, ok), q in zip(r, s.qas)]
+        loss = total / ntok
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        hist.extend(res)
+        if step % a.log_every == 0 or step == a.needle_steps - 1:
+            recent = hist[-120:]
+            acc = float(np.mean([ok for _, _, ok in recent]))
+            acc_long = [ok for L_, _, ok in recent if L_ >= 1000]
+            acc_yes = [ok for _, y, ok in recent if y == "yes"]
+            el = time.perf_counter() - t_start
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "length": L,
+                          "acc": round(acc, 3), "acc_1000_plus": round(float(np.mean(acc_long)), 3) if acc_long else None,
+                          "acc_yes": round(float(np.mean(acc_yes)), 3) if acc_yes else None,
+                          "elapsed_s": round(el, 1)})
+            say(f"[train_demo] needle {step:5d}/{a.needle_steps} loss {float(loss.detach()):.3f} length {L:5d} "
+                f"acc {acc:.2f} (>=1000 frames {np.mean(acc_long) if acc_long else float('nan'):.2f}, "
+                f"yes {np.mean(acc_yes) if acc_yes else float('nan'):.2f}) {el / 60:5.1f} min")
+    log["needle_curve"] = curve
+
+
+READ_FAMILIES = ("colour", "colour", "shape", "exists", "count", "order")
+
+
+def read_batch(rng: np.random.Generator, n: int) -> list[Sample]:
+    """Stage 0r's data: `n` clips of 1-4 frames of scenes with 1-5 objects (mostly frames with two
+    or more on screen, where one object's colour must not be mistaken for another's), each asked
+    its colour (up to two kinds), shape, "is there", count and order questions."""
+    out = []
+    while len(out) < n:
+        spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 121)),
+                            needle=bool(rng.random() < 0.3), n_objects=int(rng.integers(1, S.MAX_OBJECTS + 1)))
+        crowd = [t for t in range(spec.n_frames) if len(S.visible_objects(spec, float(t))) >= 2]
+        busy = [t for t in range(spec.n_frames) if S.visible_objects(spec, float(t))]
+        pool = crowd if crowd and rng.random() < 0.75 else (busy or list(range(spec.n_frames)))
+        T = int(rng.integers(1, 5))
+        times = sorted(float(x) for x in rng.choice(pool, size=min(T, len(pool)), replace=False))
+        qas = clip_questions(spec, times, rng, contiguous=False, families=READ_FAMILIES,
+                             paraphrase=RECIPE["paraphrase"])
+        if qas:
+            out.append(Sample(spec, times, [1] * len(times), qas, "sparse", codec=bool(rng.random() < 0.5)))
+    return out
+
+
+def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
+    """Stage 0r (--read-steps): the LLM alone learns to answer from the fused question rows of
+    short clips with several objects on screen. The kind word's row of "what colour is the
+    circle?" holds the circle's colour (a linear read-out of that row, one frame of two to five
+    objects: 94 % for run H), but H's LLM answered with whichever object's colour its frame token
+    carries (one frame, two objects: 59 %); many such questions a step, nothing else moving."""
+    net = trainer.net
+    mods = llm_modules(net)
+    for mod in mods:
+        mod.requires_grad_(True)
+    params = [p for mod in mods for p in mod.parameters()]
+    opt = torch.optim.AdamW(params, lr=a.read_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    curve, hist = [], {}
+    for step in range(a.read_steps):
+        rng = np.random.default_rng([a.seed, 0x8EAD, step])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.read_steps, a.read_lr, 20)
+        samples = read_batch(rng, a.read_batch)
+        px = preprocess(np.concatenate([render(s) for s in samples]), a.image_size).to(dev)
+        with torch.no_grad():
+            tokens, ks, vs, po = trainer.encode(px)
+        total, ntok, o = 0.0, 0, 0
+        for s in samples:
+            sl = slice(o, o + len(s.times))
+            o += len(s.times)
+            l, n_, r = trainer.video_loss(tokens[sl], [k[sl] for k in ks], [v[sl] for v in vs], po[sl],
+                                          torch.tensor(s.reps), s.qas)
+            total, ntok = total + l, ntok + n_
+            for fam, ok in r:
+                hist.setdefault(fam, []).append(int(ok))
+        loss = total / ntok
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % a.log_every == 0 or step == a.read_steps - 1:
+            recent = {f: round(float(np.mean(v[-200:])), 3) for f, v in sorted(hist.items())}
+            el = time.perf_counter() - t_start
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "first_token_acc": recent,
+                          "elapsed_s": round(el, 1)})
+            say(f"[train_demo] read {step:5d}/{a.read_steps} loss {float(loss.detach()):.3f} "
+                + " ".join(f"{f}={v:.2f}" for f, v in recent.items()) + f" {el / 60:5.1f} min")
+    log["read_curve"] = curve
+
+
 # =========================================================================== saving
 def save_checkpoint(out: Path, net: LlavaMiniNet, vision: VisionTower, cfgd: dict, all_layers, a) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -1302,6 +1524,31 @@ def parse_args(argv):
                          "embeddings; 0: none)")
     ap.add_argument("--fusion-batch", type=int, default=96, help="stage 0c: frames per step (4 questions each)")
     ap.add_argument("--fusion-lr", type=float, default=1e-3)
+    ap.add_argument("--read-steps", type=int, default=0,
+                    help="stage 0r: steps of LLM-only training on colour, shape, 'is there', count and order "
+                         "questions about short clips with several objects (0: none)")
+    ap.add_argument("--read-batch", type=int, default=32, help="stage 0r: clips per step")
+    ap.add_argument("--read-lr", type=float, default=5e-4)
+    ap.add_argument("--read-extra", type=int, default=0,
+                    help="stage 2: add this many of stage 0r's clips to every step (0: none)")
+    ap.add_argument("--needle-steps", type=int, default=0,
+                    help="stage 0n: steps of long-video needle training (the LLM alone, on one scene with and "
+                         "without its 3-5 s star per step; 0: none)")
+    ap.add_argument("--needle-lr", type=float, default=5e-4)
+    ap.add_argument("--needle-anchors", type=int, default=200,
+                    help="stage 0n: at most this many distinct frames per video")
+    ap.add_argument("--needle-anchors-min", type=int, default=None,
+                    help="stage 0n: at least this many distinct frames per video (default a quarter of "
+                         "--needle-anchors)")
+    ap.add_argument("--needle-shortest", type=int, default=60, help="stage 0n: the shortest video, in frames")
+    ap.add_argument("--needle-longest", type=int, default=10800,
+                    help="stage 0n: the longest video, in frames (reached after 60 %% of the stage)")
+    ap.add_argument("--needle-every", type=int, default=0,
+                    help="stage 2: add stage 0n's star / no-star pair (60 to --needle-longest frames) every N "
+                         "steps (0: never)")
+    ap.add_argument("--llm-only", action="store_true",
+                    help="stage 2: train the LLM alone (layers, final norm, output head); tower, compressor, "
+                         "projector, pre-fusion layers and embeddings stay as they are")
     ap.add_argument("--stop-after", type=int, default=0,
                     help="stop (and save) after this many steps of the --steps schedule (0: run it all)")
     ap.add_argument("--stage1", type=float, default=0.3, help="fraction of --steps in stage 1 (align)")
@@ -1341,10 +1588,7 @@ def main(argv=None) -> int:
     extra = (list(heads.parameters()) if heads is not None else []) + \
         (list(local_head.parameters()) if local_head is not None else [])
     params = [p for p in list(net.parameters()) + list(vision.parameters()) + extra if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
+    opt = adamw(params, a.lr)
     n_params = sum(p.numel() for p in net.parameters()) + sum(p.numel() for p in vision.parameters())
 
     # the training forward equals the inference engine's (random weights, a 5-frame clip)
@@ -1368,16 +1612,21 @@ def main(argv=None) -> int:
         vision.requires_grad_(False)
         vision.eval()
     if a.fusion_steps:
-        was = [p.requires_grad for p in net.parameters()]
-        net.requires_grad_(False)
-        pretrain_fusion(trainer, a, dev, log, t_start)
-        for p, w in zip(net.parameters(), was):
-            p.requires_grad_(w)
+        isolated(net, pretrain_fusion, trainer, a, dev, log, t_start)
         params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.98), eps=1e-8)
+        opt = adamw(params, a.lr)
+    if a.read_steps:
+        isolated(net, pretrain_read, trainer, a, dev, log, t_start)
+    if a.needle_steps:
+        isolated(net, pretrain_needle, trainer, a, dev, log, t_start)
+    if a.llm_only:
+        # --llm-only: the instruct steps train the LLM alone (its layers, final norm and output
+        # head); the frame tokens and fused question rows stay what the earlier runs made them
+        net.requires_grad_(False)
+        for mod in llm_modules(net):
+            mod.requires_grad_(True)
+        params = [p for p in list(net.parameters()) + extra if p.requires_grad]
+        opt = adamw(params, a.lr)
     seeds_used = []
     ema = None
     fam_hist: dict[str, list[int]] = {}
@@ -1466,6 +1715,29 @@ def main(argv=None) -> int:
                                          local_out=loc,
                                          local=(local_head, s.spec, s.times) if local_head is not None else None)
             total, ntok, results = total + l, ntok + n, results + r
+        if a.read_extra:
+            # --read-extra: stage 0r's clips in the instruct mix (frames encoded without gradient)
+            rs = read_batch(np.random.default_rng([a.seed, 0x8EAE, step]), a.read_extra)
+            with torch.no_grad():
+                tokens, ks, vs, po = trainer.encode(preprocess(np.concatenate([render(s) for s in rs]),
+                                                               a.image_size).to(dev))
+            o = 0
+            for s in rs:
+                sl = slice(o, o + len(s.times))
+                o += len(s.times)
+                l, n, r = trainer.video_loss(tokens[sl], [k[sl] for k in ks], [v[sl] for v in vs], po[sl],
+                                             torch.tensor(s.reps), s.qas)
+                total, ntok, results = total + l, ntok + n, results + [(f + "_read", ok) for f, ok in r]
+        if a.needle_every and step % a.needle_every == 0:
+            # --needle-every: stage 0n's pair (one scene with and without its star, up to
+            # --needle-longest frames) in the instruct mix, so the other families keep their LLM
+            nrng = np.random.default_rng([a.seed, 0x57A3, step])
+            L = needle_length(nrng, 1.0, a.needle_longest, a.needle_shortest)
+            pair = needle_pair(nrng, L, int(nrng.integers(needle_anchors_min(a), a.needle_anchors + 1)), a.decoys)
+            codec = bool(nrng.random() < 0.5)
+            for s, enc in zip(pair, needle_encode(trainer, pair, codec, a.image_size, dev)):
+                l, n, r = trainer.video_loss(*enc, torch.tensor(s.reps), s.qas)
+                total, ntok, results = total + l, ntok + n, results + [("needle_long", ok) for _, ok in r]
         loss = total / max(1, ntok)
         aux_loss = sum(aux[0::2]) / max(1, sum(aux[1::2])) if aux else None
         bind_loss = sum(bind[0::2]) / max(1, sum(bind[1::2])) if bind else None

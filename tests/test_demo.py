@@ -57,7 +57,11 @@ def test_official_layout_and_size():
     assert log["wall_time_s"] <= 3 * 3600 and log["curve"] and log["scene_seeds"]["max"] < 10 ** 6
     if log.get("warm_start"):
         assert log["warm_start"]["tensors"] > 0 and len(log["warm_start"]["model_safetensors_sha256_16"]) == 16
-    assert log["curve"][-1]["loss_ema"] < log["curve"][0]["loss"]
+    if log.get("warm_start"):
+        # a fine-tune of a trained model: it starts low (a fresh one starts near 4.4) and stays low
+        assert log["curve"][-1]["loss_ema"] < 0.5, log["curve"][-1]
+    else:
+        assert log["curve"][-1]["loss_ema"] < log["curve"][0]["loss"]
 
 
 def test_loads_with_its_tokenizer(demo):
@@ -73,11 +77,10 @@ def test_loads_with_its_tokenizer(demo):
 
 
 def test_answers_fresh_videos_well_above_chance(demo):
-    """Six fresh 30 s videos (held-out seeds). Measured on the committed checkpoint (run H,
-    docs/demo.md): shape 12/12 and "is there a <colour> <kind>?" 15/16 (chance about 1/4 and 1/2),
-    colour 1/8 (chance about 1/7; `eval-demo`'s 90 videos of 60 s: 51 %), so colour is asserted
-    only together with shape. Not asserted: the needle star and count (`eval-demo` measures them
-    on 90 videos: 94 % and 64 %)."""
+    """Six fresh 30 s videos (held-out seeds). Measured on the committed checkpoint (run M3,
+    docs/demo.md): shape 12/12, "is there a <colour> <kind>?" 15/16 and colour 5/8 (chance
+    about 1/4, 1/2 and 1/7; the run before it, H, had colour 1/8). Not asserted: the needle star
+    and count (`eval-demo` measures them on 90 videos: 96 % and 60 %)."""
     from stream.synthetic import make_scene, questions, score
     right: dict[str, list[bool]] = {}
     for i in range(6):
@@ -88,7 +91,7 @@ def test_answers_fresh_videos_well_above_chance(demo):
     assert len(right["shape"]) >= 10 and len(right["exists"]) >= 12, {k: len(v) for k, v in right.items()}
     assert np.mean(right["shape"]) >= 0.75, right              # chance ~0.25
     assert np.mean(right["exists"]) >= 0.7, right              # chance 0.5
-    assert np.mean(right["colour"] + right["shape"]) >= 0.5, right
+    assert len(right["colour"]) >= 6 and np.mean(right["colour"]) >= 0.5, right    # chance ~1/7
 
 
 def test_training_forward_is_the_inference_computation(demo):
@@ -337,3 +340,75 @@ def test_decoys_make_the_needle_not_the_only_short_run():
     # --long-anchors: more distinct frames, never more than the video's length (no empty spans)
     many = T.long_sample(np.random.default_rng(3), 150, 200)
     assert min(many.reps) >= 1 and sum(many.reps) >= 150 and len(many.times) >= 100
+
+
+def test_needle_pair_differs_only_by_the_star():
+    """Stage 0n's data: one scene as `length` frames with and without its star. Same frames and
+    spans everywhere else, the star on every second it shows (one frame each, as a 1-fps video
+    has it), "yes" for the star's colour and "no" for the star-free video; and the shared
+    encoding is the encoding of each video whole (to float rounding)."""
+    from model import LlavaMini
+    from model import train_demo as T
+    for seed, length in [(0, 60), (1, 700), (2, 3000), (3, 10800)]:
+        yes, no = T.needle_pair(np.random.default_rng(seed), length, 150, 12)
+        n = yes.spec.needle
+        assert no.spec.needle is None and yes.spec.objects == no.spec.objects
+        assert yes.times == no.times == sorted(yes.times) and yes.reps == no.reps
+        assert sum(yes.reps) == length and min(yes.reps) >= 1
+        star = [t for t in yes.times if n.visible(t)]
+        assert star == [float(t) for t in range(length) if n.visible(float(t))]
+        assert all(r == 1 for t, r in zip(yes.times, yes.reps) if n.visible(t))
+        pos = np.cumsum([0] + yes.reps[:-1])               # where each frame starts in the video
+        assert [int(p) for p, t in zip(pos, yes.times) if n.visible(t)] == [int(t) for t in star]
+        assert len(set(yes.times)) == len(yes.times)
+        assert 3 <= len(star) <= 5
+        assert yes.qas[0].answer == "yes" and n.colour in yes.qas[0].question and "star" in yes.qas[0].question
+        assert all(q.answer == "no" for q in yes.qas[1:] + no.qas)
+        assert len(yes.times) > min(150, length) // 2        # distinct frames: anchors, decoys, the star
+    m = LlavaMini.from_pretrained(CKPT)
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    pair = T.needle_pair(np.random.default_rng(5), 400, 40, 4)
+    for s, enc in zip(pair, T.needle_encode(tr, pair, False, m.preprocess["size"], m.device)):
+        with torch.no_grad():
+            whole = tr.encode(T.preprocess(T.render(s), m.preprocess["size"]))
+        for a, b in zip([whole[0], whole[3]] + whole[1] + whole[2], [enc[0], enc[3]] + enc[1] + enc[2]):
+            assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4     # batch size: rounding only
+
+
+def test_needle_stage_and_llm_only_train_the_llm_alone(tmp_path):
+    """Stage 0n (--needle-steps), stage 0r (--read-steps) and --llm-only instruct steps (with
+    --needle-every and --read-extra) move the LLM's layers, norm and output head and nothing else:
+    the frame tokens and fused question rows the earlier runs made stay as they were; the stages
+    log their curves."""
+    from model import train_demo
+    from safetensors.torch import load_file
+    threads = torch.get_num_threads()
+    plain, nd, lo, rd = tmp_path / "plain", tmp_path / "needle", tmp_path / "llm", tmp_path / "read"
+    try:
+        assert train_demo.main(["--out", str(plain), "--seed", "3", "--vision-steps", "2", "--steps", "0",
+                                "--threads", "1"]) == 0
+        assert train_demo.main(["--out", str(nd), "--seed", "4", "--init-from", str(plain), "--vision-steps", "0",
+                                "--steps", "0", "--needle-steps", "2", "--needle-longest", "200",
+                                "--needle-anchors", "16", "--decoys", "2", "--threads", "1", "--log-every", "1"]) == 0
+        assert train_demo.main(["--out", str(lo), "--seed", "5", "--init-from", str(plain), "--vision-steps", "0",
+                                "--steps", "2", "--llm-only", "--needle-every", "1", "--needle-longest", "200",
+                                "--needle-anchors", "16", "--read-extra", "3", "--threads", "1"]) == 0
+        assert train_demo.main(["--out", str(rd), "--seed", "6", "--init-from", str(plain), "--vision-steps", "0",
+                                "--steps", "0", "--read-steps", "2", "--read-batch", "6", "--threads", "1",
+                                "--log-every", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+        torch.set_flush_denormal(False)
+    curve = json.loads((nd / "training_log.json").read_text())["needle_curve"]
+    assert [c["step"] for c in curve] == [0, 1] and all(60 <= c["length"] <= 200 for c in curve)
+    base = load_file(str(plain / "model.safetensors"))
+    llm = ("model.layers.", "model.norm.", "lm_head.")
+    read = json.loads((rd / "training_log.json").read_text())["read_curve"]
+    assert [c["step"] for c in read] == [0, 1] and "colour" in read[-1]["first_token_acc"]
+    for out in (nd, lo, rd):
+        w = load_file(str(out / "model.safetensors"))
+        assert w.keys() == base.keys()
+        moved = {k for k in base if not torch.equal(w[k], base[k])}
+        assert moved and all(k.startswith(llm) for k in moved), sorted(moved)[:5]
+        assert any(k.startswith("model.layers.") for k in moved)
