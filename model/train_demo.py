@@ -1,8 +1,8 @@
 """Train the demo LLaVA-Mini on synthetic videos (LLaVA-Mini's recipe in miniature).
 
     python -m model.train_demo --out DIR --seed 0       # the base model, ~32 min on 2 CPU cores
-    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then four
-                                                         # runs with issue 11's levers (~2 h 5 min)
+    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then 14
+                                                         # runs with issue 11's levers (~4 h 15 min)
     python -m model.train_demo --out /tmp/d --vision-steps 20 --steps 20  # a smoke run
 
 What it builds (the released design at toy sizes, `model/tiny.py` layout):
@@ -80,6 +80,16 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            end of stage 0 logs a held-out probe: how often P(c) (and the token) name exactly the
            pairs on screen, by how many are on screen. --compressor-only: stage 0 trains only the
            compressor (tower, projector and so the patch rows unchanged).
+  stage 0r --read-steps N (or --read-extra N clips in every instruct step): the LLM alone answers
+           many colour, shape, "is there", count and order questions about clips of 1-4 frames,
+           mostly with two or more objects on screen (the kind word's fused row holds the kind's
+           colour; the LLM had answered with whichever colour the frame token held).
+  stage 0n --needle-steps N (or --needle-every N in the instruct steps): the LLM alone finds a
+           3-5 s star among --needle-shortest to --needle-longest frames: one scene a step, with
+           and without its star (--needle-anchors-min to --needle-anchors distinct frames, each
+           repeated over its span, plus --decoys single frames), "is there a <colour> star?".
+  --llm-only: the instruct steps train only the LLM's layers, final norm and output head; the
+           frame tokens and fused question rows stay what the earlier runs made them.
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
            tower included, new words' embeddings fresh; with --vision-steps > 0 stage 0 continues
            from those weights (fresh read-out heads).
@@ -1152,8 +1162,10 @@ def llm_modules(net: LlavaMiniNet) -> list[torch.nn.Module]:
 def needle_pair(rng: np.random.Generator, length: int, anchors: int, decoys: int) -> tuple[Sample, Sample]:
     """Stage 0n's data: one scene of `length` seconds seen as `length` frames, twice: with its
     needle star (every frame of its 3-5 s, as a real 1-fps video shows it) and without it (the
-    same frames at those times, star-free). The rest of the video is `anchors` distinct frames,
-    each repeated over its span, plus `decoys` single frames of other moments, identical in both.
+    same frames at those times, star-free). The rest of the video is `anchors` spans, each
+    showing its first frame over its length; `decoys` of them are split around a single real
+    frame of another moment (the span's rest then shows the frame a second later): identical in
+    both videos, and every frame sits at its own second of the video.
     The star video is asked about the star's colour ("yes", and with probability 0.3 about another
     colour, "no"); the star-free one about a random colour ("no"), as `eval-demo` asks."""
     spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), length, needle=True)
@@ -1163,8 +1175,8 @@ def needle_pair(rng: np.random.Generator, length: int, anchors: int, decoys: int
     anchors = min(anchors, len(free))
     # spans over the star-free seconds, as (first position in `free`, frames); each shows its
     # first frame
-    cut = sorted(rng.choice(len(free), anchors - 1, replace=False).tolist()) if anchors > 1 else []
-    starts = [0] + [c for c in cut if c > 0]
+    cut = sorted((1 + rng.choice(len(free) - 1, anchors - 1, replace=False)).tolist()) if anchors > 1 else []
+    starts = [0] + cut
     spans = [(p, q - p) for p, q in zip(starts, starts[1:] + [len(free)])]
     # decoys: single real frames of other moments inside a span (the span is split around them)
     for td in sorted(rng.choice(len(free), min(decoys, len(free)), replace=False).tolist()):
@@ -1508,7 +1520,8 @@ def parse_args(argv):
                          "use with --vision-steps 0")
     ap.add_argument("--decoys", type=int, default=0,
                     help="stage 2: short runs (1-3 frames) of other moments in each long pseudo-video, "
-                         "so only the needle's content tells it apart")
+                         "so only the needle's content tells it apart; stage 0n and --needle-every: that "
+                         "many single frames")
     ap.add_argument("--long-anchors", type=int, default=24,
                     help="stage 2: distinct frames in a long pseudo-video (each repeated over its span)")
     ap.add_argument("--long-grad", action="store_true",
@@ -1536,16 +1549,19 @@ def parse_args(argv):
                          "without its 3-5 s star per step; 0: none)")
     ap.add_argument("--needle-lr", type=float, default=5e-4)
     ap.add_argument("--needle-anchors", type=int, default=200,
-                    help="stage 0n: at most this many distinct frames per video")
+                    help="stage 0n and --needle-every: at most this many spans per video, each showing one "
+                         "frame (--decoys and the star add their own frames)")
     ap.add_argument("--needle-anchors-min", type=int, default=None,
-                    help="stage 0n: at least this many distinct frames per video (default a quarter of "
+                    help="stage 0n and --needle-every: at least this many spans (default a quarter of "
                          "--needle-anchors)")
-    ap.add_argument("--needle-shortest", type=int, default=60, help="stage 0n: the shortest video, in frames")
+    ap.add_argument("--needle-shortest", type=int, default=60,
+                    help="stage 0n and --needle-every: the shortest video, in frames")
     ap.add_argument("--needle-longest", type=int, default=10800,
-                    help="stage 0n: the longest video, in frames (reached after 60 %% of the stage)")
+                    help="stage 0n and --needle-every: the longest video, in frames (stage 0n reaches it "
+                         "after 60 %% of its steps)")
     ap.add_argument("--needle-every", type=int, default=0,
-                    help="stage 2: add stage 0n's star / no-star pair (60 to --needle-longest frames) every N "
-                         "steps (0: never)")
+                    help="stage 2: add stage 0n's star / no-star pair (--needle-shortest to --needle-longest "
+                         "frames) every N steps (0: never)")
     ap.add_argument("--llm-only", action="store_true",
                     help="stage 2: train the LLM alone (layers, final norm, output head); tower, compressor, "
                          "projector, pre-fusion layers and embeddings stay as they are")
@@ -1556,7 +1572,14 @@ def parse_args(argv):
                     help="keep training the CLIP tower after stage 0 (LLaVA-Mini keeps it frozen)")
     for k, v in DEFAULTS.items():
         ap.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if a.needle_anchors_min is not None and not 1 <= a.needle_anchors_min <= a.needle_anchors:
+        ap.error(f"--needle-anchors-min must be between 1 and --needle-anchors ({a.needle_anchors}); "
+                 f"got {a.needle_anchors_min}")
+    if not 60 <= a.needle_shortest <= a.needle_longest:
+        ap.error(f"--needle-shortest must be between 60 and --needle-longest ({a.needle_longest}); "
+                 f"got {a.needle_shortest}")
+    return a
 
 
 def main(argv=None) -> int:

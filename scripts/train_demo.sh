@@ -71,11 +71,13 @@ run --out "$W/h" --seed 11 --init-from "$W/h0" --vision-steps 0 --steps 600 --st
 
 # --- issue 11, fourth session: the LLM learns to find the star and to read the question rows ---
 # N1, N2, M and M3 ran with a first version of stage 0n's sampler (`needle_pair`): a decoy right before
-# the star could show a star frame as a repeated anchor, and the star frames went after the whole
-# span running over them. Fixed since; rerunning these four runs gives the same recipe with
-# those rare samples drawn right, so not bit-identical weights. N1 also predates the shared
-# encoding of the two videos (`needle_encode`: with the codec-like noise on, the star-free frames
-# now get their own noise draw) and --needle-anchors-min (it drew 24-200 distinct frames).
+# the star could show a star frame as a repeated anchor, the star frames went after the whole
+# span running over them, and a video often had one span fewer than drawn. Fixed since;
+# rerunning these four runs gives the same recipe with those samples drawn right, so not
+# bit-identical weights. N1 also predates the shared encoding of the two videos
+# (`needle_encode`: with the codec-like noise on, the star-free frames now get their own noise
+# draw); it drew 24 to 200 spans (hence --needle-anchors-min 24 below); N2 and M drew a quarter of
+# --needle-anchors to all of it, which is now --needle-anchors-min's default.
 
 # N1. stage 0n: the LLM alone, one scene with and without its 3-5 s star per step, 60 to 10,800
 #     frames of up to 200 distinct frames, 9.7 min

@@ -404,6 +404,8 @@ def test_needle_stage_and_llm_only_train_the_llm_alone(tmp_path):
     assert [c["step"] for c in curve] == [0, 1] and all(60 <= c["length"] <= 200 for c in curve)
     base = load_file(str(plain / "model.safetensors"))
     llm = ("model.layers.", "model.norm.", "lm_head.")
+    fams = json.loads((lo / "training_log.json").read_text())["family_first_token_acc"]
+    assert "needle_long" in fams and any(f.endswith("_read") for f in fams), fams    # both extras ran
     read = json.loads((rd / "training_log.json").read_text())["read_curve"]
     assert [c["step"] for c in read] == [0, 1] and "colour" in read[-1]["first_token_acc"]
     for out in (nd, lo, rd):
