@@ -1244,6 +1244,18 @@ def needle_encode(trainer: "Trainer", pair: tuple[Sample, Sample], codec: bool, 
     return (tok, ks, vs, po), (ntok, nks, nvs, npo)
 
 
+def needle_loss(trainer: "Trainer", a, rng: np.random.Generator, length: int, dev, total=0.0, ntok: int = 0):
+    """Stage 0n's loss for one `needle_pair` of `length` frames drawn from `rng` (also
+    --needle-every), added to `total` / `ntok`. Returns (total, ntok, per-question (QA, correct))."""
+    pair = needle_pair(rng, length, int(rng.integers(needle_anchors_min(a), a.needle_anchors + 1)), a.decoys)
+    codec = bool(rng.random() < 0.5)
+    results = []
+    for s, enc in zip(pair, needle_encode(trainer, pair, codec, a.image_size, dev)):
+        l, n, r = trainer.video_loss(*enc, torch.tensor(s.reps), s.qas)
+        total, ntok, results = total + l, ntok + n, results + [(q, ok) for (_, ok), q in zip(r, s.qas)]
+    return total, ntok, results
+
+
 def pretrain_needle(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     """Stage 0n (--needle-steps): the LLM learns to find a 3-5 s star among up to `--needle-longest`
     frame tokens. The question rows' frame average cannot carry a few frames of 10,800 (the star
@@ -1263,12 +1275,8 @@ def pretrain_needle(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.needle_steps, a.needle_lr, 20)
         L = needle_length(rng, step / max(1, a.needle_steps), a.needle_longest, a.needle_shortest)
-        pair = needle_pair(rng, L, int(rng.integers(needle_anchors_min(a), a.needle_anchors + 1)), a.decoys)
-        codec = bool(rng.random() < 0.5)
-        total, ntok, res = 0.0, 0, []
-        for s, enc in zip(pair, needle_encode(trainer, pair, codec, a.image_size, dev)):
-            l, n_, r = trainer.video_loss(*enc, torch.tensor(s.reps), s.qas)
-            total, ntok, res = total + l, ntok + n_, res + [(L, q.answer, ok) for (_, ok), q in zip(r, s.qas)]
+        total, ntok, r = needle_loss(trainer, a, rng, L, dev)
+        res = [(L, q.answer, ok) for q, ok in r]
         loss = total / ntok
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1314,6 +1322,22 @@ def read_batch(rng: np.random.Generator, n: int) -> list[Sample]:
     return out
 
 
+def clips_loss(trainer: "Trainer", samples: list[Sample], size: int, dev, total=0.0, ntok: int = 0):
+    """Stage 0r's loss over short clips (also --read-extra): their frames encoded in one batch
+    without gradient, each clip's questions through `video_loss`; added to `total` / `ntok`.
+    Returns (total, ntok, per-question (family, first-token correct))."""
+    with torch.no_grad():
+        tokens, ks, vs, po = trainer.encode(preprocess(np.concatenate([render(s) for s in samples]), size).to(dev))
+    results, o = [], 0
+    for s in samples:
+        sl = slice(o, o + len(s.times))
+        o += len(s.times)
+        l, n, r = trainer.video_loss(tokens[sl], [k[sl] for k in ks], [v[sl] for v in vs], po[sl],
+                                     torch.tensor(s.reps), s.qas)
+        total, ntok, results = total + l, ntok + n, results + r
+    return total, ntok, results
+
+
 def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     """Stage 0r (--read-steps): the LLM alone learns to answer from the fused question rows of
     short clips with several objects on screen. The kind word's row of "what colour is the
@@ -1331,19 +1355,9 @@ def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None
         rng = np.random.default_rng([a.seed, 0x8EAD, step])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.read_steps, a.read_lr, 20)
-        samples = read_batch(rng, a.read_batch)
-        px = preprocess(np.concatenate([render(s) for s in samples]), a.image_size).to(dev)
-        with torch.no_grad():
-            tokens, ks, vs, po = trainer.encode(px)
-        total, ntok, o = 0.0, 0, 0
-        for s in samples:
-            sl = slice(o, o + len(s.times))
-            o += len(s.times)
-            l, n_, r = trainer.video_loss(tokens[sl], [k[sl] for k in ks], [v[sl] for v in vs], po[sl],
-                                          torch.tensor(s.reps), s.qas)
-            total, ntok = total + l, ntok + n_
-            for fam, ok in r:
-                hist.setdefault(fam, []).append(int(ok))
+        total, ntok, r = clips_loss(trainer, read_batch(rng, a.read_batch), a.image_size, dev)
+        for fam, ok in r:
+            hist.setdefault(fam, []).append(int(ok))
         loss = total / ntok
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -1741,26 +1755,15 @@ def main(argv=None) -> int:
         if a.read_extra:
             # --read-extra: stage 0r's clips in the instruct mix (frames encoded without gradient)
             rs = read_batch(np.random.default_rng([a.seed, 0x8EAE, step]), a.read_extra)
-            with torch.no_grad():
-                tokens, ks, vs, po = trainer.encode(preprocess(np.concatenate([render(s) for s in rs]),
-                                                               a.image_size).to(dev))
-            o = 0
-            for s in rs:
-                sl = slice(o, o + len(s.times))
-                o += len(s.times)
-                l, n, r = trainer.video_loss(tokens[sl], [k[sl] for k in ks], [v[sl] for v in vs], po[sl],
-                                             torch.tensor(s.reps), s.qas)
-                total, ntok, results = total + l, ntok + n, results + [(f + "_read", ok) for f, ok in r]
+            total, ntok, r = clips_loss(trainer, rs, a.image_size, dev, total, ntok)
+            results = results + [(f + "_read", ok) for f, ok in r]
         if a.needle_every and step % a.needle_every == 0:
             # --needle-every: stage 0n's pair (one scene with and without its star, up to
             # --needle-longest frames) in the instruct mix, so the other families keep their LLM
             nrng = np.random.default_rng([a.seed, 0x57A3, step])
             L = needle_length(nrng, 1.0, a.needle_longest, a.needle_shortest)
-            pair = needle_pair(nrng, L, int(nrng.integers(needle_anchors_min(a), a.needle_anchors + 1)), a.decoys)
-            codec = bool(nrng.random() < 0.5)
-            for s, enc in zip(pair, needle_encode(trainer, pair, codec, a.image_size, dev)):
-                l, n, r = trainer.video_loss(*enc, torch.tensor(s.reps), s.qas)
-                total, ntok, results = total + l, ntok + n, results + [("needle_long", ok) for _, ok in r]
+            total, ntok, r = needle_loss(trainer, a, nrng, L, dev, total, ntok)
+            results = results + [("needle_long", ok) for _, ok in r]
         loss = total / max(1, ntok)
         aux_loss = sum(aux[0::2]) / max(1, sum(aux[1::2])) if aux else None
         bind_loss = sum(bind[0::2]) / max(1, sum(bind[1::2])) if bind else None
