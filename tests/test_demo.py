@@ -190,7 +190,8 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
                                 "--threads", "1"]) == 0
         comp = tmp_path / "comp"
         assert train_demo.main(["--out", str(comp), "--seed", "3", "--init-from", str(plain), "--vision-steps", "3",
-                                "--compressor-only", "--steps", "0", "--threads", "1"]) == 0
+                                "--compressor-only", "--slot-loss", "1", "--log-every", "1", "--steps", "0",
+                                "--threads", "1"]) == 0
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
@@ -217,6 +218,48 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
     tv = lambda d: load_file(str(d / "clip-vision" / "model.safetensors"))  # noqa: E731
     tc, tp = tv(comp), tv(plain)
     assert tc.keys() == tp.keys() and all(torch.equal(tc[k], tp[k]) for k in tp)
+    # --slot-loss is logged per step (its head is training-only: nothing of it is saved)
+    comp_log = json.loads((comp / "training_log.json").read_text())
+    assert all(0.0 <= c["slot_exact"] <= 1.0 and c["slot_loss"] > 0 for c in comp_log["vision_curve"])
+    assert "slot" not in " ".join(c.keys())
+
+
+def test_slot_head_reads_the_compressor_heads_and_names_each_colours_kinds():
+    """--slot-loss: the per-head outputs it reads are the compressor's own (through out_proj they
+    give forward_mha's token), and its targets put each object's kind in its colour's slot."""
+    from model import train_demo as T
+    from model.compressor import Compressor
+    from stream import synthetic as S
+    torch.manual_seed(0)
+    comp = Compressor(64, 1, 8)
+    with torch.no_grad():
+        comp.query.normal_()
+        comp.attn.in_proj_bias.normal_()
+    V = torch.randn(3, 64, 64)
+    heads = T.SlotHead.head_outputs(comp, V)
+    assert heads.shape == (3, 8, 8)
+    torch.testing.assert_close(comp.attn.out_proj(heads.reshape(3, 64)), comp.forward_mha(V)[:, 0],
+                               rtol=1e-5, atol=1e-5)
+    slot = T.SlotHead(comp)
+    pres = torch.zeros(3, T.N_PAIRS)
+    pres[0, T.pair_index("circle", "red")] = 1
+    pres[1, T.pair_index("star", "blue")] = 1
+    pres[1, T.pair_index("square", "red")] = 1
+    with torch.no_grad():            # the targets, and a read-out that says "nothing" for every slot
+        tgt = pres.view(-1, len(S.ALL_KINDS), T.N_COLOURS).transpose(1, 2)
+        assert tgt[0, S.COLOUR_NAMES.index("red"), S.ALL_KINDS.index("circle")] == 1
+        assert tgt[1, S.COLOUR_NAMES.index("blue"), S.ALL_KINDS.index("star")] == 1
+        assert tgt.sum() == 3 and tgt[2].sum() == 0
+        slot.w.zero_()
+        slot.b.copy_(torch.full_like(slot.b, -10.0))
+    loss, ok = slot.loss(comp, V, pres)
+    assert ok == pytest.approx(1 / 3)                # only the empty frame is right
+    assert loss.item() > 0.1
+    with torch.no_grad():
+        slot.w.normal_()
+    loss, _ = slot.loss(comp, V, pres)
+    loss.backward()                                  # the loss reaches the compressor's projections
+    assert comp.attn.in_proj_weight.grad is not None and comp.attn.in_proj_weight.grad.abs().sum() > 0
 
 
 def test_local_targets_name_what_each_frame_shows():
