@@ -2,7 +2,7 @@
 
     python -m model.train_demo --out DIR --seed 0       # the base model, ~32 min on 2 CPU cores
     scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then 14
-                                                         # runs with issue 11's levers (~4 h 15 min)
+                                                         # runs with issue 11's levers (~4 h 30 min)
     python -m model.train_demo --out /tmp/d --vision-steps 20 --steps 20  # a smoke run
 
 What it builds (the released design at toy sizes, `model/tiny.py` layout):

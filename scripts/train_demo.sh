@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 4 h 15 min on 2 CPU cores; the result is WORK_DIR/m3
+#   scripts/train_demo.sh [WORK_DIR]      # about 4 h 30 min on 2 CPU cores; the result is WORK_DIR/m4
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/m3
+# Then: python -m lmstream.eval_demo --model WORK_DIR/m4
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -97,8 +97,16 @@ run --out "$W/m" --seed 26 --init-from "$W/n2" --vision-steps 0 --paraphrase 0.1
     --needle-shortest 300 --decoys 12 --hard-negatives 0.5 --whole-videos 0.5 --aux 0 --long-grad \
     --long-anchors 200 --ema 0.995 --minutes 600
 
-# M3. 120 more such steps, a star / no-star pair every step, lr 3e-4, 11.4 min: checkpoints/demo
+# M3. 120 more such steps, a star / no-star pair every step, lr 3e-4, 11.4 min
 run --out "$W/m3" --seed 27 --init-from "$W/m" --vision-steps 0 --paraphrase 0.1 --steps 120 --lr 3e-4 \
     --warmup 10 --stage1 0.02 --llm-only --read-extra 24 --needle-every 1 --needle-anchors 1000 \
+    --needle-shortest 300 --decoys 12 --hard-negatives 0.5 --whole-videos 0.5 --aux 0 --long-grad \
+    --long-anchors 200 --ema 0.995 --minutes 600
+
+# --- issue 11, fifth session ---
+# M4. 150 more steps with 32 stage-0r clips each (colour on the training stream was still rising),
+#     15.4 min: checkpoints/demo. Ran with today's stage-0n sampler.
+run --out "$W/m4" --seed 28 --init-from "$W/m3" --vision-steps 0 --paraphrase 0.1 --steps 150 --lr 3e-4 \
+    --warmup 10 --stage1 0.02 --llm-only --read-extra 32 --needle-every 1 --needle-anchors 1000 \
     --needle-shortest 300 --decoys 12 --hard-negatives 0.5 --whole-videos 0.5 --aux 0 --long-grad \
     --long-anchors 200 --ema 0.995 --minutes 600
