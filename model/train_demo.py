@@ -1030,12 +1030,18 @@ class SlotHead(torch.nn.Module):
         att = torch.einsum("hd,bnhd->bhn", q, k).mul(hd ** -0.5).softmax(-1)
         return torch.einsum("bhn,bnhd->bhd", att, v)
 
+    @staticmethod
+    def targets(pres: torch.Tensor) -> torch.Tensor:
+        """(B, colours, kinds) from the frames' (kind, colour) multi-hot sets (`pair_index` order):
+        slot c, entry k is 1 when a kind-k object of colour c is on screen."""
+        return pres.view(-1, len(S.ALL_KINDS), N_COLOURS).transpose(1, 2)
+
     def loss(self, comp, V: torch.Tensor, pres: torch.Tensor):
         """BCE of every colour slot's kinds against the frame's (kind, colour) set; and the share
         of frames whose every slot is right."""
         o = self.head_outputs(comp, V)[:, :N_COLOURS]                                # (B, 7, hd)
         logits = torch.einsum("bch,chk->bck", o, self.w) + self.b                   # (B, 7, kinds)
-        tgt = pres.view(-1, len(S.ALL_KINDS), N_COLOURS).transpose(1, 2)            # (B, 7, kinds)
+        tgt = self.targets(pres)                                                    # (B, 7, kinds)
         with torch.no_grad():
             ok = ((logits > 0).float() == tgt).flatten(1).all(1).float().mean()
         return F.binary_cross_entropy_with_logits(logits, tgt), ok

@@ -220,8 +220,9 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
     assert tc.keys() == tp.keys() and all(torch.equal(tc[k], tp[k]) for k in tp)
     # --slot-loss is logged per step (its head is training-only: nothing of it is saved)
     comp_log = json.loads((comp / "training_log.json").read_text())
-    assert all(0.0 <= c["slot_exact"] <= 1.0 and c["slot_loss"] > 0 for c in comp_log["vision_curve"])
-    assert "slot" not in " ".join(c.keys())
+    assert [e["step"] for e in comp_log["vision_curve"]] == [0, 1, 2]
+    assert all(0.0 <= e["slot_exact"] <= 1.0 and e["slot_loss"] > 0 for e in comp_log["vision_curve"])
+    assert c.keys() == b.keys()                      # the slot read-out is not saved
 
 
 def test_slot_head_reads_the_compressor_heads_and_names_each_colours_kinds():
@@ -245,16 +246,26 @@ def test_slot_head_reads_the_compressor_heads_and_names_each_colours_kinds():
     pres[0, T.pair_index("circle", "red")] = 1
     pres[1, T.pair_index("star", "blue")] = 1
     pres[1, T.pair_index("square", "red")] = 1
-    with torch.no_grad():            # the targets, and a read-out that says "nothing" for every slot
-        tgt = pres.view(-1, len(S.ALL_KINDS), T.N_COLOURS).transpose(1, 2)
-        assert tgt[0, S.COLOUR_NAMES.index("red"), S.ALL_KINDS.index("circle")] == 1
-        assert tgt[1, S.COLOUR_NAMES.index("blue"), S.ALL_KINDS.index("star")] == 1
-        assert tgt.sum() == 3 and tgt[2].sum() == 0
+    red, blue = S.COLOUR_NAMES.index("red"), S.COLOUR_NAMES.index("blue")
+    tgt = T.SlotHead.targets(pres)
+    assert tgt.shape == (3, T.N_COLOURS, len(S.ALL_KINDS)) and tgt.sum() == 3 and tgt[2].sum() == 0
+    assert tgt[0, red, S.ALL_KINDS.index("circle")] == 1
+    assert tgt[1, blue, S.ALL_KINDS.index("star")] == 1 and tgt[1, red, S.ALL_KINDS.index("square")] == 1
+    # a read-out that always says "a red circle" (and nothing else) is right for frame 0 only:
+    # the loss must put the red slot's circle entry where the targets have it
+    with torch.no_grad():
         slot.w.zero_()
-        slot.b.copy_(torch.full_like(slot.b, -10.0))
+        slot.b.fill_(-10.0)
+        slot.b[red, S.ALL_KINDS.index("circle")] = 10.0
     loss, ok = slot.loss(comp, V, pres)
-    assert ok == pytest.approx(1 / 3)                # only the empty frame is right
-    assert loss.item() > 0.1
+    assert ok == pytest.approx(1 / 3)
+    with torch.no_grad():
+        slot.b[red, S.ALL_KINDS.index("circle")] = -10.0
+        slot.b[S.COLOUR_NAMES.index("green"), S.ALL_KINDS.index("circle")] = 10.0
+    assert slot.loss(comp, V, pres)[1] == 0.0        # the wrong slot: no frame is right
+    slot.b.data.fill_(-10.0)                         # "nothing" everywhere: only the empty frame
+    loss, ok = slot.loss(comp, V, pres)
+    assert ok == pytest.approx(1 / 3) and loss.item() > 0.01
     with torch.no_grad():
         slot.w.normal_()
     loss, _ = slot.loss(comp, V, pres)
