@@ -908,7 +908,6 @@ def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t
     labels: per-patch colour and kind classifiers on the selected layer's patch features and a
     multi-label (kind, colour) head on the compressor's output. The heads are then dropped:
     the real CLIP comes pretrained, ours is pretrained here."""
-    width = vision.width
     nk = len(S.ALL_KINDS)
     H = net.model.embed_tokens.weight.shape[1]
     colour_head = torch.nn.Linear(H, N_COLOURS + 1).to(dev)
@@ -1224,6 +1223,25 @@ def llm_modules(net: LlavaMiniNet) -> list[torch.nn.Module]:
     return [net.model.layers, net.model.norm, net.lm_head]
 
 
+def llm_alone_optimiser(net: LlavaMiniNet, lr: float) -> tuple[list, torch.optim.AdamW]:
+    """Stages 0r and 0n (run `isolated`, everything else frozen): switch on the gradients of
+    `llm_modules` and return their parameters and an AdamW over them (weight decay 0.01 on every
+    weight, norm gains included, as these stages have always run; `adamw` spares them)."""
+    mods = llm_modules(net)
+    for mod in mods:
+        mod.requires_grad_(True)
+    params = [p for mod in mods for p in mod.parameters()]
+    return params, torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+
+
+def clipped_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor) -> None:
+    """One optimiser step on `loss`, gradients clipped to norm 1 (stages 0r and 0n)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
 def needle_pair(rng: np.random.Generator, length: int, anchors: int, decoys: int) -> tuple[Sample, Sample]:
     """Stage 0n's data: one scene of `length` seconds seen as `length` frames, twice: with its
     needle star (every frame of its 3-5 s, as a real 1-fps video shows it) and without it (the
@@ -1328,12 +1346,7 @@ def pretrain_needle(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     step shows one scene with and without its star (same other frames), so only the star tells
     the two apart. The LLM alone trains (tower, compressor, projector, pre-fusion layers and
     embeddings stay as they are, so the frame tokens and the fused question rows do not change)."""
-    net = trainer.net
-    mods = llm_modules(net)
-    for mod in mods:
-        mod.requires_grad_(True)
-    params = [p for mod in mods for p in mod.parameters()]
-    opt = torch.optim.AdamW(params, lr=a.needle_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    params, opt = llm_alone_optimiser(trainer.net, a.needle_lr)
     curve, hist = [], []
     for step in range(a.needle_steps):
         rng = np.random.default_rng([a.seed, 0x57A2, step])
@@ -1343,10 +1356,7 @@ def pretrain_needle(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         total, ntok, r = needle_loss(trainer, a, rng, L, dev)
         res = [(L, q.answer, ok) for q, ok in r]
         loss = total / ntok
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, params, loss)
         hist.extend(res)
         if step % a.log_every == 0 or step == a.needle_steps - 1:
             recent = hist[-120:]
@@ -1409,12 +1419,7 @@ def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None
     circle?" holds the circle's colour (a linear read-out of that row, one frame of two to five
     objects: 94 % for run H), but H's LLM answered with whichever object's colour its frame token
     carries (one frame, two objects: 59 %); many such questions a step, nothing else moving."""
-    net = trainer.net
-    mods = llm_modules(net)
-    for mod in mods:
-        mod.requires_grad_(True)
-    params = [p for mod in mods for p in mod.parameters()]
-    opt = torch.optim.AdamW(params, lr=a.read_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    params, opt = llm_alone_optimiser(trainer.net, a.read_lr)
     curve, hist = [], {}
     for step in range(a.read_steps):
         rng = np.random.default_rng([a.seed, 0x8EAD, step])
@@ -1424,10 +1429,7 @@ def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None
         for fam, ok in r:
             hist.setdefault(fam, []).append(int(ok))
         loss = total / ntok
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, params, loss)
         if step % a.log_every == 0 or step == a.read_steps - 1:
             recent = {f: round(float(np.mean(v[-200:])), 3) for f, v in sorted(hist.items())}
             el = time.perf_counter() - t_start
