@@ -55,7 +55,12 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            shows, and each frame row after --bind-layer LLM layers the pairs shown so far and how
            many objects so far (what "is there", "which appeared first" and "how many" read).
   data     --hard-negatives: that share of the "is there a <colour> <kind>?" negatives is hard (a
-           shown kind in another shown colour); --whole-videos: that share of the instruct clips
+           shown kind in another shown colour); --order-hard (--order-hard-read for stage 0r's
+           clips): that share of the "which appeared first" questions names two objects that both
+           appear after the clip's first one, and that share of those whose answer is the clip's
+           first-shown object is dropped (M4 answered the video's first object whatever was asked;
+           not in the committed chain: see docs/demo.md);
+           --whole-videos: that share of the instruct clips
            are whole 60 s videos; --paraphrase: that share of the colour, shape, exists and count
            questions is asked in other everyday phrasings ("how many objects?", "count the
            objects.", "does the video show a red circle?", ...), their words join the vocabulary.
@@ -69,6 +74,10 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            asked about (the referent word's row and every later one; --null-rows referent: that
            word's only) must all be one row per question, so those frames add nothing but a
            constant to the frame average (other objects' colours no longer leak in).
+  count    --fusion-count W (stage 0c): the last rows of "how many objects are there?" fused with
+           one frame must name the (kind, colour) pairs it shows (a training-only read-out), and
+           their weighted average over 4 frames every pair any of them shows, so the average the
+           LLM sees lists every object seen (not in the committed chain: see docs/demo.md).
   long     --decoys N: N more runs of 1-3 frames of other moments in each long pseudo-video (the
            needle is then not the only short run); --long-anchors N: N distinct frames instead of
            24; --long-grad: gradient through the LLM over the long video's frame rows (tokens
@@ -177,10 +186,12 @@ def _name(kind: str, colour: str) -> str:
 
 def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generator, *,
                    contiguous: bool, families: tuple[str, ...], caption: bool = False,
-                   paraphrase: float = 0.0) -> list[QA]:
+                   paraphrase: float = 0.0, order_hard: float | None = None) -> list[QA]:
     """Questions whose answers are what the given frames (in order) show, with the templates of
     `stream.synthetic.questions`. `contiguous`: the frames are a 1-fps video from its start
-    (frame index == second), so "when" questions make sense."""
+    (frame index == second), so "when" questions make sense. `order_hard`: --order-hard's share
+    (None: `RECIPE["order_hard"]`)."""
+    oh = RECIPE["order_hard"] if order_hard is None else order_hard
     objs = spec.objects
     first: dict[int, int] = {}                  # object -> first frame index showing it
     first_colour: dict[int, str] = {}
@@ -247,10 +258,18 @@ def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generat
         elif fam == "order":
             gap = 3 if contiguous else 1
             pairs = [(i, j) for i in present for j in present if i != j and abs(first[i] - first[j]) >= gap]
+            # --order-hard: that share of the pairs leaves out what the clip shows first, so "name
+            # the first object seen" (the shortcut M4 learned) is no answer to them
+            later = [(i, j) for (i, j) in pairs if first[i] > first[present[0]] and first[j] > first[present[0]]]
+            if later and oh and rng.random() < oh:
+                pairs = later
             if pairs:
                 i, j = pick(pairs)
                 a, b = _name(objs[i].kind, first_colour[i]), _name(objs[j].kind, first_colour[j])
-                add(fam, S._T_ORDER.format(a=a, b=b), a if first[i] < first[j] else b)
+                # --order-hard, too: that share of the questions whose answer is a first-shown
+                # object are dropped, so the first-shown object is the answer about half the time
+                if not (min(first[i], first[j]) == first[present[0]] and oh and rng.random() < oh):
+                    add(fam, S._T_ORDER.format(a=a, b=b), a if first[i] < first[j] else b)
         elif fam == "when" and contiguous and present:
             i = pick(present)
             add(fam, S._T_WHEN.format(colour=first_colour[i], kind=objs[i].kind), str(first[i]))
@@ -308,7 +327,7 @@ PARAPHRASES = {
 }
 # the data levers of issue 11 (set from the command line by `main`; the defaults reproduce the
 # committed checkpoint's data exactly: every lever off draws nothing from the random streams)
-RECIPE = {"hard_negatives": 0.0, "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24}
+RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24}
 PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 
 
@@ -1135,19 +1154,24 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     for mod in mods:
         mod.requires_grad_(True)
     params = [p for mod in mods for p in mod.parameters()] + list(head.parameters())
+    count_head = None
+    if a.fusion_count:      # made only when asked: its initialisation draws from torch's generator
+        count_head = torch.nn.Linear(COUNT_ROWS * trainer.cfg.hidden_size, N_PAIRS).to(dev)
+        params += list(count_head.parameters())
     opt = torch.optim.AdamW(params, lr=a.fusion_lr, betas=(0.9, 0.98), weight_decay=0.01)
     yes = LOCAL_CLASSES.index("yes")
     curve, hist = [], []
     for step in range(a.fusion_steps):
         rng = np.random.default_rng([a.seed, 0xF05E, step])
-        frames, qs = [], []
+        frames, qs, seen = [], [], []
         while len(frames) < a.fusion_batch:
             spec = random_scene(rng)
             for _ in range(4):
                 t = random_time(spec, rng, 0.3)
                 frames.append(S.render_frame(spec, t))
                 qs.append(frame_questions(spec, t, rng))
-        frames, qs = np.stack(frames[:a.fusion_batch]), qs[:a.fusion_batch]
+                seen.append((spec, t))
+        frames, qs, seen = np.stack(frames[:a.fusion_batch]), qs[:a.fusion_batch], seen[:a.fusion_batch]
         if rng.random() < 0.5:
             frames = codec_like(frames, rng)
         for g in opt.param_groups:
@@ -1176,6 +1200,11 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                 tail = x[torch.tensor(bi, device=dev), torch.tensor(ri, device=dev)]
                 spread = null_spread(tail, [(flat[i][0], j) for i, j in zip(bi, ri)]) / len(bi)
                 loss = loss + a.null * spread
+        cstats = (0.0, 0.0)
+        if a.fusion_count:
+            closs, cstats = count_fusion_loss(trainer, count_head, ks, vs, seen,
+                                              np.random.default_rng([a.seed, 0xC0C7, step]))
+            loss = loss + a.fusion_count * closs
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1187,17 +1216,60 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             hist.append((float(ok[exist].float().mean()), float(ok[~exist].float().mean()),
                          float(ok[exist & (tgt == yes)].float().mean()),
                          float(ok[colour_q & (tgt != 0)].float().mean()) if bool((colour_q & (tgt != 0)).any()) else 0.0,
-                         float(spread.detach()) if spread is not None else 0.0))
+                         float(spread.detach()) if spread is not None else 0.0) + cstats)
         if step % a.log_every == 0 or step == a.fusion_steps - 1:
             r = np.mean(hist[-50:], 0)
             el = time.perf_counter() - t_start
             curve.append({"step": step, "loss": round(float(loss.detach()), 4), "exists_acc": round(float(r[0]), 3),
                           "colour_shape_acc": round(float(r[1]), 3), "colour_shown_acc": round(float(r[3]), 3),
                           "null_spread": float(f"{r[4]:.4g}"), "elapsed_s": round(el, 1)})
+            if a.fusion_count:
+                curve[-1].update(count_frame_exact=round(float(r[5]), 3), count_clip_exact=round(float(r[6]), 3))
             say(f"[train_demo] fusion {step:5d}/{a.fusion_steps} loss {float(loss.detach()):.3f} per-frame "
                 f"is-there {r[0]:.2f} (yes {r[2]:.2f}) colour/shape {r[1]:.2f} (colour shown {r[3]:.2f}) "
-                f"null {r[4]:.3f} {el / 60:5.1f} min")
+                f"null {r[4]:.3f}" + (f" count set: frame {r[5]:.2f} clip {r[6]:.2f}" if a.fusion_count else "")
+                + f" {el / 60:5.1f} min")
     log["fusion_curve"] = curve
+
+
+COUNT_ROWS = 4      # --fusion-count reads the question's last rows (the shortest phrasing has 5)
+
+
+def count_fusion_loss(trainer: "Trainer", head: torch.nn.Linear, ks, vs, seen: list, rng: np.random.Generator):
+    """--fusion-count (stage 0c): "how many objects are there?" (or a paraphrase) fused with each
+    frame, whose last `COUNT_ROWS` question rows together (one vector held about one object in the
+    frame token's case) must name (a training-only linear read-out, BCE) the (kind, colour) pairs
+    the frame shows, the star not counted; and the same read-out of a weighted
+    average over the 4 frames of a scene (weights 1-20, as a 1-fps video repeats a moment) every
+    pair any of them shows. The average the LLM sees then holds each object seen, however
+    briefly, and counting is counting what it names. `seen`: (spec, t) per frame, in groups of 4
+    per scene. Returns the loss and (per-frame, per-group) exact-set accuracy."""
+    dev = trainer.device
+    n = len(seen)
+    texts = [S._T_COUNT if rng.random() < 0.75 else PARAPHRASES["count"][int(rng.integers(len(PARAPHRASES["count"])))]
+             for _ in range(0, n, 4)]
+    rows = [trainer.question_rows(texts[f // 4]) for f in range(n)]
+    x = trainer.fuse_rows(rows, ks, vs)
+    at = torch.tensor([[len(r) - COUNT_ROWS + j for j in range(COUNT_ROWS)] for r in rows], device=dev)
+    last = x[torch.arange(n, device=dev)[:, None], at].float()                      # (n, COUNT_ROWS, H)
+    tgt = torch.zeros(n, N_PAIRS)
+    for f, (spec, t) in enumerate(seen):
+        for i in S.visible_objects(spec, t):
+            o = spec.objects[i]
+            tgt[f, pair_index(o.kind, o.colour_at(t))] = 1
+    tgt = tgt.to(dev)
+    per = head(_rms(last).flatten(1))
+    loss = F.binary_cross_entropy_with_logits(per, tgt, reduction="sum") / n
+    G = n // 4
+    w = torch.tensor(rng.integers(1, 21, size=(G, 4)), dtype=torch.float32, device=dev)
+    avg = (last[:G * 4].view(G, 4, COUNT_ROWS, -1) * w[..., None, None]).sum(1) / w.sum(1)[:, None, None]
+    union = tgt[:G * 4].view(G, 4, -1).amax(1)
+    vid = head(_rms(avg).flatten(1))
+    loss = loss + F.binary_cross_entropy_with_logits(vid, union, reduction="sum") / G
+    with torch.no_grad():
+        fe = float(((per > 0) == (tgt > 0)).all(1).float().mean())
+        ve = float(((vid > 0) == (union > 0)).all(1).float().mean())
+    return loss, (fe, ve)
 
 
 def adamw(params: list, lr: float) -> torch.optim.AdamW:
@@ -1390,8 +1462,9 @@ def read_batch(rng: np.random.Generator, n: int) -> list[Sample]:
         pool = crowd if crowd and rng.random() < 0.75 else (busy or list(range(spec.n_frames)))
         T = int(rng.integers(1, 5))
         times = sorted(float(x) for x in rng.choice(pool, size=min(T, len(pool)), replace=False))
-        qas = clip_questions(spec, times, rng, contiguous=False, families=READ_FAMILIES,
-                             paraphrase=RECIPE["paraphrase"])
+        fams = READ_FAMILIES + (("order",) if RECIPE["order_hard_read"] else ())   # a second pair: fewer are kept
+        qas = clip_questions(spec, times, rng, contiguous=False, families=fams,
+                             paraphrase=RECIPE["paraphrase"], order_hard=RECIPE["order_hard_read"])
         if qas:
             out.append(Sample(spec, times, [1] * len(times), qas, "sparse", codec=bool(rng.random() < 0.5)))
     return out
@@ -1580,6 +1653,13 @@ def parse_args(argv):
     ap.add_argument("--hard-negatives", type=float, default=0.0,
                     help="share of 'is there' negatives that name a shown kind in another shown colour "
                          "(0: absent pairs drawn uniformly)")
+    ap.add_argument("--order-hard", type=float, default=0.0,
+                    help="share of 'which appeared first' questions (when the clip allows one) about two "
+                         "objects that both appear after the clip's first one, and of those whose answer is "
+                         "the clip's first-shown object that share is dropped (0: any pair, none dropped)")
+    ap.add_argument("--order-hard-read", type=float, default=0.0,
+                    help="--order-hard for stage 0r's short clips (--read-steps, --read-extra), whose order "
+                         "answers are almost always the first-shown object")
     ap.add_argument("--paraphrase", type=float, default=0.0,
                     help="share of colour/shape/exists/count questions asked in other everyday phrasings "
                          "(> 0 adds their words to the vocabulary)")
@@ -1621,6 +1701,10 @@ def parse_args(argv):
                          "embeddings; 0: none)")
     ap.add_argument("--fusion-batch", type=int, default=96, help="stage 0c: frames per step (4 questions each)")
     ap.add_argument("--fusion-lr", type=float, default=1e-3)
+    ap.add_argument("--fusion-count", type=float, default=0.0,
+                    help="stage 0c: weight of the count read-out (the last 4 rows of 'how many objects are "
+                         "there?' name the pairs its frame shows, and their average over frames every pair "
+                         "seen; 0: off)")
     ap.add_argument("--read-steps", type=int, default=0,
                     help="stage 0r: steps of LLM-only training on colour, shape, 'is there', count and order "
                          "questions about short clips with several objects (0: none)")
@@ -1668,7 +1752,7 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    RECIPE.update(hard_negatives=a.hard_negatives, paraphrase=a.paraphrase, whole_videos=a.whole_videos,
+    RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read, paraphrase=a.paraphrase, whole_videos=a.whole_videos,
                   decoys=a.decoys, long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else

@@ -183,7 +183,7 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
     try:
         argv = ["--out", str(out), "--seed", "3", "--vision-steps", "3", "--steps", "0", "--threads", "1",
                 "--pair-loss", "1", "--token-set", "4", "--fusion-steps", "2", "--fusion-batch", "32",
-                "--null", "1", "--log-every", "1"]
+                "--null", "1", "--fusion-count", "0.3", "--log-every", "1"]
         assert train_demo.main(argv) == 0
         plain = tmp_path / "plain"
         assert train_demo.main(["--out", str(plain), "--seed", "3", "--vision-steps", "3", "--steps", "0",
@@ -204,6 +204,8 @@ def test_binding_levers_train_the_frame_token_and_report_a_probe(tmp_path):
         assert all(0.0 <= v["exact"] <= 1.0 for v in read.values())
     assert [c["step"] for c in log["fusion_curve"]] == [0, 1]
     assert any(c["null_spread"] > 0 for c in log["fusion_curve"])        # --null measured (unit test below)
+    assert all(0.0 <= c["count_frame_exact"] <= 1.0 and 0.0 <= c["count_clip_exact"] <= 1.0
+               for c in log["fusion_curve"])                             # --fusion-count ran
     plain_log = json.loads((plain / "training_log.json").read_text())
     assert set(plain_log["vision_probe"]) == {"P(c)"} and "fusion_curve" not in plain_log
     # stage 0 moved the pre-fusion layers only with --token-set
@@ -301,6 +303,32 @@ def test_local_targets_name_what_each_frame_shows():
     assert set(per) == {0} and video == 0
     assert local_targets(spec, times, QA("count", "how many objects are there?", "3")) is None
     assert seen >= 1
+
+
+def test_order_hard_leaves_out_what_the_clip_shows_first():
+    """--order-hard: with share 1 no "which appeared first" question is answered by an object the
+    clip shows in its first frame with objects (M4 answered the video's first object whatever was
+    asked); with share 0 such questions are common, and questions are still asked."""
+    import numpy as np
+    from model import train_demo as T
+    from stream import synthetic as S
+    counts = {}
+    for share in (0.0, 1.0):
+        asked = shortcut = 0
+        for k in range(40):
+            spec = S.make_scene(10 ** 9 + 7_600 + k, 60.0, n_objects=4)
+            times = [float(t) for t in range(spec.n_frames)]
+            qas = T.clip_questions(spec, times, np.random.default_rng(k), contiguous=True,
+                                   families=("order", "order"), order_hard=share)
+            shown = next(S.visible_objects(spec, t) for t in times if S.visible_objects(spec, t))
+            names = {T._name(spec.objects[i].kind, spec.objects[i].colour_at(spec.objects[i].t_appear)) for i in shown}
+            for qa in qas:
+                assert qa.family == "order"
+                asked += 1
+                shortcut += qa.answer in names
+        counts[share] = (asked, shortcut)
+    assert counts[1.0][0] >= 10 and counts[1.0][1] == 0
+    assert counts[0.0][1] >= counts[0.0][0] // 3
 
 
 def test_frame_questions_are_answered_by_the_frame():
