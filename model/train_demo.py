@@ -260,9 +260,10 @@ def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generat
             pairs = [(i, j) for i in present for j in present if i != j and abs(first[i] - first[j]) >= gap]
             # --order-hard: that share of the pairs leaves out what the clip shows first, so "name
             # the first object seen" (the shortcut M4 learned) is no answer to them
-            later = [(i, j) for (i, j) in pairs if first[i] > first[present[0]] and first[j] > first[present[0]]]
-            if later and oh and rng.random() < oh:
-                pairs = later
+            if oh:
+                later = [(i, j) for (i, j) in pairs if min(first[i], first[j]) > first[present[0]]]
+                if later and rng.random() < oh:
+                    pairs = later
             if pairs:
                 i, j = pick(pairs)
                 a, b = _name(objs[i].kind, first_colour[i]), _name(objs[j].kind, first_colour[j])
@@ -327,7 +328,8 @@ PARAPHRASES = {
 }
 # the data levers of issue 11 (set from the command line by `main`; the defaults reproduce the
 # committed checkpoint's data exactly: every lever off draws nothing from the random streams)
-RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24}
+RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "paraphrase": 0.0, "whole_videos": 0.4,
+          "decoys": 0, "long_anchors": 24}
 PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 
 
@@ -1143,6 +1145,9 @@ def frame_items(spec: S.SceneSpec, t: float) -> list[tuple[str, str]]:
     return items
 
 
+FUSION_SCENE_FRAMES = 4     # stage 0c draws this many frames of each scene (--fusion-count's groups)
+
+
 def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     """Stage 0c (--fusion-steps): the pre-fusion layers learn, on single frames, to answer in the
     question's referent row what that frame shows about a colour, shape or "is there" question
@@ -1166,7 +1171,7 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         frames, qs, seen = [], [], []
         while len(frames) < a.fusion_batch:
             spec = random_scene(rng)
-            for _ in range(4):
+            for _ in range(FUSION_SCENE_FRAMES):
                 t = random_time(spec, rng, 0.3)
                 frames.append(S.render_frame(spec, t))
                 qs.append(frame_questions(spec, t, rng))
@@ -1240,30 +1245,31 @@ def count_fusion_loss(trainer: "Trainer", head: torch.nn.Linear, ks, vs, seen: l
     frame, whose last `COUNT_ROWS` question rows together (one vector held about one object in the
     frame token's case) must name (a training-only linear read-out, BCE) the (kind, colour) pairs
     the frame shows, the star not counted; and the same read-out of a weighted
-    average over the 4 frames of a scene (weights 1-20, as a 1-fps video repeats a moment) every
-    pair any of them shows. The average the LLM sees then holds each object seen, however
-    briefly, and counting is counting what it names. `seen`: (spec, t) per frame, in groups of 4
-    per scene. Returns the loss and (per-frame, per-group) exact-set accuracy."""
+    average over the `FUSION_SCENE_FRAMES` frames of a scene (weights 1-20, as a 1-fps video
+    repeats a moment) every pair any of them shows. The average the LLM sees then holds each
+    object seen, however briefly, and counting is counting what it names. `seen`: (spec, t) per
+    frame, in groups of `FUSION_SCENE_FRAMES` per scene (as `pretrain_fusion` draws them).
+    Returns the loss and (per-frame, per-group) exact-set accuracy."""
     dev = trainer.device
-    n = len(seen)
+    n, g = len(seen), FUSION_SCENE_FRAMES
     texts = [S._T_COUNT if rng.random() < 0.75 else PARAPHRASES["count"][int(rng.integers(len(PARAPHRASES["count"])))]
-             for _ in range(0, n, 4)]
-    rows = [trainer.question_rows(texts[f // 4]) for f in range(n)]
+             for _ in range(0, n, g)]
+    rows = [trainer.question_rows(texts[f // g]) for f in range(n)]
     x = trainer.fuse_rows(rows, ks, vs)
     at = torch.tensor([[len(r) - COUNT_ROWS + j for j in range(COUNT_ROWS)] for r in rows], device=dev)
     last = x[torch.arange(n, device=dev)[:, None], at].float()                      # (n, COUNT_ROWS, H)
     tgt = torch.zeros(n, N_PAIRS)
     for f, (spec, t) in enumerate(seen):
-        for i in S.visible_objects(spec, t):
-            o = spec.objects[i]
-            tgt[f, pair_index(o.kind, o.colour_at(t))] = 1
+        for kind, colour in frame_items(spec, t):
+            if kind != "star":                                  # "how many" does not count the star
+                tgt[f, pair_index(kind, colour)] = 1
     tgt = tgt.to(dev)
     per = head(_rms(last).flatten(1))
     loss = F.binary_cross_entropy_with_logits(per, tgt, reduction="sum") / n
-    G = n // 4
-    w = torch.tensor(rng.integers(1, 21, size=(G, 4)), dtype=torch.float32, device=dev)
-    avg = (last[:G * 4].view(G, 4, COUNT_ROWS, -1) * w[..., None, None]).sum(1) / w.sum(1)[:, None, None]
-    union = tgt[:G * 4].view(G, 4, -1).amax(1)
+    G = n // g
+    w = torch.tensor(rng.integers(1, 21, size=(G, g)), dtype=torch.float32, device=dev)
+    avg = (last[:G * g].view(G, g, COUNT_ROWS, -1) * w[..., None, None]).sum(1) / w.sum(1)[:, None, None]
+    union = tgt[:G * g].view(G, g, -1).amax(1)
     vid = head(_rms(avg).flatten(1))
     loss = loss + F.binary_cross_entropy_with_logits(vid, union, reduction="sum") / G
     with torch.no_grad():
@@ -1752,8 +1758,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read, paraphrase=a.paraphrase, whole_videos=a.whole_videos,
-                  decoys=a.decoys, long_anchors=a.long_anchors)
+    RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read,
+                  paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys, long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
