@@ -178,6 +178,7 @@ class Sample:
     kind: str                       # "sparse" | "clip" | "long"
     codec: bool = False             # frames through `codec_like` (H.264-like chroma loss)
     needle_times: set = field(default_factory=set)
+    attn: list | None = None        # per question: distinct frames its answer row should look at (--order-attn)
 
 
 def _name(kind: str, colour: str) -> str:
@@ -612,9 +613,15 @@ class Trainer:
     # -- one video, all its questions -------------------------------------------------------------
     def video_loss(self, tokens, ks, vs, prefix_out, reps: torch.Tensor, qas: list[QA], *,
                    frame_grad: bool = True, frame_words: torch.Tensor | None = None, aux: list | None = None,
-                   pairs=None, heads=None, bind: list | None = None, local=None, local_out: list | None = None):
+                   pairs=None, heads=None, bind: list | None = None, local=None, local_out: list | None = None,
+                   star: tuple[list[int], list] | None = None, length: float = 0.0):
         """Summed cross-entropy over the answer tokens of `qas`, the number of target tokens, and
-        per-question (family, first-token correct)."""
+        per-question (family, first-token correct). `star` = (indices of distinct frames, each
+        shown once: the needle star's, or one list per question; out list): appends, per LLM
+        layer, the log of the attention mass (Bq, heads) that each question's last row (the one
+        that predicts the answer) puts on those frames' rows (--star-attn, --order-attn; -inf for
+        a question with no frames); with `length` > the rows there are, as if every other row were
+        repeated to make the video that long (the mass a 3-hour video would leave)."""
         m, dev = self.net.model, self.device
         H = self.cfg.hidden_size
         K = tokens.shape[0]
@@ -706,6 +713,14 @@ class Trainer:
             rows.append(seq)
             tgt[b, len(r) - 1:len(r) - 1 + len(a)] = torch.tensor(a)
         y = torch.stack(rows, 0)                                                             # (Bq, L, H)
+        if star is not None:
+            # (Bq, N0 + L): the rows each question's answer row should look at
+            first_row = (pre.shape[0] + torch.cumsum(reps, 0) - reps).tolist()
+            per_q = star[0] if star[0] and isinstance(star[0][0], list) else [star[0]] * Bq
+            on = torch.zeros(Bq, N0 + L, dtype=torch.bool, device=dev)
+            for b, ks_ in enumerate(per_q):
+                on[b, [first_row[k] for k in ks_]] = True
+            on = on[:, None]
         cos, sin = self.net.rotary(torch.arange(N0, N0 + L, device=dev), y.dtype)
         mask = torch.cat([torch.ones(L, N0, dtype=torch.bool),
                           torch.ones(L, L, dtype=torch.bool).tril()], 1).to(dev)
@@ -716,6 +731,16 @@ class Trainer:
             vv = torch.cat([bv[i].expand(Bq, -1, -1, -1), v], 2)
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=att.scale,
                                                enable_gqa=att.nh != att.nkv)
+            if star is not None:
+                last = torch.tensor([len(r) - 1 for r in qrows], device=dev)
+                ql = q[torch.arange(Bq, device=dev), :, last]                               # (Bq, nh, D)
+                kx = kk.repeat_interleave(att.nh // att.nkv, 1)                             # (Bq, nh, N, D)
+                sc = torch.einsum("bhd,bhnd->bhn", ql, kx).float() * att.scale
+                sc = sc.masked_fill(~mask[last][:, None], float("-inf"))
+                lse_on = sc.masked_fill(~on, float("-inf")).logsumexp(-1)
+                # the other rows as if the video were `length` frames long (each repeated)
+                lse_off = sc.masked_fill(on, float("-inf")).logsumexp(-1) + math.log(max(1.0, length / N0))
+                star[1].append(lse_on - torch.logaddexp(lse_on, lse_off))                 # (Bq, nh) log-mass
             y = layer._finish(y, att._out(o))
         logits = self.net.lm_head(m.norm(y)).float()                                        # (Bq, L, V)
         tgt = tgt.to(dev)
@@ -1412,8 +1437,20 @@ def needle_loss(trainer: "Trainer", a, rng: np.random.Generator, length: int, de
     codec = bool(rng.random() < 0.5)
     results = []
     for s, enc in zip(pair, needle_encode(trainer, pair, codec, a.image_size, dev)):
-        l, n, r = trainer.video_loss(*enc, torch.tensor(s.reps), s.qas)
+        masses: list = []
+        on = [k for k, t in enumerate(s.times) if s.spec.needle is not None and s.spec.needle.visible(t)]
+        l, n, r = trainer.video_loss(*enc, torch.tensor(s.reps), s.qas,
+                                     star=(on, masses) if on and a.star_attn else None,
+                                     length=a.star_attn_length)
+        if masses:
+            # --star-attn: each question about the star video, its best-placed head (any layer)
+            # must look at the star's frames: -log(attention mass), in answer-token units, the
+            # mass taken as in a --star-attn-length video (a 3-5 s star keeps its weight at 3 h)
+            best = torch.stack(masses, 0).amax(dim=(0, 2))                                   # (Bq,)
+            l = l - a.star_attn * torch.logaddexp(best, torch.full_like(best, math.log(1e-3))).sum()
         total, ntok, results = total + l, ntok + n, results + [(q, ok) for (_, ok), q in zip(r, s.qas)]
+        if masses:              # logged as family "star_attn": that mass over one half
+            results = results + [(QA("star_attn", "", ""), bool(b > math.log(0.5))) for b in best.tolist()]
     return total, ntok, results
 
 
@@ -1432,7 +1469,7 @@ def pretrain_needle(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             g["lr"] = lr_at(step, a.needle_steps, a.needle_lr, 20)
         L = needle_length(rng, step / max(1, a.needle_steps), a.needle_longest, a.needle_shortest)
         total, ntok, r = needle_loss(trainer, a, rng, L, dev)
-        res = [(L, q.answer, ok) for q, ok in r]
+        res = [(L, q.answer, ok) for q, ok in r if q.family == "needle"]
         loss = total / ntok
         clipped_step(opt, params, loss)
         hist.extend(res)
@@ -1476,9 +1513,51 @@ def read_batch(rng: np.random.Generator, n: int) -> list[Sample]:
     return out
 
 
-def clips_loss(trainer: "Trainer", samples: list[Sample], size: int, dev, total=0.0, ntok: int = 0):
-    """Stage 0r's loss over short clips (also --read-extra): their frames encoded in one batch
-    without gradient, each clip's questions through `video_loss`; added to `total` / `ntok`.
+def order_batch(rng: np.random.Generator, n: int) -> list[Sample]:
+    """--read-order's data: `n` whole 60 s videos (1 fps from 0 s, as the evaluation samples them)
+    with 2-5 objects, each asked about every pair of objects whose first appearances are at least
+    3 s apart (which name comes first in the sentence by a coin, so either name is the answer
+    half the time, and pairs that leave out the video's first object are common), plus how many
+    objects.
+    Stage 0r's clips of 1-4 frames ask one pair, answered by an object of their first frame 97 %
+    of the time; from them M4 learned to name the video's first object whatever is asked."""
+    out = []
+    while len(out) < n:
+        spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
+                            n_objects=int(rng.integers(2, S.MAX_OBJECTS + 1)))
+        times = [float(t) for t in range(spec.n_frames)]
+        first: dict[int, int] = {}
+        colour: dict[int, str] = {}
+        for fi, t in enumerate(times):
+            for i in S.visible_objects(spec, t):
+                if i not in first:
+                    first[i], colour[i] = fi, spec.objects[i].colour_at(t)
+        shown = sorted(first, key=lambda i: (first[i], i))
+        qas, attn = [], []
+        for x, i in enumerate(shown):
+            for j in shown[x + 1:]:
+                if first[j] - first[i] < 3:
+                    continue
+                a, b = (i, j) if rng.random() < 0.5 else (j, i)
+                na, nb = _name(spec.objects[a].kind, colour[a]), _name(spec.objects[b].kind, colour[b])
+                qas.append(QA("order", S._T_ORDER.format(a=na, b=nb), na if first[a] < first[b] else nb))
+                # --order-attn: the earlier object's frames before the other one first shows
+                attn.append([k for k in range(first[i], first[j]) if i in S.visible_objects(spec, times[k])])
+        if not qas:
+            continue
+        qas += clip_questions(spec, times, rng, contiguous=True, families=("count",),
+                              paraphrase=RECIPE["paraphrase"])
+        attn += [[] for _ in range(len(qas) - len(attn))]
+        out.append(Sample(spec, times, [1] * len(times), qas, "clip", codec=bool(rng.random() < 0.5), attn=attn))
+    return out
+
+
+def clips_loss(trainer: "Trainer", samples: list[Sample], size: int, dev, total=0.0, ntok: int = 0,
+               heads: "BindHeads | None" = None, bind: list | None = None, order_attn: float = 0.0):
+    """Stage 0r's loss over short clips (also --read-extra, --read-order): their frames encoded in
+    one batch without gradient, each clip's questions through `video_loss` (with `heads`, --bind's
+    read-outs of the frame rows too, appended to `bind`; with `order_attn`, --order-attn's
+    attention loss on the questions a sample's `attn` names frames for); added to `total` / `ntok`.
     Returns (total, ntok, per-question (family, first-token correct))."""
     with torch.no_grad():
         tokens, ks, vs, po = trainer.encode(preprocess(np.concatenate([render(s) for s in samples]), size).to(dev))
@@ -1486,8 +1565,18 @@ def clips_loss(trainer: "Trainer", samples: list[Sample], size: int, dev, total=
     for s in samples:
         sl = slice(o, o + len(s.times))
         o += len(s.times)
+        masses: list = []
+        want = order_attn and s.attn is not None and any(s.attn)
         l, n, r = trainer.video_loss(tokens[sl], [k[sl] for k in ks], [v[sl] for v in vs], po[sl],
-                                     torch.tensor(s.reps), s.qas)
+                                     torch.tensor(s.reps), s.qas, heads=heads, bind=bind,
+                                     pairs=trainer.frame_pairs(s.spec, s.times) if heads is not None else None,
+                                     star=(s.attn, masses) if want else None)
+        if masses:
+            # --order-attn: the best-placed head (any layer) of each order question's answer row
+            # looks at the earlier object's frames: -log(attention mass), in answer-token units
+            best = torch.stack(masses, 0).amax(dim=(0, 2))[[k for k, f in enumerate(s.attn) if f]]
+            l = l - order_attn * torch.logaddexp(best, torch.full_like(best, math.log(1e-3))).sum()
+            r = r + [("order_attn", bool(b > math.log(0.5))) for b in best.tolist()]
         total, ntok, results = total + l, ntok + n, results + r
     return total, ntok, results
 
@@ -1505,6 +1594,10 @@ def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.read_steps, a.read_lr, 20)
         total, ntok, r = clips_loss(trainer, read_batch(rng, a.read_batch), a.image_size, dev)
+        if a.read_order:
+            total, ntok, ro = clips_loss(trainer, order_batch(np.random.default_rng([a.seed, 0x0DE2, step]),
+                                                              a.read_order), a.image_size, dev, total, ntok)
+            r = r + [(f + "_60s", ok) for f, ok in ro]
         for fam, ok in r:
             hist.setdefault(fam, []).append(int(ok))
         loss = total / ntok
@@ -1718,9 +1811,24 @@ def parse_args(argv):
     ap.add_argument("--read-lr", type=float, default=5e-4)
     ap.add_argument("--read-extra", type=int, default=0,
                     help="stage 2: add this many of stage 0r's clips to every step (0: none)")
+    ap.add_argument("--read-order", type=int, default=0,
+                    help="stage 0r and stage 2: add this many whole 60 s videos to every step, each asked "
+                         "the order of every pair of its objects (either name the answer half the time) and "
+                         "how many objects (0: none)")
+    ap.add_argument("--order-attn", type=float, default=0.0,
+                    help="--read-order: weight of the order-attention loss (each order question's last row: "
+                         "-log of the largest attention mass any LLM head puts on the frames that show the "
+                         "earlier object before the other one appears; 0: off)")
     ap.add_argument("--needle-steps", type=int, default=0,
                     help="stage 0n: steps of long-video needle training (the LLM alone, on one scene with and "
                          "without its 3-5 s star per step; 0: none)")
+    ap.add_argument("--star-attn", type=float, default=0.0,
+                    help="stage 0n and --needle-every: weight of the star-attention loss (each question "
+                         "about the star video: -log of the largest attention mass any LLM head puts from "
+                         "the question's last row on the star's frames; 0: off)")
+    ap.add_argument("--star-attn-length", type=float, default=10800.0,
+                    help="--star-attn: count the attention mass as if the video were this many frames "
+                         "long (the other frames repeated), so short videos train the margin 3 h needs")
     ap.add_argument("--needle-lr", type=float, default=5e-4)
     ap.add_argument("--needle-anchors", type=int, default=200,
                     help="stage 0n and --needle-every: at most this many spans per video, each showing one "
@@ -1917,13 +2025,19 @@ def main(argv=None) -> int:
             rs = read_batch(np.random.default_rng([a.seed, 0x8EAE, step]), a.read_extra)
             total, ntok, r = clips_loss(trainer, rs, a.image_size, dev, total, ntok)
             results = results + [(f + "_read", ok) for f, ok in r]
+        if a.read_order:
+            # --read-order: whole 60 s videos asked every pair's order (and the count)
+            os_ = order_batch(np.random.default_rng([a.seed, 0x0DE2, step]), a.read_order)
+            total, ntok, r = clips_loss(trainer, os_, a.image_size, dev, total, ntok, heads=heads, bind=bind,
+                                        order_attn=a.order_attn)
+            results = results + [(f + "_60s", ok) for f, ok in r]
         if a.needle_every and step % a.needle_every == 0:
             # --needle-every: stage 0n's pair (one scene with and without its star, up to
             # --needle-longest frames) in the instruct mix, so the other families keep their LLM
             nrng = np.random.default_rng([a.seed, 0x57A3, step])
             L = needle_length(nrng, 1.0, a.needle_longest, a.needle_shortest)
             total, ntok, r = needle_loss(trainer, a, nrng, L, dev, total, ntok)
-            results = results + [("needle_long", ok) for _, ok in r]
+            results = results + [("needle_long" if q.family == "needle" else q.family, ok) for q, ok in r]
         loss = total / max(1, ntok)
         aux_loss = sum(aux[0::2]) / max(1, sum(aux[1::2])) if aux else None
         bind_loss = sum(bind[0::2]) / max(1, sum(bind[1::2])) if bind else None

@@ -331,6 +331,71 @@ def test_order_hard_leaves_out_what_the_clip_shows_first():
     assert counts[0.0][1] >= counts[0.0][0] // 3
 
 
+def test_read_order_asks_every_pair_with_either_name_the_answer():
+    """--read-order: whole 60 s videos, every pair of objects first shown >= 3 s apart asked once,
+    answered by the one shown first; the first-named object is the answer about half the time,
+    and the video's first object (M4's shortcut) is often not the answer."""
+    import numpy as np
+    from model import train_demo as T
+    from stream import synthetic as S
+    batch = T.order_batch(np.random.default_rng(3), 12)
+    named_first = total = first_obj = 0
+    for s in batch:
+        assert s.times == [float(t) for t in range(60)] and s.reps == [1] * 60
+        first = {}
+        for t in s.times:
+            for i in S.visible_objects(s.spec, t):
+                first.setdefault(i, t)
+        name = {T._name(s.spec.objects[i].kind, s.spec.objects[i].colour_at(t)): t for i, t in first.items()}
+        pairs = {frozenset((a, b)) for a in name for b in name if a != b and abs(name[a] - name[b]) >= 3}
+        orders = [q for q in s.qas if q.family == "order"]
+        assert {frozenset(q.question[len("which appeared first, the "):-1].split(" or the ")) for q in orders} == pairs
+        for q in orders:
+            a, b = q.question[len("which appeared first, the "):-1].split(" or the ")
+            assert q.answer == (a if name[a] < name[b] else b)
+            named_first += q.answer == a
+            first_obj += name[q.answer] == min(name.values())
+            total += 1
+        assert [q.family for q in s.qas].count("count") == 1
+        for q, frames in zip(s.qas, s.attn):         # --order-attn: the earlier object, before the other
+            if q.family != "order":
+                assert frames == []
+                continue
+            a, b = q.question[len("which appeared first, the "):-1].split(" or the ")
+            other = b if q.answer == a else a
+            assert frames and frames[0] == name[q.answer] and frames[-1] < name[other]
+    assert total >= 30 and 0.3 < named_first / total < 0.7 and first_obj / total < 0.75
+
+
+def test_star_attention_mass_is_on_the_star_rows(demo):
+    """--star-attn's read-out: the attention mass a question's last row puts on the star's frame
+    rows, per LLM layer and head, is a share (0..1), larger when those rows are the star's, and
+    smaller when counted as in a longer video (the other rows repeated)."""
+    import numpy as np
+    from model import train_demo as T
+    m = demo
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    pair = T.needle_pair(np.random.default_rng(2), 120, 20, 2)
+    yes = pair[0]
+    enc = T.needle_encode(tr, pair, False, m.preprocess["size"], m.device)[0]
+    on = [k for k, t in enumerate(yes.times) if yes.spec.needle.visible(t)]
+    off = [k for k, t in enumerate(yes.times) if not yes.spec.needle.visible(t) and yes.reps[k] == 1][:len(on)]
+    got = {}
+    with torch.no_grad():
+        for name, rows in (("star", on), ("other", off)):
+            masses = []
+            tr.video_loss(*enc, torch.tensor(yes.reps), yes.qas[:1], star=(rows, masses))
+            M = torch.stack(masses).exp()
+            assert M.shape == (m.cfg.num_hidden_layers, 1, m.cfg.num_attention_heads)
+            assert float(M.min()) >= 0 and float(M.max()) <= 1 + 1e-5
+            got[name] = float(M.max())
+    assert on and got["star"] > got["other"], got
+    with torch.no_grad():
+        masses = []
+        tr.video_loss(*enc, torch.tensor(yes.reps), yes.qas[:1], star=(on, masses), length=10800)
+    assert float(torch.stack(masses).exp().max()) < got["star"]
+
+
 def test_frame_questions_are_answered_by_the_frame():
     """Stage 0c's questions: "is there" is "yes" exactly when the pair is on screen (the star
     included), a colour (shape) question names the colour (kind) of the one object of that kind
@@ -474,7 +539,8 @@ def test_needle_stage_and_llm_only_train_the_llm_alone(tmp_path):
                                 "--needle-anchors", "16", "--decoys", "2", "--threads", "1", "--log-every", "1"]) == 0
         assert train_demo.main(["--out", str(lo), "--seed", "5", "--init-from", str(plain), "--vision-steps", "0",
                                 "--steps", "2", "--llm-only", "--needle-every", "1", "--needle-longest", "200",
-                                "--needle-anchors", "16", "--read-extra", "3", "--threads", "1"]) == 0
+                                "--needle-anchors", "16", "--read-extra", "3", "--read-order", "1",
+                                "--order-attn", "1", "--star-attn", "1", "--threads", "1"]) == 0
         assert train_demo.main(["--out", str(rd), "--seed", "6", "--init-from", str(plain), "--vision-steps", "0",
                                 "--steps", "0", "--read-steps", "2", "--read-batch", "6", "--threads", "1",
                                 "--log-every", "1"]) == 0
@@ -488,6 +554,7 @@ def test_needle_stage_and_llm_only_train_the_llm_alone(tmp_path):
     llm = ("model.layers.", "model.norm.", "lm_head.")
     fams = json.loads((lo / "training_log.json").read_text())["family_first_token_acc"]
     assert "needle_long" in fams and any(f.endswith("_read") for f in fams), fams    # both extras ran
+    assert {"order_60s", "order_attn_60s"} <= fams.keys(), fams               # --read-order, --order-attn ran
     read = json.loads((rd / "training_log.json").read_text())["read_curve"]
     assert [c["step"] for c in read] == [0, 1] and "colour" in read[-1]["first_token_acc"]
     for out in (nd, lo, rd):
