@@ -721,6 +721,7 @@ class Trainer:
             for b, ks_ in enumerate(per_q):
                 on[b, [first_row[k] for k in ks_]] = True
             on = on[:, None]
+            last = torch.tensor([len(r) - 1 for r in qrows], device=dev)
         cos, sin = self.net.rotary(torch.arange(N0, N0 + L, device=dev), y.dtype)
         mask = torch.cat([torch.ones(L, N0, dtype=torch.bool),
                           torch.ones(L, L, dtype=torch.bool).tril()], 1).to(dev)
@@ -732,7 +733,6 @@ class Trainer:
             o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=att.scale,
                                                enable_gqa=att.nh != att.nkv)
             if star is not None:
-                last = torch.tensor([len(r) - 1 for r in qrows], device=dev)
                 ql = q[torch.arange(Bq, device=dev), :, last]                               # (Bq, nh, D)
                 kx = kk.repeat_interleave(att.nh // att.nkv, 1)                             # (Bq, nh, N, D)
                 sc = torch.einsum("bhd,bhnd->bhn", ql, kx).float() * att.scale
@@ -1430,6 +1430,18 @@ def needle_encode(trainer: "Trainer", pair: tuple[Sample, Sample], codec: bool, 
     return (tok, ks, vs, po), (ntok, nks, nvs, npo)
 
 
+def attn_loss(masses: list, weight: float, keep: list[int] | None = None) -> tuple[torch.Tensor, list[bool]]:
+    """--star-attn / --order-attn from `video_loss`'s `star` output: per question (those in
+    `keep`, default all), -log of the largest attention mass any head of any layer puts on its
+    frames (floored at 1e-3), summed and times `weight` (answer-token units); and per question
+    whether that mass is over one half (logged)."""
+    best = torch.stack(masses, 0).amax(dim=(0, 2))                                           # (Bq,)
+    if keep is not None:
+        best = best[keep]
+    loss = -weight * torch.logaddexp(best, torch.full_like(best, math.log(1e-3))).sum()
+    return loss, [b > math.log(0.5) for b in best.tolist()]
+
+
 def needle_loss(trainer: "Trainer", a, rng: np.random.Generator, length: int, dev, total=0.0, ntok: int = 0):
     """Stage 0n's loss for one `needle_pair` of `length` frames drawn from `rng` (also
     --needle-every), added to `total` / `ntok`. Returns (total, ntok, per-question (QA, correct))."""
@@ -1442,15 +1454,15 @@ def needle_loss(trainer: "Trainer", a, rng: np.random.Generator, length: int, de
         l, n, r = trainer.video_loss(*enc, torch.tensor(s.reps), s.qas,
                                      star=(on, masses) if on and a.star_attn else None,
                                      length=a.star_attn_length)
+        star_ok: list[bool] = []
         if masses:
             # --star-attn: each question about the star video, its best-placed head (any layer)
-            # must look at the star's frames: -log(attention mass), in answer-token units, the
-            # mass taken as in a --star-attn-length video (a 3-5 s star keeps its weight at 3 h)
-            best = torch.stack(masses, 0).amax(dim=(0, 2))                                   # (Bq,)
-            l = l - a.star_attn * torch.logaddexp(best, torch.full_like(best, math.log(1e-3))).sum()
+            # must look at the star's frames, the mass taken as in a --star-attn-length video (a
+            # 3-5 s star keeps its weight at 3 h)
+            extra, star_ok = attn_loss(masses, a.star_attn)
+            l = l + extra
         total, ntok, results = total + l, ntok + n, results + [(q, ok) for (_, ok), q in zip(r, s.qas)]
-        if masses:              # logged as family "star_attn": that mass over one half
-            results = results + [(QA("star_attn", "", ""), bool(b > math.log(0.5))) for b in best.tolist()]
+        results = results + [(QA("star_attn", "", ""), ok) for ok in star_ok]      # logged as "star_attn"
     return total, ntok, results
 
 
@@ -1573,10 +1585,10 @@ def clips_loss(trainer: "Trainer", samples: list[Sample], size: int, dev, total=
                                      star=(s.attn, masses) if want else None)
         if masses:
             # --order-attn: the best-placed head (any layer) of each order question's answer row
-            # looks at the earlier object's frames: -log(attention mass), in answer-token units
-            best = torch.stack(masses, 0).amax(dim=(0, 2))[[k for k, f in enumerate(s.attn) if f]]
-            l = l - order_attn * torch.logaddexp(best, torch.full_like(best, math.log(1e-3))).sum()
-            r = r + [("order_attn", bool(b > math.log(0.5))) for b in best.tolist()]
+            # looks at the earlier object's frames
+            extra, oks = attn_loss(masses, order_attn, [k for k, f in enumerate(s.attn) if f])
+            l = l + extra
+            r = r + [("order_attn", ok) for ok in oks]
         total, ntok, results = total + l, ntok + n, results + r
     return total, ntok, results
 
@@ -1596,7 +1608,8 @@ def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None
         total, ntok, r = clips_loss(trainer, read_batch(rng, a.read_batch), a.image_size, dev)
         if a.read_order:
             total, ntok, ro = clips_loss(trainer, order_batch(np.random.default_rng([a.seed, 0x0DE2, step]),
-                                                              a.read_order), a.image_size, dev, total, ntok)
+                                                              a.read_order), a.image_size, dev, total, ntok,
+                                         order_attn=a.order_attn)
             r = r + [(f + "_60s", ok) for f, ok in ro]
         for fam, ok in r:
             hist.setdefault(fam, []).append(int(ok))
