@@ -246,13 +246,18 @@ class RayBackend:
         self._streams[sid] = cam
         cam.task = asyncio.get_running_loop().create_task(self._supervise(cam, info["size"]))
 
-    async def _launch(self, cam: "_Camera", size: int) -> None:
+    async def _launch(self, cam: "_Camera", size: int, avoid: str | None = None) -> None:
+        """Place the camera's actor. `avoid` is the node its last actor was lost on: the GCS may still
+        list a node that just died as alive for a few seconds, so it is left out while any other node fits
+        (a relaunch onto it would fail too and cost a second restart)."""
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         try:
             nodes = await asyncio.to_thread(self._camera_nodes)
         except Exception as e:                 # noqa: BLE001 - the GCS is busy: let Ray place it
             log.warning("camera %s: could not list nodes (%s); Ray places it", cam.sid, e)
             nodes = []
+        if avoid is not None and any(n != avoid for n in nodes):
+            nodes = [n for n in nodes if n != avoid]
         load = {n: 0 for n in nodes}
         for other in self._streams.values():
             if other is not cam and other.node in load:
@@ -315,7 +320,7 @@ class RayBackend:
             except Exception:                          # noqa: BLE001 - already gone with its node
                 pass
             try:
-                await self._launch(cam, size)
+                await self._launch(cam, size, avoid=lost_on)
             except Exception as e:                     # noqa: BLE001 - try again after the backoff
                 cam.ref = _failed_ref(e)
                 continue
