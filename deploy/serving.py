@@ -15,6 +15,7 @@ The Ray Serve wiring (`deploy/app.py`) and the routes (`deploy/routes.py`) only 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import math
@@ -175,6 +176,8 @@ class EncodeItem:
 class EncoderCore:
     """One model replica's ingest side."""
 
+    MAX_RUNNERS = 1024          # retention runners kept (one per recently ingested stream)
+
     def __init__(self, settings: Settings, model=None, cache=None):
         from frame_cache import open_cache
         self.settings = settings
@@ -183,7 +186,10 @@ class EncoderCore:
         self.watches = WatchStore(settings.redis_url)
         self.frames_encoded = 0
         self.batches = 0
-        self._runners: dict[str, Any] = {}
+        # retention runners of the streams this replica ingested lately, least recently used first; a
+        # dropped one is made again (a fresh runner skips what was demoted already), so a replica that
+        # sees many short-lived streams (file jobs) does not keep one per stream forever
+        self._runners: "collections.OrderedDict[str, Any]" = collections.OrderedDict()
 
     def info(self) -> dict:
         m = self.model
@@ -237,6 +243,9 @@ class EncoderCore:
                 ret = retention_of(self.cache.stream_info(sid).meta)
                 self._runners[sid] = None if ret is None or ret.keeps_everything else \
                     RetentionRunner(self.cache, sid, ret)
+                while len(self._runners) > self.MAX_RUNNERS:
+                    self._runners.popitem(last=False)
+            self._runners.move_to_end(sid)
             if self._runners[sid] is not None:
                 self._runners[sid].apply()
         except Exception as e:                                  # noqa: BLE001 - retried after the next batch
@@ -673,6 +682,7 @@ class WatchStore(JobStore):
     and their events (``lms:{<id>}:events``, newest first, capped; ``lms:{<id>}:event_seq``)."""
 
     MAX_EVENTS = 1000
+    MAX_CACHED = 1024           # streams whose watches `active` keeps (those read over `max_age` ago go first)
 
     def _k(self, sid: str, part: str) -> str:
         from frame_cache import stream_key
@@ -693,6 +703,9 @@ class WatchStore(JobStore):
         if got is None or now - got[0] > max_age:
             got = (now, self.all(sid))
             self._cache[sid] = got
+            if len(self._cache) > self.MAX_CACHED:            # streams seen once (file jobs) do not pile up
+                for k in [k for k, (t, _) in self._cache.items() if now - t > max_age]:
+                    del self._cache[k]
         return got[1]
 
     def remove(self, sid: str, wid: str) -> bool:

@@ -198,3 +198,29 @@ def test_ingest_applies_the_stream_retention(tiny_model, tmp_path):
     a = tiny_model.ask(CachedFrames(cache, "v"), QUESTION, max_new_tokens=3)
     assert a.policy.startswith("mixed: exact 10, fp8 4, token-only 16 (fused 14 of 30 frames; retain exact for "
                                "the last 10 s")
+
+
+def test_the_encoder_keeps_few_runners_and_still_demotes_a_stream_it_dropped(tiny_model, redis_server):
+    """A replica that ingests many short-lived streams keeps a bounded set of retention runners
+    (and of cached watch lists); a stream whose runner was dropped is demoted right on its next batch."""
+    import numpy as np
+    from deploy.serving import EncodeItem, EncoderCore
+    from deploy.settings import Settings
+    cache = InProcessFrameCache()
+    core = EncoderCore(Settings(redis_url=redis_server.url), model=tiny_model, cache=cache)
+    core.MAX_RUNNERS, core.watches.MAX_CACHED = 2, 2
+    rng = np.random.default_rng(0)
+    sids = [f"runners-{c}" for c in "abcd"]
+    for sid in sids:
+        cache.create_stream(sid, 64, meta={"retain": Retention.parse("exact_s=2,kv=none").to_dict()})
+    for sid, t0 in [(s, 0) for s in sids] + [(sids[0], 4)]:
+        out = core.encode([EncodeItem(sid, rng.integers(0, 255, (4, 56, 56, 3), dtype=np.uint8),
+                                      [float(t0 + i) for i in range(4)])])
+        assert "seqs" in out[0], out
+        assert len(core._runners) <= 2
+    assert list(core._runners) == [sids[3], sids[0]]                  # least recently used dropped first
+    assert _forms(cache, sids[0], 8) == ["none"] * 6 + ["exact"] * 2   # pts 0..5 <= 7 - 2: demoted
+    assert _forms(cache, sids[3], 4) == ["none"] * 2 + ["exact"] * 2
+    for sid in sids:                                                  # watch lists read long ago are dropped
+        core.watches.active(sid, max_age=0.0)
+    assert len(core.watches._cache) <= 3
