@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 4 h 30 min on 2 CPU cores; the result is WORK_DIR/m4
+#   scripts/train_demo.sh [WORK_DIR]      # about 5 h 20 min on 2 CPU cores; the result is WORK_DIR/p5
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/m4
+# Then: python -m lmstream.eval_demo --model WORK_DIR/p5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -105,8 +105,31 @@ run --out "$W/m3" --seed 27 --init-from "$W/m" --vision-steps 0 --paraphrase 0.1
 
 # --- issue 11, fifth session ---
 # M4. 150 more steps with 32 stage-0r clips each (colour on the training stream was still rising),
-#     15.4 min: checkpoints/demo. Ran with today's stage-0n sampler.
+#     15.4 min (the checkpoint until the eighth session). Ran with today's stage-0n sampler.
 run --out "$W/m4" --seed 28 --init-from "$W/m3" --vision-steps 0 --paraphrase 0.1 --steps 150 --lr 3e-4 \
     --warmup 10 --stage1 0.02 --llm-only --read-extra 32 --needle-every 1 --needle-anchors 1000 \
     --needle-shortest 300 --decoys 12 --hard-negatives 0.5 --whole-videos 0.5 --aux 0 --long-grad \
     --long-anchors 200 --ema 0.995 --minutes 600
+
+# --- issue 11, seventh and eighth sessions: --star-attn (the 3-hour needle is attention dilution) ---
+# M4's flags in one place for the runs below (each line names what differs; a later flag wins)
+M4F=(--vision-steps 0 --paraphrase 0.1 --steps 150 --lr 3e-4 --warmup 10 --stage1 0.02 --llm-only
+     --read-extra 32 --needle-every 1 --needle-anchors 1000 --needle-shortest 300 --decoys 12
+     --hard-negatives 0.5 --whole-videos 0.5 --aux 0 --long-grad --long-anchors 200 --ema 0.995 --minutes 600)
+
+# P2. 150 M4-recipe steps with --star-attn 10, 16.9 min (sharing the CPU with a test run)
+run --out "$W/p2" --seed 36 --init-from "$W/m4" "${M4F[@]}" --star-attn 10
+
+# P2n. stage 0n, 300 steps of 300-3,000 frames with --star-attn 10, 6.5 min
+run --out "$W/p2n" --seed 37 --init-from "$W/p2" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --needle-steps 300 --needle-lr 5e-4 --needle-anchors 1000 --needle-shortest 300 --needle-longest 3000 \
+    --decoys 12 --star-attn 10
+
+# P3. 150 M4-recipe steps, plus 4 whole 60 s videos a step asked every pair's order, 9.4 min
+run --out "$W/p3" --seed 38 --init-from "$W/p2n" "${M4F[@]}" --star-attn 10 --read-order 4 --order-attn 5
+
+# P4. 120 steps, lr 2e-4, 6.5 min
+run --out "$W/p4" --seed 39 --init-from "$W/p3" "${M4F[@]}" --steps 120 --lr 2e-4 --star-attn 10
+
+# P5. 150 steps, lr 2e-4, 40 stage-0r clips a step, 8.5 min: checkpoints/demo
+run --out "$W/p5" --seed 40 --init-from "$W/p4" "${M4F[@]}" --lr 2e-4 --read-extra 40 --star-attn 10
