@@ -1,8 +1,8 @@
 """Train the demo LLaVA-Mini on synthetic videos (LLaVA-Mini's recipe in miniature).
 
     python -m model.train_demo --out DIR --seed 0       # the base model, ~32 min on 2 CPU cores
-    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then 15
-                                                         # runs with issue 11's levers (~4 h 30 min)
+    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then 20
+                                                         # runs with issue 11's levers (~5 h 20 min)
     python -m model.train_demo --out /tmp/d --vision-steps 20 --steps 20  # a smoke run
 
 What it builds (the released design at toy sizes, `model/tiny.py` layout):
