@@ -77,10 +77,10 @@ def test_loads_with_its_tokenizer(demo):
 
 
 def test_answers_fresh_videos_well_above_chance(demo):
-    """Six fresh 30 s videos (held-out seeds). Measured on the committed checkpoint (run M4,
+    """Six fresh 30 s videos (held-out seeds). Measured on the committed checkpoint (run P5,
     docs/demo.md): shape 12/12, "is there a <colour> <kind>?" 15/16 and colour 6/8 (chance
-    about 1/4, 1/2 and 1/7; M3 had colour 5/8, H 1/8). Not asserted: the needle star and count
-    (`eval-demo` measures them on 90 videos: 96 % and 61 %)."""
+    about 1/4, 1/2 and 1/7; M4 the same, M3 had colour 5/8, H 1/8). Not asserted: the needle
+    star and count (`eval-demo` measures them on 90 videos: 96 % and 64 %)."""
     from stream.synthetic import make_scene, questions, score
     right: dict[str, list[bool]] = {}
     for i in range(6):
