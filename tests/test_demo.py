@@ -380,12 +380,13 @@ def test_star_attention_mass_is_on_the_star_rows(demo):
     enc = T.needle_encode(tr, pair, False, m.preprocess["size"], m.device)[0]
     on = [k for k, t in enumerate(yes.times) if yes.spec.needle.visible(t)]
     off = [k for k, t in enumerate(yes.times) if not yes.spec.needle.visible(t) and yes.reps[k] == 1][:len(on)]
-    got = {}
+    got, logm = {}, {}
     with torch.no_grad():
         for name, rows in (("star", on), ("other", off)):
             masses = []
             tr.video_loss(*enc, torch.tensor(yes.reps), yes.qas[:1], star=(rows, masses))
-            M = torch.stack(masses).exp()
+            logm[name] = torch.stack(masses)
+            M = logm[name].exp()
             assert M.shape == (m.cfg.num_hidden_layers, 1, m.cfg.num_attention_heads)
             assert float(M.min()) >= 0 and float(M.max()) <= 1 + 1e-5
             got[name] = float(M.max())
@@ -393,7 +394,11 @@ def test_star_attention_mass_is_on_the_star_rows(demo):
     with torch.no_grad():
         masses = []
         tr.video_loss(*enc, torch.tensor(yes.reps), yes.qas[:1], star=(on, masses), length=10800)
-    assert float(torch.stack(masses).exp().max()) < got["star"]
+    # every head's share shrinks (the other rows weigh more); a head trained by --star-attn may stay
+    # at 1.0 to float precision, so the comparison is per head, in logs
+    long = torch.stack(masses)
+    assert bool((long <= logm["star"] + 1e-5).all()) and bool((long < logm["star"] - 1e-3).any()), \
+        (long.squeeze(1), logm["star"].squeeze(1))
 
 
 def test_frame_questions_are_answered_by_the_frame():
