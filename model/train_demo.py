@@ -1538,10 +1538,11 @@ def order_batch(rng: np.random.Generator, n: int) -> list[Sample]:
         spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
                             n_objects=int(rng.integers(2, S.MAX_OBJECTS + 1)))
         times = [float(t) for t in range(spec.n_frames)]
+        vis = [S.visible_objects(spec, t) for t in times]               # per frame, drawing order
         first: dict[int, int] = {}
         colour: dict[int, str] = {}
         for fi, t in enumerate(times):
-            for i in S.visible_objects(spec, t):
+            for i in vis[fi]:
                 if i not in first:
                     first[i], colour[i] = fi, spec.objects[i].colour_at(t)
         shown = sorted(first, key=lambda i: (first[i], i))
@@ -1554,7 +1555,7 @@ def order_batch(rng: np.random.Generator, n: int) -> list[Sample]:
                 na, nb = _name(spec.objects[a].kind, colour[a]), _name(spec.objects[b].kind, colour[b])
                 qas.append(QA("order", S._T_ORDER.format(a=na, b=nb), na if first[a] < first[b] else nb))
                 # --order-attn: the earlier object's frames before the other one first shows
-                attn.append([k for k in range(first[i], first[j]) if i in S.visible_objects(spec, times[k])])
+                attn.append([k for k in range(first[i], first[j]) if i in vis[k]])
         if not qas:
             continue
         qas += clip_questions(spec, times, rng, contiguous=True, families=("count",),
