@@ -348,7 +348,8 @@ def build_api() -> FastAPI:
         _check_id(vid)
         d = await asyncio.to_thread(b.store.get, vid)
         require_ready(d)
-        req = _question_req(b, vid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [])
+        req = _question_req(b, vid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [],
+                             q.choices)
         if q.stream:
             return await _sse(b, req, _sse_events)
         return await _json_answer(b, req)
@@ -414,7 +415,8 @@ def build_api() -> FastAPI:
     async def ask_stream(sid: str, q: Question, b: Backend = Depends(auth)):
         _check_id(sid)
         d = await asyncio.to_thread(_live(b).get, sid)
-        req = _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [])
+        req = _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [],
+                             q.choices)
         if q.stream:
             return await _sse(b, req, _sse_events)
         return await _json_answer(b, req)
@@ -454,7 +456,8 @@ def build_api() -> FastAPI:
         if w is None:
             raise NotFound(f"expected a watch of stream {sid!r}, got unknown id {wid!r}")
         d = await asyncio.to_thread(_live(b).get, sid)
-        req = _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens, d.get("gaps") or [])
+        req = _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens, d.get("gaps") or [],
+                             q.choices)
         req["watch"] = wid
         return await _json_answer(b, req)
 
@@ -559,7 +562,7 @@ def build_api() -> FastAPI:
                 "lmstream": ans}
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps) -> dict:
+    def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps, choices=None) -> dict:
         lim = b.settings.limits
         if max_tokens > lim.max_tokens:
             raise InvalidRequest(f"expected max_tokens <= {lim.max_tokens}, got {max_tokens}")
@@ -571,8 +574,12 @@ def build_api() -> FastAPI:
             FusionPolicy.parse(policy)
         except BadArgument as e:
             raise InvalidRequest(f"policy: {e.message}") from None
-        return {"stream_id": sid, "question": question, "window": list(window) if window else None,
-                "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
+        _check_choices(lim, choices)
+        req = {"stream_id": sid, "question": question, "window": list(window) if window else None,
+               "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
+        if choices is not None:
+            req["choices"] = [c.strip() for c in choices]
+        return req
 
     def _admit(b: Backend):
         lim = b.settings.limits
@@ -667,6 +674,18 @@ def _status_error(ev: dict) -> LmsError:
     e = LmsError(ev["message"], code=ev["code"])
     e.http_status = int(ev.get("status", 500))
     return e
+
+
+def _check_choices(lim, choices) -> None:
+    """A question's candidate answers (count checked by the schema: 2 to 64): none blank, not too long."""
+    if choices is None:
+        return
+    for i, c in enumerate(choices):
+        if not c.strip():
+            raise InvalidRequest(f"expected every choice to be non-empty text, got choice {i} blank")
+    n = sum(len(c) for c in choices)
+    if n > lim.max_question_chars:
+        raise PayloadTooLarge(f"expected choices of at most {lim.max_question_chars} characters in all, got {n}")
 
 
 def _check_id(vid: str) -> None:
@@ -1188,8 +1207,11 @@ class _LiveSession:
                 gaps = (await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or []
             except NotFound:
                 gaps = []
+            _check_choices(lim, q.choices)
             req = {"stream_id": self.sid, "question": q.question, "window": list(q.window) if q.window else None,
                    "last_s": q.last_s, "policy": q.policy, "max_tokens": q.max_tokens, "gaps": gaps}
+            if q.choices is not None:
+                req["choices"] = [c.strip() for c in q.choices]
             self.inflight["n"] += 1
             try:
                 agen = b.answer_events(req)

@@ -79,6 +79,9 @@ class Question(BaseModel):
     policy: str = "exact"
     max_tokens: int = Field(64, ge=1)
     stream: bool = False
+    # candidate answers: the reply is the one the model gives the highest probability (nothing is
+    # generated), with every candidate's log-probability in the answer's "choices"
+    choices: list[str] | None = Field(None, min_length=2, max_length=64)
 
     @field_validator("question")
     @classmethod
@@ -112,6 +115,7 @@ class AnswerBody(BaseModel):
     prompt_tokens: int
     llm_tokens: int
     finish_reason: Literal["stop", "length"] = "stop"
+    choices: list[dict[str, Any]] | None = None     # with a question's choices: [{"text", "logprob"}]
 
 
 # -- OpenAI-compatible chat -------------------------------------------------------------------

@@ -325,8 +325,8 @@ class AnswerCore:
                                    dropped_before=win.dropped_before)
 
     def answer(self, stream_id: str, question: str, *, window=None, last_s=None, policy: str = "exact",
-               max_tokens: int = 64, gaps=(), sampling: dict | None = None, watch: str | None = None
-               ) -> Iterator[dict]:
+               max_tokens: int = 64, gaps=(), sampling: dict | None = None, watch: str | None = None,
+               choices: list[str] | None = None) -> Iterator[dict]:
         """Events: {"type": "token", "text", "token_id"} ... {"type": "answer", **answer fields}."""
         t0 = time.perf_counter()
         if watch is not None:
@@ -338,7 +338,7 @@ class AnswerCore:
         inside = [list(g) for g in gaps if (g[1] is None or g[1] >= lo) and (g[0] is None or g[0] <= hi)]
         first = None
         for kind, *rest in self.model.stream_answer(src, question, max_new_tokens=max_tokens, policy=policy,
-                                                    extra_gaps=inside, **(sampling or {})):
+                                                    extra_gaps=inside, choices=choices, **(sampling or {})):
             if kind == "token":
                 if first is None:
                     first = time.perf_counter() - t0
@@ -357,7 +357,8 @@ def answer_fields(a) -> dict:
     return {"text": a.text, "token_ids": list(a.token_ids), "frames": a.frames, "frames_fused": a.frames_fused,
             "time_span": list(a.time_span) if a.time_span else None, "policy": a.policy, "kv_policy": a.kv_policy,
             "gaps": [list(g) for g in a.gaps], "dropped": a.dropped, "timings": dict(a.timings),
-            "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason}
+            "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason,
+            **({"choices": a.choices} if getattr(a, "choices", None) is not None else {})}
 
 
 def answer_events_in_thread(make_events: Callable[[], Iterator[dict]]):

@@ -86,6 +86,11 @@ def _fmt_span(span) -> str:
 
 def print_answer(ans, load_s: float | None = None) -> None:
     print(f"answer: {ans.text}")
+    if getattr(ans, "choices", None):
+        import math
+        total = sum(math.exp(c["logprob"]) for c in ans.choices)
+        print("choices (log-probability; share of the choices' probability): " + ", ".join(
+            f"{c['text']!r} {c['logprob']:.3f} ({math.exp(c['logprob']) / total:.0%})" for c in ans.choices))
     print(f"frames: {ans.frames} ({_fmt_span(ans.time_span)}), question fused with {ans.frames_fused}; "
           f"policy {ans.policy}, keys/values {ans.kv_policy}; LLM context {ans.llm_tokens} tokens")
     parts = ([f"load {load_s:.2f} s"] if load_s is not None else []) + \
@@ -179,6 +184,8 @@ def cmd_ask(args) -> int:
     check_common_args(args)
     if args.max_new_tokens < 1:
         raise BadArgument(f"expected --max-new-tokens >= 1, got {args.max_new_tokens}")
+    if args.choice is not None and (len(args.choice) < 2 or not all(c.strip() for c in args.choice)):
+        raise BadArgument(f"expected --choice twice or more, each non-empty text, got {args.choice}")
     if args.video is None and args.stream is None:
         raise BadArgument("expected a VIDEO file, or --stream ID of frames already in --cache, got neither")
     if args.video is None and not args.cache:
@@ -192,7 +199,7 @@ def cmd_ask(args) -> int:
     if args.cache is None:                           # the embedded default: in-process, spilling to a temp file
         m, load_s = load_model(args)
         ans = m.ask(args.video, args.question, fps=fps, window=window, policy=args.policy, kv_policy=args.kv,
-                    retain=args.retain, max_new_tokens=args.max_new_tokens,
+                    retain=args.retain, max_new_tokens=args.max_new_tokens, choices=args.choice,
                     progress=not args.json and sys.stderr.isatty())
         stream_id = None
     else:
@@ -249,7 +256,8 @@ def _ask_cached(args, window, fps):
                                          timings=timings))
             start = end = None                       # the stream holds just the window
         src = CachedFrames(cache, sid, start, end, dtype=m.dtype)
-        ans = m._answer(src, args.question, args.max_new_tokens, args.policy, None, timings, report, {})
+        ans = m._answer(src, args.question, args.max_new_tokens, args.policy, None, timings, report,
+                        {"choices": args.choice})
     return ans, load_s, sid
 
 
@@ -359,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "keys/values only every kv_stride-th frame, as kv (exact|fp8|none); questions there fuse "
                         "those frames and report the mix (default: every frame exact)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--choice", action="append", metavar="TEXT",
+                   help="a candidate answer (give two or more): the answer is the one the model finds likeliest, "
+                        "each printed with its log-probability; nothing is generated")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(fn=cmd_ask)
     p = sub.add_parser("demo", help="the main job: a synthetic video with known answers, end to end")

@@ -33,7 +33,10 @@ Every question is answered with each fusion policy of `--policies` (default exac
 budget:32: the question fused with at most 32 evenly spaced frames; the LLM still sees every
 frame token). Scoring is `stream.synthetic.score`. Families are those of
 `stream.synthetic.questions`, with the needle split into "needle" (is there a <c> star?) and
-"needle_when" (when did it appear, +-2 s).
+"needle_when" (when did it appear, +-2 s). With `--choices` each policy gets a second column,
+POLICY+choices: the questions with a fixed answer set (all but "when" and "needle_when", open times)
+answered by scoring each candidate answer with the model (`LlavaMini.score_choices`: the
+probability of generating exactly that answer) and taking the likeliest, instead of generating.
 """
 from __future__ import annotations
 
@@ -164,11 +167,20 @@ def blind_baseline(qas) -> dict:
             "answers": dict(sorted(counts.items(), key=lambda kv: -kv[1]))}
 
 
+CHOICES = "+choices"
+
+
 def answer(m, states, qa, policy: str, max_new_tokens: int):
+    """Generated text, whether it scores, seconds. A policy ending in "+choices" reads the answer
+    as the likeliest of the question's candidate answers instead (`LlavaMini.score_choices`)."""
     import torch
     from stream.synthetic import score
     ids = m.prompt_ids(qa.question)
     t0 = time.perf_counter()
+    if policy.endswith(CHOICES):
+        lps = m.score_choices(ids, states, qa.choices, policy=policy[:-len(CHOICES)])
+        text = qa.choices[int(np.argmax(lps))]
+        return text, bool(score(qa, text)), time.perf_counter() - t0
     with torch.no_grad():
         new = m.generate(ids, states, max_new_tokens, policy=policy)
     text = m.tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
@@ -180,6 +192,8 @@ def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing,
         fam = family_of(qa)
         tally.ask(tier, fam, qa)
         for pol in policies:
+            if pol.endswith(CHOICES) and not (qa.choices and len(qa.choices) >= 2):
+                continue                                   # a family with open answers ("when")
             text, ok, dt = answer(m, states, qa, pol, max_new_tokens)
             timing.setdefault(f"{tier}/{pol}", []).append(dt)
             tally.add(tier, fam, pol, ok, {"tier": tier, "seed": seed, "variant": label, "family": fam,
@@ -225,6 +239,8 @@ def _run(args) -> int:
     if args.quick and not args.tiers_given:
         tiers = [t for t in tiers if counts.get(t, 0) > 0]
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if args.choices:
+        policies += [p + CHOICES for p in policies]
     trials = args.needle_trials if args.needle_trials is not None else (1 if args.quick else 4)
     model_path = Path(args.model) if args.model else DEFAULT_MODEL
     m = LlavaMini.from_pretrained(model_path, dtype=args.dtype, device=args.device, batch_size=args.batch_size)
@@ -418,6 +434,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--needle-trials", type=int, default=None,
                    help="needle variants (and as many no-needle questions) per long video (default 4; 1 with --quick)")
     p.add_argument("--policies", default="exact,budget:32", help="fusion policies, comma-separated")
+    p.add_argument("--choices", action="store_true",
+                   help="also answer every question that has a fixed set of answers (colour, shape, yes/no, "
+                        "count, order) as the likeliest of them (`score_choices`): a column POLICY+choices")
     p.add_argument("--quick", action="store_true",
                    help="a fast run: 2 videos of 60 s and one of 10 min, 6 questions each, 1 needle trial")
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")

@@ -21,7 +21,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -92,6 +92,7 @@ class Answer:
     gaps: list = field(default_factory=list)     # [start_s, end_s] spans with no frames (decode damage, drops)
     dropped: int = 0                             # frames of the window overwritten before it was read
     finish_reason: str = "stop"                  # "stop" (a stop token) or "length" (max_new_tokens / context)
+    choices: list[dict] | None = None            # with `choices=`: [{"text", "logprob"}] per candidate, the text the best
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -636,6 +637,56 @@ class LlavaMini:
                 _info["generate_s"] = time.perf_counter() - t1
                 _info["finish_reason"] = info["finish_reason"]
 
+    MAX_CHOICES = 64
+
+    def choice_ids(self, choices: Sequence[str]) -> list[list[int]]:
+        """Each candidate answer's token ids; a clear error for what cannot be scored."""
+        if isinstance(choices, str) or not 2 <= len(choices) <= self.MAX_CHOICES:
+            n = "a single string" if isinstance(choices, str) else len(choices)
+            raise BadArgument(f"expected 2 to {self.MAX_CHOICES} choices, got {n}")
+        if self.tokenizer is None and self.tokenizer_error is not None:
+            raise self.tokenizer_error
+        if not self.stop_token_ids:
+            raise BadArgument("expected the checkpoint to name stop tokens (generation_config eos_token_id) to "
+                              "score choices, got none")
+        out = []
+        for c in choices:
+            if not isinstance(c, str) or not c.strip():
+                raise BadArgument(f"expected each choice to be non-empty text, got {c!r}")
+            toks = list(self.tokenizer(c.strip(), add_special_tokens=False)["input_ids"])
+            if not toks:
+                raise BadArgument(f"expected choice {c!r} to have at least one token, got none")
+            out.append(toks)
+        return out
+
+    @torch.no_grad()
+    def score_choices(self, input_ids: torch.Tensor, states, choices: Sequence[str], *, policy=None,
+                      _info: dict | None = None) -> list[float]:
+        """log P(choice, then a stop token | prompt, video) for each candidate answer, in nats.
+
+        The prompt is fused and prefilled once; each candidate's tokens then run on that cache,
+        embedded as generated tokens are (not fused), so a candidate's score is the sum of the
+        log-softmax that `generate`'s steps would give those very tokens, plus the log of the
+        probability of stopping right after them (any stop id). The computation is the plain
+        model's: no approximation, only the answer is read as a choice instead of sampled."""
+        cands = self.choice_ids(choices)
+        stops = torch.tensor(self.stop_token_ids, device=self.device)
+        longest = max(len(t) for t in cands)
+        with self.lock:
+            logits0, buf, info = self._prefill(input_ids, states, policy, longest)
+            n0 = buf.n
+            out: list[float] = []
+            for toks in cands:
+                buf.n = n0                                                 # the prompt's cache, rows after it rewritten
+                e = self.net.model.embed_tokens(torch.tensor([toks], device=self.device))
+                rows = torch.cat([logits0[:, None], self._llm(e, buf, all_logits=True)], dim=1)[0]
+                lp = torch.log_softmax(rows.float(), -1)                   # (len + 1, vocab)
+                s = lp[torch.arange(len(toks)), torch.tensor(toks)].sum() + torch.logsumexp(lp[-1, stops], 0)
+                out.append(float(s))
+        if _info is not None:
+            _info.update(info)
+        return out
+
     # ------------------------------------------------------------------ words in, words out
     def prompt_ids(self, question: str) -> torch.Tensor:
         if self.tokenizer is None and self.tokenizer_error is not None:
@@ -663,6 +714,8 @@ class LlavaMini:
         from stream.ingest import ingest_video
         from stream.window import CachedFrames
         self.prompt_ids(question)                   # a bad question fails before the video is decoded
+        if gen_kw.get("choices") is not None:
+            self.choice_ids(gen_kw["choices"])      # and bad choices
         with tempfile.TemporaryDirectory(prefix="lmstream-ask-") as tmp, \
                 InProcessFrameCache(spill_dir=tmp) as cache:
             report = ingest_video(self, video, cache, "file", fps=fps, window=window, kv_policy=kv_policy,
@@ -678,10 +731,14 @@ class LlavaMini:
         raise AssertionError("stream_answer ended without an answer")
 
     def stream_answer(self, states, question: str, *, max_new_tokens: int = 64, policy=None, window=None,
-                      timings: dict | None = None, report: dict | None = None, extra_gaps=(), **gen_kw):
+                      timings: dict | None = None, report: dict | None = None, extra_gaps=(),
+                      choices: Sequence[str] | None = None, **gen_kw):
         """Answer `question` about `states` (a FrameSource or VideoContext) as it is generated:
         yields ("token", token_id, text_piece) for each new token (pieces concatenate to the answer's
-        text), then ("answer", Answer). Closing the generator stops generation at once."""
+        text), then ("answer", Answer). Closing the generator stops generation at once.
+        With `choices` (2 or more candidate answers) nothing is generated: the answer is the
+        candidate the model gives the highest probability (`score_choices`), `Answer.choices`
+        holds every candidate's log-probability, and only the ("answer", Answer) event comes."""
         timings = {} if timings is None else timings
         if window is not None and isinstance(states, VideoContext):
             raise BadArgument("expected FrameStates to select a window, got a prepared VideoContext")
@@ -696,16 +753,28 @@ class LlavaMini:
         info: dict = {}
         toks: list[int] = []
         said = ""
-        for tok in self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw):
-            toks.append(tok)
-            # pieces concatenate to the final (stripped) text: trailing spaces wait for the next word,
-            # and a decode that rewrote earlier characters emits nothing until it agrees again
-            text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-            piece = text[len(said):] if text.startswith(said) else ""
-            said += piece
-            yield "token", tok, piece
+        scored = None
+        if choices is not None:                           # read the answer as the likeliest candidate
+            if gen_kw.get("do_sample"):
+                raise BadArgument("expected either choices or sampling, got both")
+            t0 = time.perf_counter()
+            lps = self.score_choices(ids, states, choices, policy=policy, _info=info)
+            best = max(range(len(lps)), key=lps.__getitem__)
+            scored = [{"text": c.strip(), "logprob": round(lp, 4)} for c, lp in zip(choices, lps)]
+            said = scored[best]["text"]
+            toks = list(self.tokenizer(said, add_special_tokens=False)["input_ids"])
+            info.update(prefill_s=time.perf_counter() - t0 - info["fuse_s"], generate_s=0.0)
+        else:
+            for tok in self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw):
+                toks.append(tok)
+                # pieces concatenate to the final (stripped) text: trailing spaces wait for the next word,
+                # and a decode that rewrote earlier characters emits nothing until it agrees again
+                text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                piece = text[len(said):] if text.startswith(said) else ""
+                said += piece
+                yield "token", tok, piece
         timings.update({k: info[k] for k in ("fuse_s", "prefill_s", "generate_s")})
-        text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        text = said if scored else self.tokenizer.decode(toks, skip_special_tokens=True).strip()
         if text != said:                                  # cannot happen with a prefix-stable tokenizer
             text = said
         span = None
@@ -721,7 +790,7 @@ class LlavaMini:
                                prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],
                                timings={k: round(v, 4) for k, v in timings.items()},
                                decode_report=report, gaps=gaps, dropped=dropped,
-                               finish_reason=info.get("finish_reason", "stop"))
+                               finish_reason=info.get("finish_reason", "stop"), choices=scored)
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> int:

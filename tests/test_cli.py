@@ -67,6 +67,24 @@ def test_ask_matches_the_engine_on_the_same_frames(tiny_ckpt, tiny_model, video)
     assert json.loads(r.stdout)["frames"] == len(frames) == 3
 
 
+def test_choices_are_scored_by_the_engine(tiny_ckpt, tiny_model, video):
+    """`--choice` (repeated): the answer is the likeliest candidate, with the engine's log-probabilities."""
+    from stream.decode import VideoSource
+    from stream.preprocess import preprocess_video_frames
+    frames = [f.rgb for f in VideoSource(video, fps=0.5)]
+    states = tiny_model.encode_frames(preprocess_video_frames(np.stack(frames), **tiny_model.preprocess))
+    q, choices = "what colour is the circle ?", ["red", "blue circle", "green"]
+    want = tiny_model.score_choices(tiny_model.prompt_ids(q), states, choices)
+    args = [a for c in choices for a in ("--choice", c)]
+    r = run("ask", video, q, "--model", tiny_ckpt, "--json", "--fps", "0.5", *args)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert [c["logprob"] for c in d["choices"]] == pytest.approx(want, abs=1e-3)
+    assert d["text"] == choices[max(range(3), key=want.__getitem__)]
+    r = run("ask", video, q, "--model", tiny_ckpt, "--fps", "0.5", *args)
+    assert r.returncode == 0 and "choices (log-probability" in r.stdout and "'blue circle'" in r.stdout
+
+
 def test_window_and_budget_policy_are_reported(tiny_ckpt, video):
     r = run("ask", video, "what is in the video ?", "--model", tiny_ckpt, "--json", "--window", "1:5",
             "--policy", "budget:2", "--max-new-tokens", "2")
@@ -167,6 +185,8 @@ def test_demo_main_job_runs_end_to_end(tmp_path):
     (["--fps", "-1"], "E_BAD_ARGUMENT", "--fps"),
     (["--fps", "nan"], "E_BAD_ARGUMENT", "--fps"),
     (["--policy", "budget:0"], "E_BAD_ARGUMENT", "budget:N"),
+    (["--choice", "red"], "E_BAD_ARGUMENT", "--choice twice or more"),
+    (["--choice", "red", "--choice", " "], "E_BAD_ARGUMENT", "each non-empty text"),
     (["--window", "5:"], None, None),
 ])
 def test_arguments_are_checked_before_the_model_loads(tmp_path, video, extra, code, fragment):

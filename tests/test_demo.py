@@ -125,6 +125,29 @@ def test_eval_demo_quick_json(capsys):
     assert {t["family"] for t in r["targets"]} >= {"colour", "shape", "exists", "count", "order", "needle"}
 
 
+def test_eval_demo_choices_column(capsys):
+    """`--choices`: a second column per policy where every question with a fixed answer set is
+    answered by the likeliest candidate: always one of them, and no column for open answers."""
+    import re
+    from lmstream import eval_demo
+    rc = eval_demo.main(["--quick", "--json", "--answers", "--tiers", "60s", "--policies", "exact", "--choices",
+                         "--model", str(CKPT)])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["policies"] == ["exact", "exact+choices"]
+    scored = [a for a in r["answers"] if a["policy"] == "exact+choices"]
+    assert scored and not {"when", "needle_when"} & set(r["accuracy"]["60s"]["exact+choices"])
+    for a in scored:
+        if a["family"] in ("exists", "needle", "collide"):
+            assert a["answer"] in ("yes", "no"), a
+        elif a["family"] == "order":
+            assert a["answer"] in re.findall(r"the (\w+ \w+)", a["question"]), a
+        elif a["family"] == "count":
+            assert a["answer"] in {"1", "2", "3", "4", "5"}, a
+    assert len(scored) == sum(1 for a in r["answers"] if a["policy"] == "exact"
+                              and a["family"] not in ("when", "needle_when"))
+
+
 def test_training_script_is_deterministic_for_a_seed(tmp_path):
     """Two short runs with one seed give the same losses and the same weights, and the result
     loads through the official loader."""

@@ -176,3 +176,42 @@ def test_prepared_context_reuses_the_llm_head_exactly(tiny_model):
                  what="fallback")
     ans = tiny_model.ask(ctx, "what is in the video ?", max_new_tokens=3)
     assert ans.frames == 9 and ans.policy == "exact"
+
+
+def test_score_choices_is_the_plain_models_probability(tiny_model):
+    """`score_choices` (one prefill, each candidate on the cached prompt) against the full
+    recomputation: the fused prompt followed by the candidate's plain token embeddings, run
+    through the LLM without a cache; the score is log P(tokens) + log P(stop after them)."""
+    from lmcore.errors import BadArgument
+    states = tiny_model.encode_frames(frames(6, seed=17))
+    q = "what colour is the circle ?"
+    ids = tiny_model.prompt_ids(q)
+    greedy = tiny_model.tokenizer.decode(tiny_model.generate(ids, states, max_new_tokens=4)[0].tolist(),
+                                         skip_special_tokens=True).strip()
+    choices = ["red circle", "blue", greedy or "green square", "how many objects"]
+    got = tiny_model.score_choices(ids, states, choices)
+    embeds, _ = tiny_model.fuse_question(ids, states)
+    stops = tiny_model.stop_token_ids
+    for c, score in zip(choices, got):
+        toks = tiny_model.tokenizer(c, add_special_tokens=False).input_ids
+        e = tiny_model.net.model.embed_tokens(torch.tensor([toks]))
+        logits = tiny_model._llm(torch.cat([embeds, e], 1), None, all_logits=True)[0, -len(toks) - 1:]
+        lp = torch.log_softmax(logits.double(), -1)
+        want = sum(float(lp[i, t]) for i, t in enumerate(toks)) + float(torch.logsumexp(lp[-1, stops], 0))
+        assert abs(score - want) < 1e-4, (c, score, want)
+    # the same over a prepared context, and `ask` picks the likeliest with every score reported
+    ctx = tiny_model.prepare_context(states)
+    assert max(abs(a - b) for a, b in zip(tiny_model.score_choices(ids, ctx, choices), got)) < 1e-4
+    events = list(tiny_model.stream_answer(states, q, choices=choices))
+    assert [k for k, *_ in events] == ["answer"]                   # nothing is generated
+    ans = events[0][1]
+    best = max(range(len(got)), key=got.__getitem__)
+    assert ans.text == choices[best] and [c["text"] for c in ans.choices] == choices
+    assert [c["logprob"] for c in ans.choices] == [round(g, 4) for g in got]
+    assert ans.policy == "exact" and ans.finish_reason == "stop"
+    for bad, msg in ((["red"], "expected 2 to 64 choices, got 1"), ("red blue", "got a single string"),
+                     (["red", " "], "expected each choice to be non-empty text")):
+        with pytest.raises(BadArgument, match=msg):
+            tiny_model.ask(states, q, choices=bad)
+    with pytest.raises(BadArgument, match="either choices or sampling"):
+        tiny_model.ask(states, q, choices=choices, do_sample=True)

@@ -160,6 +160,29 @@ def test_streamed_tokens_concatenate_to_the_answer(service, uploaded):
     assert [d["token_id"] for _, d in events[:-1]] == plain["token_ids"] == events[-1][1]["token_ids"]
 
 
+def test_choices_answer_the_likeliest_candidate_as_the_engine_does(service, uploaded, media, demo_model):
+    """`choices`: nothing is generated; the reply is the candidate the model finds likeliest, with
+    every candidate's log-probability, the same as the in-process engine's over the same video."""
+    q, choices = "what colour is the circle?", ["red", "green", "blue", "yellow", "white", "purple", "orange"]
+    want = demo_model.ask(media / "scene.mp4", q, choices=choices)
+    with service.client() as c:
+        got = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": choices}).json()
+        assert got["text"] == want.text and got["token_ids"] == want.token_ids
+        assert [d["text"] for d in got["choices"]] == choices
+        assert [d["logprob"] for d in got["choices"]] == pytest.approx([d["logprob"] for d in want.choices], abs=1e-3)
+        assert got["text"] == max(got["choices"], key=lambda d: d["logprob"])["text"]
+        with c.stream("POST", f"/v1/videos/{uploaded['id']}/questions",
+                      json={"question": q, "choices": choices, "stream": True}) as r:
+            kinds = [ln[7:] for ln in r.iter_lines() if ln.startswith("event: ")]
+        assert kinds == ["answer"]
+        plain = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q}).json()
+        assert "choices" not in plain                                   # only when asked for
+        r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": ["red"]})
+        assert r.status_code == 422 and "choices" in r.json()["error"]["message"]
+        r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": ["red", "  "]})
+        assert r.status_code == 422 and "choice 1 blank" in r.json()["error"]["message"]
+
+
 def test_openai_client_unchanged(service, uploaded):
     import openai
     client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY)
@@ -366,6 +389,13 @@ def test_websocket_push_ask_attach_stop(service, media, demo_model):
                 while (m := json.loads(await other.recv()))["type"] != "answer":
                     pass
                 assert m["frames"] == 10 and m["id"] == "a"                # pts 30..39: (39 - 10, 39]
+                await other.send(json.dumps({"type": "ask", "id": "c", "question": q, "choices": ["1", "2", "3"]}))
+                m = json.loads(await other.recv())                         # no tokens: the answer alone
+                assert m["type"] == "answer" and m["id"] == "c" and m["text"] in ("1", "2", "3"), m
+                assert [c["text"] for c in m["choices"]] == ["1", "2", "3"]
+                await other.send(json.dumps({"type": "ask", "id": "d", "question": q, "choices": ["1", ""]}))
+                m = json.loads(await other.recv())
+                assert m["type"] == "error" and m["code"] == "E_INVALID_REQUEST" and "choice 1 blank" in m["message"]
             await ws.send(json.dumps({"type": "stop"}))
             stopped = json.loads(await ws.recv())
             assert stopped["type"] == "stopped" and stopped["frames"] == len(frames)
