@@ -315,18 +315,25 @@ def cmd_demo(args) -> int:
         print(f"context: prompt prefix + {len(states)} frame tokens through the LLM once, "
               f"{(time.perf_counter() - t) * 1e3:.1f} ms; each question below runs only its own rows")
         qas = questions(spec, per_family=1)
-        right = 0
+        right, closed, picked = 0, 0, 0
         print()
-        print(f"{'family':<8} {'question':<52} {'truth':<16} {'answer':<16} ok")
+        print(f"{'family':<8} {'question':<52} {'truth':<16} {'answer':<16} {'ok':<4} {'choice':<16} ok")
         for qa in qas:
             ans = m.ask(ctx, qa.question, max_new_tokens=8)
             ok = score(qa, ans.text)
             right += ok
+            pick, pok = "-", ""
+            if qa.choices and len(qa.choices) >= 2:          # a fixed answer set: the likeliest of it too
+                pick = m.ask(ctx, qa.question, choices=qa.choices).text
+                pok = "yes" if score(qa, pick) else "no"
+                closed += 1
+                picked += pok == "yes"
             print(f"{qa.family:<8} {qa.question[:52]:<52} {qa.answer[:16]:<16} {ans.text[:16]:<16} "
-                  f"{'yes' if ok else 'no'}")
-        print(f"\n{right}/{len(qas)} correct; last answer: policy {ans.policy}, "
-              f"fuse {ans.timings['fuse_s'] * 1e3:.1f} ms, prefill {ans.timings['prefill_s'] * 1e3:.1f} ms, "
-              f"generate {ans.timings['generate_s'] * 1e3:.1f} ms")
+                  f"{'yes' if ok else 'no':<4} {pick[:16]:<16} {pok}")
+        print(f"\n{right}/{len(qas)} correct; of the {closed} with a fixed answer set, {picked} correct as the "
+              f"likeliest candidate (`choice`: lmstream ask --choice A --choice B ...)")
+        print(f"last answer: policy {ans.policy}, fuse {ans.timings['fuse_s'] * 1e3:.1f} ms, "
+              f"prefill {ans.timings['prefill_s'] * 1e3:.1f} ms, generate {ans.timings['generate_s'] * 1e3:.1f} ms")
         if Path(m.name).name == RANDOM_CKPT.name:
             print("(random weights: the answers above are noise)")
     return 0

@@ -401,6 +401,9 @@ def render_table(r: dict) -> str:
     out.append("")
     out.append("blind: the best video-blind rule per family (always its most frequent answer, or for order "
                "always the first or the second named), chosen with the answers in hand")
+    if any(p.endswith(CHOICES) for p in r["policies"]):
+        out.append(f"POLICY{CHOICES}: the likeliest of the question's candidate answers (score_choices), only "
+                   "for questions with a fixed answer set; its 'all' is over those questions alone")
     for tg in r["targets"]:
         if tg["accuracy"] is None:
             continue
