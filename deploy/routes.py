@@ -494,7 +494,7 @@ def build_api() -> FastAPI:
            when frames are stored (frames waiting behind the one being stored, up to 8, go in one request
            and are acknowledged together); `{"type": "dropped", "frames", "why"}` when frames are shed
            (over the rate, or 8 already waiting: never an unbounded queue).
-        3. `{"type": "ask", "id", "question", "last_s" | "window", "policy", "max_tokens"}` at any time ->
+        3. `{"type": "ask", "id", "question", "last_s" | "window", "policy", "max_tokens", "choices"}` at any time ->
            `{"type": "token", "id", "text"}` ... `{"type": "answer", "id", ...answer fields}`.
         4. `{"type": "attach", "stream_id"}`: ask about a stream someone else feeds (read only).
         5. `{"type": "stop"}` -> `{"type": "stopped", "frames"}`, close 1000. Errors: `{"type": "error",
@@ -546,7 +546,10 @@ def build_api() -> FastAPI:
         if body.temperature is not None and body.temperature > 0:
             sampling = {"do_sample": True, "temperature": body.temperature, "top_p": body.top_p or 1.0,
                         "seed": body.seed}
-        req = _question_req(b, sid, question, window, last_s, body.lmstream_policy or "exact", max_tokens, gaps)
+        if sampling and body.lmstream_choices is not None:
+            raise InvalidRequest("expected either lmstream_choices or a temperature above 0, got both")
+        req = _question_req(b, sid, question, window, last_s, body.lmstream_policy or "exact", max_tokens, gaps,
+                            body.lmstream_choices)
         req["sampling"] = sampling
         model = body.model or info["model"]
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]

@@ -136,3 +136,4 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     lmstream_policy: str | None = Field(None, alias="lmstream_policy")
+    lmstream_choices: list[str] | None = Field(None, min_length=2, max_length=64, alias="lmstream_choices")

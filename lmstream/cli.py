@@ -88,9 +88,10 @@ def print_answer(ans, load_s: float | None = None) -> None:
     print(f"answer: {ans.text}")
     if getattr(ans, "choices", None):
         import math
-        total = sum(math.exp(c["logprob"]) for c in ans.choices)
+        top = max(c["logprob"] for c in ans.choices)         # shares as a softmax: no underflow
+        w = [math.exp(c["logprob"] - top) for c in ans.choices]
         print("choices (log-probability; share of the choices' probability): " + ", ".join(
-            f"{c['text']!r} {c['logprob']:.3f} ({math.exp(c['logprob']) / total:.0%})" for c in ans.choices))
+            f"{c['text']!r} {c['logprob']:.3f} ({x / sum(w):.0%})" for c, x in zip(ans.choices, w)))
     print(f"frames: {ans.frames} ({_fmt_span(ans.time_span)}), question fused with {ans.frames_fused}; "
           f"policy {ans.policy}, keys/values {ans.kv_policy}; LLM context {ans.llm_tokens} tokens")
     parts = ([f"load {load_s:.2f} s"] if load_s is not None else []) + \
@@ -104,6 +105,9 @@ def warn_gaps(report: dict | None) -> None:
         print(f"warning[W_DECODE_GAP]: could not decode the video at {gaps}; answered from the frames around it "
               f"({report.get('packets_failed', 0)} packets failed)", file=sys.stderr)
 
+
+#: Most --choice options (LlavaMini.MAX_CHOICES; checked here before the model loads).
+MAX_CHOICES = 64
 
 #: Largest --fps accepted: above any real camera's rate every frame is sampled anyway.
 MAX_FPS = 1000.0
@@ -184,8 +188,9 @@ def cmd_ask(args) -> int:
     check_common_args(args)
     if args.max_new_tokens < 1:
         raise BadArgument(f"expected --max-new-tokens >= 1, got {args.max_new_tokens}")
-    if args.choice is not None and (len(args.choice) < 2 or not all(c.strip() for c in args.choice)):
-        raise BadArgument(f"expected --choice twice or more, each non-empty text, got {args.choice}")
+    if args.choice is not None and (not 2 <= len(args.choice) <= MAX_CHOICES
+                                    or not all(c.strip() for c in args.choice)):
+        raise BadArgument(f"expected --choice 2 to {MAX_CHOICES} times, each non-empty text, got {args.choice}")
     if args.video is None and args.stream is None:
         raise BadArgument("expected a VIDEO file, or --stream ID of frames already in --cache, got neither")
     if args.video is None and not args.cache:

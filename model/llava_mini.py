@@ -638,53 +638,107 @@ class LlavaMini:
                 _info["finish_reason"] = info["finish_reason"]
 
     MAX_CHOICES = 64
+    MAX_CHOICE_TOKENS = 256
+    #: What a Llama 3 chat model writes before its answer when the prompt stops after the user's turn
+    #: (the official `llava_llama_3_1` prompt does): scored as a shared preamble (`score_choices`).
+    ASSISTANT_HEADER = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 
     def choice_ids(self, choices: Sequence[str]) -> list[list[int]]:
-        """Each candidate answer's token ids; a clear error for what cannot be scored."""
+        """Each candidate answer's token ids; a clear error for what cannot be scored: too few or
+        too many, blank, words the tokenizer does not know (they would score alike), special
+        tokens, two candidates with the same tokens."""
         if isinstance(choices, str) or not 2 <= len(choices) <= self.MAX_CHOICES:
             n = "a single string" if isinstance(choices, str) else len(choices)
             raise BadArgument(f"expected 2 to {self.MAX_CHOICES} choices, got {n}")
         if self.tokenizer is None and self.tokenizer_error is not None:
             raise self.tokenizer_error
+        if self.tokenizer is None:
+            raise BadArgument("expected a checkpoint with a tokenizer to score choices, got none")
         if not self.stop_token_ids:
             raise BadArgument("expected the checkpoint to name stop tokens (generation_config eos_token_id) to "
                               "score choices, got none")
-        out = []
+        tk = self.tokenizer
+        special = set(getattr(tk, "all_special_ids", []) or []) | set(self.stop_token_ids)
+        out: list[list[int]] = []
+        seen: dict[tuple[int, ...], str] = {}
         for c in choices:
             if not isinstance(c, str) or not c.strip():
                 raise BadArgument(f"expected each choice to be non-empty text, got {c!r}")
-            toks = list(self.tokenizer(c.strip(), add_special_tokens=False)["input_ids"])
+            toks = list(tk(c.strip(), add_special_tokens=False)["input_ids"])
             if not toks:
                 raise BadArgument(f"expected choice {c!r} to have at least one token, got none")
+            if len(toks) > self.MAX_CHOICE_TOKENS:
+                raise BadArgument(f"expected each choice to be at most {self.MAX_CHOICE_TOKENS} tokens, got "
+                                  f"{len(toks)} for {c[:40]!r}")
+            bad = [t for t in toks if t in special or not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                words = tk.convert_ids_to_tokens(bad) if all(0 <= t < len(tk) for t in bad) else bad
+                raise BadArgument(f"expected choice {c!r} in words this model's tokenizer knows, got "
+                                  f"{', '.join(map(str, words))} (unknown or special)")
+            if tuple(toks) in seen:
+                raise BadArgument(f"expected choices that differ as tokens, got {seen[tuple(toks)]!r} and {c!r} "
+                                  "the same")
+            seen[tuple(toks)] = c
             out.append(toks)
         return out
 
+    def _preamble_ids(self) -> list[int]:
+        """The assistant header's ids when this tokenizer has it, else []."""
+        tk = self.tokenizer
+        hid = tk.convert_tokens_to_ids("<|start_header_id|>") if tk is not None else None
+        if hid is None or hid == getattr(tk, "unk_token_id", None):
+            return []
+        return list(tk(self.ASSISTANT_HEADER, add_special_tokens=False)["input_ids"])
+
     @torch.no_grad()
     def score_choices(self, input_ids: torch.Tensor, states, choices: Sequence[str], *, policy=None,
-                      _info: dict | None = None) -> list[float]:
+                      preamble: "str | Sequence[int]" = "auto", _info: dict | None = None) -> list[float]:
         """log P(choice, then a stop token | prompt, video) for each candidate answer, in nats.
 
         The prompt is fused and prefilled once; each candidate's tokens then run on that cache,
         embedded as generated tokens are (not fused), so a candidate's score is the sum of the
         log-softmax that `generate`'s steps would give those very tokens, plus the log of the
         probability of stopping right after them (any stop id). The computation is the plain
-        model's: no approximation, only the answer is read as a choice instead of sampled."""
+        model's: no approximation, only the answer is read as a choice instead of sampled.
+        `preamble`: token ids every answer starts with, scored as given (the same for every
+        candidate, so they do not change the ranking); "auto": the assistant header
+        (`ASSISTANT_HEADER`) when the model's most likely next token opens it, as a Llama 3 chat
+        checkpoint does after the official prompt, else none. The lock is taken per pass, so
+        other questions interleave with a long list of candidates."""
         cands = self.choice_ids(choices)
         stops = torch.tensor(self.stop_token_ids, device=self.device)
         longest = max(len(t) for t in cands)
+        head = self._preamble_ids() if preamble == "auto" else list(preamble or [])
+        t0 = time.perf_counter()
         with self.lock:
-            logits0, buf, info = self._prefill(input_ids, states, policy, longest)
-            n0 = buf.n
-            out: list[float] = []
-            for toks in cands:
-                buf.n = n0                                                 # the prompt's cache, rows after it rewritten
+            logits0, buf, info = self._prefill(input_ids, states, policy, longest + len(head))
+        if preamble == "auto":
+            head = head if head and int(torch.argmax(logits0[0])) == head[0] else []
+        need = buf.n + len(head) + longest
+        if need > self.cfg.max_context:
+            raise ContextTooLong(f"expected at most {self.cfg.max_context} tokens in the LLM's context, got {need} "
+                                 f"({buf.n} prompt and frames + {len(head)} preamble + {longest} of the longest "
+                                 "choice)")
+        t1 = time.perf_counter()
+        if head:
+            with self.lock:
+                e = self.net.model.embed_tokens(torch.tensor([head], device=self.device))
+                logits0 = self._llm(e, buf, all_logits=False)[:, -1]
+        n0 = buf.n
+        out: list[float] = []
+        for toks in cands:
+            with self.lock:
+                buf.n = n0                                                 # the prompt's cache; rows after it rewritten
                 e = self.net.model.embed_tokens(torch.tensor([toks], device=self.device))
-                rows = torch.cat([logits0[:, None], self._llm(e, buf, all_logits=True)], dim=1)[0]
-                lp = torch.log_softmax(rows.float(), -1)                   # (len + 1, vocab)
-                s = lp[torch.arange(len(toks)), torch.tensor(toks)].sum() + torch.logsumexp(lp[-1, stops], 0)
-                out.append(float(s))
+                rows = torch.cat([logits0[:, None], self._llm(e, buf, all_logits=True)], dim=1)[0].float()
+            lse = torch.logsumexp(rows, -1)                                # (len + 1,): no (len + 1, vocab) copy
+            ids = torch.tensor(toks, device=rows.device)
+            s = (rows[torch.arange(len(toks), device=rows.device), ids] - lse[:-1]).sum() \
+                + torch.logsumexp(rows[-1, stops], 0) - lse[-1]
+            out.append(float(s))
         if _info is not None:
-            _info.update(info)
+            _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], score_s=time.perf_counter() - t1,
+                         choice_preamble=len(head))
         return out
 
     # ------------------------------------------------------------------ words in, words out
@@ -702,6 +756,8 @@ class LlavaMini:
         `retain`: a retention policy for a path's frames (`frame_cache.retention.Retention`)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        if gen_kw.get("choices") is not None:
+            self.choice_ids(gen_kw["choices"])      # bad choices fail before any frame is encoded
         if isinstance(video, (FrameStates, VideoContext, FrameSource, PrefusedRows)):
             return self._answer(video, question, max_new_tokens, policy, window, timings, None, gen_kw)
         if torch.is_tensor(video):
@@ -714,8 +770,6 @@ class LlavaMini:
         from stream.ingest import ingest_video
         from stream.window import CachedFrames
         self.prompt_ids(question)                   # a bad question fails before the video is decoded
-        if gen_kw.get("choices") is not None:
-            self.choice_ids(gen_kw["choices"])      # and bad choices
         with tempfile.TemporaryDirectory(prefix="lmstream-ask-") as tmp, \
                 InProcessFrameCache(spill_dir=tmp) as cache:
             report = ingest_video(self, video, cache, "file", fps=fps, window=window, kv_policy=kv_policy,
@@ -757,13 +811,13 @@ class LlavaMini:
         if choices is not None:                           # read the answer as the likeliest candidate
             if gen_kw.get("do_sample"):
                 raise BadArgument("expected either choices or sampling, got both")
-            t0 = time.perf_counter()
             lps = self.score_choices(ids, states, choices, policy=policy, _info=info)
             best = max(range(len(lps)), key=lps.__getitem__)
             scored = [{"text": c.strip(), "logprob": round(lp, 4)} for c, lp in zip(choices, lps)]
             said = scored[best]["text"]
             toks = list(self.tokenizer(said, add_special_tokens=False)["input_ids"])
-            info.update(prefill_s=time.perf_counter() - t0 - info["fuse_s"], generate_s=0.0)
+            info["generate_s"] = 0.0
+            timings["score_s"] = info["score_s"]
         else:
             for tok in self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw):
                 toks.append(tok)

@@ -178,40 +178,64 @@ def test_prepared_context_reuses_the_llm_head_exactly(tiny_model):
     assert ans.frames == 9 and ans.policy == "exact"
 
 
-def test_score_choices_is_the_plain_models_probability(tiny_model):
+def test_score_choices_is_the_plain_models_probability(tiny_model, monkeypatch):
     """`score_choices` (one prefill, each candidate on the cached prompt) against the full
-    recomputation: the fused prompt followed by the candidate's plain token embeddings, run
-    through the LLM without a cache; the score is log P(tokens) + log P(stop after them)."""
-    from lmcore.errors import BadArgument
+    recomputation: the fused prompt followed by the preamble's and the candidate's plain token
+    embeddings, run through the LLM without a cache; the score is log P(tokens) + log P(stop after
+    them), the preamble's own probability left out (it is shared)."""
+    from lmcore.errors import BadArgument, ContextTooLong
     states = tiny_model.encode_frames(frames(6, seed=17))
     q = "what colour is the circle ?"
     ids = tiny_model.prompt_ids(q)
     greedy = tiny_model.tokenizer.decode(tiny_model.generate(ids, states, max_new_tokens=4)[0].tolist(),
                                          skip_special_tokens=True).strip()
     choices = ["red circle", "blue", greedy or "green square", "how many objects"]
-    got = tiny_model.score_choices(ids, states, choices)
     embeds, _ = tiny_model.fuse_question(ids, states)
     stops = tiny_model.stop_token_ids
-    for c, score in zip(choices, got):
-        toks = tiny_model.tokenizer(c, add_special_tokens=False).input_ids
-        e = tiny_model.net.model.embed_tokens(torch.tensor([toks]))
-        logits = tiny_model._llm(torch.cat([embeds, e], 1), None, all_logits=True)[0, -len(toks) - 1:]
-        lp = torch.log_softmax(logits.double(), -1)
-        want = sum(float(lp[i, t]) for i, t in enumerate(toks)) + float(torch.logsumexp(lp[-1, stops], 0))
-        assert abs(score - want) < 1e-4, (c, score, want)
-    # the same over a prepared context, and `ask` picks the likeliest with every score reported
+    header = tiny_model._preamble_ids()
+    assert header and header[0] == tiny_model.tokenizer.convert_tokens_to_ids("<|start_header_id|>")
+    for pre in ((), header):
+        got = tiny_model.score_choices(ids, states, choices, preamble=pre)
+        for c, score in zip(choices, got):
+            toks = tiny_model.tokenizer(c, add_special_tokens=False).input_ids
+            e = tiny_model.net.model.embed_tokens(torch.tensor([list(pre) + toks]))
+            logits = tiny_model._llm(torch.cat([embeds, e], 1), None, all_logits=True)[0, -len(toks) - 1:]
+            lp = torch.log_softmax(logits.double(), -1)
+            want = sum(float(lp[i, t]) for i, t in enumerate(toks)) + float(torch.logsumexp(lp[-1, stops], 0))
+            assert abs(score - want) < 1e-4, (pre, c, score, want)
+    # "auto" takes the header exactly when the model's next token opens it
+    first = int(torch.argmax(tiny_model.next_token_logits(ids, states)[0]))
+    info: dict = {}
+    got = tiny_model.score_choices(ids, states, choices, _info=info)
+    assert info["choice_preamble"] == (len(header) if first == header[0] else 0)
+    assert got == tiny_model.score_choices(ids, states, choices, preamble=header if first == header[0] else ())
+    # the same over a prepared context (which runs only the question's rows), and `ask` picks the
+    # likeliest with every score reported
     ctx = tiny_model.prepare_context(states)
-    assert max(abs(a - b) for a, b in zip(tiny_model.score_choices(ids, ctx, choices), got)) < 1e-4
+    info = {}
+    assert max(abs(a - b) for a, b in zip(tiny_model.score_choices(ids, ctx, choices, _info=info), got)) < 1e-4
+    assert info["llm_rows_run"] == ids.shape[1] - len(states.prefix_ids) - 1
     events = list(tiny_model.stream_answer(states, q, choices=choices))
     assert [k for k, *_ in events] == ["answer"]                   # nothing is generated
     ans = events[0][1]
     best = max(range(len(got)), key=got.__getitem__)
     assert ans.text == choices[best] and [c["text"] for c in ans.choices] == choices
     assert [c["logprob"] for c in ans.choices] == [round(g, 4) for g in got]
-    assert ans.policy == "exact" and ans.finish_reason == "stop"
+    assert ans.policy == "exact" and ans.finish_reason == "stop" and ans.timings["generate_s"] == 0.0
+    assert {"fuse_s", "prefill_s", "score_s"} <= set(ans.timings)
     for bad, msg in ((["red"], "expected 2 to 64 choices, got 1"), ("red blue", "got a single string"),
-                     (["red", " "], "expected each choice to be non-empty text")):
+                     (["red", " "], "expected each choice to be non-empty text"),
+                     (["red", "cyan"], "words this model's tokenizer knows, got <unk>"),
+                     (["red", "red <|eot_id|>"], "got <|eot_id|>"),
+                     (["red", " red "], "differ as tokens, got 'red' and ' red '"),
+                     (["red", "red " * 300], "at most 256 tokens, got 300")):
         with pytest.raises(BadArgument, match=msg):
-            tiny_model.ask(states, q, choices=bad)
+            tiny_model.ask(frames(2, seed=1), q, choices=bad)     # before any frame is encoded
     with pytest.raises(BadArgument, match="either choices or sampling"):
         tiny_model.ask(states, q, choices=choices, do_sample=True)
+    # a candidate that would run past the context is refused (the context made just large enough
+    # for the prompt and frames, instead of a question of 8,000 words)
+    monkeypatch.setattr(tiny_model.cfg, "max_position_embeddings", ids.shape[1] - 1 + 6 + 3)
+    assert tiny_model.score_choices(ids, states, ["red blue green", "blue"], preamble=())    # fits exactly
+    with pytest.raises(ContextTooLong, match=r"got \d+ \(\d+ prompt and frames \+ 0 preamble \+ 4 of the longest"):
+        tiny_model.score_choices(ids, states, ["red blue green red", "blue"], preamble=())

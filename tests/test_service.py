@@ -181,6 +181,16 @@ def test_choices_answer_the_likeliest_candidate_as_the_engine_does(service, uplo
         assert r.status_code == 422 and "choices" in r.json()["error"]["message"]
         r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": ["red", "  "]})
         assert r.status_code == 422 and "choice 1 blank" in r.json()["error"]["message"]
+        r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": ["red", "cyan"]})
+        assert r.status_code == 400 and "cyan" in r.json()["error"]["message"], r.text   # a word it does not know
+        content = [{"type": "text", "text": q},
+                   {"type": "video_url", "video_url": {"url": f"lms://videos/{uploaded['id']}"}}]
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                    "lmstream_choices": choices}).json()
+        assert chat["choices"][0]["message"]["content"] == want.text and chat["lmstream"]["choices"]
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                 "lmstream_choices": choices, "temperature": 0.7})
+        assert r.status_code == 422 and "lmstream_choices or a temperature" in r.json()["error"]["message"]
 
 
 def test_openai_client_unchanged(service, uploaded):
