@@ -115,6 +115,15 @@ def run(args) -> int:
                 print(f"\n{right}/{len(qas)} correct; every answer: {ans['frames']} frames "
                       f"({ans['time_span'][0]:.0f}-{ans['time_span'][1]:.0f} s), fused {ans['frames_fused']}, policy "
                       f"{ans['policy']}, keys/values {ans['kv_policy']}, gaps {ans['gaps']}")
+                closed = [q for q in qas if q.choices and len(q.choices) >= 2]
+                pick = next((q for q in closed if q.family == "order"), closed[0] if closed else None)
+                if pick is not None:                        # the same question, answered from its candidates
+                    a = c.post(f"/v1/videos/{vid}/questions", json={"question": pick.question, "choices": pick.choices})
+                    a.raise_for_status()
+                    ch = sorted(a.json()["choices"], key=lambda d: -d["logprob"])
+                    print(f"with \"choices\" ({len(ch)} candidates): {pick.question!r} -> {a.json()['text']!r} "
+                          f"(log-probability {ch[0]['logprob']:.2f}; next {ch[1]['text']!r} {ch[1]['logprob']:.2f}); "
+                          f"truth {pick.answer!r}")
             _live_demo(url, key, video, qas[-1])
         finally:
             s = _stop(proc)
