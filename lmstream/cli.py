@@ -87,11 +87,8 @@ def _fmt_span(span) -> str:
 def print_answer(ans, load_s: float | None = None) -> None:
     print(f"answer: {ans.text}")
     if getattr(ans, "choices", None):
-        import math
-        top = max(c["logprob"] for c in ans.choices)         # shares as a softmax: no underflow
-        w = [math.exp(c["logprob"] - top) for c in ans.choices]
         print("choices (log-probability; share of the choices' probability): " + ", ".join(
-            f"{c['text']!r} {c['logprob']:.3f} ({x / sum(w):.0%})" for c, x in zip(ans.choices, w)))
+            f"{c['text']!r} {c['logprob']:.3f} ({c['share']:.0%})" for c in ans.choices))
     print(f"frames: {ans.frames} ({_fmt_span(ans.time_span)}), question fused with {ans.frames_fused}; "
           f"policy {ans.policy}, keys/values {ans.kv_policy}; LLM context {ans.llm_tokens} tokens")
     parts = ([f"load {load_s:.2f} s"] if load_s is not None else []) + \
@@ -188,9 +185,13 @@ def cmd_ask(args) -> int:
     check_common_args(args)
     if args.max_new_tokens < 1:
         raise BadArgument(f"expected --max-new-tokens >= 1, got {args.max_new_tokens}")
-    if args.choice is not None and (not 2 <= len(args.choice) <= MAX_CHOICES
-                                    or not all(c.strip() for c in args.choice)):
-        raise BadArgument(f"expected --choice 2 to {MAX_CHOICES} times, each non-empty text, got {args.choice}")
+    if args.choice is not None:
+        if not 2 <= len(args.choice) <= MAX_CHOICES:
+            raise BadArgument(f"expected --choice 2 to {MAX_CHOICES} times, got {len(args.choice)}")
+        blank = [i + 1 for i, c in enumerate(args.choice) if not c.strip()]
+        if blank:
+            raise BadArgument(f"expected each --choice to be non-empty text, got blank choice number "
+                              f"{', '.join(map(str, blank))}")
     if args.video is None and args.stream is None:
         raise BadArgument("expected a VIDEO file, or --stream ID of frames already in --cache, got neither")
     if args.video is None and not args.cache:
@@ -252,6 +253,8 @@ def _ask_cached(args, window, fps):
             cache.stream_info(sid)                   # StreamNotFound before the model loads
             start, end = window if window is not None else (None, None)
         m, load_s = load_model(args)
+        if args.choice is not None:
+            m.choice_ids(args.choice)                # before the video is encoded into the stream
         timings: dict = {}
         report = None
         if args.video is not None:
@@ -380,8 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "those frames and report the mix (default: every frame exact)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--choice", action="append", metavar="TEXT",
-                   help="a candidate answer (give two or more): the answer is the one the model finds likeliest, "
-                        "each printed with its log-probability; nothing is generated")
+                   help="a candidate answer (give 2 to 64): the answer is the one the model finds likeliest, each "
+                        "printed with its log-probability and share; nothing is generated (--max-new-tokens does "
+                        "not apply); checked against the tokenizer once the model loads, before the video is read")
     p.add_argument("--json", action="store_true", help="print the answer as JSON")
     p.set_defaults(fn=cmd_ask)
     p = sub.add_parser("demo", help="the main job: a synthetic video with known answers, end to end")

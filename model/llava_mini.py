@@ -92,7 +92,7 @@ class Answer:
     gaps: list = field(default_factory=list)     # [start_s, end_s] spans with no frames (decode damage, drops)
     dropped: int = 0                             # frames of the window overwritten before it was read
     finish_reason: str = "stop"                  # "stop" (a stop token) or "length" (max_new_tokens / context)
-    choices: list[dict] | None = None            # with `choices=`: [{"text", "logprob"}] per candidate, the text the best
+    choices: list[dict] | None = None            # with `choices=`: [{"text", "logprob", "share"}] per candidate
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -674,10 +674,11 @@ class LlavaMini:
             if bad:
                 words = tk.convert_ids_to_tokens(bad) if all(0 <= t < len(tk) for t in bad) else bad
                 raise BadArgument(f"expected choice {c!r} in words this model's tokenizer knows, got "
-                                  f"{', '.join(map(str, words))} (unknown or special)")
+                                  f"{', '.join(map(str, words))} (a word outside its vocabulary, or a special "
+                                  "token: the checkpoint's tokenizer.json lists the words)")
             if tuple(toks) in seen:
-                raise BadArgument(f"expected choices that differ as tokens, got {seen[tuple(toks)]!r} and {c!r} "
-                                  "the same")
+                raise BadArgument(f"expected choices that differ as tokens, got {seen[tuple(toks)]!r} and {c!r}, "
+                                  "which this tokenizer reads as the same tokens")
             seen[tuple(toks)] = c
             out.append(toks)
         return out
@@ -813,7 +814,9 @@ class LlavaMini:
                 raise BadArgument("expected either choices or sampling, got both")
             lps = self.score_choices(ids, states, choices, policy=policy, _info=info)
             best = max(range(len(lps)), key=lps.__getitem__)
-            scored = [{"text": c.strip(), "logprob": round(lp, 4)} for c, lp in zip(choices, lps)]
+            w = torch.softmax(torch.tensor(lps, dtype=torch.float64), 0).tolist()   # share among the candidates
+            scored = [{"text": c.strip(), "logprob": round(lp, 4), "share": round(x, 4)}
+                      for c, lp, x in zip(choices, lps, w)]
             said = scored[best]["text"]
             toks = list(self.tokenizer(said, add_special_tokens=False)["input_ids"])
             info["generate_s"] = 0.0

@@ -221,13 +221,15 @@ def test_score_choices_is_the_plain_models_probability(tiny_model, monkeypatch):
     best = max(range(len(got)), key=got.__getitem__)
     assert ans.text == choices[best] and [c["text"] for c in ans.choices] == choices
     assert [c["logprob"] for c in ans.choices] == [round(g, 4) for g in got]
+    share = torch.softmax(torch.tensor(got, dtype=torch.float64), 0)
+    assert [c["share"] for c in ans.choices] == [round(float(x), 4) for x in share]
     assert ans.policy == "exact" and ans.finish_reason == "stop" and ans.timings["generate_s"] == 0.0
     assert {"fuse_s", "prefill_s", "score_s"} <= set(ans.timings)
     for bad, msg in ((["red"], "expected 2 to 64 choices, got 1"), ("red blue", "got a single string"),
                      (["red", " "], "expected each choice to be non-empty text"),
                      (["red", "cyan"], "words this model's tokenizer knows, got <unk>"),
                      (["red", "red <|eot_id|>"], "got <|eot_id|>"),
-                     (["red", " red "], "differ as tokens, got 'red' and ' red '"),
+                     (["red", " red "], "differ as tokens, got 'red' and ' red ', which this tokenizer reads as"),
                      (["red", "red " * 300], "at most 256 tokens, got 300")):
         with pytest.raises(BadArgument, match=msg):
             tiny_model.ask(frames(2, seed=1), q, choices=bad)     # before any frame is encoded
