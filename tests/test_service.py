@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -566,6 +567,12 @@ def test_web_page_in_headless_chromium(service, tmp_path):
             page.wait_for_function("document.body.dataset.answered === '1'", timeout=60_000)
             meta = page.text_content("#meta")
             assert "frames" in meta and "policy exact" in meta, meta
+            page.fill("#question", "is there a red square ?")      # the same, picked from candidates
+            page.fill("#choices", "yes, no")
+            page.click("#ask")
+            page.wait_for_function("document.body.dataset.answered === '1'", timeout=60_000)
+            assert page.text_content("#answer") in ("yes", "no")
+            assert re.search(r"choices yes \d+ %, no \d+ %", page.text_content("#meta")), page.text_content("#meta")
             page.fill("#watchQ", "what is in the video ?")
             page.fill("#watchEvery", "1")
             page.click("#watch")
