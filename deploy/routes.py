@@ -577,12 +577,9 @@ def build_api() -> FastAPI:
             FusionPolicy.parse(policy)
         except BadArgument as e:
             raise InvalidRequest(f"policy: {e.message}") from None
-        _check_choices(lim, choices)
         req = {"stream_id": sid, "question": question, "window": list(window) if window else None,
                "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
-        if choices is not None:
-            req["choices"] = [c.strip() for c in choices]
-        return req
+        return _with_choices(req, lim, choices)
 
     def _admit(b: Backend):
         lim = b.settings.limits
@@ -679,16 +676,18 @@ def _status_error(ev: dict) -> LmsError:
     return e
 
 
-def _check_choices(lim, choices) -> None:
-    """A question's candidate answers (count checked by the schema: 2 to 64): none blank, not too long."""
+def _with_choices(req: dict, lim, choices) -> dict:
+    """`req` with a question's candidate answers, stripped, when it has them (their number is checked
+    by the schema: 2 to MAX_CHOICES); none may be blank, all together no longer than a question."""
     if choices is None:
-        return
+        return req
     for i, c in enumerate(choices):
         if not c.strip():
             raise InvalidRequest(f"expected every choice to be non-empty text, got choice {i} blank")
     n = sum(len(c) for c in choices)
     if n > lim.max_question_chars:
         raise PayloadTooLarge(f"expected choices of at most {lim.max_question_chars} characters in all, got {n}")
+    return {**req, "choices": [c.strip() for c in choices]}
 
 
 def _check_id(vid: str) -> None:
@@ -1210,11 +1209,9 @@ class _LiveSession:
                 gaps = (await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or []
             except NotFound:
                 gaps = []
-            _check_choices(lim, q.choices)
-            req = {"stream_id": self.sid, "question": q.question, "window": list(q.window) if q.window else None,
-                   "last_s": q.last_s, "policy": q.policy, "max_tokens": q.max_tokens, "gaps": gaps}
-            if q.choices is not None:
-                req["choices"] = [c.strip() for c in q.choices]
+            req = _with_choices({"stream_id": self.sid, "question": q.question,
+                                 "window": list(q.window) if q.window else None, "last_s": q.last_s,
+                                 "policy": q.policy, "max_tokens": q.max_tokens, "gaps": gaps}, lim, q.choices)
             self.inflight["n"] += 1
             try:
                 agen = b.answer_events(req)

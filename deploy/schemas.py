@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lmcore.limits import MAX_CHOICES
+
 
 class ErrorBody(BaseModel):
     code: str
@@ -81,7 +83,7 @@ class Question(BaseModel):
     stream: bool = False
     # candidate answers: the reply is the one the model gives the highest probability (nothing is
     # generated), with every candidate's log-probability in the answer's "choices"
-    choices: list[str] | None = Field(None, min_length=2, max_length=64)
+    choices: list[str] | None = Field(None, min_length=2, max_length=MAX_CHOICES)
 
     @field_validator("question")
     @classmethod
@@ -115,7 +117,7 @@ class AnswerBody(BaseModel):
     prompt_tokens: int
     llm_tokens: int
     finish_reason: Literal["stop", "length"] = "stop"
-    choices: list[dict[str, Any]] | None = None     # with a question's choices: [{"text", "logprob"}]
+    choices: list[dict[str, Any]] | None = None     # with a question's choices: [{"text", "logprob", "share"}]
 
 
 # -- OpenAI-compatible chat -------------------------------------------------------------------
@@ -136,4 +138,4 @@ class ChatRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = None
     lmstream_policy: str | None = Field(None, alias="lmstream_policy")
-    lmstream_choices: list[str] | None = Field(None, min_length=2, max_length=64, alias="lmstream_choices")
+    lmstream_choices: list[str] | None = Field(None, min_length=2, max_length=MAX_CHOICES, alias="lmstream_choices")

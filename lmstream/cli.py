@@ -86,7 +86,7 @@ def _fmt_span(span) -> str:
 
 def print_answer(ans, load_s: float | None = None) -> None:
     print(f"answer: {ans.text}")
-    if getattr(ans, "choices", None):
+    if ans.choices:
         print("choices (log-probability; share of the choices' probability): " + ", ".join(
             f"{c['text']!r} {c['logprob']:.3f} ({c['share']:.0%})" for c in ans.choices))
     print(f"frames: {ans.frames} ({_fmt_span(ans.time_span)}), question fused with {ans.frames_fused}; "
@@ -102,9 +102,6 @@ def warn_gaps(report: dict | None) -> None:
         print(f"warning[W_DECODE_GAP]: could not decode the video at {gaps}; answered from the frames around it "
               f"({report.get('packets_failed', 0)} packets failed)", file=sys.stderr)
 
-
-#: Most --choice options (LlavaMini.MAX_CHOICES; checked here before the model loads).
-MAX_CHOICES = 64
 
 #: Largest --fps accepted: above any real camera's rate every frame is sampled anyway.
 MAX_FPS = 1000.0
@@ -185,7 +182,8 @@ def cmd_ask(args) -> int:
     check_common_args(args)
     if args.max_new_tokens < 1:
         raise BadArgument(f"expected --max-new-tokens >= 1, got {args.max_new_tokens}")
-    if args.choice is not None:
+    if args.choice is not None:                      # as LlavaMini.choice_ids will, before the model loads
+        from lmcore.limits import MAX_CHOICES
         if not 2 <= len(args.choice) <= MAX_CHOICES:
             raise BadArgument(f"expected --choice 2 to {MAX_CHOICES} times, got {len(args.choice)}")
         blank = [i + 1 for i, c in enumerate(args.choice) if not c.strip()]

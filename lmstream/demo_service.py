@@ -120,8 +120,9 @@ def run(args) -> int:
                 if pick is not None:                        # the same question, answered from its candidates
                     a = c.post(f"/v1/videos/{vid}/questions", json={"question": pick.question, "choices": pick.choices})
                     a.raise_for_status()
-                    ch = sorted(a.json()["choices"], key=lambda d: -d["logprob"])
-                    print(f"with \"choices\" ({len(ch)} candidates): {pick.question!r} -> {a.json()['text']!r} "
+                    got = a.json()
+                    ch = sorted(got["choices"], key=lambda d: -d["logprob"])
+                    print(f"with \"choices\" ({len(ch)} candidates): {pick.question!r} -> {got['text']!r} "
                           f"(log-probability {ch[0]['logprob']:.2f}; next {ch[1]['text']!r} {ch[1]['logprob']:.2f}); "
                           f"truth {pick.answer!r}")
             _live_demo(url, key, video, qas[-1])

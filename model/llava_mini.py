@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from lmcore.errors import BadArgument, CheckpointError, ContextTooLong
+from lmcore.limits import MAX_CHOICES
 
 from . import prompt as prompt_mod
 from .checkpoint import load_strict, load_tokenizer, read_state_dict, stop_ids
@@ -637,7 +638,7 @@ class LlavaMini:
                 _info["generate_s"] = time.perf_counter() - t1
                 _info["finish_reason"] = info["finish_reason"]
 
-    MAX_CHOICES = 64
+    MAX_CHOICES = MAX_CHOICES
     MAX_CHOICE_TOKENS = 256
     #: What a Llama 3 chat model writes before its answer when the prompt stops after the user's turn
     #: (the official `llava_llama_3_1` prompt does): scored as a shared preamble (`score_choices`).
