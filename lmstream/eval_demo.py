@@ -71,6 +71,21 @@ def family_of(qa) -> str:
     return qa.family
 
 
+def tier_video(tier: str, i: int, base: int = EVAL_SEED_BASE):
+    """The `i`-th held-out video of a tier and its questions, as `eval-demo` draws them: seed
+    base + tier * 10^5 + i; balanced answers (the object count cycles 1..5, needle / no needle
+    alternate at 60 s, the yes/no and which-is-first polarities alternate over a tier's videos)."""
+    from stream.synthetic import MAX_OBJECTS, make_scene, questions
+    seed = base + list(TIERS).index(tier) * 100_000 + i     # 60s: +0, 10min: +1e5, 3h: +2e5
+    knobs = {"n_objects": 1 + (i // 2) % MAX_OBJECTS}
+    pol = {"exists": (i // 2) % 2 == 0, "collide": i % 4 in (0, 3), "order": (i // 4) % 2 == 0}
+    if tier != "60s":
+        spec = make_scene(seed, TIERS[tier], needle=False, **knobs)
+        return spec, [q for q in questions(spec, per_family=1, polarity=pol) if q.family in LONG_FAMILIES]
+    spec = make_scene(seed, TIERS[tier], needle=bool(i % 2 == 0), **knobs)
+    return spec, questions(spec, per_family=1, polarity=pol)
+
+
 # ----------------------------------------------------------------------------- encoding
 def encode_file(m, spec, tmp: Path):
     """The real pipeline: MP4 -> decode at 1 fps -> preprocess -> encode -> ring buffer -> states."""
@@ -217,7 +232,7 @@ def run(args) -> int:
 def _run(args) -> int:
     import torch
     from model import LlavaMini
-    from stream.synthetic import COLOUR_NAMES, MAX_OBJECTS, QA, _T_EXISTS, _article, make_scene, questions
+    from stream.synthetic import COLOUR_NAMES, QA, _T_EXISTS, _article, questions
 
     t_all = time.perf_counter()
     torch.set_grad_enabled(False)
@@ -251,23 +266,15 @@ def _run(args) -> int:
     atexit.register(shutil.rmtree, tmp, True)          # the 60 s tier's MP4s: gone when the command ends
     base = args.seed_base
     for tier in tiers:
-        dur = TIERS[tier]
         n = counts.get(tier, 0)
         for i in range(n):
-            seed = base + list(TIERS).index(tier) * 100_000 + i     # 60s: +0, 10min: +1e5, 3h: +2e5
+            spec, qas = tier_video(tier, i, base)
+            seed = spec.seed
             long_tier = tier != "60s"
-            # balanced answers: the object count cycles 1..5, needle / no needle alternate (60 s), and
-            # the yes/no and which-is-first polarities alternate over the videos of a tier
-            knobs = {"n_objects": 1 + (i // 2) % MAX_OBJECTS}
-            pol = {"exists": (i // 2) % 2 == 0, "collide": i % 4 in (0, 3), "order": (i // 4) % 2 == 0}
             if long_tier:
-                spec = make_scene(seed, dur, needle=False, **knobs)
                 states, info = encode_rendered(m, spec, progress=args.progress)
-                qas = [q for q in questions(spec, per_family=1, polarity=pol) if q.family in LONG_FAMILIES]
             else:
-                spec = make_scene(seed, dur, needle=bool(i % 2 == 0), **knobs)
                 states, info = encode_file(m, spec, tmp)
-                qas = questions(spec, per_family=1, polarity=pol)
             if args.quick:
                 qas = qas[:6]
             info.update({"tier": tier, "seed": seed, "objects": len(spec.objects),

@@ -1,6 +1,7 @@
-"""Where a demo checkpoint loses "is there a <colour> <kind>?": a probe of one frame's fused question.
+"""Where a demo checkpoint loses "is there a <colour> <kind>?" and "which appeared first?": probes.
 
     python -m model.probe_demo checkpoints/demo [--frames 800] [--threads 1]
+    python -m model.probe_demo checkpoints/demo --order [--videos 90]
 
 For held-out single frames (scene seeds >= 10**9) it asks "is there a <colour> <kind>?" (half the
 time about a pair on screen; otherwise an absent pair, half of those *hard*: a kind on screen in a
@@ -86,13 +87,106 @@ def probe(model_dir: str, frames: int = 800, seed: int = 5) -> dict:
     return out
 
 
+def order_probe(model_dir: str, videos: int = 90, probe_videos: int = 40) -> dict:
+    """What "which appeared first, the A or the B?" answers are made of, on `eval-demo`'s own
+    held-out 60 s videos (rendered, not written to MP4): the first answer token's distribution,
+    split by whether the video's first object is one of the two named: how often its argmax is a
+    colour of the pair (`pair`), the first object's colour (`first`) or another (`other`), and the
+    mean mass on the pair's colours (`mass_pair`) and on the first object's (`mass_first`). Then the question's colour-word rows after fusion: their norm against
+    the word's embedding, their cosine with it, and a linear probe (70 / 30 split, RMS-normed
+    rows, questions naming random colours and kinds) of which colour word the row is."""
+    from lmstream.eval_demo import encode_rendered, tier_video
+    from . import LlavaMini
+    m = LlavaMini.from_pretrained(model_dir)
+    tok = m.tokenizer
+    cid = {c: tok.convert_tokens_to_ids(c) for c in S.COLOUR_NAMES}
+    out = {"model": model_dir, "groups": {}}
+    mass: dict = {}
+    for i in range(videos):
+        spec, qas = tier_video("60s", i)
+        qas = [q for q in qas if q.family == "order"]
+        if not qas:
+            continue
+        states, _ = encode_rendered(m, spec)
+        first = min(spec.objects, key=lambda o: o.t_appear)
+        for qa in qas:
+            lp = m.next_token_logits(m.prompt_ids(qa.question), states)[0].log_softmax(-1)
+            cols = sorted({n.split()[0] for n in qa.choices})
+            top = tok.convert_ids_to_tokens([int(lp.argmax())])[0]
+            g = "first object named" if first.name in qa.choices else "first object not named"
+            what = "pair" if top in cols else ("first" if top == first.colour else "other")
+            d = out["groups"].setdefault(g, {"questions": 0, "pair": 0, "first": 0, "other": 0})
+            d["questions"] += 1
+            d[what] += 1
+            mass.setdefault(g, []).append((float(lp[[cid[c] for c in cols]].exp().sum()),
+                                           float(lp[cid[first.colour]].exp())))
+    for g, v in mass.items():
+        out["groups"][g]["mass_pair"] = round(float(np.mean([a for a, _ in v])), 3)
+        out["groups"][g]["mass_first"] = round(float(np.mean([b for _, b in v])), 3)
+    # the colour-word rows of order questions after fusion
+    E = m.net.model.embed_tokens.weight.detach().float()
+    rng = np.random.default_rng(7)
+    X, Y, norms = [], [], []
+    for i in range(probe_videos):
+        spec, _ = tier_video("60s", i)
+        states, _ = encode_rendered(m, spec)
+        for _ in range(6):
+            (c1, c2), (k1, k2) = rng.choice(S.COLOUR_NAMES, 2), rng.choice(S.KINDS, 2)
+            ids = m.prompt_ids(S._T_ORDER.format(a=f"{c1} {k1}", b=f"{c2} {k2}"))
+            emb = m.fuse_question(ids, states, None)[0][0].float()
+            lst = ids[0].tolist()
+            p = lst.index(-200)
+            for j, t in enumerate(lst[p + 1:], start=p + 1):
+                if t in cid.values():
+                    row = emb[j + len(states) - 1]
+                    X.append(F.rms_norm(row, (row.shape[0],)))
+                    Y.append(list(cid.values()).index(t))
+                    norms.append((float(row.norm()), float(E[t].norm()), float(F.cosine_similarity(row, E[t], dim=0))))
+    Xt, Yt = torch.stack(X), torch.tensor(Y)
+    cut = int(len(Y) * 0.7)
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(Xt.shape[1], len(cid))
+    opt = torch.optim.Adam(lin.parameters(), 1e-2, weight_decay=1e-4)
+    for _ in range(1500):
+        opt.zero_grad()
+        F.cross_entropy(lin(Xt[:cut]), Yt[:cut]).backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float((lin(Xt[cut:]).argmax(-1) == Yt[cut:]).float().mean())
+    a = np.array(norms)
+    out["colour_word_rows"] = {"rows": len(Y), "held_out": len(Y) - cut, "colours": len(cid),
+                               "row_norm": round(float(a[:, 0].mean()), 2),
+                               "embedding_norm": round(float(a[:, 1].mean()), 2),
+                               "cosine_with_own_embedding": round(float(a[:, 2].mean()), 3),
+                               "linear_probe_held_out": round(acc, 3)}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.probe_demo", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="checkpoint folder")
     ap.add_argument("--frames", type=int, default=800)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--order", action="store_true",
+                    help="probe 'which appeared first?' instead: the first answer token on eval-demo's 60 s "
+                         "videos, and what the question's colour-word rows keep of the word after fusion")
+    ap.add_argument("--videos", type=int, default=90, help="--order: eval-demo's first N 60 s videos")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.order:
+        r = order_probe(a.model, a.videos, min(40, a.videos))
+        print(f"{r['model']}: first answer token of 'which appeared first, the A or the B?' "
+              f"(eval-demo's first {a.videos} videos of 60 s)")
+        for g, v in r["groups"].items():
+            print(f"  {g:24s} {v['questions']:3d} questions; argmax a colour of the pair {v['pair']}, "
+                  f"the first object's colour {v['first']}, another {v['other']}; mean mass on the pair's "
+                  f"colours {v['mass_pair']:.2f}, on the first object's {v['mass_first']:.2f}")
+        w = r["colour_word_rows"]
+        print(f"  colour-word rows after fusion ({w['rows']}): norm {w['row_norm']:.1f} (the word's embedding "
+              f"{w['embedding_norm']:.1f}), cosine with the word's embedding {w['cosine_with_own_embedding']:+.3f}; "
+              f"a linear probe names the word for {w['linear_probe_held_out']:.0%} of {w['held_out']} held-out rows "
+              f"({w['colours']} colours)")
+        return 0
     r = probe(a.model, a.frames)
     print(f"{r['model']}: per-frame 'is there' read from one fused question row, held-out accuracy "
           f"({r['held_out']} of {r['frames']} frames)")

@@ -100,6 +100,13 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            3-5 s star among --needle-shortest to --needle-longest frames: one scene a step, with
            and without its star (--needle-anchors-min to --needle-anchors distinct frames, each
            repeated over its span, plus --decoys single frames), "is there a <colour> star?".
+  order    --read-order N: N whole 60 s videos a step asked the order of every pair of their
+           objects (--order-attn W: a head of the answer row looks at the earlier object's frames;
+           --read-order-hard P: that share of the pairs with the video's first object dropped);
+           --cand-set W: where a question names its possible answers (order: its two objects), -W
+           log of the mass each answer position puts on them, whichever is right, so that the
+           model names one of them instead of a third object (tenth session: not learned in 400
+           steps; not in the committed chain: see docs/demo.md).
   --llm-only: the instruct steps train only the LLM's layers, final norm and output head; the
            frame tokens and fused question rows stay what the earlier runs made them.
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
@@ -164,6 +171,7 @@ class QA:
     family: str
     question: str
     answer: str
+    cands: tuple = ()               # the answers the question itself names (order: its two objects)
 
 
 @dataclass
@@ -215,9 +223,9 @@ def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generat
     def pick(seq):
         return seq[int(rng.integers(len(seq)))]
 
-    def add(fam, q, a):
+    def add(fam, q, a, cands=()):
         if all(x.question != q for x in out):
-            out.append(QA(fam, q, a))
+            out.append(QA(fam, q, a, cands))
 
     colour_users: dict[str, int] = {}
     for i in present:
@@ -271,7 +279,7 @@ def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generat
                 # --order-hard, too: that share of the questions whose answer is a first-shown
                 # object are dropped, so the first-shown object is the answer about half the time
                 if not (min(first[i], first[j]) == first[present[0]] and oh and rng.random() < oh):
-                    add(fam, S._T_ORDER.format(a=a, b=b), a if first[i] < first[j] else b)
+                    add(fam, S._T_ORDER.format(a=a, b=b), a if first[i] < first[j] else b, (a, b))
         elif fam == "when" and contiguous and present:
             i = pick(present)
             add(fam, S._T_WHEN.format(colour=first_colour[i], kind=objs[i].kind), str(first[i]))
@@ -329,7 +337,7 @@ PARAPHRASES = {
 }
 # the data levers of issue 11 (set from the command line by `main`; the defaults reproduce the
 # committed checkpoint's data exactly: every lever off draws nothing from the random streams)
-RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "paraphrase": 0.0, "whole_videos": 0.4,
+RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "read_order_hard": 0.0, "paraphrase": 0.0, "whole_videos": 0.4,
           "decoys": 0, "long_anchors": 24}
 PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 
@@ -528,6 +536,7 @@ class Trainer:
         self._qcache: dict[str, list[int]] = {}
         self.aux_words = list(S.COLOUR_NAMES) + list(S.ALL_KINDS)
         self.aux_ids = torch.tensor(tok.convert_tokens_to_ids(self.aux_words), device=device)
+        self.cand_set = 0.0         # --cand-set: weight of the candidate-set loss (questions with `cands`)
 
     def frame_words(self, spec: S.SceneSpec, times: list[float]) -> torch.Tensor:
         """(K, len(aux_words)) multi-hot: the colour and kind words of what each frame shows."""
@@ -749,7 +758,27 @@ class Trainer:
         with torch.no_grad():
             pred = logits.argmax(-1)
             ok = ((pred == tgt) | (tgt == -100)).all(1).tolist()
-        return loss, int((tgt != -100).sum()), [(q.family, bool(c)) for q, c in zip(qas, ok)]
+        res = [(q.family, bool(c)) for q, c in zip(qas, ok)]
+        if self.cand_set and torch.is_grad_enabled():
+            # --cand-set (training only): where a question names its possible answers (order: "the
+            # red circle or the blue square?"), each answer position puts its mass on the tokens
+            # that continue one of them (given the right answer's tokens so far), whichever is
+            # right: the model names one of the two objects asked about, not a third one
+            lp = None
+            for b, (qa, r, a) in enumerate(zip(qas, qrows, ans)):
+                if not qa.cands:
+                    continue
+                cids = [self.answer_ids(c) for c in qa.cands]
+                for t in range(len(a)):
+                    allow = sorted({c[t] for c in cids if len(c) > t and c[:t] == a[:t]})
+                    if len(allow) < 2:
+                        continue
+                    if lp is None:
+                        lp = logits.log_softmax(-1)
+                    row = lp[b, len(r) - 1 + t]
+                    loss = loss - self.cand_set * row[allow].logsumexp(0)
+                    res.append(("cand_in", bool(int(row.argmax()) in allow)))
+        return loss, int((tgt != -100).sum()), res
 
 
 def check_exact(trainer: Trainer, px: torch.Tensor, question: str, answer: str) -> float:
@@ -1551,9 +1580,13 @@ def order_batch(rng: np.random.Generator, n: int) -> list[Sample]:
             for j in shown[x + 1:]:
                 if first[j] - first[i] < 3:
                     continue
+                # --read-order-hard: that share of the pairs with the video's first object dropped,
+                # so the questions it does not answer ("name the first object seen") weigh more
+                if x == 0 and RECIPE["read_order_hard"] and rng.random() < RECIPE["read_order_hard"]:
+                    continue
                 a, b = (i, j) if rng.random() < 0.5 else (j, i)
                 na, nb = _name(spec.objects[a].kind, colour[a]), _name(spec.objects[b].kind, colour[b])
-                qas.append(QA("order", S._T_ORDER.format(a=na, b=nb), na if first[a] < first[b] else nb))
+                qas.append(QA("order", S._T_ORDER.format(a=na, b=nb), na if first[a] < first[b] else nb, (na, nb)))
                 # --order-attn: the earlier object's frames before the other one first shows
                 attn.append([k for k in range(first[i], first[j]) if i in vis[k]])
         if not qas:
@@ -1829,6 +1862,9 @@ def parse_args(argv):
                     help="stage 0r and stage 2: add this many whole 60 s videos to every step, each asked "
                          "the order of every pair of its objects (either name the answer half the time) and "
                          "how many objects (0: none)")
+    ap.add_argument("--read-order-hard", type=float, default=0.0,
+                    help="--read-order: drop this share of the pairs that include the video's first object "
+                         "(those the habit of naming the first object seen answers)")
     ap.add_argument("--order-attn", type=float, default=0.0,
                     help="--read-order: weight of the order-attention loss (each order question's last row: "
                          "-log of the largest attention mass any LLM head puts on the frames that show the "
@@ -1840,6 +1876,10 @@ def parse_args(argv):
                     help="stage 0n and --needle-every: weight of the star-attention loss (each question "
                          "about the star video: -log of the largest attention mass any LLM head puts from "
                          "the question's last row on the star's frames; 0: off)")
+    ap.add_argument("--cand-set", type=float, default=0.0,
+                    help="weight of the candidate-set loss: where a question names its possible answers "
+                         "(order: its two objects), -log of the mass the answer puts on them, whichever "
+                         "is right, so it names one of them rather than a third object (0: off)")
     ap.add_argument("--star-attn-length", type=float, default=10800.0,
                     help="--star-attn: count the attention mass as if the video were this many frames "
                          "long (the other frames repeated), so short videos train the margin 3 h needs")
@@ -1881,6 +1921,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read,
+                  read_order_hard=a.read_order_hard,
                   paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys, long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -1902,6 +1943,7 @@ def main(argv=None) -> int:
     warm = init_from(a.init_from, net, vision, all_layers, tok) if a.init_from is not None else None
     net.model.compressor.pos_embed.requires_grad_(False)
     trainer = Trainer(net, vision, cfg, tok, dev)
+    trainer.cand_set = a.cand_set
     heads = BindHeads(cfg.hidden_size, a.bind_layer).to(dev) if a.bind else None
     local_head = LocalHead(cfg.hidden_size, a.null, a.null_rows).to(dev) if a.local else None
     extra = (list(heads.parameters()) if heads is not None else []) + \

@@ -390,6 +390,55 @@ def test_read_order_asks_every_pair_with_either_name_the_answer():
     assert total >= 30 and 0.3 < named_first / total < 0.7 and first_obj / total < 0.75
 
 
+def test_cand_set_loss_is_the_mass_on_the_named_answers(demo):
+    """--cand-set: for a question that names its possible answers (order: its two objects), the
+    loss adds -w * log(mass the first answer token puts on their first words), which is what the
+    inference engine's own next-token distribution gives; questions without names add nothing.
+    --read-order-hard 1 leaves out every pair with the video's first object."""
+    import numpy as np
+    from model import train_demo as T
+    m = demo
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    batch = T.order_batch(np.random.default_rng(5), 1)
+    s = batch[0]
+    qa = next(q for q in s.qas if q.family == "order")
+    a, b = qa.cands
+    assert qa.answer in (a, b) and a != b and qa.question == f"which appeared first, the {a} or the {b}?"
+    with torch.no_grad():
+        enc = tr.encode(T.preprocess(T.render(s), m.preprocess["size"]).to(m.device))
+    tokens, ks, vs, po = enc
+    reps = torch.tensor(s.reps)
+    with torch.enable_grad():
+        tr.cand_set = 0.0
+        l0, n0, r0 = tr.video_loss(tokens, ks, vs, po, reps, [qa])
+        tr.cand_set = 2.5
+        l1, n1, r1 = tr.video_loss(tokens, ks, vs, po, reps, [qa])
+        plain = T.QA("order", qa.question, qa.answer)            # no names: no extra loss
+        l2, _, r2 = tr.video_loss(tokens, ks, vs, po, reps, [plain])
+    tr.cand_set = 0.0
+    states = m.encode_frames(T.preprocess(T.render(s), m.preprocess["size"]))
+    lp = m.next_token_logits(m.prompt_ids(qa.question), states)[0].log_softmax(-1)
+    firsts = sorted({m.tokenizer.convert_tokens_to_ids(x.split()[0]) for x in (a, b)})
+    want = -2.5 * float(lp[firsts].logsumexp(0)) if len(firsts) == 2 else None
+    extra = float(l1 - l0)
+    if want is None:             # both objects share a colour: the kind word is the choice
+        assert extra > 0
+    else:
+        assert abs(extra - want) < 1e-3 * max(1.0, abs(want)), (extra, want)
+    assert n1 == n0 and [f for f, _ in r1].count("cand_in") >= 1 and "cand_in" not in [f for f, _ in r0]
+    assert abs(float(l2 - l0)) < 1e-5 and "cand_in" not in [f for f, _ in r2]
+    old = T.RECIPE["read_order_hard"]
+    T.RECIPE["read_order_hard"] = 1.0
+    try:
+        for s in T.order_batch(np.random.default_rng(6), 6):
+            first = min(range(len(s.spec.objects)), key=lambda i: s.spec.objects[i].t_appear)
+            name0 = T._name(s.spec.objects[first].kind, s.spec.objects[first].colour)
+            assert all(name0 not in q.cands for q in s.qas if q.family == "order")
+            assert any(q.family == "order" for q in s.qas)
+    finally:
+        T.RECIPE["read_order_hard"] = old
+
+
 def test_star_attention_mass_is_on_the_star_rows(demo):
     """--star-attn's read-out: the attention mass a question's last row puts on the star's frame
     rows, per LLM layer and head, is a share (0..1), larger when those rows are the star's, and
@@ -463,6 +512,27 @@ def test_probe_demo_reads_the_fused_question_rows(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "referent" in out and "hard absent" in out and "(36 of 120 frames)" in out
+
+
+def test_order_probe_splits_answers_by_the_first_object(demo):
+    """`probe_demo --order`: every order question of eval-demo's first videos lands in one group
+    (whether the video's first object is named) and one argmax class; masses are shares; the
+    committed checkpoint answers with a colour of the pair whenever the first object is named,
+    and the colour-word rows are much larger than the word's embedding yet still name it."""
+    from lmstream.eval_demo import tier_video
+    from model import probe_demo
+    r = probe_demo.order_probe(str(CKPT), videos=12, probe_videos=6)
+    want = sum(q.family == "order" for i in range(12) for q in tier_video("60s", i)[1])
+    groups = r["groups"]
+    assert want and sum(g["questions"] for g in groups.values()) == want
+    for g in groups.values():
+        assert g["pair"] + g["first"] + g["other"] == g["questions"]
+        assert 0 <= g["mass_pair"] <= 1 and 0 <= g["mass_first"] <= 1
+    named = groups["first object named"]
+    assert named["pair"] == named["questions"]
+    w = r["colour_word_rows"]
+    assert w["rows"] > 0 and w["row_norm"] > 10 * w["embedding_norm"]
+    assert w["linear_probe_held_out"] > 2 / w["colours"]
 
 
 def test_null_spread_measures_how_far_none_rows_differ_per_question():
