@@ -565,22 +565,6 @@ def build_api() -> FastAPI:
                 "lmstream": ans}
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps, choices=None) -> dict:
-        lim = b.settings.limits
-        if max_tokens > lim.max_tokens:
-            raise InvalidRequest(f"expected max_tokens <= {lim.max_tokens}, got {max_tokens}")
-        if len(question) > lim.max_question_chars:
-            raise PayloadTooLarge(f"expected a question of at most {lim.max_question_chars} characters, "
-                                  f"got {len(question)}")
-        from model.llava_mini import FusionPolicy
-        try:
-            FusionPolicy.parse(policy)
-        except BadArgument as e:
-            raise InvalidRequest(f"policy: {e.message}") from None
-        req = {"stream_id": sid, "question": question, "window": list(window) if window else None,
-               "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
-        return _with_choices(req, lim, choices)
-
     def _admit(b: Backend):
         lim = b.settings.limits
         if inflight["n"] >= lim.max_queued_questions:
@@ -674,6 +658,25 @@ def _status_error(ev: dict) -> LmsError:
     e = LmsError(ev["message"], code=ev["code"])
     e.http_status = int(ev.get("status", 500))
     return e
+
+
+def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps, choices=None) -> dict:
+    """A question's request for `Backend.answer_events`, checked against the limits first (the HTTP
+    routes and the WebSocket's ask alike): max_tokens, the question's length, the policy, choices."""
+    lim = b.settings.limits
+    if max_tokens > lim.max_tokens:
+        raise InvalidRequest(f"expected max_tokens <= {lim.max_tokens}, got {max_tokens}")
+    if len(question) > lim.max_question_chars:
+        raise PayloadTooLarge(f"expected a question of at most {lim.max_question_chars} characters, "
+                              f"got {len(question)}")
+    from model.llava_mini import FusionPolicy
+    try:
+        FusionPolicy.parse(policy)
+    except BadArgument as e:
+        raise InvalidRequest(f"policy: {e.message}") from None
+    req = {"stream_id": sid, "question": question, "window": list(window) if window else None,
+           "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
+    return _with_choices(req, lim, choices)
 
 
 def _with_choices(req: dict, lim, choices) -> dict:
@@ -1200,18 +1203,16 @@ class _LiveSession:
                 raise InvalidRequest(f"expected {where}: {first.get('msg')}") from None
             b = self.b
             lim = b.settings.limits
-            if q.max_tokens > lim.max_tokens:
-                raise InvalidRequest(f"expected max_tokens <= {lim.max_tokens}, got {q.max_tokens}")
+            # the same checks as the HTTP question routes (max_tokens, length, policy, choices)
+            req = _question_req(b, self.sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, [],
+                                q.choices)
             if self.inflight["n"] >= lim.max_queued_questions:
                 raise Busy(f"expected at most {lim.max_queued_questions} questions queued at once, got "
                            f"{self.inflight['n']}")
             try:
-                gaps = (await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or []
+                req["gaps"] = (await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or []
             except NotFound:
-                gaps = []
-            req = _with_choices({"stream_id": self.sid, "question": q.question,
-                                 "window": list(q.window) if q.window else None, "last_s": q.last_s,
-                                 "policy": q.policy, "max_tokens": q.max_tokens, "gaps": gaps}, lim, q.choices)
+                pass
             self.inflight["n"] += 1
             try:
                 agen = b.answer_events(req)

@@ -407,6 +407,15 @@ def test_websocket_push_ask_attach_stop(service, media, demo_model):
                 await other.send(json.dumps({"type": "ask", "id": "d", "question": q, "choices": ["1", ""]}))
                 m = json.loads(await other.recv())
                 assert m["type"] == "error" and m["code"] == "E_INVALID_REQUEST" and "choice 1 blank" in m["message"]
+                # the HTTP routes' checks, over the socket too: the question's length and the policy
+                await other.send(json.dumps({"type": "ask", "id": "e", "question": "x" * 8001}))
+                m = json.loads(await other.recv())
+                assert m["type"] == "error" and m["id"] == "e" and m["code"] == "E_TOO_LARGE", m
+                assert "at most 8000 characters, got 8001" in m["message"]
+                await other.send(json.dumps({"type": "ask", "id": "f", "question": q, "policy": "sometimes"}))
+                m = json.loads(await other.recv())
+                assert m["type"] == "error" and m["id"] == "f" and m["code"] == "E_INVALID_REQUEST", m
+                assert m["message"].startswith("policy:")
             await ws.send(json.dumps({"type": "stop"}))
             stopped = json.loads(await ws.recv())
             assert stopped["type"] == "stopped" and stopped["frames"] == len(frames)
