@@ -92,14 +92,25 @@ def order_probe(model_dir: str, videos: int = 90, probe_videos: int = 40) -> dic
     held-out 60 s videos (rendered, not written to MP4): the first answer token's distribution,
     split by whether the video's first object is one of the two named: how often its argmax is a
     colour of the pair (`pair`), the first object's colour (`first`) or another (`other`), and the
-    mean mass on the pair's colours (`mass_pair`) and on the first object's (`mass_first`). Then the question's colour-word rows after fusion: their norm against
-    the word's embedding, their cosine with it, and a linear probe (70 / 30 split, RMS-normed
-    rows, questions naming random colours and kinds) of which colour word the row is."""
+    mean mass on the pair's colours (`mass_pair`) and on the first object's (`mass_first`). Then
+    the question's colour-word rows after fusion (the first `probe_videos` videos, each encoded
+    once for both parts): their norm against the word's embedding, their cosine with it, and a
+    linear probe (70 / 30 split, RMS-normed rows, questions naming random colours and kinds) of
+    which colour word the row is."""
     from lmstream.eval_demo import encode_rendered, tier_video
     from . import LlavaMini
+    from .config import IMAGE_TOKEN_INDEX
     m = LlavaMini.from_pretrained(model_dir)
     tok = m.tokenizer
     cid = {c: tok.convert_tokens_to_ids(c) for c in S.COLOUR_NAMES}
+    label = {t: k for k, t in enumerate(cid.values())}          # colour token id -> class
+    encoded: dict = {}                                          # video index -> its frame states
+
+    def states_of(i, spec):
+        if i not in encoded:
+            encoded[i] = encode_rendered(m, spec)[0]
+        return encoded[i]
+
     out = {"model": model_dir, "groups": {}}
     mass: dict = {}
     for i in range(videos):
@@ -107,7 +118,7 @@ def order_probe(model_dir: str, videos: int = 90, probe_videos: int = 40) -> dic
         qas = [q for q in qas if q.family == "order"]
         if not qas:
             continue
-        states, _ = encode_rendered(m, spec)
+        states = states_of(i, spec)
         first = min(spec.objects, key=lambda o: o.t_appear)
         for qa in qas:
             lp = m.next_token_logits(m.prompt_ids(qa.question), states)[0].log_softmax(-1)
@@ -128,19 +139,18 @@ def order_probe(model_dir: str, videos: int = 90, probe_videos: int = 40) -> dic
     rng = np.random.default_rng(7)
     X, Y, norms = [], [], []
     for i in range(probe_videos):
-        spec, _ = tier_video("60s", i)
-        states, _ = encode_rendered(m, spec)
+        states = states_of(i, tier_video("60s", i)[0])
         for _ in range(6):
             (c1, c2), (k1, k2) = rng.choice(S.COLOUR_NAMES, 2), rng.choice(S.KINDS, 2)
             ids = m.prompt_ids(S._T_ORDER.format(a=f"{c1} {k1}", b=f"{c2} {k2}"))
             emb = m.fuse_question(ids, states, None)[0][0].float()
             lst = ids[0].tolist()
-            p = lst.index(-200)
+            p = lst.index(IMAGE_TOKEN_INDEX)
             for j, t in enumerate(lst[p + 1:], start=p + 1):
-                if t in cid.values():
+                if t in label:
                     row = emb[j + len(states) - 1]
                     X.append(F.rms_norm(row, (row.shape[0],)))
-                    Y.append(list(cid.values()).index(t))
+                    Y.append(label[t])
                     norms.append((float(row.norm()), float(E[t].norm()), float(F.cosine_similarity(row, E[t], dim=0))))
     Xt, Yt = torch.stack(X), torch.tensor(Y)
     cut = int(len(Y) * 0.7)

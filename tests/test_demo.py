@@ -404,9 +404,9 @@ def test_cand_set_loss_is_the_mass_on_the_named_answers(demo):
     qa = next(q for q in s.qas if q.family == "order")
     a, b = qa.cands
     assert qa.answer in (a, b) and a != b and qa.question == f"which appeared first, the {a} or the {b}?"
+    px = T.preprocess(T.render(s), m.preprocess["size"]).to(m.device)
     with torch.no_grad():
-        enc = tr.encode(T.preprocess(T.render(s), m.preprocess["size"]).to(m.device))
-    tokens, ks, vs, po = enc
+        tokens, ks, vs, po = tr.encode(px)
     reps = torch.tensor(s.reps)
     with torch.enable_grad():
         tr.cand_set = 0.0
@@ -416,7 +416,7 @@ def test_cand_set_loss_is_the_mass_on_the_named_answers(demo):
         plain = T.QA("order", qa.question, qa.answer)            # no names: no extra loss
         l2, _, r2 = tr.video_loss(tokens, ks, vs, po, reps, [plain])
     tr.cand_set = 0.0
-    states = m.encode_frames(T.preprocess(T.render(s), m.preprocess["size"]))
+    states = m.encode_frames(px)
     lp = m.next_token_logits(m.prompt_ids(qa.question), states)[0].log_softmax(-1)
     firsts = sorted({m.tokenizer.convert_tokens_to_ids(x.split()[0]) for x in (a, b)})
     want = -2.5 * float(lp[firsts].logsumexp(0)) if len(firsts) == 2 else None
