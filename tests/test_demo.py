@@ -661,3 +661,39 @@ def test_needle_stage_and_llm_only_train_the_llm_alone(tmp_path):
         moved = {k for k in base if not torch.equal(w[k], base[k])}
         assert moved and all(k.startswith(llm) for k in moved), sorted(moved)[:5]
         assert any(k.startswith("model.layers.") for k in moved)
+
+
+def test_word_scale_keeps_the_colour_word_in_its_fused_row(demo):
+    """--word-scale k: the colour words' embedding rows times k. The pre-fusion layers read a row
+    through an RMS norm, so the fused colour-word row then carries its word as a large direction
+    (the checkpoint's rows barely do); scaling back by 1/k restores the weights."""
+    import numpy as np
+    from model import train_demo as T
+    from model.config import IMAGE_TOKEN_INDEX
+    from stream import synthetic as S
+    m = demo
+    E = m.net.model.embed_tokens.weight
+    before = E.detach().clone()
+    spec = S.make_scene(10 ** 9 + 3, 8, needle=False)
+    px = T.preprocess(T.render(T.Sample(spec, [float(t) for t in range(8)], [1] * 8, [], "clip")),
+                      m.preprocess["size"]).to(m.device)
+    ids = m.prompt_ids(S._T_ORDER.format(a="red circle", b="blue square"))
+    lst = ids[0].tolist()
+    red = m.tokenizer.convert_tokens_to_ids("red")
+    j = lst.index(red, lst.index(IMAGE_TOKEN_INDEX))
+
+    def cosine():
+        with torch.no_grad():
+            states = m.encode_frames(px)
+            row = m.fuse_question(ids, states, None)[0][0][j + len(states) - 1].float()
+        return float(torch.nn.functional.cosine_similarity(row, E[red].detach().float(), dim=0))
+
+    c1 = cosine()
+    try:
+        T.scale_words(m.net, m.tokenizer, S.COLOUR_NAMES, 20.0)
+        assert torch.allclose(E[red], 20 * before[red]) and torch.equal(E[5], before[5])
+        c20 = cosine()
+    finally:
+        T.scale_words(m.net, m.tokenizer, S.COLOUR_NAMES, 1 / 20.0)
+    assert torch.allclose(E, before, atol=1e-6)
+    assert abs(c1) < 0.3 and c20 > 0.5, (c1, c20)
