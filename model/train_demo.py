@@ -111,8 +111,8 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            pre-fusion layers read rows through an RMS norm, so the fused colour-word rows then
            keep their word as a large direction (K = 20: cosine with the word 0.65-0.75 instead of
            0.02), and with --cand-set the LLM learns to name one of the two objects asked about
-           (eleventh session: 71 of 71 after 400 steps), but not yet which came first, and shape
-           and the needle lost ground (not in the committed chain: see docs/demo.md).
+           (eleventh session: 71 of 71; order 75 % after 550 steps), but shape, count and the
+           needle lost ground (not in the committed chain: see docs/demo.md).
   --llm-only: the instruct steps train only the LLM's layers, final norm and output head; the
            frame tokens and fused question rows stay what the earlier runs made them.
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
