@@ -37,6 +37,11 @@ frame token). Scoring is `stream.synthetic.score`. Families are those of
 POLICY+choices: the questions with a fixed answer set (all but "when" and "needle_when", open times)
 answered by scoring each candidate answer with the model (`LlavaMini.score_choices`: the
 probability of generating exactly that answer) and taking the likeliest, instead of generating.
+
+A second table splits the 60 s tier's first policy by where the misses are: each family by the
+number of objects in the video (1-5), and the families about one object (colour, shape, change)
+by how long that object is on screen (< 20 s or more, sampled frames); JSON: "breakdown", and
+with `--answers` each answer carries its "objects" and "on_screen" bucket.
 """
 from __future__ import annotations
 
@@ -151,10 +156,13 @@ class Tally:
         self.rows: dict[tuple[str, str, str], list[int]] = {}
         self.examples: list[dict] = []
         self.asked: dict[tuple[str, str], list] = {}       # (tier, family) -> the QAs, once each
+        self.sliced: dict[tuple[str, str, str, str, str], list[int]] = {}   # (tier, family, policy, slice, bucket)
 
-    def add(self, tier, family, policy, ok, record):
+    def add(self, tier, family, policy, ok, record, slices=None):
         self.rows.setdefault((tier, family, policy), []).append(int(ok))
         self.examples.append(record)
+        for name, bucket in (slices or {}).items():
+            self.sliced.setdefault((tier, family, policy, name, bucket), []).append(int(ok))
 
     def ask(self, tier, family, qa):
         self.asked.setdefault((tier, family), []).append(qa)
@@ -183,6 +191,26 @@ def blind_baseline(qas) -> dict:
 
 
 CHOICES = "+choices"
+SHORT_ON_SCREEN_S = 20.0      # issue 11: colour and shape failed mostly for objects on screen < 20 s
+SLICE_BUCKETS = {"objects": ["1", "2", "3", "4", "5"], "on_screen": ["< 20 s", ">= 20 s"]}
+
+
+def on_screen_s(spec, obj) -> float:
+    """Seconds of the sampled video (1 frame per 1/fps s) on which `obj` is visible."""
+    n = sum(1 for k in range(spec.n_frames) if obj.visible(k / spec.fps))
+    return n / spec.fps
+
+
+def slices_of(spec, qa) -> dict:
+    """Where a question sits, for the breakdown table: the number of objects in its video, and for
+    a question about one object (colour, shape, when, change) how long that object is on screen."""
+    if spec is None or qa.family == "needle":
+        return {}
+    out = {"objects": str(len(spec.objects))}
+    objs = qa.meta.get("objects") or []
+    if len(objs) == 1:
+        out["on_screen"] = "< 20 s" if on_screen_s(spec, spec.objects[objs[0]]) < SHORT_ON_SCREEN_S else ">= 20 s"
+    return out
 
 
 def answer(m, states, qa, policy: str, max_new_tokens: int):
@@ -202,10 +230,12 @@ def answer(m, states, qa, policy: str, max_new_tokens: int):
     return text, bool(score(qa, text)), time.perf_counter() - t0
 
 
-def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing, label="", verbose=False):
+def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing, label="", verbose=False,
+            spec=None):
     for qa in qas:
         fam = family_of(qa)
         tally.ask(tier, fam, qa)
+        slices = slices_of(spec, qa)
         for pol in policies:
             if pol.endswith(CHOICES) and not (qa.choices and len(qa.choices) >= 2):
                 continue                                   # a family with open answers ("when")
@@ -213,7 +243,8 @@ def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing,
             timing.setdefault(f"{tier}/{pol}", []).append(dt)
             tally.add(tier, fam, pol, ok, {"tier": tier, "seed": seed, "variant": label, "family": fam,
                                            "policy": pol, "question": qa.question, "truth": qa.answer,
-                                           "answer": text, "ok": ok, "seconds": round(dt, 3)})
+                                           "answer": text, "ok": ok, "seconds": round(dt, 3), **slices},
+                      slices)
             if verbose:
                 print(f"  [{tier} {seed}{label} {pol}] {qa.question} -> {text!r} (truth {qa.answer!r}) "
                       f"{'ok' if ok else 'WRONG'}", file=sys.stderr)
@@ -280,7 +311,8 @@ def _run(args) -> int:
             info.update({"tier": tier, "seed": seed, "objects": len(spec.objects),
                          "needle": spec.needle is not None, "questions": len(qas)})
             t_q = time.perf_counter()
-            ask_all(m, states, qas, tier, policies, tally, args.max_new_tokens, seed, timing, verbose=args.verbose)
+            ask_all(m, states, qas, tier, policies, tally, args.max_new_tokens, seed, timing, verbose=args.verbose,
+                    spec=spec)
             if long_tier and trials:
                 rng = np.random.default_rng([seed, 0xE7A1])
                 colours = list(rng.permutation(COLOUR_NAMES))[:trials]
@@ -351,6 +383,10 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
             per["all"] = {"accuracy": round(sum(v["accuracy"] * v["n"] for v in per.values()) / len(allq), 4),
                           "n": len(allq), "rule": "each family's own rule"}
         blind[tier] = per
+    breakdown: dict = {}
+    for (tier, f, pol, name, bucket), v in tally.sliced.items():
+        (breakdown.setdefault(tier, {}).setdefault(pol, {}).setdefault(f, {}).setdefault(name, {}))[bucket] = {
+            "accuracy": round(sum(v) / len(v), 4), "n": len(v)}
     targets = []
     for (tier, fam, pol), need in TARGETS.items():
         got = acc.get(tier, {}).get(pol, {}).get(fam)
@@ -367,7 +403,7 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
         "videos": {t: sum(1 for v in videos_info if v["tier"] == t) for t in tiers},
         "questions": {t: sum(len(v) for (tt, _, p), v in tally.rows.items() if tt == t and p == policies[0])
                       for t in tiers},
-        "accuracy": acc, "blind_baseline": blind, "targets": targets,
+        "accuracy": acc, "blind_baseline": blind, "targets": targets, "breakdown": breakdown,
         "seconds_per_answer": {k: round(float(np.mean(v)), 4) for k, v in timing.items()},
         "video_details": videos_info, "wall_s": round(time.perf_counter() - t_all, 1),
         "answers": tally.examples if args.answers else None,
@@ -411,6 +447,7 @@ def render_table(r: dict) -> str:
     if any(p.endswith(CHOICES) for p in r["policies"]):
         out.append(f"POLICY{CHOICES}: the likeliest of the question's candidate answers (score_choices), only "
                    "for questions with a fixed answer set; its 'all' is over those questions alone")
+    out += render_breakdown(r)
     for tg in r["targets"]:
         if tg["accuracy"] is None:
             continue
@@ -418,6 +455,30 @@ def render_table(r: dict) -> str:
         out.append(f"target {tg['tier']} {tg['family']} ({tg['policy']}) >= {100 * tg['target']:.0f} %: "
                    f"{100 * tg['accuracy']:.0f} % (n={tg['n']}) {state}")
     return "\n".join(out)
+
+
+def render_breakdown(r: dict, tier: str = "60s") -> list[str]:
+    """Lines of a second table for one tier and the first policy: each family with a fixed answer
+    by the number of objects in the video, and the one-object families by how long the object
+    asked about is on screen (issue 11: colour and shape failed mostly with 3+ objects and for
+    objects on screen < 20 s)."""
+    pol = r["policies"][0]
+    per = r.get("breakdown", {}).get(tier, {}).get(pol, {})
+    if not per:
+        return []
+    cols = [(name, b) for name, bs in SLICE_BUCKETS.items() for b in bs]
+    heads = [f"{b} obj" if name == "objects" else f"on screen {b}" for name, b in cols]
+    lines = ["", f"{tier} {pol}, by objects in the video and by the asked object's time on screen:", "",
+             "| family | " + " | ".join(heads) + " |", "|---|" + "---|" * len(cols)]
+    for f in sorted(per, key=_fam_order):
+        if f in ("when", "needle_when"):
+            continue
+        cells = []
+        for name, b in cols:
+            c = per[f].get(name, {}).get(b)
+            cells.append("-" if c is None else f"{100 * c['accuracy']:.0f} % ({c['n']})")
+        lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -146,6 +146,42 @@ def test_eval_demo_choices_column(capsys):
             assert a["answer"] in {"1", "2", "3", "4", "5"}, a
     assert len(scored) == sum(1 for a in r["answers"] if a["policy"] == "exact"
                               and a["family"] not in ("when", "needle_when"))
+    # the breakdown counts every sliced answer once, in the bucket its record names
+    by = r["breakdown"]["60s"]["exact"]
+    for a in (a for a in r["answers"] if a["policy"] == "exact" and "objects" in a):
+        cell = by[a["family"]]["objects"][a["objects"]]
+        assert cell["n"] >= 1
+    for f, parts in by.items():
+        n_obj = sum(c["n"] for c in parts["objects"].values())
+        assert n_obj == sum(1 for a in r["answers"] if a["policy"] == "exact" and a["family"] == f and "objects" in a)
+    assert "by objects in the video" in "\n".join(eval_demo.render_breakdown(r))
+
+
+def test_eval_breakdown_slices_by_objects_and_time_on_screen():
+    """The breakdown's slices: objects in the video for every question with a fixed answer, the
+    asked object's seconds on screen (frames sampled at 1 fps) for questions about one object,
+    none for the needle."""
+    from lmstream.eval_demo import on_screen_s, slices_of, tier_video
+    seen = set()
+    for i in range(12):
+        spec, qas = tier_video("60s", i)
+        for qa in qas:
+            sl = slices_of(spec, qa)
+            if qa.family == "needle":
+                assert sl == {}
+                continue
+            assert sl["objects"] == str(len(spec.objects))
+            objs = qa.meta.get("objects") or []
+            if len(objs) == 1:
+                o = spec.objects[objs[0]]
+                end = spec.duration_s if o.t_leave is None else min(o.t_leave, spec.duration_s)
+                frames = [k for k in range(spec.n_frames) if o.t_appear <= k < end]
+                assert on_screen_s(spec, o) == len(frames)
+                assert sl["on_screen"] == ("< 20 s" if len(frames) < 20 else ">= 20 s")
+                seen.add(sl["on_screen"])
+            else:
+                assert "on_screen" not in sl
+    assert seen == {"< 20 s", ">= 20 s"}          # both buckets occur in eval-demo's own videos
 
 
 def test_training_script_is_deterministic_for_a_seed(tmp_path):
