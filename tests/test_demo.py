@@ -733,3 +733,41 @@ def test_word_scale_keeps_the_colour_word_in_its_fused_row(demo):
         T.scale_words(m.net, m.tokenizer, S.COLOUR_NAMES, 1 / 20.0)
     assert torch.allclose(E, before, atol=1e-6)
     assert abs(c1) < 0.3 and c20 > 0.5, (c1, c20)
+
+
+def test_short_objects_asks_colour_and_shape_about_briefly_shown_objects():
+    """--short-objects 1 asks colour and shape about objects on screen for fewer than 20 frames of
+    a whole 60 s clip more often than the default draw does, which asks about both kinds."""
+    from model import train_demo as T
+    from stream import synthetic as S
+
+    def asked(short):
+        old = T.RECIPE["short_objects"]
+        T.RECIPE["short_objects"] = short
+        out = []
+        try:
+            for seed in range(40):
+                spec = S.make_scene(seed, 60, needle=False, n_objects=4)
+                times = [float(t) for t in range(60)]
+                rng = np.random.default_rng(seed)
+                qas = T.clip_questions(spec, times, rng, contiguous=True, families=("colour", "shape", "count"))
+                shown = {i: sum(spec.objects[i].visible(t) for t in times) for i in range(len(spec.objects))}
+                for q in qas:
+                    if q.family == "colour":
+                        kind = q.question.split()[-1].rstrip("?")
+                        objs = [i for i, o in enumerate(spec.objects) if o.kind == kind]
+                    elif q.family == "shape":
+                        objs = [i for i, o in enumerate(spec.objects) if q.answer == o.kind
+                                and q.question.split()[-2] in o.colours()]
+                    else:
+                        continue
+                    out.append((seed, q.question, min(shown[i] for i in objs) < T.SHORT_FRAMES,
+                                min(shown.values()) < T.SHORT_FRAMES))
+        finally:
+            T.RECIPE["short_objects"] = old
+        return out
+
+    off, on = asked(0.0), asked(1.0)
+    assert {x[2] for x in off} == {True, False}
+    short_on = [x for x in on if x[3]]
+    assert short_on and sum(x[2] for x in short_on) > sum(x[2] for x in off if x[3])
