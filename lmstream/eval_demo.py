@@ -192,7 +192,7 @@ def blind_baseline(qas) -> dict:
 
 CHOICES = "+choices"
 SHORT_ON_SCREEN_S = 20.0      # issue 11: colour and shape failed mostly for objects on screen < 20 s
-SLICE_BUCKETS = {"objects": ["1", "2", "3", "4", "5"], "on_screen": ["< 20 s", ">= 20 s"]}
+SHORT, LONG = f"< {SHORT_ON_SCREEN_S:g} s", f">= {SHORT_ON_SCREEN_S:g} s"
 
 
 def on_screen_s(spec, obj) -> float:
@@ -209,7 +209,7 @@ def slices_of(spec, qa) -> dict:
     out = {"objects": str(len(spec.objects))}
     objs = qa.meta.get("objects") or []
     if len(objs) == 1:
-        out["on_screen"] = "< 20 s" if on_screen_s(spec, spec.objects[objs[0]]) < SHORT_ON_SCREEN_S else ">= 20 s"
+        out["on_screen"] = SHORT if on_screen_s(spec, spec.objects[objs[0]]) < SHORT_ON_SCREEN_S else LONG
     return out
 
 
@@ -466,7 +466,8 @@ def render_breakdown(r: dict, tier: str = "60s") -> list[str]:
     per = r.get("breakdown", {}).get(tier, {}).get(pol, {})
     if not per:
         return []
-    cols = [(name, b) for name, bs in SLICE_BUCKETS.items() for b in bs]
+    counts = sorted({b for f in per.values() for b in f.get("objects", {})}, key=int)
+    cols = [("objects", b) for b in counts] + [("on_screen", SHORT), ("on_screen", LONG)]
     heads = [f"{b} obj" if name == "objects" else f"on screen {b}" for name, b in cols]
     lines = ["", f"{tier} {pol}, by objects in the video and by the asked object's time on screen:", "",
              "| family | " + " | ".join(heads) + " |", "|---|" + "---|" * len(cols)]
