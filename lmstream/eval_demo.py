@@ -38,6 +38,11 @@ POLICY+choices: the questions with a fixed answer set (all but "when" and "needl
 answered by scoring each candidate answer with the model (`LlavaMini.score_choices`: the
 probability of generating exactly that answer) and taking the likeliest, instead of generating.
 
+`--size WxH` and `--palette NAME` draw the same held-out scenes on another canvas (16:9 footage,
+say: the pipeline squashes every frame to the model's square input, as the official video path
+does) or with the colour names painted in other shades (`stream.synthetic.PALETTES`): how far the
+figures hold on footage that is not this generator's own.
+
 A second table splits the 60 s tier's first policy by where the misses are: each family by the
 number of objects in the video (1-5), and the families about one object (colour, shape, change)
 by how long that object is on screen (< 20 s or more, sampled frames); JSON: "breakdown", and
@@ -76,19 +81,35 @@ def family_of(qa) -> str:
     return qa.family
 
 
-def tier_video(tier: str, i: int, base: int = EVAL_SEED_BASE):
+def tier_video(tier: str, i: int, base: int = EVAL_SEED_BASE, size: tuple[int, int] = (64, 64),
+               palette: str | None = None):
     """The `i`-th held-out video of a tier and its questions, as `eval-demo` draws them: seed
     base + tier * 10^5 + i; balanced answers (the object count cycles 1..5, needle / no needle
-    alternate at 60 s, the yes/no and which-is-first polarities alternate over a tier's videos)."""
+    alternate at 60 s, the yes/no and which-is-first polarities alternate over a tier's videos).
+    `size` (width, height) and `palette` (`stream.synthetic.PALETTES`) draw the same scene on
+    another canvas or in other shades (the questions may differ where pixels decide: collisions)."""
     from stream.synthetic import MAX_OBJECTS, make_scene, questions
     seed = base + list(TIERS).index(tier) * 100_000 + i     # 60s: +0, 10min: +1e5, 3h: +2e5
-    knobs = {"n_objects": 1 + (i // 2) % MAX_OBJECTS}
+    knobs = {"n_objects": 1 + (i // 2) % MAX_OBJECTS, "size": tuple(size), "palette": palette}
     pol = {"exists": (i // 2) % 2 == 0, "collide": i % 4 in (0, 3), "order": (i // 4) % 2 == 0}
     if tier != "60s":
         spec = make_scene(seed, TIERS[tier], needle=False, **knobs)
         return spec, [q for q in questions(spec, per_family=1, polarity=pol) if q.family in LONG_FAMILIES]
     spec = make_scene(seed, TIERS[tier], needle=bool(i % 2 == 0), **knobs)
     return spec, questions(spec, per_family=1, polarity=pol)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" -> (W, H): even (H.264 yuv420p) and at least 16 each, or a clear error."""
+    from lmcore.errors import BadArgument
+    w, sep, h = str(text).lower().partition("x")
+    try:
+        size = (int(w), int(h))
+    except ValueError:
+        size = None
+    if not sep or size is None or min(size) < 16 or size[0] % 2 or size[1] % 2:
+        raise BadArgument(f"expected --size WIDTHxHEIGHT, both even and >= 16 (e.g. 64x64, 112x64), got {text!r}")
+    return size
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -298,10 +319,16 @@ def _run(args) -> int:
     import shutil
     atexit.register(shutil.rmtree, tmp, True)          # the 60 s tier's MP4s: gone when the command ends
     base = args.seed_base
+    size = parse_size(getattr(args, "size", "64x64"))
+    palette = getattr(args, "palette", "default")
+    from stream.synthetic import PALETTES
+    if palette not in PALETTES:
+        from lmcore.errors import BadArgument
+        raise BadArgument(f"expected --palette among {', '.join(PALETTES)}, got {palette!r}")
     for tier in tiers:
         n = counts.get(tier, 0)
         for i in range(n):
-            spec, qas = tier_video(tier, i, base)
+            spec, qas = tier_video(tier, i, base, size=size, palette=None if palette == "default" else palette)
             seed = spec.seed
             long_tier = tier != "60s"
             if long_tier:
@@ -401,6 +428,8 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
         "parameters": int(sum(p.numel() for p in m.net.parameters()) + sum(p.numel() for p in m.vision.parameters())),
         "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
         "seed_base": args.seed_base, "tiers": {t: TIERS[t] for t in tiers}, "policies": policies,
+        "size": "x".join(map(str, parse_size(getattr(args, "size", "64x64")))),
+        "palette": getattr(args, "palette", "default"),
         "needle_trials_per_long_video": trials, "quick": bool(args.quick),
         "videos": {t: sum(1 for v in videos_info if v["tier"] == t) for t in tiers},
         "questions": {t: sum(len(v) for (tt, _, p), v in tally.rows.items() if tt == t and p == policies[0])
@@ -442,7 +471,9 @@ def render_table(r: dict) -> str:
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
     out = ["", f"model {r['model']} ({r['parameters'] / 1e6:.2f} M parameters with the CLIP tower used, "
                f"{r['device']}, {r['dtype']}); "
-               f"videos {r['videos']}; questions {r['questions']}; wall {r['wall_s']:.0f} s", ""] + lines
+               f"videos {r['videos']}; questions {r['questions']}; wall {r['wall_s']:.0f} s"
+               + ("" if (r.get("size", "64x64"), r.get("palette", "default")) == ("64x64", "default") else
+                  f"; drawn at {r['size']} (squashed to the model's input), palette {r['palette']}"), ""] + lines
     out.append("")
     out.append("blind: the best video-blind rule per family (always its most frequent answer, or for order "
                "always the first or the second named), chosen with the answers in hand")
@@ -517,6 +548,12 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--answers", action="store_true", help="include every question and answer in the JSON")
     p.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="held-out scene seeds start here")
+    p.add_argument("--size", default="64x64",
+                   help="draw the videos at WIDTHxHEIGHT (even; e.g. 112x64 for 16:9): the pipeline squashes "
+                        "every frame to the model's input as the official video path does (default 64x64)")
+    p.add_argument("--palette", default="default",
+                   help="paint the colour names in other shades: default, css (the CSS named colours), vivid "
+                        "(other bright CSS shades; never shown in training)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)

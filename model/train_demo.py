@@ -356,8 +356,44 @@ PARAPHRASES = {
 # the data levers of issue 11 (set from the command line by `main`; the defaults reproduce the
 # committed checkpoint's data exactly: every lever off draws nothing from the random streams)
 RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "read_order_hard": 0.0,
-          "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24, "short_objects": 0.0}
+          "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24, "short_objects": 0.0,
+          "canvas": 0.0, "shades": 0.0}
 SHORT_FRAMES = 20     # --short-objects: "on screen briefly", as eval-demo's breakdown splits it
+# --canvas: frame sizes a training scene may be drawn at instead of 64x64 (width, height; even, for
+# the codec-like chroma pass); the pipeline squashes every frame to 64x64 (nearest, aspect ratio
+# not kept, as the official video path does), so 16:9 and 4:3 footage reaches the model squeezed
+CANVASES = ((112, 64), (128, 72), (96, 54), (160, 90), (96, 72), (84, 64), (64, 112), (72, 96),
+            (96, 96), (128, 128))
+# --shades: the renderings a colour name is drawn between (stream.synthetic.PALETTES); "vivid" is
+# left out, so eval-demo --palette vivid measures shades training never showed
+SHADE_SOURCES = ("default", "css")
+
+
+def shaded_palette(rng: np.random.Generator) -> dict[str, tuple[int, int, int]]:
+    """A palette for one training scene: each colour name a random mix of its renderings in
+    SHADE_SOURCES, 0.7-1.0 as bright, jittered by a few levels per channel."""
+    out = {}
+    for name in S.COLOUR_NAMES:
+        a, b = (np.array(S.PALETTES[k][name], dtype=np.float64) for k in rng.choice(SHADE_SOURCES, 2))
+        w = rng.random()
+        c = (w * a + (1 - w) * b) * rng.uniform(0.7, 1.0) + rng.normal(0.0, 8.0, 3)
+        out[name] = tuple(int(v) for v in np.clip(np.rint(c), 0, 255))
+    return out
+
+
+def train_scene(seed: int, duration_s: float, **kw) -> S.SceneSpec:
+    """`S.make_scene` for the training samplers, plus --canvas (that share of scenes drawn at a size
+    from CANVASES) and --shades (that share painted with a `shaded_palette`). The draws come from
+    their own generator seeded by the scene, so with both off the samplers draw exactly as before."""
+    spec = S.make_scene(seed, duration_s, **kw)
+    if not (RECIPE["canvas"] or RECIPE["shades"]):
+        return spec
+    r = np.random.default_rng([int(seed), 0xCA75, int(duration_s)])
+    if r.random() < RECIPE["canvas"]:
+        spec = S.make_scene(seed, duration_s, size=CANVASES[int(r.integers(len(CANVASES)))], **kw)
+    if r.random() < RECIPE["shades"]:
+        spec.palette = shaded_palette(r)
+    return spec
 PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 
 
@@ -379,7 +415,7 @@ def rephrase(q: QA, rng: np.random.Generator) -> str:
 def sparse_sample(rng, max_objects: int | None = None, max_frames: int = 6) -> Sample:
     d = int(rng.integers(8, 121))
     knobs = {} if max_objects is None else {"n_objects": int(rng.integers(1, max_objects + 1))}
-    spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5), **knobs)
+    spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5), **knobs)
     T = int(rng.integers(1, max_frames + 1))
     busy = [i for i in range(spec.n_frames) if S.visible_objects(spec, float(i))]
     pool = busy if busy and rng.random() < 0.8 else list(range(spec.n_frames))
@@ -402,7 +438,7 @@ def clip_sample(rng, max_frames: int = 64) -> Sample:
         d = int(rng.integers(10, 151))
         T = int(rng.integers(8, min(d, max_frames) + 1))
         start = int(rng.integers(0, d - T + 1)) if r < 0.75 + 0.5 * (w - 0.4) else 0
-    spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
+    spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
     T = min(T, spec.n_frames - start)
     times = [float(start + i) for i in range(T)]
     fams = ("colour", "shape", "exists", "exists", "count", "count", "order", "order", "when", "needle",
@@ -416,7 +452,7 @@ def long_sample(rng, length: int, anchors: int = 24) -> Sample:
     """A long video seen through `anchors` distinct frames, each repeated over its span of the
     `length` frames, plus (when the scene has one) the needle as 1-3 frames of its own."""
     d = int(rng.integers(600, 10801))
-    spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
+    spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), d, needle=bool(rng.random() < 0.5))
     anchors = min(anchors, length)
     step = d / anchors
     off = rng.random()
@@ -943,10 +979,13 @@ def local_targets(spec: S.SceneSpec, times: list[float], qa: QA) -> tuple[list[i
     return [key(frame_items(spec, t)) for t in times], video
 
 
-def frame_labels(spec: S.SceneSpec, t: float, patch: int) -> tuple[np.ndarray, np.ndarray]:
+def frame_labels(spec: S.SceneSpec, t: float, patch: int, size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Per-patch class (the object covering most of the patch, if >= 1/8 of it; else background)
-    and the frame's multi-hot set of (kind, colour) items, from the exact label map."""
+    and the frame's multi-hot set of (kind, colour) items, from the exact label map (squashed to
+    `size` x `size` with the nearest-neighbour rule the frame's pixels go through, for --canvas)."""
     lab = S.label_map(spec, t).astype(np.int64)                       # -1 bg, i, needle_label
+    if lab.shape != (size, size):
+        lab = F.interpolate(torch.from_numpy(lab)[None, None].double(), size=(size, size))[0, 0].long().numpy()
     cls_of = np.zeros(len(spec.objects) + 2, dtype=np.int64)           # index lab + 1
     for i, o in enumerate(spec.objects):
         cls_of[i + 1] = 1 + S.ALL_KINDS.index(o.kind) * N_COLOURS + S.COLOUR_NAMES.index(o.colour_at(t))
@@ -966,10 +1005,20 @@ def frame_labels(spec: S.SceneSpec, t: float, patch: int) -> tuple[np.ndarray, n
     return patch_cls, present
 
 
+def render_square(spec: S.SceneSpec, t: float, size: int = 64) -> np.ndarray:
+    """The frame at `t`, squashed to `size` x `size` as the pipeline squashes it (a --canvas scene
+    is drawn larger or non-square), so frames of different canvases stack into one batch."""
+    f = S.render_frame(spec, t)
+    if f.shape[:2] != (size, size):
+        from stream.preprocess import resize_frame_nearest
+        f = resize_frame_nearest(f, size)
+    return f
+
+
 def random_scene(rng: np.random.Generator) -> S.SceneSpec:
     """A training scene of 10-199 s (seed below TRAIN_SEED_LIMIT), with a needle half the time."""
-    return S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 200)),
-                        needle=bool(rng.random() < 0.5))
+    return train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 200)),
+                       needle=bool(rng.random() < 0.5))
 
 
 def random_time(spec: S.SceneSpec, rng: np.random.Generator, p_needle: float) -> float:
@@ -986,8 +1035,7 @@ def vision_batch(rng: np.random.Generator, n: int, patch: int):
         spec = random_scene(rng)
         for _ in range(8):
             t = random_time(spec, rng, 0.5)
-            f = S.render_frame(spec, t)
-            frames.append(f)
+            frames.append(render_square(spec, t))
             a, b = frame_labels(spec, t, patch)
             pcls.append(a)
             pres.append(b)
@@ -1246,7 +1294,7 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             spec = random_scene(rng)
             for _ in range(FUSION_SCENE_FRAMES):
                 t = random_time(spec, rng, 0.3)
-                frames.append(S.render_frame(spec, t))
+                frames.append(render_square(spec, t))
                 qs.append(frame_questions(spec, t, rng))
                 seen.append((spec, t))
         frames, qs, seen = np.stack(frames[:a.fusion_batch]), qs[:a.fusion_batch], seen[:a.fusion_batch]
@@ -1402,7 +1450,7 @@ def needle_pair(rng: np.random.Generator, length: int, anchors: int, decoys: int
     both videos, and every frame sits at its own second of the video.
     The star video is asked about the star's colour ("yes", and with probability 0.3 about another
     colour, "no"); the star-free one about a random colour ("no"), as `eval-demo` asks."""
-    spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), length, needle=True)
+    spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), length, needle=True)
     n = spec.needle
     star = [float(t) for t in range(int(math.ceil(n.t_appear)), length) if n.visible(float(t))]
     free = [t for t in range(length) if not n.visible(float(t))]
@@ -1558,7 +1606,7 @@ def read_batch(rng: np.random.Generator, n: int) -> list[Sample]:
     its colour (up to two kinds), shape, "is there", count and order questions."""
     out = []
     while len(out) < n:
-        spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 121)),
+        spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 121)),
                             needle=bool(rng.random() < 0.3), n_objects=int(rng.integers(1, S.MAX_OBJECTS + 1)))
         crowd = [t for t in range(spec.n_frames) if len(S.visible_objects(spec, float(t))) >= 2]
         busy = [t for t in range(spec.n_frames) if S.visible_objects(spec, float(t))]
@@ -1583,7 +1631,7 @@ def order_batch(rng: np.random.Generator, n: int) -> list[Sample]:
     of the time; from them M4 learned to name the video's first object whatever is asked."""
     out = []
     while len(out) < n:
-        spec = S.make_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
+        spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
                             n_objects=int(rng.integers(2, S.MAX_OBJECTS + 1)))
         times = [float(t) for t in range(spec.n_frames)]
         vis = [S.visible_objects(spec, t) for t in times]               # per frame, drawing order
@@ -1626,7 +1674,7 @@ def clips_loss(trainer: "Trainer", samples: list[Sample], size: int, dev, total=
     attention loss on the questions a sample's `attn` names frames for); added to `total` / `ntok`.
     Returns (total, ntok, per-question (family, first-token correct))."""
     with torch.no_grad():
-        tokens, ks, vs, po = trainer.encode(preprocess(np.concatenate([render(s) for s in samples]), size).to(dev))
+        tokens, ks, vs, po = trainer.encode(torch.cat([preprocess(render(s), size) for s in samples]).to(dev))
     results, o = [], 0
     for s in samples:
         sl = slice(o, o + len(s.times))
@@ -1832,6 +1880,12 @@ def parse_args(argv):
     ap.add_argument("--hard-negatives", type=float, default=0.0,
                     help="share of 'is there' negatives that name a shown kind in another shown colour "
                          "(0: absent pairs drawn uniformly)")
+    ap.add_argument("--canvas", type=float, default=0.0,
+                    help="share of training scenes drawn at another frame size (16:9, 4:3, portrait, larger "
+                         "squares; CANVASES) and squashed to the model's input as the pipeline does (0: 64x64)")
+    ap.add_argument("--shades", type=float, default=0.0,
+                    help="share of training scenes whose colours are painted in other shades (mixes of this "
+                         "repository's and the CSS named colours, dimmed and jittered; 0: the default palette)")
     ap.add_argument("--short-objects", type=float, default=0.0,
                     help="share of colour and shape questions asked about an object the clip shows on fewer "
                          "than 20 frames, when it has one (0: the object drawn uniformly)")
@@ -1960,7 +2014,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read,
-                  read_order_hard=a.read_order_hard, short_objects=a.short_objects,
+                  read_order_hard=a.read_order_hard, short_objects=a.short_objects, canvas=a.canvas, shades=a.shades,
                   paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys, long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
@@ -2088,7 +2142,7 @@ def main(argv=None) -> int:
         grad_samples = [s for s in samples if s.kind != "long"]
         total, ntok, results, aux, bind, loc = 0.0, 0, [], [], [], []
         if grad_samples:
-            px = preprocess(np.concatenate([render(s) for s in grad_samples]), a.image_size).to(dev)
+            px = torch.cat([preprocess(render(s), a.image_size) for s in grad_samples]).to(dev)
             tokens, ks, vs, po = trainer.encode(px)
             o = 0
             for s in grad_samples:

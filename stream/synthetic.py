@@ -137,7 +137,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 __all__ = [
-    "KINDS", "NEEDLE_KIND", "COLOURS", "SIZES", "FAMILIES", "MAX_WHOLE_NUMBER",
+    "KINDS", "NEEDLE_KIND", "COLOURS", "PALETTES", "check_palette", "SIZES", "FAMILIES", "MAX_WHOLE_NUMBER",
     "Background", "ObjectSpec", "Needle", "Event", "SceneSpec", "QA",
     "make_scene", "render_frame", "iter_frames", "render_frames", "label_map",
     "object_mask", "visible_objects", "write_video", "questions", "vocabulary",
@@ -160,6 +160,42 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 140, 20),
 }
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
+
+#: Other renderings of the same seven colour names, for measuring (and training) how a model
+#: copes with a generator or camera whose "red" is not this module's (`SceneSpec.palette`,
+#: `make_scene(..., palette=...)`).  "css": the CSS / X11 named colours, as a generator written
+#: with those names would paint them (green and purple are half as bright as here); "vivid":
+#: other bright CSS shades (crimson, lime green, dodger blue, gold, dark violet, dark orange).
+PALETTES: dict[str, dict[str, tuple[int, int, int]]] = {
+    "default": dict(COLOURS),
+    "css": {"red": (255, 0, 0), "green": (0, 128, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
+            "white": (255, 255, 255), "purple": (128, 0, 128), "orange": (255, 165, 0)},
+    "vivid": {"red": (220, 20, 60), "green": (50, 205, 50), "blue": (30, 144, 255), "yellow": (255, 215, 0),
+              "white": (255, 255, 255), "purple": (148, 0, 211), "orange": (255, 140, 0)},
+}
+
+
+def check_palette(palette) -> dict[str, tuple[int, int, int]] | None:
+    """A palette (colour name -> RGB) as `SceneSpec.palette` holds it, or None; a clear error
+    naming what is wrong otherwise.  Every one of the seven names must be there."""
+    if palette is None:
+        return None
+    if isinstance(palette, str):
+        if palette not in PALETTES:
+            raise ValueError(f"unknown palette {palette!r}; known: {sorted(PALETTES)}")
+        palette = PALETTES[palette]
+    out = {}
+    for name in COLOUR_NAMES:
+        if name not in palette:
+            raise ValueError(f"palette lacks {name!r}: expected RGB for each of {list(COLOUR_NAMES)}")
+        rgb = tuple(int(v) for v in palette[name])
+        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb):
+            raise ValueError(f"palette {name!r}: expected three values 0..255, got {palette[name]!r}")
+        out[name] = rgb
+    extra = set(palette) - set(COLOUR_NAMES)
+    if extra:
+        raise ValueError(f"palette has unknown colour names {sorted(extra)}; known: {list(COLOUR_NAMES)}")
+    return out
 
 # Dark background palette (names are internal, never in questions).
 BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -296,6 +332,12 @@ class SceneSpec:
     objects: list[ObjectSpec]
     events: list[Event]
     needle: Needle | None = None
+    #: RGB per colour name used to paint objects; None: `COLOURS`.  Questions and answers use the
+    #: names, so a palette changes pixels only.
+    palette: dict[str, tuple[int, int, int]] | None = None
+
+    def rgb(self, colour: str) -> tuple[int, int, int]:
+        return (self.palette or COLOURS)[colour]
 
     @property
     def n_frames(self) -> int:
@@ -323,6 +365,7 @@ class SceneSpec:
             objects=[ObjectSpec(**o) for o in d["objects"]],
             events=[Event(**{**e, "objects": tuple(e["objects"])}) for e in d["events"]],
             needle=Needle(**d["needle"]) if d.get("needle") else None,
+            palette=check_palette(d.get("palette")),
         )
 
 
@@ -528,10 +571,11 @@ def _schedule(rng: np.random.Generator, n: int, duration: float, max_conc: int
 
 
 def make_scene(seed: int, duration_s: float, fps: float = 1.0, size: tuple[int, int] = (64, 64),
-               needle: bool | None = None, **knobs) -> SceneSpec:
+               needle: bool | None = None, palette=None, **knobs) -> SceneSpec:
     """Build a scene, deterministically from ``seed`` (numpy Generator).
 
-    ``size`` is (width, height).  ``needle``: True/False forces the needle event, None
+    ``size`` is (width, height).  ``palette``: a name in `PALETTES` or a dict colour name -> RGB
+    (pixels only; the scene, its questions and answers are the same; no random draws).  ``needle``: True/False forces the needle event, None
     draws it with probability ``p_needle``.  Knobs (see ``_KNOB_DEFAULTS``): n_objects,
     max_objects, max_concurrent, p_change, p_needle, speed=(lo, hi), needle_seconds=(lo, hi),
     kinds, colours, background.
@@ -609,7 +653,8 @@ def make_scene(seed: int, duration_s: float, fps: float = 1.0, size: tuple[int, 
         nd = place_needle(rng, objects, d, width, height, k["needle_seconds"])
 
     spec = SceneSpec(seed=int(seed), duration_s=d, fps=float(fps), width=width, height=height,
-                     background=background, objects=objects, events=[], needle=nd)
+                     background=background, objects=objects, events=[], needle=nd,
+                     palette=check_palette(palette))
     spec.events = _events(spec)
     return spec
 
@@ -724,10 +769,10 @@ def render_frame(spec: SceneSpec, t: float) -> np.ndarray:
         reg = _object_region(spec, i, t)
         if reg is not None:
             y0, y1, x0, x1, m = reg
-            frame[y0:y1, x0:x1][m] = COLOURS[spec.objects[i].colour_at(t)]
+            frame[y0:y1, x0:x1][m] = spec.rgb(spec.objects[i].colour_at(t))
     if spec.needle is not None and spec.needle.visible(t):
         y0, y1, x0, x1, m = _needle_region(spec)
-        frame[y0:y1, x0:x1][m] = COLOURS[spec.needle.colour]
+        frame[y0:y1, x0:x1][m] = spec.rgb(spec.needle.colour)
     return frame
 
 

@@ -771,3 +771,80 @@ def test_short_objects_asks_colour_and_shape_about_briefly_shown_objects():
     assert {x[2] for x in off} == {True, False}
     short_on = [x for x in on if x[3]]
     assert short_on and sum(x[2] for x in short_on) > sum(x[2] for x in off if x[3])
+
+
+def test_eval_demo_size_and_palette_draw_the_same_scenes_elsewhere(capsys):
+    """`--size` / `--palette`: the held-out scenes drawn on a 16:9 canvas in CSS shades go through
+    the pipeline (squashed to the model's input) and are reported as such; the scene itself (its
+    objects, schedule and counting answers) is the default one's; bad values are clear errors."""
+    from lmcore.errors import BadArgument
+    from lmstream import eval_demo
+    from stream.synthetic import PALETTES, render_frame
+    spec0, q0 = eval_demo.tier_video("60s", 3)
+    spec, q = eval_demo.tier_video("60s", 3, size=(112, 64), palette="css")
+    assert (spec.width, spec.height) == (112, 64) and spec.palette == PALETTES["css"]
+    assert [(o.kind, o.colour, o.t_appear, o.t_leave) for o in spec.objects] == \
+        [(o.kind, o.colour, o.t_appear, o.t_leave) for o in spec0.objects]
+    assert {(a.family, a.answer) for a in q if a.family in ("count", "order", "shape")} == \
+        {(a.family, a.answer) for a in q0 if a.family in ("count", "order", "shape")}
+    o = spec.objects[0]
+    assert (render_frame(spec, o.t_appear) == PALETTES["css"][o.colour]).all(-1).any()
+    rc = eval_demo.main(["--quick", "--json", "--tiers", "60s", "--policies", "exact", "--size", "112x64",
+                         "--palette", "css", "--model", str(CKPT)])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["size"], r["palette"]) == ("112x64", "css") and r["videos"]["60s"] == 2
+    assert r["accuracy"]["60s"]["exact"]["all"]["n"] > 0
+    assert "drawn at 112x64" in eval_demo.render_table(r)
+    for bad in ("64", "63x64", "8x8", "axb"):
+        with pytest.raises(BadArgument, match="WIDTHxHEIGHT"):
+            eval_demo.parse_size(bad)
+    assert eval_demo.main(["--quick", "--tiers", "60s", "--palette", "sepia", "--model", str(CKPT)]) != 0
+    assert "expected --palette among default, css, vivid" in capsys.readouterr().err
+
+
+def test_canvas_and_shades_vary_training_scenes_and_draw_nothing_when_off():
+    """--canvas / --shades: training scenes on other canvases and in other shades, their draws
+    from a generator of their own, so with both off every sampler draws exactly as before; the
+    answers come from the scene, never from the shades; frames of any canvas reach the model's
+    input size."""
+    from model import train_demo as T
+    from stream import synthetic as S
+
+    def draw(canvas, shades, n=12):
+        old = dict(T.RECIPE)
+        T.RECIPE.update(canvas=canvas, shades=shades)
+        try:
+            rng = np.random.default_rng(7)
+            return [T.clip_sample(rng) for _ in range(n)]
+        finally:
+            T.RECIPE.update(old)
+
+    plain, shaded, varied = draw(0.0, 0.0), draw(0.0, 1.0), draw(1.0, 1.0)
+    assert all((s.spec.width, s.spec.height, s.spec.palette) == (64, 64, None) for s in plain)
+    # shades change pixels only: the main generator draws the same scenes, clips, questions, answers
+    assert [(s.spec.seed, s.times, [(q.question, q.answer) for q in s.qas]) for s in plain] == \
+        [(s.spec.seed, s.times, [(q.question, q.answer) for q in s.qas]) for s in shaded]
+    assert all(s.spec.palette is not None for s in shaded)
+    # a canvas can change which objects collide, so only the first scene is bound to be the same
+    assert (varied[0].spec.seed, varied[0].times) == (plain[0].spec.seed, plain[0].times)
+    assert {(s.spec.width, s.spec.height) for s in varied} <= set(T.CANVASES)
+    assert len({(s.spec.width, s.spec.height) for s in varied}) >= 3
+    for s in varied:
+        pal = s.spec.palette
+        assert set(pal) == set(S.COLOUR_NAMES) and pal != S.PALETTES["default"]
+        assert max(pal["red"]) == pal["red"][0] and max(pal["blue"]) == pal["blue"][2]   # still red, still blue
+        px = T.preprocess(T.render(s)[:2], 64)
+        assert tuple(px.shape) == (min(2, len(s.times)), 3, 64, 64)
+    # stage 0's patch labels of a 16:9 scene follow its pixels through the same squash
+    spec = S.make_scene(21, 30, size=(112, 64), palette="css", needle=False, n_objects=3)
+    t = next(float(t) for t in range(30) if S.visible_objects(spec, float(t)))
+    img, (cls, present) = T.render_square(spec, t), T.frame_labels(spec, t, 8)
+    assert img.shape == (64, 64, 3) and cls.shape == (64,) and present.sum() >= 1
+    colours = {S.PALETTES["css"][c]: c for c in S.COLOUR_NAMES}
+    for p in np.flatnonzero(cls):
+        r, c = divmod(int(p), 8)
+        block = {tuple(v) for v in img[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8].reshape(-1, 3)}
+        name = S.COLOUR_NAMES[(int(cls[p]) - 1) % T.N_COLOURS]
+        assert S.PALETTES["css"][name] in block, (p, name)
+        assert {colours[v] for v in block if v in colours} >= {name}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import time
 
@@ -46,6 +47,35 @@ def test_spec_roundtrip_and_knobs():
     assert len(S.make_scene(0, 60, n_objects=4).objects) == 4
     for bg in S.BACKGROUND_KINDS:
         assert S.make_scene(0, 60, background=bg).background.kind == bg
+
+
+def test_palette_changes_pixels_only():
+    """A palette repaints the colour names (objects and the star) and changes nothing else: same
+    scene, same questions and answers, same background; it survives to_dict / from_dict; a palette
+    that lacks a name or holds a bad value is a clear error."""
+    plain = S.make_scene(11, 60, needle=True)
+    css = S.make_scene(11, 60, needle=True, palette="css")
+    assert css.palette == S.PALETTES["css"] and plain.palette is None
+    assert [o.name for o in css.objects] == [o.name for o in plain.objects] and css.events == plain.events
+    assert [(q.question, q.answer) for q in S.questions(css)] == [(q.question, q.answer) for q in S.questions(plain)]
+    seen = 0
+    for t in range(60):
+        lab, a, b = S.label_map(css, t), S.render_frame(plain, t), S.render_frame(css, t)
+        assert np.array_equal(a[lab < 0], b[lab < 0])
+        for i, o in enumerate(plain.objects):
+            if (lab == i).any():
+                seen += 1
+                assert (b[lab == i] == S.PALETTES["css"][o.colour_at(t)]).all()
+                assert (a[lab == i] == S.COLOURS[o.colour_at(t)]).all()
+    assert seen
+    back = S.SceneSpec.from_dict(json.loads(json.dumps(css.to_dict())))
+    assert back.palette == css.palette and np.array_equal(S.render_frame(back, 30.0), S.render_frame(css, 30.0))
+    with pytest.raises(ValueError, match="lacks 'white'"):
+        S.make_scene(0, 10, palette={k: v for k, v in S.COLOURS.items() if k != "white"})
+    with pytest.raises(ValueError, match="three values 0..255"):
+        S.make_scene(0, 10, palette={**S.COLOURS, "red": (300, 0, 0)})
+    with pytest.raises(ValueError, match="unknown palette 'sepia'"):
+        S.make_scene(0, 10, palette="sepia")
 
 
 # --------------------------------------------------------------------------- rendering vs truth
