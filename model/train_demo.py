@@ -1138,6 +1138,107 @@ def pretrain_vision(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t
         log["vision_probe"] = set_probe(net, vision, set_head, tok_head if a.token_set else None, trainer, a, dev)
 
 
+def adapt_tower(vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
+    """Stage 0a (--tower-adapt N): teach the trained tower squashed frames (--canvas's CANVASES) and
+    other shades of the colour names (`shaded_palette`) without changing what it already gives the
+    layers after it. A frozen copy of the tower is the teacher. Each step draws `--tower-batch`
+    scenes at one moment each and renders each three ways: native (64x64, this palette), shaded
+    (the same frame in a shaded palette: pixel for pixel the same geometry) and on another canvas
+    (squashed, shaded half the time). Loss: the student's patch features of the native frame and
+    of the shaded one must equal the teacher's of the native frame (mean squared error), and those
+    of the squashed frame must be read as the right patch class by a linear read-out fitted on the
+    teacher's features and kept fixed (cross-entropy), and lie near the teacher's mean feature of
+    that class (mean squared error). Only the tower trains."""
+    import copy
+    teacher = copy.deepcopy(vision).eval().requires_grad_(False)
+    vision.train().requires_grad_(True)
+    B, patch, size = a.tower_batch, a.patch, a.image_size
+
+    def draw(rng):
+        nat, shd, can, lab_n, lab_c = [], [], [], [], []
+        while len(nat) < B:
+            seed, d = int(rng.integers(TRAIN_SEED_LIMIT)), int(rng.integers(10, 200))
+            spec = S.make_scene(seed, d, needle=bool(rng.random() < 0.5))
+            t = random_time(spec, rng, 0.3)
+            wide = S.make_scene(seed, d, size=CANVASES[int(rng.integers(len(CANVASES)))],
+                                needle=spec.needle is not None)
+            if rng.random() < 0.5:
+                wide.palette = shaded_palette(rng)
+            nat.append(S.render_frame(spec, t))
+            shd.append(S.render_frame(dataclasses.replace(spec, palette=shaded_palette(rng)), t))
+            can.append(render_square(wide, t, size))
+            lab_n.append(frame_labels(spec, t, patch, size)[0])
+            lab_c.append(frame_labels(wide, t, patch, size)[0])
+        return (np.stack(nat), np.stack(shd), np.stack(can), torch.from_numpy(np.stack(lab_n)).to(dev),
+                torch.from_numpy(np.stack(lab_c)).to(dev))
+
+    # the teacher's read-out: class means and a linear classifier of its patch features
+    rng = np.random.default_rng([a.seed, 0x70AD])
+    feats, labs = [], []
+    with torch.no_grad():
+        for _ in range(max(1, 2048 // B)):
+            nat, _, _, lab_n, _ = draw(rng)
+            feats.append(teacher(preprocess(nat, size).to(dev)).reshape(-1, vision.width))
+            labs.append(lab_n.reshape(-1))
+    feats, labs = torch.cat(feats), torch.cat(labs)
+    means = torch.zeros(N_CLASSES, vision.width, device=dev)
+    seen = torch.bincount(labs, minlength=N_CLASSES) > 0
+    means.index_add_(0, labs, feats)
+    means /= torch.bincount(labs, minlength=N_CLASSES).clamp(min=1).unsqueeze(1).float()
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    head = torch.nn.Linear(vision.width, N_CLASSES).to(dev)
+    hopt = torch.optim.LBFGS(head.parameters(), max_iter=300)
+    xs = (feats - mu) / sd
+
+    def closure():
+        hopt.zero_grad()
+        loss = F.cross_entropy(head(xs), labs) + 1e-4 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        hopt.step(closure)
+    head.requires_grad_(False)
+    with torch.no_grad():
+        fit_acc = float((head(xs).argmax(1) == labs).float().mean())
+    opt = torch.optim.AdamW(vision.parameters(), lr=a.tower_lr, weight_decay=0.0)
+    curve = []
+    say(f"[train_demo] tower-adapt: teacher read-out on {len(labs)} patches {fit_acc:.3f}, "
+        f"{int(seen.sum())} classes seen")
+    for step in range(a.tower_adapt):
+        rng = np.random.default_rng([a.seed, 0x70AE, step])
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.tower_adapt, a.tower_lr, 20)
+        nat, shd, can, lab_n, lab_c = draw(rng)
+        if rng.random() < 0.5:
+            nat, shd, can = (codec_like(x, rng) for x in (nat, shd, can))
+        px = preprocess(np.concatenate([nat, shd, can]), size).to(dev)
+        with torch.no_grad():
+            target = teacher(px[:B])
+        f = vision(px)
+        keep = F.mse_loss(f[:B], target) + F.mse_loss(f[B:2 * B], target)
+        fc = f[2 * B:].reshape(-1, vision.width)
+        lc = lab_c.reshape(-1)
+        ce = F.cross_entropy(head((fc - mu) / sd), lc)
+        near = F.mse_loss(fc, means[lc])
+        loss = keep + ce + near
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vision.parameters(), 1.0)
+        opt.step()
+        if step % a.log_every == 0 or step == a.tower_adapt - 1:
+            with torch.no_grad():
+                acc_c = float((head((fc - mu) / sd).argmax(1) == lc)[lc > 0].float().mean())
+                acc_s = float((head((f[B:2 * B].reshape(-1, vision.width) - mu) / sd).argmax(1)
+                               == lab_n.reshape(-1))[lab_n.reshape(-1) > 0].float().mean())
+            curve.append({"step": step, "keep": float(keep.detach()), "ce": float(ce.detach()), "near": float(near.detach()),
+                          "canvas_object_patch_acc": acc_c, "shaded_object_patch_acc": acc_s})
+            say(f"[train_demo] tower {step:5d}/{a.tower_adapt} keep {float(keep.detach()):.4f} ce {float(ce.detach()):.3f} "
+                f"near {float(near.detach()):.4f} | object patches read right: canvas {acc_c:.2f} shaded {acc_s:.2f} "
+                f"{(time.perf_counter() - t_start) / 60:5.1f} min")
+    log["tower_adapt"] = {"teacher_readout_acc": fit_acc, "curve": curve}
+    vision.eval()
+
+
 class SlotHead(torch.nn.Module):
     """--slot-loss (stage 0, training only): the compressor's one query has 8 heads; head h < 7
     must name the kinds (the star included) of the colour-h objects on screen, from its own
@@ -1880,6 +1981,11 @@ def parse_args(argv):
     ap.add_argument("--hard-negatives", type=float, default=0.0,
                     help="share of 'is there' negatives that name a shown kind in another shown colour "
                          "(0: absent pairs drawn uniformly)")
+    ap.add_argument("--tower-adapt", type=int, default=0,
+                    help="stage 0a: steps teaching the trained tower squashed frames and other shades, its "
+                         "features on native frames held to a frozen copy's (see adapt_tower; 0: off)")
+    ap.add_argument("--tower-batch", type=int, default=32, help="stage 0a: scenes a step (each drawn three ways)")
+    ap.add_argument("--tower-lr", type=float, default=3e-4, help="stage 0a: peak learning rate")
     ap.add_argument("--canvas", type=float, default=0.0,
                     help="share of training scenes drawn at another frame size (16:9, 4:3, portrait, larger "
                          "squares; CANVASES) and squashed to the model's input as the pipeline does (0: 64x64)")
@@ -2064,6 +2170,8 @@ def main(argv=None) -> int:
            "data": "scene seeds drawn from numpy default_rng([seed, 0xDA7A, step]) in [0, 10**6)",
            "curve": [], "family_first_token_acc": {}}
     pretrain_vision(net, vision, a, dev, log, t_start, tok, cfg)
+    if a.tower_adapt:
+        adapt_tower(vision, a, dev, log, t_start)
     if not a.train_vision:                     # LLaVA-Mini's recipe: the vision tower stays frozen
         vision.requires_grad_(False)
         vision.eval()

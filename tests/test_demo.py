@@ -8,6 +8,7 @@ and that `eval-demo --quick --json` runs and reports sane numbers.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -848,3 +849,41 @@ def test_canvas_and_shades_vary_training_scenes_and_draw_nothing_when_off():
         name = S.COLOUR_NAMES[(int(cls[p]) - 1) % T.N_COLOURS]
         assert S.PALETTES["css"][name] in block, (p, name)
         assert {colours[v] for v in block if v in colours} >= {name}
+
+
+def test_tower_adapt_moves_the_tower_alone_and_holds_its_native_features(tmp_path):
+    """Stage 0a (--tower-adapt) from the demo checkpoint: only the vision tower trains (every
+    LLaVA-Mini weight stays as it was), its curve is logged, and its features on native frames stay
+    close to the tower it started from (what it gains on squashed and shaded frames is measured by
+    `eval-demo --size / --palette`, docs/demo.md, thirteenth session)."""
+    from model import LlavaMini
+    from model import train_demo as T
+    from stream import synthetic as S
+    from safetensors.torch import load_file
+    threads = torch.get_num_threads()
+    plain, ad = CKPT, tmp_path / "adapt"
+    try:
+        assert T.main(["--out", str(ad), "--seed", "4", "--init-from", str(plain), "--vision-steps", "0",
+                       "--paraphrase", "0.1", "--steps", "0", "--tower-adapt", "40", "--tower-batch", "8",
+                       "--tower-lr", "1e-3", "--threads", "1", "--log-every", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+        torch.set_flush_denormal(False)
+    log = json.loads((ad / "training_log.json").read_text())["tower_adapt"]
+    assert [c["step"] for c in log["curve"]] == list(range(40)) and log["teacher_readout_acc"] > 0.9
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(ad / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ta = load_file(str(plain / "clip-vision" / "model.safetensors"))
+    tb = load_file(str(ad / "clip-vision" / "model.safetensors"))
+    assert any(not torch.equal(ta[k], tb[k]) for k in ta)
+    assert all(math.isfinite(c[k]) for c in log["curve"] for k in ("keep", "ce", "near"))
+    m0, m1 = LlavaMini.from_pretrained(plain), LlavaMini.from_pretrained(ad)
+    spec = S.make_scene(10 ** 9 + 5, 30, needle=False, n_objects=3)
+    ts = [float(t) for t in range(0, 30, 3)]
+    nat = T.preprocess(np.stack([S.render_frame(spec, t) for t in ts]), 64)
+    with torch.no_grad():
+        f0, f1 = m0.vision(nat), m1.vision(nat)
+    # the tower moved, and its features on native frames stayed near the ones the rest was trained on
+    drift = float((f1 - f0).pow(2).mean() / f0.pow(2).mean())
+    assert 0 < drift < 0.05, drift
