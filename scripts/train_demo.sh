@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 5 h 40 min on 2 CPU cores; the result is WORK_DIR/y2
+#   scripts/train_demo.sh [WORK_DIR]      # about 6 h on 2 CPU cores; the result is WORK_DIR/v2
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/y2
+# Then: python -m lmstream.eval_demo --model WORK_DIR/v2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -144,3 +144,15 @@ run --out "$W/y1" --seed 95 --init-from "$W/p5" "${M4F[@]}" --lr 2e-4 --read-ext
 #     checkpoints/demo
 run --out "$W/y2" --seed 96 --init-from "$W/y1" "${M4F[@]}" --lr 2e-4 --read-extra 40 --star-attn 10 \
     --short-objects 0.7 --threads 1
+
+# --- issue 11, thirteenth session: footage that is not this generator's own (16:9, CSS shades) ---
+# V1. stage 0a only: 3,000 steps teaching Y2's frozen tower squashed frames (16:9, 4:3, portrait,
+#     larger squares) and other shades of the colour names, its native-frame features held to a
+#     frozen copy's; every LLaVA-Mini weight unchanged, 11.4 min
+run --out "$W/v1" --seed 122 --init-from "$W/y2" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --tower-adapt 3000 --log-every 250
+
+# V2. Y2's recipe, 150 steps, half the training scenes on other canvases and half in other shades,
+#     9.2 min: checkpoints/demo
+run --out "$W/v2" --seed 131 --init-from "$W/v1" "${M4F[@]}" --lr 2e-4 --read-extra 40 --star-attn 10 \
+    --short-objects 0.7 --canvas 0.5 --shades 0.5
