@@ -320,6 +320,7 @@ def _run(args) -> int:
     atexit.register(shutil.rmtree, tmp, True)          # the 60 s tier's MP4s: gone when the command ends
     base = args.seed_base
     size = parse_size(getattr(args, "size", "64x64"))
+    args.size = "x".join(map(str, size))                 # as summarize reports it
     palette = getattr(args, "palette", "default")
     from stream.synthetic import PALETTES
     if palette not in PALETTES:
@@ -428,7 +429,7 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
         "parameters": int(sum(p.numel() for p in m.net.parameters()) + sum(p.numel() for p in m.vision.parameters())),
         "device": str(m.device), "dtype": str(m.dtype).replace("torch.", ""),
         "seed_base": args.seed_base, "tiers": {t: TIERS[t] for t in tiers}, "policies": policies,
-        "size": "x".join(map(str, parse_size(getattr(args, "size", "64x64")))),
+        "size": getattr(args, "size", "64x64"),
         "palette": getattr(args, "palette", "default"),
         "needle_trials_per_long_video": trials, "quick": bool(args.quick),
         "videos": {t: sum(1 for v in videos_info if v["tier"] == t) for t in tiers},

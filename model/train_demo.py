@@ -359,6 +359,7 @@ RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "rea
           "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24, "short_objects": 0.0,
           "canvas": 0.0, "shades": 0.0}
 SHORT_FRAMES = 20     # --short-objects: "on screen briefly", as eval-demo's breakdown splits it
+PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 # --canvas: frame sizes a training scene may be drawn at instead of 64x64 (width, height; even, for
 # the codec-like chroma pass); the pipeline squashes every frame to 64x64 (nearest, aspect ratio
 # not kept, as the official video path does), so 16:9 and 4:3 footage reaches the model squeezed
@@ -385,16 +386,15 @@ def train_scene(seed: int, duration_s: float, **kw) -> S.SceneSpec:
     """`S.make_scene` for the training samplers, plus --canvas (that share of scenes drawn at a size
     from CANVASES) and --shades (that share painted with a `shaded_palette`). The draws come from
     their own generator seeded by the scene, so with both off the samplers draw exactly as before."""
-    spec = S.make_scene(seed, duration_s, **kw)
     if not (RECIPE["canvas"] or RECIPE["shades"]):
-        return spec
+        return S.make_scene(seed, duration_s, **kw)
     r = np.random.default_rng([int(seed), 0xCA75, int(duration_s)])
     if r.random() < RECIPE["canvas"]:
-        spec = S.make_scene(seed, duration_s, size=CANVASES[int(r.integers(len(CANVASES)))], **kw)
+        kw["size"] = CANVASES[int(r.integers(len(CANVASES)))]
+    spec = S.make_scene(seed, duration_s, **kw)
     if r.random() < RECIPE["shades"]:
         spec.palette = shaded_palette(r)
     return spec
-PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 
 
 def rephrase(q: QA, rng: np.random.Generator) -> str:
@@ -1181,10 +1181,9 @@ def adapt_tower(vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
             feats.append(teacher(preprocess(nat, size).to(dev)).reshape(-1, vision.width))
             labs.append(lab_n.reshape(-1))
     feats, labs = torch.cat(feats), torch.cat(labs)
-    means = torch.zeros(N_CLASSES, vision.width, device=dev)
-    seen = torch.bincount(labs, minlength=N_CLASSES) > 0
-    means.index_add_(0, labs, feats)
-    means /= torch.bincount(labs, minlength=N_CLASSES).clamp(min=1).unsqueeze(1).float()
+    counts = torch.bincount(labs, minlength=N_CLASSES)
+    means = torch.zeros(N_CLASSES, vision.width, device=dev).index_add_(0, labs, feats)
+    means /= counts.clamp(min=1).unsqueeze(1).float()
     mu, sd = feats.mean(0), feats.std(0) + 1e-6
     head = torch.nn.Linear(vision.width, N_CLASSES).to(dev)
     hopt = torch.optim.LBFGS(head.parameters(), max_iter=300)
@@ -1203,7 +1202,7 @@ def adapt_tower(vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
     opt = torch.optim.AdamW(vision.parameters(), lr=a.tower_lr, weight_decay=0.0)
     curve = []
     say(f"[train_demo] tower-adapt: teacher read-out on {len(labs)} patches {fit_acc:.3f}, "
-        f"{int(seen.sum())} classes seen")
+        f"{int((counts > 0).sum())} classes seen")
     for step in range(a.tower_adapt):
         rng = np.random.default_rng([a.seed, 0x70AE, step])
         for g in opt.param_groups:
@@ -1218,7 +1217,8 @@ def adapt_tower(vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
         keep = F.mse_loss(f[:B], target) + F.mse_loss(f[B:2 * B], target)
         fc = f[2 * B:].reshape(-1, vision.width)
         lc = lab_c.reshape(-1)
-        ce = F.cross_entropy(head((fc - mu) / sd), lc)
+        logits = head((fc - mu) / sd)
+        ce = F.cross_entropy(logits, lc)
         near = F.mse_loss(fc, means[lc])
         loss = keep + ce + near
         opt.zero_grad()
@@ -1227,13 +1227,15 @@ def adapt_tower(vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
         opt.step()
         if step % a.log_every == 0 or step == a.tower_adapt - 1:
             with torch.no_grad():
-                acc_c = float((head((fc - mu) / sd).argmax(1) == lc)[lc > 0].float().mean())
-                acc_s = float((head((f[B:2 * B].reshape(-1, vision.width) - mu) / sd).argmax(1)
-                               == lab_n.reshape(-1))[lab_n.reshape(-1) > 0].float().mean())
-            curve.append({"step": step, "keep": float(keep.detach()), "ce": float(ce.detach()), "near": float(near.detach()),
-                          "canvas_object_patch_acc": acc_c, "shaded_object_patch_acc": acc_s})
-            say(f"[train_demo] tower {step:5d}/{a.tower_adapt} keep {float(keep.detach()):.4f} ce {float(ce.detach()):.3f} "
-                f"near {float(near.detach()):.4f} | object patches read right: canvas {acc_c:.2f} shaded {acc_s:.2f} "
+                acc_c = float((logits.argmax(1) == lc)[lc > 0].float().mean())
+                ln = lab_n.reshape(-1)
+                acc_s = float((head((f[B:2 * B].reshape(-1, vision.width) - mu) / sd).argmax(1) == ln)[ln > 0]
+                              .float().mean())
+            row = {"step": step, "keep": float(keep.detach()), "ce": float(ce.detach()),
+                   "near": float(near.detach()), "canvas_object_patch_acc": acc_c, "shaded_object_patch_acc": acc_s}
+            curve.append(row)
+            say(f"[train_demo] tower {step:5d}/{a.tower_adapt} keep {row['keep']:.4f} ce {row['ce']:.3f} "
+                f"near {row['near']:.4f} | object patches read right: canvas {acc_c:.2f} shaded {acc_s:.2f} "
                 f"{(time.perf_counter() - t_start) / 60:5.1f} min")
     log["tower_adapt"] = {"teacher_readout_acc": fit_acc, "curve": curve}
     vision.eval()
@@ -2120,8 +2122,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read,
-                  read_order_hard=a.read_order_hard, short_objects=a.short_objects, canvas=a.canvas, shades=a.shades,
-                  paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys, long_anchors=a.long_anchors)
+                  read_order_hard=a.read_order_hard, short_objects=a.short_objects, canvas=a.canvas,
+                  shades=a.shades, paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys,
+                  long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if a.device == "auto" else a.device))
