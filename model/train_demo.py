@@ -115,6 +115,12 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            0.02), and with --cand-set the LLM learns to name one of the two objects asked about
            (eleventh session: 71 of 71; order 75 % after 550 steps), but shape, count and the
            needle lost ground (not in the committed chain: see docs/demo.md).
+  stage 0k --keep-steps N: the pre-fusion layers learn to keep the colour words of order questions
+           in their fused rows (each becomes a frozen copy's row plus --keep-gain times its norm
+           along the word's embedding), while every other row of every question, the frame tokens
+           and the fused prefix stay the frozen copy's (--keep-hold: the weight on the other
+           questions' colour-word rows); then --llm-only steps with --cand-set teach the LLM to
+           copy the colour of the object it picks (fourteenth session: see docs/demo.md).
   --llm-only: the instruct steps train only the LLM's layers, final norm and output head; the
            frame tokens and fused question rows stay what the earlier runs made them.
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
@@ -1372,6 +1378,21 @@ def frame_items(spec: S.SceneSpec, t: float) -> list[tuple[str, str]]:
 FUSION_SCENE_FRAMES = 4     # stage 0c draws this many frames of each scene (--fusion-count's groups)
 
 
+def scene_frames(rng: np.random.Generator, n: int, ask) -> tuple[np.ndarray, list, list]:
+    """Stages 0c and 0k: `n` frames of training scenes, `FUSION_SCENE_FRAMES` moments of each
+    (a needle-visible moment 30 % of the time), each asked `ask(spec, t, rng)`: the frames (n, S,
+    S, 3), what `ask` returned per frame, and (spec, t) per frame."""
+    frames, asked, seen = [], [], []
+    while len(frames) < n:
+        spec = random_scene(rng)
+        for _ in range(FUSION_SCENE_FRAMES):
+            t = random_time(spec, rng, 0.3)
+            frames.append(render_square(spec, t))
+            asked.append(ask(spec, t, rng))
+            seen.append((spec, t))
+    return np.stack(frames[:n]), asked[:n], seen[:n]
+
+
 def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     """Stage 0c (--fusion-steps): the pre-fusion layers learn, on single frames, to answer in the
     question's referent row what that frame shows about a colour, shape or "is there" question
@@ -1392,15 +1413,7 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     curve, hist = [], []
     for step in range(a.fusion_steps):
         rng = np.random.default_rng([a.seed, 0xF05E, step])
-        frames, qs, seen = [], [], []
-        while len(frames) < a.fusion_batch:
-            spec = random_scene(rng)
-            for _ in range(FUSION_SCENE_FRAMES):
-                t = random_time(spec, rng, 0.3)
-                frames.append(render_square(spec, t))
-                qs.append(frame_questions(spec, t, rng))
-                seen.append((spec, t))
-        frames, qs, seen = np.stack(frames[:a.fusion_batch]), qs[:a.fusion_batch], seen[:a.fusion_batch]
+        frames, qs, seen = scene_frames(rng, a.fusion_batch, frame_questions)
         if rng.random() < 0.5:
             frames = codec_like(frames, rng)
         for g in opt.param_groups:
@@ -1459,6 +1472,119 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                 f"null {r[4]:.3f}" + (f" count set: frame {r[5]:.2f} clip {r[6]:.2f}" if a.fusion_count else "")
                 + f" {el / 60:5.1f} min")
     log["fusion_curve"] = curve
+
+
+def hold_questions(spec: S.SceneSpec, t: float, rng: np.random.Generator) -> tuple[list[str], list[str]]:
+    """Stage 0k's questions about one frame: (every kind the evaluation and training ask, whose
+    fused rows are held; two order questions, whose colour-word rows learn to keep their word).
+    Held: `frame_questions`' four, the count question (a paraphrase a quarter of the time), a
+    colour, shape or "is there" paraphrase; the order pairs are the scene's objects half the time,
+    else any two (kind, colour) pairs."""
+    held = [q for q, _ in frame_questions(spec, t, rng)]
+    held.append(S._T_COUNT if rng.random() < 0.75 else
+                PARAPHRASES["count"][int(rng.integers(len(PARAPHRASES["count"])))])
+    fam = ("colour", "shape", "exists")[int(rng.integers(3))]
+    k, c = S.KINDS[int(rng.integers(len(S.KINDS)))], S.COLOUR_NAMES[int(rng.integers(len(S.COLOUR_NAMES)))]
+    tmpl = PARAPHRASES[fam][int(rng.integers(len(PARAPHRASES[fam])))]
+    held.append(tmpl.format(kind=k, colour=c, article=S._article(c)))
+    mine = [(o.kind, o.colour) for o in spec.objects]
+    every = [(k, c) for k in S.KINDS for c in S.COLOUR_NAMES]
+    order = []
+    for _ in range(2):
+        pool = mine if len(mine) >= 2 and rng.random() < 0.5 else every
+        i, j = rng.choice(len(pool), size=2, replace=False)
+        order.append(S._T_ORDER.format(a=_name(*pool[int(i)]), b=_name(*pool[int(j)])))
+    return held, order
+
+
+def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
+    """Stage 0k (--keep-steps N): the pre-fusion layers learn to keep the colour words of order
+    questions ("which appeared first, the red circle or the blue square?") in their fused rows,
+    and nothing else moves. The tenth session found those rows hold their word only as a small
+    direction (cosine +0.02 with its embedding), so the LLM cannot copy the colour of the object
+    it picks and names the video's first object instead; scaling the words' embeddings
+    (--word-scale) made it copy, but moved every row with a colour word (shape, "is there", the
+    needle) and the LLM lost those. Here a frozen copy of the pre-fusion layers is the teacher:
+    on frames of training scenes, each order question's colour-word rows must become the
+    teacher's row plus the word's unit embedding times --keep-gain times the batch's mean norm of
+    those rows (--keep-scale row: each row's own norm), while every other row of
+    every question (`hold_questions`), the frame tokens and the fused prompt prefix must stay
+    the teacher's (relative squared error; the colour-word rows of the other questions, few among
+    many rows, as a term of their own weighted --keep-hold: without it the layers added the word
+    to every colour word's row). Only the pre-fusion layers train; the LLM then has
+    to learn the copy (--llm-only steps with --cand-set)."""
+    import copy
+    net = trainer.net
+    teacher = Trainer(copy.deepcopy(net).eval().requires_grad_(False), trainer.vision, trainer.cfg,
+                      trainer.tok, dev)
+    net.model.prefusion_layers.requires_grad_(True)
+    params = list(net.model.prefusion_layers.parameters())
+    opt = torch.optim.AdamW(params, lr=a.keep_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    colour_ids = {trainer.tok.convert_tokens_to_ids(w) for w in S.COLOUR_NAMES}
+    emb = net.model.embed_tokens.weight.detach()
+    curve, hist = [], []
+
+    def rel(x, t):
+        return ((x.float() - t.float()) ** 2).sum(-1) / (t.float() ** 2).sum(-1).clamp_min(1e-6)
+
+    for step in range(a.keep_steps):
+        rng = np.random.default_rng([a.seed, 0x4EE9, step])
+        frames, asked, _ = scene_frames(rng, a.keep_batch, hold_questions)
+        held, order = [h for h, _ in asked], [o for _, o in asked]
+        if rng.random() < 0.5:
+            frames = codec_like(frames, rng)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.keep_steps, a.keep_lr, 20)
+        px = preprocess(frames, a.image_size).to(dev)
+        qs = [h + o for h, o in zip(held, order)]
+        fi = torch.tensor([f for f, q in enumerate(qs) for _ in q], device=dev)
+        texts = [x for q in qs for x in q]
+        rows = [trainer.question_rows(q) for q in texts]
+        with torch.no_grad():
+            t_tok, t_ks, t_vs, t_po = teacher.encode(px)
+            t_x = teacher.fuse_rows(rows, [k[fi] for k in t_ks], [v[fi] for v in t_vs])
+        tok, ks, vs, po = trainer.encode(px)
+        x = trainer.fuse_rows(rows, [k[fi] for k in ks], [v[fi] for v in vs])
+        # per (question, row): 2 where a colour word of an order question, 3 a colour word of any
+        # other question (the rows a shortcut, "add the word to every colour word", would move),
+        # 1 any other row, 0 padding
+        kind = torch.zeros(x.shape[:2], dtype=torch.long)
+        ids = torch.zeros(x.shape[:2], dtype=torch.long)
+        for b, (q, r) in enumerate(zip(texts, rows)):
+            c = 2 if q.startswith("which appeared first") else 3
+            kind[b, :len(r)] = torch.tensor([c if i in colour_ids else 1 for i in r])
+            ids[b, :len(r)] = torch.tensor(r)
+        kind, ids = kind.to(dev), ids.to(dev)
+        e = F.normalize(emb[ids].float(), dim=-1)
+        norm = t_x.float().norm(dim=-1, keepdim=True)
+        if a.keep_scale == "batch":     # one length for every row: the batch's mean norm of those rows
+            norm = norm[kind == 2].mean().expand_as(norm)
+        target = t_x.float() + a.keep_gain * norm * e
+        hold = rel(x[kind == 1], t_x[kind == 1]).mean()
+        hold_c = rel(x[kind == 3], t_x[kind == 3]).mean()
+        frame = rel(tok, t_tok).mean() + rel(po, t_po).mean()
+        copy_ = rel(x[kind == 2], target[kind == 2]).mean()
+        loss = hold + a.keep_hold * hold_c + frame + copy_
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            cw = F.cosine_similarity(x[kind == 2].float(), e[kind == 2], dim=-1).mean()
+            cw_t = F.cosine_similarity(t_x[kind == 2].float(), e[kind == 2], dim=-1).mean()
+            hist.append((float(hold), float(frame), float(copy_), float(cw), float(cw_t), float(hold_c)))
+        if step % a.log_every == 0 or step == a.keep_steps - 1:
+            r = np.mean(hist[-20:], 0)
+            el = time.perf_counter() - t_start
+            curve.append({"step": step, "hold_rel": float(f"{r[0]:.4g}"), "hold_colour_rel": float(f"{r[5]:.4g}"),
+                          "frame_rel": float(f"{r[1]:.4g}"),
+                          "copy_rel": float(f"{r[2]:.4g}"), "order_colour_cos": round(float(r[3]), 3),
+                          "teacher_cos": round(float(r[4]), 3), "elapsed_s": round(el, 1)})
+            say(f"[train_demo] keep {step:5d}/{a.keep_steps} held rows rel err {r[0]:.4f} (colour words of other "
+                f"questions {r[5]:.4f}) frame tokens+prefix "
+                f"{r[1]:.4f} order colour rows: rel err {r[2]:.3f}, cosine with the word {r[3]:+.2f} "
+                f"(teacher {r[4]:+.2f}) {el / 60:5.1f} min")
+    log["keep_curve"] = curve
 
 
 COUNT_ROWS = 4      # --fusion-count reads the question's last rows (the shortest phrasing has 5)
@@ -2040,6 +2166,21 @@ def parse_args(argv):
                     help="save an exponential moving average of the weights with this decay (0: the weights)")
     ap.add_argument("--save-every", type=int, default=0,
                     help="also save the checkpoint (and the log so far) every N steps")
+    ap.add_argument("--keep-steps", type=int, default=0,
+                    help="stage 0k: steps teaching the pre-fusion layers to keep the colour words of order "
+                         "questions in their fused rows, every other row held to a frozen copy's (0: off)")
+    ap.add_argument("--keep-gain", type=float, default=1.0,
+                    help="stage 0k: the word's unit embedding added to those rows, times this and a norm "
+                         "(--keep-scale)")
+    ap.add_argument("--keep-hold", type=float, default=4.0,
+                    help="stage 0k: weight of holding the colour-word rows of the other questions (shape, "
+                         "'is there', the needle: the rows a shortcut would move)")
+    ap.add_argument("--keep-scale", choices=("batch", "row"), default="batch",
+                    help="stage 0k: the added word's length is --keep-gain times the batch's mean norm of the "
+                         "order colour-word rows (batch), or of each row's own (row: rows of a colour on "
+                         "screen are 5-20 times longer, and then were left as they were)")
+    ap.add_argument("--keep-batch", type=int, default=48, help="stage 0k: frames a step (8 questions each)")
+    ap.add_argument("--keep-lr", type=float, default=3e-4, help="stage 0k: peak learning rate")
     ap.add_argument("--fusion-steps", type=int, default=0,
                     help="stage 0c: steps of per-frame question-fusion training (pre-fusion layers and "
                          "embeddings; 0: none)")
@@ -2180,6 +2321,10 @@ def main(argv=None) -> int:
         vision.eval()
     if a.fusion_steps:
         isolated(net, pretrain_fusion, trainer, a, dev, log, t_start)
+        params = [p for p in params if p.requires_grad]
+        opt = adamw(params, a.lr)
+    if a.keep_steps:
+        isolated(net, keep_words, trainer, a, dev, log, t_start)
         params = [p for p in params if p.requires_grad]
         opt = adamw(params, a.lr)
     if a.read_steps:

@@ -851,6 +851,58 @@ def test_canvas_and_shades_vary_training_scenes_and_draw_nothing_when_off():
         assert {colours[v] for v in block if v in colours} >= {name}
 
 
+def _stage_from_demo(out: Path, *args: str) -> None:
+    """`train_demo` from the committed checkpoint, one stage and no instruct steps, on 1 thread;
+    torch's global settings that `main` sets are given back."""
+    from model import train_demo as T
+    threads = torch.get_num_threads()
+    try:
+        assert T.main(["--out", str(out), "--init-from", str(CKPT), "--vision-steps", "0", "--paraphrase", "0.1",
+                       "--steps", "0", "--threads", "1", "--log-every", "1", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(False)
+        torch.set_flush_denormal(False)
+
+
+def test_keep_words_turns_the_order_colour_rows_and_holds_the_rest(tmp_path):
+    """Stage 0k (--keep-steps) from the demo checkpoint, a short run: only the pre-fusion layers
+    train; on its training batches the order questions' colour-word rows turn towards their word's
+    embedding (the teacher's cosine stays about 0); on held-out frames the frame tokens, the fused
+    prefix and every row of a shape question but its colour word's stay the teacher's. (That the
+    other questions' colour-word rows stay too takes the full run: docs/demo.md, fourteenth
+    session, K1c: 500 steps of 48 frames.)"""
+    from model import LlavaMini
+    from model import train_demo as T
+    from stream import synthetic as S
+    from safetensors.torch import load_file
+    plain, kept = CKPT, tmp_path / "keep"
+    _stage_from_demo(kept, "--seed", "5", "--keep-steps", "100", "--keep-batch", "16", "--keep-lr", "1.5e-3")
+    curve = json.loads((kept / "training_log.json").read_text())["keep_curve"]
+    assert [c["step"] for c in curve] == list(range(100))
+    first, last = curve[0], curve[-1]
+    assert last["order_colour_cos"] > first["order_colour_cos"] + 0.1, (first, last)
+    assert abs(last["teacher_cos"]) < 0.1 and last["hold_rel"] < 0.02 and last["frame_rel"] < 0.02, last
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(kept / "model.safetensors"))
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.startswith("model.prefusion_layers.") for k in moved), sorted(moved)[:5]
+    spec = S.make_scene(10 ** 9 + 7, 30, needle=False, n_objects=3)
+    px = T.preprocess(np.stack([S.render_frame(spec, float(t)) for t in (4, 12, 20)]), 64)
+    outs = []
+    for m in (LlavaMini.from_pretrained(plain), LlavaMini.from_pretrained(kept)):
+        tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+        with torch.no_grad():
+            tok, ks, vs, po = tr.encode(px)
+            r = tr.question_rows("what shape is the red object?")
+            x = tr.fuse_rows([r] * 3, ks, vs)
+        keep = [i for i, t in enumerate(r) if t != m.tokenizer.convert_tokens_to_ids("red")]
+        outs.append((tok, po, x[:, keep]))
+    rel = lambda u, v: float((u - v).pow(2).sum() / v.pow(2).sum())     # noqa: E731
+    (tok0, po0, x0), (tok1, po1, x1) = outs
+    assert rel(tok1, tok0) < 0.01 and rel(po1, po0) < 0.01 and rel(x1, x0) < 0.01, \
+        (rel(tok1, tok0), rel(po1, po0), rel(x1, x0))
+
+
 def test_tower_adapt_moves_the_tower_alone_and_holds_its_native_features(tmp_path):
     """Stage 0a (--tower-adapt) from the demo checkpoint: only the vision tower trains (every
     LLaVA-Mini weight stays as it was), its curve is logged, and its features on native frames stay
@@ -860,16 +912,8 @@ def test_tower_adapt_moves_the_tower_alone_and_holds_its_native_features(tmp_pat
     from model import train_demo as T
     from stream import synthetic as S
     from safetensors.torch import load_file
-    threads = torch.get_num_threads()
     plain, ad = CKPT, tmp_path / "adapt"
-    try:
-        assert T.main(["--out", str(ad), "--seed", "4", "--init-from", str(plain), "--vision-steps", "0",
-                       "--paraphrase", "0.1", "--steps", "0", "--tower-adapt", "40", "--tower-batch", "8",
-                       "--tower-lr", "1e-3", "--threads", "1", "--log-every", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(False)
-        torch.set_flush_denormal(False)
+    _stage_from_demo(ad, "--seed", "4", "--tower-adapt", "40", "--tower-batch", "8", "--tower-lr", "1e-3")
     log = json.loads((ad / "training_log.json").read_text())["tower_adapt"]
     assert [c["step"] for c in log["curve"]] == list(range(40)) and log["teacher_readout_acc"] > 0.9
     a, b = load_file(str(plain / "model.safetensors")), load_file(str(ad / "model.safetensors"))
