@@ -120,7 +120,9 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            along the word's embedding), while every other row of every question, the frame tokens
            and the fused prefix stay the frozen copy's (--keep-hold: the weight on the other
            questions' colour-word rows); then --llm-only steps with --cand-set teach the LLM to
-           copy the colour of the object it picks (fourteenth session: see docs/demo.md).
+           copy the colour of the object it picks (fourteenth session: see docs/demo.md);
+           --keep-count W: the count question's last rows are not held but get --fusion-count's
+           read-out (with --keep-gain 0 they are the only rows that move).
   --llm-only: the instruct steps train only the LLM's layers, final norm and output head; the
            frame tokens and fused question rows stay what the earlier runs made them.
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
@@ -1519,9 +1521,13 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
                       trainer.tok, dev)
     net.model.prefusion_layers.requires_grad_(True)
     params = list(net.model.prefusion_layers.parameters())
-    opt = torch.optim.AdamW(params, lr=a.keep_lr, betas=(0.9, 0.98), weight_decay=0.0)
     colour_ids = {trainer.tok.convert_tokens_to_ids(w) for w in S.COLOUR_NAMES}
     emb = net.model.embed_tokens.weight.detach()
+    count_head = None
+    if a.keep_count:        # made only when asked: its initialisation draws from torch's generator
+        count_head = torch.nn.Linear(COUNT_ROWS * trainer.cfg.hidden_size, N_PAIRS).to(dev)
+        params += list(count_head.parameters())
+    opt = torch.optim.AdamW(params, lr=a.keep_lr, betas=(0.9, 0.98), weight_decay=0.0)
     curve, hist = [], []
 
     def rel(x, t):
@@ -1529,7 +1535,7 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
 
     for step in range(a.keep_steps):
         rng = np.random.default_rng([a.seed, 0x4EE9, step])
-        frames, asked, _ = scene_frames(rng, a.keep_batch, hold_questions)
+        frames, asked, seen = scene_frames(rng, a.keep_batch, hold_questions)
         held, order = [h for h, _ in asked], [o for _, o in asked]
         if rng.random() < 0.5:
             frames = codec_like(frames, rng)
@@ -1554,6 +1560,8 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
             c = 2 if q.startswith("which appeared first") else 3
             kind[b, :len(r)] = torch.tensor([c if i in colour_ids else 1 for i in r])
             ids[b, :len(r)] = torch.tensor(r)
+            if count_head is not None and q in COUNT_TEXTS:
+                kind[b, len(r) - COUNT_ROWS:len(r)] = 0        # --keep-count: these rows are free
         kind, ids = kind.to(dev), ids.to(dev)
         e = F.normalize(emb[ids].float(), dim=-1)
         norm = t_x.float().norm(dim=-1, keepdim=True)
@@ -1565,6 +1573,11 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
         frame = rel(tok, t_tok).mean() + rel(po, t_po).mean()
         copy_ = rel(x[kind == 2], target[kind == 2]).mean()
         loss = hold + a.keep_hold * hold_c + frame + copy_
+        cstats = (0.0, 0.0)
+        if count_head is not None:
+            closs, cstats = count_fusion_loss(trainer, count_head, ks, vs, seen,
+                                              np.random.default_rng([a.seed, 0xC0C8, step]))
+            loss = loss + a.keep_count * closs
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -1572,7 +1585,7 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
         with torch.no_grad():
             cw = F.cosine_similarity(x[kind == 2].float(), e[kind == 2], dim=-1).mean()
             cw_t = F.cosine_similarity(t_x[kind == 2].float(), e[kind == 2], dim=-1).mean()
-            hist.append((float(hold), float(frame), float(copy_), float(cw), float(cw_t), float(hold_c)))
+            hist.append((float(hold), float(frame), float(copy_), float(cw), float(cw_t), float(hold_c)) + cstats)
         if step % a.log_every == 0 or step == a.keep_steps - 1:
             r = np.mean(hist[-20:], 0)
             el = time.perf_counter() - t_start
@@ -1580,14 +1593,18 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
                           "frame_rel": float(f"{r[1]:.4g}"),
                           "copy_rel": float(f"{r[2]:.4g}"), "order_colour_cos": round(float(r[3]), 3),
                           "teacher_cos": round(float(r[4]), 3), "elapsed_s": round(el, 1)})
+            if count_head is not None:
+                curve[-1].update(count_frame_exact=round(float(r[6]), 3), count_clip_exact=round(float(r[7]), 3))
             say(f"[train_demo] keep {step:5d}/{a.keep_steps} held rows rel err {r[0]:.4f} (colour words of other "
                 f"questions {r[5]:.4f}) frame tokens+prefix "
                 f"{r[1]:.4f} order colour rows: rel err {r[2]:.3f}, cosine with the word {r[3]:+.2f} "
-                f"(teacher {r[4]:+.2f}) {el / 60:5.1f} min")
+                f"(teacher {r[4]:+.2f})" + (f" count set: frame {r[6]:.2f} clip {r[7]:.2f}" if count_head is not None
+                                           else "") + f" {el / 60:5.1f} min")
     log["keep_curve"] = curve
 
 
 COUNT_ROWS = 4      # --fusion-count reads the question's last rows (the shortest phrasing has 5)
+COUNT_TEXTS = frozenset([S._T_COUNT, *PARAPHRASES["count"]])    # --keep-count frees their last rows
 
 
 def count_fusion_loss(trainer: "Trainer", head: torch.nn.Linear, ks, vs, seen: list, rng: np.random.Generator):
@@ -2179,6 +2196,9 @@ def parse_args(argv):
                     help="stage 0k: the added word's length is --keep-gain times the batch's mean norm of the "
                          "order colour-word rows (batch), or of each row's own (row: rows of a colour on "
                          "screen are 5-20 times longer, and then were left as they were)")
+    ap.add_argument("--keep-count", type=float, default=0.0,
+                    help="stage 0k: weight of --fusion-count's read-out on the count question's last rows, "
+                         "which are then not held (0: off; with --keep-gain 0 nothing but those rows moves)")
     ap.add_argument("--keep-batch", type=int, default=48, help="stage 0k: frames a step (8 questions each)")
     ap.add_argument("--keep-lr", type=float, default=3e-4, help="stage 0k: peak learning rate")
     ap.add_argument("--fusion-steps", type=int, default=0,

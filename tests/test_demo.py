@@ -903,6 +903,23 @@ def test_keep_words_turns_the_order_colour_rows_and_holds_the_rest(tmp_path):
         (rel(tok1, tok0), rel(po1, po0), rel(x1, x0))
 
 
+def test_keep_count_frees_the_count_rows_and_logs_its_read_out(tmp_path):
+    """Stage 0k with --keep-count and --keep-gain 0 (a few steps): the count question's last rows
+    get --fusion-count's read-out instead of the hold, its exact-set figures are logged, only the
+    pre-fusion layers move, and the order rows are held like the rest (no word added)."""
+    from safetensors.torch import load_file
+    out = tmp_path / "count"
+    _stage_from_demo(out, "--seed", "6", "--keep-steps", "3", "--keep-batch", "8", "--keep-gain", "0",
+                     "--keep-count", "0.3")
+    curve = json.loads((out / "training_log.json").read_text())["keep_curve"]
+    assert [c["step"] for c in curve] == [0, 1, 2]
+    assert all(0 <= c["count_frame_exact"] <= 1 and 0 <= c["count_clip_exact"] <= 1 for c in curve)
+    assert all(abs(c["order_colour_cos"] - c["teacher_cos"]) < 0.05 for c in curve)
+    a, b = load_file(str(CKPT / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    assert moved and all(k.startswith("model.prefusion_layers.") for k in moved)
+
+
 def test_tower_adapt_moves_the_tower_alone_and_holds_its_native_features(tmp_path):
     """Stage 0a (--tower-adapt) from the demo checkpoint: only the vision tower trains (every
     LLaVA-Mini weight stays as it was), its curve is logged, and its features on native frames stay
