@@ -1514,7 +1514,9 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     the teacher's (relative squared error; the colour-word rows of the other questions, few among
     many rows, as a term of their own weighted --keep-hold: without it the layers added the word
     to every colour word's row). Only the pre-fusion layers train; the LLM then has
-    to learn the copy (--llm-only steps with --cand-set)."""
+    to learn the copy (--llm-only steps with --cand-set). --keep-count W frees the count
+    question's last `COUNT_ROWS` rows from the hold and gives them --fusion-count's read-out
+    (`count_fusion_loss`, weight W); with --keep-gain 0 they are then the only rows meant to move."""
     import copy
     net = trainer.net
     teacher = Trainer(copy.deepcopy(net).eval().requires_grad_(False), trainer.vision, trainer.cfg,
