@@ -138,6 +138,7 @@ for a seed on one device and thread count (`torch.use_deterministic_algorithms`)
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -665,11 +666,13 @@ class Trainer:
         return self.tok.convert_tokens_to_ids(words) + [self.eot]
 
     # -- ingest ----------------------------------------------------------------------------------
-    def encode(self, px: torch.Tensor):
-        """pixels (B,3,S,S) -> tokens (B,nq,H), keys/values per layer (B,nkv,C,D), prefix_out (B,P,H)."""
+    def encode(self, px: torch.Tensor, V: torch.Tensor | None = None):
+        """pixels (B,3,S,S) -> tokens (B,nq,H), keys/values per layer (B,nkv,C,D), prefix_out (B,P,H).
+        `V`: the tower's patch features of `px`, when the caller already has them."""
         m = self.net.model
         B = px.shape[0]
-        V = self.vision(px)
+        if V is None:
+            V = self.vision(px)
         c = m.compressor.forward_mha(V)
         pv, pc = m.mm_projector(V), m.mm_projector(c)
         n_vis = pv.shape[1] + pc.shape[1]
@@ -1157,7 +1160,6 @@ def adapt_tower(vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
     of the squashed frame must be read as the right patch class by a linear read-out fitted on the
     teacher's features and kept fixed (cross-entropy), and lie near the teacher's mean feature of
     that class (mean squared error). Only the tower trains."""
-    import copy
     teacher = copy.deepcopy(vision).eval().requires_grad_(False)
     vision.train().requires_grad_(True)
     B, patch, size = a.tower_batch, a.patch, a.image_size
@@ -1228,11 +1230,7 @@ def adapt_tower(vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
         logits = head((fc - mu) / sd)
         ce = F.cross_entropy(logits, lc)
         near = F.mse_loss(fc, means[lc])
-        loss = keep + ce + near
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision.parameters(), 1.0)
-        opt.step()
+        clipped_step(opt, list(vision.parameters()), keep + ce + near)
         if step % a.log_every == 0 or step == a.tower_adapt - 1:
             with torch.no_grad():
                 acc_c = float((logits.argmax(1) == lc)[lc > 0].float().mean())
@@ -1406,10 +1404,7 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     for mod in mods:
         mod.requires_grad_(True)
     params = [p for mod in mods for p in mod.parameters()] + list(head.parameters())
-    count_head = None
-    if a.fusion_count:      # made only when asked: its initialisation draws from torch's generator
-        count_head = torch.nn.Linear(COUNT_ROWS * trainer.cfg.hidden_size, N_PAIRS).to(dev)
-        params += list(count_head.parameters())
+    count_head = make_count_head(trainer, params) if a.fusion_count else None
     opt = torch.optim.AdamW(params, lr=a.fusion_lr, betas=(0.9, 0.98), weight_decay=0.01)
     yes = LOCAL_CLASSES.index("yes")
     curve, hist = [], []
@@ -1449,10 +1444,7 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             closs, cstats = count_fusion_loss(trainer, count_head, ks, vs, seen,
                                               np.random.default_rng([a.seed, 0xC0C7, step]))
             loss = loss + a.fusion_count * closs
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, params, loss)
         with torch.no_grad():
             ok = (logits.argmax(-1) == tgt)
             exist = torch.tensor([q.startswith("is there") for q, _ in flat], device=dev)
@@ -1517,7 +1509,6 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     to learn the copy (--llm-only steps with --cand-set). --keep-count W frees the count
     question's last `COUNT_ROWS` rows from the hold and gives them --fusion-count's read-out
     (`count_fusion_loss`, weight W); with --keep-gain 0 they are then the only rows meant to move."""
-    import copy
     net = trainer.net
     teacher = Trainer(copy.deepcopy(net).eval().requires_grad_(False), trainer.vision, trainer.cfg,
                       trainer.tok, dev)
@@ -1525,10 +1516,7 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     params = list(net.model.prefusion_layers.parameters())
     colour_ids = {trainer.tok.convert_tokens_to_ids(w) for w in S.COLOUR_NAMES}
     emb = net.model.embed_tokens.weight.detach()
-    count_head = None
-    if a.keep_count:        # made only when asked: its initialisation draws from torch's generator
-        count_head = torch.nn.Linear(COUNT_ROWS * trainer.cfg.hidden_size, N_PAIRS).to(dev)
-        params += list(count_head.parameters())
+    count_head = make_count_head(trainer, params) if a.keep_count else None
     opt = torch.optim.AdamW(params, lr=a.keep_lr, betas=(0.9, 0.98), weight_decay=0.0)
     curve, hist = [], []
 
@@ -1538,20 +1526,20 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     for step in range(a.keep_steps):
         rng = np.random.default_rng([a.seed, 0x4EE9, step])
         frames, asked, seen = scene_frames(rng, a.keep_batch, hold_questions)
-        held, order = [h for h, _ in asked], [o for _, o in asked]
         if rng.random() < 0.5:
             frames = codec_like(frames, rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.keep_steps, a.keep_lr, 20)
         px = preprocess(frames, a.image_size).to(dev)
-        qs = [h + o for h, o in zip(held, order)]
+        qs = [held + order for held, order in asked]
         fi = torch.tensor([f for f, q in enumerate(qs) for _ in q], device=dev)
         texts = [x for q in qs for x in q]
         rows = [trainer.question_rows(q) for q in texts]
         with torch.no_grad():
-            t_tok, t_ks, t_vs, t_po = teacher.encode(px)
+            V = trainer.vision(px)          # the frozen tower both share: run once
+            t_tok, t_ks, t_vs, t_po = teacher.encode(px, V)
             t_x = teacher.fuse_rows(rows, [k[fi] for k in t_ks], [v[fi] for v in t_vs])
-        tok, ks, vs, po = trainer.encode(px)
+        tok, ks, vs, po = trainer.encode(px, V)
         x = trainer.fuse_rows(rows, [k[fi] for k in ks], [v[fi] for v in vs])
         # per (question, row): 2 where a colour word of an order question, 3 a colour word of any
         # other question (the rows a shortcut, "add the word to every colour word", would move),
@@ -1580,10 +1568,7 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
             closs, cstats = count_fusion_loss(trainer, count_head, ks, vs, seen,
                                               np.random.default_rng([a.seed, 0xC0C8, step]))
             loss = loss + a.keep_count * closs
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        clipped_step(opt, params, loss)
         with torch.no_grad():
             cw = F.cosine_similarity(x[kind == 2].float(), e[kind == 2], dim=-1).mean()
             cw_t = F.cosine_similarity(t_x[kind == 2].float(), e[kind == 2], dim=-1).mean()
@@ -1607,6 +1592,15 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
 
 COUNT_ROWS = 4      # --fusion-count reads the question's last rows (the shortest phrasing has 5)
 COUNT_TEXTS = frozenset([S._T_COUNT, *PARAPHRASES["count"]])    # --keep-count frees their last rows
+
+
+def make_count_head(trainer: "Trainer", params: list) -> torch.nn.Linear:
+    """--fusion-count's and --keep-count's training-only read-out (`count_fusion_loss`), its
+    parameters appended to `params`. Made only when asked: its initialisation draws from torch's
+    generator."""
+    head = torch.nn.Linear(COUNT_ROWS * trainer.cfg.hidden_size, N_PAIRS).to(trainer.device)
+    params += list(head.parameters())
+    return head
 
 
 def count_fusion_loss(trainer: "Trainer", head: torch.nn.Linear, ks, vs, seen: list, rng: np.random.Generator):
@@ -1682,7 +1676,7 @@ def llm_alone_optimiser(net: LlavaMiniNet, lr: float) -> tuple[list, torch.optim
 
 
 def clipped_step(opt: torch.optim.Optimizer, params: list, loss: torch.Tensor) -> None:
-    """One optimiser step on `loss`, gradients clipped to norm 1 (stages 0r and 0n)."""
+    """One optimiser step on `loss`, gradients clipped to norm 1 (stages 0a, 0c, 0k, 0r and 0n)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)

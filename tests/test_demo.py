@@ -865,6 +865,14 @@ def _stage_from_demo(out: Path, *args: str) -> None:
         torch.set_flush_denormal(False)
 
 
+def _changed(out: Path, weights: str = "model.safetensors") -> set[str]:
+    """The tensors of `weights` that `out` holds differently from the committed checkpoint."""
+    from safetensors.torch import load_file
+    a, b = load_file(str(CKPT / weights)), load_file(str(out / weights))
+    assert a.keys() == b.keys()
+    return {k for k in a if not torch.equal(a[k], b[k])}
+
+
 def test_keep_words_turns_the_order_colour_rows_and_holds_the_rest(tmp_path):
     """Stage 0k (--keep-steps) from the demo checkpoint, a short run: only the pre-fusion layers
     train; on its training batches the order questions' colour-word rows turn towards their word's
@@ -875,7 +883,6 @@ def test_keep_words_turns_the_order_colour_rows_and_holds_the_rest(tmp_path):
     from model import LlavaMini
     from model import train_demo as T
     from stream import synthetic as S
-    from safetensors.torch import load_file
     plain, kept = CKPT, tmp_path / "keep"
     _stage_from_demo(kept, "--seed", "5", "--keep-steps", "100", "--keep-batch", "16", "--keep-lr", "1.5e-3")
     curve = json.loads((kept / "training_log.json").read_text())["keep_curve"]
@@ -883,8 +890,7 @@ def test_keep_words_turns_the_order_colour_rows_and_holds_the_rest(tmp_path):
     first, last = curve[0], curve[-1]
     assert last["order_colour_cos"] > first["order_colour_cos"] + 0.1, (first, last)
     assert abs(last["teacher_cos"]) < 0.1 and last["hold_rel"] < 0.02 and last["frame_rel"] < 0.02, last
-    a, b = load_file(str(plain / "model.safetensors")), load_file(str(kept / "model.safetensors"))
-    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    moved = _changed(kept)
     assert moved and all(k.startswith("model.prefusion_layers.") for k in moved), sorted(moved)[:5]
     spec = S.make_scene(10 ** 9 + 7, 30, needle=False, n_objects=3)
     px = T.preprocess(np.stack([S.render_frame(spec, float(t)) for t in (4, 12, 20)]), 64)
@@ -907,7 +913,6 @@ def test_keep_count_frees_the_count_rows_and_logs_its_read_out(tmp_path):
     """Stage 0k with --keep-count and --keep-gain 0 (a few steps): the count question's last rows
     get --fusion-count's read-out instead of the hold, its exact-set figures are logged, only the
     pre-fusion layers move, and the order rows are held like the rest (no word added)."""
-    from safetensors.torch import load_file
     out = tmp_path / "count"
     _stage_from_demo(out, "--seed", "6", "--keep-steps", "3", "--keep-batch", "8", "--keep-gain", "0",
                      "--keep-count", "0.3")
@@ -915,8 +920,7 @@ def test_keep_count_frees_the_count_rows_and_logs_its_read_out(tmp_path):
     assert [c["step"] for c in curve] == [0, 1, 2]
     assert all(0 <= c["count_frame_exact"] <= 1 and 0 <= c["count_clip_exact"] <= 1 for c in curve)
     assert all(abs(c["order_colour_cos"] - c["teacher_cos"]) < 0.05 for c in curve)
-    a, b = load_file(str(CKPT / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    moved = {k for k in a if not torch.equal(a[k], b[k])}
+    moved = _changed(out)
     assert moved and all(k.startswith("model.prefusion_layers.") for k in moved)
 
 
@@ -928,16 +932,11 @@ def test_tower_adapt_moves_the_tower_alone_and_holds_its_native_features(tmp_pat
     from model import LlavaMini
     from model import train_demo as T
     from stream import synthetic as S
-    from safetensors.torch import load_file
     plain, ad = CKPT, tmp_path / "adapt"
     _stage_from_demo(ad, "--seed", "4", "--tower-adapt", "40", "--tower-batch", "8", "--tower-lr", "1e-3")
     log = json.loads((ad / "training_log.json").read_text())["tower_adapt"]
     assert [c["step"] for c in log["curve"]] == list(range(40)) and log["teacher_readout_acc"] > 0.9
-    a, b = load_file(str(plain / "model.safetensors")), load_file(str(ad / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    ta = load_file(str(plain / "clip-vision" / "model.safetensors"))
-    tb = load_file(str(ad / "clip-vision" / "model.safetensors"))
-    assert any(not torch.equal(ta[k], tb[k]) for k in ta)
+    assert not _changed(ad) and _changed(ad, "clip-vision/model.safetensors")
     assert all(math.isfinite(c[k]) for c in log["curve"] for k in ("keep", "ce", "near"))
     m0, m1 = LlavaMini.from_pretrained(plain), LlavaMini.from_pretrained(ad)
     spec = S.make_scene(10 ** 9 + 5, 30, needle=False, n_objects=3)
