@@ -2,6 +2,7 @@
 
     python -m model.probe_demo checkpoints/demo [--frames 800] [--threads 1]
     python -m model.probe_demo checkpoints/demo --order [--videos 90]
+    python -m model.probe_demo checkpoints/demo --sets [--frames 8000] [--patch-steps 900]
 
 For held-out single frames (scene seeds >= 10**9) it asks "is there a <colour> <kind>?" (half the
 time about a pair on screen; otherwise an absent pair, half of those *hard*: a kind on screen in a
@@ -12,6 +13,17 @@ frames) on one row to predict whether the pair is on screen; it prints the accur
 attends to the frame's patches for that word) and `last` (the prompt's last row, which the LLM
 uses to start the answer). A model that reads the frame can answer from the referent row; one
 that mixes colours and kinds of different objects fails the hard absent pairs.
+
+`--sets` asks what count and order are built from: whether one frame's token names every
+(kind, colour) pair on screen. On training frames (scene seeds < 10**6, 2-5 objects per scene) it
+fits a linear multi-label read-out (one logit per pair) on the RMS-normed frame token and reports,
+on held-out frames, the share whose whole set is named exactly, by the number of objects on
+screen; with `--patch-steps N` it also trains, for N steps, a two-layer transformer over the vision
+tower's 64 patch features (everything the compressor and pre-fusion layers can read) to do the
+same: the best the layers after the frozen tower could do. With `--count-videos N` it encodes N
+training videos of 60 s (1-5 objects, as `eval-demo` cycles them) and `eval-demo`'s own 60 s videos,
+and trains a two-layer transformer on each video's frame tokens to answer "how many objects?":
+what a read-out made for counting gets from the tokens the LLM reads.
 """
 from __future__ import annotations
 
@@ -172,6 +184,140 @@ def order_probe(model_dir: str, videos: int = 90, probe_videos: int = 40) -> dic
     return out
 
 
+class SetReader(torch.nn.Module):
+    """`--sets`' read-outs: a class row before `length` input rows of width `d_in` (learned
+    positions, drawn with `pos_std` or zero), two transformer layers of width 128, `n_out` logits
+    from the class row."""
+
+    def __init__(self, d_in: int, length: int, n_out: int, dropout: float, pos_std: float):
+        super().__init__()
+        self.inp = torch.nn.Linear(d_in, 128)
+        self.enc = torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(128, 4, 256, dropout, batch_first=True), 2)
+        self.out = torch.nn.Linear(128, n_out)
+        self.pos = torch.nn.Parameter(torch.randn(length, 128) * pos_std if pos_std else torch.zeros(length, 128))
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, 128))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.cls.expand(len(x), -1, -1), self.inp(x) + self.pos], 1)
+        return self.out(self.enc(h)[:, 0])
+
+
+def set_frames(m, seed0: int, n: int, rng: np.random.Generator):
+    """`n` frames with at least one object: the tower's patch features (n, P, D), the (kind,
+    colour) pairs on screen (n, N_PAIRS) and how many there are (n,)."""
+    from . import train_demo as T
+    imgs, ys, counts = [], [], []
+    while len(imgs) < n:
+        spec = S.make_scene(seed0 + int(rng.integers(10 ** 6)), 60, needle=False,
+                            n_objects=int(rng.integers(2, S.MAX_OBJECTS + 1)))
+        t = float(rng.integers(spec.n_frames))
+        items = T.frame_items(spec, t)
+        if not items:
+            continue
+        y = torch.zeros(T.N_PAIRS)
+        for kind, colour in items:
+            y[T.pair_index(kind, colour)] = 1
+        imgs.append(S.render_frame(spec, t))
+        ys.append(y)
+        counts.append(len(items))
+    px = T.preprocess(np.stack(imgs), m.preprocess["size"])
+    with torch.no_grad():
+        V = torch.cat([m.vision(px[b:b + 500].to(m.device)) for b in range(0, n, 500)])
+    return V, torch.stack(ys), torch.tensor(counts)
+
+
+def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_steps: int = 0,
+               seed: int = 11, count_videos: int = 0, held_out_videos: int = 90) -> dict:
+    """Per held-out frame: is the whole set of (kind, colour) pairs on screen named exactly by a
+    linear read-out of the frame token (`token`) and, with `patch_steps`, by a small transformer
+    trained on the tower's patch features (`patches`)? Shares by objects on screen (1, 2, 3)."""
+    from . import LlavaMini
+    from . import train_demo as T
+    m = LlavaMini.from_pretrained(model_dir)
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    torch.manual_seed(seed)
+    Vtr, Ytr, _ = set_frames(m, 0, frames, np.random.default_rng(seed))
+    Vte, Yte, nte = set_frames(m, 10 ** 9, held_out, np.random.default_rng(seed + 1))
+
+    def tokens(V):
+        with torch.no_grad():
+            out = torch.cat([tr.encode(None, V[b:b + 500])[0] for b in range(0, len(V), 500)])
+        out = out.reshape(len(V), -1).float()
+        return F.rms_norm(out, (out.shape[1],))
+
+    def shares(logits) -> dict:
+        exact = ((logits > 0) == Yte.bool()).all(-1)
+        return {int(k): round(float(exact[nte == k].float().mean()), 3) for k in sorted(set(nte.tolist()))}
+
+    Ttr, Tte = tokens(Vtr), tokens(Vte)
+    lin = torch.nn.Linear(Ttr.shape[1], Ytr.shape[1])
+    opt = torch.optim.Adam(lin.parameters(), 1e-2)
+    for _ in range(500):
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(lin(Ttr), Ytr).backward()
+        opt.step()
+    with torch.no_grad():
+        out = {"model": model_dir, "frames": frames, "held_out": held_out,
+               "objects": {int(k): int((nte == k).sum()) for k in sorted(set(nte.tolist()))},
+               "token": shares(lin(Tte))}
+    if patch_steps:
+        read = SetReader(Vtr.shape[2], Vtr.shape[1], Ytr.shape[1], dropout=0.0, pos_std=0.02)
+        opt = torch.optim.AdamW(read.parameters(), 1e-3)
+        for _ in range(patch_steps):
+            i = torch.randint(len(Vtr), (128,))
+            opt.zero_grad()
+            F.binary_cross_entropy_with_logits(read(Vtr[i]), Ytr[i]).backward()
+            opt.step()
+        read.eval()
+        with torch.no_grad():
+            out["patches"] = shares(torch.cat([read(Vte[b:b + 500]) for b in range(0, len(Vte), 500)]))
+        out["patch_steps"] = patch_steps
+    if count_videos:
+        out["count"] = count_probe(m, tr, count_videos, held_out_videos, seed)
+    return out
+
+
+def count_probe(m, tr, videos: int, held_out: int, seed: int, epochs: int = 40) -> dict:
+    """Held-out accuracy of a two-layer transformer trained on the frame tokens of `videos`
+    training videos (60 s, 1 fps, 1-5 objects in turn) to say how many objects each shows, tested
+    on `eval-demo`'s first `held_out` 60 s videos; and the same on the training videos."""
+    from lmstream.eval_demo import tier_video
+    from . import train_demo as T
+
+    def tokens_of(spec):
+        frames = np.stack([S.render_frame(spec, float(t)) for t in range(spec.n_frames)])
+        with torch.no_grad():
+            t = tr.encode(T.preprocess(frames, m.preprocess["size"]).to(m.device))[0]
+        t = t.reshape(spec.n_frames, -1).float()
+        return F.rms_norm(t, (t.shape[1],))
+
+    train = [S.make_scene(i, 60, needle=bool(i % 2 == 0), n_objects=1 + i % S.MAX_OBJECTS) for i in range(videos)]
+    test = [tier_video("60s", i)[0] for i in range(held_out)]
+    Xtr = torch.stack([tokens_of(sp) for sp in train])
+    ytr = torch.tensor([sp.n_distinct() - 1 for sp in train])
+    Xte = torch.stack([tokens_of(sp) for sp in test])
+    yte = torch.tensor([sp.n_distinct() - 1 for sp in test])
+    torch.manual_seed(seed)
+    read = SetReader(Xtr.shape[2], Xtr.shape[1], S.MAX_OBJECTS, dropout=0.1, pos_std=0.0)
+    opt = torch.optim.AdamW(read.parameters(), 1e-3, weight_decay=0.05)
+    for _ in range(epochs):
+        read.train()
+        perm = torch.randperm(len(Xtr))
+        for b in range(0, len(Xtr), 50):
+            i = perm[b:b + 50]
+            opt.zero_grad()
+            F.cross_entropy(read(Xtr[i]), ytr[i]).backward()
+            opt.step()
+    read.eval()
+    with torch.no_grad():
+        hit = read(Xte).argmax(-1) == yte
+        fit = float((read(Xtr).argmax(-1) == ytr).float().mean())
+    return {"videos": videos, "held_out": held_out, "epochs": epochs, "train": round(fit, 3),
+            "held_out_acc": round(float(hit.float().mean()), 3),
+            "by_objects": {k + 1: round(float(hit[yte == k].float().mean()), 3) for k in sorted(set(yte.tolist()))}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.probe_demo", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="checkpoint folder")
@@ -181,8 +327,35 @@ def main(argv=None) -> int:
                     help="probe 'which appeared first?' instead: the first answer token on eval-demo's 60 s "
                          "videos, and what the question's colour-word rows keep of the word after fusion")
     ap.add_argument("--videos", type=int, default=90, help="--order: eval-demo's first N 60 s videos")
+    ap.add_argument("--sets", action="store_true",
+                    help="probe whether one frame's token names every (kind, colour) pair on screen, by the "
+                         "number of objects (the ceiling of count and order); --frames is then the training frames")
+    ap.add_argument("--patch-steps", type=int, default=0,
+                    help="--sets: also train a two-layer transformer on the tower's patch features this many steps")
+    ap.add_argument("--count-videos", type=int, default=0,
+                    help="--sets: also train a count read-out on the frame tokens of this many 60 s training videos, "
+                         "tested on eval-demo's first --videos 60 s videos")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.sets:
+        r = sets_probe(a.model, a.frames, patch_steps=a.patch_steps, count_videos=a.count_videos,
+                       held_out_videos=a.videos)
+        print(f"{r['model']}: held-out frames whose whole set of (kind, colour) pairs is named exactly "
+              f"(read-outs fitted on {r['frames']} training frames; {r['held_out']} held out)")
+        print("  objects on screen    " + "  ".join(f"{k:>5d} ({n})" for k, n in r["objects"].items()))
+        print("  frame token, linear  " + "  ".join(f"{v:>5.0%}" + " " * (len(str(r['objects'][k])) + 3)
+                                                  for k, v in r["token"].items()))
+        if "patches" in r:
+            print(f"  tower patches, 2-layer transformer ({r['patch_steps']} steps)")
+            print("                       " + "  ".join(f"{v:>5.0%}" + " " * (len(str(r['objects'][k])) + 3)
+                                                      for k, v in r["patches"].items()))
+        if "count" in r:
+            c = r["count"]
+            print(f"  'how many objects?' from the frame tokens alone (a 2-layer transformer, {c['videos']} training "
+                  f"videos, {c['epochs']} epochs): eval-demo's {c['held_out']} videos of 60 s {c['held_out_acc']:.0%} "
+                  f"(training videos {c['train']:.0%}); by objects "
+                  + ", ".join(f"{k}: {v:.0%}" for k, v in c["by_objects"].items()))
+        return 0
     if a.order:
         r = order_probe(a.model, a.videos, min(40, a.videos))
         print(f"{r['model']}: first answer token of 'which appeared first, the A or the B?' "

@@ -668,11 +668,12 @@ class Trainer:
     # -- ingest ----------------------------------------------------------------------------------
     def encode(self, px: torch.Tensor, V: torch.Tensor | None = None):
         """pixels (B,3,S,S) -> tokens (B,nq,H), keys/values per layer (B,nkv,C,D), prefix_out (B,P,H).
-        `V`: the tower's patch features of `px`, when the caller already has them."""
+        `V`: the tower's patch features of `px`, when the caller already has them (`px` may then be
+        None)."""
         m = self.net.model
-        B = px.shape[0]
         if V is None:
             V = self.vision(px)
+        B = V.shape[0]
         c = m.compressor.forward_mha(V)
         pv, pc = m.mm_projector(V), m.mm_projector(c)
         n_vis = pv.shape[1] + pc.shape[1]

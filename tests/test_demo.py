@@ -572,6 +572,28 @@ def test_order_probe_splits_answers_by_the_first_object(demo):
     assert w["linear_probe_held_out"] > 2 / w["colours"]
 
 
+def test_sets_probe_names_one_object_frames_and_counts_per_video():
+    """`probe_demo --sets`: shares per number of objects on screen (1-3, as the generator keeps at
+    most three on screen), the frame token's linear read-out names the single object of almost
+    every one-object frame (a read-out fitted to wrong labels would not), and the count read-out
+    reports held-out accuracy per true count 1-5 over eval-demo's own videos."""
+    from model import probe_demo
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        r = probe_demo.sets_probe(str(CKPT), frames=600, held_out=200, patch_steps=5, count_videos=20,
+                                  held_out_videos=10)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(r["objects"]) <= {1, 2, 3} and sum(r["objects"].values()) == 200
+    assert set(r["token"]) == set(r["patches"]) == set(r["objects"])
+    assert r["token"][1] > 0.8
+    assert all(0 <= v <= 1 for v in [*r["token"].values(), *r["patches"].values()])
+    c = r["count"]
+    assert c["held_out"] == 10 and set(c["by_objects"]) == {1, 2, 3, 4, 5}
+    assert 0 <= c["held_out_acc"] <= 1 and 0 <= c["train"] <= 1
+
+
 def test_null_spread_measures_how_far_none_rows_differ_per_question():
     """--null's penalty: zero when every "none" row of one question is the same row (whatever its
     scale: rows are RMS-normalised), positive otherwise, per group only (two questions' rows may
