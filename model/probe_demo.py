@@ -20,10 +20,12 @@ fits a linear multi-label read-out (one logit per pair) on the RMS-normed frame 
 on held-out frames, the share whose whole set is named exactly, by the number of objects on
 screen; with `--patch-steps N` it also trains, for N steps, a two-layer transformer over the vision
 tower's 64 patch features (everything the compressor and pre-fusion layers can read) to do the
-same: the best the layers after the frozen tower could do. With `--count-videos N` it encodes N
+same: the best the layers after the frozen tower could do; with `--tower-steps N` a copy of the
+tower trains with that read-out for N steps (is the tower able to learn it?). With `--count-videos N` it encodes N
 training videos of 60 s (1-5 objects, as `eval-demo` cycles them) and `eval-demo`'s own 60 s videos,
 and trains a two-layer transformer on each video's frame tokens to answer "how many objects?":
-what a read-out made for counting gets from the tokens the LLM reads.
+what a read-out made for counting gets from the tokens the LLM reads, and the same read-out given
+each frame's true pairs instead (whether such a read-out learns to count at all from N videos).
 """
 from __future__ import annotations
 
@@ -203,9 +205,10 @@ class SetReader(torch.nn.Module):
         return self.out(self.enc(h)[:, 0])
 
 
-def set_frames(m, seed0: int, n: int, rng: np.random.Generator):
-    """`n` frames with at least one object: the tower's patch features (n, P, D), the (kind,
-    colour) pairs on screen (n, N_PAIRS) and how many there are (n,)."""
+def set_frames(m, seed0: int, n: int, rng: np.random.Generator, pixels: bool = False):
+    """`n` frames with at least one object: the tower's patch features (n, P, D) (with `pixels`:
+    the preprocessed frames instead), the (kind, colour) pairs on screen (n, N_PAIRS) and how many
+    there are (n,)."""
     from . import train_demo as T
     imgs, ys, counts = [], [], []
     while len(imgs) < n:
@@ -221,17 +224,20 @@ def set_frames(m, seed0: int, n: int, rng: np.random.Generator):
         imgs.append(S.render_frame(spec, t))
         ys.append(y)
         counts.append(len(items))
-    px = T.preprocess(np.stack(imgs), m.preprocess["size"])
+    px = T.preprocess(np.stack(imgs), m.preprocess["size"]).to(m.device)
+    if pixels:
+        return px, torch.stack(ys), torch.tensor(counts)
     with torch.no_grad():
-        V = torch.cat([m.vision(px[b:b + 500].to(m.device)) for b in range(0, n, 500)])
+        V = torch.cat([m.vision(px[b:b + 500]) for b in range(0, n, 500)])
     return V, torch.stack(ys), torch.tensor(counts)
 
 
 def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_steps: int = 0,
-               seed: int = 11, count_videos: int = 0, held_out_videos: int = 90) -> dict:
+               seed: int = 11, count_videos: int = 0, held_out_videos: int = 90, tower_steps: int = 0) -> dict:
     """Per held-out frame: is the whole set of (kind, colour) pairs on screen named exactly by a
     linear read-out of the frame token (`token`) and, with `patch_steps`, by a small transformer
-    trained on the tower's patch features (`patches`)? Shares by objects on screen (1, 2, 3)."""
+    trained on the tower's patch features (`patches`)? Shares by objects on screen (1, 2, 3).
+    `tower_steps`: also train a copy of the tower with such a read-out (`tower_probe`)."""
     from . import LlavaMini
     from . import train_demo as T
     m = LlavaMini.from_pretrained(model_dir)
@@ -273,15 +279,51 @@ def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_s
         with torch.no_grad():
             out["patches"] = shares(torch.cat([read(Vte[b:b + 500]) for b in range(0, len(Vte), 500)]))
         out["patch_steps"] = patch_steps
+    if tower_steps:
+        out["tower"] = tower_probe(m, tower_steps, seed, held_out, shares)
     if count_videos:
         out["count"] = count_probe(m, tr, count_videos, held_out_videos, seed)
     return out
 
 
+def tower_probe(m, steps: int, seed: int, held_out: int, shares, batch: int = 128, lr: float = 3e-4) -> dict:
+    """Can the tower learn to tell two or three objects apart? A copy of it and a `SetReader` on
+    its patches train together on the set loss, `batch` fresh training frames a step (AdamW, the
+    tower at `lr`, the read-out at 1e-3, gradients clipped at 1); `shares` of the same held-out
+    frames as `sets_probe`'s (drawn again, as pixels) six times along the way. Nothing is saved."""
+    import copy
+    from . import train_demo as T
+    tower = copy.deepcopy(m.vision).train()
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    pte = set_frames(m, 10 ** 9, held_out, np.random.default_rng(seed + 1), pixels=True)[0]
+    read = SetReader(tower.width, tower.n_patches, T.N_PAIRS, dropout=0.0, pos_std=0.02)
+    params = list(read.parameters()) + list(tower.parameters())
+    opt = torch.optim.AdamW([{"params": read.parameters(), "lr": 1e-3}, {"params": tower.parameters(), "lr": lr}])
+    rng = np.random.default_rng([seed, 0x70E4])
+    curve = {}
+    for step in range(1, steps + 1):
+        px, y, _ = set_frames(m, 0, batch, rng, pixels=True)
+        opt.zero_grad()
+        F.binary_cross_entropy_with_logits(read(tower(px)), y).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % max(1, steps // 6) == 0 or step == steps:
+            tower.eval(), read.eval()
+            with torch.no_grad():
+                curve[step] = shares(torch.cat([read(tower(pte[b:b + 500])) for b in range(0, len(pte), 500)]))
+            tower.train(), read.train()
+    with torch.no_grad():
+        moved = sum(float((a - b).norm()) for a, b in zip(tower.parameters(), m.vision.parameters()))
+    return {"steps": steps, "batch": batch, "lr": lr, "curve": curve, "moved": moved}
+
+
 def count_probe(m, tr, videos: int, held_out: int, seed: int, epochs: int = 40) -> dict:
     """Held-out accuracy of a two-layer transformer trained on the frame tokens of `videos`
     training videos (60 s, 1 fps, 1-5 objects in turn) to say how many objects each shows, tested
-    on `eval-demo`'s first `held_out` 60 s videos; and the same on the training videos."""
+    on `eval-demo`'s first `held_out` 60 s videos, and the same on the training videos; then
+    (`true_sets`) the same read-out given each frame's true (kind, colour) pairs instead of its
+    token: what count could reach if every frame's token named its whole set."""
     from lmstream.eval_demo import tier_video
     from . import train_demo as T
 
@@ -298,24 +340,34 @@ def count_probe(m, tr, videos: int, held_out: int, seed: int, epochs: int = 40) 
     ytr = torch.tensor([sp.n_distinct() - 1 for sp in train])
     Xte = torch.stack([tokens_of(sp) for sp in test])
     yte = torch.tensor([sp.n_distinct() - 1 for sp in test])
-    torch.manual_seed(seed)
-    read = SetReader(Xtr.shape[2], Xtr.shape[1], S.MAX_OBJECTS, dropout=0.1, pos_std=0.0)
-    opt = torch.optim.AdamW(read.parameters(), 1e-3, weight_decay=0.05)
-    for _ in range(epochs):
-        read.train()
-        perm = torch.randperm(len(Xtr))
-        for b in range(0, len(Xtr), 50):
-            i = perm[b:b + 50]
-            opt.zero_grad()
-            F.cross_entropy(read(Xtr[i]), ytr[i]).backward()
-            opt.step()
-    read.eval()
-    with torch.no_grad():
-        hit = read(Xte).argmax(-1) == yte
-        fit = float((read(Xtr).argmax(-1) == ytr).float().mean())
-    return {"videos": videos, "held_out": held_out, "epochs": epochs, "train": round(fit, 3),
-            "held_out_acc": round(float(hit.float().mean()), 3),
-            "by_objects": {k + 1: round(float(hit[yte == k].float().mean()), 3) for k in sorted(set(yte.tolist()))}}
+
+    def fit(Xtr, Xte) -> dict:
+        torch.manual_seed(seed)
+        read = SetReader(Xtr.shape[2], Xtr.shape[1], S.MAX_OBJECTS, dropout=0.1, pos_std=0.0)
+        opt = torch.optim.AdamW(read.parameters(), 1e-3, weight_decay=0.05)
+        for _ in range(epochs):
+            read.train()
+            perm = torch.randperm(len(Xtr))
+            for b in range(0, len(Xtr), 50):
+                i = perm[b:b + 50]
+                opt.zero_grad()
+                F.cross_entropy(read(Xtr[i]), ytr[i]).backward()
+                opt.step()
+        read.eval()
+        with torch.no_grad():
+            hit = read(Xte).argmax(-1) == yte
+            fitted = float((read(Xtr).argmax(-1) == ytr).float().mean())
+        return {"train": round(fitted, 3), "held_out_acc": round(float(hit.float().mean()), 3),
+                "by_objects": {k + 1: round(float(hit[yte == k].float().mean()), 3)
+                               for k in sorted(set(yte.tolist()))}}
+
+    def true_sets(spec):
+        return tr.frame_pairs(spec, [float(t) for t in range(spec.n_frames)])[0].float()
+
+    out = {"videos": videos, "held_out": held_out, "epochs": epochs, **fit(Xtr, Xte)}
+    # the same read-out on what each frame really shows: count's ceiling were every set named
+    out["true_sets"] = fit(torch.stack([true_sets(sp) for sp in train]), torch.stack([true_sets(sp) for sp in test]))
+    return out
 
 
 def main(argv=None) -> int:
@@ -332,6 +384,9 @@ def main(argv=None) -> int:
                          "number of objects (the ceiling of count and order); --frames is then the training frames")
     ap.add_argument("--patch-steps", type=int, default=0,
                     help="--sets: also train a two-layer transformer on the tower's patch features this many steps")
+    ap.add_argument("--tower-steps", type=int, default=0,
+                    help="--sets: also train a copy of the vision tower with a patch read-out for the set this many "
+                         "steps (128 fresh frames a step; nothing saved): can the tower learn to tell objects apart?")
     ap.add_argument("--count-videos", type=int, default=0,
                     help="--sets: also train a count read-out on the frame tokens of this many 60 s training videos, "
                          "tested on eval-demo's first --videos 60 s videos")
@@ -339,7 +394,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     if a.sets:
         r = sets_probe(a.model, a.frames, patch_steps=a.patch_steps, count_videos=a.count_videos,
-                       held_out_videos=a.videos)
+                       held_out_videos=a.videos, tower_steps=a.tower_steps)
         print(f"{r['model']}: held-out frames whose whole set of (kind, colour) pairs is named exactly "
               f"(read-outs fitted on {r['frames']} training frames; {r['held_out']} held out)")
         print("  objects on screen    " + "  ".join(f"{k:>5d} ({n})" for k, n in r["objects"].items()))
@@ -349,10 +404,19 @@ def main(argv=None) -> int:
             print(f"  tower patches, 2-layer transformer ({r['patch_steps']} steps)")
             print("                       " + "  ".join(f"{v:>5.0%}" + " " * (len(str(r['objects'][k])) + 3)
                                                       for k, v in r["patches"].items()))
+        if "tower" in r:
+            t = r["tower"]
+            for step, v in t["curve"].items():
+                print(f"  the tower trained with it, step {step:>5d}   " + "  ".join(
+                    f"{x:>5.0%}" + " " * (len(str(r['objects'][k])) + 3) for k, x in v.items()))
         if "count" in r:
             c = r["count"]
             print(f"  'how many objects?' from the frame tokens alone (a 2-layer transformer, {c['videos']} training "
                   f"videos, {c['epochs']} epochs): eval-demo's {c['held_out']} videos of 60 s {c['held_out_acc']:.0%} "
+                  f"(training videos {c['train']:.0%}); by objects "
+                  + ", ".join(f"{k}: {v:.0%}" for k, v in c["by_objects"].items()))
+            c = c["true_sets"]
+            print(f"  the same read-out given each frame's true (kind, colour) pairs instead: {c['held_out_acc']:.0%} "
                   f"(training videos {c['train']:.0%}); by objects "
                   + ", ".join(f"{k}: {v:.0%}" for k, v in c["by_objects"].items()))
         return 0

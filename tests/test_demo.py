@@ -592,6 +592,31 @@ def test_sets_probe_names_one_object_frames_and_counts_per_video():
     c = r["count"]
     assert c["held_out"] == 10 and set(c["by_objects"]) == {1, 2, 3, 4, 5}
     assert 0 <= c["held_out_acc"] <= 1 and 0 <= c["train"] <= 1
+    assert set(c["true_sets"]["by_objects"]) == {1, 2, 3, 4, 5}
+
+
+def test_tower_probe_trains_a_copy_and_leaves_the_checkpoint_tower_alone():
+    """`probe_demo --sets --tower-steps`: the tower it trains is a copy (the loaded model's tower
+    is bit-identical afterwards, and so stays what the rest of the model reads), the copy does
+    move, and the held-out shares come at the steps asked."""
+    from model import LlavaMini, probe_demo
+    m = LlavaMini.from_pretrained(str(CKPT))
+    before = {k: v.clone() for k, v in m.vision.state_dict().items()}
+    seen = []
+
+    def shares(logits):
+        seen.append(logits.shape)
+        return {1: 0.0}
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        r = probe_demo.tower_probe(m, steps=3, seed=1, held_out=40, shares=shares, batch=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(before[k], v) for k, v in m.vision.state_dict().items())
+    assert list(r["curve"]) == [1, 2, 3] and len(seen) == 3 and seen[0][0] == 40
+    assert r["moved"] > 0
 
 
 def test_null_spread_measures_how_far_none_rows_differ_per_question():
