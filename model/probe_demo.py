@@ -186,6 +186,11 @@ def order_probe(model_dir: str, videos: int = 90, probe_videos: int = 40) -> dic
     return out
 
 
+def in_chunks(f, x: torch.Tensor, size: int = 500) -> torch.Tensor:
+    """`f` over `x` in slices of `size` rows, concatenated (bounds memory on thousands of frames)."""
+    return torch.cat([f(x[b:b + size]) for b in range(0, len(x), size)])
+
+
 class SetReader(torch.nn.Module):
     """`--sets`' read-outs: a class row before `length` input rows of width `d_in` (learned
     positions, drawn with `pos_std` or zero), two transformer layers of width 128, `n_out` logits
@@ -228,7 +233,7 @@ def set_frames(m, seed0: int, n: int, rng: np.random.Generator, pixels: bool = F
     if pixels:
         return px, torch.stack(ys), torch.tensor(counts)
     with torch.no_grad():
-        V = torch.cat([m.vision(px[b:b + 500]) for b in range(0, n, 500)])
+        V = in_chunks(m.vision, px)
     return V, torch.stack(ys), torch.tensor(counts)
 
 
@@ -248,7 +253,7 @@ def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_s
 
     def tokens(V):
         with torch.no_grad():
-            out = torch.cat([tr.encode(None, V[b:b + 500])[0] for b in range(0, len(V), 500)])
+            out = in_chunks(lambda v: tr.encode(None, v)[0], V)
         out = out.reshape(len(V), -1).float()
         return F.rms_norm(out, (out.shape[1],))
 
@@ -277,7 +282,7 @@ def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_s
             opt.step()
         read.eval()
         with torch.no_grad():
-            out["patches"] = shares(torch.cat([read(Vte[b:b + 500]) for b in range(0, len(Vte), 500)]))
+            out["patches"] = shares(in_chunks(read, Vte))
         out["patch_steps"] = patch_steps
     if tower_steps:
         out["tower"] = tower_probe(m, tower_steps, seed, held_out, shares)
@@ -311,7 +316,7 @@ def tower_probe(m, steps: int, seed: int, held_out: int, shares, batch: int = 12
         if step % max(1, steps // 6) == 0 or step == steps:
             tower.eval(), read.eval()
             with torch.no_grad():
-                curve[step] = shares(torch.cat([read(tower(pte[b:b + 500])) for b in range(0, len(pte), 500)]))
+                curve[step] = shares(in_chunks(lambda p: read(tower(p)), pte))
             tower.train(), read.train()
     with torch.no_grad():
         moved = sum(float((a - b).norm()) for a, b in zip(tower.parameters(), m.vision.parameters()))
@@ -397,18 +402,18 @@ def main(argv=None) -> int:
                        held_out_videos=a.videos, tower_steps=a.tower_steps)
         print(f"{r['model']}: held-out frames whose whole set of (kind, colour) pairs is named exactly "
               f"(read-outs fitted on {r['frames']} training frames; {r['held_out']} held out)")
+
+        def row(shares: dict) -> str:          # each share under its "N (frames)" heading
+            return "  ".join(f"{v:>5.0%}" + " " * (len(str(r["objects"][k])) + 3) for k, v in shares.items())
+
         print("  objects on screen    " + "  ".join(f"{k:>5d} ({n})" for k, n in r["objects"].items()))
-        print("  frame token, linear  " + "  ".join(f"{v:>5.0%}" + " " * (len(str(r['objects'][k])) + 3)
-                                                  for k, v in r["token"].items()))
+        print("  frame token, linear  " + row(r["token"]))
         if "patches" in r:
             print(f"  tower patches, 2-layer transformer ({r['patch_steps']} steps)")
-            print("                       " + "  ".join(f"{v:>5.0%}" + " " * (len(str(r['objects'][k])) + 3)
-                                                      for k, v in r["patches"].items()))
+            print("                       " + row(r["patches"]))
         if "tower" in r:
-            t = r["tower"]
-            for step, v in t["curve"].items():
-                print(f"  the tower trained with it, step {step:>5d}   " + "  ".join(
-                    f"{x:>5.0%}" + " " * (len(str(r['objects'][k])) + 3) for k, x in v.items()))
+            for step, v in r["tower"]["curve"].items():
+                print(f"  the tower trained with it, step {step:>5d}   " + row(v))
         if "count" in r:
             c = r["count"]
             print(f"  'how many objects?' from the frame tokens alone (a 2-layer transformer, {c['videos']} training "

@@ -1382,7 +1382,8 @@ FUSION_SCENE_FRAMES = 4     # stage 0c draws this many frames of each scene (--f
 def scene_frames(rng: np.random.Generator, n: int, ask) -> tuple[np.ndarray, list, list]:
     """Stages 0c and 0k: `n` frames of training scenes, `FUSION_SCENE_FRAMES` moments of each
     (a needle-visible moment 30 % of the time), each asked `ask(spec, t, rng)`: the frames (n, S,
-    S, 3), what `ask` returned per frame, and (spec, t) per frame."""
+    S, 3; half the batches through `codec_like`), what `ask` returned per frame, and (spec, t) per
+    frame."""
     frames, asked, seen = [], [], []
     while len(frames) < n:
         spec = random_scene(rng)
@@ -1391,7 +1392,10 @@ def scene_frames(rng: np.random.Generator, n: int, ask) -> tuple[np.ndarray, lis
             frames.append(render_square(spec, t))
             asked.append(ask(spec, t, rng))
             seen.append((spec, t))
-    return np.stack(frames[:n]), asked[:n], seen[:n]
+    out = np.stack(frames[:n])
+    if rng.random() < 0.5:
+        out = codec_like(out, rng)
+    return out, asked[:n], seen[:n]
 
 
 def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
@@ -1412,8 +1416,6 @@ def pretrain_fusion(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     for step in range(a.fusion_steps):
         rng = np.random.default_rng([a.seed, 0xF05E, step])
         frames, qs, seen = scene_frames(rng, a.fusion_batch, frame_questions)
-        if rng.random() < 0.5:
-            frames = codec_like(frames, rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.fusion_steps, a.fusion_lr, 50)
         px = preprocess(frames, a.image_size).to(dev)
@@ -1527,8 +1529,6 @@ def keep_words(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     for step in range(a.keep_steps):
         rng = np.random.default_rng([a.seed, 0x4EE9, step])
         frames, asked, seen = scene_frames(rng, a.keep_batch, hold_questions)
-        if rng.random() < 0.5:
-            frames = codec_like(frames, rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.keep_steps, a.keep_lr, 20)
         px = preprocess(frames, a.image_size).to(dev)
