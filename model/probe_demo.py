@@ -37,6 +37,8 @@ import torch.nn.functional as F
 
 from stream import synthetic as S
 
+from .train_demo import SetReader, in_chunks
+
 
 def probe(model_dir: str, frames: int = 800, seed: int = 5) -> dict:
     from . import LlavaMini
@@ -186,55 +188,18 @@ def order_probe(model_dir: str, videos: int = 90, probe_videos: int = 40) -> dic
     return out
 
 
-def in_chunks(f, x: torch.Tensor, size: int = 500) -> torch.Tensor:
-    """`f` over `x` in slices of `size` rows, concatenated (bounds memory on thousands of frames)."""
-    return torch.cat([f(x[b:b + size]) for b in range(0, len(x), size)])
-
-
-class SetReader(torch.nn.Module):
-    """`--sets`' read-outs: a class row before `length` input rows of width `d_in` (learned
-    positions, drawn with `pos_std` or zero), two transformer layers of width 128, `n_out` logits
-    from the class row."""
-
-    def __init__(self, d_in: int, length: int, n_out: int, dropout: float, pos_std: float):
-        super().__init__()
-        self.inp = torch.nn.Linear(d_in, 128)
-        self.enc = torch.nn.TransformerEncoder(
-            torch.nn.TransformerEncoderLayer(128, 4, 256, dropout, batch_first=True), 2)
-        self.out = torch.nn.Linear(128, n_out)
-        self.pos = torch.nn.Parameter(torch.randn(length, 128) * pos_std if pos_std else torch.zeros(length, 128))
-        self.cls = torch.nn.Parameter(torch.zeros(1, 1, 128))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([self.cls.expand(len(x), -1, -1), self.inp(x) + self.pos], 1)
-        return self.out(self.enc(h)[:, 0])
-
-
 def set_frames(m, seed0: int, n: int, rng: np.random.Generator, pixels: bool = False):
-    """`n` frames with at least one object: the tower's patch features (n, P, D) (with `pixels`:
-    the preprocessed frames instead), the (kind, colour) pairs on screen (n, N_PAIRS) and how many
-    there are (n,)."""
+    """`n` frames with at least one object (`train_demo.set_batch`): the tower's patch features
+    (n, P, D) (with `pixels`: the preprocessed frames instead), the (kind, colour) pairs on screen
+    (n, N_PAIRS) and how many there are (n,)."""
     from . import train_demo as T
-    imgs, ys, counts = [], [], []
-    while len(imgs) < n:
-        spec = S.make_scene(seed0 + int(rng.integers(10 ** 6)), 60, needle=False,
-                            n_objects=int(rng.integers(2, S.MAX_OBJECTS + 1)))
-        t = float(rng.integers(spec.n_frames))
-        items = T.frame_items(spec, t)
-        if not items:
-            continue
-        y = torch.zeros(T.N_PAIRS)
-        for kind, colour in items:
-            y[T.pair_index(kind, colour)] = 1
-        imgs.append(S.render_frame(spec, t))
-        ys.append(y)
-        counts.append(len(items))
-    px = T.preprocess(np.stack(imgs), m.preprocess["size"]).to(m.device)
+    frames, y, counts = T.set_batch(seed0, n, rng)
+    px = T.preprocess(frames, m.preprocess["size"]).to(m.device)
     if pixels:
-        return px, torch.stack(ys), torch.tensor(counts)
+        return px, y, counts
     with torch.no_grad():
         V = in_chunks(m.vision, px)
-    return V, torch.stack(ys), torch.tensor(counts)
+    return V, y, counts
 
 
 def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_steps: int = 0,
@@ -258,8 +223,7 @@ def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_s
         return F.rms_norm(out, (out.shape[1],))
 
     def shares(logits) -> dict:
-        exact = ((logits > 0) == Yte.bool()).all(-1)
-        return {int(k): round(float(exact[nte == k].float().mean()), 3) for k in sorted(set(nte.tolist()))}
+        return T.exact_sets(logits, Yte, nte)
 
     Ttr, Tte = tokens(Vtr), tokens(Vte)
     lin = torch.nn.Linear(Ttr.shape[1], Ytr.shape[1])
@@ -293,34 +257,24 @@ def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_s
 
 def tower_probe(m, steps: int, seed: int, held_out: int, shares, batch: int = 128, lr: float = 3e-4) -> dict:
     """Can the tower learn to tell two or three objects apart? A copy of it and a `SetReader` on
-    its patches train together on the set loss, `batch` fresh training frames a step (AdamW, the
-    tower at `lr`, the read-out at 1e-3, gradients clipped at 1); `shares` of the same held-out
-    frames as `sets_probe`'s (drawn again, as pixels) six times along the way. Nothing is saved."""
+    its patches train together on the set loss (`train_demo.train_tower_sets`: `batch` fresh
+    training frames a step, the tower at `lr`, the read-out at 1e-3, nothing held); `shares` of the
+    same held-out frames as `sets_probe`'s (drawn again, as pixels) six times along the way.
+    Nothing is saved (stage 0t, `train_demo --tower-sets`, trains the checkpoint's own tower)."""
     import copy
     from . import train_demo as T
-    tower = copy.deepcopy(m.vision).train()
+    tower = copy.deepcopy(m.vision)
     for p in tower.parameters():
         p.requires_grad_(True)
     pte = set_frames(m, 10 ** 9, held_out, np.random.default_rng(seed + 1), pixels=True)[0]
     read = SetReader(tower.width, tower.n_patches, T.N_PAIRS, dropout=0.0, pos_std=0.02)
-    params = list(read.parameters()) + list(tower.parameters())
-    opt = torch.optim.AdamW([{"params": read.parameters(), "lr": 1e-3}, {"params": tower.parameters(), "lr": lr}])
-    rng = np.random.default_rng([seed, 0x70E4])
-    curve = {}
-    for step in range(1, steps + 1):
-        px, y, _ = set_frames(m, 0, batch, rng, pixels=True)
-        opt.zero_grad()
-        F.binary_cross_entropy_with_logits(read(tower(px)), y).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if step % max(1, steps // 6) == 0 or step == steps:
-            tower.eval(), read.eval()
-            with torch.no_grad():
-                curve[step] = shares(in_chunks(lambda p: read(tower(p)), pte))
-            tower.train(), read.train()
+    curve = T.train_tower_sets(tower, read, steps, batch, lr, np.random.default_rng([seed, 0x70E4]),
+                               every=max(1, steps // 6),
+                               check=lambda tw, rd: {"sets": shares(in_chunks(lambda p: rd(tw(p)), pte))})
     with torch.no_grad():
         moved = sum(float((a - b).norm()) for a, b in zip(tower.parameters(), m.vision.parameters()))
-    return {"steps": steps, "batch": batch, "lr": lr, "curve": curve, "moved": moved}
+    return {"steps": steps, "batch": batch, "lr": lr, "curve": {k: v["sets"] for k, v in curve.items()},
+            "moved": moved}
 
 
 def count_probe(m, tr, videos: int, held_out: int, seed: int, epochs: int = 40) -> dict:
