@@ -1319,9 +1319,8 @@ def set_probe(net, vision, set_head, tok_head, trainer, a, dev, n: int = 512) ->
         if tok_head is not None:
             reads["token"] = tok_head(_rms(trainer.encode(px)[0][:, 0]))
         for name, logits in reads.items():
-            ok = ((logits > 0).float() == pres).all(1)
-            out[name] = {str(int(c)): {"exact": round(float(ok[k == c].float().mean()), 3), "frames": int((k == c).sum())}
-                         for c in sorted(set(k.tolist()))}
+            out[name] = {str(c): {"exact": v, "frames": int((k == c).sum())}
+                         for c, v in exact_sets(logits, pres, k).items()}
             say(f"[train_demo] vision probe {name}: exact (kind, colour) set by pairs on screen "
                 + " ".join(f"{c}: {v['exact']:.2f} ({v['frames']})" for c, v in out[name].items()))
     return out
@@ -1434,12 +1433,14 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
     order are built from those sets; a copy trained with such a read-out reached 92 and 74 %. Here
     the tower itself trains that way (`train_tower_sets`: --sets-batch frames a step, --tower-lr,
     codec-like frames half the time), its patch features held to a frozen copy's by --tower-keep
-    (the compressor and the question rows read them), and after each step the compressor (at --tower-lr; the head at 1e-3) learns on
-    the same frames, through a linear set head on the RMS-normed P(c) (the frame token's start), to carry the set
-    into the one token, its P(c) held to the frozen compressor's by the same weight. Nothing else
-    trains; the read-out and the head are dropped. Logged: held-out exact sets by objects on
-    screen (600 frames of scene seeds >= 10**9), of the patch read-out and of the P(c) head, and
-    the losses."""
+    (the compressor and the question rows read them), and after each step the compressor (at
+    --tower-lr; the head at 1e-3) learns on the same frames, through a linear set head on the
+    RMS-normed P(c) (the frame token's start), to carry the set into the one token, its P(c) held
+    to the frozen compressor's by the same weight. Nothing else trains; the read-out and the head
+    are dropped. The tower's and compressor's gradients are left as the stages before it leave
+    them (`main` freezes the tower after stage 0 unless --train-vision; `isolated` gives the
+    compressor back its own). Logged: held-out exact sets by objects on screen (600 frames of
+    scene seeds >= 10**9), of the patch read-out and of the P(c) head, and the losses."""
     teacher = copy.deepcopy(vision).eval().requires_grad_(False)
     comp, proj = net.model.compressor, net.model.mm_projector
     comp0 = copy.deepcopy(comp).eval().requires_grad_(False)
@@ -1449,10 +1450,10 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
     torch.manual_seed(a.seed)
     read = SetReader(vision.width, vision.n_patches, N_PAIRS, dropout=0.0, pos_std=0.02).to(dev)
     head = torch.nn.Linear(net.model.embed_tokens.weight.shape[1], N_PAIRS).to(dev)
-    cparams = list(head.parameters()) + [p for p in comp.parameters() if p.requires_grad]
+    comp_params = [p for p in comp.parameters() if p.requires_grad]
+    cparams = list(head.parameters()) + comp_params
     copt = torch.optim.AdamW([{"params": head.parameters(), "lr": 1e-3},     # as the patch read-out
-                              {"params": [p for p in comp.parameters() if p.requires_grad], "lr": a.tower_lr}],
-                             betas=(0.9, 0.98), weight_decay=0.0)
+                              {"params": comp_params, "lr": a.tower_lr}], betas=(0.9, 0.98), weight_decay=0.0)
     fte, yte, kte = set_batch(10 ** 9, 600, np.random.default_rng([a.seed, 0x5E70]))
     pte = preprocess(fte, a.image_size).to(dev)
 
@@ -1469,9 +1470,8 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
 
     def check(tower, read) -> dict:
         V = in_chunks(tower, pte)
-        row = {"patches": exact_sets(in_chunks(read, V).cpu(), yte, kte),
-               "token_head": exact_sets(head(_rms(token_start(comp, V))).cpu(), yte, kte)}
-        return row
+        return {"patches": exact_sets(in_chunks(read, V).cpu(), yte, kte),
+                "token_head": exact_sets(head(_rms(token_start(comp, V))).cpu(), yte, kte)}
 
     def report(step, row):
         say(f"[train_demo] tower-sets {step:5d}/{a.tower_sets} " + " ".join(
@@ -1486,8 +1486,6 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
                              report=report)
     log["tower_sets"] = {"held_out_frames": {int(k): int((kte == k).sum()) for k in sorted(set(kte.tolist()))},
                          "curve": curve}
-    vision.requires_grad_(False)
-    comp.requires_grad_(False)
 
 
 # =========================================================================== stage 0c: question fusion
