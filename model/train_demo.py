@@ -125,6 +125,17 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            read-out (with --keep-gain 0 they are the only rows that move).
   --llm-only: the instruct steps train only the LLM's layers, final norm and output head; the
            frame tokens and fused question rows stay what the earlier runs made them.
+  stage 0q --cached-steps N: the LLM alone (as in stages 0r and 0n) on --cached-videos whole 60 s
+           videos (1-5 objects in turn) encoded once: their frame tokens, fused prefix and each
+           question's fused rows (count, every order pair, colour, shape, "is there", needle) are
+           what the LLM reads, so a step costs the LLM's forward and backward only (on this CPU
+           0.7 s for 16 videos on one thread, against 8.4 s for a step of V2's recipe, which
+           re-encodes its clips);
+           --cached-weight on the count and order losses, --cand-set applies too; the weights best
+           on --cached-val other videos' count and order are kept; --cached-file keeps the
+           encoded videos for the next run (seventeenth session: see docs/demo.md).
+  --layers above the warm start's: the new LLM layers start as the identity (attention and MLP
+           outputs zero), so the warm start answers as before.
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
            tower included, new words' embeddings fresh; with --vision-steps > 0 stage 0 continues
            from those weights (fresh read-out heads).
@@ -661,6 +672,84 @@ class Trainer:
             x = layer.cached(x, cos, sin, ks[l], vs[l], self.fusion)
         return x
 
+    def fuse_questions(self, qid: torch.Tensor, ks, vs, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Question ids (Bq, Sq) through the pre-fusion layers against each of the K frames'
+        cached keys/values: the rows per frame (K * Bq, Sq, H) and their average over the frames
+        weighted by `w` (K,) (Bq, Sq, H), in float32 as `LlavaMini` averages them."""
+        m, H = self.net.model, self.cfg.hidden_size
+        K, (Bq, Sq) = ks[0].shape[0], qid.shape
+        x = m.embed_tokens(qid)[None].expand(K, -1, -1, -1).reshape(K * Bq, Sq, H)
+        C = ks[0].shape[2]
+        cos, sin = self.net.rotary(torch.arange(C, C + Sq, device=self.device), x.dtype)
+        for l, layer in enumerate(m.prefusion_layers):
+            x = layer.cached(x, cos, sin, ks[l].repeat_interleave(Bq, 0), vs[l].repeat_interleave(Bq, 0), self.fusion)
+        fused = ((x.float().view(K, Bq, Sq, H) * w[:, None, None, None]).sum(0) / w.sum()).to(x.dtype)
+        return x, fused
+
+    def cand_loss(self, logits: torch.Tensor, qas: list[QA], qrows: list[list[int]], ans: list[list[int]]):
+        """--cand-set (training only): where a question names its possible answers (order: "the red
+        circle or the blue square?"), -log of the mass each answer position puts on the tokens that
+        continue one of them (given the right answer's tokens so far), whichever is right, summed:
+        the model names one of the two objects asked about, not a third one. Also per such
+        position ("cand_in", its most likely token is one of them)."""
+        lp, total, res = None, 0.0, []
+        for b, (qa, r, a) in enumerate(zip(qas, qrows, ans)):
+            if not qa.cands:
+                continue
+            cids = [self.answer_ids(c) for c in qa.cands]
+            for t in range(len(a)):
+                allow = sorted({c[t] for c in cids if len(c) > t and c[:t] == a[:t]})
+                if len(allow) < 2:
+                    continue
+                if lp is None:
+                    lp = logits.log_softmax(-1)
+                row = lp[b, len(r) - 1 + t]
+                total = total - row[allow].logsumexp(0)
+                res.append(("cand_in", bool(int(row.argmax()) in allow)))
+        return total, res
+
+    def answer_rows(self, fused: torch.Tensor, qrows: list[list[int]], ans: list[list[int]]):
+        """The rows after the frame tokens, one sequence per question: its fused question rows,
+        then its answer's plain embeddings (all but the last token), padded with zeros; and the
+        targets (-100 where none): ((Bq, L, H), (Bq, L))."""
+        m, dev, H = self.net.model, self.device, self.cfg.hidden_size
+        L = max(len(r) + len(a) - 1 for r, a in zip(qrows, ans))
+        rows, tgt = [], torch.full((len(qrows), L), -100, dtype=torch.long)
+        for b, (r, a) in enumerate(zip(qrows, ans)):
+            parts = [fused[b, :len(r)]]
+            if len(a) > 1:
+                parts.append(m.embed_tokens(torch.tensor(a[:-1], device=dev)))
+            seq = torch.cat(parts, 0)
+            if seq.shape[0] < L:
+                seq = torch.cat([seq, seq.new_zeros(L - seq.shape[0], H)], 0)
+            rows.append(seq)
+            tgt[b, len(r) - 1:len(r) - 1 + len(a)] = torch.tensor(a)
+        return torch.stack(rows, 0), tgt.to(dev)
+
+    def suffix_logits(self, y: torch.Tensor, bk: list, bv: list, N0: int, qv: torch.Tensor | None = None,
+                      hook=None) -> torch.Tensor:
+        """The LLM over the rows `y` (Bq, L, H) that follow N0 rows whose keys/values per layer are
+        bk[i], bv[i] (Bv, nkv, N0, D): with `qv` (Bq,) row b follows video qv[b]'s rows, else
+        the one video's (Bv = 1). `hook(att, q, kk, mask)` sees each layer's queries and keys
+        (--star-attn). Logits (Bq, L, V) in float32."""
+        m, dev = self.net.model, self.device
+        Bq, L = y.shape[:2]
+        cos, sin = self.net.rotary(torch.arange(N0, N0 + L, device=dev), y.dtype)
+        mask = torch.cat([torch.ones(L, N0, dtype=torch.bool),
+                          torch.ones(L, L, dtype=torch.bool).tril()], 1).to(dev)
+        for i, layer in enumerate(m.layers):
+            att = layer.self_attn
+            q, k, v = att._qkv(layer.input_layernorm(y), cos, sin)
+            ck, cv = (bk[i].expand(Bq, -1, -1, -1), bv[i].expand(Bq, -1, -1, -1)) if qv is None else (bk[i][qv], bv[i][qv])
+            kk = torch.cat([ck, k], 2)
+            vv = torch.cat([cv, v], 2)
+            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=att.scale,
+                                               enable_gqa=att.nh != att.nkv)
+            if hook is not None:
+                hook(att, q, kk, mask)
+            y = layer._finish(y, att._out(o))
+        return self.net.lm_head(m.norm(y)).float()
+
     def answer_ids(self, answer: str) -> list[int]:
         words = S.tokenize_words(answer)
         return self.tok.convert_tokens_to_ids(words) + [self.eot]
@@ -744,14 +833,7 @@ class Trainer:
         for b, r in enumerate(qrows):
             qid[b, :len(r)] = torch.tensor(r)
         qid = qid.to(dev)
-        C = ks[0].shape[2]
-        x = m.embed_tokens(qid)[None].expand(K, -1, -1, -1).reshape(K * Bq, Sq, H)
-        cos, sin = self.net.rotary(torch.arange(C, C + Sq, device=dev), x.dtype)
-        for l, layer in enumerate(m.prefusion_layers):
-            kc = ks[l].repeat_interleave(Bq, 0)
-            vc = vs[l].repeat_interleave(Bq, 0)
-            x = layer.cached(x, cos, sin, kc, vc, self.fusion)
-        fused = ((x.float().view(K, Bq, Sq, H) * w[:, None, None, None]).sum(0) / n).to(x.dtype)
+        x, fused = self.fuse_questions(qid, ks, vs, w)
         if local is not None and local_out is not None and torch.is_grad_enabled():
             # --local (training only): the question's referent row, fused with each frame, names
             # what that frame shows about it; the same read-out of the average names the answer
@@ -775,20 +857,9 @@ class Trainer:
                     term = term + head.null * null_spread(tail, list(range(R)) * len(none),
                                                           w[ii].repeat_interleave(R)) / (n * R)
                 local_out.append(term)
-        # suffix rows: fused question rows then the answer's plain embeddings
-        lens = [len(r) + len(a) - 1 for r, a in zip(qrows, ans)]
-        L = max(lens)
-        rows, tgt = [], torch.full((Bq, L), -100, dtype=torch.long)
-        for b, (r, a) in enumerate(zip(qrows, ans)):
-            parts = [fused[b, :len(r)]]
-            if len(a) > 1:
-                parts.append(m.embed_tokens(torch.tensor(a[:-1], device=dev)))
-            seq = torch.cat(parts, 0)
-            if seq.shape[0] < L:
-                seq = torch.cat([seq, seq.new_zeros(L - seq.shape[0], H)], 0)
-            rows.append(seq)
-            tgt[b, len(r) - 1:len(r) - 1 + len(a)] = torch.tensor(a)
-        y = torch.stack(rows, 0)                                                             # (Bq, L, H)
+        y, tgt = self.answer_rows(fused, qrows, ans)
+        L = y.shape[1]
+        hook = None
         if star is not None:
             # (Bq, N0 + L): the rows each question's answer row should look at
             first_row = (pre.shape[0] + torch.cumsum(reps, 0) - reps).tolist()
@@ -798,17 +869,8 @@ class Trainer:
                 on[b, [first_row[k] for k in ks_]] = True
             on = on[:, None]
             last = torch.tensor([len(r) - 1 for r in qrows], device=dev)
-        cos, sin = self.net.rotary(torch.arange(N0, N0 + L, device=dev), y.dtype)
-        mask = torch.cat([torch.ones(L, N0, dtype=torch.bool),
-                          torch.ones(L, L, dtype=torch.bool).tril()], 1).to(dev)
-        for i, layer in enumerate(m.layers):
-            att = layer.self_attn
-            q, k, v = att._qkv(layer.input_layernorm(y), cos, sin)
-            kk = torch.cat([bk[i].expand(Bq, -1, -1, -1), k], 2)
-            vv = torch.cat([bv[i].expand(Bq, -1, -1, -1), v], 2)
-            o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=att.scale,
-                                               enable_gqa=att.nh != att.nkv)
-            if star is not None:
+
+            def hook(att, q, kk, mask):
                 ql = q[torch.arange(Bq, device=dev), :, last]                               # (Bq, nh, D)
                 kx = kk.repeat_interleave(att.nh // att.nkv, 1)                             # (Bq, nh, N, D)
                 sc = torch.einsum("bhd,bhnd->bhn", ql, kx).float() * att.scale
@@ -817,9 +879,7 @@ class Trainer:
                 # the other rows as if the video were `length` frames long (each repeated)
                 lse_off = sc.masked_fill(on, float("-inf")).logsumexp(-1) + math.log(max(1.0, length / N0))
                 star[1].append(lse_on - torch.logaddexp(lse_on, lse_off))                 # (Bq, nh) log-mass
-            y = layer._finish(y, att._out(o))
-        logits = self.net.lm_head(m.norm(y)).float()                                        # (Bq, L, V)
-        tgt = tgt.to(dev)
+        logits = self.suffix_logits(y, bk, bv, N0, hook=hook)                               # (Bq, L, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
                                reduction="sum")
         with torch.no_grad():
@@ -827,24 +887,8 @@ class Trainer:
             ok = ((pred == tgt) | (tgt == -100)).all(1).tolist()
         res = [(q.family, bool(c)) for q, c in zip(qas, ok)]
         if self.cand_set and torch.is_grad_enabled():
-            # --cand-set (training only): where a question names its possible answers (order: "the
-            # red circle or the blue square?"), each answer position puts its mass on the tokens
-            # that continue one of them (given the right answer's tokens so far), whichever is
-            # right: the model names one of the two objects asked about, not a third one
-            lp = None
-            for b, (qa, r, a) in enumerate(zip(qas, qrows, ans)):
-                if not qa.cands:
-                    continue
-                cids = [self.answer_ids(c) for c in qa.cands]
-                for t in range(len(a)):
-                    allow = sorted({c[t] for c in cids if len(c) > t and c[:t] == a[:t]})
-                    if len(allow) < 2:
-                        continue
-                    if lp is None:
-                        lp = logits.log_softmax(-1)
-                    row = lp[b, len(r) - 1 + t]
-                    loss = loss - self.cand_set * row[allow].logsumexp(0)
-                    res.append(("cand_in", bool(int(row.argmax()) in allow)))
+            extra, more = self.cand_loss(logits, qas, qrows, ans)
+            loss, res = loss + self.cand_set * extra, res + more
         return loss, int((tgt != -100).sum()), res
 
 
@@ -2038,29 +2082,7 @@ def order_batch(rng: np.random.Generator, n: int) -> list[Sample]:
         spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
                             n_objects=int(rng.integers(2, S.MAX_OBJECTS + 1)))
         times = [float(t) for t in range(spec.n_frames)]
-        vis = [S.visible_objects(spec, t) for t in times]               # per frame, drawing order
-        first: dict[int, int] = {}
-        colour: dict[int, str] = {}
-        for fi, t in enumerate(times):
-            for i in vis[fi]:
-                if i not in first:
-                    first[i], colour[i] = fi, spec.objects[i].colour_at(t)
-        shown = sorted(first, key=lambda i: (first[i], i))
-        qas, attn = [], []
-        for x, i in enumerate(shown):
-            for j in shown[x + 1:]:
-                if first[j] - first[i] < 3:
-                    continue
-                # --read-order-hard: that share of the pairs with the video's first object dropped,
-                # so the questions it does not answer ("name the first object seen") weigh more
-                if x == 0 and RECIPE["read_order_hard"] and rng.random() < RECIPE["read_order_hard"]:
-                    continue
-                a, b = (i, j) if rng.random() < 0.5 else (j, i)
-                na, nb = _name(spec.objects[a].kind, colour[a]), _name(spec.objects[b].kind, colour[b])
-                qas.append(QA("order", S._T_ORDER.format(a=na, b=nb), na if first[a] < first[b] else nb,
-                              (na, nb)))
-                # --order-attn: the earlier object's frames before the other one first shows
-                attn.append([k for k in range(first[i], first[j]) if i in vis[k]])
+        qas, attn = order_pairs(spec, times, rng)
         if not qas:
             continue
         qas += clip_questions(spec, times, rng, contiguous=True, families=("count",),
@@ -2068,6 +2090,35 @@ def order_batch(rng: np.random.Generator, n: int) -> list[Sample]:
         attn += [[] for _ in range(len(qas) - len(attn))]
         out.append(Sample(spec, times, [1] * len(times), qas, "clip", codec=bool(rng.random() < 0.5), attn=attn))
     return out
+
+
+def order_pairs(spec: S.SceneSpec, times: list[float], rng: np.random.Generator) -> tuple[list[QA], list[list[int]]]:
+    """"Which appeared first?" about every pair of the objects a 1-fps clip shows whose first
+    appearances are at least 3 s apart (which name comes first in the sentence by a coin), and per
+    question the frames --order-attn points its answer row at."""
+    vis = [S.visible_objects(spec, t) for t in times]                   # per frame, drawing order
+    first: dict[int, int] = {}
+    colour: dict[int, str] = {}
+    for fi, t in enumerate(times):
+        for i in vis[fi]:
+            if i not in first:
+                first[i], colour[i] = fi, spec.objects[i].colour_at(t)
+    shown = sorted(first, key=lambda i: (first[i], i))
+    qas, attn = [], []
+    for x, i in enumerate(shown):
+        for j in shown[x + 1:]:
+            if first[j] - first[i] < 3:
+                continue
+            # --read-order-hard: that share of the pairs with the video's first object dropped,
+            # so the questions it does not answer ("name the first object seen") weigh more
+            if x == 0 and RECIPE["read_order_hard"] and rng.random() < RECIPE["read_order_hard"]:
+                continue
+            a, b = (i, j) if rng.random() < 0.5 else (j, i)
+            na, nb = _name(spec.objects[a].kind, colour[a]), _name(spec.objects[b].kind, colour[b])
+            qas.append(QA("order", S._T_ORDER.format(a=na, b=nb), na if first[a] < first[b] else nb, (na, nb)))
+            # --order-attn: the earlier object's frames before the other one first shows
+            attn.append([k for k in range(first[i], first[j]) if i in vis[k]])
+    return qas, attn
 
 
 def clips_loss(trainer: "Trainer", samples: list[Sample], size: int, dev, total=0.0, ntok: int = 0,
@@ -2131,6 +2182,205 @@ def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None
     log["read_curve"] = curve
 
 
+# =========================================================================== stage 0q: the LLM alone, cached videos
+Q_REPLAY = ("colour", "shape", "exists", "exists", "needle")
+
+
+def whole_video(rng: np.random.Generator, n_objects: int) -> Sample:
+    """Stage 0q's data: one whole 60 s video (1 fps from 0 s, as the evaluation samples it) with
+    `n_objects` objects, a needle star half the time, through `codec_like` half the time; asked
+    how many objects, the order of every pair `order_pairs` keeps, and (so that nothing the LLM
+    answered before is forgotten) `clip_questions`' colour, shape, "is there" and needle questions."""
+    spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
+                       n_objects=n_objects)
+    times = [float(t) for t in range(spec.n_frames)]
+    qas, _ = order_pairs(spec, times, rng)
+    qas += clip_questions(spec, times, rng, contiguous=True, families=("count",) + Q_REPLAY,
+                          paraphrase=RECIPE["paraphrase"])
+    return Sample(spec, times, [1] * len(times), qas, "clip", codec=bool(rng.random() < 0.5))
+
+
+def question_ids(trainer: "Trainer", qas: list[QA]) -> torch.Tensor:
+    """The questions' own prompt ids (`Trainer.question_rows`), padded with <|eot_id|>: (len(qas), Sq)."""
+    rows = [trainer.question_rows(q.question) for q in qas]
+    qid = torch.full((len(rows), max(len(r) for r in rows)), trainer.eot, dtype=torch.long)
+    for b, r in enumerate(rows):
+        qid[b, :len(r)] = torch.tensor(r)
+    return qid.to(trainer.device)
+
+
+def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int, dev, what: str,
+                 t_start: float, per_batch: int = 4) -> list[dict]:
+    """`n` of `whole_video`'s videos (the number of objects cycling 1..5, so each count answer is
+    as common) encoded once, without gradient, into what the LLM reads: per video the frame
+    tokens (K, nq, H), the fused prefix and each question's fused rows, averaged over the frames
+    exactly as `video_loss` averages them (its `cached` argument)."""
+    out: list[dict] = []
+    was = trainer.net.training
+    trainer.net.eval()
+    with torch.no_grad():
+        while len(out) < n:
+            batch = [whole_video(rng, 1 + (len(out) + i) % S.MAX_OBJECTS) for i in range(min(per_batch, n - len(out)))]
+            tokens, ks, vs, po = trainer.encode(torch.cat([preprocess(render(s), size) for s in batch]).to(dev))
+            o = 0
+            for s in batch:
+                sl = slice(o, o + len(s.times))
+                o += len(s.times)
+                w = torch.ones(len(s.times), device=dev)
+                _, fused = trainer.fuse_questions(question_ids(trainer, s.qas), [k[sl] for k in ks],
+                                                  [v[sl] for v in vs], w)
+                out.append({"tokens": tokens[sl].clone(), "pre": po[sl].float().mean(0).to(po.dtype),
+                            "fused": fused, "qas": s.qas, "objects": len(s.spec.objects)})
+            if len(out) % 200 < per_batch:
+                say(f"[train_demo] cached {what} videos {len(out):5d}/{n} {(time.perf_counter() - t_start) / 60:5.1f} min")
+    trainer.net.train(was)
+    return out
+
+
+def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float]):
+    """The answer loss over `videos` (entries of `cache_videos`, all of one length), all in one
+    batch: the same computation as `Trainer.video_loss` on each video, its frames encoded and its
+    questions fused in the call. Returns the summed loss (each question's times its family's
+    weight, 1 when not named), the number of answer tokens, and per question (family, all answer
+    tokens right)."""
+    m, dev = trainer.net.model, trainer.device
+    base = torch.stack([torch.cat([v["pre"], v["tokens"].reshape(v["tokens"].shape[0], -1)], 0) for v in videos])
+    N0 = base.shape[1]
+    cos, sin = trainer.net.rotary(torch.arange(N0, device=dev), base.dtype)
+    h, bk, bv = base, [], []
+    for layer in m.layers:
+        h, k, v = layer.full(h, cos, sin)
+        bk.append(k)
+        bv.append(v)
+    qas = [q for v in videos for q in v["qas"]]
+    qv = torch.tensor([i for i, v in enumerate(videos) for _ in v["qas"]], device=dev)
+    Sq = max(v["fused"].shape[1] for v in videos)
+    fused = torch.cat([F.pad(v["fused"], (0, 0, 0, Sq - v["fused"].shape[1])) for v in videos], 0)
+    qrows, ans = [trainer.question_rows(q.question) for q in qas], [trainer.answer_ids(q.answer) for q in qas]
+    y, tgt = trainer.answer_rows(fused, qrows, ans)
+    logits = trainer.suffix_logits(y, bk, bv, N0, qv=qv)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                         reduction="none").view(tgt.shape)
+    wq = torch.tensor([weights.get(q.family, 1.0) for q in qas], device=dev)
+    with torch.no_grad():
+        ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(1).tolist()
+    loss, res = (ce.sum(1) * wq).sum(), [(q.family, bool(c)) for q, c in zip(qas, ok)]
+    if trainer.cand_set and torch.is_grad_enabled():
+        extra, more = trainer.cand_loss(logits, qas, qrows, ans)          # --cand-set
+        loss, res = loss + trainer.cand_set * extra, res + more
+    return loss, int((tgt != -100).sum()), res
+
+
+def cached_accuracy(trainer: "Trainer", videos: list[dict]) -> dict[str, float]:
+    """Per family, the share of questions whose answer tokens are all right (teacher-forced; count
+    answers are one token), over `videos`; no gradient."""
+    hist: dict[str, list[int]] = {}
+    with torch.no_grad():
+        for i in range(0, len(videos), 16):
+            _, _, r = cached_loss(trainer, videos[i:i + 16], {})
+            for fam, ok in r:
+                hist.setdefault(fam, []).append(int(ok))
+    return {f: round(float(np.mean(v)), 4) for f, v in sorted(hist.items())}
+
+
+def read_cache(f: Path, key: dict, must: dict) -> tuple[list[dict], list[dict]]:
+    """The training and validation videos of a --cached-file, whose key must agree with `must`
+    (each named field), or a SystemExit that says what differs."""
+    if not f.exists():
+        raise SystemExit(f"--cached-file {f}: expected a file written by an earlier stage 0q run, got none")
+    saved = torch.load(f, weights_only=False)
+    bad = {k: (saved["key"].get(k), v) for k, v in must.items() if saved["key"].get(k) != v}
+    if bad:
+        raise SystemExit(f"--cached-file {f} was made for another run: (file, this run) {bad}; give another "
+                         f"file or the same seed, counts and warm start (this run: {key})")
+    return saved["train"], saved["val"]
+
+
+def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
+    """Stage 0q (--cached-steps): the LLM alone, for many steps, on whole 60 s videos encoded once.
+
+    Nothing before the LLM trains in stages 0r and 0n either, yet they re-encode every clip
+    every step, so on this CPU a session fits 150-500 of their steps; count and order sat at
+    53-66 % through all of them (sixteen sessions). Here --cached-videos videos are encoded once
+    (the frame tokens and each question's fused rows, exactly what the LLM reads) and the LLM
+    trains on them for --cached-steps steps of --cached-batch videos: count, every order pair and
+    the families it already answers, the count and order losses times --cached-weight. Every
+    --cached-eval-every steps it is measured on --cached-val other videos; the weights with the
+    best mean count and order accuracy there are kept (early stopping: the training videos are
+    seen many times)."""
+    params, opt = llm_alone_optimiser(trainer.net, a.cached_lr)
+    # what the cache depends on: the weights before the LLM, the draws and the tokenizer's ids
+    seed = a.seed if a.cached_seed is None else a.cached_seed
+    key = {"seed": seed, "videos": a.cached_videos, "val": a.cached_val, "paraphrase": RECIPE["paraphrase"],
+           "weights": state_hash(trainer.net, trainer.vision, before_llm=True), "vocab": len(trainer.tok.get_vocab())}
+    files = a.cached_file or []
+    f = files[0] if files else None
+    if f is not None and f.exists():
+        train, val = read_cache(f, key, key)
+        say(f"[train_demo] cached videos read from {f}: {len(train)} training, {len(val)} validation")
+    else:
+        train = cache_videos(trainer, a.cached_videos, np.random.default_rng([seed, 0xCAC4E]), a.image_size, dev,
+                             "training", t_start)
+        val = cache_videos(trainer, a.cached_val, np.random.default_rng([seed, 0x7A1]), a.image_size, dev,
+                           "validation", t_start)
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"key": key, "train": train, "val": val}, f)
+            say(f"[train_demo] cached videos written to {f} ({f.stat().st_size / 2 ** 20:.0f} MiB)")
+    for g in files[1:]:
+        # more training videos, encoded by runs with other seeds from the same weights
+        more, _ = read_cache(g, key, {k: key[k] for k in ("paraphrase", "weights", "vocab")})
+        train = train + more
+        say(f"[train_demo] cached videos read from {g}: {len(more)} more training videos ({len(train)} in all)")
+    weights = {"count": a.cached_weight, "order": a.cached_weight}
+
+    def score(acc: dict) -> float:
+        return (acc.get("count", 0.0) + acc.get("order", 0.0)) / 2
+
+    acc0 = cached_accuracy(trainer, val)
+    best = (score(acc0), 0, {k: v.detach().clone() for k, v in trainer.net.state_dict().items()})
+    curve, evals, hist = [], [{"step": 0, "val": acc0}], {}
+    say(f"[train_demo] cached val step 0: " + " ".join(f"{f}={v:.3f}" for f, v in acc0.items()))
+    rng = np.random.default_rng([a.seed, 0x57E9])
+    for step in range(a.cached_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, a.cached_steps, a.cached_lr, 50)
+        pick = [train[int(i)] for i in rng.choice(len(train), size=min(a.cached_batch, len(train)), replace=False)]
+        total, ntok, r = cached_loss(trainer, pick, weights)
+        if a.needle_every and step % a.needle_every == 0:
+            # --needle-every: a stage-0n star / no-star pair too (encoded afresh: up to
+            # --needle-longest frames), so the long needle is not forgotten (60 s videos alone
+            # took the 3-hour needle from 88 to 50 %: seventeenth session)
+            nrng = np.random.default_rng([a.seed, 0x57A3, step])
+            L = needle_length(nrng, step / max(1, a.cached_steps), a.needle_longest, a.needle_shortest)
+            total, ntok, rn = needle_loss(trainer, a, nrng, L, dev, total, ntok)
+            r = r + [(q.family + "_long", ok) for q, ok in rn]
+        for fam, ok in r:
+            hist.setdefault(fam, []).append(int(ok))
+        loss = total / ntok
+        clipped_step(opt, params, loss)
+        el = time.perf_counter() - t_start
+        if step % a.log_every == 0 or step == a.cached_steps - 1:
+            recent = {f: round(float(np.mean(v[-300:])), 3) for f, v in sorted(hist.items())}
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "first_token_acc": recent,
+                          "elapsed_s": round(el, 1)})
+            say(f"[train_demo] cached {step:5d}/{a.cached_steps} loss {float(loss.detach()):.3f} "
+                + " ".join(f"{f}={v:.2f}" for f, v in recent.items()) + f" {el / 60:5.1f} min")
+        if (step + 1) % a.cached_eval_every == 0 or step == a.cached_steps - 1:
+            acc = cached_accuracy(trainer, val)
+            evals.append({"step": step + 1, "val": acc, "elapsed_s": round(el, 1)})
+            kept = score(acc) > best[0]
+            if kept:
+                best = (score(acc), step + 1, {k: v.detach().clone() for k, v in trainer.net.state_dict().items()})
+            say(f"[train_demo] cached val step {step + 1}: " + " ".join(f"{f}={v:.3f}" for f, v in acc.items())
+                + (" (best so far)" if kept else ""))
+    trainer.net.load_state_dict(best[2])
+    say(f"[train_demo] cached: keeping the weights of step {best[1]} (validation count and order {best[0]:.3f})")
+    log["cached_curve"] = curve
+    log["cached_val"] = evals
+    log["cached_kept_step"] = best[1]
+
+
 # =========================================================================== saving
 def save_checkpoint(out: Path, net: LlavaMiniNet, vision: VisionTower, cfgd: dict, all_layers, a) -> None:
     out.mkdir(parents=True, exist_ok=True)
@@ -2186,12 +2436,22 @@ def init_from(src: Path, net: LlavaMiniNet, vision: VisionTower, all_layers, tok
                 copied += 1
             else:
                 skipped.append(k)
+        # LLM layers the source does not have (--layers above its own) start as the identity
+        # (their attention and MLP outputs zero), so the warm start answers exactly as the source
+        # did; their other weights keep the fresh initialisation, so they can learn
+        new_layers = sorted({int(k.split(".")[2]) for k in own if k.startswith("model.layers.")}
+                            - {int(k.split(".")[2]) for k in sd if k.startswith("model.layers.")})
+        for i in new_layers:
+            layer = net.model.layers[i]
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
     net.model.compressor.invalidate()
     sha = hashlib.sha256((src / "model.safetensors").read_bytes()).hexdigest()[:16]
     say(f"[train_demo] warm start from {src} (model.safetensors sha256 {sha}): {copied} tensors, "
-        f"{len(rows)} of {len(new_vocab)} token rows, skipped {skipped}")
+        f"{len(rows)} of {len(new_vocab)} token rows, skipped {skipped}"
+        + (f", new LLM layers {new_layers} start as the identity" if new_layers else ""))
     return {"from": str(src), "model_safetensors_sha256_16": sha, "tensors": copied,
-            "token_rows": len(rows), "skipped": skipped}
+            "token_rows": len(rows), "skipped": skipped, "identity_layers": new_layers}
 
 
 def scale_words(net: LlavaMiniNet, tok, words, k: float) -> None:
@@ -2207,10 +2467,15 @@ def scale_words(net: LlavaMiniNet, tok, words, k: float) -> None:
     say(f"[train_demo] --word-scale: embedding rows of {len(ids)} words x {k:g}")
 
 
-def state_hash(net: LlavaMiniNet, vision: VisionTower) -> str:
+def state_hash(net: LlavaMiniNet, vision: VisionTower, before_llm: bool = False) -> str:
+    """sha256 (16 hex digits) of every weight; `before_llm`: of those the LLM's input depends on
+    only (not the LLM's layers, final norm and output head)."""
     h = hashlib.sha256()
+    skip = ("model.layers.", "model.norm.", "lm_head.") if before_llm else ()
     for mod in (net, vision):
         for k, v in sorted(mod.state_dict().items()):
+            if mod is net and skip and k.startswith(skip):
+                continue
             h.update(k.encode())
             h.update(v.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
@@ -2375,6 +2640,24 @@ def parse_args(argv):
                     help="stage 0c: weight of the count read-out (the last 4 rows of 'how many objects are "
                          "there?' name the pairs its frame shows, and their average over frames every pair "
                          "seen; 0: off)")
+    ap.add_argument("--cached-steps", type=int, default=0,
+                    help="stage 0q: steps of LLM-only training on whole 60 s videos encoded once (count, "
+                         "order and the other families; 0: none)")
+    ap.add_argument("--cached-videos", type=int, default=2000, help="stage 0q: training videos encoded")
+    ap.add_argument("--cached-val", type=int, default=200,
+                    help="stage 0q: validation videos (the weights best on their count and order are kept)")
+    ap.add_argument("--cached-batch", type=int, default=16, help="stage 0q: videos per step")
+    ap.add_argument("--cached-lr", type=float, default=5e-4)
+    ap.add_argument("--cached-weight", type=float, default=2.0,
+                    help="stage 0q: weight of the count and order questions' loss (the others: 1)")
+    ap.add_argument("--cached-file", type=Path, nargs="+", default=None,
+                    help="stage 0q: read the encoded videos from the first file when it exists (made by a "
+                         "run with the same seed, counts and weights before the LLM), else write them there; "
+                         "more files (made from the same weights with other seeds) add training videos")
+    ap.add_argument("--cached-seed", type=int, default=None,
+                    help="stage 0q: the seed of the videos' draws (default: --seed, which also draws the "
+                         "training order), so that runs with other seeds can share one --cached-file")
+    ap.add_argument("--cached-eval-every", type=int, default=100, help="stage 0q: validation every N steps")
     ap.add_argument("--read-steps", type=int, default=0,
                     help="stage 0r: steps of LLM-only training on colour, shape, 'is there', count and order "
                          "questions about short clips with several objects (0: none)")
@@ -2423,7 +2706,7 @@ def parse_args(argv):
                     help="stage 0n and --needle-every: the longest video, in frames (stage 0n reaches it "
                          "after 60 %% of its steps)")
     ap.add_argument("--needle-every", type=int, default=0,
-                    help="stage 2: add stage 0n's star / no-star pair (--needle-shortest to --needle-longest "
+                    help="stage 2 and stage 0q: add stage 0n's star / no-star pair (--needle-shortest to --needle-longest "
                          "frames) every N steps (0: never)")
     ap.add_argument("--llm-only", action="store_true",
                     help="stage 2: train the LLM alone (layers, final norm, output head); tower, compressor, "
@@ -2493,7 +2776,8 @@ def main(argv=None) -> int:
     if exact_diff > 1e-3:
         raise SystemExit(f"training forward differs from the engine by {exact_diff}")
 
-    log = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+    log = {"args": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) else v)
+                    for k, v in vars(a).items()},
            "config": cfgd, "params": n_params, "device": str(dev), "threads": torch.get_num_threads(),
            "check_exact_max_abs_logit_diff": exact_diff, "train_seed_limit": TRAIN_SEED_LIMIT,
            "data": "scene seeds drawn from numpy default_rng([seed, 0xDA7A, step]) in [0, 10**6)",
@@ -2514,6 +2798,8 @@ def main(argv=None) -> int:
         isolated(net, keep_words, trainer, a, dev, log, t_start)
         params = [p for p in params if p.requires_grad]
         opt = adamw(params, a.lr)
+    if a.cached_steps:
+        isolated(net, pretrain_cached, trainer, a, dev, log, t_start)
     if a.read_steps:
         isolated(net, pretrain_read, trainer, a, dev, log, t_start)
     if a.needle_steps:

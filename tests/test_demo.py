@@ -1026,3 +1026,85 @@ def test_tower_sets_trains_the_tower_and_compressor_alone_and_logs_held_out_sets
         f0, fh, ff = (LlavaMini.from_pretrained(d).vision(px) for d in (CKPT, held, free))
     drift = [float((f - f0).pow(2).mean() / f0.pow(2).mean()) for f in (fh, ff)]
     assert 0 < drift[0] < drift[1], drift
+
+
+def test_cached_videos_give_the_llm_exactly_the_uncached_loss(demo):
+    """Stage 0q's cache (`cache_videos`: frame tokens, fused prefix and each question's fused rows,
+    averaged over the frames once) and its batched loss (`cached_loss`) give the same loss and
+    answers as `video_loss` encoding each video's frames and fusing its questions in the call;
+    the videos cycle 1..5 objects and ask count, order and the families the LLM already answers."""
+    from model import train_demo as T
+    m = demo
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    rng = np.random.default_rng(5)
+    cache = T.cache_videos(tr, 5, np.random.default_rng(5), 64, m.device, "test", 0.0)
+    assert [v["objects"] for v in cache] == [1, 2, 3, 4, 5]
+    fams = {q.family for v in cache for q in v["qas"]}
+    assert {"count", "order", "colour", "shape", "exists"} <= fams, fams
+    rng = np.random.default_rng(5)                       # the same draws again, encoded in the call
+    losses, ntok, res = [], 0, []
+    for k, v in enumerate(cache):
+        s = T.whole_video(rng, 1 + k)
+        assert [q.question for q in s.qas] == [q.question for q in v["qas"]]
+        with torch.no_grad():
+            tokens, ks, vs, po = tr.encode(T.preprocess(T.render(s), 64))
+            reps = torch.ones(len(s.times), dtype=torch.long)
+            l0, n0, r0 = tr.video_loss(tokens, ks, vs, po, reps, s.qas)
+            losses.append(float(l0))
+            ntok, res = ntok + n0, res + r0
+    with torch.no_grad():
+        l1, n1, r1 = T.cached_loss(tr, cache, {})              # all five videos in one batch
+    assert n1 == ntok and r1 == res
+    assert abs(float(l1) - sum(losses)) <= 1e-4 * sum(losses), (float(l1), sum(losses))
+    with torch.no_grad():
+        lw, _, _ = T.cached_loss(tr, cache[:1], {"count": 3.0})
+        l1, _, _ = T.cached_loss(tr, cache[:1], {})
+    assert float(lw) > float(l1)                               # the count question's loss counted 3 times
+    acc = T.cached_accuracy(tr, cache)
+    assert set(acc) == {fam for v in cache for q in v["qas"] for fam in [q.family]}
+    assert all(0 <= a <= 1 for a in acc.values())
+
+
+def test_cached_stage_trains_the_llm_alone_keeps_the_best_and_new_layers_start_as_identity(tmp_path):
+    """Stage 0q (--cached-steps) from the demo checkpoint with two more LLM layers (--layers 6):
+    the warm start's new layers are the identity (the engine's answers before any step equal the
+    checkpoint's), only the LLM's layers, norm and head move, the validation curve is logged and the
+    kept step is one of the evaluated ones."""
+    from model import LlavaMini
+    from model import train_demo as T
+    from stream import synthetic as S
+    from safetensors.torch import load_file
+    zero, out = tmp_path / "zero", tmp_path / "q"
+    _stage_from_demo(zero, "--seed", "8", "--layers", "6", "--cached-steps", "0")
+    cache = tmp_path / "videos.pt"
+    _stage_from_demo(out, "--seed", "8", "--layers", "6", "--cached-steps", "4", "--cached-videos", "6",
+                     "--cached-val", "5", "--cached-batch", "3", "--cached-eval-every", "2", "--cached-lr", "3e-3",
+                     "--cached-file", str(cache))
+    saved = torch.load(cache, weights_only=False)
+    assert len(saved["train"]) == 6 and len(saved["val"]) == 5 and saved["key"]["seed"] == 8
+    with pytest.raises(SystemExit, match=r"made for another run.*'seed': \(8, 9\)"):
+        T.read_cache(cache, {}, {"seed": 9})
+    with pytest.raises(SystemExit, match="expected a file written by an earlier stage 0q run"):
+        T.read_cache(tmp_path / "none.pt", {}, {})
+    spec = S.make_scene(10 ** 9 + 7, 20, needle=False, n_objects=2)
+    px = T.preprocess(np.stack([S.render_frame(spec, float(t)) for t in range(20)]), 64)
+    with torch.no_grad():
+        base, grown = LlavaMini.from_pretrained(CKPT), LlavaMini.from_pretrained(zero)
+        assert grown.cfg.num_hidden_layers == 6
+        q = grown.prompt_ids("how many objects are there?")
+        a = base.fuse_question(q, base.encode_frames(px))[0]
+        b = grown.fuse_question(q, grown.encode_frames(px))[0]
+        la, lb = base._llm(a, None, all_logits=True), grown._llm(b, None, all_logits=True)
+    assert_close = torch.testing.assert_close
+    assert_close(lb, la, atol=1e-5, rtol=1e-5)
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["step"] for e in log["cached_val"]] == [0, 2, 4]
+    assert log["cached_kept_step"] in (0, 2, 4)
+    assert {"count", "order"} <= log["cached_val"][0]["val"].keys()
+    before, after = load_file(str(zero / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    llm = ("model.layers.", "model.norm.", "lm_head.")
+    if log["cached_kept_step"]:
+        assert moved and all(k.startswith(llm) for k in moved), sorted(moved)[:5]
+    else:
+        assert not moved
