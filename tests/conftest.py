@@ -12,6 +12,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (run-tests.sh: two workers on this 2-core machine) each worker computes on one
+# thread, so that one worker's tensors do not starve the other's Ray, Redis and RTSP processes.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:

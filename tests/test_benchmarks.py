@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
+pytestmark = pytest.mark.xdist_group("ray")
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -43,7 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "checkpoints" / "demo"
 KEY = "cluster-key-1"
 RAY = str(Path(sys.executable).parent / "ray")
-pytestmark = pytest.mark.timeout(420)
+# one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
+pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("ray")]
 
 
 # ------------------------------------------------------------------------------------------ Ray nodes

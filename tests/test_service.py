@@ -19,7 +19,8 @@ from frame_cache.redis_server import RedisServer, free_port
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "checkpoints" / "demo"
 KEY = "test-key-123"
-pytestmark = pytest.mark.timeout(900)
+# one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
+pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("ray")]
 
 
 class Service:
