@@ -657,15 +657,20 @@ class Trainer:
         ids = {self.tok.convert_tokens_to_ids(w) for w in words}
         return max(i for i, t in enumerate(rows) if t in ids)
 
+    def padded_ids(self, rows: list[list[int]]) -> torch.Tensor:
+        """Token id rows padded with <|eot_id|> to the longest: (len(rows), max length), on the device."""
+        qid = torch.full((len(rows), max(len(r) for r in rows)), self.eot, dtype=torch.long)
+        for b, r in enumerate(rows):
+            qid[b, :len(r)] = torch.tensor(r)
+        return qid.to(self.device)
+
     def fuse_rows(self, rows: list[list[int]], ks, vs) -> torch.Tensor:
         """Question rows (padded with <|eot_id|>) through the pre-fusion layers, row b against the
         cached keys/values ks[l][b], vs[l][b] of its frame: (len(rows), max length, H)."""
         m = self.net.model
-        Sq = max(len(r) for r in rows)
-        qid = torch.full((len(rows), Sq), self.eot, dtype=torch.long)
-        for b, r in enumerate(rows):
-            qid[b, :len(r)] = torch.tensor(r)
-        x = m.embed_tokens(qid.to(self.device))
+        qid = self.padded_ids(rows)
+        Sq = qid.shape[1]
+        x = m.embed_tokens(qid)
         C = ks[0].shape[2]
         cos, sin = self.net.rotary(torch.arange(C, C + Sq, device=self.device), x.dtype)
         for l, layer in enumerate(m.prefusion_layers):
@@ -828,11 +833,8 @@ class Trainer:
                 aux.append(fl.shape[0])        # question rows, padded; fused with every distinct frame
         qrows = [self.question_rows(q.question) for q in qas]
         ans = [self.answer_ids(q.answer) for q in qas]
-        Bq, Sq = len(qas), max(len(r) for r in qrows)
-        qid = torch.full((Bq, Sq), self.eot, dtype=torch.long)
-        for b, r in enumerate(qrows):
-            qid[b, :len(r)] = torch.tensor(r)
-        qid = qid.to(dev)
+        qid = self.padded_ids(qrows)
+        Bq, Sq = qid.shape
         x, fused = self.fuse_questions(qid, ks, vs, w)
         if local is not None and local_out is not None and torch.is_grad_enabled():
             # --local (training only): the question's referent row, fused with each frame, names
@@ -2200,21 +2202,12 @@ def whole_video(rng: np.random.Generator, n_objects: int) -> Sample:
     return Sample(spec, times, [1] * len(times), qas, "clip", codec=bool(rng.random() < 0.5))
 
 
-def question_ids(trainer: "Trainer", qas: list[QA]) -> torch.Tensor:
-    """The questions' own prompt ids (`Trainer.question_rows`), padded with <|eot_id|>: (len(qas), Sq)."""
-    rows = [trainer.question_rows(q.question) for q in qas]
-    qid = torch.full((len(rows), max(len(r) for r in rows)), trainer.eot, dtype=torch.long)
-    for b, r in enumerate(rows):
-        qid[b, :len(r)] = torch.tensor(r)
-    return qid.to(trainer.device)
-
-
 def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int, dev, what: str,
                  t_start: float, per_batch: int = 4) -> list[dict]:
     """`n` of `whole_video`'s videos (the number of objects cycling 1..5, so each count answer is
     as common) encoded once, without gradient, into what the LLM reads: per video the frame
     tokens (K, nq, H), the fused prefix and each question's fused rows, averaged over the frames
-    exactly as `video_loss` averages them (its `cached` argument)."""
+    exactly as `video_loss` averages them (`cached_loss` reads them)."""
     out: list[dict] = []
     was = trainer.net.training
     trainer.net.eval()
@@ -2227,8 +2220,8 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                 sl = slice(o, o + len(s.times))
                 o += len(s.times)
                 w = torch.ones(len(s.times), device=dev)
-                _, fused = trainer.fuse_questions(question_ids(trainer, s.qas), [k[sl] for k in ks],
-                                                  [v[sl] for v in vs], w)
+                qid = trainer.padded_ids([trainer.question_rows(q.question) for q in s.qas])
+                _, fused = trainer.fuse_questions(qid, [k[sl] for k in ks], [v[sl] for v in vs], w)
                 out.append({"tokens": tokens[sl].clone(), "pre": po[sl].float().mean(0).to(po.dtype),
                             "fused": fused, "qas": s.qas, "objects": len(s.spec.objects)})
             if len(out) % 200 < per_batch:
