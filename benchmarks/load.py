@@ -472,8 +472,13 @@ def run_step(h: Harness, n: int, kinds: tuple[str, ...], duration: float, warmup
         if rtsp_ids:
             d_frames = sum(m1.get(s, 0.0) - m0.get(s, 0.0) for s in rtsp_ids)
             lag_a, lag_b, drift, dropped = [], [], [], 0
+            st_frames, st_advance = 0, 0.0                # from the status samples: frames vs stream time
             for s in rtsp_ids:
                 sm = samples[s]
+                fp = [(d["frames"], d["last_pts"]) for _, d in sm if d.get("last_pts") is not None]
+                if len(fp) >= 2:
+                    st_frames += int(fp[-1][0]) - int(fp[0][0])
+                    st_advance += float(fp[-1][1]) - float(fp[0][1])
                 a, b = _ends([(t, d["lag_s"]) for t, d in sm if d.get("lag_s") is not None], t0, t1)
                 lag_a.append(a)
                 lag_b.append(b)
@@ -488,6 +493,11 @@ def run_step(h: Harness, n: int, kinds: tuple[str, ...], duration: float, warmup
                 "lag_start_s": _r(la), "lag_end_s": _r(lb),
                 "lag_growth_s": _r(lb - la) if la is not None and lb is not None else None,
                 "pts_drift_s": _r(_mean(drift)), "dropped": dropped,
+                # the same window seen through the streams' status (published about once a second): frames
+                # stored and the stream time they cover. A service catching up on a backlog stores more frames
+                # than the window's wall time offers (ingested_fps above offered_fps) but never more than its
+                # stream time holds: stored_frames <= stream_advance_s * 1 fps (+1 per camera at the edges).
+                "status_stored_frames": st_frames, "stream_advance_s": _r(st_advance, 3),
                 "status": sorted({samples[s][-1][1]["status"] for s in rtsp_ids if samples[s]}),
             }
         if pushers is not None:

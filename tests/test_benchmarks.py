@@ -220,8 +220,11 @@ def test_lmstream_bench_load_small_run_is_consistent_and_leaves_nothing_running(
         ws, rt = s["per_kind"]["ws"], s["per_kind"]["rtsp"]
         assert 0 <= ws["ingested_frames"] <= ws["offered_frames"] and ws["dropped"] == ws["offered_frames"] - ws["ingested_frames"]
         assert ws["offered_frames"] >= 1
-        # RTSP: frames stored in the window vs the cameras' 1 fps; a frame at each window edge may count
-        assert 0 <= rt["ingested_fps"] * s["window_s"] <= rt["offered_fps"] * s["window_s"] + s["n"] + 1e-6
+        # RTSP: frames stored in the window can exceed the cameras' 1 fps of wall time when the service drains a
+        # backlog (a loaded machine, no warm-up: CI stored 11 frames in a 3.1 s window from 2 cameras), but not the
+        # stream time they cover: each camera's frames are 1 s of stream time apart (a frame at each edge may count)
+        assert rt["ingested_fps"] >= 0 and rt["status_stored_frames"] >= 0 and rt["stream_advance_s"] >= 0
+        assert rt["status_stored_frames"] <= rt["stream_advance_s"] * 1.0 + s["n"] + 1e-6, rt
         assert rt["offered_fps"] == s["n"]
         assert s["offered_fps"] == pytest.approx(ws["offered_fps"] + rt["offered_fps"], abs=2e-3)
         assert s["ingested_fps"] == pytest.approx(ws["ingested_fps"] + rt["ingested_fps"], abs=2e-3)
