@@ -2346,7 +2346,14 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             # took the 3-hour needle from 88 to 50 %: seventeenth session)
             nrng = np.random.default_rng([a.seed, 0x57A3, step])
             L = needle_length(nrng, step / max(1, a.cached_steps), a.needle_longest, a.needle_shortest)
-            total, ntok, rn = needle_loss(trainer, a, nrng, L, dev, total, ntok)
+            if a.needle_weight is None:                    # pooled with the videos' answer tokens
+                total, ntok, rn = needle_loss(trainer, a, nrng, L, dev, total, ntok)
+            else:
+                # --needle-weight: the pair's mean loss per answer token, times the weight, added to the
+                # videos' mean: pooled, its 2-3 answer tokens weigh against some 500 of the videos'
+                # (Q4 kept the 3-hour needle at 58 %: seventeenth session)
+                nt, nn, rn = needle_loss(trainer, a, nrng, L, dev)
+                total, ntok = total + a.needle_weight * nt * ntok / nn, ntok
             r = r + [(q.family + "_long", ok) for q, ok in rn]
         for fam, ok in r:
             hist.setdefault(fam, []).append(int(ok))
@@ -2359,7 +2366,8 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                           "elapsed_s": round(el, 1)})
             say(f"[train_demo] cached {step:5d}/{a.cached_steps} loss {float(loss.detach()):.3f} "
                 + " ".join(f"{f}={v:.2f}" for f, v in recent.items()) + f" {el / 60:5.1f} min")
-        if (step + 1) % a.cached_eval_every == 0 or step == a.cached_steps - 1:
+        out_of_time = el > a.minutes * 60                   # --minutes: measure, keep the best, stop
+        if (step + 1) % a.cached_eval_every == 0 or step == a.cached_steps - 1 or out_of_time:
             acc = cached_accuracy(trainer, val)
             evals.append({"step": step + 1, "val": acc, "elapsed_s": round(el, 1)})
             kept = score(acc) > best[0]
@@ -2367,6 +2375,10 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                 best = (score(acc), step + 1, {k: v.detach().clone() for k, v in trainer.net.state_dict().items()})
             say(f"[train_demo] cached val step {step + 1}: " + " ".join(f"{f}={v:.3f}" for f, v in acc.items())
                 + (" (best so far)" if kept else ""))
+        if out_of_time:
+            say(f"[train_demo] cached: stopped by --minutes after {step + 1} of {a.cached_steps} steps")
+            log["cached_stopped_at"] = step + 1
+            break
     trainer.net.load_state_dict(best[2])
     say(f"[train_demo] cached: keeping the weights of step {best[1]} (validation count and order {best[0]:.3f})")
     log["cached_curve"] = curve
@@ -2512,7 +2524,8 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=3600, help="optimizer steps (the schedule's length)")
     ap.add_argument("--minutes", type=float, default=40.0,
-                    help="wall-clock guard: stop, save and say so if reached before --steps")
+                    help="wall-clock guard: stop, save and say so if reached before --steps (stage 0q: before "
+                         "--cached-steps, keeping its best weights so far)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
@@ -2701,6 +2714,9 @@ def parse_args(argv):
     ap.add_argument("--needle-every", type=int, default=0,
                     help="stage 2 and stage 0q: add stage 0n's star / no-star pair (--needle-shortest to --needle-longest "
                          "frames) every N steps (0: never)")
+    ap.add_argument("--needle-weight", type=float, default=None,
+                    help="stage 0q with --needle-every: the star / no-star pair's mean loss per answer token, times "
+                         "this, is added to the videos' mean loss (default: its answer tokens pooled with theirs)")
     ap.add_argument("--llm-only", action="store_true",
                     help="stage 2: train the LLM alone (layers, final norm, output head); tower, compressor, "
                          "projector, pre-fusion layers and embeddings stay as they are")

@@ -1065,6 +1065,21 @@ def test_cached_videos_give_the_llm_exactly_the_uncached_loss(demo):
     assert all(0 <= a <= 1 for a in acc.values())
 
 
+def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_kept(tmp_path):
+    """Stage 0q with a star / no-star pair every step weighed on its own (--needle-weight) and a
+    --minutes guard already spent: it measures after the first step, keeps the better weights and says
+    where it stopped; the pair's questions are logged apart from the 60 s videos'."""
+    out = tmp_path / "q"
+    _stage_from_demo(out, "--seed", "3", "--cached-steps", "50", "--cached-videos", "3", "--cached-val", "2",
+                     "--cached-batch", "3", "--needle-every", "1", "--needle-weight", "0.5", "--needle-anchors", "24",
+                     "--needle-shortest", "60", "--needle-longest", "80", "--decoys", "2", "--minutes", "0")
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["cached_stopped_at"] == 1
+    assert [e["step"] for e in log["cached_val"]] == [0, 1] and log["cached_kept_step"] in (0, 1)
+    fams = log["cached_curve"][0]["first_token_acc"]
+    assert "needle_long" in fams and "count" in fams, fams
+
+
 def test_cached_stage_trains_the_llm_alone_keeps_the_best_and_new_layers_start_as_identity(tmp_path):
     """Stage 0q (--cached-steps) from the demo checkpoint with two more LLM layers (--layers 6):
     the warm start's new layers are the identity (the engine's answers before any step equal the
