@@ -475,16 +475,16 @@ def run_step(h: Harness, n: int, kinds: tuple[str, ...], duration: float, warmup
             st_frames, st_advance = 0, 0.0                # from the status samples: frames vs stream time
             for s in rtsp_ids:
                 sm = samples[s]
-                fp = [(d["frames"], d["last_pts"]) for _, d in sm if d.get("last_pts") is not None]
-                if len(fp) >= 2:
-                    st_frames += int(fp[-1][0]) - int(fp[0][0])
-                    st_advance += float(fp[-1][1]) - float(fp[0][1])
                 a, b = _ends([(t, d["lag_s"]) for t, d in sm if d.get("lag_s") is not None], t0, t1)
                 lag_a.append(a)
                 lag_b.append(b)
-                pts = [(t, d["last_pts"]) for t, d in sm if d.get("last_pts") is not None]
-                if len(pts) >= 2:                     # wall time passed minus stream time advanced
-                    drift.append((pts[-1][0] - pts[0][0]) - (pts[-1][1] - pts[0][1]))
+                pts = [(t, d) for t, d in sm if d.get("last_pts") is not None]
+                if len(pts) >= 2:
+                    (ta, da), (tb, db) = pts[0], pts[-1]
+                    advance = float(db["last_pts"]) - float(da["last_pts"])
+                    drift.append((tb - ta) - advance)       # wall time passed minus stream time advanced
+                    st_frames += int(db["frames"]) - int(da["frames"])
+                    st_advance += advance
                 if sm:
                     dropped += int(sm[-1][1].get("dropped") or 0) - int(sm[0][1].get("dropped") or 0)
             la, lb = _mean(lag_a), _mean(lag_b)
