@@ -2331,7 +2331,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         return (acc.get("count", 0.0) + acc.get("order", 0.0)) / 2
 
     acc0 = cached_accuracy(trainer, val)
-    best = (score(acc0), 0, {k: v.detach().clone() for k, v in trainer.net.state_dict().items()})
+    best = (score(acc0), 0, weights_copy(trainer.net))
     curve, evals, hist = [], [{"step": 0, "val": acc0}], {}
     say(f"[train_demo] cached val step 0: " + " ".join(f"{f}={v:.3f}" for f, v in acc0.items()))
     rng = np.random.default_rng([a.seed, 0x57E9])
@@ -2372,7 +2372,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             evals.append({"step": step + 1, "val": acc, "elapsed_s": round(el, 1)})
             kept = score(acc) > best[0]
             if kept:
-                best = (score(acc), step + 1, {k: v.detach().clone() for k, v in trainer.net.state_dict().items()})
+                best = (score(acc), step + 1, weights_copy(trainer.net))
             say(f"[train_demo] cached val step {step + 1}: " + " ".join(f"{f}={v:.3f}" for f, v in acc.items())
                 + (" (best so far)" if kept else ""))
         if out_of_time:
@@ -2509,6 +2509,11 @@ def make_step(step: int, steps: int, seed: int, a_stage1: float = 0.3, long_ever
     for s in out:
         s.codec = bool(rng.random() < 0.5)
     return [s for s in out if s.qas]
+
+
+def weights_copy(net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every weight (`load_state_dict` puts it back): the EMA's average, the kept best."""
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -2731,6 +2736,9 @@ def parse_args(argv):
     if a.needle_anchors_min is not None and not 1 <= a.needle_anchors_min <= a.needle_anchors:
         ap.error(f"--needle-anchors-min must be between 1 and --needle-anchors ({a.needle_anchors}); "
                  f"got {a.needle_anchors_min}")
+    if a.needle_weight is not None and not (a.cached_steps and a.needle_every):
+        ap.error(f"--needle-weight weighs stage 0q's star / no-star pairs: it needs --cached-steps and --needle-every "
+                 f"above 0; got --cached-steps {a.cached_steps}, --needle-every {a.needle_every}")
     if not 60 <= a.needle_shortest <= a.needle_longest:
         ap.error(f"--needle-shortest must be between 60 and --needle-longest ({a.needle_longest}); "
                  f"got {a.needle_shortest}")
@@ -2826,7 +2834,7 @@ def main(argv=None) -> int:
     fam_hist: dict[str, list[int]] = {}
     stopped_early = False
     step = 0
-    averaged = {k: v.detach().clone() for k, v in net.state_dict().items()} if a.ema else None
+    averaged = weights_copy(net) if a.ema else None
 
     def write_out(steps_done: int, stopped_early: bool, final: bool) -> None:
         """Save the checkpoint (the averaged weights with --ema) and the log so far."""
@@ -2836,7 +2844,7 @@ def main(argv=None) -> int:
         vision.eval()
         live = None
         if averaged is not None:
-            live = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            live = weights_copy(net)
             net.load_state_dict(averaged)
         save_checkpoint(out, net, vision, cfgd, all_layers, a)
         vision.to(dev)

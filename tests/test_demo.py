@@ -1065,7 +1065,7 @@ def test_cached_videos_give_the_llm_exactly_the_uncached_loss(demo):
     assert all(0 <= a <= 1 for a in acc.values())
 
 
-def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_kept(tmp_path):
+def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_kept(tmp_path, capsys):
     """Stage 0q with a star / no-star pair every step weighed on its own (--needle-weight) and a
     --minutes guard already spent: it measures after the first step, keeps the better weights and says
     where it stopped; the pair's questions are logged apart from the 60 s videos'."""
@@ -1078,6 +1078,11 @@ def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_
     assert [e["step"] for e in log["cached_val"]] == [0, 1] and log["cached_kept_step"] in (0, 1)
     fams = log["cached_curve"][0]["first_token_acc"]
     assert "needle_long" in fams and "count" in fams, fams
+    from model import train_demo as T
+    with pytest.raises(SystemExit):               # weighs nothing without stage 0q's pairs: refused, not ignored
+        T.parse_args(["--out", str(tmp_path / "x"), "--needle-every", "2", "--needle-weight", "0.5"])
+    err = capsys.readouterr().err
+    assert "--needle-weight weighs stage 0q's star / no-star pairs" in err and "got --cached-steps 0, --needle-every 2" in err
 
 
 def test_cached_stage_trains_the_llm_alone_keeps_the_best_and_new_layers_start_as_identity(tmp_path):
