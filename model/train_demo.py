@@ -1988,10 +1988,14 @@ def attn_loss(masses: list, weight: float, keep: list[int] | None = None) -> tup
     return loss, [b > math.log(0.5) for b in best.tolist()]
 
 
-def needle_loss(trainer: "Trainer", a, rng: np.random.Generator, length: int, dev, total=0.0, ntok: int = 0):
+def needle_loss(trainer: "Trainer", a, rng: np.random.Generator, length: int, dev, total=0.0, ntok: int = 0,
+                seeds: list | None = None):
     """Stage 0n's loss for one `needle_pair` of `length` frames drawn from `rng` (also
-    --needle-every), added to `total` / `ntok`. Returns (total, ntok, per-question (QA, correct))."""
+    --needle-every), added to `total` / `ntok`; the pair's scene seed is appended to `seeds`.
+    Returns (total, ntok, per-question (QA, correct))."""
     pair = needle_pair(rng, length, int(rng.integers(needle_anchors_min(a), a.needle_anchors + 1)), a.decoys)
+    if seeds is not None:
+        seeds.append(pair[0].spec.seed)
     codec = bool(rng.random() < 0.5)
     results = []
     for s, enc in zip(pair, needle_encode(trainer, pair, codec, a.image_size, dev)):
@@ -2026,7 +2030,7 @@ def pretrain_needle(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.needle_steps, a.needle_lr, 20)
         L = needle_length(rng, step / max(1, a.needle_steps), a.needle_longest, a.needle_shortest)
-        total, ntok, r = needle_loss(trainer, a, rng, L, dev)
+        total, ntok, r = needle_loss(trainer, a, rng, L, dev, seeds=log.setdefault("stage_scene_seeds", []))
         res = [(L, q.answer, ok) for q, ok in r if q.family == "needle"]
         loss = total / ntok
         clipped_step(opt, params, loss)
@@ -2186,24 +2190,35 @@ def pretrain_read(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None
 
 # =========================================================================== stage 0q: the LLM alone, cached videos
 Q_REPLAY = ("colour", "shape", "exists", "exists", "needle")
+REPLAYABLE = ("colour", "shape", "exists", "needle", "change", "when", "collide")
 
 
-def whole_video(rng: np.random.Generator, n_objects: int) -> Sample:
+def replay_families(text: str) -> tuple[str, ...]:
+    """--cached-replay's value: comma-separated families `clip_questions` asks of a whole video."""
+    fams = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in fams if f not in REPLAYABLE]
+    if not fams or bad:
+        raise argparse.ArgumentTypeError(f"expected families among {', '.join(REPLAYABLE)}, got {text!r}")
+    return fams
+
+
+def whole_video(rng: np.random.Generator, n_objects: int, replay: tuple[str, ...] = Q_REPLAY) -> Sample:
     """Stage 0q's data: one whole 60 s video (1 fps from 0 s, as the evaluation samples it) with
     `n_objects` objects, a needle star half the time, through `codec_like` half the time; asked
     how many objects, the order of every pair `order_pairs` keeps, and (so that nothing the LLM
-    answered before is forgotten) `clip_questions`' colour, shape, "is there" and needle questions."""
+    answered before is forgotten) `clip_questions`' questions of the `replay` families (--cached-replay;
+    by default colour, shape, "is there" twice and needle)."""
     spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
                        n_objects=n_objects)
     times = [float(t) for t in range(spec.n_frames)]
     qas, _ = order_pairs(spec, times, rng)
-    qas += clip_questions(spec, times, rng, contiguous=True, families=("count",) + Q_REPLAY,
+    qas += clip_questions(spec, times, rng, contiguous=True, families=("count",) + tuple(replay),
                           paraphrase=RECIPE["paraphrase"])
     return Sample(spec, times, [1] * len(times), qas, "clip", codec=bool(rng.random() < 0.5))
 
 
 def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int, dev, what: str,
-                 t_start: float, per_batch: int = 4) -> list[dict]:
+                 t_start: float, per_batch: int = 4, replay: tuple[str, ...] = Q_REPLAY) -> list[dict]:
     """`n` of `whole_video`'s videos (the number of objects cycling 1..5, so each count answer is
     as common) encoded once, without gradient, into what the LLM reads: per video the frame
     tokens (K, nq, H), the fused prefix and each question's fused rows, averaged over the frames
@@ -2213,7 +2228,8 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
     trainer.net.eval()
     with torch.no_grad():
         while len(out) < n:
-            batch = [whole_video(rng, 1 + (len(out) + i) % S.MAX_OBJECTS) for i in range(min(per_batch, n - len(out)))]
+            batch = [whole_video(rng, 1 + (len(out) + i) % S.MAX_OBJECTS, replay)
+                     for i in range(min(per_batch, n - len(out)))]
             tokens, ks, vs, po = trainer.encode(torch.cat([preprocess(render(s), size) for s in batch]).to(dev))
             o = 0
             for s in batch:
@@ -2223,7 +2239,7 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                 qid = trainer.padded_ids([trainer.question_rows(q.question) for q in s.qas])
                 _, fused = trainer.fuse_questions(qid, [k[sl] for k in ks], [v[sl] for v in vs], w)
                 out.append({"tokens": tokens[sl].clone(), "pre": po[sl].float().mean(0).to(po.dtype),
-                            "fused": fused, "qas": s.qas, "objects": len(s.spec.objects)})
+                            "fused": fused, "qas": s.qas, "objects": len(s.spec.objects), "seed": s.spec.seed})
             if len(out) % 200 < per_batch:
                 say(f"[train_demo] cached {what} videos {len(out):5d}/{n} {(time.perf_counter() - t_start) / 60:5.1f} min")
     trainer.net.train(was)
@@ -2306,6 +2322,8 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     seed = a.seed if a.cached_seed is None else a.cached_seed
     key = {"seed": seed, "videos": a.cached_videos, "val": a.cached_val, "paraphrase": RECIPE["paraphrase"],
            "weights": state_hash(trainer.net, trainer.vision, before_llm=True), "vocab": len(trainer.tok.get_vocab())}
+    if a.cached_replay != Q_REPLAY:            # files made with the default replay have no such field
+        key["replay"] = list(a.cached_replay)
     files = a.cached_file or []
     f = files[0] if files else None
     if f is not None and f.exists():
@@ -2313,19 +2331,23 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         say(f"[train_demo] cached videos read from {f}: {len(train)} training, {len(val)} validation")
     else:
         train = cache_videos(trainer, a.cached_videos, np.random.default_rng([seed, 0xCAC4E]), a.image_size, dev,
-                             "training", t_start)
+                             "training", t_start, replay=a.cached_replay)
         val = cache_videos(trainer, a.cached_val, np.random.default_rng([seed, 0x7A1]), a.image_size, dev,
-                           "validation", t_start)
+                           "validation", t_start, replay=a.cached_replay)
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
             torch.save({"key": key, "train": train, "val": val}, f)
             say(f"[train_demo] cached videos written to {f} ({f.stat().st_size / 2 ** 20:.0f} MiB)")
     for g in files[1:]:
         # more training videos, encoded by runs with other seeds from the same weights
-        more, _ = read_cache(g, key, {k: key[k] for k in ("paraphrase", "weights", "vocab")})
+        more, _ = read_cache(g, key, {k: key.get(k) for k in ("paraphrase", "weights", "vocab", "replay")})
         train = train + more
         say(f"[train_demo] cached videos read from {g}: {len(more)} more training videos ({len(train)} in all)")
     weights = {"count": a.cached_weight, "order": a.cached_weight}
+    # the scene seeds this stage trains on (the training log's scene_seeds; a cache file written
+    # before the seeds were kept adds none of its own)
+    seeds = log.setdefault("stage_scene_seeds", [])
+    seeds.extend(v["seed"] for v in train if "seed" in v)
 
     def score(acc: dict) -> float:
         return (acc.get("count", 0.0) + acc.get("order", 0.0)) / 2
@@ -2347,12 +2369,12 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             nrng = np.random.default_rng([a.seed, 0x57A3, step])
             L = needle_length(nrng, step / max(1, a.cached_steps), a.needle_longest, a.needle_shortest)
             if a.needle_weight is None:                    # pooled with the videos' answer tokens
-                total, ntok, rn = needle_loss(trainer, a, nrng, L, dev, total, ntok)
+                total, ntok, rn = needle_loss(trainer, a, nrng, L, dev, total, ntok, seeds=seeds)
             else:
                 # --needle-weight: the pair's mean loss per answer token, times the weight, added to the
                 # videos' mean: pooled, its 2-3 answer tokens weigh against some 500 of the videos'
                 # (Q4 kept the 3-hour needle at 58 %: seventeenth session)
-                nt, nn, rn = needle_loss(trainer, a, nrng, L, dev)
+                nt, nn, rn = needle_loss(trainer, a, nrng, L, dev, seeds=seeds)
                 total, ntok = total + a.needle_weight * nt * ntok / nn, ntok
             r = r + [(q.family + "_long", ok) for q, ok in rn]
         for fam, ok in r:
@@ -2669,6 +2691,11 @@ def parse_args(argv):
                     help="stage 0q: the seed of the videos' draws (default: --seed, which also draws the "
                          "training order), so that runs with other seeds can share one --cached-file")
     ap.add_argument("--cached-eval-every", type=int, default=100, help="stage 0q: validation every N steps")
+    ap.add_argument("--cached-replay", type=replay_families, default=Q_REPLAY,
+                    help="stage 0q: the families each cached video is also asked, besides count and every "
+                         "order pair, so that the LLM keeps them (comma-separated, a family twice asks it "
+                         f"twice; one of {', '.join(REPLAYABLE)}; default {','.join(Q_REPLAY)}; Q5 of the "
+                         "eighteenth session lost the change questions without 'change')")
     ap.add_argument("--read-steps", type=int, default=0,
                     help="stage 0r: steps of LLM-only training on colour, shape, 'is there', count and order "
                          "questions about short clips with several objects (0: none)")
@@ -2829,7 +2856,7 @@ def main(argv=None) -> int:
             mod.requires_grad_(True)
         params = [p for p in list(net.parameters()) + extra if p.requires_grad]
         opt = adamw(params, a.lr)
-    seeds_used = []
+    seeds_used = log.pop("stage_scene_seeds", [])       # stages 0n and 0q's scenes, then the steps'
     ema = None
     fam_hist: dict[str, list[int]] = {}
     stopped_early = False
@@ -2933,7 +2960,7 @@ def main(argv=None) -> int:
             # --needle-longest frames) in the instruct mix, so the other families keep their LLM
             nrng = np.random.default_rng([a.seed, 0x57A3, step])
             L = needle_length(nrng, 1.0, a.needle_longest, a.needle_shortest)
-            total, ntok, r = needle_loss(trainer, a, nrng, L, dev, total, ntok)
+            total, ntok, r = needle_loss(trainer, a, nrng, L, dev, total, ntok, seeds=seeds_used)
             results = results + [("needle_long" if q.family == "needle" else q.family, ok) for q, ok in r]
         loss = total / max(1, ntok)
         aux_loss = sum(aux[0::2]) / max(1, sum(aux[1::2])) if aux else None

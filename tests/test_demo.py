@@ -54,15 +54,17 @@ def test_official_layout_and_size():
     size = sum(p.stat().st_size for p in CKPT.rglob("*") if p.is_file())
     assert size <= 30 * 2 ** 20, f"checkpoint is {size / 2 ** 20:.1f} MiB"
     log = json.loads((CKPT / "training_log.json").read_text())
-    # the run's own wall time (a warm start names the checkpoint it started from and its hash)
-    assert log["wall_time_s"] <= 3 * 3600 and log["curve"] and log["scene_seeds"]["max"] < 10 ** 6
+    # the run's own wall time (a warm start names the checkpoint it started from and its hash);
+    # its curve is the instruct steps' or, for a stage-0q run (--steps 0), that stage's
+    curve = log["curve"] or log.get("cached_curve")
+    assert log["wall_time_s"] <= 3 * 3600 and curve and 0 < log["scene_seeds"]["count"]
+    assert log["scene_seeds"]["max"] < 10 ** 6            # training scenes only: held-out seeds are >= 10**9
     if log.get("warm_start"):
         assert log["warm_start"]["tensors"] > 0 and len(log["warm_start"]["model_safetensors_sha256_16"]) == 16
-    if log.get("warm_start"):
         # a fine-tune of a trained model: it starts low (a fresh one starts near 4.4) and stays low
-        assert log["curve"][-1]["loss_ema"] < 0.5, log["curve"][-1]
+        assert curve[-1].get("loss_ema", curve[-1]["loss"]) < 0.5, curve[-1]
     else:
-        assert log["curve"][-1]["loss_ema"] < log["curve"][0]["loss"]
+        assert curve[-1]["loss_ema"] < curve[0]["loss"]
 
 
 def test_loads_with_its_tokenizer(demo):
@@ -1079,10 +1081,24 @@ def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_
     fams = log["cached_curve"][0]["first_token_acc"]
     assert "needle_long" in fams and "count" in fams, fams
     from model import train_demo as T
+    # the training log names the scenes the stage trained on: the 3 cached videos, 1 pair's scene
+    seeds = log["scene_seeds"]
+    assert seeds["count"] == 4 and seeds["max"] < T.TRAIN_SEED_LIMIT, seeds
     with pytest.raises(SystemExit):               # weighs nothing without stage 0q's pairs: refused, not ignored
         T.parse_args(["--out", str(tmp_path / "x"), "--needle-every", "2", "--needle-weight", "0.5"])
     err = capsys.readouterr().err
     assert "--needle-weight weighs stage 0q's star / no-star pairs" in err and "got --cached-steps 0, --needle-every 2" in err
+    # --cached-replay: the families each cached video is also asked; an unknown one is refused by name
+    assert T.parse_args(["--out", "x", "--cached-replay", "change,colour"]).cached_replay == ("change", "colour")
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--cached-replay", "colour,size"])
+    assert "expected families among colour, shape, exists, needle, change, when, collide, got 'colour,size'" \
+        in capsys.readouterr().err
+    fams = set()
+    for i in range(12):
+        v = T.whole_video(np.random.default_rng([4, i]), 3, ("change", "when"))
+        fams |= {q.family for q in v.qas}
+    assert fams == {"count", "order", "change", "when"}, fams
 
 
 def test_cached_stage_trains_the_llm_alone_keeps_the_best_and_new_layers_start_as_identity(tmp_path):
