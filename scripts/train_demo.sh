@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 6 h on 2 CPU cores; the result is WORK_DIR/v2
+#   scripts/train_demo.sh [WORK_DIR]      # about 6 h 40 min on 2 CPU cores; the result is WORK_DIR/q5
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/v2
+# Then: python -m lmstream.eval_demo --model WORK_DIR/q5
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -153,6 +153,15 @@ run --out "$W/v1" --seed 122 --init-from "$W/y2" --vision-steps 0 --paraphrase 0
     --tower-adapt 3000 --log-every 250
 
 # V2. Y2's recipe, 150 steps, half the training scenes on other canvases and half in other shades,
-#     9.2 min: checkpoints/demo
+#     9.2 min (the checkpoint until the nineteenth session)
 run --out "$W/v2" --seed 131 --init-from "$W/v1" "${M4F[@]}" --lr 2e-4 --read-extra 40 --star-attn 10 \
     --short-objects 0.7 --canvas 0.5 --shades 0.5
+
+# --- issue 11, seventeenth to nineteenth sessions: stage 0q, the LLM alone on videos encoded once ---
+# Q5. 1,200 LLM-only steps on 2,000 whole 60 s videos encoded once (count and every order pair
+#     weighed 2, colour, shape, "is there" and needle replayed), a star / no-star pair of
+#     300-10,800 frames every second step weighed apart (0.5), the weights best on 200 validation
+#     videos' count and order kept (step 1,200), 43 min (12.5 of them encoding): checkpoints/demo
+run --out "$W/q5" --seed 180 --init-from "$W/v2" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --cached-steps 1200 --cached-videos 2000 --cached-val 200 --needle-every 2 --needle-weight 0.5 \
+    --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 --minutes 95
