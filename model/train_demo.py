@@ -2025,12 +2025,13 @@ def pretrain_needle(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     embeddings stay as they are, so the frame tokens and the fused question rows do not change)."""
     params, opt = llm_alone_optimiser(trainer.net, a.needle_lr)
     curve, hist = [], []
+    seeds = log.setdefault("stage_scene_seeds", [])         # the training log's scene_seeds
     for step in range(a.needle_steps):
         rng = np.random.default_rng([a.seed, 0x57A2, step])
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.needle_steps, a.needle_lr, 20)
         L = needle_length(rng, step / max(1, a.needle_steps), a.needle_longest, a.needle_shortest)
-        total, ntok, r = needle_loss(trainer, a, rng, L, dev, seeds=log.setdefault("stage_scene_seeds", []))
+        total, ntok, r = needle_loss(trainer, a, rng, L, dev, seeds=seeds)
         res = [(L, q.answer, ok) for q, ok in r if q.family == "needle"]
         loss = total / ntok
         clipped_step(opt, params, loss)

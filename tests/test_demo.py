@@ -733,8 +733,11 @@ def test_needle_stage_and_llm_only_train_the_llm_alone(tmp_path):
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(False)
         torch.set_flush_denormal(False)
-    curve = json.loads((nd / "training_log.json").read_text())["needle_curve"]
+    nlog = json.loads((nd / "training_log.json").read_text())
+    curve = nlog["needle_curve"]
     assert [c["step"] for c in curve] == [0, 1] and all(60 <= c["length"] <= 200 for c in curve)
+    # a stage-only run's log names its scenes: one star / no-star pair's scene a step
+    assert nlog["scene_seeds"]["count"] == 2 and nlog["scene_seeds"]["max"] < train_demo.TRAIN_SEED_LIMIT
     base = load_file(str(plain / "model.safetensors"))
     llm = ("model.layers.", "model.norm.", "lm_head.")
     fams = json.loads((lo / "training_log.json").read_text())["family_first_token_acc"]
