@@ -2325,6 +2325,9 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
            "weights": state_hash(trainer.net, trainer.vision, before_llm=True), "vocab": len(trainer.tok.get_vocab())}
     if a.cached_replay != Q_REPLAY:            # files made with the default replay have no such field
         key["replay"] = list(a.cached_replay)
+    for k in ("canvas", "shades"):             # nor do files made from native frames in the generator's shades
+        if RECIPE[k]:
+            key[k] = RECIPE[k]
     files = a.cached_file or []
     f = files[0] if files else None
     if f is not None and f.exists():
@@ -2341,7 +2344,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             say(f"[train_demo] cached videos written to {f} ({f.stat().st_size / 2 ** 20:.0f} MiB)")
     for g in files[1:]:
         # more training videos, encoded by runs with other seeds from the same weights
-        more, _ = read_cache(g, key, {k: key.get(k) for k in ("paraphrase", "weights", "vocab", "replay")})
+        more, _ = read_cache(g, key, {k: key.get(k) for k in ("paraphrase", "weights", "vocab", "replay", "canvas", "shades")})
         train = train + more
         say(f"[train_demo] cached videos read from {g}: {len(more)} more training videos ({len(train)} in all)")
     weights = {"count": a.cached_weight, "order": a.cached_weight}

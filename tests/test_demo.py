@@ -1126,6 +1126,11 @@ def test_cached_stage_trains_the_llm_alone_keeps_the_best_and_new_layers_start_a
         T.read_cache(cache, {}, {"seed": 9})
     with pytest.raises(SystemExit, match="expected a file written by an earlier stage 0q run"):
         T.read_cache(tmp_path / "none.pt", {}, {})
+    # the same run drawing half its scenes on other canvases would read other videos: refused by name
+    with pytest.raises(SystemExit, match=r"made for another run.*'canvas': \(None, 0.5\)"):
+        _stage_from_demo(tmp_path / "q2", "--seed", "8", "--layers", "6", "--cached-steps", "4", "--cached-videos",
+                         "6", "--cached-val", "5", "--cached-file", str(cache), "--canvas", "0.5")
+    T.RECIPE.update(canvas=0.0)
     spec = S.make_scene(10 ** 9 + 7, 20, needle=False, n_objects=2)
     px = T.preprocess(np.stack([S.render_frame(spec, float(t)) for t in range(20)]), 64)
     with torch.no_grad():
