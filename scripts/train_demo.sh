@@ -166,8 +166,8 @@ run --out "$W/q5" --seed 180 --init-from "$W/v2" --vision-steps 0 --paraphrase 0
     --cached-steps 1200 --cached-videos 2000 --cached-val 200 --needle-every 2 --needle-weight 0.5 \
     --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 --minutes 95
 
-# Q7 (twentieth session; a candidate, not the checkpoint: its 3-hour needle over 12 videos not yet
-#     measured, docs/demo.md): Q5 continued on other canvases and shades with "change" replayed,
+# Q7 (twentieth session; not kept: its 3-hour needle over 12 videos 78 %, Q5 80 %;
+#     docs/demo.md): Q5 continued on other canvases and shades with "change" replayed,
 #     39.8 min. Uncomment to build it after Q5.
 # run --out "$W/q7" --seed 200 --init-from "$W/q5" --vision-steps 0 --paraphrase 0.1 --steps 0 \
 #     --cached-steps 1200 --cached-videos 2000 --cached-val 200 --needle-every 2 --needle-weight 0.5 \
