@@ -10,8 +10,11 @@ them from there the next time: page-cache speed, no network, no Redis CPU.
 
 Correctness never depends on the tier: Redis stays the source of truth. A full read first reads
 the frames' light records from Redis (small: token, prefix rows, pts; about 1/25 of a frame at
-8B) and takes a local copy only when it holds the same seq in the same keys/values form (a frame
-demoted by its retention policy, or overwritten in the ring, is read again from Redis). A replica
+8B) and takes a local copy only when it holds the same frame: the same seq, and a copy made when
+that light record was byte for byte the one Redis holds now (its header: seq, pts, meta with the
+keys/values form; and its first tensor bytes: the vision token). A frame demoted by its retention
+policy, overwritten in the ring, or written again by a stream deleted and created anew under the
+same id (which starts at seq 0 again) is read again from Redis. A replica
 that starts, or takes over a stream from another, simply starts empty and fills as questions read:
 "rebuilt from Redis". `warm(stream_id)` fills it ahead of the first question.
 
@@ -21,6 +24,7 @@ streams' files whole, and a stream's file is rewritten once more than half of it
 """
 from __future__ import annotations
 
+import hashlib
 import mmap
 import os
 import tempfile
@@ -36,44 +40,52 @@ from .record import record_header
 __all__ = ["LocalKVTier", "LocalTierCache"]
 
 
-def _form(blob: bytes | memoryview) -> tuple[int, str]:
-    h = record_header(blob)
-    return int(h["seq"]), str(h["meta"].get("kv_policy", "exact"))
+#: How much of a light record its mark hashes: the header and, at 8B, the vision token (8 KB).
+_MARK_BYTES = 16 << 10
+
+
+def _mark(light: bytes | memoryview) -> bytes:
+    """What names one stored version of a frame: a hash of its light record's start (header: seq,
+    pts, meta with the keys/values form; then the vision token) and its length. Cheap (16 KB at
+    most), and it changes when the frame is demoted, overwritten or written by a recreated stream."""
+    h = hashlib.blake2b(memoryview(light)[:_MARK_BYTES], digest_size=16)
+    h.update(len(light).to_bytes(8, "little"))
+    return h.digest()
 
 
 class _StreamFile:
-    """One stream's records in one unlinked file: seq -> (offset, length, form)."""
+    """One stream's records in one unlinked file: seq -> (offset, length, mark of its light record)."""
 
     def __init__(self, folder: str, stream_id: str):
         fd, path = tempfile.mkstemp(prefix=f"lms-kv-{stream_id[:40]}-", suffix=".tier", dir=folder)
         os.unlink(path)                               # nameless: nothing left behind, whatever happens
         self.fd = fd
-        self.index: dict[int, tuple[int, int, str]] = {}
+        self.index: dict[int, tuple[int, int, bytes]] = {}
         self.end = 0
         self.live = 0
         self._map: mmap.mmap | None = None
         self._mapped = 0
 
-    def put(self, seq: int, form: str, blob: bytes) -> int:
+    def put(self, seq: int, mark: bytes, blob: bytes) -> int:
         old = self.index.get(seq)
         os.pwrite(self.fd, blob, self.end)
-        self.index[seq] = (self.end, len(blob), form)
+        self.index[seq] = (self.end, len(blob), mark)
         self.end += len(blob)
         self.live += len(blob) - (old[1] if old else 0)
         return len(blob) - (old[1] if old else 0)
 
-    def get(self, seq: int) -> tuple[memoryview, str] | None:
+    def get(self, seq: int) -> tuple[memoryview, bytes] | None:
         e = self.index.get(seq)
         if e is None:
             return None
-        off, n, form = e
+        off, n, mark = e
         if self._map is None or off + n > self._mapped:              # grow the mapping as the file grows
             # the old mapping is not closed: records decoded from it may still be in use (zero-copy
             # views); it goes away with the last of them. The file is append-only, so no view ever
             # sees its bytes change.
             self._map = mmap.mmap(self.fd, self.end, prot=mmap.PROT_READ)
             self._mapped = self.end
-        return memoryview(self._map)[off:off + n], form
+        return memoryview(self._map)[off:off + n], mark
 
     def drop(self, seqs: Iterable[int]) -> int:
         freed = 0
@@ -121,27 +133,29 @@ class LocalKVTier:
             self._files.move_to_end(sid)
         return f
 
-    def get(self, sid: str, seq: int, form: str) -> memoryview | None:
-        """The record of frame `seq` if held in the keys/values `form` the caller expects."""
+    def get(self, sid: str, seq: int, mark: bytes) -> memoryview | None:
+        """The record of frame `seq` if held for the light record whose `_mark` is `mark` (the version
+        of the frame the durable cache holds now)."""
         with self._lock:
             f = self._file(sid, False)
             got = f.get(seq) if f is not None else None
-            if got is None or got[1] != form:
+            if got is None or got[1] != mark:
                 return None
             return got[0]
 
-    def put(self, sid: str, blob: bytes) -> None:
-        """Keep a full record read from the durable cache (replacing an older copy of its frame)."""
+    def put(self, sid: str, blob: bytes, mark: bytes) -> None:
+        """Keep a full record read from the durable cache (replacing an older copy of its frame);
+        `mark` is `_mark` of the light record read with it."""
         if len(blob) > self.max_bytes:
             return
-        seq, form = _form(blob)
+        seq = int(record_header(blob)["seq"])
         with self._lock:
             f = self._file(sid, True)
             if f.dead > max(f.live, 64 << 20):        # mostly dead records: start the stream's file afresh
                 self.used -= f.live
                 f.close()
                 f = self._files[sid] = _StreamFile(self.folder, sid)
-            self.used += f.put(seq, form, blob)
+            self.used += f.put(seq, mark, blob)
             while self.used > self.max_bytes and len(self._files) > 1:
                 _, of = self._files.popitem(last=False)        # least recently used (never `sid`: it is last)
                 self.used -= of.live
@@ -190,7 +204,7 @@ class LocalKVTier:
 
 class LocalTierCache:
     """A `FrameCache` for readers: everything from `inner` (the durable cache), except full-record
-    reads, which come from the `LocalKVTier` when it holds the same frame in the same form."""
+    reads, which come from the `LocalKVTier` when it holds the same version of the frame."""
 
     def __init__(self, inner, tier: LocalKVTier):
         self.inner, self.tier = inner, tier
@@ -204,12 +218,12 @@ class LocalTierCache:
             return self.inner.read(stream_id, qs, light=light)
         heads = self.inner.read(stream_id, qs, light=True)      # the truth: which frames, in which form
         out: list[bytes | memoryview | None] = [None] * len(qs)
-        todo = []
+        todo, marks = [], [None] * len(qs)
         for i, (q, h) in enumerate(zip(qs, heads)):
             if h is None:
                 continue                                          # overwritten: gone from the ring
-            form = _form(h)[1]
-            b = self.tier.get(stream_id, q, form)
+            marks[i] = _mark(h)
+            b = self.tier.get(stream_id, q, marks[i])
             if b is not None:
                 out[i] = b
             else:
@@ -219,7 +233,7 @@ class LocalTierCache:
             for i, b in zip(todo, got):
                 if b is not None:
                     out[i] = b
-                    self.tier.put(stream_id, b)
+                    self.tier.put(stream_id, b, marks[i])
         local = [b for b in out if isinstance(b, memoryview)]        # the tier's views; Redis gives bytes
         self.tier.count(hits=len(local), misses=len(todo), local=sum(map(len, local)),
                         remote=sum(len(out[i]) for i in todo if out[i] is not None))

@@ -61,6 +61,15 @@ def test_a_demoted_or_overwritten_frame_is_read_again_never_served_stale(tiny_mo
     tiered.read("r", range(4))
     any_cache.append_many("r", recs[4:])                     # seqs 0 and 1 overwritten by 4 and 5
     assert tiered.read("r", [0, 1, 4])[:2] == [None, None]
+    # a stream deleted and created again under the same id starts at seq 0 again, with other frames:
+    # the tier's copies of the old stream's seqs 0..3 are not returned for it
+    any_cache.delete_stream("r")
+    any_cache.create_stream("r", 4)
+    again = states_to_records(m.encode_frames(frames(4, seed=5), pts=[float(i) for i in range(4)]))
+    any_cache.append_many("r", again)
+    got = tiered.read("r", range(4))
+    assert [bytes(b) for b in got] == any_cache.read("r", range(4))
+    assert all(not torch.equal(decode_record(bytes(b)).tensors["k"], r.tensors["k"]) for b, r in zip(got, recs))
 
 
 def test_answers_through_the_tier_equal_the_durable_cache_exactly(tiny_model, any_cache, tmp_path):
