@@ -212,16 +212,44 @@ class RayBackend:
         return bool(a and b)
 
     async def start_job(self, job: FileJob) -> None:
-        self._reap()
         actor = FileSource.options(name=f"lms-src-{job.job_id}").remote()
         ref = actor.run.remote(job, self.encoder, self.settings.model_dump())
-        self._sources[job.job_id] = (actor, ref)
+        self._sources[job.job_id] = asyncio.get_running_loop().create_task(self._watch_job(job, actor, ref))
 
-    def _reap(self) -> None:
-        done = [j for j, (_, ref) in self._sources.items() if ray.wait([ref], timeout=0)[0]]
-        for j in done:
-            actor, _ = self._sources.pop(j)
-            ray.kill(actor)
+    async def _watch_job(self, job: FileJob, actor, ref) -> None:
+        """Waits on a job's actor. `run` marks the job ready or failed itself; an actor that dies first
+        (out of memory, its node lost, killed) cannot, so the job is marked failed here, with its
+        frames kept, instead of staying "ingesting" and holding a slot of the job limit for good."""
+        import os
+        try:
+            await ref
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:                         # noqa: BLE001 - the actor or its node is gone
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+            log.warning("job %s: its decoder actor was lost (%s)", job.job_id, why)
+            try:
+                d = await asyncio.to_thread(self.store.get, job.job_id)
+                if d["status"] in JobStore.ACTIVE:
+                    await asyncio.to_thread(
+                        self.store.update, job.job_id, status="failed",
+                        error={"code": "E_INTERRUPTED", "message":
+                               f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
+                               f"({type(e).__name__}); the {d.get('frames', 0)} frames stored stay, upload again "
+                               "to ingest the rest"})
+            except Exception as e2:                    # noqa: BLE001 - Redis down: fail_interrupted at restart
+                log.warning("job %s: could not mark it failed (%s)", job.job_id, e2)
+            if job.delete_after:                       # the upload `run` would have removed
+                try:
+                    os.unlink(job.path)
+                except OSError:
+                    pass
+        finally:
+            self._sources.pop(job.job_id, None)
+            try:
+                ray.kill(actor)
+            except Exception:                          # noqa: BLE001 - already gone
+                pass
 
     async def encode(self, items: list[EncodeItem]) -> list[dict]:
         return await self.encoder.encode.remote(items)

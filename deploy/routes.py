@@ -13,6 +13,7 @@ import os
 import secrets
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Protocol
 from urllib.parse import parse_qs, urlparse
@@ -311,7 +312,11 @@ def build_api() -> FastAPI:
                       extra={"source": opts.get("source")})
         await asyncio.to_thread(b.store.create, job_id, {"source": opts.get("source"), "fps": fps,
                                                          "kv_policy": job.kv_policy, "window": job.window})
-        await b.start_job(job)
+        try:
+            await b.start_job(job)
+        except BaseException:                # a job that could not start holds no slot of the job limit
+            await asyncio.to_thread(b.store.delete, job_id)
+            raise
         metrics.jobs_started.inc()
         return JSONResponse({"id": job_id, "status": "queued"}, status_code=202)
 
@@ -364,10 +369,8 @@ def build_api() -> FastAPI:
         retain = _retain(body.retain)
         url = await asyncio.to_thread(check_source, body.source, b.settings.allow_private_sources)
         fps = fps_ok(body.fps, b.settings)
+        await _check_live_limit(b)
         ids = await asyncio.to_thread(_live(b).ids)
-        if len(ids) >= b.settings.limits.max_live_streams:
-            raise Busy(f"expected at most {b.settings.limits.max_live_streams} live streams, got {len(ids)}",
-                       retry_after=b.settings.limits.retry_after_s)
         sid = body.id or "cam-" + uuid.uuid4().hex[:12]
         validate_stream_id(sid)
         if sid in ids:
@@ -378,9 +381,13 @@ def build_api() -> FastAPI:
         if retain is not None:
             meta["retain"] = retain
         await asyncio.to_thread(b.cache.create_stream, sid, cap, meta)
-        await asyncio.to_thread(_live(b).create, sid, {"kind": "rtsp", "source": url, "fps": fps,
-                                                      "capacity_frames": cap})
-        await b.start_stream(sid, url, fps)
+        try:
+            await asyncio.to_thread(_live(b).create, sid, {"kind": "rtsp", "source": url, "fps": fps,
+                                                          "capacity_frames": cap})
+            await b.start_stream(sid, url, fps)
+        except BaseException:                # a camera that could not start leaves no stream behind
+            await asyncio.to_thread(_drop_stream, b, sid)
+            raise
         return JSONResponse({"id": sid, "status": "connecting"}, status_code=201)
 
     @api.get("/v1/streams")
@@ -398,17 +405,15 @@ def build_api() -> FastAPI:
         d = await asyncio.to_thread(_live(b).get, sid)
         if d.get("kind") == "rtsp":
             await b.stop_stream(sid)
+        elif d.get("status") in LiveStore.ACTIVE:     # a socket's stream: fence its writer, so its next
+            from frame_cache import StreamNotFound    # frames get E_STALE_WRITER instead of landing
+            try:
+                await asyncio.to_thread(b.cache.acquire_writer, sid)
+            except StreamNotFound:
+                pass
         await asyncio.to_thread(_live(b).update, sid, status="stopped")
         if purge:
-            from frame_cache import StreamNotFound
-
-            def drop():
-                try:
-                    b.cache.delete_stream(sid)
-                except StreamNotFound:
-                    pass
-                _live(b).delete(sid)
-            await asyncio.to_thread(drop)
+            await asyncio.to_thread(_drop_stream, b, sid)
         return {"id": sid, "status": "stopped", "purged": purge}
 
     @api.post("/v1/streams/{sid}/questions")
@@ -541,6 +546,11 @@ def build_api() -> FastAPI:
             gaps = job.get("gaps") or []
         elif sid not in await asyncio.to_thread(b.cache.streams):
             raise NotFound(f"expected a known stream id, got {sid!r}")
+        else:                                # a live stream: its outage gaps, as its questions route says
+            try:
+                gaps = (await asyncio.to_thread(_live(b).get, sid)).get("gaps") or []
+            except NotFound:
+                pass
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
         sampling = {}
         if body.temperature is not None and body.temperature > 0:
@@ -693,6 +703,27 @@ def _with_choices(req: dict, lim, choices) -> dict:
     return {**req, "choices": [c.strip() for c in choices]}
 
 
+async def _check_live_limit(b: "Backend", sid: str | None = None) -> None:
+    """429 when `max_live_streams` streams are fed now (connecting, live, stalled, reconnecting) and `sid`
+    is not one of them: stopped and failed streams keep their frames, not a slot."""
+    lim = b.settings.limits
+    active = await asyncio.to_thread(b.live.active_ids)
+    if sid not in active and len(active) >= lim.max_live_streams:
+        raise Busy(f"expected at most {lim.max_live_streams} live streams fed at once, got {len(active)} "
+                   "(stop one, or raise limits.max_live_streams)", retry_after=lim.retry_after_s)
+
+
+def _drop_stream(b: "Backend", sid: str) -> None:
+    """A stream's frames, status record, watches and events, gone (blocking)."""
+    from frame_cache import StreamNotFound
+    try:
+        b.cache.delete_stream(sid)
+    except StreamNotFound:
+        pass
+    b.live.delete(sid)
+    b.watches.forget(sid)
+
+
 def _check_id(vid: str) -> None:
     from frame_cache import STREAM_ID_PATTERN
     if STREAM_ID_PATTERN.fullmatch(vid) is None:
@@ -715,13 +746,18 @@ async def _chat_chunks(events, cid: str, created: int, model: str):
         return f"data: {json.dumps(d)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
+    sent = False
     async for ev in events:
         if ev["type"] == "token":
             if ev["text"]:
+                sent = True
                 yield chunk({"content": ev["text"]})
         elif ev["type"] == "answer":
             ans = {k: v for k, v in ev.items() if k != "type"}
-            yield chunk({}, ans["finish_reason"], {"lmstream": ans})
+            # an answer read from choices has no tokens: its text comes in the last delta, so a client
+            # that joins the deltas' content gets it
+            yield chunk({"content": ans["text"]} if not sent and ans.get("text") else {}, ans["finish_reason"],
+                        {"lmstream": ans})
         elif ev["type"] == "error":
             yield f"data: {json.dumps({'error': {'code': ev['code'], 'message': ev['message']}})}\n\n"
             break
@@ -938,7 +974,9 @@ class _LiveSession:
         self.last_dropped_msg = 0.0
         self.busy = False
         self.queue: list = []                          # frames waiting while the Encoder has earlier ones
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Task] = set()             # answers and event followers: cancelled at the end
+        self.drains: set[asyncio.Task] = set()            # frames on their way to the ring: waited for
+        self._pool: ThreadPoolExecutor | None = None
         self.send_lock = asyncio.Lock()
         self.size: int | None = None
         self.closed = False
@@ -1004,6 +1042,9 @@ class _LiveSession:
             sid = m.get("stream_id")
             if not isinstance(sid, str):
                 raise InvalidRequest(f"expected attach.stream_id, got {sid!r}")
+            if self.writer:
+                raise InvalidRequest(f"expected attach on a socket that is not streaming, got one streaming to "
+                                     f"{self.sid!r} (ask about another stream on a second socket)")
             _check_id(sid)
             if sid not in await asyncio.to_thread(self.b.cache.streams):
                 raise NotFound(f"expected a known stream id to attach to, got {sid!r}")
@@ -1018,6 +1059,7 @@ class _LiveSession:
                     await asyncio.wait_for(self.consumer, 60)
                 except Exception:                      # noqa: BLE001 - stop regardless
                     pass
+            await self._flush()                        # frames received and waiting in line are stored
             await self.send({"type": "stopped", "stream_id": self.sid, "frames": self.frames,
                              "dropped": sum(self.dropped.values())})
             await self.ws.close(code=1000)
@@ -1038,12 +1080,11 @@ class _LiveSession:
         self.fps = fps_ok(m.get("fps"), b.settings)
         sid = m.get("stream_id")
         live = b.live
+        if sid is not None:
+            validate_stream_id(sid)
+        await _check_live_limit(b, sid)                # a stream fed now (and taken over) holds its slot
         if sid is None:
-            ids = await asyncio.to_thread(live.ids)
-            if len(ids) >= b.settings.limits.max_live_streams:
-                raise Busy(f"expected at most {b.settings.limits.max_live_streams} live streams, got {len(ids)}")
             sid = "live-" + uuid.uuid4().hex[:12]
-        validate_stream_id(sid)
         cap = b.settings.limits.live_capacity_frames
         meta = None
         if m.get("retain") is not None:
@@ -1065,7 +1106,10 @@ class _LiveSession:
             from stream.live import PushSource
             self.push = PushSource(fps=self.fps, resize_to=self.size, max_queue=4)
             loop = asyncio.get_running_loop()
-            self.consumer = loop.run_in_executor(None, self._consume, loop)
+            # its own thread: it blocks for the socket's life, which in the default executor would take
+            # a worker from every asyncio.to_thread of this Ingress (a few such sockets starved them all)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lms-push-{sid[:20]}")
+            self.consumer = loop.run_in_executor(self._pool, self._consume, loop)
         await asyncio.to_thread(live.update, sid, status="live", fps=self.fps)
         await self.send({"type": "started", "stream_id": sid})
         self._follow_events()
@@ -1113,8 +1157,8 @@ class _LiveSession:
             return
         self.busy = True
         task = asyncio.create_task(self._drain([(rgb, pts, t_arrive)]))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.drains.add(task)
+        task.add_done_callback(self.drains.discard)
 
     async def _drain(self, batch: list) -> None:
         """Store `batch`, then whatever queued meanwhile as one request, until the queue is empty:
@@ -1232,11 +1276,19 @@ class _LiveSession:
         except LmsError as e:
             await self.error(e, qid)
 
+    async def _flush(self, timeout: float = 60.0) -> None:
+        """Wait until the frames this socket received are stored (or failed with an error sent)."""
+        if self.drains:
+            await asyncio.wait(list(self.drains), timeout=timeout)
+
     async def release(self) -> None:
         if self.push is not None:
             self.push.stop()
         for t in list(self.tasks):
             t.cancel()
+        await self._flush()                            # a socket that went away still stores what it sent
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
         if self.writer and self.sid is not None:
             try:
                 await asyncio.to_thread(self.b.live.update, self.sid, status="stopped")

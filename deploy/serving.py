@@ -71,6 +71,8 @@ class JobStore:
     #: what its ids name in errors, and the fields a new record starts with.
     PART, SET, NOUN, ID_OF = "job", "lms:jobs", "job", "video"
     DEFAULTS = {"status": "queued", "frames": 0, "progress": 0.0, "gaps": [], "error": None}
+    #: the statuses that hold a slot of the limits (`active_ids`)
+    ACTIVE = ("queued", "ingesting")
 
     def _key(self, rid: str) -> str:
         from frame_cache import stream_key
@@ -98,16 +100,20 @@ class JobStore:
     def delete(self, rid: str) -> None:
         self._call(f"deleting a {self.NOUN}", lambda: (self.r.delete(self._key(rid)), self.r.srem(self.SET, rid)))
 
-    def active(self) -> int:
-        """Jobs queued or ingesting now."""
-        n = 0
-        for jid in self.ids():
+    def active_ids(self) -> list[str]:
+        """Records whose status is one of `ACTIVE` now (jobs queued or ingesting, streams fed)."""
+        out = []
+        for rid in self.ids():
             try:
-                if self.get(jid)["status"] in ("queued", "ingesting"):
-                    n += 1
+                if self.get(rid)["status"] in self.ACTIVE:
+                    out.append(rid)
             except NotFound:
                 pass
-        return n
+        return out
+
+    def active(self) -> int:
+        """Jobs queued or ingesting now."""
+        return len(self.active_ids())
 
     def fail_interrupted(self) -> list[str]:
         """Jobs left queued/ingesting by a service that stopped: failed, their frames kept."""
@@ -556,6 +562,8 @@ class LiveStore(JobStore):
     PART, SET, NOUN, ID_OF = "live", "lms:live", "stream", "stream"
     DEFAULTS = {"status": "connecting", "frames": 0, "last_pts": None, "lag_s": None, "gaps": [],
                 "last_error": None, "dropped": 0}
+    #: streams that hold a slot of `max_live_streams`: a stopped or failed one keeps its frames, not a slot
+    ACTIVE = ("connecting", "live", "stalled", "reconnecting")
 
 
 def stream_status(d: dict) -> dict:
@@ -712,6 +720,13 @@ class WatchStore(JobStore):
     def remove(self, sid: str, wid: str) -> bool:
         self._cache.pop(sid, None)
         return bool(self._call("removing a watch", lambda: self.r.hdel(self._k(sid, "watches"), wid)))
+
+    def forget(self, sid: str) -> None:
+        """Drop a stream's watches and events (its purge: a stream created again under the id starts
+        with none)."""
+        self._cache.pop(sid, None)
+        self._call("deleting watches", lambda: self.r.delete(*(self._k(sid, p) for p in
+                                                                ("watches", "events", "event_seq"))))
 
     def update(self, sid: str, wid: str, **fields) -> None:
         w = self.all(sid).get(wid)

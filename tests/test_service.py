@@ -75,7 +75,8 @@ def redis_srv(tmp_path_factory):
 def service(tmp_path_factory, redis_srv, media):
     data = tmp_path_factory.mktemp("svc")
     svc = Service(data, redis_srv.url, media, limits={"max_upload_bytes": 3_000_000, "max_concurrent_jobs": 2,
-                                                      "max_tokens": 64, "max_ws_message_bytes": 300_000}).start()
+                                                      "max_tokens": 64, "max_ws_message_bytes": 300_000,
+                                                      "max_live_streams": 4}).start()
     yield svc
     svc.stop()
 
@@ -211,6 +212,11 @@ def test_openai_client_unchanged(service, uploaded):
     assert all(ch.object == "chat.completion.chunk" for ch in chunks)
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == text
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    # an answer read from choices has no tokens: its text still comes in the deltas' content
+    chunks = list(client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}],
+                                                 stream=True, extra_body={"lmstream_choices": ["red", "blue"]}))
+    picked = chunks[-1].model_extra["lmstream"]["text"]
+    assert picked in ("red", "blue") and "".join(ch.choices[0].delta.content or "" for ch in chunks) == picked
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=service.url + "/v1", api_key="nope").models.list()
     with pytest.raises(openai.UnprocessableEntityError):
@@ -296,6 +302,45 @@ def test_delete_frees_the_frames(service, media):
 def _uploads(service) -> list[str]:
     d = service.data_dir / "uploads"
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
+
+
+def _pids_titled(prefix: str) -> list[int]:
+    """Processes whose title (Ray sets it: ``ray::Class.method``) starts with `prefix`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "cmdline").read_bytes().startswith(prefix.encode()):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_a_job_whose_decoder_actor_dies_fails_at_once_and_frees_its_slot(service, media):
+    """kill -9 of a file job's FileSource actor mid-ingest (as an out-of-memory kill would): the job is
+    `failed` with E_INTERRUPTED and its frames so far, not `ingesting` for good holding a job slot,
+    and its upload is removed."""
+    import signal
+    before = _uploads(service)
+    with service.client() as c:
+        with open(media / "long.mp4", "rb") as f:                # 150 s at 30 fps: 4,500 frames to encode
+            r = c.post("/v1/videos", files={"file": ("long.mp4", f, "video/mp4")}, data={"fps": "30"})
+        assert r.status_code == 202, r.text
+        vid = r.json()["id"]
+        deadline = time.monotonic() + 120
+        while not (pids := _pids_titled("ray::FileSource.run")):
+            assert time.monotonic() < deadline, c.get(f"/v1/videos/{vid}").json()
+            time.sleep(0.1)
+        assert c.get(f"/v1/videos/{vid}").json()["status"] in ("queued", "ingesting")
+        for p in pids:
+            os.kill(p, signal.SIGKILL)
+        d = wait_ready(c, vid, timeout=60)
+        assert d["status"] == "failed" and d["error"]["code"] == "E_INTERRUPTED", d
+        assert "got it lost at" in d["error"]["message"] and d["frames"] < 4500
+        assert _uploads(service) == before
+        r = c.post("/v1/videos", json={"path": str(media / "scene.mp4")})       # and jobs go on
+        assert r.status_code == 202 and wait_ready(c, r.json()["id"])["status"] == "ready"
 
 
 def test_uploads_stream_to_the_data_folder_and_rejects_leave_nothing(service, media):
@@ -531,6 +576,87 @@ def test_websocket_frames_sent_back_to_back_wait_in_line_instead_of_being_shed(s
         assert st["frames"] == len(frames) and st["dropped"] == 0 and st["lag_s"] is not None
 
 
+def test_websocket_stop_stores_what_it_received_and_stopped_streams_free_their_slot(service, media, demo_model):
+    """`stop` right after frames sent back to back answers once all of them are stored (it answered
+    at once and dropped the queued ones); a socket that streams cannot attach elsewhere; the live
+    stream limit counts streams fed now, not stopped ones (after 4 sockets ever, every start was
+    429); DELETE fences a socket's stream; a purge forgets the stream's watches."""
+    import asyncio
+    import websockets
+    from stream.decode import VideoSource
+    size = demo_model.preprocess["size"]
+    frames = [(f.pts, f.rgb) for f in VideoSource(media / "scene.mp4", fps=1.0, resize_to=size)][:6]
+
+    async def recv_until(ws, kind):
+        while (m := json.loads(await ws.recv()))["type"] != kind:
+            assert m["type"] in ("ingested", "dropped"), m
+        return m
+
+    async def start(ws, sid=None):
+        await ws.send(json.dumps({"type": "start", "stream_id": sid, "fps": 1, "format": "png"}))
+        return json.loads(await ws.recv())
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            sid = (await start(ws))["stream_id"]
+            await ws.send(json.dumps({"type": "attach", "stream_id": sid}))
+            m = json.loads(await ws.recv())
+            assert m["type"] == "error" and m["code"] == "E_INVALID_REQUEST" and "not streaming" in m["message"]
+            for pts, rgb in frames:                        # no waiting for acknowledgements, then stop
+                await ws.send(json.dumps({"type": "frame", "pts": pts}))
+                await ws.send(_png(rgb))
+            await ws.send(json.dumps({"type": "stop"}))
+            stopped = await recv_until(ws, "stopped")
+            assert stopped["frames"] == len(frames), stopped
+        with service.client() as c:
+            assert c.get(f"/v1/streams/{sid}").json()["frames"] == len(frames)
+            assert c.post(f"/v1/streams/{sid}/watches", json={"question": "is there a red circle ?"}).status_code == 201
+        # the limit (4 here) counts streams fed now: the stopped ones (this module's, socks[0]) hold no slot
+        socks = [await websockets.connect(_ws_url(service), max_size=None) for _ in range(5)]
+        try:
+            got = [await start(w) for w in socks[:4]]
+            assert all(g["type"] == "started" for g in got), got
+            busy = await start(socks[4])
+            assert busy["type"] == "error" and busy["code"] == "E_BUSY", busy
+            assert "at most 4 live streams fed at once, got 4" in busy["message"]
+            await socks[0].send(json.dumps({"type": "stop"}))
+            await recv_until(socks[0], "stopped")
+            assert (await start(socks[4]))["type"] == "started"
+            # DELETE of a socket's stream fences it: a frame after it is refused, none is added
+            w, wsid = socks[1], got[1]["stream_id"]
+            await w.send(json.dumps({"type": "frame", "pts": 0.0}))
+            await w.send(_png(frames[0][1]))
+            assert (await recv_until(w, "ingested"))["frames"] == 1
+            with service.client() as c:
+                assert c.delete(f"/v1/streams/{wsid}").json()["status"] == "stopped"
+            await w.send(json.dumps({"type": "frame", "pts": 1.0}))
+            await w.send(_png(frames[1][1]))
+            m = await recv_until(w, "error")
+            assert m["code"] == "E_STALE_WRITER", m
+            with service.client() as c:
+                d = c.get(f"/v1/streams/{wsid}").json()
+                assert d["frames"] == 1 and d["status"] == "stopped", d
+        finally:
+            for w in socks:                                # stopped, not just closed: no slot held after
+                try:
+                    await w.send(json.dumps({"type": "stop"}))
+                    await recv_until(w, "stopped")
+                except (websockets.ConnectionClosed, AssertionError):
+                    pass
+                await w.close()
+        # a purge forgets the watches: the id created again starts with none
+        with service.client() as c:
+            assert c.delete(f"/v1/streams/{sid}?purge=true").json()["purged"] is True
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            assert (await start(ws, sid))["stream_id"] == sid
+            with service.client() as c:
+                assert c.get(f"/v1/streams/{sid}/watches").json()["data"] == []
+            await ws.send(json.dumps({"type": "stop"}))
+            await recv_until(ws, "stopped")
+
+    asyncio.run(session())
+
+
 def test_websocket_webm_byte_stream(service):
     """format webm: MediaRecorder-style chunks of one VP8 WebM stream, demuxed as they come."""
     import asyncio
@@ -749,6 +875,10 @@ def test_rtsp_camera_live_outage_gap_and_two_cameras(service, tmp_path):
         assert ans["gaps"] and ans["frames"] >= 5, ans                     # the outage is inside the window
         g = ans["gaps"][0]
         assert ans["time_span"][0] <= g[1] and g[0] <= ans["time_span"][1]
+        chat = c.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "what is in the video ?"},
+            {"type": "video_url", "video_url": {"url": f"lms://streams/{ids[0]}?last_s=600"}}]}]}).json()
+        assert chat["lmstream"]["gaps"] and chat["lmstream"]["gaps"][0] == g          # the same outage
         for sid in ids:
             r = c.delete(f"/v1/streams/{sid}")
             assert r.json()["status"] == "stopped"
