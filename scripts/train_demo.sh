@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 6 h 40 min on 2 CPU cores; the result is WORK_DIR/q5
+#   scripts/train_demo.sh [WORK_DIR]      # about 7 h 15 min on 2 CPU cores; the result is WORK_DIR/q9
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/q5
+# Then: python -m lmstream.eval_demo --model WORK_DIR/q9
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -161,7 +161,8 @@ run --out "$W/v2" --seed 131 --init-from "$W/v1" "${M4F[@]}" --lr 2e-4 --read-ex
 # Q5. 1,200 LLM-only steps on 2,000 whole 60 s videos encoded once (count and every order pair
 #     weighed 2, colour, shape, "is there" and needle replayed), a star / no-star pair of
 #     300-10,800 frames every second step weighed apart (0.5), the weights best on 200 validation
-#     videos' count and order kept (step 1,200), 43 min (12.5 of them encoding): checkpoints/demo
+#     videos' count and order kept (step 1,200), 43 min (12.5 of them encoding); the checkpoint
+#     until the twenty-first session
 run --out "$W/q5" --seed 180 --init-from "$W/v2" --vision-steps 0 --paraphrase 0.1 --steps 0 \
     --cached-steps 1200 --cached-videos 2000 --cached-val 200 --needle-every 2 --needle-weight 0.5 \
     --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 --minutes 95
@@ -173,3 +174,12 @@ run --out "$W/q5" --seed 180 --init-from "$W/v2" --vision-steps 0 --paraphrase 0
 #     --cached-steps 1200 --cached-videos 2000 --cached-val 200 --needle-every 2 --needle-weight 0.5 \
 #     --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 --minutes 95 \
 #     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change
+
+# --- issue 11, twenty-first session ---
+# Q9. Q7's recipe (Q5 continued on 2,000 new videos, half on other canvases, half in other shades,
+#     "change" replayed) with the star / no-star pair's loss weighed 1 instead of 0.5, seed 210;
+#     weights of step 1,000 kept by validation, 31.2 min (7.6 of them encoding): checkpoints/demo
+run --out "$W/q9" --seed 210 --init-from "$W/q5" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --cached-steps 1200 --cached-videos 2000 --cached-val 200 --needle-every 2 --needle-weight 1 \
+    --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 --minutes 95 \
+    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change
