@@ -455,8 +455,13 @@ def build_api() -> FastAPI:
 
     @api.post("/v1/streams/{sid}/watches/{wid}/questions")
     async def ask_watch(sid: str, wid: str, q: Question, b: Backend = Depends(auth)):
-        """The watch's question over any window, exactly, from its rows fused at ingest (no keys/values)."""
+        """The watch's question over any window, exactly, from its rows fused at ingest (no keys/values).
+        The body's `question` is not read (the watch's own is answered); `stream` gives SSE as on the
+        other question routes; a policy other than exact is refused, not silently ignored."""
         _check_id(sid)
+        if q.policy != "exact":
+            raise InvalidRequest(f"expected policy 'exact' for a watch's question (its rows are fused with every "
+                                 f"frame at ingest, so it is always answered exactly), got {q.policy!r}")
         w = (await asyncio.to_thread(b.watches.all, sid)).get(wid)
         if w is None:
             raise NotFound(f"expected a watch of stream {sid!r}, got unknown id {wid!r}")
@@ -464,6 +469,8 @@ def build_api() -> FastAPI:
         req = _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens, d.get("gaps") or [],
                              q.choices)
         req["watch"] = wid
+        if q.stream:
+            return await _sse(b, req, _sse_events)
         return await _json_answer(b, req)
 
     @api.get("/v1/streams/{sid}/events")

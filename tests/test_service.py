@@ -788,6 +788,13 @@ def test_watches_fused_at_ingest_answer_exactly_and_emit_events(service, media):
         p = c.post(f"/v1/streams/{sid}/questions", json={"question": q, "window": [6, 16], "max_tokens": 8}).json()
         assert w["token_ids"] == p["token_ids"] and w["frames"] == p["frames"] == 10, (w, p)
         assert w["policy"] == "exact (watch: fused at ingest)" and p["policy"] == "exact"
+        with c.stream("POST", f"/v1/streams/{sid}/watches/{wid}/questions",
+                      json={"question": "x", "window": [6, 16], "max_tokens": 8, "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream"), r.headers
+            streamed = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert [e["token_id"] for e in streamed[:-1]] == w["token_ids"] == streamed[-1]["token_ids"]
+        r = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"question": "x", "policy": "budget:4"})
+        assert r.status_code == 422 and "expected policy 'exact'" in r.json()["error"]["message"], r.text
         mixed = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"question": "x", "window": [0, 16]}).json()
         assert mixed["frames"] == 16 and mixed["frames_fused"] == 10 and "10 of 16" in mixed["policy"]
         got = []
