@@ -43,6 +43,12 @@ say: the pipeline squashes every frame to the model's square input, as the offic
 does) or with the colour names painted in other shades (`stream.synthetic.PALETTES`): how far the
 figures hold on footage that is not this generator's own.
 
+`--phrasings` also asks every 60 s colour, shape, "is there", count and order question in the
+everyday phrasings of `PHRASINGS` (the first policy only), and prints a third table: accuracy per
+phrasing beside the template's on the same questions, whether training ever showed that phrasing
+(`model.train_demo.PARAPHRASES`) and which of its words the tokenizer does not know. A user types
+"How many objects appear in the video?", not the template.
+
 A second table splits the 60 s tier's first policy by where the misses are: each family by the
 number of objects in the video (1-5), and the families about one object (colour, shape, change)
 by how long that object is on screen (< 20 s or more, sampled frames); JSON: "breakdown", and
@@ -73,6 +79,61 @@ TARGETS = {  # the issue's targets: (tier, family, policy) -> minimum accuracy
     ("60s", "colour", "exact"): 0.9, ("60s", "shape", "exact"): 0.9, ("60s", "exists", "exact"): 0.9,
     ("60s", "count", "exact"): 0.8, ("60s", "order", "exact"): 0.8, ("3h", "needle", "exact"): 0.8,
 }
+
+
+# --phrasings: everyday ways to ask each template question (fields as in stream.synthetic's
+# templates: {kind}, {colour}, {article}, {a}, {b}); some are training's paraphrases, most are not
+PHRASINGS = {
+    "colour": ["What color is the {kind}?", "Which colour is the {kind}?", "What is the colour of the {kind}?",
+               "Tell me the colour of the {kind}.", "What colour does the {kind} have?"],
+    "shape": ["What is the shape of the {colour} object?", "Which shape is the {colour} object?",
+              "What kind of shape is the {colour} object?", "What shape does the {colour} object have?"],
+    "exists": ["Is there {article} {colour} {kind} in the video?", "Does the video show {article} {colour} {kind}?",
+               "Does {article} {colour} {kind} appear?", "Do you see {article} {colour} {kind}?"],
+    "count": ["How many objects?", "Count the objects.", "What is the number of objects?",
+              "How many objects does the video show?", "How many objects are in the video?",
+              "How many objects appear in the video?", "How many shapes are there?"],
+    "order": ["Which came first, the {a} or the {b}?", "Which one appeared first, the {a} or the {b}?",
+              "Which appeared earlier, the {a} or the {b}?", "Which was first: the {a} or the {b}?"],
+}
+
+
+def _template_fields(fam: str, question: str) -> dict | None:
+    """The fields of a template question ({kind}, {colour}, ...), read back with the template as a
+    pattern; None when the question is not that family's template."""
+    import re
+    from stream import synthetic as S
+    tpl = {"colour": S._T_COLOUR, "shape": S._T_SHAPE, "exists": S._T_EXISTS, "count": S._T_COUNT,
+           "order": S._T_ORDER}.get(fam)
+    if tpl is None:
+        return None
+    pat = re.escape(tpl)
+    for name in ("kind", "colour", "article", "a", "b"):
+        pat = pat.replace(re.escape("{" + name + "}"), f"(?P<{name}>.+?)")
+    hit = re.fullmatch(pat, question)
+    return None if hit is None else hit.groupdict()
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().replace("color", "colour").split())
+
+
+def phrasing_info(m) -> dict:
+    """Per family and phrasing: trained (training's paraphrases or the template itself, spelling
+    aside) and the words the checkpoint's tokenizer maps to its unknown token."""
+    import re
+    from model.train_demo import PARAPHRASES
+    from stream import synthetic as S
+    seen = {_normal(t) for t in (S._T_COLOUR, S._T_SHAPE, S._T_EXISTS, S._T_COUNT, S._T_ORDER)}
+    seen |= {_normal(t) for ts in PARAPHRASES.values() for t in ts}
+    tok = m.tokenizer
+    out = {}
+    for fam, texts in PHRASINGS.items():
+        for t in texts:
+            words = [w for w in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", t).lower())
+                     if tok.unk_token_id in tok(w, add_special_tokens=False)["input_ids"]]
+            out.setdefault(fam, {})[t] = {"trained": _normal(t) in seen, "unknown_words": sorted(set(words))}
+    return out
 
 
 def family_of(qa) -> str:
@@ -178,6 +239,7 @@ class Tally:
         self.examples: list[dict] = []
         self.asked: dict[tuple[str, str], list] = {}       # (tier, family) -> the QAs, once each
         self.sliced: dict[tuple[str, str, str, str, str], list[int]] = {}   # (tier, family, policy, slice, bucket)
+        self.phrased: dict[tuple[str, str], list[int]] = {}      # --phrasings: (family, phrasing) -> oks
 
     def add(self, tier, family, policy, ok, record, slices=None):
         self.rows.setdefault((tier, family, policy), []).append(int(ok))
@@ -254,11 +316,24 @@ def answer(m, states, qa, policy: str, max_new_tokens: int):
 
 
 def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing, label="", verbose=False,
-            spec=None):
+            spec=None, phrasings=False):
     for qa in qas:
         fam = family_of(qa)
         tally.ask(tier, fam, qa)
         slices = slices_of(spec, qa)
+        fields = _template_fields(fam, qa.question) if phrasings and fam in PHRASINGS else None
+        if fields is not None:
+            tally.phrased.setdefault((fam, "template"), [])
+            for tpl in PHRASINGS[fam]:
+                q2 = dataclasses.replace(qa, question=tpl.format(**fields))
+                text, ok, _ = answer(m, states, q2, policies[0], max_new_tokens)
+                tally.phrased.setdefault((fam, tpl), []).append(int(ok))
+                tally.examples.append({"tier": tier, "seed": seed, "variant": label, "family": fam,
+                                       "policy": policies[0], "phrasing": tpl, "question": q2.question,
+                                       "truth": qa.answer, "answer": text, "ok": ok})
+                if verbose:
+                    print(f"  [{tier} {seed}{label} {policies[0]}] {q2.question} -> {text!r} (truth {qa.answer!r}) "
+                          f"{'ok' if ok else 'WRONG'}", file=sys.stderr)
         for pol in policies:
             if pol.endswith(CHOICES) and not (qa.choices and len(qa.choices) >= 2):
                 continue                                   # a family with open answers ("when")
@@ -268,6 +343,8 @@ def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing,
                                            "policy": pol, "question": qa.question, "truth": qa.answer,
                                            "answer": text, "ok": ok, "seconds": round(dt, 3), **slices},
                       slices)
+            if fields is not None and pol == policies[0]:
+                tally.phrased[(fam, "template")].append(int(ok))
             if verbose:
                 print(f"  [{tier} {seed}{label} {pol}] {qa.question} -> {text!r} (truth {qa.answer!r}) "
                       f"{'ok' if ok else 'WRONG'}", file=sys.stderr)
@@ -342,7 +419,7 @@ def _run(args) -> int:
                          "needle": spec.needle is not None, "questions": len(qas)})
             t_q = time.perf_counter()
             ask_all(m, states, qas, tier, policies, tally, args.max_new_tokens, seed, timing, verbose=args.verbose,
-                    spec=spec)
+                    spec=spec, phrasings=bool(getattr(args, "phrasings", False)) and not long_tier)
             if long_tier and trials:
                 rng = np.random.default_rng([seed, 0xE7A1])
                 colours = list(rng.permutation(COLOUR_NAMES))[:trials]
@@ -417,6 +494,20 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
     for (tier, f, pol, name, bucket), v in tally.sliced.items():
         (breakdown.setdefault(tier, {}).setdefault(pol, {}).setdefault(f, {}).setdefault(name, {}))[bucket] = {
             "accuracy": round(sum(v) / len(v), 4), "n": len(v)}
+    phrasings = None
+    if tally.phrased:
+        info = phrasing_info(m)
+        phrasings = {}
+        for fam in PHRASINGS:
+            v = tally.phrased.get((fam, "template"))
+            if not v:
+                continue
+            row = {"template": {"accuracy": round(sum(v) / len(v), 4), "n": len(v), "trained": True,
+                                "unknown_words": []}}
+            for tpl in PHRASINGS[fam]:
+                w = tally.phrased.get((fam, tpl)) or []
+                row[tpl] = {"accuracy": round(sum(w) / len(w), 4) if w else None, "n": len(w), **info[fam][tpl]}
+            phrasings[fam] = row
     targets = []
     for (tier, fam, pol), need in TARGETS.items():
         got = acc.get(tier, {}).get(pol, {}).get(fam)
@@ -436,6 +527,7 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
         "questions": {t: sum(len(v) for (tt, _, p), v in tally.rows.items() if tt == t and p == policies[0])
                       for t in tiers},
         "accuracy": acc, "blind_baseline": blind, "targets": targets, "breakdown": breakdown,
+        "phrasings": phrasings,
         "seconds_per_answer": {k: round(float(np.mean(v)), 4) for k, v in timing.items()},
         "video_details": videos_info, "wall_s": round(time.perf_counter() - t_all, 1),
         "answers": tally.examples if args.answers else None,
@@ -482,6 +574,7 @@ def render_table(r: dict) -> str:
         out.append(f"POLICY{CHOICES}: the likeliest of the question's candidate answers (score_choices), only "
                    "for questions with a fixed answer set; its 'all' is over those questions alone")
     out += render_breakdown(r)
+    out += render_phrasings(r)
     for tg in r["targets"]:
         if tg["accuracy"] is None:
             continue
@@ -513,6 +606,26 @@ def render_breakdown(r: dict, tier: str = "60s") -> list[str]:
             c = per[f].get(name, {}).get(b)
             cells.append("-" if c is None else f"{100 * c['accuracy']:.0f} % ({c['n']})")
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_phrasings(r: dict) -> list[str]:
+    """Lines of the --phrasings table: each everyday phrasing's accuracy beside the template's on
+    the same 60 s questions (first policy), whether training showed it, its unknown words."""
+    per = r.get("phrasings")
+    if not per:
+        return []
+    lines = ["", f"60s {r['policies'][0]}, the same questions in everyday phrasings (--phrasings):", "",
+             "| family | phrasing | accuracy | template on the same questions | in training | words it does not know |",
+             "|---|---|---|---|---|---|"]
+    for fam, rows in per.items():
+        t = rows["template"]
+        for text, c in rows.items():
+            if text == "template":
+                continue
+            acc = "-" if c["accuracy"] is None else f"{100 * c['accuracy']:.0f} % ({c['n']})"
+            lines.append(f"| {fam} | {text} | {acc} | {100 * t['accuracy']:.0f} % | {'yes' if c['trained'] else 'no'} "
+                         f"| {', '.join(c['unknown_words']) or '-'} |")
     return lines
 
 
@@ -555,6 +668,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--palette", default="default",
                    help="paint the colour names in other shades: default, css (the CSS named colours), vivid "
                         "(other bright CSS shades; never shown in training)")
+    p.add_argument("--phrasings", action="store_true",
+                   help="also ask each 60 s colour, shape, 'is there', count and order question in everyday "
+                        "phrasings (PHRASINGS; first policy): a table per phrasing beside the template")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)

@@ -377,7 +377,29 @@ PARAPHRASES = {
 # committed checkpoint's data exactly: every lever off draws nothing from the random streams)
 RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "read_order_hard": 0.0,
           "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24, "short_objects": 0.0,
-          "canvas": 0.0, "shades": 0.0}
+          "canvas": 0.0, "shades": 0.0, "filler": 0.0}
+# --filler: words no checkpoint's vocabulary holds (so each reads as the unknown token), put around
+# stage 0q's questions the way users pad theirs ("please, ...", "... in this clip?"); none of them
+# is a word of eval-demo --phrasings, which measures phrasings training never showed
+FILLER_WORDS = ("please", "hey", "okay", "so", "now", "quickly", "here", "clip", "footage", "exactly",
+                "just", "actually", "basically", "um", "well", "honestly")
+
+
+def add_filler(question: str, rng: np.random.Generator) -> str:
+    """The question with one or two `FILLER_WORDS` before it, after it (before its "?" or "."), or
+    both; the words it asks about stay together and in order."""
+    def words() -> str:
+        return " ".join(FILLER_WORDS[int(i)] for i in rng.integers(len(FILLER_WORDS), size=int(rng.integers(1, 3))))
+    where = rng.random()
+    q = question
+    if where < 0.7:
+        q = f"{words()}, {q}"
+    if where >= 0.5:
+        body, end = (q[:-1], q[-1]) if q[-1:] in "?." else (q, "")
+        q = f"{body} {words()}{end}"
+    return q
+
+
 SHORT_FRAMES = 20     # --short-objects: "on screen briefly", as eval-demo's breakdown splits it
 PARAPHRASE_WORDS = ["count", "number", "of", "does", "show", "kind", "in", "video"]
 # --canvas: frame sizes a training scene may be drawn at instead of 64x64 (width, height; even, for
@@ -2215,6 +2237,10 @@ def whole_video(rng: np.random.Generator, n_objects: int, replay: tuple[str, ...
     qas, _ = order_pairs(spec, times, rng)
     qas += clip_questions(spec, times, rng, contiguous=True, families=("count",) + tuple(replay),
                           paraphrase=RECIPE["paraphrase"])
+    if RECIPE["filler"]:                       # --filler (off: no draws, the videos as before)
+        for q in qas:
+            if rng.random() < RECIPE["filler"]:
+                q.question = add_filler(q.question, rng)
     return Sample(spec, times, [1] * len(times), qas, "clip", codec=bool(rng.random() < 0.5))
 
 
@@ -2325,7 +2351,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
            "weights": state_hash(trainer.net, trainer.vision, before_llm=True), "vocab": len(trainer.tok.get_vocab())}
     if a.cached_replay != Q_REPLAY:            # files made with the default replay have no such field
         key["replay"] = list(a.cached_replay)
-    for k in ("canvas", "shades"):             # nor do files made from native frames in the generator's shades
+    for k in ("canvas", "shades", "filler"):   # nor do files made from native frames in the generator's shades
         if RECIPE[k]:
             key[k] = RECIPE[k]
     files = a.cached_file or []
@@ -2617,6 +2643,9 @@ def parse_args(argv):
     ap.add_argument("--paraphrase", type=float, default=0.0,
                     help="share of colour/shape/exists/count questions asked in other everyday phrasings "
                          "(> 0 adds their words to the vocabulary)")
+    ap.add_argument("--filler", type=float, default=0.0,
+                    help="stage 0q: share of questions padded with words outside the vocabulary (FILLER_WORDS, "
+                         "read as the unknown token) before or after them, as users pad theirs (0: none)")
     ap.add_argument("--whole-videos", type=float, default=0.4, help="share of instruct clips that are whole 60 s videos")
     ap.add_argument("--bind", type=float, default=0.0,
                     help="weight of the binding loss: (kind, colour) pairs per frame token, pairs and objects "
@@ -2780,7 +2809,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read,
                   read_order_hard=a.read_order_hard, short_objects=a.short_objects, canvas=a.canvas,
-                  shades=a.shades, paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys,
+                  shades=a.shades, filler=a.filler, paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys,
                   long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else

@@ -160,6 +160,70 @@ def test_eval_demo_choices_column(capsys):
     assert "by objects in the video" in "\n".join(eval_demo.render_breakdown(r))
 
 
+def test_eval_demo_phrasings_ask_the_same_questions_in_everyday_words(capsys):
+    """`--phrasings`: every template question of the five target families is asked again in each
+    everyday phrasing, with the template's own fields; the table names each phrasing's unknown
+    words and whether training showed it."""
+    from lmstream import eval_demo
+    from stream import synthetic as S
+    for fam, tpl, fields in (("colour", S._T_COLOUR, {"kind": "circle"}),
+                             ("exists", S._T_EXISTS, {"article": "an", "colour": "orange", "kind": "cross"}),
+                             ("order", S._T_ORDER, {"a": "red circle", "b": "blue square"}),
+                             ("count", S._T_COUNT, {})):
+        assert eval_demo._template_fields(fam, tpl.format(**fields)) == fields
+    assert eval_demo._template_fields("colour", "tell me the colour of the circle.") is None
+    rc = eval_demo.main(["--quick", "--json", "--answers", "--tiers", "60s", "--policies", "exact", "--phrasings",
+                         "--model", str(CKPT)])
+    assert rc == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["phrasings"], r.get("phrasings")
+    for fam, rows in r["phrasings"].items():
+        n = rows["template"]["n"]
+        assert n == r["accuracy"]["60s"]["exact"][fam]["n"]          # the template's own answers
+        assert set(rows) == {"template", *eval_demo.PHRASINGS[fam]}
+        for text, c in rows.items():
+            assert c["n"] == n and 0.0 <= c["accuracy"] <= 1.0, (fam, text, c)
+            asked = [a for a in r["answers"] if a.get("phrasing") == text]
+            if text != "template":
+                assert len(asked) == n and all("{" not in a["question"] for a in asked), asked
+    info = eval_demo.phrasing_info(__import__("model").LlavaMini.from_pretrained(CKPT))
+    assert info["colour"]["Tell me the colour of the {kind}."] == {"trained": False, "unknown_words": ["me", "tell"]}
+    assert info["colour"]["Which colour is the {kind}?"] == {"trained": True, "unknown_words": []}
+    assert info["exists"]["Does {article} {colour} {kind} appear?"]["unknown_words"] == []
+
+
+def test_filler_pads_questions_with_unknown_words_and_keeps_what_they_ask():
+    """--filler (stage 0q): padding words the vocabulary lacks, around the question only; off, the
+    videos' questions are drawn exactly as before."""
+    import re
+    from model import LlavaMini
+    from model import train_demo as T
+    tok = LlavaMini.from_pretrained(CKPT).tokenizer
+    assert all(tok.unk_token_id in tok(w, add_special_tokens=False)["input_ids"] for w in T.FILLER_WORDS)
+    from lmstream.eval_demo import PHRASINGS
+    everyday = {w for ts in PHRASINGS.values() for t in ts for w in re.findall(r"[a-z]+", t.lower())}
+    assert not everyday & set(T.FILLER_WORDS)          # eval-demo --phrasings stays unseen
+    rng = np.random.default_rng(5)
+    q = "which appeared first, the red circle or the blue square?"
+    for _ in range(50):
+        out = T.add_filler(q, rng)
+        kept = " ".join(w for w in out.replace(",", " ,").replace("?", " ?").split() if w not in T.FILLER_WORDS)
+        assert out != q and kept.replace(" ,", ",").replace(" ?", "?").lstrip(", ") == q, out
+    was = dict(T.RECIPE)
+    try:
+        T.RECIPE["filler"] = 0.0
+        plain = T.whole_video(np.random.default_rng(9), 3)
+        T.RECIPE["filler"] = 1.0
+        padded = T.whole_video(np.random.default_rng(9), 3)
+    finally:
+        T.RECIPE.clear()
+        T.RECIPE.update(was)
+    assert [a.answer for a in plain.qas] == [a.answer for a in padded.qas]
+    for a, b in zip(plain.qas, padded.qas):
+        assert a.question != b.question and a.question.rstrip("?") in b.question.replace(" ,", ","), (a, b)
+    assert not any(w in a.question.split() for a in plain.qas for w in T.FILLER_WORDS)
+
+
 def test_eval_breakdown_slices_by_objects_and_time_on_screen():
     """The breakdown's slices: objects in the video for every question with a fixed answer, the
     asked object's seconds on screen (frames sampled at 1 fps) for questions about one object,
