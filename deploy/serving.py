@@ -364,7 +364,8 @@ def answer_fields(a) -> dict:
             "time_span": list(a.time_span) if a.time_span else None, "policy": a.policy, "kv_policy": a.kv_policy,
             "gaps": [list(g) for g in a.gaps], "dropped": a.dropped, "timings": dict(a.timings),
             "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason,
-            **({"choices": a.choices} if a.choices is not None else {})}
+            **({"choices": a.choices} if a.choices is not None else {}),
+            **({"unknown_words": list(a.unknown_words)} if getattr(a, "unknown_words", None) else {})}
 
 
 def answer_events_in_thread(make_events: Callable[[], Iterator[dict]]):

@@ -209,6 +209,10 @@ def cmd_ask(args) -> int:
     else:
         ans, load_s, stream_id = _ask_cached(args, window, fps)
     warn_gaps(ans.decode_report)
+    if ans.unknown_words:
+        print(f"warning: the model does not know the word(s) {', '.join(map(repr, ans.unknown_words))} of the "
+              "question (each is read as an unknown token), so the answer may be off; its vocabulary is "
+              "in the checkpoint's tokenizer.json", file=sys.stderr)
     if args.json:
         d = ans.to_dict()
         d["timings"]["load_s"] = round(load_s, 4)

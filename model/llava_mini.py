@@ -17,6 +17,7 @@ The monolithic per-frame computation lives in `model/oracle.py` and the tests ho
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -94,6 +95,7 @@ class Answer:
     dropped: int = 0                             # frames of the window overwritten before it was read
     finish_reason: str = "stop"                  # "stop" (a stop token) or "length" (max_new_tokens / context)
     choices: list[dict] | None = None            # with `choices=`: [{"text", "logprob", "share"}] per candidate
+    unknown_words: list[str] = field(default_factory=list)   # question words the tokenizer reads as unknown
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -744,6 +746,20 @@ class LlavaMini:
         return out
 
     # ------------------------------------------------------------------ words in, words out
+    def unknown_words(self, question: str) -> list[str]:
+        """The question's words that the tokenizer maps to its unknown token, in order, once each
+        (a word-level vocabulary such as the demo checkpoint's; [] for a tokenizer without one).
+        The model reads each as the same token, so an answer to such a question may be off."""
+        tok = self.tokenizer
+        unk = getattr(tok, "unk_token_id", None)
+        if tok is None or unk is None:
+            return []
+        out: list[str] = []
+        for w in re.findall(r"[^\W\d_]+", question):
+            if w.lower() not in out and unk in tok(w, add_special_tokens=False)["input_ids"]:
+                out.append(w.lower())
+        return out
+
     def prompt_ids(self, question: str) -> torch.Tensor:
         if self.tokenizer is None and self.tokenizer_error is not None:
             raise self.tokenizer_error
@@ -848,7 +864,8 @@ class LlavaMini:
                                prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],
                                timings={k: round(v, 4) for k, v in timings.items()},
                                decode_report=report, gaps=gaps, dropped=dropped,
-                               finish_reason=info.get("finish_reason", "stop"), choices=scored)
+                               finish_reason=info.get("finish_reason", "stop"), choices=scored,
+                               unknown_words=self.unknown_words(question))
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> int:

@@ -97,6 +97,17 @@ def test_answers_fresh_videos_well_above_chance(demo):
     assert len(right["colour"]) >= 6 and np.mean(right["colour"]) >= 0.5, right    # chance ~1/7
 
 
+def test_an_answer_names_the_question_words_the_model_does_not_know(demo):
+    """`Answer.unknown_words`: the words the demo's word-level tokenizer reads as its unknown token,
+    once each, in order ("color" is known: the normalizer reads it as "colour")."""
+    from stream.synthetic import make_scene
+    states = _encode(demo, make_scene(10 ** 9 + 7_100, 8.0))
+    asked = demo.ask(states, "Tell me the colour of the circle. Tell ME!", max_new_tokens=4)
+    assert asked.unknown_words == ["tell", "me"] and asked.to_dict()["unknown_words"] == ["tell", "me"]
+    assert demo.ask(states, "What color is the circle?", max_new_tokens=4).unknown_words == []
+    assert demo.unknown_words("how many shapes appear?") == ["shapes"]
+
+
 def test_training_forward_is_the_inference_computation(demo):
     from model.train_demo import Trainer, check_exact
     from stream.preprocess import preprocess_video_frames

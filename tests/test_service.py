@@ -180,6 +180,9 @@ def test_choices_answer_the_likeliest_candidate_as_the_engine_does(service, uplo
         assert kinds == ["answer"]
         plain = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q}).json()
         assert "choices" not in plain                                   # only when asked for
+        assert "unknown_words" not in plain                             # every word known
+        told = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": "tell me the colour of the circle."})
+        assert told.json()["unknown_words"] == ["tell", "me"], told.text
         r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": ["red"]})
         assert r.status_code == 422 and "choices" in r.json()["error"]["message"]
         r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": ["red", "  "]})
