@@ -365,7 +365,7 @@ def answer_fields(a) -> dict:
             "gaps": [list(g) for g in a.gaps], "dropped": a.dropped, "timings": dict(a.timings),
             "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason,
             **({"choices": a.choices} if a.choices is not None else {}),
-            **({"unknown_words": list(a.unknown_words)} if getattr(a, "unknown_words", None) else {})}
+            **({"unknown_words": list(a.unknown_words)} if a.unknown_words else {})}
 
 
 def answer_events_in_thread(make_events: Callable[[], Iterator[dict]]):

@@ -98,13 +98,18 @@ PHRASINGS = {
 }
 
 
+def _templates() -> dict[str, str]:
+    """The template question of each family `PHRASINGS` rephrases (stream.synthetic's)."""
+    from stream import synthetic as S
+    return {"colour": S._T_COLOUR, "shape": S._T_SHAPE, "exists": S._T_EXISTS, "count": S._T_COUNT,
+            "order": S._T_ORDER}
+
+
 def _template_fields(fam: str, question: str) -> dict | None:
     """The fields of a template question ({kind}, {colour}, ...), read back with the template as a
     pattern; None when the question is not that family's template."""
     import re
-    from stream import synthetic as S
-    tpl = {"colour": S._T_COLOUR, "shape": S._T_SHAPE, "exists": S._T_EXISTS, "count": S._T_COUNT,
-           "order": S._T_ORDER}.get(fam)
+    tpl = _templates().get(fam)
     if tpl is None:
         return None
     pat = re.escape(tpl)
@@ -123,16 +128,13 @@ def phrasing_info(m) -> dict:
     aside) and the words the checkpoint's tokenizer maps to its unknown token."""
     import re
     from model.train_demo import PARAPHRASES
-    from stream import synthetic as S
-    seen = {_normal(t) for t in (S._T_COLOUR, S._T_SHAPE, S._T_EXISTS, S._T_COUNT, S._T_ORDER)}
+    seen = {_normal(t) for t in _templates().values()}
     seen |= {_normal(t) for ts in PARAPHRASES.values() for t in ts}
-    tok = m.tokenizer
     out = {}
     for fam, texts in PHRASINGS.items():
-        for t in texts:
-            words = [w for w in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", t).lower())
-                     if tok.unk_token_id in tok(w, add_special_tokens=False)["input_ids"]]
-            out.setdefault(fam, {})[t] = {"trained": _normal(t) in seen, "unknown_words": sorted(set(words))}
+        for t in texts:                      # the fields ({kind}, ...) are the template's own words
+            words = m.unknown_words(re.sub(r"\{\w+\}", " ", t))
+            out.setdefault(fam, {})[t] = {"trained": _normal(t) in seen, "unknown_words": sorted(words)}
     return out
 
 
