@@ -525,8 +525,40 @@ def long_sample(rng, length: int, anchors: int = 24) -> Sample:
     return Sample(spec, times, reps, qas, "long")
 
 
+# --workers N: frames are drawn on the CPU with numpy (about 0.5 ms a frame, and 3-4 ms to build a
+# scene), which on a GPU is most of a step; N forked processes render them instead. Only pure
+# functions of their arguments run there, and every random draw stays in this process, so a run is
+# the same with or without workers.
+_POOL: list = []
+POOL_CHUNK = 32             # frames per task when one long sample is split over the workers
+
+
+def start_workers(n: int) -> None:
+    """Fork `n` rendering processes (before CUDA is touched: the children never use it)."""
+    stop_workers()
+    if n > 0:
+        import multiprocessing as mp
+        _POOL.append(mp.get_context("fork").Pool(n))
+
+
+def stop_workers() -> None:
+    while _POOL:
+        p = _POOL.pop()
+        p.terminate()
+        p.join()
+
+
+def _render_times(job: tuple[S.SceneSpec, list[float]]) -> np.ndarray:
+    spec, times = job
+    return np.stack([S.render_frame(spec, t) for t in times])
+
+
 def render(sample: Sample) -> np.ndarray:
-    frames = np.stack([S.render_frame(sample.spec, t) for t in sample.times])
+    if _POOL and len(sample.times) > POOL_CHUNK:
+        jobs = [(sample.spec, sample.times[i:i + POOL_CHUNK]) for i in range(0, len(sample.times), POOL_CHUNK)]
+        frames = np.concatenate(_POOL[0].map(_render_times, jobs))
+    else:
+        frames = _render_times((sample.spec, sample.times))
     if sample.codec:
         frames = codec_like(frames, np.random.default_rng([sample.spec.seed, len(sample.times)]))
     return frames
@@ -1420,20 +1452,47 @@ def set_batch(seed0: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray,
     `seed0` + [0, 10**6): 0 for training, 10**9 for held-out frames), no needle: the frames (n, S,
     S, 3), the (kind, colour) pairs on screen (n, N_PAIRS) and how many there are (n,)."""
     imgs, ys, counts = [], [], []
+
+    def draw() -> tuple[int, int, float]:
+        # the frame's moment does not depend on the scene (60 frames at 1 fps), so a candidate's
+        # three draws can be made before its scene is built, here or in a worker
+        return seed0 + int(rng.integers(10 ** 6)), int(rng.integers(2, S.MAX_OBJECTS + 1)), float(rng.integers(60))
+
     while len(imgs) < n:
-        spec = S.make_scene(seed0 + int(rng.integers(10 ** 6)), 60, needle=False,
-                            n_objects=int(rng.integers(2, S.MAX_OBJECTS + 1)))
-        t = float(rng.integers(spec.n_frames))
-        items = frame_items(spec, t)
-        if not items:
-            continue
-        y = torch.zeros(N_PAIRS)
-        for kind, colour in items:
-            y[pair_index(kind, colour)] = 1
-        imgs.append(S.render_frame(spec, t))
-        ys.append(y)
-        counts.append(len(items))
+        if _POOL:
+            snap = rng.bit_generator.state
+            cands = [draw() for _ in range(max(8, 2 * (n - len(imgs))))]
+            done = _POOL[0].map(_set_frame, cands, chunksize=8)
+        else:
+            cands = [draw()]
+            done = [_set_frame(cands[0])]
+        for used, got in enumerate(done, 1):
+            if got is None:
+                continue
+            img, items = got
+            y = torch.zeros(N_PAIRS)
+            for kind, colour in items:
+                y[pair_index(kind, colour)] = 1
+            imgs.append(img)
+            ys.append(y)
+            counts.append(len(items))
+            if len(imgs) == n:
+                if _POOL and used < len(cands):    # leave rng where drawing one by one would have
+                    rng.bit_generator.state = snap
+                    for _ in range(used):
+                        draw()
+                break
     return np.stack(imgs), torch.stack(ys), torch.tensor(counts)
+
+
+def _set_frame(cand: tuple[int, int, float]) -> tuple[np.ndarray, list[tuple[str, str]]] | None:
+    """`set_batch`'s candidate (scene seed, objects, moment): its frame and what is on screen, or
+    None when nothing is."""
+    seed, n_objects, t = cand
+    spec = S.make_scene(seed, 60, needle=False, n_objects=n_objects, events=False)
+    assert spec.n_frames == 60, spec.n_frames
+    items = frame_items(spec, t)
+    return (S.render_frame(spec, t), items) if items else None
 
 
 def exact_sets(logits: torch.Tensor, y: torch.Tensor, k: torch.Tensor) -> dict:
@@ -1449,7 +1508,7 @@ def in_chunks(f, x: torch.Tensor, size: int = 500) -> torch.Tensor:
 
 def train_tower_sets(tower: VisionTower, read: SetReader, steps: int, batch: int, lr: float, rng,
                      teacher: VisionTower | None = None, keep: float = 0.0, codec: bool = False,
-                     then=None, every: int = 0, check=None, report=None) -> dict:
+                     then=None, every: int = 0, check=None, report=None, deadline: float | None = None) -> dict:
     """The tower and a `SetReader` on its patch features train together on the set loss (mean
     binary cross-entropy of the frame's (kind, colour) pairs), `batch` fresh training frames a
     step (`set_batch`; with `codec`, half the batches through `codec_like`), AdamW (the tower at
@@ -1458,7 +1517,8 @@ def train_tower_sets(tower: VisionTower, read: SetReader, steps: int, batch: int
     on the same frames is added: what the layers after the tower read stays near where it was.
     `then(features, pairs)`, if given, runs after each step on that step's (detached) features and
     returns a dict of its own losses. Every `every` steps and at the end `check(tower, read)` ->
-    dict is recorded with the step's losses and passed to `report(step, row)`. Returns {step: row}."""
+    dict is recorded with the step's losses and passed to `report(step, row)`. Past `deadline` (a
+    `time.perf_counter()` value) the step in hand is checked and training stops. Returns {step: row}."""
     tower.train()
     params = list(read.parameters()) + list(tower.parameters())
     opt = torch.optim.AdamW([{"params": read.parameters(), "lr": 1e-3}, {"params": tower.parameters(), "lr": lr}])
@@ -1482,7 +1542,8 @@ def train_tower_sets(tower: VisionTower, read: SetReader, steps: int, batch: int
         opt.step()
         if then is not None:
             losses.update(then(f.detach(), y))
-        if check is not None and every and (step % every == 0 or step == steps):
+        late = deadline is not None and time.perf_counter() > deadline
+        if check is not None and every and (step % every == 0 or step == steps or late):
             tower.eval(), read.eval()
             with torch.no_grad():
                 row = check(tower, read)
@@ -1490,6 +1551,8 @@ def train_tower_sets(tower: VisionTower, read: SetReader, steps: int, batch: int
             curve[step] = {**row, **{k: round(float(v.detach()), 5) for k, v in losses.items()}}
             if report is not None:
                 report(step, curve[step])
+        if late:
+            break
     tower.eval()
     return curve
 
@@ -1520,8 +1583,10 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
     head = torch.nn.Linear(net.model.embed_tokens.weight.shape[1], N_PAIRS).to(dev)
     comp_params = [p for p in comp.parameters() if p.requires_grad]
     cparams = list(head.parameters()) + comp_params
+    token_keep = a.tower_keep if a.token_keep is None else a.token_keep
+    token_lr = a.tower_lr if a.token_lr is None else a.token_lr
     copt = torch.optim.AdamW([{"params": head.parameters(), "lr": 1e-3},     # as the patch read-out
-                              {"params": comp_params, "lr": a.tower_lr}], betas=(0.9, 0.98), weight_decay=0.0)
+                              {"params": comp_params, "lr": token_lr}], betas=(0.9, 0.98), weight_decay=0.0)
     fte, yte, kte = set_batch(10 ** 9, 600, np.random.default_rng([a.seed, 0x5E70]))
     pte = preprocess(fte, a.image_size).to(dev)
 
@@ -1533,7 +1598,7 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
         with torch.no_grad():
             c0 = token_start(comp0, V)
         out = {"token_set": F.binary_cross_entropy_with_logits(head(_rms(c)), y), "token_keep": F.mse_loss(c, c0)}
-        clipped_step(copt, cparams, out["token_set"] + a.tower_keep * out["token_keep"])
+        clipped_step(copt, cparams, out["token_set"] + token_keep * out["token_keep"])
         return {k: v.detach() for k, v in out.items()}
 
     def check(tower, read) -> dict:
@@ -1551,9 +1616,12 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
     curve = train_tower_sets(vision, read, a.tower_sets, a.sets_batch, a.tower_lr,
                              np.random.default_rng([a.seed, 0x5E75]), teacher=teacher, keep=a.tower_keep,
                              codec=True, then=compressor_step, every=max(1, a.log_every * 10), check=check,
-                             report=report)
+                             report=report, deadline=t_start + a.minutes * 60)
+    last = max(curve) if curve else 0
+    if last < a.tower_sets:
+        say(f"[train_demo] tower-sets: stopped by --minutes after {last} of {a.tower_sets} steps")
     log["tower_sets"] = {"held_out_frames": {int(k): int((kte == k).sum()) for k in sorted(set(kte.tolist()))},
-                         "curve": curve}
+                         "curve": curve, "steps_done": last, "token_keep": token_keep, "token_lr": token_lr}
 
 
 # =========================================================================== stage 0c: question fusion
@@ -2253,11 +2321,17 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
     out: list[dict] = []
     was = trainer.net.training
     trainer.net.eval()
+    ahead: list = []                        # (sample, frames) drawn and rendered ahead (--workers)
     with torch.no_grad():
         while len(out) < n:
-            batch = [whole_video(rng, 1 + (len(out) + i) % S.MAX_OBJECTS, replay)
-                     for i in range(min(per_batch, n - len(out)))]
-            tokens, ks, vs, po = trainer.encode(torch.cat([preprocess(render(s), size) for s in batch]).to(dev))
+            if not ahead:
+                # the same draws in the same order either way; with workers 16 batches are rendered at once
+                k = min(per_batch * (16 if _POOL else 1), n - len(out))
+                drawn = [whole_video(rng, 1 + (len(out) + i) % S.MAX_OBJECTS, replay) for i in range(k)]
+                ahead = list(zip(drawn, _POOL[0].map(render, drawn) if _POOL else [render(s) for s in drawn]))
+            batch, frames = [s for s, _ in ahead[:per_batch]], [f for _, f in ahead[:per_batch]]
+            ahead = ahead[per_batch:]
+            tokens, ks, vs, po = trainer.encode(torch.cat([preprocess(f, size) for f in frames]).to(dev))
             o = 0
             for s in batch:
                 sl = slice(o, o + len(s.times))
@@ -2587,6 +2661,9 @@ def parse_args(argv):
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=0,
+                    help="processes that render the training frames (0: this one); the run is the same either way. "
+                         "On a GPU, where rendering is most of a step, use the CPU cores")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--vision-steps", type=int, default=4000, help="stage 0 steps (vision pretraining)")
     ap.add_argument("--vision-batch", type=int, default=64)
@@ -2622,7 +2699,13 @@ def parse_args(argv):
                          "pair on a frame, features held to a frozen copy's by --tower-keep (see tower_sets; 0: off)")
     ap.add_argument("--tower-keep", type=float, default=1.0,
                     help="stage 0t: weight of the squared difference from the frozen tower's patch features "
-                         "(and the frozen compressor's P(c))")
+                         "(and, unless --token-keep, the frozen compressor's P(c))")
+    ap.add_argument("--token-keep", type=float, default=None,
+                    help="stage 0t: weight of the squared difference of P(c) (the frame token's start) from the "
+                         "frozen compressor's (default: --tower-keep); lower lets the token carry the set, and the "
+                         "LLM must then relearn the token")
+    ap.add_argument("--token-lr", type=float, default=None, help="stage 0t: the compressor's learning rate "
+                    "(default: --tower-lr)")
     ap.add_argument("--sets-batch", type=int, default=128, help="stage 0t: frames a step")
     ap.add_argument("--canvas", type=float, default=0.0,
                     help="share of training scenes drawn at another frame size (16:9, 4:3, portrait, larger "
@@ -2807,6 +2890,14 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    start_workers(a.workers)
+    try:
+        return train(a)
+    finally:
+        stop_workers()
+
+
+def train(a: argparse.Namespace) -> int:
     RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read,
                   read_order_hard=a.read_order_hard, short_objects=a.short_objects, canvas=a.canvas,
                   shades=a.shades, filler=a.filler, paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys,

@@ -571,14 +571,16 @@ def _schedule(rng: np.random.Generator, n: int, duration: float, max_conc: int
 
 
 def make_scene(seed: int, duration_s: float, fps: float = 1.0, size: tuple[int, int] = (64, 64),
-               needle: bool | None = None, palette=None, **knobs) -> SceneSpec:
+               needle: bool | None = None, palette=None, events: bool = True, **knobs) -> SceneSpec:
     """Build a scene, deterministically from ``seed`` (numpy Generator).
 
     ``size`` is (width, height).  ``palette``: a name in `PALETTES` or a dict colour name -> RGB
     (pixels only; the scene, its questions and answers are the same; no random draws).  ``needle``: True/False forces the needle event, None
     draws it with probability ``p_needle``.  Knobs (see ``_KNOB_DEFAULTS``): n_objects,
     max_objects, max_concurrent, p_change, p_needle, speed=(lo, hi), needle_seconds=(lo, hi),
-    kinds, colours, background.
+    kinds, colours, background.  ``events=False`` leaves ``spec.events`` empty (no random draws are
+    skipped, so the scene is the same): the collision search is most of the cost of a scene, and a
+    caller that only renders frames or asks what is on screen does not need it.
     """
     unknown = set(knobs) - set(_KNOB_DEFAULTS)
     if unknown:
@@ -655,7 +657,8 @@ def make_scene(seed: int, duration_s: float, fps: float = 1.0, size: tuple[int, 
     spec = SceneSpec(seed=int(seed), duration_s=d, fps=float(fps), width=width, height=height,
                      background=background, objects=objects, events=[], needle=nd,
                      palette=check_palette(palette))
-    spec.events = _events(spec)
+    if events:
+        spec.events = _events(spec)
     return spec
 
 

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# What this project runs on a lent GPU (the `device` tool: one H100 or H200, 16 CPU cores, a
+# python3 with torch, triton and transformers, nothing to install), in one or two calls:
+#
+#   scripts/device_gpu.sh probe     # ~2.5 min: the compiled Triton kernels against their references
+#                                   # (the tests marked gpu), and the speed of training stages 0t and 0q
+#                                   # on the GPU (a few steps each)
+#   scripts/device_gpu.sh train     # issue 11's GPU runs (below; step counts from the probe's speed),
+#                                   # then `benchmarks.gpu` with what time is left
+#
+# Everything it writes lands in $OUT (the device tool brings it back) or /tmp/g. Each part is
+# time-boxed and a failed part does not stop the next one.
+set -u
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 CUBLAS_WORKSPACE_CONFIG=:4096:8
+OUT=${OUT:-/tmp/out}
+W=${W:-/tmp/g}
+PY=${PY:-python3}
+CKPT=${CKPT:-checkpoints/demo}
+WORKERS=${WORKERS:-7}
+DEV=${DEV:-cuda}
+mkdir -p "$OUT" "$W"
+T0=$(date +%s)
+stamp() { echo "== $(( $(date +%s) - T0 )) s: $*"; }
+td() { "$PY" -m model.train_demo --device "$DEV" --workers "$WORKERS" "$@"; }
+# the checkpoint's own recipe (scripts/train_demo.sh, Q9) for stage 0q
+QF=(--vision-steps 0 --paraphrase 0.1 --steps 0 --cached-val 200 --needle-every 2 --needle-weight 1
+    --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10
+    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change)
+pack() {  # pack RUN [--no-weights]: the run's folder as $OUT/RUN.tgz
+    local ex=(); [ "${2:-}" = --no-weights ] && ex=(--exclude '*.safetensors')
+    tar czf "$OUT/$1.tgz" -C "$W" "${ex[@]}" "$1" && stamp "packed $1 ($(du -h "$OUT/$1.tgz" | cut -f1))"
+}
+
+case "${1:-}" in
+probe)
+    stamp "machine"; nvidia-smi -L; nproc
+    "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+    stamp "kernel tests marked gpu (compiled)"
+    timeout 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels.py -rA 2>&1 | tail -15
+    stamp "stage 0t speed"
+    timeout 70 "$PY" -m model.train_demo --device "$DEV" --workers "$WORKERS" --out "$W/p1" --init-from "$CKPT" \
+        --vision-steps 0 --paraphrase 0.1 --steps 0 --tower-sets "${P_T:-60}" --log-every 3 --token-keep 0.1 --seed 240 \
+        2>&1 | grep -v Writing | tail -4
+    stamp "stage 0q speed"
+    timeout 90 "$PY" -m model.train_demo --device "$DEV" --workers "$WORKERS" --out "$W/p2" --init-from "$W/p1" "${QF[@]}" \
+        --cached-steps "${P_Q:-60}" --cached-videos "${P_V:-200}" --cached-val 32 --cached-eval-every 30 --log-every 10 --seed 241 2>&1 | grep -v Writing | tail -12
+    stamp "done"
+    ;;
+train)
+    # G1: stage 0t from the checkpoint (the tower and compressor learn each frame's whole set; the
+    # token held loosely, --token-keep), then G2: stage 0q on G1 (the LLM relearns the tokens).
+    # G3, beside them on the same GPU: stage 0q from the checkpoint with more videos and steps.
+    stamp "G1 / G3 start"
+    ( td --out "$W/g1" --init-from "$CKPT" --vision-steps 0 --paraphrase 0.1 --steps 0 --tower-sets "${T_STEPS:-2400}" \
+          --token-keep "${TOKEN_KEEP:-0.1}" --minutes "${T_MIN:-2.2}" --seed 240 > "$W/g1.out" 2>&1
+      stamp "G1 ended"; pack g1 --no-weights
+      td --out "$W/g2" --init-from "$W/g1" "${QF[@]}" --cached-steps "${Q_STEPS:-1500}" --cached-videos "${Q_VIDEOS:-4000}" \
+          --minutes "${Q_MIN:-4}" --seed 241 > "$W/g2.out" 2>&1
+      stamp "G2 ended"; pack g2 ) &
+    ( td --out "$W/g3" --init-from "$CKPT" "${QF[@]}" --cached-steps "${Q3_STEPS:-1500}" --cached-videos "${Q_VIDEOS:-4000}" \
+          --minutes "${Q3_MIN:-5.5}" --seed 242 > "$W/g3.out" 2>&1
+      stamp "G3 ended"; pack g3 ) &
+    wait
+    for r in g1 g2 g3; do echo "--- $r"; grep -v Writing "$W/$r.out" | grep -v "^\[train_demo\] cached  *[0-9]" | tail -6; done
+    left=$(( ${BUDGET_S:-560} - ( $(date +%s) - T0 ) ))
+    stamp "benchmarks.gpu with ${left} s left"
+    if [ "$left" -gt 90 ]; then
+        timeout $(( left - 10 )) "$PY" -m benchmarks.gpu --out "$OUT/bench_gpu.json" --frames 1000,10000 --repeats 1 \
+            --variants streamed,resident,streamed-fp8kv,engine-as-shipped --section-timeout $(( (left - 20) / 3 )) \
+            --case-timeout 40 2>&1 | tee "$OUT/bench_gpu.txt" | tail -60
+    fi
+    stamp "done"
+    ;;
+*)
+    echo "usage: scripts/device_gpu.sh probe|train" >&2; exit 2 ;;
+esac
