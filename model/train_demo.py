@@ -2560,7 +2560,7 @@ def init_from(src: Path, net: LlavaMiniNet, vision: VisionTower, all_layers, tok
                 skipped.append(k)
             elif k in ("model.embed_tokens.weight", "lm_head.weight"):
                 dst, srcr = zip(*rows)
-                own[k][list(dst)] = v[list(srcr)].to(own[k].dtype)
+                own[k][list(dst)] = v[list(srcr)].to(own[k].device, own[k].dtype)
                 copied += 1
             elif own[k].shape == v.shape:
                 own[k].copy_(v)
