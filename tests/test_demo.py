@@ -1108,6 +1108,56 @@ def test_tower_sets_trains_the_tower_and_compressor_alone_and_logs_held_out_sets
     assert 0 < drift[0] < drift[1], drift
 
 
+def test_tower_sets_stops_at_minutes_and_holds_the_token_by_its_own_weight(tmp_path):
+    """Stage 0t past --minutes checks the step in hand, stops and says how far it got; --token-keep
+    (the hold on the frame token's start) is logged apart from --tower-keep, which it defaults to."""
+    late, plain = tmp_path / "late", tmp_path / "plain"
+    _stage_from_demo(late, "--seed", "7", "--tower-sets", "40", "--sets-batch", "4", "--minutes", "0",
+                     "--token-keep", "0.25", "--token-lr", "1e-4")
+    _stage_from_demo(plain, "--seed", "7", "--tower-sets", "1", "--sets-batch", "4", "--tower-keep", "3")
+    log = json.loads((late / "training_log.json").read_text())["tower_sets"]
+    assert list(log["curve"]) == ["1"] and log["steps_done"] == 1
+    assert (log["token_keep"], log["token_lr"]) == (0.25, 1e-4)
+    assert "stopped by --minutes after 1 of 40 steps" in (late / "train.log").read_text()
+    log = json.loads((plain / "training_log.json").read_text())["tower_sets"]
+    assert (log["token_keep"], log["token_lr"], log["steps_done"]) == (3.0, 3e-4, 1)
+
+
+def test_workers_render_what_one_process_renders_and_leave_the_draws_in_place(demo):
+    """--workers: scenes built without their collision events are the same scenes; `set_batch`,
+    `render` of a long sample and `cache_videos` give the same frames, encodings and questions
+    with forked workers as in one process, and leave the random generator where one process would."""
+    from model import train_demo as T
+    from stream import synthetic as S
+    full, bare = S.make_scene(123, 60, n_objects=4), S.make_scene(123, 60, n_objects=4, events=False)
+    assert full.events and bare.events == [] and bare.objects == full.objects and bare.needle == full.needle
+    assert all(np.array_equal(S.render_frame(full, t), S.render_frame(bare, t)) for t in (0.0, 17.0, 42.0))
+    tr = T.Trainer(demo.net, demo.vision, demo.cfg, demo.tokenizer, demo.device)
+
+    def draw():
+        rng = np.random.default_rng(9)
+        sb = T.set_batch(0, 40, rng), T.set_batch(10 ** 9, 7, rng)
+        long = T.needle_pair(rng, 400, 60, 4)[0]
+        vids = T.cache_videos(tr, 5, rng, 64, demo.device, "test", 0.0, per_batch=2)
+        return sb, T.render(long), vids, rng.bit_generator.state
+
+    one = draw()
+    T.start_workers(2)
+    try:
+        assert T._POOL
+        two = draw()
+    finally:
+        T.stop_workers()
+    assert not T._POOL
+    for (f1, y1, k1), (f2, y2, k2) in zip(one[0], two[0]):
+        assert np.array_equal(f1, f2) and torch.equal(y1, y2) and torch.equal(k1, k2)
+    assert len(one[1]) > T.POOL_CHUNK and np.array_equal(one[1], two[1])
+    for a, b in zip(one[2], two[2]):
+        assert a["seed"] == b["seed"] and [q.question for q in a["qas"]] == [q.question for q in b["qas"]]
+        assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["fused"], b["fused"])
+    assert one[3] == two[3]
+
+
 def test_cached_videos_give_the_llm_exactly_the_uncached_loss(demo):
     """Stage 0q's cache (`cache_videos`: frame tokens, fused prefix and each question's fused rows,
     averaged over the frames once) and its batched loss (`cached_loss`) give the same loss and
