@@ -2492,7 +2492,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                           "elapsed_s": round(el, 1)})
             say(f"[train_demo] cached {step:5d}/{a.cached_steps} loss {float(loss.detach()):.3f} "
                 + " ".join(f"{f}={v:.2f}" for f, v in recent.items()) + f" {el / 60:5.1f} min")
-        out_of_time = el > a.minutes * 60                   # --minutes: measure, keep the best, stop
+        out_of_time = el > a.minutes * 60 or step + 1 == a.cached_stop_after   # measure, keep the best, stop
         if (step + 1) % a.cached_eval_every == 0 or step == a.cached_steps - 1 or out_of_time:
             acc = cached_accuracy(trainer, val)
             evals.append({"step": step + 1, "val": acc, "elapsed_s": round(el, 1)})
@@ -2502,7 +2502,8 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             say(f"[train_demo] cached val step {step + 1}: " + " ".join(f"{f}={v:.3f}" for f, v in acc.items())
                 + (" (best so far)" if kept else ""))
         if out_of_time:
-            say(f"[train_demo] cached: stopped by --minutes after {step + 1} of {a.cached_steps} steps")
+            by = "--cached-stop-after" if step + 1 == a.cached_stop_after else "--minutes"
+            say(f"[train_demo] cached: stopped by {by} after {step + 1} of {a.cached_steps} steps")
             log["cached_stopped_at"] = step + 1
             break
     trainer.net.load_state_dict(best[2])
@@ -2793,6 +2794,10 @@ def parse_args(argv):
                     help="stage 0q: steps of LLM-only training on whole 60 s videos encoded once (count, "
                          "order and the other families; 0: none)")
     ap.add_argument("--cached-videos", type=int, default=2000, help="stage 0q: training videos encoded")
+    ap.add_argument("--cached-stop-after", type=int, default=0,
+                    help="stage 0q: measure, keep the best and stop after this many steps of the --cached-steps "
+                         "schedule, as --minutes would there (0: run it all); what makes a run that --minutes "
+                         "cut short repeatable on a faster or slower machine")
     ap.add_argument("--cached-val", type=int, default=200,
                     help="stage 0q: validation videos (the weights best on their count and order are kept)")
     ap.add_argument("--cached-batch", type=int, default=16, help="stage 0q: videos per step")

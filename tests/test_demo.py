@@ -1229,6 +1229,19 @@ def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_
     assert fams == {"count", "order", "change", "when"}, fams
 
 
+def test_cached_stage_stops_after_a_given_step_of_its_schedule(tmp_path):
+    """--cached-stop-after N: the run that --minutes cut at step N, made repeatable: it measures after
+    step N, keeps the best weights so far and stops (the learning-rate schedule still that of
+    --cached-steps)."""
+    cut = tmp_path / "cut"
+    _stage_from_demo(cut, "--seed", "3", "--cached-videos", "3", "--cached-val", "2", "--cached-batch", "3",
+                     "--cached-steps", "50", "--cached-stop-after", "2")
+    log = json.loads((cut / "training_log.json").read_text())
+    assert log["cached_stopped_at"] == 2 and [e["step"] for e in log["cached_val"]] == [0, 2]
+    assert [c["step"] for c in log["cached_curve"]] == [0, 1] and log["cached_kept_step"] in (0, 2)
+    assert "stopped by --cached-stop-after after 2 of 50 steps" in (cut / "train.log").read_text()
+
+
 def test_cached_stage_trains_the_llm_alone_keeps_the_best_and_new_layers_start_as_identity(tmp_path):
     """Stage 0q (--cached-steps) from the demo checkpoint with two more LLM layers (--layers 6):
     the warm start's new layers are the identity (the engine's answers before any step equal the
