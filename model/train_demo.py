@@ -1557,7 +1557,25 @@ def train_tower_sets(tower: VisionTower, read: SetReader, steps: int, batch: int
     return curve
 
 
-def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_start: float) -> None:
+def token_row(net: LlavaMiniNet, comp, V: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """The frame token of patch features `V` (B, 64, width) with compressor `comp`: P(c), the
+    projected compressor output (`prefix` None), or, given the prompt's ids `prefix`, the row the
+    LLM reads: P(c) after the pre-fusion layers, which run it beside the frame's projected patches
+    and the prompt (as `Trainer.encode` and the engine do). (B, H)."""
+    m = net.model
+    pc = m.mm_projector(comp.forward_mha(V))
+    if prefix is None:
+        return pc[:, 0]
+    pv = m.mm_projector(V)
+    x = torch.cat([pv, pc, m.embed_tokens(prefix).expand(len(V), -1, -1)], 1)
+    cos, sin = net.rotary(torch.arange(x.shape[1], device=V.device), x.dtype)
+    for layer in m.prefusion_layers:
+        x, _, _ = layer.full(x, cos, sin)
+    return x[:, pv.shape[1]]
+
+
+def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_start: float,
+               prefix: torch.Tensor | None = None) -> None:
     """Stage 0t (--tower-sets N): the tower learns to tell two and three objects on one frame apart.
     V2's frozen tower names the whole (kind, colour) set of held-out 2- and 3-object frames for 77
     and 41 % even through a transformer over all its patches (`probe_demo --sets`), and count and
@@ -1570,8 +1588,9 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
     to the frozen compressor's by the same weight. Nothing else trains; the read-out and the head
     are dropped. The tower's and compressor's gradients are left as the stages before it leave
     them (`main` freezes the tower after stage 0 unless --train-vision; `isolated` gives the
-    compressor back its own). Logged: held-out exact sets by objects on screen (600 frames of
-    scene seeds >= 10**9), of the patch read-out and of the P(c) head, and the losses."""
+    compressor back its own). With --token-row fused the set head and the hold read the row the
+    LLM reads instead of P(c) (`token_row`). Logged: held-out exact sets by objects on screen (600
+    frames of scene seeds >= 10**9), of the patch read-out and of the token head, and the losses."""
     teacher = copy.deepcopy(vision).eval().requires_grad_(False)
     comp, proj = net.model.compressor, net.model.mm_projector
     comp0 = copy.deepcopy(comp).eval().requires_grad_(False)
@@ -1590,8 +1609,13 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
     fte, yte, kte = set_batch(10 ** 9, 600, np.random.default_rng([a.seed, 0x5E70]))
     pte = preprocess(fte, a.image_size).to(dev)
 
+    # --token-row: the set head reads P(c) ("compressor", as the sixteenth session ran it) or the
+    # row after the pre-fusion layers ("fused"), which is what the LLM reads (the gradient then
+    # reaches the compressor through the frozen pre-fusion layers)
+    row_prefix = prefix if a.token_row == "fused" else None
+
     def token_start(c, V):
-        return proj(c.forward_mha(V))[:, 0]
+        return token_row(net, c, V, row_prefix)
 
     def compressor_step(V, y) -> dict:
         c = token_start(comp, V)
@@ -1610,7 +1634,7 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
         say(f"[train_demo] tower-sets {step:5d}/{a.tower_sets} " + " ".join(
             f"{k} {v:.4f}" for k, v in row.items() if not isinstance(v, dict))
             + " | held-out exact sets by objects: patches " + " ".join(f"{k}:{v:.2f}" for k, v in row["patches"].items())
-            + "  P(c) head " + " ".join(f"{k}:{v:.2f}" for k, v in row["token_head"].items())
+            + ("  P(c) head " if row_prefix is None else "  token head ") + " ".join(f"{k}:{v:.2f}" for k, v in row["token_head"].items())
             + f"  {(time.perf_counter() - t_start) / 60:5.1f} min")
 
     curve = train_tower_sets(vision, read, a.tower_sets, a.sets_batch, a.tower_lr,
@@ -1621,7 +1645,8 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
     if last < a.tower_sets:
         say(f"[train_demo] tower-sets: stopped by --minutes after {last} of {a.tower_sets} steps")
     log["tower_sets"] = {"held_out_frames": {int(k): int((kte == k).sum()) for k in sorted(set(kte.tolist()))},
-                         "curve": curve, "steps_done": last, "token_keep": token_keep, "token_lr": token_lr}
+                         "curve": curve, "steps_done": last, "token_keep": token_keep, "token_lr": token_lr,
+                         "token_row": a.token_row}
 
 
 # =========================================================================== stage 0c: question fusion
@@ -2705,6 +2730,9 @@ def parse_args(argv):
                     help="stage 0t: weight of the squared difference of P(c) (the frame token's start) from the "
                          "frozen compressor's (default: --tower-keep); lower lets the token carry the set, and the "
                          "LLM must then relearn the token")
+    ap.add_argument("--token-row", choices=("compressor", "fused"), default="compressor",
+                    help="stage 0t: the token its set head reads: the compressor's projected output P(c), or that "
+                         "row after the pre-fusion layers (what the LLM reads)")
     ap.add_argument("--token-lr", type=float, default=None, help="stage 0t: the compressor's learning rate "
                     "(default: --tower-lr)")
     ap.add_argument("--sets-batch", type=int, default=128, help="stage 0t: frames a step")
@@ -2959,7 +2987,7 @@ def train(a: argparse.Namespace) -> int:
     if a.tower_adapt:
         adapt_tower(vision, a, dev, log, t_start)
     if a.tower_sets:
-        isolated(net, tower_sets, net, vision, a, dev, log, t_start)
+        isolated(net, tower_sets, net, vision, a, dev, log, t_start, trainer.prefix)
     if not a.train_vision:                     # LLaVA-Mini's recipe: the vision tower stays frozen
         vision.requires_grad_(False)
         vision.eval()

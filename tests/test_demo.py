@@ -1113,14 +1113,29 @@ def test_tower_sets_stops_at_minutes_and_holds_the_token_by_its_own_weight(tmp_p
     (the hold on the frame token's start) is logged apart from --tower-keep, which it defaults to."""
     late, plain = tmp_path / "late", tmp_path / "plain"
     _stage_from_demo(late, "--seed", "7", "--tower-sets", "40", "--sets-batch", "4", "--minutes", "0",
-                     "--token-keep", "0.25", "--token-lr", "1e-4")
+                     "--token-keep", "0.25", "--token-lr", "1e-4", "--token-row", "fused")
     _stage_from_demo(plain, "--seed", "7", "--tower-sets", "1", "--sets-batch", "4", "--tower-keep", "3")
     log = json.loads((late / "training_log.json").read_text())["tower_sets"]
     assert list(log["curve"]) == ["1"] and log["steps_done"] == 1
-    assert (log["token_keep"], log["token_lr"]) == (0.25, 1e-4)
+    assert (log["token_keep"], log["token_lr"], log["token_row"]) == (0.25, 1e-4, "fused")
     assert "stopped by --minutes after 1 of 40 steps" in (late / "train.log").read_text()
     log = json.loads((plain / "training_log.json").read_text())["tower_sets"]
-    assert (log["token_keep"], log["token_lr"], log["steps_done"]) == (3.0, 3e-4, 1)
+    assert (log["token_keep"], log["token_lr"], log["steps_done"], log["token_row"]) == (3.0, 3e-4, 1, "compressor")
+
+
+def test_token_row_is_the_row_the_llm_reads_or_the_compressor_output(demo):
+    """`token_row` with the prompt's ids is the frame token `Trainer.encode` gives the LLM (P(c) after
+    the pre-fusion layers), bit for bit; without them it is P(c), which differs."""
+    from model import train_demo as T
+    tr = T.Trainer(demo.net, demo.vision, demo.cfg, demo.tokenizer, demo.device)
+    frames, _, _ = T.set_batch(0, 5, np.random.default_rng(1))
+    with torch.no_grad():
+        V = demo.vision(T.preprocess(frames, 64))
+        fused = T.token_row(demo.net, demo.net.model.compressor, V, tr.prefix)
+        pc = T.token_row(demo.net, demo.net.model.compressor, V)
+        assert torch.equal(fused, tr.encode(None, V)[0][:, 0])
+        assert torch.equal(pc, demo.net.model.mm_projector(demo.net.model.compressor.forward_mha(V))[:, 0])
+    assert fused.shape == pc.shape == (5, demo.cfg.hidden_size) and not torch.allclose(fused, pc)
 
 
 def test_workers_render_what_one_process_renders_and_leave_the_draws_in_place(demo):
