@@ -2,11 +2,13 @@
 # What this project runs on a lent GPU (the `device` tool: one H100 or H200, 16 CPU cores, a
 # python3 with torch, triton and transformers, nothing to install), in one or two calls:
 #
-#   scripts/device_gpu.sh probe     # ~2.5 min: the compiled Triton kernels against their references
+#   scripts/device_gpu.sh probe     # ~70 s on the H200: the compiled Triton kernels against their references
 #                                   # (the tests marked gpu), and the speed of training stages 0t and 0q
 #                                   # on the GPU (a few steps each)
 #   scripts/device_gpu.sh train     # issue 11's GPU runs (below; step counts from the probe's speed),
-#                                   # then `benchmarks.gpu` with what time is left
+#                                   # then a shortened `benchmarks.gpu` with what time is left (the
+#                                   # whole benchmark, alone: `python3 -m benchmarks.gpu --out
+#                                   # $OUT/bench_gpu.json`, 120 s on the H200)
 #
 # Everything it writes lands in $OUT (the device tool brings it back) or /tmp/g. Each part is
 # time-boxed and a failed part does not stop the next one.
