@@ -818,21 +818,9 @@ class Trainer:
         """pixels (B,3,S,S) -> tokens (B,nq,H), keys/values per layer (B,nkv,C,D), prefix_out (B,P,H).
         `V`: the tower's patch features of `px`, when the caller already has them (`px` may then be
         None)."""
-        m = self.net.model
         if V is None:
             V = self.vision(px)
-        B = V.shape[0]
-        c = m.compressor.forward_mha(V)
-        pv, pc = m.mm_projector(V), m.mm_projector(c)
-        n_vis = pv.shape[1] + pc.shape[1]
-        x = torch.cat([pv, pc, m.embed_tokens(self.prefix).expand(B, -1, -1)], dim=1)
-        cos, sin = self.net.rotary(torch.arange(x.shape[1], device=self.device), x.dtype)
-        ks, vs = [], []
-        for layer in m.prefusion_layers:
-            x, k, v = layer.full(x, cos, sin)
-            ks.append(k)
-            vs.append(v)
-        return x[:, pv.shape[1]:n_vis], ks, vs, x[:, n_vis:]
+        return prefuse(self.net, self.net.model.compressor, V, self.prefix)
 
     # -- one video, all its questions -------------------------------------------------------------
     def video_loss(self, tokens, ks, vs, prefix_out, reps: torch.Tensor, qas: list[QA], *,
@@ -1447,6 +1435,9 @@ class SetReader(torch.nn.Module):
         return self.out(self.enc(h)[:, 0])
 
 
+SET_SCENE_S = 60            # set_batch's scenes: seconds, and frames at 1 fps
+
+
 def set_batch(seed0: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
     """`n` frames with at least one object on screen, of 60 s scenes with 2-5 objects (seeds
     `seed0` + [0, 10**6): 0 for training, 10**9 for held-out frames), no needle: the frames (n, S,
@@ -1454,9 +1445,10 @@ def set_batch(seed0: int, n: int, rng: np.random.Generator) -> tuple[np.ndarray,
     imgs, ys, counts = [], [], []
 
     def draw() -> tuple[int, int, float]:
-        # the frame's moment does not depend on the scene (60 frames at 1 fps), so a candidate's
-        # three draws can be made before its scene is built, here or in a worker
-        return seed0 + int(rng.integers(10 ** 6)), int(rng.integers(2, S.MAX_OBJECTS + 1)), float(rng.integers(60))
+        # the frame's moment does not depend on the scene (SET_SCENE_S frames at 1 fps), so a
+        # candidate's three draws can be made before its scene is built, here or in a worker
+        return (seed0 + int(rng.integers(10 ** 6)), int(rng.integers(2, S.MAX_OBJECTS + 1)),
+                float(rng.integers(SET_SCENE_S)))
 
     while len(imgs) < n:
         if _POOL:
@@ -1489,8 +1481,8 @@ def _set_frame(cand: tuple[int, int, float]) -> tuple[np.ndarray, list[tuple[str
     """`set_batch`'s candidate (scene seed, objects, moment): its frame and what is on screen, or
     None when nothing is."""
     seed, n_objects, t = cand
-    spec = S.make_scene(seed, 60, needle=False, n_objects=n_objects, events=False)
-    assert spec.n_frames == 60, spec.n_frames
+    spec = S.make_scene(seed, SET_SCENE_S, needle=False, n_objects=n_objects, events=False)
+    assert spec.n_frames == SET_SCENE_S, spec.n_frames
     items = frame_items(spec, t)
     return (S.render_frame(spec, t), items) if items else None
 
@@ -1557,21 +1549,30 @@ def train_tower_sets(tower: VisionTower, read: SetReader, steps: int, batch: int
     return curve
 
 
-def token_row(net: LlavaMiniNet, comp, V: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """The frame token of patch features `V` (B, 64, width) with compressor `comp`: P(c), the
-    projected compressor output (`prefix` None), or, given the prompt's ids `prefix`, the row the
-    LLM reads: P(c) after the pre-fusion layers, which run it beside the frame's projected patches
-    and the prompt (as `Trainer.encode` and the engine do). (B, H)."""
+def prefuse(net: LlavaMiniNet, comp, V: torch.Tensor, prefix: torch.Tensor):
+    """Patch features `V` (B, 64, width) through compressor `comp`, the projector and the pre-fusion
+    layers beside the prompt's ids `prefix`, as the engine does: the frame tokens (B, nq, H), the
+    keys/values per layer (B, nkv, C, D) and the prompt's fused rows (B, P, H) (`Trainer.encode`)."""
     m = net.model
-    pc = m.mm_projector(comp.forward_mha(V))
-    if prefix is None:
-        return pc[:, 0]
-    pv = m.mm_projector(V)
-    x = torch.cat([pv, pc, m.embed_tokens(prefix).expand(len(V), -1, -1)], 1)
+    pv, pc = m.mm_projector(V), m.mm_projector(comp.forward_mha(V))
+    n_vis = pv.shape[1] + pc.shape[1]
+    x = torch.cat([pv, pc, m.embed_tokens(prefix).expand(len(V), -1, -1)], dim=1)
     cos, sin = net.rotary(torch.arange(x.shape[1], device=V.device), x.dtype)
+    ks, vs = [], []
     for layer in m.prefusion_layers:
-        x, _, _ = layer.full(x, cos, sin)
-    return x[:, pv.shape[1]]
+        x, k, v = layer.full(x, cos, sin)
+        ks.append(k)
+        vs.append(v)
+    return x[:, pv.shape[1]:n_vis], ks, vs, x[:, n_vis:]
+
+
+def token_row(net: LlavaMiniNet, comp, V: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+    """The frame token of patch features `V` with compressor `comp`: P(c), the projected compressor
+    output (`prefix` None), or, given the prompt's ids `prefix`, the row the LLM reads: P(c) after
+    the pre-fusion layers (`prefuse`). (B, H)."""
+    if prefix is None:
+        return net.model.mm_projector(comp.forward_mha(V))[:, 0]
+    return prefuse(net, comp, V, prefix)[0][:, 0]
 
 
 def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_start: float,
@@ -1592,7 +1593,7 @@ def tower_sets(net: LlavaMiniNet, vision: VisionTower, a, dev, log: dict, t_star
     LLM reads instead of P(c) (`token_row`). Logged: held-out exact sets by objects on screen (600
     frames of scene seeds >= 10**9), of the patch read-out and of the token head, and the losses."""
     teacher = copy.deepcopy(vision).eval().requires_grad_(False)
-    comp, proj = net.model.compressor, net.model.mm_projector
+    comp = net.model.compressor
     comp0 = copy.deepcopy(comp).eval().requires_grad_(False)
     vision.requires_grad_(True)
     comp.requires_grad_(True)
