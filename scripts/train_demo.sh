@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 7 h 15 min on 2 CPU cores; the result is WORK_DIR/q9
+#   scripts/train_demo.sh [WORK_DIR]      # about 8 h 20 min on 2 CPU cores; the result is WORK_DIR/u1
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/q9
+# Then: python -m lmstream.eval_demo --model WORK_DIR/u1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -199,3 +199,19 @@ run --out "$W/q9" --seed 210 --init-from "$W/q5" --vision-steps 0 --paraphrase 0
 #     on G1, cut at step 211, kept step 0: G1's weights):
 # run --out "$W/g1" --seed 240 --init-from "$W/q9" --device cuda --workers 7 --vision-steps 0 --paraphrase 0.1 \
 #     --steps 0 --tower-sets 600 --token-keep 0.1
+
+# --- issue 11, twenty-fourth session (this CPU) ---
+# T5. stage 0t from Q9 with the set loss on the row the LLM reads (--token-row fused): the tower and
+#     compressor learn each frame's whole (kind, colour) set through the frozen pre-fusion layers,
+#     the row held loosely (0.01), the compressor at 1e-3; 1,200 steps, 39.3 min on 1 thread (run in
+#     the twenty-third session)
+run --out "$W/t5" --seed 251 --init-from "$W/q9" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --tower-sets 1200 --token-row fused --token-keep 0.01 --token-lr 1e-3 --minutes 95 --threads 1
+# U1. stage 0q on T5 (the LLM learns T5's tokens): Q9's recipe on 4,000 new videos, a 2,000-step
+#     schedule that --minutes 85 cut at step 1,723 (--cached-stop-after repeats that), step 1,100
+#     kept by validation; 85.2 min (about 16 of them encoding), part of it sharing the CPU with a
+#     second run: checkpoints/demo
+run --out "$W/u1" --seed 252 --init-from "$W/t5" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --cached-steps 2000 --cached-stop-after 1723 --cached-videos 4000 --cached-val 200 --needle-every 2 \
+    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 95
