@@ -215,7 +215,13 @@ def test_lmstream_bench_load_small_run_is_consistent_and_leaves_nothing_running(
         stdout, stderr = p.communicate(timeout=540)
     except subprocess.TimeoutExpired:
         p.terminate()                              # its SIGTERM handler stops the service, Ray, Redis, cameras
-        stdout, stderr = p.communicate(timeout=180)
+        try:
+            stdout, stderr = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:         # its handler hung: kill it, and say what may be left running
+            p.kill()
+            stdout, stderr = p.communicate()
+            pytest.fail(f"bench load ran past 540 s and did not stop within 180 s of SIGTERM, so it was killed; "
+                        f"the service, Ray or redis-server it started may still run: {stderr[-3000:]}")
         pytest.fail(f"bench load ran past 540 s and was stopped (exit {p.returncode}): {stderr[-3000:]}")
     assert p.returncode == 0, stderr[-3000:]
     d = json.loads(stdout)
