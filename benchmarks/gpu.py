@@ -16,8 +16,8 @@ every section, so a run cut short keeps what it measured):
    their references at the real head shapes (and falls back to the references, saying so, if
    Triton fails).
 1. ingest: `encode_frames` frames/s at each batch size, with the CLIP attention set by
-   `--clip-attn` (default sdpa) and once more with eager attention (as `from_pretrained` loads
-   CLIP today) at one batch size.
+   `--clip-attn` (default sdpa) and once more with eager attention (the CPU's path; `from_pretrained`
+   loads SDPA on CUDA) at one batch size, the baseline SDPA is measured against.
 2. time to first token (`generate(..., max_new_tokens=1)`: fuse + LLM prefill + the pick) at each
    frame count, "exact" and "budget:N". 10,000 frames of 8B keys/values are ~106 GB, which
    neither a 24 GB budget nor host RAM holds, so the keys/values come from ONE pinned host chunk
