@@ -52,7 +52,10 @@ phrasing beside the template's on the same questions, whether training ever show
 A second table splits the 60 s tier's first policy by where the misses are: each family by the
 number of objects in the video (1-5), and the families about one object (colour, shape, change)
 by how long that object is on screen (< 20 s or more, sampled frames); JSON: "breakdown", and
-with `--answers` each answer carries its "objects" and "on_screen" bucket.
+with `--answers` each answer carries its "objects" and "on_screen" bucket. Below it, one line per
+tier says which way the count answers miss (answered minus true: too few objects or too many),
+apart for videos where an object changes colour (one object, two (kind, colour) pairs: counting
+pairs says one too many there); JSON: "count_misses".
 """
 from __future__ import annotations
 
@@ -242,6 +245,7 @@ class Tally:
         self.asked: dict[tuple[str, str], list] = {}       # (tier, family) -> the QAs, once each
         self.sliced: dict[tuple[str, str, str, str, str], list[int]] = {}   # (tier, family, policy, slice, bucket)
         self.phrased: dict[tuple[str, str], list[int]] = {}      # --phrasings: (family, phrasing) -> oks
+        self.count_miss: dict[tuple[str, str, str], dict[str, int]] = {}   # (tier, policy, change?) -> miss -> n
 
     def add(self, tier, family, policy, ok, record, slices=None):
         self.rows.setdefault((tier, family, policy), []).append(int(ok))
@@ -300,6 +304,20 @@ def slices_of(spec, qa) -> dict:
     return out
 
 
+NO_CHANGE, CHANGE = "no colour change", "a colour change"
+
+
+def count_miss(qa, text: str) -> str:
+    """Answered minus true for a count question, signed ("-1", "0", "+2"), or "other" for an answer
+    that is not one number as the scorer reads it (so "0" counts exactly the answers scored right)."""
+    from stream.synthetic import normalize_answer
+    toks = normalize_answer(text)
+    if len(toks) != 1 or not toks[0].isdigit():
+        return "other"
+    d = int(toks[0]) - int(qa.answer)
+    return f"{d:+d}" if d else "0"
+
+
 def answer(m, states, qa, policy: str, max_new_tokens: int):
     """Generated text, whether it scores, seconds. A policy ending in "+choices" reads the answer
     as the likeliest of the question's candidate answers instead (`LlavaMini.score_choices`)."""
@@ -347,6 +365,11 @@ def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing,
                       slices)
             if fields is not None and pol == policies[0]:
                 tally.phrased[(fam, "template")].append(int(ok))
+            if fam == "count" and spec is not None:
+                key = (tier, pol, CHANGE if any(o.change_colour for o in spec.objects) else NO_CHANGE)
+                cell = tally.count_miss.setdefault(key, {})
+                miss = count_miss(qa, text)
+                cell[miss] = cell.get(miss, 0) + 1
             if verbose:
                 print(f"  [{tier} {seed}{label} {pol}] {qa.question} -> {text!r} (truth {qa.answer!r}) "
                       f"{'ok' if ok else 'WRONG'}", file=sys.stderr)
@@ -496,6 +519,10 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
     for (tier, f, pol, name, bucket), v in tally.sliced.items():
         (breakdown.setdefault(tier, {}).setdefault(pol, {}).setdefault(f, {}).setdefault(name, {}))[bucket] = {
             "accuracy": round(sum(v) / len(v), 4), "n": len(v)}
+    count_misses: dict = {}
+    for (tier, pol, change), cell in tally.count_miss.items():
+        order = sorted(cell, key=lambda k: (k == "other", int(k) if k != "other" else 0))
+        count_misses.setdefault(tier, {}).setdefault(pol, {})[change] = {k: cell[k] for k in order}
     phrasings = None
     if tally.phrased:
         info = phrasing_info(m)
@@ -529,6 +556,7 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
         "questions": {t: sum(len(v) for (tt, _, p), v in tally.rows.items() if tt == t and p == policies[0])
                       for t in tiers},
         "accuracy": acc, "blind_baseline": blind, "targets": targets, "breakdown": breakdown,
+        "count_misses": count_misses,
         "phrasings": phrasings,
         "seconds_per_answer": {k: round(float(np.mean(v)), 4) for k, v in timing.items()},
         "video_details": videos_info, "wall_s": round(time.perf_counter() - t_all, 1),
@@ -576,6 +604,7 @@ def render_table(r: dict) -> str:
         out.append(f"POLICY{CHOICES}: the likeliest of the question's candidate answers (score_choices), only "
                    "for questions with a fixed answer set; its 'all' is over those questions alone")
     out += render_breakdown(r)
+    out += render_count_misses(r)
     out += render_phrasings(r)
     for tg in r["targets"]:
         if tg["accuracy"] is None:
@@ -609,6 +638,23 @@ def render_breakdown(r: dict, tier: str = "60s") -> list[str]:
             cells.append("-" if c is None else f"{100 * c['accuracy']:.0f} % ({c['n']})")
         lines.append(f"| {f} | " + " | ".join(cells) + " |")
     return lines
+
+
+def render_count_misses(r: dict) -> list[str]:
+    """One line per tier for the first policy: the count answers by answered minus true, apart for
+    videos with and without a colour change (an object that changes colour shows two pairs)."""
+    pol = r["policies"][0]
+    out = []
+    for tier, per in r.get("count_misses", {}).items():
+        parts = []
+        for change in (NO_CHANGE, CHANGE):
+            cell = per.get(pol, {}).get(change)
+            if cell:
+                n = sum(cell.values())
+                parts.append(f"{change} ({n}): " + ", ".join(f"{k} {v}" for k, v in cell.items()))
+        if parts:
+            out.append(f"{tier} {pol} count, answered minus true: " + "; ".join(parts))
+    return ([""] + out) if out else []
 
 
 def render_phrasings(r: dict) -> list[str]:

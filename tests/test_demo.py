@@ -176,6 +176,17 @@ def test_eval_demo_choices_column(capsys):
         n_obj = sum(c["n"] for c in parts["objects"].values())
         assert n_obj == sum(1 for a in r["answers"] if a["policy"] == "exact" and a["family"] == f and "objects" in a)
     assert "by objects in the video" in "\n".join(eval_demo.render_breakdown(r))
+    # the count misses: every count answer once, "0" exactly the ones scored right, each under its
+    # video's colour change or not (the scene rebuilt from its seed, as eval-demo drew it)
+    misses = r["count_misses"]["60s"]["exact"]
+    counts = [a for a in r["answers"] if a["policy"] == "exact" and a["family"] == "count"]
+    assert counts and sum(sum(c.values()) for c in misses.values()) == len(counts)
+    assert sum(c.get("0", 0) for c in misses.values()) == sum(a["ok"] for a in counts)
+    for a in counts:
+        spec, _ = eval_demo.tier_video("60s", a["seed"] - eval_demo.EVAL_SEED_BASE)
+        change = eval_demo.CHANGE if any(o.change_colour for o in spec.objects) else eval_demo.NO_CHANGE
+        assert misses[change].get(eval_demo.count_miss(type("Q", (), {"answer": a["truth"]}), a["answer"]), 0) >= 1
+    assert "count, answered minus true" in "\n".join(eval_demo.render_count_misses(r))
 
 
 def test_eval_demo_phrasings_ask_the_same_questions_in_everyday_words(capsys):
