@@ -134,6 +134,11 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            --cached-weight on the count and order losses, --cand-set applies too; the weights best
            on --cached-val other videos' count and order are kept; --cached-file keeps the
            encoded videos for the next run (seventeenth session: see docs/demo.md).
+           --cached-prefix W: each step also asks "how many" of the first k frames of as many
+           training videos (k from --cached-prefix-lengths, one per step), its loss per answer
+           token times W added: the count question's rows and the prefix rows are cached at those
+           lengths as exact frame averages, so one encoded video gives five count answers, not
+           one (twenty-fifth session).
   --layers above the warm start's: the new LLM layers start as the identity (attention and MLP
            outputs zero), so the warm start answers as before.
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
@@ -2338,12 +2343,26 @@ def whole_video(rng: np.random.Generator, n_objects: int, replay: tuple[str, ...
     return Sample(spec, times, [1] * len(times), qas, "clip", codec=bool(rng.random() < 0.5))
 
 
+def prefix_counts(spec: S.SceneSpec, times: list[float]) -> list[int]:
+    """For each k, how many objects the first k frames (`times`, in order) show: the answer to
+    "how many objects?" about that prefix (`clip_questions`' count: objects visible on a frame)."""
+    seen: set[int] = set()
+    out = [0]
+    for t in times:
+        seen.update(S.visible_objects(spec, t))
+        out.append(len(seen))
+    return out
+
+
 def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int, dev, what: str,
-                 t_start: float, per_batch: int = 4, replay: tuple[str, ...] = Q_REPLAY) -> list[dict]:
+                 t_start: float, per_batch: int = 4, replay: tuple[str, ...] = Q_REPLAY,
+                 prefix: tuple[int, ...] = ()) -> list[dict]:
     """`n` of `whole_video`'s videos (the number of objects cycling 1..5, so each count answer is
     as common) encoded once, without gradient, into what the LLM reads: per video the frame
     tokens (K, nq, H), the fused prefix and each question's fused rows, averaged over the frames
-    exactly as `video_loss` averages them (`cached_loss` reads them)."""
+    exactly as `video_loss` averages them (`cached_loss` reads them). `prefix` (--cached-prefix):
+    for each length k in it also the count question's fused rows and the fused prefix averaged
+    over the first k frames alone, and that prefix's count ("prefix": {k: (pre, fused, answer)})."""
     out: list[dict] = []
     was = trainer.net.training
     trainer.net.eval()
@@ -2364,9 +2383,17 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                 o += len(s.times)
                 w = torch.ones(len(s.times), device=dev)
                 qid = trainer.padded_ids([trainer.question_rows(q.question) for q in s.qas])
-                _, fused = trainer.fuse_questions(qid, [k[sl] for k in ks], [v[sl] for v in vs], w)
+                rows, fused = trainer.fuse_questions(qid, [k[sl] for k in ks], [v[sl] for v in vs], w)
                 out.append({"tokens": tokens[sl].clone(), "pre": po[sl].float().mean(0).to(po.dtype),
                             "fused": fused, "qas": s.qas, "objects": len(s.spec.objects), "seed": s.spec.seed})
+                ci = next((i for i, q in enumerate(s.qas) if q.family == "count"), None)
+                if prefix and ci is not None:
+                    K, Sq = len(s.times), qid.shape[1]
+                    crow = rows.float().view(K, len(s.qas), Sq, -1)[:, ci]          # (K, Sq, H), per frame
+                    pf, counts = po[sl].float(), prefix_counts(s.spec, s.times)
+                    # the mean over the first k frames, as `fuse_questions` and the prefix average take it
+                    out[-1]["prefix"] = {k: (pf[:k].mean(0).to(po.dtype), crow[:k].mean(0).to(rows.dtype)[None],
+                                             counts[k]) for k in prefix if 0 < k < K and counts[k] > 0}
             if len(out) % 200 < per_batch:
                 say(f"[train_demo] cached {what} videos {len(out):5d}/{n} {(time.perf_counter() - t_start) / 60:5.1f} min")
     trainer.net.train(was)
@@ -2405,6 +2432,19 @@ def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float
         extra, more = trainer.cand_loss(logits, qas, qrows, ans)          # --cand-set
         loss, res = loss + trainer.cand_set * extra, res + more
     return loss, int((tgt != -100).sum()), res
+
+
+def prefix_batch(videos: list[dict], k: int) -> list[dict]:
+    """--cached-prefix: `videos` (with a cached prefix of `k` frames) as `k`-frame videos asked
+    only "how many objects?" (the video's own count question, the prefix's answer), for
+    `cached_loss`."""
+    out = []
+    for v in videos:
+        pre, fused, n = v["prefix"][k]
+        q = next(q for q in v["qas"] if q.family == "count")
+        out.append({"tokens": v["tokens"][:k], "pre": pre, "fused": fused,
+                    "qas": [dataclasses.replace(q, answer=str(n))]})
+    return out
 
 
 def cached_accuracy(trainer: "Trainer", videos: list[dict]) -> dict[str, float]:
@@ -2454,6 +2494,9 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     for k in ("canvas", "shades", "filler"):   # nor do files made from native frames in the generator's shades
         if RECIPE[k]:
             key[k] = RECIPE[k]
+    prefix = tuple(a.cached_prefix_lengths) if a.cached_prefix else ()
+    if prefix:                                 # nor do files made without prefix counts
+        key["prefix"] = list(prefix)
     files = a.cached_file or []
     f = files[0] if files else None
     if f is not None and f.exists():
@@ -2461,7 +2504,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         say(f"[train_demo] cached videos read from {f}: {len(train)} training, {len(val)} validation")
     else:
         train = cache_videos(trainer, a.cached_videos, np.random.default_rng([seed, 0xCAC4E]), a.image_size, dev,
-                             "training", t_start, replay=a.cached_replay)
+                             "training", t_start, replay=a.cached_replay, prefix=prefix)
         val = cache_videos(trainer, a.cached_val, np.random.default_rng([seed, 0x7A1]), a.image_size, dev,
                            "validation", t_start, replay=a.cached_replay)
         if f is not None:
@@ -2470,7 +2513,8 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             say(f"[train_demo] cached videos written to {f} ({f.stat().st_size / 2 ** 20:.0f} MiB)")
     for g in files[1:]:
         # more training videos, encoded by runs with other seeds from the same weights
-        more, _ = read_cache(g, key, {k: key.get(k) for k in ("paraphrase", "weights", "vocab", "replay", "canvas", "shades")})
+        more, _ = read_cache(g, key, {k: key.get(k) for k in ("paraphrase", "weights", "vocab", "replay", "canvas", "shades",
+                                                                "prefix")})
         train = train + more
         say(f"[train_demo] cached videos read from {g}: {len(more)} more training videos ({len(train)} in all)")
     weights = {"count": a.cached_weight, "order": a.cached_weight}
@@ -2507,6 +2551,17 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                 nt, nn, rn = needle_loss(trainer, a, nrng, L, dev, seeds=seeds)
                 total, ntok = total + a.needle_weight * nt * ntok / nn, ntok
             r = r + [(q.family + "_long", ok) for q, ok in rn]
+        if prefix:
+            # --cached-prefix: "how many" of the first k frames of as many videos (one k per step: the
+            # batch is one length), the mean loss per answer token times the weight, added
+            prng = np.random.default_rng([a.seed, 0x9F1C, step])
+            k = prefix[int(prng.integers(len(prefix)))]
+            have = [v for v in train if k in v.get("prefix", {})]
+            if have:
+                sub = [have[int(i)] for i in prng.choice(len(have), size=min(a.cached_batch, len(have)), replace=False)]
+                pt, pn, rp = cached_loss(trainer, prefix_batch(sub, k), {})
+                total = total + a.cached_prefix * pt * ntok / pn
+                r = r + [("count_prefix", ok) for _, ok in rp]
         for fam, ok in r:
             hist.setdefault(fam, []).append(int(ok))
         loss = total / ntok
@@ -2841,6 +2896,13 @@ def parse_args(argv):
                     help="stage 0q: the seed of the videos' draws (default: --seed, which also draws the "
                          "training order), so that runs with other seeds can share one --cached-file")
     ap.add_argument("--cached-eval-every", type=int, default=100, help="stage 0q: validation every N steps")
+    ap.add_argument("--cached-prefix", type=float, default=0.0,
+                    help="stage 0q: weight of 'how many objects?' asked of the first k frames of the training "
+                         "videos (k from --cached-prefix-lengths; their rows cached as exact averages over those "
+                         "frames), added to each step's loss per answer token (0: off)")
+    ap.add_argument("--cached-prefix-lengths", type=lambda t: tuple(int(x) for x in t.split(",")),
+                    default=(20, 30, 40, 50), help="stage 0q: the prefix lengths of --cached-prefix, in frames, "
+                                                   "comma-separated (default 20,30,40,50)")
     ap.add_argument("--cached-replay", type=replay_families, default=Q_REPLAY,
                     help="stage 0q: the families each cached video is also asked, besides count and every "
                          "order pair, so that the LLM keeps them (comma-separated, a family twice asks it "
@@ -2916,6 +2978,12 @@ def parse_args(argv):
     if a.needle_weight is not None and not (a.cached_steps and a.needle_every):
         ap.error(f"--needle-weight weighs stage 0q's star / no-star pairs: it needs --cached-steps and --needle-every "
                  f"above 0; got --cached-steps {a.cached_steps}, --needle-every {a.needle_every}")
+    if a.cached_prefix and not a.cached_steps:
+        ap.error(f"--cached-prefix weighs stage 0q's prefix counts: it needs --cached-steps above 0; got "
+                 f"--cached-steps {a.cached_steps}")
+    if a.cached_prefix < 0 or not a.cached_prefix_lengths or not all(0 < k < 60 for k in a.cached_prefix_lengths):
+        ap.error(f"--cached-prefix must be >= 0 and --cached-prefix-lengths frame counts between 1 and 59 (the cached "
+                 f"videos have 60 frames); got {a.cached_prefix} and {','.join(map(str, a.cached_prefix_lengths))}")
     if not 60 <= a.needle_shortest <= a.needle_longest:
         ap.error(f"--needle-shortest must be between 60 and --needle-longest ({a.needle_longest}); "
                  f"got {a.needle_shortest}")

@@ -7,6 +7,7 @@ and that `eval-demo --quick --json` runs and reports sane numbers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -1226,6 +1227,45 @@ def test_cached_videos_give_the_llm_exactly_the_uncached_loss(demo):
     acc = T.cached_accuracy(tr, cache)
     assert set(acc) == {fam for v in cache for q in v["qas"] for fam in [q.family]}
     assert all(0 <= a <= 1 for a in acc.values())
+
+
+def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(demo, capsys):
+    """--cached-prefix: a cached video's first k frames (their count rows and prefix rows averaged over
+    those frames alone) give the LLM the same loss and answer as those k frames encoded and fused in the
+    call, asked "how many objects?" with what they show (`clip_questions`' count of them)."""
+    from model import train_demo as T
+    m = demo
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    cache = T.cache_videos(tr, 3, np.random.default_rng(7), 64, m.device, "test", 0.0, prefix=(6, 25, 59))
+    rng = np.random.default_rng(7)
+    checked = 0
+    for j, v in enumerate(cache):
+        s = T.whole_video(rng, 1 + j)
+        frames = T.preprocess(T.render(s), 64)
+        assert set(v["prefix"]) <= {6, 25, 59}
+        for k, (_, _, n) in v["prefix"].items():
+            qs = T.clip_questions(s.spec, s.times[:k], np.random.default_rng(0), contiguous=True, families=("count",))
+            assert [q.answer for q in qs] == [str(n)]
+            q = next(q for q in v["qas"] if q.family == "count")
+            with torch.no_grad():
+                tokens, ks, vs, po = tr.encode(frames[:k])
+                l0, n0, r0 = tr.video_loss(tokens, ks, vs, po, torch.ones(k, dtype=torch.long),
+                                           [dataclasses.replace(q, answer=str(n))])
+                l1, n1, r1 = T.cached_loss(tr, T.prefix_batch([v], k), {})
+            assert n1 == n0 and r1 == r0
+            assert abs(float(l1) - float(l0)) <= 1e-4 * max(1.0, float(l0)), (k, float(l1), float(l0))
+            checked += 1
+    assert checked >= 6
+    # the prefix counts: objects on the first k frames, up to the whole video's
+    s = T.whole_video(np.random.default_rng(9), 4)
+    c = T.prefix_counts(s.spec, s.times)
+    assert c[0] == 0 and all(a <= b for a, b in zip(c, c[1:])) and c[-1] == len(s.spec.objects)
+    with pytest.raises(SystemExit):               # nothing to weigh without stage 0q: refused, not ignored
+        T.parse_args(["--out", "x", "--cached-prefix", "0.5"])
+    assert "--cached-prefix weighs stage 0q's prefix counts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--cached-steps", "5", "--cached-prefix", "1", "--cached-prefix-lengths", "30,60"])
+    assert "between 1 and 59" in capsys.readouterr().err
 
 
 def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_kept(tmp_path, capsys):
