@@ -215,3 +215,23 @@ run --out "$W/u1" --seed 252 --init-from "$W/t5" --vision-steps 0 --paraphrase 0
     --cached-steps 2000 --cached-stop-after 1723 --cached-videos 4000 --cached-val 200 --needle-every 2 \
     --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 95
+
+# --- issue 11, twenty-fifth session (this CPU) ---
+# V1 (not kept: count 62.3 %, order 75.3 % on the 300 more videos, U1 62.7 / 74.9): U2's stage 0k
+#     (the count rows as a union code, 8.1 min) on U1, then stage 0q on it (4,000 videos, 2,000
+#     steps, step 1,200 kept; 48.3 min). Uncomment to build it after U1.
+# run --out "$W/v1k" --seed 270 --init-from "$W/u1" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+#     --keep-steps 1000 --keep-lr 1e-3 --keep-gain 0 --keep-count 0.2 --minutes 40
+# run --out "$W/v1" --seed 271 --init-from "$W/v1k" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+#     --cached-steps 2000 --cached-videos 4000 --cached-val 200 --needle-every 2 \
+#     --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+#     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 75
+# W1 (not kept: count 62.7 -> 69.7 % and order 74.9 -> 73.2 % on the 300 more videos, but the 3-hour
+#     needle 76 of 96 over 12 videos, 79 %, one point under the target; docs/demo.md): stage 0q on U1
+#     with --cached-prefix 0.3 (each step also asks "how many" of the first 20, 30, 40 or 50 frames
+#     of 16 of its cached videos); 3,000 new videos, 1,500 steps, step 1,400 kept by validation;
+#     36.3 min (about 10 of them encoding). Uncomment to build it after U1.
+# run --out "$W/w1" --seed 280 --init-from "$W/u1" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+#     --cached-steps 1500 --cached-videos 3000 --cached-val 200 --cached-prefix 0.3 --needle-every 2 \
+#     --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+#     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 40
