@@ -1242,7 +1242,10 @@ def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(
     for j, v in enumerate(cache):
         s = T.whole_video(rng, 1 + j)
         frames = T.preprocess(T.render(s), 64)
-        assert set(v["prefix"]) <= {6, 25, 59}
+        # every length whose frames show an object (the scenes depend on RECIPE, which other tests set;
+        # every object is on screen by frame 57, so 59 is always there)
+        counts = T.prefix_counts(s.spec, s.times)
+        assert set(v["prefix"]) == {k for k in (6, 25, 59) if counts[k] > 0} and 59 in v["prefix"]
         for k, (_, _, n) in v["prefix"].items():
             qs = T.clip_questions(s.spec, s.times[:k], np.random.default_rng(0), contiguous=True, families=("count",))
             assert [q.answer for q in qs] == [str(n)]
@@ -1255,7 +1258,7 @@ def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(
             assert n1 == n0 and r1 == r0
             assert abs(float(l1) - float(l0)) <= 1e-4 * max(1.0, float(l0)), (k, float(l1), float(l0))
             checked += 1
-    assert checked >= 6
+    assert checked >= 3
     # the prefix counts: objects on the first k frames, up to the whole video's
     s = T.whole_video(np.random.default_rng(9), 4)
     c = T.prefix_counts(s.spec, s.times)
