@@ -2354,6 +2354,14 @@ def prefix_counts(spec: S.SceneSpec, times: list[float]) -> list[int]:
     return out
 
 
+def frame_counts(text: str) -> tuple[int, ...]:
+    """--cached-prefix-lengths' value: comma-separated whole numbers of frames."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated frame counts such as 20,30,40,50, got {text!r}")
+
+
 def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int, dev, what: str,
                  t_start: float, per_batch: int = 4, replay: tuple[str, ...] = Q_REPLAY,
                  prefix: tuple[int, ...] = ()) -> list[dict]:
@@ -2389,7 +2397,7 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                 ci = next((i for i, q in enumerate(s.qas) if q.family == "count"), None)
                 if prefix and ci is not None:
                     K, Sq = len(s.times), qid.shape[1]
-                    crow = rows.float().view(K, len(s.qas), Sq, -1)[:, ci]          # (K, Sq, H), per frame
+                    crow = rows.view(K, len(s.qas), Sq, -1)[:, ci].float()          # (K, Sq, H), per frame
                     pf, counts = po[sl].float(), prefix_counts(s.spec, s.times)
                     # the mean over the first k frames, as `fuse_questions` and the prefix average take it
                     out[-1]["prefix"] = {k: (pf[:k].mean(0).to(po.dtype), crow[:k].mean(0).to(rows.dtype)[None],
@@ -2531,6 +2539,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     curve, evals, hist = [], [{"step": 0, "val": acc0}], {}
     say(f"[train_demo] cached val step 0: " + " ".join(f"{f}={v:.3f}" for f, v in acc0.items()))
     rng = np.random.default_rng([a.seed, 0x57E9])
+    with_prefix = {k: [v for v in train if k in v.get("prefix", {})] for k in prefix}   # --cached-prefix
     for step in range(a.cached_steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.cached_steps, a.cached_lr, 50)
@@ -2556,7 +2565,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             # batch is one length), the mean loss per answer token times the weight, added
             prng = np.random.default_rng([a.seed, 0x9F1C, step])
             k = prefix[int(prng.integers(len(prefix)))]
-            have = [v for v in train if k in v.get("prefix", {})]
+            have = with_prefix[k]
             if have:
                 sub = [have[int(i)] for i in prng.choice(len(have), size=min(a.cached_batch, len(have)), replace=False)]
                 pt, pn, rp = cached_loss(trainer, prefix_batch(sub, k), {})
@@ -2900,7 +2909,7 @@ def parse_args(argv):
                     help="stage 0q: weight of 'how many objects?' asked of the first k frames of the training "
                          "videos (k from --cached-prefix-lengths; their rows cached as exact averages over those "
                          "frames), added to each step's loss per answer token (0: off)")
-    ap.add_argument("--cached-prefix-lengths", type=lambda t: tuple(int(x) for x in t.split(",")),
+    ap.add_argument("--cached-prefix-lengths", type=frame_counts,
                     default=(20, 30, 40, 50), help="stage 0q: the prefix lengths of --cached-prefix, in frames, "
                                                    "comma-separated (default 20,30,40,50)")
     ap.add_argument("--cached-replay", type=replay_families, default=Q_REPLAY,

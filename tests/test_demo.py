@@ -1269,6 +1269,22 @@ def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(
     with pytest.raises(SystemExit):
         T.parse_args(["--out", "x", "--cached-steps", "5", "--cached-prefix", "1", "--cached-prefix-lengths", "30,60"])
     assert "between 1 and 59" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--cached-steps", "5", "--cached-prefix", "1", "--cached-prefix-lengths", "20,x"])
+    assert "expected comma-separated frame counts such as 20,30,40,50, got '20,x'" in capsys.readouterr().err
+
+
+def test_cached_stage_with_prefix_counts_trains_on_them(tmp_path):
+    """Stage 0q with --cached-prefix: a step also answers prefix counts, logged apart from the
+    whole videos' count questions."""
+    out = tmp_path / "p"
+    _stage_from_demo(out, "--seed", "4", "--cached-steps", "50", "--cached-videos", "3", "--cached-val", "2",
+                     "--cached-batch", "3", "--cached-prefix", "0.3", "--cached-prefix-lengths", "40,59",
+                     "--minutes", "0")
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["cached_stopped_at"] == 1
+    fams = log["cached_curve"][0]["first_token_acc"]
+    assert "count_prefix" in fams and "count" in fams, fams
 
 
 def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_kept(tmp_path, capsys):
