@@ -1382,3 +1382,69 @@ def test_cached_stage_trains_the_llm_alone_keeps_the_best_and_new_layers_start_a
         assert moved and all(k.startswith(llm) for k in moved), sorted(moved)[:5]
     else:
         assert not moved
+
+
+def test_blend_is_the_weighted_line_between_a_fine_tune_and_its_base(tmp_path, demo, capsys):
+    """`model.blend`: a fine-tune of the committed checkpoint (stage 0n: the LLM alone), blended with it. The
+    tensors the fine-tune moved (the LLM's) are (1 - w) * base + w * tuned, every other one is the
+    base's bit for bit; the output loads through the real loader and answers; its log keeps the
+    fine-tune's and names both inputs; a pair that is not a fine-tune and its base is refused by name."""
+    from safetensors.torch import load_file, save_file
+    from model import LlavaMini
+    from model import blend as B
+    from stream.synthetic import make_scene
+    tuned = tmp_path / "tuned"
+    _stage_from_demo(tuned, "--seed", "8", "--needle-steps", "2", "--needle-longest", "200", "--needle-anchors", "16",
+                     "--decoys", "2")
+    moved = _changed(tuned)
+    assert moved and all(k.startswith(("model.layers.", "model.norm.", "lm_head.")) for k in moved), moved
+    out = tmp_path / "blend"
+    assert B.main(["--base", str(CKPT), "--tuned", str(tuned), "--weight", "0.25", "--out", str(out)]) == 0
+    a, b, m = (load_file(str(d / "model.safetensors")) for d in (CKPT, tuned, out))
+    for k in a:
+        if k in moved:
+            assert torch.equal(m[k], 0.75 * a[k] + 0.25 * b[k]) and not torch.equal(m[k], a[k]), k
+        else:
+            assert torch.equal(m[k], a[k]), k
+    ca, cm = (load_file(str(d / "clip-vision" / "model.safetensors")) for d in (CKPT, out))
+    assert all(torch.equal(ca[k], cm[k]) for k in ca)
+    log = json.loads((out / "training_log.json").read_text())
+    tlog = json.loads((tuned / "training_log.json").read_text())
+    e = log["blend"]
+    assert e["weight"] == 0.25 and e["files"]["model.safetensors"]["blended"] == len(moved)
+    assert e["files"]["model.safetensors"]["copied"] == len(a) - len(moved)
+    assert e["files"]["clip-vision/model.safetensors"]["blended"] == 0
+    assert e["tuned"]["weights_sha256_16"] == tlog["weights_sha256_16"] and log["weights_sha256_16"] is None
+    assert e["model_safetensors_sha256_16"] == B.sha16(out / "model.safetensors")
+    assert {k: v for k, v in log.items() if k not in ("blend", "weights_sha256_16")} == \
+        {k: v for k, v in tlog.items() if k != "weights_sha256_16"}
+    assert "[blend]" in (out / "train.log").read_text()
+    assert not (out / "history").exists()
+    m1 = LlavaMini.from_pretrained(out)
+    states = _encode(m1, make_scene(10 ** 9 + 7_200, 8.0))
+    assert m1.ask(states, "what shape is the red object?", max_new_tokens=4).text
+    # weight 0 is the base itself
+    zero = tmp_path / "zero"
+    B.blend(CKPT, tuned, 0.0, zero)
+    z = load_file(str(zero / "model.safetensors"))
+    assert all(torch.equal(z[k], a[k]) for k in a)
+    # refused: a weight off the line, the output over an input, another config, another tensor shape
+    for args, msg in ((["--weight", "1.5", "--out", str(tmp_path / "x")], "--weight: expected a number from 0 to 1, got 1.5"),
+                      (["--out", str(tuned)], "expected a new folder, not one of the inputs")):
+        assert B.main(["--base", str(CKPT), "--tuned", str(tuned), *args]) == 2
+        assert msg in capsys.readouterr().err
+    other = tmp_path / "other"
+    B.blend(CKPT, tuned, 1.0, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["hidden_size"] += 8
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(B.BlendError, match="config.json: expected the same in both"):
+        B.blend(CKPT, other, 0.5, tmp_path / "y")
+    (other / "config.json").write_text((CKPT / "config.json").read_text())
+    sd = load_file(str(other / "model.safetensors"))
+    sd["lm_head.weight"] = sd["lm_head.weight"][:-1].contiguous()
+    save_file(sd, str(other / "model.safetensors"))
+    with pytest.raises(B.BlendError, match=r"lm_head.weight expected the same shape and dtype"):
+        B.blend(CKPT, other, 0.5, tmp_path / "z")
+    with pytest.raises(B.BlendError, match="expected the demo checkpoint layout, missing clip-vision/model.safetensors"):
+        B.blend(CKPT, tmp_path / "zero" / "clip-vision", 0.5, tmp_path / "w")
