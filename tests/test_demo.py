@@ -73,6 +73,15 @@ def test_official_layout_and_size():
             assert min(kept["colour"], kept["shape"], kept["exists"]) >= 0.9 and kept["needle"] >= 0.85, kept
     else:
         assert curve[-1]["loss_ema"] < curve[0]["loss"]
+    if log.get("blend"):
+        # a weight-space blend of that run with the checkpoint it started from (`model.blend`):
+        # the entry names these very weights and a base that is the run's own warm start
+        import hashlib
+        blend = log["blend"]
+        assert 0 < blend["weight"] < 1 and blend["files"]["model.safetensors"]["blended"] > 0
+        assert blend["model_safetensors_sha256_16"] == \
+            hashlib.sha256((CKPT / "model.safetensors").read_bytes()).hexdigest()[:16]
+        assert blend["base"]["model_safetensors_sha256_16"] == log["warm_start"]["model_safetensors_sha256_16"]
 
 
 def test_loads_with_its_tokenizer(demo):
