@@ -434,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     signal.signal(signal.SIGTERM, _terminate)
     args = build_parser().parse_args(argv)
+    # a command turns autograd off for its model (load_model); called in-process (tests, embedding
+    # applications), the caller gets its own grad mode back
+    torch_was = sys.modules.get("torch")
+    grad = torch_was.is_grad_enabled() if torch_was is not None else True
     try:
         return args.fn(args) or 0
     except LmsError as e:
@@ -448,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error[E_INTERNAL]: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               "(set LMSTREAM_DEBUG=1 for a traceback)", file=sys.stderr)
         return 1
+    finally:
+        if sys.modules.get("torch") is not None:
+            sys.modules["torch"].set_grad_enabled(grad)
 
 
 if __name__ == "__main__":

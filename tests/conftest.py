@@ -18,6 +18,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _grad_mode_restored():
+    # Model loaders turn autograd off for their whole process (deploy.serving.load_model, right for a
+    # Ray actor; lmstream's load_model, right for one command); a test that runs one in the pytest
+    # worker must not leave it off for the tests after it (a gradient test failed so when xdist
+    # happened to put it there)
+    grad = torch.is_grad_enabled()
+    yield
+    torch.set_grad_enabled(grad)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     from model.tiny import make_tiny_checkpoint

@@ -739,7 +739,8 @@ def test_null_spread_measures_how_far_none_rows_differ_per_question():
     rows = torch.stack([a, a, b])
     assert float(null_spread(rows, [0, 0, 0], w)) < 1e-10                 # weight 0: left out
     x = torch.stack([a, b]).requires_grad_(True)
-    null_spread(x, [0, 0]).backward()
+    with torch.enable_grad():
+        null_spread(x, [0, 0]).backward()
     step = x.detach() - 0.1 * x.grad
     assert float(null_spread(step, [0, 0])) < float(null_spread(x.detach(), [0, 0]))
 
