@@ -87,30 +87,31 @@ def blend(base: Path, tuned: Path, weight: float, out: Path) -> dict:
     if out.resolve() in (base.resolve(), tuned.resolve()):
         raise BlendError(f"--out {out}: expected a new folder, not one of the inputs")
     for f in SAME_FILES:
-        if f.endswith(".json") and json.loads((base / f).read_text()) != json.loads((tuned / f).read_text()):
+        if json.loads((base / f).read_text()) != json.loads((tuned / f).read_text()):
             raise BlendError(f"{f}: expected the same in both checkpoints (a fine-tune of the base), they differ")
-    entry = {"formula": "(1 - weight) * base + weight * tuned per tensor; equal tensors copied",
-             "weight": weight, "base": {}, "tuned": {}, "files": {}}
+    # every tensor blended (and so every check passed) before anything is written to `out`
+    blends = {f: blend_tensors(load_file(str(base / f)), load_file(str(tuned / f)), weight, f) for f in WEIGHT_FILES}
+    logs = {d: json.loads((d / "training_log.json").read_text()) if (d / "training_log.json").is_file() else {}
+            for d in (base, tuned)}
+    entry = {"formula": "(1 - weight) * base + weight * tuned per tensor; equal tensors copied", "weight": weight}
     for role, d in (("base", base), ("tuned", tuned)):
-        log = d / "training_log.json"
         entry[role] = {"path": str(d), "model_safetensors_sha256_16": sha16(d / "model.safetensors"),
-                       "weights_sha256_16": json.loads(log.read_text()).get("weights_sha256_16") if log.is_file() else None}
+                       "weights_sha256_16": logs[d].get("weights_sha256_16")}
+    entry["files"] = {}
     out.mkdir(parents=True, exist_ok=True)
     for src in sorted(tuned.rglob("*")):
         rel = src.relative_to(tuned).as_posix()
         if src.is_file() and rel not in SKIP and not rel.startswith("history/"):
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, out / rel)
-    for f in WEIGHT_FILES:
+    for f, (sd, blended, copied) in blends.items():
         with safe_open(str(tuned / f), "pt") as fh:
             meta = fh.metadata() or {"format": "pt"}
-        sd, blended, copied = blend_tensors(load_file(str(base / f)), load_file(str(tuned / f)), weight, f)
         (out / f).parent.mkdir(parents=True, exist_ok=True)
         save_file(sd, str(out / f), metadata=meta)
         entry["files"][f] = {"blended": blended, "copied": copied, "sha256_16": sha16(out / f)}
     entry["model_safetensors_sha256_16"] = entry["files"]["model.safetensors"]["sha256_16"]
-    tlog = tuned / "training_log.json"
-    log = json.loads(tlog.read_text()) if tlog.is_file() else {}
+    log = logs[tuned]
     log["blend"] = entry
     log["weights_sha256_16"] = None          # the fine-tune's hash is entry["tuned"]["weights_sha256_16"]
     (out / "training_log.json").write_text(json.dumps(log, indent=1))

@@ -76,11 +76,10 @@ def test_official_layout_and_size():
     if log.get("blend"):
         # a weight-space blend of that run with the checkpoint it started from (`model.blend`):
         # the entry names these very weights and a base that is the run's own warm start
-        import hashlib
+        from model.blend import sha16
         blend = log["blend"]
         assert 0 < blend["weight"] < 1 and blend["files"]["model.safetensors"]["blended"] > 0
-        assert blend["model_safetensors_sha256_16"] == \
-            hashlib.sha256((CKPT / "model.safetensors").read_bytes()).hexdigest()[:16]
+        assert blend["model_safetensors_sha256_16"] == sha16(CKPT / "model.safetensors")
         assert blend["base"]["model_safetensors_sha256_16"] == log["warm_start"]["model_safetensors_sha256_16"]
 
 
@@ -1456,5 +1455,6 @@ def test_blend_is_the_weighted_line_between_a_fine_tune_and_its_base(tmp_path, d
     save_file(sd, str(other / "model.safetensors"))
     with pytest.raises(B.BlendError, match=r"lm_head.weight expected the same shape and dtype"):
         B.blend(CKPT, other, 0.5, tmp_path / "z")
+    assert not (tmp_path / "z").exists()                 # refused before anything is written
     with pytest.raises(B.BlendError, match="expected the demo checkpoint layout, missing clip-vision/model.safetensors"):
         B.blend(CKPT, tmp_path / "zero" / "clip-vision", 0.5, tmp_path / "w")

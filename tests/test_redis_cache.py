@@ -420,13 +420,16 @@ def _aof_written(server: RedisServer, timeout: float = 10.0) -> None:
     kill), not a bug."""
     r = server.client()
     deadline = time.monotonic() + timeout
-    while True:
-        info = r.info("persistence")
-        written = info["aof_buffer_length"] == 0 and info["aof_pending_bio_fsync"] == 0
-        if written and not info["aof_rewrite_in_progress"]:
-            return
-        assert time.monotonic() < deadline, f"expected Redis to write its AOF within {timeout} s, got {info}"
-        time.sleep(0.05)
+    try:
+        while True:
+            info = r.info("persistence")
+            written = info["aof_buffer_length"] == 0 and info["aof_pending_bio_fsync"] == 0
+            if written and not info["aof_rewrite_in_progress"]:
+                return
+            assert time.monotonic() < deadline, f"expected Redis to write its AOF within {timeout} s, got {info}"
+            time.sleep(0.05)
+    finally:
+        r.close()
 
 
 def test_redis_down_frozen_and_out_of_memory(server: RedisServer) -> None:
