@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 8 h 55 min on 2 CPU cores; the result is WORK_DIR/b1
+#   scripts/train_demo.sh [WORK_DIR]      # about 10 h 13 min on 2 CPU cores; the result is WORK_DIR/b3
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/b1
+# Then: python -m lmstream.eval_demo --model WORK_DIR/b3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -245,5 +245,28 @@ run --out "$W/w1" --seed 280 --init-from "$W/u1" --vision-steps 0 --paraphrase 0
 #     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 40
 # B1. W1 and U1 blended half and half in weight space (model.blend; only the LLM's layers, norm and
 #     head differ): count 69.0 %, order 75.3 % on the 300 more videos, the 3-hour needle 80 of 96
-#     over 12 videos (83 %); a few seconds: checkpoints/demo
+#     over 12 videos (83 %); a few seconds (the checkpoint until the twenty-seventh session)
 "$PY" -m model.blend --base "$W/u1" --tuned "$W/w1" --weight 0.5 --out "$W/b1"
+
+# --- issue 11, twenty-seventh session (this CPU) ---
+# W3. stage 0q on B1 that asks "how many" of shorter prefixes (the first 10, 20, 30, 40 or 50
+#     frames) and more often (--cached-prefix 0.5); 3,000 new videos, all 1,500 steps, step 1,500
+#     kept by validation; 38.1 min alone (about 10 of them encoding; --minutes only guards a slower
+#     machine)
+run --out "$W/w3" --seed 290 --init-from "$W/b1" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --cached-steps 1500 --cached-videos 3000 --cached-val 200 --cached-prefix 0.5 \
+    --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
+    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 60
+# B2. W3 and B1 half and half (count 70.7 %, order 77.0 % on the 300 more videos; the 3-hour needle
+#     78 of 96 over 12 videos)
+"$PY" -m model.blend --base "$W/b1" --tuned "$W/w3" --weight 0.5 --out "$W/b2"
+# W4. W3's recipe on B2, seed 291; --minutes 40 stopped it after 1,499 of 1,500 steps (40.0 min,
+#     --cached-stop-after repeats that), step 1,100 kept by validation
+run --out "$W/w4" --seed 291 --init-from "$W/b2" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --cached-steps 1500 --cached-stop-after 1499 --cached-videos 3000 --cached-val 200 --cached-prefix 0.5 \
+    --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
+    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 90
+# B3. W4 and B2 half and half: checkpoints/demo
+"$PY" -m model.blend --base "$W/b2" --tuned "$W/w4" --weight 0.5 --out "$W/b3"
