@@ -270,3 +270,26 @@ run --out "$W/w4" --seed 291 --init-from "$W/b2" --vision-steps 0 --paraphrase 0
     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 90
 # B3. W4 and B2 half and half: checkpoints/demo
 "$PY" -m model.blend --base "$W/b2" --tuned "$W/w4" --weight 0.5 --out "$W/b3"
+
+# --- issue 11, twenty-eighth session (this CPU; runs not kept, B3 stays) ---
+# W5v. a third round on B3, measured on 1,000 validation videos (the same run with --cached-val 200,
+#      W5, kept step 0); step 1,250 kept, 43.2 min. B4 (B3 and W5v half and half) lost count and order
+#      on the 300 more videos (72.0 and 75.3 %, B3 73.3 and 76.6)
+# run --out "$W/w5v" --seed 292 --init-from "$W/b3" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+#     --cached-steps 1500 --cached-videos 3000 --cached-val 1000 --cached-eval-every 250 --cached-prefix 0.5 \
+#     --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
+#     --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+#     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 60
+# "$PY" -m model.blend --base "$W/b3" --tuned "$W/w5v" --weight 0.5 --out "$W/b4"
+# T6. a second stage 0t (T5's recipe) on B3: the row the LLM reads names 100 / 86 / 54 % of 1 / 2 /
+#     3-object sets (B3 99 / 84 / 48); 18.4 min
+# run --out "$W/t6" --seed 300 --init-from "$W/b3" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+#     --tower-sets 1200 --token-row fused --token-keep 0.01 --token-lr 1e-3 --minutes 30 --threads 2
+# X6. stage 0q on T6 (the LLM learns T6's tokens), step 800 kept, 31.5 min; X6 and BX6 (T6 and X6 half
+#     and half) count 70.3 and 71.7 %, order 72.4 and 75.3 % on the 300 more videos
+# run --out "$W/x6" --seed 301 --init-from "$W/t6" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+#     --cached-steps 1200 --cached-videos 2500 --cached-val 200 --cached-prefix 0.5 \
+#     --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
+#     --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+#     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 38
+# "$PY" -m model.blend --base "$W/t6" --tuned "$W/x6" --weight 0.5 --out "$W/bx6"
