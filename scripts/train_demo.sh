@@ -284,7 +284,7 @@ run --out "$W/w4" --seed 291 --init-from "$W/b2" --vision-steps 0 --paraphrase 0
 # T6. a second stage 0t (T5's recipe) on B3: the row the LLM reads names 100 / 86 / 54 % of 1 / 2 /
 #     3-object sets (B3 99 / 84 / 48); 18.4 min
 # run --out "$W/t6" --seed 300 --init-from "$W/b3" --vision-steps 0 --paraphrase 0.1 --steps 0 \
-#     --tower-sets 1200 --token-row fused --token-keep 0.01 --token-lr 1e-3 --minutes 30 --threads 2
+#     --tower-sets 1200 --token-row fused --token-keep 0.01 --token-lr 1e-3 --minutes 30
 # X6. stage 0q on T6 (the LLM learns T6's tokens), step 800 kept, 31.5 min; X6 and BX6 (T6 and X6 half
 #     and half) count 70.3 and 71.7 %, order 72.4 and 75.3 % on the 300 more videos
 # run --out "$W/x6" --seed 301 --init-from "$W/t6" --vision-steps 0 --paraphrase 0.1 --steps 0 \
