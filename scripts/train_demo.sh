@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 10 h 13 min on 2 CPU cores; the result is WORK_DIR/b3
+#   scripts/train_demo.sh [WORK_DIR]      # about 11 h 8 min on 2 CPU cores; the result is WORK_DIR/br2
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/b3
+# Then: python -m lmstream.eval_demo --model WORK_DIR/br2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -268,8 +268,29 @@ run --out "$W/w4" --seed 291 --init-from "$W/b2" --vision-steps 0 --paraphrase 0
     --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
     --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 90
-# B3. W4 and B2 half and half: checkpoints/demo
+# B3. W4 and B2 half and half (the checkpoint until the twenty-ninth session)
 "$PY" -m model.blend --base "$W/b2" --tuned "$W/w4" --weight 0.5 --out "$W/b3"
+
+# --- issue 11, twenty-ninth session (this CPU) ---
+# R1. W4's recipe on B3 with questions padded and reworded as users type them: three in ten
+#     questions of each cached video padded with one or two words no vocabulary holds (--filler
+#     0.3, read as the unknown token) and three in ten paraphrased (--paraphrase 0.3; the W runs: 0.1);
+#     all 1,500 steps, step 1,300 kept by validation (on padded and reworded questions too), 27.2 min
+run --out "$W/r1" --seed 293 --init-from "$W/b3" --vision-steps 0 --paraphrase 0.3 --filler 0.3 --steps 0 \
+    --cached-steps 1500 --cached-videos 3000 --cached-val 200 --cached-prefix 0.5 \
+    --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
+    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 60
+# BR1. R1 and B3 half and half
+"$PY" -m model.blend --base "$W/b3" --tuned "$W/r1" --weight 0.5 --out "$W/br1"
+# R2. R1's recipe on BR1, seed 294; all 1,500 steps, step 1,500 kept, 28.0 min
+run --out "$W/r2" --seed 294 --init-from "$W/br1" --vision-steps 0 --paraphrase 0.3 --filler 0.3 --steps 0 \
+    --cached-steps 1500 --cached-videos 3000 --cached-val 200 --cached-prefix 0.5 \
+    --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
+    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 60
+# BR2. R2 and BR1 half and half: checkpoints/demo
+"$PY" -m model.blend --base "$W/br1" --tuned "$W/r2" --weight 0.5 --out "$W/br2"
 
 # --- issue 11, twenty-eighth session (this CPU; runs not kept, B3 stays) ---
 # W5v. a third round on B3, measured on 1,000 validation videos (the same run with --cached-val 200,
