@@ -249,25 +249,24 @@ run --out "$W/w1" --seed 280 --init-from "$W/u1" --vision-steps 0 --paraphrase 0
 "$PY" -m model.blend --base "$W/u1" --tuned "$W/w1" --weight 0.5 --out "$W/b1"
 
 # --- issue 11, twenty-seventh session (this CPU) ---
+# The flags every fine-tune-then-blend round below (W3, W4, R1, R2) shares: stage 0q, the LLM alone,
+# on 3,000 new videos for 1,500 steps, "how many" also asked of the first 10-50 frames, a star /
+# no-star pair every second step, other canvases and shades, and the families it would lose replayed
+ROUND=(--vision-steps 0 --steps 0 --cached-steps 1500 --cached-videos 3000 --cached-val 200
+       --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 --needle-weight 1
+       --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10
+       --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change)
 # W3. stage 0q on B1 that asks "how many" of shorter prefixes (the first 10, 20, 30, 40 or 50
 #     frames) and more often (--cached-prefix 0.5); 3,000 new videos, all 1,500 steps, step 1,500
 #     kept by validation; 38.1 min alone (about 10 of them encoding; --minutes only guards a slower
 #     machine)
-run --out "$W/w3" --seed 290 --init-from "$W/b1" --vision-steps 0 --paraphrase 0.1 --steps 0 \
-    --cached-steps 1500 --cached-videos 3000 --cached-val 200 --cached-prefix 0.5 \
-    --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
-    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
-    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 60
+run --out "$W/w3" --seed 290 --init-from "$W/b1" --paraphrase 0.1 "${ROUND[@]}" --minutes 60
 # B2. W3 and B1 half and half (count 70.7 %, order 77.0 % on the 300 more videos; the 3-hour needle
 #     78 of 96 over 12 videos)
 "$PY" -m model.blend --base "$W/b1" --tuned "$W/w3" --weight 0.5 --out "$W/b2"
 # W4. W3's recipe on B2, seed 291; --minutes 40 stopped it after 1,499 of 1,500 steps (40.0 min,
 #     --cached-stop-after repeats that), step 1,100 kept by validation
-run --out "$W/w4" --seed 291 --init-from "$W/b2" --vision-steps 0 --paraphrase 0.1 --steps 0 \
-    --cached-steps 1500 --cached-stop-after 1499 --cached-videos 3000 --cached-val 200 --cached-prefix 0.5 \
-    --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
-    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
-    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 90
+run --out "$W/w4" --seed 291 --init-from "$W/b2" --paraphrase 0.1 "${ROUND[@]}" --cached-stop-after 1499 --minutes 90
 # B3. W4 and B2 half and half (the checkpoint until the twenty-ninth session)
 "$PY" -m model.blend --base "$W/b2" --tuned "$W/w4" --weight 0.5 --out "$W/b3"
 
@@ -276,19 +275,11 @@ run --out "$W/w4" --seed 291 --init-from "$W/b2" --vision-steps 0 --paraphrase 0
 #     questions of each cached video padded with one or two words no vocabulary holds (--filler
 #     0.3, read as the unknown token) and three in ten paraphrased (--paraphrase 0.3; the W runs: 0.1);
 #     all 1,500 steps, step 1,300 kept by validation (on padded and reworded questions too), 27.2 min
-run --out "$W/r1" --seed 293 --init-from "$W/b3" --vision-steps 0 --paraphrase 0.3 --filler 0.3 --steps 0 \
-    --cached-steps 1500 --cached-videos 3000 --cached-val 200 --cached-prefix 0.5 \
-    --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
-    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
-    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 60
+run --out "$W/r1" --seed 293 --init-from "$W/b3" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" --minutes 60
 # BR1. R1 and B3 half and half
 "$PY" -m model.blend --base "$W/b3" --tuned "$W/r1" --weight 0.5 --out "$W/br1"
 # R2. R1's recipe on BR1, seed 294; all 1,500 steps, step 1,500 kept, 28.0 min
-run --out "$W/r2" --seed 294 --init-from "$W/br1" --vision-steps 0 --paraphrase 0.3 --filler 0.3 --steps 0 \
-    --cached-steps 1500 --cached-videos 3000 --cached-val 200 --cached-prefix 0.5 \
-    --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 \
-    --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
-    --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 60
+run --out "$W/r2" --seed 294 --init-from "$W/br1" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" --minutes 60
 # BR2. R2 and BR1 half and half: checkpoints/demo
 "$PY" -m model.blend --base "$W/br1" --tuned "$W/r2" --weight 0.5 --out "$W/br2"
 
