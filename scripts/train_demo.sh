@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 11 h 8 min on 2 CPU cores; the result is WORK_DIR/br2
+#   scripts/train_demo.sh [WORK_DIR]      # about 12 h 45 min on 2 CPU cores; the result is WORK_DIR/br3
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/br2
+# Then: python -m lmstream.eval_demo --model WORK_DIR/br3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -249,7 +249,7 @@ run --out "$W/w1" --seed 280 --init-from "$W/u1" --vision-steps 0 --paraphrase 0
 "$PY" -m model.blend --base "$W/u1" --tuned "$W/w1" --weight 0.5 --out "$W/b1"
 
 # --- issue 11, twenty-seventh session (this CPU) ---
-# The flags every fine-tune-then-blend round below (W3, W4, R1, R2) shares: stage 0q, the LLM alone,
+# The flags every fine-tune-then-blend round below (W3, W4, R1, R2, X7, R3) shares: stage 0q, the LLM alone,
 # on 3,000 new videos for 1,500 steps, "how many" also asked of the first 10-50 frames, a star /
 # no-star pair every second step, other canvases and shades, and the families it would lose replayed
 ROUND=(--vision-steps 0 --steps 0 --cached-steps 1500 --cached-videos 3000 --cached-val 200
@@ -280,8 +280,23 @@ run --out "$W/r1" --seed 293 --init-from "$W/b3" --paraphrase 0.3 --filler 0.3 "
 "$PY" -m model.blend --base "$W/b3" --tuned "$W/r1" --weight 0.5 --out "$W/br1"
 # R2. R1's recipe on BR1, seed 294; all 1,500 steps, step 1,500 kept, 28.0 min
 run --out "$W/r2" --seed 294 --init-from "$W/br1" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" --minutes 60
-# BR2. R2 and BR1 half and half: checkpoints/demo
+# BR2. R2 and BR1 half and half (the checkpoint until the thirtieth session)
 "$PY" -m model.blend --base "$W/br1" --tuned "$W/r2" --weight 0.5 --out "$W/br2"
+
+# --- issue 11, thirtieth session (this CPU) ---
+# T7. a longer stage 0t (T6's recipe, 2,400 steps instead of 1,200) on BR2: the tower and compressor
+#     learn each frame's whole (kind, colour) set on the row the LLM reads; its online head names
+#     100 / 93 / 59 % of held-out 1 / 2 / 3-object sets (T6: 99 / 87 / 56); 26.3 min
+run --out "$W/t7" --seed 310 --init-from "$W/br2" --vision-steps 0 --paraphrase 0.1 --steps 0 \
+    --tower-sets 2400 --token-row fused --token-keep 0.01 --token-lr 1e-3 --minutes 45
+# X7. stage 0q on T7 (the LLM learns T7's tokens) at G3's size: 4,000 new videos, 2,000 steps, the
+#     round's flags with questions padded and reworded; step 1,500 kept, 40.1 min (12 of them encoding)
+run --out "$W/x7" --seed 311 --init-from "$W/t7" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
+    --cached-steps 2000 --cached-videos 4000 --minutes 55
+# R3. R1's recipe on X7, seed 312; all 1,500 steps, step 1,100 kept, 30.3 min
+run --out "$W/r3" --seed 312 --init-from "$W/x7" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" --minutes 40
+# BR3. R3 and X7 half and half: checkpoints/demo
+"$PY" -m model.blend --base "$W/x7" --tuned "$W/r3" --weight 0.5 --out "$W/br3"
 
 # --- issue 11, twenty-eighth session (this CPU; runs not kept, B3 stays) ---
 # W5v. a third round on B3, measured on 1,000 validation videos (the same run with --cached-val 200,
