@@ -249,7 +249,7 @@ run --out "$W/w1" --seed 280 --init-from "$W/u1" --vision-steps 0 --paraphrase 0
 "$PY" -m model.blend --base "$W/u1" --tuned "$W/w1" --weight 0.5 --out "$W/b1"
 
 # --- issue 11, twenty-seventh session (this CPU) ---
-# The flags every fine-tune-then-blend round below (W3, W4, R1, R2, X7, R3) shares: stage 0q, the LLM alone,
+# The flags the stage-0q rounds below share (W3, W4, R1, R2, R3; X7 too, at its own size): the LLM alone,
 # on 3,000 new videos for 1,500 steps, "how many" also asked of the first 10-50 frames, a star /
 # no-star pair every second step, other canvases and shades, and the families it would lose replayed
 ROUND=(--vision-steps 0 --steps 0 --cached-steps 1500 --cached-videos 3000 --cached-val 200
