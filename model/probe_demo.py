@@ -2,7 +2,7 @@
 
     python -m model.probe_demo checkpoints/demo [--frames 800] [--threads 1]
     python -m model.probe_demo checkpoints/demo --order [--videos 90]
-    python -m model.probe_demo checkpoints/demo --sets [--frames 8000] [--patch-steps 900]
+    python -m model.probe_demo checkpoints/demo --sets [--frames 8000] [--patch-steps 900] [--row-steps 800]
 
 For held-out single frames (scene seeds >= 10**9) it asks "is there a <colour> <kind>?" (half the
 time about a pair on screen; otherwise an absent pair, half of those *hard*: a kind on screen in a
@@ -21,7 +21,10 @@ on held-out frames, the share whose whole set is named exactly, by the number of
 screen; with `--patch-steps N` it also trains, for N steps, a two-layer transformer over the vision
 tower's 64 patch features (everything the compressor and pre-fusion layers can read) to do the
 same: the best the layers after the frozen tower could do; with `--tower-steps N` a copy of the
-tower trains with that read-out for N steps (is the tower able to learn it?). With `--count-videos N` it encodes N
+tower trains with that read-out for N steps (is the tower able to learn it?). With `--row-steps N`
+copies of the layers between the tower and the row train with a linear head on the row for N steps
+(the compressor alone, as stage 0t trains it; then the compressor and the pre-fusion layers): how
+much more of the set the row could carry, and how far the rows a question reads move for it. With `--count-videos N` it encodes N
 training videos of 60 s (1-5 objects, as `eval-demo` cycles them) and `eval-demo`'s own 60 s videos,
 and trains a two-layer transformer on each video's frame tokens to answer "how many objects?":
 what a read-out made for counting gets from the tokens the LLM reads, and the same read-out given
@@ -203,7 +206,8 @@ def set_frames(m, seed0: int, n: int, rng: np.random.Generator, pixels: bool = F
 
 
 def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_steps: int = 0,
-               seed: int = 11, count_videos: int = 0, held_out_videos: int = 90, tower_steps: int = 0) -> dict:
+               seed: int = 11, count_videos: int = 0, held_out_videos: int = 90, tower_steps: int = 0,
+               row_steps: int = 0) -> dict:
     """Per held-out frame: is the whole set of (kind, colour) pairs on screen named exactly by a
     linear read-out of the frame token (`token`) and, with `patch_steps`, by a small transformer
     trained on the tower's patch features (`patches`)? Shares by objects on screen (1, 2, 3).
@@ -250,6 +254,9 @@ def sets_probe(model_dir: str, frames: int = 8000, held_out: int = 1500, patch_s
         out["patch_steps"] = patch_steps
     if tower_steps:
         out["tower"] = tower_probe(m, tower_steps, seed, held_out, shares)
+    if row_steps:
+        out["row"] = {what: row_probe(m, tr, Vtr, Ytr, Vte, row_steps, seed, shares, what)
+                      for what in ("compressor", "compressor+prefusion")}
     if count_videos:
         out["count"] = count_probe(m, tr, count_videos, held_out_videos, seed)
     return out
@@ -275,6 +282,50 @@ def tower_probe(m, steps: int, seed: int, held_out: int, shares, batch: int = 12
         moved = sum(float((a - b).norm()) for a, b in zip(tower.parameters(), m.vision.parameters()))
     return {"steps": steps, "batch": batch, "lr": lr, "curve": {k: v["sets"] for k, v in curve.items()},
             "moved": moved}
+
+
+def row_probe(m, tr, Vtr, Ytr, Vte, steps: int, seed: int, shares, what: str, batch: int = 128,
+              lr: float = 1e-3) -> dict:
+    """Can the row the LLM reads carry more of the frame's set? Copies of the compressor (`what`
+    "compressor", what stage 0t trains) or of the compressor and the pre-fusion layers
+    ("compressor+prefusion") train with a linear head on the RMS-normed row (AdamW at `lr`,
+    `batch` of the training frames' patch features a step, gradients clipped at 1, nothing held);
+    returns the held-out `shares` and how far the rows of a question ("is there a red circle?",
+    prompt and question after the frame) move against the checkpoint's, as relative RMS, on 300
+    held-out frames. Nothing is saved."""
+    import copy
+    from . import train_demo as T
+    net0 = m.net
+    net = copy.deepcopy(net0).train()
+    net.requires_grad_(False)
+    mods = [net.model.compressor] + ([net.model.prefusion_layers] if what == "compressor+prefusion" else [])
+    for mod in mods:
+        mod.requires_grad_(True)
+    net.model.compressor.pos_embed.requires_grad_(False)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(net.model.embed_tokens.weight.shape[1], Ytr.shape[1])
+    params = list(head.parameters()) + [p for mod in mods for p in mod.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr, betas=(0.9, 0.98), weight_decay=0.0)
+    prefix = tr.prefix
+    q = T.build_input_ids(m.tokenizer, "is there a red circle?")[0]
+    q = q[q > 0].to(Vte.device)
+
+    def row(n, V):
+        return T._rms(T.prefuse(n, n.model.compressor, V, prefix)[0][:, 0])
+
+    for _ in range(steps):
+        i = torch.randint(len(Vtr), (batch,))
+        loss = F.binary_cross_entropy_with_logits(head(row(net, Vtr[i])), Ytr[i])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        sh = shares(in_chunks(lambda v: head(row(net, v)), Vte))
+        a, b = T.prefuse(net, net.model.compressor, Vte[:300], q)[3], T.prefuse(net0, net0.model.compressor, Vte[:300], q)[3]
+        drift = float((a - b).pow(2).sum() / b.pow(2).sum()) ** 0.5
+    return {"steps": steps, "batch": batch, "lr": lr, "sets": sh, "question_row_drift": round(drift, 4)}
 
 
 def count_probe(m, tr, videos: int, held_out: int, seed: int, epochs: int = 40) -> dict:
@@ -346,6 +397,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tower-steps", type=int, default=0,
                     help="--sets: also train a copy of the vision tower with a patch read-out for the set this many "
                          "steps (128 fresh frames a step; nothing saved): can the tower learn to tell objects apart?")
+    ap.add_argument("--row-steps", type=int, default=0,
+                    help="--sets: also train copies of the compressor, then of the compressor and the pre-fusion "
+                         "layers, with a linear head on the row the LLM reads, this many steps (128 frames a step; "
+                         "nothing saved): how much more of the set the row can carry")
     ap.add_argument("--count-videos", type=int, default=0,
                     help="--sets: also train a count read-out on the frame tokens of this many 60 s training videos, "
                          "tested on eval-demo's first --videos 60 s videos")
@@ -353,7 +408,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     if a.sets:
         r = sets_probe(a.model, a.frames, patch_steps=a.patch_steps, count_videos=a.count_videos,
-                       held_out_videos=a.videos, tower_steps=a.tower_steps)
+                       held_out_videos=a.videos, tower_steps=a.tower_steps, row_steps=a.row_steps)
         print(f"{r['model']}: held-out frames whose whole set of (kind, colour) pairs is named exactly "
               f"(read-outs fitted on {r['frames']} training frames; {r['held_out']} held out)")
 
@@ -368,6 +423,9 @@ def main(argv=None) -> int:
         if "tower" in r:
             for step, v in r["tower"]["curve"].items():
                 print(f"  the tower trained with it, step {step:>5d}   " + row(v))
+        for what, v in r.get("row", {}).items():
+            print(f"  {what} trained for the row ({v['steps']} steps; question rows moved {v['question_row_drift']:.0%})")
+            print("                       " + row(v["sets"]))
         if "count" in r:
             c = r["count"]
             print(f"  'how many objects?' from the frame tokens alone (a 2-layer transformer, {c['videos']} training "

@@ -723,6 +723,32 @@ def test_tower_probe_trains_a_copy_and_leaves_the_checkpoint_tower_alone():
     assert r["moved"] > 0
 
 
+def test_row_probe_trains_copies_and_only_the_prefusion_variant_moves_what_questions_read_by_much():
+    """`probe_demo --sets --row-steps`: the layers it trains are copies (the loaded model is
+    bit-identical afterwards); training the compressor alone leaves the question's rows almost
+    where they were (they read the compressor row among 64 patch rows), training the pre-fusion
+    layers too moves them several times more; shares come for every held-out frame."""
+    from model import LlavaMini, probe_demo
+    from model import train_demo as T
+    m = LlavaMini.from_pretrained(str(CKPT))
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    before = {k: v.clone() for k, v in m.net.state_dict().items()}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Vtr, Ytr, _ = probe_demo.set_frames(m, 0, 64, np.random.default_rng(1))
+        Vte, Yte, nte = probe_demo.set_frames(m, 10 ** 9, 40, np.random.default_rng(2))
+        shares = lambda logits: T.exact_sets(logits, Yte, nte)          # noqa: E731
+        r = {w: probe_demo.row_probe(m, tr, Vtr, Ytr, Vte, steps=4, seed=1, shares=shares, what=w, batch=16)
+             for w in ("compressor", "compressor+prefusion")}
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(before[k], v) for k, v in m.net.state_dict().items())
+    for v in r.values():
+        assert set(v["sets"]) == set(nte.tolist()) and all(0 <= s <= 1 for s in v["sets"].values())
+    assert 0 < r["compressor"]["question_row_drift"] < r["compressor+prefusion"]["question_row_drift"]
+
+
 def test_null_spread_measures_how_far_none_rows_differ_per_question():
     """--null's penalty: zero when every "none" row of one question is the same row (whatever its
     scale: rows are RMS-normalised), positive otherwise, per group only (two questions' rows may
