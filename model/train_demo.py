@@ -1,10 +1,10 @@
 """Train the demo LLaVA-Mini on synthetic videos (LLaVA-Mini's recipe in miniature).
 
     python -m model.train_demo --out DIR --seed 0       # the base model, ~32 min on 2 CPU cores
-    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then 36
-                                                         # runs with issue 11's levers, six of them
-                                                         # each blended with the weights it started
-                                                         # from, model/blend.py (~12 h 45 min)
+    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then 38
+                                                         # runs with issue 11's levers, eight of them
+                                                         # blended with the weights they started
+                                                         # from, model/blend.py (~13 h 37 min)
     python -m model.train_demo --out /tmp/d --vision-steps 20 --steps 20  # a smoke run
 
 What it builds (the released design at toy sizes, `model/tiny.py` layout):

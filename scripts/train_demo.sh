@@ -3,9 +3,9 @@
 # (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
-#   scripts/train_demo.sh [WORK_DIR]      # about 12 h 45 min on 2 CPU cores; the result is WORK_DIR/br3
+#   scripts/train_demo.sh [WORK_DIR]      # about 13 h 37 min on 2 CPU cores; the result is WORK_DIR/bs
 #
-# Then: python -m lmstream.eval_demo --model WORK_DIR/br3
+# Then: python -m lmstream.eval_demo --model WORK_DIR/bs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 W=${1:-/tmp/demo-chain}
@@ -295,7 +295,7 @@ run --out "$W/x7" --seed 311 --init-from "$W/t7" --paraphrase 0.3 --filler 0.3 "
     --cached-steps 2000 --cached-videos 4000 --minutes 55
 # R3. R1's recipe on X7, seed 312; all 1,500 steps, step 1,100 kept, 30.3 min
 run --out "$W/r3" --seed 312 --init-from "$W/x7" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" --minutes 40
-# BR3. R3 and X7 half and half: checkpoints/demo
+# BR3. R3 and X7 half and half (the checkpoint until the thirty-first session)
 "$PY" -m model.blend --base "$W/x7" --tuned "$W/r3" --weight 0.5 --out "$W/br3"
 
 # --- issue 11, twenty-eighth session (this CPU; runs not kept, B3 stays) ---
@@ -320,3 +320,30 @@ run --out "$W/r3" --seed 312 --init-from "$W/x7" --paraphrase 0.3 --filler 0.3 "
 #     --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
 #     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --minutes 38
 # "$PY" -m model.blend --base "$W/t6" --tuned "$W/x6" --weight 0.5 --out "$W/bx6"
+
+# --- issue 11, thirty-first session (this CPU) ---
+# R4. R1's recipe on BR3, seed 313 (run by the thirtieth session, where --minutes 26 stopped it after
+#     1,253 of 1,500 steps; --cached-stop-after stops it there on any machine), step 1,200 kept
+run --out "$W/r4" --seed 313 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
+    --cached-stop-after 1253 --minutes 40
+# R6. the same on BR3 with seed 314 (other videos, star pairs and validation), stopped at the same
+#     step; step 1,100 kept, 25.7 min
+run --out "$W/r6" --seed 314 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
+    --cached-stop-after 1253 --minutes 45
+# S46. the two fine-tunes of BR3 averaged (a "soup"), then BS: that average and BR3 half and half
+#     (0.5 BR3 + 0.25 R4 + 0.25 R6): checkpoints/demo
+"$PY" -m model.blend --base "$W/r4" --tuned "$W/r6" --weight 0.5 --out "$W/s46"
+"$PY" -m model.blend --base "$W/br3" --tuned "$W/s46" --weight 0.5 --out "$W/bs"
+
+# --- issue 11, thirty-first session (this CPU; runs not kept) ---
+# BR4. R4 and BR3 half and half: count 73.7 %, order 79.3 % over the 600 held-out videos (BR3 73.3
+#      and 79.1 %)
+# "$PY" -m model.blend --base "$W/br3" --tuned "$W/r4" --weight 0.5 --out "$W/br4"
+# G6, R5, BR5. R4 with a deeper LLM: --layers 6 adds two LLM layers that start as the identity (G6,
+#     the same seed with no steps, answers exactly as BR3 does); R5 has R4's seed, so its data, and
+#     stops at R4's step 1,253 (34.1 min, step 1,200 kept); BR5 (G6 and R5 half and half): count
+#     73.2 %, order 79.1 % over the 600 videos, no better than BR4
+# run --out "$W/g6" --seed 313 --init-from "$W/br3" --layers 6 --paraphrase 0.3 --filler 0.3 --vision-steps 0 --steps 0
+# run --out "$W/r5" --seed 313 --init-from "$W/br3" --layers 6 --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
+#     --cached-stop-after 1253 --minutes 50
+# "$PY" -m model.blend --base "$W/g6" --tuned "$W/r5" --weight 0.5 --out "$W/br5"
