@@ -311,15 +311,11 @@ def row_probe(m, tr, Vtr, Ytr, Vte, steps: int, seed: int, shares, what: str, ba
     q = q[q > 0].to(Vte.device)
 
     def row(n, V):
-        return T._rms(T.prefuse(n, n.model.compressor, V, prefix)[0][:, 0])
+        return T._rms(T.token_row(n, n.model.compressor, V, prefix))
 
     for _ in range(steps):
         i = torch.randint(len(Vtr), (batch,))
-        loss = F.binary_cross_entropy_with_logits(head(row(net, Vtr[i])), Ytr[i])
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        T.clipped_step(opt, params, F.binary_cross_entropy_with_logits(head(row(net, Vtr[i])), Ytr[i]))
     net.eval()
     with torch.no_grad():
         sh = shares(in_chunks(lambda v: head(row(net, v)), Vte))
