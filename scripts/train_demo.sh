@@ -323,10 +323,10 @@ run --out "$W/r3" --seed 312 --init-from "$W/x7" --paraphrase 0.3 --filler 0.3 "
 
 # --- issue 11, thirty-second session (this CPU) ---
 # R7. R1's recipe on BR3 with more than three times the videos: 10,000 training videos encoded once
-#     (29 min) instead of 3,000, 3,000 steps instead of 1,500, 400 validation videos instead of 200;
+#     (30 min with the validation videos) instead of 3,000, 3,000 steps instead of 1,500, 400 validation videos instead of 200;
 #     seed 315; all 3,000 steps, step 2,600 kept by validation, 75.1 min: checkpoints/demo (not
-#     blended: the fine-tune alone answers count and order better than BS and than R7 blended
-#     with BR3)
+#     blended: over 900 held-out videos it answers count and order better than BS, and order
+#     better than R7 blended with BR3, which has two more count questions)
 run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
     --cached-steps 3000 --cached-videos 10000 --cached-val 400 --minutes 110
 
