@@ -1,10 +1,10 @@
 """Train the demo LLaVA-Mini on synthetic videos (LLaVA-Mini's recipe in miniature).
 
     python -m model.train_demo --out DIR --seed 0       # the base model, ~32 min on 2 CPU cores
-    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then 38
-                                                         # runs with issue 11's levers, eight of them
+    scripts/train_demo.sh DIR                            # the committed checkpoint: the base, then 37
+                                                         # runs with issue 11's levers, six of them
                                                          # blended with the weights they started
-                                                         # from, model/blend.py (~13 h 37 min)
+                                                         # from, model/blend.py (~14 h)
     python -m model.train_demo --out /tmp/d --vision-steps 20 --steps 20  # a smoke run
 
 What it builds (the released design at toy sizes, `model/tiny.py` layout):
