@@ -2364,6 +2364,20 @@ def frame_counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated frame counts such as 20,30,40,50, got {text!r}")
 
 
+def trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc's malloc_trim; elsewhere nothing).
+
+    `cache_videos` keeps a few small tensors per video among the large ones each batch frees, and
+    glibc keeps the pages between them: 14,200 encoded videos held 19 GB of a 24 GB machine, 13 GB
+    of it free heap (thirty-third session; one malloc_trim gave it back). Trimming every 200 videos
+    keeps the process near what it holds; it changes no number."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int, dev, what: str,
                  t_start: float, per_batch: int = 4, replay: tuple[str, ...] = Q_REPLAY,
                  prefix: tuple[int, ...] = ()) -> list[dict]:
@@ -2405,6 +2419,7 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                     out[-1]["prefix"] = {k: (pf[:k].mean(0).to(po.dtype), crow[:k].mean(0).to(rows.dtype)[None],
                                              counts[k]) for k in prefix if 0 < k < K and counts[k] > 0}
             if len(out) % 200 < per_batch:
+                trim_heap()
                 say(f"[train_demo] cached {what} videos {len(out):5d}/{n} {(time.perf_counter() - t_start) / 60:5.1f} min")
     trainer.net.train(was)
     return out
