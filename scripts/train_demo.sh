@@ -330,6 +330,17 @@ run --out "$W/r3" --seed 312 --init-from "$W/x7" --paraphrase 0.3 --filler 0.3 "
 run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
     --cached-steps 3000 --cached-videos 10000 --cached-val 400 --minutes 110
 
+# --- issue 11, thirty-third session (this CPU; measured, not kept: R7 stays the checkpoint) ---
+# R8. R7's line on BR3 with 20,000 more videos (seed 316; 58.9 min of encoding) read beside R7's own
+#     10,000: 30,000 training videos, 3,500 steps, step 3,000 kept, 113.1 min. Over 900 held-out videos
+#     count 654 (R7 661), order 585 of 709 (R7 577). To run it, give R7's line
+#     --cached-file "$W/c315.pt" first (it then keeps its encoded videos), then:
+# run --out "$W/r8" --seed 316 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
+#     --cached-steps 3500 --cached-videos 20000 --cached-val 400 --minutes 125 \
+#     --cached-file "$W/c316.pt" "$W/c315.pt"
+# S78. R7 and R8 half and half: count 660, order 585 of 709 (not kept)
+# "$PY" -m model.blend --base "$W/r7" --tuned "$W/r8" --weight 0.5 --out "$W/s78"
+
 # --- issue 11, thirty-first session (this CPU; BS was the checkpoint until the thirty-second session;
 #     uncomment these four lines to rebuild it: about 52 min) ---
 # R4. R1's recipe on BR3, seed 313 (run by the thirtieth session, where --minutes 26 stopped it after
