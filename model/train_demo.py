@@ -2373,7 +2373,7 @@ def trim_heap() -> None:
     keeps the process near what it holds; it changes no number."""
     try:
         import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)       # the C library already loaded, as lmcore/procs.py reaches prctl
     except (OSError, AttributeError):
         pass
 
