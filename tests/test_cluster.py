@@ -83,6 +83,10 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+class RayStartError(RuntimeError):
+    """`ray start` did not bring its node up (exited, or no "Ray runtime started" in time)."""
+
+
 class RayNode:
     """One `ray start --block` node in its own process group (session): every process of the node
     (raylet, agents, workers) is in that group, so the test kills exactly this node and nothing else."""
@@ -101,11 +105,21 @@ class RayNode:
         deadline = time.monotonic() + timeout
         while b"Ray runtime started" not in (self.folder / "ray-start.log").read_bytes():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = (self.folder / "ray-start.log").read_text(errors="replace")[-3000:]
+                tail = (self.folder / "ray-start.log").read_text(errors="replace")[-2000:]
+                logs = self.log_tails()                  # before stop(): not our own shutdown's lines
                 self.stop()
-                raise RuntimeError(f"expected `ray start` to start a node, got:\n{tail}")
+                raise RayStartError(f"expected `ray start` to start a node in {self.folder}, got:\n{tail}{logs}")
             time.sleep(0.2)
         return self
+
+    def log_tails(self, chars: int = 1500) -> str:
+        """The ends of the node's GCS and raylet logs: why a node that never registered did not."""
+        out = []
+        for f in sorted(self.folder.glob("session_*/logs/*")):
+            if f.name.startswith(("gcs_server.", "raylet.")) and f.suffix in (".out", ".err") and f.stat().st_size:
+                out.append(f"\n--- {f.relative_to(self.folder)} (last {chars} characters):\n"
+                           f"{f.read_text(errors='replace')[-chars:]}")
+        return "".join(out)
 
     @property
     def pgid(self) -> int:
@@ -200,21 +214,39 @@ def redis_cluster(tmp_path_factory):
     cl.stop()
 
 
+def _start_ray_cluster(root: Path, env: dict, attempts: int = 3) -> tuple[RayNode, RayNode, int]:
+    """A head and a worker node, started in turn. Ray gives a starting node a fixed 30 s to register
+    with the GCS (ray/_private/node.py); on a busy 2-core machine it once did not (CI, stop 43), so a
+    node that fails to come up is stopped and the pair is started again, on fresh ports and in fresh
+    folders, at most `attempts` times; each failure is printed with its GCS and raylet log ends.
+    What the test checks (failover) starts only after both nodes are up."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        head = RayNode(root / f"h{attempt}", [
+            "--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={root}/h{attempt}",
+            "--include-dashboard=false", "--disable-usage-stats", "--num-cpus=2", '--resources={"head_node": 100}',
+            f"--ray-client-server-port={free_port()}", *_node_ports()], env)
+        worker = RayNode(root / f"w{attempt}", [
+            f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--temp-dir={root}/w{attempt}",
+            "--disable-usage-stats", "--num-cpus=1", '--resources={"worker_node": 8}', *_node_ports()], env)
+        try:
+            head.start()
+            worker.start()
+            return head, worker, port
+        except RayStartError as e:
+            worker.stop()
+            head.stop()
+            if attempt == attempts:
+                raise
+            print(f"\nray_cluster: attempt {attempt} of {attempts} did not start, starting again: {e}", flush=True)
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("ray")         # short: Ray's socket paths must stay under 107 bytes
-    env = _ray_env(REPO)
-    port = free_port()
-    head = RayNode(root / "h", ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", f"--temp-dir={root}/h",
-                                "--include-dashboard=false", "--disable-usage-stats", "--num-cpus=2",
-                                '--resources={"head_node": 100}', f"--ray-client-server-port={free_port()}",
-                                *_node_ports()], env)
-    worker = RayNode(root / "w", [f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-                                  f"--temp-dir={root}/w", "--disable-usage-stats", "--num-cpus=1",
-                                  '--resources={"worker_node": 8}', *_node_ports()], env)
+    head, worker, port = _start_ray_cluster(root, _ray_env(REPO))
     try:
-        head.start()
-        worker.start()
         yield {"address": f"127.0.0.1:{port}", "head": head, "worker": worker, "root": root}
     finally:
         worker.stop()
