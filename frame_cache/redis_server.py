@@ -17,6 +17,7 @@ server exits, so start servers from the test's main thread).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -54,16 +55,49 @@ def _port_free(port: int) -> bool:
     return True
 
 
+# Ports a local Ray takes whatever `ray.init` is told (its dashboard agent's HTTP port, 52365), so a
+# port handed out here for a server of ours (the service's HTTP port, a test's Redis) must not be one.
+RAY_FIXED_PORTS = frozenset({52365})
+RAY_WORKER_PORTS_END = 20000          # Ray's workers listen on 10002-19999 by default
+_handed_out: set[int] = set()
+_rng = random.SystemRandom()          # not the `random` module's state: tests seed that, in every worker alike
+
+
+def _port_range() -> tuple[int, int]:
+    """Where `free_port` draws from: above Ray's worker ports and below the kernel's ephemeral range
+    (``ip_local_port_range``, 32768-60999 by default), where every bind(0) and connect() gets its
+    port, Ray's own randomly placed ports included. A port drawn there and bound seconds later
+    cannot have been taken meanwhile by any of them (a service's HTTP port once lost that race to a
+    local Ray's metrics port). (0, 0) when the ephemeral range leaves no room below it."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return (RAY_WORKER_PORTS_END, low) if low - RAY_WORKER_PORTS_END >= 2000 else (0, 0)
+
+
+def _candidate_port() -> int:
+    """A port to try: drawn from `_port_range()`, else the kernel's pick (bound to port 0)."""
+    lo, hi = _port_range()
+    if hi:
+        return _rng.randrange(lo, hi)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def free_port(*, cluster_bus: bool = False) -> int:
-    """A loopback port nobody listens on (and port + 10000 too, for a cluster's bus)."""
+    """A loopback port nobody listens on (and port + 10000 too, for a cluster's bus): outside the
+    kernel's ephemeral range (`_port_range`), never one of `RAY_FIXED_PORTS` and never one this
+    process was handed before (several ports are often picked before any is bound, e.g. a Ray node's)."""
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535 and cluster_bus:
+        port = _candidate_port()
+        if port in RAY_FIXED_PORTS or port in _handed_out or not _port_free(port):
             continue
-        if not cluster_bus or _port_free(port + 10000):
-            return port
+        if cluster_bus and (port + 10000 > 65535 or not _port_free(port + 10000)):
+            continue
+        _handed_out.add(port)
+        return port
     raise CacheUnavailable("expected a free loopback port, got none in 200 tries")
 
 
