@@ -70,10 +70,30 @@ def _wait_ready(url: str, key: str, timeout: float, alive) -> None:
     raise ServiceUnavailable(f"expected {url}/ready to answer 200 within {timeout:g} s, got {last}")
 
 
+def _check_http_port(host: str, port: int) -> None:
+    """Before a local Ray starts: the HTTP port must be free and not the one Ray's dashboard agent
+    always takes (`ray.init` cannot move it), else Serve's proxy fails 30 s later with Ray's words.
+    (On a cluster it attaches to, a Serve already there may hold the port: not checked.)"""
+    import socket
+    from frame_cache.redis_server import RAY_FIXED_PORTS
+    if port in RAY_FIXED_PORTS:
+        raise BadArgument(f"expected --port other than {port}: a local Ray's dashboard agent listens on it "
+                          f"(Ray's default, fixed for `ray.init`); got --port {port}")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a port in TIME_WAIT is free to bind
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise BadArgument(f"expected --port {port} to be free on {host}, got {e.strerror or e} "
+                              f"(another service, or an `lmstream serve` already running?)") from e
+
+
 def cmd_serve(args) -> int:
     from deploy.settings import Settings
     if not 0 < args.port < 65536:
         raise BadArgument(f"expected --port in 1..65535, got {args.port}")
+    if not args.ray_address:
+        _check_http_port(args.host, args.port)
     settings = Settings.from_env(model=args.model, vision_tower=args.vision_tower, device=args.device,
                                  redis_url=args.redis, data_dir=args.data_dir, allowed_dirs=args.allowed_dir,
                                  api_keys=args.api_key, service_resources=args.service_resources,
@@ -125,7 +145,14 @@ def cmd_serve(args) -> int:
         signal.signal(signal.SIGTERM, on_signal)        # ray.init installs its own handlers: ours again
         signal.signal(signal.SIGINT, on_signal)
         serve_started = not _serve_running()
-        serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
+        try:
+            serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
+        except Exception as e:          # Ray's words are a RayTaskError of ProxyActor.ready(): say what it means
+            if "Failed to bind to address" not in str(e):
+                raise
+            raise ServiceUnavailable(f"expected Serve's HTTP proxy to listen on {args.host}:{args.port}, got the "
+                                     "port taken (on a cluster: by another service on the head node; locally: "
+                                     "since the check before Ray started); give another --port") from e
         serve.run(build_app(settings), name="lmstream", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}"
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])

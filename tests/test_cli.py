@@ -254,3 +254,38 @@ def test_usage_errors_are_one_line_with_a_code(tiny_ckpt, video, tmp_path):
                           "notaport")
     (tmp_path / "notes.txt").write_text("hello\n" * 50)
     assert_one_line_error(run("ask", tmp_path / "notes.txt", "q", "--model", tiny_ckpt), "E_NOT_A_VIDEO")
+
+
+def test_serve_refuses_a_busy_port_and_rays_agent_port_before_starting_anything(tmp_path):
+    """`lmstream serve` checks its HTTP port before it starts Redis or a local Ray: a port that is
+    taken, or 52365 (where a local Ray's dashboard agent always listens), is a one-line
+    E_BAD_ARGUMENT within seconds, not Serve's proxy failing 30 s later, and nothing is left in the
+    data folder's redis/ or ray/."""
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        r = run("serve", "--port", str(port), "--data-dir", tmp_path / "d")
+        assert_one_line_error(r, "E_BAD_ARGUMENT", f"--port {port} to be free on 127.0.0.1")
+    assert_one_line_error(run("serve", "--port", "52365", "--data-dir", tmp_path / "d"), "E_BAD_ARGUMENT",
+                          "other than 52365", "dashboard agent")
+    assert not (tmp_path / "d" / "redis").exists() and not (tmp_path / "d" / "ray").exists()
+
+
+def test_free_port_stays_out_of_the_kernels_range_and_never_repeats(monkeypatch):
+    import socket
+    import frame_cache.redis_server as rs
+    lo, hi = rs._port_range()
+    eph = [int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split()]
+    assert (lo, hi) == (20000, eph[0])                # this machine's range leaves room below it
+    drawn = [rs.free_port() for _ in range(50)]
+    assert all(lo <= p < hi for p in drawn) and len(set(drawn)) == 50
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        busy = held.getsockname()[1]
+        offered = iter([52365, busy, 41001, 41001, 41002])   # Ray's fixed port, a taken one, then one twice
+        monkeypatch.setattr(rs, "_candidate_port", lambda: next(offered))
+        monkeypatch.setattr(rs, "_handed_out", set())
+        assert [rs.free_port(), rs.free_port()] == [41001, 41002]
