@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import redis
 from lmcore.errors import CacheUnavailable
 from lmcore.procs import die_with_parent, stop_child
 
-__all__ = ["RedisServer", "RedisClusterServers", "redis_binaries_missing", "free_port"]
+__all__ = ["RedisServer", "RedisClusterServers", "redis_binaries_missing", "free_port", "reserve_port"]
 
 
 
@@ -47,9 +48,12 @@ def redis_binaries_missing() -> str | None:
 
 
 def _port_free(port: int) -> bool:
+    """Nothing holds `port` on any address: bound on all of them (a port that only 127.0.0.1 finds
+    free may be taken on the machine's own IP, where Ray's nodes listen and connect; CI once lost a
+    Ray node's metrics port that way)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind(("", port))
         except OSError:
             return False
     return True
@@ -60,6 +64,7 @@ def _port_free(port: int) -> bool:
 RAY_FIXED_PORTS = frozenset({52365})
 RAY_WORKER_PORTS_END = 20000          # Ray's workers listen on 10002-19999 by default
 _handed_out: set[int] = set()
+_lock = threading.Lock()
 _rng = random.SystemRandom()          # not the `random` module's state: tests seed that, in every worker alike
 
 
@@ -76,28 +81,38 @@ def _port_range() -> tuple[int, int]:
     return (RAY_WORKER_PORTS_END, low) if low - RAY_WORKER_PORTS_END >= 2000 else (0, 0)
 
 
-def _candidate_port() -> int:
-    """A port to try: drawn from `_port_range()`, else the kernel's pick (bound to port 0)."""
+def _candidate_port(span: int = 0) -> int:
+    """A port to try, with `span` more above it also outside the ephemeral range (a cluster's bus
+    port is port + 10000): drawn from `_port_range()`, else the kernel's pick (bound to port 0)."""
     lo, hi = _port_range()
-    if hi:
-        return _rng.randrange(lo, hi)
+    if hi - span - lo >= 500:
+        return _rng.randrange(lo, hi - span)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def reserve_port(port: int) -> None:
+    """Never hand out `port` in this process: one chosen elsewhere (`lmstream serve --port`) that
+    is bound only after servers started here (its Redis) have taken theirs."""
+    with _lock:
+        _handed_out.add(int(port))
+
+
 def free_port(*, cluster_bus: bool = False) -> int:
     """A loopback port nobody listens on (and port + 10000 too, for a cluster's bus): outside the
     kernel's ephemeral range (`_port_range`), never one of `RAY_FIXED_PORTS` and never one this
-    process was handed before (several ports are often picked before any is bound, e.g. a Ray node's)."""
-    for _ in range(200):
-        port = _candidate_port()
-        if port in RAY_FIXED_PORTS or port in _handed_out or not _port_free(port):
-            continue
-        if cluster_bus and (port + 10000 > 65535 or not _port_free(port + 10000)):
-            continue
-        _handed_out.add(port)
-        return port
+    process was handed before or reserved (several ports are often picked before any is bound, e.g.
+    a Ray node's)."""
+    bus = 10000 if cluster_bus else 0
+    with _lock:
+        for _ in range(200):
+            port = _candidate_port(bus)
+            ports = (port, port + bus) if bus else (port,)
+            if port + bus > 65535 or any(p in RAY_FIXED_PORTS or p in _handed_out or not _port_free(p) for p in ports):
+                continue
+            _handed_out.update(ports)
+            return port
     raise CacheUnavailable("expected a free loopback port, got none in 200 tries")
 
 
