@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -74,18 +75,27 @@ def _check_http_port(host: str, port: int) -> None:
     """Before a local Ray starts: the HTTP port must be free and not the one Ray's dashboard agent
     always takes (`ray.init` cannot move it), else Serve's proxy fails 30 s later with Ray's words.
     (On a cluster it attaches to, a Serve already there may hold the port: not checked.)"""
+    import errno
     import socket
     from frame_cache.redis_server import RAY_FIXED_PORTS
     if port in RAY_FIXED_PORTS:
         raise BadArgument(f"expected --port other than {port}: a local Ray's dashboard agent listens on it "
                           f"(Ray's default, fixed for `ray.init`); got --port {port}")
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise BadArgument(f"expected --host to be an address or name of this machine, got {host!r} ({e})") from e
+    with socket.socket(family, kind, proto) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # a port in TIME_WAIT is free to bind
         try:
-            s.bind((host, port))
+            s.bind(addr)
         except OSError as e:
-            raise BadArgument(f"expected --port {port} to be free on {host}, got {e.strerror or e} "
-                              f"(another service, or an `lmstream serve` already running?)") from e
+            if e.errno == errno.EADDRINUSE:
+                raise BadArgument(f"expected --port {port} to be free on {host}, got it in use (another service, "
+                                  f"or an `lmstream serve` already running?)") from e
+            raise BadArgument(f"expected --host to be an address of this machine, got {host!r} "
+                              f"({e.strerror or e})") from e
 
 
 def cmd_serve(args) -> int:
@@ -94,6 +104,8 @@ def cmd_serve(args) -> int:
         raise BadArgument(f"expected --port in 1..65535, got {args.port}")
     if not args.ray_address:
         _check_http_port(args.host, args.port)
+    from frame_cache.redis_server import reserve_port
+    reserve_port(args.port)                 # its own redis-server, started first, must not take it
     settings = Settings.from_env(model=args.model, vision_tower=args.vision_tower, device=args.device,
                                  redis_url=args.redis, data_dir=args.data_dir, allowed_dirs=args.allowed_dir,
                                  api_keys=args.api_key, service_resources=args.service_resources,
@@ -148,11 +160,13 @@ def cmd_serve(args) -> int:
         try:
             serve.start(http_options={"host": args.host, "port": args.port}, proxy_location="HeadOnly")
         except Exception as e:          # Ray's words are a RayTaskError of ProxyActor.ready(): say what it means
-            if "Failed to bind to address" not in str(e):
+            cause = re.search(r"Failed to bind to address [^\n]*", str(e))
+            if cause is None:
                 raise
-            raise ServiceUnavailable(f"expected Serve's HTTP proxy to listen on {args.host}:{args.port}, got the "
-                                     "port taken (on a cluster: by another service on the head node; locally: "
-                                     "since the check before Ray started); give another --port") from e
+            raise ServiceUnavailable(f"expected Serve's HTTP proxy to listen on {args.host}:{args.port}, got "
+                                     f"'{cause.group(0).rstrip('.')}' (the port taken on a cluster by another "
+                                     "service on the head node, or locally since the check before Ray "
+                                     "started?); give another --port") from e
         serve.run(build_app(settings), name="lmstream", route_prefix="/", blocking=False)
         url = f"http://{args.host}:{args.port}"
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])

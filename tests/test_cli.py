@@ -270,22 +270,40 @@ def test_serve_refuses_a_busy_port_and_rays_agent_port_before_starting_anything(
         assert_one_line_error(r, "E_BAD_ARGUMENT", f"--port {port} to be free on 127.0.0.1")
     assert_one_line_error(run("serve", "--port", "52365", "--data-dir", tmp_path / "d"), "E_BAD_ARGUMENT",
                           "other than 52365", "dashboard agent")
+    assert_one_line_error(run("serve", "--host", "203.0.113.9", "--data-dir", tmp_path / "d"), "E_BAD_ARGUMENT",
+                          "--host to be an address of this machine", "203.0.113.9")
+    assert_one_line_error(run("serve", "--host", "no-such-host.invalid", "--data-dir", tmp_path / "d"),
+                          "E_BAD_ARGUMENT", "--host to be an address or name", "no-such-host.invalid")
+    if socket.has_ipv6:
+        try:
+            held6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            held6.bind(("::1", 0))
+        except OSError:
+            held6 = None                                  # no IPv6 loopback here
+        if held6 is not None:
+            with held6:
+                held6.listen()
+                port6 = held6.getsockname()[1]
+                assert_one_line_error(run("serve", "--host", "::1", "--port", str(port6), "--data-dir", tmp_path / "d"),
+                                      "E_BAD_ARGUMENT", f"--port {port6} to be free on ::1, got it in use")
     assert not (tmp_path / "d" / "redis").exists() and not (tmp_path / "d" / "ray").exists()
 
 
 def test_free_port_stays_out_of_the_kernels_range_and_never_repeats(monkeypatch):
-    import socket
     import frame_cache.redis_server as rs
     lo, hi = rs._port_range()
-    eph = [int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split()]
-    assert (lo, hi) == (20000, eph[0])                # this machine's range leaves room below it
+    if not hi:
+        pytest.skip("this machine's ephemeral port range leaves no room below it: free_port takes the kernel's picks")
+    eph_low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert (lo, hi) == (20000, eph_low)
     drawn = [rs.free_port() for _ in range(50)]
     assert all(lo <= p < hi for p in drawn) and len(set(drawn)) == 50
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as held:
-        held.bind(("127.0.0.1", 0))
-        held.listen()
-        busy = held.getsockname()[1]
-        offered = iter([52365, busy, 41001, 41001, 41002])   # Ray's fixed port, a taken one, then one twice
-        monkeypatch.setattr(rs, "_candidate_port", lambda: next(offered))
-        monkeypatch.setattr(rs, "_handed_out", set())
-        assert [rs.free_port(), rs.free_port()] == [41001, 41002]
+    buses = [rs.free_port(cluster_bus=True) for _ in range(20)]
+    assert all(lo <= p and p + 10000 < hi for p in buses) and not set(buses) & set(drawn)
+    busy = 23001
+    offered = iter([52365, busy, 24001, 24001, 24002, 25000])  # Ray's fixed port, a taken one, one twice
+    monkeypatch.setattr(rs, "_candidate_port", lambda span=0: next(offered))
+    monkeypatch.setattr(rs, "_port_free", lambda p: p != busy)
+    monkeypatch.setattr(rs, "_handed_out", set())
+    rs.reserve_port(24002)                                    # as `lmstream serve` reserves its --port
+    assert [rs.free_port(), rs.free_port()] == [24001, 25000]
