@@ -44,7 +44,7 @@ DEMO = REPO / "checkpoints" / "demo"
 KEY = "cluster-key-1"
 RAY = str(Path(sys.executable).parent / "ray")
 # one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
-pytestmark = [pytest.mark.timeout(420), pytest.mark.xdist_group("ray")]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("ray")]   # 600: room for 2 more node starts
 
 
 # ------------------------------------------------------------------------------------------ Ray nodes
@@ -159,7 +159,7 @@ class RayNode:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        """SIGTERM to every process of the node, then SIGKILL to what is left after 15 s."""
+        """SIGTERM to every process of the node, then SIGKILL to what is left after 5 s."""
         if self.proc is None:
             return
         pids = self._signal_all(signal.SIGTERM)
@@ -215,10 +215,12 @@ def redis_cluster(tmp_path_factory):
 
 
 def _start_ray_cluster(root: Path, env: dict, attempts: int = 3) -> tuple[RayNode, RayNode, int]:
-    """A head and a worker node, started in turn. Ray gives a starting node a fixed 30 s to register
-    with the GCS (ray/_private/node.py); on a busy 2-core machine it once did not (CI, stop 43), so a
-    node that fails to come up is stopped and the pair is started again, on fresh ports and in fresh
-    folders, at most `attempts` times; each failure is printed with its GCS and raylet log ends.
+    """A head and a worker node, started in turn. A node that does not come up is stopped and the
+    pair is started again, on fresh ports and in fresh folders, at most `attempts` times; each
+    failure is printed with its GCS and raylet log ends. (CI once lost the head: the metrics port
+    it was given had been taken on the machine's own IP between `free_port` and the bind, the
+    reporter agent died, and the raylet never registered within Ray's fixed 30 s. `free_port` now
+    draws outside the kernel's ephemeral range and checks every address; this covers what is left.)
     What the test checks (failover) starts only after both nodes are up."""
     for attempt in range(1, attempts + 1):
         port = free_port()
@@ -230,13 +232,13 @@ def _start_ray_cluster(root: Path, env: dict, attempts: int = 3) -> tuple[RayNod
             f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", f"--temp-dir={root}/w{attempt}",
             "--disable-usage-stats", "--num-cpus=1", '--resources={"worker_node": 8}', *_node_ports()], env)
         try:
-            head.start()
-            worker.start()
+            head.start(timeout=60)
+            worker.start(timeout=60)
             return head, worker, port
-        except RayStartError as e:
+        except BaseException as e:               # a timeout or Ctrl-C too: nothing of this pair left running
             worker.stop()
             head.stop()
-            if attempt == attempts:
+            if not isinstance(e, RayStartError) or attempt == attempts:
                 raise
             print(f"\nray_cluster: attempt {attempt} of {attempts} did not start, starting again: {e}", flush=True)
     raise AssertionError("unreachable")
