@@ -16,6 +16,7 @@ server exits, so start servers from the test's main thread).
 """
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -68,6 +69,7 @@ _lock = threading.Lock()
 _rng = random.SystemRandom()          # not the `random` module's state: tests seed that, in every worker alike
 
 
+@functools.cache                      # read once: free_port may draw 200 candidates
 def _port_range() -> tuple[int, int]:
     """Where `free_port` draws from: above Ray's worker ports and below the kernel's ephemeral range
     (``ip_local_port_range``, 32768-60999 by default), where every bind(0) and connect() gets its
