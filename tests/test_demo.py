@@ -1300,7 +1300,7 @@ def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(
     assert c[0] == 0 and all(a <= b for a, b in zip(c, c[1:])) and c[-1] == len(s.spec.objects)
     with pytest.raises(SystemExit):               # nothing to weigh without stage 0q: refused, not ignored
         T.parse_args(["--out", "x", "--cached-prefix", "0.5"])
-    assert "--cached-prefix weighs stage 0q's prefix counts" in capsys.readouterr().err
+    assert "--cached-prefix weighs stage 0q's or 0e's prefix counts" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         T.parse_args(["--out", "x", "--cached-steps", "5", "--cached-prefix", "1", "--cached-prefix-lengths", "30,60"])
     assert "between 1 and 59" in capsys.readouterr().err
@@ -1342,7 +1342,8 @@ def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_
     with pytest.raises(SystemExit):               # weighs nothing without stage 0q's pairs: refused, not ignored
         T.parse_args(["--out", str(tmp_path / "x"), "--needle-every", "2", "--needle-weight", "0.5"])
     err = capsys.readouterr().err
-    assert "--needle-weight weighs stage 0q's star / no-star pairs" in err and "got --cached-steps 0, --needle-every 2" in err
+    assert "--needle-weight weighs stage 0q's or 0e's star / no-star pairs" in err \
+        and "got --cached-steps 0, --e2e-steps 0, --needle-every 2" in err
     # --cached-replay: the families each cached video is also asked; an unknown one is refused by name
     assert T.parse_args(["--out", "x", "--cached-replay", "change,colour"]).cached_replay == ("change", "colour")
     with pytest.raises(SystemExit):
@@ -1354,6 +1355,78 @@ def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_
         v = T.whole_video(np.random.default_rng([4, i]), 3, ("change", "when"))
         fams |= {q.family for q in v.qas}
     assert fams == {"count", "order", "change", "when"}, fams
+
+
+def test_video_loss_weights_scale_each_family_and_ones_change_nothing(demo):
+    """`video_loss(weights=...)` (stages 0e's --cached-weight): no weights, or every family's weight 1,
+    give the same loss; the count question's loss counted 3 times adds twice its own loss."""
+    from model import train_demo as T
+    m = demo
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    s = T.whole_video(np.random.default_rng(11), 3)
+    with torch.no_grad():
+        tokens, ks, vs, po = tr.encode(T.preprocess(T.render(s), 64))
+        reps = torch.ones(len(s.times), dtype=torch.long)
+        l0, n0, r0 = tr.video_loss(tokens, ks, vs, po, reps, s.qas)
+        l1, n1, r1 = tr.video_loss(tokens, ks, vs, po, reps, s.qas, weights={q.family: 1.0 for q in s.qas})
+        l3, _, _ = tr.video_loss(tokens, ks, vs, po, reps, s.qas, weights={"count": 3.0})
+        c = [q for q in s.qas if q.family == "count"]
+        lc, _, _ = tr.video_loss(tokens, ks, vs, po, reps, c)
+    assert (n0, r0) == (n1, r1) and abs(float(l0) - float(l1)) <= 1e-5 * float(l0)
+    assert abs(float(l3) - float(l0) - 2 * float(lc)) <= 1e-4 * float(l3), (float(l3), float(l0), float(lc))
+
+
+def test_e2e_groups_train_the_llm_the_front_and_the_tower_at_their_own_rates(tmp_path):
+    """Stage 0e's optimiser groups: the LLM at the stage's rate, the embeddings, compressor,
+    projector and pre-fusion layers at --e2e-front times it, the tower at --e2e-tower times it;
+    a factor of 0 leaves that part out with its gradients off."""
+    from model import train_demo as T
+    a = T.parse_args(["--out", "x", "--e2e-steps", "3"])
+    assert (a.e2e_batch, a.e2e_front, a.e2e_tower, a.e2e_val) == (8, 0.5, 0.0, 200)
+    net, vision, *_ = T.build(tmp_path, a)
+    net.requires_grad_(False)
+    vision.requires_grad_(False)
+    groups = T.e2e_groups(net, vision, 1e-3, 0.5, 0.25)
+    by = {}
+    for g in groups:
+        for p in g["params"]:
+            by[id(p)] = g["scale"]
+    names = dict(net.named_parameters())
+    assert by[id(names["model.layers.0.self_attn.q_proj.weight"])] == 1.0 and by[id(names["lm_head.weight"])] == 1.0
+    for k in ("model.embed_tokens.weight", "model.prefusion_layers.0.mlp.up_proj.weight",
+              "model.mm_projector.0.weight", "model.compressor.query"):
+        assert by[id(names[k])] == 0.5, k
+    assert id(names["model.compressor.pos_embed"]) not in by            # a fixed sin-cos table, as elsewhere
+    assert all(by[id(p)] == 0.25 and p.requires_grad for p in vision.parameters())
+    net.requires_grad_(False)
+    vision.requires_grad_(False)
+    groups = T.e2e_groups(net, vision, 1e-3, 0.0, 0.0)
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert ids == {id(p) for mod in T.llm_modules(net) for p in mod.parameters()}
+    assert not any(p.requires_grad for p in vision.parameters())
+    assert not names["model.compressor.query"].requires_grad
+
+
+def test_e2e_stage_trains_whole_videos_with_prefix_counts_and_the_needle_and_keeps_the_best(tmp_path):
+    """Stage 0e (--e2e-steps) from the demo checkpoint, two steps: whole videos encoded with
+    gradient, prefix counts and a star / no-star pair each step (logged apart), measured before,
+    after each step, and the best weights kept; the tower is given back frozen."""
+    out = tmp_path / "e"
+    _stage_from_demo(out, "--seed", "5", "--e2e-steps", "9", "--e2e-stop-after", "2", "--e2e-batch", "2", "--e2e-val", "3",
+                     "--e2e-tower", "0.5", "--cached-eval-every", "1", "--cached-prefix", "0.3",
+                     "--cached-prefix-lengths", "40,59", "--needle-every", "1", "--needle-weight", "0.5",
+                     "--needle-anchors", "24", "--needle-shortest", "60", "--needle-longest", "80", "--decoys", "2")
+    log = json.loads((out / "training_log.json").read_text())
+    assert [e["step"] for e in log["e2e_val"]] == [0, 1, 2] and log["e2e_kept_step"] in (0, 1, 2)
+    assert log["e2e_stopped_at"] == 2                                     # --e2e-stop-after
+    fams = log["e2e_curve"][-1]["first_token_acc"]
+    assert {"count", "count_prefix", "needle_long"} <= set(fams), fams
+    assert log["scene_seeds"]["count"] == 2 * 2 + 2                        # 2 videos and 1 pair a step
+    changed = _changed(out)
+    assert bool(changed) == (log["e2e_kept_step"] > 0)
+    if changed:                                                          # the front trains, not only the LLM
+        assert any(k.startswith(("model.prefusion_layers.", "model.compressor.")) for k in changed), changed
+        assert _changed(out, "clip-vision/model.safetensors")
 
 
 def test_cached_stage_stops_after_a_given_step_of_its_schedule(tmp_path):
