@@ -368,3 +368,16 @@ run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 
 # run --out "$W/r5" --seed 313 --init-from "$W/br3" --layers 6 --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
 #     --cached-stop-after 1253 --minutes 50
 # "$PY" -m model.blend --base "$W/g6" --tuned "$W/r5" --weight 0.5 --out "$W/br5"
+
+# --- issue 11, thirty-fifth session (this CPU; measured, not kept: R7 stays the checkpoint) ---
+# E1. stage 0e on R7: 800 steps of 8 whole 60 s videos encoded every step with gradient, so that the
+#     count and order losses reach the pre-fusion layers, compressor, projector and embeddings (half
+#     the LLM's rate) and the vision tower (a quarter); R7's question mix, prefix counts and star /
+#     no-star pairs; --minutes 80 cut it after 797 steps (--e2e-stop-after repeats that), step 797
+#     kept, 80.8 min. Over 900 held-out videos order up, count not (docs/demo.md).
+# run --out "$W/e1" --seed 350 --init-from "$W/r7" --vision-steps 0 --steps 0 --paraphrase 0.3 --filler 0.3 \
+#     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --cached-weight 2 \
+#     --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 --needle-weight 1 \
+#     --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
+#     --e2e-steps 800 --e2e-stop-after 797 --e2e-batch 8 --e2e-lr 2e-4 --e2e-front 0.5 --e2e-tower 0.25 \
+#     --e2e-val 200 --cached-eval-every 100 --minutes 90
