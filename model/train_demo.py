@@ -2512,6 +2512,70 @@ def read_cache(f: Path, key: dict, must: dict) -> tuple[list[dict], list[dict]]:
     return saved["train"], saved["val"]
 
 
+def keep_best_stage(name: str, flag: str, steps: int, stop_after: int, a, log: dict, t_start: float,
+                    measure, snapshot, restore, train_step) -> None:
+    """Stages 0q and 0e's loop around `train_step(step)` (which returns (loss, [(family, ok)])): the
+    log line every --log-every steps, a measurement (`measure()`: per-family accuracy) before the
+    first step, every --cached-eval-every steps, after the last and where --minutes or
+    `stop_after` (the option `flag`) stops the stage, the weights best on the mean of count and
+    order kept (`snapshot()`, put back by `restore(...)` at the end); the curve, the measurements
+    and the kept and stopping steps go into `log` under `name`_*."""
+    def score(acc: dict) -> float:
+        return (acc.get("count", 0.0) + acc.get("order", 0.0)) / 2
+
+    acc0 = measure()
+    best = (score(acc0), 0, snapshot())
+    curve, evals, hist = [], [{"step": 0, "val": acc0}], {}
+    say(f"[train_demo] {name} val step 0: " + " ".join(f"{f}={v:.3f}" for f, v in acc0.items()))
+    for step in range(steps):
+        loss, r = train_step(step)
+        for fam, ok in r:
+            hist.setdefault(fam, []).append(int(ok))
+        el = time.perf_counter() - t_start
+        if step % a.log_every == 0 or step == steps - 1:
+            recent = {f: round(float(np.mean(v[-300:])), 3) for f, v in sorted(hist.items())}
+            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "first_token_acc": recent,
+                          "elapsed_s": round(el, 1)})
+            say(f"[train_demo] {name} {step:5d}/{steps} loss {float(loss.detach()):.3f} "
+                + " ".join(f"{f}={v:.2f}" for f, v in recent.items()) + f" {el / 60:5.1f} min")
+        out_of_time = el > a.minutes * 60 or step + 1 == stop_after          # measure, keep the best, stop
+        if (step + 1) % a.cached_eval_every == 0 or step == steps - 1 or out_of_time:
+            acc = measure()
+            evals.append({"step": step + 1, "val": acc, "elapsed_s": round(el, 1)})
+            kept = score(acc) > best[0]
+            if kept:
+                best = (score(acc), step + 1, snapshot())
+            say(f"[train_demo] {name} val step {step + 1}: " + " ".join(f"{f}={v:.3f}" for f, v in acc.items())
+                + (" (best so far)" if kept else ""))
+        if out_of_time:
+            by = flag if step + 1 == stop_after else "--minutes"
+            say(f"[train_demo] {name}: stopped by {by} after {step + 1} of {steps} steps")
+            log[f"{name}_stopped_at"] = step + 1
+            break
+    restore(best[2])
+    say(f"[train_demo] {name}: keeping the weights of step {best[1]} (validation count and order {best[0]:.3f})")
+    log[f"{name}_curve"] = curve
+    log[f"{name}_val"] = evals
+    log[f"{name}_kept_step"] = best[1]
+
+
+def add_needle_pair(trainer: "Trainer", a, nrng: np.random.Generator, dev, total, ntok: int, seeds: list, f: float):
+    """--needle-every in stages 0q and 0e: a stage-0n star / no-star pair (encoded afresh: up to
+    --needle-longest frames, the length drawn at fraction `f` of the stage), so the long needle is
+    not forgotten (60 s videos alone took the 3-hour needle from 88 to 50 %: seventeenth session).
+    Without --needle-weight its answer tokens are pooled with the videos'; with it, the pair's mean
+    loss per answer token times the weight is added to the videos' mean (pooled, its 2-3 answer
+    tokens weigh against some 500 of the videos': Q4 kept the 3-hour needle at 58 %, seventeenth
+    session). Returns (total, ntok, per-question (family + "_long", ok))."""
+    L = needle_length(nrng, f, a.needle_longest, a.needle_shortest)
+    if a.needle_weight is None:
+        total, ntok, rn = needle_loss(trainer, a, nrng, L, dev, total, ntok, seeds=seeds)
+    else:
+        nt, nn, rn = needle_loss(trainer, a, nrng, L, dev, seeds=seeds)
+        total = total + a.needle_weight * nt * ntok / nn
+    return total, ntok, [(q.family + "_long", ok) for q, ok in rn]
+
+
 def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     """Stage 0q (--cached-steps): the LLM alone, for many steps, on whole 60 s videos encoded once.
 
@@ -2563,35 +2627,18 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     seeds = log.setdefault("stage_scene_seeds", [])
     seeds.extend(v["seed"] for v in train if "seed" in v)
 
-    def score(acc: dict) -> float:
-        return (acc.get("count", 0.0) + acc.get("order", 0.0)) / 2
-
-    acc0 = cached_accuracy(trainer, val)
-    best = (score(acc0), 0, weights_copy(trainer.net))
-    curve, evals, hist = [], [{"step": 0, "val": acc0}], {}
-    say(f"[train_demo] cached val step 0: " + " ".join(f"{f}={v:.3f}" for f, v in acc0.items()))
     rng = np.random.default_rng([a.seed, 0x57E9])
     with_prefix = {k: [v for v in train if k in v.get("prefix", {})] for k in prefix}   # --cached-prefix
-    for step in range(a.cached_steps):
+
+    def train_step(step: int):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.cached_steps, a.cached_lr, 50)
         pick = [train[int(i)] for i in rng.choice(len(train), size=min(a.cached_batch, len(train)), replace=False)]
         total, ntok, r = cached_loss(trainer, pick, weights)
         if a.needle_every and step % a.needle_every == 0:
-            # --needle-every: a stage-0n star / no-star pair too (encoded afresh: up to
-            # --needle-longest frames), so the long needle is not forgotten (60 s videos alone
-            # took the 3-hour needle from 88 to 50 %: seventeenth session)
-            nrng = np.random.default_rng([a.seed, 0x57A3, step])
-            L = needle_length(nrng, step / max(1, a.cached_steps), a.needle_longest, a.needle_shortest)
-            if a.needle_weight is None:                    # pooled with the videos' answer tokens
-                total, ntok, rn = needle_loss(trainer, a, nrng, L, dev, total, ntok, seeds=seeds)
-            else:
-                # --needle-weight: the pair's mean loss per answer token, times the weight, added to the
-                # videos' mean: pooled, its 2-3 answer tokens weigh against some 500 of the videos'
-                # (Q4 kept the 3-hour needle at 58 %: seventeenth session)
-                nt, nn, rn = needle_loss(trainer, a, nrng, L, dev, seeds=seeds)
-                total, ntok = total + a.needle_weight * nt * ntok / nn, ntok
-            r = r + [(q.family + "_long", ok) for q, ok in rn]
+            total, ntok, rn = add_needle_pair(trainer, a, np.random.default_rng([a.seed, 0x57A3, step]), dev, total,
+                                              ntok, seeds, step / max(1, a.cached_steps))
+            r = r + rn
         if prefix:
             # --cached-prefix: "how many" of the first k frames of as many videos (one k per step: the
             # batch is one length), the mean loss per answer token times the weight, added
@@ -2603,36 +2650,13 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                 pt, pn, rp = cached_loss(trainer, prefix_batch(sub, k), {})
                 total = total + a.cached_prefix * pt * ntok / pn
                 r = r + [("count_prefix", ok) for _, ok in rp]
-        for fam, ok in r:
-            hist.setdefault(fam, []).append(int(ok))
         loss = total / ntok
         clipped_step(opt, params, loss)
-        el = time.perf_counter() - t_start
-        if step % a.log_every == 0 or step == a.cached_steps - 1:
-            recent = {f: round(float(np.mean(v[-300:])), 3) for f, v in sorted(hist.items())}
-            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "first_token_acc": recent,
-                          "elapsed_s": round(el, 1)})
-            say(f"[train_demo] cached {step:5d}/{a.cached_steps} loss {float(loss.detach()):.3f} "
-                + " ".join(f"{f}={v:.2f}" for f, v in recent.items()) + f" {el / 60:5.1f} min")
-        out_of_time = el > a.minutes * 60 or step + 1 == a.cached_stop_after   # measure, keep the best, stop
-        if (step + 1) % a.cached_eval_every == 0 or step == a.cached_steps - 1 or out_of_time:
-            acc = cached_accuracy(trainer, val)
-            evals.append({"step": step + 1, "val": acc, "elapsed_s": round(el, 1)})
-            kept = score(acc) > best[0]
-            if kept:
-                best = (score(acc), step + 1, weights_copy(trainer.net))
-            say(f"[train_demo] cached val step {step + 1}: " + " ".join(f"{f}={v:.3f}" for f, v in acc.items())
-                + (" (best so far)" if kept else ""))
-        if out_of_time:
-            by = "--cached-stop-after" if step + 1 == a.cached_stop_after else "--minutes"
-            say(f"[train_demo] cached: stopped by {by} after {step + 1} of {a.cached_steps} steps")
-            log["cached_stopped_at"] = step + 1
-            break
-    trainer.net.load_state_dict(best[2])
-    say(f"[train_demo] cached: keeping the weights of step {best[1]} (validation count and order {best[0]:.3f})")
-    log["cached_curve"] = curve
-    log["cached_val"] = evals
-    log["cached_kept_step"] = best[1]
+        return loss, r
+
+    keep_best_stage("cached", "--cached-stop-after", a.cached_steps, a.cached_stop_after, a, log, t_start,
+                    lambda: cached_accuracy(trainer, val), lambda: weights_copy(trainer.net),
+                    trainer.net.load_state_dict, train_step)
 
 
 # =========================================================================== stage 0e: end to end, whole videos
@@ -2679,20 +2703,10 @@ def pretrain_e2e(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     val_rng = lambda: np.random.default_rng([a.seed, 0xE2E7A1])          # the same videos every time
 
     def measure() -> dict[str, float]:
-        vids = cache_videos(trainer, a.e2e_val, val_rng(), a.image_size, dev, "validation", t_start,
-                            replay=a.cached_replay)
-        if a.e2e_tower > 0:
-            vision.train()
-        return cached_accuracy(trainer, vids)
+        return cached_accuracy(trainer, cache_videos(trainer, a.e2e_val, val_rng(), a.image_size, dev, "validation",
+                                                     t_start, replay=a.cached_replay))
 
-    def score(acc: dict) -> float:
-        return (acc.get("count", 0.0) + acc.get("order", 0.0)) / 2
-
-    acc0 = measure()
-    best = (score(acc0), 0, weights_copy(net), weights_copy(vision))
-    curve, evals, hist = [], [{"step": 0, "val": acc0}], {}
-    say(f"[train_demo] e2e val step 0: " + " ".join(f"{f}={v:.3f}" for f, v in acc0.items()))
-    for step in range(a.e2e_steps):
+    def train_step(step: int):
         rng = np.random.default_rng([a.seed, 0xE2E, step])
         for g in opt.param_groups:
             g["lr"] = g["scale"] * lr_at(step, a.e2e_steps, a.e2e_lr, 20)
@@ -2725,47 +2739,20 @@ def pretrain_e2e(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
         if prefix_terms:
             total = total + a.cached_prefix * torch.stack(prefix_terms).mean() * ntok
         if a.needle_every and step % a.needle_every == 0:
-            nrng = np.random.default_rng([a.seed, 0xE2E5, step])
-            L = needle_length(nrng, 1.0, a.needle_longest, a.needle_shortest)
-            nt, nn, rn = needle_loss(trainer, a, nrng, L, dev, seeds=seeds)
-            w = 1.0 if a.needle_weight is None else a.needle_weight
-            total = total + w * nt * ntok / nn
-            r = r + [(q.family + "_long", ok) for q, ok in rn]
-        for fam, ok in r:
-            hist.setdefault(fam, []).append(int(ok))
+            total, ntok, rn = add_needle_pair(trainer, a, np.random.default_rng([a.seed, 0xE2E5, step]), dev, total,
+                                              ntok, seeds, 1.0)
+            r = r + rn
         loss = total / ntok
         clipped_step(opt, params, loss)
-        el = time.perf_counter() - t_start
-        if step % a.log_every == 0 or step == a.e2e_steps - 1:
-            recent = {f: round(float(np.mean(v[-300:])), 3) for f, v in sorted(hist.items())}
-            curve.append({"step": step, "loss": round(float(loss.detach()), 4), "first_token_acc": recent,
-                          "elapsed_s": round(el, 1)})
-            say(f"[train_demo] e2e {step:5d}/{a.e2e_steps} loss {float(loss.detach()):.3f} "
-                + " ".join(f"{f}={v:.2f}" for f, v in recent.items()) + f" {el / 60:5.1f} min")
-        out_of_time = el > a.minutes * 60 or step + 1 == a.e2e_stop_after      # measure, keep the best, stop
-        if (step + 1) % a.cached_eval_every == 0 or step == a.e2e_steps - 1 or out_of_time:
-            acc = measure()
-            evals.append({"step": step + 1, "val": acc, "elapsed_s": round(el, 1)})
-            kept = score(acc) > best[0]
-            if kept:
-                best = (score(acc), step + 1, weights_copy(net), weights_copy(vision))
-            say(f"[train_demo] e2e val step {step + 1}: " + " ".join(f"{f}={v:.3f}" for f, v in acc.items())
-                + (" (best so far)" if kept else ""))
-        if out_of_time:
-            by = "--e2e-stop-after" if step + 1 == a.e2e_stop_after else "--minutes"
-            say(f"[train_demo] e2e: stopped by {by} after {step + 1} of {a.e2e_steps} steps")
-            log["e2e_stopped_at"] = step + 1
-            break
-    net.load_state_dict(best[2])
-    vision.load_state_dict(best[3])
+        return loss, r
+
+    keep_best_stage("e2e", "--e2e-stop-after", a.e2e_steps, a.e2e_stop_after, a, log, t_start, measure,
+                    lambda: (weights_copy(net), weights_copy(vision)),
+                    lambda best: (net.load_state_dict(best[0]), vision.load_state_dict(best[1])), train_step)
     net.model.compressor.invalidate()
     for p, w in zip(vision.parameters(), vision_was):
         p.requires_grad_(w)
     vision.eval()
-    say(f"[train_demo] e2e: keeping the weights of step {best[1]} (validation count and order {best[0]:.3f})")
-    log["e2e_curve"] = curve
-    log["e2e_val"] = evals
-    log["e2e_kept_step"] = best[1]
 
 
 # =========================================================================== saving
