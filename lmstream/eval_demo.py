@@ -55,13 +55,17 @@ by how long that object is on screen (< 20 s or more, sampled frames); JSON: "br
 with `--answers` each answer carries its "objects" and "on_screen" bucket. Below it, one line per
 tier says which way the count answers miss (answered minus true: too few objects or too many),
 apart for videos where an object changes colour (one object, two (kind, colour) pairs: counting
-pairs says one too many there); JSON: "count_misses".
+pairs says one too many there); JSON: "count_misses". A second line splits them by how long the
+video's objects stay on screen on average (`STAY_BUCKETS`): a model that guesses the count from how
+full the screen is counts too many where objects stay long and too few where they pass quickly;
+JSON: "count_misses_by_stay".
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 import time
@@ -246,6 +250,7 @@ class Tally:
         self.sliced: dict[tuple[str, str, str, str, str], list[int]] = {}   # (tier, family, policy, slice, bucket)
         self.phrased: dict[tuple[str, str], list[int]] = {}      # --phrasings: (family, phrasing) -> oks
         self.count_miss: dict[tuple[str, str, str], dict[str, int]] = {}   # (tier, policy, change?) -> miss -> n
+        self.count_stay: dict[tuple[str, str, str], dict[str, int]] = {}   # (tier, policy, stay bucket) -> miss -> n
 
     def add(self, tier, family, policy, ok, record, slices=None):
         self.rows.setdefault((tier, family, policy), []).append(int(ok))
@@ -305,6 +310,23 @@ def slices_of(spec, qa) -> dict:
 
 
 NO_CHANGE, CHANGE = "no colour change", "a colour change"
+# how long a video's objects stay, on average, as a share of the video: the generator's videos with
+# more objects are also fuller (its 2-object videos show 0.8 objects a frame, its 5-object ones 1.8,
+# medians), so a model can guess the count from how full the screen is; such a guess counts too many
+# where objects stay long and too few where they pass quickly, which this split shows
+STAY_BUCKETS = ((0.3, "stay < 30 %"), (0.5, "stay 30-50 %"), (math.inf, "stay >= 50 %"))
+
+
+def stay_share(spec) -> float:
+    """The mean share of the sampled video its objects are on screen (0..1; the needle not counted)."""
+    if not spec.objects:
+        return 0.0
+    return sum(on_screen_s(spec, o) for o in spec.objects) / (len(spec.objects) * spec.n_frames / spec.fps)
+
+
+def stay_bucket(spec) -> str:
+    share = stay_share(spec)
+    return next(name for hi, name in STAY_BUCKETS if share < hi)
 
 
 def count_miss(qa, text: str) -> str:
@@ -369,6 +391,8 @@ def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing,
                 key = (tier, pol, CHANGE if any(o.change_colour for o in spec.objects) else NO_CHANGE)
                 cell = tally.count_miss.setdefault(key, {})
                 miss = count_miss(qa, text)
+                cell[miss] = cell.get(miss, 0) + 1
+                cell = tally.count_stay.setdefault((tier, pol, stay_bucket(spec)), {})
                 cell[miss] = cell.get(miss, 0) + 1
             if verbose:
                 print(f"  [{tier} {seed}{label} {pol}] {qa.question} -> {text!r} (truth {qa.answer!r}) "
@@ -523,6 +547,12 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
     for (tier, pol, change), cell in tally.count_miss.items():
         order = sorted(cell, key=lambda k: (k == "other", int(k) if k != "other" else 0))
         count_misses.setdefault(tier, {}).setdefault(pol, {})[change] = {k: cell[k] for k in order}
+    count_stay: dict = {}
+    for _, name in STAY_BUCKETS:                       # in the buckets' order
+        for (tier, pol, bucket), cell in tally.count_stay.items():
+            if bucket == name:
+                order = sorted(cell, key=lambda k: (k == "other", int(k) if k != "other" else 0))
+                count_stay.setdefault(tier, {}).setdefault(pol, {})[name] = {k: cell[k] for k in order}
     phrasings = None
     if tally.phrased:
         info = phrasing_info(m)
@@ -556,7 +586,7 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
         "questions": {t: sum(len(v) for (tt, _, p), v in tally.rows.items() if tt == t and p == policies[0])
                       for t in tiers},
         "accuracy": acc, "blind_baseline": blind, "targets": targets, "breakdown": breakdown,
-        "count_misses": count_misses,
+        "count_misses": count_misses, "count_misses_by_stay": count_stay,
         "phrasings": phrasings,
         "seconds_per_answer": {k: round(float(np.mean(v)), 4) for k, v in timing.items()},
         "video_details": videos_info, "wall_s": round(time.perf_counter() - t_all, 1),
@@ -654,6 +684,11 @@ def render_count_misses(r: dict) -> list[str]:
                 parts.append(f"{change} ({n}): " + ", ".join(f"{k} {v}" for k, v in cell.items()))
         if parts:
             out.append(f"{tier} {pol} count, answered minus true: " + "; ".join(parts))
+        stay = r.get("count_misses_by_stay", {}).get(tier, {}).get(pol, {})
+        if stay:
+            out.append(f"{tier} {pol} count, answered minus true, by how long objects stay (mean share of the video): "
+                       + "; ".join(f"{name} ({sum(cell.values())}): " + ", ".join(f"{k} {v}" for k, v in cell.items())
+                                   for name, cell in stay.items()))
     return ([""] + out) if out else []
 
 

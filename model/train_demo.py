@@ -392,7 +392,7 @@ PARAPHRASES = {
 # committed checkpoint's data exactly: every lever off draws nothing from the random streams)
 RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "read_order_hard": 0.0,
           "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24, "short_objects": 0.0,
-          "canvas": 0.0, "shades": 0.0, "filler": 0.0}
+          "canvas": 0.0, "shades": 0.0, "filler": 0.0, "count_balance": 0.0}
 # --filler: words no checkpoint's vocabulary holds (so each reads as the unknown token), put around
 # stage 0q's questions the way users pad theirs ("please, ...", "... in this clip?"); none of them
 # is a word of eval-demo --phrasings, which measures phrasings training never showed
@@ -681,6 +681,8 @@ class Trainer:
         self.aux_words = list(S.COLOUR_NAMES) + list(S.ALL_KINDS)
         self.aux_ids = torch.tensor(tok.convert_tokens_to_ids(self.aux_words), device=device)
         self.cand_set = 0.0         # --cand-set: weight of the candidate-set loss (questions with `cands`)
+        # --cached-seen: the digit token of each count 0..MAX_OBJECTS (CPU; indexed by a count tensor)
+        self.digit_ids = torch.tensor(tok.convert_tokens_to_ids([str(c) for c in range(S.MAX_OBJECTS + 1)]))
 
     def frame_words(self, spec: S.SceneSpec, times: list[float]) -> torch.Tensor:
         """(K, len(aux_words)) multi-hot: the colour and kind words of what each frame shows."""
@@ -2347,8 +2349,12 @@ def whole_video(rng: np.random.Generator, n_objects: int, replay: tuple[str, ...
     how many objects, the order of every pair `order_pairs` keeps, and (so that nothing the LLM
     answered before is forgotten) `clip_questions`' questions of the `replay` families (--cached-replay;
     by default colour, shape, "is there" twice and needle)."""
-    spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
-                       n_objects=n_objects)
+    if RECIPE["count_balance"] and rng.random() < RECIPE["count_balance"]:   # --count-balance (off: no draws)
+        needle = bool(rng.random() < 0.5)
+        spec = train_scene(density_balanced_seed(rng, n_objects, needle), 60, needle=needle, n_objects=n_objects)
+    else:
+        spec = train_scene(int(rng.integers(TRAIN_SEED_LIMIT)), 60, needle=bool(rng.random() < 0.5),
+                           n_objects=n_objects)
     times = [float(t) for t in range(spec.n_frames)]
     qas, _ = order_pairs(spec, times, rng)
     qas += clip_questions(spec, times, rng, contiguous=True, families=("count",) + tuple(replay),
@@ -2358,6 +2364,42 @@ def whole_video(rng: np.random.Generator, n_objects: int, replay: tuple[str, ...
             if rng.random() < RECIPE["filler"]:
                 q.question = add_filler(q.question, rng)
     return Sample(spec, times, [1] * len(times), qas, "clip", codec=bool(rng.random() < 0.5))
+
+
+# --count-balance: per number of objects, the range of mean objects on screen its videos are drawn
+# uniformly over (about the 2nd-98th percentiles of the generator's own 60 s scenes, wider at the low
+# end for 5 objects). The generator ties the two: its 2-object videos show 0.8 objects a frame on
+# average (median), its 5-object ones 1.8, so how full the screen is predicts the count; R7's count
+# answers follow it (too many where objects stay long, too few where they pass quickly: the
+# thirty-sixth session's breakdown). Drawn this way, a video's mean objects on screen says little
+# about its count between 0.9 and 1.9, where 2-5 objects each cover it.
+COUNT_DENSITY = {1: (0.15, 1.0), 2: (0.3, 1.9), 3: (0.5, 2.5), 4: (0.7, 2.6), 5: (0.9, 2.7)}
+
+
+def mean_on_screen(spec: S.SceneSpec, times) -> float:
+    """Objects on screen per frame at `times` (the needle star not counted), on average."""
+    times = list(times)
+    return sum(len(S.visible_objects(spec, t)) for t in times) / max(1, len(times))
+
+
+def density_balanced_seed(rng: np.random.Generator, n_objects: int, needle: bool, tries: int = 400,
+                          within: float = 0.05) -> int:
+    """--count-balance: a training scene seed whose 60 s video with `n_objects` objects shows, on
+    average over its 60 frames, a number of objects on screen near a target drawn uniformly from
+    COUNT_DENSITY[n_objects] (rejection sampling over scenes drawn without events, which is cheap;
+    after `tries` the nearest)."""
+    lo, hi = COUNT_DENSITY[n_objects]
+    target = float(rng.uniform(lo, hi))
+    best = (math.inf, 0)
+    for _ in range(tries):
+        seed = int(rng.integers(TRAIN_SEED_LIMIT))
+        gap = abs(mean_on_screen(train_scene(seed, 60, needle=needle, n_objects=n_objects, events=False),
+                                 range(60)) - target)
+        if gap < best[0]:
+            best = (gap, seed)
+        if gap <= within:
+            break
+    return best[1]
 
 
 def prefix_counts(spec: S.SceneSpec, times: list[float]) -> list[int]:
@@ -2424,7 +2466,8 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                 qid = trainer.padded_ids([trainer.question_rows(q.question) for q in s.qas])
                 rows, fused = trainer.fuse_questions(qid, [k[sl] for k in ks], [v[sl] for v in vs], w)
                 out.append({"tokens": tokens[sl].clone(), "pre": po[sl].float().mean(0).to(po.dtype),
-                            "fused": fused, "qas": s.qas, "objects": len(s.spec.objects), "seed": s.spec.seed})
+                            "fused": fused, "qas": s.qas, "objects": len(s.spec.objects), "seed": s.spec.seed,
+                            "seen": torch.tensor(prefix_counts(s.spec, s.times)[1:])})     # --cached-seen
                 ci = next((i for i, q in enumerate(s.qas) if q.family == "count"), None)
                 if prefix and ci is not None:
                     K, Sq = len(s.times), qid.shape[1]
@@ -2440,12 +2483,18 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
     return out
 
 
-def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float]):
+def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float], seen: float = 0.0):
     """The answer loss over `videos` (entries of `cache_videos`, all of one length), all in one
     batch: the same computation as `Trainer.video_loss` on each video, its frames encoded and its
     questions fused in the call. Returns the summed loss (each question's times its family's
     weight, 1 when not named), the number of answer tokens, and per question (family, all answer
-    tokens right)."""
+    tokens right).
+
+    `seen` (--cached-seen, training only; the LLM's outputs at frame rows are unused at inference):
+    each frame row's own output must name, as the count answer's digit, how many objects the video
+    has shown up to that frame; the mean cross-entropy over a video's frames, times `seen`, is added
+    per video (one answer token's worth), and each video adds ("seen", its last frame named right)
+    to the results: the whole count, said where the last frame is, for the question to copy."""
     m, dev = trainer.net.model, trainer.device
     base = torch.stack([torch.cat([v["pre"], v["tokens"].reshape(v["tokens"].shape[0], -1)], 0) for v in videos])
     N0 = base.shape[1]
@@ -2455,6 +2504,17 @@ def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float
         h, k, v = layer.full(h, cos, sin)
         bk.append(k)
         bv.append(v)
+    seen_loss, seen_res = None, []
+    if seen:
+        if any("seen" not in v for v in videos):
+            raise SystemExit("--cached-seen: these cached videos carry no per-frame counts (a --cached-file "
+                             "written before --cached-seen existed); encode them afresh")
+        P = videos[0]["pre"].shape[0]
+        tgt_seen = torch.stack([trainer.digit_ids[v["seen"]] for v in videos]).to(dev)         # (B, K)
+        fl = trainer.net.lm_head(m.norm(h[:, P:])).float()                                      # (B, K, V)
+        seen_loss = F.cross_entropy(fl.transpose(1, 2), tgt_seen, reduction="none").mean(1).sum() * seen
+        with torch.no_grad():
+            seen_res = [("seen", bool(c)) for c in (fl[:, -1].argmax(-1) == tgt_seen[:, -1]).tolist()]
     qas = [q for v in videos for q in v["qas"]]
     qv = torch.tensor([i for i, v in enumerate(videos) for _ in v["qas"]], device=dev)
     Sq = max(v["fused"].shape[1] for v in videos)
@@ -2467,7 +2527,9 @@ def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float
     wq = torch.tensor([weights.get(q.family, 1.0) for q in qas], device=dev)
     with torch.no_grad():
         ok = ((logits.argmax(-1) == tgt) | (tgt == -100)).all(1).tolist()
-    loss, res = (ce.sum(1) * wq).sum(), [(q.family, bool(c)) for q, c in zip(qas, ok)]
+    loss, res = (ce.sum(1) * wq).sum(), [(q.family, bool(c)) for q, c in zip(qas, ok)] + seen_res
+    if seen_loss is not None:
+        loss = loss + seen_loss
     if trainer.cand_set and torch.is_grad_enabled():
         extra, more = trainer.cand_loss(logits, qas, qrows, ans)          # --cand-set
         loss, res = loss + trainer.cand_set * extra, res + more
@@ -2487,13 +2549,14 @@ def prefix_batch(videos: list[dict], k: int) -> list[dict]:
     return out
 
 
-def cached_accuracy(trainer: "Trainer", videos: list[dict]) -> dict[str, float]:
+def cached_accuracy(trainer: "Trainer", videos: list[dict], seen: bool = False) -> dict[str, float]:
     """Per family, the share of questions whose answer tokens are all right (teacher-forced; count
-    answers are one token), over `videos`; no gradient."""
+    answers are one token), over `videos`; no gradient. `seen` (--cached-seen): also "seen", the
+    share of videos whose last frame row names their count."""
     hist: dict[str, list[int]] = {}
     with torch.no_grad():
         for i in range(0, len(videos), 16):
-            _, _, r = cached_loss(trainer, videos[i:i + 16], {})
+            _, _, r = cached_loss(trainer, videos[i:i + 16], {}, seen=1.0 if seen else 0.0)
             for fam, ok in r:
                 hist.setdefault(fam, []).append(int(ok))
     return {f: round(float(np.mean(v)), 4) for f, v in sorted(hist.items())}
@@ -2595,7 +2658,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
            "weights": state_hash(trainer.net, trainer.vision, before_llm=True), "vocab": len(trainer.tok.get_vocab())}
     if a.cached_replay != Q_REPLAY:            # files made with the default replay have no such field
         key["replay"] = list(a.cached_replay)
-    for k in ("canvas", "shades", "filler"):   # nor do files made from native frames in the generator's shades
+    for k in ("canvas", "shades", "filler", "count_balance"):   # nor do files made from native frames in the generator's shades
         if RECIPE[k]:
             key[k] = RECIPE[k]
     prefix = tuple(a.cached_prefix_lengths) if a.cached_prefix else ()
@@ -2618,7 +2681,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     for g in files[1:]:
         # more training videos, encoded by runs with other seeds from the same weights
         more, _ = read_cache(g, key, {k: key.get(k) for k in ("paraphrase", "weights", "vocab", "replay", "canvas", "shades",
-                                                                "prefix")})
+                                                                "prefix", "count_balance", "filler")})
         train = train + more
         say(f"[train_demo] cached videos read from {g}: {len(more)} more training videos ({len(train)} in all)")
     weights = {"count": a.cached_weight, "order": a.cached_weight}
@@ -2634,7 +2697,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.cached_steps, a.cached_lr, 50)
         pick = [train[int(i)] for i in rng.choice(len(train), size=min(a.cached_batch, len(train)), replace=False)]
-        total, ntok, r = cached_loss(trainer, pick, weights)
+        total, ntok, r = cached_loss(trainer, pick, weights, seen=a.cached_seen)
         if a.needle_every and step % a.needle_every == 0:
             total, ntok, rn = add_needle_pair(trainer, a, np.random.default_rng([a.seed, 0x57A3, step]), dev, total,
                                               ntok, seeds, step / max(1, a.cached_steps))
@@ -2655,7 +2718,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         return loss, r
 
     keep_best_stage("cached", "--cached-stop-after", a.cached_steps, a.cached_stop_after, a, log, t_start,
-                    lambda: cached_accuracy(trainer, val), lambda: weights_copy(trainer.net),
+                    lambda: cached_accuracy(trainer, val, seen=a.cached_seen > 0), lambda: weights_copy(trainer.net),
                     trainer.net.load_state_dict, train_step)
 
 
@@ -2975,6 +3038,10 @@ def parse_args(argv):
     ap.add_argument("--filler", type=float, default=0.0,
                     help="stage 0q: share of questions padded with words outside the vocabulary (FILLER_WORDS, "
                          "read as the unknown token) before or after them, as users pad theirs (0: none)")
+    ap.add_argument("--count-balance", type=float, default=0.0,
+                    help="stages 0q and 0e: share of whole videos drawn so that how full the screen is "
+                         "(mean objects on screen) does not give away how many objects there are: per "
+                         "count, uniform over COUNT_DENSITY's range (0: the generator's own draw)")
     ap.add_argument("--whole-videos", type=float, default=0.4, help="share of instruct clips that are whole 60 s videos")
     ap.add_argument("--bind", type=float, default=0.0,
                     help="weight of the binding loss: (kind, colour) pairs per frame token, pairs and objects "
@@ -3056,6 +3123,10 @@ def parse_args(argv):
     ap.add_argument("--cached-seed", type=int, default=None,
                     help="stage 0q: the seed of the videos' draws (default: --seed, which also draws the "
                          "training order), so that runs with other seeds can share one --cached-file")
+    ap.add_argument("--cached-seen", type=float, default=0.0,
+                    help="stage 0q: weight of a training-only loss on the LLM's output at each frame row: "
+                         "how many objects the video has shown up to that frame, as the count answer's "
+                         "digit (0: off)")
     ap.add_argument("--cached-eval-every", type=int, default=100, help="stage 0q: validation every N steps")
     ap.add_argument("--cached-prefix", type=float, default=0.0,
                     help="stage 0q: weight of 'how many objects?' asked of the first k frames of the training "
@@ -3160,6 +3231,11 @@ def parse_args(argv):
     if a.cached_prefix and not (a.cached_steps or a.e2e_steps):
         ap.error(f"--cached-prefix weighs stage 0q's or 0e's prefix counts: it needs --cached-steps or --e2e-steps "
                  f"above 0; got --cached-steps {a.cached_steps}, --e2e-steps {a.e2e_steps}")
+    if a.cached_seen and not a.cached_steps or a.cached_seen < 0:
+        ap.error(f"--cached-seen weighs stage 0q's per-frame counts: it needs --cached-steps above 0 and a weight "
+                 f">= 0; got --cached-steps {a.cached_steps}, --cached-seen {a.cached_seen}")
+    if not 0 <= a.count_balance <= 1:
+        ap.error(f"--count-balance is a share of videos: expected 0..1, got {a.count_balance}")
     if a.cached_prefix < 0 or not a.cached_prefix_lengths or not all(0 < k < 60 for k in a.cached_prefix_lengths):
         ap.error(f"--cached-prefix must be >= 0 and --cached-prefix-lengths frame counts between 1 and 59 (the cached "
                  f"videos have 60 frames); got {a.cached_prefix} and {','.join(map(str, a.cached_prefix_lengths))}")
@@ -3181,7 +3257,7 @@ def main(argv=None) -> int:
 def train(a: argparse.Namespace) -> int:
     RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read,
                   read_order_hard=a.read_order_hard, short_objects=a.short_objects, canvas=a.canvas,
-                  shades=a.shades, filler=a.filler, paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys,
+                  shades=a.shades, filler=a.filler, count_balance=a.count_balance, paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys,
                   long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else

@@ -196,6 +196,19 @@ def test_eval_demo_choices_column(capsys):
         change = eval_demo.CHANGE if any(o.change_colour for o in spec.objects) else eval_demo.NO_CHANGE
         assert misses[change].get(eval_demo.count_miss(type("Q", (), {"answer": a["truth"]}), a["answer"]), 0) >= 1
     assert "count, answered minus true" in "\n".join(eval_demo.render_count_misses(r))
+    # and again by how long the video's objects stay: every count answer once, in its video's bucket
+    stay = r["count_misses_by_stay"]["60s"]["exact"]
+    assert sum(sum(c.values()) for c in stay.values()) == len(counts)
+    assert list(stay) == [n for _, n in eval_demo.STAY_BUCKETS if n in stay]
+    for a in counts:
+        spec, _ = eval_demo.tier_video("60s", a["seed"] - eval_demo.EVAL_SEED_BASE)
+        share = eval_demo.stay_share(spec)
+        assert 0 < share <= 1
+        frames = sum(1 for o in spec.objects for t in range(spec.n_frames) if o.visible(float(t)))
+        assert abs(share - frames / (len(spec.objects) * spec.n_frames)) < 1e-9
+        assert stay[eval_demo.stay_bucket(spec)].get(eval_demo.count_miss(type("Q", (), {"answer": a["truth"]}),
+                                                                           a["answer"]), 0) >= 1
+    assert "by how long objects stay" in "\n".join(eval_demo.render_count_misses(r))
 
 
 def test_eval_demo_phrasings_ask_the_same_questions_in_everyday_words(capsys):
@@ -228,6 +241,48 @@ def test_eval_demo_phrasings_ask_the_same_questions_in_everyday_words(capsys):
     assert info["colour"]["Tell me the colour of the {kind}."] == {"trained": False, "unknown_words": ["me", "tell"]}
     assert info["colour"]["Which colour is the {kind}?"] == {"trained": True, "unknown_words": []}
     assert info["exists"]["Does {article} {colour} {kind} appear?"]["unknown_words"] == []
+
+
+def test_count_balance_draws_videos_whose_fullness_does_not_give_the_count_away():
+    """--count-balance (stages 0q and 0e): whole videos drawn so that the mean number of objects on
+    screen is spread over COUNT_DENSITY's range for each count, which loosens the generator's tie
+    between how full the screen is and how many objects there are; off, the draws are as before."""
+    from model import train_demo as T
+    from stream import synthetic as S
+    was = dict(T.RECIPE)
+    try:
+        T.RECIPE["count_balance"] = 0.0
+        plain = T.whole_video(np.random.default_rng(9), 3)
+        assert plain.spec.seed == int(np.random.default_rng(9).integers(T.TRAIN_SEED_LIMIT))
+        fullness = {}
+        for cb in (0.0, 1.0):
+            T.RECIPE["count_balance"] = cb
+            rng, ns, mcs = np.random.default_rng(3), [], []
+            for i in range(60):
+                n = 2 + i % 4
+                v = T.whole_video(rng, n)
+                assert len(v.spec.objects) == n and v.times == [float(t) for t in range(60)]
+                ns.append(n)
+                mcs.append(T.mean_on_screen(v.spec, v.times))
+                if cb:
+                    lo, hi = T.COUNT_DENSITY[n]
+                    assert lo - 0.1 <= mcs[-1] <= hi + 0.1, (n, mcs[-1])
+            fullness[cb] = (float(np.corrcoef(ns, mcs)[0, 1]), mcs)
+        assert fullness[1.0][0] < fullness[0.0][0] - 0.15, fullness
+        # the balanced draw reaches full screens with two objects, which the generator rarely shows
+        assert max(fullness[1.0][1][0::4]) > max(fullness[0.0][1][0::4]) + 0.2
+    finally:
+        T.RECIPE.clear()
+        T.RECIPE.update(was)
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        seed = T.density_balanced_seed(rng, 4, needle=False, within=0.05)
+        spec = T.train_scene(seed, 60, needle=False, n_objects=4, events=False)
+        assert len(spec.objects) == 4 and 0 <= seed < T.TRAIN_SEED_LIMIT
+    # the mean over frames counts each frame's visible objects, the needle star not among them
+    spec = S.make_scene(11, 60, needle=True, n_objects=2)
+    frames = sum(len(S.visible_objects(spec, float(t))) for t in range(60))
+    assert T.mean_on_screen(spec, range(60)) == frames / 60
 
 
 def test_filler_pads_questions_with_unknown_words_and_keeps_what_they_ask():
@@ -1309,17 +1364,67 @@ def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(
     assert "expected comma-separated frame counts such as 20,30,40,50, got '20,x'" in capsys.readouterr().err
 
 
+def test_cached_seen_asks_each_frame_row_for_the_objects_shown_so_far(demo, capsys):
+    """--cached-seen: each cached video carries its per-frame counts (objects shown up to that frame,
+    ending at the video's count); `cached_loss` adds the frame rows' cross-entropy against those
+    counts' digit tokens, weighted, on top of the answers' loss, and reports ("seen", last frame
+    right) per video, which is what the LLM's own frame rows say read through its head."""
+    from model import train_demo as T
+    m = demo
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    cache = T.cache_videos(tr, 3, np.random.default_rng(11), 64, m.device, "test", 0.0)
+    for v in cache:
+        seen = v["seen"].tolist()
+        assert len(seen) == v["tokens"].shape[0] and seen[-1] == v["objects"]
+        assert all(a <= b for a, b in zip(seen, seen[1:])) and seen[0] >= 0
+    assert m.tokenizer.convert_ids_to_tokens(tr.digit_ids.tolist()) == [str(c) for c in range(6)]
+    with torch.no_grad():
+        l0, n0, r0 = T.cached_loss(tr, cache, {})
+        l1, n1, r1 = T.cached_loss(tr, cache, {}, seen=1.0)
+        l2, _, _ = T.cached_loss(tr, cache, {}, seen=2.0)
+    assert n1 == n0 and r1[:len(r0)] == r0 and [f for f, _ in r1[len(r0):]] == ["seen"] * 3
+    extra = float(l1) - float(l0)
+    assert extra > 0 and abs((float(l2) - float(l0)) - 2 * extra) <= 1e-4 * float(l2)
+    # the loss and the reported answers are the frame rows' own outputs through the LLM's head
+    P = cache[0]["pre"].shape[0]
+    with torch.no_grad():
+        base = torch.stack([torch.cat([v["pre"], v["tokens"].reshape(v["tokens"].shape[0], -1)], 0) for v in cache])
+        cos, sin = tr.net.rotary(torch.arange(base.shape[1]), base.dtype)
+        h = base
+        for layer in tr.net.model.layers:
+            h, _, _ = layer.full(h, cos, sin)
+        fl = tr.net.lm_head(tr.net.model.norm(h[:, P:])).float()
+        want = sum(float(torch.nn.functional.cross_entropy(fl[i], tr.digit_ids[v["seen"]])) for i, v in enumerate(cache))
+        last = [int(fl[i, -1].argmax()) == int(tr.digit_ids[v["objects"]]) for i, v in enumerate(cache)]
+    assert abs(extra - want) <= 1e-4 * max(1.0, want), (extra, want)
+    assert [ok for _, ok in r1[len(r0):]] == last
+    acc = T.cached_accuracy(tr, cache, seen=True)
+    assert acc["seen"] == sum(last) / 3 and "seen" not in T.cached_accuracy(tr, cache)
+    with pytest.raises(SystemExit):                  # training-only, stage 0q: refused without it
+        T.parse_args(["--out", "x", "--cached-seen", "1"])
+    assert "--cached-seen weighs stage 0q's per-frame counts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--count-balance", "1.5"])
+    assert "expected 0..1, got 1.5" in capsys.readouterr().err
+    # a cache without the per-frame counts (a file from before --cached-seen) is refused with why
+    old = [{k: x for k, x in v.items() if k != "seen"} for v in cache]
+    with pytest.raises(SystemExit, match="carry no per-frame counts"):
+        T.cached_loss(tr, old, {}, seen=1.0)
+
+
 def test_cached_stage_with_prefix_counts_trains_on_them(tmp_path):
     """Stage 0q with --cached-prefix: a step also answers prefix counts, logged apart from the
-    whole videos' count questions."""
+    whole videos' count questions; with --cached-seen the frame rows' counts too, in the step's
+    log and in the validation."""
     out = tmp_path / "p"
     _stage_from_demo(out, "--seed", "4", "--cached-steps", "50", "--cached-videos", "3", "--cached-val", "2",
                      "--cached-batch", "3", "--cached-prefix", "0.3", "--cached-prefix-lengths", "40,59",
-                     "--minutes", "0")
+                     "--cached-seen", "2", "--count-balance", "1", "--minutes", "0")
     log = json.loads((out / "training_log.json").read_text())
     assert log["cached_stopped_at"] == 1
     fams = log["cached_curve"][0]["first_token_acc"]
-    assert "count_prefix" in fams and "count" in fams, fams
+    assert "count_prefix" in fams and "count" in fams and "seen" in fams, fams
+    assert "seen=" in (out / "train.log").read_text().split("cached val step 0:")[1].splitlines()[0]
 
 
 def test_cached_stage_weighs_the_needle_pair_and_stops_by_minutes_with_the_best_kept(tmp_path, capsys):
