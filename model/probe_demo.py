@@ -3,6 +3,7 @@
     python -m model.probe_demo checkpoints/demo [--frames 800] [--threads 1]
     python -m model.probe_demo checkpoints/demo --order [--videos 90]
     python -m model.probe_demo checkpoints/demo --sets [--frames 8000] [--patch-steps 900] [--row-steps 800]
+    python -m model.probe_demo MODEL --seen 200
 
 For held-out single frames (scene seeds >= 10**9) it asks "is there a <colour> <kind>?" (half the
 time about a pair on screen; otherwise an absent pair, half of those *hard*: a kind on screen in a
@@ -29,10 +30,16 @@ training videos of 60 s (1-5 objects, as `eval-demo` cycles them) and `eval-demo
 and trains a two-layer transformer on each video's frame tokens to answer "how many objects?":
 what a read-out made for counting gets from the tokens the LLM reads, and the same read-out given
 each frame's true pairs instead (whether such a read-out learns to count at all from N videos).
+
+`--seen N` reads the LLM's own running count (`seen_probe`), for a model trained with `train_demo
+--cached-seen`, whose frame rows say, as a digit, how many objects the video has shown so far: over N
+60 s videos, whether the last frame row names the count, and, where a new object appears, whether the
+rows' count rises with it, by how many objects are on screen then (alone, beside one, beside two).
 """
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 import torch
@@ -376,6 +383,48 @@ def count_probe(m, tr, videos: int, held_out: int, seed: int, epochs: int = 40) 
     return out
 
 
+def seen_probe(model_dir: str, videos: int = 200, seed: int = 777) -> dict:
+    """Where the LLM's running count goes wrong (for a model trained with `train_demo --cached-seen`,
+    whose frame rows name, as a digit, how many objects the video has shown so far; any other model
+    reads the same way, its frame rows just not trained for it). Over `videos` of stage 0q's 60 s
+    training-kind videos (1..5 objects in turn, drawn from `seed`): the share whose last frame row
+    names the count, by objects in the video, and, each time a new object appears on frame k, whether
+    the rows' count rises by as much from frame k-1 to frame k+3, by how many objects are on screen
+    on frame k (the object alone, beside one other, beside two)."""
+    from model import LlavaMini
+    from model import train_demo as T
+    from stream import synthetic as S
+    m = LlavaMini.from_pretrained(model_dir)
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    rng = np.random.default_rng([seed, 1])
+    cache = T.cache_videos(tr, videos, rng, m.preprocess["size"], m.device,
+                           "probe", time.perf_counter())
+    rng = np.random.default_rng([seed, 1])                    # the same draws: each video's scene
+    specs = [T.whole_video(rng, 1 + i % S.MAX_OBJECTS).spec for i in range(videos)]
+    P = cache[0]["pre"].shape[0]
+    last: dict[int, list[int]] = {}
+    rise: dict[int, list[int]] = {}
+    with torch.no_grad():
+        for i in range(0, videos, 16):
+            vids = cache[i:i + 16]
+            base = torch.stack([torch.cat([v["pre"], v["tokens"].reshape(v["tokens"].shape[0], -1)], 0) for v in vids])
+            cos, sin = tr.net.rotary(torch.arange(base.shape[1]), base.dtype)
+            h = base
+            for layer in tr.net.model.layers:
+                h, _, _ = layer.full(h, cos, sin)
+            pred = tr.net.lm_head(tr.net.model.norm(h[:, P:])).float()[..., tr.digit_ids].argmax(-1).tolist()
+            for v, p, spec in zip(vids, pred, specs[i:i + 16]):
+                seen = v["seen"].tolist()
+                last.setdefault(v["objects"], []).append(int(p[-1] == seen[-1]))
+                for k in range(len(seen)):
+                    if seen[k] > (seen[k - 1] if k else 0):
+                        k0, k1 = max(k - 1, 0), min(k + 3, len(seen) - 1)
+                        on = len(S.visible_objects(spec, float(k)))
+                        rise.setdefault(on, []).append(int(p[k1] - p[k0] == seen[k1] - seen[k0]))
+    share = lambda d: {k: {"right": sum(v), "n": len(v)} for k, v in sorted(d.items())}   # noqa: E731
+    return {"model": model_dir, "videos": videos, "last_frame": share(last), "rise_by_on_screen": share(rise)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m model.probe_demo", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="checkpoint folder")
@@ -400,8 +449,20 @@ def main(argv=None) -> int:
     ap.add_argument("--count-videos", type=int, default=0,
                     help="--sets: also train a count read-out on the frame tokens of this many 60 s training videos, "
                          "tested on eval-demo's first --videos 60 s videos")
+    ap.add_argument("--seen", type=int, default=0,
+                    help="probe the LLM's running count instead (models trained with train_demo --cached-seen): "
+                         "over this many 60 s videos, whose last frame row names the count, and whether the rows' "
+                         "count rises where a new object appears, by objects on screen then")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.seen:
+        r = seen_probe(a.model, a.seen)
+        fmt = lambda d: ", ".join(f"{k}: {v['right']}/{v['n']} ({v['right'] / v['n']:.0%})" for k, v in d.items())  # noqa: E731
+        print(f"{r['model']}: the frame rows' running count over {r['videos']} videos of 60 s")
+        print("  last frame names the count, by objects in the video: " + fmt(r["last_frame"]))
+        print("  count rises by the new objects (frame k-1 to k+3) where one appears on frame k, by objects on "
+              "screen on frame k: " + fmt(r["rise_by_on_screen"]))
+        return 0
     if a.sets:
         r = sets_probe(a.model, a.frames, patch_steps=a.patch_steps, count_videos=a.count_videos,
                        held_out_videos=a.videos, tower_steps=a.tower_steps, row_steps=a.row_steps)

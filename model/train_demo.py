@@ -141,6 +141,12 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            token times W added: the count question's rows and the prefix rows are cached at those
            lengths as exact frame averages, so one encoded video gives five count answers, not
            one (twenty-fifth session).
+           --cached-seen W: each frame row's own output (through the LLM's head; unused at
+           inference) must name how many objects the video has shown up to that frame, its
+           cross-entropy times W added per video (thirty-sixth session).
+  --count-balance P (stages 0q and 0e): that share of whole videos is drawn so that the mean
+           number of objects on screen does not give the count away (COUNT_DENSITY; thirty-sixth
+           session: R7's count misses lean on it).
   stage 0e --e2e-steps N: stage 0q's whole 60 s videos and questions (--cached-weight,
            --cached-replay, --cached-prefix, --needle-every / --needle-weight apply) trained end to
            end: the frames are rendered and encoded every step with gradient, so the count and

@@ -330,6 +330,17 @@ run --out "$W/r3" --seed 312 --init-from "$W/x7" --paraphrase 0.3 --filler 0.3 "
 run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
     --cached-steps 3000 --cached-videos 10000 --cached-val 400 --minutes 110
 
+# --- issue 11, thirty-sixth session (this CPU; measured, not kept: R7 stays the checkpoint) ---
+# CA. R7's round on R7 with every whole video drawn so that how full the screen is does not give the
+#     count away (--count-balance 1; CB: 0.5, seed 361): validation count flat over 600 steps, stopped there
+# run --out "$W/ca" --seed 360 --init-from "$W/r7" --paraphrase 0.3 --filler 0.3 --count-balance 1 "${ROUND[@]}" \
+#     --cached-val 300 --minutes 75
+# CC. R7's round on R7 with each frame row taught the objects shown so far (--cached-seen 4; CD: with
+#     --count-balance 1 too), 2,500 videos: all 1,500 steps, step 600 kept, 59.2 min beside CD; count 632
+#     of 900 (R7 661), order 573 of 709 (R7 577)
+# run --out "$W/cc" --seed 370 --init-from "$W/r7" --paraphrase 0.3 --filler 0.3 --cached-seen 4 "${ROUND[@]}" \
+#     --cached-videos 2500 --cached-val 300 --minutes 75
+
 # --- issue 11, thirty-third session (this CPU; measured, not kept: R7 stays the checkpoint) ---
 # R8. R7's line on BR3 with 20,000 more videos (seed 316; 58.9 min of encoding) read beside R7's own
 #     10,000: 30,000 training videos, 3,500 steps, step 3,000 kept, 113.1 min. Over 900 held-out videos

@@ -696,6 +696,23 @@ def test_frame_questions_are_answered_by_the_frame():
     assert n >= 200
 
 
+def test_probe_demo_seen_reads_the_frame_rows_running_count(capsys):
+    """`probe_demo --seen`: every video once in the last-frame split (by its objects, cycling 1..5),
+    every frame on which a new object appears once in the rise split (by objects on screen then: 1 to 3), and
+    the printed lines say so; on the committed checkpoint (frame rows not trained for it) it runs
+    the same."""
+    from model import probe_demo
+    r = probe_demo.seen_probe(str(CKPT), videos=5)
+    assert {k: v["n"] for k, v in r["last_frame"].items()} == {1: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+    # one entry per frame on which the count rises (two objects appearing on one frame make one)
+    assert 5 <= sum(v["n"] for v in r["rise_by_on_screen"].values()) <= 1 + 2 + 3 + 4 + 5
+    assert set(r["rise_by_on_screen"]) <= {1, 2, 3}
+    assert all(0 <= v["right"] <= v["n"] for d in (r["last_frame"], r["rise_by_on_screen"]) for v in d.values())
+    assert probe_demo.main([str(CKPT), "--seen", "5", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "last frame names the count" in out and "by objects on screen on frame k" in out
+
+
 def test_probe_demo_reads_the_fused_question_rows(capsys):
     """`python -m model.probe_demo` runs on the committed checkpoint and reports held-out
     accuracies per group (what docs/demo.md's probe table is made of)."""
@@ -1399,7 +1416,7 @@ def test_cached_seen_asks_each_frame_row_for_the_objects_shown_so_far(demo, caps
     assert abs(extra - want) <= 1e-4 * max(1.0, want), (extra, want)
     assert [ok for _, ok in r1[len(r0):]] == last
     acc = T.cached_accuracy(tr, cache, seen=True)
-    assert acc["seen"] == sum(last) / 3 and "seen" not in T.cached_accuracy(tr, cache)
+    assert acc["seen"] == round(sum(last) / 3, 4) and "seen" not in T.cached_accuracy(tr, cache)
     with pytest.raises(SystemExit):                  # training-only, stage 0q: refused without it
         T.parse_args(["--out", "x", "--cached-seen", "1"])
     assert "--cached-seen weighs stage 0q's per-frame counts" in capsys.readouterr().err
