@@ -389,11 +389,10 @@ def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing,
                 tally.phrased[(fam, "template")].append(int(ok))
             if fam == "count" and spec is not None:
                 key = (tier, pol, CHANGE if any(o.change_colour for o in spec.objects) else NO_CHANGE)
-                cell = tally.count_miss.setdefault(key, {})
                 miss = count_miss(qa, text)
-                cell[miss] = cell.get(miss, 0) + 1
-                cell = tally.count_stay.setdefault((tier, pol, stay_bucket(spec)), {})
-                cell[miss] = cell.get(miss, 0) + 1
+                for table, k in ((tally.count_miss, key), (tally.count_stay, (tier, pol, stay_bucket(spec)))):
+                    cell = table.setdefault(k, {})
+                    cell[miss] = cell.get(miss, 0) + 1
             if verbose:
                 print(f"  [{tier} {seed}{label} {pol}] {qa.question} -> {text!r} (truth {qa.answer!r}) "
                       f"{'ok' if ok else 'WRONG'}", file=sys.stderr)
@@ -543,16 +542,17 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
     for (tier, f, pol, name, bucket), v in tally.sliced.items():
         (breakdown.setdefault(tier, {}).setdefault(pol, {}).setdefault(f, {}).setdefault(name, {}))[bucket] = {
             "accuracy": round(sum(v) / len(v), 4), "n": len(v)}
-    count_misses: dict = {}
-    for (tier, pol, change), cell in tally.count_miss.items():
-        order = sorted(cell, key=lambda k: (k == "other", int(k) if k != "other" else 0))
-        count_misses.setdefault(tier, {}).setdefault(pol, {})[change] = {k: cell[k] for k in order}
-    count_stay: dict = {}
-    for _, name in STAY_BUCKETS:                       # in the buckets' order
-        for (tier, pol, bucket), cell in tally.count_stay.items():
-            if bucket == name:
-                order = sorted(cell, key=lambda k: (k == "other", int(k) if k != "other" else 0))
-                count_stay.setdefault(tier, {}).setdefault(pol, {})[name] = {k: cell[k] for k in order}
+    def misses_table(cells: dict) -> dict:
+        """(tier, policy, split) -> miss -> n as tier -> policy -> split -> miss -> n, the misses in
+        order (-2, -1, 0, +1, ..., other)."""
+        out: dict = {}
+        for (tier, pol, split), cell in cells.items():
+            order = sorted(cell, key=lambda k: (k == "other", int(k) if k != "other" else 0))
+            out.setdefault(tier, {}).setdefault(pol, {})[split] = {k: cell[k] for k in order}
+        return out
+    count_misses = misses_table(tally.count_miss)
+    stay_rank = {name: i for i, (_, name) in enumerate(STAY_BUCKETS)}
+    count_stay = misses_table(dict(sorted(tally.count_stay.items(), key=lambda kv: stay_rank[kv[0][2]])))
     phrasings = None
     if tally.phrased:
         info = phrasing_info(m)

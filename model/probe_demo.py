@@ -401,18 +401,13 @@ def seen_probe(model_dir: str, videos: int = 200, seed: int = 777) -> dict:
                            "probe", time.perf_counter())
     rng = np.random.default_rng([seed, 1])                    # the same draws: each video's scene
     specs = [T.whole_video(rng, 1 + i % S.MAX_OBJECTS).spec for i in range(videos)]
-    P = cache[0]["pre"].shape[0]
     last: dict[int, list[int]] = {}
     rise: dict[int, list[int]] = {}
     with torch.no_grad():
         for i in range(0, videos, 16):
             vids = cache[i:i + 16]
-            base = torch.stack([torch.cat([v["pre"], v["tokens"].reshape(v["tokens"].shape[0], -1)], 0) for v in vids])
-            cos, sin = tr.net.rotary(torch.arange(base.shape[1]), base.dtype)
-            h = base
-            for layer in tr.net.model.layers:
-                h, _, _ = layer.full(h, cos, sin)
-            pred = tr.net.lm_head(tr.net.model.norm(h[:, P:])).float()[..., tr.digit_ids].argmax(-1).tolist()
+            h, _, _ = T.cached_frames_pass(tr, vids)
+            pred = T.frame_row_logits(tr, vids, h)[..., tr.digit_ids].argmax(-1).tolist()
             for v, p, spec in zip(vids, pred, specs[i:i + 16]):
                 seen = v["seen"].tolist()
                 last.setdefault(v["objects"], []).append(int(p[-1] == seen[-1]))

@@ -2489,6 +2489,27 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
     return out
 
 
+def cached_frames_pass(trainer: "Trainer", videos: list[dict]):
+    """The LLM over cached videos' prefix and frame rows (entries of `cache_videos`, all of one
+    length), batched: the last layer's hidden rows (B, N0, H) and each layer's keys and values, which
+    the questions' rows then attend to (`cached_loss`)."""
+    dev = trainer.device
+    base = torch.stack([torch.cat([v["pre"], v["tokens"].reshape(v["tokens"].shape[0], -1)], 0) for v in videos])
+    cos, sin = trainer.net.rotary(torch.arange(base.shape[1], device=dev), base.dtype)
+    h, bk, bv = base, [], []
+    for layer in trainer.net.model.layers:
+        h, k, v = layer.full(h, cos, sin)
+        bk.append(k)
+        bv.append(v)
+    return h, bk, bv
+
+
+def frame_row_logits(trainer: "Trainer", videos: list[dict], h: torch.Tensor) -> torch.Tensor:
+    """--cached-seen: the LLM's output at each cached frame row (after the prefix rows), (B, K, V),
+    from `cached_frames_pass`'s hidden rows `h`."""
+    return trainer.net.lm_head(trainer.net.model.norm(h[:, videos[0]["pre"].shape[0]:])).float()
+
+
 def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float], seen: float = 0.0):
     """The answer loss over `videos` (entries of `cache_videos`, all of one length), all in one
     batch: the same computation as `Trainer.video_loss` on each video, its frames encoded and its
@@ -2501,23 +2522,16 @@ def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float
     has shown up to that frame; the mean cross-entropy over a video's frames, times `seen`, is added
     per video (one answer token's worth), and each video adds ("seen", its last frame named right)
     to the results: the whole count, said where the last frame is, for the question to copy."""
-    m, dev = trainer.net.model, trainer.device
-    base = torch.stack([torch.cat([v["pre"], v["tokens"].reshape(v["tokens"].shape[0], -1)], 0) for v in videos])
-    N0 = base.shape[1]
-    cos, sin = trainer.net.rotary(torch.arange(N0, device=dev), base.dtype)
-    h, bk, bv = base, [], []
-    for layer in m.layers:
-        h, k, v = layer.full(h, cos, sin)
-        bk.append(k)
-        bv.append(v)
+    dev = trainer.device
+    h, bk, bv = cached_frames_pass(trainer, videos)
+    N0 = h.shape[1]
     seen_loss, seen_res = None, []
     if seen:
         if any("seen" not in v for v in videos):
             raise SystemExit("--cached-seen: these cached videos carry no per-frame counts (a --cached-file "
                              "written before --cached-seen existed); encode them afresh")
-        P = videos[0]["pre"].shape[0]
         tgt_seen = torch.stack([trainer.digit_ids[v["seen"]] for v in videos]).to(dev)         # (B, K)
-        fl = trainer.net.lm_head(m.norm(h[:, P:])).float()                                      # (B, K, V)
+        fl = frame_row_logits(trainer, videos, h)                                               # (B, K, V)
         seen_loss = F.cross_entropy(fl.transpose(1, 2), tgt_seen, reduction="none").mean(1).sum() * seen
         with torch.no_grad():
             seen_res = [("seen", bool(c)) for c in (fl[:, -1].argmax(-1) == tgt_seen[:, -1]).tolist()]
