@@ -16,6 +16,7 @@ server exits, so start servers from the test's main thread).
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import random
@@ -49,14 +50,26 @@ def redis_binaries_missing() -> str | None:
 
 
 def _port_free(port: int) -> bool:
-    """Nothing holds `port` on any address: bound on all of them (a port that only 127.0.0.1 finds
-    free may be taken on the machine's own IP, where Ray's nodes listen and connect; CI once lost a
-    Ray node's metrics port that way)."""
+    """Nothing holds `port` on any address, IPv4 or IPv6: bound on all of them (a port that only
+    127.0.0.1 finds free may be taken on the machine's own IP, where Ray's nodes listen and connect;
+    CI once lost a Ray node's metrics port that way). The IPv6 check binds ``::`` with
+    ``IPV6_V6ONLY`` so that a server listening on ``::1`` or ``[::]`` alone counts as holding it
+    too (the IPv4 bind does not see those); a machine without IPv6 skips that check."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
             s.bind(("", port))
         except OSError:
             return False
+    try:
+        s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:                                   # no IPv6 in this kernel
+        return True
+    with s6:
+        s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s6.bind(("::", port))
+        except OSError as e:
+            return e.errno == errno.EADDRNOTAVAIL     # IPv6 present but switched off: nothing there
     return True
 
 

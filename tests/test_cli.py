@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +308,26 @@ def test_free_port_stays_out_of_the_kernels_range_and_never_repeats(monkeypatch)
     monkeypatch.setattr(rs, "_handed_out", set())
     rs.reserve_port(24002)                                    # as `lmstream serve` reserves its --port
     assert [rs.free_port(), rs.free_port()] == [24001, 25000]
+
+
+@pytest.mark.parametrize("family,address", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"),
+                                            (socket.AF_INET6, "::")])
+def test_port_free_sees_a_port_held_on_ipv4_or_ipv6_alone(family, address):
+    """A server listening only on IPv6 (::1, or [::] with IPV6_V6ONLY) holds its port too: the IPv4
+    bind alone finds it free, and free_port would hand it out."""
+    import frame_cache.redis_server as rs
+    try:
+        held = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        pytest.skip("no IPv6 socket on this machine")
+    with held:
+        if family == socket.AF_INET6:
+            held.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            held.bind((address, 0))
+        except OSError:
+            pytest.skip(f"cannot bind {address} here")
+        held.listen()
+        port = held.getsockname()[1]
+        assert rs._port_free(port) is False
+    assert rs._port_free(port) is True                   # released: free again on both
