@@ -1614,6 +1614,55 @@ def test_cached_stage_trains_the_llm_alone_keeps_the_best_and_new_layers_start_a
         assert not moved
 
 
+def test_widen_keeps_what_the_model_computes(tmp_path, demo, capsys):
+    """`model.widen`: the committed checkpoint's tower and compressor made twice as wide. With no
+    noise it encodes a video to the same frame tokens and pre-fusion keys/values and answers the
+    same; with noise the widened tensors (and only those) move, by about the noise asked for; bad
+    arguments are refused by name before anything is written."""
+    from safetensors.torch import load_file
+    from model import LlavaMini
+    from model import widen as Wd
+    from stream.synthetic import make_scene
+    exact = tmp_path / "exact"
+    assert Wd.main([str(CKPT), "--out", str(exact), "--noise", "0"]) == 0
+    vcfg = json.loads((exact / "clip-vision" / "config.json").read_text())
+    old_v = json.loads((CKPT / "clip-vision" / "config.json").read_text())
+    assert (vcfg["hidden_size"], vcfg["intermediate_size"]) == (2 * old_v["hidden_size"], 2 * old_v["intermediate_size"])
+    assert json.loads((exact / "config.json").read_text())["mm_hidden_size"] == 2 * old_v["hidden_size"]
+    m2 = LlavaMini.from_pretrained(exact)
+    assert m2.vision.width == 2 * demo.vision.width
+    spec = make_scene(10 ** 9 + 7_300, 12.0)
+    s1, s2 = _encode(demo, spec), _encode(m2, spec)
+    for f in ("tokens", "keys", "values"):
+        a, b = getattr(s1, f).float(), getattr(s2, f).float()
+        assert a.shape == b.shape and float((a - b).abs().max()) < 1e-4 * max(1.0, float(a.abs().max())), f
+    for q in ("what shape is the red object?", "how many objects are there?", "is there a blue circle?"):
+        assert m2.ask(s2, q, max_new_tokens=4).text == demo.ask(s1, q, max_new_tokens=4).text, q
+    log = json.loads((exact / "training_log.json").read_text())["widen"]
+    assert log["factor"] == 2 and log["width"] == [old_v["hidden_size"], 2 * old_v["hidden_size"]]
+    assert log["noisy_tensors"] == 0 and "[widen]" in (exact / "train.log").read_text()
+    # noise: the widened tensors move, by about `noise` times their spread; the LLM is copied
+    noisy = tmp_path / "noisy"
+    e = Wd.widen(CKPT, noisy, noise=0.01, seed=3)
+    a, b = load_file(str(exact / "model.safetensors")), load_file(str(noisy / "model.safetensors"))
+    moved = sorted(k for k in a if not torch.equal(a[k], b[k]))
+    assert moved and all(k.startswith(("model.compressor.", "model.mm_projector.0.")) for k in moved), moved
+    assert "model.compressor.pos_embed" not in moved and "model.mm_projector.2.weight" not in moved
+    w = "model.compressor.attn.in_proj_weight"
+    assert 0.005 < float((b[w] - a[w]).std() / a[w].std()) < 0.02
+    assert e["noisy_tensors"] > len(moved)                      # the tower's tensors too
+    # refused, with nothing written
+    for args, msg in ((["--factor", "1"], "--factor: expected a whole number of 2 or more, got 1"),
+                      (["--noise", "-1"], "--noise: expected 0 or more, got -1.0")):
+        assert Wd.main([str(CKPT), "--out", str(tmp_path / "x"), *args]) == 2
+        assert msg in capsys.readouterr().err
+    assert Wd.main([str(CKPT), "--out", str(CKPT)]) == 2
+    assert "expected a new folder, not the input" in capsys.readouterr().err
+    assert Wd.main([str(tmp_path / "x"), "--out", str(tmp_path / "y")]) == 2
+    assert "expected the demo checkpoint layout, missing" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_blend_is_the_weighted_line_between_a_fine_tune_and_its_base(tmp_path, demo, capsys):
     """`model.blend`: a fine-tune of the committed checkpoint (stage 0n: the LLM alone), blended with it. The
     tensors the fine-tune moved (the LLM's) are (1 - w) * base + w * tuned, every other one is the
