@@ -689,6 +689,9 @@ class Trainer:
         self.cand_set = 0.0         # --cand-set: weight of the candidate-set loss (questions with `cands`)
         # --cached-seen: the digit token of each count 0..MAX_OBJECTS (CPU; indexed by a count tensor)
         self.digit_ids = torch.tensor(tok.convert_tokens_to_ids([str(c) for c in range(S.MAX_OBJECTS + 1)]))
+        # --oracle-sets (stage 0q, a diagnostic): a linear map of each frame's true (kind, colour)
+        # set added to its frame token (`cached_frames_pass`); None when off
+        self.oracle: torch.nn.Linear | None = None
 
     def frame_words(self, spec: S.SceneSpec, times: list[float]) -> torch.Tensor:
         """(K, len(aux_words)) multi-hot: the colour and kind words of what each frame shows."""
@@ -2473,7 +2476,8 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                 rows, fused = trainer.fuse_questions(qid, [k[sl] for k in ks], [v[sl] for v in vs], w)
                 out.append({"tokens": tokens[sl].clone(), "pre": po[sl].float().mean(0).to(po.dtype),
                             "fused": fused, "qas": s.qas, "objects": len(s.spec.objects), "seed": s.spec.seed,
-                            "seen": torch.tensor(prefix_counts(s.spec, s.times)[1:])})     # --cached-seen
+                            "seen": torch.tensor(prefix_counts(s.spec, s.times)[1:]),      # --cached-seen
+                            "sets": trainer.frame_pairs(s.spec, s.times)[0].to("cpu", torch.uint8)})  # --oracle-sets
                 ci = next((i for i, q in enumerate(s.qas) if q.family == "count"), None)
                 if prefix and ci is not None:
                     K, Sq = len(s.times), qid.shape[1]
@@ -2494,7 +2498,14 @@ def cached_frames_pass(trainer: "Trainer", videos: list[dict]):
     length), batched: the last layer's hidden rows (B, N0, H) and each layer's keys and values, which
     the questions' rows then attend to (`cached_loss`)."""
     dev = trainer.device
-    base = torch.stack([torch.cat([v["pre"], v["tokens"].reshape(v["tokens"].shape[0], -1)], 0) for v in videos])
+    tokens = [v["tokens"].reshape(v["tokens"].shape[0], -1) for v in videos]
+    if trainer.oracle is not None:
+        # --oracle-sets: each frame token plus a learned linear map of the frame's true set
+        if any("sets" not in v for v in videos):
+            raise SystemExit("--oracle-sets: these cached videos carry no per-frame sets (a --cached-file "
+                             "written before --oracle-sets existed); encode them afresh")
+        tokens = [t + trainer.oracle(v["sets"].to(dev, t.dtype)) for t, v in zip(tokens, videos)]
+    base = torch.stack([torch.cat([v["pre"], t], 0) for v, t in zip(videos, tokens)])
     cos, sin = trainer.net.rotary(torch.arange(base.shape[1], device=dev), base.dtype)
     h, bk, bv = base, [], []
     for layer in trainer.net.model.layers:
@@ -2565,7 +2576,8 @@ def prefix_batch(videos: list[dict], k: int) -> list[dict]:
         pre, fused, n = v["prefix"][k]
         q = next(q for q in v["qas"] if q.family == "count")
         out.append({"tokens": v["tokens"][:k], "pre": pre, "fused": fused,
-                    "qas": [dataclasses.replace(q, answer=str(n))]})
+                    "qas": [dataclasses.replace(q, answer=str(n))],
+                    **({"sets": v["sets"][:k]} if "sets" in v else {})})
     return out
 
 
@@ -2672,6 +2684,16 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     best mean count and order accuracy there are kept (early stopping: the training videos are
     seen many times)."""
     params, opt = llm_alone_optimiser(trainer.net, a.cached_lr)
+    if a.oracle_sets:
+        # --oracle-sets: the map starts at zero (the LLM answers as before) and learns at --oracle-lr
+        H = trainer.net.model.embed_tokens.weight.shape[1]
+        trainer.oracle = torch.nn.Linear(N_PAIRS, H, bias=False).to(dev)
+        torch.nn.init.zeros_(trainer.oracle.weight)
+        opt.add_param_group({"params": list(trainer.oracle.parameters()), "lr": a.oracle_lr, "peak_lr": a.oracle_lr,
+                             "weight_decay": 0.0})
+        params = params + list(trainer.oracle.parameters())
+        say("[train_demo] --oracle-sets: each frame token gets a learned map of its frame's true (kind, colour) "
+            "set (a diagnostic: the saved checkpoint cannot use it)")
     # what the cache depends on: the weights before the LLM, the draws and the tokenizer's ids
     seed = a.seed if a.cached_seed is None else a.cached_seed
     key = {"seed": seed, "videos": a.cached_videos, "val": a.cached_val, "paraphrase": RECIPE["paraphrase"],
@@ -2715,7 +2737,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
 
     def train_step(step: int):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, a.cached_steps, a.cached_lr, 50)
+            g["lr"] = lr_at(step, a.cached_steps, g.get("peak_lr", a.cached_lr), 50)
         pick = [train[int(i)] for i in rng.choice(len(train), size=min(a.cached_batch, len(train)), replace=False)]
         total, ntok, r = cached_loss(trainer, pick, weights, seen=a.cached_seen)
         if a.needle_every and step % a.needle_every == 0:
@@ -3148,6 +3170,11 @@ def parse_args(argv):
                          "how many objects the video has shown up to that frame, as the count answer's "
                          "digit (0: off)")
     ap.add_argument("--cached-eval-every", type=int, default=100, help="stage 0q: validation every N steps")
+    ap.add_argument("--oracle-sets", action="store_true",
+                    help="stage 0q, a diagnostic: add to each frame token a learned linear map (from zero) of the "
+                         "frame's true (kind, colour) set, in training and validation, to measure how well the LLM "
+                         "counts when the frame token names every object; the saved checkpoint cannot use it")
+    ap.add_argument("--oracle-lr", type=float, default=3e-3, help="stage 0q: --oracle-sets' map's (peak) learning rate")
     ap.add_argument("--cached-prefix", type=float, default=0.0,
                     help="stage 0q: weight of 'how many objects?' asked of the first k frames of the training "
                          "videos (k from --cached-prefix-lengths; their rows cached as exact averages over those "
@@ -3254,6 +3281,9 @@ def parse_args(argv):
     if a.cached_seen and not a.cached_steps or a.cached_seen < 0:
         ap.error(f"--cached-seen weighs stage 0q's per-frame counts: it needs --cached-steps above 0 and a weight "
                  f">= 0; got --cached-steps {a.cached_steps}, --cached-seen {a.cached_seen}")
+    if a.oracle_sets and not a.cached_steps or a.oracle_lr <= 0:
+        ap.error(f"--oracle-sets adds to stage 0q's frame tokens: it needs --cached-steps above 0 and --oracle-lr "
+                 f"above 0; got --cached-steps {a.cached_steps}, --oracle-lr {a.oracle_lr}")
     if not 0 <= a.count_balance <= 1:
         ap.error(f"--count-balance is a share of videos: expected 0..1, got {a.count_balance}")
     if a.cached_prefix < 0 or not a.cached_prefix_lengths or not all(0 < k < 60 for k in a.cached_prefix_lengths):

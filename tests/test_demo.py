@@ -1429,6 +1429,40 @@ def test_cached_seen_asks_each_frame_row_for_the_objects_shown_so_far(demo, caps
         T.cached_loss(tr, old, {}, seen=1.0)
 
 
+def test_oracle_sets_add_a_map_of_each_frames_true_set_to_its_token(demo, capsys):
+    """--oracle-sets (a diagnostic): each cached video carries its frames' true (kind, colour) sets;
+    with the trainer's oracle map set, `cached_loss` reads each frame token plus that map of its
+    frame's set (a zero map changes nothing, another map changes the loss exactly as adding it to
+    the tokens by hand does); a cache without the sets, and the flag outside stage 0q, are refused."""
+    from model import train_demo as T
+    from stream import synthetic as S
+    m = demo
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    cache = T.cache_videos(tr, 3, np.random.default_rng(12), 64, m.device, "test", 0.0)
+    for v in cache:
+        sets = v["sets"]
+        assert sets.shape == (v["tokens"].shape[0], T.N_PAIRS) and sets.dtype == torch.uint8
+        assert int(sets.sum(1).max()) <= S.MAX_CONCURRENT + 1 and int(sets.sum()) > 0
+    with torch.no_grad():
+        l0, _, _ = T.cached_loss(tr, cache, {})
+        tr.oracle = torch.nn.Linear(T.N_PAIRS, m.cfg.hidden_size, bias=False)
+        torch.nn.init.zeros_(tr.oracle.weight)
+        lz, _, _ = T.cached_loss(tr, cache, {})
+        torch.nn.init.normal_(tr.oracle.weight, std=0.5)
+        lo, _, _ = T.cached_loss(tr, cache, {})
+        by_hand = [{**v, "tokens": v["tokens"] + tr.oracle(v["sets"].float())[:, None]} for v in cache]
+        tr.oracle, oracle = None, tr.oracle
+        lh, _, _ = T.cached_loss(tr, by_hand, {})
+    assert float(lz) == float(l0) and abs(float(lo) - float(l0)) > 1e-3
+    assert abs(float(lo) - float(lh)) <= 1e-5 * float(lh)
+    tr.oracle = oracle
+    with pytest.raises(SystemExit, match="carry no per-frame sets"):
+        T.cached_loss(tr, [{k: x for k, x in v.items() if k != "sets"} for v in cache], {})
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--oracle-sets"])
+    assert "--oracle-sets adds to stage 0q's frame tokens" in capsys.readouterr().err
+
+
 def test_cached_stage_with_prefix_counts_trains_on_them(tmp_path):
     """Stage 0q with --cached-prefix: a step also answers prefix counts, logged apart from the
     whole videos' count questions; with --cached-seen the frame rows' counts too, in the step's
