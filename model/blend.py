@@ -42,6 +42,34 @@ def sha16(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def copy_layout(src: Path, out: Path, skip: set[str]) -> None:
+    """Copy `src`'s files into `out` (folders made), all but the relative paths in `skip` and
+    `history/` (earlier checkpoints' logs stay with the checkpoint they belong to)."""
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src).as_posix()
+        if f.is_file() and rel not in skip and not rel.startswith("history/"):
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, out / rel)
+
+
+def save_weights(sd: dict[str, torch.Tensor], like: Path, path: Path) -> None:
+    """Save `sd` at `path` as safetensors with the metadata of the file `like`."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(like), "pt") as fh:
+        meta = fh.metadata() or {"format": "pt"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path), metadata=meta)
+
+
+def write_logs(out: Path, log: dict, prior_train_log: Path, line: str) -> None:
+    """`out`'s training_log.json (`log`) and train.log (`prior_train_log`'s text, if any, then
+    `line`), and `line` on stderr."""
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    (out / "train.log").write_text((prior_train_log.read_text() if prior_train_log.is_file() else "") + line)
+    sys.stderr.write(line)
+
+
 def check_folder(d: Path, role: str) -> None:
     if not d.is_dir():
         raise BlendError(f"--{role} {d}: expected a checkpoint folder, found no folder there")
@@ -78,8 +106,7 @@ def blend_tensors(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
 
 def blend(base: Path, tuned: Path, weight: float, out: Path) -> dict:
     """Write the blended checkpoint to `out` and return its `blend` log entry."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     if not 0.0 <= weight <= 1.0:
         raise BlendError(f"--weight: expected a number from 0 to 1, got {weight}")
     check_folder(base, "base")
@@ -99,28 +126,18 @@ def blend(base: Path, tuned: Path, weight: float, out: Path) -> dict:
                        "weights_sha256_16": logs[d].get("weights_sha256_16")}
     entry["files"] = {}
     out.mkdir(parents=True, exist_ok=True)
-    for src in sorted(tuned.rglob("*")):
-        rel = src.relative_to(tuned).as_posix()
-        if src.is_file() and rel not in SKIP and not rel.startswith("history/"):
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, out / rel)
+    copy_layout(tuned, out, SKIP)
     for f, (sd, blended, copied) in blends.items():
-        with safe_open(str(tuned / f), "pt") as fh:
-            meta = fh.metadata() or {"format": "pt"}
-        (out / f).parent.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(out / f), metadata=meta)
+        save_weights(sd, tuned / f, out / f)
         entry["files"][f] = {"blended": blended, "copied": copied, "sha256_16": sha16(out / f)}
     entry["model_safetensors_sha256_16"] = entry["files"]["model.safetensors"]["sha256_16"]
     log = logs[tuned]
     log["blend"] = entry
     log["weights_sha256_16"] = None          # the fine-tune's hash is entry["tuned"]["weights_sha256_16"]
-    (out / "training_log.json").write_text(json.dumps(log, indent=1))
     line = (f"[blend] {out}: {weight:g} x {tuned} + {1 - weight:g} x {base}; "
             + "; ".join(f"{f}: {v['blended']} tensors blended, {v['copied']} equal" for f, v in entry["files"].items())
             + f"; model.safetensors sha256 {entry['model_safetensors_sha256_16']}\n")
-    tl = tuned / "train.log"
-    (out / "train.log").write_text((tl.read_text() if tl.is_file() else "") + line)
-    sys.stderr.write(line)
+    write_logs(out, log, tuned / "train.log", line)
     return entry
 
 

@@ -29,23 +29,19 @@ the projector's second layer are copied as they are.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
+
+from .blend import copy_layout, save_weights, sha16, write_logs
 
 WEIGHT_FILES = ("model.safetensors", "clip-vision/model.safetensors")
 
 
 class WidenError(ValueError):
     """The checkpoint cannot be widened as asked (the message says why)."""
-
-
-def sha16(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def _maps(k: int, d: int, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,8 +144,7 @@ def add_noise(new: dict[str, torch.Tensor], old: dict[str, torch.Tensor], noise:
 
 def widen(src: Path, out: Path, factor: int = 2, noise: float = 0.01, seed: int = 0) -> dict:
     """Write the widened checkpoint to `out`; returns its `widen` log entry."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     if factor < 2:
         raise WidenError(f"--factor: expected a whole number of 2 or more, got {factor}")
     if noise < 0:
@@ -175,12 +170,7 @@ def widen(src: Path, out: Path, factor: int = 2, noise: float = 0.01, seed: int 
     gen = torch.Generator().manual_seed(seed)
     noisy = add_noise(new_t, old_t, noise, gen) + add_noise(new_m, old_m, noise, gen) if noise else 0
     out.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.rglob("*")):
-        rel = f.relative_to(src).as_posix()
-        if f.is_file() and rel not in WEIGHT_FILES and not rel.startswith("history/") \
-                and rel not in ("config.json", "clip-vision/config.json"):
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, out / rel)
+    copy_layout(src, out, set(WEIGHT_FILES) | {"config.json", "clip-vision/config.json", "training_log.json", "train.log"})
     vcfg.update(hidden_size=factor * d, intermediate_size=factor * vcfg["intermediate_size"],
                 projection_dim=factor * vcfg.get("projection_dim", d))
     cfg["mm_hidden_size"] = factor * d
@@ -188,21 +178,16 @@ def widen(src: Path, out: Path, factor: int = 2, noise: float = 0.01, seed: int 
     (out / "clip-vision/config.json").write_text(json.dumps(vcfg, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     for f, sd in ((WEIGHT_FILES[0], new_m), (WEIGHT_FILES[1], new_t)):
-        with safe_open(str(src / f), "pt") as fh:
-            meta = fh.metadata() or {"format": "pt"}
-        save_file(sd, str(out / f), metadata=meta)
+        save_weights(sd, src / f, out / f)
     entry = {"from": str(src), "model_safetensors_sha256_16": sha16(src / WEIGHT_FILES[0]),
              "factor": factor, "width": [d, factor * d], "noise": noise, "seed": seed, "noisy_tensors": noisy,
              "out_model_safetensors_sha256_16": sha16(out / WEIGHT_FILES[0])}
     log_p = src / "training_log.json"
     log = json.loads(log_p.read_text()) if log_p.is_file() else {}
     log["widen"] = entry
-    (out / "training_log.json").write_text(json.dumps(log, indent=1))
     line = (f"[widen] {out}: {src}'s tower and compressor {d} -> {factor * d} wide, noise {noise:g} "
             f"({noisy} tensors); model.safetensors sha256 {entry['out_model_safetensors_sha256_16']}\n")
-    tl = src / "train.log"
-    (out / "train.log").write_text((tl.read_text() if tl.is_file() else "") + line)
-    sys.stderr.write(line)
+    write_logs(out, log, src / "train.log", line)
     return entry
 
 

@@ -5,6 +5,9 @@
 #   scripts/device_gpu.sh probe     # ~70 s on the H200: the compiled Triton kernels against their references
 #                                   # (the tests marked gpu), and the speed of training stages 0t and 0q
 #                                   # on the GPU (a few steps each)
+#   scripts/device_gpu.sh oracle    # issue 11's open question at scale (thirty-seventh session): does the LLM
+#                                   # count 80 % of held-out videos when each frame token also carries the
+#                                   # frame's true set (--oracle-sets)? An oracle run and its control, side by side
 #   scripts/device_gpu.sh train     # issue 11's GPU runs (below; step counts from the probe's speed),
 #                                   # then a shortened `benchmarks.gpu` with what time is left (the
 #                                   # whole benchmark, alone: `python3 -m benchmarks.gpu --out
@@ -78,6 +81,23 @@ train)
     fi
     stamp "done"
     ;;
+oracle)
+    # OO: R7's round on the checkpoint with each frame token plus a learned map of the frame's true
+    # (kind, colour) set (--oracle-sets, the map from zero at --oracle-lr 1e-1); OC: the same run
+    # without it (same seed, videos and order). On the CPU with 1,500 videos and 800 steps they
+    # reached validation count 0.745 and 0.680 (thirty-seventh session); at scale the gap says
+    # how much a perfect frame token buys, and OO's count whether the LLM can reach 80 % at all.
+    RF=(--vision-steps 0 --steps 0 --cached-val "${O_VAL:-400}" --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50
+        --needle-every 0 --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change
+        --paraphrase 0.3 --filler 0.3 --cached-steps "${O_STEPS:-3000}" --cached-videos "${O_VIDEOS:-10000}"
+        --cached-eval-every "${O_EVERY:-250}" --minutes "${O_MIN:-6}" --seed 372 --init-from "$CKPT")
+    stamp "OC / OO start"
+    ( td --out "$W/oc" "${RF[@]}" > "$W/oc.out" 2>&1; stamp "OC ended"; pack oc --no-weights ) &
+    ( td --out "$W/oo" "${RF[@]}" --oracle-sets --oracle-lr 1e-1 > "$W/oo.out" 2>&1; stamp "OO ended"; pack oo --no-weights ) &
+    wait
+    for r in oc oo; do echo "--- $r"; grep -E "cached val|keeping|stopped|Error|error" "$W/$r.out" | tail -20; done
+    stamp "done"
+    ;;
 *)
-    echo "usage: scripts/device_gpu.sh probe|train" >&2; exit 2 ;;
+    echo "usage: scripts/device_gpu.sh probe|oracle|train" >&2; exit 2 ;;
 esac
