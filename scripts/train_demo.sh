@@ -392,3 +392,19 @@ run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 
 #     --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
 #     --e2e-steps 800 --e2e-stop-after 797 --e2e-batch 8 --e2e-lr 2e-4 --e2e-front 0.5 --e2e-tower 0.25 \
 #     --e2e-val 200 --cached-eval-every 100 --minutes 90
+
+# --- issue 11, thirty-seventh session (this CPU; measured, not kept: R7 stays the checkpoint) ---
+# W1. R7's tower and compressor made twice as wide (model.widen: the same answers up to the noise that
+#     breaks the copies' symmetry); TW: stage 0t on W1 with T7's flags, 1,200 steps, 44.7 min on one
+#     thread beside TC (the same on R7 at width 64, 33.7 min). The row the LLM reads names 56 % of
+#     three-object frames' sets (TC 55, R7 54): more width buys nothing a stage 0t this long can see.
+# "$PY" -m model.widen "$W/r7" --out "$W/w1" --factor 2 --noise 0.01 --seed 0
+# run --out "$W/tw" --seed 370 --init-from "$W/w1" --clip-hidden 128 --vision-steps 0 --paraphrase 0.1 --steps 0 \
+#     --tower-sets 1200 --token-row fused --token-keep 0.01 --token-lr 1e-3 --minutes 55
+# O3. a diagnostic, not a checkpoint: stage 0q on R7 with each frame token given its frame's true set
+#     (--oracle-sets); O0 is the same line without --oracle-sets and --oracle-lr. Validation count 0.750
+#     against 0.680 after 800 steps (about 23 min each, two at a time on one thread each).
+# run --out "$W/o3" --seed 372 --init-from "$W/r7" --vision-steps 0 --steps 0 --cached-steps 800 \
+#     --cached-videos 1500 --cached-val 200 --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50 \
+#     --needle-every 0 --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change \
+#     --paraphrase 0.3 --filler 0.3 --oracle-sets --oracle-lr 1e-1 --minutes 60
