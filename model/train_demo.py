@@ -2776,6 +2776,11 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     keep_best_stage("cached", "--cached-stop-after", a.cached_steps, a.cached_stop_after, a, log, t_start,
                     measure, lambda: weights_copy(trainer.net),
                     trainer.net.load_state_dict, train_step)
+    if trainer.oracle is not None:
+        # --oracle-sets ends with stage 0q: the map is not part of the model, and a later stage (0e)
+        # must not read frame tokens with it; its size at the end goes into the log
+        log["oracle_sets"] = {"lr": a.oracle_lr, "final_weight_rms": round(float(trainer.oracle.weight.detach().pow(2).mean().sqrt()), 5)}
+        trainer.oracle = None
 
 
 # =========================================================================== stage 0e: end to end, whole videos
@@ -3295,7 +3300,7 @@ def parse_args(argv):
     if a.cached_seen and not a.cached_steps or a.cached_seen < 0:
         ap.error(f"--cached-seen weighs stage 0q's per-frame counts: it needs --cached-steps above 0 and a weight "
                  f">= 0; got --cached-steps {a.cached_steps}, --cached-seen {a.cached_seen}")
-    if a.oracle_sets and not a.cached_steps or a.oracle_lr <= 0:
+    if a.oracle_sets and (not a.cached_steps or a.oracle_lr <= 0):
         ap.error(f"--oracle-sets adds to stage 0q's frame tokens: it needs --cached-steps above 0 and --oracle-lr "
                  f"above 0; got --cached-steps {a.cached_steps}, --oracle-lr {a.oracle_lr}")
     if not 0 <= a.count_balance <= 1:

@@ -110,6 +110,11 @@ def widen_model(sd: dict[str, torch.Tensor], d: int, heads: int, k: int) -> dict
     alpha = k ** -0.25
     out = dict(sd)
     c = "model.compressor."
+    if c + "pos_embed" not in sd:
+        # a checkpoint that leaves the fixed table out (the loader rebuilds it): build it here
+        from .compressor import sincos_pos_embed_2d
+        sd = {**sd, c + "pos_embed": torch.from_numpy(sincos_pos_embed_2d(d, 1))}
+        out[c + "pos_embed"] = sd[c + "pos_embed"]
     for n in ("query", "pos_embed"):
         out[c + n] = sd[c + n][:, res].contiguous()
     for n in ("ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias", "attn.out_proj.bias"):
@@ -184,6 +189,8 @@ def widen(src: Path, out: Path, factor: int = 2, noise: float = 0.01, seed: int 
              "out_model_safetensors_sha256_16": sha16(out / WEIGHT_FILES[0])}
     log_p = src / "training_log.json"
     log = json.loads(log_p.read_text()) if log_p.is_file() else {}
+    entry["weights_sha256_16"] = log.get("weights_sha256_16")     # the source's: it no longer names these weights
+    log["weights_sha256_16"] = None
     log["widen"] = entry
     line = (f"[widen] {out}: {src}'s tower and compressor {d} -> {factor * d} wide, noise {noise:g} "
             f"({noisy} tensors); model.safetensors sha256 {entry['out_model_safetensors_sha256_16']}\n")

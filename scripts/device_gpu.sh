@@ -85,12 +85,15 @@ oracle)
     # OO: R7's round on the checkpoint with each frame token plus a learned map of the frame's true
     # (kind, colour) set (--oracle-sets, the map from zero at --oracle-lr 1e-1); OC: the same run
     # without it (same seed, videos and order). On the CPU with 1,500 videos and 800 steps they
-    # reached validation count 0.745 and 0.680 (thirty-seventh session); at scale the gap says
-    # how much a perfect frame token buys, and OO's count whether the LLM can reach 80 % at all.
-    RF=(--vision-steps 0 --steps 0 --cached-val "${O_VAL:-400}" --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50
+    # reached validation count 0.750 and 0.680 at step 800 (thirty-seventh session); with more
+    # videos the gap says how much true per-frame sets buy, and OO's count whether the LLM can
+    # reach 80 % at all. --minutes counts from the start, encoding included (each run encodes its
+    # own videos: about 0.03 s a video with 7 workers on the H200, so 6,200 take some 3-4 min
+    # side by side; an estimate from G3, not measured): the log says at which step a run stopped.
+    RF=(--vision-steps 0 --steps 0 --cached-val "${O_VAL:-200}" --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50
         --needle-every 0 --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change
-        --paraphrase 0.3 --filler 0.3 --cached-steps "${O_STEPS:-3000}" --cached-videos "${O_VIDEOS:-10000}"
-        --cached-eval-every "${O_EVERY:-250}" --minutes "${O_MIN:-6}" --seed 372 --init-from "$CKPT")
+        --paraphrase 0.3 --filler 0.3 --cached-steps "${O_STEPS:-2000}" --cached-videos "${O_VIDEOS:-6000}"
+        --cached-eval-every "${O_EVERY:-250}" --minutes "${O_MIN:-8.5}" --seed 372 --init-from "$CKPT")
     stamp "OC / OO start"
     ( td --out "$W/oc" "${RF[@]}" > "$W/oc.out" 2>&1; stamp "OC ended"; pack oc --no-weights ) &
     ( td --out "$W/oo" "${RF[@]}" --oracle-sets --oracle-lr 1e-1 > "$W/oo.out" 2>&1; stamp "OO ended"; pack oo --no-weights ) &

@@ -1463,6 +1463,28 @@ def test_oracle_sets_add_a_map_of_each_frames_true_set_to_its_token(demo, capsys
     assert "--oracle-sets adds to stage 0q's frame tokens" in capsys.readouterr().err
 
 
+def test_cached_stage_with_oracle_sets_trains_the_map_and_drops_it(tmp_path, capsys):
+    """Stage 0q with --oracle-sets: the map starts at zero (validation at step 0 is the warm
+    start's own), its optimiser group moves it (oracle_scale in every validation line, above zero
+    after the steps), it is dropped when the stage ends (logged, not saved: the checkpoint keeps the
+    official layout and loads); --oracle-lr is checked only with the flag."""
+    from model import LlavaMini
+    from model import train_demo as T
+    out = tmp_path / "o"
+    _stage_from_demo(out, "--seed", "4", "--cached-steps", "3", "--cached-videos", "3", "--cached-val", "2",
+                     "--cached-batch", "3", "--cached-eval-every", "1", "--oracle-sets", "--oracle-lr", "0.05")
+    log = json.loads((out / "training_log.json").read_text())
+    scales = [e["val"]["oracle_scale"] for e in log["cached_val"]]
+    assert len(scales) == 4 and scales[0] == 0.0 and scales[-1] > 0, scales
+    assert log["oracle_sets"]["lr"] == 0.05 and log["oracle_sets"]["final_weight_rms"] > 0
+    assert "oracle_scale=" in (out / "train.log").read_text()
+    assert LlavaMini.from_pretrained(out).ask
+    assert T.parse_args(["--out", "x", "--oracle-lr", "0"]).oracle_lr == 0      # unused without the flag
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--cached-steps", "5", "--oracle-sets", "--oracle-lr", "0"])
+    assert "--oracle-lr 0.0" in capsys.readouterr().err
+
+
 def test_cached_stage_with_prefix_counts_trains_on_them(tmp_path):
     """Stage 0q with --cached-prefix: a step also answers prefix counts, logged apart from the
     whole videos' count questions; with --cached-seen the frame rows' counts too, in the step's
