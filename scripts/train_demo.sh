@@ -403,7 +403,8 @@ run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 
 #     --tower-sets 1200 --token-row fused --token-keep 0.01 --token-lr 1e-3 --minutes 55
 # O3. a diagnostic, not a checkpoint: stage 0q on R7 with each frame token given its frame's true set
 #     (--oracle-sets); O0 is the same line without --oracle-sets and --oracle-lr. Validation count 0.750
-#     against 0.680 after 800 steps (about 23 min each, two at a time on one thread each).
+#     against 0.680 after 800 steps (about 23 min each, two at a time on one thread each). O4: O3 with
+#     --cached-videos 4000 --cached-steps 2000, stopped at step 930: 0.770 at steps 200, 600 and 800.
 # run --out "$W/o3" --seed 372 --init-from "$W/r7" --vision-steps 0 --steps 0 --cached-steps 800 \
 #     --cached-videos 1500 --cached-val 200 --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50 \
 #     --needle-every 0 --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change \
