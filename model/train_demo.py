@@ -2763,14 +2763,16 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         clipped_step(opt, params, loss)
         return loss, r
 
+    # --oracle-sets: the validation tokens' RMS (they do not change), against which the map's size is told
+    tok_rms = float(torch.cat([v["tokens"].reshape(-1) for v in val[:50]]).float().pow(2).mean().sqrt()) \
+        if trainer.oracle is not None else 1.0
+
     def measure() -> dict:
         acc = cached_accuracy(trainer, val, seen=a.cached_seen > 0)
         if trainer.oracle is not None:
-            # --oracle-sets: how large the map has grown against the frame tokens it is added to
-            # (the RMS of the map's output for one pair, over the RMS of the validation tokens)
-            with torch.no_grad():
-                tok_rms = torch.cat([v["tokens"].reshape(-1) for v in val[:50]]).float().pow(2).mean().sqrt()
-                acc["oracle_scale"] = round(float(trainer.oracle.weight.float().pow(2).mean().sqrt() / tok_rms), 4)
+            # how large the map has grown against the frame tokens it is added to (the RMS of the
+            # map's output for one pair, over the RMS of the validation tokens)
+            acc["oracle_scale"] = round(float(trainer.oracle.weight.detach().float().pow(2).mean().sqrt()) / tok_rms, 4)
         return acc
 
     keep_best_stage("cached", "--cached-stop-after", a.cached_steps, a.cached_stop_after, a, log, t_start,

@@ -79,14 +79,10 @@ def widen_tower(sd: dict[str, torch.Tensor], cfg: dict, k: int) -> dict[str, tor
             out[name] = v[res].contiguous()
         elif short.endswith("position_embedding.weight"):
             out[name] = v[:, res].contiguous()
-        elif short.endswith(("q_proj.weight", "k_proj.weight")):
-            out[name] = _linear(v, None, att, res, k, alpha)[0]
-        elif short.endswith(("q_proj.bias", "k_proj.bias")):
-            out[name] = (v[att] * alpha).contiguous()
-        elif short.endswith("v_proj.weight"):
-            out[name] = _linear(v, None, att, res, k)[0]
-        elif short.endswith("v_proj.bias"):
-            out[name] = v[att].contiguous()
+        elif short.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+            out[name] = _linear(v, None, att, res, k, 1.0 if "v_proj" in short else alpha)[0]
+        elif short.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            out[name] = (v[att] * (1.0 if "v_proj" in short else alpha)).contiguous()
         elif short.endswith("out_proj.weight"):
             out[name] = _linear(v, None, res, att, k)[0]
         elif short.endswith(("out_proj.bias", "fc2.bias")):
@@ -114,7 +110,6 @@ def widen_model(sd: dict[str, torch.Tensor], d: int, heads: int, k: int) -> dict
         # a checkpoint that leaves the fixed table out (the loader rebuilds it): build it here
         from .compressor import sincos_pos_embed_2d
         sd = {**sd, c + "pos_embed": torch.from_numpy(sincos_pos_embed_2d(d, 1))}
-        out[c + "pos_embed"] = sd[c + "pos_embed"]
     for n in ("query", "pos_embed"):
         out[c + n] = sd[c + n][:, res].contiguous()
     for n in ("ln_q.weight", "ln_q.bias", "ln_kv.weight", "ln_kv.bias", "attn.out_proj.bias"):
