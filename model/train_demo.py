@@ -50,7 +50,7 @@ Recipe (LLaVA-Mini's in miniature; the real CLIP comes pretrained, ours is pretr
            within the budget (measured: colour of a lone object at chance after 300 steps; with
            it 89 %).
 Issue 11's levers, all off by default so that `--seed 0` alone still gives the base model (the
-chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
+chain in scripts/train_demo.sh turns them on; measured in docs/demo-history.md):
   binding (stages 1-2, --bind): training-only linear read-outs (dropped when saving, like stage 0's
            heads) hold the model to what colour, shape and existence questions need, the (kind,
            colour) pair, not colours and kinds apart: the frame token must name the pairs its frame
@@ -61,7 +61,7 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            clips): that share of the "which appeared first" questions names two objects that both
            appear after the clip's first one, and that share of those whose answer is the clip's
            first-shown object is dropped (M4 answered the video's first object whatever was asked;
-           not in the committed chain: see docs/demo.md);
+           not in the committed chain: see docs/demo-history.md);
            --short-objects P: that share of the colour and shape questions is about an object
            the clip shows on fewer than 20 frames, when it has one (the eval's weakest slice);
            --whole-videos: that share of the instruct clips
@@ -81,7 +81,7 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
   count    --fusion-count W (stage 0c): the last rows of "how many objects are there?" fused with
            one frame must name the (kind, colour) pairs it shows (a training-only read-out), and
            their weighted average over 4 frames every pair any of them shows, so the average the
-           LLM sees lists every object seen (not in the committed chain: see docs/demo.md).
+           LLM sees lists every object seen (not in the committed chain: see docs/demo-history.md).
   long     --decoys N: N more runs of 1-3 frames of other moments in each long pseudo-video (the
            needle is then not the only short run); --long-anchors N: N distinct frames instead of
            24; --long-grad: gradient through the LLM over the long video's frame rows (tokens
@@ -95,7 +95,7 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            compressor (tower, projector and so the patch rows unchanged). --slot-loss W: the
            compressor's heads become colour slots (head h, from its own attention output, names
            the kinds of the colour-h objects on screen; `SlotHead`), so the one frame token can
-           hold several objects (not in the committed chain: see docs/demo.md).
+           hold several objects (not in the committed chain: see docs/demo-history.md).
   stage 0r --read-steps N (or --read-extra N clips in every instruct step): the LLM alone answers
            many colour, shape, "is there", count and order questions about clips of 1-4 frames,
            mostly with two or more objects on screen (the kind word's fused row holds the kind's
@@ -110,19 +110,19 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            --cand-set W: where a question names its possible answers (order: its two objects), -W
            log of the mass each answer position puts on them, whichever is right, so that the
            model names one of them instead of a third object (tenth session: not learned in 400
-           steps; not in the committed chain: see docs/demo.md).
+           steps; not in the committed chain: see docs/demo-history.md).
   words    --word-scale K: after the warm start the colour words' input embedding rows times K; the
            pre-fusion layers read rows through an RMS norm, so the fused colour-word rows then
            keep their word as a large direction (K = 20: cosine with the word 0.65-0.75 instead of
            0.02), and with --cand-set the LLM learns to name one of the two objects asked about
            (eleventh session: 71 of 71; order 75 % after 550 steps), but shape, count and the
-           needle lost ground (not in the committed chain: see docs/demo.md).
+           needle lost ground (not in the committed chain: see docs/demo-history.md).
   stage 0k --keep-steps N: the pre-fusion layers learn to keep the colour words of order questions
            in their fused rows (each becomes a frozen copy's row plus --keep-gain times its norm
            along the word's embedding), while every other row of every question, the frame tokens
            and the fused prefix stay the frozen copy's (--keep-hold: the weight on the other
            questions' colour-word rows); then --llm-only steps with --cand-set teach the LLM to
-           copy the colour of the object it picks (fourteenth session: see docs/demo.md);
+           copy the colour of the object it picks (fourteenth session: see docs/demo-history.md);
            --keep-count W: the count question's last rows are not held but get --fusion-count's
            read-out (with --keep-gain 0 they are the only rows that move).
   --llm-only: the instruct steps train only the LLM's layers, final norm and output head; the
@@ -135,7 +135,7 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            re-encodes its clips);
            --cached-weight on the count and order losses, --cand-set applies too; the weights best
            on --cached-val other videos' count and order are kept; --cached-file keeps the
-           encoded videos for the next run (seventeenth session: see docs/demo.md).
+           encoded videos for the next run (seventeenth session: see docs/demo-history.md).
            --cached-prefix W: each step also asks "how many" of the first k frames of as many
            training videos (k from --cached-prefix-lengths, one per step), its loss per answer
            token times W added: the count question's rows and the prefix rows are cached at those
@@ -158,7 +158,7 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo.md):
            compressor, projector, pre-fusion layers: --e2e-front times --e2e-lr) and, with
            --e2e-tower above 0, the vision tower, not only the LLM; --e2e-batch videos a step (about
            6 s for 8 on this CPU, against 0.7 s for 16 cached ones), the weights best on --e2e-val
-           other videos' count and order kept (thirty-fifth session: see docs/demo.md).
+           other videos' count and order kept (thirty-fifth session: see docs/demo-history.md).
   --layers above the warm start's: the new LLM layers start as the identity (attention and MLP
            outputs zero), so the warm start answers as before.
   warm start (--init-from DIR): every matching weight of an earlier demo checkpoint, the vision
@@ -3252,7 +3252,7 @@ def parse_args(argv):
                          "the question's last row on the star's frames; 0: off)")
     ap.add_argument("--word-scale", type=float, default=1.0,
                     help="after the warm start, multiply the colour words' input embedding rows by this, so "
-                         "that their rows keep the word through the pre-fusion layers (docs/demo.md)")
+                         "that their rows keep the word through the pre-fusion layers (docs/demo-history.md)")
     ap.add_argument("--cand-set", type=float, default=0.0,
                     help="weight of the candidate-set loss: where a question names its possible answers "
                          "(order: its two objects), -log of the mass the answer puts on them, whichever "

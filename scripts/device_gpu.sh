@@ -57,7 +57,7 @@ train)
     # token held loosely, --token-keep), then G2: stage 0q on G1 (the LLM relearns the tokens).
     # As run: T_STEPS=600 T_MIN=2.0 Q_STEPS=1500 Q_MIN=3.6 Q3_STEPS=2000 Q3_MIN=5.6 BUDGET_S=565.
     # The twenty-third session's next recipe (TOKEN_ROW=fused TOKEN_KEEP=0.01 TOKEN_LR=1e-3) ran on the CPU in the
-    # twenty-fourth as T5 and U1, the checkpoint since; its next run (--keep-count on U1, then stage 0q) is in docs/demo.md.
+    # twenty-fourth as T5 and U1, the checkpoint since; its next run (--keep-count on U1, then stage 0q) is in docs/demo-history.md.
     # G3, beside them on the same GPU: stage 0q from the checkpoint with more videos and steps.
     stamp "G1 / G3 start"
     ( td --out "$W/g1" --init-from "$CKPT" --vision-steps 0 --paraphrase 0.1 --steps 0 --tower-sets "${T_STEPS:-2400}" \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild checkpoints/demo from nothing: the chain of `model.train_demo` runs that made it
-# (docs/demo.md, "How it was trained"). Each run is deterministic for its seed on one device and
+# (docs/demo-history.md, "How it was trained"). Each run is deterministic for its seed on one device and
 # thread count (2 CPU threads here); each starts from the previous one's weights.
 #
 #   scripts/train_demo.sh [WORK_DIR]      # about 14 h 0 min on 2 CPU cores; the result is WORK_DIR/r7
@@ -38,7 +38,7 @@ run --out "$W/d" --seed 3 --init-from "$W/d0" --vision-steps 0 --steps 2300 \
     --whole-videos 0.5 --long-every 4 --ema 0.995 --minutes 600
 
 # (E0, F0 and H0 ran without --paraphrase: each rebuilt the 88-word template vocabulary, and the
-# next run added the 5 paraphrase words back with fresh embeddings; kept as it ran. docs/demo.md)
+# next run added the 5 paraphrase words back with fresh embeddings; kept as it ran. docs/demo-history.md)
 
 # E0. stage 0c again, now also holding the question rows of frames without the asked-about thing
 #     to one row (--null; this run: the referent word's row only), 6.6 min
@@ -168,7 +168,7 @@ run --out "$W/q5" --seed 180 --init-from "$W/v2" --vision-steps 0 --paraphrase 0
     --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 --minutes 95
 
 # Q7 (twentieth session; not kept: its 3-hour needle over 12 videos 78 %, Q5 80 %;
-#     docs/demo.md): Q5 continued on other canvases and shades with "change" replayed,
+#     docs/demo-history.md): Q5 continued on other canvases and shades with "change" replayed,
 #     39.8 min. Uncomment to build it after Q5.
 # run --out "$W/q7" --seed 200 --init-from "$W/q5" --vision-steps 0 --paraphrase 0.1 --steps 0 \
 #     --cached-steps 1200 --cached-videos 2000 --cached-val 200 --needle-every 2 --needle-weight 0.5 \
@@ -186,7 +186,7 @@ run --out "$W/q9" --seed 210 --init-from "$W/q5" --vision-steps 0 --paraphrase 0
 
 # --- issue 11, twenty-third session: the first runs on a GPU (one lent H200; scripts/device_gpu.sh) ---
 # G3 (not kept: its 3-hour needle over 12 videos 75 of 96, 78 %; count and order within a point of
-#     Q9; docs/demo.md): Q9's recipe from Q9 on 4,000 new videos, a 2,000-step schedule that
+#     Q9; docs/demo-history.md): Q9's recipe from Q9 on 4,000 new videos, a 2,000-step schedule that
 #     --minutes 5.6 cut at step 1,339 (--cached-stop-after repeats that), step 1,200 kept by
 #     validation, 5.6 min on the H200 with 7 rendering processes (sharing it with G1 and G2, below).
 #     A GPU gives other (equally valid) weights than this CPU, and CUDA does not promise the same
@@ -230,7 +230,7 @@ run --out "$W/u1" --seed 252 --init-from "$W/t5" --vision-steps 0 --paraphrase 0
 #     40 or 50 frames of 16 of its cached videos); 3,000 new videos, 1,500 steps, step 1,400 kept
 #     by validation; 36.3 min (about 10 of them encoding). Alone it is not the checkpoint: count
 #     62.7 -> 69.7 % on the 300 more videos, but the 3-hour needle 76 of 96 over 12 videos (79 %),
-#     one point under the target (docs/demo.md, twenty-fifth session)
+#     one point under the target (docs/demo-history.md, twenty-fifth session)
 run --out "$W/w1" --seed 280 --init-from "$W/u1" --vision-steps 0 --paraphrase 0.1 --steps 0 \
     --cached-steps 1500 --cached-videos 3000 --cached-val 200 --cached-prefix 0.3 --needle-every 2 \
     --needle-weight 1 --needle-anchors 300 --needle-shortest 300 --needle-longest 10800 --decoys 12 --star-attn 10 \
@@ -385,7 +385,7 @@ run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 
 #     count and order losses reach the pre-fusion layers, compressor, projector and embeddings (half
 #     the LLM's rate) and the vision tower (a quarter); R7's question mix, prefix counts and star /
 #     no-star pairs; --minutes 80 cut it after 797 steps (--e2e-stop-after repeats that), step 797
-#     kept, 80.8 min. Over 900 held-out videos order up, count not (docs/demo.md).
+#     kept, 80.8 min. Over 900 held-out videos order up, count not (docs/demo-history.md).
 # run --out "$W/e1" --seed 350 --init-from "$W/r7" --vision-steps 0 --steps 0 --paraphrase 0.3 --filler 0.3 \
 #     --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change --cached-weight 2 \
 #     --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50 --needle-every 2 --needle-weight 1 \

@@ -97,7 +97,7 @@ def test_loads_with_its_tokenizer(demo):
 
 def test_answers_fresh_videos_well_above_chance(demo):
     """Six fresh 30 s videos (held-out seeds). Measured on the committed checkpoint (run P5,
-    docs/demo.md): shape 12/12, "is there a <colour> <kind>?" 15/16 and colour 6/8 (chance
+    docs/demo-history.md): shape 12/12, "is there a <colour> <kind>?" 15/16 and colour 6/8 (chance
     about 1/4, 1/2 and 1/7; M4 the same, M3 had colour 5/8, H 1/8). Not asserted: the needle
     star and count (`eval-demo` measures them on 90 videos: 96 % and 64 %)."""
     from stream.synthetic import make_scene, questions, score
@@ -715,7 +715,7 @@ def test_probe_demo_seen_reads_the_frame_rows_running_count(capsys):
 
 def test_probe_demo_reads_the_fused_question_rows(capsys):
     """`python -m model.probe_demo` runs on the committed checkpoint and reports held-out
-    accuracies per group (what docs/demo.md's probe table is made of)."""
+    accuracies per group (what docs/demo-history.md's probe table is made of)."""
     from model import probe_demo
     threads = torch.get_num_threads()
     try:
@@ -1131,7 +1131,7 @@ def test_keep_words_turns_the_order_colour_rows_and_holds_the_rest(tmp_path):
     train; on its training batches the order questions' colour-word rows turn towards their word's
     embedding (the teacher's cosine stays about 0); on held-out frames the frame tokens, the fused
     prefix and every row of a shape question but its colour word's stay the teacher's. (That the
-    other questions' colour-word rows stay too takes the full run: docs/demo.md, fourteenth
+    other questions' colour-word rows stay too takes the full run: docs/demo-history.md, fourteenth
     session, K1c: 500 steps of 48 frames.)"""
     from model import LlavaMini
     from model import train_demo as T
@@ -1181,7 +1181,7 @@ def test_tower_adapt_moves_the_tower_alone_and_holds_its_native_features(tmp_pat
     """Stage 0a (--tower-adapt) from the demo checkpoint: only the vision tower trains (every
     LLaVA-Mini weight stays as it was), its curve is logged, and its features on native frames stay
     close to the tower it started from (what it gains on squashed and shaded frames is measured by
-    `eval-demo --size / --palette`, docs/demo.md, thirteenth session)."""
+    `eval-demo --size / --palette`, docs/demo-history.md, thirteenth session)."""
     from model import LlavaMini
     from model import train_demo as T
     from stream import synthetic as S
@@ -1755,6 +1755,10 @@ def test_blend_is_the_weighted_line_between_a_fine_tune_and_its_base(tmp_path, d
         {k: v for k, v in tlog.items() if k != "weights_sha256_16"}
     assert "[blend]" in (out / "train.log").read_text()
     assert not (out / "history").exists()
+    from test_loader import weight_modes
+    want = (out / "config.json").stat().st_mode & 0o777       # what any file made here gets
+    for d in (tuned, out):      # train_demo's weights and the blend's: readable as the rest of the folder
+        assert set(weight_modes(d).values()) == {want}, (d, weight_modes(d))
     m1 = LlavaMini.from_pretrained(out)
     states = _encode(m1, make_scene(10 ** 9 + 7_200, 8.0))
     assert m1.ask(states, "what shape is the red object?", max_new_tokens=4).text
