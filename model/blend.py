@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .tiny import readable
+
 WEIGHT_FILES = ("model.safetensors", "clip-vision/model.safetensors")
 SAME_FILES = ("config.json", "tokenizer.json", "clip-vision/config.json")
 SKIP = set(WEIGHT_FILES) | {"training_log.json", "train.log"}
@@ -60,6 +62,7 @@ def save_weights(sd: dict[str, torch.Tensor], like: Path, path: Path) -> None:
         meta = fh.metadata() or {"format": "pt"}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata=meta)
+    readable(path)
 
 
 def write_logs(out: Path, log: dict, prior_train_log: Path, line: str) -> None:

@@ -69,6 +69,7 @@ def make_clip(folder: Path, *, hidden: int = 64, layers: int = 3, heads: int = 4
     import transformers
     transformers.utils.logging.disable_progress_bar()
     clip.save_pretrained(str(folder), safe_serialization=True)
+    readable(folder)
     from .vision import CLIP_MEAN, CLIP_STD
     (folder / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": {"height": image_size, "width": image_size}, "size": {"shortest_edge": image_size},
@@ -100,11 +101,25 @@ def tiny_config(vocab_size: int, *, hidden=64, layers=2, heads=4, kv_heads=2, in
     }
 
 
+def readable(*paths: Path) -> None:
+    """Give written weight files the mode any other file made here gets (0666 less the umask).
+    safetensors writes through a private temporary file, so its files came out 0600: a checkpoint
+    made by one user (train_demo, blend, widen) could not be served by another (a Ray worker, a
+    container user) that reads the rest of the folder. Folders are walked for *.safetensors."""
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in paths:
+        for f in (sorted(Path(p).rglob("*.safetensors")) if Path(p).is_dir() else [Path(p)]):
+            os.chmod(f, 0o666 & ~mask)
+
+
 def save_weights(out: Path, sd: dict[str, torch.Tensor], shards: int = 1) -> None:
     from safetensors.torch import save_file
     sd = {k: v.contiguous() for k, v in sd.items()}
     if shards <= 1:
         save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+        readable(out / "model.safetensors")
         return
     keys = sorted(sd)
     wm = {}
@@ -112,6 +127,7 @@ def save_weights(out: Path, sd: dict[str, torch.Tensor], shards: int = 1) -> Non
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = {k: sd[k] for k in keys[i::shards]}
         save_file(part, str(out / name), metadata={"format": "pt"})
+        readable(out / name)
         wm.update({k: name for k in part})
     total = sum(v.numel() * v.element_size() for v in sd.values())
     (out / "model.safetensors.index.json").write_text(json.dumps(

@@ -195,7 +195,7 @@ from .compressor import interpolate_pos
 from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
 from .llava_mini import LlavaMini, LlavaMiniNet
 from .prompt import build_input_ids
-from .tiny import build_tokenizer, save_weights, tiny_config
+from .tiny import build_tokenizer, readable, save_weights, tiny_config
 from .vision import CLIP_MEAN, CLIP_STD, VisionTower
 
 TRAIN_SEED_LIMIT = 10 ** 6          # training scene seeds are < this; evaluation uses 10**9 + i
@@ -2897,6 +2897,7 @@ def save_checkpoint(out: Path, net: LlavaMiniNet, vision: VisionTower, cfgd: dic
     clip_dir.mkdir(parents=True, exist_ok=True)
     clip.config._attn_implementation = "eager"
     clip.cpu().save_pretrained(str(clip_dir), safe_serialization=True)
+    readable(clip_dir)
     enc.layers = used
     (clip_dir / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": {"height": a.image_size, "width": a.image_size}, "size": {"shortest_edge": a.image_size},

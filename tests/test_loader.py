@@ -27,6 +27,31 @@ def test_sharded_low_precision_checkpoint_into_float32(tmp_path, stored):
     assert_close(m.video_logits(ids, m.encode_frames(px)), o(ids, px[None, :, None]), atol=1e-4, what="shards")
 
 
+def _umask() -> int:
+    import os
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def weight_modes(folder) -> dict[str, int]:
+    """Every *.safetensors under `folder`, relative path -> permission bits."""
+    return {f.relative_to(folder).as_posix(): f.stat().st_mode & 0o777 for f in sorted(folder.rglob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_written_weights_are_readable_like_every_other_file(tmp_path, shards):
+    """safetensors writes through a private temporary file (0600): the weights of a checkpoint made
+    here must get the mode the folder's other files get (0666 less the umask), so that another user
+    (a Ray worker, a container) can serve it."""
+    ck = make_tiny_checkpoint(tmp_path / "ck", seed=1, shards=shards)
+    modes = weight_modes(ck)
+    assert len(modes) == shards + 1 and "clip-vision/model.safetensors" in modes
+    want = 0o666 & ~_umask()
+    assert set(modes.values()) == {want}, modes
+    assert (ck / "config.json").stat().st_mode & 0o777 == want
+
+
 def test_dtype_defaults_to_the_checkpoint_and_vision_tower_from_config(tmp_path):
     ck = make_tiny_checkpoint(tmp_path / "ck", seed=1, dtype=torch.bfloat16)
     m = LlavaMini.from_pretrained(ck)                      # mm_vision_tower names clip-vision inside the folder
