@@ -482,6 +482,20 @@ def client_from_url(url: str, *, cluster: bool | None = None, socket_timeout: fl
     return client, bool(cluster), safe
 
 
+def check_reachable(url: str, timeout: float = 3.0) -> str:
+    """Ask the Redis at ``url`` for a PING once: `CacheUnavailable` (where it was expected, what came
+    back) when it does not answer, `BadArgument` for a URL that is not one. Returns the URL without
+    its password. `lmstream serve` calls it before Ray starts, so a wrong --redis fails in seconds."""
+    client, _, safe = client_from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client.ping()
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as e:
+        raise CacheUnavailable(f"expected a reachable Redis at {safe}, got {type(e).__name__}: {e}") from None
+    finally:
+        client.close()
+    return safe
+
+
 class RedisFrameCache(FrameCache):
     """`FrameCache` on Redis (standalone or Cluster), same semantics as `InProcessFrameCache`.
 

@@ -28,6 +28,7 @@ from lmcore.errors import BadArgument, CheckpointError, DeviceUnavailable, LmsEr
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CKPT = REPO / "checkpoints" / "demo"
+MIN_DEMO_S = 3.0        # the shortest scene `stream.synthetic.make_scene` draws (MIN_VISIBLE_S)
 RANDOM_CKPT = Path(os.environ.get("LMSTREAM_HOME", Path.home() / ".cache" / "lmstream")) / "tiny-random"
 
 
@@ -107,6 +108,26 @@ def warn_gaps(report: dict | None) -> None:
 MAX_FPS = 1000.0
 
 
+def check_device(device: str, *, here: bool = True) -> None:
+    """--device names cpu or cuda[:N] (else `BadArgument`); with ``here``, a CUDA device must exist on
+    this machine (else `DeviceUnavailable`). `lmstream serve` on a Ray cluster checks only the name:
+    its replicas may run on nodes with GPUs that the head node lacks."""
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BadArgument(f"expected --device cpu or cuda[:N], got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise BadArgument(f"expected --device cpu or cuda[:N], got {device!r}")
+    if dev.type == "cuda" and here:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceUnavailable(f"expected a CUDA GPU for --device {device}, got none on this machine "
+                                    f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
+        if dev.index is not None and dev.index >= n:
+            raise DeviceUnavailable(f"expected --device cuda:0..cuda:{n - 1}, got {device}")
+
+
 def check_common_args(args) -> None:
     """Cheap checks of the model and sampling arguments: before the model loads."""
     import math
@@ -116,19 +137,7 @@ def check_common_args(args) -> None:
     if args.dtype is not None and args.dtype.replace("torch.", "") not in ("float32", "bfloat16", "float16"):
         raise BadArgument(f"expected --dtype float32, bfloat16 or float16, got {args.dtype!r}")
     if args.device is not None:
-        try:
-            dev = torch.device(args.device)
-        except (RuntimeError, ValueError):
-            raise BadArgument(f"expected --device cpu or cuda[:N], got {args.device!r}") from None
-        if dev.type == "cuda":
-            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if n == 0:
-                raise DeviceUnavailable(f"expected a CUDA GPU for --device {args.device}, got none on this machine "
-                                        f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
-            if dev.index is not None and dev.index >= n:
-                raise DeviceUnavailable(f"expected --device cuda:0..cuda:{n - 1}, got {args.device}")
-        elif dev.type != "cpu":
-            raise BadArgument(f"expected --device cpu or cuda[:N], got {args.device!r}")
+        check_device(args.device)
     if args.fps is not None and (not math.isfinite(args.fps) or args.fps < 0 or args.fps > MAX_FPS):
         raise BadArgument(f"expected --fps in (0, {MAX_FPS:g}] frames per second, or 0 for every frame, "
                           f"got {args.fps:g}")
@@ -297,17 +306,20 @@ def cmd_cache(args) -> int:
 
 def cmd_demo(args) -> int:
     """The main job: a synthetic video with known answers, through the whole pipeline."""
+    check_common_args(args)
+    if not args.duration >= MIN_DEMO_S:
+        raise BadArgument(f"expected --duration of at least {MIN_DEMO_S:g} s (a scene holds objects on screen for "
+                          f"3 s or more), got {args.duration:g}")
+    if args.model is None and default_model() is None:
+        args.model = str(random_model())
     if args.service:
-        check_common_args(args)
         from .demo_service import run
         return run(args)
     from stream.ingest import encode_video
     from stream.synthetic import make_scene, questions, score, write_video
-    check_common_args(args)
-    if args.model is None and default_model() is None:
-        args.model = str(random_model())
     m, load_s = load_model(args)
-    print(f"model: {m.name} ({sum(p.numel() for p in m.net.parameters()) / 1e6:.2f} M parameters, "
+    print(f"model: {m.name} ({sum(p.numel() for p in m.net.parameters()) / 1e6:.2f} M parameters and a "
+          f"{sum(p.numel() for p in m.vision.parameters()) / 1e6:.2f} M vision tower up to its select layer, "
           f"{m.dtype}, {m.device}), loaded in {load_s:.2f} s")
     spec = make_scene(args.seed, args.duration, size=(64, 64))
     with tempfile.TemporaryDirectory() as tmp:
@@ -325,7 +337,7 @@ def cmd_demo(args) -> int:
         print(f"context: prompt prefix + {len(states)} frame tokens through the LLM once, "
               f"{(time.perf_counter() - t) * 1e3:.1f} ms; each question below runs only its own rows")
         qas = questions(spec, per_family=1)
-        right, closed, picked = 0, 0, 0
+        right, closed, picked, unscorable = 0, 0, 0, 0
         print()
         print(f"{'family':<8} {'question':<52} {'truth':<16} {'answer':<16} {'ok':<4} {'choice':<16} ok")
         for qa in qas:
@@ -334,14 +346,20 @@ def cmd_demo(args) -> int:
             right += ok
             pick, pok = "-", ""
             if qa.choices and len(qa.choices) >= 2:          # a fixed answer set: the likeliest of it too
-                pick = m.ask(ctx, qa.question, choices=qa.choices).text
-                pok = "yes" if score(qa, pick) else "no"
-                closed += 1
-                picked += pok == "yes"
+                try:
+                    pick = m.ask(ctx, qa.question, choices=qa.choices).text
+                except BadArgument:     # a candidate this tokenizer cannot spell (a random tiny model's)
+                    pick, unscorable = "(unknown words)", unscorable + 1
+                else:
+                    pok = "yes" if score(qa, pick) else "no"
+                    closed += 1
+                    picked += pok == "yes"
             print(f"{qa.family:<8} {qa.question[:52]:<52} {qa.answer[:16]:<16} {ans.text[:16]:<16} "
                   f"{'yes' if ok else 'no':<4} {pick[:16]:<16} {pok}")
         print(f"\n{right}/{len(qas)} correct; of the {closed} with a fixed answer set, {picked} correct as the "
-              f"likeliest candidate (`choice`: lmstream ask --choice A --choice B ...)")
+              f"likeliest candidate (`choice`: lmstream ask --choice A --choice B ...)" +
+              (f"; {unscorable} not scored: their candidates hold words this model's tokenizer lacks"
+               if unscorable else ""))
         print(f"last answer: policy {ans.policy}, fuse {ans.timings['fuse_s'] * 1e3:.1f} ms, "
               f"prefill {ans.timings['prefill_s'] * 1e3:.1f} ms, generate {ans.timings['generate_s'] * 1e3:.1f} ms")
         if Path(m.name).name == RANDOM_CKPT.name:

@@ -31,6 +31,17 @@ def _start_service(data: Path, model: str | None, key: str) -> tuple[subprocess.
     return proc, ready["url"], log
 
 
+def _print_log_tail(log: Path, lines: int = 40) -> None:
+    """The service's last log lines on stderr: the demo failed, and its folder is about to go."""
+    try:
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    print(f"--- the last {len(tail)} lines of the service's log ({log}):", file=sys.stderr)
+    print("\n".join(tail), file=sys.stderr)
+    print("---", file=sys.stderr)
+
+
 def _stop(proc: subprocess.Popen) -> float:
     from lmcore.procs import stop_child
     t = time.perf_counter()
@@ -48,7 +59,8 @@ def run(args) -> int:
         print("service: starting `lmstream serve` (Redis, Ray Serve, the demo model) ...", flush=True)
         proc, url, log = _start_service(tmpd, args.model, key)
         try:
-            print(f"service: ready at {url} in {time.perf_counter() - t0:.1f} s (log {log.name})")
+            print(f"service: ready at {url} in {time.perf_counter() - t0:.1f} s (its log, {log}, is printed "
+                  "here if the demo fails; the folder goes when it ends)")
             spec = make_scene(args.seed, args.duration, size=(64, 64))
             video = Path(args.out) if args.out else tmpd / f"synthetic-{args.seed}.mp4"
             write_video(spec, video)
@@ -119,13 +131,20 @@ def run(args) -> int:
                 pick = next((q for q in closed if q.family == "order"), closed[0] if closed else None)
                 if pick is not None:                        # the same question, answered from its candidates
                     a = c.post(f"/v1/videos/{vid}/questions", json={"question": pick.question, "choices": pick.choices})
-                    a.raise_for_status()
-                    got = a.json()
-                    ch = sorted(got["choices"], key=lambda d: -d["logprob"])
-                    print(f"with \"choices\" ({len(ch)} candidates): {pick.question!r} -> {got['text']!r} "
-                          f"(log-probability {ch[0]['logprob']:.2f}; next {ch[1]['text']!r} {ch[1]['logprob']:.2f}); "
-                          f"truth {pick.answer!r}")
+                    err = a.json().get("error", {}) if a.status_code in (400, 422) else {}
+                    if err.get("code") == "E_BAD_ARGUMENT":     # a random tiny model's tokenizer lacks the words
+                        print(f"with \"choices\": {pick.question!r} not scored: {err.get('message')}")
+                    else:
+                        a.raise_for_status()
+                        got = a.json()
+                        ch = sorted(got["choices"], key=lambda d: -d["logprob"])
+                        print(f"with \"choices\" ({len(ch)} candidates): {pick.question!r} -> {got['text']!r} "
+                              f"(log-probability {ch[0]['logprob']:.2f}; next {ch[1]['text']!r} "
+                              f"{ch[1]['logprob']:.2f}); truth {pick.answer!r}")
             _live_demo(url, key, video, qas[-1])
+        except BaseException:
+            _print_log_tail(log)
+            raise
         finally:
             s = _stop(proc)
             print(f"service: stopped in {s:.1f} s (Serve, Ray and Redis); total {time.perf_counter() - t0:.1f} s")

@@ -65,6 +65,12 @@ def _wait_ready(url: str, key: str, timeout: float, alive) -> None:
                     return
         except urllib.error.HTTPError as e:
             last = f"HTTP {e.code}"
+            try:                        # /ready's 503 names what does not answer (Redis, a model replica)
+                msg = json.loads(e.read() or b"{}").get("error", {}).get("message")
+            except (ValueError, OSError, AttributeError):
+                msg = None
+            if msg:
+                last += f" ({msg})"
         except (urllib.error.URLError, OSError) as e:
             last = str(e)
         time.sleep(0.5)
@@ -116,6 +122,13 @@ def cmd_serve(args) -> int:
     for d in settings.allowed_dirs:
         if not os.path.isdir(d):
             raise BadArgument(f"expected --allowed-dir to be an existing folder, got {d}")
+    if settings.device:
+        from .cli import check_device
+        check_device(settings.device, here=not args.ray_address)
+    if args.redis is not None or os.environ.get("LMSTREAM_REDIS_URL"):
+        # someone else's Redis (else we start our own below): reachable before Ray starts, or a clear error now
+        from frame_cache.redis_cache import check_reachable
+        check_reachable(settings.redis_url)
     settings, generated = settings.with_generated_key()
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)

@@ -290,6 +290,41 @@ def test_serve_refuses_a_busy_port_and_rays_agent_port_before_starting_anything(
     assert not (tmp_path / "d" / "redis").exists() and not (tmp_path / "d" / "ray").exists()
 
 
+def test_serve_refuses_an_unreachable_redis_and_a_missing_device_before_starting_anything(tmp_path):
+    """A --redis (or LMSTREAM_REDIS_URL) nobody answers on is E_CACHE_UNAVAILABLE (exit 6) before Ray
+    starts, not a /ready that times out minutes later; --device cuda on a machine without one is
+    E_DEVICE_UNAVAILABLE (exit 2) and a device that is no device E_BAD_ARGUMENT, as `ask` says them."""
+    import torch
+    from frame_cache.redis_server import free_port
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    for args, env in (((["--redis", dead]), None), ([], {"LMSTREAM_REDIS_URL": dead})):
+        r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", *args, env=env)
+        assert_one_line_error(r, "E_CACHE_UNAVAILABLE", f"reachable Redis at {dead}", "got ConnectionError")
+        assert r.returncode == 6
+    r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", "--device", "tpu")
+    assert_one_line_error(r, "E_BAD_ARGUMENT", "--device cpu or cuda[:N], got 'tpu'")
+    if not torch.cuda.is_available():
+        r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", "--device", "cuda")
+        assert_one_line_error(r, "E_DEVICE_UNAVAILABLE", "expected a CUDA GPU for --device cuda")
+        assert r.returncode == 2
+    assert not (tmp_path / "d" / "redis").exists() and not (tmp_path / "d" / "ray").exists()
+
+
+def test_demo_checks_its_duration_and_runs_on_a_model_that_cannot_spell_the_choices(tmp_path):
+    """`lmstream demo` on a random tiny checkpoint (what it falls back to without a trained one): its
+    tokenizer lacks colour words such as "purple", so those questions' candidates are reported as not
+    scored instead of ending the demo; a duration under the shortest scene is refused up front."""
+    from model.tiny import make_tiny_checkpoint
+    ck = make_tiny_checkpoint(tmp_path / "tiny", seed=0)
+    r = run("demo", "--duration", "8", "--model", ck)
+    assert r.returncode == 0, r.stderr
+    assert "ingest: 8 frames" in r.stdout and "not scored: their candidates hold words" in r.stdout
+    assert "(unknown words)" in r.stdout
+    for bad in ("0", "-5", "nan"):
+        assert_one_line_error(run("demo", "--duration", bad, "--model", ck), "E_BAD_ARGUMENT",
+                              "--duration of at least 3 s")
+
+
 def test_free_port_stays_out_of_the_kernels_range_and_never_repeats(monkeypatch):
     import frame_cache.redis_server as rs
     lo, hi = rs._port_range()
