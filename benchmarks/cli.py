@@ -1,4 +1,4 @@
-"""`lmstream bench {flops,cpu,gpu}`: the benchmarks behind the command line (see docs/benchmarks.md).
+"""`lmstream bench {flops,cpu,gpu,cache,memory,load}`: the benchmarks behind the command line (see docs/benchmarks.md).
 
     lmstream bench flops [--frames 1000,10000,20000] [--budget 512] [--json]   # 8B FLOPs and bytes, meta tensors
     lmstream bench cpu [--plot out/bench_cpu.png] [--json]                       # CPU wall clock, small config
@@ -109,7 +109,8 @@ def _runner(module: str):
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("bench", help="benchmarks: FLOPs and bytes at 8B, CPU wall clock, GPU",
+    p = subparsers.add_parser("bench", help="benchmarks: FLOPs and bytes at 8B, CPU and GPU wall clock, frame "
+                                       "cache, memory at 8B, load on the service",
                               description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="bench", required=True)
     for name, add, text in (("flops", flops_arguments, "machine-independent FLOPs and bytes at the 8B shapes "

@@ -451,8 +451,13 @@ def _run(args) -> int:
     if palette not in PALETTES:
         from lmcore.errors import BadArgument
         raise BadArgument(f"expected --palette among {', '.join(PALETTES)}, got {palette!r}")
+    quiet = not (args.verbose or args.progress)
+    tty = quiet and sys.stderr.isatty()
     for tier in tiers:
         n = counts.get(tier, 0)
+        if quiet and n:                 # a line a tier (and a counter on a terminal): the run takes minutes
+            print(f"[eval-demo] {tier}: {n} video{'s' * (n != 1)} ({time.perf_counter() - t_all:.0f} s so far; "
+                  "--progress for a line a video)", file=sys.stderr, flush=True)
         for i in range(n):
             spec, qas = tier_video(tier, i, base, size=size, palette=None if palette == "default" else palette)
             seed = spec.seed
@@ -496,6 +501,9 @@ def _run(args) -> int:
             videos_info.append(info)
             if args.verbose or args.progress:
                 print(f"[eval-demo] {tier} video {i + 1}/{n} seed {seed}: {info}", file=sys.stderr)
+            elif tty:
+                print(f"\r[eval-demo] {tier}: {i + 1}/{n} done", end="\n" if i + 1 == n else "", file=sys.stderr,
+                      flush=True)
             del states
     result = summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all, args, trials)
     if args.out:
