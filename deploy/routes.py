@@ -169,7 +169,7 @@ class Metrics:
 
 
 def _retain(spec) -> dict | None:
-    """A request's `retain` (DESIGN.md section 9) checked and normalised for the stream's meta."""
+    """A request's `retain` (docs/design.md section 9) checked and normalised for the stream's meta."""
     from frame_cache.retention import Retention
     try:
         r = Retention.parse(spec)
@@ -196,10 +196,13 @@ def build_api() -> FastAPI:
         if first.get("type") == "json_invalid":
             pos = first.get("loc", ("body", "?"))[-1]
             return error_response(InvalidRequest(f"expected a JSON body, got invalid JSON (error at position {pos})"))
+        msg = first.get("msg", "a valid value")
+        if msg.startswith("Value error, expected"):     # our own validators' words already say expected and got
+            return error_response(InvalidRequest(msg[len("Value error, "):]))
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
         got = first.get("input")
         got_s = json.dumps(got)[:200] if got is not None and not isinstance(got, (bytes, bytearray)) else "nothing"
-        return error_response(InvalidRequest(f"expected {where}: {first.get('msg', 'a valid value')}, got {got_s}"))
+        return error_response(InvalidRequest(f"expected {where}: {msg}, got {got_s}"))
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, e: StarletteHTTPException):
@@ -499,7 +502,7 @@ def build_api() -> FastAPI:
 
         1. `{"type": "start", "stream_id": null | ID, "fps": 1, "format": "jpeg"}` -> `{"type": "started",
            "stream_id"}`; an existing id is continued (this socket becomes its writer; an older writer
-           is fenced off). Optional `"retain": {"exact_s", "kv", "kv_stride"}` (DESIGN.md section 9)
+           is fenced off). Optional `"retain": {"exact_s", "kv", "kv_stride"}` (docs/design.md section 9)
            for a new stream.
         2. binary messages, one JPEG/PNG frame each, timestamped by a preceding `{"type": "frame",
            "pts": S}` or by arrival time; sampled at `fps`; `{"type": "ingested", "frames", "last_pts"}`
@@ -520,8 +523,11 @@ def build_api() -> FastAPI:
             return
         h = ws.headers.get("authorization", "")
         key = h[7:].strip() if h.lower().startswith("bearer ") else ws.query_params.get("token")
-        if not key or not any(secrets.compare_digest(key.encode(), k.encode()) for k in b.settings.api_keys):
-            await ws.close(code=1008, reason="expected a valid API key (?token= or Authorization), got none")
+        if not key:
+            await ws.close(code=1008, reason="expected an API key (?token= or Authorization), got none")
+            return
+        if not any(secrets.compare_digest(key.encode(), k.encode()) for k in b.settings.api_keys):
+            await ws.close(code=1008, reason="expected a valid API key, got one the service does not know")
             return
         sess = _LiveSession(b, ws, metrics, inflight)
         try:

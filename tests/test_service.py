@@ -380,6 +380,9 @@ def test_uploads_stream_to_the_data_folder_and_rejects_leave_nothing(service, me
         assert r.status_code == 422 and r.json()["error"]["code"] == "E_INVALID_REQUEST"
         r = c.post("/v1/videos/x/questions", content=b"{bad", headers={"content-type": "application/json"})
         assert r.status_code == 422 and "invalid JSON" in r.json()["error"]["message"]
+        r = c.post("/v1/videos/x/questions", json={"question": "q", "window": [40, 10]})
+        msg = r.json()["error"]["message"]                       # our validator's own words, said once
+        assert r.status_code == 422 and msg == "expected window [start, end] with 0 <= start < end, got [40.0, 10.0]"
     assert _uploads(service) == before                           # nothing left behind
 
 
@@ -501,7 +504,7 @@ def test_websocket_push_ask_attach_stop(service, media, demo_model):
 
 def test_retention_over_a_websocket_stream_reports_the_mix_and_stays_exact_in_the_hot_window(service, media,
                                                                                               demo_model):
-    """A live stream with `retain` (DESIGN.md section 9): the last 10 s keep exact keys/values, older
+    """A live stream with `retain` (docs/design.md section 9): the last 10 s keep exact keys/values, older
     frames none. A question over the last 10 s equals the engine's exact answer; one over the whole
     stream equals the engine fusing exactly those 10 frames (the LLM still sees all 40 tokens), and
     says so in `policy`. A bad `retain` is refused with the field named."""
@@ -820,7 +823,12 @@ def test_websocket_auth_size_limit_and_bad_messages(service):
         async with websockets.connect(_ws_url(service, token="wrong")) as ws:
             with pytest.raises(websockets.ConnectionClosed):
                 await ws.recv()
-            assert ws.close_code == 1008
+            assert ws.close_code == 1008 and ws.close_reason == ("expected a valid API key, got one the service "
+                                                                 "does not know")
+        async with websockets.connect(_ws_url(service, token=None)) as ws:       # no key at all
+            with pytest.raises(websockets.ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1008 and ws.close_reason.endswith("got none")
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
             await ws.send("{not json")
             m = json.loads(await ws.recv())
