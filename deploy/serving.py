@@ -241,7 +241,7 @@ class EncoderCore:
 
 
     def _apply_retention(self, sid: str) -> None:
-        """Demote the frames of `sid` that left its hot window (its `retain`, DESIGN.md section 9).
+        """Demote the frames of `sid` that left its hot window (its `retain`, docs/design.md section 9).
         A failure here is logged, not the frames' failure: they are stored, only not demoted yet."""
         from frame_cache.retention import RetentionRunner, retention_of
         try:

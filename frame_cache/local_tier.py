@@ -1,6 +1,6 @@
 """Keys/values where a question can read them fast: a tier local to the answering process.
 
-DESIGN.md section 9: Redis holds the durable ring, but an exact question over a long window at 8B
+docs/design.md section 9: Redis holds the durable ring, but an exact question over a long window at 8B
 shapes reads ~9.45 MB of keys/values per frame, which Redis on loopback moves at 0.3-0.5 GB/s. So
 the Answerer keeps the full records it has read in a memory-mapped local file per stream, and reads
 them from there the next time: page-cache speed, no network, no Redis CPU.

@@ -1,4 +1,4 @@
-"""Retention tiers: what each stored frame keeps as it ages (DESIGN.md section 9).
+"""Retention tiers: what each stored frame keeps as it ages (docs/design.md section 9).
 
     retain = Retention.parse({"exact_s": 600, "kv": "fp8", "kv_stride": 10})
     runner = RetentionRunner(cache, "cam-1", retain)

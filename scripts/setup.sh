@@ -2,7 +2,7 @@
 # Set up (or refresh) the project's virtual environment in .venv.
 #   scripts/setup.sh            runtime only
 #   scripts/setup.sh test       plus what the tests need
-# torch is pinned to the CPU build first: an unpinned torch would pull GBs of CUDA wheels.
+# torch is pinned to its CPU build first (2.13.0+cpu): an unpinned torch would pull GBs of CUDA wheels.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,7 +19,16 @@ echo "setting up .venv (first run: about a minute; log in $log)" >&2
 : >"$log"
 pipq --upgrade pip
 if ! python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
-    pipq "torch==2.13.0"
+    # The CPU build, 2.13.0+cpu: from a local wheel folder (pip's find-links) when it has one, else
+    # from PyTorch's CPU index (LMSTREAM_TORCH_INDEX to use another). PyPI's own Linux torch is the
+    # CUDA build, several GB with its nvidia-* wheels, so a plain "torch==2.13.0" is the last resort.
+    if python -m pip install --no-index --no-deps "torch==2.13.0+cpu" >>"$log" 2>&1; then
+        pipq "torch==2.13.0+cpu"                               # its dependencies, from the indexes
+    elif ! python -m pip install "torch==2.13.0+cpu" --index-url "${LMSTREAM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" \
+            --extra-index-url https://pypi.org/simple >>"$log" 2>&1; then
+        echo "torch 2.13.0+cpu not found locally or on the CPU index; trying torch==2.13.0 from the indexes" >&2
+        pipq "torch==2.13.0"
+    fi
 fi
 # System packages the service and the tests start themselves (never started here): redis-server.
 # Debian's packages, as root (apt-get does not start it).

@@ -99,7 +99,7 @@ def ingest_video(model, path, cache: FrameCache, stream_id: str, *, fps: float |
 
     `retain`: a retention policy (`frame_cache.retention.Retention` or its dict / CLI form), stored
     in the stream's meta and applied after every batch: frames that leave the hot window keep
-    their keys/values in the policy's form or none (DESIGN.md section 9). None keeps all exact."""
+    their keys/values in the policy's form or none (docs/design.md section 9). None keeps all exact."""
     from frame_cache.retention import Retention, RetentionRunner
     retain = Retention.parse(retain)
     start, end = window if window is not None else (None, None)

@@ -1,4 +1,4 @@
-"""Retention tiers (DESIGN.md section 9): frames that leave a stream's hot window keep their
+"""Retention tiers (docs/design.md section 9): frames that leave a stream's hot window keep their
 keys/values in a cheaper form or none; questions inside the hot window stay exact, questions over
 a mixed window equal an oracle that fuses exactly the frames that kept keys/values, and report
 the mix. Both frame-cache backends."""
