@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -108,7 +109,7 @@ def warn_gaps(report: dict | None) -> None:
 MAX_FPS = 1000.0
 
 
-def check_device(device: str, *, here: bool = True) -> None:
+def check_device(device: str, *, here: bool = True, name: str = "--device") -> None:
     """--device names cpu or cuda[:N] (else `BadArgument`); with ``here``, a CUDA device must exist on
     this machine (else `DeviceUnavailable`). `lmstream serve` on a Ray cluster checks only the name:
     its replicas may run on nodes with GPUs that the head node lacks."""
@@ -116,16 +117,16 @@ def check_device(device: str, *, here: bool = True) -> None:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise BadArgument(f"expected --device cpu or cuda[:N], got {device!r}") from None
+        raise BadArgument(f"expected {name} cpu or cuda[:N], got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise BadArgument(f"expected --device cpu or cuda[:N], got {device!r}")
+        raise BadArgument(f"expected {name} cpu or cuda[:N], got {device!r}")
     if dev.type == "cuda" and here:
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if n == 0:
-            raise DeviceUnavailable(f"expected a CUDA GPU for --device {device}, got none on this machine "
+            raise DeviceUnavailable(f"expected a CUDA GPU for {name} {device}, got none on this machine "
                                     f"(torch {torch.__version__}, CUDA available: {torch.cuda.is_available()})")
         if dev.index is not None and dev.index >= n:
-            raise DeviceUnavailable(f"expected --device cuda:0..cuda:{n - 1}, got {device}")
+            raise DeviceUnavailable(f"expected {name} cuda:0..cuda:{n - 1}, got {device}")
 
 
 def check_common_args(args) -> None:
@@ -307,7 +308,7 @@ def cmd_cache(args) -> int:
 def cmd_demo(args) -> int:
     """The main job: a synthetic video with known answers, through the whole pipeline."""
     check_common_args(args)
-    if not args.duration >= MIN_DEMO_S:
+    if not (math.isfinite(args.duration) and args.duration >= MIN_DEMO_S):
         raise BadArgument(f"expected --duration of at least {MIN_DEMO_S:g} s (a scene holds objects on screen for "
                           f"3 s or more), got {args.duration:g}")
     if args.model is None and default_model() is None:
@@ -337,7 +338,7 @@ def cmd_demo(args) -> int:
         print(f"context: prompt prefix + {len(states)} frame tokens through the LLM once, "
               f"{(time.perf_counter() - t) * 1e3:.1f} ms; each question below runs only its own rows")
         qas = questions(spec, per_family=1)
-        right, closed, picked, unscorable = 0, 0, 0, 0
+        right, closed, picked, refused = 0, 0, 0, {}     # refused: why a question's candidates were not scored
         print()
         print(f"{'family':<8} {'question':<52} {'truth':<16} {'answer':<16} {'ok':<4} {'choice':<16} ok")
         for qa in qas:
@@ -348,8 +349,9 @@ def cmd_demo(args) -> int:
             if qa.choices and len(qa.choices) >= 2:          # a fixed answer set: the likeliest of it too
                 try:
                     pick = m.ask(ctx, qa.question, choices=qa.choices).text
-                except BadArgument:     # a candidate this tokenizer cannot spell (a random tiny model's)
-                    pick, unscorable = "(unknown words)", unscorable + 1
+                except BadArgument as e:    # e.g. a candidate a random tiny model's tokenizer cannot spell
+                    pick = "(not scored)"
+                    refused.setdefault(e.message, []).append(qa.family)
                 else:
                     pok = "yes" if score(qa, pick) else "no"
                     closed += 1
@@ -358,8 +360,9 @@ def cmd_demo(args) -> int:
                   f"{'yes' if ok else 'no':<4} {pick[:16]:<16} {pok}")
         print(f"\n{right}/{len(qas)} correct; of the {closed} with a fixed answer set, {picked} correct as the "
               f"likeliest candidate (`choice`: lmstream ask --choice A --choice B ...)" +
-              (f"; {unscorable} not scored: their candidates hold words this model's tokenizer lacks"
-               if unscorable else ""))
+              (f"; {sum(map(len, refused.values()))} not scored" if refused else ""))
+        for why, fams in refused.items():
+            print(f"  not scored ({', '.join(fams)}): {why}")
         print(f"last answer: policy {ans.policy}, fuse {ans.timings['fuse_s'] * 1e3:.1f} ms, "
               f"prefill {ans.timings['prefill_s'] * 1e3:.1f} ms, generate {ans.timings['generate_s'] * 1e3:.1f} ms")
         if Path(m.name).name == RANDOM_CKPT.name:

@@ -142,7 +142,7 @@ def run(args) -> int:
                               f"(log-probability {ch[0]['logprob']:.2f}; next {ch[1]['text']!r} "
                               f"{ch[1]['logprob']:.2f}); truth {pick.answer!r}")
             _live_demo(url, key, video, qas[-1])
-        except BaseException:
+        except Exception:                       # a failure, not Ctrl-C: the log says why
             _print_log_tail(log)
             raise
         finally:

@@ -124,9 +124,11 @@ def cmd_serve(args) -> int:
             raise BadArgument(f"expected --allowed-dir to be an existing folder, got {d}")
     if settings.device:
         from .cli import check_device
-        check_device(settings.device, here=not args.ray_address)
-    if args.redis is not None or os.environ.get("LMSTREAM_REDIS_URL"):
-        # someone else's Redis (else we start our own below): reachable before Ray starts, or a clear error now
+        check_device(settings.device, here=not args.ray_address,
+                     name="--device" if args.device else "LMSTREAM_DEVICE")
+    if (args.redis is not None or os.environ.get("LMSTREAM_REDIS_URL")) and not args.ray_address:
+        # someone else's Redis (else we start our own below): reachable before Ray starts, or a clear error now.
+        # Not on a cluster: its replicas may reach a Redis this driver's host cannot
         from frame_cache.redis_cache import check_reachable
         check_reachable(settings.redis_url)
     settings, generated = settings.with_generated_key()

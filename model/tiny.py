@@ -101,14 +101,28 @@ def tiny_config(vocab_size: int, *, hidden=64, layers=2, heads=4, kv_heads=2, in
     }
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux 4.7+): setting
+    it to read it would, for a moment, change the mode of files other threads create."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def readable(*paths: Path) -> None:
     """Give written weight files the mode any other file made here gets (0666 less the umask).
     safetensors writes through a private temporary file, so its files came out 0600: a checkpoint
     made by one user (train_demo, blend, widen) could not be served by another (a Ray worker, a
     container user) that reads the rest of the folder. Folders are walked for *.safetensors."""
     import os
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for p in paths:
         for f in (sorted(Path(p).rglob("*.safetensors")) if Path(p).is_dir() else [Path(p)]):
             os.chmod(f, 0o666 & ~mask)

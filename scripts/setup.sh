@@ -19,15 +19,16 @@ echo "setting up .venv (first run: about a minute; log in $log)" >&2
 : >"$log"
 pipq --upgrade pip
 if ! python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
-    # The CPU build, 2.13.0+cpu: from a local wheel folder (pip's find-links) when it has one, else
-    # from PyTorch's CPU index (LMSTREAM_TORCH_INDEX to use another). PyPI's own Linux torch is the
-    # CUDA build, several GB with its nvidia-* wheels, so a plain "torch==2.13.0" is the last resort.
-    if python -m pip install --no-index --no-deps "torch==2.13.0+cpu" >>"$log" 2>&1; then
-        pipq "torch==2.13.0+cpu"                               # its dependencies, from the indexes
-    elif ! python -m pip install "torch==2.13.0+cpu" --index-url "${LMSTREAM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" \
-            --extra-index-url https://pypi.org/simple >>"$log" 2>&1; then
-        echo "torch 2.13.0+cpu not found locally or on the CPU index; trying torch==2.13.0 from the indexes" >&2
+    # The CPU build. PyPI's own Linux torch is the CUDA build (several GB with its nvidia-* wheels), so
+    # on Linux: 2.13.0+cpu from a local wheel folder when pip has one (find-links), else from PyTorch's
+    # CPU index added to the configured ones (LMSTREAM_TORCH_INDEX names another). macOS wheels on PyPI
+    # are CPU builds already.
+    if [ "$(uname -s)" = Darwin ]; then
         pipq "torch==2.13.0"
+    elif python -m pip install --no-index --no-deps "torch==2.13.0+cpu" >>"$log" 2>&1; then
+        pipq "torch==2.13.0+cpu"                               # its dependencies, from the indexes
+    else
+        pipq "torch==2.13.0+cpu" --extra-index-url "${LMSTREAM_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
     fi
 fi
 # System packages the service and the tests start themselves (never started here): redis-server.

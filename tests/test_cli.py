@@ -303,10 +303,12 @@ def test_serve_refuses_an_unreachable_redis_and_a_missing_device_before_starting
         assert r.returncode == 6
     r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", "--device", "tpu")
     assert_one_line_error(r, "E_BAD_ARGUMENT", "--device cpu or cuda[:N], got 'tpu'")
-    if not torch.cuda.is_available():
-        r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", "--device", "cuda")
-        assert_one_line_error(r, "E_DEVICE_UNAVAILABLE", "expected a CUDA GPU for --device cuda")
-        assert r.returncode == 2
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gone = "cuda" if n == 0 else f"cuda:{n}"                            # a GPU this machine does not have
+    r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", "--device", gone)
+    assert_one_line_error(r, "E_DEVICE_UNAVAILABLE", "expected a CUDA GPU for --device cuda" if n == 0
+                          else f"expected --device cuda:0..cuda:{n - 1}, got {gone}")
+    assert r.returncode == 2
     assert not (tmp_path / "d" / "redis").exists() and not (tmp_path / "d" / "ray").exists()
 
 
@@ -318,9 +320,9 @@ def test_demo_checks_its_duration_and_runs_on_a_model_that_cannot_spell_the_choi
     ck = make_tiny_checkpoint(tmp_path / "tiny", seed=0)
     r = run("demo", "--duration", "8", "--model", ck)
     assert r.returncode == 0, r.stderr
-    assert "ingest: 8 frames" in r.stdout and "not scored: their candidates hold words" in r.stdout
-    assert "(unknown words)" in r.stdout
-    for bad in ("0", "-5", "nan"):
+    assert "ingest: 8 frames" in r.stdout and "(not scored)" in r.stdout
+    assert "in words this model's tokenizer knows" in r.stdout        # each reason printed once, with its families
+    for bad in ("0", "-5", "nan", "inf"):
         assert_one_line_error(run("demo", "--duration", bad, "--model", ck), "E_BAD_ARGUMENT",
                               "--duration of at least 3 s")
 
