@@ -141,6 +141,10 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo-history.md):
            token times W added: the count question's rows and the prefix rows are cached at those
            lengths as exact frame averages, so one encoded video gives five count answers, not
            one (twenty-fifth session).
+           --cached-windows W: the same for a window of k frames that starts later (k from
+           --cached-window-lengths, its start drawn per video): "how many objects in these k
+           frames?", as `ask(window=...)` puts it, with objects already moving and partly
+           gone, not the video's opening (thirty-eighth session).
            --cached-seen W: each frame row's own output (through the LLM's head; unused at
            inference) must name how many objects the video has shown up to that frame, its
            cross-entropy times W added per video (thirty-sixth session).
@@ -2450,13 +2454,15 @@ def trim_heap() -> None:
 
 def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int, dev, what: str,
                  t_start: float, per_batch: int = 4, replay: tuple[str, ...] = Q_REPLAY,
-                 prefix: tuple[int, ...] = ()) -> list[dict]:
+                 prefix: tuple[int, ...] = (), windows: tuple[int, ...] = ()) -> list[dict]:
     """`n` of `whole_video`'s videos (the number of objects cycling 1..5, so each count answer is
     as common) encoded once, without gradient, into what the LLM reads: per video the frame
     tokens (K, nq, H), the fused prefix and each question's fused rows, averaged over the frames
     exactly as `video_loss` averages them (`cached_loss` reads them). `prefix` (--cached-prefix):
     for each length k in it also the count question's fused rows and the fused prefix averaged
-    over the first k frames alone, and that prefix's count ("prefix": {k: (pre, fused, answer)})."""
+    over the first k frames alone, and that prefix's count ("prefix": {k: (pre, fused, answer)}).
+    `windows` (--cached-windows): the same over k frames from a start drawn in 1..K-k from the
+    video's seed ("window": {k: (start, pre, fused, answer)}), the count of what those frames show."""
     out: list[dict] = []
     was = trainer.net.training
     trainer.net.eval()
@@ -2483,13 +2489,23 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                             "seen": torch.tensor(prefix_counts(s.spec, s.times)[1:]),      # --cached-seen
                             "sets": trainer.frame_pairs(s.spec, s.times)[0].to("cpu", torch.uint8)})  # --oracle-sets
                 ci = next((i for i, q in enumerate(s.qas) if q.family == "count"), None)
-                if prefix and ci is not None:
+                if (prefix or windows) and ci is not None:
                     K, Sq = len(s.times), qid.shape[1]
                     crow = rows.view(K, len(s.qas), Sq, -1)[:, ci].float()          # (K, Sq, H), per frame
                     pf, counts = po[sl].float(), prefix_counts(s.spec, s.times)
                     # the mean over the first k frames, as `fuse_questions` and the prefix average take it
-                    out[-1]["prefix"] = {k: (pf[:k].mean(0).to(po.dtype), crow[:k].mean(0).to(rows.dtype)[None],
-                                             counts[k]) for k in prefix if 0 < k < K and counts[k] > 0}
+                    if prefix:
+                        out[-1]["prefix"] = {k: (pf[:k].mean(0).to(po.dtype), crow[:k].mean(0).to(rows.dtype)[None],
+                                                 counts[k]) for k in prefix if 0 < k < K and counts[k] > 0}
+                    wr = np.random.default_rng([s.spec.seed, 0x3D0])
+                    for k in windows:
+                        if not 0 < k < K:
+                            continue
+                        w0 = int(wr.integers(1, K - k + 1))
+                        n = len({o for t in s.times[w0:w0 + k] for o in S.visible_objects(s.spec, t)})
+                        if n:
+                            out[-1].setdefault("window", {})[k] = (
+                                w0, pf[w0:w0 + k].mean(0).to(po.dtype), crow[w0:w0 + k].mean(0).to(rows.dtype)[None], n)
             if len(out) % 200 < per_batch:
                 trim_heap()
                 say(f"[train_demo] cached {what} videos {len(out):5d}/{n} {(time.perf_counter() - t_start) / 60:5.1f} min")
@@ -2582,6 +2598,19 @@ def prefix_batch(videos: list[dict], k: int) -> list[dict]:
         out.append({"tokens": v["tokens"][:k], "pre": pre, "fused": fused,
                     "qas": [dataclasses.replace(q, answer=str(n))],
                     **({"sets": v["sets"][:k]} if "sets" in v else {})})
+    return out
+
+
+def window_batch(videos: list[dict], k: int) -> list[dict]:
+    """--cached-windows: `videos` (with a cached window of `k` frames) as those `k`-frame videos, asked
+    only "how many objects?" with the window's answer, for `cached_loss`."""
+    out = []
+    for v in videos:
+        w0, pre, fused, n = v["window"][k]
+        q = next(q for q in v["qas"] if q.family == "count")
+        out.append({"tokens": v["tokens"][w0:w0 + k], "pre": pre, "fused": fused,
+                    "qas": [dataclasses.replace(q, answer=str(n))],
+                    **({"sets": v["sets"][w0:w0 + k]} if "sets" in v else {})})
     return out
 
 
@@ -2710,6 +2739,9 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     prefix = tuple(a.cached_prefix_lengths) if a.cached_prefix else ()
     if prefix:                                 # nor do files made without prefix counts
         key["prefix"] = list(prefix)
+    windows = tuple(a.cached_window_lengths) if a.cached_windows else ()
+    if windows:                                # nor those made without window counts
+        key["windows"] = list(windows)
     files = a.cached_file or []
     f = files[0] if files else None
     if f is not None and f.exists():
@@ -2717,7 +2749,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         say(f"[train_demo] cached videos read from {f}: {len(train)} training, {len(val)} validation")
     else:
         train = cache_videos(trainer, a.cached_videos, np.random.default_rng([seed, 0xCAC4E]), a.image_size, dev,
-                             "training", t_start, replay=a.cached_replay, prefix=prefix)
+                             "training", t_start, replay=a.cached_replay, prefix=prefix, windows=windows)
         val = cache_videos(trainer, a.cached_val, np.random.default_rng([seed, 0x7A1]), a.image_size, dev,
                            "validation", t_start, replay=a.cached_replay)
         if f is not None:
@@ -2727,7 +2759,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     for g in files[1:]:
         # more training videos, encoded by runs with other seeds from the same weights
         more, _ = read_cache(g, key, {k: key.get(k) for k in ("paraphrase", "weights", "vocab", "replay", "canvas", "shades",
-                                                                "prefix", "count_balance", "filler")})
+                                                                "prefix", "windows", "count_balance", "filler")})
         train = train + more
         say(f"[train_demo] cached videos read from {g}: {len(more)} more training videos ({len(train)} in all)")
     weights = {"count": a.cached_weight, "order": a.cached_weight}
@@ -2738,6 +2770,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
 
     rng = np.random.default_rng([a.seed, 0x57E9])
     with_prefix = {k: [v for v in train if k in v.get("prefix", {})] for k in prefix}   # --cached-prefix
+    with_window = {k: [v for v in train if k in v.get("window", {})] for k in windows}  # --cached-windows
 
     def train_step(step: int):
         for g in opt.param_groups:
@@ -2759,6 +2792,16 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                 pt, pn, rp = cached_loss(trainer, prefix_batch(sub, k), {})
                 total = total + a.cached_prefix * pt * ntok / pn
                 r = r + [("count_prefix", ok) for _, ok in rp]
+        if windows:
+            # --cached-windows: "how many" of k frames from a later start, as the prefixes
+            wrng = np.random.default_rng([a.seed, 0x3D01, step])
+            k = windows[int(wrng.integers(len(windows)))]
+            have = with_window[k]
+            if have:
+                sub = [have[int(i)] for i in wrng.choice(len(have), size=min(a.cached_batch, len(have)), replace=False)]
+                wt, wn, rw = cached_loss(trainer, window_batch(sub, k), {})
+                total = total + a.cached_windows * wt * ntok / wn
+                r = r + [("count_window", ok) for _, ok in rw]
         loss = total / ntok
         clipped_step(opt, params, loss)
         return loss, r
@@ -3204,6 +3247,12 @@ def parse_args(argv):
     ap.add_argument("--cached-prefix-lengths", type=frame_counts,
                     default=(20, 30, 40, 50), help="stage 0q: the prefix lengths of --cached-prefix, in frames, "
                                                    "comma-separated (default 20,30,40,50)")
+    ap.add_argument("--cached-windows", type=float, default=0.0,
+                    help="stage 0q: weight of 'how many objects?' asked of k frames from a later start of the "
+                         "training videos (k from --cached-window-lengths, the start drawn per video; rows cached "
+                         "as exact averages over those frames), added as --cached-prefix is (0: off)")
+    ap.add_argument("--cached-window-lengths", type=frame_counts, default=(5, 10, 20, 30),
+                    help="stage 0q: the window lengths of --cached-windows, in frames (default 5,10,20,30)")
     ap.add_argument("--cached-replay", type=replay_families, default=Q_REPLAY,
                     help="stage 0q: the families each cached video is also asked, besides count and every "
                          "order pair, so that the LLM keeps them (comma-separated, a family twice asks it "
@@ -3300,6 +3349,11 @@ def parse_args(argv):
     if a.cached_prefix and not (a.cached_steps or a.e2e_steps):
         ap.error(f"--cached-prefix weighs stage 0q's or 0e's prefix counts: it needs --cached-steps or --e2e-steps "
                  f"above 0; got --cached-steps {a.cached_steps}, --e2e-steps {a.e2e_steps}")
+    if a.cached_windows and not a.cached_steps or a.cached_windows < 0 or \
+            not a.cached_window_lengths or not all(0 < k < 60 for k in a.cached_window_lengths):
+        ap.error(f"--cached-windows weighs stage 0q's window counts: it needs --cached-steps above 0, a weight >= 0 "
+                 f"and --cached-window-lengths between 1 and 59 frames; got --cached-steps {a.cached_steps}, "
+                 f"--cached-windows {a.cached_windows}, lengths {','.join(map(str, a.cached_window_lengths))}")
     if a.cached_seen and not a.cached_steps or a.cached_seen < 0:
         ap.error(f"--cached-seen weighs stage 0q's per-frame counts: it needs --cached-steps above 0 and a weight "
                  f">= 0; got --cached-steps {a.cached_steps}, --cached-seen {a.cached_seen}")

@@ -1381,6 +1381,45 @@ def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(
     assert "expected comma-separated frame counts such as 20,30,40,50, got '20,x'" in capsys.readouterr().err
 
 
+def test_cached_window_counts_are_the_loss_of_those_k_frames_encoded_afresh(demo, capsys):
+    """--cached-windows: k frames from a later start of a cached video (their count rows and prefix
+    rows averaged over those frames alone) give the LLM the same loss and answer as those frames
+    encoded and fused in the call, asked "how many objects?" with the objects they show; the start is
+    the video's own (the same every time the video is cached) and never frame 0."""
+    from model import train_demo as T
+    m = demo
+    tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
+    cache = T.cache_videos(tr, 3, np.random.default_rng(8), 64, m.device, "test", 0.0, windows=(3, 20, 59))
+    again = T.cache_videos(tr, 3, np.random.default_rng(8), 64, m.device, "test", 0.0, windows=(3, 20, 59))
+    rng = np.random.default_rng(8)
+    checked = 0
+    for j, (v, w) in enumerate(zip(cache, again)):
+        assert "prefix" not in v
+        s = T.whole_video(rng, 1 + j)
+        frames = T.preprocess(T.render(s), 64)
+        assert {k: e[0] for k, e in v.get("window", {}).items()} == {k: e[0] for k, e in w.get("window", {}).items()}
+        for k, (w0, _, _, n) in v.get("window", {}).items():
+            assert 1 <= w0 <= 60 - k
+            shown = {o for t in s.times[w0:w0 + k] for o in T.S.visible_objects(s.spec, t)}
+            assert n == len(shown) > 0
+            q = next(q for q in v["qas"] if q.family == "count")
+            with torch.no_grad():
+                tokens, ks, vs, po = tr.encode(frames[w0:w0 + k])
+                l0, n0, r0 = tr.video_loss(tokens, ks, vs, po, torch.ones(k, dtype=torch.long),
+                                           [dataclasses.replace(q, answer=str(n))])
+                l1, n1, r1 = T.cached_loss(tr, T.window_batch([v], k), {})
+            assert n1 == n0 and r1 == r0
+            assert abs(float(l1) - float(l0)) <= 1e-4 * max(1.0, float(l0)), (k, float(l1), float(l0))
+            checked += 1
+    assert checked >= 3
+    with pytest.raises(SystemExit):               # nothing to weigh without stage 0q: refused, not ignored
+        T.parse_args(["--out", "x", "--cached-windows", "0.5"])
+    assert "--cached-windows weighs stage 0q's window counts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--cached-steps", "5", "--cached-windows", "1", "--cached-window-lengths", "0,10"])
+    assert "between 1 and 59 frames" in capsys.readouterr().err
+
+
 def test_cached_seen_asks_each_frame_row_for_the_objects_shown_so_far(demo, capsys):
     """--cached-seen: each cached video carries its per-frame counts (objects shown up to that frame,
     ending at the video's count); `cached_loss` adds the frame rows' cross-entropy against those
