@@ -2498,14 +2498,15 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                         out[-1]["prefix"] = {k: (pf[:k].mean(0).to(po.dtype), crow[:k].mean(0).to(rows.dtype)[None],
                                                  counts[k]) for k in prefix if 0 < k < K and counts[k] > 0}
                     wr = np.random.default_rng([s.spec.seed, 0x3D0])
-                    for k in windows:
-                        if not 0 < k < K:
+                    for wk in windows:          # (names of their own: k and n are this loop's batch and total)
+                        if not 0 < wk < K:
                             continue
-                        w0 = int(wr.integers(1, K - k + 1))
-                        n = len({o for t in s.times[w0:w0 + k] for o in S.visible_objects(s.spec, t)})
-                        if n:
-                            out[-1].setdefault("window", {})[k] = (
-                                w0, pf[w0:w0 + k].mean(0).to(po.dtype), crow[w0:w0 + k].mean(0).to(rows.dtype)[None], n)
+                        w0 = int(wr.integers(1, K - wk + 1))
+                        shown = len({o for t in s.times[w0:w0 + wk] for o in S.visible_objects(s.spec, t)})
+                        if shown:
+                            out[-1].setdefault("window", {})[wk] = (
+                                w0, pf[w0:w0 + wk].mean(0).to(po.dtype), crow[w0:w0 + wk].mean(0).to(rows.dtype)[None],
+                                shown)
             if len(out) % 200 < per_batch:
                 trim_heap()
                 say(f"[train_demo] cached {what} videos {len(out):5d}/{n} {(time.perf_counter() - t_start) / 60:5.1f} min")
@@ -2781,27 +2782,23 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             total, ntok, rn = add_needle_pair(trainer, a, np.random.default_rng([a.seed, 0x57A3, step]), dev, total,
                                               ntok, seeds, step / max(1, a.cached_steps))
             r = r + rn
-        if prefix:
-            # --cached-prefix: "how many" of the first k frames of as many videos (one k per step: the
-            # batch is one length), the mean loss per answer token times the weight, added
-            prng = np.random.default_rng([a.seed, 0x9F1C, step])
-            k = prefix[int(prng.integers(len(prefix)))]
-            have = with_prefix[k]
+        # --cached-prefix: "how many" of the first k frames of as many videos (one k per step: the batch
+        # is one length), the mean loss per answer token times the weight, added; --cached-windows: the
+        # same of k frames from a later start
+        for lengths, have_k, batch, w, salt, label in ((prefix, with_prefix, prefix_batch, a.cached_prefix, 0x9F1C,
+                                                        "count_prefix"),
+                                                       (windows, with_window, window_batch, a.cached_windows, 0x3D01,
+                                                        "count_window")):
+            if not lengths:
+                continue
+            prng = np.random.default_rng([a.seed, salt, step])
+            k = lengths[int(prng.integers(len(lengths)))]
+            have = have_k[k]
             if have:
                 sub = [have[int(i)] for i in prng.choice(len(have), size=min(a.cached_batch, len(have)), replace=False)]
-                pt, pn, rp = cached_loss(trainer, prefix_batch(sub, k), {})
-                total = total + a.cached_prefix * pt * ntok / pn
-                r = r + [("count_prefix", ok) for _, ok in rp]
-        if windows:
-            # --cached-windows: "how many" of k frames from a later start, as the prefixes
-            wrng = np.random.default_rng([a.seed, 0x3D01, step])
-            k = windows[int(wrng.integers(len(windows)))]
-            have = with_window[k]
-            if have:
-                sub = [have[int(i)] for i in wrng.choice(len(have), size=min(a.cached_batch, len(have)), replace=False)]
-                wt, wn, rw = cached_loss(trainer, window_batch(sub, k), {})
-                total = total + a.cached_windows * wt * ntok / wn
-                r = r + [("count_window", ok) for _, ok in rw]
+                pt, pn, rp = cached_loss(trainer, batch(sub, k), {})
+                total = total + w * pt * ntok / pn
+                r = r + [(label, ok) for _, ok in rp]
         loss = total / ntok
         clipped_step(opt, params, loss)
         return loss, r

@@ -1389,13 +1389,15 @@ def test_cached_window_counts_are_the_loss_of_those_k_frames_encoded_afresh(demo
     from model import train_demo as T
     m = demo
     tr = T.Trainer(m.net, m.vision, m.cfg, m.tokenizer, m.device)
-    cache = T.cache_videos(tr, 3, np.random.default_rng(8), 64, m.device, "test", 0.0, windows=(3, 20, 59))
-    again = T.cache_videos(tr, 3, np.random.default_rng(8), 64, m.device, "test", 0.0, windows=(3, 20, 59))
+    # 6 videos: more than one encoding batch (4), so the loop must go on after the windows of the first
+    cache = T.cache_videos(tr, 6, np.random.default_rng(8), 64, m.device, "test", 0.0, windows=(3, 20, 59))
+    again = T.cache_videos(tr, 6, np.random.default_rng(8), 64, m.device, "test", 0.0, windows=(3, 20, 59))
+    assert len(cache) == len(again) == 6
     rng = np.random.default_rng(8)
     checked = 0
     for j, (v, w) in enumerate(zip(cache, again)):
         assert "prefix" not in v
-        s = T.whole_video(rng, 1 + j)
+        s = T.whole_video(rng, 1 + j % T.S.MAX_OBJECTS)          # as cache_videos draws them
         frames = T.preprocess(T.render(s), 64)
         assert {k: e[0] for k, e in v.get("window", {}).items()} == {k: e[0] for k, e in w.get("window", {}).items()}
         for k, (w0, _, _, n) in v.get("window", {}).items():
@@ -1411,7 +1413,7 @@ def test_cached_window_counts_are_the_loss_of_those_k_frames_encoded_afresh(demo
             assert n1 == n0 and r1 == r0
             assert abs(float(l1) - float(l0)) <= 1e-4 * max(1.0, float(l0)), (k, float(l1), float(l0))
             checked += 1
-    assert checked >= 3
+    assert checked >= 6
     with pytest.raises(SystemExit):               # nothing to weigh without stage 0q: refused, not ignored
         T.parse_args(["--out", "x", "--cached-windows", "0.5"])
     assert "--cached-windows weighs stage 0q's window counts" in capsys.readouterr().err
