@@ -393,6 +393,12 @@ run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 
 #     --e2e-steps 800 --e2e-stop-after 797 --e2e-batch 8 --e2e-lr 2e-4 --e2e-front 0.5 --e2e-tower 0.25 \
 #     --e2e-val 200 --cached-eval-every 100 --minutes 90
 
+# --- issue 11, thirty-eighth session (this CPU; measured, not kept: R7 stays the checkpoint) ---
+# W8. R7's round on R7 with "how many" also asked of 5-30 frames from a later start of each video
+#     (--cached-windows 0.5): validation count 0.640-0.695 over 1,500 steps against 0.700 at step 0,
+#     so the stage kept step 0 (R7's own weights); 42.4 min
+# run --out "$W/w8" --seed 380 --init-from "$W/r7" --paraphrase 0.3 --filler 0.3 "${ROUND[@]}" \
+#     --cached-windows 0.5 --cached-window-lengths 5,10,20,30 --minutes 60
 # --- issue 11, thirty-seventh session (this CPU; measured, not kept: R7 stays the checkpoint) ---
 # W1. R7's tower and compressor made twice as wide (model.widen: the same answers up to the noise that
 #     breaks the copies' symmetry); TW: stage 0t on W1 with T7's flags, 1,200 steps, 44.7 min on one
