@@ -131,8 +131,6 @@ def check_device(device: str, *, here: bool = True, name: str = "--device") -> N
 
 def check_common_args(args) -> None:
     """Cheap checks of the model and sampling arguments: before the model loads."""
-    import math
-    import torch
     if args.batch_size is not None and args.batch_size < 1:
         raise BadArgument(f"expected --batch-size >= 1 frames, got {args.batch_size}")
     if args.dtype is not None and args.dtype.replace("torch.", "") not in ("float32", "bfloat16", "float16"):

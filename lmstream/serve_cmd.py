@@ -126,7 +126,8 @@ def cmd_serve(args) -> int:
         from .cli import check_device
         check_device(settings.device, here=not args.ray_address,
                      name="--device" if args.device else "LMSTREAM_DEVICE")
-    if (args.redis is not None or os.environ.get("LMSTREAM_REDIS_URL")) and not args.ray_address:
+    own_redis = args.redis is None and not os.environ.get("LMSTREAM_REDIS_URL")     # else someone else's
+    if not own_redis and not args.ray_address:
         # someone else's Redis (else we start our own below): reachable before Ray starts, or a clear error now.
         # Not on a cluster: its replicas may reach a Redis this driver's host cannot
         from frame_cache.redis_cache import check_reachable
@@ -146,7 +147,7 @@ def cmd_serve(args) -> int:
     ray_started = False            # connected to Ray (a local instance we started, or a cluster)
     serve_started = False          # Serve was not running before us: we shut it down on exit
     try:
-        if args.redis is None and not os.environ.get("LMSTREAM_REDIS_URL"):
+        if own_redis:
             from frame_cache.redis_server import RedisServer
             redis_srv = RedisServer(data / "redis").start()
             settings = settings.model_copy(update={"redis_url": redis_srv.url})

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny import readable
+from .tiny import write_safetensors
 
 WEIGHT_FILES = ("model.safetensors", "clip-vision/model.safetensors")
 SAME_FILES = ("config.json", "tokenizer.json", "clip-vision/config.json")
@@ -57,12 +57,10 @@ def copy_layout(src: Path, out: Path, skip: set[str]) -> None:
 def save_weights(sd: dict[str, torch.Tensor], like: Path, path: Path) -> None:
     """Save `sd` at `path` as safetensors with the metadata of the file `like`."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
     with safe_open(str(like), "pt") as fh:
-        meta = fh.metadata() or {"format": "pt"}
+        meta = fh.metadata()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata=meta)
-    readable(path)
+    write_safetensors(sd, path, meta)
 
 
 def write_logs(out: Path, log: dict, prior_train_log: Path, line: str) -> None:

@@ -128,20 +128,24 @@ def readable(*paths: Path) -> None:
             os.chmod(f, 0o666 & ~mask)
 
 
-def save_weights(out: Path, sd: dict[str, torch.Tensor], shards: int = 1) -> None:
+def write_safetensors(sd: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """`safetensors.torch.save_file`, then the file made `readable`: every weight file written here."""
     from safetensors.torch import save_file
+    save_file(sd, str(path), metadata=metadata or {"format": "pt"})
+    readable(path)
+
+
+def save_weights(out: Path, sd: dict[str, torch.Tensor], shards: int = 1) -> None:
     sd = {k: v.contiguous() for k, v in sd.items()}
     if shards <= 1:
-        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-        readable(out / "model.safetensors")
+        write_safetensors(sd, out / "model.safetensors")
         return
     keys = sorted(sd)
     wm = {}
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
         part = {k: sd[k] for k in keys[i::shards]}
-        save_file(part, str(out / name), metadata={"format": "pt"})
-        readable(out / name)
+        write_safetensors(part, out / name)
         wm.update({k: name for k in part})
     total = sum(v.numel() * v.element_size() for v in sd.values())
     (out / "model.safetensors.index.json").write_text(json.dumps(

@@ -2588,26 +2588,15 @@ def cached_loss(trainer: "Trainer", videos: list[dict], weights: dict[str, float
     return loss, int((tgt != -100).sum()), res
 
 
-def prefix_batch(videos: list[dict], k: int) -> list[dict]:
-    """--cached-prefix: `videos` (with a cached prefix of `k` frames) as `k`-frame videos asked
-    only "how many objects?" (the video's own count question, the prefix's answer), for
-    `cached_loss`."""
+def span_batch(videos: list[dict], k: int, field: str = "prefix") -> list[dict]:
+    """`videos`' cached `k`-frame spans as `k`-frame videos asked only "how many objects?" (the
+    video's own count question, the span's answer), for `cached_loss`. field "prefix"
+    (--cached-prefix): the first k frames, entries (pre, fused, answer); "window"
+    (--cached-windows): k frames from a later start, entries (start, pre, fused, answer)."""
     out = []
     for v in videos:
-        pre, fused, n = v["prefix"][k]
-        q = next(q for q in v["qas"] if q.family == "count")
-        out.append({"tokens": v["tokens"][:k], "pre": pre, "fused": fused,
-                    "qas": [dataclasses.replace(q, answer=str(n))],
-                    **({"sets": v["sets"][:k]} if "sets" in v else {})})
-    return out
-
-
-def window_batch(videos: list[dict], k: int) -> list[dict]:
-    """--cached-windows: `videos` (with a cached window of `k` frames) as those `k`-frame videos, asked
-    only "how many objects?" with the window's answer, for `cached_loss`."""
-    out = []
-    for v in videos:
-        w0, pre, fused, n = v["window"][k]
+        e = v[field][k]
+        w0, pre, fused, n = (0, *e) if field == "prefix" else e
         q = next(q for q in v["qas"] if q.family == "count")
         out.append({"tokens": v["tokens"][w0:w0 + k], "pre": pre, "fused": fused,
                     "qas": [dataclasses.replace(q, answer=str(n))],
@@ -2785,9 +2774,9 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
         # --cached-prefix: "how many" of the first k frames of as many videos (one k per step: the batch
         # is one length), the mean loss per answer token times the weight, added; --cached-windows: the
         # same of k frames from a later start
-        for lengths, have_k, batch, w, salt, label in ((prefix, with_prefix, prefix_batch, a.cached_prefix, 0x9F1C,
+        for lengths, have_k, field, w, salt, label in ((prefix, with_prefix, "prefix", a.cached_prefix, 0x9F1C,
                                                         "count_prefix"),
-                                                       (windows, with_window, window_batch, a.cached_windows, 0x3D01,
+                                                       (windows, with_window, "window", a.cached_windows, 0x3D01,
                                                         "count_window")):
             if not lengths:
                 continue
@@ -2796,7 +2785,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
             have = have_k[k]
             if have:
                 sub = [have[int(i)] for i in prng.choice(len(have), size=min(a.cached_batch, len(have)), replace=False)]
-                pt, pn, rp = cached_loss(trainer, batch(sub, k), {})
+                pt, pn, rp = cached_loss(trainer, span_batch(sub, k, field), {})
                 total = total + w * pt * ntok / pn
                 r = r + [(label, ok) for _, ok in rp]
         loss = total / ntok

@@ -1336,6 +1336,20 @@ def test_cached_videos_give_the_llm_exactly_the_uncached_loss(demo):
     assert all(0 <= a <= 1 for a in acc.values())
 
 
+def _assert_span_as_encoded_afresh(T, tr, v, frames, w0: int, k: int, n: int, field: str) -> None:
+    """A cached video's k-frame span from frame w0 (`span_batch`, `field`) gives the LLM the loss, answer
+    tokens and right/wrong of those frames encoded and fused in the call, asked "how many objects?"
+    with answer n."""
+    q = next(q for q in v["qas"] if q.family == "count")
+    with torch.no_grad():
+        tokens, ks, vs, po = tr.encode(frames[w0:w0 + k])
+        l0, n0, r0 = tr.video_loss(tokens, ks, vs, po, torch.ones(k, dtype=torch.long),
+                                   [dataclasses.replace(q, answer=str(n))])
+        l1, n1, r1 = T.cached_loss(tr, T.span_batch([v], k, field), {})
+    assert n1 == n0 and r1 == r0
+    assert abs(float(l1) - float(l0)) <= 1e-4 * max(1.0, float(l0)), (field, k, float(l1), float(l0))
+
+
 def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(demo, capsys):
     """--cached-prefix: a cached video's first k frames (their count rows and prefix rows averaged over
     those frames alone) give the LLM the same loss and answer as those k frames encoded and fused in the
@@ -1356,14 +1370,7 @@ def test_cached_prefix_counts_are_the_loss_of_the_first_k_frames_encoded_afresh(
         for k, (_, _, n) in v["prefix"].items():
             qs = T.clip_questions(s.spec, s.times[:k], np.random.default_rng(0), contiguous=True, families=("count",))
             assert [q.answer for q in qs] == [str(n)]
-            q = next(q for q in v["qas"] if q.family == "count")
-            with torch.no_grad():
-                tokens, ks, vs, po = tr.encode(frames[:k])
-                l0, n0, r0 = tr.video_loss(tokens, ks, vs, po, torch.ones(k, dtype=torch.long),
-                                           [dataclasses.replace(q, answer=str(n))])
-                l1, n1, r1 = T.cached_loss(tr, T.prefix_batch([v], k), {})
-            assert n1 == n0 and r1 == r0
-            assert abs(float(l1) - float(l0)) <= 1e-4 * max(1.0, float(l0)), (k, float(l1), float(l0))
+            _assert_span_as_encoded_afresh(T, tr, v, frames, 0, k, n, "prefix")
             checked += 1
     assert checked >= 3
     # the prefix counts: objects on the first k frames, up to the whole video's
@@ -1404,14 +1411,7 @@ def test_cached_window_counts_are_the_loss_of_those_k_frames_encoded_afresh(demo
             assert 1 <= w0 <= 60 - k
             shown = {o for t in s.times[w0:w0 + k] for o in T.S.visible_objects(s.spec, t)}
             assert n == len(shown) > 0
-            q = next(q for q in v["qas"] if q.family == "count")
-            with torch.no_grad():
-                tokens, ks, vs, po = tr.encode(frames[w0:w0 + k])
-                l0, n0, r0 = tr.video_loss(tokens, ks, vs, po, torch.ones(k, dtype=torch.long),
-                                           [dataclasses.replace(q, answer=str(n))])
-                l1, n1, r1 = T.cached_loss(tr, T.window_batch([v], k), {})
-            assert n1 == n0 and r1 == r0
-            assert abs(float(l1) - float(l0)) <= 1e-4 * max(1.0, float(l0)), (k, float(l1), float(l0))
+            _assert_span_as_encoded_afresh(T, tr, v, frames, w0, k, n, "window")
             checked += 1
     assert checked >= 6
     with pytest.raises(SystemExit):               # nothing to weigh without stage 0q: refused, not ignored
