@@ -44,9 +44,35 @@ log = logging.getLogger("lmstream.serve")
 api = build_api()
 
 
+def _replica_rpc_on_loopback() -> None:
+    """Serve starts, in each replica, an inter-deployment gRPC server on "[::]:0": every interface, with
+    no setting to change it (Ray 2.60). Where this Ray node listens on loopback only (`lmstream serve`'s
+    local instance), that server listens there too, so nothing outside the machine can call a replica
+    past the Ingress's keys. Called first in each deployment's constructor, which Serve runs before it
+    starts that server; on a cluster (a node address that is not loopback) it changes nothing."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:                 # another Ray layout: nothing to adjust
+        return
+    orig = getattr(replica, "add_port_to_grpc_server", None)
+    if orig is None or getattr(orig, "lmstream_loopback", False):
+        return
+    ip = ray.util.get_node_ip_address()
+    if ip not in ("127.0.0.1", "::1"):
+        return
+    here = "127.0.0.1:0" if ip == "127.0.0.1" else "[::1]:0"
+
+    def add_port(server, address):
+        return orig(server, here if address == "[::]:0" else address)
+
+    add_port.lmstream_loopback = True
+    replica.add_port_to_grpc_server = add_port
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30)
 class Encoder:
     def __init__(self, settings: dict):
+        _replica_rpc_on_loopback()
         s = Settings.model_validate(settings)
         self.core = EncoderCore(s)
         self.encode.set_max_batch_size(s.serve_batch)            # batching across streams (Settings)
@@ -76,6 +102,7 @@ class Encoder:
 @serve.deployment(max_ongoing_requests=32, health_check_period_s=10, health_check_timeout_s=30)
 class Answerer:
     def __init__(self, settings: dict):
+        _replica_rpc_on_loopback()
         self.core = AnswerCore(Settings.model_validate(settings))
 
     def ready(self) -> bool:
@@ -435,6 +462,7 @@ class RayBackend:
 @serve.ingress(api)
 class Ingress:
     async def __init__(self, encoder, answerer, settings: dict):
+        _replica_rpc_on_loopback()
         s = Settings.model_validate(settings)
         self.backend = RayBackend(s, encoder, answerer)
         failed = self.backend.store.fail_interrupted() if self.backend.store.ping() else []

@@ -6,10 +6,12 @@
 
 * Redis: its own `redis-server` child (AOF everysec, data in DATA_DIR/redis) unless --redis URL
   (a Redis Cluster: ``redis://HOST:PORT?cluster=1``, one node's address).
-* Ray: a local instance (no dashboard, usage stats off, temp folder DATA_DIR/ray), or with
+* Ray: a local instance (no dashboard web UI, usage stats off, every Ray process listening on loopback only,
+  temp folder DATA_DIR/ray), or with
   --ray-address an existing cluster (``ray start --head`` ...), and the Serve app of
   `deploy/app.py`, HTTP on HOST:PORT (one proxy, on the head node).
 * API keys: --api-key, else LMSTREAM_API_KEYS, else one generated now and printed.
+* DATA_DIR is locked (DATA_DIR/serve.lock, holding the PID) while it runs: a second service on it is refused.
 * Prints the URL once `/ready` answers 200; Ctrl-C or SIGTERM stops what it started: Serve, Ray and
   its Redis (by PID). On a cluster it attached to, it deletes its app (and Serve, when it started
   Serve there) and leaves the cluster running.
@@ -135,6 +137,7 @@ def cmd_serve(args) -> int:
     settings, generated = settings.with_generated_key()
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
+    lock = _lock_data_dir(data)     # held until this process ends: one service per folder (its Redis AOF, Ray's)
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
@@ -156,6 +159,12 @@ def cmd_serve(args) -> int:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+        if not args.ray_address:
+            # A local instance is one node: its GCS, raylet, workers and agents need no other machine, so
+            # they listen on loopback only (Ray reads this at import, as it does on macOS). Without it they
+            # listen on the host's address with authentication off, and anyone who can reach this machine
+            # could attach to Ray and run code, whatever --host and the API keys say.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
         from ray import serve
         from deploy.app import build_app
@@ -167,8 +176,13 @@ def cmd_serve(args) -> int:
         else:
             os.environ["RAY_TMPDIR"] = str(data / "ray")
             (data / "ray").mkdir(exist_ok=True)
-            print("ray: starting a local instance (no dashboard)", file=sys.stderr)
+            print("ray: starting a local instance (no dashboard, loopback only)", file=sys.stderr)
             ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=str(data / "ray"), **common)
+            node_ip = ray.util.get_node_ip_address()
+            if node_ip not in ("127.0.0.1", "::1"):
+                print(f"warning: Ray's processes listen on {node_ip}, not loopback only (ray was imported before "
+                      "`lmstream serve` could ask for loopback); anyone reaching that address can attach to Ray",
+                      file=sys.stderr)
         ray_started = True
         signal.signal(signal.SIGTERM, on_signal)        # ray.init installs its own handlers: ours again
         signal.signal(signal.SIGINT, on_signal)
@@ -211,6 +225,27 @@ def cmd_serve(args) -> int:
             ray.shutdown()                              # a cluster we attached to keeps running
         if redis_srv is not None:
             redis_srv.stop()
+        lock.close()
+
+
+def _lock_data_dir(data: Path):
+    """An exclusive lock on DATA_DIR/serve.lock (its holder's PID written in it), held by the returned open
+    file until it is closed or this process ends; two services on one folder would append to one Redis AOF."""
+    import fcntl
+    f = open(data / "serve.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise BadArgument(f"expected --data-dir {data} to be used by no other service, got it locked by "
+                          f"`lmstream serve` pid {holder} (stop that one, or give another --data-dir)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def _serve_running() -> bool:

@@ -921,6 +921,71 @@ def test_rtsp_camera_live_outage_gap_and_two_cameras(service, tmp_path):
             assert c.post(f"/v1/streams/{sid}/questions", json={"question": "q", "max_tokens": 2}).status_code == 200
 
 
+def _descendants(pid: int) -> set[int]:
+    """`pid` and every process below it, from /proc."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass                                   # ended while we looked
+    out, todo = {pid}, [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parent.items() if pp == p and c not in out]
+        out.update(kids)
+        todo.extend(kids)
+    return out
+
+
+def _listening(pids: set[int]) -> list[tuple[int, "ipaddress.IPv4Address | ipaddress.IPv6Address", int]]:
+    """(pid, local address, port) of every listening TCP socket those processes hold (/proc/net/tcp{,6})."""
+    import ipaddress
+    addr_of: dict[str, tuple] = {}
+    for name, width in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] != "0A":                           # LISTEN
+                continue
+            hexip, port = f[1].split(":")
+            raw = bytes.fromhex(hexip)
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))   # host-order words
+            addr_of[f[9]] = (ipaddress.ip_address(raw), int(port, 16))
+    out = []
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:
+                continue
+            m = re.fullmatch(r"socket:\[(\d+)\]", link)
+            if m and m.group(1) in addr_of:
+                out.append((pid, *addr_of[m.group(1)]))
+    return out
+
+
+def test_one_service_per_data_dir_and_ray_listens_on_loopback_only(service):
+    import sys
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "lmstream.cli", "serve", "--port", str(free_port()), "--model", DEMO,
+                        "--redis", service.redis_url, "--data-dir", service.data_dir, "--api-key", KEY],
+                       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert r.returncode == 2, r.stderr
+    assert f"error[E_BAD_ARGUMENT]: expected --data-dir {service.data_dir} to be used by no other service, got it " \
+           f"locked by `lmstream serve` pid {service.proc.pid}" in r.stderr, r.stderr
+    assert "redis: started" not in r.stderr and "ray:" not in r.stderr    # refused before starting anything
+    socks = _listening(_descendants(service.proc.pid))
+    assert service.port in {port for *_, port in socks} and len(socks) >= 5, socks   # proxy, GCS, raylet, ...
+    exposed = [(pid, f"{ip}:{port}") for pid, ip, port in socks
+               if not (ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback))]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
+
 def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, uploaded, redis_srv, tmp_path):
     from rtsp_server import RtspServer
     cam = RtspServer(tmp_path / "rtsp", mounts=("door",)).start()
