@@ -28,6 +28,44 @@ _DTYPES = {
 }
 
 
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "mm_hidden_size",
+                  "compressor_size", "prefusion_layer_num", "compressor_heads", "tokenizer_model_max_length")
+_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+
+
+def _json_kind(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _check_types(kw: dict, source: str) -> None:
+    """Each field config.json gives, of the type and range the computation needs, named when it is not."""
+    def bad(k, what):
+        raise CheckpointError(f"expected {k} in {source} to be {what}, got {kw[k]!r}")
+    for k in _POSITIVE_INTS:
+        if k in kw and kw[k] is not None and (isinstance(kw[k], bool) or not isinstance(kw[k], int) or kw[k] < 1):
+            bad(k, "a positive whole number")
+    for k in _POSITIVE_NUMBERS:
+        v = kw.get(k)
+        if k in kw and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+            bad(k, "a positive number")
+    v = kw.get("mm_vision_select_layer")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+        bad("mm_vision_select_layer", "a whole number (a layer index, -2 in the release)")
+    if kw.get("rope_scaling") is not None and not isinstance(kw["rope_scaling"], dict):
+        bad("rope_scaling", "an object or null")
+    if "mm_vision_tower" in kw and not isinstance(kw["mm_vision_tower"], str):
+        bad("mm_vision_tower", "a folder name")
+    eos = kw.get("eos_token_id")
+    if eos is not None and not (isinstance(eos, int) and not isinstance(eos, bool)) and not (
+            isinstance(eos, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in eos)):
+        bad("eos_token_id", "a token id or a list of them")
+    for k in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if k in kw and not isinstance(kw[k], bool):
+            bad(k, "true or false")
+
+
 def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
     if value is None or isinstance(value, torch.dtype):
         return value
@@ -106,6 +144,8 @@ class LlavaMiniConfig:
 
     @classmethod
     def from_dict(cls, d: dict, *, source: str = "config.json") -> "LlavaMiniConfig":
+        if not isinstance(d, dict):
+            raise CheckpointError(f"expected {source} to hold a JSON object, got a JSON {_json_kind(d)}")
         mt = d.get("model_type")
         if mt != MODEL_TYPE:
             raise CheckpointError(
@@ -137,6 +177,11 @@ class LlavaMiniConfig:
         # reads them off the weights (query rows, prefusion layer indices); see `infer_from_weights`.
         kw.setdefault("compressor_size", None)
         kw.setdefault("prefusion_layer_num", None)
+        _check_types(kw, source)
+        if "head_dim" not in kw and kw["hidden_size"] % kw["num_attention_heads"]:
+            raise CheckpointError(
+                f"expected hidden_size divisible by num_attention_heads (or a head_dim) in {source}, got "
+                f"{kw['hidden_size']} and {kw['num_attention_heads']}")
         cfg = cls(**kw, raw=dict(d))
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise CheckpointError(

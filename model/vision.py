@@ -28,8 +28,10 @@ def _has_weights(folder: Path) -> bool:
 
 
 def find_vision_tower(ckpt_dir: Path, cfg: LlavaMiniConfig, explicit: str | Path | None) -> Path:
-    """The CLIP folder: the argument, else `mm_vision_tower` as a local path (absolute, relative to
-    the checkpoint, or its last component inside the checkpoint folder)."""
+    """The CLIP folder: the argument, else `mm_vision_tower` as a local path: absolute; else inside the
+    checkpoint folder (as written, its last component, or `vision_tower`); only then relative to the
+    current folder (the official config's hub id, `openai/clip-vit-large-patch14-336`, downloaded
+    beside). The checkpoint's own tower wins over a same-named folder wherever the command runs."""
     if explicit is not None:
         p = Path(explicit).expanduser()
         if not p.is_dir():
@@ -42,7 +44,12 @@ def find_vision_tower(ckpt_dir: Path, cfg: LlavaMiniConfig, explicit: str | Path
     name = cfg.mm_vision_tower
     if not name:
         raise CheckpointError("expected a vision tower: config.json has no mm_vision_tower and none was given")
-    cands = [Path(name).expanduser(), ckpt_dir / name, ckpt_dir / Path(name).name, ckpt_dir / "vision_tower"]
+    p = Path(name).expanduser()
+    if p.is_absolute():
+        cands = [p, ckpt_dir / p.name, ckpt_dir / "vision_tower"]
+    else:
+        cands = [ckpt_dir / p, ckpt_dir / p.name, ckpt_dir / "vision_tower", p]
+    cands = list(dict.fromkeys(cands))          # one entry each ('clip-vision' is its own last component)
     for c in cands:
         if c.is_dir() and (c / "config.json").exists() and _has_weights(c):
             return c

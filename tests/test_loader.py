@@ -105,12 +105,45 @@ def test_config_errors(tmp_path):
                         ({"mm_projector_type": "linear"}, "mlp2x_gelu"),
                         ({"hidden_act": "gelu"}, "hidden_act 'silu', got 'gelu'"),
                         ({"resolution_ratio": 2}, "resolution_ratio 1"),
-                        ({"hidden_size": None}, "hidden_size")]:
+                        ({"hidden_size": None}, "hidden_size"),
+                        ({"hidden_size": "abc"}, "expected hidden_size in .* to be a positive whole number, got 'abc'"),
+                        ({"vocab_size": 0}, "expected vocab_size in .* to be a positive whole number, got 0"),
+                        ({"num_hidden_layers": 2.5}, "num_hidden_layers .* positive whole number, got 2.5"),
+                        ({"rms_norm_eps": "small"}, "rms_norm_eps .* positive number, got 'small'"),
+                        ({"rope_scaling": [1]}, "rope_scaling .* an object or null"),
+                        ({"eos_token_id": "eos"}, "eos_token_id .* a token id or a list"),
+                        ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None},
+                         "hidden_size divisible by num_attention_heads")]:
         bad = dict(cfg, **change)
         bad = {k: v for k, v in bad.items() if v is not None}
         (ck / "config.json").write_text(json.dumps(bad))
         with pytest.raises(CheckpointError, match=msg):
             LlavaMini.from_pretrained(ck)
+
+
+def test_config_that_is_not_an_object_is_named(tmp_path):
+    ck = make_tiny_checkpoint(tmp_path / "ck", seed=2)
+    (ck / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match="expected .*config.json to hold a JSON object, got a JSON array"):
+        LlavaMini.from_pretrained(ck)
+
+
+def test_the_checkpoints_own_tower_wins_over_a_same_named_folder_where_it_runs(tmp_path, monkeypatch):
+    from model.config import LlavaMiniConfig
+    from model.vision import find_vision_tower
+    ck = make_tiny_checkpoint(tmp_path / "ck", seed=2)
+    other = make_tiny_checkpoint(tmp_path / "run" / "other", seed=9)      # a different tower, same name
+    shutil.move(other / "clip-vision", tmp_path / "run" / "clip-vision")
+    monkeypatch.chdir(tmp_path / "run")
+    cfg = LlavaMiniConfig.from_file(ck / "config.json")
+    assert find_vision_tower(ck, cfg, None) == ck / "clip-vision"
+    px = frames(2, seed=3)
+    m, own, there = (LlavaMini.from_pretrained(ck, vision_tower=v)
+                     for v in (None, ck / "clip-vision", tmp_path / "run" / "clip-vision"))
+    assert torch.equal(m.encode_frames(px).tokens, own.encode_frames(px).tokens)
+    assert not torch.equal(m.encode_frames(px).tokens, there.encode_frames(px).tokens)
+    shutil.rmtree(ck / "clip-vision")                       # none in the checkpoint: the one where it runs
+    assert find_vision_tower(ck, cfg, None).resolve() == (tmp_path / "run" / "clip-vision").resolve()
 
 
 def test_vision_tower_not_found(tmp_path):
