@@ -30,6 +30,7 @@ from lmcore.errors import BadArgument, CheckpointError, DeviceUnavailable, LmsEr
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CKPT = REPO / "checkpoints" / "demo"
 MIN_DEMO_S = 3.0        # the shortest scene `stream.synthetic.make_scene` draws (MIN_VISIBLE_S)
+MAX_DEMO_S = 4 * 3600.0  # the longest demo video: 14,400 frames at 1 fps (eval-demo's 3-hour tier fits)
 RANDOM_CKPT = Path(os.environ.get("LMSTREAM_HOME", Path.home() / ".cache" / "lmstream")) / "tiny-random"
 
 
@@ -42,10 +43,15 @@ def parse_window(text: str | None) -> tuple[float | None, float | None] | None:
         start = float(a) if a.strip() else None
         end = float(b) if b.strip() else None
     except ValueError:
-        start = end = -1.0
-    if not sep or (start is not None and start < 0) or (end is not None and end < 0) or \
-            (start is not None and end is not None and end <= start):
-        raise BadArgument(f"expected --window START:END in seconds with START < END (e.g. 10:70), got {text!r}")
+        sep = ""
+    if not sep or any(v is not None and not math.isfinite(v) for v in (start, end)):
+        raise BadArgument(f"expected --window START:END, two numbers of seconds or one side empty (e.g. 10:70, "
+                          f"30:, :90), got {text!r}")
+    for name, v in (("START", start), ("END", end)):
+        if v is not None and v < 0:
+            raise BadArgument(f"expected --window {name} >= 0 s (seconds from the video's start), got {text!r}")
+    if start is not None and end is not None and end <= start:
+        raise BadArgument(f"expected --window START < END, got {text!r}")
     return start, end
 
 
@@ -309,6 +315,22 @@ def cmd_demo(args) -> int:
     if not (math.isfinite(args.duration) and args.duration >= MIN_DEMO_S):
         raise BadArgument(f"expected --duration of at least {MIN_DEMO_S:g} s (a scene holds objects on screen for "
                           f"3 s or more), got {args.duration:g}")
+    if args.duration > MAX_DEMO_S:
+        raise BadArgument(f"expected --duration of at most {MAX_DEMO_S:g} s (4 h; `lmstream ask` takes a longer "
+                          f"video of your own), got {args.duration:g}")
+    if args.seed < 0:
+        raise BadArgument(f"expected --seed >= 0, got {args.seed}")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise BadArgument(f"expected --out to be a file path for the video, got the folder {out}")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadArgument(f"expected --out in a folder that exists or can be made, got {out} "
+                              f"({e.strerror or e})") from None
+        if not os.access(out.parent, os.W_OK):
+            raise BadArgument(f"expected --out in a folder you can write, got {out} (no write permission)")
     if args.model is None and default_model() is None:
         args.model = str(random_model())
     if args.service:
@@ -370,7 +392,18 @@ def cmd_demo(args) -> int:
 
 def cmd_make_tiny(args) -> int:
     from model.tiny import make_tiny_checkpoint
-    out = make_tiny_checkpoint(args.dir, seed=args.seed)
+    d = Path(args.dir)
+    if not args.dir.strip():
+        raise BadArgument("expected a folder to write the checkpoint to, got an empty name")
+    if d.exists() and (not d.is_dir() or any(d.iterdir())) and not args.force:
+        raise BadArgument(f"expected a new or empty folder for the checkpoint, got {d}, which "
+                          f"{'is a file' if not d.is_dir() else 'holds files'} (--force writes over a folder's files)")
+    if args.seed < 0:
+        raise BadArgument(f"expected --seed >= 0, got {args.seed}")
+    try:
+        out = make_tiny_checkpoint(d, seed=args.seed)
+    except OSError as e:
+        raise BadArgument(f"expected a folder that can be written, got {d} ({e.strerror or e})") from None
     print(f"wrote a random tiny LLaVA-Mini checkpoint (official layout) to {out}")
     return 0
 
@@ -388,10 +421,11 @@ def _model_args(p):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="lmstream", description="LLaVA-Mini Stream: questions about long videos")
-    sub = ap.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", required=True, parser_class=_Parser)
     p = sub.add_parser("ask", help="answer a question about a video or image file (or a stream in a cache)")
     p.add_argument("video", help="video or image file (omit with --stream ID to ask about stored frames)")
-    p.add_argument("question", nargs="?")
+    p.add_argument("question", nargs="?", help="the question, in quotes (with --stream ID and no VIDEO: the "
+                                               "second argument)")
     _model_args(p)
     p.add_argument("--cache", help="frame cache URL: redis://HOST:PORT/DB (default: in-process, for this command)")
     p.add_argument("--stream", help="stream id in --cache: the frames of VIDEO go there, or, without VIDEO, the "
@@ -402,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retention tiers, e.g. exact_s=600,kv=fp8,kv_stride=10: frames older than exact_s keep "
                         "keys/values only every kv_stride-th frame, as kv (exact|fp8|none); questions there fuse "
                         "those frames and report the mix (default: every frame exact)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="the longest answer, in tokens (default 64)")
     p.add_argument("--choice", action="append", metavar="TEXT",
                    help="a candidate answer (give 2 to 64): the answer is the one the model finds likeliest, each "
                         "printed with its log-probability and share; nothing is generated (--max-new-tokens does "
@@ -411,8 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_ask)
     p = sub.add_parser("demo", help="the main job: a synthetic video with known answers, end to end")
     _model_args(p)
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--seed", type=int, default=7, help="the synthetic scene's seed (default 7)")
+    p.add_argument("--duration", type=float, default=60.0,
+                   help=f"seconds of video, {MIN_DEMO_S:g} to {MAX_DEMO_S:g} (default 60)")
     p.add_argument("--out", help="keep the generated video at this path")
     p.add_argument("--service", action="store_true", help="through the service: start `lmstream serve`, upload, "
                                                           "ask over HTTP (one answer streamed), stop it")
@@ -424,8 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_cache)
     p = sub.add_parser("make-tiny", help="write a random tiny checkpoint in the official layout")
-    p.add_argument("dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("dir", help="a new or empty folder")
+    p.add_argument("--seed", type=int, default=0, help="the weights' seed (default 0)")
+    p.add_argument("--force", action="store_true", help="write into a folder that already holds files")
     p.set_defaults(fn=cmd_make_tiny)
     for name in ("lmstream.serve_cmd", "lmstream.eval_demo", "benchmarks.cli"):
         try:
@@ -440,8 +476,11 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one `error[E_BAD_ARGUMENT]` line, like every other error."""
 
     def error(self, message: str):
-        self.print_usage(sys.stderr)
-        print(f"error[E_BAD_ARGUMENT]: expected valid arguments for `{self.prog}`, got {message}", file=sys.stderr)
+        if "required: COMMAND" in message:
+            names = ", ".join(a.dest for a in self._subparsers._group_actions[0]._choices_actions)
+            message = f"no command (one of: {names})"
+        print(f"error[E_BAD_ARGUMENT]: expected valid arguments for `{self.prog}` (see `{self.prog} --help`), "
+              f"got {message}", file=sys.stderr)
         raise SystemExit(2)
 
 

@@ -33,8 +33,9 @@ from lmcore.errors import BadArgument, ServiceUnavailable
 
 def add_parser(sub) -> None:
     p = sub.add_parser("serve", help="run the service (Ray Serve + Redis) on this machine")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the HTTP API listens on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--model", help="checkpoint folder (default: LMSTREAM_MODEL or the demo checkpoint)")
     p.add_argument("--vision-tower", help="CLIP folder (default: the checkpoint's mm_vision_tower)")
     p.add_argument("--device", help="cpu | cuda (default: cuda when present)")

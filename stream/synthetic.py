@@ -1091,15 +1091,33 @@ def _co_visible(spec: SceneSpec, i: int, j: int) -> bool:
 def _main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Write a synthetic video and print its questions.")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--fps", type=float, default=1.0)
-    ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--needle", choices=["yes", "no", "random"], default="random")
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--codec", default="libx264")
+    ap = argparse.ArgumentParser(prog="python -m stream.synthetic",
+                                 description="Write a synthetic video and print its questions (JSON lines).")
+    ap.add_argument("--seed", type=int, default=0, help="the scene's seed, >= 0 (default 0)")
+    ap.add_argument("--duration", type=float, default=60.0,
+                    help=f"seconds, at least {MIN_VISIBLE_S} (default 60)")
+    ap.add_argument("--fps", type=float, default=1.0, help="frames per second of the scene (default 1)")
+    ap.add_argument("--size", type=int, default=64, help="width and height in pixels, even, >= 16 (default 64)")
+    ap.add_argument("--needle", choices=["yes", "no", "random"], default="random",
+                    help="a 3-5 s star somewhere in the video (default: drawn)")
+    ap.add_argument("--out", type=Path, help="write the video here (MP4); without it only the questions")
+    ap.add_argument("--codec", default="libx264", help="the video codec (default libx264)")
     a = ap.parse_args(argv)
+    problems = []
+    if a.seed < 0:
+        problems.append(f"--seed >= 0, got {a.seed}")
+    if not (math.isfinite(a.duration) and a.duration >= MIN_VISIBLE_S):
+        problems.append(f"--duration of at least {MIN_VISIBLE_S} s, got {a.duration:g}")
+    if not (math.isfinite(a.fps) and 0 < a.fps <= 120):
+        problems.append(f"--fps in (0, 120], got {a.fps:g}")
+    if a.size < 16 or a.size % 2:
+        problems.append(f"--size even and >= 16 (H.264's yuv420p), got {a.size}")
+    if a.out is not None and a.codec != "libx264":
+        import av
+        if a.codec not in av.codecs_available:
+            problems.append(f"--codec one this PyAV build writes (e.g. libx264, mpeg4), got {a.codec!r}")
+    if problems:
+        ap.error("expected " + "; ".join(problems))
     nd = {"yes": True, "no": False, "random": None}[a.needle]
     spec = make_scene(a.seed, a.duration, a.fps, (a.size, a.size), needle=nd)
     if a.out:

@@ -162,8 +162,25 @@ def test_question_longer_than_the_context(tmp_path, video):
 
 
 def test_bad_window_argument(tiny_ckpt, video):
-    assert_one_line_error(run("ask", video, "q", "--model", tiny_ckpt, "--window", "9:3"),
-                          "E_BAD_ARGUMENT", "9:3")
+    for window, says in (("9:3", "START < END, got '9:3'"), ("-5:10", "START >= 0 s"), ("2:-1", "END >= 0 s"),
+                         ("nan:5", "two numbers of seconds"), ("a:b", "two numbers"), ("10", "two numbers")):
+        assert_one_line_error(run("ask", video, "q", "--model", tiny_ckpt, f"--window={window}"),
+                              "E_BAD_ARGUMENT", says)
+
+
+def test_make_tiny_never_writes_over_files_and_commands_are_named(tmp_path):
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "model.safetensors").write_bytes(b"mine")
+    assert_one_line_error(run("make-tiny", ck), "E_BAD_ARGUMENT", "new or empty folder", "holds files")
+    assert (ck / "model.safetensors").read_bytes() == b"mine"
+    assert_one_line_error(run("make-tiny", ""), "E_BAD_ARGUMENT", "an empty name")
+    assert_one_line_error(run("make-tiny", "/proc/x"), "E_BAD_ARGUMENT", "can be written", "/proc/x")
+    r = run("make-tiny", ck, "--force")
+    assert r.returncode == 0 and (ck / "config.json").exists(), r.stderr
+    r = run()
+    assert_one_line_error(r, "E_BAD_ARGUMENT", "no command (one of: ask, demo", "serve", "eval-demo")
+    assert r.stderr.count("\n") == 1 and "usage:" not in r.stderr      # one line, --help for the rest
 
 
 def test_demo_main_job_runs_end_to_end(tmp_path):
@@ -325,6 +342,10 @@ def test_demo_checks_its_duration_and_runs_on_a_model_that_cannot_spell_the_choi
     for bad in ("0", "-5", "nan", "inf"):
         assert_one_line_error(run("demo", "--duration", bad, "--model", ck), "E_BAD_ARGUMENT",
                               "--duration of at least 3 s")
+    for args, says in ((["--duration", "1e9"], "--duration of at most 14400 s"), (["--seed", "-1"], "--seed >= 0"),
+                       (["--out", tmp_path], "a file path for the video, got the folder"),
+                       (["--out", "/proc/nope/x.mp4"], "a folder that exists or can be made")):
+        assert_one_line_error(run("demo", *args, "--model", ck), "E_BAD_ARGUMENT", says)
 
 
 def test_free_port_stays_out_of_the_kernels_range_and_never_repeats(monkeypatch):
