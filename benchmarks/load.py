@@ -99,7 +99,7 @@ class _Pusher:
     sent: dict[int, float] = field(default_factory=dict)     # frame k -> monotonic time sent
     acks: dict[int, float] = field(default_factory=dict)     # frame k -> monotonic time of its `ingested`
     errors: list[dict] = field(default_factory=list)
-    dropped_msg: dict | None = None
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)   # summed over its `dropped` messages
     stopped: dict | None = None
     started: bool = False
 
@@ -183,8 +183,9 @@ class WsPushers:
                 new = int(m.get("frames", len(p.acks) + 1)) - len(p.acks)
                 for k in sorted((k for k in p.sent if k <= last and k not in p.acks), reverse=True)[:max(new, 1)]:
                     p.acks[k] = now
-            elif t == "dropped":
-                p.dropped_msg = m
+            elif t == "dropped":                 # each says the frames shed since the previous one
+                for k, v in (m.get("by_reason") or {}).items():
+                    p.dropped_by_reason[k] = p.dropped_by_reason.get(k, 0) + int(v)
             elif t == "stopped":
                 p.stopped = m
                 return
@@ -523,7 +524,7 @@ def run_step(h: Harness, n: int, kinds: tuple[str, ...], duration: float, warmup
                 "ack_p50_s": _r(_pct([v for _, v in lat], 50)), "ack_p95_s": _r(_pct([v for _, v in lat], 95)),
                 "dropped": sent - acked,
                 "server_dropped_total": sum(int((p.stopped or {}).get("dropped") or 0) for p in pushers.pushers),
-                "server_dropped_by_reason": _merge_reasons(p.dropped_msg for p in pushers.pushers),
+                "server_dropped_by_reason": _merge_reasons(p.dropped_by_reason for p in pushers.pushers),
                 "errors": errors[:5],
             }
             pushers = None
@@ -569,10 +570,10 @@ def run_step(h: Harness, n: int, kinds: tuple[str, ...], duration: float, warmup
         h.stop_cameras()
 
 
-def _merge_reasons(msgs) -> dict:
+def _merge_reasons(per_pusher) -> dict:
     out: dict[str, int] = {}
-    for m in msgs:
-        for k, v in ((m or {}).get("by_reason") or {}).items():
+    for d in per_pusher:
+        for k, v in d.items():
             out[k] = out.get(k, 0) + int(v)
     return out
 

@@ -174,8 +174,79 @@ def _retain(spec) -> dict | None:
     try:
         r = Retention.parse(spec)
     except BadArgument as e:                  # a request field: 422 like every other field error
-        raise InvalidRequest(str(e)) from None
+        raise InvalidRequest(e.message) from None     # its words, not str(e): that would embed a second code
     return None if r is None else r.to_dict()
+
+
+def _not_utf8(e: UnicodeDecodeError) -> InvalidRequest:
+    return InvalidRequest(f"expected a UTF-8 JSON body, got bytes that are not UTF-8 (0x{e.object[e.start]:02x} at "
+                          f"byte {e.start})")
+
+
+def _is_json(ctype: str) -> bool:
+    """application/json or application/*+json, as FastAPI decides to parse a body as JSON."""
+    media = ctype.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+class BoundedBody:
+    """ASGI middleware: every request body but an upload is read here first, at most
+    `limits.max_json_bytes` of it, then handed to the route as one message.
+
+    * over the bound: 413 `E_TOO_LARGE`, from Content-Length before a byte is read, or as soon as a
+      chunked body passes it (the rest is never read);
+    * a JSON body that is not UTF-8: 422 `E_INVALID_REQUEST` (FastAPI itself would answer 400 "There
+      was an error parsing the body", and `request.json()` raise a bare 500).
+
+    An upload (multipart `POST /v1/videos`) streams to disk past it, bounded by `max_upload_bytes` in
+    `_save_upload`. The bound comes from the installed backend's settings, read per request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        b = current_backend()
+        if scope["type"] != "http" or b is None:     # WebSocket (its own bound), lifespan; not started: 503 later
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+        ctype = headers.get("content-type", "")
+        if (scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/v1/videos")
+                and ctype.lower().startswith("multipart/form-data")):
+            return await self.app(scope, receive, send)
+        limit = b.settings.limits.max_json_bytes
+        clen = headers.get("content-length", "").strip()
+        if clen.isdigit() and int(clen) > limit:
+            return await error_response(PayloadTooLarge(
+                f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got {int(clen)} "
+                "(Content-Length)"))(scope, receive, send)
+        chunks, n, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":     # the client went away mid-body: nothing to answer
+                return
+            chunk = msg.get("body", b"")
+            n += len(chunk)
+            if n > limit:
+                return await error_response(PayloadTooLarge(
+                    f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got more "
+                    f"({n} bytes read of a body sent without Content-Length)"))(scope, receive, send)
+            chunks.append(chunk)
+            more = msg.get("more_body", False)
+        body = b"".join(chunks)
+        if body and _is_json(ctype):
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return await error_response(_not_utf8(e))(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()                   # after the body: the disconnect, as the server says it
+        await self.app(scope, replay, send)
 
 
 def build_api() -> FastAPI:
@@ -183,6 +254,7 @@ def build_api() -> FastAPI:
                   description="Questions about live and very long videos, one vision token per frame.")
     metrics = Metrics()
     inflight = {"n": 0}
+    api.add_middleware(BoundedBody)          # before `_count` below, which then wraps it: its 413s are counted
 
     # -- errors ---------------------------------------------------------------------------------
     @api.exception_handler(LmsError)
@@ -206,6 +278,13 @@ def build_api() -> FastAPI:
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, e: StarletteHTTPException):
+        if e.status_code == 400:             # FastAPI could not parse a body: the body's fault, not the route's
+            cause = e.__cause__
+            if isinstance(cause, UnicodeDecodeError):
+                return error_response(_not_utf8(cause))
+            why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e.detail)
+            return error_response(InvalidRequest(f"expected a well-formed request body, got one that could not be "
+                                                 f"parsed ({why[:200]})"))
         code = {404: "E_NOT_FOUND", 405: "E_METHOD_NOT_ALLOWED"}.get(e.status_code, "E_HTTP")
         return JSONResponse({"error": {"code": code, "message": f"expected a route of this API, got {e.detail}"}},
                             status_code=e.status_code)
@@ -282,6 +361,8 @@ def build_api() -> FastAPI:
                 body = VideoCreate.model_validate(await request.json())
             except json.JSONDecodeError as e:
                 raise InvalidRequest(f"expected a JSON body, got invalid JSON ({e.msg} at {e.pos})") from None
+            except UnicodeDecodeError as e:  # BoundedBody refuses these first; a body it let through stays a 422
+                raise _not_utf8(e) from None
             except Exception as e:
                 from pydantic import ValidationError
                 if isinstance(e, ValidationError):
@@ -507,8 +588,10 @@ def build_api() -> FastAPI:
         2. binary messages, one JPEG/PNG frame each, timestamped by a preceding `{"type": "frame",
            "pts": S}` or by arrival time; sampled at `fps`; `{"type": "ingested", "frames", "last_pts"}`
            when frames are stored (frames waiting behind the one being stored, up to 8, go in one request
-           and are acknowledged together); `{"type": "dropped", "frames", "why"}` when frames are shed
-           (over the rate, or 8 already waiting: never an unbounded queue).
+           and are acknowledged together); `{"type": "dropped", "frames", "why", "by_reason", "total"}` when
+           frames are shed (over the rate, 8 already waiting, a bad image: never an unbounded queue), at
+           most one a second: `frames` (and `by_reason`) count the frames shed since the previous one,
+           `total` those of the whole socket; every shed frame is reported before `stopped`.
         3. `{"type": "ask", "id", "question", "last_s" | "window", "policy", "max_tokens", "choices"}` at any time ->
            `{"type": "token", "id", "text"}` ... `{"type": "answer", "id", ...answer fields}`.
         4. `{"type": "attach", "stream_id"}`: ask about a stream someone else feeds (read only).
@@ -823,6 +906,10 @@ def _parse_lms_url(url, i: int):
     return parts[0], parts[1], window, last_s
 
 
+#: An upload's form fields beside `file` (docs/service.md, `POST /v1/videos`); any other name is refused.
+UPLOAD_FIELDS = ("fps", "window", "kv_policy", "retain")
+
+
 async def _save_upload(request: Request, b: Backend, job_id: str):
     """Stream a multipart upload straight into the upload folder as it arrives (never spooled to
     /tmp, never held in memory); 413 as soon as the file passes the limit; a rejected upload
@@ -853,11 +940,21 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
         fn = p.get(b"filename")
         st["filename"] = None if fn is None else fn.decode("utf-8", "replace")
         st["buf"] = b""
-        if st["name"] == "file" and st["filename"] is not None:
+        if st["error"] is not None:
+            return
+        if st["name"] != "file" and st["name"] not in UPLOAD_FIELDS:    # said at once, before its bytes
+            if st["filename"] is not None:                            # curl -F other=@v.mp4
+                st["error"] = InvalidRequest(f"expected the video in form field 'file' (curl -F file=@VIDEO), got "
+                                             f"it in field {st['name']!r}")
+            else:
+                st["error"] = InvalidRequest(f"expected form fields among file, {', '.join(UPLOAD_FIELDS)}, got "
+                                             f"{st['name']!r}")
+            return
+        if st["name"] == "file":          # with a filename (curl -F file=@v.mp4) or without (-F file=<v.mp4)
             if st["out"] is not None:
                 st["error"] = InvalidRequest("expected one file= part, got several")
                 return
-            ext = os.path.splitext(st["filename"])[1][:10]
+            ext = os.path.splitext(st["filename"] or "")[1][:10]
             ext = ext if ext[1:].isalnum() else ""
             st["dest"] = b.settings.upload_dir / f"{job_id}{ext}"
             st["out"] = open(st["dest"], "wb")
@@ -875,7 +972,7 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
         else:
             st["buf"] += chunk
             if len(st["buf"]) > 4096:
-                st["error"] = InvalidRequest(f"expected a short form field {st['name']!r}, got over 4096 bytes")
+                st["error"] = InvalidRequest(f"expected form field {st['name']!r} of at most 4096 bytes, got more")
 
     def on_part_end():
         if st["name"] != "file" and st["name"]:
@@ -897,7 +994,9 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
         except Exception as e:                     # a malformed body
             raise InvalidRequest(f"expected a well-formed multipart body, got {type(e).__name__}: {e}") from None
         if st["out"] is None:
-            raise InvalidRequest("expected a multipart field file= holding the video, got none")
+            got = ", ".join(repr(k) for k in st["fields"])
+            raise InvalidRequest(f"expected a multipart field file= holding the video, got "
+                                 f"{'only ' + got if got else 'no field'}")
         st["out"].close()
         if st["size"] == 0:
             raise InvalidRequest("expected a non-empty file=, got 0 bytes")
@@ -984,7 +1083,10 @@ class _LiveSession:
         self.offset = 0.0
         self.frames = 0
         self.dropped = {"over fps": 0, "encoder busy": 0, "bad frame": 0}
+        self.reported: dict[str, int] = {}            # of `dropped`, what `dropped` messages have said so far
         self.last_dropped_msg = 0.0
+        self.drop_timer: asyncio.Task | None = None    # reports drops of the current second when it ends
+        self.last_why = ""
         self.busy = False
         self.queue: list = []                          # frames waiting while the Encoder has earlier ones
         self.tasks: set[asyncio.Task] = set()             # answers and event followers: cancelled at the end
@@ -1073,6 +1175,10 @@ class _LiveSession:
                 except Exception:                      # noqa: BLE001 - stop regardless
                     pass
             await self._flush()                        # frames received and waiting in line are stored
+            if self.drop_timer is not None:
+                self.drop_timer.cancel()
+                self.drop_timer = None
+            await self.report_drops()                  # every shed frame is told before the reply
             await self.send({"type": "stopped", "stream_id": self.sid, "frames": self.frames,
                              "dropped": sum(self.dropped.values())})
             await self.ws.close(code=1000)
@@ -1162,9 +1268,10 @@ class _LiveSession:
             return await self.note_drop("encoder busy")
         try:
             rgb = await asyncio.to_thread(decode_image, data, self.size)
-        except LmsError:
+        except LmsError as e:
             self.dropped["bad frame"] += 1
-            raise
+            await self.error(e)                        # why it was shed, then counted with the other shed frames
+            return await self.note_drop("bad frame")
         if self.busy:                                   # the Encoder has the previous frames: wait in line
             self.queue.append((rgb, pts, t_arrive))
             return
@@ -1185,11 +1292,32 @@ class _LiveSession:
             self.busy = False
 
     async def note_drop(self, why: str) -> None:
-        now = time.monotonic()
-        if now - self.last_dropped_msg >= 1.0:
-            self.last_dropped_msg = now
-            await self.send({"type": "dropped", "frames": sum(self.dropped.values()), "why": why,
-                             "by_reason": dict(self.dropped)})
+        """A frame was shed (counted in `dropped` already): told now, or, within a second of the last
+        `dropped` message, by a timer when that second ends, together with whatever is shed meanwhile."""
+        self.last_why = why
+        wait = self.last_dropped_msg + 1.0 - time.monotonic()
+        if wait <= 0:
+            await self.report_drops()
+        elif self.drop_timer is None:
+            async def later():
+                await asyncio.sleep(wait)
+                self.drop_timer = None
+                await self.report_drops()
+            self.drop_timer = asyncio.create_task(later())
+            self.tasks.add(self.drop_timer)
+            self.drop_timer.add_done_callback(self.tasks.discard)
+
+    async def report_drops(self) -> None:
+        """One `dropped` message for the frames shed since the last one (none: no message). So the
+        `frames` of all of a socket's `dropped` messages add up to its `stopped` message's `dropped`."""
+        new = {k: v - self.reported.get(k, 0) for k, v in self.dropped.items() if v > self.reported.get(k, 0)}
+        if not new:
+            return
+        self.reported = dict(self.dropped)             # before the await: a timer and a drop never tell twice
+        self.last_dropped_msg = time.monotonic()
+        why = self.last_why if self.last_why in new else max(new, key=new.get)
+        await self.send({"type": "dropped", "frames": sum(new.values()), "why": why, "by_reason": new,
+                         "total": sum(self.dropped.values())})
 
     async def encode(self, rgb, pts: float, t_arrive: float | None = None) -> None:
         try:

@@ -141,6 +141,51 @@ class JobStore:
             return False
 
 
+def remove_stream(cache, sid: str, redis_url: str | None = None) -> str:
+    """`lmstream cache rm ID`: the stream's frames and, when the cache is the service's Redis
+    (`redis_url`), what the service keeps of that id beside them: a file job's record, a live stream's
+    record, its watches and events. So afterwards the service says 404 for the id (`GET /v1/videos/ID`,
+    `GET /v1/streams/ID`), as after `DELETE /v1/videos/ID` or `DELETE /v1/streams/ID?purge=true`, not a
+    `ready` video whose questions find no frames. An id whose frames are gone but whose records stay
+    (removed by an older `cache rm`) loses its records. Refused, nothing removed, while a file job is
+    queued or ingesting or a source feeds the stream (409 `E_JOB_RUNNING`, as `DELETE` says).
+    Raises `StreamNotFound` when neither frames nor records exist. Returns what was removed, in words."""
+    from frame_cache import StreamNotFound, validate_stream_id
+    validate_stream_id(sid)
+    stores: list[JobStore] = []
+    held: dict[str, dict] = {}
+    if redis_url and redis_url.split("://", 1)[0] in ("redis", "rediss", "unix"):
+        stores = [JobStore(redis_url), LiveStore(redis_url), WatchStore(redis_url)]
+        for st in stores[:2]:
+            try:
+                held[st.PART] = st.get(sid)
+            except NotFound:
+                pass
+    job, feed = held.get(JobStore.PART), held.get(LiveStore.PART)
+    if job is not None and job["status"] in JobStore.ACTIVE:
+        raise NotReady(f"expected a finished job to remove, got video {sid!r} still {job['status']}; wait for it "
+                       "to finish (a service that stopped marks it failed when it starts again)", code="E_JOB_RUNNING")
+    if feed is not None and feed["status"] in LiveStore.ACTIVE:
+        raise NotReady(f"expected a stopped stream to remove, got stream {sid!r} {feed['status']} (fed by its "
+                       f"{'camera' if feed.get('kind') == 'rtsp' else 'socket'}); stop it first: "
+                       f"DELETE /v1/streams/{sid}", code="E_JOB_RUNNING")
+    said = []
+    try:
+        n = cache.stream_info(sid).count
+        cache.delete_stream(sid)
+        said.append(f"{n} frames")
+    except StreamNotFound:
+        if not held:
+            raise
+    if stores:
+        stores[0].delete(sid)
+        stores[1].delete(sid)
+        stores[2].forget(sid)
+    said += [f"the service's record of {'video' if part == JobStore.PART else 'live stream'} {sid}"
+             for part in held]
+    return f"removed stream {sid}: " + " and ".join(said)
+
+
 def redis_client(url: str, timeout: float = 5.0):
     """A redis-py client for `url`, as the frame cache makes it: a `RedisCluster` for a Redis Cluster
     (``?cluster=1``, or a node that says it runs in cluster mode), else a plain `Redis`."""
@@ -259,6 +304,15 @@ class EncoderCore:
             log.warning("retention of stream %s: %s", sid, e)
 
 
+def readable_no_frames(e: NoFrames, start: float | None, end: float | None) -> NoFrames:
+    """`CachedFrames`' "no frame in the whole stream" error with what a client of a live stream needs to know:
+    a frame counts once it is stored. Other NoFrames errors unchanged."""
+    if start is None and end is None and e.message.endswith("in the whole stream, got none"):
+        return NoFrames(e.message + " yet (a frame counts once it is stored: on /v1/live, once an `ingested` "
+                                    "message acknowledges it)")
+    return e
+
+
 class AnswerCore:
     """One model replica's question side."""
 
@@ -295,7 +349,10 @@ class AnswerCore:
     def window(self, stream_id: str, window=None, last_s: float | None = None):
         from stream.window import CachedFrames
         start, end = self.bounds(stream_id, window, last_s)
-        return CachedFrames(self.reader, stream_id, start, end, dtype=self.model.dtype)
+        try:
+            return CachedFrames(self.reader, stream_id, start, end, dtype=self.model.dtype)
+        except NoFrames as e:
+            raise readable_no_frames(e, start, end) from None
 
     def watch_source(self, stream_id: str, wid: str, question: str, window=None, last_s=None):
         """A watch's window as `PrefusedRows`: light records only (tokens, fused prefix rows and the

@@ -28,6 +28,10 @@ class Limits(BaseModel):
     max_fps: float = Field(30.0, gt=0, description="largest sampling rate a job may ask for")
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with 429")
     max_ws_message_bytes: int = Field(8 << 20, ge=1024, description="largest WebSocket message (close 1009)")
+    # 1 MiB: a question (max_question_chars) plus its choices is ~50 KB of JSON even in 4-byte UTF-8,
+    # so this only stops bodies no route reads, before they are read
+    max_json_bytes: int = Field(1 << 20, ge=1024, description="largest request body other than an upload (413 "
+                                "past it, from Content-Length before reading, or while reading a chunked one)")
     live_capacity_frames: int = Field(86_400, ge=1, description="default ring of a live stream (24 h at 1 fps)")
     max_live_streams: int = Field(64, ge=1, description="live streams (cameras + sockets) at once (429 past it)")
 

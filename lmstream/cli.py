@@ -303,9 +303,9 @@ def cmd_cache(args) -> int:
             raise BadArgument(f"expected a stream id: lmstream cache {args.action} ID --cache URL, got none")
         elif args.action == "info":
             print(json.dumps(cache.stream_info(args.id).to_dict(), indent=1))
-        else:
-            cache.delete_stream(args.id)
-            print(f"removed stream {args.id}")
+        else:                     # its frames and the service's records of it (job, live stream, watches)
+            from deploy.serving import remove_stream
+            print(remove_stream(cache, args.id, args.cache))
     return 0
 
 

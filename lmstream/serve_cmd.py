@@ -169,6 +169,10 @@ def cmd_serve(args) -> int:
         import ray
         from ray import serve
         from deploy.app import build_app
+        import logging
+        # Serve's driver-side INFO lines ("Connecting to existing Serve app ... New http_options will not be
+        # applied", after the serve.start it just made) say less than the lines below, and one misleads
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         common = dict(namespace="lmstream", logging_level="WARNING", log_to_driver=False,
                       runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
         if args.ray_address:

@@ -34,6 +34,17 @@ __all__ = ["CachedFrames", "DEFAULT_READ_CHUNK"]
 DEFAULT_READ_CHUNK = 256
 
 
+def window_words(start: float | None, end: float | None) -> str:
+    """A window in a message: "the window 10:70 s", "the window 29.5:now s" (to the newest frame), "the
+    window start:70 s", or "the whole stream"; an open side in words, never -inf/inf."""
+    if start is None and end is None:
+        return "the whole stream"
+
+    def num(x: float) -> str:
+        return f"{x:.3f}".rstrip("0").rstrip(".")
+    return f"the window {'start' if start is None else num(start)}:{'now' if end is None else num(end)} s"
+
+
 class CachedFrames:
     """`model.FrameSource` over ``cache``'s stream ``stream_id``, frames with start <= pts < end.
 
@@ -54,8 +65,7 @@ class CachedFrames:
         self.window = win
         self.dropped_before = win.dropped_before
         if len(win) == 0:
-            span = f"{start if start is not None else '-inf'}:{end if end is not None else 'inf'}"
-            raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window {span} s, got none"
+            raise NoFrames(f"expected stored frames of stream {stream_id!r} in {window_words(start, end)}, got none"
                            + (f" ({win.dropped_before} were overwritten already)" if win.dropped_before else ""))
         seqs, pts, toks, kv, meta = [], [], [], [], None
         for ch in win.chunks(cache, read_chunk, light=True, prefetch=prefetch):

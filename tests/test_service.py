@@ -76,7 +76,7 @@ def service(tmp_path_factory, redis_srv, media):
     data = tmp_path_factory.mktemp("svc")
     svc = Service(data, redis_srv.url, media, limits={"max_upload_bytes": 3_000_000, "max_concurrent_jobs": 2,
                                                       "max_tokens": 64, "max_ws_message_bytes": 300_000,
-                                                      "max_live_streams": 4}).start()
+                                                      "max_live_streams": 4, "max_json_bytes": 100_000}).start()
     yield svc
     svc.stop()
 
@@ -404,6 +404,101 @@ def test_policy_errors_are_422_and_streams_urls_respect_job_status(service, medi
                 {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": "lms://streams/nope"}}]}])
 
 
+def test_json_bodies_must_be_utf8_and_are_bounded_before_they_are_read(service, uploaded):
+    """A JSON body that is not UTF-8 is 422 E_INVALID_REQUEST saying so on every JSON route (it was a bare
+    500 on /v1/videos and 400 "expected a route of this API" on the others); a body over max_json_bytes
+    (100,000 here) is 413 E_TOO_LARGE from its Content-Length before it is read, or as soon as a chunked
+    one passes it; the service answers questions as before."""
+    routes = ("/v1/videos", f"/v1/videos/{uploaded['id']}/questions", "/v1/chat/completions", "/v1/streams")
+    big = json.dumps({"question": "x" * 150_000}).encode()
+    jtype = {"content-type": "application/json"}
+
+    def chunks():                                          # chunked: no Content-Length to refuse early
+        for _ in range(4):
+            yield b" " * 50_000
+    with service.client() as c:
+        for path in routes:
+            r = c.post(path, content=b"\xff\xfe{", headers=jtype)
+            assert r.status_code == 422 and r.json()["error"] == {
+                "code": "E_INVALID_REQUEST",
+                "message": "expected a UTF-8 JSON body, got bytes that are not UTF-8 (0xff at byte 0)"}, (path, r.text)
+            r = c.post(path, content=big, headers=jtype)
+            assert r.status_code == 413 and r.json()["error"] == {
+                "code": "E_TOO_LARGE", "message": "expected a request body of at most 100000 bytes "
+                f"(limits.max_json_bytes), got {len(big)} (Content-Length)"}, (path, r.text)
+            r = c.post(path, content=chunks(), headers=jtype)
+            err = r.json()["error"]
+            assert r.status_code == 413 and err["code"] == "E_TOO_LARGE", (path, r.text)
+            assert err["message"].startswith("expected a request body of at most 100000 bytes (limits.max_json_bytes), "
+                                             "got more (") and "without Content-Length" in err["message"], err
+        r = c.post(routes[1], json={"question": QUESTIONS[0], "max_tokens": 4})
+        assert r.status_code == 200 and r.json()["frames"] == 40, r.text
+
+
+def test_upload_field_errors_name_the_field_and_carry_one_code(service, media):
+    """`curl -F other=@v.mp4` is told the video goes in `file` (it was "expected a short form field
+    'other', got over 4096 bytes"); an unknown field is named; a bad `retain` is one code and one
+    message (it embedded "error[E_BAD_ARGUMENT]: ..." in an E_INVALID_REQUEST); nothing is kept."""
+    before = _uploads(service)
+    data = (media / "scene.mp4").read_bytes()
+    with service.client() as c:
+        r = c.post("/v1/videos", files={"other": ("scene.mp4", data, "video/mp4")})
+        assert r.status_code == 422 and r.json()["error"] == {
+            "code": "E_INVALID_REQUEST",
+            "message": "expected the video in form field 'file' (curl -F file=@VIDEO), got it in field 'other'"}, r.text
+        r = c.post("/v1/videos", files={"file": ("scene.mp4", data, "video/mp4")}, data={"fpss": "2"})
+        assert r.status_code == 422 and r.json()["error"]["message"] == \
+            "expected form fields among file, fps, window, kv_policy, retain, got 'fpss'", r.text
+        r = c.post("/v1/videos", files={"file": ("scene.mp4", data, "video/mp4")}, data={"retain": "exact_s=-1"})
+        assert r.status_code == 422 and r.json()["error"] == {
+            "code": "E_INVALID_REQUEST",
+            "message": "expected retain.exact_s to be a number of seconds >= 0 or null, got -1.0"}, r.text
+        r = c.post("/v1/videos", json={"path": str(media / "scene.mp4"), "retain": {"kv": "int2"}})
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 422 and msg.startswith("expected retain.kv to be one of") and "error[" not in msg, r.text
+    assert _uploads(service) == before
+
+
+def test_cache_rm_removes_the_video_from_the_service_too(service, media):
+    """`lmstream cache rm ID` against the service's Redis removes the job record with the frames, so
+    the video is 404 everywhere (it stayed `ready` with 40 frames while questions were 404
+    E_STREAM_NOT_FOUND); refused while the job runs; a record left by a frames-only removal goes too."""
+    import sys
+    from deploy.serving import remove_stream
+    from frame_cache import open_cache
+    from lmcore.errors import NotReady
+
+    def cache_rm(sid):
+        return subprocess.run([sys.executable, "-m", "lmstream.cli", "cache", "rm", sid, "--cache", service.redis_url],
+                              capture_output=True, text=True, timeout=300, cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    with service.client() as c, open_cache(service.redis_url) as cache:
+        vid = c.post("/v1/videos", json={"path": str(media / "scene.mp4")}).json()["id"]
+        assert wait_ready(c, vid)["status"] == "ready"
+        running = c.post("/v1/videos", json={"path": str(media / "long.mp4")}).json()["id"]
+        with pytest.raises(NotReady) as e:                     # as DELETE says: 409 while it ingests
+            remove_stream(cache, running, service.redis_url)
+        assert e.value.code == "E_JOB_RUNNING" and "still" in e.value.message
+        assert c.get(f"/v1/videos/{running}").status_code == 200
+        r = cache_rm(vid)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"removed stream {vid}: 40 frames and the service's record of video {vid}"
+        assert vid not in cache.streams()
+        r = c.get(f"/v1/videos/{vid}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "E_NOT_FOUND", r.text
+        assert vid not in [d["id"] for d in c.get("/v1/videos").json()["data"]]
+        assert c.post(f"/v1/videos/{vid}/questions", json={"question": "q"}).status_code == 404
+        r = cache_rm(vid)                                      # nothing left: one line, its code
+        assert r.returncode == 2 and r.stderr.strip().startswith("error[E_STREAM_NOT_FOUND]: expected"), r.stderr
+        assert wait_ready(c, running)["status"] == "ready"
+        cache.delete_stream(running)                           # what `cache rm` did before: the frames alone
+        assert c.get(f"/v1/videos/{running}").json()["status"] == "ready"
+        r = cache_rm(running)
+        assert r.returncode == 0 and r.stdout.strip() == \
+            f"removed stream {running}: the service's record of video {running}", r.stdout + r.stderr
+        assert c.get(f"/v1/videos/{running}").status_code == 404
+
+
 def _png(rgb) -> bytes:
     import io
     from PIL import Image
@@ -676,6 +771,51 @@ def test_websocket_stop_stores_what_it_received_and_stopped_streams_free_their_s
             await recv_until(ws, "stopped")
 
     asyncio.run(session())
+
+
+def test_websocket_tells_every_dropped_frame_before_stopped_and_names_open_windows_in_words(service):
+    """Frames shed faster than once a second are all told before `stopped` (only the first was: one
+    `dropped` of 1 frame, then `stopped` said 46): the `frames` of the `dropped` messages add up to
+    the stop's `dropped`. An ask before any frame is stored names its window in words, not -inf:inf."""
+    import asyncio
+    import itertools
+    import websockets
+    png = _png(np.full((64, 64, 3), 200, np.uint8))
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            for qid, extra, words in (("all", {}, "in the whole stream, got none yet"),
+                                      ("win", {"window": [5, 10]}, "in the window 5:10 s, got none")):
+                await ws.send(json.dumps({"type": "ask", "id": qid, "question": "what colour is the circle ?", **extra}))
+                m = json.loads(await ws.recv())
+                assert m["type"] == "error" and m["id"] == qid and m["code"] == "E_NO_FRAMES", m
+                assert f"expected stored frames of stream {sid!r} {words}" in m["message"] and "inf" not in m["message"], m
+            await ws.send(json.dumps({"type": "frame", "pts": 0.0}))
+            await ws.send(b"not an image")                     # shed as a bad frame (and an error)
+            for k in range(60):                                # 15 s at 4 fps: 45 over the 1 fps rate
+                await ws.send(json.dumps({"type": "frame", "pts": 1.0 + k * 0.25}))
+                await ws.send(png)
+            await ws.send(json.dumps({"type": "stop"}))
+            msgs = []
+            while (m := json.loads(await ws.recv()))["type"] != "stopped":
+                msgs.append(m)
+            return m, msgs
+
+    stopped, msgs = asyncio.run(session())
+    drops = [m for m in msgs if m["type"] == "dropped"]
+    assert {m["type"] for m in msgs} <= {"dropped", "ingested", "error"}, msgs
+    assert [m["code"] for m in msgs if m["type"] == "error"] == ["E_NOT_A_VIDEO"], msgs
+    assert len(drops) >= 2 and sum(m["frames"] for m in drops) == stopped["dropped"], (drops, stopped)
+    assert stopped["frames"] + stopped["dropped"] == 61, stopped           # every frame stored or told shed
+    assert [m["total"] for m in drops] == list(itertools.accumulate(m["frames"] for m in drops)), drops
+    by: dict = {}
+    for m in drops:
+        assert sum(m["by_reason"].values()) == m["frames"] and m["why"] in m["by_reason"], m
+        for k, v in m["by_reason"].items():
+            by[k] = by.get(k, 0) + v
+    assert by["over fps"] == 45 and by["bad frame"] == 1, by
 
 
 def test_websocket_webm_byte_stream(service):
