@@ -474,11 +474,16 @@ class Ingress:
         self._watcher = loop.create_task(self.backend.evaluate_watches())
 
     async def _resume_cameras(self):
-        """Cameras registered before a restart reconnect (their frames are in Redis already)."""
+        """Cameras registered before a restart reconnect (their frames are in Redis already). A socket's
+        stream still marked live is not: its socket ended with the Ingress (build_app runs one), so it is
+        marked stopped, its frames kept, and `lmstream cache rm` / DELETE may remove it."""
         for sid in await asyncio.to_thread(self.backend.live.ids):
             try:
                 d = await asyncio.to_thread(self.backend.live.get, sid)
-                if d.get("kind") == "rtsp" and d.get("status") not in ("stopped", "failed"):
+                if d.get("kind") == "push" and d.get("status") not in ("stopped", "failed"):
+                    await asyncio.to_thread(self.backend.live.update, sid, status="stopped",
+                                            last_error="its socket ended when the service restarted")
+                elif d.get("kind") == "rtsp" and d.get("status") not in ("stopped", "failed"):
                     await asyncio.to_thread(self.backend.live.update, sid, status="reconnecting")
                     await self.backend.start_stream(sid, d["source"], float(d.get("fps") or 1.0))
             except Exception as e:             # noqa: BLE001 - one camera must not stop the others

@@ -222,8 +222,9 @@ class BoundedBody:
         chunks, n, more = [], 0, True
         while more:
             msg = await receive()
-            if msg["type"] == "http.disconnect":     # the client went away mid-body: nothing to answer
-                return
+            if msg["type"] == "http.disconnect":     # the client went away mid-body: an answer no one reads, so
+                return await error_response(InvalidRequest(  # that the middleware around sees one (not a 500)
+                    f"expected the whole request body, got a disconnect after {n} bytes"))(scope, receive, send)
             chunk = msg.get("body", b"")
             n += len(chunk)
             if n > limit:
@@ -254,7 +255,7 @@ def build_api() -> FastAPI:
                   description="Questions about live and very long videos, one vision token per frame.")
     metrics = Metrics()
     inflight = {"n": 0}
-    api.add_middleware(BoundedBody)          # before `_count` below, which then wraps it: its 413s are counted
+    api.add_middleware(BoundedBody)          # inside `_count` below: its 413s are counted (no route matched yet)
 
     # -- errors ---------------------------------------------------------------------------------
     @api.exception_handler(LmsError)
@@ -361,8 +362,6 @@ def build_api() -> FastAPI:
                 body = VideoCreate.model_validate(await request.json())
             except json.JSONDecodeError as e:
                 raise InvalidRequest(f"expected a JSON body, got invalid JSON ({e.msg} at {e.pos})") from None
-            except UnicodeDecodeError as e:  # BoundedBody refuses these first; a body it let through stays a 422
-                raise _not_utf8(e) from None
             except Exception as e:
                 from pydantic import ValidationError
                 if isinstance(e, ValidationError):
@@ -1084,6 +1083,7 @@ class _LiveSession:
         self.frames = 0
         self.dropped = {"over fps": 0, "encoder busy": 0, "bad frame": 0}
         self.reported: dict[str, int] = {}            # of `dropped`, what `dropped` messages have said so far
+        self.push_seen: dict[str, int] = {}           # of a byte stream's PushSource.dropped_why, what is counted
         self.last_dropped_msg = 0.0
         self.drop_timer: asyncio.Task | None = None    # reports drops of the current second when it ends
         self.last_why = ""
@@ -1174,6 +1174,7 @@ class _LiveSession:
                     await asyncio.wait_for(self.consumer, 60)
                 except Exception:                      # noqa: BLE001 - stop regardless
                     pass
+                self._count_push_drops()               # what the flush shed: told below with the rest
             await self._flush()                        # frames received and waiting in line are stored
             if self.drop_timer is not None:
                 self.drop_timer.cancel()
@@ -1250,11 +1251,10 @@ class _LiveSession:
         if not self.writer:
             raise InvalidRequest("expected {\"type\": \"start\"} before frames, got a frame")
         if self.push is not None:                      # a WebM/fMP4 chunk
-            before = self.push.dropped
             await asyncio.to_thread(self.push.push_stream, data)
-            if self.push.dropped > before:
-                self.dropped["queue full"] = self.dropped.get("queue full", 0) + self.push.dropped - before
-                await self.note_drop("queue full")
+            why = self._count_push_drops()
+            if why is not None:
+                await self.note_drop(why)
             return
         t_arrive = time.monotonic()
         pts = self.pending_pts if self.pending_pts is not None else t_arrive - self.t0
@@ -1291,12 +1291,31 @@ class _LiveSession:
             self.queue = []
             self.busy = False
 
+    #: a byte stream's reasons (`stream.live.PushSource.dropped_why`) in this socket's words
+    PUSH_REASONS = {"rate": "over fps", "queue_full": "queue full", "pts_backwards": "bad frame",
+                    "decode_error": "bad frame"}
+
+    def _count_push_drops(self) -> str | None:
+        """Adds the frames the byte stream's PushSource shed since the last look to `dropped`, under their
+        reasons; returns the last new reason (None: nothing new)."""
+        now, last = self.push.dropped_why, None
+        for k, v in now.items():
+            new = v - self.push_seen.get(k, 0)
+            if new > 0:
+                last = self.PUSH_REASONS.get(k, k.replace("_", " "))
+                self.dropped[last] = self.dropped.get(last, 0) + new
+        self.push_seen = now
+        return last
+
     async def note_drop(self, why: str) -> None:
         """A frame was shed (counted in `dropped` already): told now, or, within a second of the last
         `dropped` message, by a timer when that second ends, together with whatever is shed meanwhile."""
         self.last_why = why
         wait = self.last_dropped_msg + 1.0 - time.monotonic()
         if wait <= 0:
+            if self.drop_timer is not None:           # overdue but not yet run: this message says it all
+                self.drop_timer.cancel()
+                self.drop_timer = None
             await self.report_drops()
         elif self.drop_timer is None:
             async def later():

@@ -6,8 +6,8 @@
 
 * Redis: its own `redis-server` child (AOF everysec, data in DATA_DIR/redis) unless --redis URL
   (a Redis Cluster: ``redis://HOST:PORT?cluster=1``, one node's address).
-* Ray: a local instance (no dashboard web UI, usage stats off, every Ray process listening on loopback only,
-  temp folder DATA_DIR/ray), or with
+* Ray: a local instance (no dashboard web UI, usage stats off, every Ray process listening on loopback only
+  but Serve's HTTP proxy, on HOST; temp folder DATA_DIR/ray), or with
   --ray-address an existing cluster (``ray start --head`` ...), and the Serve app of
   `deploy/app.py`, HTTP on HOST:PORT (one proxy, on the head node).
 * API keys: --api-key, else LMSTREAM_API_KEYS, else one generated now and printed.
@@ -165,7 +165,7 @@ def cmd_serve(args) -> int:
             # they listen on loopback only (Ray reads this at import, as it does on macOS). Without it they
             # listen on the host's address with authentication off, and anyone who can reach this machine
             # could attach to Ray and run code, whatever --host and the API keys say.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         import ray
         from ray import serve
         from deploy.app import build_app
@@ -240,7 +240,11 @@ def _lock_data_dir(data: Path):
     f = open(data / "serve.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if not isinstance(e, BlockingIOError):      # e.g. a file system without locks: say so, not "in use"
+            f.close()
+            raise BadArgument(f"expected --data-dir {data} on a file system that can lock a file, got "
+                              f"{e.strerror or e} locking {data / 'serve.lock'}") from None
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()

@@ -164,9 +164,9 @@ class LlavaMiniConfig:
             raise CheckpointError(f"expected hidden_act 'silu', got {act!r} in {source}")
         required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"]
-        missing = [k for k in required if k not in d]
+        missing = [k for k in required if d.get(k) is None]
         if missing:
-            raise CheckpointError(f"expected {source} to define {', '.join(missing)}, they are missing")
+            raise CheckpointError(f"expected {source} to define {', '.join(missing)}, got them missing or null")
         names = set(cls.__dataclass_fields__) - {"raw"}
         kw = {k: d[k] for k in names if k in d and d[k] is not None}
         if "torch_dtype" not in kw and "dtype" in d:

@@ -121,10 +121,14 @@ def test_config_errors(tmp_path):
             LlavaMini.from_pretrained(ck)
 
 
-def test_config_that_is_not_an_object_is_named(tmp_path):
+def test_config_that_is_not_an_object_or_has_a_null_size_is_named(tmp_path):
     ck = make_tiny_checkpoint(tmp_path / "ck", seed=2)
+    cfg = json.loads((ck / "config.json").read_text())
     (ck / "config.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match="expected .*config.json to hold a JSON object, got a JSON array"):
+        LlavaMini.from_pretrained(ck)
+    (ck / "config.json").write_text(json.dumps(dict(cfg, hidden_size=None)))        # kept, as null
+    with pytest.raises(CheckpointError, match="to define hidden_size, got them missing or null"):
         LlavaMini.from_pretrained(ck)
 
 

@@ -797,13 +797,20 @@ def test_websocket_tells_every_dropped_frame_before_stopped_and_names_open_windo
             for k in range(60):                                # 15 s at 4 fps: 45 over the 1 fps rate
                 await ws.send(json.dumps({"type": "frame", "pts": 1.0 + k * 0.25}))
                 await ws.send(png)
-            await ws.send(json.dumps({"type": "stop"}))
             msgs = []
+            try:                                               # no stop yet: what the second's timer tells
+                while True:
+                    msgs.append(json.loads(await asyncio.wait_for(ws.recv(), 2.5)))
+            except asyncio.TimeoutError:
+                pass
+            before_stop = [m for m in msgs if m["type"] == "dropped"]
+            await ws.send(json.dumps({"type": "stop"}))
             while (m := json.loads(await ws.recv()))["type"] != "stopped":
                 msgs.append(m)
-            return m, msgs
+            return m, msgs, before_stop
 
-    stopped, msgs = asyncio.run(session())
+    stopped, msgs, before_stop = asyncio.run(session())
+    assert len(before_stop) >= 2, before_stop       # the first at once, the rest of its second when it ends
     drops = [m for m in msgs if m["type"] == "dropped"]
     assert {m["type"] for m in msgs} <= {"dropped", "ingested", "error"}, msgs
     assert [m["code"] for m in msgs if m["type"] == "error"] == ["E_NOT_A_VIDEO"], msgs
@@ -834,10 +841,12 @@ def test_websocket_webm_byte_stream(service):
             await ws.send(json.dumps({"type": "stop"}))
             while (m := json.loads(await ws.recv()))["type"] != "stopped":
                 assert m["type"] in ("ingested", "dropped"), m
+                told[0] += m["frames"] if m["type"] == "dropped" else 0
             return sid, m
 
+    told = [0]
     sid, stopped = asyncio.run(run())
-    assert stopped["frames"] == 4
+    assert stopped["frames"] == 4 and stopped["dropped"] == told[0] == 36, (stopped, told)   # 40 frames: 4 at 1 fps
     with service.client() as c:
         ans = c.post(f"/v1/streams/{sid}/questions", json={"question": "what is in the video ?", "max_tokens": 4})
         assert ans.json()["frames"] == 4 and ans.json()["time_span"] == [0.0, 3.0]
