@@ -1147,8 +1147,25 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
                 time.sleep(0.5)
             n = c.get("/v1/streams/door").json()["frames"]
             assert n >= 2
-        service.stop()
+        from websockets.sync.client import connect           # a socket still streaming when the service stops
+        with connect(_ws_url(service), max_size=None) as ws:
+            ws.send(json.dumps({"type": "start", "stream_id": "sock", "fps": 1, "format": "png"}))
+            assert json.loads(ws.recv())["type"] == "started"
+            ws.send(json.dumps({"type": "frame", "pts": 0.0}))
+            ws.send(_png(np.full((64, 64, 3), 90, np.uint8)))
+            assert json.loads(ws.recv())["type"] == "ingested"
+            service.stop()                                    # stopped in order: the socket's stream says so
+        from deploy.serving import LiveStore
+        live = LiveStore(service.redis_url)
+        assert live.get("sock")["status"] == "stopped"
+        live.update("sock", status="live")                    # what a crash (kill -9) leaves behind
         service.start()
+        with service.client() as c:                           # its socket died with the old service: stopped,
+            deadline = time.monotonic() + 30                  # its frame kept, and it can be removed
+            while (d := c.get("/v1/streams/sock").json())["status"] != "stopped" and time.monotonic() < deadline:
+                time.sleep(0.5)                               # (the Ingress checks as it starts, beside /ready)
+            assert d["status"] == "stopped" and d["frames"] == 1 and "restarted" in (d["last_error"] or ""), d
+            assert c.delete("/v1/streams/sock?purge=true").status_code in (200, 204)
         with service.client() as c:                           # the camera reconnects by itself after a restart
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
