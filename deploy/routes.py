@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import secrets
 import time
@@ -527,6 +528,8 @@ def build_api() -> FastAPI:
     async def list_watches(sid: str, b: Backend = Depends(auth)):
         _check_id(sid)
         ws_ = await asyncio.to_thread(b.watches.all, sid)
+        if not ws_ and sid not in await asyncio.to_thread(b.cache.streams):   # as every route of an unknown id
+            raise NotFound(f"expected a known stream id, got {sid!r}")
         return {"object": "list", "data": [{"id": k, **v} for k, v in sorted(ws_.items())]}
 
     @api.delete("/v1/streams/{sid}/watches/{wid}")
@@ -778,7 +781,7 @@ def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens,
     try:
         FusionPolicy.parse(policy)
     except BadArgument as e:
-        raise InvalidRequest(f"policy: {e.message}") from None
+        raise InvalidRequest(e.message) from None
     req = {"stream_id": sid, "question": question, "window": list(window) if window else None,
            "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
     return _with_choices(req, lim, choices)
@@ -895,12 +898,31 @@ def _parse_lms_url(url, i: int):
     if u.scheme != "lms" or len(parts) != 2 or parts[0] not in ("videos", "streams"):
         raise InvalidRequest(f"expected video_url lms://videos/ID or lms://streams/ID, got {url!r} (the service "
                              "never fetches other URLs)")
-    q = parse_qs(u.query)
-    try:
-        last_s = float(q["last_s"][0]) if "last_s" in q else None
-        window = (float(q["start"][0]), float(q["end"][0])) if "start" in q and "end" in q else None
-    except ValueError:
-        raise InvalidRequest(f"expected numbers in {url!r}'s last_s/start/end, got {u.query!r}") from None
+    q = parse_qs(u.query, keep_blank_values=True)
+    unknown = sorted(set(q) - {"start", "end", "last_s"})
+    if unknown:
+        raise InvalidRequest(f"expected only start, end or last_s in {url!r}'s query, got {', '.join(unknown)}")
+    nums = {}
+    for k, v in q.items():
+        try:
+            x = float(v[0]) if len(v) == 1 else math.nan
+        except ValueError:
+            x = math.nan
+        if not math.isfinite(x):
+            raise InvalidRequest(f"expected {k} in {url!r} to be one finite number of seconds, got "
+                                 f"{', '.join(v) or 'nothing'}")
+        nums[k] = x
+    if "last_s" in nums and ("start" in nums or "end" in nums):
+        raise InvalidRequest(f"expected at most one of start/end and last_s in {url!r}, got both")
+    if ("start" in nums) != ("end" in nums):
+        raise InvalidRequest(f"expected both start and end in {url!r} (a window [start, end) in seconds), got only "
+                             f"{'start' if 'start' in nums else 'end'}")
+    window = (nums["start"], nums["end"]) if "start" in nums else None
+    if window is not None and not 0 <= window[0] < window[1]:
+        raise InvalidRequest(f"expected 0 <= start < end in {url!r}, got start {window[0]:g} and end {window[1]:g}")
+    last_s = nums.get("last_s")
+    if last_s is not None and last_s <= 0:
+        raise InvalidRequest(f"expected last_s > 0 seconds in {url!r}, got {last_s:g}")
     _check_id(parts[1])
     return parts[0], parts[1], window, last_s
 

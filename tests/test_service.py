@@ -227,6 +227,31 @@ def test_openai_client_unchanged(service, uploaded):
             {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}])
 
 
+def test_chat_video_url_windows_are_checked_like_the_questions_route(service, uploaded):
+    """The window in an lms:// URL: a half window, a negative start, both a window and last_s, a last_s
+    that is not a positive finite number or an unknown parameter were answered over the whole video (or
+    another window) without a word; now each is 422 naming it, and a whole window still answers."""
+    def ask(query: str):
+        content = [{"type": "text", "text": QUESTIONS[0]},
+                   {"type": "video_url", "video_url": {"url": f"lms://videos/{uploaded['id']}{query}"}}]
+        return c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                    "max_tokens": 4})
+    with service.client() as c:
+        for query, says in (("?start=5", "both start and end"), ("?end=10", "got only end"),
+                            ("?start=-5&end=10", "0 <= start < end"), ("?start=5&end=5", "0 <= start < end"),
+                            ("?last_s=-3", "last_s > 0 seconds"), ("?last_s=1e400", "one finite number"),
+                            ("?last_s=10&start=0&end=5", "at most one of start/end and last_s"),
+                            ("?foo=1", "only start, end or last_s"), ("?start=1&start=2&end=9", "one finite number")):
+            r = ask(query)
+            assert r.status_code == 422 and r.json()["error"]["code"] == "E_INVALID_REQUEST", (query, r.text)
+            msg = r.json()["error"]["message"]
+            assert msg.startswith("expected ") and says in msg, (query, msg)
+        r = ask("?start=5&end=10")
+        assert r.status_code == 200 and r.json()["lmstream"]["frames"] == 5, r.text
+        r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": "q", "policy": "budget:0"})
+        assert r.status_code == 422 and r.json()["error"]["message"].startswith("expected "), r.text
+
+
 def test_paths_limits_and_validation(service, media, tmp_path):
     with service.client() as c:
         r = c.post("/v1/videos", json={"path": "/etc/passwd"})
@@ -763,6 +788,8 @@ def test_websocket_stop_stores_what_it_received_and_stopped_streams_free_their_s
         # a purge forgets the watches: the id created again starts with none
         with service.client() as c:
             assert c.delete(f"/v1/streams/{sid}?purge=true").json()["purged"] is True
+            r = c.get(f"/v1/streams/{sid}/watches")               # gone, as on every route of the id
+            assert r.status_code == 404 and r.json()["error"]["code"] == "E_NOT_FOUND", r.text
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
             assert (await start(ws, sid))["stream_id"] == sid
             with service.client() as c:
