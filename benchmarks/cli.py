@@ -15,25 +15,25 @@ import argparse
 
 
 def flops_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", default="1000,10000,20000", help="frame counts per question")
-    p.add_argument("--budget", type=int, default=512, help="N of the budget:N fusion policy (default 512)")
-    p.add_argument("--prefix-rows", type=int, default=45, help="prompt rows before <image> (default 45)")
-    p.add_argument("--question-rows", type=int, default=24, help="prompt rows after <image> (default 24)")
+    p.add_argument("--frames", type=_frame_counts, default="1000,10000,20000", help="frame counts per question")
+    p.add_argument("--budget", type=_positive_int, default=512, help="N of the budget:N fusion policy (default 512)")
+    p.add_argument("--prefix-rows", type=_positive_int, default=45, help="prompt rows before <image> (default 45)")
+    p.add_argument("--question-rows", type=_positive_int, default=24, help="prompt rows after <image> (default 24)")
     p.add_argument("--tiny", action="store_true", help="toy shapes instead of the 8B ones (a quick check)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.add_argument("--out", help="also write the JSON to this file")
 
 
 def cpu_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--repeats", type=int, default=5, help="interleaved ingest repeats (latency: repeats//2+1)")
-    p.add_argument("--ingest-frames", type=int, default=32, help="frames per ingest measurement")
-    p.add_argument("--frames", default="16,64,256,1024", help="frame counts for question latency")
-    p.add_argument("--official-frames", default="16,64,256", help="frame counts at which the official path also runs")
-    p.add_argument("--budget", type=int, default=64, help="N of budget:N at this small scale (default 64)")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="interleaved ingest repeats (latency: repeats//2+1)")
+    p.add_argument("--ingest-frames", type=_positive_int, default=32, help="frames per ingest measurement")
+    p.add_argument("--frames", type=_frame_counts, default="16,64,256,1024", help="frame counts for question latency")
+    p.add_argument("--official-frames", type=_frame_counts, default="16,64,256", help="frame counts at which the official path also runs")
+    p.add_argument("--budget", type=_positive_int, default=64, help="N of budget:N at this small scale (default 64)")
     p.add_argument("--plot", default="out/bench_cpu.png", help="PNG path for the latency plot ('' for none)")
     p.add_argument("--shapes-from", default=None,
                    help="a checkpoint folder whose sizes to use (random weights), e.g. checkpoints/demo")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: see the module docstring; 0 keeps torch's default)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.add_argument("--out", help="also write the JSON to this file")
@@ -43,22 +43,22 @@ def gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="toy shapes on the CPU (exercises the script's logic)")
     p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory cap in GiB (0: none)")
     p.add_argument("--batch-sizes", default="1,8,32,64")
-    p.add_argument("--frames", default="1000,10000,20000")
-    p.add_argument("--budget", type=int, default=512)
-    p.add_argument("--chunk", type=int, default=64, help="frames per question-time fusion pass (and host chunk)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per case (after one warm-up per kind)")
-    p.add_argument("--min-frames", type=int, default=64, help="frames per ingest measurement (at least)")
+    p.add_argument("--frames", type=_frame_counts, default="1000,10000,20000")
+    p.add_argument("--budget", type=_positive_int, default=512)
+    p.add_argument("--chunk", type=_positive_int, default=64, help="frames per question-time fusion pass (and host chunk)")
+    p.add_argument("--repeats", type=_positive_int, default=2, help="timed runs per case (after one warm-up per kind)")
+    p.add_argument("--min-frames", type=_positive_int, default=64, help="frames per ingest measurement (at least)")
     p.add_argument("--clip-attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--eager-batch", type=int, default=32, help="also time ingest with eager CLIP attention at "
+    p.add_argument("--eager-batch", type=_positive_int, default=32, help="also time ingest with eager CLIP attention at "
                    "this batch (0: skip)")
     p.add_argument("--variants", default="streamed,resident,streamed-fp8kv,streamed-mmap,engine-as-shipped")
-    p.add_argument("--mmap-frames", type=int, default=1024, help="frames in the memory-mapped K/V file of the "
+    p.add_argument("--mmap-frames", type=_positive_int, default=1024, help="frames in the memory-mapped K/V file of the "
                    "streamed-mmap variant (1024 at 8B: 10.8 GB; frame t reads file frame t mod this)")
     p.add_argument("--mmap-dir", default=None, help="folder for that file (default: the temporary folder)")
-    p.add_argument("--engine-frames", type=int, default=1000, help="largest T for the engine-as-shipped variant")
-    p.add_argument("--peak-tflops", type=float, default=798.0)
-    p.add_argument("--section-timeout", type=float, default=420.0, help="seconds per section")
-    p.add_argument("--case-timeout", type=float, default=150.0, help="seconds per time-to-first-token case")
+    p.add_argument("--engine-frames", type=_positive_int, default=1000, help="largest T for the engine-as-shipped variant")
+    p.add_argument("--peak-tflops", type=_positive_float, default=798.0)
+    p.add_argument("--section-timeout", type=_positive_float, default=420.0, help="seconds per section")
+    p.add_argument("--case-timeout", type=_positive_float, default=150.0, help="seconds per time-to-first-token case")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.add_argument("--out", default=None, help="JSON file (default out/bench_gpu.json, --tiny: none)")
 
@@ -66,16 +66,16 @@ def gpu_arguments(p: argparse.ArgumentParser) -> None:
 def cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis", default=None, help="redis://HOST:PORT/DB to measure (default: start a local "
                                                   "redis-server in a temporary folder, AOF everysec)")
-    p.add_argument("--frames-small", type=int, default=2000, help="frames per stream at the demo record size")
-    p.add_argument("--frames-8b", type=int, default=48, help="frames per stream at the 8B record sizes")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--frames-small", type=_positive_int, default=2000, help="frames per stream at the demo record size")
+    p.add_argument("--frames-8b", type=_positive_int, default=48, help="frames per stream at the 8B record sizes")
+    p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.add_argument("--out", default="out/bench_cache.json", help="also write the JSON to this file ('' for none)")
 
 
 def load_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-n", type=int, default=32, help="largest N (cameras per kind), doubling from 1 (default 32)")
-    p.add_argument("--duration", type=float, default=30.0, help="seconds of the steady window per N (default 30)")
+    p.add_argument("--max-n", type=_positive_int, default=32, help="largest N (cameras per kind), doubling from 1 (default 32)")
+    p.add_argument("--duration", type=_positive_float, default=30.0, help="seconds of the steady window per N (default 30)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds after every stream stores frames (default 5)")
     p.add_argument("--kinds", default="rtsp,ws", help="rtsp (GStreamer cameras), ws (/v1/live pushers) or both")
     p.add_argument("--questions", type=int, default=4, help="streamed questions per N during the window")
@@ -88,7 +88,7 @@ def load_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def memory_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--frames", default="10000,20000", help="frames per exact question (default 10000,20000)")
+    p.add_argument("--frames", type=_frame_counts, default="10000,20000", help="frames per exact question (default 10000,20000)")
     p.add_argument("--chunks", default="32,64,128", help="frames per fusion pass / K/V chunk (default 32,64,128)")
     p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory cap in GiB (default 24)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer tokens the LLM KV buffer holds (default 64)")
@@ -106,6 +106,35 @@ def _runner(module: str):
         import importlib
         return importlib.import_module(f"benchmarks.{module}").run(args) or 0
     return fn
+
+
+def _frame_counts(text: str) -> str:
+    """A comma-separated list of whole numbers >= 1 (kept as written: the benchmarks parse it)."""
+    parts = [t.strip() for t in text.split(",")]
+    if not parts or not all(t.isdigit() and int(t) >= 1 for t in parts):
+        raise argparse.ArgumentTypeError(f"expected frame counts, whole numbers >= 1 separated by commas, "
+                                         f"got {text!r}")
+    return text
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -399,6 +399,61 @@ def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing,
 
 
 # ----------------------------------------------------------------------------- main
+def _checked_args(args) -> tuple[list[str], dict[str, int], list[str]]:
+    """(tiers, videos per tier, policies), every option checked before a video is drawn or the model
+    loads: a bad value is one E_BAD_ARGUMENT line, not an empty table or an error after the run."""
+    import os
+    from lmcore.errors import BadArgument
+    from model.llava_mini import FusionPolicy
+    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
+    bad = [t for t in tiers if t not in TIERS]
+    if bad or not tiers:
+        raise BadArgument(f"expected --tiers among {', '.join(TIERS)}, got {', '.join(bad) or 'none'}")
+    counts = dict(QUICK_VIDEOS if args.quick else DEFAULT_VIDEOS)
+    if args.videos:
+        for part in str(args.videos).split(","):
+            k, sep, v = part.partition("=")
+            k = k.strip()
+            try:
+                n = int(v if sep else k)
+            except ValueError:
+                raise BadArgument(f"expected --videos N or TIER=N,... with whole numbers, got {args.videos!r}") from None
+            if n < 0 or (not sep and n == 0):
+                raise BadArgument(f"expected --videos of at least 1 (TIER=0 skips a tier), got {args.videos!r}")
+            if not sep:
+                counts = {t: n for t in TIERS}
+            elif k not in TIERS:
+                raise BadArgument(f"expected --videos tiers among {', '.join(TIERS)}, got {k!r}")
+            elif k not in tiers:
+                raise BadArgument(f"expected --videos for tiers that run (--tiers {','.join(tiers)}), got {k}={n}")
+            else:
+                counts[k] = n
+    if args.quick and not args.tiers_given:
+        tiers = [t for t in tiers if counts.get(t, 0) > 0]
+    if not any(counts.get(t, 0) > 0 for t in tiers):
+        raise BadArgument(f"expected at least one video to score, got none (--tiers {','.join(tiers)}, "
+                          f"--videos {args.videos})")
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies:
+        raise BadArgument("expected --policies, comma-separated (exact, budget:N), got none")
+    for p in policies:
+        FusionPolicy.parse(p)
+    for name, v, lo in (("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1),
+                        ("--threads", args.threads, 1), ("--needle-trials", args.needle_trials, 0)):
+        if v is not None and v < lo:
+            raise BadArgument(f"expected {name} >= {lo}, got {v}")
+    if args.device:
+        from .cli import check_device
+        check_device(args.device)
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise BadArgument(f"expected --out to be a file path for the JSON, got the folder {out}")
+        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+            raise BadArgument(f"expected --out in an existing folder you can write, got {out}")
+    return tiers, counts, policies
+
+
 def run(args) -> int:
     import torch
     grad = torch.is_grad_enabled()
@@ -417,22 +472,7 @@ def _run(args) -> int:
     torch.set_grad_enabled(False)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
-    bad = [t for t in tiers if t not in TIERS]
-    if bad:
-        from lmcore.errors import BadArgument
-        raise BadArgument(f"expected tiers among {', '.join(TIERS)}, got {', '.join(bad)}")
-    counts = dict(QUICK_VIDEOS if args.quick else DEFAULT_VIDEOS)
-    if args.videos:
-        for part in str(args.videos).split(","):
-            k, sep, v = part.partition("=")
-            if sep:
-                counts[k.strip()] = int(v)
-            else:
-                counts = {t: int(k) for t in TIERS}
-    if args.quick and not args.tiers_given:
-        tiers = [t for t in tiers if counts.get(t, 0) > 0]
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    tiers, counts, policies = _checked_args(args)
     if args.choices:
         policies += [p + CHOICES for p in policies]
     trials = args.needle_trials if args.needle_trials is not None else (1 if args.quick else 4)

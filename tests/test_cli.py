@@ -168,6 +168,20 @@ def test_bad_window_argument(tiny_ckpt, video):
                               "E_BAD_ARGUMENT", says)
 
 
+def test_eval_demo_and_bench_refuse_bad_options_before_any_work(tmp_path):
+    """Each was an empty table with exit 0, or E_INTERNAL after the whole evaluation (--out a folder)."""
+    for args, says in ((["--out", tmp_path], "a file path for the JSON, got the folder"),
+                       (["--out", tmp_path / "no" / "x.json"], "an existing folder you can write"),
+                       (["--videos", "0"], "--videos of at least 1"), (["--videos", "60s=abc"], "whole numbers"),
+                       (["--tiers", ","], "--tiers among"), (["--tiers", "60s", "--videos", "10min=2"], "tiers that run"),
+                       (["--max-new-tokens", "0"], "--max-new-tokens >= 1"), (["--batch-size", "0"], "--batch-size >= 1"),
+                       (["--needle-trials", "-1"], "--needle-trials >= 0"), (["--policies", "bogus"], "fusion policy")):
+        assert_one_line_error(run("eval-demo", *args), "E_BAD_ARGUMENT", says)
+    for args, says in ((["flops", "--frames", "-5"], "frame counts"), (["memory", "--frames", "abc"], "frame counts"),
+                       (["flops", "--budget", "0"], "a whole number >= 1")):
+        assert_one_line_error(run("bench", *args), "E_BAD_ARGUMENT", says)
+
+
 def test_make_tiny_never_writes_over_files_and_commands_are_named(tmp_path):
     ck = tmp_path / "ck"
     ck.mkdir()
