@@ -602,7 +602,7 @@ def test_websocket_push_ask_attach_stop(service, media, demo_model):
                 await other.send(json.dumps({"type": "ask", "id": "f", "question": q, "policy": "sometimes"}))
                 m = json.loads(await other.recv())
                 assert m["type"] == "error" and m["id"] == "f" and m["code"] == "E_INVALID_REQUEST", m
-                assert m["message"].startswith("policy:")
+                assert m["message"].startswith("expected fusion policy"), m
             await ws.send(json.dumps({"type": "stop"}))
             stopped = json.loads(await ws.recv())
             assert stopped["type"] == "stopped" and stopped["frames"] == len(frames)
