@@ -153,6 +153,25 @@ def check_common_args(args) -> None:
         args.retain = Retention.parse(args.retain)
 
 
+def check_out_file(path, what: str, *, make_parent: bool = False) -> Path:
+    """`--out PATH` checked before any work: a file path (not a folder) in a folder this user can write;
+    with ``make_parent`` that folder is made when missing (else it must exist)."""
+    out = Path(path)
+    if out.is_dir():
+        raise BadArgument(f"expected --out to be a file path for {what}, got the folder {out}")
+    if make_parent:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadArgument(f"expected --out in a folder that exists or can be made, got {out} "
+                              f"({e.strerror or e})") from None
+        if not os.access(out.parent, os.W_OK):
+            raise BadArgument(f"expected --out in a folder you can write, got {out} (no write permission)")
+    elif not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
+        raise BadArgument(f"expected --out in an existing folder you can write, got {out}")
+    return out
+
+
 def check_question(text: str) -> str:
     """A question is non-empty UTF-8 text (argv bytes that are not UTF-8 arrive as surrogates)."""
     try:
@@ -321,16 +340,7 @@ def cmd_demo(args) -> int:
     if args.seed < 0:
         raise BadArgument(f"expected --seed >= 0, got {args.seed}")
     if args.out:
-        out = Path(args.out)
-        if out.is_dir():
-            raise BadArgument(f"expected --out to be a file path for the video, got the folder {out}")
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadArgument(f"expected --out in a folder that exists or can be made, got {out} "
-                              f"({e.strerror or e})") from None
-        if not os.access(out.parent, os.W_OK):
-            raise BadArgument(f"expected --out in a folder you can write, got {out} (no write permission)")
+        check_out_file(args.out, "the video", make_parent=True)
     if args.model is None and default_model() is None:
         args.model = str(random_model())
     if args.service:

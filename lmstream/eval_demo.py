@@ -402,7 +402,6 @@ def ask_all(m, states, qas, tier, policies, tally, max_new_tokens, seed, timing,
 def _checked_args(args) -> tuple[list[str], dict[str, int], list[str]]:
     """(tiers, videos per tier, policies), every option checked before a video is drawn or the model
     loads: a bad value is one E_BAD_ARGUMENT line, not an empty table or an error after the run."""
-    import os
     from lmcore.errors import BadArgument
     from model.llava_mini import FusionPolicy
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
@@ -446,11 +445,8 @@ def _checked_args(args) -> tuple[list[str], dict[str, int], list[str]]:
         from .cli import check_device
         check_device(args.device)
     if args.out:
-        out = Path(args.out)
-        if out.is_dir():
-            raise BadArgument(f"expected --out to be a file path for the JSON, got the folder {out}")
-        if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-            raise BadArgument(f"expected --out in an existing folder you can write, got {out}")
+        from .cli import check_out_file
+        check_out_file(args.out, "the JSON")
     return tiers, counts, policies
 
 
@@ -469,10 +465,10 @@ def _run(args) -> int:
     from stream.synthetic import COLOUR_NAMES, QA, _T_EXISTS, _article, questions
 
     t_all = time.perf_counter()
+    tiers, counts, policies = _checked_args(args)       # first: --threads -1 must not reach torch
     torch.set_grad_enabled(False)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    tiers, counts, policies = _checked_args(args)
     if args.choices:
         policies += [p + CHOICES for p in policies]
     trials = args.needle_trials if args.needle_trials is not None else (1 if args.quick else 4)

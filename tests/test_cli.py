@@ -175,7 +175,8 @@ def test_eval_demo_and_bench_refuse_bad_options_before_any_work(tmp_path):
                        (["--videos", "0"], "--videos of at least 1"), (["--videos", "60s=abc"], "whole numbers"),
                        (["--tiers", ","], "--tiers among"), (["--tiers", "60s", "--videos", "10min=2"], "tiers that run"),
                        (["--max-new-tokens", "0"], "--max-new-tokens >= 1"), (["--batch-size", "0"], "--batch-size >= 1"),
-                       (["--needle-trials", "-1"], "--needle-trials >= 0"), (["--policies", "bogus"], "fusion policy")):
+                       (["--needle-trials", "-1"], "--needle-trials >= 0"), (["--policies", "bogus"], "fusion policy"),
+                       (["--threads", "-1"], "--threads >= 1")):
         assert_one_line_error(run("eval-demo", *args), "E_BAD_ARGUMENT", says)
     for args, says in ((["flops", "--frames", "-5"], "frame counts"), (["memory", "--frames", "abc"], "frame counts"),
                        (["flops", "--budget", "0"], "a whole number >= 1")):
