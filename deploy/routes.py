@@ -90,7 +90,27 @@ def backend() -> Backend:
     return _backend
 
 
+def client_error(e: LmsError) -> LmsError:
+    """An error as a client is told it. `E_BAD_ARGUMENT` is the library's (and the CLI's) code for an argument it
+    refuses; behind a route the argument came from the request (a window, a choice the tokenizer cannot spell,
+    an id), so it is the request's fault like any field the schemas refuse: 422 `E_INVALID_REQUEST`, the same
+    words. Every other error unchanged."""
+    return InvalidRequest(e.message) if e.code == BadArgument.code else e
+
+
+def client_error_dict(d: dict) -> dict:
+    """`client_error` for an error as a dict: an answer's error event (with its HTTP `status`), an Encoder
+    result's error."""
+    if d.get("code") != BadArgument.code:
+        return d
+    d = {**d, "code": InvalidRequest.code}
+    if "status" in d:
+        d["status"] = InvalidRequest.http_status
+    return d
+
+
 def error_response(e: LmsError) -> JSONResponse:
+    e = client_error(e)
     headers = {"Retry-After": str(getattr(e, "retry_after", 5))} if isinstance(e, Busy) else None
     return JSONResponse({"error": e.to_dict()}, status_code=e.http_status, headers=headers)
 
@@ -177,6 +197,21 @@ def _retain(spec) -> dict | None:
     except BadArgument as e:                  # a request field: 422 like every other field error
         raise InvalidRequest(e.message) from None     # its words, not str(e): that would embed a second code
     return None if r is None else r.to_dict()
+
+
+def validation_message(err: dict) -> str:
+    """One pydantic error in the service's words, the field named: "expected stream: Input should be a valid
+    boolean, got \"yes\"" (our own validators' messages already say expected and got: kept as they are)."""
+    msg = err.get("msg", "a valid value")
+    if msg.startswith("Value error, expected"):
+        return msg[len("Value error, "):]
+    where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+    got = err.get("input")
+    try:
+        got_s = json.dumps(got)[:200] if got is not None and not isinstance(got, (bytes, bytearray)) else "nothing"
+    except (TypeError, ValueError):
+        got_s = repr(got)[:200]
+    return f"expected {where}: {msg}, got {got_s}"
 
 
 def _not_utf8(e: UnicodeDecodeError) -> InvalidRequest:
@@ -270,13 +305,7 @@ def build_api() -> FastAPI:
         if first.get("type") == "json_invalid":
             pos = first.get("loc", ("body", "?"))[-1]
             return error_response(InvalidRequest(f"expected a JSON body, got invalid JSON (error at position {pos})"))
-        msg = first.get("msg", "a valid value")
-        if msg.startswith("Value error, expected"):     # our own validators' words already say expected and got
-            return error_response(InvalidRequest(msg[len("Value error, "):]))
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or "body"
-        got = first.get("input")
-        got_s = json.dumps(got)[:200] if got is not None and not isinstance(got, (bytes, bytearray)) else "nothing"
-        return error_response(InvalidRequest(f"expected {where}: {msg}, got {got_s}"))
+        return error_response(InvalidRequest(validation_message(first)))
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(_req: Request, e: StarletteHTTPException):
@@ -449,14 +478,12 @@ def build_api() -> FastAPI:
 
     @api.post("/v1/streams", status_code=201)
     async def create_stream(body: StreamCreate, b: Backend = Depends(auth)):
-        from frame_cache import validate_stream_id
         retain = _retain(body.retain)
         url = await asyncio.to_thread(check_source, body.source, b.settings.allow_private_sources)
         fps = fps_ok(body.fps, b.settings)
         await _check_live_limit(b)
         ids = await asyncio.to_thread(_live(b).ids)
-        sid = body.id or "cam-" + uuid.uuid4().hex[:12]
-        validate_stream_id(sid)
+        sid = body.id or "cam-" + uuid.uuid4().hex[:12]      # body.id is checked by the schema
         if sid in ids:
             from frame_cache import StreamExists
             raise StreamExists(f"expected a new stream id, got {sid!r}, which exists")
@@ -480,12 +507,12 @@ def build_api() -> FastAPI:
 
     @api.get("/v1/streams/{sid}")
     async def get_stream(sid: str, b: Backend = Depends(auth)):
-        _check_id(sid)
+        _check_id(sid, "stream")
         return _public(stream_status(await asyncio.to_thread(_live(b).get, sid)))
 
     @api.delete("/v1/streams/{sid}")
     async def delete_stream(sid: str, purge: bool = False, b: Backend = Depends(auth)):
-        _check_id(sid)
+        _check_id(sid, "stream")
         d = await asyncio.to_thread(_live(b).get, sid)
         if d.get("kind") == "rtsp":
             await b.stop_stream(sid)
@@ -502,7 +529,7 @@ def build_api() -> FastAPI:
 
     @api.post("/v1/streams/{sid}/questions")
     async def ask_stream(sid: str, q: Question, b: Backend = Depends(auth)):
-        _check_id(sid)
+        _check_id(sid, "stream")
         d = await asyncio.to_thread(_live(b).get, sid)
         req = _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [],
                              q.choices)
@@ -514,7 +541,7 @@ def build_api() -> FastAPI:
     async def create_watch(sid: str, w: WatchCreate, b: Backend = Depends(auth)):
         """A standing question: fused with every frame from now on (at ingest), evaluated every `every_s`
         over the last `last_s`, exactly, from the stored rows; an event when the answer changes."""
-        _check_id(sid)
+        _check_id(sid, "stream")
         await asyncio.to_thread(_live(b).get, sid)
         b.model_prompt_check(w.question)
         wid = "w-" + uuid.uuid4().hex[:10]
@@ -526,7 +553,7 @@ def build_api() -> FastAPI:
 
     @api.get("/v1/streams/{sid}/watches")
     async def list_watches(sid: str, b: Backend = Depends(auth)):
-        _check_id(sid)
+        _check_id(sid, "stream")
         ws_ = await asyncio.to_thread(b.watches.all, sid)
         if not ws_ and sid not in await asyncio.to_thread(b.cache.streams):   # as every route of an unknown id
             raise NotFound(f"expected a known stream id, got {sid!r}")
@@ -534,7 +561,7 @@ def build_api() -> FastAPI:
 
     @api.delete("/v1/streams/{sid}/watches/{wid}")
     async def delete_watch(sid: str, wid: str, b: Backend = Depends(auth)):
-        _check_id(sid)
+        _check_id(sid, "stream")
         if not await asyncio.to_thread(b.watches.remove, sid, wid):
             raise NotFound(f"expected a watch of stream {sid!r}, got unknown id {wid!r}")
         return {"id": wid, "deleted": True}
@@ -544,7 +571,7 @@ def build_api() -> FastAPI:
         """The watch's question over any window, exactly, from its rows fused at ingest (no keys/values).
         The body's `question` is not read (the watch's own is answered); `stream` gives SSE as on the
         other question routes; a policy other than exact is refused, not silently ignored."""
-        _check_id(sid)
+        _check_id(sid, "stream")
         if q.policy != "exact":
             raise InvalidRequest(f"expected policy 'exact' for a watch's question (its rows are fused with every "
                                  f"frame at ingest, so it is always answered exactly), got {q.policy!r}")
@@ -562,7 +589,7 @@ def build_api() -> FastAPI:
     @api.get("/v1/streams/{sid}/events")
     async def events(sid: str, request: Request, after: int = 0, b: Backend = Depends(auth)):
         """Watch events as SSE (`event: event`), from seq `after` on; a comment every 15 s keeps it open."""
-        _check_id(sid)
+        _check_id(sid, "stream")
         await asyncio.to_thread(_live(b).get, sid)
 
         async def gen():
@@ -694,6 +721,8 @@ def build_api() -> FastAPI:
                     if first is None:
                         first = time.perf_counter() - t0
                         metrics.ttft.observe(first)
+                elif ev["type"] == "error":
+                    ev = client_error_dict(ev)
                 yield ev
         finally:
             inflight["n"] -= 1
@@ -822,10 +851,24 @@ def _drop_stream(b: "Backend", sid: str) -> None:
     b.watches.forget(sid)
 
 
-def _check_id(vid: str) -> None:
+#: What an id may be (`frame_cache.STREAM_ID_PATTERN`), in words.
+ID_RULE = "1-128 characters from [A-Za-z0-9._:-]"
+
+
+def _check_id(rid: str, kind: str = "video") -> None:
+    """An id in a route's path. One that cannot exist is 404 like one that does not (the URL names no
+    resource, as a route this API does not have is 404), not 422: a path is not a request value."""
     from frame_cache import STREAM_ID_PATTERN
-    if STREAM_ID_PATTERN.fullmatch(vid) is None:
-        raise NotFound(f"expected a video id of [A-Za-z0-9._:-], got {vid!r}")
+    if STREAM_ID_PATTERN.fullmatch(rid) is None:
+        raise NotFound(f"expected a {kind} id of {ID_RULE}, got {rid!r}")
+
+
+def _request_id(value, field: str) -> str:
+    """An id inside a request (a socket message's field): 422 naming the field when it cannot be one."""
+    from frame_cache import STREAM_ID_PATTERN
+    if not isinstance(value, str) or STREAM_ID_PATTERN.fullmatch(value) is None:
+        raise InvalidRequest(f"expected {field} of {ID_RULE}, got {json.dumps(value)}")
+    return value
 
 
 async def _sse_events(events):
@@ -923,7 +966,9 @@ def _parse_lms_url(url, i: int):
     last_s = nums.get("last_s")
     if last_s is not None and last_s <= 0:
         raise InvalidRequest(f"expected last_s > 0 seconds in {url!r}, got {last_s:g}")
-    _check_id(parts[1])
+    from frame_cache import STREAM_ID_PATTERN
+    if STREAM_ID_PATTERN.fullmatch(parts[1]) is None:     # a value of the request: 422, as a window's
+        raise InvalidRequest(f"expected video_url.url lms://{parts[0]}/ID with an ID of {ID_RULE}, got {url!r}")
     return parts[0], parts[1], window, last_s
 
 
@@ -1038,6 +1083,8 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
                 s0, e0 = (float(x) for x in f["window"].split(","))
             except ValueError:
                 raise InvalidRequest(f"expected window as START,END seconds, got {f['window']!r}") from None
+            if not (math.isfinite(s0) and math.isfinite(e0)):
+                raise InvalidRequest(f"expected window as START,END finite seconds, got {f['window']!r}")
             if not 0 <= s0 < e0:
                 raise InvalidRequest(f"expected window with 0 <= START < END, got {f['window']!r}")
             opts["window"] = (s0, e0)
@@ -1130,7 +1177,7 @@ class _LiveSession:
                 self.closed = True
 
     async def error(self, e: BaseException, qid: str | None = None) -> None:
-        d = {"type": "error", **error_dict(e)}
+        d = {"type": "error", **error_dict(client_error(e) if isinstance(e, LmsError) else e)}
         if qid is not None:
             d["id"] = qid
         await self.send(d)
@@ -1176,13 +1223,10 @@ class _LiveSession:
         elif t == "ask":
             self.ask(m)
         elif t == "attach":
-            sid = m.get("stream_id")
-            if not isinstance(sid, str):
-                raise InvalidRequest(f"expected attach.stream_id, got {sid!r}")
+            sid = _request_id(m.get("stream_id"), "attach.stream_id")
             if self.writer:
                 raise InvalidRequest(f"expected attach on a socket that is not streaming, got one streaming to "
                                      f"{self.sid!r} (ask about another stream on a second socket)")
-            _check_id(sid)
             if sid not in await asyncio.to_thread(self.b.cache.streams):
                 raise NotFound(f"expected a known stream id to attach to, got {sid!r}")
             self.sid, self.writer = sid, False
@@ -1212,7 +1256,6 @@ class _LiveSession:
         return False
 
     async def start(self, m: dict) -> None:
-        from frame_cache import validate_stream_id
         b = self.b
         if self.writer:
             raise InvalidRequest(f"expected one start per socket, got another (streaming to {self.sid!r})")
@@ -1223,7 +1266,7 @@ class _LiveSession:
         sid = m.get("stream_id")
         live = b.live
         if sid is not None:
-            validate_stream_id(sid)
+            _request_id(sid, "start.stream_id")
         await _check_live_limit(b, sid)                # a stream fed now (and taken over) holds its slot
         if sid is None:
             sid = "live-" + uuid.uuid4().hex[:12]
@@ -1379,7 +1422,7 @@ class _LiveSession:
             res = (await self.b.encode([item]))[0]
             if "error" in res:
                 err = res["error"]
-                await self.send({"type": "error", **err})
+                await self.send({"type": "error", **client_error_dict(err)})
                 return
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])
@@ -1424,9 +1467,7 @@ class _LiveSession:
             try:
                 q = Question.model_validate({k: v for k, v in m.items() if k not in ("type", "id")})
             except ValidationError as e:
-                first = e.errors()[0]
-                where = ".".join(str(x) for x in first.get("loc", ())) or "message"
-                raise InvalidRequest(f"expected {where}: {first.get('msg')}") from None
+                raise InvalidRequest(validation_message(e.errors()[0])) from None
             b = self.b
             lim = b.settings.limits
             # the same checks as the HTTP question routes (max_tokens, length, policy, choices)
@@ -1447,10 +1488,8 @@ class _LiveSession:
                         if ev["type"] == "token":
                             await self.send({"type": "token", "id": qid, "text": ev["text"],
                                              "token_id": ev["token_id"]})
-                        elif ev["type"] == "answer":
-                            await self.send({**ev, "id": qid})
-                        else:
-                            await self.send({**ev, "id": qid})
+                        else:                          # the answer, or an error
+                            await self.send({**client_error_dict(ev), "id": qid})
                 finally:
                     await agen.aclose()
             finally:

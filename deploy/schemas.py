@@ -1,15 +1,40 @@
 """Request and response bodies of the HTTP API (DESIGN section 8), as pydantic models.
 
-A request that does not fit answers 422 with the field named (`routes.py` reshapes FastAPI's
-validation error into the service's `{"error": {"code", "message"}}` form).
+A request that does not fit answers 422 E_INVALID_REQUEST with the field named (`routes.py` reshapes
+FastAPI's validation error into the service's `{"error": {"code", "message"}}` form). Numbers in a
+request are finite (JSON's 1e309 reads as inf: refused here, not deep in the frame cache).
 """
 from __future__ import annotations
 
+import json
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from frame_cache import STREAM_ID_PATTERN
 from lmcore.limits import MAX_CHOICES
+
+
+class RequestBody(BaseModel):
+    """A request body: unknown fields refused, numbers finite."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _finite_window(w):
+    """A window [start, end] whose numbers are not finite, refused in one message with the field
+    named (before pydantic's per-item "window.1: Input should be a finite number")."""
+    if isinstance(w, (list, tuple)) and len(w) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in w) and not all(map(math.isfinite, w)):
+        raise ValueError(f"expected window [start, end] of finite seconds, got {list(w)}")
+    return w
+
+
+def _window_order(w):
+    if w is not None and not (0 <= w[0] < w[1]):
+        raise ValueError(f"expected window [start, end] with 0 <= start < end, got {list(w)}")
+    return w
 
 
 class ErrorBody(BaseModel):
@@ -21,22 +46,17 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class VideoCreate(BaseModel):
+class VideoCreate(RequestBody):
     """`POST /v1/videos` as JSON: a file inside an allowed folder."""
 
-    model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=4096)
     fps: float | None = Field(None, gt=0)
     window: tuple[float, float] | None = None
     kv_policy: Literal["exact", "fp8"] = "exact"
     retain: dict | None = None
 
-    @field_validator("window")
-    @classmethod
-    def _window(cls, w):
-        if w is not None and not (0 <= w[0] < w[1]):
-            raise ValueError(f"expected window [start, end] with 0 <= start < end, got {list(w)}")
-        return w
+    _finite = field_validator("window", mode="before")(_finite_window)
+    _window = field_validator("window")(_window_order)
 
 
 class VideoStatus(BaseModel):
@@ -51,30 +71,35 @@ class VideoStatus(BaseModel):
     created: float | None = None
 
 
-class StreamCreate(BaseModel):
+class StreamCreate(RequestBody):
     """`POST /v1/streams`: a camera."""
 
-    model_config = ConfigDict(extra="forbid")
     source: str = Field(min_length=8, max_length=2048)
-    id: str | None = Field(None, min_length=1, max_length=128)
+    id: str | None = None
     fps: float | None = Field(None, gt=0)
     capacity_frames: int | None = Field(None, ge=1, le=1 << 20)
     retain: dict | None = None
 
+    @field_validator("id")
+    @classmethod
+    def _id(cls, sid):
+        # one message for every id the frame cache would refuse ("" and "../../etc" alike)
+        if sid is not None and STREAM_ID_PATTERN.fullmatch(sid) is None:
+            raise ValueError(f"expected id of 1-128 characters from [A-Za-z0-9._:-], got {json.dumps(sid)}")
+        return sid
 
-class WatchCreate(BaseModel):
+
+class WatchCreate(RequestBody):
     """`POST /v1/streams/{id}/watches`: a standing question."""
 
-    model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1, max_length=2000)
     every_s: float = Field(5.0, ge=0.5, le=86400)
     last_s: float = Field(10.0, gt=0, le=86400 * 7)
 
 
-class Question(BaseModel):
+class Question(RequestBody):
     """`POST /v1/videos/{id}/questions` (and streams')."""
 
-    model_config = ConfigDict(extra="forbid")
     question: str = Field(min_length=1)
     window: tuple[float, float] | None = None
     last_s: float | None = Field(None, gt=0)
@@ -84,6 +109,9 @@ class Question(BaseModel):
     # candidate answers: the reply is the one the model gives the highest probability (nothing is
     # generated), with every candidate's log-probability in the answer's "choices"
     choices: list[str] | None = Field(None, min_length=2, max_length=MAX_CHOICES)
+
+    _finite = field_validator("window", mode="before")(_finite_window)
+    _window = field_validator("window")(_window_order)
 
     @field_validator("question")
     @classmethod
@@ -96,8 +124,6 @@ class Question(BaseModel):
     def _one_window(self):
         if self.window is not None and self.last_s is not None:
             raise ValueError("expected at most one of window and last_s, got both")
-        if self.window is not None and not (0 <= self.window[0] < self.window[1]):
-            raise ValueError(f"expected window [start, end] with 0 <= start < end, got {list(self.window)}")
         return self
 
 
@@ -128,7 +154,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")      # unknown OpenAI fields are accepted and ignored
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)   # unknown OpenAI fields accepted, ignored
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False

@@ -76,7 +76,10 @@ class NoFrames(LmsError):
 
 
 class BadArgument(LmsError):
-    """An argument out of range or of the wrong kind (window, policy, ids, sizes)."""
+    """An argument out of range or of the wrong kind (window, policy, ids, sizes).
+
+    The service answers one that reaches a route from a request as `InvalidRequest` (422, same words):
+    a value a client got wrong is one code there (`deploy.routes.client_error`)."""
 
     code, exit_code, http_status = "E_BAD_ARGUMENT", 2, 400
 

@@ -188,7 +188,7 @@ def test_choices_answer_the_likeliest_candidate_as_the_engine_does(service, uplo
         r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": ["red", "  "]})
         assert r.status_code == 422 and "choice 1 blank" in r.json()["error"]["message"]
         r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": q, "choices": ["red", "cyan"]})
-        assert r.status_code == 400 and "cyan" in r.json()["error"]["message"], r.text   # a word it does not know
+        assert r.status_code == 422 and "cyan" in r.json()["error"]["message"], r.text   # a word it does not know
         content = [{"type": "text", "text": q},
                    {"type": "video_url", "video_url": {"url": f"lms://videos/{uploaded['id']}"}}]
         chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
@@ -1034,6 +1034,65 @@ def test_private_camera_addresses_are_refused_unless_allowed():
         assert check_source(url, allow_private=True) == url
     with pytest.raises(InvalidRequest, match="rtsp://"):
         check_source("file:///etc/passwd", allow_private=True)
+
+
+def _err(r) -> dict:
+    """The error body of a response, with its status under "status"."""
+    return {"status": r.status_code, **r.json()["error"]}
+
+
+def test_a_client_mistake_is_422_invalid_request_naming_the_field_on_every_route(service, uploaded, media):
+    """One rule for a value the client got wrong: 422 E_INVALID_REQUEST, "expected <field> ..., got ...".
+    A window [0, 1e309] was 400 E_BAD_ARGUMENT (from the frame cache) where [30, 10] was 422; a stream id
+    "../../etc" 400 where "" was 422; a window [0, inf] on a job by path or an upload was accepted (202);
+    a malformed id in an lms:// URL or a socket's attach was 404; a socket's start with a bad id was
+    E_BAD_ARGUMENT; a choice the tokenizer cannot spell was 400."""
+    import asyncio
+    import websockets
+    vid = uploaded["id"]
+    jtype = {"content-type": "application/json"}
+    before = _uploads(service)
+    with service.client() as c:
+        def ask(body: bytes, path=f"/v1/videos/{vid}/questions"):
+            return _err(c.post(path, content=body, headers=jtype))
+        for body, says in ((b'{"question": "q", "window": [0, 1e309]}', "expected window [start, end] of finite"),
+                           (b'{"question": "q", "window": [30, 10]}', "expected window [start, end] with 0 <="),
+                           (b'{"question": "q", "last_s": 1e309}', "expected last_s")):
+            e = ask(body)
+            assert (e["status"], e["code"]) == (422, "E_INVALID_REQUEST") and e["message"].startswith(says), (body, e)
+        for sid in ("../../etc", "", "a" * 129, "bad id!"):
+            e = _err(c.post("/v1/streams", json={"source": "rtsp://127.0.0.1:9/cam", "id": sid}))
+            assert e == {"status": 422, "code": "E_INVALID_REQUEST", "message": "expected id of 1-128 characters "
+                         f"from [A-Za-z0-9._:-], got {json.dumps(sid)}"}, e
+        e = _err(c.post("/v1/videos", content=json.dumps({"path": str(media / "scene.mp4")})[:-1].encode()
+                        + b', "window": [0, 1e309]}', headers=jtype))
+        assert (e["status"], e["code"]) == (422, "E_INVALID_REQUEST") and "window" in e["message"], e
+        data = (media / "scene.mp4").read_bytes()
+        for window in ("0,inf", "nan,5"):
+            e = _err(c.post("/v1/videos", files={"file": ("scene.mp4", data, "video/mp4")}, data={"window": window}))
+            assert e == {"status": 422, "code": "E_INVALID_REQUEST",
+                         "message": f"expected window as START,END finite seconds, got {window!r}"}, e
+        for url in ("lms://videos/bad!id", "lms://streams/bad!id"):
+            e = _err(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+                {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": url}}]}]}))
+            assert e["status"] == 422 and e["code"] == "E_INVALID_REQUEST" and "bad!id" in e["message"], e
+            assert e["message"].startswith("expected video_url.url"), e
+        e = _err(c.post(f"/v1/videos/{vid}/questions", json={"question": "what colour is the circle?",
+                                                            "choices": ["red", "cyan"]}))
+        assert (e["status"], e["code"]) == (422, "E_INVALID_REQUEST") and "'cyan'" in e["message"], e
+        e = _err(c.post(f"/v1/videos/{vid}/questions", json={"question": "q", "choices": ["red", "cyan"],
+                                                            "stream": True}))
+        assert (e["status"], e["code"]) == (422, "E_INVALID_REQUEST"), e
+    assert _uploads(service) == before                           # the refused uploads left nothing
+
+    async def socket():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            for m in ({"type": "start", "stream_id": "../x", "fps": 1}, {"type": "attach", "stream_id": "bad id!"}):
+                await ws.send(json.dumps(m))
+                got = json.loads(await ws.recv())
+                assert got["type"] == "error" and got["code"] == "E_INVALID_REQUEST", got
+                assert got["message"].startswith(f"expected {m['type']}.stream_id of 1-128 characters"), got
+    asyncio.run(socket())
 
 
 def test_streams_routes_validate_sources(service):
