@@ -440,7 +440,7 @@ def build_api() -> FastAPI:
     @api.get("/v1/videos/{vid}")
     async def get_video(vid: str, b: Backend = Depends(auth)):
         _check_id(vid)
-        return video_status(await asyncio.to_thread(b.store.get, vid))
+        return video_status(await _record(b, "video", vid, "GET /v1/streams/{id}"))
 
     @api.delete("/v1/videos/{vid}")
     async def delete_video(vid: str, b: Backend = Depends(auth)):
@@ -464,7 +464,7 @@ def build_api() -> FastAPI:
     @api.post("/v1/videos/{vid}/questions")
     async def ask_video(vid: str, q: Question, b: Backend = Depends(auth)):
         _check_id(vid)
-        d = await asyncio.to_thread(b.store.get, vid)
+        d = await _record(b, "video", vid, "POST /v1/streams/{id}/questions")
         require_ready(d)
         req = _question_req(b, vid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [],
                              q.choices)
@@ -508,7 +508,7 @@ def build_api() -> FastAPI:
     @api.get("/v1/streams/{sid}")
     async def get_stream(sid: str, b: Backend = Depends(auth)):
         _check_id(sid, "stream")
-        return _public(stream_status(await asyncio.to_thread(_live(b).get, sid)))
+        return _public(stream_status(await _record(b, "stream", sid, "GET /v1/videos/{id}")))
 
     @api.delete("/v1/streams/{sid}")
     async def delete_stream(sid: str, purge: bool = False, b: Backend = Depends(auth)):
@@ -530,7 +530,7 @@ def build_api() -> FastAPI:
     @api.post("/v1/streams/{sid}/questions")
     async def ask_stream(sid: str, q: Question, b: Backend = Depends(auth)):
         _check_id(sid, "stream")
-        d = await asyncio.to_thread(_live(b).get, sid)
+        d = await _record(b, "stream", sid, "POST /v1/videos/{id}/questions")
         req = _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [],
                              q.choices)
         if q.stream:
@@ -659,23 +659,13 @@ def build_api() -> FastAPI:
         info = await b.encoder_info()
         question, ref = _chat_parts(body)
         kind, sid, window, last_s = ref
-        gaps: list = []
-        job = None
-        try:
-            job = await asyncio.to_thread(b.store.get, sid)
-        except NotFound:
-            if kind == "videos":
-                raise
-        if job is not None:                  # a video (also when named as lms://streams/ID): ready first
+        # lms://videos/ID names a video and lms://streams/ID a stream, as the question routes read them
+        if kind == "videos":
+            job = await _record(b, "video", sid, "lms://streams/{id}")
             require_ready(job)
             gaps = job.get("gaps") or []
-        elif sid not in await asyncio.to_thread(b.cache.streams):
-            raise NotFound(f"expected a known stream id, got {sid!r}")
         else:                                # a live stream: its outage gaps, as its questions route says
-            try:
-                gaps = (await asyncio.to_thread(_live(b).get, sid)).get("gaps") or []
-            except NotFound:
-                pass
+            gaps = (await _record(b, "stream", sid, "lms://videos/{id}")).get("gaps") or []
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
         sampling = {}
         if body.temperature is not None and body.temperature > 0:
@@ -777,6 +767,20 @@ def build_api() -> FastAPI:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return api
+
+
+async def _record(b: Backend, kind: str, rid: str, use: str) -> dict:
+    """The record of video (file job) or stream (live) `rid`. 404 when there is none, saying so when `rid` is
+    the other kind: `use` is how that kind is asked about ("lms://streams/{id}")."""
+    store, other, other_store = (b.store, "stream", b.live) if kind == "video" else (b.live, "video", b.store)
+    try:
+        return await asyncio.to_thread(store.get, rid)
+    except NotFound:
+        try:
+            await asyncio.to_thread(other_store.get, rid)
+        except NotFound:
+            raise NotFound(f"expected a known {kind} id, got {rid!r}") from None
+        raise NotFound(f"expected a {kind} id, got {rid!r}, which is a {other}: use {use.format(id=rid)}") from None
 
 
 async def _listing(store: JobStore, shape) -> dict:

@@ -418,7 +418,7 @@ def test_policy_errors_are_422_and_streams_urls_respect_job_status(service, medi
         assert r.status_code == 422 and "policy" in r.json()["error"]["message"]
         vid = c.post("/v1/videos", json={"path": str(media / "long.mp4")}).json()["id"]
         client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY)
-        content = [{"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": f"lms://streams/{vid}"}}]
+        content = [{"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": f"lms://videos/{vid}"}}]
         with pytest.raises(openai.ConflictError):                # still queued / ingesting: not an answer yet
             client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}])
         r = c.delete(f"/v1/videos/{vid}")
@@ -1041,6 +1041,13 @@ def _err(r) -> dict:
     return {"status": r.status_code, **r.json()["error"]}
 
 
+def _camera_stream(c, source: str) -> str:
+    """A camera stream (its record, no frames needed) whose source is `source`."""
+    r = c.post("/v1/streams", json={"source": source, "fps": 1})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
 def test_a_client_mistake_is_422_invalid_request_naming_the_field_on_every_route(service, uploaded, media):
     """One rule for a value the client got wrong: 422 E_INVALID_REQUEST, "expected <field> ..., got ...".
     A window [0, 1e309] was 400 E_BAD_ARGUMENT (from the frame cache) where [30, 10] was 422; a stream id
@@ -1093,6 +1100,37 @@ def test_a_client_mistake_is_422_invalid_request_naming_the_field_on_every_route
                 assert got["type"] == "error" and got["code"] == "E_INVALID_REQUEST", got
                 assert got["message"].startswith(f"expected {m['type']}.stream_id of 1-128 characters"), got
     asyncio.run(socket())
+
+
+def test_lms_urls_and_question_routes_say_which_kind_an_id_is(service, uploaded):
+    """lms://streams/ID names a stream and lms://videos/ID a video, as the question routes do: a video
+    asked about as lms://streams/ID was answered (while POST /v1/streams/ID/questions was 404); now 404
+    on both, saying what the id is and what to use."""
+    vid = uploaded["id"]
+
+    def chat(c, url):
+        return c.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": QUESTIONS[0]}, {"type": "video_url", "video_url": {"url": url}}]}]})
+    with service.client() as c:
+        sid = _camera_stream(c, f"rtsp://127.0.0.1:{free_port()}/cam")
+        try:
+            for got, kind, other, use in (
+                    (chat(c, f"lms://streams/{vid}"), "stream", "video", f"lms://videos/{vid}"),
+                    (c.post(f"/v1/streams/{vid}/questions", json={"question": "q"}), "stream", "video",
+                     f"POST /v1/videos/{vid}/questions"),
+                    (chat(c, f"lms://videos/{sid}"), "video", "stream", f"lms://streams/{sid}"),
+                    (c.post(f"/v1/videos/{sid}/questions", json={"question": "q"}), "video", "stream",
+                     f"POST /v1/streams/{sid}/questions")):
+                rid = vid if other == "video" else sid
+                assert _err(got) == {"status": 404, "code": "E_NOT_FOUND", "message":
+                                     f"expected a {kind} id, got {rid!r}, which is a {other}: use {use}"}, got.text
+            for url, kind in (("lms://streams/nope", "stream"), ("lms://videos/nope", "video")):
+                assert _err(chat(c, url)) == {"status": 404, "code": "E_NOT_FOUND",
+                                              "message": f"expected a known {kind} id, got 'nope'"}
+            r = chat(c, f"lms://videos/{vid}")
+            assert r.status_code == 200 and r.json()["lmstream"]["frames"] == 40, r.text
+        finally:
+            c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
 
 
 def test_streams_routes_validate_sources(service):
