@@ -657,6 +657,8 @@ def build_api() -> FastAPI:
     @api.post("/v1/chat/completions")
     async def chat(body: ChatRequest, b: Backend = Depends(auth)):
         info = await b.encoder_info()
+        if body.model is not None and body.model != info["model"]:     # as vLLM: a model it does not serve
+            raise NotFound(f"expected model {info['model']!r} (GET /v1/models), got {body.model!r}")
         question, ref = _chat_parts(body)
         kind, sid, window, last_s = ref
         # lms://videos/ID names a video and lms://streams/ID a stream, as the question routes read them
@@ -676,7 +678,7 @@ def build_api() -> FastAPI:
         req = _question_req(b, sid, question, window, last_s, body.lmstream_policy or "exact", max_tokens, gaps,
                             body.lmstream_choices)
         req["sampling"] = sampling
-        model = body.model or info["model"]
+        model = info["model"]
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.stream:

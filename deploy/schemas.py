@@ -155,9 +155,10 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)   # unknown OpenAI fields accepted, ignored
-    model: str | None = None
+    model: str | None = None                 # None: the served one; another is 404 (the route checks it)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
+    n: int | None = None                     # one choice per request: 1 or null
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -165,3 +166,10 @@ class ChatRequest(BaseModel):
     seed: int | None = None
     lmstream_policy: str | None = Field(None, alias="lmstream_policy")
     lmstream_choices: list[str] | None = Field(None, min_length=2, max_length=MAX_CHOICES, alias="lmstream_choices")
+
+    @field_validator("n", mode="before")
+    @classmethod
+    def _one_choice(cls, n):
+        if n is not None and (type(n) is not int or n != 1):      # before pydantic reads true or "1" as 1
+            raise ValueError(f"expected n 1, got {json.dumps(n)} (one choice per request)")
+        return n

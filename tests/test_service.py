@@ -1133,6 +1133,33 @@ def test_lms_urls_and_question_routes_say_which_kind_an_id_is(service, uploaded)
             c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
 
 
+def test_chat_refuses_n_other_than_1_and_models_it_does_not_serve(service, uploaded):
+    """`n: 2` answered one choice, and any `model` name was answered; now n != 1 is 422 and a model other
+    than the one GET /v1/models lists is 404 naming it (what vLLM answers); no model at all still answers."""
+    import openai
+    content = [{"type": "text", "text": QUESTIONS[0]},
+               {"type": "video_url", "video_url": {"url": f"lms://videos/{uploaded['id']}"}}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    with service.client() as c:
+        served = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        assert served == ["demo"]
+        for n in (2, 0, True, "1"):
+            e = _err(c.post("/v1/chat/completions", json={**body, "n": n}))
+            assert e == {"status": 422, "code": "E_INVALID_REQUEST",
+                         "message": f"expected n 1, got {json.dumps(n)} (one choice per request)"}, e
+        e = _err(c.post("/v1/chat/completions", json={**body, "model": "gpt-4o"}))
+        assert e == {"status": 404, "code": "E_NOT_FOUND",
+                     "message": "expected model 'demo' (GET /v1/models), got 'gpt-4o'"}, e
+        for extra in ({}, {"n": 1}, {"model": "demo"}, {"n": None, "model": None}):
+            r = c.post("/v1/chat/completions", json={**body, **extra})
+            assert r.status_code == 200 and len(r.json()["choices"]) == 1 and r.json()["model"] == "demo", r.text
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY)
+    with pytest.raises(openai.NotFoundError, match="gpt-4o"):
+        client.chat.completions.create(model="gpt-4o", messages=body["messages"], max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError, match="expected n 1"):
+        client.chat.completions.create(model="demo", messages=body["messages"], max_tokens=2, n=2)
+
+
 def test_streams_routes_validate_sources(service):
     with service.client() as c:
         r = c.post("/v1/streams", json={"source": "http://example.com/cam"})
