@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from frame_cache import STREAM_ID_PATTERN
 from lmcore.limits import MAX_CHOICES
@@ -105,7 +105,7 @@ class Question(RequestBody):
     last_s: float | None = Field(None, gt=0)
     policy: str = "exact"
     max_tokens: int = Field(64, ge=1)
-    stream: bool = False
+    stream: StrictBool = False               # true or false: "yes", 1 or "true" are refused, not read as true
     # candidate answers: the reply is the one the model gives the highest probability (nothing is
     # generated), with every candidate's log-probability in the answer's "choices"
     choices: list[str] | None = Field(None, min_length=2, max_length=MAX_CHOICES)
@@ -157,7 +157,7 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)   # unknown OpenAI fields accepted, ignored
     model: str | None = None                 # None: the served one; another is 404 (the route checks it)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool | None = False        # OpenAI's schema allows null (not streamed)
     n: int | None = None                     # one choice per request: 1 or null
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)

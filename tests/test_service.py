@@ -1160,6 +1160,38 @@ def test_chat_refuses_n_other_than_1_and_models_it_does_not_serve(service, uploa
         client.chat.completions.create(model="demo", messages=body["messages"], max_tokens=2, n=2)
 
 
+def test_booleans_in_request_bodies_are_strict(service, uploaded):
+    """`"stream": "yes"` (or 1, or "true") was read as true by pydantic's lax bool; now 422 naming the
+    field, on the question routes, chat and a socket's ask."""
+    import asyncio
+    import websockets
+    vid = uploaded["id"]
+    content = [{"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": f"lms://videos/{vid}"}}]
+    with service.client() as c:
+        for bad in ("yes", 1, "true", 0, "false"):
+            for path, body in ((f"/v1/videos/{vid}/questions", {"question": "q"}),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": content}]})):
+                e = _err(c.post(path, json={**body, "stream": bad, "max_tokens": 2}))
+                assert e == {"status": 422, "code": "E_INVALID_REQUEST", "message":
+                             f"expected stream: Input should be a valid boolean, got {json.dumps(bad)}"}, (path, e)
+        assert c.post(f"/v1/videos/{vid}/questions", json={"question": "q", "stream": False,
+                                                          "max_tokens": 2}).status_code == 200
+        # OpenAI's schema allows "stream": null (not streamed); our own routes' stream is true or false
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "stream": None,
+                                                 "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+
+    async def socket():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "attach", "stream_id": vid}))
+            assert json.loads(await ws.recv())["type"] == "attached"
+            await ws.send(json.dumps({"type": "ask", "id": "b", "question": "q", "stream": "yes"}))
+            m = json.loads(await ws.recv())
+            assert m["type"] == "error" and m["id"] == "b" and m["code"] == "E_INVALID_REQUEST", m
+            assert m["message"] == 'expected stream: Input should be a valid boolean, got "yes"', m
+    asyncio.run(socket())
+
+
 def test_streams_routes_validate_sources(service):
     with service.client() as c:
         r = c.post("/v1/streams", json={"source": "http://example.com/cam"})
