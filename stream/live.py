@@ -62,7 +62,6 @@ the queue
 from __future__ import annotations
 
 import collections
-import errno
 import io
 import math
 import numbers
@@ -671,8 +670,8 @@ class RtspSource(_LiveSource):
                 return d.err, False
             except Exception as exc:  # noqa: BLE001
                 return self._classify(exc, opening=False)
-            return LmsError(f"expected the camera at {self._shown_url} to keep sending video, got the end of "
-                            f"the stream (server closed the connection)", code=E_SOURCE_LOST), False
+            return LmsError(f"lost {self._shown_url}: the server closed the connection (end of the stream)",
+                            code=E_SOURCE_LOST), False
         finally:
             try:
                 container.close()
@@ -696,8 +695,8 @@ class RtspSource(_LiveSource):
             last = max(opened_at, self._last_frame_wall or opened_at)
             if now - last > limit:
                 raise _Disconnected(LmsError(
-                    f"expected video frames from {self._shown_url}, got none for {now - last:.1f} s "
-                    f"(data arrives but does not decode)", code=E_SOURCE_STALLED))
+                    f"lost {self._shown_url}: no frame for {now - last:.1f} s (data arrives but does not decode)",
+                    code=E_SOURCE_STALLED))
 
     def _on_frame(self, frame: av.VideoFrame, stream_tb) -> None:
         now = self._clock()
@@ -733,44 +732,97 @@ class RtspSource(_LiveSource):
             self._enqueue(t, rgb, now)
 
     def _classify(self, exc: BaseException, opening: bool) -> tuple[LmsError, bool]:
-        """(the error to record, whether it is permanent) for an exception from PyAV."""
+        """(the error to record, whether it is permanent) for an exception from PyAV, in plain words:
+        "cannot connect to URL: connection refused (...)", "cannot open URL: the server answered 404 Not
+        Found for the path /cam", "lost URL: no data for 5 s (timed out)"."""
         url = self._shown_url
         why = _reason(exc)
         if isinstance(exc, av.error.HTTPNotFoundError):
-            return InputNotFound(f"expected a stream at {url}, got 404 Not Found from the server"), True
-        if isinstance(exc, (av.error.HTTPUnauthorizedError, av.error.HTTPForbiddenError)):
-            return LmsError(f"expected the camera to accept the credentials in the URL, got {why}",
+            path = urllib.parse.urlsplit(self.url).path or "/"
+            return InputNotFound(f"cannot open {url}: the server answered 404 Not Found for the path {path}"), True
+        if isinstance(exc, av.error.HTTPUnauthorizedError):
+            creds = urllib.parse.urlsplit(self.url).username is not None
+            return LmsError(f"cannot open {url}: the server answered 401 Unauthorized ("
+                            + ("it refused the user and password in the URL)" if creds else
+                               "it wants a user and password: rtsp://USER:PASSWORD@HOST/PATH)"),
                             code=E_SOURCE_DENIED), True
+        if isinstance(exc, av.error.HTTPForbiddenError):
+            return LmsError(f"cannot open {url}: the server answered 403 Forbidden", code=E_SOURCE_DENIED), True
         if isinstance(exc, av.error.HTTPClientError):
-            return LmsError(f"expected the camera to serve {url}, got {why}", code=E_SOURCE_DENIED), True
+            return LmsError(f"cannot open {url}: the server refused the request ({why})", code=E_SOURCE_DENIED), True
         if isinstance(exc, av.error.ProtocolNotFoundError):
-            return LmsError(f"expected FFmpeg to support {url.split(':', 1)[0]}://, got {why}",
+            return LmsError(f"cannot open {url}: this FFmpeg cannot read {url.split(':', 1)[0]}:// ({why})",
                             code=E_SOURCE_UNREACHABLE), True
-        if isinstance(exc, (TimeoutError, av.error.ExitError)):
-            if opening:
-                return LmsError(f"expected {url} to open within {self.open_timeout_s:g} s, got no answer "
-                                f"(timed out)", code=E_SOURCE_UNREACHABLE), False
-            return LmsError(f"expected data from {url} at least every {self.read_timeout_s:g} s, got none "
-                            f"(timed out)", code=E_SOURCE_TIMEOUT), False
+        if not opening:
+            if isinstance(exc, (TimeoutError, av.error.ExitError)):
+                return LmsError(f"lost {url}: no data for {self.read_timeout_s:g} s (timed out)",
+                                code=E_SOURCE_TIMEOUT), False
+            if not isinstance(exc, (av.FFmpegError, OSError, ValueError)):
+                raise exc  # not a network or media error: a bug of ours
+            return LmsError(f"lost {url}: the stream broke off ({why})", code=E_SOURCE_LOST), False
         if isinstance(exc, ConnectionRefusedError):
-            return LmsError(f"expected the camera at {url} to accept connections, got connection refused",
+            return LmsError(f"cannot connect to {url}: connection refused (nothing listens on {self._host_port()})",
                             code=E_SOURCE_UNREACHABLE), False
-        if opening and isinstance(exc, OSError) and getattr(exc, "errno", None) == errno.EIO:
-            host = urllib.parse.urlsplit(self.url).hostname or ""
-            try:
-                socket.getaddrinfo(host, None)
-            except (socket.gaierror, UnicodeError) as gai:
-                return InputNotFound(f"expected a camera host name that resolves, got {host!r} "
-                                     f"({gai.strerror if hasattr(gai, 'strerror') else gai})"), True
-            except OSError:
-                pass
-        if not isinstance(exc, (av.FFmpegError, OSError, ValueError)):
+        if not isinstance(exc, (av.FFmpegError, OSError, ValueError, TimeoutError)):
             raise exc  # not a network or media error: a bug of ours
-        if opening:
-            return LmsError(f"expected {url} to open, got {type(exc).__name__}: {why}",
-                            code=E_SOURCE_UNREACHABLE), False
-        return LmsError(f"expected the stream from {url} to go on, got {type(exc).__name__}: {why}",
-                        code=E_SOURCE_LOST), False
+        # FFmpeg's RTSP demuxer says "Invalid data found when processing input" (or times out, or EIO) for
+        # most failures to open; a plain look at the host and port says which one it was
+        stage, words, permanent = self._probe()
+        if words is None:
+            if isinstance(exc, (TimeoutError, av.error.ExitError)):
+                words = f"no answer within {self.open_timeout_s:g} s (timed out)"
+            else:
+                words = f"the RTSP server answered, but the stream could not be read ({why})"
+        msg = f"cannot {stage} {url}: {words}"
+        if permanent:
+            return InputNotFound(msg), True
+        return LmsError(msg, code=E_SOURCE_UNREACHABLE), False
+
+    def _host_port(self) -> str:
+        parts = urllib.parse.urlsplit(self.url)
+        host = parts.hostname or ""
+        port = parts.port or (322 if parts.scheme.lower() == "rtsps" else 554)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _probe(self) -> tuple[str, str | None, bool]:
+        """(stage, what happened in words or None, permanent) from a plain TCP connection to the camera's host
+        and port, with the source's timeouts, and an RTSP OPTIONS request on it: refused, timed out,
+        unreachable, a host name that does not resolve (permanent), a server that says nothing, closes at once
+        or is not RTSP. None when the server answers RTSP (or speaks TLS: rtsps://): the failure lies further
+        on. Runs only after a failed open, so it costs a reconnect at most its timeouts more."""
+        parts = urllib.parse.urlsplit(self.url)
+        host, hostport = parts.hostname or "", self._host_port()
+        port = int(hostport.rsplit(":", 1)[1])
+        try:
+            sock = socket.create_connection((host, port), timeout=self.open_timeout_s)
+        except socket.gaierror as exc:
+            return "connect to", f"the host name {host!r} does not resolve ({exc.strerror or exc})", True
+        except ConnectionRefusedError:
+            return "connect to", f"connection refused (nothing listens on {hostport})", False
+        except TimeoutError:
+            return "connect to", f"timed out after {self.open_timeout_s:g} s (no answer from {hostport})", False
+        except OSError as exc:
+            said = (exc.strerror or str(exc) or type(exc).__name__)
+            return "connect to", f"{said[:1].lower() + said[1:]} ({hostport})", False
+        with sock:
+            if parts.scheme.lower() != "rtsp":
+                return "open", None, False
+            plain = urllib.parse.urlunsplit(parts._replace(netloc=hostport))     # no credentials on the wire
+            try:
+                sock.settimeout(self.read_timeout_s)
+                sock.sendall(f"OPTIONS {plain} RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: lmstream\r\n\r\n".encode())
+                data = sock.recv(512)
+            except TimeoutError:
+                return "open", (f"the server accepted the connection but sent nothing for {self.read_timeout_s:g} s "
+                                "(timed out)"), False
+            except OSError as exc:
+                return "open", f"the server broke the connection off ({(exc.strerror or str(exc)).lower()})", False
+        if not data:
+            return "open", "the server closed the connection without answering", False
+        first = data.replace(b"\r", b"").split(b"\n", 1)[0].decode("latin-1")[:80]
+        if not first.startswith("RTSP/"):
+            return "open", f"the server is not an RTSP server (it answered {first!r})", False
+        return "open", None, False
 
 
 # ---------------------------------------------------------------------------

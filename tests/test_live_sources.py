@@ -465,3 +465,74 @@ def test_stop_ends_a_waiting_iteration_promptly():
     assert src.status == "stopped"
     with pytest.raises(LmsError):
         src.push_image(jpeg(0))
+
+
+# --------------------------------------------------------------------------- what an unreachable camera says
+class _TcpServer:
+    """A loopback TCP server on a daemon thread that treats each connection with `reply(conn)`: the
+    kinds of "camera" a wrong URL reaches (nothing that answers RTSP)."""
+
+    def __init__(self, reply):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.reply, self.conns = reply, []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self.reply, args=(conn,), daemon=True).start()
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            c.close()
+
+
+def _http_answer(conn):
+    conn.recv(4096)
+    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+
+def _first_error(url: str, **kw) -> dict:
+    src = RtspSource(url, backoff=(0.05,), give_up_after=2, open_timeout_s=2.0, read_timeout_s=1.0, **kw)
+    c = Consumer(src)
+    assert wait_for(lambda: src.last_error is not None, 15), src.status_dict()
+    err = src.last_error
+    c.finish(1.0)
+    assert src.join(10)
+    return err
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_camera_says_what_happened_in_plain_words(cameras):
+    """`last_error` of a camera that cannot be opened said "InvalidDataError: Invalid data found when
+    processing input" for anything but a refused connection or a 404 (FFmpeg's RTSP demuxer reports most
+    failures so); now each case in plain words: refused, a port that accepts but never answers, a server
+    that closes at once, a server that is not RTSP, a path the RTSP server does not serve."""
+    from rtsp_server import free_port
+    port = free_port()
+    url = f"rtsp://user:secret@127.0.0.1:{port}/cam"
+    shown = f"rtsp://user:***@127.0.0.1:{port}/cam"
+    assert _first_error(url) == {"code": "E_SOURCE_UNREACHABLE", "message":
+                                 f"cannot connect to {shown}: connection refused (nothing listens on 127.0.0.1:{port})"}
+    cases = ((lambda conn: None, "the server accepted the connection but sent nothing for 1 s (timed out)"),
+             (lambda conn: conn.close(), "the server closed the connection without answering"),
+             (_http_answer, "the server is not an RTSP server (it answered 'HTTP/1.1 400 Bad Request')"))
+    for reply, says in cases:
+        srv = _TcpServer(reply)
+        try:
+            err = _first_error(f"rtsp://127.0.0.1:{srv.port}/cam")
+        finally:
+            srv.close()
+        assert err == {"code": "E_SOURCE_UNREACHABLE", "message": f"cannot open rtsp://127.0.0.1:{srv.port}/cam: {says}"}
+    err = _first_error(cameras.url("no-such-mount"))
+    assert err == {"code": "E_INPUT_NOT_FOUND", "message": f"cannot open {cameras.url('no-such-mount')}: the server "
+                   "answered 404 Not Found for the path /no-such-mount"}

@@ -1192,6 +1192,39 @@ def test_booleans_in_request_bodies_are_strict(service, uploaded):
     asyncio.run(socket())
 
 
+def test_an_unreachable_camera_says_why_in_plain_words(service):
+    """GET /v1/streams/ID of a camera whose port accepts connections but never answers said
+    "InvalidDataError: Invalid data found when processing input"; now it says it timed out, and a
+    refused one that nothing listens there."""
+    import socket
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)                                  # the kernel accepts; nothing ever answers
+    port = free_port()
+    with service.client() as c:
+        ids = [_camera_stream(c, f"rtsp://127.0.0.1:{silent.getsockname()[1]}/cam"),
+               _camera_stream(c, f"rtsp://127.0.0.1:{port}/cam")]
+        try:
+            deadline, errs = time.monotonic() + 90, {}
+            while len(errs) < 2 and time.monotonic() < deadline:
+                for sid in ids:
+                    d = c.get(f"/v1/streams/{sid}").json()
+                    if d["last_error"]:
+                        errs[sid] = d["last_error"]
+                time.sleep(0.5)
+            assert len(errs) == 2, errs
+            assert errs[ids[0]] == {"code": "E_SOURCE_UNREACHABLE", "message":
+                                    f"cannot open rtsp://127.0.0.1:{silent.getsockname()[1]}/cam: the server accepted "
+                                    "the connection but sent nothing for 5 s (timed out)"}, errs
+            assert errs[ids[1]] == {"code": "E_SOURCE_UNREACHABLE", "message":
+                                    f"cannot connect to rtsp://127.0.0.1:{port}/cam: connection refused (nothing "
+                                    f"listens on 127.0.0.1:{port})"}, errs
+        finally:
+            for sid in ids:
+                c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
+            silent.close()
+
+
 def test_streams_routes_validate_sources(service):
     with service.client() as c:
         r = c.post("/v1/streams", json={"source": "http://example.com/cam"})
