@@ -815,6 +815,8 @@ class RtspSource(_LiveSource):
             except TimeoutError:
                 return "open", (f"the server accepted the connection but sent nothing for {self.read_timeout_s:g} s "
                                 "(timed out)"), False
+            except (ConnectionResetError, BrokenPipeError):    # closed before our request: the kernel resets
+                data = b""
             except OSError as exc:
                 return "open", f"the server broke the connection off ({(exc.strerror or str(exc)).lower()})", False
         if not data:
