@@ -1380,7 +1380,9 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
             deadline = time.monotonic() + 30                  # its frame kept, and it can be removed
             while (d := c.get("/v1/streams/sock").json())["status"] != "stopped" and time.monotonic() < deadline:
                 time.sleep(0.5)                               # (the Ingress checks as it starts, beside /ready)
-            assert d["status"] == "stopped" and d["frames"] == 1 and "restarted" in (d["last_error"] or ""), d
+            assert d["status"] == "stopped" and d["frames"] == 1, d
+            assert d["last_error"] == {"code": "E_SOURCE_LOST",              # the same {code, message} shape
+                                       "message": "its socket ended when the service restarted"}, d   # as others
             assert c.delete("/v1/streams/sock?purge=true").status_code in (200, 204)
         with service.client() as c:                           # the camera reconnects by itself after a restart
             deadline = time.monotonic() + 90
