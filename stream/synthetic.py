@@ -126,7 +126,9 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -1120,13 +1122,19 @@ def _main(argv: Sequence[str] | None = None) -> int:
         ap.error("expected " + "; ".join(problems))
     nd = {"yes": True, "no": False, "random": None}[a.needle]
     spec = make_scene(a.seed, a.duration, a.fps, (a.size, a.size), needle=nd)
-    if a.out:
-        t0 = time.perf_counter()
-        write_video(spec, a.out, codec=a.codec)
-        print(json.dumps({"wrote": str(a.out), "frames": spec.n_frames,
-                          "seconds": round(time.perf_counter() - t0, 3)}))
-    for q in questions(spec):
-        print(json.dumps(dataclasses.asdict(q)))
+    try:
+        if a.out:
+            t0 = time.perf_counter()
+            write_video(spec, a.out, codec=a.codec)
+            print(json.dumps({"wrote": str(a.out), "frames": spec.n_frames,
+                              "seconds": round(time.perf_counter() - t0, 3)}))
+        for q in questions(spec):
+            print(json.dumps(dataclasses.asdict(q)))
+        sys.stdout.flush()          # here, not at exit, where a closed pipe is an "Exception ignored" message
+    except BrokenPipeError:
+        # the reader went away (`... | head -1`): it has what it wanted, so end quietly. Output still
+        # buffered goes to /dev/null, else the interpreter's own flush at exit would fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -348,3 +348,25 @@ def test_write_video_mpeg4_fallback(tmp_path, monkeypatch):
         out = S.write_video(spec, tmp_path / "m.mp4")
     name, frames = _decode(out)
     assert name == "mpeg4" and len(frames) == 6
+
+
+def test_cli_exits_quietly_when_its_reader_goes_away():
+    """`python -m stream.synthetic ... | head -1` printed a BrokenPipeError traceback: a reader that closed
+    the pipe has what it wanted, so the command ends quietly (status 0, nothing on stderr)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    argv = [sys.executable, "-m", "stream.synthetic", "--seed", "3", "--duration", "60"]
+    whole = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=repo, timeout=120)
+    assert whole.returncode == 0 and whole.stderr == "", whole.stderr
+    assert len(whole.stdout.splitlines()) >= 2 and all(json.loads(l) for l in whole.stdout.splitlines())
+    # the read end closed before the first line is written (as `head -1` closes it after one): every
+    # write of the child meets a pipe without a reader, deterministically
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=repo)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(120) == 0 and err == "", err
