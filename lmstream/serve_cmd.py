@@ -12,9 +12,10 @@
   `deploy/app.py`, HTTP on HOST:PORT (one proxy, on the head node).
 * API keys: --api-key, else LMSTREAM_API_KEYS, else one generated now and printed.
 * DATA_DIR is locked (DATA_DIR/serve.lock, holding the PID) while it runs: a second service on it is refused.
-* Prints the URL once `/ready` answers 200; Ctrl-C or SIGTERM stops what it started: Serve, Ray and
-  its Redis (by PID). On a cluster it attached to, it deletes its app (and Serve, when it started
-  Serve there) and leaves the cluster running.
+* Prints the URL once `/ready` answers 200, as one JSON line (`{"url", "api_key", "redis"}`) on stdout, which
+  carries nothing else: everything else, Ray's own lines included, goes to stderr.
+* Ctrl-C or SIGTERM stops what it started: Serve, Ray and its Redis (by PID). On a cluster it attached
+  to, it deletes its app (and Serve, when it started Serve there) and leaves the cluster running.
 """
 from __future__ import annotations
 
@@ -139,6 +140,7 @@ def cmd_serve(args) -> int:
     data = Path(settings.data_dir)
     data.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(data)     # held until this process ends: one service per folder (its Redis AOF, Ray's)
+    ours = _stdout_for_our_lines()  # from here on fd 1 is stderr: Ray's lines cannot mix into the ready line
     stopping = {"flag": False}
 
     def on_signal(signum, _frame):
@@ -206,7 +208,7 @@ def cmd_serve(args) -> int:
         url = f"http://{args.host}:{args.port}"
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
         print(json.dumps({"url": url, "api_key": generated or "(from --api-key / LMSTREAM_API_KEYS)",
-                          "redis": settings.redis_url}), flush=True)
+                          "redis": settings.redis_url}), file=ours, flush=True)
         print(f"lmstream: serving {settings.model} at {url}" +
               (f"\nAPI key: {generated}" if generated else ""), file=sys.stderr, flush=True)
         while True:
@@ -231,6 +233,20 @@ def cmd_serve(args) -> int:
         if redis_srv is not None:
             redis_srv.stop()
         lock.close()
+
+
+def _stdout_for_our_lines():
+    """A private copy of stdout for our own (JSON) lines, returned as a text file; fd 1 itself, and with it
+    `sys.stdout` and every child started afterwards, then writes to stderr. Ray prints from places a Python
+    logging setting does not reach: the driver's C++ core worker and the log monitor relay raylet lines such
+    as "(raylet) WARNING: 8 PYTHON worker processes have been started ..." or "Task
+    ServeController.graceful_shutdown failed ..." (with ANSI colours) to fd 1, and the raylet, GCS and
+    workers inherit it, so only moving fd 1 keeps stdout to the lines a script parses. The copy is not
+    inherited (`os.dup`), so a reader sees EOF when this process ends, whatever children linger."""
+    sys.stdout.flush()
+    ours = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return ours
 
 
 def _lock_data_dir(data: Path):

@@ -322,6 +322,29 @@ def test_serve_refuses_a_busy_port_and_rays_agent_port_before_starting_anything(
     assert not (tmp_path / "d" / "redis").exists() and not (tmp_path / "d" / "ray").exists()
 
 
+def test_serve_stdout_carries_only_its_json_lines():
+    """`lmstream serve`'s stdout is its ready line, for `json.loads`: Ray's raylet lines ("(raylet) WARNING:
+    8 PYTHON worker processes ...", in ANSI colours) were appended to it, from the driver's C++ side and
+    from the processes Ray starts, which inherit fd 1. Once serve keeps a copy of stdout for its own lines,
+    whatever writes to fd 1 the way Ray does (Python's print, a C-level write, a child process) lands on
+    stderr. (tests/test_service.py's `Service.stop` checks a real service's stdout the same way.)"""
+    code = "\n".join([
+        "import json, os, subprocess, sys",
+        "print('before', flush=True)",                              # ours, before the switch: still stdout
+        "from lmstream.serve_cmd import _stdout_for_our_lines",
+        "ours = _stdout_for_our_lines()",
+        "os.write(1, b'\\x1b[33m(raylet)\\x1b[0m WARNING: 8 PYTHON worker processes\\n')",
+        "print('Task ServeController.graceful_shutdown failed')",
+        "subprocess.run([sys.executable, '-c', 'print(\"a child of the service\")'], check=True)",
+        "print(json.dumps({'url': 'http://127.0.0.1:1'}), file=ours, flush=True)",
+    ])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == 'before\n{"url": "http://127.0.0.1:1"}\n', r.stdout
+    assert "(raylet)" in r.stderr and "graceful_shutdown" in r.stderr and "a child of the service" in r.stderr
+
+
 def test_serve_refuses_an_unreachable_redis_and_a_missing_device_before_starting_anything(tmp_path):
     """A --redis (or LMSTREAM_REDIS_URL) nobody answers on is E_CACHE_UNAVAILABLE (exit 6) before Ray
     starts, not a /ready that times out minutes later; --device cuda on a machine without one is

@@ -47,6 +47,9 @@ class Service:
         from lmcore.procs import stop_child
         p, self.proc = self.proc, None
         stop_child(p, 60)
+        rest = p.stdout.read().decode(errors="replace")     # stdout after the ready line: only our JSON lines
+        p.stdout.close()                                    # (Ray's "(raylet) ..." lines were appended to it)
+        assert all(l.startswith("{") and json.loads(l) for l in rest.splitlines()), rest
 
     def client(self, key: str | None = KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
