@@ -20,13 +20,18 @@ failure.
 Common to both:
 
 ``status``
-    ``"connecting"`` (no frame yet; for a `PushSource`: nothing pushed yet),
-    ``"live"`` (frames flow), ``"stalled"`` (connected, but no frame for
-    ``stall_after_s``; derived from the time of the last frame, so it shows even
-    while the reading thread is blocked on a frozen camera), ``"reconnecting"``
-    (the connection was lost or could not be made; waiting out the backoff or
-    opening again), ``"stopped"`` (`stop()`/`close()` was called) and
-    ``"failed"`` (a permanent error, see ``last_error``; iteration has ended).
+    ``"connecting"`` (no frame yet: "live" needs a decoded frame, for a `PushSource`
+    a pushed one), ``"live"`` (frames flow), ``"stalled"`` (connected, but no frame
+    for ``stall_after_s``; derived from the time of the last frame, so it shows even
+    while the reading thread is blocked on a frozen camera; "live" again with the next
+    frame), ``"reconnecting"`` (the connection was lost or could not be made; waiting
+    out the backoff or opening again), ``"stopped"`` (`stop()`/`close()` was called)
+    and ``"failed"`` (a permanent error, see ``last_error``; iteration has ended).
+    A camera that freezes goes live -> stalled (after ``stall_after_s``, 5 s by
+    default) -> reconnecting (when its read times out, about ``2 * read_timeout_s``,
+    10 s) -> live (its next frame); one whose server dies goes live -> reconnecting at
+    once.  A `PushSource` given ``stall_after_s`` is ``"stalled"`` once no frame was
+    pushed for that long, until the next one.
 ``pts`` / stream time
     Seconds since the source's first frame (``0.0``), never going backwards, also
     across reconnects.  The camera's own timestamps are used while they behave;
@@ -37,8 +42,8 @@ Common to both:
 sampling
     Targets ``k / fps`` in stream time; each target takes the first frame at or
     after it, and one frame consumes every target it satisfies (no duplicates
-    after an outage).  Frames between targets are dropped and counted as
-    ``dropped_why["rate"]``.
+    after an outage).  Frames between targets are skipped, counted as
+    ``skipped_by_fps``: sampling, not loss, so never part of ``dropped``.
 ``gaps``
     Sorted ``(start_s, end_s)`` spans of stream time without frames: each outage
     (a lost connection or a stall, from the last frame before it to the first
@@ -49,10 +54,21 @@ the queue
     and its span joins ``gaps``): a live consumer that falls behind should see
     the newest picture, not one that gets older and older.  Nothing is ever
     queued without bound.
-``frames``, ``last_pts``
-    Frames yielded to the consumer so far and the pts of the last one.
-``last_error``
-    ``{"code", "message"}`` of the latest problem (kept after recovery), or None.
+``dropped``, ``dropped_why``
+    Frames shed, by reason: ``queue_full`` (above), ``decode_error`` (a packet or
+    picture that could not be decoded), ``pts_backwards`` (pushed with a pts before
+    an earlier frame's).  Frames skipped by sampling are not shed and not counted
+    here (``skipped_by_fps``; ``frames_received`` counts every frame the source
+    delivered).
+``frames``, ``last_pts``, ``lag_s``
+    Frames yielded to the consumer so far, the pts of the last one, and how long the
+    oldest frame still waiting in the queue has waited (0.0 while live with none
+    waiting; None while not live with none waiting: no frame arrives to lag).
+``last_error``, ``previous_error``
+    ``last_error`` is ``{"code", "message"}`` of the problem that is current, or None:
+    it is cleared by the next frame that arrives (a camera back after an outage, a good
+    picture after a bad one) and kept as ``previous_error``; the outage itself stays in
+    ``gaps``.
 `stop()`
     Thread-safe and prompt: iteration ends within a fraction of a second (frames
     still waiting are discarded); an RTSP reading thread blocked on a frozen
@@ -89,6 +105,10 @@ _TIME_EPS = 1e-6
 #: A camera timestamp that moves this much more (or less) than the wall clock since
 #: the previous frame is a jump: stream time re-anchors on the wall clock.
 _PTS_JUMP_S = 5.0
+
+#: Seconds without a frame after which a frame whose camera time hardly moved is one FFmpeg held back
+#: (see `RtspSource._held_back`), not a sign that the camera is live.
+_HELD_BACK_SILENCE_S = 1.0
 
 #: Step used for a pushed stream's frame without any timestamp.
 _FALLBACK_STEP_S = 1 / 25
@@ -322,7 +342,9 @@ class _LiveSource:
         self._last_pts: float | None = None
         self._before_head: float | None = None  # pts of the frame before the queue's head (for drop gaps)
         self._last_error: dict | None = None
-        self._dropped: dict[str, int] = {}
+        self._previous_error: dict | None = None  # last_error as it was when frames came back
+        self._dropped: dict[str, int] = {}  # frames shed, by reason (never sampling: see _skipped)
+        self._skipped = 0  # frames between sampling targets
         self._frames_in = 0  # frames received from the source (before sampling)
         self._last_frame_wall: float | None = None
         self._epoch_s: float | None = None  # time.time() of stream time 0
@@ -365,18 +387,23 @@ class _LiveSource:
 
     @property
     def dropped(self) -> int:
-        """Frames dropped so far, for every reason (see `dropped_why`)."""
+        """Frames shed so far, for every reason (see `dropped_why`); not those skipped by sampling."""
         with self._cond:
             return sum(self._dropped.values())
 
     @property
     def dropped_why(self) -> dict[str, int]:
-        """Dropped frames by reason: ``rate`` (between sampling targets), ``queue_full`` (the
-        consumer was too slow: the oldest waiting frame went), ``pts_backwards`` (pushed
-        with a pts before an earlier frame's), ``decode_error`` (a packet or picture that
-        could not be decoded)."""
+        """Shed frames by reason: ``queue_full`` (the consumer was too slow: the oldest waiting
+        frame went), ``pts_backwards`` (pushed with a pts before an earlier frame's),
+        ``decode_error`` (a packet or picture that could not be decoded)."""
         with self._cond:
             return dict(self._dropped)
+
+    @property
+    def skipped_by_fps(self) -> int:
+        """Frames between sampling targets (a 10 fps camera sampled at 1 fps skips 9 in 10)."""
+        with self._cond:
+            return self._skipped
 
     @property
     def queued(self) -> int:
@@ -384,21 +411,28 @@ class _LiveSource:
             return len(self._queue)
 
     def status_dict(self) -> dict:
-        """Everything a status route shows, JSON-ready: ``status``, ``frames``, ``last_pts``,
-        ``lag_s`` (how long the oldest waiting frame has waited; 0 when none waits),
-        ``gaps``, ``last_error``, ``dropped``, ``dropped_why``, ``queued``,
-        ``frames_received``, ``fps``, ``epoch_s`` (Unix time of stream time 0)."""
+        """Everything a status route shows, JSON-ready (see the module's docstring): ``status``,
+        ``frames``, ``last_pts``, ``lag_s``, ``gaps``, ``last_error``, ``previous_error``,
+        ``dropped``, ``dropped_why``, ``skipped_by_fps``, ``queued``, ``frames_received``,
+        ``fps``, ``epoch_s`` (Unix time of stream time 0)."""
         with self._cond:
             now = self._clock()
+            status = self._status_now()
+            if self._queue:
+                lag = round(max(now - self._queue[0][2], 0.0), 3)
+            else:
+                lag = 0.0 if status == "live" else None
             return {
-                "status": self._status_now(),
+                "status": status,
                 "frames": self._frames,
                 "last_pts": self._last_pts,
-                "lag_s": round(max(now - self._queue[0][2], 0.0), 3) if self._queue else 0.0,
+                "lag_s": lag,
                 "gaps": [[a, b] for a, b in self._gaps],
                 "last_error": dict(self._last_error) if self._last_error else None,
+                "previous_error": dict(self._previous_error) if self._previous_error else None,
                 "dropped": sum(self._dropped.values()),
                 "dropped_why": dict(self._dropped),
+                "skipped_by_fps": self._skipped,
                 "queued": len(self._queue),
                 "frames_received": self._frames_in,
                 "fps": self.fps,
@@ -470,6 +504,14 @@ class _LiveSource:
     def _set_error(self, err: LmsError) -> None:
         self._last_error = err.to_dict()
 
+    def _mark_live(self, now: float) -> None:
+        """A frame arrived: the source is live (again) and the problem before it is over."""
+        self._last_frame_wall = now
+        if self._status not in ("stopped", "failed"):
+            self._status = "live"
+        if self._last_error is not None:
+            self._previous_error, self._last_error = self._last_error, None
+
     def _enqueue(self, t: float, rgb: np.ndarray, now: float) -> None:
         """Queue a sampled frame; when full, the oldest waiting frame is dropped (and its span is a gap)."""
         if self._stopped:
@@ -522,7 +564,10 @@ class RtspSource(_LiveSource):
             timeout (``options={"timeout": microseconds}``; ``stimeout`` is ignored by
             current FFmpeg) and PyAV's read interrupt.  A frozen camera raises after
             about twice this and is then reconnected.
-        stall_after_s: no frame for this long -> status ``"stalled"``.  A connection
+        stall_after_s: no frame for this long -> status ``"stalled"``.  Keep it below
+            ``2 * read_timeout_s``, when a frozen camera's read times out and the status
+            turns ``"reconnecting"``, else a frozen camera never shows as stalled (the
+            defaults: stalled after 5 s, reconnecting after about 10 s).  A connection
             that delivers bytes but no frame for ``stall_after_s + read_timeout_s`` is
             dropped and reopened.
         backoff: seconds to wait before each reconnect attempt in a row (the last value
@@ -549,7 +594,7 @@ class RtspSource(_LiveSource):
     _name = "RtspSource"
 
     def __init__(self, url: str, fps: float | None = 1.0, resize_to: int | None = None,
-                 open_timeout_s: float = 15.0, read_timeout_s: float = 5.0, stall_after_s: float = 20.0,
+                 open_timeout_s: float = 15.0, read_timeout_s: float = 5.0, stall_after_s: float = 5.0,
                  backoff: Sequence[float] = (1, 2, 5, 10, 30), clock: Callable[[], float] = time.monotonic,
                  *, max_queue: int = 16, give_up_after: int = 5):
         self.url = _check_rtsp_url(url)
@@ -565,6 +610,7 @@ class RtspSource(_LiveSource):
         self._outage_from: float | None = None  # stream time of the last frame before a lost connection
         self._reconnects = 0
         self._decode_errors = 0
+        self._last_arrival: tuple[float | None, float] | None = None  # (camera time, clock) of the last frame
 
     def __repr__(self) -> str:
         return f"RtspSource({self._shown_url!r}, fps={self.fps}, status={self.status!r}, frames={self.frames})"
@@ -664,6 +710,7 @@ class RtspSource(_LiveSource):
             vs = container.streams.video[0]
             with self._cond:
                 self._sclock.new_source()
+                self._last_arrival = None
             try:
                 self._read(container, vs)
             except _Disconnected as d:
@@ -708,18 +755,18 @@ class RtspSource(_LiveSource):
             self._frames_in += 1
             if prev_t is None:
                 self._epoch_s = time.time()
-            outage_from = self._outage_from
-            if outage_from is None and prev_wall is not None and now - prev_wall > self.stall_after_s:
-                outage_from = prev_t  # a stall on a connection that survived it
-            if outage_from is not None:
-                self._add_gap(outage_from, t)
-                self._outage_from = None
-            self._last_frame_wall = now
-            if self._status not in ("stopped", "failed"):
-                self._status = "live"
-            wanted = self._sampler.wants(t)
-            if not wanted:
-                self._drop("rate")
+            stale = self._held_back(src_t, now)
+            self._last_arrival = (src_t, now)
+            if not stale:
+                outage_from = self._outage_from
+                if outage_from is None and prev_wall is not None and now - prev_wall > self.stall_after_s:
+                    outage_from = prev_t  # a stall on a connection that survived it
+                if outage_from is not None:
+                    self._add_gap(outage_from, t)
+                    self._outage_from = None
+                self._mark_live(now)
+            if not self._sampler.wants(t):
+                self._skipped += 1
                 return
         try:
             rgb = self._picture(frame)
@@ -730,6 +777,19 @@ class RtspSource(_LiveSource):
         with self._cond:
             self._sampler.take(t)
             self._enqueue(t, rgb, now)
+
+    def _held_back(self, src_t: float | None, now: float) -> bool:
+        """Whether a frame is old news: FFmpeg's RTSP demuxer holds a camera's last frame until the next
+        packet or a read timeout, so a camera that froze delivers the frame it sent before freezing
+        ``read_timeout_s`` later.  Such a frame comes after ``_HELD_BACK_SILENCE_S`` or more without
+        frames and its camera time moved on by less than half that silence; it is yielded (it is a real
+        picture, at its own time) but is no sign of life: the status stays stalled.  A camera that resumes
+        with its timestamps where they stopped is live with its second frame."""
+        prev = self._last_arrival
+        if prev is None or prev[0] is None or src_t is None:
+            return False
+        silence = now - prev[1]
+        return silence >= _HELD_BACK_SILENCE_S and src_t - prev[0] < silence / 2
 
     def _classify(self, exc: BaseException, opening: bool) -> tuple[LmsError, bool]:
         """(the error to record, whether it is permanent) for an exception from PyAV, in plain words:
@@ -1173,7 +1233,7 @@ class PushSource(_LiveSource):
                     self._drop("pts_backwards")
                     return 0
                 if not self._sampler.wants(t):
-                    self._drop("rate")
+                    self._skipped += 1
                     self._commit_time(t, now)
                     return 0
             try:
@@ -1203,11 +1263,6 @@ class PushSource(_LiveSource):
         if self._sclock.last_t is None:
             self._epoch_s = time.time()
         self._sclock.last_t, self._sclock.last_wall = t, now
-
-    def _mark_live(self, now: float) -> None:
-        self._last_frame_wall = now
-        if self._status not in ("stopped", "failed"):
-            self._status = "live"
 
     # -- a byte stream ----------------------------------------------------------------------------
     def push_stream(self, chunk: bytes) -> int:
@@ -1336,7 +1391,7 @@ class PushSource(_LiveSource):
                 self._damage_from = None
             self._mark_live(now)
             if not self._sampler.wants(t):
-                self._drop("rate")
+                self._skipped += 1
                 return
         try:
             rgb = self._picture(frame)

@@ -160,7 +160,12 @@ def test_two_cameras_at_fps_live(cameras):
         assert abs(float(fa.rgb.mean()) - float(fb.rgb.mean())) > 10
         d = a.status_dict()
         assert d["status"] == "live" and d["frames"] == ca.count() and d["last_pts"] == pa[-1]
-        assert d["gaps"] == [] and d["dropped_why"].get("rate", 0) > 0 and d["url"] == cameras.url("cam1")
+        assert d["gaps"] == [] and d["url"] == cameras.url("cam1")
+        # a 10 fps camera at 2 fps: 4 in 5 frames skipped by sampling, none shed (`dropped` said 852 for
+        # what was sampling alone)
+        assert d["skipped_by_fps"] >= 3 * d["frames"] and d["dropped"] == 0 and d["dropped_why"] == {}, d
+        assert d["frames_received"] >= d["skipped_by_fps"] + d["frames"], d
+        assert d["lag_s"] is not None and d["last_error"] is None, d
     finally:
         ca.finish()
         cb.finish()
@@ -184,9 +189,14 @@ def test_server_killed_reconnects_and_restarted_is_live_with_one_gap(camera):
         time.sleep(1.5)
         assert src.status == "reconnecting" and c.thread.is_alive() and c.error is None
         assert src.last_error and src.last_error["code"].startswith("E_SOURCE_")
+        down = src.status_dict()
+        assert down["lag_s"] is None, down         # no frame arrives: nothing lags (it said 0.083 throughout)
         camera.start()
         assert wait_for(lambda: src.status == "live" and c.count() >= n_before + 3, 20), src.status_dict()
         outage_s = time.monotonic() - killed_at
+        back = src.status_dict()                   # live again: the error is history, the outage a gap
+        assert back["last_error"] is None and back["previous_error"] == down["last_error"], back
+        assert back["lag_s"] is not None and len(back["gaps"]) == 1, back
     finally:
         c.finish()
     pts = c.pts()
@@ -243,6 +253,61 @@ def test_server_frozen_stalls_then_recovers_and_stop_never_hangs(camera):
     assert all(b > a for a, b in zip(pts, pts[1:])), pts
 
 
+@pytest.mark.timeout(60)
+def test_a_frozen_camera_with_the_default_timeouts_is_stalled_before_it_is_reconnected(camera):
+    """With the defaults a frozen (SIGSTOPped) camera went live -> reconnecting after ~10 s (its read timing
+    out) and never showed `stalled`, which waited for 20 s. Now: live -> stalled (5 s without a frame)
+    -> reconnecting (the read times out) -> live once it runs again, with lag_s None while no frame comes."""
+    src = RtspSource(camera.url(), fps=2, backoff=(0.2,))
+    assert src.stall_after_s < 2 * src.read_timeout_s
+    c = Consumer(src)
+    seen: list[tuple[float, str]] = []
+
+    def note():
+        d = src.status_dict()
+        if not seen or seen[-1][1] != d["status"]:
+            seen.append((time.monotonic(), d["status"]))
+        return d
+
+    try:
+        assert wait_for(lambda: c.count() >= 2 and note()["status"] == "live", 20), src.status_dict()
+        camera.freeze()
+        frozen_at = time.monotonic()
+        assert wait_for(lambda: note()["status"] == "reconnecting", 20), seen
+        stalled = [t for t, st in seen if st == "stalled"]
+        assert [st for _, st in seen[-3:]] == ["live", "stalled", "reconnecting"], seen
+        assert 4.0 < stalled[0] - frozen_at < 6.5, (seen, frozen_at)
+        d = note()
+        assert d["lag_s"] is None and d["last_error"]["code"] == "E_SOURCE_TIMEOUT", d
+        camera.thaw()
+        assert wait_for(lambda: note()["status"] == "live", 30), seen
+        assert src.status_dict()["last_error"] is None
+    finally:
+        camera.thaw()
+        c.finish()
+
+
+def test_push_source_connecting_live_stalled_and_live_again():
+    """A PushSource with stall_after_s: connecting until the first picture, stalled when none came for
+    that long, live with the next (the clock is the test's)."""
+    now = [0.0]
+    src = PushSource(fps=None, stall_after_s=5, clock=lambda: now[0])
+    assert src.status == "connecting" and src.status_dict()["lag_s"] is None
+    src.push_image(jpeg(0))
+    assert src.status == "live"
+    now[0] = 4.9
+    assert src.status == "live"
+    now[0] = 5.2
+    d = src.status_dict()
+    assert d["status"] == "stalled" and d["queued"] == 1 and d["lag_s"] == 5.2, d  # one waits, unread
+    list(zip(range(1), src))                          # the consumer takes it: nothing waits, nothing lags
+    d = src.status_dict()
+    assert d["status"] == "stalled" and d["lag_s"] is None, d
+    src.push_image(jpeg(1))
+    assert src.status == "live" and src.status_dict()["lag_s"] == 0.0
+    src.stop()
+
+
 @pytest.mark.timeout(30)
 def test_no_such_stream_fails_and_refused_keeps_retrying(cameras):
     from rtsp_server import free_port
@@ -296,9 +361,10 @@ def test_push_jpeg_sampled_with_caller_pts_and_drop_counts():
     assert [f.pts for f in frames] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
     assert [f.index for f in frames] == list(range(6))
     assert all(f.rgb.shape == (48, 64, 3) and f.rgb.dtype == np.uint8 for f in frames)
-    assert src.dropped == 24 and src.dropped_why == {"rate": 24}
+    assert src.skipped_by_fps == 24 and src.dropped == 0 and src.dropped_why == {}   # sampling is not loss
     d = src.status_dict()
     assert d["frames"] == 6 and d["last_pts"] == 2.5 and d["frames_received"] == 30 and d["status"] == "stopped"
+    assert d["skipped_by_fps"] == 24 and d["dropped"] == 0
 
 
 def test_push_arrival_time_and_backwards_pts():
@@ -348,7 +414,9 @@ def test_push_garbage_is_a_clear_error_and_the_next_frame_works():
         src.push_image("not bytes", pts=0.5)
     with pytest.raises(PayloadTooLarge):
         PushSource(max_pixels=1000).push_image(jpeg(0))  # 64 x 48 = 3072 pixels
+    assert src.last_error["code"] == "E_NOT_A_VIDEO"                  # the GIF's
     assert src.push_image(jpeg(2), pts=0.5) == 1  # the target the bad ones missed is still open
+    assert src.last_error is None and src.status_dict()["previous_error"]["code"] == "E_NOT_A_VIDEO"
     with pytest.raises(BadArgument, match="image pushes"):
         src.push_stream(b"\x1a\x45\xdf\xa3")
     src.close()
@@ -396,7 +464,7 @@ def test_push_webm_stream_in_4k_chunks(webm_bytes):
     assert pts == pytest.approx([0.0, 0.5, 1.0, 1.5, 2.0, 2.5]), pts
     assert all(f.rgb.shape == (64, 96, 3) for _, f in c.frames)
     d = src.status_dict()
-    assert d["frames_received"] == 30 and d["dropped_why"] == {"rate": 24} and d["gaps"] == []
+    assert d["frames_received"] == 30 and d["skipped_by_fps"] == 24 and d["dropped"] == 0 and d["gaps"] == []
     assert d["mode"] == "stream" and d["status"] == "stopped"
 
 
@@ -450,7 +518,7 @@ def test_push_stream_damaged_mid_way_raises_records_a_gap_and_goes_on(webm_bytes
     assert len(src.gaps) == 1
     g0, g1 = src.gaps[0]
     assert not any(g0 < p < g1 for p in pts) and g1 - g0 > 0.15
-    assert src.last_error["code"] == "E_NOT_A_VIDEO"
+    assert src.last_error is None and src.status_dict()["previous_error"]["code"] == "E_NOT_A_VIDEO"
 
 
 def test_stop_ends_a_waiting_iteration_promptly():
