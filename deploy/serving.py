@@ -615,19 +615,51 @@ def require_ready(d: dict) -> None:
 # ------------------------------------------------------------------------------------------ live streams
 class LiveStore(JobStore):
     """Live streams' status in Redis (``lms:{<id>}:live``, set ``lms:live``): source, kind (rtsp |
-    push), fps, status, frames, last_pts, lag_s, gaps, last_error. Same storage and errors as jobs."""
+    push), fps, status, frames, last_pts, lag_s, gaps, last_error, dropped (frames shed, by reason in
+    dropped_why; never those skipped by fps sampling), last_wall (Unix time of the newest stored frame),
+    and for cameras skipped_by_fps, frames_received, previous_error. Same storage and errors as jobs."""
 
     PART, SET, NOUN, ID_OF = "live", "lms:live", "stream", "stream"
     DEFAULTS = {"status": "connecting", "frames": 0, "last_pts": None, "lag_s": None, "gaps": [],
                 "last_error": None, "dropped": 0}
     #: streams that hold a slot of `max_live_streams`: a stopped or failed one keeps its frames, not a slot
     ACTIVE = ("connecting", "live", "stalled", "reconnecting")
+    #: a pushed stream without a stored frame for this long shows as stalled (`stream_status`), as a camera does
+    #: (`stream.live.RtspSource`'s stall_after_s)
+    PUSH_STALL_S = 5.0
+
+    def update(self, rid: str, **fields) -> None:
+        """As `JobStore.update`, and keeps ``last_wall`` for writers that do not give it (a socket's): an
+        update that reports a stored frame (``last_pts``) stamps it now, one that makes a stream live
+        without a frame (a socket's start) clears it, as nothing is stored from that source yet."""
+        if "last_wall" not in fields:
+            if fields.get("last_pts") is not None:
+                fields["last_wall"] = time.time()
+            elif fields.get("status") == "live" and "last_pts" not in fields:
+                fields["last_wall"] = None
+        super().update(rid, **fields)
 
 
-def stream_status(d: dict) -> dict:
+def stream_status(d: dict, now: float | None = None) -> dict:
+    """A stream record as GET /v1/streams/{id} shows it. A pushed stream's record says "live" from its socket's
+    start: it shows as "connecting" until a frame is stored and as "stalled" once none was for
+    `LiveStore.PUSH_STALL_S` (a camera's status comes from its source, see `run_rtsp_stream`). ``lag_s`` is
+    None while it is connecting, stalled or reconnecting: no frame arrives, so none lags (a stopped or
+    failed stream keeps its last one)."""
     keys = ("id", "kind", "source", "fps", "status", "frames", "last_pts", "lag_s", "gaps", "last_error", "dropped",
             "dropped_why", "node", "restarts", "created")
-    return {k: d.get(k) for k in keys}
+    out = {k: d.get(k) for k in keys}
+    out.update({k: d[k] for k in ("skipped_by_fps", "frames_received", "previous_error") if k in d})
+    if out["status"] == "live" and d.get("kind") == "push":
+        wall = d.get("last_wall")
+        now = time.time() if now is None else now
+        if wall is None:
+            out["status"] = "connecting"
+        elif now - wall > LiveStore.PUSH_STALL_S:
+            out["status"] = "stalled"
+    if out["status"] in ("connecting", "stalled", "reconnecting"):
+        out["lag_s"] = None
+    return out
 
 
 class FrameSampler:
@@ -685,16 +717,36 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
         offset = info.newest_pts + max(1.0 / fps, away)  # stream time goes on with the wall clock
         if away > 1.5 / fps:
             carried.append([info.newest_pts, offset])   # no source ran: the outage is a gap
-    state = {"last": 0.0, "last_pts": info.newest_pts, "lag_s": None, "last_wall": before.get("last_wall")}
+    state = {"last": 0.0, "last_pts": info.newest_pts, "lag_s": None, "last_wall": before.get("last_wall"),
+             "stored": False, "store_error": None}
+    # counts of earlier sources of this stream go on (a record from before sampling was told apart from
+    # shedding has it as dropped_why["rate"])
+    why0 = {k: int(v) for k, v in (before.get("dropped_why") or {}).items()}
+    skipped0 = int(before.get("skipped_by_fps") or 0) + why0.pop("rate", 0)
+    received0 = int(before.get("frames_received") or 0)
 
     def publish(force: bool = False):
         now = time.monotonic()
         if force or now - state["last"] >= 1.0:
             st = src.status_dict()
             gaps = carried + [[g[0] + offset, g[1] + offset if g[1] is not None else None] for g in st.get("gaps", [])]
-            live.update(sid, status=st["status"], frames=seq, gaps=gaps, last_error=st.get("last_error"),
-                        last_pts=state["last_pts"], lag_s=state["lag_s"], dropped=st.get("dropped", 0),
-                        dropped_why=st.get("dropped_why") or {}, last_wall=state["last_wall"])
+            status = st["status"]
+            if status == "live" and not state["stored"]:
+                status = "connecting"                    # a frame decoded, none stored yet: no frame to ask about
+            lag = state["lag_s"]                         # the last stored frame's (kept once stopped)
+            if status == "live":                         # or longer while frames wait in the source's queue
+                lag = max(lag or 0.0, st.get("lag_s") or 0.0)
+            elif status != "stopped" and status != "failed":
+                lag = None                               # no frame arrives, so none lags
+            why = dict(why0)
+            for k, v in (st.get("dropped_why") or {}).items():
+                why[k] = why.get(k, 0) + v
+            err = st.get("last_error") or state["store_error"]
+            live.update(sid, status=status, frames=seq, gaps=gaps, last_error=err,
+                        previous_error=st.get("previous_error"), last_pts=state["last_pts"], lag_s=lag,
+                        dropped=sum(why.values()), dropped_why=why,
+                        skipped_by_fps=skipped0 + st.get("skipped_by_fps", 0),
+                        frames_received=received0 + st.get("frames_received", 0), last_wall=state["last_wall"])
             state["last"] = now
 
     watcher = threading.Thread(target=lambda: (stop.wait(), src.stop()), daemon=True, name="lms-cam-stop")
@@ -709,6 +761,7 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
             t_arrive = time.monotonic()
             res = encode([EncodeItem(sid, f.rgb[None], [pts], writer=writer, seq=seq)])[0]
             if "error" in res:
+                state["store_error"] = res["error"]              # shown until a frame is stored again
                 live.update(sid, last_error=res["error"])
                 if res["error"]["code"] == "E_STALE_WRITER":
                     break
@@ -716,8 +769,9 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
             seq += len(res["seqs"])
             queued_s = src.status_dict().get("lag_s") or 0.0          # waited in the source's queue
             state["last_pts"], state["lag_s"] = pts, round(time.monotonic() - t_arrive + queued_s, 3)
-            state["last_wall"] = time.time()
-            publish()
+            first = not state["stored"]
+            state["last_wall"], state["stored"], state["store_error"] = time.time(), True, None
+            publish(force=first)                                      # the first stored frame shows at once
     except Exception as e:                               # noqa: BLE001 - the status says what happened
         live.update(sid, status="failed", last_error=error_dict(e))
         raise
@@ -728,7 +782,8 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
         final = "failed" if src.status_dict()["status"] == "failed" else ("stopped" if asked else "reconnecting")
         try:
             publish(force=True)
-            live.update(sid, status=final)               # "reconnecting": the next service start resumes it
+            live.update(sid, status=final, **({"lag_s": None} if final == "reconnecting" else {}))
+            # "reconnecting": the next service start resumes it
         except LmsError:
             pass
     return live.get(sid)

@@ -604,3 +604,111 @@ def test_an_unreachable_camera_says_what_happened_in_plain_words(cameras):
     err = _first_error(cameras.url("no-such-mount"))
     assert err == {"code": "E_INPUT_NOT_FOUND", "message": f"cannot open {cameras.url('no-such-mount')}: the server "
                    "answered 404 Not Found for the path /no-such-mount"}
+
+
+# --------------------------------------------------------------------------- the service's stream record
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    from frame_cache.redis_server import RedisServer
+
+    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield srv.url
+    srv.stop()
+
+
+class _Ring:
+    """What `deploy.serving.run_rtsp_stream` needs of the frame cache, in memory."""
+
+    def __init__(self):
+        self.pts: list[float] = []
+
+    def acquire_writer(self, sid):
+        return 1
+
+    def stream_info(self, sid):
+        import types
+        return types.SimpleNamespace(total_appended=len(self.pts), newest_pts=self.pts[-1] if self.pts else None)
+
+
+@pytest.mark.timeout(90)
+def test_a_cameras_stream_record_says_what_its_frames_do(camera, redis_url):
+    """GET /v1/streams/{id} of a camera (`deploy.serving.run_rtsp_stream` -> `LiveStore` -> `stream_status`),
+    with the Encoder and ring replaced by a list: `connecting` until a frame is stored (it said live with
+    frames 0 and last_pts null), `dropped` 0 for a 10 fps camera at 1 fps (it said 852, the fps sampling,
+    now `skipped_by_fps`), lag_s None and last_error set while the camera is away, last_error cleared
+    (kept as previous_error) once it is live again, the outage a gap."""
+    from deploy.serving import EncodeItem, LiveStore, run_rtsp_stream, stream_status
+
+    live, ring, sid = LiveStore(redis_url), _Ring(), "cam-record"
+    live.delete(sid)
+    live.create(sid, {"kind": "rtsp", "source": camera.url(), "fps": 1.0})
+    gate = threading.Event()                       # the first frame is stored only once the test opens it
+
+    def encode(items: list[EncodeItem]) -> list[dict]:
+        gate.wait(30)
+        out = []
+        for it in items:
+            ring.pts.extend(it.pts)
+            out.append({"seqs": list(range(len(ring.pts) - len(it.pts), len(ring.pts)))})
+        return out
+
+    stop = threading.Event()
+    runner = threading.Thread(target=run_rtsp_stream, args=(sid, camera.url(), 1.0, 32, encode, live, ring, stop),
+                              daemon=True)
+    runner.start()
+    shown = lambda: stream_status(live.get(sid))   # noqa: E731
+    try:
+        time.sleep(6)                              # the camera opens and its first frame waits on the gate
+        d = shown()
+        assert d["status"] == "connecting" and d["frames"] == 0 and d["last_pts"] is None, d
+        assert d["frames_received"] >= 1 and d["lag_s"] is None, d
+        gate.set()
+        assert wait_for(lambda: shown()["frames"] >= 4, 20), shown()
+        d = shown()
+        assert d["status"] == "live" and d["last_pts"] is not None and d["lag_s"] is not None, d
+        assert d["dropped"] == 0 and d["dropped_why"] == {} and d["skipped_by_fps"] >= 6 * d["frames"], d
+        camera.kill()
+        assert wait_for(lambda: shown()["status"] == "reconnecting", 10), shown()
+        time.sleep(1.5)
+        down = shown()
+        assert down["lag_s"] is None and down["last_error"]["code"].startswith("E_SOURCE_"), down
+        camera.start()
+        n = shown()["frames"]
+        assert wait_for(lambda: shown()["status"] == "live" and shown()["frames"] >= n + 2, 30), shown()
+        back = shown()
+        assert back["last_error"] is None and back["previous_error"] == down["last_error"], back
+        assert len(back["gaps"]) == 1 and back["lag_s"] is not None and back["dropped"] == 0, back
+    finally:
+        gate.set()
+        stop.set()
+        runner.join(15)
+    assert not runner.is_alive()
+    d = shown()
+    assert d["status"] == "stopped" and d["lag_s"] is not None, d       # its last frame's, kept
+    live.delete(sid)
+
+
+def test_a_pushed_streams_record_is_connecting_live_then_stalled(redis_url):
+    """A socket's stream (deploy/routes.py writes "live" at its start, then frames as they are stored):
+    `connecting` until the first frame is stored, `live`, `stalled` once none was stored for
+    LiveStore.PUSH_STALL_S (it stayed live forever), live with the next; lag_s None while stalled."""
+    from deploy.serving import LiveStore, stream_status
+
+    live, sid = LiveStore(redis_url), "sock-record"
+    live.delete(sid)
+    live.create(sid, {"kind": "push", "source": "websocket", "fps": 1.0})
+    live.update(sid, status="live", fps=1.0)                      # the socket's start
+    assert stream_status(live.get(sid))["status"] == "connecting"
+    live.update(sid, frames=1, last_pts=0.0, dropped=0, dropped_why={}, lag_s=0.02)
+    d = live.get(sid)
+    at = d["last_wall"]
+    assert abs(at - time.time()) < 5
+    assert stream_status(d, now=at + 1)["status"] == "live" and stream_status(d, now=at + 1)["lag_s"] == 0.02
+    late = stream_status(d, now=at + LiveStore.PUSH_STALL_S + 0.5)
+    assert late["status"] == "stalled" and late["lag_s"] is None, late
+    live.update(sid, status="stopped")
+    d = stream_status(live.get(sid), now=at + 60)
+    assert d["status"] == "stopped" and d["lag_s"] == 0.02, d                  # its last frame's, kept
+    live.update(sid, status="live", fps=1.0)                      # a new socket takes it over: no frame yet
+    assert stream_status(live.get(sid), now=at + 60)["status"] == "connecting"
+    live.delete(sid)
