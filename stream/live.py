@@ -261,7 +261,15 @@ class _StreamClock:
         """A new connection / byte stream: its timestamps start over."""
         self.offset = None
 
-    def time(self, src_t: float | None, now: float) -> float:
+    def time(self, src_t: float | None, now: float, held_back: bool = False) -> float:
+        """Stream time of a frame with source time ``src_t`` that arrived at ``now``. ``held_back``: the
+        frame is one FFmpeg held back (`RtspSource._held_back`), so its arrival says nothing about when it
+        was taken: it follows the source's time (never backwards) with no wall-clock check, and the wall
+        time it was taken is estimated from that, so the next frame measures the silence from there."""
+        if held_back and src_t is not None and self.offset is not None and self.last_t is not None:
+            t = max(src_t + self.offset, self.last_t)
+            self.last_t, self.last_wall = t, self.last_wall + (t - self.last_t)
+            return t
         if self.last_t is None:
             t = 0.0
             self.wall0 = now
@@ -507,8 +515,9 @@ class _LiveSource:
     def _mark_live(self, now: float) -> None:
         """A frame arrived: the source is live (again) and the problem before it is over."""
         self._last_frame_wall = now
-        if self._status not in ("stopped", "failed"):
-            self._status = "live"
+        if self._status in ("stopped", "failed"):  # a frame decoded after stop() ends nothing, its error stays
+            return
+        self._status = "live"
         if self._last_error is not None:
             self._previous_error, self._last_error = self._last_error, None
 
@@ -567,9 +576,7 @@ class RtspSource(_LiveSource):
         stall_after_s: no frame for this long -> status ``"stalled"``.  Keep it below
             ``2 * read_timeout_s``, when a frozen camera's read times out and the status
             turns ``"reconnecting"``, else a frozen camera never shows as stalled (the
-            defaults: stalled after 5 s, reconnecting after about 10 s).  A connection
-            that delivers bytes but no frame for ``stall_after_s + read_timeout_s`` is
-            dropped and reopened.
+            defaults: stalled after 5 s, reconnecting after about 10 s).
         backoff: seconds to wait before each reconnect attempt in a row (the last value
             repeats); back to the first once frames flow again.
         clock: monotonic seconds (for stall detection, wall-clock fallback, ``lag_s``).
@@ -578,6 +585,11 @@ class RtspSource(_LiveSource):
             a host name that does not resolve, no video in the stream, a protocol FFmpeg
             lacks) -> status ``"failed"``.  Transient trouble (refused, reset, timed
             out, the server gone) is retried forever.
+        no_frame_timeout_s: a connection that delivers data but no decodable frame for this
+            long is dropped and reopened (None: ``read_timeout_s + 20``, 25 s by default).
+            Keep it above a camera's longest keyframe interval: a connection joins
+            mid-GOP and decodes nothing before the next keyframe.  Not tied to
+            ``stall_after_s``, which only changes what the status shows.
 
     Raises:
         BadArgument: a URL that is not ``rtsp://``/``rtsps://`` with a host, or an
@@ -596,13 +608,15 @@ class RtspSource(_LiveSource):
     def __init__(self, url: str, fps: float | None = 1.0, resize_to: int | None = None,
                  open_timeout_s: float = 15.0, read_timeout_s: float = 5.0, stall_after_s: float = 5.0,
                  backoff: Sequence[float] = (1, 2, 5, 10, 30), clock: Callable[[], float] = time.monotonic,
-                 *, max_queue: int = 16, give_up_after: int = 5):
+                 *, max_queue: int = 16, give_up_after: int = 5, no_frame_timeout_s: float | None = None):
         self.url = _check_rtsp_url(url)
         self.open_timeout_s = _check_seconds("open_timeout_s", open_timeout_s)
         self.read_timeout_s = _check_seconds("read_timeout_s", read_timeout_s)
         self.stall_after_s = _check_seconds("stall_after_s", stall_after_s)
         self.backoff = _check_backoff(backoff)
         self.give_up_after = _check_count("give_up_after", give_up_after)
+        self.no_frame_timeout_s = (self.read_timeout_s + 20.0 if no_frame_timeout_s is None
+                                   else _check_seconds("no_frame_timeout_s", no_frame_timeout_s))
         super().__init__(fps, resize_to, max_queue, clock, self.stall_after_s)
         self._shown_url = redact_url(url)
         self._stop_evt = threading.Event()
@@ -611,6 +625,7 @@ class RtspSource(_LiveSource):
         self._reconnects = 0
         self._decode_errors = 0
         self._last_arrival: tuple[float | None, float] | None = None  # (camera time, clock) of the last frame
+        self._stale_run = 0  # frames in a row that look held back (see _on_frame)
 
     def __repr__(self) -> str:
         return f"RtspSource({self._shown_url!r}, fps={self.fps}, status={self.status!r}, frames={self.frames})"
@@ -710,7 +725,7 @@ class RtspSource(_LiveSource):
             vs = container.streams.video[0]
             with self._cond:
                 self._sclock.new_source()
-                self._last_arrival = None
+                self._last_arrival, self._stale_run = None, 0
             try:
                 self._read(container, vs)
             except _Disconnected as d:
@@ -727,7 +742,7 @@ class RtspSource(_LiveSource):
 
     def _read(self, container, vs) -> None:
         opened_at = self._clock()
-        limit = self.stall_after_s + self.read_timeout_s
+        limit = self.no_frame_timeout_s
         for packet in container.demux(vs):
             if self._stop_evt.is_set():
                 return
@@ -739,7 +754,9 @@ class RtspSource(_LiveSource):
             for frame in frames:
                 self._on_frame(frame, vs.time_base)
             now = self._clock()
-            last = max(opened_at, self._last_frame_wall or opened_at)
+            # the last frame decoded on this connection, held back or not: frames that decode are no case for
+            # reopening it, even when their timestamps make them look held back (a slow or broken camera clock)
+            last = self._last_arrival[1] if self._last_arrival is not None else opened_at
             if now - last > limit:
                 raise _Disconnected(LmsError(
                     f"lost {self._shown_url}: no frame for {now - last:.1f} s (data arrives but does not decode)",
@@ -751,11 +768,16 @@ class RtspSource(_LiveSource):
         src_t = float(frame.pts * tb) if frame.pts is not None and tb else None
         with self._cond:
             prev_t, prev_wall = self._sclock.last_t, self._last_frame_wall
-            t = self._sclock.time(src_t, now)
+            # decided before the frame is timed: a held-back frame arrives read_timeout_s late, and timing it
+            # by its arrival would move the picture (and the start of the outage after it) seconds later.
+            # Only the first such frame in a row is held back: FFmpeg holds back one frame, so a second one
+            # means frames keep coming whose camera clock runs slow (a timelapse, a broken RTP clock)
+            self._stale_run = self._stale_run + 1 if self._held_back(src_t, now) else 0
+            stale = self._stale_run == 1
+            t = self._sclock.time(src_t, now, held_back=stale)
             self._frames_in += 1
             if prev_t is None:
                 self._epoch_s = time.time()
-            stale = self._held_back(src_t, now)
             self._last_arrival = (src_t, now)
             if not stale:
                 outage_from = self._outage_from
@@ -784,7 +806,8 @@ class RtspSource(_LiveSource):
         ``read_timeout_s`` later.  Such a frame comes after ``_HELD_BACK_SILENCE_S`` or more without
         frames and its camera time moved on by less than half that silence; it is yielded (it is a real
         picture, at its own time) but is no sign of life: the status stays stalled.  A camera that resumes
-        with its timestamps where they stopped is live with its second frame."""
+        with its timestamps where they stopped is live with its second frame (`_on_frame` counts only the
+        first of such frames in a row as held back)."""
         prev = self._last_arrival
         if prev is None or prev[0] is None or src_t is None:
             return False

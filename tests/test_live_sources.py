@@ -11,6 +11,8 @@ from __future__ import annotations
 import io
 import threading
 import time
+import types
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -273,6 +275,8 @@ def test_a_frozen_camera_with_the_default_timeouts_is_stalled_before_it_is_recon
         assert wait_for(lambda: c.count() >= 2 and note()["status"] == "live", 20), src.status_dict()
         camera.freeze()
         frozen_at = time.monotonic()
+        assert wait_for(lambda: note()["status"] == "stalled", 10), seen
+        before = c.pts()[-1]                       # every frame but the one FFmpeg holds back is in
         assert wait_for(lambda: note()["status"] == "reconnecting", 20), seen
         stalled = [t for t, st in seen if st == "stalled"]
         assert [st for _, st in seen[-3:]] == ["live", "stalled", "reconnecting"], seen
@@ -285,6 +289,12 @@ def test_a_frozen_camera_with_the_default_timeouts_is_stalled_before_it_is_recon
     finally:
         camera.thaw()
         c.finish()
+    # the outage starts at the last picture before the freeze (the held-back one, 0.1 s after a 10 fps
+    # camera's previous: sampled at 2 fps, within 0.6 s of the last yielded before), not when FFmpeg
+    # delivered that picture, read_timeout_s (5 s) later
+    gaps, pts = src.gaps, c.pts()
+    assert len(gaps) == 1 and before - 0.01 <= gaps[0][0] <= before + 0.6, (gaps, before, pts)
+    assert not any(gaps[0][0] < p < gaps[0][1] for p in pts), (gaps, pts)
 
 
 def test_push_source_connecting_live_stalled_and_live_again():
@@ -349,6 +359,159 @@ def test_bad_arguments_and_redaction():
             RtspSource("rtsp://127.0.0.1/cam", **kw)
     with pytest.raises(BadArgument):
         PushSource(max_queue=0)
+
+
+# --------------------------------------------------------------------------- a simulated camera (a fake clock)
+class _Frame:
+    """What RtspSource reads of a decoded av.VideoFrame: pts (milliseconds) and the picture."""
+
+    time_base = Fraction(1, 1000)
+
+    def __init__(self, t: float):
+        self.pts = round(t * 1000)
+
+    def to_ndarray(self, format):
+        return np.zeros((4, 4, 3), np.uint8)
+
+
+class _Connection:
+    """One scripted RTSP connection as PyAV's container (see `_ScriptedCamera`)."""
+
+    def __init__(self, cam, steps):
+        self.cam, self.steps = cam, steps
+        self.streams = types.SimpleNamespace(video=[types.SimpleNamespace(time_base=Fraction(1, 1000), type="video")])
+
+    def demux(self, vs):
+        for wall, what in self.steps:
+            self.cam.now[0] = wall
+            self.cam.seen.append(self.cam.src.status_dict())
+            if isinstance(what, BaseException):
+                raise what
+            if callable(what):
+                yield types.SimpleNamespace(decode=what)
+            else:
+                frames = [] if what is None else [_Frame(what)]
+                yield types.SimpleNamespace(decode=lambda frames=frames: frames)
+
+    def close(self):
+        pass
+
+
+class _ScriptedCamera:
+    """A camera scripted on a fake clock, in place of FFmpeg: `RtspSource._open` returns the next of
+    ``connections``, each a list of steps ``(wall, what)``: at clock ``wall`` a packet arrives that decodes
+    to a frame with camera time ``what`` (seconds; None: to nothing; a callable: its ``decode``), or the
+    read fails with ``what`` (an exception). A connection whose steps are done ends (the server closed it);
+    once none is left, opening waits for stop() (`done` is set then). ``seen[i]`` is `status_dict()` at step
+    ``i``'s clock, before its packet: what a client polling then reads."""
+
+    def __init__(self, monkeypatch, connections, **kw):
+        self.now, self.seen, self.done = [0.0], [], threading.Event()
+        kw = {"fps": None, "backoff": (0,), "max_queue": 10_000, **kw}
+        self.src = RtspSource("rtsp://127.0.0.1:9/cam", clock=lambda: self.now[0], **kw)
+        todo = iter(connections)
+
+        def open_():
+            steps = next(todo, None)
+            if steps is None:
+                self.done.set()
+                self.src._stop_evt.wait(30)
+                raise ConnectionRefusedError("stopped")
+            self.now[0] = steps[0][0]
+            return _Connection(self, steps)
+
+        monkeypatch.setattr(self.src, "_open", open_)
+
+    def run(self) -> "_ScriptedCamera":
+        self.src.start()
+        assert self.done.wait(20), self.src.status_dict()
+        return self
+
+    def pts(self) -> list[float]:
+        return [t for t, _, _ in list(self.src._queue)]
+
+    def close(self) -> None:
+        self.src.stop()
+        assert self.src.join(5)
+
+
+def test_a_frozen_cameras_held_back_frame_keeps_its_time_and_the_outage_starts_there(monkeypatch):
+    """A 10 fps camera freezes after the picture taken at 1.1 s; FFmpeg delivers that picture when its read
+    times out, 5 s later, and the connection drops; the camera is back at 12 s. The picture is at 1.1 and the
+    outage (1.1, 12.0): the stall re-anchor (stall_after_s 5) stamped it 6.2, on arrival, and the gap
+    (6.2, 12.0) lost 5 s of the outage."""
+    frames = [(100.0 + i / 10, i / 10) for i in range(11)]                 # 0.0 .. 1.0 on time
+    cam = _ScriptedCamera(monkeypatch, [
+        frames + [(106.2, 1.1), (106.2, TimeoutError("read timed out"))],  # 1.1, held back 5 s
+        [(112.0 + i / 10, 50.0 + i / 10) for i in range(5)],               # a new session: its own timeline
+    ]).run()
+    try:
+        pts, d = cam.pts(), cam.src.status_dict()
+        assert pts[:12] == pytest.approx([i / 10 for i in range(12)]), pts
+        assert pts[12:] == pytest.approx([12.0, 12.1, 12.2, 12.3, 12.4]), pts
+        assert d["gaps"] == [[pytest.approx(1.1), pytest.approx(12.0)]], d
+        assert d["pts_rebased"] == 0, d
+        at_timeout = cam.seen[12]                                        # after the held-back frame: no life
+        assert at_timeout["status"] == "stalled", cam.seen
+    finally:
+        cam.close()
+
+
+def test_frames_whose_camera_clock_runs_slow_keep_the_camera_live(monkeypatch):
+    """A timelapse camera (or a broken RTP clock): a frame every 1.5 s whose timestamps move 0.5 s. Every
+    frame after the first looked held back, so the source showed stalled from 5 s on and its watchdog
+    dropped the connection ("data arrives but does not decode") over and over. Only the first such frame in
+    a row is held back: the camera is live throughout, on one connection, without gaps."""
+    cam = _ScriptedCamera(monkeypatch, [[(100.0 + 1.5 * i, 0.5 * i) for i in range(20)]]).run()
+    try:
+        assert [s["status"] for s in cam.seen[1:]] == ["live"] * 19, [(s["status"], s["last_error"]) for s in cam.seen]
+        assert all(s["last_error"] is None and s["gaps"] == [] for s in cam.seen), cam.seen
+        d = cam.src.status_dict()
+        assert d["frames_received"] == 20 and d["reconnects"] == 1, d   # the one reconnect: the script's end
+        assert d["last_error"]["code"] == "E_SOURCE_LOST" and "closed the connection" in d["last_error"]["message"]
+        pts = cam.pts()
+        assert len(pts) == 20 and all(b > a for a, b in zip(pts, pts[1:])), pts
+    finally:
+        cam.close()
+
+
+def test_a_long_gop_is_waited_for_and_a_stream_that_never_decodes_is_reopened(monkeypatch):
+    """Joined mid-GOP, a camera with an 18 s keyframe interval decodes nothing for 18 s. The watchdog
+    (stall_after_s + read_timeout_s: 10 s since stall_after_s became 5) reopened it before its keyframe,
+    forever; it is its own setting again, read_timeout_s + 20 (25 s). Data with no frame for longer than
+    that is still dropped and reopened."""
+    gop = [(100.0 + i, None) for i in range(19)] + [(118.5 + i / 10, i / 10) for i in range(5)]
+    cam = _ScriptedCamera(monkeypatch, [gop]).run()
+    try:
+        d = cam.src.status_dict()
+        assert d["frames_received"] == 5 and all(s["last_error"] is None for s in cam.seen), cam.seen
+        assert d["last_error"]["code"] == "E_SOURCE_LOST", d                   # the script's end, not the watchdog
+        assert cam.src.no_frame_timeout_s == 25.0
+    finally:
+        cam.close()
+    cam = _ScriptedCamera(monkeypatch, [[(100.0 + i, None) for i in range(40)]]).run()
+    try:
+        err = cam.src.status_dict()["last_error"]
+        assert err["code"] == "E_SOURCE_STALLED" and "no frame for 26.0 s" in err["message"], err
+        assert len(cam.seen) == 27                                             # dropped after the packet at 26 s
+    finally:
+        cam.close()
+    with pytest.raises(BadArgument):
+        RtspSource("rtsp://127.0.0.1/cam", no_frame_timeout_s=0)
+
+
+def test_a_frame_decoded_after_stop_keeps_the_error_and_the_status(monkeypatch):
+    """stop() while a packet decodes: the frame still reaches _mark_live, which cleared last_error although
+    the source stays stopped."""
+    cam = _ScriptedCamera(monkeypatch, [
+        [(100.0, 0.0), (100.1, TimeoutError("read timed out"))],
+        [(107.0, lambda: (cam.src.stop(), [_Frame(0.0)])[1])],
+    ])
+    cam.src.start()
+    assert cam.src.join(10)
+    d = cam.src.status_dict()
+    assert d["status"] == "stopped" and d["frames_received"] == 2, d
+    assert d["last_error"] is not None and d["last_error"]["code"] == "E_SOURCE_TIMEOUT", d
 
 
 # --------------------------------------------------------------------------- pushed pictures
@@ -658,7 +821,8 @@ def test_a_cameras_stream_record_says_what_its_frames_do(camera, redis_url):
     runner.start()
     shown = lambda: stream_status(live.get(sid))   # noqa: E731
     try:
-        time.sleep(6)                              # the camera opens and its first frame waits on the gate
+        # the camera opens and its first frame waits on the gate
+        assert wait_for(lambda: (shown().get("frames_received") or 0) >= 1, 20), shown()
         d = shown()
         assert d["status"] == "connecting" and d["frames"] == 0 and d["last_pts"] is None, d
         assert d["frames_received"] >= 1 and d["lag_s"] is None, d
