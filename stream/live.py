@@ -123,6 +123,10 @@ E_SOURCE_TIMEOUT = "E_SOURCE_TIMEOUT"  # no data within read_timeout_s
 E_SOURCE_STALLED = "E_SOURCE_STALLED"  # data but no decodable frame for too long
 E_SOURCE_DENIED = "E_SOURCE_DENIED"  # 401/403 and other 4xx answers
 
+#: getaddrinfo's answers that a host name does not exist (a permanent error); any other, EAI_AGAIN above
+#: all (the DNS server did not answer this time), is retried
+_DNS_NO_SUCH_NAME = frozenset(getattr(socket, n) for n in ("EAI_NONAME", "EAI_NODATA") if hasattr(socket, n))
+
 _IMAGE_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 #: Bytes between consecutive Matroska packets beyond which the demuxer skipped damage
@@ -582,9 +586,9 @@ class RtspSource(_LiveSource):
         clock: monotonic seconds (for stall detection, wall-clock fallback, ``lag_s``).
         max_queue: sampled frames that may wait for the consumer (oldest dropped first).
         give_up_after: this many *permanent* errors in a row (404 no such stream, 401/403,
-            a host name that does not resolve, no video in the stream, a protocol FFmpeg
-            lacks) -> status ``"failed"``.  Transient trouble (refused, reset, timed
-            out, the server gone) is retried forever.
+            a host name that does not exist or is not a valid one, no video in the stream, a
+            protocol FFmpeg lacks) -> status ``"failed"``.  Transient trouble (refused, reset,
+            timed out, the server gone, a temporary DNS failure) is retried forever.
         no_frame_timeout_s: a connection that delivers data but no decodable frame for this
             long is dropped and reopened (None: ``read_timeout_s + 20``, 25 s by default).
             Keep it above a camera's longest keyframe interval: a connection joins
@@ -732,8 +736,8 @@ class RtspSource(_LiveSource):
                 return d.err, False
             except Exception as exc:  # noqa: BLE001
                 return self._classify(exc, opening=False)
-            return LmsError(f"lost {self._shown_url}: the server closed the connection (end of the stream)",
-                            code=E_SOURCE_LOST), False
+            return LmsError(f"expected {self._shown_url} to keep streaming, got the connection closed by the "
+                            "server (end of the stream)", code=E_SOURCE_LOST), False
         finally:
             try:
                 container.close()
@@ -759,8 +763,8 @@ class RtspSource(_LiveSource):
             last = self._last_arrival[1] if self._last_arrival is not None else opened_at
             if now - last > limit:
                 raise _Disconnected(LmsError(
-                    f"lost {self._shown_url}: no frame for {now - last:.1f} s (data arrives but does not decode)",
-                    code=E_SOURCE_STALLED))
+                    f"expected a decodable frame from {self._shown_url} at least every {limit:g} s, got none for "
+                    f"{now - last:.1f} s (data arrives but does not decode)", code=E_SOURCE_STALLED))
 
     def _on_frame(self, frame: av.VideoFrame, stream_tb) -> None:
         now = self._clock()
@@ -815,48 +819,60 @@ class RtspSource(_LiveSource):
         return silence >= _HELD_BACK_SILENCE_S and src_t - prev[0] < silence / 2
 
     def _classify(self, exc: BaseException, opening: bool) -> tuple[LmsError, bool]:
-        """(the error to record, whether it is permanent) for an exception from PyAV, in plain words:
-        "cannot connect to URL: connection refused (...)", "cannot open URL: the server answered 404 Not
-        Found for the path /cam", "lost URL: no data for 5 s (timed out)"."""
+        """(the error to record, whether it is permanent) for an exception from PyAV, as "expected ..., got
+        ..." in plain words: "expected a connection to URL, got connection refused (nothing listens on H:P)",
+        "expected the RTSP server of URL to serve the path /cam, got 404 Not Found", "expected data from URL
+        at least every 5 s, got none for 5 s (timed out)"."""
         url = self._shown_url
         why = _reason(exc)
+        served = f"expected the RTSP server of {url}"
         if isinstance(exc, av.error.HTTPNotFoundError):
             path = urllib.parse.urlsplit(self.url).path or "/"
-            return InputNotFound(f"cannot open {url}: the server answered 404 Not Found for the path {path}"), True
+            return InputNotFound(f"{served} to serve the path {path}, got 404 Not Found"), True
         if isinstance(exc, av.error.HTTPUnauthorizedError):
             creds = urllib.parse.urlsplit(self.url).username is not None
-            return LmsError(f"cannot open {url}: the server answered 401 Unauthorized ("
+            return LmsError(f"{served} to let this source in, got 401 Unauthorized ("
                             + ("it refused the user and password in the URL)" if creds else
                                "it wants a user and password: rtsp://USER:PASSWORD@HOST/PATH)"),
                             code=E_SOURCE_DENIED), True
         if isinstance(exc, av.error.HTTPForbiddenError):
-            return LmsError(f"cannot open {url}: the server answered 403 Forbidden", code=E_SOURCE_DENIED), True
+            return LmsError(f"{served} to let this source in, got 403 Forbidden", code=E_SOURCE_DENIED), True
         if isinstance(exc, av.error.HTTPClientError):
-            return LmsError(f"cannot open {url}: the server refused the request ({why})", code=E_SOURCE_DENIED), True
+            return LmsError(f"{served} to accept the request, got a refusal ({why})", code=E_SOURCE_DENIED), True
         if isinstance(exc, av.error.ProtocolNotFoundError):
-            return LmsError(f"cannot open {url}: this FFmpeg cannot read {url.split(':', 1)[0]}:// ({why})",
+            scheme = url.split(":", 1)[0]
+            return LmsError(f"expected an FFmpeg that reads {scheme}:// (for {url}), got one without it ({why})",
                             code=E_SOURCE_UNREACHABLE), True
         if not opening:
             if isinstance(exc, (TimeoutError, av.error.ExitError)):
-                return LmsError(f"lost {url}: no data for {self.read_timeout_s:g} s (timed out)",
-                                code=E_SOURCE_TIMEOUT), False
+                return LmsError(f"expected data from {url} at least every {self.read_timeout_s:g} s, got none for "
+                                f"{self.read_timeout_s:g} s (timed out)", code=E_SOURCE_TIMEOUT), False
             if not isinstance(exc, (av.FFmpegError, OSError, ValueError)):
                 raise exc  # not a network or media error: a bug of ours
-            return LmsError(f"lost {url}: the stream broke off ({why})", code=E_SOURCE_LOST), False
+            return LmsError(f"expected {url} to keep streaming, got the stream broken off ({why})",
+                            code=E_SOURCE_LOST), False
         if isinstance(exc, ConnectionRefusedError):
-            return LmsError(f"cannot connect to {url}: connection refused (nothing listens on {self._host_port()})",
-                            code=E_SOURCE_UNREACHABLE), False
+            return LmsError(f"expected a connection to {url}, got connection refused (nothing listens on "
+                            f"{self._host_port()})", code=E_SOURCE_UNREACHABLE), False
         if not isinstance(exc, (av.FFmpegError, OSError, ValueError, TimeoutError)):
             raise exc  # not a network or media error: a bug of ours
         # FFmpeg's RTSP demuxer says "Invalid data found when processing input" (or times out, or EIO) for
-        # most failures to open; a plain look at the host and port says which one it was
-        stage, words, permanent = self._probe()
-        if words is None:
+        # most failures to open; a plain look at the host and port says which one it was. Not after stop():
+        # the look may take open_timeout_s + read_timeout_s, and stop() frees the thread sooner
+        if self._stop_evt.is_set():
+            expected, got, permanent = f"{url} to open", None, False
+        else:
+            expected, got, permanent = self._probe()
+        if got is None:
+            # rtsps://: the probe made a TCP connection only; rtsp://: the server answered its OPTIONS
+            answered = ("the RTSP server answered" if urllib.parse.urlsplit(self.url).scheme.lower() == "rtsp"
+                        else "the server accepted a connection")
             if isinstance(exc, (TimeoutError, av.error.ExitError)):
-                words = f"no answer within {self.open_timeout_s:g} s (timed out)"
+                expected = f"{url} to open within {self.open_timeout_s:g} s"
+                got = f"no stream in that time ({answered}; timed out)"
             else:
-                words = f"the RTSP server answered, but the stream could not be read ({why})"
-        msg = f"cannot {stage} {url}: {words}"
+                expected, got = f"a readable video stream from {url}", f"{why} ({answered})"
+        msg = f"expected {expected}, got {got}"
         if permanent:
             return InputNotFound(msg), True
         return LmsError(msg, code=E_SOURCE_UNREACHABLE), False
@@ -868,46 +884,55 @@ class RtspSource(_LiveSource):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _probe(self) -> tuple[str, str | None, bool]:
-        """(stage, what happened in words or None, permanent) from a plain TCP connection to the camera's host
-        and port, with the source's timeouts, and an RTSP OPTIONS request on it: refused, timed out,
-        unreachable, a host name that does not resolve (permanent), a server that says nothing, closes at once
-        or is not RTSP. None when the server answers RTSP (or speaks TLS: rtsps://): the failure lies further
-        on. Runs only after a failed open, so it costs a reconnect at most its timeouts more."""
+        """(what was expected, what happened in words or None, permanent) from a plain TCP connection to the
+        camera's host and port, with the source's timeouts, and an RTSP OPTIONS request on it: refused, timed
+        out, unreachable, a host name that does not exist or cannot be one (permanent) or that could not be
+        looked up this time, a server that says nothing, closes at once or is not RTSP. None when the server
+        answers RTSP (or accepts a connection: rtsps://, whose TLS the probe does not speak): the failure lies
+        further on. Runs only after a failed open, so it costs a reconnect at most its timeouts more."""
         parts = urllib.parse.urlsplit(self.url)
         host, hostport = parts.hostname or "", self._host_port()
         port = int(hostport.rsplit(":", 1)[1])
+        connect = f"a connection to {self._shown_url}"
         try:
             sock = socket.create_connection((host, port), timeout=self.open_timeout_s)
         except socket.gaierror as exc:
-            return "connect to", f"the host name {host!r} does not resolve ({exc.strerror or exc})", True
+            said = exc.strerror or str(exc)
+            if exc.errno in _DNS_NO_SUCH_NAME:
+                return connect, f"a host name that does not exist: {host!r} ({said})", True
+            return connect, f"no address for the host name {host!r} this time ({said}; retried)", False
+        except UnicodeError as exc:  # the IDNA codec: a label over 63 characters, an empty one, ...
+            said = str(exc).rsplit(": ", 1)[-1].rstrip(")")
+            return connect, f"{host[:80]!r}, which cannot be a host name ({said})", True
         except ConnectionRefusedError:
-            return "connect to", f"connection refused (nothing listens on {hostport})", False
+            return connect, f"connection refused (nothing listens on {hostport})", False
         except TimeoutError:
-            return "connect to", f"timed out after {self.open_timeout_s:g} s (no answer from {hostport})", False
+            return connect, f"no answer from {hostport} within {self.open_timeout_s:g} s (timed out)", False
         except OSError as exc:
             said = (exc.strerror or str(exc) or type(exc).__name__)
-            return "connect to", f"{said[:1].lower() + said[1:]} ({hostport})", False
+            return connect, f"{said[:1].lower() + said[1:]} ({hostport})", False
+        answer = f"an RTSP answer from {self._shown_url}"
         with sock:
             if parts.scheme.lower() != "rtsp":
-                return "open", None, False
+                return answer, None, False
             plain = urllib.parse.urlunsplit(parts._replace(netloc=hostport))     # no credentials on the wire
             try:
                 sock.settimeout(self.read_timeout_s)
                 sock.sendall(f"OPTIONS {plain} RTSP/1.0\r\nCSeq: 1\r\nUser-Agent: lmstream\r\n\r\n".encode())
                 data = sock.recv(512)
             except TimeoutError:
-                return "open", (f"the server accepted the connection but sent nothing for {self.read_timeout_s:g} s "
-                                "(timed out)"), False
+                return answer, (f"nothing for {self.read_timeout_s:g} s (the server accepted the connection, "
+                                "then sent nothing; timed out)"), False
             except (ConnectionResetError, BrokenPipeError):    # closed before our request: the kernel resets
                 data = b""
             except OSError as exc:
-                return "open", f"the server broke the connection off ({(exc.strerror or str(exc)).lower()})", False
+                return answer, f"the connection broken off ({(exc.strerror or str(exc)).lower()})", False
         if not data:
-            return "open", "the server closed the connection without answering", False
+            return answer, "the connection closed without an answer", False
         first = data.replace(b"\r", b"").split(b"\n", 1)[0].decode("latin-1")[:80]
         if not first.startswith("RTSP/"):
-            return "open", f"the server is not an RTSP server (it answered {first!r})", False
-        return "open", None, False
+            return answer, f"{first!r} (the server is not an RTSP server)", False
+        return answer, None, False
 
 
 # ---------------------------------------------------------------------------

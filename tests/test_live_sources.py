@@ -468,7 +468,7 @@ def test_frames_whose_camera_clock_runs_slow_keep_the_camera_live(monkeypatch):
         assert all(s["last_error"] is None and s["gaps"] == [] for s in cam.seen), cam.seen
         d = cam.src.status_dict()
         assert d["frames_received"] == 20 and d["reconnects"] == 1, d   # the one reconnect: the script's end
-        assert d["last_error"]["code"] == "E_SOURCE_LOST" and "closed the connection" in d["last_error"]["message"]
+        assert d["last_error"]["code"] == "E_SOURCE_LOST" and "closed by the server" in d["last_error"]["message"]
         pts = cam.pts()
         assert len(pts) == 20 and all(b > a for a, b in zip(pts, pts[1:])), pts
     finally:
@@ -491,8 +491,9 @@ def test_a_long_gop_is_waited_for_and_a_stream_that_never_decodes_is_reopened(mo
         cam.close()
     cam = _ScriptedCamera(monkeypatch, [[(100.0 + i, None) for i in range(40)]]).run()
     try:
-        err = cam.src.status_dict()["last_error"]
-        assert err["code"] == "E_SOURCE_STALLED" and "no frame for 26.0 s" in err["message"], err
+        assert cam.src.status_dict()["last_error"] == {"code": "E_SOURCE_STALLED", "message": (
+            "expected a decodable frame from rtsp://127.0.0.1:9/cam at least every 25 s, got none for 26.0 s "
+            "(data arrives but does not decode)")}
         assert len(cam.seen) == 27                                             # dropped after the packet at 26 s
     finally:
         cam.close()
@@ -512,6 +513,55 @@ def test_a_frame_decoded_after_stop_keeps_the_error_and_the_status(monkeypatch):
     d = cam.src.status_dict()
     assert d["status"] == "stopped" and d["frames_received"] == 2, d
     assert d["last_error"] is not None and d["last_error"]["code"] == "E_SOURCE_TIMEOUT", d
+
+
+@pytest.mark.timeout(30)
+def test_stop_does_not_wait_for_the_probe(monkeypatch):
+    """A failed open classified after stop() looked at the host with its own timeouts first (up to
+    open_timeout_s + read_timeout_s, 20 s), keeping the thread; after stop() the look is skipped."""
+    probed = []
+    src = RtspSource("rtsp://127.0.0.1:9/cam", backoff=(0,))
+
+    def open_():
+        src.stop()
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(src, "_open", open_)
+    monkeypatch.setattr(src, "_probe", lambda: probed.append(1) or time.sleep(3) or ("x", None, False))
+    src.start()
+    assert src.join(1.5) and probed == [] and src.status == "stopped"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("errno_name, permanent", [("EAI_AGAIN", False), ("EAI_FAIL", False),
+                                                   ("EAI_NONAME", True), ("EAI_NODATA", True)])
+def test_only_a_host_name_that_does_not_exist_is_permanent(monkeypatch, errno_name, permanent):
+    """Every DNS failure failed the camera for good after give_up_after tries, a temporary one (EAI_AGAIN:
+    the DNS server did not answer this time) too; that one is retried now."""
+    import socket
+    errno = getattr(socket, errno_name)
+    src = RtspSource("rtsp://cam.example/cam", backoff=(0.01,), give_up_after=2)
+    monkeypatch.setattr(src, "_open", lambda: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+
+    def no_address(*a, **kw):
+        raise socket.gaierror(errno, f"{errno_name} said")
+
+    monkeypatch.setattr(socket, "create_connection", no_address)
+    src.start()
+    try:
+        if permanent:
+            assert src.join(5) and src.status == "failed", src.status_dict()
+            assert src.last_error == {"code": "E_INPUT_NOT_FOUND", "message": "expected a connection to "
+                                      f"rtsp://cam.example/cam, got a host name that does not exist: 'cam.example' "
+                                      f"({errno_name} said)"}
+        else:
+            assert wait_for(lambda: src.status_dict()["reconnects"] >= 4, 5), src.status_dict()
+            assert src.status == "reconnecting" and src.last_error == {
+                "code": "E_SOURCE_UNREACHABLE", "message": "expected a connection to rtsp://cam.example/cam, got "
+                f"no address for the host name 'cam.example' this time ({errno_name} said; retried)"}
+    finally:
+        src.stop()
+        assert src.join(5)
 
 
 # --------------------------------------------------------------------------- pushed pictures
@@ -746,27 +796,58 @@ def _first_error(url: str, **kw) -> dict:
 def test_an_unreachable_camera_says_what_happened_in_plain_words(cameras):
     """`last_error` of a camera that cannot be opened said "InvalidDataError: Invalid data found when
     processing input" for anything but a refused connection or a 404 (FFmpeg's RTSP demuxer reports most
-    failures so); now each case in plain words: refused, a port that accepts but never answers, a server
-    that closes at once, a server that is not RTSP, a path the RTSP server does not serve."""
+    failures so); now each case in plain words, as "expected ..., got ...": refused, a port that accepts but
+    never answers, a server that closes at once, a server that is not RTSP, a path the RTSP server does not
+    serve."""
     from rtsp_server import free_port
     port = free_port()
     url = f"rtsp://user:secret@127.0.0.1:{port}/cam"
     shown = f"rtsp://user:***@127.0.0.1:{port}/cam"
     assert _first_error(url) == {"code": "E_SOURCE_UNREACHABLE", "message":
-                                 f"cannot connect to {shown}: connection refused (nothing listens on 127.0.0.1:{port})"}
-    cases = ((lambda conn: None, "the server accepted the connection but sent nothing for 1 s (timed out)"),
-             (lambda conn: conn.close(), "the server closed the connection without answering"),
-             (_http_answer, "the server is not an RTSP server (it answered 'HTTP/1.1 400 Bad Request')"))
+                                 f"expected a connection to {shown}, got connection refused (nothing listens on "
+                                 f"127.0.0.1:{port})"}
+    cases = ((lambda conn: None, "nothing for 1 s (the server accepted the connection, then sent nothing; timed out)"),
+             (lambda conn: conn.close(), "the connection closed without an answer"),
+             (_http_answer, "'HTTP/1.1 400 Bad Request' (the server is not an RTSP server)"))
     for reply, says in cases:
         srv = _TcpServer(reply)
         try:
             err = _first_error(f"rtsp://127.0.0.1:{srv.port}/cam")
         finally:
             srv.close()
-        assert err == {"code": "E_SOURCE_UNREACHABLE", "message": f"cannot open rtsp://127.0.0.1:{srv.port}/cam: {says}"}
+        assert err == {"code": "E_SOURCE_UNREACHABLE",
+                       "message": f"expected an RTSP answer from rtsp://127.0.0.1:{srv.port}/cam, got {says}"}
     err = _first_error(cameras.url("no-such-mount"))
-    assert err == {"code": "E_INPUT_NOT_FOUND", "message": f"cannot open {cameras.url('no-such-mount')}: the server "
-                   "answered 404 Not Found for the path /no-such-mount"}
+    assert err == {"code": "E_INPUT_NOT_FOUND", "message": "expected the RTSP server of "
+                   f"{cameras.url('no-such-mount')} to serve the path /no-such-mount, got 404 Not Found"}
+
+
+@pytest.mark.timeout(30)
+def test_a_host_name_that_cannot_be_one_fails_in_plain_words():
+    """A 64-character label cannot be IDNA-encoded: the probe's create_connection raised UnicodeError, which
+    crashed the reader ("RTSP reader crashed", E_INTERNAL). It is a permanent error saying so."""
+    host = "a" * 64 + ".example"
+    src = RtspSource(f"rtsp://{host}/cam", backoff=(0.05,), give_up_after=2)
+    c = Consumer(src)
+    c.thread.join(10)
+    assert not c.thread.is_alive() and c.error is None and src.join(5)
+    assert src.status == "failed" and src.last_error == {"code": "E_INPUT_NOT_FOUND", "message": (
+        f"expected a connection to rtsp://{host}/cam, got {host!r}, which cannot be a host name "
+        "(label empty or too long)")}, src.status_dict()
+
+
+@pytest.mark.timeout(30)
+def test_rtsps_says_the_server_accepted_a_connection_not_that_it_answered_rtsp():
+    """For rtsps:// the probe only connects (it does not speak TLS), so it cannot say "the RTSP server
+    answered" as it does for rtsp://."""
+    srv = _TcpServer(lambda conn: conn.close())
+    try:
+        err = _first_error(f"rtsps://127.0.0.1:{srv.port}/cam")
+    finally:
+        srv.close()
+    assert err["code"] == "E_SOURCE_UNREACHABLE", err
+    assert err["message"].startswith(f"expected a readable video stream from rtsps://127.0.0.1:{srv.port}/cam, got ")
+    assert err["message"].endswith(" (the server accepted a connection)") and "RTSP server" not in err["message"]
 
 
 # --------------------------------------------------------------------------- the service's stream record
