@@ -219,7 +219,8 @@ class RayBackend:
         self._streams: dict[str, Any] = {}
         self.encoder, self.answerer = encoder, answerer
         self._info: dict | None = None
-        self._sources: dict[str, Any] = {}
+        self._sources: dict[str, tuple[asyncio.Task, Any]] = {}    # running jobs: (watcher task, actor)
+        self._cancelled: set[str] = set()                            # jobs DELETE is cancelling
 
     def encoder_stats(self) -> dict:
         """The Encoder replica's totals (blocking: called from the metrics thread)."""
@@ -241,7 +242,26 @@ class RayBackend:
     async def start_job(self, job: FileJob) -> None:
         actor = FileSource.options(name=f"lms-src-{job.job_id}").remote()
         ref = actor.run.remote(job, self.encoder, self.settings.model_dump())
-        self._sources[job.job_id] = asyncio.get_running_loop().create_task(self._watch_job(job, actor, ref))
+        self._sources[job.job_id] = (asyncio.get_running_loop().create_task(self._watch_job(job, actor, ref)), actor)
+
+    async def cancel_job(self, job_id: str) -> bool:
+        """`DELETE /v1/videos/ID` of a job still queued or ingesting: its decoder actor is killed and waited
+        for (then nothing of it writes the job's record or hands the Encoder frames); the route then frees
+        its frames and record. False when this Ingress does not run the job (its task not registered yet)."""
+        src = self._sources.get(job_id)
+        if src is None:
+            return False
+        task, actor = src
+        self._cancelled.add(job_id)
+        try:
+            ray.kill(actor)
+        except Exception:                              # noqa: BLE001 - already gone
+            pass
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 30)
+        except Exception:                              # noqa: BLE001 - its watcher reports what it can
+            pass
+        return True
 
     async def _watch_job(self, job: FileJob, actor, ref) -> None:
         """Waits on a job's actor. `run` marks the job ready or failed itself; an actor that dies first
@@ -254,18 +274,11 @@ class RayBackend:
             raise
         except Exception as e:                         # noqa: BLE001 - the actor or its node is gone
             why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-            log.warning("job %s: its decoder actor was lost (%s)", job.job_id, why)
-            try:
-                d = await asyncio.to_thread(self.store.get, job.job_id)
-                if d["status"] in JobStore.ACTIVE:
-                    await asyncio.to_thread(
-                        self.store.update, job.job_id, status="failed",
-                        error={"code": "E_INTERRUPTED", "message":
-                               f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
-                               f"({type(e).__name__}); the {d.get('frames', 0)} frames stored stay, upload again "
-                               "to ingest the rest"})
-            except Exception as e2:                    # noqa: BLE001 - Redis down: fail_interrupted at restart
-                log.warning("job %s: could not mark it failed (%s)", job.job_id, e2)
+            cancelled = job.job_id in self._cancelled  # DELETE killed it: the route removes the record
+            log.warning("job %s: its decoder actor was %s (%s)", job.job_id, "cancelled" if cancelled else "lost",
+                        why)
+            if not cancelled:
+                await self._mark_lost(job, e)
             if job.delete_after:                       # the upload `run` would have removed
                 try:
                     os.unlink(job.path)
@@ -273,10 +286,24 @@ class RayBackend:
                     pass
         finally:
             self._sources.pop(job.job_id, None)
+            self._cancelled.discard(job.job_id)
             try:
                 ray.kill(actor)
             except Exception:                          # noqa: BLE001 - already gone
                 pass
+
+    async def _mark_lost(self, job: FileJob, e: Exception) -> None:
+        try:
+            d = await asyncio.to_thread(self.store.get, job.job_id)
+            if d["status"] in JobStore.ACTIVE:
+                await asyncio.to_thread(
+                    self.store.update, job.job_id, status="failed",
+                    error={"code": "E_INTERRUPTED", "message":
+                           f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
+                           f"({type(e).__name__}); the {d.get('frames', 0)} frames stored stay, upload again "
+                           "to ingest the rest"})
+        except Exception as e2:                        # noqa: BLE001 - Redis down: fail_interrupted at restart
+            log.warning("job %s: could not mark it failed (%s)", job.job_id, e2)
 
     async def encode(self, items: list[EncodeItem]) -> list[dict]:
         return await self.encoder.encode.remote(items)

@@ -30,12 +30,13 @@ from lmcore.errors import (
     InvalidRequest,
     LmsError,
     NotFound,
+    NotReady,
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
 )
 
-from .schemas import ChatRequest, Question, StreamCreate, VideoCreate, WatchCreate
+from .schemas import ChatRequest, Question, StreamCreate, VideoCreate, WatchCreate, WatchQuestion
 from .serving import (
     EncodeItem,
     FileJob,
@@ -44,11 +45,13 @@ from .serving import (
     LiveStore,
     WatchStore,
     check_allowed,
+    check_regular_file,
     decode_image,
     error_dict,
     fps_ok,
-    require_ready,
+    require_answerable,
     stream_status,
+    video_answer_context,
     video_status,
 )
 from .settings import Settings
@@ -63,6 +66,7 @@ class Backend(Protocol):
 
     async def encoder_info(self) -> dict: ...
     async def start_job(self, job: FileJob) -> None: ...
+    async def cancel_job(self, job_id: str) -> bool: ...
     def answer_events(self, req: dict) -> AsyncIterator[dict]: ...
     async def models_ready(self) -> bool: ...
     async def encode(self, items: list) -> list[dict]: ...
@@ -203,9 +207,15 @@ def validation_message(err: dict) -> str:
     """One pydantic error in the service's words, the field named: "expected stream: Input should be a valid
     boolean, got \"yes\"" (our own validators' messages already say expected and got: kept as they are)."""
     msg = err.get("msg", "a valid value")
-    if msg.startswith("Value error, expected"):
-        return msg[len("Value error, "):]
+    for prefix in ("Value error, ", "Assertion failed, "):        # pydantic's words around our validators'
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if msg.startswith("expected"):
+        return msg
     where = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
+    loc = err.get("loc") or ("",)
+    if err.get("type") == "missing" and isinstance(loc[-1], str):    # a field left out: its "input" is the body
+        return f"expected {where} (required), got none"
     got = err.get("input")
     try:
         got_s = json.dumps(got)[:200] if got is not None and not isinstance(got, (bytes, bytearray)) else "nothing"
@@ -287,10 +297,13 @@ class BoundedBody:
 
 
 def build_api() -> FastAPI:
-    api = FastAPI(title="LLaVA-Mini Stream", version="0.2.0",
+    # no /docs or /redoc pages and no open /openapi.json: every route but /health (and the page) needs a
+    # key, the schema too (below); a browser's Swagger page could not send one
+    api = FastAPI(title="LLaVA-Mini Stream", version="0.2.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Questions about live and very long videos, one vision token per frame.")
     metrics = Metrics()
     inflight = {"n": 0}
+    asking: dict[str, Any] = {}              # `_events` below, for the sockets' questions
     api.add_middleware(BoundedBody)          # inside `_count` below: its 413s are counted (no route matched yet)
 
     # -- errors ---------------------------------------------------------------------------------
@@ -362,6 +375,10 @@ def build_api() -> FastAPI:
             body["error"] = {"code": "E_UNAVAILABLE", "message": f"expected {what} to answer, got no answer"}
         return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(b: Backend = Depends(auth)):
+        return api.openapi()
+
     @api.get("/metrics")
     async def prom(b: Backend = Depends(auth)):
         metrics.inflight.set(inflight["n"])
@@ -369,52 +386,76 @@ def build_api() -> FastAPI:
         return PlainTextResponse(data, media_type="text/plain; version=0.0.4")
 
     # -- videos -----------------------------------------------------------------------------------
-    async def _check_jobs(b: Backend):
-        active = await asyncio.to_thread(b.store.active)
-        if active >= b.settings.limits.max_concurrent_jobs:
-            raise Busy(f"expected at most {b.settings.limits.max_concurrent_jobs} video jobs at once, got {active} "
-                       "running: try again later", retry_after=b.settings.limits.retry_after_s)
+    # `max_concurrent_jobs` counts the jobs queued or ingesting (their records in Redis) plus the requests
+    # that passed the check and have not created their record yet (an upload being received): both are
+    # read and changed under one lock, so requests arriving together cannot all pass a count that none of
+    # them has raised yet. An asyncio lock, not Redis: one Ingress replica takes every request (`build_app`
+    # runs one; the question limit and the cameras' supervision are per Ingress too), and a Redis-side
+    # count over the job records could not be one atomic step on a Redis Cluster (each record hashes to
+    # its own slot).
+    jobs_lock = asyncio.Lock()
+    jobs_reserved = {"n": 0}
+
+    async def _reserve_job(b: Backend) -> dict:
+        """A slot of the job limit for this request (429 `E_BUSY` when none is free), held until `_start`
+        creates the job's record or the request fails: `_release_job`."""
+        lim = b.settings.limits
+        async with jobs_lock:
+            active = await asyncio.to_thread(b.store.active)
+            held = active + jobs_reserved["n"]
+            if held >= lim.max_concurrent_jobs:
+                starting = f" ({jobs_reserved['n']} of them starting)" if jobs_reserved["n"] else ""
+                raise Busy(f"expected at most {lim.max_concurrent_jobs} video jobs at once, got {held} running"
+                           f"{starting}: try again later", retry_after=lim.retry_after_s)
+            jobs_reserved["n"] += 1
+        return {"held": True}
+
+    def _release_job(slot: dict | None) -> None:
+        if slot is not None and slot["held"]:
+            slot["held"] = False
+            jobs_reserved["n"] -= 1
 
     @api.post("/v1/videos", status_code=202)
     async def create_video(request: Request, b: Backend = Depends(auth)):
         lim = b.settings.limits
         ctype = request.headers.get("content-type", "")
         job_id = "vid-" + uuid.uuid4().hex[:16]
-        if ctype.startswith("multipart/form-data"):
-            clen = request.headers.get("content-length")
-            if clen and clen.isdigit() and int(clen) > lim.max_upload_bytes + 65536:
-                raise PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got {clen}")
-            await _check_jobs(b)
-            path, opts = await _save_upload(request, b, job_id)
-            delete_after = True
-        elif ctype.startswith("application/json"):
-            try:
-                body = VideoCreate.model_validate(await request.json())
-            except json.JSONDecodeError as e:
-                raise InvalidRequest(f"expected a JSON body, got invalid JSON ({e.msg} at {e.pos})") from None
-            except Exception as e:
-                from pydantic import ValidationError
-                if isinstance(e, ValidationError):
-                    raise RequestValidationError(e.errors()) from None
-                raise
-            path = check_allowed(body.path, b.settings.allowed_dirs)
-            if not os.path.exists(path):
-                raise NotFound(f"expected a file at {body.path!r} inside the allowed folders, got none")
-            await _check_jobs(b)
-            opts = {"fps": body.fps, "window": body.window, "kv_policy": body.kv_policy, "source": body.path,
-                    "retain": _retain(body.retain)}
-            delete_after = False
-        else:
-            raise InvalidRequest(f"expected multipart/form-data (file=) or application/json ({{\"path\"}}), "
-                                 f"got content-type {ctype or 'none'!r}")
+        slot, path, delete_after = None, None, False
         try:
-            return await _start(b, job_id, path, opts, delete_after)
+            if ctype.startswith("multipart/form-data"):
+                clen = request.headers.get("content-length")
+                if clen and clen.isdigit() and int(clen) > lim.max_upload_bytes + 65536:
+                    raise PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got {clen}")
+                slot = await _reserve_job(b)         # before the body is read: a refused upload sends no bytes
+                path, opts = await _save_upload(request, b, job_id)
+                delete_after = True
+            elif ctype.startswith("application/json"):
+                try:
+                    body = VideoCreate.model_validate(await request.json())
+                except json.JSONDecodeError as e:
+                    raise InvalidRequest(f"expected a JSON body, got invalid JSON ({e.msg} at {e.pos})") from None
+                except Exception as e:
+                    from pydantic import ValidationError
+                    if isinstance(e, ValidationError):
+                        raise RequestValidationError(e.errors()) from None
+                    raise
+                path = check_allowed(body.path, b.settings.allowed_dirs)
+                await asyncio.to_thread(check_regular_file, path, body.path)
+                opts = {"fps": body.fps, "window": body.window, "kv_policy": body.kv_policy, "source": body.path,
+                        "retain": _retain(body.retain)}
+                slot = await _reserve_job(b)
+            else:
+                raise InvalidRequest(f"expected multipart/form-data (file=) or application/json ({{\"path\"}}), "
+                                     f"got content-type {ctype or 'none'!r}")
+            return await _start(b, job_id, path, opts, delete_after, slot)
         except BaseException:
-            if delete_after:                 # nothing left behind by a request that failed
+            if delete_after and path is not None:    # nothing left behind by a request that failed
                 Path(path).unlink(missing_ok=True)
             raise
+        finally:
+            _release_job(slot)
 
-    async def _start(b: Backend, job_id: str, path: str, opts: dict, delete_after: bool):
+    async def _start(b: Backend, job_id: str, path: str, opts: dict, delete_after: bool, slot: dict):
         lim = b.settings.limits
         fps = fps_ok(opts.get("fps"), b.settings)
         info = await b.encoder_info()
@@ -423,8 +464,10 @@ def build_api() -> FastAPI:
                       size=info["size"], batch=b.settings.encode_batch, max_frames=lim.max_frames_per_job,
                       max_duration_s=lim.max_duration_s, delete_after=delete_after,
                       extra={"source": opts.get("source")})
-        await asyncio.to_thread(b.store.create, job_id, {"source": opts.get("source"), "fps": fps,
-                                                         "kv_policy": job.kv_policy, "window": job.window})
+        async with jobs_lock:                # the record counts from now on, the reservation no longer
+            await asyncio.to_thread(b.store.create, job_id, {"source": opts.get("source"), "fps": fps,
+                                                             "kv_policy": job.kv_policy, "window": job.window})
+            _release_job(slot)
         try:
             await b.start_job(job)
         except BaseException:                # a job that could not start holds no slot of the job limit
@@ -446,28 +489,49 @@ def build_api() -> FastAPI:
     async def delete_video(vid: str, b: Backend = Depends(auth)):
         _check_id(vid)
         d = await asyncio.to_thread(b.store.get, vid)
-        if d["status"] in ("queued", "ingesting"):
-            from lmcore.errors import NotReady
-            raise NotReady(f"expected a finished job to delete, got video {vid!r} still {d['status']}; "
-                           "wait for it to finish", code="E_JOB_RUNNING")
+        cancelled = False
+        if d["status"] in JobStore.ACTIVE:   # stop its decoder first: nothing of it writes after the delete
+            if not await b.cancel_job(vid):
+                raise NotReady(f"expected a job this service runs to cancel, got video {vid!r} {d['status']} but "
+                               "its decoder not found here (starting, or run by another Ingress): try again",
+                               code="E_JOB_RUNNING")
+            cancelled = True
         from frame_cache import StreamNotFound
 
         def drop():
             try:
+                if cancelled:                # fence: a batch still at the Encoder is refused, not stored
+                    b.cache.acquire_writer(vid)
                 b.cache.delete_stream(vid)
             except StreamNotFound:
                 pass
             b.store.delete(vid)
         await asyncio.to_thread(drop)
-        return {"id": vid, "deleted": True}
+        return {"id": vid, "deleted": True, "cancelled": cancelled}
+
+    async def _video_question(b: Backend, d: dict, req_of) -> dict:
+        """A question's request over video record `d` (`req_of(gaps)` makes it): a ready video, or what a
+        failed job stored, its answer then carrying `job` (its status) and the span never stored in `gaps`."""
+        require_answerable(d)
+        newest = None
+        if d["status"] != "ready":
+            from frame_cache import StreamNotFound
+            try:
+                newest = (await asyncio.to_thread(b.cache.stream_info, d["id"])).newest_pts
+            except StreamNotFound:
+                pass
+        gaps, job = video_answer_context(d, newest)
+        req = req_of(gaps)
+        if job is not None:
+            req["answer_extra"] = {"job": job}
+        return req
 
     @api.post("/v1/videos/{vid}/questions")
     async def ask_video(vid: str, q: Question, b: Backend = Depends(auth)):
         _check_id(vid)
         d = await _record(b, "video", vid, "POST /v1/streams/{id}/questions")
-        require_ready(d)
-        req = _question_req(b, vid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [],
-                             q.choices)
+        req = await _video_question(b, d, lambda gaps: _question_req(b, vid, q.question, q.window, q.last_s, q.policy,
+                                                                      q.max_tokens, gaps, q.choices))
         if q.stream:
             return await _sse(b, req, _sse_events)
         return await _json_answer(b, req)
@@ -641,7 +705,7 @@ def build_api() -> FastAPI:
         if not any(secrets.compare_digest(key.encode(), k.encode()) for k in b.settings.api_keys):
             await ws.close(code=1008, reason="expected a valid API key, got one the service does not know")
             return
-        sess = _LiveSession(b, ws, metrics, inflight)
+        sess = _LiveSession(b, ws, asking["events"])
         try:
             await sess.run()
         finally:
@@ -662,12 +726,6 @@ def build_api() -> FastAPI:
         question, ref = _chat_parts(body)
         kind, sid, window, last_s = ref
         # lms://videos/ID names a video and lms://streams/ID a stream, as the question routes read them
-        if kind == "videos":
-            job = await _record(b, "video", sid, "lms://streams/{id}")
-            require_ready(job)
-            gaps = job.get("gaps") or []
-        else:                                # a live stream: its outage gaps, as its questions route says
-            gaps = (await _record(b, "stream", sid, "lms://videos/{id}")).get("gaps") or []
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
         sampling = {}
         if body.temperature is not None and body.temperature > 0:
@@ -675,15 +733,21 @@ def build_api() -> FastAPI:
                         "seed": body.seed}
         if sampling and body.lmstream_choices is not None:
             raise InvalidRequest("expected either lmstream_choices or a temperature above 0, got both")
-        req = _question_req(b, sid, question, window, last_s, body.lmstream_policy or "exact", max_tokens, gaps,
-                            body.lmstream_choices)
+
+        def req_of(gaps):
+            return _question_req(b, sid, question, window, last_s, body.lmstream_policy or "exact", max_tokens, gaps,
+                                 body.lmstream_choices)
+        if kind == "videos":                 # as its questions route: ready, or what a failed job stored
+            req = await _video_question(b, await _record(b, "video", sid, "lms://streams/{id}"), req_of)
+        else:                                # a live stream: its outage gaps, as its questions route says
+            req = req_of((await _record(b, "stream", sid, "lms://videos/{id}")).get("gaps") or [])
         req["sampling"] = sampling
         model = info["model"]
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.stream:
-            return await _sse(b, req, lambda evs: _chat_chunks(evs, cid, created, model))
-        ans = await _collect(b, req)
+            return await _sse(b, req, lambda evs: _chat_chunks(evs, cid, created, model), "chat")
+        ans = await _collect(b, req, "chat")
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": ans["text"]},
                              "finish_reason": ans["finish_reason"], "logprobs": None}],
@@ -699,13 +763,18 @@ def build_api() -> FastAPI:
                        f"{inflight['n']}: try again later", retry_after=lim.retry_after_s)
         inflight["n"] += 1
 
-    async def _events(b: Backend, req: dict):
-        """The answer's events with metrics; the first one is awaited by the caller before a
-        response starts, so an error can still become an HTTP status."""
+    async def _events(b: Backend, req: dict, kind: str):
+        """A question's events, the one path every question takes (HTTP JSON or SSE, chat, the `/v1/live`
+        socket): admitted against `max_queued_questions` when first iterated (429 `E_BUSY` past it), and
+        measured: time to the first token, tokens, tokens/s, and `lms_questions_total{kind}` once
+        answered. The HTTP routes await the first event before a response starts, so an error can still
+        become an HTTP status."""
+        _admit(b)                            # here, not before: a generator never started holds no slot
         t0 = time.perf_counter()
         n = 0
         first = None
-        agen = b.answer_events(req)
+        extra = req.get("answer_extra")      # fields the answer carries beside the model's (a failed job's status)
+        agen = b.answer_events({k: v for k, v in req.items() if k != "answer_extra"})
         try:
             async for ev in agen:
                 if ev["type"] == "token":
@@ -713,6 +782,10 @@ def build_api() -> FastAPI:
                     if first is None:
                         first = time.perf_counter() - t0
                         metrics.ttft.observe(first)
+                elif ev["type"] == "answer":
+                    metrics.questions.labels(kind).inc()
+                    if extra:
+                        ev = {**ev, **extra}
                 elif ev["type"] == "error":
                     ev = client_error_dict(ev)
                 yield ev
@@ -723,9 +796,8 @@ def build_api() -> FastAPI:
                 metrics.tps.set((n - 1) / max(time.perf_counter() - t0 - first, 1e-6))
             await agen.aclose()
 
-    async def _first(b: Backend, req: dict):
-        _admit(b)
-        it = _events(b, req).__aiter__()
+    async def _first(b: Backend, req: dict, kind: str):
+        it = _events(b, req, kind).__aiter__()
         try:
             ev = await it.__anext__()
         except StopAsyncIteration:
@@ -735,8 +807,8 @@ def build_api() -> FastAPI:
             raise _status_error(ev)
         return ev, it
 
-    async def _collect(b: Backend, req: dict) -> dict:
-        ev, it = await _first(b, req)
+    async def _collect(b: Backend, req: dict, kind: str = "json") -> dict:
+        ev, it = await _first(b, req, kind)
         try:
             while ev["type"] != "answer":
                 if ev["type"] == "error":
@@ -744,14 +816,13 @@ def build_api() -> FastAPI:
                 ev = await it.__anext__()
         finally:
             await it.aclose()
-        metrics.questions.labels("json").inc()
         return {k: v for k, v in ev.items() if k != "type"}
 
     async def _json_answer(b: Backend, req: dict):
-        return await _collect(b, req)
+        return await _collect(b, req, "json")
 
-    async def _sse(b: Backend, req: dict, fmt):
-        ev, it = await _first(b, req)
+    async def _sse(b: Backend, req: dict, fmt, kind: str = "stream"):
+        ev, it = await _first(b, req, kind)
 
         async def chain():
             yield ev
@@ -764,10 +835,10 @@ def build_api() -> FastAPI:
                     yield chunk
             finally:
                 await it.aclose()
-        metrics.questions.labels("stream").inc()
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    asking["events"] = _events               # the `/v1/live` socket's questions take the same path
     return api
 
 
@@ -1144,8 +1215,8 @@ LIVE_QUEUE_FRAMES = 8
 class _LiveSession:
     """One `/v1/live` socket's state; see `live` in `build_api` for the protocol."""
 
-    def __init__(self, b, ws: WebSocket, metrics, inflight):
-        self.b, self.ws, self.metrics, self.inflight = b, ws, metrics, inflight
+    def __init__(self, b, ws: WebSocket, events):
+        self.b, self.ws, self.events = b, ws, events        # events: `_events` of `build_api`
         self.sid: str | None = None
         self.writer = False
         self.token: int | None = None
@@ -1475,31 +1546,22 @@ class _LiveSession:
             except ValidationError as e:
                 raise InvalidRequest(validation_message(e.errors()[0])) from None
             b = self.b
-            lim = b.settings.limits
             # the same checks as the HTTP question routes (max_tokens, length, policy, choices)
             req = _question_req(b, self.sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, [],
                                 q.choices)
-            if self.inflight["n"] >= lim.max_queued_questions:
-                raise Busy(f"expected at most {lim.max_queued_questions} questions queued at once, got "
-                           f"{self.inflight['n']}")
             try:
                 req["gaps"] = (await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or []
             except NotFound:
                 pass
-            self.inflight["n"] += 1
+            agen = self.events(b, req, "socket")     # admitted and measured as the HTTP routes' questions
             try:
-                agen = b.answer_events(req)
-                try:
-                    async for ev in agen:
-                        if ev["type"] == "token":
-                            await self.send({"type": "token", "id": qid, "text": ev["text"],
-                                             "token_id": ev["token_id"]})
-                        else:                          # the answer, or an error
-                            await self.send({**client_error_dict(ev), "id": qid})
-                finally:
-                    await agen.aclose()
+                async for ev in agen:
+                    if ev["type"] == "token":
+                        await self.send({"type": "token", "id": qid, "text": ev["text"], "token_id": ev["token_id"]})
+                    else:                              # the answer, or an error
+                        await self.send({**ev, "id": qid})
             finally:
-                self.inflight["n"] -= 1
+                await agen.aclose()
         except LmsError as e:
             await self.error(e, qid)
 

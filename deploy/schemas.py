@@ -115,8 +115,8 @@ class Question(RequestBody):
 
     @field_validator("question")
     @classmethod
-    def _not_blank(cls, q: str) -> str:
-        if not q.strip():
+    def _not_blank(cls, q: str | None) -> str | None:
+        if q is not None and not q.strip():
             raise ValueError("expected a non-empty question, got only whitespace")
         return q
 
@@ -125,6 +125,14 @@ class Question(RequestBody):
         if self.window is not None and self.last_s is not None:
             raise ValueError("expected at most one of window and last_s, got both")
         return self
+
+
+class WatchQuestion(Question):
+    """`POST /v1/streams/{id}/watches/{wid}/questions`: a watch answers its own question (its rows were
+    fused at ingest), so `question` may be left out; one that is sent must be the watch's (the route
+    refuses another, rather than answer a question nobody asked)."""
+
+    question: str | None = None
 
 
 class AnswerBody(BaseModel):
@@ -144,6 +152,7 @@ class AnswerBody(BaseModel):
     llm_tokens: int
     finish_reason: Literal["stop", "length"] = "stop"
     choices: list[dict[str, Any]] | None = None     # with a question's choices: [{"text", "logprob", "share"}]
+    job: dict[str, Any] | None = None     # a video whose job failed part way: {"status", "error", "frames", "progress"}
 
 
 # -- OpenAI-compatible chat -------------------------------------------------------------------

@@ -409,6 +409,7 @@ class AnswerCore:
             else:
                 a = rest[0]
                 d = answer_fields(a)
+                d["gaps"] = finite_gaps(d["gaps"], window, last_s, d["time_span"])
                 d["timings"]["first_token_s"] = round(first if first is not None else time.perf_counter() - t0, 4)
                 d["timings"]["read_MB"] = round(src.bytes_read / 1e6, 3)
                 d["timings"]["read_local_MB"] = round(getattr(src, "bytes_local", 0) / 1e6, 3)
@@ -423,6 +424,25 @@ def answer_fields(a) -> dict:
             "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason,
             **({"choices": a.choices} if a.choices is not None else {}),
             **({"unknown_words": list(a.unknown_words)} if a.unknown_words else {})}
+
+
+def finite_gaps(gaps: list, window, last_s, span) -> list:
+    """An answer's gaps with the ring's overwritten span made finite: the engine says frames overwritten
+    before the window's first stored frame as `[None, first_pts]`; here that gap starts where the asked
+    window starts (`window`'s start; `newest - last_s` for `last_s`; 0, the stream's start, for the
+    whole stream), never after the first stored frame. The span holds no frame either way."""
+    out = []
+    for g in gaps:
+        if g[0] is None and g[1] is not None:
+            if window is not None:
+                start = float(window[0])
+            elif last_s is not None and span:
+                start = max(0.0, float(span[1]) - float(last_s))
+            else:
+                start = 0.0
+            g = [min(start, float(g[1])), g[1]]
+        out.append(g)
+    return out
 
 
 def answer_events_in_thread(make_events: Callable[[], Iterator[dict]]):
@@ -506,7 +526,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
         span = ((end or dur or 0.0) - (start or 0.0)) or None
         store.update(job.job_id, duration_s=dur, source_fps=src.info.source_fps, width=src.info.width,
                      height=src.info.height)
-        meta = {"source": os.path.basename(job.path), "fps": job.fps}
+        meta = {"source": _shown_name(job), "fps": job.fps}
         if job.retain is not None:
             meta["retain"] = job.retain
         cache.create_stream(sid, capacity=job.max_frames, meta=meta, exist_ok=True, on_full="error")
@@ -552,8 +572,12 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                      duration_s=rep.duration_s if rep.duration_s is not None else dur)
     except BaseException as e:                          # noqa: BLE001 - the job says what happened
         err = error_dict(e)
-        shown = job.extra.get("source") or os.path.basename(job.path)
-        err["message"] = err["message"].replace(job.path, shown)       # never the server's upload path
+        # never the server's upload path, nor the name it stored the upload under (vid-....mp4): the
+        # client's own name for the file, as every other error says it
+        shown = _shown_name(job)
+        err["message"] = err["message"].replace(job.path, shown)
+        if job.delete_after:                           # an upload: its stored name is the job's, unique
+            err["message"] = err["message"].replace(os.path.basename(job.path), shown)
         store.update(job.job_id, status="failed", frames=frames, error=err,
                      gaps=[list(g) for g in (src.report.gaps if src is not None else [])])
         if not isinstance(e, Exception):
@@ -567,6 +591,14 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
             except OSError:
                 pass
     return store.get(job.job_id)
+
+
+def _shown_name(job: FileJob) -> str:
+    """A job's file as its client named it: the path it sent, the upload's filename, or, for an upload
+    sent without one (curl -F file=<v.mp4), "the uploaded file"; never the name the service stored it under."""
+    if job.extra.get("source"):
+        return str(job.extra["source"])
+    return "the uploaded file" if job.delete_after else os.path.basename(job.path)
 
 
 def _nearest(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -589,6 +621,29 @@ def check_allowed(path: str, allowed: list[str]) -> str:
     raise PathNotAllowed(f"expected a path inside the allowed folders ({shown}), got {path!r}")
 
 
+def check_regular_file(real: str, shown: str) -> None:
+    """`real` (a job's resolved `path`) is a regular file the service may read: 404 `E_NOT_FOUND` when
+    nothing is there, 422 `E_INPUT_UNREADABLE` for a directory, a FIFO (the decoder would wait on it for
+    a writer), a socket or a device, or a file it may not read. Said at once, not by a job that fails
+    later. `shown` is the path as the client wrote it (never the resolved one)."""
+    import stat
+    from lmcore.errors import InputUnreadable
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        raise NotFound(f"expected a file at {shown!r} inside the allowed folders, got none") from None
+    except OSError as e:
+        raise InputUnreadable(f"expected a readable file at {shown!r}, got {e.strerror or type(e).__name__}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((k for test, k in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO (named pipe)"),
+                                       (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+                                       (stat.S_ISBLK, "block device")) if test(st.st_mode)), "special file")
+        raise InputUnreadable(f"expected a regular file at {shown!r}, got a {kind}")
+    if not os.access(real, os.R_OK):
+        raise InputUnreadable(f"expected a file the service may read at {shown!r}, got one it may not "
+                              "(permission denied)")
+
+
 def fps_ok(fps: float | None, settings: Settings) -> float:
     fps = settings.fps if fps is None else float(fps)
     if not math.isfinite(fps) or fps <= 0 or fps > settings.limits.max_fps:
@@ -605,11 +660,36 @@ def video_status(d: dict) -> dict:
             "created": d.get("created")}
 
 
-def require_ready(d: dict) -> None:
-    if d["status"] != "ready":
+def require_answerable(d: dict) -> None:
+    """A video's questions are answered once it is ready, and over what a failed job stored (its answers
+    carry the job's status, `video_answer_context`); 409 `E_NOT_READY` while it is queued or ingesting,
+    or when it failed before storing a frame."""
+    st = d["status"]
+    if st == "ready" or (st == "failed" and int(d.get("frames") or 0) > 0):
+        return
+    if st == "failed":
         err = d.get("error") or {}
-        why = f": {err.get('code')} {err.get('message')}" if d["status"] == "failed" else ""
-        raise NotReady(f"expected video {d['id']!r} to be ready, got status {d['status']!r}{why}")
+        raise NotReady(f"expected video {d['id']!r} to be ready or to have stored frames, got status 'failed' with "
+                       f"no frame stored: {err.get('code')} {err.get('message')}")
+    raise NotReady(f"expected video {d['id']!r} to be ready, got status {st!r} (GET /v1/videos/{d['id']} says its "
+                   "progress)")
+
+
+def video_answer_context(d: dict, newest_pts: float | None) -> tuple[list, dict | None]:
+    """(gaps, job) for a question over video `d`: its decode gaps, and for a job that failed part way
+    the span it never stored, `[pts of its last stored frame, end]` (end: the job's window end, else the
+    file's duration; no such gap when neither is known or nothing is missing), with `job` = {"status",
+    "error", "frames", "progress"} for the answer to carry. A ready video: its gaps and None."""
+    gaps = [list(g) for g in d.get("gaps") or []]
+    if d["status"] == "ready":
+        return gaps, None
+    window = d.get("window")
+    end = float(window[1]) if window else d.get("duration_s")
+    if newest_pts is not None and end is not None and float(end) > newest_pts:
+        gaps.append([float(newest_pts), float(end)])
+    job = {"status": d["status"], "error": d.get("error"), "frames": int(d.get("frames") or 0),
+           "progress": float(d.get("progress") or 0.0)}
+    return gaps, job
 
 
 # ------------------------------------------------------------------------------------------ live streams

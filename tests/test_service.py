@@ -123,10 +123,15 @@ def test_health_needs_no_key_everything_else_does(service):
             r = c.request(method, path)
             assert r.status_code == 401, (path, r.text)
             assert r.json()["error"]["code"] == "E_UNAUTHORIZED"
+        for path in ("/docs", "/redoc"):                 # no Swagger pages: they could not send a key
+            assert c.get(path).status_code == 404, path
+        r = c.get("/openapi.json")                       # was 200 without a key
+        assert r.status_code == 401 and r.json()["error"]["code"] == "E_UNAUTHORIZED", r.text
     with service.client(key="wrong") as c:
         assert c.get("/v1/videos").status_code == 401
     with service.client() as c:
         assert c.get("/ready").json() == {"ready": True, "redis": True, "model": True}
+        assert "/v1/videos/{vid}/questions" in c.get("/openapi.json").json()["paths"]
 
 
 def test_upload_then_answers_equal_the_engine_token_for_token(service, uploaded, media, demo_model):
@@ -267,6 +272,19 @@ def test_paths_limits_and_validation(service, media, tmp_path):
         assert r.status_code == 422 and "surprise" in r.json()["error"]["message"]
         r = c.post("/v1/videos/vid-nope/questions", json={"question": "q"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "E_NOT_FOUND"
+        # a folder or a FIFO in the allowed folder: refused at once (was 202, then a job that failed or hung)
+        (media / "a-folder").mkdir(exist_ok=True)
+        fifo = media / "a.fifo"
+        if not fifo.exists():
+            os.mkfifo(fifo)
+        for p, kind in ((media / "a-folder", "directory"), (fifo, "FIFO (named pipe)")):
+            r = c.post("/v1/videos", json={"path": str(p)})
+            assert r.status_code == 422 and r.json()["error"] == {
+                "code": "E_INPUT_UNREADABLE", "message": f"expected a regular file at {str(p)!r}, got a {kind}"}, r.text
+        r = c.post("/v1/videos", json={"path": str(media / "nothing-here.mp4")})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "E_NOT_FOUND"
+        r = c.post("/v1/videos/vid-nope/questions", json={"max_tokens": 2})    # pydantic's words reshaped
+        assert r.status_code == 422 and r.json()["error"]["message"] == "expected question (required), got none"
         r = c.post("/v1/videos", files={"file": ("big.mp4", b"\0" * 3_500_000, "video/mp4")})
         assert r.status_code == 413 and r.json()["error"]["code"] == "E_TOO_LARGE"
         r = c.post("/v1/videos", content=b"x", headers={"content-type": "text/plain"})
@@ -303,6 +321,16 @@ def test_corrupt_upload_fails_with_the_decoders_code_and_others_still_answer(ser
         assert d["error"]["message"].startswith("expected")
         r2 = c.post(f"/v1/videos/{d['id']}/questions", json={"question": "q"})
         assert r2.status_code == 409 and r2.json()["error"]["code"] == "E_NOT_READY"
+        assert "with no frame stored" in r2.json()["error"]["message"], r2.text
+        # an upload sent without a filename (curl -F file=<v.mp4) whose window holds no frame: the error
+        # named the file the service stored it under (vid-....mp4)
+        with open(media / "scene.mp4", "rb") as f:
+            r = c.post("/v1/videos", files={"file": (None, f.read())}, data={"window": "100,200"})
+        assert r.status_code == 202, r.text
+        d = wait_ready(c, r.json()["id"])
+        assert d["status"] == "failed" and d["error"]["code"] == "E_NO_FRAMES", d
+        assert "in the uploaded file between 100 s and 200 s" in d["error"]["message"], d
+        assert "vid-" not in d["error"]["message"] and "uploads" not in d["error"]["message"], d
         assert c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[0]}).status_code == 200
 
 
@@ -325,7 +353,7 @@ def test_delete_frees_the_frames(service, media):
         assert wait_ready(c, vid)["status"] == "ready"
         cache = open_cache(service.redis_url)
         assert cache.stream_info(vid).count == 40
-        assert c.delete(f"/v1/videos/{vid}").json() == {"id": vid, "deleted": True}
+        assert c.delete(f"/v1/videos/{vid}").json() == {"id": vid, "deleted": True, "cancelled": False}
         assert vid not in cache.streams()
         cache.close()
         assert c.get(f"/v1/videos/{vid}").status_code == 404
@@ -385,8 +413,40 @@ def test_a_job_whose_decoder_actor_dies_fails_at_once_and_frees_its_slot(service
         assert d["status"] == "failed" and d["error"]["code"] == "E_INTERRUPTED", d
         assert "got it lost at" in d["error"]["message"] and 0 < d["frames"] < 1800, d
         assert _uploads(service) == before
+        # its stored frames answer (was 409 E_NOT_READY), the answer saying the job failed and what is missing
+        a = c.post(f"/v1/videos/{vid}/questions", json={"question": QUESTIONS[0], "max_tokens": 2})
+        assert a.status_code == 200, a.text
+        a = a.json()
+        # (the record's count lags the frames stored by at most one progress update)
+        assert d["frames"] <= a["frames"] == a["time_span"][1] + 1 < 1800, a
+        assert a["job"] == {"status": "failed", "error": d["error"], "frames": d["frames"], "progress": d["progress"]}
+        assert a["gaps"][-1] == [a["time_span"][1], pytest.approx(d["duration_s"])] and d["duration_s"] > 1700, a
+        content = [{"type": "text", "text": QUESTIONS[0]}, {"type": "video_url", "video_url": {"url": f"lms://videos/{vid}"}}]
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+        assert chat.status_code == 200 and chat.json()["lmstream"]["job"]["status"] == "failed", chat.text
         r = c.post("/v1/videos", json={"path": str(media / "scene.mp4")})       # and jobs go on
         assert r.status_code == 202 and wait_ready(c, r.json()["id"])["status"] == "ready"
+        # DELETE of a job while it ingests cancels it (was 409 E_JOB_RUNNING): its decoder stops, frames,
+        # record and upload go, and nothing of it comes back
+        with open(tmp_path / "half-hour.mp4", "rb") as f:
+            r = c.post("/v1/videos", files={"file": ("half-hour.mp4", f, "video/mp4")})
+        vid = r.json()["id"]
+        deadline = time.monotonic() + 120
+        while (d := c.get(f"/v1/videos/{vid}").json())["frames"] == 0:
+            assert d["status"] in ("queued", "ingesting") and time.monotonic() < deadline, d
+            time.sleep(0.1)
+        r = c.delete(f"/v1/videos/{vid}")
+        assert r.status_code == 200 and r.json() == {"id": vid, "deleted": True, "cancelled": True}, r.text
+        from frame_cache import open_cache
+        cache = open_cache(service.redis_url)
+        try:
+            for _ in range(2):                         # now, and after a batch still on its way could land
+                assert c.get(f"/v1/videos/{vid}").status_code == 404 and vid not in cache.streams()
+                assert vid not in [v["id"] for v in c.get("/v1/videos").json()["data"]]
+                time.sleep(3)
+        finally:
+            cache.close()
+        assert _uploads(service) == before and not _descendants_titled(service.proc.pid, "ray::FileSource.run")
 
 
 def test_uploads_stream_to_the_data_folder_and_rejects_leave_nothing(service, media):
@@ -1070,7 +1130,7 @@ def test_a_client_mistake_is_422_invalid_request_naming_the_field_on_every_route
                            (b'{"question": "q", "last_s": 1e309}', "expected last_s")):
             e = ask(body)
             assert (e["status"], e["code"]) == (422, "E_INVALID_REQUEST") and e["message"].startswith(says), (body, e)
-        for sid in ("../../etc", "", "a" * 129, "bad id!"):
+        for sid in ("../../etc", "", "a" * 129, "bad id!", "bad id/with slash"):
             e = _err(c.post("/v1/streams", json={"source": "rtsp://127.0.0.1:9/cam", "id": sid}))
             assert e == {"status": 422, "code": "E_INVALID_REQUEST", "message": "expected id of 1-128 characters "
                          f"from [A-Za-z0-9._:-], got {json.dumps(sid)}"}, e
