@@ -578,10 +578,12 @@ def build_api() -> FastAPI:
     async def delete_stream(sid: str, purge: bool = False, b: Backend = Depends(auth)):
         _check_id(sid, "stream")
         d = await asyncio.to_thread(_live(b).get, sid)
+        writer = None
         if d.get("kind") == "rtsp":
             await b.stop_stream(sid)
-        elif d.get("status") in LiveStore.ACTIVE:     # a socket's stream: fence its writer, so its next
-            from frame_cache import StreamNotFound    # frames get E_STALE_WRITER instead of landing
+        elif d.get("status") in LiveStore.ACTIVE:     # a socket's stream: fence its writer, so no frame of
+            from frame_cache import StreamNotFound    # it lands after this, and tell the socket (below)
+            writer = _writer_of(sid)
             try:
                 await asyncio.to_thread(b.cache.acquire_writer, sid)
             except StreamNotFound:
@@ -589,6 +591,8 @@ def build_api() -> FastAPI:
         await asyncio.to_thread(_live(b).update, sid, status="stopped")
         if purge:
             await asyncio.to_thread(_drop_stream, b, sid)
+        if writer is not None:
+            await writer.stream_deleted(purge)
         return {"id": sid, "status": "stopped", "purged": purge}
 
     @api.post("/v1/streams/{sid}/questions")
@@ -631,10 +635,11 @@ def build_api() -> FastAPI:
         return {"id": wid, "deleted": True}
 
     @api.post("/v1/streams/{sid}/watches/{wid}/questions")
-    async def ask_watch(sid: str, wid: str, q: Question, b: Backend = Depends(auth)):
+    async def ask_watch(sid: str, wid: str, q: WatchQuestion, b: Backend = Depends(auth)):
         """The watch's question over any window, exactly, from its rows fused at ingest (no keys/values).
-        The body's `question` is not read (the watch's own is answered); `stream` gives SSE as on the
-        other question routes; a policy other than exact is refused, not silently ignored."""
+        The body needs no `question` (the watch's own is answered); one that is sent must be the watch's,
+        another is refused, not silently ignored, as a policy other than exact is; `stream` gives SSE as
+        on the other question routes."""
         _check_id(sid, "stream")
         if q.policy != "exact":
             raise InvalidRequest(f"expected policy 'exact' for a watch's question (its rows are fused with every "
@@ -642,6 +647,9 @@ def build_api() -> FastAPI:
         w = (await asyncio.to_thread(b.watches.all, sid)).get(wid)
         if w is None:
             raise NotFound(f"expected a watch of stream {sid!r}, got unknown id {wid!r}")
+        if q.question is not None and q.question.strip() != w["question"].strip():
+            raise InvalidRequest(f"expected no question, or the watch's own ({w['question']!r}: a watch answers only "
+                                 f"the question fused at ingest), got {q.question!r}")
         d = await asyncio.to_thread(_live(b).get, sid)
         req = _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens, d.get("gaps") or [],
                              q.choices)
@@ -652,18 +660,44 @@ def build_api() -> FastAPI:
 
     @api.get("/v1/streams/{sid}/events")
     async def events(sid: str, request: Request, after: int = 0, b: Backend = Depends(auth)):
-        """Watch events as SSE (`event: event`), from seq `after` on; a comment every 15 s keeps it open."""
+        """Watch events as SSE (`event: event`, `id: SEQ`), from the one after seq `after` (`?after=`, or the
+        `Last-Event-ID` header a reconnecting EventSource sends: the larger of the two, so nothing is told
+        twice); a comment every 15 s keeps it open. When the stream is purged meanwhile, one `event: error`
+        (`E_NOT_FOUND`) ends it, as a new request for the id would be 404."""
         _check_id(sid, "stream")
+        last = request.headers.get("last-event-id", "").strip()
+        if last:
+            if not last.isdigit():
+                raise InvalidRequest(f"expected header Last-Event-ID to be an event's seq (an integer >= 0), got "
+                                     f"{last[:40]!r}")
+            after = max(after, int(last))
         await asyncio.to_thread(_live(b).get, sid)
 
+        async def gone() -> bool:
+            try:
+                await asyncio.to_thread(_live(b).get, sid)
+            except NotFound:
+                return True
+            except LmsError:                 # Redis away for a moment: not known to be gone
+                pass
+            return False
+
         async def gen():
-            seq, idle = after, 0.0
+            seq, idle, since_check = after, 0.0, 0.0
             while not await request.is_disconnected():
                 evs = await asyncio.to_thread(b.watches.events_after, sid, seq)
                 for e in evs:
                     seq = e["seq"]
                     yield f"event: event\nid: {seq}\ndata: {json.dumps(e)}\n\n"
                 idle = 0.0 if evs else idle + 0.5
+                since_check += 0.5
+                if since_check >= 2 and not evs:
+                    since_check = 0.0
+                    if await gone():
+                        err = {"code": NotFound.code, "message": f"expected stream {sid!r} to exist, got it deleted "
+                                                                 "(DELETE /v1/streams/ID?purge=true): no more events"}
+                        yield f"event: error\ndata: {json.dumps(err)}\n\n"
+                        return
                 if idle >= 15:
                     idle = 0.0
                     yield ": keep-alive\n\n"
@@ -691,6 +725,8 @@ def build_api() -> FastAPI:
         5. `{"type": "stop"}` -> `{"type": "stopped", "frames"}`, close 1000. Errors: `{"type": "error",
            "code", "message"}`; a message over the limit closes 1009, bad credentials 1008.
         A disconnect cancels the session's questions and releases its writer; stored frames stay.
+        `DELETE /v1/streams/ID` of the stream a socket feeds: `{"type": "error", "code": "E_STREAM_STOPPED"}`,
+        close 1000. Questions are admitted and measured as the HTTP routes' (`_events`).
         """
         b = current_backend()            # a module function: closures here are shipped to Ray by value
         await ws.accept()
@@ -1207,6 +1243,15 @@ def _public(d: dict) -> dict:
     return d
 
 
+#: The `/v1/live` sockets of this Ingress that feed a stream, by stream id (the newest writer): a
+#: `DELETE /v1/streams/ID` tells its socket the stream was stopped and closes it. Routes read it through
+#: `_writer_of`: Serve ships `build_api`'s closures by value, with copies of the globals they name.
+_WRITERS: "dict[str, _LiveSession]" = {}
+
+
+def _writer_of(sid: str) -> "_LiveSession | None":
+    return _WRITERS.get(sid)
+
 #: Frames a `/v1/live` socket may have waiting behind the one being stored; more are dropped
 #: ("encoder busy"). Waiting frames go to the Encoder together, as one request.
 LIVE_QUEUE_FRAMES = 8
@@ -1358,6 +1403,7 @@ class _LiveSession:
             await asyncio.to_thread(live.create, sid, {"kind": "push", "source": "websocket", "fps": self.fps,
                                                        "capacity_frames": info.capacity})
         self.token = await asyncio.to_thread(b.cache.acquire_writer, sid)
+        _WRITERS[sid] = self                           # an older writer of the stream (fenced now) is not told
         info = await asyncio.to_thread(b.cache.stream_info, sid)
         self.seq = info.total_appended
         self.offset = (info.newest_pts + 1.0 / self.fps) if info.newest_pts is not None else 0.0
@@ -1570,7 +1616,29 @@ class _LiveSession:
         if self.drains:
             await asyncio.wait(list(self.drains), timeout=timeout)
 
+    async def stream_deleted(self, purged: bool) -> None:
+        """`DELETE /v1/streams/ID` stopped the stream this socket feeds (its writer fenced already): the
+        socket is told so, as an error, and closed 1000; its frames still on the way are refused."""
+        sid = self.sid
+        self.writer = False                            # release() must not mark (or re-create) the record
+        if _WRITERS.get(sid) is self:
+            del _WRITERS[sid]
+        kept = "purged: its frames are gone" if purged else "its frames stay"
+        await self.error(NotReady(f"expected to keep streaming to {sid!r}, got the stream deleted (DELETE "
+                                  f"/v1/streams/{sid}; {kept}): start a new stream to go on",
+                                  code="E_STREAM_STOPPED"))
+        self.closed = True
+
+        async def close():                             # not awaited: the closing handshake may wait on the
+            try:                                       # client, and the DELETE that called this must not
+                await self.ws.close(code=1000, reason="the stream was deleted")
+            except Exception:                          # noqa: BLE001 - gone already
+                pass
+        self.close_task = asyncio.create_task(close())     # kept (not in `tasks`: release() must not cancel it)
+
     async def release(self) -> None:
+        if self.sid is not None and _WRITERS.get(self.sid) is self:
+            del _WRITERS[self.sid]
         if self.push is not None:
             self.push.stop()
         for t in list(self.tasks):

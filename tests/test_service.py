@@ -826,17 +826,20 @@ def test_websocket_stop_stores_what_it_received_and_stopped_streams_free_their_s
             await socks[0].send(json.dumps({"type": "stop"}))
             await recv_until(socks[0], "stopped")
             assert (await start(socks[4]))["type"] == "started"
-            # DELETE of a socket's stream fences it: a frame after it is refused, none is added
+            # DELETE of a socket's stream fences it and tells the socket (it was told "another writer
+            # took the stream over" at its next frame), then closes it; none is added
             w, wsid = socks[1], got[1]["stream_id"]
             await w.send(json.dumps({"type": "frame", "pts": 0.0}))
             await w.send(_png(frames[0][1]))
             assert (await recv_until(w, "ingested"))["frames"] == 1
             with service.client() as c:
                 assert c.delete(f"/v1/streams/{wsid}").json()["status"] == "stopped"
-            await w.send(json.dumps({"type": "frame", "pts": 1.0}))
-            await w.send(_png(frames[1][1]))
-            m = await recv_until(w, "error")
-            assert m["code"] == "E_STALE_WRITER", m
+            m = await asyncio.wait_for(recv_until(w, "error"), 30)
+            assert m["code"] == "E_STREAM_STOPPED" and "got the stream deleted" in m["message"], m
+            assert "its frames stay" in m["message"], m
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(w.recv(), 30)
+            assert w.close_code == 1000
             with service.client() as c:
                 d = c.get(f"/v1/streams/{wsid}").json()
                 assert d["frames"] == 1 and d["status"] == "stopped", d
@@ -1028,19 +1031,22 @@ def test_watches_fused_at_ingest_answer_exactly_and_emit_events(service, media):
     sid, wid, ev = asyncio.run(run())
     assert ev["text"] and ev["policy"].startswith("watch: fused at ingest with "), ev      # frames since wid2
     with service.client() as c:
-        w = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"question": "ignored", "window": [6, 16],
-                                                                      "max_tokens": 8}).json()
+        w = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"window": [6, 16], "max_tokens": 8}).json()
         p = c.post(f"/v1/streams/{sid}/questions", json={"question": q, "window": [6, 16], "max_tokens": 8}).json()
         assert w["token_ids"] == p["token_ids"] and w["frames"] == p["frames"] == 10, (w, p)
         assert w["policy"] == "exact (watch: fused at ingest)" and p["policy"] == "exact"
         with c.stream("POST", f"/v1/streams/{sid}/watches/{wid}/questions",
-                      json={"question": "x", "window": [6, 16], "max_tokens": 8, "stream": True}) as r:
+                      json={"question": q, "window": [6, 16], "max_tokens": 8, "stream": True}) as r:
             assert r.headers["content-type"].startswith("text/event-stream"), r.headers
             streamed = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: ")]
         assert [e["token_id"] for e in streamed[:-1]] == w["token_ids"] == streamed[-1]["token_ids"]
-        r = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"question": "x", "policy": "budget:4"})
+        r = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"policy": "budget:4"})
         assert r.status_code == 422 and "expected policy 'exact'" in r.json()["error"]["message"], r.text
-        mixed = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"question": "x", "window": [0, 16]}).json()
+        r = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"question": "is there a red square ?"})
+        assert r.status_code == 422 and r.json()["error"]["message"] == (     # another question: refused
+            f"expected no question, or the watch's own ({q!r}: a watch answers only the question fused at ingest), "
+            "got 'is there a red square ?'"), r.text
+        mixed = c.post(f"/v1/streams/{sid}/watches/{wid}/questions", json={"window": [0, 16]}).json()
         assert mixed["frames"] == 16 and mixed["frames_fused"] == 10 and "10 of 16" in mixed["policy"]
         got = []
         with c.stream("GET", f"/v1/streams/{sid}/events?after=0", timeout=60) as r:
@@ -1395,6 +1401,191 @@ def _listening(pids: set[int]) -> list[tuple[int, "ipaddress.IPv4Address | ipadd
             if m and m.group(1) in addr_of:
                 out.append((pid, *addr_of[m.group(1)]))
     return out
+
+
+def _idle_jobs(c: httpx.Client, timeout: float = 180) -> None:
+    """Waits until no video job is queued or ingesting (earlier tests' jobs hold slots of the limit)."""
+    deadline = time.monotonic() + timeout
+    while any(v["status"] in ("queued", "ingesting") for v in c.get("/v1/videos").json()["data"]):
+        assert time.monotonic() < deadline, "video jobs still running"
+        time.sleep(0.5)
+
+
+def test_jobs_arriving_together_are_bounded_by_the_job_limit(service, media):
+    """max_concurrent_jobs (2 here) holds for requests that arrive together: 12 simultaneous jobs by
+    path all got 202 (each counted the running jobs before any had created its record), 6 uploads too.
+    Now at most 2 are accepted, the rest 429 E_BUSY with Retry-After, an upload before its bytes are read."""
+    import asyncio
+    data = (media / "scene.mp4").read_bytes()
+
+    async def burst(n: int, upload: bool) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {KEY}"},
+                                     timeout=120) as ac:
+            if upload:
+                reqs = [ac.post("/v1/videos", files={"file": ("scene.mp4", data, "video/mp4")}) for _ in range(n)]
+            else:
+                reqs = [ac.post("/v1/videos", json={"path": str(media / "long.mp4")}) for _ in range(n)]
+            return await asyncio.gather(*reqs)
+
+    before = _uploads(service)
+    with service.client() as c:
+        for n, upload in ((8, False), (5, True)):
+            _idle_jobs(c)
+            rs = asyncio.run(burst(n, upload))
+            ok = [r.json()["id"] for r in rs if r.status_code == 202]
+            busy = [r for r in rs if r.status_code != 202]
+            assert 1 <= len(ok) <= 2, ([r.status_code for r in rs], upload)
+            for r in busy:
+                e = r.json()["error"]
+                assert r.status_code == 429 and e["code"] == "E_BUSY" and int(r.headers["Retry-After"]) >= 1, r.text
+                assert e["message"].startswith("expected at most 2 video jobs at once, got 2 running"), e
+            for vid in ok:
+                assert wait_ready(c, vid)["status"] == "ready"
+        r = c.post("/v1/videos", json={"path": str(media / "scene.mp4")})      # the slots are free again
+        assert r.status_code == 202 and wait_ready(c, r.json()["id"])["status"] == "ready"
+    assert _uploads(service) == before                            # refused uploads left nothing
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_socket_and_chat_questions_are_measured_like_http_ones(service, media):
+    """Every question from the web page comes over /v1/live: they were missing from /metrics (no
+    lms_questions_total, time to first token and tokens unchanged). Now the socket's, the chat route's
+    and the HTTP routes' questions take one path that measures them."""
+    import asyncio
+    import websockets
+    from stream.decode import VideoSource
+    frames = [(f.pts, f.rgb) for f in VideoSource(media / "scene.mp4", fps=1.0, resize_to=64)][:4]
+    with service.client() as c:
+        before = c.get("/metrics").text
+
+    async def run():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            for pts, rgb in frames:
+                await ws.send(json.dumps({"type": "frame", "pts": pts}))
+                await ws.send(_png(rgb))
+                while json.loads(await ws.recv())["type"] != "ingested":
+                    pass
+            answers = []
+            for i in range(2):
+                await ws.send(json.dumps({"type": "ask", "id": f"q{i}", "question": QUESTIONS[i], "max_tokens": 4}))
+                while (m := json.loads(await ws.recv()))["type"] != "answer":
+                    assert m["type"] in ("token", "event", "dropped"), m
+                answers.append(m)
+            await ws.send(json.dumps({"type": "stop"}))
+            while json.loads(await ws.recv())["type"] != "stopped":
+                pass
+            return sid, answers
+
+    sid, answers = asyncio.run(run())
+    with service.client() as c:
+        content = [{"type": "text", "text": QUESTIONS[0]},
+                   {"type": "video_url", "video_url": {"url": f"lms://streams/{sid}"}}]
+        chat = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
+                                                    "max_tokens": 4}).json()
+        after = c.get("/metrics").text
+    toks = [len(a["token_ids"]) for a in answers] + [chat["usage"]["completion_tokens"]]
+
+    def delta(name):
+        return _metric(after, name) - _metric(before, name)
+    assert delta('lms_questions_total{kind="socket"}') == 2, after
+    assert delta('lms_questions_total{kind="chat"}') == 1, after
+    assert delta("lms_answer_tokens_total") == sum(toks) > 0
+    assert delta("lms_time_to_first_token_seconds_count") == sum(1 for n in toks if n)
+
+
+def test_watch_events_sse_resumes_from_last_event_id_and_ends_when_its_stream_is_purged(service, media):
+    """A reconnecting EventSource sends Last-Event-ID: it was ignored (only ?after= counted), so every event
+    came again; the larger of the two counts now. An SSE connection to a stream purged meanwhile stayed open
+    with keep-alives for good while a new GET was 404: one `event: error` ends it now. The socket feeding
+    the stream was told "another writer took the stream over" (E_STALE_WRITER) at its next frame; now it
+    is told the stream was deleted, and closed."""
+    import asyncio
+    import websockets
+    from deploy.serving import WatchStore
+    from stream.decode import VideoSource
+    rgb = next(iter(VideoSource(media / "scene.mp4", fps=1.0, resize_to=64))).rgb
+
+    def seqs(lines):
+        return [json.loads(ln[6:])["seq"] for ln in lines if ln.startswith("data: ")]
+
+    async def run():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            await ws.send(json.dumps({"type": "frame", "pts": 0.0}))
+            await ws.send(_png(rgb))
+            while json.loads(await ws.recv())["type"] != "ingested":
+                pass
+            store = WatchStore(service.redis_url)
+            for i in range(3):
+                store.push_event(sid, {"type": "event", "watch": "w-test", "text": f"answer {i}"})
+            async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {KEY}"},
+                                         timeout=30) as ac:
+                for params, last, want in (({}, "1", [2, 3]), ({"after": 2}, "1", [3]), ({"after": 1}, "2", [3]),
+                                           ({}, None, [1, 2, 3])):
+                    headers = {"Last-Event-ID": last} if last else {}
+                    got: list[str] = []
+                    async with ac.stream("GET", f"/v1/streams/{sid}/events", params=params, headers=headers) as r:
+                        assert r.status_code == 200
+                        async for ln in r.aiter_lines():
+                            got.append(ln)
+                            if seqs(got) and seqs(got)[-1] == 3:
+                                break
+                    assert seqs(got) == want, (params, last, got)
+                r = await ac.get(f"/v1/streams/{sid}/events", headers={"Last-Event-ID": "x"})
+                assert r.status_code == 422 and "Last-Event-ID" in r.json()["error"]["message"], r.text
+                async with ac.stream("GET", f"/v1/streams/{sid}/events", headers={"Last-Event-ID": "3"}) as r:
+                    lines = r.aiter_lines()
+                    assert (await ac.delete(f"/v1/streams/{sid}", params={"purge": "true"})).status_code == 200
+                    t0 = time.monotonic()
+                    rest = await asyncio.wait_for(_all(lines), 15)
+                    took = time.monotonic() - t0
+            told = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 10)
+            return sid, rest, took, told, closed.value
+
+    sid, rest, took, told, closed = asyncio.run(run())
+    assert "event: error" in rest and took < 10, (rest, took)
+    err = json.loads(next(ln for ln in rest if ln.startswith("data: "))[6:])
+    assert err["code"] == "E_NOT_FOUND" and "deleted" in err["message"], err
+    assert told["type"] == "error" and told["code"] == "E_STREAM_STOPPED", told
+    assert told["message"].startswith(f"expected to keep streaming to {sid!r}, got the stream deleted"), told
+    assert "purged" in told["message"] and closed.rcvd.code == 1000, (told, closed)
+    with service.client() as c:                 # no record left behind by the socket's end
+        assert c.get(f"/v1/streams/{sid}").status_code == 404
+
+
+async def _all(lines) -> list[str]:
+    return [ln async for ln in lines]
+
+
+def test_a_ring_overwrite_gap_has_a_finite_start(service, demo_model, media):
+    """A window whose oldest frames the ring overwrote reported the gap as [null, first stored pts]; it
+    starts where the asked window starts now (the window's start, newest - last_s, or 0 for the whole
+    stream)."""
+    from deploy.serving import JobStore
+    from frame_cache import open_cache
+    from stream.ingest import ingest_video
+    sid = "vid-ring" + os.urandom(4).hex()
+    cache = open_cache(service.redis_url)
+    try:
+        with pytest.warns(Warning, match="30 of the 40 frames sampled were overwritten"):
+            ingest_video(demo_model, media / "scene.mp4", cache, sid, capacity=10)   # the last 10 of 40 kept
+    finally:
+        cache.close()
+    JobStore(service.redis_url).create(sid, {"status": "ready", "frames": 10, "progress": 1.0, "duration_s": 40.0})
+    with service.client() as c:
+        for body, gap in (({}, [0.0, 30.0]), ({"window": [20, 40]}, [20.0, 30.0]), ({"last_s": 15}, [24.0, 30.0])):
+            a = c.post(f"/v1/videos/{sid}/questions", json={"question": QUESTIONS[0], "max_tokens": 2, **body}).json()
+            assert a["time_span"][0] == 30.0 and a["gaps"][0] == gap, (body, a)
+        assert c.delete(f"/v1/videos/{sid}").status_code == 200
 
 
 def test_one_service_per_data_dir_and_ray_listens_on_loopback_only(service):
