@@ -509,8 +509,9 @@ class Ingress:
                 d = await asyncio.to_thread(self.backend.live.get, sid)
                 if d.get("kind") == "push" and d.get("status") not in ("stopped", "failed"):
                     await asyncio.to_thread(self.backend.live.update, sid, status="stopped",
-                                            last_error={"code": "E_SOURCE_LOST",
-                                                        "message": "its socket ended when the service restarted"})
+                                            last_error={"code": "E_SOURCE_LOST", "message":
+                                                        "expected the socket feeding this stream to stay open, "
+                                                        "got it closed by a service restart"})
                 elif d.get("kind") == "rtsp" and d.get("status") not in ("stopped", "failed"):
                     await asyncio.to_thread(self.backend.live.update, sid, status="reconnecting")
                     await self.backend.start_stream(sid, d["source"], float(d.get("fps") or 1.0))

@@ -1283,11 +1283,12 @@ def test_an_unreachable_camera_says_why_in_plain_words(service):
                 time.sleep(0.5)
             assert len(errs) == 2, errs
             assert errs[ids[0]] == {"code": "E_SOURCE_UNREACHABLE", "message":
-                                    f"cannot open rtsp://127.0.0.1:{silent.getsockname()[1]}/cam: the server accepted "
-                                    "the connection but sent nothing for 5 s (timed out)"}, errs
+                                    f"expected an RTSP answer from rtsp://127.0.0.1:{silent.getsockname()[1]}/cam, got "
+                                    "nothing for 5 s (the server accepted the connection, then sent nothing; "
+                                    "timed out)"}, errs
             assert errs[ids[1]] == {"code": "E_SOURCE_UNREACHABLE", "message":
-                                    f"cannot connect to rtsp://127.0.0.1:{port}/cam: connection refused (nothing "
-                                    f"listens on 127.0.0.1:{port})"}, errs
+                                    f"expected a connection to rtsp://127.0.0.1:{port}/cam, got connection refused "
+                                    f"(nothing listens on 127.0.0.1:{port})"}, errs
         finally:
             for sid in ids:
                 c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
@@ -1635,8 +1636,9 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
             while (d := c.get("/v1/streams/sock").json())["status"] != "stopped" and time.monotonic() < deadline:
                 time.sleep(0.5)                               # (the Ingress checks as it starts, beside /ready)
             assert d["status"] == "stopped" and d["frames"] == 1, d
-            assert d["last_error"] == {"code": "E_SOURCE_LOST",              # the same {code, message} shape
-                                       "message": "its socket ended when the service restarted"}, d   # as others
+            assert d["last_error"] == {"code": "E_SOURCE_LOST", "message":   # the same {code, message} shape
+                                       "expected the socket feeding this stream to stay open, got it closed "
+                                       "by a service restart"}, d                                   # as others
             assert c.delete("/v1/streams/sock?purge=true").status_code in (200, 204)
         with service.client() as c:                           # the camera reconnects by itself after a restart
             deadline = time.monotonic() + 90
