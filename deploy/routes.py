@@ -1418,7 +1418,8 @@ class _LiveSession:
             # a worker from every asyncio.to_thread of this Ingress (a few such sockets starved them all)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lms-push-{sid[:20]}")
             self.consumer = loop.run_in_executor(self._pool, self._consume, loop)
-        await asyncio.to_thread(live.update, sid, status="live", fps=self.fps)
+        # "connecting" (and no last_wall) until a frame is stored: `stream_status` shows live / stalled from then
+        await asyncio.to_thread(live.update, sid, status="connecting", fps=self.fps)
         await self.send({"type": "started", "stream_id": sid})
         self._follow_events()
 

@@ -696,8 +696,11 @@ def video_answer_context(d: dict, newest_pts: float | None) -> tuple[list, dict 
 class LiveStore(JobStore):
     """Live streams' status in Redis (``lms:{<id>}:live``, set ``lms:live``): source, kind (rtsp |
     push), fps, status, frames, last_pts, lag_s, gaps, last_error, dropped (frames shed, by reason in
-    dropped_why; never those skipped by fps sampling), last_wall (Unix time of the newest stored frame),
-    and for cameras skipped_by_fps, frames_received, previous_error. Same storage and errors as jobs."""
+    dropped_why; never those skipped by fps sampling: skipped_by_fps), last_wall (Unix time of the newest
+    stored frame), and for cameras frames_received, previous_error. Same storage and errors as jobs.
+    A socket writes "connecting" at its start (clearing last_wall) and last_pts / last_wall with each stored
+    frame, never "live" (a write racing a DELETE could bring a stopped stream back): `stream_status` derives
+    connecting / live / stalled from last_wall."""
 
     PART, SET, NOUN, ID_OF = "live", "lms:live", "stream", "stream"
     DEFAULTS = {"status": "connecting", "frames": 0, "last_pts": None, "lag_s": None, "gaps": [],
@@ -705,38 +708,52 @@ class LiveStore(JobStore):
     #: streams that hold a slot of `max_live_streams`: a stopped or failed one keeps its frames, not a slot
     ACTIVE = ("connecting", "live", "stalled", "reconnecting")
     #: a pushed stream without a stored frame for this long shows as stalled (`stream_status`), as a camera does
-    #: (`stream.live.RtspSource`'s stall_after_s)
+    #: (`stream.live.RtspSource`'s stall_after_s); at an fps below 2 / PUSH_STALL_S, two sampling periods
     PUSH_STALL_S = 5.0
+
+    @classmethod
+    def push_stall_s(cls, fps) -> float:
+        """Seconds without a stored frame after which a pushed stream shows as stalled: PUSH_STALL_S, or two
+        sampling periods at a low fps (at fps 0.1 a socket pushing 30 frames a second stores one frame
+        every 10 s: stalled at 5 s, it would flip live -> stalled -> live between samples)."""
+        try:
+            fps = float(fps)
+        except (TypeError, ValueError):
+            return cls.PUSH_STALL_S
+        return max(cls.PUSH_STALL_S, 2.0 / fps) if fps > 0 else cls.PUSH_STALL_S
 
     def update(self, rid: str, **fields) -> None:
         """As `JobStore.update`, and keeps ``last_wall`` for writers that do not give it (a socket's): an
-        update that reports a stored frame (``last_pts``) stamps it now, one that makes a stream live
-        without a frame (a socket's start) clears it, as nothing is stored from that source yet."""
+        update that reports a stored frame (``last_pts``) stamps it now, one that makes a stream connecting
+        or live without a frame (a socket's start) clears it, as nothing is stored from that source yet."""
         if "last_wall" not in fields:
             if fields.get("last_pts") is not None:
                 fields["last_wall"] = time.time()
-            elif fields.get("status") == "live" and "last_pts" not in fields:
+            elif fields.get("status") in ("connecting", "live") and "last_pts" not in fields:
                 fields["last_wall"] = None
         super().update(rid, **fields)
 
 
 def stream_status(d: dict, now: float | None = None) -> dict:
-    """A stream record as GET /v1/streams/{id} shows it. A pushed stream's record says "live" from its socket's
-    start: it shows as "connecting" until a frame is stored and as "stalled" once none was for
-    `LiveStore.PUSH_STALL_S` (a camera's status comes from its source, see `run_rtsp_stream`). ``lag_s`` is
-    None while it is connecting, stalled or reconnecting: no frame arrives, so none lags (a stopped or
-    failed stream keeps its last one)."""
+    """A stream record as GET /v1/streams/{id} (and /metrics) shows it. A pushed stream's record says
+    "connecting" while its socket is open (older records: "live"): it shows as "connecting" until a frame is
+    stored, "live", and "stalled" once none was for `LiveStore.push_stall_s` (a camera's status comes from
+    its source, see `run_rtsp_stream`).
+    ``lag_s`` is None while it is connecting, stalled or reconnecting: no frame arrives, so none lags (a
+    stopped or failed stream keeps its last one)."""
     keys = ("id", "kind", "source", "fps", "status", "frames", "last_pts", "lag_s", "gaps", "last_error", "dropped",
             "dropped_why", "node", "restarts", "created")
     out = {k: d.get(k) for k in keys}
     out.update({k: d[k] for k in ("skipped_by_fps", "frames_received", "previous_error") if k in d})
-    if out["status"] == "live" and d.get("kind") == "push":
+    if out["status"] in ("connecting", "live") and d.get("kind") == "push":
         wall = d.get("last_wall")
         now = time.time() if now is None else now
         if wall is None:
             out["status"] = "connecting"
-        elif now - wall > LiveStore.PUSH_STALL_S:
+        elif now - wall > LiveStore.push_stall_s(d.get("fps")):
             out["status"] = "stalled"
+        else:
+            out["status"] = "live"
     if out["status"] in ("connecting", "stalled", "reconnecting"):
         out["lag_s"] = None
     return out

@@ -934,15 +934,15 @@ def test_a_cameras_stream_record_says_what_its_frames_do(camera, redis_url):
 
 
 def test_a_pushed_streams_record_is_connecting_live_then_stalled(redis_url):
-    """A socket's stream (deploy/routes.py writes "live" at its start, then frames as they are stored):
-    `connecting` until the first frame is stored, `live`, `stalled` once none was stored for
+    """A socket's stream (deploy/routes.py writes "connecting" at its start, then frames as they are stored,
+    never "live"): `connecting` until the first frame is stored, `live`, `stalled` once none was stored for
     LiveStore.PUSH_STALL_S (it stayed live forever), live with the next; lag_s None while stalled."""
     from deploy.serving import LiveStore, stream_status
 
     live, sid = LiveStore(redis_url), "sock-record"
     live.delete(sid)
     live.create(sid, {"kind": "push", "source": "websocket", "fps": 1.0})
-    live.update(sid, status="live", fps=1.0)                      # the socket's start
+    live.update(sid, status="connecting", fps=1.0)                # the socket's start
     assert stream_status(live.get(sid))["status"] == "connecting"
     live.update(sid, frames=1, last_pts=0.0, dropped=0, dropped_why={}, lag_s=0.02)
     d = live.get(sid)
@@ -954,6 +954,27 @@ def test_a_pushed_streams_record_is_connecting_live_then_stalled(redis_url):
     live.update(sid, status="stopped")
     d = stream_status(live.get(sid), now=at + 60)
     assert d["status"] == "stopped" and d["lag_s"] == 0.02, d                  # its last frame's, kept
-    live.update(sid, status="live", fps=1.0)                      # a new socket takes it over: no frame yet
+    live.update(sid, status="connecting", fps=1.0)                # a new socket takes it over: no frame yet
     assert stream_status(live.get(sid), now=at + 60)["status"] == "connecting"
+    live.update(sid, status="live", fps=1.0)                      # what a socket wrote before: the same
+    assert stream_status(live.get(sid), now=at + 60)["status"] == "connecting"
+    live.delete(sid)
+
+
+def test_a_pushed_stream_at_a_low_fps_stays_live_between_its_samples(redis_url):
+    """At fps 0.1 a socket pushing 30 frames a second stores one every 10 s: it showed stalled 5 s after
+    each (live -> stalled -> live while frames arrived). A pushed stream stalls after max(5 s, 2 / fps)."""
+    from deploy.serving import LiveStore, stream_status
+
+    live, sid = LiveStore(redis_url), "sock-slow"
+    live.delete(sid)
+    live.create(sid, {"kind": "push", "source": "websocket", "fps": 0.1})
+    live.update(sid, status="connecting", fps=0.1)
+    live.update(sid, frames=1, last_pts=0.0, lag_s=0.02)
+    at = live.get(sid)["last_wall"]
+    assert LiveStore.push_stall_s(0.1) == 20.0 and LiveStore.push_stall_s(1.0) == LiveStore.PUSH_STALL_S
+    assert LiveStore.push_stall_s(None) == LiveStore.PUSH_STALL_S
+    for dt, want in ((1, "live"), (9.9, "live"), (15, "live"), (20.5, "stalled")):
+        d = stream_status(live.get(sid), now=at + dt)
+        assert d["status"] == want and (d["lag_s"] is None) == (want == "stalled"), (dt, d)
     live.delete(sid)
