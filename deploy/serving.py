@@ -814,8 +814,14 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
         offset = info.newest_pts + max(1.0 / fps, away)  # stream time goes on with the wall clock
         if away > 1.5 / fps:
             carried.append([info.newest_pts, offset])   # no source ran: the outage is a gap
+    # the record's last_error (an actor restart's E_UNAVAILABLE, the camera's error before a service restart)
+    # stays until this source has its own word: an error of its own or a frame; then it is previous_error
     state = {"last": 0.0, "last_pts": info.newest_pts, "lag_s": None, "last_wall": before.get("last_wall"),
-             "stored": False, "store_error": None}
+             "stored": False, "store_error": None, "carried_error": before.get("last_error"),
+             "previous_error": before.get("previous_error"), "final": False}
+    # one publish at a time, snapshot to write: the status thread's snapshot taken before the first frame was
+    # stored ("connecting") must not land after the frame loop's "live"; none after the final status
+    lock = threading.RLock()
     # counts of earlier sources of this stream go on (a record from before sampling was told apart from
     # shedding has it as dropped_why["rate"])
     why0 = {k: int(v) for k, v in (before.get("dropped_why") or {}).items()}
@@ -823,6 +829,11 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     received0 = int(before.get("frames_received") or 0)
 
     def publish(force: bool = False):
+        with lock:
+            if not state["final"]:
+                _publish(force)
+
+    def _publish(force: bool):
         now = time.monotonic()
         if force or now - state["last"] >= 1.0:
             st = src.status_dict()
@@ -839,8 +850,12 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
             for k, v in (st.get("dropped_why") or {}).items():
                 why[k] = why.get(k, 0) + v
             err = st.get("last_error") or state["store_error"]
+            if state["carried_error"] is not None and (err is not None or st.get("frames_received", 0) > 0):
+                state["previous_error"], state["carried_error"] = state["carried_error"], None
+            err = err or state["carried_error"]
             live.update(sid, status=status, frames=seq, gaps=gaps, last_error=err,
-                        previous_error=st.get("previous_error"), last_pts=state["last_pts"], lag_s=lag,
+                        previous_error=st.get("previous_error") or state["previous_error"],
+                        last_pts=state["last_pts"], lag_s=lag,
                         dropped=sum(why.values()), dropped_why=why,
                         skipped_by_fps=skipped0 + st.get("skipped_by_fps", 0),
                         frames_received=received0 + st.get("frames_received", 0), last_wall=state["last_wall"])
@@ -858,8 +873,9 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
             t_arrive = time.monotonic()
             res = encode([EncodeItem(sid, f.rgb[None], [pts], writer=writer, seq=seq)])[0]
             if "error" in res:
-                state["store_error"] = res["error"]              # shown until a frame is stored again
-                live.update(sid, last_error=res["error"])
+                with lock:
+                    state["store_error"] = res["error"]          # shown until a frame is stored again
+                    live.update(sid, last_error=res["error"])
                 if res["error"]["code"] == "E_STALE_WRITER":
                     break
                 continue
@@ -878,8 +894,10 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
         src.stop()
         final = "failed" if src.status_dict()["status"] == "failed" else ("stopped" if asked else "reconnecting")
         try:
-            publish(force=True)
-            live.update(sid, status=final, **({"lag_s": None} if final == "reconnecting" else {}))
+            with lock:                                   # the status thread may still be in a publish
+                state["final"] = True                    # and none of its may land after this
+                _publish(True)
+                live.update(sid, status=final, **({"lag_s": None} if final == "reconnecting" else {}))
             # "reconnecting": the next service start resumes it
         except LmsError:
             pass

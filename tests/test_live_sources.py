@@ -978,3 +978,124 @@ def test_a_pushed_stream_at_a_low_fps_stays_live_between_its_samples(redis_url):
         d = stream_status(live.get(sid), now=at + dt)
         assert d["status"] == want and (d["lag_s"] is None) == (want == "stalled"), (dt, d)
     live.delete(sid)
+
+
+def _run_camera(sid, url, live, ring, encode):
+    """`deploy.serving.run_rtsp_stream` on a daemon thread; returns (thread, stop event)."""
+    from deploy.serving import run_rtsp_stream
+
+    stop = threading.Event()
+    runner = threading.Thread(target=run_rtsp_stream, args=(sid, url, 1.0, 32, encode, live, ring, stop), daemon=True)
+    runner.start()
+    return runner, stop
+
+
+def _storing(ring, gate=None):
+    def encode(items):
+        if gate is not None:
+            gate.wait(30)
+        out = []
+        for it in items:
+            ring.pts.extend(it.pts)
+            out.append({"seqs": list(range(len(ring.pts) - len(it.pts), len(ring.pts)))})
+        return out
+    return encode
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_cameras_last_error_stays_until_its_source_has_its_own(redis_url):
+    """The error a camera's record holds when its source (re)starts (the supervisor's E_UNAVAILABLE after
+    an actor restart, the camera's error before a service restart) was wiped by the first publish, 1 s in,
+    while the camera stayed unreachable. It stays until the new source records an error of its own or
+    receives a frame, and is then previous_error."""
+    import socket
+    from deploy.serving import LiveStore, stream_status
+
+    live = LiveStore(redis_url)
+    was = {"code": "E_UNAVAILABLE", "message": "expected the camera's source on node n1 to keep running, got it "
+                                               "ended (ActorDiedError: ...); restarting"}
+    before = {"code": "E_SOURCE_TIMEOUT", "message": "an older one"}
+    silent = socket.socket()                        # the kernel accepts; nothing answers: no word for 15 s
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    refused = socket.socket()                       # bound, never listening: connection refused at once
+    refused.bind(("127.0.0.1", 0))
+    runs = []
+    try:
+        for sid, port in (("cam-silent", silent.getsockname()[1]), ("cam-refused", refused.getsockname()[1])):
+            live.delete(sid)
+            live.create(sid, {"kind": "rtsp", "source": f"rtsp://127.0.0.1:{port}/cam", "fps": 1.0})
+            live.update(sid, status="reconnecting", last_error=was, previous_error=before)
+            runs.append(_run_camera(sid, f"rtsp://127.0.0.1:{port}/cam", live, _Ring(), _storing(_Ring())))
+        shown = lambda sid: stream_status(live.get(sid))   # noqa: E731
+        time.sleep(2.5)                                 # two publishes at least; FFmpeg waits 5 s for an answer
+        d = shown("cam-silent")
+        assert d["status"] in ("connecting", "reconnecting") and d["frames_received"] == 0, d
+        assert d["last_error"] == was and d["previous_error"] == before, d
+        assert wait_for(lambda: (shown("cam-refused")["last_error"] or {}).get("code") == "E_SOURCE_UNREACHABLE",
+                        20), shown("cam-refused")
+        d = shown("cam-refused")
+        assert d["last_error"]["message"].startswith("expected a connection to rtsp://127.0.0.1:"), d
+        assert d["previous_error"] == was, d
+    finally:
+        for runner, stop in runs:
+            stop.set()
+        for runner, stop in runs:
+            runner.join(20)
+        silent.close()
+        refused.close()
+    assert not any(runner.is_alive() for runner, _ in runs)
+    live.delete("cam-silent")
+    live.delete("cam-refused")
+
+
+@pytest.mark.timeout(90)
+def test_a_stale_status_snapshot_never_lands_after_the_first_stored_frame(camera, redis_url):
+    """`publish` runs on the status thread and on the frame loop: a snapshot the status thread took before
+    the first frame was stored ("connecting", frames 0) could be written after the frame loop's "live", so
+    the stream showed connecting for up to a second with a frame stored. One publish at a time now. Also:
+    the error carried from before is previous_error once frames arrive, before one is stored."""
+    from deploy.serving import LiveStore, stream_status
+
+    writes: list = []
+    slow, in_write, written = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowLive(LiveStore):
+        def update(self, rid, **fields):
+            held = fields.get("status") == "connecting" and slow.is_set()
+            if held:
+                slow.clear()
+                in_write.set()
+                time.sleep(1.5)                         # the status thread's write, held up
+            super().update(rid, **fields)
+            if "status" in fields:
+                writes.append((fields["status"], fields.get("frames")))
+            if held:
+                written.set()
+
+    live, ring, sid, gate = SlowLive(redis_url), _Ring(), "cam-race", threading.Event()
+    live.delete(sid)
+    live.create(sid, {"kind": "rtsp", "source": camera.url(), "fps": 1.0})
+    was = {"code": "E_UNAVAILABLE", "message": "restarting"}
+    live.update(sid, status="reconnecting", last_error=was)
+    runner, stop = _run_camera(sid, camera.url(), live, ring, _storing(ring, gate))
+    shown = lambda: stream_status(live.get(sid))   # noqa: E731
+    try:
+        assert wait_for(lambda: (shown().get("frames_received") or 0) >= 1, 20), shown()
+        assert wait_for(lambda: shown()["last_error"] is None, 5), shown()
+        d = shown()
+        assert d["status"] == "connecting" and d["frames"] == 0 and d["previous_error"] == was, d
+        slow.set()
+        assert in_write.wait(5)                          # a "connecting" snapshot (frames 0) is on its way
+        gate.set()                                       # meanwhile the first frame is stored
+        assert written.wait(5) and wait_for(lambda: shown()["frames"] >= 2, 20), shown()
+        first_live = next(i for i, (st, _) in enumerate(writes) if st == "live")
+        assert all(st != "connecting" for st, _ in writes[first_live:]), writes
+        assert shown()["status"] == "live", shown()
+    finally:
+        gate.set()
+        stop.set()
+        runner.join(15)
+    assert not runner.is_alive()
+    live.delete(sid)
+
