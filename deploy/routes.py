@@ -716,9 +716,11 @@ def build_api() -> FastAPI:
            "pts": S}` or by arrival time; sampled at `fps`; `{"type": "ingested", "frames", "last_pts"}`
            when frames are stored (frames waiting behind the one being stored, up to 8, go in one request
            and are acknowledged together); `{"type": "dropped", "frames", "why", "by_reason", "total"}` when
-           frames are shed (over the rate, 8 already waiting, a bad image: never an unbounded queue), at
-           most one a second: `frames` (and `by_reason`) count the frames shed since the previous one,
-           `total` those of the whole socket; every shed frame is reported before `stopped`.
+           frames are not stored (sampled out: "over fps", for JPEG and WebM alike; shed: 8 already waiting,
+           a bad image, a byte stream's queue full: never an unbounded queue), at most one a second:
+           `frames` (and `by_reason`) count the frames since the previous one, `total` those of the whole
+           socket; every such frame is reported before `stopped`. The stream's record keeps the shed ones
+           as `dropped`, the sampled-out ones as `skipped_by_fps` (`record_counts`).
         3. `{"type": "ask", "id", "question", "last_s" | "window", "policy", "max_tokens", "choices"}` at any time ->
            `{"type": "token", "id", "text"}` ... `{"type": "answer", "id", ...answer fields}`.
         4. `{"type": "attach", "stream_id"}`: ask about a stream someone else feeds (read only).
@@ -1291,6 +1293,7 @@ class _LiveSession:
 
     async def send(self, msg: dict) -> None:
         if self.closed:
+        self.push_skipped_seen = 0                     # of its PushSource.skipped_by_fps, what is counted
             return
         async with self.send_lock:
             try:
@@ -1384,6 +1387,11 @@ class _LiveSession:
         fmt = m.get("format", "jpeg")
         if fmt not in ("jpeg", "png", "webm", "mp4"):
             raise InvalidRequest(f"expected format jpeg, png, webm or mp4, got {fmt!r}")
+            if self.writer:                            # and the record says so once the client hears `stopped`
+                try:
+                    await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
+                except LmsError:
+                    pass
         self.fps = fps_ok(m.get("fps"), b.settings)
         sid = m.get("stream_id")
         live = b.live
@@ -1481,13 +1489,19 @@ class _LiveSession:
             self.busy = False
 
     #: a byte stream's reasons (`stream.live.PushSource.dropped_why`) in this socket's words
-    PUSH_REASONS = {"rate": "over fps", "queue_full": "queue full", "pts_backwards": "bad frame",
-                    "decode_error": "bad frame"}
+    PUSH_REASONS = {"queue_full": "queue full", "pts_backwards": "bad frame", "decode_error": "bad frame"}
 
     def _count_push_drops(self) -> str | None:
-        """Adds the frames the byte stream's PushSource shed since the last look to `dropped`, under their
-        reasons; returns the last new reason (None: nothing new)."""
-        now, last = self.push.dropped_why, None
+        """Adds the frames the byte stream's PushSource skipped by sampling (`skipped_by_fps`, told as "over
+        fps", as a JPEG socket's) or shed since the last look to `dropped`, under their reasons; returns the
+        last new reason, a shed one before "over fps" (None: nothing new)."""
+        last = None
+        skipped = self.push.skipped_by_fps
+        if skipped > self.push_skipped_seen:
+            last = "over fps"
+            self.dropped[last] += skipped - self.push_skipped_seen
+            self.push_skipped_seen = skipped
+        now = self.push.dropped_why
         for k, v in now.items():
             new = v - self.push_seen.get(k, 0)
             if new > 0:
@@ -1543,6 +1557,14 @@ class _LiveSession:
         try:
             item = EncodeItem(self.sid, np.stack([f[0] for f in frames]), [f[1] for f in frames], writer=self.token,
                               seq=self.seq)
+    def record_counts(self) -> dict:
+        """This socket's counts as the stream record keeps them: `dropped` / `dropped_why` the frames shed
+        (encoder busy, bad frame, queue full), `skipped_by_fps` those sampled out. The socket's `dropped`
+        messages tell both (a client pushing faster than fps learns it); the record, as a camera's, calls
+        sampling no loss."""
+        shed = {k: v for k, v in self.dropped.items() if k != "over fps" and v}
+        return {"dropped": sum(shed.values()), "dropped_why": shed, "skipped_by_fps": self.dropped["over fps"]}
+
             res = (await self.b.encode([item]))[0]
             if "error" in res:
                 err = res["error"]
@@ -1552,7 +1574,7 @@ class _LiveSession:
             self.frames += len(res["seqs"])
             lag = {"lag_s": round(time.monotonic() - t_arrive, 3)} if t_arrive is not None else {}
             await asyncio.to_thread(self.b.live.update, self.sid, frames=self.seq, last_pts=pts,
-                                    dropped=sum(self.dropped.values()), dropped_why=dict(self.dropped), **lag)
+                                    **self.record_counts(), **lag)
             await self.send({"type": "ingested", "frames": self.frames, "last_pts": pts})
         except LmsError as e:
             await self.error(e)
@@ -1649,6 +1671,6 @@ class _LiveSession:
             self._pool.shutdown(wait=False)
         if self.writer and self.sid is not None:
             try:
-                await asyncio.to_thread(self.b.live.update, self.sid, status="stopped")
+                await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
             except LmsError:
                 pass

@@ -869,7 +869,9 @@ def test_websocket_stop_stores_what_it_received_and_stopped_streams_free_their_s
 def test_websocket_tells_every_dropped_frame_before_stopped_and_names_open_windows_in_words(service):
     """Frames shed faster than once a second are all told before `stopped` (only the first was: one
     `dropped` of 1 frame, then `stopped` said 46): the `frames` of the `dropped` messages add up to
-    the stop's `dropped`. An ask before any frame is stored names its window in words, not -inf:inf."""
+    the stop's `dropped`. The stream's record calls only the shed frames dropped (the bad one, any
+    encoder busy), the 45 over fps `skipped_by_fps` (it counted them as dropped), as a camera's. An ask before any frame is stored names its
+    window in words, not -inf:inf."""
     import asyncio
     import itertools
     import websockets
@@ -900,9 +902,9 @@ def test_websocket_tells_every_dropped_frame_before_stopped_and_names_open_windo
             await ws.send(json.dumps({"type": "stop"}))
             while (m := json.loads(await ws.recv()))["type"] != "stopped":
                 msgs.append(m)
-            return m, msgs, before_stop
+            return m, msgs, before_stop, sid
 
-    stopped, msgs, before_stop = asyncio.run(session())
+    stopped, msgs, before_stop, sid = asyncio.run(session())
     assert len(before_stop) >= 2, before_stop       # the first at once, the rest of its second when it ends
     drops = [m for m in msgs if m["type"] == "dropped"]
     assert {m["type"] for m in msgs} <= {"dropped", "ingested", "error"}, msgs
@@ -916,10 +918,18 @@ def test_websocket_tells_every_dropped_frame_before_stopped_and_names_open_windo
         for k, v in m["by_reason"].items():
             by[k] = by.get(k, 0) + v
     assert by["over fps"] == 45 and by["bad frame"] == 1, by
+    with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+    assert d["status"] == "stopped" and d["frames"] == stopped["frames"], (d, stopped)
+    shed = {k: v for k, v in by.items() if k != "over fps"}             # bad frame, and encoder busy if any
+    assert d["dropped"] == stopped["dropped"] - 45 == sum(shed.values()) and d["dropped_why"] == shed, (d, by)
+    assert d["skipped_by_fps"] == 45, d
 
 
 def test_websocket_webm_byte_stream(service):
-    """format webm: MediaRecorder-style chunks of one VP8 WebM stream, demuxed as they come."""
+    """format webm: MediaRecorder-style chunks of one VP8 WebM stream, demuxed as they come. Frames
+    sampled out by fps are told on the socket as "over fps", as a JPEG socket's (they were not told at
+    all), and the record counts them as skipped_by_fps, not dropped."""
     import asyncio
     import websockets
     from test_live_sources import vp8_webm
@@ -934,13 +944,17 @@ def test_websocket_webm_byte_stream(service):
             await ws.send(json.dumps({"type": "stop"}))
             while (m := json.loads(await ws.recv()))["type"] != "stopped":
                 assert m["type"] in ("ingested", "dropped"), m
-                told[0] += m["frames"] if m["type"] == "dropped" else 0
+                if m["type"] == "dropped":
+                    told[0] += m["frames"]
+                    assert set(m["by_reason"]) == {"over fps"} and m["why"] == "over fps", m
             return sid, m
 
     told = [0]
     sid, stopped = asyncio.run(run())
     assert stopped["frames"] == 4 and stopped["dropped"] == told[0] == 36, (stopped, told)   # 40 frames: 4 at 1 fps
     with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+        assert d["dropped"] == 0 and d["dropped_why"] == {} and d["skipped_by_fps"] == 36, d
         ans = c.post(f"/v1/streams/{sid}/questions", json={"question": "what is in the video ?", "max_tokens": 4})
         assert ans.json()["frames"] == 4 and ans.json()["time_span"] == [0.0, 3.0]
 
