@@ -144,7 +144,12 @@ class Metrics:
         extra = CollectorRegistry()
         frames = Gauge("lms_stream_frames", "frames stored per stream", ["stream"], registry=extra)
         appended = Gauge("lms_stream_frames_ingested", "frames ever ingested per stream", ["stream"], registry=extra)
-        dropped = Gauge("lms_stream_frames_dropped", "frames overwritten (ring) per stream", ["stream"],
+        overwritten = Gauge("lms_stream_frames_overwritten", "frames the ring overwrote (its oldest) per stream",
+                            ["stream"], registry=extra)
+        dropped = Gauge("lms_stream_frames_dropped", "live streams: frames shed (never stored: queue full, encoder "
+                        "busy, undecodable), as GET /v1/streams/{id} dropped; frames sampled out by fps are not",
+                        ["stream"], registry=extra)
+        skipped = Gauge("lms_stream_frames_skipped_by_fps", "live streams: frames sampled out by fps", ["stream"],
                         registry=extra)
         nbytes = Gauge("lms_stream_bytes", "cache bytes per stream (records + light records)", ["stream"],
                        registry=extra)
@@ -169,7 +174,7 @@ class Metrics:
                 i = b.cache.stream_info(sid)
                 frames.labels(sid).set(i.count)
                 appended.labels(sid).set(i.total_appended)
-                dropped.labels(sid).set(i.evicted)
+                overwritten.labels(sid).set(i.evicted)
                 nbytes.labels(sid).set(i.bytes_used + i.light_bytes)
             counts: dict[str, int] = {}
             for jid in b.store.ids():
@@ -182,9 +187,12 @@ class Metrics:
                 jobs.labels(st).set(counts.get(st, 0))
             for sid in b.live.ids():
                 try:
-                    d = b.live.get(sid)
+                    d = stream_status(b.live.get(sid))        # as GET shows it: no lag while stalled
                 except NotFound:
                     continue
+                dropped.labels(sid).set(int(d.get("dropped") or 0))
+                if d.get("skipped_by_fps") is not None:
+                    skipped.labels(sid).set(int(d["skipped_by_fps"]))
                 if d.get("lag_s") is not None and d.get("status") not in ("stopped", "failed"):
                     lag.labels(sid).set(float(d["lag_s"]))
             up.set(1)

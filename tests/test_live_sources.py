@@ -1099,3 +1099,36 @@ def test_a_stale_status_snapshot_never_lands_after_the_first_stored_frame(camera
     assert not runner.is_alive()
     live.delete(sid)
 
+
+def test_metrics_show_a_stream_as_get_does(redis_url):
+    """/metrics read the raw record: a stalled socket stream kept exporting its last lag (GET shows null),
+    and `lms_stream_frames_dropped` was the ring's overwrites while GET's `dropped` is frames shed. Now the
+    lag goes through `stream_status`, dropped is the record's shed count, overwrites and frames sampled out
+    by fps have gauges of their own."""
+    import re
+    from deploy.routes import Metrics
+    from deploy.serving import LiveStore
+
+    live, sid = LiveStore(redis_url), "sock-metrics"
+    live.delete(sid)
+    live.create(sid, {"kind": "push", "source": "websocket", "fps": 1.0})
+    live.update(sid, status="connecting", fps=1.0)
+    live.update(sid, frames=10, last_pts=9.0, lag_s=0.5, dropped=2, dropped_why={"bad frame": 2},
+                skipped_by_fps=7)
+    info = types.SimpleNamespace(count=3, total_appended=10, evicted=7, bytes_used=100, light_bytes=10)
+    cache = types.SimpleNamespace(streams=lambda: [sid], stream_info=lambda s: info)
+    b = types.SimpleNamespace(cache=cache, store=types.SimpleNamespace(ids=lambda: []), live=live)
+
+    def gauges() -> dict:
+        text = Metrics().render(b).decode()
+        return {m[0]: float(m[1]) for m in re.findall(r'^(lms_stream_\w+)\{stream="sock-metrics"\} (\S+)$', text, re.M)}
+    try:
+        g = gauges()
+        assert g == {"lms_stream_frames": 3, "lms_stream_frames_ingested": 10, "lms_stream_frames_overwritten": 7,
+                     "lms_stream_frames_dropped": 2, "lms_stream_frames_skipped_by_fps": 7,
+                     "lms_stream_bytes": 110, "lms_stream_lag_seconds": 0.5}, g
+        live.update(sid, last_wall=time.time() - 60)               # the socket stalled: GET shows lag_s null
+        g = gauges()
+        assert "lms_stream_lag_seconds" not in g and g["lms_stream_frames_dropped"] == 2, g
+    finally:
+        live.delete(sid)
