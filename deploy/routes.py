@@ -1285,6 +1285,7 @@ class _LiveSession:
         self.dropped = {"over fps": 0, "encoder busy": 0, "bad frame": 0}
         self.reported: dict[str, int] = {}            # of `dropped`, what `dropped` messages have said so far
         self.push_seen: dict[str, int] = {}           # of a byte stream's PushSource.dropped_why, what is counted
+        self.push_skipped_seen = 0                     # of its PushSource.skipped_by_fps, what is counted
         self.last_dropped_msg = 0.0
         self.drop_timer: asyncio.Task | None = None    # reports drops of the current second when it ends
         self.last_why = ""
@@ -1301,7 +1302,6 @@ class _LiveSession:
 
     async def send(self, msg: dict) -> None:
         if self.closed:
-        self.push_skipped_seen = 0                     # of its PushSource.skipped_by_fps, what is counted
             return
         async with self.send_lock:
             try:
@@ -1379,6 +1379,11 @@ class _LiveSession:
                 self.drop_timer.cancel()
                 self.drop_timer = None
             await self.report_drops()                  # every shed frame is told before the reply
+            if self.writer:                            # and the record says so once the client hears `stopped`
+                try:
+                    await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
+                except LmsError:
+                    pass
             await self.send({"type": "stopped", "stream_id": self.sid, "frames": self.frames,
                              "dropped": sum(self.dropped.values())})
             await self.ws.close(code=1000)
@@ -1395,11 +1400,6 @@ class _LiveSession:
         fmt = m.get("format", "jpeg")
         if fmt not in ("jpeg", "png", "webm", "mp4"):
             raise InvalidRequest(f"expected format jpeg, png, webm or mp4, got {fmt!r}")
-            if self.writer:                            # and the record says so once the client hears `stopped`
-                try:
-                    await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
-                except LmsError:
-                    pass
         self.fps = fps_ok(m.get("fps"), b.settings)
         sid = m.get("stream_id")
         live = b.live
@@ -1549,6 +1549,14 @@ class _LiveSession:
         await self.send({"type": "dropped", "frames": sum(new.values()), "why": why, "by_reason": new,
                          "total": sum(self.dropped.values())})
 
+    def record_counts(self) -> dict:
+        """This socket's counts as the stream record keeps them: `dropped` / `dropped_why` the frames shed
+        (encoder busy, bad frame, queue full), `skipped_by_fps` those sampled out. The socket's `dropped`
+        messages tell both (a client pushing faster than fps learns it); the record, as a camera's, calls
+        sampling no loss."""
+        shed = {k: v for k, v in self.dropped.items() if k != "over fps" and v}
+        return {"dropped": sum(shed.values()), "dropped_why": shed, "skipped_by_fps": self.dropped["over fps"]}
+
     async def encode(self, rgb, pts: float, t_arrive: float | None = None) -> None:
         try:
             await self.encode_many([(rgb, pts, t_arrive)])
@@ -1565,14 +1573,6 @@ class _LiveSession:
         try:
             item = EncodeItem(self.sid, np.stack([f[0] for f in frames]), [f[1] for f in frames], writer=self.token,
                               seq=self.seq)
-    def record_counts(self) -> dict:
-        """This socket's counts as the stream record keeps them: `dropped` / `dropped_why` the frames shed
-        (encoder busy, bad frame, queue full), `skipped_by_fps` those sampled out. The socket's `dropped`
-        messages tell both (a client pushing faster than fps learns it); the record, as a camera's, calls
-        sampling no loss."""
-        shed = {k: v for k, v in self.dropped.items() if k != "over fps" and v}
-        return {"dropped": sum(shed.values()), "dropped_why": shed, "skipped_by_fps": self.dropped["over fps"]}
-
             res = (await self.b.encode([item]))[0]
             if "error" in res:
                 err = res["error"]
