@@ -1227,10 +1227,15 @@ def check_source(url: str, allow_private: bool) -> str:
     u = urlparse(url)
     if u.scheme not in ("rtsp", "rtsps") or not u.hostname:
         raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH or rtsps://..., got {_redact_url(url)!r}")
+    try:                                               # what getaddrinfo (and the camera's FFmpeg) would do
+        u.hostname.encode("idna")
+    except UnicodeError as e:                          # a label over 63 characters, an empty one (a..b), ...
+        said = str(e).rsplit(": ", 1)[-1].rstrip(")")
+        raise InvalidRequest(f"expected a host name, got {u.hostname[:80]!r}, which cannot be one ({said})") from None
     if not allow_private:
         try:
             infos = socket.getaddrinfo(u.hostname, None)
-        except OSError:
+        except (OSError, UnicodeError):
             raise InvalidRequest(f"expected a resolvable camera host, got {u.hostname!r}") from None
         for info in infos:
             ip = ipaddress.ip_address(info[4][0])

@@ -1119,6 +1119,20 @@ def test_private_camera_addresses_are_refused_unless_allowed():
         check_source("file:///etc/passwd", allow_private=True)
 
 
+def test_a_camera_host_that_cannot_be_a_host_name_is_422():
+    """A host name the IDNA codec refuses (a 64-character label, an empty one) raised UnicodeError out of
+    getaddrinfo: POST /v1/streams answered 500. It is 422, allowed private addresses or not."""
+    from deploy.routes import check_source
+    from lmcore.errors import InvalidRequest
+    for host, why in (("a" * 64 + ".example", "label empty or too long"), ("cam..example", "label empty")):
+        for allow in (False, True):
+            with pytest.raises(InvalidRequest) as e:
+                check_source(f"rtsp://{host}/cam", allow_private=allow)
+            assert e.value.code == "E_INVALID_REQUEST", e.value
+            assert e.value.message.startswith(f"expected a host name, got {host!r}, which cannot be one ("), e.value
+            assert why in e.value.message, e.value
+
+
 def _err(r) -> dict:
     """The error body of a response, with its status under "status"."""
     return {"status": r.status_code, **r.json()["error"]}
@@ -1313,6 +1327,9 @@ def test_streams_routes_validate_sources(service):
     with service.client() as c:
         r = c.post("/v1/streams", json={"source": "http://example.com/cam"})
         assert r.status_code == 422 and "rtsp://" in r.json()["error"]["message"]
+        r = c.post("/v1/streams", json={"source": f"rtsp://{'a' * 64}.example/cam"})     # was 500 (UnicodeError)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "E_INVALID_REQUEST", r.text
+        assert r.json()["error"]["message"].startswith("expected a host name, got 'aaaa"), r.text
         assert c.get("/v1/streams/nope").status_code == 404
         assert c.get("/").status_code == 200 and "/v1/live" in c.get("/").text   # the web page
 
