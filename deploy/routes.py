@@ -517,23 +517,6 @@ def build_api() -> FastAPI:
         await asyncio.to_thread(drop)
         return {"id": vid, "deleted": True, "cancelled": cancelled}
 
-    async def _video_question(b: Backend, d: dict, req_of) -> dict:
-        """A question's request over video record `d` (`req_of(gaps)` makes it): a ready video, or what a
-        failed job stored, its answer then carrying `job` (its status) and the span never stored in `gaps`."""
-        require_answerable(d)
-        newest = None
-        if d["status"] != "ready":
-            from frame_cache import StreamNotFound
-            try:
-                newest = (await asyncio.to_thread(b.cache.stream_info, d["id"])).newest_pts
-            except StreamNotFound:
-                pass
-        gaps, job = video_answer_context(d, newest)
-        req = req_of(gaps)
-        if job is not None:
-            req["answer_extra"] = {"job": job}
-        return req
-
     @api.post("/v1/videos/{vid}/questions")
     async def ask_video(vid: str, q: Question, b: Backend = Depends(auth)):
         _check_id(vid)
@@ -731,7 +714,8 @@ def build_api() -> FastAPI:
            as `dropped`, the sampled-out ones as `skipped_by_fps` (`record_counts`).
         3. `{"type": "ask", "id", "question", "last_s" | "window", "policy", "max_tokens", "choices"}` at any time ->
            `{"type": "token", "id", "text"}` ... `{"type": "answer", "id", ...answer fields}`.
-        4. `{"type": "attach", "stream_id"}`: ask about a stream someone else feeds (read only).
+        4. `{"type": "attach", "stream_id"}`: ask about a stream someone else feeds (read only); a video's id
+           too, its questions then answered as `POST /v1/videos/{id}/questions` answers them.
         5. `{"type": "stop"}` -> `{"type": "stopped", "frames"}`, close 1000. Errors: `{"type": "error",
            "code", "message"}`; a message over the limit closes 1009, bad credentials 1008.
         A disconnect cancels the session's questions and releases its writer; stored frames stay.
@@ -886,6 +870,25 @@ def build_api() -> FastAPI:
 
     asking["events"] = _events               # the `/v1/live` socket's questions take the same path
     return api
+
+
+async def _video_question(b: Backend, d: dict, req_of) -> dict:
+    """A question's request over video record `d` (`req_of(gaps)` makes it): a ready video, or what a
+    failed job stored, its answer then carrying `job` (its status) and the span never stored in `gaps`.
+    The video question routes' and a `/v1/live` socket's attached to a video."""
+    require_answerable(d)
+    newest = None
+    if d["status"] != "ready":
+        from frame_cache import StreamNotFound
+        try:
+            newest = (await asyncio.to_thread(b.cache.stream_info, d["id"])).newest_pts
+        except StreamNotFound:
+            pass
+    gaps, job = video_answer_context(d, newest)
+    req = req_of(gaps)
+    if job is not None:
+        req["answer_extra"] = {"job": job}
+    return req
 
 
 async def _record(b: Backend, kind: str, rid: str, use: str) -> dict:
@@ -1629,12 +1632,16 @@ class _LiveSession:
                 raise InvalidRequest(validation_message(e.errors()[0])) from None
             b = self.b
             # the same checks as the HTTP question routes (max_tokens, length, policy, choices)
-            req = _question_req(b, self.sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, [],
-                                q.choices)
+            def req_of(gaps):
+                return _question_req(b, self.sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, gaps,
+                                     q.choices)
             try:
-                req["gaps"] = (await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or []
-            except NotFound:
-                pass
+                req = req_of((await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or [])
+            except NotFound:                           # attached to a video: answered as its HTTP route answers
+                try:
+                    req = await _video_question(b, await asyncio.to_thread(b.store.get, self.sid), req_of)
+                except NotFound:                       # neither (deleted meanwhile): the ring says what is left
+                    req = req_of([])
             agen = self.events(b, req, "socket")     # admitted and measured as the HTTP routes' questions
             try:
                 async for ev in agen:

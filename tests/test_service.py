@@ -1289,6 +1289,41 @@ def test_booleans_in_request_bodies_are_strict(service, uploaded):
     asyncio.run(socket())
 
 
+def test_a_socket_attached_to_a_video_answers_as_the_video_route(service, uploaded):
+    """A video's id names no stream, but `/v1/live` `attach` takes one (to ask about a file over the
+    socket): the answer is the one POST /v1/videos/{id}/questions gives (it skipped the video's checks
+    and context: a job still ingesting answered instead of 409)."""
+    import asyncio
+    import websockets
+    vid, q = uploaded["id"], {"question": "what is in the video ?", "max_tokens": 4, "last_s": 20}
+    with service.client() as c:
+        want = c.post(f"/v1/videos/{vid}/questions", json=q).json()
+
+    async def socket(then=None):
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "attach", "stream_id": vid}))
+            assert json.loads(await ws.recv()) == {"type": "attached", "stream_id": vid, "frames": 40}
+            if then is not None:
+                then()
+            await ws.send(json.dumps({"type": "ask", "id": "v", **q}))
+            while (m := json.loads(await ws.recv()))["type"] not in ("answer", "error"):
+                assert m["type"] == "token", m
+            return m
+    got = asyncio.run(socket())
+    for k in ("text", "frames", "time_span", "gaps", "policy"):
+        assert got[k] == want[k], (k, got, want)
+    from deploy.serving import JobStore
+    jobs = JobStore(service.redis_url)
+    try:                                                  # a job still ingesting: 409 on both
+        got = asyncio.run(socket(then=lambda: jobs.update(vid, status="ingesting")))
+        with service.client() as c:
+            e = _err(c.post(f"/v1/videos/{vid}/questions", json=q))
+        assert e["status"] == 409 and got["code"] == e["code"] == "E_NOT_READY", (got, e)
+        assert got["message"] == e["message"] and got["id"] == "v", (got, e)
+    finally:
+        jobs.update(vid, status="ready")
+
+
 def test_an_unreachable_camera_says_why_in_plain_words(service):
     """GET /v1/streams/ID of a camera whose port accepts connections but never answers said
     "InvalidDataError: Invalid data found when processing input"; now it says it timed out, and a
