@@ -18,6 +18,28 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_collection_finish(session):
+    """`--dist loadgroup` sends every test marked `xdist_group("ray")` to one worker, so two files never
+    run Ray (and their services' ports, folders and CPU) at once. pytest-xdist does it by suffixing the
+    test's node id with "@ray"; where the pair of versions installed cannot (pytest 9 with xdist 3.8),
+    the mark does nothing and those files would run side by side. Each such test then fails at once,
+    saying why, instead of starting a service beside another."""
+    if session.config.getoption("loadgroup", False):
+        session.config.stash[_UNGROUPED] = {i.nodeid for i in session.items
+                                            if i.get_closest_marker("xdist_group") and "@" not in i.nodeid}
+
+
+_UNGROUPED = pytest.StashKey[set]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    if item.nodeid in item.config.stash.get(_UNGROUPED, ()):
+        pytest.fail(f"expected --dist loadgroup to send this test to its xdist_group's worker, got it without "
+                    f"its group (pytest {pytest.__version__} with this pytest-xdist: install the versions "
+                    "pyproject.toml's test extra names, `scripts/setup.sh test`)", pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def _grad_mode_restored():
     # Model loaders turn autograd off for their whole process (deploy.serving.load_model, right for a

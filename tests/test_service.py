@@ -46,6 +46,8 @@ class Service:
     def stop(self) -> None:
         from lmcore.procs import stop_child
         p, self.proc = self.proc, None
+        if p is None:                                       # never started, or stopped already
+            return
         stop_child(p, 60)
         rest = p.stdout.read().decode(errors="replace")     # stdout after the ready line: only our JSON lines
         p.stdout.close()                                    # (Ray's "(raylet) ..." lines were appended to it)
