@@ -78,13 +78,25 @@ class JobStore:
         from frame_cache import stream_key
         return stream_key(rid, self.PART)
 
+    #: a new record replaces whatever the key held, in one step (no field of an older record survives)
+    _CREATE = "redis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
+    #: fields change only on a record that exists: a write racing a delete must not bring back a hash of
+    #: the fields it wrote (a purged stream answering 200 with no kind or status)
+    _UPDATE = ("if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], unpack(ARGV)) "
+               "return 1 end return 0")
+
+    def _hset_script(self, script: str, rid: str, fields: dict) -> int:
+        args = [x for kv in _enc(fields).items() for x in kv]
+        return int(self.r.eval(script, 1, self._key(rid), *args)) if args else 0
+
     def create(self, rid: str, fields: dict) -> None:
         d = {**self.DEFAULTS, "created": time.time(), **fields}
-        self._call(f"creating a {self.NOUN}", lambda: (self.r.hset(self._key(rid), mapping=_enc(d)),
+        self._call(f"creating a {self.NOUN}", lambda: (self._hset_script(self._CREATE, rid, d),
                                                        self.r.sadd(self.SET, rid)))
 
-    def update(self, rid: str, **fields) -> None:
-        self._call(f"updating a {self.NOUN}", lambda: self.r.hset(self._key(rid), mapping=_enc(fields)))
+    def update(self, rid: str, **fields) -> bool:
+        """Change fields of an existing record; False (nothing written) when it is gone (deleted)."""
+        return bool(self._call(f"updating a {self.NOUN}", lambda: self._hset_script(self._UPDATE, rid, fields)))
 
     def get(self, rid: str) -> dict:
         raw = self._call(f"reading a {self.NOUN}", lambda: self.r.hgetall(self._key(rid)))
@@ -722,7 +734,7 @@ class LiveStore(JobStore):
             return cls.PUSH_STALL_S
         return max(cls.PUSH_STALL_S, 2.0 / fps) if fps > 0 else cls.PUSH_STALL_S
 
-    def update(self, rid: str, **fields) -> None:
+    def update(self, rid: str, **fields) -> bool:
         """As `JobStore.update`, and keeps ``last_wall`` for writers that do not give it (a socket's): an
         update that reports a stored frame (``last_pts``) stamps it now, one that makes a stream connecting
         or live without a frame (a socket's start) clears it, as nothing is stored from that source yet."""
@@ -731,7 +743,7 @@ class LiveStore(JobStore):
                 fields["last_wall"] = time.time()
             elif fields.get("status") in ("connecting", "live") and "last_pts" not in fields:
                 fields["last_wall"] = None
-        super().update(rid, **fields)
+        return super().update(rid, **fields)
 
 
 def stream_status(d: dict, now: float | None = None) -> dict:

@@ -961,6 +961,26 @@ def test_a_pushed_streams_record_is_connecting_live_then_stalled(redis_url):
     live.delete(sid)
 
 
+def test_a_record_written_after_its_delete_stays_gone(redis_url):
+    """A socket's frame update that lands after DELETE ?purge=true (the Encoder answered before the fence)
+    wrote a hash of frames/last_pts alone: GET said 200 with kind and status null, and a stream created again
+    under the id merged into it. An update now writes only to a record that exists; create replaces."""
+    from deploy.serving import LiveStore, NotFound
+
+    live, sid = LiveStore(redis_url), "sock-purged"
+    live.create(sid, {"kind": "push", "source": "websocket", "fps": 1.0})
+    assert live.update(sid, frames=1, last_pts=0.0) is True
+    live.delete(sid)
+    assert live.update(sid, frames=2, last_pts=1.0, dropped=0, skipped_by_fps=3) is False
+    with pytest.raises(NotFound):
+        live.get(sid)
+    live.r.hset(live._key(sid), mapping={"skipped_by_fps": "7", "frames": "9"})    # left by an older service
+    live.create(sid, {"kind": "rtsp", "source": "rtsp://h/x", "fps": 2.0})
+    d = live.get(sid)
+    assert d["kind"] == "rtsp" and d["frames"] == 0 and "skipped_by_fps" not in d, d
+    live.delete(sid)
+
+
 def test_a_pushed_stream_at_a_low_fps_stays_live_between_its_samples(redis_url):
     """At fps 0.1 a socket pushing 30 frames a second stores one every 10 s: it showed stalled 5 s after
     each (live -> stalled -> live while frames arrived). A pushed stream stalls after max(5 s, 2 / fps)."""
