@@ -263,6 +263,20 @@ class RayBackend:
             pass
         return True
 
+    async def job_runs(self, job_id: str) -> bool:
+        """A decoder actor for the job exists (on any Ingress): False for a record left by a request that
+        ended between creating it and starting its actor, which nothing will ever finish."""
+        if job_id in self._sources:
+            return True
+
+        def look() -> bool:
+            try:
+                ray.get_actor(f"lms-src-{job_id}")
+                return True
+            except ValueError:
+                return False
+        return await asyncio.to_thread(look)
+
     async def _watch_job(self, job: FileJob, actor, ref) -> None:
         """Waits on a job's actor. `run` marks the job ready or failed itself; an actor that dies first
         (out of memory, its node lost, killed) cannot, so the job is marked failed here, with its

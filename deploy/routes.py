@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import secrets
@@ -16,7 +17,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Protocol
+from typing import Any, AsyncIterator, Callable, Protocol
 from urllib.parse import parse_qs, urlparse
 
 from fastapi import Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -33,6 +34,7 @@ from lmcore.errors import (
     NotReady,
     PayloadTooLarge,
     ServiceUnavailable,
+    StaleWriter,
     Unauthorized,
 )
 
@@ -67,6 +69,7 @@ class Backend(Protocol):
     async def encoder_info(self) -> dict: ...
     async def start_job(self, job: FileJob) -> None: ...
     async def cancel_job(self, job_id: str) -> bool: ...
+    async def job_runs(self, job_id: str) -> bool: ...
     def answer_events(self, req: dict) -> AsyncIterator[dict]: ...
     async def models_ready(self) -> bool: ...
     async def encode(self, items: list) -> list[dict]: ...
@@ -269,7 +272,7 @@ class BoundedBody:
             return await self.app(scope, receive, send)
         limit = b.settings.limits.max_json_bytes
         clen = headers.get("content-length", "").strip()
-        if clen.isdigit() and int(clen) > limit:
+        if clen.isascii() and clen.isdigit() and int(clen) > limit:
             return await error_response(PayloadTooLarge(
                 f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got {int(clen)} "
                 "(Content-Length)"))(scope, receive, send)
@@ -432,7 +435,7 @@ def build_api() -> FastAPI:
         try:
             if ctype.startswith("multipart/form-data"):
                 clen = request.headers.get("content-length")
-                if clen and clen.isdigit() and int(clen) > lim.max_upload_bytes + 65536:
+                if clen and clen.isascii() and clen.isdigit() and int(clen) > lim.max_upload_bytes + 65536:
                     raise PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got {clen}")
                 slot = await _reserve_job(b)         # before the body is read: a refused upload sends no bytes
                 path, opts = await _save_upload(request, b, job_id)
@@ -473,8 +476,14 @@ def build_api() -> FastAPI:
                       max_duration_s=lim.max_duration_s, delete_after=delete_after,
                       extra={"source": opts.get("source")})
         async with jobs_lock:                # the record counts from now on, the reservation no longer
-            await asyncio.to_thread(b.store.create, job_id, {"source": opts.get("source"), "fps": fps,
-                                                             "kv_policy": job.kv_policy, "window": job.window})
+            made = asyncio.ensure_future(asyncio.to_thread(
+                b.store.create, job_id, {"source": opts.get("source"), "fps": fps, "kv_policy": job.kv_policy,
+                                         "window": job.window}))
+            try:                             # a client gone meanwhile leaves no "queued" record without a job
+                await asyncio.shield(made)
+            except asyncio.CancelledError:
+                _undo_later(made, lambda: b.store.delete(job_id))
+                raise
             _release_job(slot)
         try:
             await b.start_job(job)
@@ -499,11 +508,11 @@ def build_api() -> FastAPI:
         d = await asyncio.to_thread(b.store.get, vid)
         cancelled = False
         if d["status"] in JobStore.ACTIVE:   # stop its decoder first: nothing of it writes after the delete
-            if not await b.cancel_job(vid):
+            if not await b.cancel_job(vid) and not await _orphaned(b, vid, d):
                 raise NotReady(f"expected a job this service runs to cancel, got video {vid!r} {d['status']} but "
                                "its decoder not found here (starting, or run by another Ingress): try again",
                                code="E_JOB_RUNNING")
-            cancelled = True
+            cancelled = True                 # (or a record no decoder will ever finish: fenced all the same)
         from frame_cache import StreamNotFound
 
         def drop():
@@ -516,6 +525,13 @@ def build_api() -> FastAPI:
             b.store.delete(vid)
         await asyncio.to_thread(drop)
         return {"id": vid, "deleted": True, "cancelled": cancelled}
+
+    async def _orphaned(b: Backend, vid: str, d: dict) -> bool:
+        """A queued/ingesting record with no decoder anywhere, created over `ORPHAN_AFTER_S` ago (one
+        younger may be starting on another Ingress): left by a request that ended before its job started."""
+        if time.time() - float(d.get("created") or 0) < ORPHAN_AFTER_S:
+            return False
+        return not await b.job_runs(vid)
 
     @api.post("/v1/videos/{vid}/questions")
     async def ask_video(vid: str, q: Question, b: Backend = Depends(auth)):
@@ -658,7 +674,7 @@ def build_api() -> FastAPI:
         _check_id(sid, "stream")
         last = request.headers.get("last-event-id", "").strip()
         if last:
-            if not last.isdigit():
+            if not (last.isascii() and last.isdigit()):
                 raise InvalidRequest(f"expected header Last-Event-ID to be an event's seq (an integer >= 0), got "
                                      f"{last[:40]!r}")
             after = max(after, int(last))
@@ -1176,7 +1192,16 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
                                         "on_part_data": on_part_data, "on_part_end": on_part_end})
     try:
         try:
-            async for chunk in request.stream():
+            chunks = request.stream().__aiter__()
+            while True:
+                try:                               # the job slot is held while the body comes: not for ever
+                    chunk = await asyncio.wait_for(chunks.__anext__(), lim.upload_idle_timeout_s)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise InvalidRequest(f"expected the upload's next bytes within upload_idle_timeout_s="
+                                         f"{lim.upload_idle_timeout_s:g} s, got none for that long (after "
+                                         f"{st['size']} bytes of the file)") from None
                 parser.write(chunk)
                 if st["error"] is not None:
                     raise st["error"]
@@ -1265,6 +1290,28 @@ def _public(d: dict) -> dict:
 #: `DELETE /v1/streams/ID` tells its socket the stream was stopped and closes it. Routes read it through
 #: `_writer_of`: Serve ships `build_api`'s closures by value, with copies of the globals they name.
 _WRITERS: "dict[str, _LiveSession]" = {}
+log = logging.getLogger("lms.routes")
+
+#: a job record this old with no decoder actor anywhere is an orphan `DELETE /v1/videos/ID` removes
+ORPHAN_AFTER_S = 10.0
+#: clean-ups of work a cancelled request left running (kept referenced until they end)
+_UNDOING: "set[asyncio.Task]" = set()
+
+
+def _undo_later(fut: "asyncio.Future", undo: Callable[[], object]) -> None:
+    """Once `fut` (a thread's work that a cancelled request no longer awaits) ends well, run `undo` in a thread."""
+    async def run():
+        try:
+            await fut
+        except BaseException:                          # noqa: BLE001 - nothing was made
+            return
+        try:
+            await asyncio.to_thread(undo)
+        except Exception:                              # noqa: BLE001 - an orphan DELETE removes it
+            log.warning("could not undo the work of a cancelled request", exc_info=True)
+    task = asyncio.get_running_loop().create_task(run())
+    _UNDOING.add(task)
+    task.add_done_callback(_UNDOING.discard)
 
 
 def _writer_of(sid: str) -> "_LiveSession | None":
@@ -1307,9 +1354,10 @@ class _LiveSession:
         self.closed = False
         self.push = None                               # PushSource for webm/mp4 byte streams
         self.consumer = None
+        self.close_task: asyncio.Task | None = None    # a delete's close of the socket
 
-    async def send(self, msg: dict) -> None:
-        if self.closed:
+    async def send(self, msg: dict, last: bool = False) -> None:
+        if self.closed and not last:
             return
         async with self.send_lock:
             try:
@@ -1317,11 +1365,11 @@ class _LiveSession:
             except Exception:              # the socket went away: the receive loop ends it
                 self.closed = True
 
-    async def error(self, e: BaseException, qid: str | None = None) -> None:
+    async def error(self, e: BaseException, qid: str | None = None, last: bool = False) -> None:
         d = {"type": "error", **error_dict(client_error(e) if isinstance(e, LmsError) else e)}
         if qid is not None:
             d["id"] = qid
-        await self.send(d)
+        await self.send(d, last)
 
     async def run(self) -> None:
         limit = self.b.settings.limits.max_ws_message_bytes
@@ -1387,14 +1435,18 @@ class _LiveSession:
                 self.drop_timer.cancel()
                 self.drop_timer = None
             await self.report_drops()                  # every shed frame is told before the reply
-            if self.writer:                            # and the record says so once the client hears `stopped`
+            if self._owns():                           # and the record says so once the client hears `stopped`
                 try:
                     await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
                 except LmsError:
                     pass
             await self.send({"type": "stopped", "stream_id": self.sid, "frames": self.frames,
                              "dropped": sum(self.dropped.values())})
-            await self.ws.close(code=1000)
+            if not self.closed and self.close_task is None:   # a delete closed it already
+                try:
+                    await self.ws.close(code=1000)
+                except (RuntimeError, WebSocketDisconnect):
+                    pass
             self.closed = True
             return True
         else:
@@ -1427,11 +1479,12 @@ class _LiveSession:
             await asyncio.to_thread(live.create, sid, {"kind": "push", "source": "websocket", "fps": self.fps,
                                                        "capacity_frames": info.capacity})
         self.token = await asyncio.to_thread(b.cache.acquire_writer, sid)
-        _WRITERS[sid] = self                           # an older writer of the stream (fenced now) is not told
         info = await asyncio.to_thread(b.cache.stream_info, sid)
+        self._check_token(sid, info)
         self.seq = info.total_appended
         self.offset = (info.newest_pts + 1.0 / self.fps) if info.newest_pts is not None else 0.0
         self.sid, self.writer = sid, True
+        _WRITERS[sid] = self                           # an older writer of the stream (fenced now) is not told
         self.sampler = FrameSampler(self.fps)
         self.size = (await b.encoder_info())["size"]
         if fmt in ("webm", "mp4"):                     # a byte stream: demuxed as it comes, sampled at fps
@@ -1442,10 +1495,21 @@ class _LiveSession:
             # a worker from every asyncio.to_thread of this Ingress (a few such sockets starved them all)
             self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lms-push-{sid[:20]}")
             self.consumer = loop.run_in_executor(self._pool, self._consume, loop)
-        # "connecting" (and no last_wall) until a frame is stored: `stream_status` shows live / stalled from then
+        # "connecting" (and no last_wall) until a frame is stored: `stream_status` shows live / stalled from then;
+        # not by a socket fenced meanwhile (taken over or deleted): that record is no longer this socket's
+        try:
+            self._check_token(sid, await asyncio.to_thread(b.cache.stream_info, sid))
+        except StaleWriter:
+            self._fenced()
+            raise
         await asyncio.to_thread(live.update, sid, status="connecting", fps=self.fps)
         await self.send({"type": "started", "stream_id": sid})
         self._follow_events()
+
+    def _check_token(self, sid: str, info) -> None:
+        if info.writer != self.token:
+            raise StaleWriter(f"expected to be the writer of stream {sid!r} (epoch {self.token}), got it taken "
+                              f"over (epoch {info.writer}) while starting: start again to take it back")
 
     def _consume(self, loop) -> None:
         """Thread: frames the PushSource demuxed -> the Encoder, one at a time (its queue is bounded)."""
@@ -1584,16 +1648,31 @@ class _LiveSession:
             res = (await self.b.encode([item]))[0]
             if "error" in res:
                 err = res["error"]
+                if err.get("code") == StaleWriter.code:
+                    self._fenced()
                 await self.send({"type": "error", **client_error_dict(err)})
                 return
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])
             lag = {"lag_s": round(time.monotonic() - t_arrive, 3)} if t_arrive is not None else {}
-            await asyncio.to_thread(self.b.live.update, self.sid, frames=self.seq, last_pts=pts,
-                                    **self.record_counts(), **lag)
+            if self.writer:                        # not once fenced or told of a delete: the record is another's
+                await asyncio.to_thread(self.b.live.update, self.sid, frames=self.seq, last_pts=pts,
+                                        **self.record_counts(), **lag)
             await self.send({"type": "ingested", "frames": self.frames, "last_pts": pts})
         except LmsError as e:
+            if isinstance(e, StaleWriter):
+                self._fenced()
             await self.error(e)
+
+    def _fenced(self) -> None:
+        """Another socket (or a DELETE) took the stream over: this one writes nothing of it from now on, its
+        stop or end marks no record stopped and frees no slot of the new writer's."""
+        self.writer = False
+        if self.sid is not None and _WRITERS.get(self.sid) is self:
+            del _WRITERS[self.sid]
+
+    def _owns(self) -> bool:
+        return self.writer and self.sid is not None and _WRITERS.get(self.sid) is self
 
     def _follow_events(self) -> None:
         """Watch events of this socket's stream arrive as {"type": "event", ...} messages."""
@@ -1667,19 +1746,24 @@ class _LiveSession:
         if _WRITERS.get(sid) is self:
             del _WRITERS[sid]
         kept = "purged: its frames are gone" if purged else "its frames stay"
-        await self.error(NotReady(f"expected to keep streaming to {sid!r}, got the stream deleted (DELETE "
-                                  f"/v1/streams/{sid}; {kept}): start a new stream to go on",
-                                  code="E_STREAM_STOPPED"))
-        self.closed = True
+        told = NotReady(f"expected to keep streaming to {sid!r}, got the stream deleted (DELETE "
+                        f"/v1/streams/{sid}; {kept}): start a new stream to go on", code="E_STREAM_STOPPED")
 
-        async def close():                             # not awaited: the closing handshake may wait on the
-            try:                                       # client, and the DELETE that called this must not
+        self.closed = True                             # nothing else is sent from now on, but `told`
+
+        async def close():                             # not awaited: the error's send and the closing
+            try:                                       # handshake may wait on a client that does not read,
+                await asyncio.wait_for(self.error(told, last=True), 10)   # and the DELETE must not
+            except Exception:                          # noqa: BLE001 - gone, or not reading
+                pass
+            try:
                 await self.ws.close(code=1000, reason="the stream was deleted")
             except Exception:                          # noqa: BLE001 - gone already
                 pass
         self.close_task = asyncio.create_task(close())     # kept (not in `tasks`: release() must not cancel it)
 
     async def release(self) -> None:
+        owned = self._owns()                           # before the entry goes: a fenced socket marks nothing
         if self.sid is not None and _WRITERS.get(self.sid) is self:
             del _WRITERS[self.sid]
         if self.push is not None:
@@ -1689,7 +1773,7 @@ class _LiveSession:
         await self._flush()                            # a socket that went away still stores what it sent
         if self._pool is not None:
             self._pool.shutdown(wait=False)
-        if self.writer and self.sid is not None:
+        if owned and self.writer and _WRITERS.get(self.sid) is None:   # not taken over while flushing
             try:
                 await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
             except LmsError:

@@ -19,6 +19,8 @@ class Limits(BaseModel):
     """What one client can ask of the service; past a limit it gets 413/422/429, never a hang."""
 
     max_upload_bytes: int = Field(2 << 30, ge=1, description="largest upload (413 past it)")
+    upload_idle_timeout_s: float = Field(60.0, gt=0, description="longest wait for an upload's next bytes (422 "
+                                         "past it, its job slot freed: a stalled client holds none for good)")
     max_duration_s: float = Field(6 * 3600.0, gt=0, description="longest video a job ingests (s of video)")
     max_frames_per_job: int = Field(100_000, ge=1, description="most frames sampled from one file")
     max_concurrent_jobs: int = Field(4, ge=1, description="file jobs queued or ingesting at once (429 past it)")

@@ -1607,15 +1607,18 @@ def test_watch_events_sse_resumes_from_last_event_id_and_ends_when_its_stream_is
                             if seqs(got) and seqs(got)[-1] == 3:
                                 break
                     assert seqs(got) == want, (params, last, got)
-                r = await ac.get(f"/v1/streams/{sid}/events", headers={"Last-Event-ID": "x"})
-                assert r.status_code == 422 and "Last-Event-ID" in r.json()["error"]["message"], r.text
+                for bad in ("x", b"\xb2"):                # '\xb2' is '²': isdigit() yet no int (it was a 500)
+                    r = await ac.get(f"/v1/streams/{sid}/events", headers={"Last-Event-ID": bad})
+                    assert r.status_code == 422 and "Last-Event-ID" in r.json()["error"]["message"], r.text
                 async with ac.stream("GET", f"/v1/streams/{sid}/events", headers={"Last-Event-ID": "3"}) as r:
                     lines = r.aiter_lines()
                     assert (await ac.delete(f"/v1/streams/{sid}", params={"purge": "true"})).status_code == 200
                     t0 = time.monotonic()
                     rest = await asyncio.wait_for(_all(lines), 15)
                     took = time.monotonic() - t0
-            told = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            told = {"type": "event"}
+            while told["type"] == "event":               # the three events pushed above come to the socket too
+                told = json.loads(await asyncio.wait_for(ws.recv(), 10))
             with pytest.raises(websockets.ConnectionClosed) as closed:
                 await asyncio.wait_for(ws.recv(), 10)
             return sid, rest, took, told, closed.value
@@ -1629,6 +1632,78 @@ def test_watch_events_sse_resumes_from_last_event_id_and_ends_when_its_stream_is
     assert "purged" in told["message"] and closed.rcvd.code == 1000, (told, closed)
     with service.client() as c:                 # no record left behind by the socket's end
         assert c.get(f"/v1/streams/{sid}").status_code == 404
+
+
+def test_a_socket_taken_over_stops_nothing_of_its_successor_and_stop_after_a_delete_is_quiet(service, media):
+    """A socket whose stream a second socket took over was told E_STALE_WRITER but stayed the writer: its
+    stop wrote status "stopped" over the new writer's record (freeing its slot), so a DELETE then neither
+    fenced nor told the real writer. A `stop` racing a DELETE's close closed the socket twice (an ASGI
+    exception); it ends quietly now (a race this test gives a chance, not a certainty)."""
+    import asyncio
+    import websockets
+    from stream.decode import VideoSource
+    rgb = next(iter(VideoSource(media / "scene.mp4", fps=1.0, resize_to=64))).rgb
+    sid = "take-over-" + os.urandom(3).hex()
+
+    async def frame(ws, pts):
+        await ws.send(json.dumps({"type": "frame", "pts": pts}))
+        await ws.send(_png(rgb))
+        while True:
+            m = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            if m["type"] in ("ingested", "error"):
+                return m
+
+    async def run():
+        hdr = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=service.url, headers=hdr, timeout=30) as ac, \
+                websockets.connect(_ws_url(service), max_size=None) as old, \
+                websockets.connect(_ws_url(service), max_size=None) as new:
+            await old.send(json.dumps({"type": "start", "fps": 1, "format": "png", "stream_id": sid}))
+            assert json.loads(await old.recv())["type"] == "started"
+            assert (await frame(old, 0.0))["type"] == "ingested"
+            await new.send(json.dumps({"type": "start", "fps": 1, "format": "png", "stream_id": sid}))
+            assert json.loads(await new.recv())["type"] == "started"
+            assert (await frame(new, 0.0))["type"] == "ingested"
+            stale = await frame(old, 1.0)
+            assert stale["type"] == "error" and stale["code"] == "E_STALE_WRITER", stale
+            await old.send(json.dumps({"type": "stop"}))
+            while json.loads(await asyncio.wait_for(old.recv(), 30))["type"] != "stopped":
+                pass
+            d = (await ac.get(f"/v1/streams/{sid}")).json()
+            assert d["status"] in ("connecting", "live") and d["kind"] == "push", d
+            assert (await ac.delete(f"/v1/streams/{sid}", params={"purge": "true"})).status_code == 200
+            try:                                     # a stop racing the delete's close: no second close
+                await new.send(json.dumps({"type": "stop"}))
+            except websockets.ConnectionClosed:
+                pass
+            told = json.loads(await asyncio.wait_for(new.recv(), 10))
+            assert told["type"] == "error" and told["code"] == "E_STREAM_STOPPED", told
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await asyncio.wait_for(new.recv(), 10)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000, closed.value
+            assert (await ac.get(f"/v1/streams/{sid}")).status_code == 404
+
+    asyncio.run(run())
+
+
+def test_a_job_record_left_without_a_decoder_is_deleted(service):
+    """A request that ended between creating its job's record and starting its decoder left the record
+    "queued" for good, holding a slot of max_concurrent_jobs: DELETE said 409 E_JOB_RUNNING forever. A
+    record with no decoder anywhere, over ORPHAN_AFTER_S old, is fenced and deleted; a fresh one is not."""
+    from deploy.routes import ORPHAN_AFTER_S
+    from deploy.serving import JobStore
+    store = JobStore(service.redis_url)
+    old, young = "vid-orphan" + os.urandom(3).hex(), "vid-young" + os.urandom(3).hex()
+    store.create(old, {"source": "x.mp4", "fps": 1.0, "created": time.time() - ORPHAN_AFTER_S - 5})
+    store.create(young, {"source": "x.mp4", "fps": 1.0})
+    with httpx.Client(base_url=service.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as c:
+        r = c.delete(f"/v1/videos/{old}")
+        assert r.status_code == 200 and r.json()["deleted"] is True, r.text
+        assert c.get(f"/v1/videos/{old}").status_code == 404
+        r = c.delete(f"/v1/videos/{young}")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "E_JOB_RUNNING", r.text
+    store.delete(young)
 
 
 async def _all(lines) -> list[str]:
@@ -1737,3 +1812,41 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
         assert c.get("/ready").status_code == 200
         again = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]}).json()
         assert again["token_ids"] == before["token_ids"]
+
+
+def test_a_stalled_upload_is_refused_after_upload_idle_timeout_s(tmp_path):
+    """The job slot is reserved before an upload's body is read, and the body had no idle limit: a client
+    that sent part of a file and then nothing held a slot of max_concurrent_jobs for good. After
+    `limits.upload_idle_timeout_s` without bytes the upload is refused (422, naming the setting)."""
+    import asyncio
+    import types
+    from starlette.requests import Request
+    from deploy.routes import _save_upload
+    from deploy.settings import Limits
+    from lmcore.errors import InvalidRequest
+
+    head = (b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v.mp4\"\r\n"
+            b"Content-Type: video/mp4\r\n\r\n" + b"\0" * 1000)
+    sent = []
+
+    async def receive():
+        if not sent:
+            sent.append(1)
+            return {"type": "http.request", "body": head, "more_body": True}
+        await asyncio.sleep(3600)                # the client sends nothing more
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/videos", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=XX")]}
+    b = types.SimpleNamespace(settings=types.SimpleNamespace(limits=Limits(upload_idle_timeout_s=0.5),
+                                                             upload_dir=tmp_path / "up"))
+
+    async def run():
+        t0 = time.monotonic()
+        with pytest.raises(InvalidRequest) as e:
+            await asyncio.wait_for(_save_upload(Request(scope, receive), b, "vid-stall"), 10)
+        return e.value, time.monotonic() - t0
+
+    err, took = asyncio.run(run())
+    assert "upload_idle_timeout_s=0.5" in str(err) and "after 1000 bytes" in str(err) and took < 5, (err, took)
+    assert list((tmp_path / "up").iterdir()) == []          # its partial file is gone
+
