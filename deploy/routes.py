@@ -892,14 +892,15 @@ async def _video_question(b: Backend, d: dict, req_of) -> dict:
     """A question's request over video record `d` (`req_of(gaps)` makes it): a ready video, or what a
     failed job stored, its answer then carrying `job` (its status) and the span never stored in `gaps`.
     The video question routes' and a `/v1/live` socket's attached to a video."""
-    require_answerable(d)
-    newest = None
+    newest, stored = None, None
     if d["status"] != "ready":
         from frame_cache import StreamNotFound
         try:
-            newest = (await asyncio.to_thread(b.cache.stream_info, d["id"])).newest_pts
+            info = await asyncio.to_thread(b.cache.stream_info, d["id"])
+            newest, stored = info.newest_pts, info.count
         except StreamNotFound:
-            pass
+            stored = 0
+    require_answerable(d, stored)
     gaps, job = video_answer_context(d, newest)
     req = req_of(gaps)
     if job is not None:

@@ -672,12 +672,15 @@ def video_status(d: dict) -> dict:
             "created": d.get("created")}
 
 
-def require_answerable(d: dict) -> None:
+def require_answerable(d: dict, stored: int | None = None) -> None:
     """A video's questions are answered once it is ready, and over what a failed job stored (its answers
     carry the job's status, `video_answer_context`); 409 `E_NOT_READY` while it is queued or ingesting,
-    or when it failed before storing a frame."""
+    or when it failed before storing a frame. `stored`: the frames its ring holds (the cache's count; the
+    record's `frames` lags by one progress update), else the record's."""
     st = d["status"]
-    if st == "ready" or (st == "failed" and int(d.get("frames") or 0) > 0):
+    if stored is None:
+        stored = int(d.get("frames") or 0)
+    if st == "ready" or (st == "failed" and stored > 0):
         return
     if st == "failed":
         err = d.get("error") or {}
@@ -689,14 +692,16 @@ def require_answerable(d: dict) -> None:
 
 def video_answer_context(d: dict, newest_pts: float | None) -> tuple[list, dict | None]:
     """(gaps, job) for a question over video `d`: its decode gaps, and for a job that failed part way
-    the span it never stored, `[pts of its last stored frame, end]` (end: the job's window end, else the
-    file's duration; no such gap when neither is known or nothing is missing), with `job` = {"status",
+    the span it never stored, `[pts of its last stored frame, end]` (end: the job's window end, no later than
+    the file's duration; no such gap when neither is known or nothing is missing), with `job` = {"status",
     "error", "frames", "progress"} for the answer to carry. A ready video: its gaps and None."""
     gaps = [list(g) for g in d.get("gaps") or []]
     if d["status"] == "ready":
         return gaps, None
     window = d.get("window")
     end = float(window[1]) if window else d.get("duration_s")
+    if window and d.get("duration_s") is not None:  # a window past the file's end: the gap ends with the file
+        end = min(end, float(d["duration_s"]))
     if newest_pts is not None and end is not None and float(end) > newest_pts:
         gaps.append([float(newest_pts), float(end)])
     job = {"status": d["status"], "error": d.get("error"), "frames": int(d.get("frames") or 0),

@@ -1850,3 +1850,17 @@ def test_a_stalled_upload_is_refused_after_upload_idle_timeout_s(tmp_path):
     assert "upload_idle_timeout_s=0.5" in str(err) and "after 1000 bytes" in str(err) and took < 5, (err, took)
     assert list((tmp_path / "up").iterdir()) == []          # its partial file is gone
 
+
+def test_a_failed_jobs_missing_span_ends_with_the_file_and_its_frames_are_the_rings():
+    """A failed job's answers: the span never stored ended at the window's end even past the file's end;
+    whether it is answerable went by the record's frames, one progress update behind the ring."""
+    from deploy.serving import require_answerable, video_answer_context
+    from lmcore.errors import NotReady
+    d = {"id": "vid-x", "status": "failed", "window": [0.0, 100.0], "duration_s": 30.0, "frames": 0,
+         "error": {"code": "E_DECODE", "message": "bad"}}
+    assert video_answer_context(d, 12.0)[0] == [[12.0, 30.0]]
+    assert video_answer_context({**d, "window": [0.0, 20.0]}, 12.0)[0] == [[12.0, 20.0]]
+    assert video_answer_context({**d, "window": None}, 12.0)[0] == [[12.0, 30.0]]
+    require_answerable(d, stored=5)                  # the ring holds frames the record does not count yet
+    with pytest.raises(NotReady):
+        require_answerable({**d, "frames": 3}, stored=0)
