@@ -160,7 +160,8 @@ def remove_stream(cache, sid: str, redis_url: str | None = None) -> str:
     `GET /v1/streams/ID`), as after `DELETE /v1/videos/ID` or `DELETE /v1/streams/ID?purge=true`, not a
     `ready` video whose questions find no frames. An id whose frames are gone but whose records stay
     (removed by an older `cache rm`) loses its records. Refused, nothing removed, while a file job is
-    queued or ingesting or a source feeds the stream (409 `E_JOB_RUNNING`, as `DELETE` says).
+    queued or ingesting or a source feeds the stream (409 `E_JOB_RUNNING`): this command cannot stop a
+    decoder; `DELETE /v1/videos/ID` cancels a running job, `DELETE /v1/streams/ID` stops a stream.
     Raises `StreamNotFound` when neither frames nor records exist. Returns what was removed, in words."""
     from frame_cache import StreamNotFound, validate_stream_id
     validate_stream_id(sid)
@@ -175,8 +176,9 @@ def remove_stream(cache, sid: str, redis_url: str | None = None) -> str:
                 pass
     job, feed = held.get(JobStore.PART), held.get(LiveStore.PART)
     if job is not None and job["status"] in JobStore.ACTIVE:
-        raise NotReady(f"expected a finished job to remove, got video {sid!r} still {job['status']}; wait for it "
-                       "to finish (a service that stopped marks it failed when it starts again)", code="E_JOB_RUNNING")
+        raise NotReady(f"expected a finished job to remove, got video {sid!r} still {job['status']}; cancel it "
+                       f"with DELETE /v1/videos/{sid}, or wait for it to finish (a service that stopped marks it "
+                       "failed when it starts again)", code="E_JOB_RUNNING")
     if feed is not None and feed["status"] in LiveStore.ACTIVE:
         raise NotReady(f"expected a stopped stream to remove, got stream {sid!r} {feed['status']} (fed by its "
                        f"{'camera' if feed.get('kind') == 'rtsp' else 'socket'}); stop it first: "
