@@ -154,7 +154,8 @@ def test_each_frame_goes_with_its_own_pts_so_none_is_shed_over_fps(open_page, se
     assert pts[0] == 0 and all(a < b for a, b in zip(slots, slots[1:])), pts
     assert pts[-1] < len(pts) + 1, pts                           # 1 frame/s, not fewer
     d = _stream(service, sid)
-    assert d["dropped"] == 0 and p.text("#dropped") == "0", (d, p.text("#log"))
+    # frames sampled out by fps are the record's skipped_by_fps, not dropped: both must be 0
+    assert d["dropped"] == 0 and d.get("skipped_by_fps", 0) == 0 and p.text("#dropped") == "0", (d, p.text("#log"))
 
 
 def test_starting_or_attaching_again_ends_the_previous_socket(open_page, service):
@@ -171,7 +172,8 @@ def test_starting_or_attaching_again_ends_the_previous_socket(open_page, service
     assert _wait_status(service, sid1, "stopped")["status"] == "stopped", _stream(service, sid1)
     p.wait_frames(3)
     time.sleep(1.5)
-    assert _stream(service, sid2)["dropped"] == 0, (_stream(service, sid2), p.text("#log"))   # one timer
+    d2 = _stream(service, sid2)                                  # one timer: nothing shed, nothing over fps
+    assert d2["dropped"] == 0 and d2.get("skipped_by_fps", 0) == 0, (d2, p.text("#log"))
     assert [_types(s)[0] for s in p.sent] == ["start", "start"] and p.sent[0][-1] == '{"type":"stop"}'
     p.attach(sid1)
     p.wait("document.getElementById('status').textContent.startsWith('attached')")
