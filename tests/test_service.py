@@ -486,8 +486,7 @@ def test_policy_errors_are_422_and_streams_urls_respect_job_status(service, medi
         content = [{"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": f"lms://videos/{vid}"}}]
         with pytest.raises(openai.ConflictError):                # still queued / ingesting: not an answer yet
             client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}])
-        r = c.delete(f"/v1/videos/{vid}")
-        assert r.status_code == 409 and r.json()["error"]["code"] == "E_JOB_RUNNING"
+        # (a DELETE now would cancel it: test_a_job_whose_decoder_actor_dies_... covers that)
         assert wait_ready(c, vid)["status"] == "ready"
         with pytest.raises(openai.NotFoundError):
             client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [
