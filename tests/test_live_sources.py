@@ -881,21 +881,13 @@ def test_a_cameras_stream_record_says_what_its_frames_do(camera, redis_url):
     frames 0 and last_pts null), `dropped` 0 for a 10 fps camera at 1 fps (it said 852, the fps sampling,
     now `skipped_by_fps`), lag_s None and last_error set while the camera is away, last_error cleared
     (kept as previous_error) once it is live again, the outage a gap."""
-    from deploy.serving import EncodeItem, LiveStore, run_rtsp_stream, stream_status
+    from deploy.serving import LiveStore, run_rtsp_stream, stream_status
 
     live, ring, sid = LiveStore(redis_url), _Ring(), "cam-record"
     live.delete(sid)
     live.create(sid, {"kind": "rtsp", "source": camera.url(), "fps": 1.0})
     gate = threading.Event()                       # the first frame is stored only once the test opens it
-
-    def encode(items: list[EncodeItem]) -> list[dict]:
-        gate.wait(30)
-        out = []
-        for it in items:
-            ring.pts.extend(it.pts)
-            out.append({"seqs": list(range(len(ring.pts) - len(it.pts), len(ring.pts)))})
-        return out
-
+    encode = _storing(ring, gate)
     stop = threading.Event()
     runner = threading.Thread(target=run_rtsp_stream, args=(sid, camera.url(), 1.0, 32, encode, live, ring, stop),
                               daemon=True)

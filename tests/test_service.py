@@ -596,6 +596,15 @@ def _png(rgb) -> bytes:
     return b.getvalue()
 
 
+async def _push_frames(ws, frames) -> None:
+    """Each (pts, rgb) frame as a PNG after its {"type": "frame"} message, waiting for its "ingested"."""
+    for pts, rgb in frames:
+        await ws.send(json.dumps({"type": "frame", "pts": pts}))
+        await ws.send(_png(rgb))
+        while json.loads(await ws.recv())["type"] != "ingested":
+            pass
+
+
 def _ws_url(service, token=KEY) -> str:
     return service.url.replace("http://", "ws://") + "/v1/live" + (f"?token={token}" if token else "")
 
@@ -727,11 +736,7 @@ def test_retention_over_a_websocket_stream_reports_the_mix_and_stays_exact_in_th
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
             await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png", "retain": retain}))
             sid = json.loads(await ws.recv())["stream_id"]
-            for pts, rgb in frames:
-                await ws.send(json.dumps({"type": "frame", "pts": pts}))
-                await ws.send(_png(rgb))
-                while json.loads(await ws.recv())["type"] != "ingested":
-                    pass
+            await _push_frames(ws, frames)
             hot = await ask(ws, "hot", last_s=10)
             whole = await ask(ws, "all")
             again = await ask(ws, "again")                # the second read comes from the local tier
@@ -1534,11 +1539,7 @@ def test_socket_and_chat_questions_are_measured_like_http_ones(service, media):
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
             await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
             sid = json.loads(await ws.recv())["stream_id"]
-            for pts, rgb in frames:
-                await ws.send(json.dumps({"type": "frame", "pts": pts}))
-                await ws.send(_png(rgb))
-                while json.loads(await ws.recv())["type"] != "ingested":
-                    pass
+            await _push_frames(ws, frames)
             answers = []
             for i in range(2):
                 await ws.send(json.dumps({"type": "ask", "id": f"q{i}", "question": QUESTIONS[i], "max_tokens": 4}))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_service import KEY, _png, _ws_url, media, redis_srv, service  # noqa: F401 (fixtures)
+from tests.test_service import KEY, _push_frames, _ws_url, media, redis_srv, service  # noqa: F401 (fixtures)
 
 # one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
 pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("ray")]
@@ -111,11 +111,7 @@ def fed(service, media) -> str:
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
             await ws.send(json.dumps({"type": "start", "fps": 1}))
             sid = json.loads(await ws.recv())["stream_id"]
-            for pts, rgb in frames:
-                await ws.send(json.dumps({"type": "frame", "pts": pts}))
-                await ws.send(_png(rgb))
-                while json.loads(await ws.recv())["type"] != "ingested":
-                    pass
+            await _push_frames(ws, frames)
             await ws.send(json.dumps({"type": "stop"}))
             assert json.loads(await ws.recv())["frames"] == len(frames)
             return sid
