@@ -1259,8 +1259,9 @@ def check_source(url: str, allow_private: bool) -> str:
     try:                                               # what getaddrinfo (and the camera's FFmpeg) would do
         u.hostname.encode("idna")
     except UnicodeError as e:                          # a label over 63 characters, an empty one (a..b), ...
-        said = str(e).rsplit(": ", 1)[-1].rstrip(")")
-        raise InvalidRequest(f"expected a host name, got {u.hostname[:80]!r}, which cannot be one ({said})") from None
+        from stream.live import host_name_fault
+        raise InvalidRequest(f"expected a host name, got {u.hostname[:80]!r}, which cannot be one "
+                             f"({host_name_fault(e)})") from None
     if not allow_private:
         try:
             infos = socket.getaddrinfo(u.hostname, None)

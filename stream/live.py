@@ -193,6 +193,12 @@ def redact_url(url: str) -> str:
         return "<unparsable URL>"
 
 
+def host_name_fault(exc: UnicodeError) -> str:
+    """What the IDNA codec (getaddrinfo's, FFmpeg's) finds wrong with a host name, in its own words:
+    "label empty or too long" for a label over 63 characters or an empty one (a..b)."""
+    return str(exc).rsplit(": ", 1)[-1].rstrip(")")
+
+
 def _check_rtsp_url(url) -> str:
     if not isinstance(url, str):
         raise BadArgument(f"expected an rtsp:// or rtsps:// URL (a str), got {type(url).__name__}")
@@ -902,8 +908,7 @@ class RtspSource(_LiveSource):
                 return connect, f"a host name that does not exist: {host!r} ({said})", True
             return connect, f"no address for the host name {host!r} this time ({said}; retried)", False
         except UnicodeError as exc:  # the IDNA codec: a label over 63 characters, an empty one, ...
-            said = str(exc).rsplit(": ", 1)[-1].rstrip(")")
-            return connect, f"{host[:80]!r}, which cannot be a host name ({said})", True
+            return connect, f"{host[:80]!r}, which cannot be a host name ({host_name_fault(exc)})", True
         except ConnectionRefusedError:
             return connect, f"connection refused (nothing listens on {hostport})", False
         except TimeoutError:
