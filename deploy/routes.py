@@ -1438,10 +1438,7 @@ class _LiveSession:
                 self.drop_timer = None
             await self.report_drops()                  # every shed frame is told before the reply
             if self._owns():                           # and the record says so once the client hears `stopped`
-                try:
-                    await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
-                except LmsError:
-                    pass
+                await self._mark_stopped()
             await self.send({"type": "stopped", "stream_id": self.sid, "frames": self.frames,
                              "dropped": sum(self.dropped.values())})
             if not self.closed and self.close_task is None:   # a delete closed it already
@@ -1764,6 +1761,13 @@ class _LiveSession:
                 pass
         self.close_task = asyncio.create_task(close())     # kept (not in `tasks`: release() must not cancel it)
 
+    async def _mark_stopped(self) -> None:
+        """The stream's record: stopped, with this socket's counts (a record already gone stays gone)."""
+        try:
+            await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
+        except LmsError:
+            pass
+
     async def release(self) -> None:
         owned = self._owns()                           # before the entry goes: a fenced socket marks nothing
         if self.sid is not None and _WRITERS.get(self.sid) is self:
@@ -1776,7 +1780,4 @@ class _LiveSession:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
         if owned and self.writer and _WRITERS.get(self.sid) is None:   # not taken over while flushing
-            try:
-                await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
-            except LmsError:
-                pass
+            await self._mark_stopped()
