@@ -33,7 +33,7 @@ def cpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default="out/bench_cpu.png", help="PNG path for the latency plot ('' for none)")
     p.add_argument("--shapes-from", default=None,
                    help="a checkpoint folder whose sizes to use (random weights), e.g. checkpoints/demo")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--threads", type=_whole_number, default=1,
                    help="torch CPU threads (default 1: see the module docstring; 0 keeps torch's default)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.add_argument("--out", help="also write the JSON to this file")
@@ -49,7 +49,7 @@ def gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=_positive_int, default=2, help="timed runs per case (after one warm-up per kind)")
     p.add_argument("--min-frames", type=_positive_int, default=64, help="frames per ingest measurement (at least)")
     p.add_argument("--clip-attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--eager-batch", type=_positive_int, default=32, help="also time ingest with eager CLIP attention at "
+    p.add_argument("--eager-batch", type=_whole_number, default=32, help="also time ingest with eager CLIP attention at "
                    "this batch (0: skip)")
     p.add_argument("--variants", default="streamed,resident,streamed-fp8kv,streamed-mmap,engine-as-shipped")
     p.add_argument("--mmap-frames", type=_positive_int, default=1024, help="frames in the memory-mapped K/V file of the "
@@ -117,14 +117,20 @@ def _frame_counts(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return v
+def _int_at_least(minimum: int):
+    def check(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = minimum - 1
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return v
+    return check
+
+
+_positive_int = _int_at_least(1)
+_whole_number = _int_at_least(0)             # where 0 means something: --threads (torch's default), --eager-batch (skip)
 
 
 def _positive_float(text: str) -> float:

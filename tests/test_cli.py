@@ -181,6 +181,14 @@ def test_eval_demo_and_bench_refuse_bad_options_before_any_work(tmp_path):
     for args, says in ((["flops", "--frames", "-5"], "frame counts"), (["memory", "--frames", "abc"], "frame counts"),
                        (["flops", "--budget", "0"], "a whole number >= 1")):
         assert_one_line_error(run("bench", *args), "E_BAD_ARGUMENT", says)
+    import argparse
+    from benchmarks.cli import cpu_arguments, gpu_arguments
+    for add, opt in ((cpu_arguments, "--threads"), (gpu_arguments, "--eager-batch")):   # 0 is their documented
+        p = argparse.ArgumentParser(exit_on_error=False)                                 # "torch's default" / "skip"
+        add(p)
+        assert getattr(p.parse_args([opt, "0"]), opt[2:].replace("-", "_")) == 0
+        with pytest.raises(argparse.ArgumentError, match="a whole number >= 0"):
+            p.parse_args([opt, "-1"])
 
 
 def test_make_tiny_never_writes_over_files_and_commands_are_named(tmp_path):
