@@ -1341,8 +1341,7 @@ class _LiveSession:
         self.frames = 0
         self.dropped = {"over fps": 0, "encoder busy": 0, "bad frame": 0}
         self.reported: dict[str, int] = {}            # of `dropped`, what `dropped` messages have said so far
-        self.push_seen: dict[str, int] = {}           # of a byte stream's PushSource.dropped_why, what is counted
-        self.push_skipped_seen = 0                     # of its PushSource.skipped_by_fps, what is counted
+        self.push_seen: dict[str, int] = {}           # of a byte stream's PushSource counts, what is told
         self.last_dropped_msg = 0.0
         self.drop_timer: asyncio.Task | None = None    # reports drops of the current second when it ends
         self.last_why = ""
@@ -1568,19 +1567,15 @@ class _LiveSession:
             self.busy = False
 
     #: a byte stream's reasons (`stream.live.PushSource.dropped_why`) in this socket's words
-    PUSH_REASONS = {"queue_full": "queue full", "pts_backwards": "bad frame", "decode_error": "bad frame"}
+    PUSH_REASONS = {"over_fps": "over fps", "queue_full": "queue full", "pts_backwards": "bad frame",
+                    "decode_error": "bad frame"}
 
     def _count_push_drops(self) -> str | None:
         """Adds the frames the byte stream's PushSource skipped by sampling (`skipped_by_fps`, told as "over
         fps", as a JPEG socket's) or shed since the last look to `dropped`, under their reasons; returns the
         last new reason, a shed one before "over fps" (None: nothing new)."""
         last = None
-        skipped = self.push.skipped_by_fps
-        if skipped > self.push_skipped_seen:
-            last = "over fps"
-            self.dropped[last] += skipped - self.push_skipped_seen
-            self.push_skipped_seen = skipped
-        now = self.push.dropped_why
+        now = {"over_fps": self.push.skipped_by_fps, **self.push.dropped_why}     # "over fps" first: see above
         for k, v in now.items():
             new = v - self.push_seen.get(k, 0)
             if new > 0:
