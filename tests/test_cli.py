@@ -428,8 +428,8 @@ def test_port_free_sees_a_port_held_on_ipv4_or_ipv6_alone(family, address):
         if family == socket.AF_INET6:
             held.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
-            held.bind((address, 0))
-        except OSError:
+            held.bind((address, rs.free_port()))        # outside the ephemeral range: port 0 gave one that an
+        except OSError:                                 # outgoing connection could take before the last check
             pytest.skip(f"cannot bind {address} here")
         held.listen()
         port = held.getsockname()[1]
