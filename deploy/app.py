@@ -8,7 +8,8 @@ Roles:
 * `Encoder`  - one model per replica; `encode` is a `@serve.batch` method, so requests from any
                number of file jobs (streams) share one batched pass; writes the Redis ring.
 * `Answerer` - one model per replica; `answer` streams a question's events (token by token).
-* `FileSource` - a Ray actor per file job: decode, sample, shrink frames, send them to the Encoder.
+* `FileSource` - a Ray actor per file job: decode, sample, shrink frames, send them to the Encoder;
+               `Settings.warm_decoders` of them wait started, so a job starts at once.
 
 Concurrency on a model replica: encoding batches and questions run on worker threads and take the
 model's lock per forward pass, so a replica runs one forward at a time (questions interleave their
@@ -19,10 +20,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 import ray
 from ray import serve
+
+from lmcore.errors import NotFound
 
 from .routes import build_api, set_backend
 from .serving import (
@@ -145,17 +149,32 @@ class _StreamLease:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class FileSource:
-    """One file job: decode -> Encoder batches -> ring; status in Redis."""
+    """One file job: decode -> Encoder batches -> ring; status in Redis. The Ingress keeps
+    `Settings.warm_decoders` of them started and idle (`warm` run), so a job does not wait for a worker."""
+
+    def __init__(self):
+        self.ready = False
+
+    def warm(self, encoder, settings: dict) -> bool:
+        """Everything `run` needs, ready before a job is given: the imports (torch came with this
+        module), the Redis connections and the Encoder handle's router (one `info` call)."""
+        from frame_cache import open_cache
+        import stream.decode  # noqa: F401 - PyAV with it
+        s = Settings.model_validate(settings)
+        self.encoder, self.store, self.cache = encoder, JobStore(s.redis_url), open_cache(s.redis_url)
+        encoder.info.remote().result()
+        self.ready = True
+        return True
 
     def run(self, job: FileJob, encoder, settings: dict) -> dict:
-        from frame_cache import open_cache
-        s = Settings.model_validate(settings)
-        store = JobStore(s.redis_url)
-        cache = open_cache(s.redis_url)
+        """The job, on what `warm` made ready (calls run in order: a spare's `warm` ran first; one whose
+        `warm` failed, or a fresh actor, does it here)."""
+        if not self.ready:
+            self.warm(encoder, settings)
         try:
-            return run_file_job(job, lambda items: encoder.encode.remote(items).result(), store, cache)
+            return run_file_job(job, lambda items: self.encoder.encode.remote(items).result(), self.store, self.cache)
         finally:
-            cache.close()
+            self.cache.close()
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
@@ -221,6 +240,8 @@ class RayBackend:
         self._info: dict | None = None
         self._sources: dict[str, tuple[asyncio.Task, Any]] = {}    # running jobs: (watcher task, actor)
         self._cancelled: set[str] = set()                            # jobs DELETE is cancelling
+        self._spares: list[tuple[Any, str, Any]] = []                # idle decoders: (actor, name, warm ref)
+        self._fill_spares()
 
     def encoder_stats(self) -> dict:
         """The Encoder replica's totals (blocking: called from the metrics thread)."""
@@ -239,10 +260,51 @@ class RayBackend:
         a, b = await asyncio.gather(self.encoder.ready.remote(), self.answerer.ready.remote())
         return bool(a and b)
 
+    # -- file jobs: a decoder actor each, taken from the warm spares ---------------------------------
+    def _new_source(self) -> tuple[Any, str, Any]:
+        name = "lms-src-" + uuid.uuid4().hex[:16]
+        actor = FileSource.options(name=name).remote()
+        return actor, name, actor.warm.remote(self.encoder, self.settings.model_dump())
+
+    def _fill_spares(self) -> None:
+        """Start decoders until `warm_decoders` are idle (each starts in the background)."""
+        while len(self._spares) < self.settings.warm_decoders:
+            self._spares.append(self._new_source())
+
+    async def _take_source(self) -> tuple[Any, str, Any]:
+        """An idle decoder: a warm spare (one still starting is taken too: it is ahead of a new one),
+        skipping a spare whose start failed (its worker died); a new actor when there is none."""
+        while self._spares:
+            actor, name, warm = self._spares.pop(0)
+            done, _ = ray.wait([warm], timeout=0)
+            if done:
+                try:
+                    await warm
+                except Exception as e:                 # noqa: BLE001 - a dead spare: never given a job
+                    log.warning("a warm decoder %s died idle (%s); starting another", name, type(e).__name__)
+                    try:
+                        ray.kill(actor)
+                    except Exception:                  # noqa: BLE001 - already gone
+                        pass
+                    continue
+            return actor, name, warm
+        return self._new_source()
+
     async def start_job(self, job: FileJob) -> None:
-        actor = FileSource.options(name=f"lms-src-{job.job_id}").remote()
-        ref = actor.run.remote(job, self.encoder, self.settings.model_dump())
-        self._sources[job.job_id] = (asyncio.get_running_loop().create_task(self._watch_job(job, actor, ref)), actor)
+        actor, name, warm = await self._take_source()
+        try:
+            # the record names its decoder: `job_runs` finds it from any Ingress
+            if not await asyncio.to_thread(self.store.update, job.job_id, decoder=name):
+                self._spares.insert(0, (actor, name, warm))   # deleted already: nothing to run
+                return
+            ref = actor.run.remote(job, self.encoder, self.settings.model_dump())
+            self._sources[job.job_id] = (asyncio.get_running_loop().create_task(self._watch_job(job, actor, ref)),
+                                         actor)
+        except BaseException:
+            ray.kill(actor)
+            raise
+        finally:
+            self._fill_spares()
 
     async def cancel_job(self, job_id: str) -> bool:
         """`DELETE /v1/videos/ID` of a job still queued or ingesting: its decoder actor is killed and waited
@@ -271,7 +333,13 @@ class RayBackend:
 
         def look() -> bool:
             try:
-                ray.get_actor(f"lms-src-{job_id}")
+                name = self.store.get(job_id).get("decoder")
+            except NotFound:
+                return False
+            if not name:
+                return False
+            try:
+                ray.get_actor(name)
                 return True
             except ValueError:
                 return False

@@ -65,6 +65,9 @@ class Settings(BaseModel):
             memory-mapped files of the full records its questions read, refilled from Redis);
             0 turns it off (every question reads keys/values from Redis).
         local_kv_dir: folder of that tier's (nameless) files (default: data_dir/kv-tier).
+        warm_decoders: file-job decoder actors (`FileSource`) kept started and idle, so that a new job
+            starts at once instead of waiting ~3 s for a Ray worker to start and import torch, PyAV and
+            the service; each costs one idle worker process (~300 MB). 0: a fresh actor per job.
         limits: `Limits`.
     """
 
@@ -88,6 +91,7 @@ class Settings(BaseModel):
     serve_batch_wait_s: float = Field(0.02, ge=0, le=10)
     local_kv_bytes: int = Field(8 << 30, ge=0)
     local_kv_dir: str | None = None
+    warm_decoders: int = Field(1, ge=0, le=64)
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("allowed_dirs")
@@ -126,6 +130,8 @@ class Settings(BaseModel):
             d["serve_batch_wait_s"] = float(env["LMSTREAM_SERVE_BATCH_WAIT_S"])
         if env.get("LMSTREAM_LOCAL_KV_BYTES"):
             d["local_kv_bytes"] = int(env["LMSTREAM_LOCAL_KV_BYTES"])
+        if env.get("LMSTREAM_WARM_DECODERS"):
+            d["warm_decoders"] = int(env["LMSTREAM_WARM_DECODERS"])
         if env.get("LMSTREAM_LOCAL_KV_DIR"):
             d["local_kv_dir"] = env["LMSTREAM_LOCAL_KV_DIR"]
         if env.get("LMSTREAM_ALLOWED_DIRS"):

@@ -396,6 +396,8 @@ def test_a_job_whose_decoder_actor_dies_fails_at_once_and_frees_its_slot(service
     from stream.synthetic import make_scene, write_video
     write_video(make_scene(13, 1800, size=(64, 64)), tmp_path / "half-hour.mp4")    # 1,800 frames at 1 fps
     before = _uploads(service)
+    spares = _idle_decoders(service)                  # `warm_decoders` (1) started before any job asks
+    assert len(spares) == 1, spares
     with service.client() as c:
         with open(tmp_path / "half-hour.mp4", "rb") as f:
             r = c.post("/v1/videos", files={"file": ("half-hour.mp4", f, "video/mp4")})
@@ -409,6 +411,7 @@ def test_a_job_whose_decoder_actor_dies_fails_at_once_and_frees_its_slot(service
             if d["status"] == "ingesting" and d["frames"] > 0 and pids:
                 break
             time.sleep(0.1)
+        assert pids == spares                         # the job runs on the warm decoder, not a new worker
         for p in pids:
             os.kill(p, signal.SIGKILL)
         d = wait_ready(c, vid, timeout=60)
@@ -449,6 +452,20 @@ def test_a_job_whose_decoder_actor_dies_fails_at_once_and_frees_its_slot(service
         finally:
             cache.close()
         assert _uploads(service) == before and not _descendants_titled(service.proc.pid, "ray::FileSource.run")
+        assert len(_idle_decoders(service)) == 1     # taken spares were replaced; the jobs' own actors are gone
+
+
+def _idle_decoders(service, timeout: float = 60.0) -> list[int]:
+    """The service's FileSource actors started and idle (title ``ray::FileSource`` with no method),
+    once none is still starting (``ray::FileSource.warm``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        every = _descendants_titled(service.proc.pid, "ray::FileSource")
+        busy = _descendants_titled(service.proc.pid, "ray::FileSource.")
+        if not set(busy) - set(_descendants_titled(service.proc.pid, "ray::FileSource.run")) or \
+                time.monotonic() > deadline:
+            return sorted(set(every) - set(busy))
+        time.sleep(0.2)
 
 
 def test_uploads_stream_to_the_data_folder_and_rejects_leave_nothing(service, media):
