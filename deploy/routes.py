@@ -46,6 +46,7 @@ from .serving import (
     JobStore,
     LiveStore,
     WatchStore,
+    carried_counts,
     check_allowed,
     check_regular_file,
     decode_image,
@@ -727,7 +728,8 @@ def build_api() -> FastAPI:
            a bad image, a byte stream's queue full: never an unbounded queue), at most one a second:
            `frames` (and `by_reason`) count the frames since the previous one, `total` those of the whole
            socket; every such frame is reported before `stopped`. The stream's record keeps the shed ones
-           as `dropped`, the sampled-out ones as `skipped_by_fps` (`record_counts`).
+           as `dropped`, the sampled-out ones as `skipped_by_fps` (`record_counts`), totals over every
+           socket that fed the stream (a continued stream's go on from what it had).
         3. `{"type": "ask", "id", "question", "last_s" | "window", "policy", "max_tokens", "choices"}` at any time ->
            `{"type": "token", "id", "text"}` ... `{"type": "answer", "id", ...answer fields}`.
         4. `{"type": "attach", "stream_id"}`: ask about a stream someone else feeds (read only); a video's id
@@ -1340,6 +1342,8 @@ class _LiveSession:
         self.offset = 0.0
         self.frames = 0
         self.dropped = {"over fps": 0, "encoder busy": 0, "bad frame": 0}
+        self.why0: dict[str, int] = {}                # the stream's counts before this socket (`record_counts`)
+        self.skipped0 = 0
         self.reported: dict[str, int] = {}            # of `dropped`, what `dropped` messages have said so far
         self.push_seen: dict[str, int] = {}           # of a byte stream's PushSource counts, what is told
         self.last_dropped_msg = 0.0
@@ -1477,6 +1481,9 @@ class _LiveSession:
             await asyncio.to_thread(live.create, sid, {"kind": "push", "source": "websocket", "fps": self.fps,
                                                        "capacity_frames": info.capacity})
         self.token = await asyncio.to_thread(b.cache.acquire_writer, sid)
+        # the counts of the stream's earlier sockets go on: read once the older writer is fenced (its frames
+        # are refused from now on, so it writes no newer counts but those of a frame stored before this)
+        self.why0, self.skipped0 = carried_counts(await asyncio.to_thread(live.get, sid))
         info = await asyncio.to_thread(b.cache.stream_info, sid)
         self._check_token(sid, info)
         self.seq = info.total_appended
@@ -1616,12 +1623,17 @@ class _LiveSession:
                          "total": sum(self.dropped.values())})
 
     def record_counts(self) -> dict:
-        """This socket's counts as the stream record keeps them: `dropped` / `dropped_why` the frames shed
-        (encoder busy, bad frame, queue full), `skipped_by_fps` those sampled out. The socket's `dropped`
-        messages tell both (a client pushing faster than fps learns it); the record, as a camera's, calls
-        sampling no loss."""
-        shed = {k: v for k, v in self.dropped.items() if k != "over fps" and v}
-        return {"dropped": sum(shed.values()), "dropped_why": shed, "skipped_by_fps": self.dropped["over fps"]}
+        """The stream's counts as its record keeps them: `dropped` / `dropped_why` the frames shed (encoder
+        busy, bad frame, queue full), `skipped_by_fps` those sampled out, each the stream's total: what it
+        had when this socket started (earlier sockets that fed it, `carried_counts`) plus this socket's.
+        The socket's `dropped` messages tell both of its own (a client pushing faster than fps learns it);
+        the record, as a camera's, calls sampling no loss."""
+        shed = dict(self.why0)
+        for k, v in self.dropped.items():
+            if k != "over fps" and v:
+                shed[k] = shed.get(k, 0) + v
+        return {"dropped": sum(shed.values()), "dropped_why": shed,
+                "skipped_by_fps": self.skipped0 + self.dropped["over fps"]}
 
     async def encode(self, rgb, pts: float, t_arrive: float | None = None) -> None:
         try:
@@ -1757,7 +1769,7 @@ class _LiveSession:
         self.close_task = asyncio.create_task(close())     # kept (not in `tasks`: release() must not cancel it)
 
     async def _mark_stopped(self) -> None:
-        """The stream's record: stopped, with this socket's counts (a record already gone stays gone)."""
+        """The stream's record: stopped, with its counts (`record_counts`; a record already gone stays gone)."""
         try:
             await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
         except LmsError:

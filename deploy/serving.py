@@ -716,7 +716,9 @@ class LiveStore(JobStore):
     """Live streams' status in Redis (``lms:{<id>}:live``, set ``lms:live``): source, kind (rtsp |
     push), fps, status, frames, last_pts, lag_s, gaps, last_error, dropped (frames shed, by reason in
     dropped_why; never those skipped by fps sampling: skipped_by_fps), last_wall (Unix time of the newest
-    stored frame), and for cameras frames_received, previous_error. Same storage and errors as jobs.
+    stored frame), and for cameras frames_received, previous_error. The counts are the stream's totals over
+    its sources (a camera's restarts, each socket that continues it: `carried_counts`). Same storage and
+    errors as jobs.
     A socket writes "connecting" at its start (clearing last_wall) and last_pts / last_wall with each stored
     frame, never "live" (a write racing a DELETE could bring a stopped stream back): `stream_status` derives
     connecting / live / stalled from last_wall."""
@@ -776,6 +778,15 @@ def stream_status(d: dict, now: float | None = None) -> dict:
     if out["status"] in ("connecting", "stalled", "reconnecting"):
         out["lag_s"] = None
     return out
+
+
+def carried_counts(d: dict) -> tuple[dict, int]:
+    """A stream record's counts that its next source goes on from (a camera's source started again, a socket
+    that continues the stream): (dropped_why, skipped_by_fps). The record keeps the stream's totals across
+    its sources, so each adds its own to these. A record written before sampling was told apart from
+    shedding has the sampled-out frames in dropped_why: "rate" (a camera's), "over fps" (a socket's)."""
+    why = {k: int(v) for k, v in (d.get("dropped_why") or {}).items()}
+    return why, int(d.get("skipped_by_fps") or 0) + why.pop("rate", 0) + why.pop("over fps", 0)
 
 
 class FrameSampler:
@@ -841,10 +852,7 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     # one publish at a time, snapshot to write: the status thread's snapshot taken before the first frame was
     # stored ("connecting") must not land after the frame loop's "live"; none after the final status
     lock = threading.RLock()
-    # counts of earlier sources of this stream go on (a record from before sampling was told apart from
-    # shedding has it as dropped_why["rate"])
-    why0 = {k: int(v) for k, v in (before.get("dropped_why") or {}).items()}
-    skipped0 = int(before.get("skipped_by_fps") or 0) + why0.pop("rate", 0)
+    why0, skipped0 = carried_counts(before)             # counts of earlier sources of this stream go on
     received0 = int(before.get("frames_received") or 0)
 
     def publish(force: bool = False):

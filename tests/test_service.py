@@ -949,6 +949,59 @@ def test_websocket_tells_every_dropped_frame_before_stopped_and_names_open_windo
     assert d["skipped_by_fps"] == 45, d
 
 
+def test_a_stream_continued_on_a_new_socket_adds_its_counts_to_the_records(service):
+    """A socket that continues a stream (`start` with its id, as after a reconnect) adds its shed and
+    sampled-out frames to the stream record's `dropped` / `skipped_by_fps`: the record holds the stream's
+    totals (it had the new socket's counts alone, the earlier socket's forgotten), from the new socket's
+    first stored frame to its stop. Its own `stopped` still counts its own frames."""
+    import asyncio
+    import websockets
+    rgb = np.full((64, 64, 3), 90, np.uint8)
+    png = _png(rgb)
+
+    async def feed(ws):
+        """pts 0 stored, 0.5 over the 1 fps rate, 1.0 not an image, 2.0 stored: 1 shed, 1 skipped."""
+        await _push_frames(ws, [(0.0, rgb)])
+        for pts, data in ((0.5, png), (1.0, b"not an image")):
+            await ws.send(json.dumps({"type": "frame", "pts": pts}))
+            await ws.send(data)
+        await _push_frames(ws, [(2.0, rgb)])           # its record update carries the two above
+
+    def record(c, sid):
+        d = c.get(f"/v1/streams/{sid}").json()
+        return {k: d[k] for k in ("status", "frames", "dropped", "dropped_why", "skipped_by_fps")}
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            await feed(ws)
+        # the socket went away without stop: its release marks the record stopped with its counts
+        with service.client() as c:
+            deadline = time.monotonic() + 30
+            while (first := record(c, sid))["status"] != "stopped" and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:   # the reconnect
+            await ws.send(json.dumps({"type": "start", "stream_id": sid, "fps": 1, "format": "png"}))
+            assert json.loads(await ws.recv()) == {"type": "started", "stream_id": sid}
+            await feed(ws)
+            with service.client() as c:
+                fed = record(c, sid)                   # while the second socket is open
+            await ws.send(json.dumps({"type": "stop"}))
+            while (stopped := json.loads(await ws.recv()))["type"] != "stopped":
+                assert stopped["type"] in ("dropped", "error"), stopped
+        with service.client() as c:
+            return first, fed, stopped, record(c, sid)
+
+    first, fed, stopped, last = asyncio.run(session())
+    assert first == {"status": "stopped", "frames": 2, "dropped": 1, "dropped_why": {"bad frame": 1},
+                     "skipped_by_fps": 1}, first
+    totals = {"frames": 4, "dropped": 2, "dropped_why": {"bad frame": 2}, "skipped_by_fps": 2}
+    assert fed == {"status": fed["status"], **totals} and fed["status"] in ("live", "stalled"), fed
+    assert last == {"status": "stopped", **totals}, last
+    assert stopped["frames"] == 2 and stopped["dropped"] == 2, stopped     # the socket's own: 1 shed, 1 over fps
+
+
 def test_websocket_webm_byte_stream(service):
     """format webm: MediaRecorder-style chunks of one VP8 WebM stream, demuxed as they come. Frames
     sampled out by fps are told on the socket as "over fps", as a JPEG socket's (they were not told at
