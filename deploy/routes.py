@@ -206,12 +206,10 @@ class Metrics:
 
 
 def _retain(spec) -> dict | None:
-    """A request's `retain` (docs/design.md section 9) checked and normalised for the stream's meta."""
+    """A request's `retain` (docs/design.md section 9) checked and normalised for the stream's meta (a bad
+    one: the library's `E_BAD_ARGUMENT`, which `client_error` makes 422 where the client is told)."""
     from frame_cache.retention import Retention
-    try:
-        r = Retention.parse(spec)
-    except BadArgument as e:                  # a request field: 422 like every other field error
-        raise InvalidRequest(e.message) from None     # its words, not str(e): that would embed a second code
+    r = Retention.parse(spec)
     return None if r is None else r.to_dict()
 
 
@@ -944,7 +942,8 @@ def _status_error(ev: dict) -> LmsError:
 
 def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps, choices=None) -> dict:
     """A question's request for `Backend.answer_events`, checked against the limits first (the HTTP
-    routes and the WebSocket's ask alike): max_tokens, the question's length, the policy, choices."""
+    routes and the WebSocket's ask alike): max_tokens, the question's length, the policy, choices (a bad
+    policy: the library's `E_BAD_ARGUMENT`, which `client_error` makes 422 where the client is told)."""
     lim = b.settings.limits
     if max_tokens > lim.max_tokens:
         raise InvalidRequest(f"expected max_tokens <= {lim.max_tokens}, got {max_tokens}")
@@ -952,10 +951,7 @@ def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens,
         raise PayloadTooLarge(f"expected a question of at most {lim.max_question_chars} characters, "
                               f"got {len(question)}")
     from model.llava_mini import FusionPolicy
-    try:
-        FusionPolicy.parse(policy)
-    except BadArgument as e:
-        raise InvalidRequest(e.message) from None
+    FusionPolicy.parse(policy)
     req = {"stream_id": sid, "question": question, "window": list(window) if window else None,
            "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}
     return _with_choices(req, lim, choices)
