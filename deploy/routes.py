@@ -1670,6 +1670,10 @@ class _LiveSession:
         """Another socket (or a DELETE) took the stream over: this one writes nothing of it from now on, its
         stop or end marks no record stopped and frees no slot of the new writer's."""
         self.writer = False
+        self._unlist()
+
+    def _unlist(self) -> None:
+        """No longer this Ingress's writer of its stream (`_WRITERS`): a DELETE does not tell this socket."""
         if self.sid is not None and _WRITERS.get(self.sid) is self:
             del _WRITERS[self.sid]
 
@@ -1744,9 +1748,7 @@ class _LiveSession:
         """`DELETE /v1/streams/ID` stopped the stream this socket feeds (its writer fenced already): the
         socket is told so, as an error, and closed 1000; its frames still on the way are refused."""
         sid = self.sid
-        self.writer = False                            # release() must not mark (or re-create) the record
-        if _WRITERS.get(sid) is self:
-            del _WRITERS[sid]
+        self._fenced()                                 # release() must not mark (or re-create) the record
         kept = "purged: its frames are gone" if purged else "its frames stay"
         told = NotReady(f"expected to keep streaming to {sid!r}, got the stream deleted (DELETE "
                         f"/v1/streams/{sid}; {kept}): start a new stream to go on", code="E_STREAM_STOPPED")
@@ -1773,8 +1775,7 @@ class _LiveSession:
 
     async def release(self) -> None:
         owned = self._owns()                           # before the entry goes: a fenced socket marks nothing
-        if self.sid is not None and _WRITERS.get(self.sid) is self:
-            del _WRITERS[self.sid]
+        self._unlist()                                 # not `_fenced`: the flush below still writes the record
         if self.push is not None:
             self.push.stop()
         for t in list(self.tasks):
