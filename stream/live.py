@@ -193,6 +193,11 @@ def redact_url(url: str) -> str:
         return "<unparsable URL>"
 
 
+def _host_port(host: str, port: int) -> str:
+    """``host:port`` as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def host_name_fault(exc: UnicodeError) -> str:
     """What the IDNA codec (getaddrinfo's, FFmpeg's) finds wrong with a host name, in its own words:
     "label empty or too long" for a label over 63 characters or an empty one (a..b)."""
@@ -859,7 +864,7 @@ class RtspSource(_LiveSource):
                             code=E_SOURCE_LOST), False
         if isinstance(exc, ConnectionRefusedError):
             return LmsError(f"expected a connection to {url}, got connection refused (nothing listens on "
-                            f"{self._host_port()})", code=E_SOURCE_UNREACHABLE), False
+                            f"{_host_port(*self._address())})", code=E_SOURCE_UNREACHABLE), False
         if not isinstance(exc, (av.FFmpegError, OSError, ValueError, TimeoutError)):
             raise exc  # not a network or media error: a bug of ours
         # FFmpeg's RTSP demuxer says "Invalid data found when processing input" (or times out, or EIO) for
@@ -883,11 +888,10 @@ class RtspSource(_LiveSource):
             return InputNotFound(msg), True
         return LmsError(msg, code=E_SOURCE_UNREACHABLE), False
 
-    def _host_port(self) -> str:
+    def _address(self) -> tuple[str, int]:
+        """The camera's host and port: the URL's, else the scheme's default (rtsp 554, rtsps 322)."""
         parts = urllib.parse.urlsplit(self.url)
-        host = parts.hostname or ""
-        port = parts.port or (322 if parts.scheme.lower() == "rtsps" else 554)
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return parts.hostname or "", parts.port or (322 if parts.scheme.lower() == "rtsps" else 554)
 
     def _probe(self) -> tuple[str, str | None, bool]:
         """(what was expected, what happened in words or None, permanent) from a plain TCP connection to the
@@ -897,8 +901,8 @@ class RtspSource(_LiveSource):
         answers RTSP (or accepts a connection: rtsps://, whose TLS the probe does not speak): the failure lies
         further on. Runs only after a failed open, so it costs a reconnect at most its timeouts more."""
         parts = urllib.parse.urlsplit(self.url)
-        host, hostport = parts.hostname or "", self._host_port()
-        port = int(hostport.rsplit(":", 1)[1])
+        host, port = self._address()
+        hostport = _host_port(host, port)
         connect = f"a connection to {self._shown_url}"
         try:
             sock = socket.create_connection((host, port), timeout=self.open_timeout_s)
