@@ -566,6 +566,12 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
             if frames + len(buf) >= job.max_frames:
                 raise PayloadTooLarge(f"expected at most {job.max_frames} frames per video at {job.fps:g} fps, got "
                                       "more (ask for a window or a lower fps)")
+            if f.pts - (start or 0.0) > job.max_duration_s:     # a header that said less (or nothing): the frames
+                if buf:                                          # decide; those within the limit are kept
+                    flush()
+                said = f"{dur:.0f} s" if dur is not None else "no duration"
+                raise PayloadTooLarge(f"expected a video of at most {job.max_duration_s:g} s, got a frame at "
+                                      f"{f.pts:.0f} s (the file declares {said}; ask for a window, or raise the limit)")
             if f.rgb.ndim == 2 or f.rgb.shape[-1] != 3:
                 raise BadArgument(f"expected RGB frames, got shape {tuple(f.rgb.shape)}")
             buf.append(f.rgb if job.size is None or f.rgb.shape[:2] == (job.size, job.size) else
@@ -580,7 +586,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                     last_update = now
         if buf:
             flush()
-        rep = src.report
+        rep = src.report                                    # its duration_s: the frames' where the header was wrong
         store.update(job.job_id, status="ready", frames=frames, progress=1.0,
                      gaps=[list(g) for g in rep.gaps], decode_errors=rep.errors[:5],
                      duration_s=rep.duration_s if rep.duration_s is not None else dur)

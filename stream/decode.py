@@ -109,6 +109,12 @@ _SUSPECT_PACKETS = 3
 _FALLBACK_FPS = 25.0
 
 
+def _end_slack(nominal: float) -> float:
+    """How far (seconds) the last frame may end before a declared duration without the file's tail
+    counting as missing: a few frame intervals, plus half a second for a long last frame."""
+    return 3 * nominal + 0.5
+
+
 @dataclass(frozen=True, eq=False)
 class Frame:
     """One sampled video frame.
@@ -141,8 +147,10 @@ class VideoInfo:
         path: the input path as given (``str``).
         format_name: FFmpeg container (demuxer) name, e.g. ``"mov,mp4,m4a,3gp,3g2,mj2"``.
         codec_name: FFmpeg decoder name of the chosen video stream, e.g. ``"h264"``.
-        duration_s: duration of the video stream in seconds, ``None`` if unknown
-            (and always ``None`` for still images).
+        duration_s: the duration the file declares for its video stream, in seconds
+            (its header: all that is known before decoding), ``None`` if it declares
+            none; ``0.0`` for a still image (one frame, at 0 s, with no length).
+            Decoding may find it wrong: see `DecodeReport.duration_s`.
         source_fps: average frame rate declared by the file, ``None`` if unknown
             or for still images.
         width: width in pixels of the upright picture (after the display
@@ -171,8 +179,19 @@ class DecodeReport:
     Filled in as frames are yielded; complete once the iteration finishes.
 
     Attributes:
-        path, format_name, codec_name, duration_s, source_fps, width, height,
-        is_image: copied from `VideoInfo`.
+        path, format_name, codec_name, source_fps, width, height, is_image:
+            copied from `VideoInfo`.
+        duration_s: the video's duration in seconds as far as decoding has
+            found it.  It starts as the declared one (`VideoInfo.duration_s`);
+            a frame more than half a frame interval past that end shows the
+            header wrong, and from then on the frames say it (the latest
+            frame's time plus how long it shows), with an error line.  Once
+            the whole file has been read, it is the frames' span too when the
+            file declares no duration, or declares one its frames fall short
+            of while the file is known complete (a Matroska/WebM segment that
+            holds every byte it declares), again with an error line.  A file
+            that may be cut short keeps its declared duration, and its missing
+            tail is a gap (``truncated file?``).  ``0.0`` for a still image.
         frames_decoded: every frame the decoder produced (including frames not
             sampled, pre-roll frames before ``start`` and frames flagged corrupt).
         frames_sampled: frames yielded to the caller.
@@ -632,6 +651,47 @@ def _drain(vs: av.video.stream.VideoStream) -> list[av.VideoFrame]:
         return []
 
 
+def _frame_seconds(frame: av.VideoFrame, nominal: float) -> float:
+    """How long ``frame`` shows, in seconds: its own duration from the file, else one nominal frame interval."""
+    d, tb = frame.duration, frame.time_base
+    return float(d * tb) if d and d > 0 and tb else nominal
+
+
+def _ebml_size(data: bytes, i: int) -> tuple[int, int, bool] | None:
+    """The EBML size field at ``data[i:]``: (value, its width in bytes, whether it says "unknown")."""
+    if i >= len(data) or data[i] == 0:
+        return None
+    width = 9 - data[i].bit_length()  # 1 leading zero bit per extra byte
+    if i + width > len(data):
+        return None
+    value = data[i] & (0xFF >> width)
+    for b in data[i + 1 : i + width]:
+        value = value << 8 | b
+    return value, width, value == (1 << (7 * width)) - 1
+
+
+def _matroska_segment_complete(path: str) -> bool | None:
+    """Whether a Matroska/WebM file holds every byte its Segment declares: True, False (cut short),
+    or None when it declares no size (written live) or does not start as Matroska does."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    i = 0
+    for element in (b"\x1a\x45\xdf\xa3", b"\x18\x53\x80\x67"):  # the EBML header, then the Segment
+        field = _ebml_size(head, i + 4) if head[i : i + 4] == element else None
+        if field is None:
+            return None
+        n, width, unknown = field
+        i += 4 + width
+        if element == b"\x18\x53\x80\x67":
+            return None if unknown else i + n <= size
+        i += n
+    return None
+
+
 def _open_container(path: str) -> av.container.InputContainer:
     """Check ``path`` and open it with FFmpeg, mapping failures to the shared error types.
 
@@ -717,7 +777,7 @@ def _probe(path: str, container: av.container.InputContainer) -> tuple[VideoInfo
     ctx = vs.codec_context
     is_image = _is_image_container(container, vs)
     if is_image:
-        duration, fps = None, None
+        duration, fps = 0.0, None  # one frame at 0 s: no length, whatever the sampling rate
     else:
         duration, _ = _stream_duration(container, vs)
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
@@ -1013,6 +1073,10 @@ class VideoSource:
         reordering, frame threads), so a point is closed only by the first good
         frame *after* it, giving the gap ``(last good frame, that frame)``.
         Points still open at the end run to the declared end of the stream.
+
+        Duration: frames past the declared end, or a whole file read that ends
+        short of it with nothing missing, set ``report.duration_s`` from the
+        frames (see `DecodeReport`).
         """
         vs.thread_type = "AUTO"  # frame + slice threads; frames still come out in pts order
         tb = vs.time_base or Fraction(1, 1)
@@ -1021,6 +1085,7 @@ class VideoSource:
             origin = int(container.start_time / av.time_base / tb)
         origin = origin or 0
         nominal = 1.0 / self.info.source_fps if self.info.source_fps else 1.0 / _FALLBACK_FPS
+        slack = _end_slack(nominal)
         declared_end, video_specific = _stream_duration(container, vs)
         check_bytes = any(name in container.format.name for name in _CONTIGUOUS_FORMATS)
 
@@ -1040,6 +1105,8 @@ class VideoSource:
                 report.add_error(f"seek to {self.start:g} s failed, decoding from the start: {_ffmpeg_reason(exc)}")
 
         last_good: float | None = None  # presentation time of the last good frame
+        last_shown = nominal  # how long the last good frame shows, seconds (its own duration)
+        header_wrong = False  # a frame lay past the declared end
         damage: list[float] = []  # open damage points (presentation times, -inf = unknown)
         suspect = 0  # packets left during which a decode-time jump counts as lost packets
         skipped = 0  # bytes the demuxer skipped before the current packet
@@ -1149,6 +1216,15 @@ class VideoSource:
                         close_gap(t)
                         damage = [p for p in damage if p > t + _TIME_EPS]
                     last_good = t
+                    last_shown = _frame_seconds(frame, nominal)
+                    if declared_end is not None and t > declared_end + nominal / 2:
+                        if not header_wrong:
+                            header_wrong = True
+                            report.add_error(
+                                f"frame at {t:.2f} s lies past the duration the file declares, {declared_end:.2f} s: "
+                                "the header is wrong, the duration follows the frames"
+                            )
+                        report.duration_s = max(report.duration_s or 0.0, t + min(last_shown, slack))
                     progress.update(t)
 
                     if sampler.past_end(t):
@@ -1176,17 +1252,29 @@ class VideoSource:
             # of the stream, or one frame interval when that is unknown
             tail = last_good if last_good is not None else self.start
             close_gap(declared_end if declared_end is not None and declared_end > tail else tail + nominal)
+        elif last_good is not None and declared_end is None:
+            report.duration_s = last_good + min(last_shown, slack)  # nothing declared: the frames say it
         elif (
             video_specific
             and declared_end is not None
             and last_good is not None
-            and declared_end - last_good > 3 * nominal + 0.5
-            and (self.end is None or self.end > last_good + 3 * nominal + 0.5)
+            and declared_end - (last_good + last_shown) > slack  # a long last frame may reach it
+            and (self.end is None or self.end > last_good + slack)
         ):
-            report.add_error(
-                f"video ended at {last_good:.2f} s but the file declares {declared_end:.2f} s (truncated file?)"
-            )
-            close_gap(declared_end)
+            # the frames end short of the declared end: a tail lost, or a wrong header (only a complete
+            # Matroska segment tells them apart; an MP4's index gives FFmpeg its duration, a cut one
+            # keeps its full index)
+            if check_bytes and _matroska_segment_complete(self.path):
+                report.duration_s = last_good + min(last_shown, slack)
+                report.add_error(
+                    f"video ended at {last_good:.2f} s with no frame missing, but the file declares "
+                    f"{declared_end:.2f} s: the header is wrong, the duration is {report.duration_s:.2f} s"
+                )
+            else:
+                report.add_error(
+                    f"video ended at {last_good:.2f} s but the file declares {declared_end:.2f} s (truncated file?)"
+                )
+                close_gap(declared_end)
 
 
 def open_video(

@@ -573,18 +573,25 @@ def test_unknown_codec_is_no_video_stream(tmp_path):
     assert "(no decoder)" in e.value.message
 
 
-def test_frames_past_a_short_declared_duration_are_yielded(tmp_path):
-    # Matroska: Segment Duration (float, in ms) and the DURATION tag both say 1 s; 5.2 s are there
-    mkv = tmp_path / "short.mkv"
-    write_plain(mkv, fmt="matroska", codec="mpeg4")
-    data = bytearray(mkv.read_bytes())
+def _set_mkv_duration(path: Path, seconds: float) -> None:
+    """Make a 5.2 s Matroska file of `write_plain` declare ``seconds``: its Segment Duration (a float,
+    in milliseconds at the default timecode scale) and its video track's DURATION tag."""
+    data = bytearray(path.read_bytes())
     at = data.find(bytes.fromhex("448988"))  # Duration, 8-byte float
     assert at > 0
-    data[at + 3 : at + 11] = struct.pack(">d", 1000.0)
+    data[at + 3 : at + 11] = struct.pack(">d", seconds * 1000.0)
     tag = data.find(b"00:00:05.2")
     assert tag > 0
-    data[tag : tag + 10] = b"00:00:01.0"
-    mkv.write_bytes(bytes(data))
+    minutes, rest = divmod(seconds, 60)
+    data[tag : tag + 10] = f"00:{int(minutes):02d}:{rest:04.1f}".encode()
+    path.write_bytes(bytes(data))
+
+
+def test_frames_past_a_short_declared_duration_are_yielded(tmp_path):
+    # Matroska: Segment Duration and the DURATION tag both say 1 s; 5.2 s are there
+    mkv = tmp_path / "short.mkv"
+    write_plain(mkv, fmt="matroska", codec="mpeg4")
+    _set_mkv_duration(mkv, 1.0)
     # MP4: mvhd and mdhd durations (version 0) set to one tick
     mp4 = tmp_path / "short.mp4"
     write_plain(mp4)
@@ -601,8 +608,50 @@ def test_frames_past_a_short_declared_duration_are_yielded(tmp_path):
         frames = list(src)
         assert len(frames) == 130 and frames[-1].pts == pytest.approx(5.16)
         assert src.report.gaps == []
+        # the header is wrong: the duration is the frames' (the last at 5.16 s, shown 0.04 s), and it says so
+        assert src.report.duration_s == pytest.approx(5.2, abs=1e-6)
+        assert src.report.errors[0].startswith("frame at ") and "the header is wrong" in src.report.errors[0]
         assert [round(f.pts) for f in VideoSource(path, fps=1.0)] == [0, 1, 2, 3, 4, 5]
         assert [round(f.pts, 2) for f in VideoSource(path, fps=1.0, start=3.0)] == [3.0, 4.0, 5.0]
+
+
+def test_a_declared_duration_past_the_frames_of_a_complete_file_is_the_headers_mistake(tmp_path):
+    """A Matroska file that declares 100 s and holds 5.2 s: its Segment holds every byte it declares,
+    so nothing was lost: the header is wrong.  No gap, the duration is the frames', an error line says
+    why.  The same file cut short keeps the declared 100 s and reports the lost tail as a gap."""
+    mkv = tmp_path / "long.mkv"
+    write_plain(mkv, fmt="matroska", codec="mpeg4")
+    _set_mkv_duration(mkv, 100.0)
+    src = VideoSource(mkv, fps=None)
+    assert src.info.duration_s == 100.0  # before decoding, the header is all there is
+    frames = list(src)
+    r = src.report
+    assert len(frames) == 130 and r.gaps == [] and r.duration_s == pytest.approx(5.2, abs=1e-6)
+    assert r.errors == [
+        "video ended at 5.16 s with no frame missing, but the file declares 100.00 s: "
+        "the header is wrong, the duration is 5.20 s"
+    ]
+
+    cut = tmp_path / "cut.mkv"
+    data = mkv.read_bytes()
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    src = VideoSource(cut, fps=None)
+    frames = list(src)
+    (a, b), = src.report.gaps
+    assert a == pytest.approx(frames[-1].pts) and b == 100.0 and src.report.duration_s == 100.0
+    assert "(truncated file?)" in src.report.errors[-1]
+
+    # an MP4 (index first) cut right after a packet ends cleanly; its index still declares 5.2 s: a lost tail too
+    mp4 = tmp_path / "whole.mp4"
+    write_plain(mp4, movflags="+faststart")
+    with av.open(str(mp4)) as c:
+        ends = sorted(p.pos + p.size for p in c.demux(video=0) if p.size)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(mp4.read_bytes()[: ends[70]])
+    src = VideoSource(cut, fps=None)
+    frames = list(src)
+    assert src.report.gaps == [(pytest.approx(frames[-1].pts), pytest.approx(5.2))]
+    assert src.report.duration_s == pytest.approx(5.2) and "(truncated file?)" in src.report.errors[0]
 
 
 def test_start_beyond_any_timestamp_is_no_frames_not_overflow(tmp_path):
@@ -620,3 +669,54 @@ def test_text_file_is_not_a_video(tmp_path):
     p.write_text("hello\n" * 100)
     with pytest.raises(NotAVideo, match="text files"):
         VideoSource(p, fps=1.0)
+
+
+# ---------------------------------------------------------------------------
+# the service's file job: the duration its record shows, the limit it applies
+# ---------------------------------------------------------------------------
+
+
+def test_a_file_jobs_duration_and_limit_follow_the_frames(tmp_path, tiny_model, redis_server):
+    """`deploy.serving.run_file_job` as the service runs it (the tiny model's encoder, job records in a
+    real Redis; no Ray): the record's duration_s is what decoding found, not a wrong header's; a photo
+    renamed .mp4 has 0.0 (was null); and `max_duration_s` stops a file whose frames run past it though
+    its header declares less, keeping the frames within the limit."""
+    import uuid
+
+    from deploy.serving import EncoderCore, FileJob, JobStore, run_file_job
+    from deploy.settings import Settings
+    from frame_cache import InProcessFrameCache
+    from test_stream import VFR_TIMES, write_video
+
+    cache = InProcessFrameCache()
+    core = EncoderCore(Settings(redis_url=redis_server.url), model=tiny_model, cache=cache)
+    store = JobStore(redis_server.url)
+    size = int(tiny_model.preprocess["size"])
+
+    def run(path: Path, **options) -> dict:
+        job = FileJob(job_id=f"vid-{uuid.uuid4().hex[:12]}", path=str(path), size=size, **options)
+        store.create(job.job_id, {"status": "queued"})
+        return run_file_job(job, core.encode, store, cache)
+
+    vfr = tmp_path / "vfr.mp4"  # its header says 5.01 s, its last frame is at 5.68 s (test_stream)
+    write_video(vfr, VFR_TIMES, codec="libx264", fmt="mp4", time_base=Fraction(1, 1000))
+    d = run(vfr)
+    assert d["status"] == "ready" and d["frames"] == 6 and d["duration_s"] == pytest.approx(6.05, abs=1e-3), d
+    assert "the header is wrong" in d["decode_errors"][0], d
+
+    photo = tmp_path / "photo.mp4"
+    Image.fromarray(pattern(24, 32)).save(photo, format="PNG")
+    d = run(photo)
+    assert (d["status"], d["frames"], d["duration_s"]) == ("ready", 1, 0.0), d
+
+    short = tmp_path / "short.mkv"  # declares 1 s, holds 5.2 s
+    write_plain(short, fmt="matroska", codec="mpeg4")
+    _set_mkv_duration(short, 1.0)
+    d = run(short, max_duration_s=2.5)
+    assert d["status"] == "failed" and d["error"] == {
+        "code": "E_TOO_LARGE",
+        "message": "expected a video of at most 2.5 s, got a frame at 3 s (the file declares 1 s; "
+        "ask for a window, or raise the limit)",
+    }, d
+    assert d["frames"] == 3 and cache.stream_info(d["id"]).total_appended == 3  # 0, 1 and 2 s: stored
+    assert run(short, max_duration_s=2.5, window=(1.0, 3.0))["status"] == "ready"  # a window within it

@@ -212,6 +212,50 @@ def test_variable_frame_rate_sampled_by_presentation_time(tmp_path):
     assert [index_of(f.rgb) for f in frames] == expected_pick(times, 4.0, start=0.1)
 
 
+#: a VFR clip: 30 frames at 60 fps, then one frame every 0.37 s up to 5.68 s
+VFR_TIMES = [round(t, 3) for t in [i / 60 for i in range(30)] + [0.5 + 0.37 * i for i in range(1, 15)]]
+
+
+def test_vfr_mp4_whose_header_ends_before_its_frames_gets_the_frames_duration(tmp_path):
+    """FFmpeg's own MP4 muxer gives a VFR H.264 stream (B-frames) the span of its decode times as
+    its duration: 5.01 s, while its last frame is at 5.68 s.  The duration a user sees is the
+    frames' (the last frame's time plus its own 0.37 s), said in an error line; `VideoInfo` keeps
+    the header's, all that is known before decoding, and so does a read that stops before it."""
+    path = tmp_path / "vfr.mp4"
+    write_video(path, VFR_TIMES, codec="libx264", fmt="mp4", time_base=Fraction(1, 1000))
+    src = VideoSource(path, fps=1.0)
+    declared = src.info.duration_s
+    assert declared is not None and declared < VFR_TIMES[-1] - 0.5, f"the muxer wrote a consistent header: {declared}"
+    frames = list(src)
+    assert [f.pts for f in frames] == pytest.approx([VFR_TIMES[i] for i in expected_pick(VFR_TIMES, 1.0)], abs=1e-6)
+    r = src.report
+    assert r.duration_s == pytest.approx(VFR_TIMES[-1] + 0.37, abs=1e-3), r.summary()
+    assert r.gaps == [] and r.errors == [
+        f"frame at 5.31 s lies past the duration the file declares, {declared:.2f} s: "
+        "the header is wrong, the duration follows the frames"
+    ]
+    assert " 6.0 s;" in r.summary()
+    # a window that ends before the header's end finds nothing better; one read after a seek does
+    src = VideoSource(path, fps=1.0, end=3.0)
+    assert len(list(src)) == 3 and src.report.duration_s == declared and src.report.errors == []
+    src = VideoSource(path, fps=1.0, start=5.0)
+    assert [f.pts for f in src] == pytest.approx([5.31]) and src.report.duration_s == pytest.approx(6.05, abs=1e-3)
+
+
+def test_matroska_written_live_declares_no_duration_and_gets_the_frames(tmp_path):
+    """A live-written Matroska (a browser's recording is one, VFR too) has no duration in its header;
+    once the whole file is read the frames give it (their span: the last at 5.68 s, shown 0.04 s)."""
+    path = tmp_path / "live.mkv"
+    write_video(path, VFR_TIMES, codec="mpeg4", fmt="matroska", time_base=Fraction(1, 1000), options={"live": "1"})
+    src = VideoSource(path, fps=1.0, end=2.0)
+    assert src.info.duration_s is None
+    assert len(list(src)) == 2 and src.report.duration_s is None  # stopped before the end: still unknown
+    src = VideoSource(path, fps=1.0)
+    assert len(list(src)) == 6
+    assert src.report.duration_s == pytest.approx(5.72, abs=1e-6)
+    assert src.report.errors == [] and src.report.gaps == []
+
+
 def test_vfr_sampler_consumes_targets_without_duplicates():
     s = _TimeSampler(fps=1.0, start=0.0, end=None)
     kept = [t for t in [0.0, 0.5, 0.999_999_9, 1.2, 4.7, 4.9, 5.0, 5.01] if s.wants(t)]
@@ -243,8 +287,24 @@ def test_png_image_is_one_frame(tmp_path):
     assert np.array_equal(frames[0].rgb, img)
     r = src.report
     assert r.is_image and src.info.is_image
-    assert (r.width, r.height, r.frames_sampled, r.duration_s, r.source_fps) == (20, 10, 1, None, None)
+    # one frame at 0 s and no length (fps is ignored): a duration of 0.0, declared and found, never None
+    assert (r.width, r.height, r.frames_sampled, r.duration_s, r.source_fps) == (20, 10, 1, 0.0, None)
+    assert src.info.duration_s == 0.0
     assert "image 20x10" in r.summary()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_image_renamed_mp4_is_a_still_with_duration_zero(tmp_path, fmt):
+    """A user's photo renamed .mp4: FFmpeg reads what the bytes are, not the name; it ingests as one
+    frame, and its duration is 0.0 (was None, shown as null in the job record)."""
+    path = tmp_path / "holiday.mp4"
+    Image.fromarray(make_frame(7)).save(path, format=fmt)
+    src = VideoSource(path, fps=2.0)
+    frames = list(src)
+    assert src.info.is_image and src.info.format_name in ("png_pipe", "jpeg_pipe")
+    assert [(f.index, f.pts, index_of(f.rgb)) for f in frames] == [(0, 0.0, 7)]
+    assert (src.info.duration_s, src.report.duration_s) == (0.0, 0.0)
+    assert src.report.errors == [] and src.report.gaps == []
 
 
 def test_decoding_streams_lazily(mp4_25fps):
@@ -461,6 +521,7 @@ def test_truncated_file_keeps_decoded_frames_and_reports_tail(tmp_path):
     (a, b), = src.report.gaps
     assert a == pytest.approx(frames[-1].pts, abs=1.0) and b == pytest.approx(5.2, abs=0.05)
     assert "truncated" in src.report.errors[0]
+    assert src.report.duration_s == src.info.duration_s  # a lost tail: the declared duration stands
 
 
 class _DemuxFailsAfter:
