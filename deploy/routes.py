@@ -558,7 +558,8 @@ def build_api() -> FastAPI:
             from frame_cache import StreamExists
             raise StreamExists(f"expected a new stream id, got {sid!r}, which exists")
         cap = body.capacity_frames or b.settings.limits.live_capacity_frames
-        meta = {"source": _redact_url(url), "fps": fps}
+        from stream.live import redact_url
+        meta = {"source": redact_url(url), "fps": fps}
         if retain is not None:
             meta["retain"] = retain
         await asyncio.to_thread(b.cache.create_stream, sid, cap, meta)
@@ -1251,9 +1252,11 @@ def check_source(url: str, allow_private: bool) -> str:
     """Only rtsp:// and rtsps:// URLs, and no loopback/private/link-local host unless allowed."""
     import ipaddress
     import socket
+
+    from stream.live import redact_url
     u = urlparse(url)
     if u.scheme not in ("rtsp", "rtsps") or not u.hostname:
-        raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH or rtsps://..., got {_redact_url(url)!r}")
+        raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH or rtsps://..., got {redact_url(url)!r}")
     try:                                               # what getaddrinfo (and the camera's FFmpeg) would do
         u.hostname.encode("idna")
     except UnicodeError as e:                          # a label over 63 characters, an empty one (a..b), ...
@@ -1274,15 +1277,11 @@ def check_source(url: str, allow_private: bool) -> str:
     return url
 
 
-def _redact_url(url: str) -> str:
-    import re
-    return re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
-
-
 def _public(d: dict) -> dict:
+    from stream.live import redact_url                 # the cameras' own: one redaction for messages and records
     d = dict(d)
     if isinstance(d.get("source"), str):
-        d["source"] = _redact_url(d["source"])
+        d["source"] = redact_url(d["source"])
     return d
 
 

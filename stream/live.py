@@ -178,19 +178,17 @@ def _check_backoff(backoff) -> tuple[float, ...]:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages, logs and status)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        return "<unparsable URL>"
+    """``url`` with any password replaced by ``***`` (for messages, logs and status; the one redaction, the
+    service's routes use it too). The password is everything from the first ":" to the last "@" of the
+    part after "//" up to the next "/": one holding an unescaped "@", "?" or "#" is hidden whole (urlsplit
+    ends the user part at the last "@" but the host at "?" or "#"; a regex at the first "@"). The rest
+    stays as written (host case, a port that is not a number): a URL too odd for urlsplit is still shown."""
+    head, sep, rest = url.partition("//")
+    authority, slash, path = rest.partition("/")
+    userinfo, at, host = authority.rpartition("@")
+    if not (sep and at and ":" in userinfo):
+        return url
+    return f"{head}//{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 def _host_port(host: str, port: int) -> str:

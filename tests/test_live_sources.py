@@ -353,12 +353,43 @@ def test_bad_arguments_and_redaction():
     with pytest.raises(BadArgument) as ei:
         RtspSource("https://user:hunter2@host/cam")
     assert "hunter2" not in ei.value.message
+    with pytest.raises(BadArgument) as ei:             # urlsplit cannot read the port: the URL is still shown
+        RtspSource("rtsp://user:hunter2@Cam.Example:99999/x")
+    assert "'rtsp://user:***@Cam.Example:99999/x'" in ei.value.message and "hunter2" not in ei.value.message
     for kw in ({"fps": -1}, {"resize_to": 0}, {"stall_after_s": 0}, {"backoff": ()}, {"backoff": (1, -2)},
                {"read_timeout_s": float("nan")}, {"max_queue": 0}, {"give_up_after": 0}):
         with pytest.raises(BadArgument):
             RtspSource("rtsp://127.0.0.1/cam", **kw)
     with pytest.raises(BadArgument):
         PushSource(max_queue=0)
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("rtsp://u:s3cret@host/x", "rtsp://u:***@host/x"),
+    ("rtsp://u:s3@cret@host/x", "rtsp://u:***@host/x"),          # the routes' regex left "cret@" in
+    ("rtsp://u:s3#cret@host/x", "rtsp://u:***@host/x"),          # urlsplit ends the host at "#" and "?":
+    ("rtsp://u:s3?cret@host/x", "rtsp://u:***@host/x"),          # its redaction left these whole
+    ("rtsp://u:s3:cret@host/x", "rtsp://u:***@host/x"),
+    ("rtsps://u:s3%40cret@host/x", "rtsps://u:***@host/x"),
+    ("rtsp://u:s3cret@host", "rtsp://u:***@host"),
+    ("rtsp://u:s3cret@host?a=1", "rtsp://u:***@host?a=1"),
+    ("rtsp://:s3cret@host/x", "rtsp://:***@host/x"),
+    ("rtsp://u:@host/x", "rtsp://u:***@host/x"),
+    ("RTSP://u:s3cret@Cam.Example:8554/x", "RTSP://u:***@Cam.Example:8554/x"),   # kept as written (urlsplit:
+    ("rtsp://u:s3cret@host:99999/x", "rtsp://u:***@host:99999/x"),               # lower case, and
+    ("rtsp://u:s3cret@[bad/x", "rtsp://u:***@[bad/x"),                           # "<unparsable URL>" for these)
+    ("rtsp://u:s3cret@[::1]:554/x", "rtsp://u:***@[::1]:554/x"),
+    ("rtsp://u@host/x", "rtsp://u@host/x"),
+    ("rtsp://host/x@y:1", "rtsp://host/x@y:1"),                  # an "@" in the path is no password
+    ("rtsp://host/x?next=//a:b@c", "rtsp://host/x?next=//a:b@c"),
+    ("websocket", "websocket"),
+    ("", ""),
+])
+def test_redact_url_hides_the_whole_password_of_odd_urls(url, shown):
+    """`stream.live.redact_url`, the one redaction (cameras' messages and status, the service's routes):
+    the service had a regex beside it and each left part of a password in for some URLs."""
+    from stream.live import redact_url
+    assert redact_url(url) == shown
 
 
 # --------------------------------------------------------------------------- a simulated camera (a fake clock)

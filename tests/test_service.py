@@ -1193,6 +1193,9 @@ def test_private_camera_addresses_are_refused_unless_allowed():
         assert check_source(url, allow_private=True) == url
     with pytest.raises(InvalidRequest, match="rtsp://"):
         check_source("file:///etc/passwd", allow_private=True)
+    with pytest.raises(InvalidRequest) as e:            # the cameras' redaction: the whole password hidden
+        check_source("http://cam:s3@cret@host/x", allow_private=True)
+    assert "'http://cam:***@host/x'" in e.value.message and "cret" not in e.value.message, e.value
 
 
 def test_a_camera_host_that_cannot_be_a_host_name_is_422():
