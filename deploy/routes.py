@@ -1078,9 +1078,12 @@ def _chat_parts(body: ChatRequest):
 def _parse_lms_url(url, i: int):
     if not isinstance(url, str):
         raise InvalidRequest(f"expected video_url.url at content[{i}] to be a string, got {url!r}")
-    u = urlparse(url)
-    parts = [p for p in (u.netloc + u.path).split("/") if p]
-    if u.scheme != "lms" or len(parts) != 2 or parts[0] not in ("videos", "streams"):
+    try:
+        u = urlparse(url)
+    except ValueError:                                 # an unclosed '[' ("Invalid IPv6 URL")
+        u = None
+    parts = [p for p in (u.netloc + u.path).split("/") if p] if u is not None else []
+    if u is None or u.scheme != "lms" or len(parts) != 2 or parts[0] not in ("videos", "streams"):
         raise InvalidRequest(f"expected video_url lms://videos/ID or lms://streams/ID, got {url!r} (the service "
                              "never fetches other URLs)")
     q = parse_qs(u.query, keep_blank_values=True)
@@ -1254,7 +1257,12 @@ def check_source(url: str, allow_private: bool) -> str:
     import socket
 
     from stream.live import redact_url
-    u = urlparse(url)
+    try:
+        u = urlparse(url)
+        u.port                                         # raises for a port that is no number or over 65535
+    except ValueError as e:                            # "Invalid IPv6 URL" (an unclosed '['), the port
+        raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH or rtsps://..., got {redact_url(url)!r} "
+                             f"({str(e).lower()})") from None
     if u.scheme not in ("rtsp", "rtsps") or not u.hostname:
         raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH or rtsps://..., got {redact_url(url)!r}")
     try:                                               # what getaddrinfo (and the camera's FFmpeg) would do

@@ -235,6 +235,9 @@ def test_openai_client_unchanged(service, uploaded):
     with pytest.raises(openai.UnprocessableEntityError):
         client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [
             {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}]}])
+    with pytest.raises(openai.UnprocessableEntityError, match="expected video_url lms://videos/ID"):   # was a 500
+        client.chat.completions.create(model="demo", messages=[{"role": "user", "content": [
+            {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": "lms://videos[/x"}}]}])
 
 
 def test_chat_video_url_windows_are_checked_like_the_questions_route(service, uploaded):
@@ -1196,6 +1199,14 @@ def test_private_camera_addresses_are_refused_unless_allowed():
     with pytest.raises(InvalidRequest) as e:            # the cameras' redaction: the whole password hidden
         check_source("http://cam:s3@cret@host/x", allow_private=True)
     assert "'http://cam:***@host/x'" in e.value.message and "cret" not in e.value.message, e.value
+    # urlparse's own ValueError (an unclosed '[', a port that is no port) was a 500: now 422 saying why
+    for url, why in (("rtsp://h[bad/x", "invalid ipv6 url"), ("rtsp://[::1/x", "invalid ipv6 url"),
+                     ("rtsp://cam:99999/x", "port out of range"), ("rtsp://u:pw@cam:abc/x", "port could not be cast")):
+        for allow in (False, True):
+            with pytest.raises(InvalidRequest) as e:
+                check_source(url, allow_private=allow)
+            assert e.value.message.startswith("expected source rtsp://HOST[:PORT]/PATH") and why in e.value.message
+            assert "pw" not in e.value.message, e.value
 
 
 def test_a_camera_host_that_cannot_be_a_host_name_is_422():
