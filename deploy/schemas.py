@@ -67,6 +67,7 @@ class VideoStatus(BaseModel):
     progress: float = 0.0
     gaps: list[list[float | None]] = Field(default_factory=list)
     error: ErrorBody | None = None
+    decode_errors: list[str] = Field(default_factory=list)
     source: str | None = None
     created: float | None = None
 

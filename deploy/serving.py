@@ -676,7 +676,8 @@ def video_status(d: dict) -> dict:
     """A job record as the API shows it (`schemas.VideoStatus`)."""
     return {"id": d["id"], "status": d["status"], "frames": int(d.get("frames") or 0),
             "duration_s": d.get("duration_s"), "progress": float(d.get("progress") or 0.0),
-            "gaps": d.get("gaps") or [], "error": d.get("error"), "source": d.get("source"),
+            "gaps": d.get("gaps") or [], "error": d.get("error"), "decode_errors": d.get("decode_errors") or [],
+            "source": d.get("source"),
             "created": d.get("created")}
 
 

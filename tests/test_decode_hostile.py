@@ -683,7 +683,7 @@ def test_a_file_jobs_duration_and_limit_follow_the_frames(tmp_path, tiny_model, 
     its header declares less, keeping the frames within the limit."""
     import uuid
 
-    from deploy.serving import EncoderCore, FileJob, JobStore, run_file_job
+    from deploy.serving import EncoderCore, FileJob, JobStore, run_file_job, video_status
     from deploy.settings import Settings
     from frame_cache import InProcessFrameCache
     from test_stream import VFR_TIMES, write_video
@@ -703,6 +703,7 @@ def test_a_file_jobs_duration_and_limit_follow_the_frames(tmp_path, tiny_model, 
     d = run(vfr)
     assert d["status"] == "ready" and d["frames"] == 6 and d["duration_s"] == pytest.approx(6.05, abs=1e-3), d
     assert "the header is wrong" in d["decode_errors"][0], d
+    assert video_status(d)["decode_errors"] == d["decode_errors"]     # GET /v1/videos/{id} shows it
 
     photo = tmp_path / "photo.mp4"
     Image.fromarray(pattern(24, 32)).save(photo, format="PNG")
