@@ -3,6 +3,7 @@
     lmstream serve [--host 127.0.0.1] [--port 8000] [--model DIR] [--redis URL]
                    [--allowed-dir DIR ...] [--api-key KEY ...] [--data-dir DIR]
                    [--ray-address HOST:PORT] [--service-resources JSON] [--camera-resources JSON]
+                   [--warm-decoders N]
 
 * Redis: its own `redis-server` child (AOF everysec, data in DATA_DIR/redis) unless --redis URL
   (a Redis Cluster: ``redis://HOST:PORT?cluster=1``, one node's address).
@@ -52,6 +53,10 @@ def add_parser(sub) -> None:
                    help='Ray resources each Serve replica asks for, e.g. \'{"head_node": 0.01}\' (pins them)')
     p.add_argument("--camera-resources", type=json.loads, default=None, metavar="JSON",
                    help="Ray resources each camera actor asks for (cameras spread over the nodes that have them)")
+    p.add_argument("--warm-decoders", type=int, default=None, metavar="N",
+                   help="file-job decoder actors kept started and idle, so that a new job does not wait ~3 s for a "
+                        "Ray worker to start and import torch; each is an idle worker of about 340 MB; 0 starts a "
+                        "fresh one per job (default: LMSTREAM_WARM_DECODERS or 1)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
     p.set_defaults(fn=cmd_serve)
 
@@ -112,6 +117,8 @@ def cmd_serve(args) -> int:
     from deploy.settings import Settings
     if not 0 < args.port < 65536:
         raise BadArgument(f"expected --port in 1..65535, got {args.port}")
+    if args.warm_decoders is not None and not 0 <= args.warm_decoders <= 64:
+        raise BadArgument(f"expected --warm-decoders in 0..64, got {args.warm_decoders}")
     if not args.ray_address:
         _check_http_port(args.host, args.port)
     from frame_cache.redis_server import reserve_port
@@ -119,7 +126,7 @@ def cmd_serve(args) -> int:
     settings = Settings.from_env(model=args.model, vision_tower=args.vision_tower, device=args.device,
                                  redis_url=args.redis, data_dir=args.data_dir, allowed_dirs=args.allowed_dir,
                                  api_keys=args.api_key, service_resources=args.service_resources,
-                                 camera_resources=args.camera_resources)
+                                 camera_resources=args.camera_resources, warm_decoders=args.warm_decoders)
     if not (Path(settings.model) / "config.json").exists():
         from lmcore.errors import CheckpointError
         raise CheckpointError(f"expected a checkpoint folder with config.json, got {settings.model}")
