@@ -1,4 +1,4 @@
-"""`lmstream bench {flops,cpu,gpu,cache,memory,load}`: the benchmarks behind the command line (see docs/benchmarks.md).
+"""`lmstream bench {flops,cpu,gpu,cache,memory,load,jobs}`: the benchmarks behind the command line (see docs/benchmarks.md).
 
     lmstream bench flops [--frames 1000,10000,20000] [--budget 512] [--json]   # 8B FLOPs and bytes, meta tensors
     lmstream bench cpu [--plot out/bench_cpu.png] [--json]                       # CPU wall clock, small config
@@ -6,6 +6,7 @@
     lmstream bench cache [--redis URL] [--json]                                  # frame cache: in-process vs Redis
     lmstream bench memory [--frames 10000,20000] [--cap-gb 24] [--json]            # GPU peak, bytes per stream-hour
     lmstream bench load [--max-n 32] [--duration 30] [--kinds rtsp,ws] [--json]   # N cameras into the service
+    lmstream bench jobs [--warm 0,1] [--videos 3,60] [--repeats 3] [--json]      # file-job latency, warm decoders
 """
 from __future__ import annotations
 
@@ -87,6 +88,24 @@ def load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmarks/results/bench_load.json", help="also write the JSON here ('' for none)")
 
 
+def jobs_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--warm", type=_warm_settings, default="0,1",
+                   help="warm_decoders settings, one service each, the first the baseline (default 0,1)")
+    p.add_argument("--videos", type=_durations, default="3,60", help="video durations in s, >= 3 (default 3,60)")
+    p.add_argument("--size", type=_positive_int, default=64, help="video width and height in pixels (default 64)")
+    p.add_argument("--repeats", type=_positive_int, default=3, help="one-at-a-time jobs per video and setting (default 3)")
+    p.add_argument("--bursts", type=_whole_number, default=2,
+                   help="bursts per setting, of the shortest video (default 2; 0: none)")
+    p.add_argument("--burst-size", type=_positive_int, default=4,
+                   help="jobs posted together in a burst, at most the job limit (default 4)")
+    p.add_argument("--pause", type=float, default=6.0,
+                   help="seconds after each job or burst (and then until no decoder is starting), for taken "
+                        "warm decoders to be replaced (default 6)")
+    p.add_argument("--poll", type=_positive_float, default=0.05, help="seconds between status polls (default 0.05)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
+    p.add_argument("--out", default="benchmarks/results/bench_jobs.json", help="also write the JSON here ('' for none)")
+
+
 def memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=_frame_counts, default="10000,20000", help="frames per exact question (default 10000,20000)")
     p.add_argument("--chunks", default="32,64,128", help="frames per fusion pass / K/V chunk (default 32,64,128)")
@@ -114,6 +133,26 @@ def _frame_counts(text: str) -> str:
     if not parts or not all(t.isdigit() and int(t) >= 1 for t in parts):
         raise argparse.ArgumentTypeError(f"expected frame counts, whole numbers >= 1 separated by commas, "
                                          f"got {text!r}")
+    return text
+
+
+def _warm_settings(text: str) -> str:
+    """A comma-separated list of warm_decoders settings, whole numbers 0..64 (kept as written)."""
+    parts = [t.strip() for t in text.split(",")]
+    if not all(t.isdigit() and int(t) <= 64 for t in parts):
+        raise argparse.ArgumentTypeError(f"expected warm_decoders settings, whole numbers 0..64 separated by "
+                                         f"commas, got {text!r}")
+    return text
+
+
+def _durations(text: str) -> str:
+    """A comma-separated list of video durations, numbers of seconds >= 3 (`make_scene`'s shortest; kept as written)."""
+    try:
+        ok = all(3 <= float(t) < float("inf") for t in text.split(","))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"expected durations in s, numbers >= 3 separated by commas, got {text!r}")
     return text
 
 
@@ -145,7 +184,7 @@ def _positive_float(text: str) -> float:
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("bench", help="benchmarks: FLOPs and bytes at 8B, CPU and GPU wall clock, frame "
-                                       "cache, memory at 8B, load on the service",
+                                       "cache, memory at 8B, load on the service, file-job latency",
                               description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="bench", required=True)
     for name, add, text in (("flops", flops_arguments, "machine-independent FLOPs and bytes at the 8B shapes "
@@ -159,7 +198,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                          "question (meta tensors), host and Redis bytes per "
                                                          "stream-hour per retention policy"),
                             ("load", load_arguments, "N synthetic cameras (RTSP + WebSocket) at 1 fps into the real "
-                                                     "service: ingest, lag, drops, time to first token, Redis memory")):
+                                                     "service: ingest, lag, drops, time to first token, Redis memory"),
+                            ("jobs", jobs_arguments, "file-job latency through the real service (upload -> ingesting "
+                                                     "-> ready), warm_decoders 0 (a fresh decoder actor per job) "
+                                                     "against 1, one at a time and in bursts")):
         q = sub.add_parser(name, help=text, description=text)
         add(q)
         q.set_defaults(fn=_runner(name))

@@ -383,3 +383,51 @@ def test_memory_replay_of_steady_calls_changes_no_figure():
         assert a[k] == b[k], k
     # the fusion phase holds two chunk buffers of 16 frames at once (current + prefetched)
     assert b["max_by_component"]["K/V chunk buffers"] >= 2 * 16 * 2 * 4 * 8 * 622 * 128
+
+
+# ------------------------------------------------------------------ file-job latency (`lmstream bench jobs`)
+def test_jobs_summary_medians_ratios_and_table():
+    """`bench jobs`' summary and table from a hand-made result (the service run itself is the benchmark's: too long
+    for a test): medians, min-max and the baseline's median over each setting's, failures kept out of the
+    statistics but counted and named."""
+    from benchmarks import jobs
+
+    def job(started, ready, status="ready"):
+        return {"post_s": 0.05, "started_s": started, "ready_s": ready, "status": status, "error": None}
+
+    failed = {**job(0.2, None, "failed"), "error": {"code": "E_DECODE", "message": "bad file"}}
+    result = {"machine": {"cores": 2, "cpu": "test CPU"}, "config": {"size": 64, "file_fps": 4.0, "poll_s": 0.05},
+              "settings": [{"warm_decoders": 0, "decoders_at_start": {"idle": 0},
+                            "cases": {"sequential 3 s": [job(3.2, 3.4), job(3.0, 3.3), job(3.6, 3.9)]}},
+                           {"warm_decoders": 1, "decoders_at_start": {"idle": 1},
+                            "cases": {"sequential 3 s": [job(0.4, 0.6), job(0.3, 0.55), failed]}}]}
+    result["summary"] = rows = jobs.summarize(result)
+    base, warm = rows
+    assert (base["jobs"], base["failed"], warm["jobs"], warm["failed"]) == (3, 0, 3, 1)
+    assert base["ingesting_s"] == {"median": 3.2, "min": 3.0, "max": 3.6}
+    assert base["ready_s"] == {"median": 3.4, "min": 3.3, "max": 3.9}
+    assert warm["ingesting_s"] == {"median": 0.35, "min": 0.3, "max": 0.4}
+    assert warm["ready_s"] == {"median": 0.575, "min": 0.55, "max": 0.6}
+    assert base["speedup_ingesting"] == base["speedup_ready"] == 1.0
+    assert warm["speedup_ingesting"] == round(3.2 / 0.35, 2) and warm["speedup_ready"] == round(3.4 / 0.575, 2)
+    text = jobs.render(result)
+    line = next(x for x in text.splitlines() if x.startswith("sequential 3 s") and "2/3" in x)
+    assert "0.35 (0.30-0.40)" in line and "9.14x" in line and "5.91x" in line, text
+    assert "E_DECODE" in text and "baseline warm_decoders=0" in text
+
+
+def test_jobs_and_serve_options_are_checked_before_anything_starts(capsys):
+    from lmcore.errors import BadArgument
+    from lmstream.cli import build_parser
+    from lmstream.serve_cmd import cmd_serve
+    ap = build_parser()
+    a = ap.parse_args(["bench", "jobs", "--warm", "0,1,2", "--videos", "3,60", "--bursts", "0"])
+    assert (a.warm, a.videos, a.bursts, a.burst_size, a.out) == ("0,1,2", "3,60", 0, 4, "benchmarks/results/bench_jobs.json")
+    for bad in (["--warm", "0,65"], ["--warm", "0,x"], ["--videos", "2"], ["--videos", "3,inf"], ["--poll", "0"]):
+        with pytest.raises(SystemExit):
+            ap.parse_args(["bench", "jobs", *bad])
+        assert "E_BAD_ARGUMENT" in capsys.readouterr().err, bad
+    assert ap.parse_args(["serve", "--warm-decoders", "2"]).warm_decoders == 2
+    assert ap.parse_args(["serve"]).warm_decoders is None          # LMSTREAM_WARM_DECODERS or Settings' 1
+    with pytest.raises(BadArgument, match="--warm-decoders in 0..64, got 65"):
+        cmd_serve(ap.parse_args(["serve", "--warm-decoders", "65"]))
