@@ -115,17 +115,9 @@ class Service:
     def note_tree(self) -> None:
         """Remember every process under the service now (Ray's GCS, raylet, workers: their titles do not
         name the folder), to check after the stop that none is left."""
-        if self.proc is None:
-            return
-        procs = _proc_table()
-        kids: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in procs.items():
-            kids.setdefault(ppid, []).append(pid)
-        todo = [self.proc.pid]
-        while todo:
-            for k in kids.get(todo.pop(), []):
-                self.tree[k] = procs[k][1]
-                todo.append(k)
+        if self.proc is not None:
+            from benchmarks.load import descendants
+            self.tree.update(descendants(self.proc.pid))
 
     def stop(self) -> float:
         from lmcore.procs import stop_child
@@ -376,13 +368,8 @@ def measure(warm: tuple[int, ...] = (0, 1), videos: tuple[float, ...] = (3.0, 60
                                "burst_size": burst_size, "burst_video_s": videos[0], "pause_s": pause, "poll_s": poll,
                                "model": "checkpoints/demo"},
                     "load_average": {"start": list(os.getloadavg())}, "settings": [], "folder": str(folder)}
-    old_term = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
+    from benchmarks.load import restore_sigterm, trap_sigterm
+    old_term = trap_sigterm()
     t_all = time.perf_counter()
     services: list[Service] = []
     sampler = LoadSampler().start()
@@ -427,8 +414,7 @@ def measure(warm: tuple[int, ...] = (0, 1), videos: tuple[float, ...] = (3.0, 60
         result["folder_removed"] = not folder.exists()
         result["load_average"]["end"] = list(os.getloadavg())
         result["total_s"] = _r(time.perf_counter() - t_all, 1)
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, old_term)
+        restore_sigterm(old_term)
     return result
 
 

@@ -288,18 +288,8 @@ class Harness:
     def note_tree(self) -> None:
         """Remember every process under the service now (Ray's GCS, raylet and workers, whose titles do not
         name the folder), to check after the stop that none is left."""
-        if self.serve is None:
-            return
-        procs = _proc_table()
-        kids: dict[int, list[int]] = {}
-        for pid, (ppid, _, _) in procs.items():
-            kids.setdefault(ppid, []).append(pid)
-        todo = [self.serve.pid]
-        while todo:
-            pid = todo.pop()
-            for k in kids.get(pid, []):
-                self.tree[k] = procs[k][1]
-                todo.append(k)
+        if self.serve is not None:
+            self.tree.update(descendants(self.serve.pid))
 
     def leftovers(self) -> list[dict]:
         """Processes still alive that this run started: its PIDs, the service's process tree as last noted,
@@ -312,6 +302,39 @@ class Harness:
             if pid in mine or self.tree.get(pid) == start or str(self.folder) in cmd:
                 out.append({"pid": pid, "cmd": cmd[:160]})
         return out
+
+
+def trap_sigterm():
+    """From now until `restore_sigterm(returned)`, SIGTERM raises KeyboardInterrupt (in the main thread:
+    a benchmark's `finally` then stops what it started, as on Ctrl-C). None off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    old = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    return old
+
+
+def restore_sigterm(old) -> None:
+    if old is not None:
+        signal.signal(signal.SIGTERM, old)
+
+
+def descendants(root: int) -> dict[int, int]:
+    """pid -> start time (clock ticks) of every live process below `root` now."""
+    procs = _proc_table()
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in procs.items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = {}, [root]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out[k] = procs[k][1]
+            todo.append(k)
+    return out
 
 
 def _proc_table() -> dict[int, tuple[int, int, str]]:
@@ -754,13 +777,7 @@ def measure(max_n: int = 32, duration: float = 30.0, kinds=KINDS, warmup: float 
                                "ws_frames": "64x64 JPEG of stream.synthetic scenes, explicit pts"},
                     "steps": [], "largest_n_no_lag_growth": 0, "stopped_because": None, "folder": str(folder)}
     h = Harness(folder)
-    old_term = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_term)
+    old_term = trap_sigterm()
     t_all = time.perf_counter()
     completed = False
     try:
@@ -811,8 +828,7 @@ def measure(max_n: int = 32, duration: float = 30.0, kinds=KINDS, warmup: float 
             shutil.rmtree(folder, ignore_errors=True)
             result["folder_removed"] = not folder.exists()
             result["total_s"] = _r(time.perf_counter() - t_all, 1)
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, old_term)
+            restore_sigterm(old_term)
     return result
 
 
