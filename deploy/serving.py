@@ -598,8 +598,12 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
         err["message"] = err["message"].replace(job.path, shown)
         if job.delete_after:                           # an upload: its stored name is the job's, unique
             err["message"] = err["message"].replace(os.path.basename(job.path), shown)
+        fields = {}
+        if src is not None:        # what decoding found so far (frames past a header that declared less)
+            seen = [x for x in (src.report.duration_s, src.info.duration_s) if x is not None]
+            fields = {"decode_errors": src.report.errors[:5], **({"duration_s": max(seen)} if seen else {})}
         store.update(job.job_id, status="failed", frames=frames, error=err,
-                     gaps=[list(g) for g in (src.report.gaps if src is not None else [])])
+                     gaps=[list(g) for g in (src.report.gaps if src is not None else [])], **fields)
         if not isinstance(e, Exception):
             raise
     finally:

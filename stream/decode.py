@@ -653,7 +653,7 @@ def _drain(vs: av.video.stream.VideoStream) -> list[av.VideoFrame]:
 
 def _frame_seconds(frame: av.VideoFrame, nominal: float) -> float:
     """How long ``frame`` shows, in seconds: its own duration from the file, else one nominal frame interval."""
-    d, tb = frame.duration, frame.time_base
+    d, tb = getattr(frame, "duration", None), frame.time_base    # Frame.duration: PyAV 14.4 and later
     return float(d * tb) if d and d > 0 and tb else nominal
 
 
@@ -1035,7 +1035,8 @@ class VideoSource:
         if r.errors and not r.packets_failed:
             details.append(r.errors[0])
         duration = self.info.duration_s
-        if r.frames_decoded and not r.packets_failed and duration is not None and self.start >= duration:
+        if (r.frames_decoded and not r.packets_failed and duration is not None and self.start >= duration
+                and not self.info.is_image):               # an image's 0.0 is no length a start can pass
             details.append(f"start {self.start:g} s is past the duration {duration:.2f} s")
         return f"expected at least one decodable video frame in {where}, got 0 ({'; '.join(details)})"
 

@@ -720,4 +720,7 @@ def test_a_file_jobs_duration_and_limit_follow_the_frames(tmp_path, tiny_model, 
         "ask for a window, or raise the limit)",
     }, d
     assert d["frames"] == 3 and cache.stream_info(d["id"]).total_appended == 3  # 0, 1 and 2 s: stored
+    # the failed record says what decoding found (it kept the header's 1 s and no decode_errors): the frame
+    # at 3 s, so an answer over it names the span never stored
+    assert d["duration_s"] >= 3.0 and "the header is wrong" in d["decode_errors"][0], d
     assert run(short, max_duration_s=2.5, window=(1.0, 3.0))["status"] == "ready"  # a window within it

@@ -685,3 +685,13 @@ def test_load_image(tmp_path):
         load_image(text)
     assert isinstance(e.value, NotAVideo) and e.value.code == "E_NOT_AN_IMAGE"
     assert e.value.message.startswith(f"expected an image file that Pillow can read, got {text} (")
+
+
+def test_frame_seconds_without_pyav_frame_duration():
+    """`Frame.duration` exists from PyAV 14.4 on, and pyproject allows av>=12: an older PyAV's frame (no
+    such attribute) shows for one nominal interval instead of raising AttributeError on every frame."""
+    from types import SimpleNamespace
+
+    from stream.decode import _frame_seconds
+    assert _frame_seconds(SimpleNamespace(time_base=Fraction(1, 1000)), 0.25) == 0.25
+    assert _frame_seconds(SimpleNamespace(duration=500, time_base=Fraction(1, 1000)), 0.25) == 0.5
