@@ -45,6 +45,9 @@ from .settings import Settings
 
 log = logging.getLogger("lmstream.serve")
 
+#: how long a warm decoder may take to answer before a job is given to it (an idle one answers in ms)
+SPARE_PING_S = 5.0
+
 api = build_api()
 
 
@@ -155,6 +158,9 @@ class FileSource:
     def __init__(self):
         self.ready = False
 
+    def ping(self) -> bool:
+        return True
+
     def warm(self, encoder, settings: dict) -> bool:
         """Everything `run` needs, ready before a job is given: the imports (torch came with this
         module), the Redis connections and the Encoder handle's router (one `info` call)."""
@@ -219,6 +225,14 @@ class _Camera:
         self.started = 0.0
 
 
+def _kill(actor) -> None:
+    """`ray.kill`, for an actor that may be gone already (its worker or node lost, killed before)."""
+    try:
+        ray.kill(actor)
+    except Exception:                                  # noqa: BLE001 - already gone
+        pass
+
+
 async def _failed_ref(e: BaseException):
     """An awaitable that raises `e` (a launch that failed is supervised like a lost actor)."""
     raise e
@@ -271,40 +285,46 @@ class RayBackend:
         while len(self._spares) < self.settings.warm_decoders:
             self._spares.append(self._new_source())
 
-    async def _take_source(self) -> tuple[Any, str, Any]:
-        """An idle decoder: a warm spare (one still starting is taken too: it is ahead of a new one),
-        skipping a spare whose start failed (its worker died); a new actor when there is none."""
+    async def _take_source(self) -> tuple[Any, str]:
+        """An idle decoder: a warm spare that answers a ping (one still starting is taken too: it is ahead
+        of a new one), skipping and killing spares whose worker is gone (their `warm` failed, or they died
+        idle: an out-of-memory kill, their node lost); a new actor when there is none."""
         while self._spares:
             actor, name, warm = self._spares.pop(0)
-            done, _ = ray.wait([warm], timeout=0)
-            if done:
-                try:
+            try:
+                done, _ = ray.wait([warm], timeout=0)
+                if done:                               # a finished warm stays "done" after its actor dies
                     await warm
-                except Exception as e:                 # noqa: BLE001 - a dead spare: never given a job
-                    log.warning("a warm decoder %s died idle (%s); starting another", name, type(e).__name__)
-                    try:
-                        ray.kill(actor)
-                    except Exception:                  # noqa: BLE001 - already gone
-                        pass
-                    continue
-            return actor, name, warm
-        return self._new_source()
+                    await asyncio.wait_for(actor.ping.remote(), SPARE_PING_S)
+            except asyncio.CancelledError:             # the request went away: the spare stays a spare
+                self._spares.insert(0, (actor, name, warm))
+                raise
+            except Exception as e:                     # noqa: BLE001 - dead (or not answering): never given a job
+                log.warning("warm decoder %s is gone (%s); taking another", name, type(e).__name__)
+                _kill(actor)
+                continue
+            return actor, name
+        actor, name, _ = self._new_source()
+        return actor, name
 
     async def start_job(self, job: FileJob) -> None:
-        actor, name, warm = await self._take_source()
+        actor, name = await self._take_source()
         try:
             # the record names its decoder: `job_runs` finds it from any Ingress
             if not await asyncio.to_thread(self.store.update, job.job_id, decoder=name):
-                self._spares.insert(0, (actor, name, warm))   # deleted already: nothing to run
-                return
+                raise NotFound(f"expected video {job.job_id!r} to exist while its job starts, got it deleted "
+                               "meanwhile")
             ref = actor.run.remote(job, self.encoder, self.settings.model_dump())
             self._sources[job.job_id] = (asyncio.get_running_loop().create_task(self._watch_job(job, actor, ref)),
                                          actor)
         except BaseException:
-            ray.kill(actor)
+            _kill(actor)
             raise
         finally:
-            self._fill_spares()
+            try:
+                self._fill_spares()
+            except Exception as e:                     # noqa: BLE001 - the GCS busy: the next job starts one
+                log.warning("could not start a warm decoder (%s); the next job tries again", e)
 
     async def cancel_job(self, job_id: str) -> bool:
         """`DELETE /v1/videos/ID` of a job still queued or ingesting: its decoder actor is killed and waited
@@ -315,10 +335,7 @@ class RayBackend:
             return False
         task, actor = src
         self._cancelled.add(job_id)
-        try:
-            ray.kill(actor)
-        except Exception:                              # noqa: BLE001 - already gone
-            pass
+        _kill(actor)
         try:
             await asyncio.wait_for(asyncio.shield(task), 30)
         except Exception:                              # noqa: BLE001 - its watcher reports what it can
@@ -369,10 +386,7 @@ class RayBackend:
         finally:
             self._sources.pop(job.job_id, None)
             self._cancelled.discard(job.job_id)
-            try:
-                ray.kill(actor)
-            except Exception:                          # noqa: BLE001 - already gone
-                pass
+            _kill(actor)
 
     async def _mark_lost(self, job: FileJob, e: Exception) -> None:
         try:
@@ -479,10 +493,7 @@ class RayBackend:
             if rerun:                                  # Redis or the Encoder was unreachable: same actor
                 self._run(cam, size)
                 continue
-            try:
-                ray.kill(cam.actor)
-            except Exception:                          # noqa: BLE001 - already gone with its node
-                pass
+            _kill(cam.actor)
             try:
                 await self._launch(cam, size, avoid=lost_on)
             except Exception as e:                     # noqa: BLE001 - try again after the backoff

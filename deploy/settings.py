@@ -67,7 +67,7 @@ class Settings(BaseModel):
         local_kv_dir: folder of that tier's (nameless) files (default: data_dir/kv-tier).
         warm_decoders: file-job decoder actors (`FileSource`) kept started and idle, so that a new job
             starts at once instead of waiting ~3 s for a Ray worker to start and import torch, PyAV and
-            the service; each costs one idle worker process (~300 MB). 0: a fresh actor per job.
+            the service; each costs one idle worker process (~340 MB). 0: a fresh actor per job.
         limits: `Limits`.
     """
 

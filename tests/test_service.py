@@ -456,18 +456,25 @@ def test_a_job_whose_decoder_actor_dies_fails_at_once_and_frees_its_slot(service
             cache.close()
         assert _uploads(service) == before and not _descendants_titled(service.proc.pid, "ray::FileSource.run")
         assert len(_idle_decoders(service)) == 1     # taken spares were replaced; the jobs' own actors are gone
+        # a warm decoder that dies idle (an out-of-memory kill) is passed over, not handed the next job (which
+        # then failed E_INTERRUPTED at 0 %, its upload removed): the job runs on a new one
+        for p in _idle_decoders(service):
+            os.kill(p, signal.SIGKILL)
+        time.sleep(1)
+        r = c.post("/v1/videos", json={"path": str(media / "scene.mp4")})
+        assert r.status_code == 202 and (d := wait_ready(c, r.json()["id"]))["status"] == "ready", d
+        assert len(_idle_decoders(service)) == 1
 
 
-def _idle_decoders(service, timeout: float = 60.0) -> list[int]:
-    """The service's FileSource actors started and idle (title ``ray::FileSource`` with no method),
-    once none is still starting (``ray::FileSource.warm``)."""
+def _idle_decoders(service, expect: int = 1, timeout: float = 90.0) -> list[int]:
+    """The service's FileSource actors started and idle (title ``ray::FileSource`` with no method), once
+    there are `expect` of them (a replacement's worker has no such title while it starts), or after `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
         every = _descendants_titled(service.proc.pid, "ray::FileSource")
-        busy = _descendants_titled(service.proc.pid, "ray::FileSource.")
-        if not set(busy) - set(_descendants_titled(service.proc.pid, "ray::FileSource.run")) or \
-                time.monotonic() > deadline:
-            return sorted(set(every) - set(busy))
+        idle = sorted(set(every) - set(_descendants_titled(service.proc.pid, "ray::FileSource.")))
+        if len(idle) == expect or time.monotonic() > deadline:
+            return idle
         time.sleep(0.2)
 
 
