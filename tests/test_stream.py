@@ -688,7 +688,7 @@ def test_load_image(tmp_path):
 
 
 def test_frame_seconds_without_pyav_frame_duration():
-    """`Frame.duration` exists from PyAV 14.4 on, and pyproject allows av>=12: an older PyAV's frame (no
+    """`Frame.duration` exists from PyAV 14.4 on (pyproject now asks for av>=17.1): a frame without it (no
     such attribute) shows for one nominal interval instead of raising AttributeError on every frame."""
     from types import SimpleNamespace
 
