@@ -653,7 +653,7 @@ def _drain(vs: av.video.stream.VideoStream) -> list[av.VideoFrame]:
 
 def _frame_seconds(frame: av.VideoFrame, nominal: float) -> float:
     """How long ``frame`` shows, in seconds: its own duration from the file, else one nominal frame interval."""
-    d, tb = getattr(frame, "duration", None), frame.time_base    # Frame.duration: PyAV 14.4 and later
+    d, tb = frame.duration, frame.time_base
     return float(d * tb) if d and d > 0 and tb else nominal
 
 

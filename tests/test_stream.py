@@ -687,11 +687,11 @@ def test_load_image(tmp_path):
     assert e.value.message.startswith(f"expected an image file that Pillow can read, got {text} (")
 
 
-def test_frame_seconds_without_pyav_frame_duration():
-    """`Frame.duration` exists from PyAV 14.4 on (pyproject now asks for av>=17.1): a frame without it (no
-    such attribute) shows for one nominal interval instead of raising AttributeError on every frame."""
+def test_frame_seconds_without_a_frame_duration():
+    """A frame the file gives no duration (0, as PyAV 15's frames of a VFR H.264 MP4 had) shows for one
+    nominal interval; one with a duration shows for it."""
     from types import SimpleNamespace
 
     from stream.decode import _frame_seconds
-    assert _frame_seconds(SimpleNamespace(time_base=Fraction(1, 1000)), 0.25) == 0.25
+    assert _frame_seconds(SimpleNamespace(duration=0, time_base=Fraction(1, 1000)), 0.25) == 0.25
     assert _frame_seconds(SimpleNamespace(duration=500, time_base=Fraction(1, 1000)), 0.25) == 0.5
