@@ -137,11 +137,12 @@ def _frame_counts(text: str) -> str:
 
 
 def _warm_settings(text: str) -> str:
-    """A comma-separated list of warm_decoders settings, whole numbers 0..64 (kept as written)."""
+    """A comma-separated list of warm_decoders settings, whole numbers 0..MAX_WARM_DECODERS (kept as written)."""
+    from deploy.settings import MAX_WARM_DECODERS
     parts = [t.strip() for t in text.split(",")]
-    if not all(t.isdigit() and int(t) <= 64 for t in parts):
-        raise argparse.ArgumentTypeError(f"expected warm_decoders settings, whole numbers 0..64 separated by "
-                                         f"commas, got {text!r}")
+    if not all(t.isdigit() and int(t) <= MAX_WARM_DECODERS for t in parts):
+        raise argparse.ArgumentTypeError(f"expected warm_decoders settings, whole numbers 0..{MAX_WARM_DECODERS} "
+                                         f"separated by commas, got {text!r}")
     return text
 
 

@@ -1759,7 +1759,6 @@ class _LiveSession:
         kept = "purged: its frames are gone" if purged else "its frames stay"
         told = NotReady(f"expected to keep streaming to {sid!r}, got the stream deleted (DELETE "
                         f"/v1/streams/{sid}; {kept}): start a new stream to go on", code="E_STREAM_STOPPED")
-
         self.closed = True                             # nothing else is sent from now on, but `told`
 
         async def close():                             # not awaited: the error's send and the closing

@@ -681,8 +681,7 @@ def video_status(d: dict) -> dict:
     return {"id": d["id"], "status": d["status"], "frames": int(d.get("frames") or 0),
             "duration_s": d.get("duration_s"), "progress": float(d.get("progress") or 0.0),
             "gaps": d.get("gaps") or [], "error": d.get("error"), "decode_errors": d.get("decode_errors") or [],
-            "source": d.get("source"),
-            "created": d.get("created")}
+            "source": d.get("source"), "created": d.get("created")}
 
 
 def require_answerable(d: dict, stored: int | None = None) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 from pydantic import BaseModel, Field, field_validator
 
 REPO = Path(__file__).resolve().parents[1]
+#: the most warm decoder actors a service keeps (`Settings.warm_decoders`; `lmstream serve --warm-decoders`)
+MAX_WARM_DECODERS = 64
 
 
 class Limits(BaseModel):
@@ -91,7 +93,7 @@ class Settings(BaseModel):
     serve_batch_wait_s: float = Field(0.02, ge=0, le=10)
     local_kv_bytes: int = Field(8 << 30, ge=0)
     local_kv_dir: str | None = None
-    warm_decoders: int = Field(1, ge=0, le=64)
+    warm_decoders: int = Field(1, ge=0, le=MAX_WARM_DECODERS)
     limits: Limits = Field(default_factory=Limits)
 
     @field_validator("allowed_dirs")

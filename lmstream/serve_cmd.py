@@ -114,11 +114,11 @@ def _check_http_port(host: str, port: int) -> None:
 
 
 def cmd_serve(args) -> int:
-    from deploy.settings import Settings
+    from deploy.settings import MAX_WARM_DECODERS, Settings
     if not 0 < args.port < 65536:
         raise BadArgument(f"expected --port in 1..65535, got {args.port}")
-    if args.warm_decoders is not None and not 0 <= args.warm_decoders <= 64:
-        raise BadArgument(f"expected --warm-decoders in 0..64, got {args.warm_decoders}")
+    if args.warm_decoders is not None and not 0 <= args.warm_decoders <= MAX_WARM_DECODERS:
+        raise BadArgument(f"expected --warm-decoders in 0..{MAX_WARM_DECODERS}, got {args.warm_decoders}")
     if not args.ray_address:
         _check_http_port(args.host, args.port)
     from frame_cache.redis_server import reserve_port
