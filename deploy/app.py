@@ -8,8 +8,9 @@ Roles:
 * `Encoder`  - one model per replica; `encode` is a `@serve.batch` method, so requests from any
                number of file jobs (streams) share one batched pass; writes the Redis ring.
 * `Answerer` - one model per replica; `answer` streams a question's events (token by token).
-* `FileSource` - a Ray actor per file job: decode, sample, shrink frames, send them to the Encoder;
-               `Settings.warm_decoders` of them wait started, so a job starts at once.
+* `FileSource` - a file job's Ray actor: decode, sample, shrink frames, send them to the Encoder;
+               `Settings.warm_decoders` of them wait started, so a job starts at once, and one whose
+               job ended takes the next (a burst of short jobs shares the first decoders free).
 
 Concurrency on a model replica: encoding batches and questions run on worker threads and take the
 model's lock per forward pass, so a replica runs one forward at a time (questions interleave their
@@ -47,6 +48,13 @@ log = logging.getLogger("lmstream.serve")
 
 #: how long a warm decoder may take to answer before a job is given to it (an idle one answers in ms)
 SPARE_PING_S = 5.0
+#: how often a job waiting for a decoder looks whether one of those starting is ready
+POOL_POLL_S = 0.05
+#: spares found dead while one job waits before it takes a fresh, unwarmed actor (whose `run` says why)
+MAX_FAILED_WARMS = 3
+#: how long after a job takes a decoder its replacement starts, unless the job has ended by then, and how
+#: long a job waits for a busy decoder to free before one more starts for it
+REFILL_AFTER_S = 1.0
 
 api = build_api()
 
@@ -152,11 +160,13 @@ class _StreamLease:
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class FileSource:
-    """One file job: decode -> Encoder batches -> ring; status in Redis. The Ingress keeps
-    `Settings.warm_decoders` of them started and idle (`warm` run), so a job does not wait for a worker."""
+    """A file-job decoder: decode -> Encoder batches -> ring; status in Redis. The Ingress keeps
+    `Settings.warm_decoders` of them started and idle (`warm` run), so a job does not wait for a worker,
+    and gives a decoder whose job ended back to that pool (one job at a time: `run` calls run in order)."""
 
     def __init__(self):
         self.ready = False
+        self.jobs = 0
 
     def ping(self) -> bool:
         return True
@@ -173,14 +183,26 @@ class FileSource:
         return True
 
     def run(self, job: FileJob, encoder, settings: dict) -> dict:
-        """The job, on what `warm` made ready (calls run in order: a spare's `warm` ran first; one whose
-        `warm` failed, or a fresh actor, does it here)."""
+        """The job, on what `warm` made ready (a spare's `warm` ran first; one whose `warm` failed, or a
+        fresh actor, does it here). The connections stay open for the decoder's next job; what the job's
+        frames took goes back to the system (`_release_heap`), so an idle decoder stays small."""
         if not self.ready:
             self.warm(encoder, settings)
+        self.jobs += 1
         try:
             return run_file_job(job, lambda items: self.encoder.encode.remote(items).result(), self.store, self.cache)
         finally:
-            self.cache.close()
+            _release_heap()
+
+
+def _release_heap() -> None:
+    """glibc's `malloc_trim(0)`: freed arenas back to the system (a decoder that ingested a long video
+    would otherwise idle at its peak size); nothing where glibc is not the allocator."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 @ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)
@@ -255,6 +277,8 @@ class RayBackend:
         self._sources: dict[str, tuple[asyncio.Task, Any]] = {}    # running jobs: (watcher task, actor)
         self._cancelled: set[str] = set()                            # jobs DELETE is cancelling
         self._spares: list[tuple[Any, str, Any]] = []                # idle decoders: (actor, name, warm ref)
+        self._waiting = 0                                            # jobs waiting for a decoder
+        self._pool_changed = asyncio.Event()                         # a decoder was given back
         self._fill_spares()
 
     def encoder_stats(self) -> dict:
@@ -274,7 +298,12 @@ class RayBackend:
         a, b = await asyncio.gather(self.encoder.ready.remote(), self.answerer.ready.remote())
         return bool(a and b)
 
-    # -- file jobs: a decoder actor each, taken from the warm spares ---------------------------------
+    # -- file jobs: a decoder actor each, from a pool of idle ones ----------------------------------
+    # `_spares` holds idle decoders, started or still starting: `warm_decoders` of them between jobs. A job
+    # takes the first that is ready: a started spare, one of those starting, or one whose job just ended
+    # (`_give_back`); while it waits, a new decoder is started for it, so a burst of long jobs still runs in
+    # parallel, and a burst of short ones reuses the few decoders that finish first instead of waiting for
+    # a new worker each (~3.5 s to import torch, far longer for several at once on a small machine).
     def _new_source(self) -> tuple[Any, str, Any]:
         name = "lms-src-" + uuid.uuid4().hex[:16]
         actor = FileSource.options(name=name).remote()
@@ -285,66 +314,162 @@ class RayBackend:
         while len(self._spares) < self.settings.warm_decoders:
             self._spares.append(self._new_source())
 
+    def _refill(self) -> None:
+        try:
+            self._fill_spares()
+        except Exception as e:                         # noqa: BLE001 - the GCS busy: the next job starts one
+            log.warning("could not start a warm decoder (%s); the next job tries again", e)
+
+    @staticmethod
+    def _started(entry) -> bool:
+        """The spare's `warm` (or, for one given back, its last `run`) has ended, well or not."""
+        done, _ = ray.wait([entry[2]], timeout=0)
+        return bool(done)
+
+    def _give_back(self, actor, name: str, ref) -> None:
+        """A decoder whose job ended (its `run` returned): idle again, first in line for a job waiting now
+        or the next one (a decoder still starting is stopped instead when the pool is full)."""
+        self._spares.insert(0, (actor, name, ref))
+        self._pool_changed.set()
+        self._trim_spares()
+
+    def _trim_spares(self) -> None:
+        """No job waiting: back to `warm_decoders` idle decoders, those still starting stopped first,
+        then the last in line (decoders given back go first in line)."""
+        while not self._waiting and len(self._spares) > self.settings.warm_decoders:
+            starting = [e for e in self._spares if not self._started(e)]
+            entry = starting[-1] if starting else self._spares[-1]
+            self._spares.remove(entry)
+            _kill(entry[0])
+
     async def _take_source(self) -> tuple[Any, str]:
-        """An idle decoder: a warm spare that answers a ping (one still starting is taken too: it is ahead
-        of a new one), skipping and killing spares whose worker is gone (their `warm` failed, or they died
-        idle: an out-of-memory kill, their node lost); a new actor when there is none."""
-        while self._spares:
-            actor, name, warm = self._spares.pop(0)
-            try:
-                done, _ = ray.wait([warm], timeout=0)
-                if done:                               # a finished warm stays "done" after its actor dies
-                    await warm
-                    await asyncio.wait_for(actor.ping.remote(), SPARE_PING_S)
-            except asyncio.CancelledError:             # the request went away: the spare stays a spare
-                self._spares.insert(0, (actor, name, warm))
-                raise
-            except Exception as e:                     # noqa: BLE001 - dead (or not answering): never given a job
-                log.warning("warm decoder %s is gone (%s); taking another", name, type(e).__name__)
-                _kill(actor)
-                continue
-            return actor, name
-        actor, name, _ = self._new_source()
-        return actor, name
+        """An idle decoder that answers a ping, the first ready of the spares and of the decoders whose
+        jobs end meanwhile (a short job's decoder is free long before a new worker has imported torch, so
+        one more is started only after `REFILL_AFTER_S` while any decoder is busy). Spares whose worker is gone (their `warm` failed, or they died idle: an
+        out-of-memory kill, their node lost) are killed and passed over; after `MAX_FAILED_WARMS` of them a
+        fresh actor is returned unwarmed, so that its `run` reports why (Redis down, ...) on the job."""
+        waiting, failed = False, 0
+        try:
+            while True:
+                ready = [e for e in self._spares if self._started(e)]
+                if ready:
+                    entry = ready[0]
+                    self._spares.remove(entry)
+                    actor, name, ref = entry
+                    try:                               # a finished ref stays "done" after its actor dies
+                        await ref
+                        await asyncio.wait_for(actor.ping.remote(), SPARE_PING_S)
+                    except asyncio.CancelledError:     # the job was cancelled: the spare stays a spare
+                        self._spares.insert(0, entry)
+                        raise
+                    except Exception as e:             # noqa: BLE001 - dead (or not answering): never given a job
+                        log.warning("warm decoder %s is gone (%s); taking another", name, type(e).__name__)
+                        _kill(actor)
+                        failed += 1
+                        if failed >= MAX_FAILED_WARMS:
+                            actor, name, _ = self._new_source()
+                            return actor, name
+                        continue
+                    return actor, name
+                if not waiting:                        # none ready: one more starts for this job, at once when
+                    waiting, since = True, time.monotonic()        # no decoder is busy, else unless a busy
+                    self._waiting += 1                             # one is free within REFILL_AFTER_S
+                busy = any(a is not None for _, a in self._sources.values())
+                if len(self._spares) < self._waiting and (not busy or time.monotonic() - since >= REFILL_AFTER_S):
+                    self._spares.append(self._new_source())
+                self._pool_changed.clear()
+                try:                                   # a decoder given back wakes it; a warm ending, the poll
+                    await asyncio.wait_for(self._pool_changed.wait(), POOL_POLL_S)
+                except asyncio.TimeoutError:
+                    pass
+        finally:
+            if waiting:
+                self._waiting -= 1
 
     async def start_job(self, job: FileJob) -> None:
-        actor, name = await self._take_source()
+        """The job is queued here: it runs once a decoder is free (`_run_job`, in the background)."""
+        self._sources[job.job_id] = (asyncio.get_running_loop().create_task(self._run_job(job)), None)
+
+    async def _run_job(self, job: FileJob) -> None:
+        """Takes a decoder for the job, runs it there and waits for it. `run` marks the job ready or failed
+        itself, and the decoder goes back to the pool; an actor that dies first (out of memory, its node
+        lost, killed) cannot, so the job is marked failed here, with its frames kept, instead of staying
+        "ingesting" and holding a slot of the job limit for good."""
+        import os
+        actor, reuse, ran = None, False, False
         try:
+            try:
+                actor, name = await self._take_source()
+            except asyncio.CancelledError:             # DELETE while queued
+                raise
+            except Exception as e:                     # noqa: BLE001 - Ray could start no decoder
+                log.warning("job %s: no decoder (%s)", job.job_id, e)
+                await self._mark_lost(job, e, started=False)
+                return
+            self._sources[job.job_id] = (self._sources[job.job_id][0], actor)
+            # the next job finds one idle: a replacement starts unless this job has given its decoder back by
+            # then (a short job: no worker started, to be stopped again, on the CPU the job itself needs)
+            asyncio.get_running_loop().call_later(REFILL_AFTER_S, self._refill)
             # the record names its decoder: `job_runs` finds it from any Ingress
             if not await asyncio.to_thread(self.store.update, job.job_id, decoder=name):
-                raise NotFound(f"expected video {job.job_id!r} to exist while its job starts, got it deleted "
-                               "meanwhile")
+                log.info("job %s: deleted while queued", job.job_id)
+                reuse, ref = job.job_id not in self._cancelled, actor.ping.remote()
+                return
             ref = actor.run.remote(job, self.encoder, self.settings.model_dump())
-            self._sources[job.job_id] = (asyncio.get_running_loop().create_task(self._watch_job(job, actor, ref)),
-                                         actor)
-        except BaseException:
-            _kill(actor)
-            raise
-        finally:
             try:
-                self._fill_spares()
-            except Exception as e:                     # noqa: BLE001 - the GCS busy: the next job starts one
-                log.warning("could not start a warm decoder (%s); the next job tries again", e)
+                await ref
+                ran = True
+                reuse = job.job_id not in self._cancelled     # killed as `run` returned: not given back
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:                     # noqa: BLE001 - the actor or its node is gone
+                why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                cancelled = job.job_id in self._cancelled  # DELETE killed it: the route removes the record
+                log.warning("job %s: its decoder actor was %s (%s)", job.job_id,
+                            "cancelled" if cancelled else "lost", why)
+                if not cancelled:
+                    await self._mark_lost(job, e)
+        finally:
+            self._sources.pop(job.job_id, None)
+            self._cancelled.discard(job.job_id)
+            if actor is not None:
+                if reuse:
+                    self._give_back(actor, name, ref)
+                else:
+                    _kill(actor)
+            if job.delete_after and not ran:           # the upload `run` would have removed
+                try:
+                    os.unlink(job.path)
+                except OSError:
+                    pass
 
     async def cancel_job(self, job_id: str) -> bool:
-        """`DELETE /v1/videos/ID` of a job still queued or ingesting: its decoder actor is killed and waited
-        for (then nothing of it writes the job's record or hands the Encoder frames); the route then frees
-        its frames and record. False when this Ingress does not run the job (its task not registered yet)."""
+        """`DELETE /v1/videos/ID` of a job still queued or ingesting: a queued one stops waiting for a
+        decoder; an ingesting one's decoder actor is killed and waited for (then nothing of it writes the
+        job's record or hands the Encoder frames); the route then frees its frames and record. False when
+        this Ingress does not run the job."""
         src = self._sources.get(job_id)
         if src is None:
             return False
         task, actor = src
         self._cancelled.add(job_id)
-        _kill(actor)
+        if actor is None:
+            task.cancel()
+        else:
+            _kill(actor)
         try:
             await asyncio.wait_for(asyncio.shield(task), 30)
-        except Exception:                              # noqa: BLE001 - its watcher reports what it can
+        except asyncio.CancelledError:                 # the queued job's task, or this request
+            if not task.done():
+                raise
+        except Exception:                              # noqa: BLE001 - its task reports what it can
             pass
         return True
 
     async def job_runs(self, job_id: str) -> bool:
-        """A decoder actor for the job exists (on any Ingress): False for a record left by a request that
-        ended between creating it and starting its actor, which nothing will ever finish."""
+        """A decoder actor for the job exists (on any Ingress), or the job is queued here: False for a
+        record left by a request that ended between creating it and starting its job, which nothing will
+        ever finish."""
         if job_id in self._sources:
             return True
 
@@ -362,42 +487,17 @@ class RayBackend:
                 return False
         return await asyncio.to_thread(look)
 
-    async def _watch_job(self, job: FileJob, actor, ref) -> None:
-        """Waits on a job's actor. `run` marks the job ready or failed itself; an actor that dies first
-        (out of memory, its node lost, killed) cannot, so the job is marked failed here, with its
-        frames kept, instead of staying "ingesting" and holding a slot of the job limit for good."""
-        import os
-        try:
-            await ref
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:                         # noqa: BLE001 - the actor or its node is gone
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-            cancelled = job.job_id in self._cancelled  # DELETE killed it: the route removes the record
-            log.warning("job %s: its decoder actor was %s (%s)", job.job_id, "cancelled" if cancelled else "lost",
-                        why)
-            if not cancelled:
-                await self._mark_lost(job, e)
-            if job.delete_after:                       # the upload `run` would have removed
-                try:
-                    os.unlink(job.path)
-                except OSError:
-                    pass
-        finally:
-            self._sources.pop(job.job_id, None)
-            self._cancelled.discard(job.job_id)
-            _kill(actor)
-
-    async def _mark_lost(self, job: FileJob, e: Exception) -> None:
+    async def _mark_lost(self, job: FileJob, e: Exception, started: bool = True) -> None:
         try:
             d = await asyncio.to_thread(self.store.get, job.job_id)
             if d["status"] in JobStore.ACTIVE:
-                await asyncio.to_thread(
-                    self.store.update, job.job_id, status="failed",
-                    error={"code": "E_INTERRUPTED", "message":
-                           f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
+                message = (f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
                            f"({type(e).__name__}); the {d.get('frames', 0)} frames stored stay, upload again "
-                           "to ingest the rest"})
+                           "to ingest the rest") if started else (
+                           f"expected a decoder for the job, got none ({type(e).__name__}: "
+                           f"{str(e)[:160]}); upload again")
+                await asyncio.to_thread(self.store.update, job.job_id, status="failed",
+                                        error={"code": "E_INTERRUPTED", "message": message})
         except Exception as e2:                        # noqa: BLE001 - Redis down: fail_interrupted at restart
             log.warning("job %s: could not mark it failed (%s)", job.job_id, e2)
 
