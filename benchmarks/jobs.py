@@ -3,11 +3,12 @@
     lmstream bench jobs [--warm 0,1] [--videos 3,60] [--repeats 3] [--bursts 2] [--burst-size 4] [--pause 6]
                         [--json] [--out FILE]
 
-A file job (`POST /v1/videos`) runs on a `FileSource` Ray actor. With `warm_decoders` = 0 each job starts a
-fresh one, whose worker process starts and imports torch, PyAV and the service (~3 s on a 2-core CPU) before
-it decodes a frame; with N >= 1 the Ingress keeps N started and idle and starts a replacement when one is
-taken (deploy/app.py, `RayBackend._take_source` / `_fill_spares`). This measures what a client sees, for each
-setting in --warm, the first being the baseline (default 0, a fresh actor per job), in one run:
+A file job (`POST /v1/videos`) runs on a decoder, a `FileSource` Ray actor. A fresh one's worker process starts
+and imports torch, PyAV and the service (~3.5 s on a 2-core CPU) before it decodes a frame; the Ingress keeps
+`warm_decoders` of them started and idle, and a decoder whose job ended takes the next job (deploy/app.py,
+`RayBackend._take_source` / `_give_back`). This measures what a client sees, for each setting in --warm, the
+first being the baseline (default 0: none kept idle, a fresh actor per job unless a busy one frees first), in
+one run:
 
 * per setting, `lmstream serve` (demo checkpoint, its own redis-server and Ray, a temporary --data-dir,
   `--warm-decoders N`) through `start_serve_process`, stopped by PID with `stop_child` before the next;

@@ -69,7 +69,9 @@ class Settings(BaseModel):
         local_kv_dir: folder of that tier's (nameless) files (default: data_dir/kv-tier).
         warm_decoders: file-job decoder actors (`FileSource`) kept started and idle, so that a new job
             starts at once instead of waiting ~3 s for a Ray worker to start and import torch, PyAV and
-            the service; each costs one idle worker process (~340 MB). 0: a fresh actor per job.
+            the service; each costs one idle worker process (~340 MB). A decoder whose job ended goes back to
+            this pool (`RayBackend._give_back`). 0: none kept idle (a fresh actor per job, unless a busy
+            decoder frees first).
         limits: `Limits`.
     """
 

@@ -55,8 +55,8 @@ def add_parser(sub) -> None:
                    help="Ray resources each camera actor asks for (cameras spread over the nodes that have them)")
     p.add_argument("--warm-decoders", type=int, default=None, metavar="N",
                    help="file-job decoder actors kept started and idle, so that a new job does not wait ~3 s for a "
-                        "Ray worker to start and import torch; each is an idle worker of about 340 MB; 0 starts a "
-                        "fresh one per job (default: LMSTREAM_WARM_DECODERS or 1)")
+                        "Ray worker to start and import torch; each is an idle worker of about 340 MB; a decoder whose "
+                        "job ended takes the next one; 0 keeps none idle (default: LMSTREAM_WARM_DECODERS or 1)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
     p.set_defaults(fn=cmd_serve)
 
