@@ -39,6 +39,7 @@ from .serving import (
     LiveStore,
     WatchStore,
     answer_events_in_thread,
+    error_dict,
     run_file_job,
     run_rtsp_stream,
 )
@@ -52,6 +53,8 @@ SPARE_PING_S = 5.0
 POOL_POLL_S = 0.05
 #: spares found dead while one job waits before it takes a fresh, unwarmed actor (whose `run` says why)
 MAX_FAILED_WARMS = 3
+#: how long a decoder may take to start (its worker up, `warm` done) before it is stopped and passed over
+WARM_TIMEOUT_S = 120.0
 #: how long after a job takes a decoder its replacement starts, unless the job has ended by then, and how
 #: long a job waits for a busy decoder to free before one more starts for it
 REFILL_AFTER_S = 1.0
@@ -187,7 +190,15 @@ class FileSource:
         fresh actor, does it here). The connections stay open for the decoder's next job; what the job's
         frames took goes back to the system (`_release_heap`), so an idle decoder stays small."""
         if not self.ready:
-            self.warm(encoder, settings)
+            try:
+                self.warm(encoder, settings)
+            except Exception as e:                     # noqa: BLE001 - said on the job, where a client looks
+                try:
+                    JobStore(Settings.model_validate(settings).redis_url).update(
+                        job.job_id, status="failed", error=error_dict(e))
+                except Exception:                      # noqa: BLE001 - Redis itself is what failed
+                    pass
+                raise
         self.jobs += 1
         try:
             return run_file_job(job, lambda items: self.encoder.encode.remote(items).result(), self.store, self.cache)
@@ -278,6 +289,7 @@ class RayBackend:
         self._cancelled: set[str] = set()                            # jobs DELETE is cancelling
         self._spares: list[tuple[Any, str, Any]] = []                # idle decoders: (actor, name, warm ref)
         self._waiting = 0                                            # jobs waiting for a decoder
+        self._born: dict[str, float] = {}                            # when each starting decoder was started
         self._pool_changed = asyncio.Event()                         # a decoder was given back
         self._fill_spares()
 
@@ -304,10 +316,20 @@ class RayBackend:
     # (`_give_back`); while it waits, a new decoder is started for it, so a burst of long jobs still runs in
     # parallel, and a burst of short ones reuses the few decoders that finish first instead of waiting for
     # a new worker each (~3.5 s to import torch, far longer for several at once on a small machine).
-    def _new_source(self) -> tuple[Any, str, Any]:
+    def _new_source(self, warm: bool = True) -> tuple[Any, str, Any]:
         name = "lms-src-" + uuid.uuid4().hex[:16]
         actor = FileSource.options(name=name).remote()
+        if not warm:                                   # its `run` warms it, and says on the job why that failed
+            return actor, name, None
+        self._born[name] = time.monotonic()
         return actor, name, actor.warm.remote(self.encoder, self.settings.model_dump())
+
+    def _drop(self, entry, listed: bool = True) -> None:
+        """Kills an idle decoder (taken off `_spares` unless `listed` is False: it was already)."""
+        if listed:
+            self._spares.remove(entry)
+        self._born.pop(entry[1], None)
+        _kill(entry[0])
 
     def _fill_spares(self) -> None:
         """Start decoders until `warm_decoders` are idle (each starts in the background)."""
@@ -338,20 +360,25 @@ class RayBackend:
         then the last in line (decoders given back go first in line)."""
         while not self._waiting and len(self._spares) > self.settings.warm_decoders:
             starting = [e for e in self._spares if not self._started(e)]
-            entry = starting[-1] if starting else self._spares[-1]
-            self._spares.remove(entry)
-            _kill(entry[0])
+            self._drop(starting[-1] if starting else self._spares[-1])
 
     async def _take_source(self) -> tuple[Any, str]:
         """An idle decoder that answers a ping, the first ready of the spares and of the decoders whose
         jobs end meanwhile (a short job's decoder is free long before a new worker has imported torch, so
-        one more is started only after `REFILL_AFTER_S` while any decoder is busy). Spares whose worker is gone (their `warm` failed, or they died idle: an
-        out-of-memory kill, their node lost) are killed and passed over; after `MAX_FAILED_WARMS` of them a
-        fresh actor is returned unwarmed, so that its `run` reports why (Redis down, ...) on the job."""
+        one more is started only after `REFILL_AFTER_S` while any decoder is busy). Spares whose worker is
+        gone (their `warm` failed, or they died idle: an out-of-memory kill, their node lost) or whose `warm`
+        has run past `WARM_TIMEOUT_S` are killed and passed over; after `MAX_FAILED_WARMS` of them a fresh
+        actor is returned unwarmed, so that its `run` reports why (Redis down, ...) on the job."""
         waiting, failed = False, 0
         try:
             while True:
-                ready = [e for e in self._spares if self._started(e)]
+                now = time.monotonic()
+                for entry in [e for e in self._spares if not self._started(e)
+                              and now - self._born.get(e[1], now) > WARM_TIMEOUT_S]:
+                    log.warning("decoder %s still starting after %.0f s; stopped", entry[1], WARM_TIMEOUT_S)
+                    self._drop(entry)
+                    failed += 1
+                ready = [e for e in self._spares if self._started(e)] if failed < MAX_FAILED_WARMS else []
                 if ready:
                     entry = ready[0]
                     self._spares.remove(entry)
@@ -364,12 +391,13 @@ class RayBackend:
                         raise
                     except Exception as e:             # noqa: BLE001 - dead (or not answering): never given a job
                         log.warning("warm decoder %s is gone (%s); taking another", name, type(e).__name__)
-                        _kill(actor)
+                        self._drop(entry, listed=False)
                         failed += 1
-                        if failed >= MAX_FAILED_WARMS:
-                            actor, name, _ = self._new_source()
-                            return actor, name
                         continue
+                    self._born.pop(name, None)
+                    return actor, name
+                if failed >= MAX_FAILED_WARMS:
+                    actor, name, _ = self._new_source(warm=False)
                     return actor, name
                 if not waiting:                        # none ready: one more starts for this job, at once when
                     waiting, since = True, time.monotonic()        # no decoder is busy, else unless a busy
@@ -385,6 +413,7 @@ class RayBackend:
         finally:
             if waiting:
                 self._waiting -= 1
+            self._trim_spares()                        # those started for waiters that left
 
     async def start_job(self, job: FileJob) -> None:
         """The job is queued here: it runs once a decoder is free (`_run_job`, in the background)."""
@@ -410,10 +439,20 @@ class RayBackend:
             # the next job finds one idle: a replacement starts unless this job has given its decoder back by
             # then (a short job: no worker started, to be stopped again, on the CPU the job itself needs)
             asyncio.get_running_loop().call_later(REFILL_AFTER_S, self._refill)
-            # the record names its decoder: `job_runs` finds it from any Ingress
-            if not await asyncio.to_thread(self.store.update, job.job_id, decoder=name):
+            ref = actor.ping.remote()                  # what `_give_back` waits on, should the job not run
+            if job.job_id in self._cancelled:          # DELETE came as the decoder was handed over (a cancel
+                reuse = True                           # that lands on a finished await is lost): not run
+                return
+            try:                                       # the record names its decoder: `job_runs` finds it
+                kept = await asyncio.to_thread(self.store.update, job.job_id, decoder=name)
+            except Exception as e:                     # noqa: BLE001 - Redis gone: the job cannot start
+                log.warning("job %s: could not start it (%s)", job.job_id, e)
+                reuse = True
+                await self._mark_lost(job, e, started=False)
+                return
+            if not kept or job.job_id in self._cancelled:
                 log.info("job %s: deleted while queued", job.job_id)
-                reuse, ref = job.job_id not in self._cancelled, actor.ping.remote()
+                reuse = True
                 return
             ref = actor.run.remote(job, self.encoder, self.settings.model_dump())
             try:
@@ -437,6 +476,7 @@ class RayBackend:
                     self._give_back(actor, name, ref)
                 else:
                     _kill(actor)
+                    self._trim_spares()
             if job.delete_after and not ran:           # the upload `run` would have removed
                 try:
                     os.unlink(job.path)
@@ -494,8 +534,8 @@ class RayBackend:
                 message = (f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
                            f"({type(e).__name__}); the {d.get('frames', 0)} frames stored stay, upload again "
                            "to ingest the rest") if started else (
-                           f"expected a decoder for the job, got none ({type(e).__name__}: "
-                           f"{str(e)[:160]}); upload again")
+                           f"expected the job to start on a decoder, got {type(e).__name__}: "
+                           f"{str(e)[:160]}; upload again")
                 await asyncio.to_thread(self.store.update, job.job_id, status="failed",
                                         error={"code": "E_INTERRUPTED", "message": message})
         except Exception as e2:                        # noqa: BLE001 - Redis down: fail_interrupted at restart
