@@ -356,9 +356,10 @@ class RayBackend:
         self._trim_spares()
 
     def _trim_spares(self) -> None:
-        """No job waiting: back to `warm_decoders` idle decoders, those still starting stopped first,
-        then the last in line (decoders given back go first in line)."""
-        while not self._waiting and len(self._spares) > self.settings.warm_decoders:
+        """Back to `warm_decoders` idle decoders plus one for each job waiting (those started for jobs that
+        left, cancelled or served by a decoder given back, stop), those still starting stopped first, then
+        the last in line (decoders given back go first in line)."""
+        while len(self._spares) > self.settings.warm_decoders + self._waiting:
             starting = [e for e in self._spares if not self._started(e)]
             self._drop(starting[-1] if starting else self._spares[-1])
 
@@ -727,7 +728,9 @@ class Ingress:
         self.backend = RayBackend(s, encoder, answerer)
         failed = self.backend.store.fail_interrupted() if self.backend.store.ping() else []
         if failed:
-            log.warning("marked %d interrupted video jobs failed (their frames stay): %s", len(failed), failed)
+            gone = JobStore.remove_uploads(s.upload_dir, failed)     # their decoders never run again
+            log.warning("marked %d interrupted video jobs failed (their frames stay; %d uploads removed): %s",
+                        len(failed), gone, failed)
         set_backend(self.backend)
         loop = asyncio.get_running_loop()
         self._resume = loop.create_task(self._resume_cameras()) if self.backend.store.ping() else None

@@ -522,6 +522,7 @@ def build_api() -> FastAPI:
             except StreamNotFound:
                 pass
             b.store.delete(vid)
+            JobStore.remove_uploads(b.settings.upload_dir, [vid])    # one a stopped decoder left behind
         await asyncio.to_thread(drop)
         return {"id": vid, "deleted": True, "cancelled": cancelled}
 

@@ -142,6 +142,22 @@ class JobStore:
                 out.append(jid)
         return out
 
+    @staticmethod
+    def remove_uploads(upload_dir, job_ids) -> int:
+        """The uploads of these jobs still in `upload_dir` (``<job id><ext>``, ext from the client's filename):
+        removed, for jobs that will never run (a stopped service's, a deleted one's). Returns how many."""
+        from pathlib import Path
+        n = 0
+        for jid in job_ids:
+            for f in Path(upload_dir).glob(f"{jid}*"):
+                if f.name == jid or f.name.startswith(jid + "."):
+                    try:
+                        f.unlink()
+                        n += 1
+                    except OSError:
+                        pass
+        return n
+
     def ping(self) -> bool:
         """Redis answers; on a Redis Cluster, every master does (a dead master takes its streams)."""
         try:
@@ -591,7 +607,9 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                      gaps=[list(g) for g in rep.gaps], decode_errors=rep.errors[:5],
                      duration_s=rep.duration_s if rep.duration_s is not None else dur)
     except BaseException as e:                          # noqa: BLE001 - the job says what happened
-        err = error_dict(e)
+        err = error_dict(e) if isinstance(e, Exception) else {   # the decoder stopped (the service stopping)
+            "code": "E_INTERRUPTED", "message": f"expected the job to finish, got its decoder stopped "
+            f"({type(e).__name__}); the {frames} frames stored stay, upload again to ingest the rest"}
         # never the server's upload path, nor the name it stored the upload under (vid-....mp4): the
         # client's own name for the file, as every other error says it
         shown = _shown_name(job)
