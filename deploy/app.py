@@ -258,6 +258,16 @@ class _Camera:
         self.started = 0.0
 
 
+def _drop_upload(job: FileJob) -> None:
+    """Removes the job's upload (nothing for a `path` job, or one removed already)."""
+    import os
+    if job.delete_after:
+        try:
+            os.unlink(job.path)
+        except OSError:
+            pass
+
+
 def _kill(actor) -> None:
     """`ray.kill`, for an actor that may be gone already (its worker or node lost, killed before)."""
     try:
@@ -425,7 +435,6 @@ class RayBackend:
         itself, and the decoder goes back to the pool; an actor that dies first (out of memory, its node
         lost, killed) cannot, so the job is marked failed here, with its frames kept, instead of staying
         "ingesting" and holding a slot of the job limit for good."""
-        import os
         actor, reuse, ran = None, False, False
         try:
             try:
@@ -434,6 +443,7 @@ class RayBackend:
                 raise
             except Exception as e:                     # noqa: BLE001 - Ray could start no decoder
                 log.warning("job %s: no decoder (%s)", job.job_id, e)
+                _drop_upload(job)                      # gone before a client can see the job failed
                 await self._mark_lost(job, e, started=False)
                 return
             self._sources[job.job_id] = (self._sources[job.job_id][0], actor)
@@ -449,6 +459,7 @@ class RayBackend:
             except Exception as e:                     # noqa: BLE001 - Redis gone: the job cannot start
                 log.warning("job %s: could not start it (%s)", job.job_id, e)
                 reuse = True
+                _drop_upload(job)
                 await self._mark_lost(job, e, started=False)
                 return
             if not kept or job.job_id in self._cancelled:
@@ -468,6 +479,7 @@ class RayBackend:
                 log.warning("job %s: its decoder actor was %s (%s)", job.job_id,
                             "cancelled" if cancelled else "lost", why)
                 if not cancelled:
+                    _drop_upload(job)
                     await self._mark_lost(job, e)
         finally:
             self._sources.pop(job.job_id, None)
@@ -478,11 +490,8 @@ class RayBackend:
                 else:
                     _kill(actor)
                     self._trim_spares()
-            if job.delete_after and not ran:           # the upload `run` would have removed
-                try:
-                    os.unlink(job.path)
-                except OSError:
-                    pass
+            if not ran:                                # the upload `run` would have removed
+                _drop_upload(job)
 
     async def cancel_job(self, job_id: str) -> bool:
         """`DELETE /v1/videos/ID` of a job still queued or ingesting: a queued one stops waiting for a

@@ -92,6 +92,20 @@ def demo_model():
     return LlavaMini.from_pretrained(DEMO)
 
 
+def upload_until_frames(c: httpx.Client, path: Path, timeout: float = 120) -> str:
+    """Uploads `path` as a file job and waits until it has stored frames (still queued or ingesting):
+    its id."""
+    with open(path, "rb") as f:
+        r = c.post("/v1/videos", files={"file": (path.name, f, "video/mp4")})
+    assert r.status_code == 202, r.text
+    vid = r.json()["id"]
+    deadline = time.monotonic() + timeout
+    while (d := c.get(f"/v1/videos/{vid}").json())["frames"] == 0:
+        assert d["status"] in ("queued", "ingesting") and time.monotonic() < deadline, d
+        time.sleep(0.1)
+    return vid
+
+
 def wait_ready(c: httpx.Client, vid: str, timeout: float = 180) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -436,13 +450,7 @@ def test_a_job_whose_decoder_actor_dies_fails_at_once_and_frees_its_slot(service
         assert r.status_code == 202 and wait_ready(c, r.json()["id"])["status"] == "ready"
         # DELETE of a job while it ingests cancels it (was 409 E_JOB_RUNNING): its decoder stops, frames,
         # record and upload go, and nothing of it comes back
-        with open(tmp_path / "half-hour.mp4", "rb") as f:
-            r = c.post("/v1/videos", files={"file": ("half-hour.mp4", f, "video/mp4")})
-        vid = r.json()["id"]
-        deadline = time.monotonic() + 120
-        while (d := c.get(f"/v1/videos/{vid}").json())["frames"] == 0:
-            assert d["status"] in ("queued", "ingesting") and time.monotonic() < deadline, d
-            time.sleep(0.1)
+        vid = upload_until_frames(c, tmp_path / "half-hour.mp4")
         r = c.delete(f"/v1/videos/{vid}")
         assert r.status_code == 200 and r.json() == {"id": vid, "deleted": True, "cancelled": True}, r.text
         from frame_cache import open_cache

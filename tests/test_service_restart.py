@@ -4,12 +4,10 @@ is `failed` with E_INTERRUPTED (never E_INTERNAL), its frames stay and answer, a
 Its own module (its own Redis and service, started twice) so that no other test's service runs beside it."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from frame_cache.redis_server import RedisServer
-from test_service import QUESTIONS, Service, wait_ready
+from test_service import QUESTIONS, Service, upload_until_frames, wait_ready
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("ray")]
 
@@ -24,14 +22,7 @@ def test_a_stopped_services_job_fails_interrupted_keeping_its_frames_and_not_its
     try:
         svc.start()
         with svc.client() as c:
-            with open(allowed / "half-hour.mp4", "rb") as f:
-                r = c.post("/v1/videos", files={"file": ("half-hour.mp4", f, "video/mp4")})
-            assert r.status_code == 202, r.text
-            vid = r.json()["id"]
-            deadline = time.monotonic() + 120
-            while (d := c.get(f"/v1/videos/{vid}").json())["frames"] == 0:
-                assert d["status"] in ("queued", "ingesting") and time.monotonic() < deadline, d
-                time.sleep(0.1)
+            vid = upload_until_frames(c, allowed / "half-hour.mp4")
         uploads = svc.data_dir / "uploads"
         assert [p.name for p in uploads.iterdir()] == [f"{vid}.mp4"]
         svc.stop()                                    # SIGTERM mid-ingest
