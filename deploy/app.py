@@ -323,9 +323,10 @@ class RayBackend:
     # -- file jobs: a decoder actor each, from a pool of idle ones ----------------------------------
     # `_spares` holds idle decoders, started or still starting: `warm_decoders` of them between jobs. A job
     # takes the first that is ready: a started spare, one of those starting, or one whose job just ended
-    # (`_give_back`); while it waits, a new decoder is started for it, so a burst of long jobs still runs in
-    # parallel, and a burst of short ones reuses the few decoders that finish first instead of waiting for
-    # a new worker each (~3.5 s to import torch, far longer for several at once on a small machine).
+    # (`_give_back`); while it waits, a new decoder is started for it (at once when none is busy, else after
+    # REFILL_AFTER_S), so a burst of long jobs still runs in parallel, and a burst of short ones reuses the
+    # few decoders that finish first instead of waiting for a new worker each (~3.5 s to import torch, far
+    # longer for several at once on a small machine).
     def _new_source(self, warm: bool = True) -> tuple[Any, str, Any]:
         name = "lms-src-" + uuid.uuid4().hex[:16]
         actor = FileSource.options(name=name).remote()
