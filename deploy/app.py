@@ -169,7 +169,6 @@ class FileSource:
 
     def __init__(self):
         self.ready = False
-        self.jobs = 0
 
     def ping(self) -> bool:
         return True
@@ -199,7 +198,6 @@ class FileSource:
                 except Exception:                      # noqa: BLE001 - Redis itself is what failed
                     pass
                 raise
-        self.jobs += 1
         try:
             return run_file_job(job, lambda items: self.encoder.encode.remote(items).result(), self.store, self.cache)
         finally:
@@ -256,16 +254,6 @@ class _Camera:
         self.sid, self.url, self.fps, self.restarts = sid, url, fps, restarts
         self.actor = self.ref = self.node = self.task = None
         self.started = 0.0
-
-
-def _drop_upload(job: FileJob) -> None:
-    """Removes the job's upload (nothing for a `path` job, or one removed already)."""
-    import os
-    if job.delete_after:
-        try:
-            os.unlink(job.path)
-        except OSError:
-            pass
 
 
 def _kill(actor) -> None:
@@ -390,7 +378,10 @@ class RayBackend:
                     log.warning("decoder %s still starting after %.0f s; stopped", entry[1], WARM_TIMEOUT_S)
                     self._drop(entry)
                     failed += 1
-                ready = [e for e in self._spares if self._started(e)] if failed < MAX_FAILED_WARMS else []
+                if failed >= MAX_FAILED_WARMS:
+                    actor, name, _ = self._new_source(warm=False)
+                    return actor, name
+                ready = [e for e in self._spares if self._started(e)]
                 if ready:
                     entry = ready[0]
                     self._spares.remove(entry)
@@ -407,9 +398,6 @@ class RayBackend:
                         failed += 1
                         continue
                     self._born.pop(name, None)
-                    return actor, name
-                if failed >= MAX_FAILED_WARMS:
-                    actor, name, _ = self._new_source(warm=False)
                     return actor, name
                 if not waiting:                        # none ready: one more starts for this job, at once when
                     waiting, since = True, time.monotonic()        # no decoder is busy, else unless a busy
@@ -444,7 +432,7 @@ class RayBackend:
                 raise
             except Exception as e:                     # noqa: BLE001 - Ray could start no decoder
                 log.warning("job %s: no decoder (%s)", job.job_id, e)
-                _drop_upload(job)                      # gone before a client can see the job failed
+                job.drop_upload()                      # gone before a client can see the job failed
                 await self._mark_lost(job, e, started=False)
                 return
             self._sources[job.job_id] = (self._sources[job.job_id][0], actor)
@@ -460,7 +448,7 @@ class RayBackend:
             except Exception as e:                     # noqa: BLE001 - Redis gone: the job cannot start
                 log.warning("job %s: could not start it (%s)", job.job_id, e)
                 reuse = True
-                _drop_upload(job)
+                job.drop_upload()
                 await self._mark_lost(job, e, started=False)
                 return
             if not kept or job.job_id in self._cancelled:
@@ -480,7 +468,7 @@ class RayBackend:
                 log.warning("job %s: its decoder actor was %s (%s)", job.job_id,
                             "cancelled" if cancelled else "lost", why)
                 if not cancelled:
-                    _drop_upload(job)
+                    job.drop_upload()
                     await self._mark_lost(job, e)
         finally:
             self._sources.pop(job.job_id, None)
@@ -492,7 +480,7 @@ class RayBackend:
                     _kill(actor)
                     self._trim_spares()
             if not ran:                                # the upload `run` would have removed
-                _drop_upload(job)
+                job.drop_upload()
 
     async def cancel_job(self, job_id: str) -> bool:
         """`DELETE /v1/videos/ID` of a job still queued or ingesting: a queued one stops waiting for a

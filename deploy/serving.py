@@ -533,6 +533,15 @@ class FileJob:
     delete_after: bool = False                 # an upload: remove the file when done
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def drop_upload(self) -> None:
+        """Removes the job's upload (nothing for a `path` job, or one removed already)."""
+        import os
+        if self.delete_after:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
 
 def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]], store: JobStore, cache) -> dict:
     """Decode `job.path`, sample at `job.fps`, hand batches to `encode`, keep `store` current.
@@ -627,11 +636,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
     finally:
         if src is not None:
             src.close()
-        if job.delete_after:
-            try:
-                os.unlink(job.path)
-            except OSError:
-                pass
+        job.drop_upload()
     return store.get(job.job_id)
 
 
