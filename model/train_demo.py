@@ -2694,6 +2694,16 @@ def add_needle_pair(trainer: "Trainer", a, nrng: np.random.Generator, dev, total
     return total, ntok, [(q.family + "_long", ok) for q, ok in rn]
 
 
+def curriculum_top(step: int, steps: int, share: float) -> int:
+    """--cached-curriculum: the most objects a training video may show at `step` of `steps`: 2 at
+    the start, one more each third of the first `share` of the steps, every video (MAX_OBJECTS)
+    from there on; MAX_OBJECTS throughout when `share` is 0."""
+    ramp = share * steps
+    if ramp <= 0 or step >= ramp:
+        return S.MAX_OBJECTS
+    return min(S.MAX_OBJECTS, 2 + int((S.MAX_OBJECTS - 2) * step / ramp))
+
+
 def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
     """Stage 0q (--cached-steps): the LLM alone, for many steps, on whole 60 s videos encoded once.
 
@@ -2765,7 +2775,9 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
     def train_step(step: int):
         for g in opt.param_groups:
             g["lr"] = lr_at(step, a.cached_steps, g.get("peak_lr", a.cached_lr), 50)
-        pick = [train[int(i)] for i in rng.choice(len(train), size=min(a.cached_batch, len(train)), replace=False)]
+        top = curriculum_top(step, a.cached_steps, a.cached_curriculum)
+        pool = train if top >= S.MAX_OBJECTS else [v for v in train if v["objects"] <= top]
+        pick = [pool[int(i)] for i in rng.choice(len(pool), size=min(a.cached_batch, len(pool)), replace=False)]
         total, ntok, r = cached_loss(trainer, pick, weights, seen=a.cached_seen)
         if a.needle_every and step % a.needle_every == 0:
             total, ntok, rn = add_needle_pair(trainer, a, np.random.default_rng([a.seed, 0x57A3, step]), dev, total,
@@ -2782,7 +2794,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
                 continue
             prng = np.random.default_rng([a.seed, salt, step])
             k = lengths[int(prng.integers(len(lengths)))]
-            have = have_k[k]
+            have = have_k[k] if top >= S.MAX_OBJECTS else [v for v in have_k[k] if v["objects"] <= top]
             if have:
                 sub = [have[int(i)] for i in prng.choice(len(have), size=min(a.cached_batch, len(have)), replace=False)]
                 pt, pn, rp = cached_loss(trainer, span_batch(sub, k, field), {})
@@ -3220,6 +3232,10 @@ def parse_args(argv):
                     help="stage 0q: weight of a training-only loss on the LLM's output at each frame row: "
                          "how many objects the video has shown up to that frame, as the count answer's "
                          "digit (0: off)")
+    ap.add_argument("--cached-curriculum", type=float, default=0.0,
+                    help="stage 0q: a curriculum from few to many objects: over the first F of the steps the "
+                         "most objects a training video may show rises from 2 to all (1-2, 1-3, 1-4, then "
+                         "every video); the prefix and window counts follow it (0: off)")
     ap.add_argument("--cached-eval-every", type=int, default=100, help="stage 0q: validation every N steps")
     ap.add_argument("--oracle-sets", action="store_true",
                     help="stage 0q, a diagnostic: add to each frame token a learned linear map (from zero) of the "
@@ -3340,6 +3356,9 @@ def parse_args(argv):
         ap.error(f"--cached-windows weighs stage 0q's window counts: it needs --cached-steps above 0, a weight >= 0 "
                  f"and --cached-window-lengths between 1 and 59 frames; got --cached-steps {a.cached_steps}, "
                  f"--cached-windows {a.cached_windows}, lengths {','.join(map(str, a.cached_window_lengths))}")
+    if a.cached_curriculum and not a.cached_steps or not 0 <= a.cached_curriculum <= 1:
+        ap.error("--cached-curriculum needs --cached-steps above 0 and a share of the steps in 0..1; got "
+                 f"--cached-steps {a.cached_steps}, --cached-curriculum {a.cached_curriculum}")
     if a.cached_seen and not a.cached_steps or a.cached_seen < 0:
         ap.error(f"--cached-seen weighs stage 0q's per-frame counts: it needs --cached-steps above 0 and a weight "
                  f">= 0; got --cached-steps {a.cached_steps}, --cached-seen {a.cached_seen}")

@@ -1526,6 +1526,42 @@ def test_cached_stage_with_oracle_sets_trains_the_map_and_drops_it(tmp_path, cap
     assert "--oracle-lr 0.0" in capsys.readouterr().err
 
 
+def test_cached_curriculum_draws_few_objects_first_then_every_video(tmp_path, monkeypatch, capsys):
+    """--cached-curriculum F: over the first F of stage 0q's steps a training video may show at
+    most 2, then 3, then 4 objects, then any number; the prefix counts follow the same limit. Off
+    (0) every step draws from every video; the share is checked."""
+    from model import train_demo as T
+    assert [T.curriculum_top(s, 30, 0.5) for s in (0, 4, 5, 9, 10, 14, 15, 29)] == [2, 2, 3, 3, 4, 4, 5, 5]
+    assert {T.curriculum_top(s, 30, 0.0) for s in range(30)} == {T.S.MAX_OBJECTS}
+    whole: list[list[int]] = []
+    pre: list[list[int]] = []
+    real_loss, real_span = T.cached_loss, T.span_batch
+
+    def spy_loss(trainer, videos, weights, seen=0.0):
+        if torch.is_grad_enabled() and "objects" in videos[0]:   # a step's own videos (not validation, not prefixes)
+            whole.append([v["objects"] for v in videos])
+        return real_loss(trainer, videos, weights, seen)
+
+    def spy_span(videos, k, field):                             # the videos a step's prefix counts come from
+        pre.append([v["objects"] for v in videos])
+        return real_span(videos, k, field)
+    monkeypatch.setattr(T, "cached_loss", spy_loss)
+    monkeypatch.setattr(T, "span_batch", spy_span)
+    out = tmp_path / "c"
+    _stage_from_demo(out, "--seed", "4", "--cached-steps", "6", "--cached-videos", "10", "--cached-val", "2",
+                     "--cached-batch", "2", "--cached-eval-every", "6", "--cached-curriculum", "0.5", "--needle-every", "0",
+                     "--cached-prefix", "0.3", "--cached-prefix-lengths", "40")
+    assert len(whole) == 6 and len(pre) == 6, (whole, pre)
+    tops = [T.curriculum_top(s, 6, 0.5) for s in range(6)]
+    assert tops == [2, 3, 4, 5, 5, 5]
+    for top, w, p in zip(tops, whole, pre):
+        assert max(w) <= top and max(p) <= top, (top, w, p)
+    assert max(max(w) for w in whole[3:]) > 2            # later steps reach the crowded videos
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--cached-steps", "5", "--cached-curriculum", "1.5"])
+    assert "--cached-curriculum 1.5" in capsys.readouterr().err
+
+
 def test_cached_stage_with_prefix_counts_trains_on_them(tmp_path):
     """Stage 0q with --cached-prefix: a step also answers prefix counts, logged apart from the
     whole videos' count questions; with --cached-seen the frame rows' counts too, in the step's
