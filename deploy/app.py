@@ -724,7 +724,9 @@ class Ingress:
         _replica_rpc_on_loopback()
         s = Settings.model_validate(settings)
         self.backend = RayBackend(s, encoder, answerer)
-        failed = self.backend.store.fail_interrupted() if self.backend.store.ping() else []
+        cache = self.backend.cache
+        failed = self.backend.store.fail_interrupted(lambda j: cache.stream_info(j).count) \
+            if self.backend.store.ping() else []
         if failed:
             gone = JobStore.remove_uploads(s.upload_dir, failed)     # their decoders never run again
             log.warning("marked %d interrupted video jobs failed (their frames stay; %d uploads removed): %s",

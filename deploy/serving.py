@@ -127,8 +127,10 @@ class JobStore:
         """Jobs queued or ingesting now."""
         return len(self.active_ids())
 
-    def fail_interrupted(self) -> list[str]:
-        """Jobs left queued/ingesting by a service that stopped: failed, their frames kept."""
+    def fail_interrupted(self, stored=None) -> list[str]:
+        """Jobs left queued/ingesting by a service that stopped: failed, their frames kept. `stored(job id)`
+        (optional) counts the frames the job's ring holds: the record's `frames` is written with each
+        progress update, so it lags the ring by up to a batch when the decoder stopped between two."""
         out = []
         for jid in self.ids():
             try:
@@ -136,9 +138,12 @@ class JobStore:
             except NotFound:
                 continue
             if d["status"] in ("queued", "ingesting"):
-                self.update(jid, status="failed", error={"code": "E_INTERRUPTED", "message":
+                frames = int(d.get("frames") or 0)
+                if stored is not None:
+                    frames = max(frames, _count_or_none(stored, jid) or 0)
+                self.update(jid, status="failed", frames=frames, error={"code": "E_INTERRUPTED", "message":
                             f"expected the job to finish, got the service stopped at {d.get('progress', 0):.0%}; "
-                            f"the {d.get('frames', 0)} frames stored stay, upload again to ingest the rest"})
+                            f"the {frames} frames stored stay, upload again to ingest the rest"})
                 out.append(jid)
         return out
 
@@ -616,6 +621,8 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                      gaps=[list(g) for g in rep.gaps], decode_errors=rep.errors[:5],
                      duration_s=rep.duration_s if rep.duration_s is not None else dur)
     except BaseException as e:                          # noqa: BLE001 - the job says what happened
+        # a stop inside `flush` (SystemExit in the encoder's call) can leave its batch stored but uncounted
+        frames = max(frames, _count_or_none(lambda s: cache.stream_info(s).count, sid) or 0)
         err = error_dict(e) if isinstance(e, Exception) else {   # the decoder stopped (the service stopping)
             "code": "E_INTERRUPTED", "message": f"expected the job to finish, got its decoder stopped "
             f"({type(e).__name__}); the {frames} frames stored stay, upload again to ingest the rest"}
@@ -638,6 +645,15 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
             src.close()
         job.drop_upload()
     return store.get(job.job_id)
+
+
+def _count_or_none(stored, sid: str) -> int | None:
+    """`stored(sid)`, the frames a stream's ring holds, or None where it cannot be read (no such stream, Redis
+    gone): a count for a job's record, never a reason for the record not to be written."""
+    try:
+        return int(stored(sid))
+    except Exception:                                   # noqa: BLE001 - the record's own count then stands
+        return None
 
 
 def _shown_name(job: FileJob) -> str:
