@@ -148,6 +148,9 @@ chain in scripts/train_demo.sh turns them on; measured in docs/demo-history.md):
            --cached-seen W: each frame row's own output (through the LLM's head; unused at
            inference) must name how many objects the video has shown up to that frame, its
            cross-entropy times W added per video (thirty-sixth session).
+           --cached-curriculum F: a curriculum from few to many objects: over the first F of the
+           steps a step draws only videos of at most 2, then 3, then 4 objects (the prefix and
+           window counts too), then every video (forty-third session).
            --oracle-sets (a diagnostic; the saved checkpoint cannot use it): each frame token plus a
            learned linear map, from zero at --oracle-lr, of the frame's true (kind, colour) set, in
            training and validation: how well the LLM counts when the token names every object
