@@ -504,7 +504,7 @@ def build_api() -> FastAPI:
     @api.delete("/v1/videos/{vid}")
     async def delete_video(vid: str, b: Backend = Depends(auth)):
         _check_id(vid)
-        d = await asyncio.to_thread(b.store.get, vid)
+        d = await _record(b, "video", vid, "DELETE /v1/streams/{id}")
         cancelled = False
         if d["status"] in JobStore.ACTIVE:   # stop its decoder first: nothing of it writes after the delete
             if not await b.cancel_job(vid) and not await _orphaned(b, vid, d):
@@ -585,7 +585,7 @@ def build_api() -> FastAPI:
     @api.delete("/v1/streams/{sid}")
     async def delete_stream(sid: str, purge: bool = False, b: Backend = Depends(auth)):
         _check_id(sid, "stream")
-        d = await asyncio.to_thread(_live(b).get, sid)
+        d = await _record(b, "stream", sid, "DELETE /v1/videos/{id}")
         writer = None
         if d.get("kind") == "rtsp":
             await b.stop_stream(sid)
@@ -618,7 +618,8 @@ def build_api() -> FastAPI:
         """A standing question: fused with every frame from now on (at ingest), evaluated every `every_s`
         over the last `last_s`, exactly, from the stored rows; an event when the answer changes."""
         _check_id(sid, "stream")
-        await asyncio.to_thread(_live(b).get, sid)
+        await _record(b, "stream", sid, "a video's questions, POST /v1/videos/{id}/questions (a watch is a live "
+                      "stream's)")
         b.model_prompt_check(w.question)
         wid = "w-" + uuid.uuid4().hex[:10]
         await asyncio.to_thread(b.watches.add, sid, wid, {"question": w.question, "every_s": w.every_s,
@@ -679,7 +680,7 @@ def build_api() -> FastAPI:
                 raise InvalidRequest(f"expected header Last-Event-ID to be an event's seq (an integer >= 0), got "
                                      f"{last[:40]!r}")
             after = max(after, int(last))
-        await asyncio.to_thread(_live(b).get, sid)
+        await _record(b, "stream", sid, "GET /v1/videos/{id} (watch events are a live stream's)")
 
         async def gone() -> bool:
             try:

@@ -1346,7 +1346,8 @@ def test_a_client_mistake_is_422_invalid_request_naming_the_field_on_every_route
 def test_lms_urls_and_question_routes_say_which_kind_an_id_is(service, uploaded):
     """lms://streams/ID names a stream and lms://videos/ID a video, as the question routes do: a video
     asked about as lms://streams/ID was answered (while POST /v1/streams/ID/questions was 404); now 404
-    on both, saying what the id is and what to use."""
+    on both, saying what the id is and what to use; so are DELETE, watches and events, and the video and
+    the stream are still there afterwards."""
     vid = uploaded["id"]
 
     def chat(c, url):
@@ -1361,7 +1362,14 @@ def test_lms_urls_and_question_routes_say_which_kind_an_id_is(service, uploaded)
                      f"POST /v1/videos/{vid}/questions"),
                     (chat(c, f"lms://videos/{sid}"), "video", "stream", f"lms://streams/{sid}"),
                     (c.post(f"/v1/videos/{sid}/questions", json={"question": "q"}), "video", "stream",
-                     f"POST /v1/streams/{sid}/questions")):
+                     f"POST /v1/streams/{sid}/questions"),
+                    # DELETE and a stream's watches and events too (they said "expected a known ... id")
+                    (c.delete(f"/v1/videos/{sid}"), "video", "stream", f"DELETE /v1/streams/{sid}"),
+                    (c.delete(f"/v1/streams/{vid}"), "stream", "video", f"DELETE /v1/videos/{vid}"),
+                    (c.post(f"/v1/streams/{vid}/watches", json={"question": QUESTIONS[0]}), "stream", "video",
+                     f"a video's questions, POST /v1/videos/{vid}/questions (a watch is a live stream's)"),
+                    (c.get(f"/v1/streams/{vid}/events"), "stream", "video",
+                     f"GET /v1/videos/{vid} (watch events are a live stream's)")):
                 rid = vid if other == "video" else sid
                 assert _err(got) == {"status": 404, "code": "E_NOT_FOUND", "message":
                                      f"expected a {kind} id, got {rid!r}, which is a {other}: use {use}"}, got.text
@@ -1370,6 +1378,7 @@ def test_lms_urls_and_question_routes_say_which_kind_an_id_is(service, uploaded)
                                               "message": f"expected a known {kind} id, got 'nope'"}
             r = chat(c, f"lms://videos/{vid}")
             assert r.status_code == 200 and r.json()["lmstream"]["frames"] == 40, r.text
+            assert c.get(f"/v1/streams/{sid}").status_code == 200
         finally:
             c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
 
