@@ -393,6 +393,16 @@ run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 
 #     --e2e-steps 800 --e2e-stop-after 797 --e2e-batch 8 --e2e-lr 2e-4 --e2e-front 0.5 --e2e-tower 0.25 \
 #     --e2e-val 200 --cached-eval-every 100 --minutes 90
 
+# --- issue 11, forty-third session (this CPU; measured, not kept: R7 stays the checkpoint) ---
+# C1. O3's line without the oracle, with a curriculum from few to many objects (--cached-curriculum 0.5:
+#     videos of at most 2, 3, then 4 objects over the first 400 steps, then all); C0 is the same line
+#     without the flag (O0 again, the same figures). Validation count best 0.680 (steps 500, 700) against
+#     C0's 0.695 (step 500), 0.680 each at step 800; C1 fits its own videos less (training count 0.76
+#     against 0.81 at step 790). 12.6 min after C0 had encoded the videos (--cached-file), one thread each.
+# run --out "$W/c1" --seed 372 --init-from "$W/r7" --vision-steps 0 --steps 0 --cached-steps 800 \
+#     --cached-videos 1500 --cached-val 200 --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50 \
+#     --needle-every 0 --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change \
+#     --paraphrase 0.3 --filler 0.3 --cached-curriculum 0.5 --minutes 60
 # --- issue 11, thirty-eighth session (this CPU; measured, not kept: R7 stays the checkpoint) ---
 # W8. R7's round on R7 with "how many" also asked of 5-30 frames from a later start of each video
 #     (--cached-windows 0.5): validation count 0.640-0.695 over 1,500 steps against 0.700 at step 0,
