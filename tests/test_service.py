@@ -1897,7 +1897,15 @@ def test_one_service_per_data_dir_and_ray_listens_on_loopback_only(service):
 
 
 def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, uploaded, redis_srv, tmp_path):
+    """A service stopped and started again on the same data folder and Redis: a camera reconnects, a socket's
+    stream is stopped, a video ingesting at the stop is `failed` E_INTERRUPTED (never E_INTERNAL) with its
+    frames kept, counted as its ring holds them, and its upload removed; then Redis killed under it is 503
+    and back to 200."""
     from rtsp_server import RtspServer
+    from stream.synthetic import make_scene, write_video
+    long_video = tmp_path / "half-hour.mp4"
+    write_video(make_scene(13, 1800, size=(64, 64)), long_video)     # 1,800 frames: still ingesting at the stop
+    uploads = service.data_dir / "uploads"
     cam = RtspServer(tmp_path / "rtsp", mounts=("door",)).start()
     try:
         with service.client() as c:
@@ -1908,6 +1916,8 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
                 time.sleep(0.5)
             n = c.get("/v1/streams/door").json()["frames"]
             assert n >= 2
+            job = upload_until_frames(c, long_video)
+            assert f"{job}.mp4" in [p.name for p in uploads.iterdir()]
         from websockets.sync.client import connect           # a socket still streaming when the service stops
         with connect(_ws_url(service), max_size=None) as ws:
             ws.send(json.dumps({"type": "start", "stream_id": "sock", "fps": 1, "format": "png"}))
@@ -1930,6 +1940,17 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
                                        "expected the socket feeding this stream to stay open, got it closed "
                                        "by a service restart"}, d                                   # as others
             assert c.delete("/v1/streams/sock?purge=true").status_code in (200, 204)
+            d = c.get(f"/v1/videos/{job}").json()
+            # was E_INTERNAL "SystemExit: 1" when the decoder saw the stop first, and the upload stayed for good
+            assert d["status"] == "failed" and d["error"]["code"] == "E_INTERRUPTED", d
+            assert 0 < d["frames"] < 1800 and f"the {d['frames']} frames stored stay" in d["error"]["message"], d
+            assert not [p for p in uploads.iterdir() if p.name.startswith(job)]
+            a = c.post(f"/v1/videos/{job}/questions", json={"question": QUESTIONS[0], "max_tokens": 2})
+            # its frames answer, and the record counts what the ring holds (it lagged a progress update: 32 said,
+            # 64 stored)
+            assert a.status_code == 200 and a.json()["job"]["status"] == "failed", a.text
+            assert a.json()["frames"] == d["frames"], (a.json()["frames"], d)
+            assert c.delete(f"/v1/videos/{job}").status_code == 200
         with service.client() as c:                           # the camera reconnects by itself after a restart
             deadline = time.monotonic() + 90
             while time.monotonic() < deadline:
