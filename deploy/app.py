@@ -58,6 +58,10 @@ WARM_TIMEOUT_S = 120.0
 #: how long after a job takes a decoder its replacement starts, unless the job has ended by then, and how
 #: long a job waits for a busy decoder to free before one more starts for it
 REFILL_AFTER_S = 1.0
+#: how often the end of a job that Redis could not take when it happened (failed, its decoder lost) is
+#: written again, until Redis takes it: the record would otherwise stay queued or ingesting, holding a slot
+#: of the job limit, until the next start of the service
+MARK_RETRY_S = 2.0
 
 api = build_api()
 
@@ -289,6 +293,8 @@ class RayBackend:
         self._waiting = 0                                            # jobs waiting for a decoder
         self._born: dict[str, float] = {}                            # when each starting decoder was started
         self._pool_changed = asyncio.Event()                         # a decoder was given back
+        self._unmarked: dict[str, tuple[Exception, bool]] = {}       # job ends Redis did not take (retried)
+        self._marker: asyncio.Task | None = None                     # the task that retries them
         self._fill_spares()
 
     def encoder_stats(self) -> dict:
@@ -527,18 +533,62 @@ class RayBackend:
         return await asyncio.to_thread(look)
 
     async def _mark_lost(self, job: FileJob, e: Exception, started: bool = True) -> None:
+        """The job's record says `failed`: its decoder was lost (`started`) or it never got one. When Redis
+        cannot take that now (the decoder's end was itself Redis going away), it is written again every
+        MARK_RETRY_S until Redis takes it, so the record does not stay queued or ingesting, holding a slot
+        of the job limit, until the service restarts."""
+        if not await self._write_lost(job.job_id, e, started):
+            self._unmarked[job.job_id] = (e, started)
+            if self._marker is None or self._marker.done():
+                self._marker = asyncio.get_running_loop().create_task(self._mark_later())
+
+    async def _mark_later(self) -> None:
+        while self._unmarked:
+            await asyncio.sleep(MARK_RETRY_S)
+            for jid, (e, started) in list(self._unmarked.items()):
+                if await self._write_lost(jid, e, started, quiet=True):
+                    self._unmarked.pop(jid, None)
+                    log.info("job %s: marked failed now that Redis answers", jid)
+
+    async def _write_lost(self, jid: str, e: Exception, started: bool, quiet: bool = False) -> bool:
+        """Writes a lost job's end on its record (only while it is queued or ingesting: nothing to do for one
+        deleted or finished meanwhile). False when Redis did not take it. A decoder that stopped because
+        Redis went away is told as that (E_CACHE_UNAVAILABLE), not as a lost decoder; the frames counted
+        are those its ring holds."""
+        cause = getattr(e, "cause", None) or e         # a RayTaskError carries the decoder's own exception
+        redis_gone = getattr(cause, "code", None) == "E_CACHE_UNAVAILABLE"
         try:
-            d = await asyncio.to_thread(self.store.get, job.job_id)
-            if d["status"] in JobStore.ACTIVE:
+            d = await asyncio.to_thread(self.store.get, jid)
+            if d["status"] not in JobStore.ACTIVE:
+                return True
+            frames = int(d.get("frames") or 0)
+            try:
+                frames = max(frames, (await asyncio.to_thread(self.cache.stream_info, jid)).count)
+            except Exception:                          # noqa: BLE001 - no ring (nothing stored): the record's count
+                pass
+            kept = (f"the {frames} frames stored stay, upload again to ingest the rest" if frames else
+                    "no frame was stored; upload again")
+            code = "E_CACHE_UNAVAILABLE" if redis_gone else "E_INTERRUPTED"
+            if not started:
+                message = f"expected the job to start on a decoder, got {type(e).__name__}: {str(e)[:160]}; upload again"
+            elif redis_gone:
+                message = (
+                    f"expected Redis to stay reachable while the job ran, got it lost at "
+                    f"{d.get('progress', 0):.0%} ({str(cause).splitlines()[0][:160] if str(cause) else 'no reason'}); "
+                    f"{kept}")
+            else:
                 message = (f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
-                           f"({type(e).__name__}); the {d.get('frames', 0)} frames stored stay, upload again "
-                           "to ingest the rest") if started else (
-                           f"expected the job to start on a decoder, got {type(e).__name__}: "
-                           f"{str(e)[:160]}; upload again")
-                await asyncio.to_thread(self.store.update, job.job_id, status="failed",
-                                        error={"code": "E_INTERRUPTED", "message": message})
-        except Exception as e2:                        # noqa: BLE001 - Redis down: fail_interrupted at restart
-            log.warning("job %s: could not mark it failed (%s)", job.job_id, e2)
+                           f"({type(e).__name__}); {kept}")
+            await asyncio.to_thread(self.store.update, jid, status="failed", frames=frames,
+                                    error={"code": code, "message": message})
+            return True
+        except NotFound:                               # deleted meanwhile: nothing to mark
+            return True
+        except Exception as e2:                        # noqa: BLE001 - Redis away: `_mark_later` writes it
+            if not quiet:
+                log.warning("job %s: could not mark it failed (%s); trying again every %.0f s", jid, e2,
+                            MARK_RETRY_S)
+            return False
 
     async def encode(self, items: list[EncodeItem]) -> list[dict]:
         return await self.encoder.encode.remote(items)

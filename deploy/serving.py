@@ -143,7 +143,8 @@ class JobStore:
                     frames = max(frames, _count_or_none(stored, jid) or 0)
                 self.update(jid, status="failed", frames=frames, error={"code": "E_INTERRUPTED", "message":
                             f"expected the job to finish, got the service stopped at {d.get('progress', 0):.0%}; "
-                            f"the {frames} frames stored stay, upload again to ingest the rest"})
+                            + (f"the {frames} frames stored stay, upload again to ingest the rest" if frames else
+                               "no frame was stored; upload again")})
                 out.append(jid)
         return out
 
