@@ -398,7 +398,8 @@ run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 
 #     videos of at most 2, 3, then 4 objects over the first 400 steps, then all); C0 is the same line
 #     without the flag (O0 again, the same figures). Validation count best 0.680 (steps 500, 700) against
 #     C0's 0.695 (step 500), 0.680 each at step 800; C1 fits its own videos less (training count 0.76
-#     against 0.81 at step 790). 12.6 min after C0 had encoded the videos (--cached-file), one thread each.
+#     against 0.81 at step 790); 640 of the 900 held-out videos against R7's 661. 12.6 min after C0 had
+#     encoded the videos (--cached-file), one thread each.
 # run --out "$W/c1" --seed 372 --init-from "$W/r7" --vision-steps 0 --steps 0 --cached-steps 800 \
 #     --cached-videos 1500 --cached-val 200 --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50 \
 #     --needle-every 0 --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change \
