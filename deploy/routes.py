@@ -2,7 +2,7 @@
 
 `build_api()` returns the FastAPI app; the process that serves it installs a `Backend` with
 `set_backend` (the Ray Serve ingress does, in `deploy/app.py`). Every error a user can cause is
-``{"error": {"code": "E_...", "message": "expected ..., got ..."}}`` with its 4xx status; 429 carries
+``{"error": {"code": "E_...", "message": "expected ..., got ..."}}`` with its 4xx status; 429 and 503 carry
 Retry-After.
 """
 from __future__ import annotations
@@ -119,7 +119,9 @@ def client_error_dict(d: dict) -> dict:
 
 def error_response(e: LmsError) -> JSONResponse:
     e = client_error(e)
-    headers = {"Retry-After": str(getattr(e, "retry_after", 5))} if isinstance(e, Busy) else None
+    # 429 (busy) and 503 (Redis or a model replica away for now): when to try again, as RFC 9110 lets them say
+    headers = {"Retry-After": str(getattr(e, "retry_after", 5))} if isinstance(e, Busy) or e.http_status == 503 \
+        else None
     return JSONResponse({"error": e.to_dict()}, status_code=e.http_status, headers=headers)
 
 

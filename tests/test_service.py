@@ -1973,6 +1973,7 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
         assert r.status_code == 503 and r.json()["redis"] is False
         r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "E_CACHE_UNAVAILABLE"
+        assert r.headers.get("retry-after") == "5", r.headers          # it had none: when to try again
         time.sleep(3)                                             # the job's decoder meets the outage
         redis_srv.proc = None
         redis_srv.start()                                         # same folder: the AOF brings the frames back
