@@ -40,8 +40,10 @@ from .serving import (
     WatchStore,
     answer_events_in_thread,
     error_dict,
+    frames_kept,
     run_file_job,
     run_rtsp_stream,
+    stored_frames,
 )
 from .settings import Settings
 
@@ -561,13 +563,8 @@ class RayBackend:
             d = await asyncio.to_thread(self.store.get, jid)
             if d["status"] not in JobStore.ACTIVE:
                 return True
-            frames = int(d.get("frames") or 0)
-            try:
-                frames = max(frames, (await asyncio.to_thread(self.cache.stream_info, jid)).count)
-            except Exception:                          # noqa: BLE001 - no ring (nothing stored): the record's count
-                pass
-            kept = (f"the {frames} frames stored stay, upload again to ingest the rest" if frames else
-                    "no frame was stored; upload again")
+            frames = await asyncio.to_thread(stored_frames, self.cache, jid, int(d.get("frames") or 0))
+            kept = frames_kept(frames)
             code = "E_CACHE_UNAVAILABLE" if redis_gone else "E_INTERRUPTED"
             if not started:
                 message = f"expected the job to start on a decoder, got {type(e).__name__}: {str(e)[:160]}; upload again"
@@ -774,9 +771,7 @@ class Ingress:
         _replica_rpc_on_loopback()
         s = Settings.model_validate(settings)
         self.backend = RayBackend(s, encoder, answerer)
-        cache = self.backend.cache
-        failed = self.backend.store.fail_interrupted(lambda j: cache.stream_info(j).count) \
-            if self.backend.store.ping() else []
+        failed = self.backend.store.fail_interrupted(self.backend.cache) if self.backend.store.ping() else []
         if failed:
             gone = JobStore.remove_uploads(s.upload_dir, failed)     # their decoders never run again
             log.warning("marked %d interrupted video jobs failed (their frames stay; %d uploads removed): %s",

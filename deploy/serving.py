@@ -127,10 +127,9 @@ class JobStore:
         """Jobs queued or ingesting now."""
         return len(self.active_ids())
 
-    def fail_interrupted(self, stored=None) -> list[str]:
-        """Jobs left queued/ingesting by a service that stopped: failed, their frames kept. `stored(job id)`
-        (optional) counts the frames the job's ring holds: the record's `frames` is written with each
-        progress update, so it lags the ring by up to a batch when the decoder stopped between two."""
+    def fail_interrupted(self, cache=None) -> list[str]:
+        """Jobs left queued/ingesting by a service that stopped: failed, their frames kept. With `cache`, the
+        frames counted are those the job's ring holds (`stored_frames`)."""
         out = []
         for jid in self.ids():
             try:
@@ -138,13 +137,10 @@ class JobStore:
             except NotFound:
                 continue
             if d["status"] in ("queued", "ingesting"):
-                frames = int(d.get("frames") or 0)
-                if stored is not None:
-                    frames = max(frames, _count_or_none(stored, jid) or 0)
+                frames = stored_frames(cache, jid, int(d.get("frames") or 0))
                 self.update(jid, status="failed", frames=frames, error={"code": "E_INTERRUPTED", "message":
                             f"expected the job to finish, got the service stopped at {d.get('progress', 0):.0%}; "
-                            + (f"the {frames} frames stored stay, upload again to ingest the rest" if frames else
-                               "no frame was stored; upload again")})
+                            f"{frames_kept(frames)}"})
                 out.append(jid)
         return out
 
@@ -623,10 +619,10 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                      duration_s=rep.duration_s if rep.duration_s is not None else dur)
     except BaseException as e:                          # noqa: BLE001 - the job says what happened
         # a stop inside `flush` (SystemExit in the encoder's call) can leave its batch stored but uncounted
-        frames = max(frames, _count_or_none(lambda s: cache.stream_info(s).count, sid) or 0)
+        frames = stored_frames(cache, sid, frames)
         err = error_dict(e) if isinstance(e, Exception) else {   # the decoder stopped (the service stopping)
             "code": "E_INTERRUPTED", "message": f"expected the job to finish, got its decoder stopped "
-            f"({type(e).__name__}); the {frames} frames stored stay, upload again to ingest the rest"}
+            f"({type(e).__name__}); {frames_kept(frames)}"}
         # never the server's upload path, nor the name it stored the upload under (vid-....mp4): the
         # client's own name for the file, as every other error says it
         shown = _shown_name(job)
@@ -648,13 +644,22 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
     return store.get(job.job_id)
 
 
-def _count_or_none(stored, sid: str) -> int | None:
-    """`stored(sid)`, the frames a stream's ring holds, or None where it cannot be read (no such stream, Redis
-    gone): a count for a job's record, never a reason for the record not to be written."""
+def stored_frames(cache, sid: str, known: int) -> int:
+    """The frames a failed job keeps: the larger of `known` (its record's count, written with each progress
+    update, so up to a batch behind when its decoder stopped between two) and what the ring of `sid` holds;
+    `known` where the ring cannot be read (no cache given, nothing stored, Redis gone)."""
+    if cache is None:
+        return known
     try:
-        return int(stored(sid))
+        return max(known, int(cache.stream_info(sid).count))
     except Exception:                                   # noqa: BLE001 - the record's own count then stands
-        return None
+        return known
+
+
+def frames_kept(frames: int) -> str:
+    """What a failed job's message says of its frames."""
+    return f"the {frames} frames stored stay, upload again to ingest the rest" if frames else \
+        "no frame was stored; upload again"
 
 
 def _shown_name(job: FileJob) -> str:
