@@ -955,7 +955,7 @@ def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens,
     if len(question) > lim.max_question_chars:
         raise PayloadTooLarge(f"expected a question of at most {lim.max_question_chars} characters, "
                               f"got {len(question)}")
-    from model.llava_mini import FusionPolicy
+    from lmcore.policy import FusionPolicy
     FusionPolicy.parse(policy)
     req = {"stream_id": sid, "question": question, "window": list(window) if window else None,
            "last_s": last_s, "policy": policy, "max_tokens": max_tokens, "gaps": gaps}

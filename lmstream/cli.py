@@ -73,12 +73,14 @@ def random_model(announce=True) -> Path:
 
 
 def load_model(args):
-    import torch
-    from model import LlavaMini
     path = Path(args.model) if args.model else default_model()
     if path is None:
         raise CheckpointError("expected --model DIR (or LMSTREAM_MODEL, or the demo checkpoint in "
                               f"{DEMO_CKPT}), got none; `lmstream make-tiny DIR` makes a random one")
+    if not path.expanduser().is_dir():                   # as the loader says it, before torch loads
+        raise CheckpointError(f"expected a checkpoint folder, got no folder at {path.expanduser()}")
+    import torch
+    from model import LlavaMini
     t = time.perf_counter()
     m = LlavaMini.from_pretrained(path, vision_tower=args.vision_tower, dtype=args.dtype, device=args.device,
                                   batch_size=args.batch_size)
@@ -146,7 +148,7 @@ def check_common_args(args) -> None:
     if args.fps is not None and (not math.isfinite(args.fps) or args.fps < 0 or args.fps > MAX_FPS):
         raise BadArgument(f"expected --fps in (0, {MAX_FPS:g}] frames per second, or 0 for every frame, "
                           f"got {args.fps:g}")
-    from model.llava_mini import FusionPolicy
+    from lmcore.policy import FusionPolicy
     FusionPolicy.parse(args.policy)
     if getattr(args, "retain", None) is not None:
         from frame_cache.retention import Retention
@@ -401,7 +403,6 @@ def cmd_demo(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from model.tiny import make_tiny_checkpoint
     d = Path(args.dir)
     if not args.dir.strip():
         raise BadArgument("expected a folder to write the checkpoint to, got an empty name")
@@ -410,6 +411,7 @@ def cmd_make_tiny(args) -> int:
                           f"{'is a file' if not d.is_dir() else 'holds files'} (--force writes over a folder's files)")
     if args.seed < 0:
         raise BadArgument(f"expected --seed >= 0, got {args.seed}")
+    from model.tiny import make_tiny_checkpoint            # (torch) once the arguments are known good
     try:
         out = make_tiny_checkpoint(d, seed=args.seed)
     except OSError as e:

@@ -403,7 +403,7 @@ def _checked_args(args) -> tuple[list[str], dict[str, int], list[str]]:
     """(tiers, videos per tier, policies), every option checked before a video is drawn or the model
     loads: a bad value is one E_BAD_ARGUMENT line, not an empty table or an error after the run."""
     from lmcore.errors import BadArgument
-    from model.llava_mini import FusionPolicy
+    from lmcore.policy import FusionPolicy
     tiers = [t.strip() for t in args.tiers.split(",") if t.strip()]
     bad = [t for t in tiers if t not in TIERS]
     if bad or not tiers:
@@ -451,21 +451,22 @@ def _checked_args(args) -> tuple[list[str], dict[str, int], list[str]]:
 
 
 def run(args) -> int:
+    t_all = time.perf_counter()
+    checked = _checked_args(args)       # first, before torch loads: a bad option is one line at once
     import torch
     grad = torch.is_grad_enabled()
     try:
-        return _run(args)
+        return _run(args, checked, t_all)
     finally:
         torch.set_grad_enabled(grad)
 
 
-def _run(args) -> int:
+def _run(args, checked: tuple[list[str], dict[str, int], list[str]], t_all: float) -> int:
     import torch
     from model import LlavaMini
     from stream.synthetic import COLOUR_NAMES, QA, _T_EXISTS, _article, questions
 
-    t_all = time.perf_counter()
-    tiers, counts, policies = _checked_args(args)       # first: --threads -1 must not reach torch
+    tiers, counts, policies = checked
     torch.set_grad_enabled(False)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

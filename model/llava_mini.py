@@ -29,6 +29,7 @@ from torch import nn
 
 from lmcore.errors import BadArgument, CheckpointError, ContextTooLong
 from lmcore.limits import MAX_CHOICES
+from lmcore.policy import FusionPolicy
 
 from . import prompt as prompt_mod
 from .checkpoint import load_strict, load_tokenizer, read_state_dict, stop_ids
@@ -37,43 +38,6 @@ from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig, parse_dtype
 from .llama import DecoderLayer, KVBuffer, RMSNorm, Rotary
 from .states import FrameSource, FrameStates
 from .vision import VisionTower, find_vision_tower, load_clip
-
-
-@dataclass
-class FusionPolicy:
-    """How many frames the question is fused with. "exact" (default): every frame, the
-    official numbers. "budget": at most `max_fused_frames`, evenly spaced in time; the LLM
-    still sees every frame's token, only the fused-text average is taken over fewer frames."""
-
-    name: str = "exact"
-    max_fused_frames: int | None = None
-
-    @classmethod
-    def parse(cls, spec: "str | FusionPolicy | None") -> "FusionPolicy":
-        if spec is None or isinstance(spec, FusionPolicy):
-            return spec or cls()
-        s = str(spec).strip().lower()
-        if s == "exact":
-            return cls()
-        if s.startswith("budget"):
-            _, _, n = s.partition(":")
-            try:
-                k = int(n or 512)
-            except ValueError:
-                k = 0
-            if k < 1:
-                raise BadArgument(f"expected a fusion policy 'budget:N' with N >= 1, got {spec!r}")
-            return cls("budget", k)
-        raise BadArgument(f"expected fusion policy 'exact' or 'budget:N', got {spec!r}")
-
-    def frames(self, T: int) -> torch.Tensor:
-        if self.name == "exact" or self.max_fused_frames is None or T <= self.max_fused_frames:
-            return torch.arange(T)
-        return torch.linspace(0, T - 1, self.max_fused_frames).round().long().unique()
-
-    def describe(self, T: int) -> str:
-        n = len(self.frames(T))
-        return "exact" if n == T else f"budget:{self.max_fused_frames} (fused {n} of {T} frames)"
 
 
 @dataclass
