@@ -12,6 +12,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# one `lmstream serve` per session, shared by test_service.py and test_web_page.py (registered here once:
+# imported into each test file, each would start its own)
+from service_fixtures import media, redis_srv, service  # noqa: E402, F401
+
 # Under pytest-xdist (run-tests.sh: two workers on this 2-core machine) each worker computes on one
 # thread, so that one worker's tensors do not starve the other's Ray, Redis and RTSP processes.
 if os.environ.get("PYTEST_XDIST_WORKER"):

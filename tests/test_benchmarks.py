@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-# one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
-pytestmark = pytest.mark.xdist_group("ray")
+# one pytest worker runs every test that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once;
+# only `bench load` does here, so only it joins that group (the rest run on either worker)
+RAY = pytest.mark.xdist_group("ray")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,6 +195,7 @@ def test_lmstream_bench_flops_json():
 
 
 @pytest.mark.timeout(780)
+@RAY
 def test_lmstream_bench_load_small_run_is_consistent_and_leaves_nothing_running(tmp_path):
     """`lmstream bench load --max-n 2` against the real parts (`lmstream serve`, redis-server, a GStreamer
     RTSP server, WebSocket pushers): the result is internally consistent and every process it started is

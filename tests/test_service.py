@@ -1,6 +1,7 @@
 """The service with its real parts: `lmstream serve` (Ray Serve) as a user starts it, a real
-redis-server, real HTTP (httpx) and the official `openai` client. One service per test module
-(Ray takes ~20 s to come up on 2 cores); a restart and a Redis outage are tested at the end."""
+redis-server, real HTTP (httpx) and the official `openai` client. One service per test session,
+shared with test_web_page.py (tests/service_fixtures.py: it takes about a minute to come up on 2
+cores); a restart and a Redis outage are tested at the end."""
 from __future__ import annotations
 
 import json
@@ -14,76 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
-from frame_cache.redis_server import RedisServer, free_port
-
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "checkpoints" / "demo"
-KEY = "test-key-123"
+from frame_cache.redis_server import free_port
+from service_fixtures import DEMO, KEY, REPO, Service  # noqa: F401 (media, redis_srv, service: conftest.py)
 # one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
 pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("ray")]
-
-
-class Service:
-    """`lmstream serve` in a subprocess, stopped by its PID (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, data_dir: Path, redis_url: str, allowed: Path, limits: dict | None = None):
-        self.data_dir, self.redis_url, self.allowed, self.limits = data_dir, redis_url, allowed, limits or {}
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 240.0) -> "Service":
-        from lmstream.serve_cmd import start_serve_process
-        env = dict(os.environ, LMSTREAM_LIMITS=json.dumps(self.limits),
-                   LMSTREAM_ALLOW_PRIVATE_SOURCES="1")              # the test camera is on loopback
-        env.pop("LMSTREAM_API_KEYS", None)
-        self.proc, _ = start_serve_process(
-            ["--port", self.port, "--model", DEMO, "--redis", self.redis_url, "--data-dir", self.data_dir,
-             "--api-key", KEY, "--allowed-dir", self.allowed, "--num-cpus", "2"],
-            self.data_dir / f"serve-{self.port}.log", env=env, timeout=timeout)
-        return self
-
-    def stop(self) -> None:
-        from lmcore.procs import stop_child
-        p, self.proc = self.proc, None
-        if p is None:                                       # never started, or stopped already
-            return
-        stop_child(p, 60)
-        rest = p.stdout.read().decode(errors="replace")     # stdout after the ready line: only our JSON lines
-        p.stdout.close()                                    # (Ray's "(raylet) ..." lines were appended to it)
-        assert all(l.startswith("{") and json.loads(l) for l in rest.splitlines()), rest
-
-    def client(self, key: str | None = KEY) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    from stream.synthetic import make_scene, write_video
-    d = tmp_path_factory.mktemp("allowed")
-    spec = make_scene(11, 40, size=(64, 64))
-    write_video(spec, d / "scene.mp4")
-    write_video(make_scene(12, 150, size=(64, 64)), d / "long.mp4")
-    (d / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypisom" + os.urandom(20000))
-    return d
-
-
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory):
-    srv = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def service(tmp_path_factory, redis_srv, media):
-    data = tmp_path_factory.mktemp("svc")
-    svc = Service(data, redis_srv.url, media, limits={"max_upload_bytes": 3_000_000, "max_concurrent_jobs": 2,
-                                                      "max_tokens": 64, "max_ws_message_bytes": 300_000,
-                                                      "max_live_streams": 4, "max_json_bytes": 100_000}).start()
-    yield svc
-    svc.stop()
 
 
 @pytest.fixture(scope="module")
