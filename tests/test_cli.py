@@ -239,6 +239,22 @@ def test_arguments_are_checked_before_the_model_loads(tmp_path, video, extra, co
         assert_one_line_error(r, code, fragment)
 
 
+def test_bad_arguments_are_answered_without_loading_torch(tmp_path, video):
+    """A usage mistake is one line at once: torch (2-4 s to import) is not loaded to say it."""
+    script = ("import json, sys; from lmstream.cli import main; rc = main(json.loads(sys.argv[1])); "
+              "print(json.dumps([rc, 'torch' in sys.modules]))")
+    for argv, code in ((["eval-demo", "--videos", "0"], "E_BAD_ARGUMENT"),
+                       (["eval-demo", "--policies", "budget:0"], "E_BAD_ARGUMENT"),
+                       (["ask", str(video), "q", "--policy", "budget:0"], "E_BAD_ARGUMENT"),
+                       (["ask", str(video), "q", "--model", str(tmp_path / "none")], "E_CHECKPOINT"),
+                       (["make-tiny", ""], "E_BAD_ARGUMENT")):
+        r = subprocess.run([sys.executable, "-c", script, json.dumps(argv)], capture_output=True, text=True,
+                           cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+        rc, torch_loaded = json.loads(r.stdout.strip().splitlines()[-1])
+        assert rc != 0 and f"error[{code}]" in r.stderr, (argv, r.stderr)
+        assert not torch_loaded, (argv, "torch was imported to report a bad argument")
+
+
 def test_bad_inputs_are_reported_before_the_model_loads(tmp_path):
     assert_one_line_error(run("ask", tmp_path / "nope.mp4", "q", "--model", tmp_path / "none"),
                           "E_INPUT_NOT_FOUND", "nope.mp4")
