@@ -19,6 +19,8 @@ decode steps; a batch of frames runs between them). More throughput = more repli
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import time
 import uuid
@@ -293,6 +295,8 @@ class RayBackend:
         self._cancelled: set[str] = set()                            # jobs DELETE is cancelling
         self._spares: list[tuple[Any, str, Any]] = []                # idle decoders: (actor, name, warm ref)
         self._waiting = 0                                            # jobs waiting for a decoder
+        self._line: collections.deque[int] = collections.deque()     # jobs asking for one, first come first
+        self._tickets = itertools.count()                            # (their tickets, in arrival order)
         self._born: dict[str, float] = {}                            # when each starting decoder was started
         self._pool_changed = asyncio.Event()                         # a decoder was given back
         self._unmarked: dict[str, tuple[Exception, bool]] = {}       # job ends Redis did not take (retried)
@@ -376,8 +380,12 @@ class RayBackend:
         one more is started only after `REFILL_AFTER_S` while any decoder is busy). Spares whose worker is
         gone (their `warm` failed, or they died idle: an out-of-memory kill, their node lost) or whose `warm`
         has run past `WARM_TIMEOUT_S` are killed and passed over; after `MAX_FAILED_WARMS` of them a fresh
-        actor is returned unwarmed, so that its `run` reports why (Redis down, ...) on the job."""
+        actor is returned unwarmed, so that its `run` reports why (Redis down, ...) on the job. Jobs take
+        decoders in the order they asked (`_line`): one that arrives while others wait queues behind them,
+        even for a decoder given back as it arrives."""
         waiting, failed = False, 0
+        ticket = next(self._tickets)
+        self._line.append(ticket)
         try:
             while True:
                 now = time.monotonic()
@@ -390,7 +398,7 @@ class RayBackend:
                     actor, name, _ = self._new_source(warm=False)
                     return actor, name
                 ready = [e for e in self._spares if self._started(e)]
-                if ready:
+                if ready and self._line[0] == ticket:
                     entry = ready[0]
                     self._spares.remove(entry)
                     actor, name, ref = entry
@@ -419,6 +427,9 @@ class RayBackend:
                 except asyncio.TimeoutError:
                     pass
         finally:
+            self._line.remove(ticket)
+            if self._line:
+                self._pool_changed.set()               # the next in line looks again at once
             if waiting:
                 self._waiting -= 1
             self._trim_spares()                        # those started for waiters that left

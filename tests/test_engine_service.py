@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
 from conftest import frames
@@ -73,3 +74,53 @@ def test_frames_of_several_streams_in_one_batch(tiny_model):
         want = m.encode_frames(px, pts=pts)
         assert torch.allclose(got.tokens, want.tokens, atol=1e-6) and torch.allclose(got.keys, want.keys, atol=1e-6)
         assert got.pts.tolist() == pts
+
+
+def test_file_jobs_take_decoders_in_the_order_they_asked(monkeypatch):
+    """The Ingress's decoder pool (`RayBackend._take_source`), without Ray: decoders stand in as objects
+    whose `warm` has ended. Three jobs wait while every decoder is busy; one arrives as the first decoder
+    is given back. Each decoder given back goes to the job that has waited longest: before, the newcomer,
+    whose first look came before the waiters woke, took it."""
+    import asyncio
+    import collections
+    import itertools
+    from types import SimpleNamespace
+
+    from deploy import app as A
+
+    monkeypatch.setattr(A, "REFILL_AFTER_S", 3600.0)      # no decoder starts for the waiters meanwhile
+
+    async def scenario() -> list[str]:
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+
+        def decoder(name):
+            return (SimpleNamespace(name=name, ping=SimpleNamespace(remote=lambda: done)), name, done)
+
+        b = object.__new__(A.RayBackend)
+        b.settings = SimpleNamespace(warm_decoders=0)
+        b._spares, b._waiting, b._born, b._pool_changed = [], 0, {}, asyncio.Event()
+        b._line, b._tickets = collections.deque(), itertools.count()
+        b._sources = {"running": (None, object())}         # a decoder is busy
+        b._started = lambda entry: entry[2].done()
+        b._new_source = lambda warm=True: pytest.fail("no decoder should start here")
+        got: list[str] = []
+
+        async def job(label):
+            actor, name = await b._take_source()
+            got.append(f"{label}:{name}")
+
+        tasks = []
+        for label in "ABC":                                # they ask one after the other, each then waits
+            tasks.append(asyncio.create_task(job(label)))
+            await asyncio.sleep(0.2)
+        b._give_back(*decoder("d1"))                       # as a fourth job arrives
+        tasks.append(asyncio.create_task(job("D")))
+        for name in ("d2", "d3", "d4"):
+            await asyncio.sleep(0.2)
+            b._give_back(*decoder(name))
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert not b._line and b._waiting == 0
+        return got
+
+    assert asyncio.run(scenario()) == ["A:d1", "B:d2", "C:d3", "D:d4"]
