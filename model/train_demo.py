@@ -253,6 +253,29 @@ def _name(kind: str, colour: str) -> str:
     return f"{colour} {kind}"
 
 
+def count_answer(items: list[str]) -> str:
+    """The answer to "how many objects?" given the objects shown, named in the order they first
+    appear: the number, or with --count-list (`RECIPE["count_list"]`) the objects named first and
+    then the number ("red circle and blue square . 2"), so that the LLM counts what it has just
+    listed rather than in one step."""
+    if RECIPE["count_list"]:
+        return " and ".join(items) + f" . {len(items)}"
+    return str(len(items))
+
+
+def prefix_answers(spec: S.SceneSpec, times: list[float]) -> list[str]:
+    """For each k, `count_answer` for the first k frames (`times`, in order): as `prefix_counts`,
+    the objects each named by its colour where first seen."""
+    named: dict[int, str] = {}
+    out = [count_answer([])]
+    for t in times:
+        for i in S.visible_objects(spec, t):
+            if i not in named:
+                named[i] = _name(spec.objects[i].kind, spec.objects[i].colour_at(t))
+        out.append(count_answer(list(named.values())))
+    return out
+
+
 def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generator, *,
                    contiguous: bool, families: tuple[str, ...], caption: bool = False,
                    paraphrase: float = 0.0, order_hard: float | None = None) -> list[QA]:
@@ -333,7 +356,7 @@ def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generat
                 ans = "no"
             add(fam, S._T_EXISTS.format(article=S._article(c), colour=c, kind=k), ans)
         elif fam == "count" and present:
-            add(fam, S._T_COUNT, str(len(present)))
+            add(fam, S._T_COUNT, count_answer([_name(objs[i].kind, first_colour[i]) for i in present]))
         elif fam == "order":
             gap = 3 if contiguous else 1
             pairs = [(i, j) for i in present for j in present if i != j and abs(first[i] - first[j]) >= gap]
@@ -409,7 +432,7 @@ PARAPHRASES = {
 # committed checkpoint's data exactly: every lever off draws nothing from the random streams)
 RECIPE = {"hard_negatives": 0.0, "order_hard": 0.0, "order_hard_read": 0.0, "read_order_hard": 0.0,
           "paraphrase": 0.0, "whole_videos": 0.4, "decoys": 0, "long_anchors": 24, "short_objects": 0.0,
-          "canvas": 0.0, "shades": 0.0, "filler": 0.0, "count_balance": 0.0}
+          "canvas": 0.0, "shades": 0.0, "filler": 0.0, "count_balance": 0.0, "count_list": False}
 # --filler: words no checkpoint's vocabulary holds (so each reads as the unknown token), put around
 # stage 0q's questions the way users pad theirs ("please, ...", "... in this clip?"); none of them
 # is a word of eval-demo --phrasings, which measures phrasings training never showed
@@ -2496,10 +2519,11 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                     K, Sq = len(s.times), qid.shape[1]
                     crow = rows.view(K, len(s.qas), Sq, -1)[:, ci].float()          # (K, Sq, H), per frame
                     pf, counts = po[sl].float(), prefix_counts(s.spec, s.times)
+                    answers = prefix_answers(s.spec, s.times)     # str(count), or with --count-list the list too
                     # the mean over the first k frames, as `fuse_questions` and the prefix average take it
                     if prefix:
                         out[-1]["prefix"] = {k: (pf[:k].mean(0).to(po.dtype), crow[:k].mean(0).to(rows.dtype)[None],
-                                                 counts[k]) for k in prefix if 0 < k < K and counts[k] > 0}
+                                                 answers[k]) for k in prefix if 0 < k < K and counts[k] > 0}
                     wr = np.random.default_rng([s.spec.seed, 0x3D0])
                     for wk in windows:          # (names of their own: k and n are this loop's batch and total)
                         if not 0 < wk < K:
@@ -2736,7 +2760,7 @@ def pretrain_cached(trainer: "Trainer", a, dev, log: dict, t_start: float) -> No
            "weights": state_hash(trainer.net, trainer.vision, before_llm=True), "vocab": len(trainer.tok.get_vocab())}
     if a.cached_replay != Q_REPLAY:            # files made with the default replay have no such field
         key["replay"] = list(a.cached_replay)
-    for k in ("canvas", "shades", "filler", "count_balance"):   # nor do files made from native frames in the generator's shades
+    for k in ("canvas", "shades", "filler", "count_balance", "count_list"):   # nor do files made from native frames in the generator's shades
         if RECIPE[k]:
             key[k] = RECIPE[k]
     prefix = tuple(a.cached_prefix_lengths) if a.cached_prefix else ()
@@ -2903,7 +2927,7 @@ def pretrain_e2e(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
                     psl = slice(sl.start, sl.start + k)
                     pl, pn, pr = trainer.video_loss(tokens[psl], [x[psl] for x in ks], [x[psl] for x in vs], po[psl],
                                                     torch.ones(k, dtype=torch.long),
-                                                    [dataclasses.replace(q, answer=str(counts[k]))])
+                                                    [dataclasses.replace(q, answer=prefix_answers(s.spec, s.times)[k])])
                     prefix_terms.append(pl / pn)
                     r = r + [("count_prefix", ok) for _, ok in pr]
         if prefix_terms:
@@ -3150,6 +3174,10 @@ def parse_args(argv):
                     help="stages 0q and 0e: share of whole videos drawn so that how full the screen is "
                          "(mean objects on screen) does not give away how many objects there are: per "
                          "count, uniform over COUNT_DENSITY's range (0: the generator's own draw)")
+    ap.add_argument("--count-list", action="store_true",
+                    help="stages 0q and 0e: answer 'how many objects?' by naming the objects in the order "
+                         "they first appear, then the number ('red circle and blue square . 2'), prefix counts "
+                         "too (default: the number alone)")
     ap.add_argument("--whole-videos", type=float, default=0.4, help="share of instruct clips that are whole 60 s videos")
     ap.add_argument("--bind", type=float, default=0.0,
                     help="weight of the binding loss: (kind, colour) pairs per frame token, pairs and objects "
@@ -3362,6 +3390,9 @@ def parse_args(argv):
     if a.cached_curriculum and not a.cached_steps or not 0 <= a.cached_curriculum <= 1:
         ap.error("--cached-curriculum needs --cached-steps above 0 and a share of the steps in 0..1; got "
                  f"--cached-steps {a.cached_steps}, --cached-curriculum {a.cached_curriculum}")
+    if a.count_list and (a.cached_windows or a.cached_seen or a.keep_count or a.fusion_count):
+        ap.error("--count-list answers 'how many' with the objects' names and then the number; --cached-windows, "
+                 "--cached-seen, --keep-count and --fusion-count teach the number alone: use one or the other")
     if a.cached_seen and not a.cached_steps or a.cached_seen < 0:
         ap.error(f"--cached-seen weighs stage 0q's per-frame counts: it needs --cached-steps above 0 and a weight "
                  f">= 0; got --cached-steps {a.cached_steps}, --cached-seen {a.cached_seen}")
@@ -3391,7 +3422,7 @@ def main(argv=None) -> int:
 def train(a: argparse.Namespace) -> int:
     RECIPE.update(hard_negatives=a.hard_negatives, order_hard=a.order_hard, order_hard_read=a.order_hard_read,
                   read_order_hard=a.read_order_hard, short_objects=a.short_objects, canvas=a.canvas,
-                  shades=a.shades, filler=a.filler, count_balance=a.count_balance, paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys,
+                  shades=a.shades, filler=a.filler, count_balance=a.count_balance, count_list=a.count_list, paraphrase=a.paraphrase, whole_videos=a.whole_videos, decoys=a.decoys,
                   long_anchors=a.long_anchors)
     t_start = time.perf_counter()
     dev = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else

@@ -1562,6 +1562,37 @@ def test_cached_curriculum_draws_few_objects_first_then_every_video(tmp_path, mo
     assert "--cached-curriculum 1.5" in capsys.readouterr().err
 
 
+def test_count_list_names_the_objects_in_order_then_counts_them(monkeypatch, capsys):
+    """--count-list: "how many objects?" is answered with the objects named in the order they first
+    appear (their colour when first seen), then the number, for whole videos and their prefixes alike;
+    off, the number alone, as before. The levers that teach the number alone are refused beside it."""
+    from model import train_demo as T
+    spec = T.train_scene(5, 60, needle=True, n_objects=4)
+    times = [float(t) for t in range(60)]
+    counts = T.prefix_counts(spec, times)
+    plain = T.prefix_answers(spec, times)
+    assert plain[1:] == [str(n) for n in counts[1:]]
+    monkeypatch.setitem(T.RECIPE, "count_list", True)
+    listed = T.prefix_answers(spec, times)
+    first: dict[int, tuple[float, str]] = {}
+    for t in times:
+        for i in T.S.visible_objects(spec, t):
+            first.setdefault(i, (t, f"{spec.objects[i].colour_at(t)} {spec.objects[i].kind}"))
+    names = [n for _, n in sorted(first.values(), key=lambda x: x[0])]
+    assert listed[-1] == " and ".join(names) + f" . {len(names)}" and len(names) == counts[-1] == 4
+    ks = [k for k in (10, 20, 30, 40) if 0 < counts[k] < counts[-1]]
+    assert ks, counts
+    for k in ks:                                        # a prefix names what it has shown so far
+        named, n = listed[k].rsplit(" . ", 1)
+        assert int(n) == counts[k] == len(named.split(" and ")) and listed[-1].startswith(named)
+    qa = next(q for q in T.clip_questions(spec, times, np.random.default_rng(0), contiguous=True, families=("count",))
+              if q.family == "count")
+    assert qa.answer == listed[-1]                       # the whole video's question says the same
+    with pytest.raises(SystemExit):
+        T.parse_args(["--out", "x", "--cached-steps", "5", "--count-list", "--cached-seen", "1"])
+    assert "--count-list" in capsys.readouterr().err
+
+
 def test_cached_stage_with_prefix_counts_trains_on_them(tmp_path):
     """Stage 0q with --cached-prefix: a step also answers prefix counts, logged apart from the
     whole videos' count questions; with --cached-seen the frame rows' counts too, in the step's
