@@ -393,6 +393,15 @@ run --out "$W/r7" --seed 315 --init-from "$W/br3" --paraphrase 0.3 --filler 0.3 
 #     --e2e-steps 800 --e2e-stop-after 797 --e2e-batch 8 --e2e-lr 2e-4 --e2e-front 0.5 --e2e-tower 0.25 \
 #     --e2e-val 200 --cached-eval-every 100 --minutes 90
 
+# --- issue 11, forty-fourth session (this CPU; measured, not kept: R7 stays the checkpoint) ---
+# L1. C0's line (below) with "how many" answered by naming the objects first, then the number
+#     (--count-list, prefix counts too). Validation (whole list right) 0.315 at step 700; on the first 300
+#     held-out videos (eval-demo ... --max-new-tokens 24) the last number is right for 192 against R7's 216,
+#     and eval-demo's exact match scores every list answer wrong. 30.5 min, one thread, encoding included.
+# run --out "$W/l1" --seed 372 --init-from "$W/r7" --vision-steps 0 --steps 0 --cached-steps 800 \
+#     --cached-videos 1500 --cached-val 200 --cached-prefix 0.5 --cached-prefix-lengths 10,20,30,40,50 \
+#     --needle-every 0 --canvas 0.5 --shades 0.5 --cached-replay colour,shape,exists,exists,needle,change \
+#     --paraphrase 0.3 --filler 0.3 --count-list --minutes 60
 # --- issue 11, forty-third session (this CPU; measured, not kept: R7 stays the checkpoint) ---
 # C1. O3's line without the oracle, with a curriculum from few to many objects (--cached-curriculum 0.5:
 #     videos of at most 2, 3, then 4 objects over the first 400 steps, then all); C0 is the same line
