@@ -76,6 +76,7 @@ def test_frames_of_several_streams_in_one_batch(tiny_model):
         assert got.pts.tolist() == pts
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")    # Ray Serve's own pydantic fields, at import
 def test_file_jobs_take_decoders_in_the_order_they_asked(monkeypatch):
     """The Ingress's decoder pool (`RayBackend._take_source`), without Ray: decoders stand in as objects
     whose `warm` has ended. Three jobs wait while every decoder is busy; one arrives as the first decoder
