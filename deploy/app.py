@@ -394,7 +394,7 @@ class RayBackend:
                     log.warning("decoder %s still starting after %.0f s; stopped", entry[1], WARM_TIMEOUT_S)
                     self._drop(entry)
                     failed += 1
-                if failed >= MAX_FAILED_WARMS:
+                if failed >= MAX_FAILED_WARMS and self._line[0] == ticket:     # in its turn, as any other
                     actor, name, _ = self._new_source(warm=False)
                     return actor, name
                 ready = [e for e in self._spares if self._started(e)]

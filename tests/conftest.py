@@ -13,8 +13,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # one `lmstream serve` per session, shared by test_service.py and test_web_page.py (registered here once:
-# imported into each test file, each would start its own)
-from service_fixtures import media, redis_srv, service  # noqa: E402, F401
+# imported into each test file, each would start its own); stopped once the tests that use it are done
+from service_fixtures import media, redis_srv, service, shared_service, stop_when_done  # noqa: E402, F401
+
+
+@pytest.hookimpl(trylast=True)          # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item, nextitem):
+    stop_when_done(item, nextitem)
 
 # Under pytest-xdist (run-tests.sh: two workers on this 2-core machine) each worker computes on one
 # thread, so that one worker's tensors do not starve the other's Ray, Redis and RTSP processes.

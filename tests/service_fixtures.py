@@ -72,11 +72,45 @@ def redis_srv(tmp_path_factory):
     srv.stop()
 
 
+_SHARED: list[Service] = []        # the session's service, for `stop_when_done`
+
+
 @pytest.fixture(scope="session")
-def service(tmp_path_factory, redis_srv, media):
+def shared_service(tmp_path_factory, redis_srv, media):
+    """The one `Service` of the session (started by `service` when a module first needs it), stopped at
+    the end of the session unless `stop_when_done` stopped it before."""
     data = tmp_path_factory.mktemp("svc")
     svc = Service(data, redis_srv.url, media, limits={"max_upload_bytes": 3_000_000, "max_concurrent_jobs": 2,
                                                       "max_tokens": 64, "max_ws_message_bytes": 300_000,
-                                                      "max_live_streams": 4, "max_json_bytes": 100_000}).start()
+                                                      "max_live_streams": 4, "max_json_bytes": 100_000})
+    _SHARED.append(svc)
     yield svc
+    _SHARED.remove(svc)
     svc.stop()
+
+
+@pytest.fixture(scope="module")
+def service(shared_service, redis_srv):
+    """The shared service, running: started for the first module that asks, and again for a later one
+    when it was stopped in between (`stop_when_done`), or left stopped or without its Redis by a failed
+    test of an earlier module (the restart test stops both), so one file's failure is not the next's."""
+    if redis_srv.proc is None or redis_srv.proc.poll() is not None:
+        redis_srv.start()
+    if shared_service.proc is not None and shared_service.proc.poll() is not None:
+        shared_service.proc = None                          # it died: start it again
+    if shared_service.proc is None:
+        shared_service.start()
+    return shared_service
+
+
+def stop_when_done(item, nextitem) -> None:
+    """After each test (conftest.py's `pytest_runtest_teardown`): the shared service stops as soon as the
+    next test is in another module that does not use it (the end of test_web_page.py in a full run), not
+    at the end of the session: idle, its Ray, Serve replicas and decoders would hold memory and CPU that
+    the tests after them on this worker need, and another file's Ray could start beside it. A module that
+    defines a `service` of its own (test_cluster.py) does not use this one."""
+    if nextitem is not None and (nextitem.module is item.module or (
+            "service" in nextitem.fixturenames and not hasattr(nextitem.module, "service"))):
+        return
+    for svc in _SHARED:
+        svc.stop()

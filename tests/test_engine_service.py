@@ -111,14 +111,21 @@ def test_file_jobs_take_decoders_in_the_order_they_asked(monkeypatch):
             actor, name = await b._take_source()
             got.append(f"{label}:{name}")
 
+        async def until(cond):
+            for _ in range(1000):
+                if cond():
+                    return
+                await asyncio.sleep(0.01)
+            pytest.fail(f"the pool did not get there: got {got}, line {list(b._line)}")
+
         tasks = []
         for label in "ABC":                                # they ask one after the other, each then waits
             tasks.append(asyncio.create_task(job(label)))
-            await asyncio.sleep(0.2)
+            await until(lambda: b._waiting == len(tasks))
         b._give_back(*decoder("d1"))                       # as a fourth job arrives
         tasks.append(asyncio.create_task(job("D")))
-        for name in ("d2", "d3", "d4"):
-            await asyncio.sleep(0.2)
+        for i, name in enumerate(("d2", "d3", "d4")):      # each given back once the one before was taken
+            await until(lambda: len(got) == i + 1)
             b._give_back(*decoder(name))
         await asyncio.wait_for(asyncio.gather(*tasks), 10)
         assert not b._line and b._waiting == 0
