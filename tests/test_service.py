@@ -1912,7 +1912,12 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
         r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "E_CACHE_UNAVAILABLE"
         assert r.headers.get("retry-after") == "5", r.headers          # it had none: when to try again
-        time.sleep(3)                                             # the job's decoder meets the outage
+        # Redis stays down until the job's decoder has met the outage and ended (a fixed 3 s was not always
+        # enough: a decoder waiting on a busy Encoder made no Redis call in it, and simply went on)
+        deadline = time.monotonic() + 90
+        while _descendants_titled(service.proc.pid, "ray::FileSource.run") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _descendants_titled(service.proc.pid, "ray::FileSource.run"), "the decoder went on without Redis"
         redis_srv.proc = None
         redis_srv.start()                                         # same folder: the AOF brings the frames back
         deadline = time.monotonic() + 30
