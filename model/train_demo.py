@@ -263,17 +263,22 @@ def count_answer(items: list[str]) -> str:
     return str(len(items))
 
 
-def prefix_answers(spec: S.SceneSpec, times: list[float]) -> list[str]:
-    """For each k, `count_answer` for the first k frames (`times`, in order): as `prefix_counts`,
-    the objects each named by its colour where first seen."""
+def prefix_objects(spec: S.SceneSpec, times: list[float]) -> list[list[str]]:
+    """For each k, the objects the first k frames (`times`, in order) show, in the order they first
+    appear, each named by its colour there (the needle star not counted, as "how many" counts)."""
     named: dict[int, str] = {}
-    out = [count_answer([])]
+    out: list[list[str]] = [[]]
     for t in times:
         for i in S.visible_objects(spec, t):
             if i not in named:
                 named[i] = _name(spec.objects[i].kind, spec.objects[i].colour_at(t))
-        out.append(count_answer(list(named.values())))
+        out.append(list(named.values()))
     return out
+
+
+def prefix_answers(spec: S.SceneSpec, times: list[float]) -> list[str]:
+    """For each k, `count_answer` for the first k frames (`prefix_objects`)."""
+    return [count_answer(names) for names in prefix_objects(spec, times)]
 
 
 def clip_questions(spec: S.SceneSpec, times: list[float], rng: np.random.Generator, *,
@@ -2448,12 +2453,7 @@ def density_balanced_seed(rng: np.random.Generator, n_objects: int, needle: bool
 def prefix_counts(spec: S.SceneSpec, times: list[float]) -> list[int]:
     """For each k, how many objects the first k frames (`times`, in order) show: the answer to
     "how many objects?" about that prefix (`clip_questions`' count: objects visible on a frame)."""
-    seen: set[int] = set()
-    out = [0]
-    for t in times:
-        seen.update(S.visible_objects(spec, t))
-        out.append(len(seen))
-    return out
+    return [len(names) for names in prefix_objects(spec, times)]
 
 
 def frame_counts(text: str) -> tuple[int, ...]:
@@ -2510,20 +2510,20 @@ def cache_videos(trainer: "Trainer", n: int, rng: np.random.Generator, size: int
                 w = torch.ones(len(s.times), device=dev)
                 qid = trainer.padded_ids([trainer.question_rows(q.question) for q in s.qas])
                 rows, fused = trainer.fuse_questions(qid, [k[sl] for k in ks], [v[sl] for v in vs], w)
+                firsts = prefix_objects(s.spec, s.times)     # what each prefix shows: its count and its answer
                 out.append({"tokens": tokens[sl].clone(), "pre": po[sl].float().mean(0).to(po.dtype),
                             "fused": fused, "qas": s.qas, "objects": len(s.spec.objects), "seed": s.spec.seed,
-                            "seen": torch.tensor(prefix_counts(s.spec, s.times)[1:]),      # --cached-seen
+                            "seen": torch.tensor([len(f) for f in firsts[1:]]),            # --cached-seen
                             "sets": trainer.frame_pairs(s.spec, s.times)[0].to("cpu", torch.uint8)})  # --oracle-sets
                 ci = next((i for i, q in enumerate(s.qas) if q.family == "count"), None)
                 if (prefix or windows) and ci is not None:
                     K, Sq = len(s.times), qid.shape[1]
                     crow = rows.view(K, len(s.qas), Sq, -1)[:, ci].float()          # (K, Sq, H), per frame
-                    pf, counts = po[sl].float(), prefix_counts(s.spec, s.times)
-                    answers = prefix_answers(s.spec, s.times)     # str(count), or with --count-list the list too
+                    pf = po[sl].float()
                     # the mean over the first k frames, as `fuse_questions` and the prefix average take it
                     if prefix:
                         out[-1]["prefix"] = {k: (pf[:k].mean(0).to(po.dtype), crow[:k].mean(0).to(rows.dtype)[None],
-                                                 answers[k]) for k in prefix if 0 < k < K and counts[k] > 0}
+                                                 count_answer(firsts[k])) for k in prefix if 0 < k < K and firsts[k]}
                     wr = np.random.default_rng([s.spec.seed, 0x3D0])
                     for wk in windows:          # (names of their own: k and n are this loop's batch and total)
                         if not 0 < wk < K:
@@ -2919,15 +2919,15 @@ def pretrain_e2e(trainer: "Trainer", a, dev, log: dict, t_start: float) -> None:
                 # --cached-prefix: "how many" of the video's first k frames too (k from
                 # --cached-prefix-lengths), the same frames' tokens and rows, its mean loss per
                 # answer token times the weight
-                counts = prefix_counts(s.spec, s.times)
-                ks_ = [k for k in a.cached_prefix_lengths if 0 < k < len(s.times) and counts[k] > 0]
+                shown = prefix_objects(s.spec, s.times)
+                ks_ = [k for k in a.cached_prefix_lengths if 0 < k < len(s.times) and shown[k]]
                 if ks_:
                     k = ks_[int(rng.integers(len(ks_)))]
                     q = next(q for q in s.qas if q.family == "count")
                     psl = slice(sl.start, sl.start + k)
                     pl, pn, pr = trainer.video_loss(tokens[psl], [x[psl] for x in ks], [x[psl] for x in vs], po[psl],
                                                     torch.ones(k, dtype=torch.long),
-                                                    [dataclasses.replace(q, answer=prefix_answers(s.spec, s.times)[k])])
+                                                    [dataclasses.replace(q, answer=count_answer(shown[k]))])
                     prefix_terms.append(pl / pn)
                     r = r + [("count_prefix", ok) for _, ok in pr]
         if prefix_terms:
