@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from frame_cache.redis_server import free_port
-from service_fixtures import DEMO, KEY, REPO, Service  # noqa: F401 (media, redis_srv, service: conftest.py)
+from service_fixtures import DEMO, KEY, REPO  # media, redis_srv, service: registered by conftest.py
 # one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
 pytestmark = [pytest.mark.timeout(900), pytest.mark.xdist_group("ray")]
 

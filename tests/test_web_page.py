@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_service import KEY, _push_frames, _ws_url  # media, redis_srv, service: conftest.py
+from service_fixtures import KEY  # media, redis_srv, service: registered by conftest.py
+from tests.test_service import _push_frames, _ws_url
 
 # one pytest worker runs every file that starts Ray (run-tests.sh: --dist loadgroup), never two Ray at once
 pytestmark = [pytest.mark.timeout(600), pytest.mark.xdist_group("ray")]
