@@ -29,7 +29,7 @@ from .record import (
     MAX_HEADER_BYTES,
     RECORD_MAGIC,
     RECORD_VERSION,
-    SUPPORTED_DTYPES,
+    DTYPE_ITEMSIZE,
     FrameRecord,
     RecordFormatError,
     KV_TENSORS,
@@ -46,6 +46,7 @@ __all__ = [
     "RECORD_MAGIC",
     "RECORD_VERSION",
     "SUPPORTED_DTYPES",
+    "DTYPE_ITEMSIZE",
     "MAX_HEADER_BYTES",
     "encode_record",
     "decode_record",
@@ -80,8 +81,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # redis-py is only needed for the Redis backend
-    if name == "RedisFrameCache":
+def __getattr__(name):
+    if name == "SUPPORTED_DTYPES":      # the torch dtypes: torch is imported on first use (frame_cache.record)
+        from .record import SUPPORTED_DTYPES
+        return SUPPORTED_DTYPES
+    if name == "RedisFrameCache":       # redis-py is only needed for the Redis backend
         from .redis_cache import RedisFrameCache
         return RedisFrameCache
     raise AttributeError(name)

@@ -61,9 +61,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from numbers import Real
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lmcore.errors import (
     BadArgument,
@@ -75,6 +73,9 @@ from lmcore.errors import (
 )
 
 from .record import KV_TENSORS, FrameRecord, decode_record, encode_record, light_record
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "FrameCache",

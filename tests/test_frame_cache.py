@@ -144,6 +144,46 @@ def test_record_layout_and_alignment() -> None:
     assert b[data_start + 64 : data_start + 68] == struct.pack("<f", 1.0)
 
 
+def test_headers_and_the_service_routes_need_no_torch(tmp_path) -> None:
+    """Reading a record's header and importing what the service's Ingress runs (the routes, the Ray app,
+    the Redis backend, retention) load no torch: torch costs a process ~1.3 s and ~180 MB, and the Ingress
+    never touches a tensor. The first tensor imports it, with the same dtypes as before."""
+    import subprocess
+    import sys
+    rec = FrameRecord(seq=7, pts=2.5, tensors={n: torch.zeros(2, 3, dtype=d) for n, d in SUPPORTED_DTYPES.items()})
+    (tmp_path / "rec.bin").write_bytes(encode_record(rec))
+    bad = bytearray(encode_record(FrameRecord(pts=0.0, tensors={"x": torch.zeros(2)})))
+    i = bad.index(b'"float32"')
+    bad[i:i + 9] = b'"float33"'
+    (tmp_path / "bad.bin").write_bytes(bytes(bad))
+    code = f"""
+import json, sys
+from pathlib import Path
+import deploy.app, frame_cache.redis_cache, frame_cache.retention, frame_cache.local_tier
+from frame_cache import DTYPE_ITEMSIZE, RecordFormatError, record_header, record_seq
+b = Path({str(tmp_path)!r}, "rec.bin").read_bytes()
+h = record_header(b)
+try:
+    record_header(Path({str(tmp_path)!r}, "bad.bin").read_bytes())
+    err = None
+except RecordFormatError as e:
+    err = str(e)
+loaded = "torch" in sys.modules
+from frame_cache import SUPPORTED_DTYPES, decode_record
+print(json.dumps({{"torch_before": loaded, "seq": record_seq(b), "header": h, "err": err,
+                  "sizes": {{n: d.itemsize for n, d in SUPPORTED_DTYPES.items()}}, "itemsize": DTYPE_ITEMSIZE,
+                  "decoded": {{n: str(t.dtype) for n, t in decode_record(b).tensors.items()}}}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["torch_before"] is False
+    assert got["seq"] == 7 and got["header"] == record_header(encode_record(rec))
+    assert got["err"] and "dtype to be one of float32, float16, bfloat16" in got["err"] and "'float33'" in got["err"]
+    assert got["sizes"] == got["itemsize"] == {n: d.itemsize for n, d in SUPPORTED_DTYPES.items()}
+    assert got["decoded"] == {n: str(d) for n, d in SUPPORTED_DTYPES.items()}
+
+
 def test_decode_is_zero_copy_and_copy_owns_memory() -> None:
     rec = FrameRecord(pts=0.0, tensors={"x": torch.arange(16, dtype=torch.float32)})
     buf = bytearray(encode_record(rec))
