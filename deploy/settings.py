@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 REPO = Path(__file__).resolve().parents[1]
 #: the most warm decoder actors a service keeps (`Settings.warm_decoders`; `lmstream serve --warm-decoders`)
@@ -109,39 +109,64 @@ class Settings(BaseModel):
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
-        """Defaults, then LMSTREAM_* variables, then `overrides` (None values ignored)."""
+        """Defaults, then LMSTREAM_* variables, then `overrides` (None values ignored).
+
+        Raises `BadArgument` naming the variable (or argument) and the field for a value that does not
+        parse or is out of range, and for a key `LMSTREAM_LIMITS` does not know (a misspelt limit would
+        otherwise leave its default in force, unnoticed)."""
+        import json
+        from lmcore.errors import BadArgument
         env = os.environ
         d: dict = {}
+        source: dict[str, str] = {}                     # field -> the variable it came from
+
+        def take(name: str, var: str, parse=None, what: str = "") -> None:
+            raw = env.get(var)
+            if not raw:
+                return
+            try:
+                d[name] = parse(raw) if parse else raw
+            except ValueError as e:
+                raise BadArgument(f"expected {var} to be {what}, got {raw!r} ({e})") from None
+            source[name] = var
+
         for name, var in (("model", "LMSTREAM_MODEL"), ("vision_tower", "LMSTREAM_VISION_TOWER"),
                           ("device", "LMSTREAM_DEVICE"), ("dtype", "LMSTREAM_DTYPE"),
-                          ("redis_url", "LMSTREAM_REDIS_URL"), ("data_dir", "LMSTREAM_DATA_DIR")):
-            if env.get(var):
-                d[name] = env[var]
-        if env.get("LMSTREAM_API_KEYS"):
-            d["api_keys"] = [k.strip() for k in env["LMSTREAM_API_KEYS"].split(",") if k.strip()]
-        if env.get("LMSTREAM_ALLOW_PRIVATE_SOURCES"):
-            d["allow_private_sources"] = env["LMSTREAM_ALLOW_PRIVATE_SOURCES"].lower() in ("1", "true", "yes")
-        import json
-        if env.get("LMSTREAM_LIMITS"):                   # JSON, e.g. '{"max_upload_bytes": 1000000}'
-            d["limits"] = json.loads(env["LMSTREAM_LIMITS"])
-        for name, var in (("service_resources", "LMSTREAM_SERVICE_RESOURCES"),    # JSON, e.g. '{"head_node": 0.01}'
-                          ("camera_resources", "LMSTREAM_CAMERA_RESOURCES")):
-            if env.get(var):
-                d[name] = json.loads(env[var])
-        if env.get("LMSTREAM_SERVE_BATCH"):
-            d["serve_batch"] = int(env["LMSTREAM_SERVE_BATCH"])
-        if env.get("LMSTREAM_SERVE_BATCH_WAIT_S"):
-            d["serve_batch_wait_s"] = float(env["LMSTREAM_SERVE_BATCH_WAIT_S"])
-        if env.get("LMSTREAM_LOCAL_KV_BYTES"):
-            d["local_kv_bytes"] = int(env["LMSTREAM_LOCAL_KV_BYTES"])
-        if env.get("LMSTREAM_WARM_DECODERS"):
-            d["warm_decoders"] = int(env["LMSTREAM_WARM_DECODERS"])
-        if env.get("LMSTREAM_LOCAL_KV_DIR"):
-            d["local_kv_dir"] = env["LMSTREAM_LOCAL_KV_DIR"]
-        if env.get("LMSTREAM_ALLOWED_DIRS"):
-            d["allowed_dirs"] = [p for p in env["LMSTREAM_ALLOWED_DIRS"].split(os.pathsep) if p]
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**d)
+                          ("redis_url", "LMSTREAM_REDIS_URL"), ("data_dir", "LMSTREAM_DATA_DIR"),
+                          ("local_kv_dir", "LMSTREAM_LOCAL_KV_DIR")):
+            take(name, var)
+        take("api_keys", "LMSTREAM_API_KEYS", lambda v: [k.strip() for k in v.split(",") if k.strip()])
+        take("allow_private_sources", "LMSTREAM_ALLOW_PRIVATE_SOURCES",
+             lambda v: v.lower() in ("1", "true", "yes"))
+        take("limits", "LMSTREAM_LIMITS", json.loads, 'a JSON object such as {"max_upload_bytes": 1000000}')
+        take("service_resources", "LMSTREAM_SERVICE_RESOURCES", json.loads,
+             'a JSON object such as {"head_node": 0.01}')
+        take("camera_resources", "LMSTREAM_CAMERA_RESOURCES", json.loads,
+             'a JSON object such as {"camera_node": 0.01}')
+        take("serve_batch", "LMSTREAM_SERVE_BATCH", int, "an integer")
+        take("serve_batch_wait_s", "LMSTREAM_SERVE_BATCH_WAIT_S", float, "a number of seconds")
+        take("local_kv_bytes", "LMSTREAM_LOCAL_KV_BYTES", int, "an integer number of bytes")
+        take("warm_decoders", "LMSTREAM_WARM_DECODERS", int, "an integer")
+        take("allowed_dirs", "LMSTREAM_ALLOWED_DIRS", lambda v: [p for p in v.split(os.pathsep) if p])
+        for name, v in overrides.items():
+            if v is not None:
+                d[name] = v
+                source.pop(name, None)
+        if "limits" in d and isinstance(d["limits"], dict):
+            unknown = sorted(set(d["limits"]) - set(Limits.model_fields))
+            if unknown:
+                raise BadArgument(f"expected {source.get('limits', 'limits')} to name only known limits "
+                                  f"({', '.join(Limits.model_fields)}), got {', '.join(map(repr, unknown))}")
+        try:
+            return cls(**d)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = [str(x) for x in err.get("loc", ())]
+            field = ".".join(loc) or "settings"
+            where = source.get(loc[0]) if loc else None
+            name = f"{where} ({field})" if where else field
+            raise BadArgument(f"expected {name} to be valid: {err.get('msg', 'a valid value')}, "
+                              f"got {err.get('input')!r}") from None
 
     def with_generated_key(self) -> tuple["Settings", str | None]:
         """These settings, plus a fresh random API key when none is configured (returned too)."""

@@ -108,7 +108,7 @@ class Retention:
     def describe(self) -> str:
         if self.exact_s is None:
             return "exact (all frames keep keys/values)"
-        old = "none" if self.kv == "none" else f"{self.kv}" + (f" every {self.kv_stride}th frame"
+        old = "none" if self.kv == "none" else f"{self.kv}" + (f" on one frame in {self.kv_stride}"
                                                                  if self.kv_stride > 1 else "")
         return f"exact for the last {self.exact_s:g} s, then keys/values: {old}"
 

@@ -491,9 +491,21 @@ class _Parser(argparse.ArgumentParser):
         if "required: COMMAND" in message:
             names = ", ".join(a.dest for a in self._subparsers._group_actions[0]._choices_actions)
             message = f"no command (one of: {names})"
-        print(f"error[E_BAD_ARGUMENT]: expected valid arguments for `{self.prog}` (see `{self.prog} --help`), "
+        prog = self.prog
+        if message.startswith("unrecognized arguments"):    # the root parser says it: name the command's help
+            prog = _command_of(self, getattr(self, "argv", None) or []).prog
+        print(f"error[E_BAD_ARGUMENT]: expected valid arguments for `{prog}` (see `{prog} --help`), "
               f"got {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _command_of(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The (sub)command parser `argv` names: `lmstream bench flops ...` -> that of `lmstream bench flops`."""
+    for tok in argv:
+        subs = parser._subparsers._group_actions[0].choices if parser._subparsers else {}
+        if tok in subs:
+            parser = subs[tok]
+    return parser
 
 
 def _terminate(signum, _frame):
@@ -503,7 +515,9 @@ def _terminate(signum, _frame):
 def main(argv: list[str] | None = None) -> int:
     import signal
     signal.signal(signal.SIGTERM, _terminate)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
     # a command turns autograd off for its model (load_model); called in-process (tests, embedding
     # applications), the caller gets its own grad mode back
     torch_was = sys.modules.get("torch")

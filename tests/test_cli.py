@@ -255,6 +255,28 @@ def test_bad_arguments_are_answered_without_loading_torch(tmp_path, video):
         assert not torch_loaded, (argv, "torch was imported to report a bad argument")
 
 
+def test_unknown_options_point_to_their_commands_help_and_bad_service_settings_name_their_variable(tmp_path):
+    """An unknown option is reported by the root parser, which pointed at `lmstream --help` whatever the
+    command; it now names the command's own help. A bad LMSTREAM_* variable was E_INTERNAL (a pydantic
+    ValidationError, a JSONDecodeError, a ValueError) and a misspelt limit was ignored: each is now one
+    E_BAD_ARGUMENT line naming the variable, at once, exit status 2."""
+    for argv, prog, bad in ((["bench", "flops", "--bogus"], "lmstream bench flops", "--bogus"),
+                            (["ask", "--bogus", "v.mp4", "q"], "lmstream ask", "--bogus"),
+                            (["cache", "ls", "--cache", "x", "--zzz"], "lmstream cache", "--zzz")):
+        assert_one_line_error(run(*argv), "E_BAD_ARGUMENT", f"`{prog}` (see `{prog} --help`)", bad)
+    from frame_cache.redis_server import free_port
+    for env, says in (({"LMSTREAM_LIMITS": '{"max_upload_bytes": -5}'},
+                       "expected LMSTREAM_LIMITS (limits.max_upload_bytes) to be valid: Input should be greater "
+                       "than or equal to 1, got -5"),
+                      ({"LMSTREAM_LIMITS": "notjson"}, "expected LMSTREAM_LIMITS to be a JSON object"),
+                      ({"LMSTREAM_LIMITS": '{"max_uplod_bytes": 5}'}, "known limits (max_upload_bytes, "),
+                      ({"LMSTREAM_WARM_DECODERS": "abc"}, "expected LMSTREAM_WARM_DECODERS to be an integer, "
+                                                          "got 'abc'")):
+        r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", env=env)
+        assert_one_line_error(r, "E_BAD_ARGUMENT", says)
+        assert r.returncode == 2 and not (tmp_path / "d").exists(), r.stderr
+
+
 def test_bad_inputs_are_reported_before_the_model_loads(tmp_path):
     assert_one_line_error(run("ask", tmp_path / "nope.mp4", "q", "--model", tmp_path / "none"),
                           "E_INPUT_NOT_FOUND", "nope.mp4")

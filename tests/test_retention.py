@@ -174,7 +174,7 @@ def test_mixed_exact_and_fp8_window_equals_fusing_the_same_forms_in_memory(tiny_
     want = (rows(e_hot, n_h) * n_h + rows(e_old, n_o) * n_o) / (n_h + n_o)
     assert torch.allclose(rows(emb, T), want, atol=2e-5)
     assert torch.equal(emb[0, p:p + T], states.tokens[:, 0])           # every frame's token in the LLM
-    assert "exact 5, fp8 8, token-only 7" in info["policy"] and "fp8 every 2th frame" in info["policy"]
+    assert "exact 5, fp8 8, token-only 7" in info["policy"] and "fp8 on one frame in 2" in info["policy"]
 
 
 def test_a_window_with_no_keys_values_left_says_so(tiny_model, any_cache):
