@@ -47,6 +47,7 @@ from .serving import (
     LiveStore,
     WatchStore,
     carried_counts,
+    continued_timeline,
     check_allowed,
     check_regular_file,
     decode_image,
@@ -333,7 +334,7 @@ def build_api() -> FastAPI:
         return error_response(InvalidRequest(validation_message(first)))
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, e: StarletteHTTPException):
+    async def _http(req: Request, e: StarletteHTTPException):
         if e.status_code == 400:             # FastAPI could not parse a body: the body's fault, not the route's
             cause = e.__cause__
             if isinstance(cause, UnicodeDecodeError):
@@ -342,8 +343,11 @@ def build_api() -> FastAPI:
             return error_response(InvalidRequest(f"expected a well-formed request body, got one that could not be "
                                                  f"parsed ({why[:200]})"))
         code = {404: "E_NOT_FOUND", 405: "E_METHOD_NOT_ALLOWED"}.get(e.status_code, "E_HTTP")
-        return JSONResponse({"error": {"code": code, "message": f"expected a route of this API, got {e.detail}"}},
-                            status_code=e.status_code)
+        allow = (e.headers or {}).get("allow") or (e.headers or {}).get("Allow")
+        takes = f"; it takes {allow}" if allow else ""
+        return JSONResponse({"error": {"code": code, "message": f"expected a route of this API, got {req.method} "
+                                                                f"{req.url.path[:200]} ({e.detail}{takes})"}},
+                            status_code=e.status_code, headers={"Allow": allow} if allow else None)
 
     @api.middleware("http")
     async def _count(request: Request, call_next):
@@ -585,8 +589,11 @@ def build_api() -> FastAPI:
         return _public(stream_status(await _record(b, "stream", sid, "GET /v1/videos/{id}")))
 
     @api.delete("/v1/streams/{sid}")
-    async def delete_stream(sid: str, purge: bool = False, b: Backend = Depends(auth)):
+    async def delete_stream(sid: str, purge: str = "false", b: Backend = Depends(auth)):
         _check_id(sid, "stream")
+        if purge.lower() not in ("true", "false"):    # a destructive flag: not FastAPI's 1 / on / yes
+            raise InvalidRequest(f"expected purge=true or purge=false, got purge={purge!r}")
+        purge = purge.lower() == "true"
         d = await _record(b, "stream", sid, "DELETE /v1/videos/{id}")
         writer = None
         if d.get("kind") == "rtsp":
@@ -609,8 +616,8 @@ def build_api() -> FastAPI:
     async def ask_stream(sid: str, q: Question, b: Backend = Depends(auth)):
         _check_id(sid, "stream")
         d = await _record(b, "stream", sid, "POST /v1/videos/{id}/questions")
-        req = _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [],
-                             q.choices)
+        req = _stream_req(d, _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens,
+                                           d.get("gaps") or [], q.choices))
         if q.stream:
             return await _sse(b, req, _sse_events)
         return await _json_answer(b, req)
@@ -662,8 +669,8 @@ def build_api() -> FastAPI:
             raise InvalidRequest(f"expected no question, or the watch's own ({w['question']!r}: a watch answers only "
                                  f"the question fused at ingest), got {q.question!r}")
         d = await asyncio.to_thread(_live(b).get, sid)
-        req = _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens, d.get("gaps") or [],
-                             q.choices)
+        req = _stream_req(d, _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens,
+                                           d.get("gaps") or [], q.choices))
         req["watch"] = wid
         if q.stream:
             return await _sse(b, req, _sse_events)
@@ -791,7 +798,8 @@ def build_api() -> FastAPI:
         if kind == "videos":                 # as its questions route: ready, or what a failed job stored
             req = await _video_question(b, await _record(b, "video", sid, "lms://streams/{id}"), req_of)
         else:                                # a live stream: its outage gaps, as its questions route says
-            req = req_of((await _record(b, "stream", sid, "lms://videos/{id}")).get("gaps") or [])
+            d = await _record(b, "stream", sid, "lms://videos/{id}")
+            req = _stream_req(d, req_of(d.get("gaps") or []))
         req["sampling"] = sampling
         model = info["model"]
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -943,6 +951,16 @@ def _status_error(ev: dict) -> LmsError:
     e = LmsError(ev["message"], code=ev["code"])
     e.http_status = int(ev.get("status", 500))
     return e
+
+
+def _stream_req(d: dict, req: dict) -> dict:
+    """A live stream's question request: with the stream's fps, so that frames missing between the stored
+    ones (shed under load, lost in an outage) are gaps of the answer (`serving.spacing_gaps`)."""
+    try:
+        fps = float(d.get("fps") or 0)
+    except (TypeError, ValueError):
+        fps = 0.0
+    return {**req, "fps": fps} if fps > 0 and math.isfinite(fps) else req
 
 
 def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps, choices=None) -> dict:
@@ -1365,6 +1383,7 @@ class _LiveSession:
         self.size: int | None = None
         self.closed = False
         self.push = None                               # PushSource for webm/mp4 byte streams
+        self.push_told: dict | None = None             # its last_error as last told on the socket
         self.consumer = None
         self.close_task: asyncio.Task | None = None    # a delete's close of the socket
 
@@ -1394,7 +1413,8 @@ class _LiveSession:
                 return
             data, text = msg.get("bytes"), msg.get("text")
             if len(data or b"") > limit or len((text or "").encode()) > limit:
-                await self.ws.close(code=1009, reason=f"expected messages of at most {limit} bytes")
+                got = max(len(data or b""), len((text or "").encode()))
+                await self.ws.close(code=1009, reason=f"expected messages of at most {limit} bytes, got {got}")
                 self.closed = True
                 return
             try:
@@ -1419,7 +1439,7 @@ class _LiveSession:
         elif t == "frame":
             pts = m.get("pts")
             if not isinstance(pts, (int, float)) or isinstance(pts, bool) or not (pts >= 0 and pts < 1e9):
-                raise InvalidRequest(f"expected frame pts as seconds >= 0, got {pts!r}")
+                raise InvalidRequest(f"expected frame pts as seconds >= 0 and under 1e9, got {pts!r}")
             self.pending_pts = float(pts)
         elif t == "ask":
             self.ask(m)
@@ -1442,6 +1462,7 @@ class _LiveSession:
                 except Exception:                      # noqa: BLE001 - stop regardless
                     pass
                 self._count_push_drops()               # what the flush shed: told below with the rest
+                await self._tell_push_error()          # bytes that only the end showed were no stream
             await self._flush()                        # frames received and waiting in line are stored
             if self.drop_timer is not None:
                 self.drop_timer.cancel()
@@ -1490,11 +1511,17 @@ class _LiveSession:
         self.token = await asyncio.to_thread(b.cache.acquire_writer, sid)
         # the counts of the stream's earlier sockets go on: read once the older writer is fenced (its frames
         # are refused from now on, so it writes no newer counts but those of a frame stored before this)
-        self.why0, self.skipped0 = carried_counts(await asyncio.to_thread(live.get, sid))
+        before = await asyncio.to_thread(live.get, sid)
+        self.why0, self.skipped0 = carried_counts(before)
         info = await asyncio.to_thread(b.cache.stream_info, sid)
         self._check_token(sid, info)
         self.seq = info.total_appended
-        self.offset = (info.newest_pts + 1.0 / self.fps) if info.newest_pts is not None else 0.0
+        # a continued stream's time goes on with the wall clock, as a camera's after a restart: this socket's
+        # times (arrival times, a byte stream's, `frame` pts) count from its start, placed after the stream's
+        # newest frame by the time no socket fed it; that outage is one of the stream's gaps
+        self.offset, outage = continued_timeline(info.newest_pts, before.get("last_wall"), self.fps)
+        if outage is not None:
+            await asyncio.to_thread(live.update, sid, gaps=[*(before.get("gaps") or []), outage])
         self.sid, self.writer = sid, True
         _WRITERS[sid] = self                           # an older writer of the stream (fenced now) is not told
         self.sampler = FrameSampler(self.fps)
@@ -1540,7 +1567,12 @@ class _LiveSession:
         if not self.writer:
             raise InvalidRequest("expected {\"type\": \"start\"} before frames, got a frame")
         if self.push is not None:                      # a WebM/fMP4 chunk
-            await asyncio.to_thread(self.push.push_stream, data)
+            try:
+                await asyncio.to_thread(self.push.push_stream, data)
+            except LmsError:
+                self.push_told = self.push.last_error  # told by `run`, which gets it next
+                raise
+            await self._tell_push_error()
             why = self._count_push_drops()
             if why is not None:
                 await self.note_drop(why)
@@ -1548,6 +1580,11 @@ class _LiveSession:
         t_arrive = time.monotonic()
         pts = self.pending_pts if self.pending_pts is not None else t_arrive - self.t0
         self.pending_pts = None
+        if self.sampler.last is not None and pts + self.offset <= self.sampler.last:   # time went back
+            self.dropped["bad frame"] += 1
+            await self.error(InvalidRequest(f"expected frame pts after {self.sampler.last - self.offset:g} s (the "
+                                            f"previous frame's), got {pts:g}"))
+            return await self.note_drop("bad frame")
         pts += self.offset
         if not self.sampler.want(pts):
             self.dropped["over fps"] += 1
@@ -1579,6 +1616,21 @@ class _LiveSession:
         finally:
             self.queue = []
             self.busy = False
+
+    async def _tell_push_error(self) -> None:
+        """The byte stream's error its demuxer met between pushes or at the end (a stream it could not read:
+        FFmpeg says so only once it has seen enough bytes, or at `close`), told once on the socket and kept
+        as the stream's `last_error`."""
+        err = self.push.last_error
+        if not err or err == self.push_told:
+            return
+        self.push_told = err
+        await self.send({"type": "error", **err})
+        if self._owns():
+            try:
+                await asyncio.to_thread(self.b.live.update, self.sid, last_error=err)
+            except LmsError:
+                pass
 
     #: a byte stream's reasons (`stream.live.PushSource.dropped_why`) in this socket's words
     PUSH_REASONS = {"over_fps": "over fps", "queue_full": "queue full", "pts_backwards": "bad frame",
@@ -1732,7 +1784,8 @@ class _LiveSession:
                 return _question_req(b, self.sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, gaps,
                                      q.choices)
             try:
-                req = req_of((await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or [])
+                d = await asyncio.to_thread(b.live.get, self.sid)
+                req = _stream_req(d, req_of(d.get("gaps") or []))
             except NotFound:                           # attached to a video: answered as its HTTP route answers
                 try:
                     req = await _video_question(b, await asyncio.to_thread(b.store.get, self.sid), req_of)

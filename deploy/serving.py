@@ -421,8 +421,10 @@ class AnswerCore:
 
     def answer(self, stream_id: str, question: str, *, window=None, last_s=None, policy: str = "exact",
                max_tokens: int = 64, gaps=(), sampling: dict | None = None, watch: str | None = None,
-               choices: list[str] | None = None) -> Iterator[dict]:
-        """Events: {"type": "token", "text", "token_id"} ... {"type": "answer", **answer fields}."""
+               choices: list[str] | None = None, fps: float | None = None) -> Iterator[dict]:
+        """Events: {"type": "token", "text", "token_id"} ... {"type": "answer", **answer fields}.
+        `gaps`: the stream's recorded outages; `fps`: a live stream's sampling rate, with which frames missing
+        between the stored ones (shed under load, a camera's lost seconds) are gaps of the answer too."""
         t0 = time.perf_counter()
         if watch is not None:
             src = self.watch_source(stream_id, watch, question, window, last_s)
@@ -431,6 +433,8 @@ class AnswerCore:
             src = self.window(stream_id, window, last_s)
         lo, hi = src.time_span
         inside = [list(g) for g in gaps if (g[1] is None or g[1] >= lo) and (g[0] is None or g[0] <= hi)]
+        if fps:
+            inside += spacing_gaps(src.pts, fps)
         first = None
         for kind, *rest in self.model.stream_answer(src, question, max_new_tokens=max_tokens, policy=policy,
                                                     extra_gaps=inside, choices=choices, **(sampling or {})):
@@ -441,7 +445,7 @@ class AnswerCore:
             else:
                 a = rest[0]
                 d = answer_fields(a)
-                d["gaps"] = finite_gaps(d["gaps"], window, last_s, d["time_span"])
+                d["gaps"] = merge_gaps(finite_gaps(d["gaps"], window, last_s, d["time_span"]))
                 d["timings"]["first_token_s"] = round(first if first is not None else time.perf_counter() - t0, 4)
                 d["timings"]["read_MB"] = round(src.bytes_read / 1e6, 3)
                 d["timings"]["read_local_MB"] = round(getattr(src, "bytes_local", 0) / 1e6, 3)
@@ -456,6 +460,30 @@ def answer_fields(a) -> dict:
             "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason,
             **({"choices": a.choices} if a.choices is not None else {}),
             **({"unknown_words": list(a.unknown_words)} if a.unknown_words else {})}
+
+
+def spacing_gaps(pts, fps: float) -> list:
+    """Spans between consecutive stored frames more than 1.5 frame periods apart, `[pts_i, pts_i+1]`: the
+    frames of a stream sampled at `fps` that were never stored (shed under load, lost to an outage)."""
+    p = np.asarray(pts, dtype=np.float64).reshape(-1)
+    if p.size < 2:
+        return []
+    far = np.nonzero(np.diff(p) > 1.5 / float(fps))[0]
+    return [[float(p[i]), float(p[i + 1])] for i in far]
+
+
+def merge_gaps(gaps: list) -> list:
+    """Gaps sorted by start, those that overlap or touch made one (`[[103, 128], [128, 129]]` ->
+    `[[103, 129]]`); a None end (still open) covers everything after its start."""
+    inf = float("inf")
+    out: list[list] = []
+    for g in sorted(([g[0], g[1]] for g in gaps), key=lambda g: -inf if g[0] is None else g[0]):
+        if out and (out[-1][1] is None or (g[0] is not None and g[0] <= out[-1][1])):
+            if out[-1][1] is not None and (g[1] is None or g[1] > out[-1][1]):
+                out[-1][1] = g[1]
+        else:
+            out.append(g)
+    return out
 
 
 def finite_gaps(gaps: list, window, last_s, span) -> list:
@@ -810,6 +838,20 @@ class LiveStore(JobStore):
         return super().update(rid, **fields)
 
 
+def continued_timeline(newest_pts: float | None, last_wall: float | None, fps: float,
+                       now: float | None = None) -> tuple[float, list | None]:
+    """Where a new source of a stream that has frames (a camera after a service restart, a WebSocket that
+    continues a stream) puts its time 0: the stream's time goes on with the wall clock, so its newest
+    frame's pts plus the time since that frame was stored (`last_wall`; at least one frame period). Returns
+    (offset, outage): the outage `[newest_pts, offset]` when more than 1.5 frame periods passed with no
+    frame (a gap, as a camera's), else None. A stream with no frame: (0.0, None)."""
+    if newest_pts is None:
+        return 0.0, None
+    away = ((time.time() if now is None else now) - float(last_wall)) if last_wall else 0.0
+    offset = float(newest_pts) + max(1.0 / fps, away)
+    return offset, ([float(newest_pts), offset] if away > 1.5 / fps else None)
+
+
 def stream_status(d: dict, now: float | None = None) -> dict:
     """A stream record as GET /v1/streams/{id} (and /metrics) shows it. A pushed stream's record says
     "connecting" while its socket is open (older records: "live"): it shows as "connecting" until a frame is
@@ -850,6 +892,7 @@ class FrameSampler:
 
     def __init__(self, fps: float):
         self.fps, self.t0, self.next_t, self.dropped = fps, None, None, 0
+        self.last: float | None = None                               # pts of the newest frame kept
 
     def want(self, pts: float) -> bool:
         if self.t0 is None:
@@ -859,6 +902,7 @@ class FrameSampler:
             return False
         k = math.floor((pts - self.t0) * self.fps + 1e-6) + 1        # every target <= pts is consumed
         self.next_t = self.t0 + k / self.fps
+        self.last = pts
         return True
 
 
@@ -893,12 +937,9 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     info = cache.stream_info(sid)
     before = live.get(sid)
     carried = [list(g) for g in before.get("gaps") or []]     # outages of earlier sources of this stream
-    offset = 0.0
-    if info.newest_pts is not None:                      # a resumed stream (service restart, actor moved)
-        away = time.time() - before["last_wall"] if before.get("last_wall") else 0.0
-        offset = info.newest_pts + max(1.0 / fps, away)  # stream time goes on with the wall clock
-        if away > 1.5 / fps:
-            carried.append([info.newest_pts, offset])   # no source ran: the outage is a gap
+    offset, outage = continued_timeline(info.newest_pts, before.get("last_wall"), fps)
+    if outage is not None:                               # a resumed stream (service restart, actor moved)
+        carried.append(outage)                          # no source ran: the outage is a gap
     # the record's last_error (an actor restart's E_UNAVAILABLE, the camera's error before a service restart)
     # stays until this source has its own word: an error of its own or a frame; then it is previous_error
     state = {"last": 0.0, "last_pts": info.newest_pts, "lag_s": None, "last_wall": before.get("last_wall"),

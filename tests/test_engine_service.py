@@ -132,3 +132,41 @@ def test_file_jobs_take_decoders_in_the_order_they_asked(monkeypatch):
         return got
 
     assert asyncio.run(scenario()) == ["A:d1", "B:d2", "C:d3", "D:d4"]
+
+
+def test_answer_gaps_of_a_live_stream_and_where_a_continued_stream_starts():
+    """`spacing_gaps`: spans between stored frames over 1.5 sampling periods apart; `merge_gaps`: one gap
+    for those that overlap or touch (answers listed [[103, 128], [128, 129]]); `continued_timeline`: a new
+    source of a stream starts after its newest frame by the time nothing fed it, the outage a gap."""
+    from deploy.serving import continued_timeline, merge_gaps, spacing_gaps
+    assert spacing_gaps([0.0, 1.0, 2.0, 4.0, 5.0, 9.0], 1.0) == [[2.0, 4.0], [5.0, 9.0]]
+    assert spacing_gaps(torch.tensor([0.0, 0.5, 1.0, 1.8], dtype=torch.float64), 2.0) == [[1.0, 1.8]]
+    assert spacing_gaps([0.0, 1.4], 1.0) == [] and spacing_gaps([3.0], 1.0) == [] and spacing_gaps([], 1.0) == []
+    assert merge_gaps([[128.0, 129.0], [103.0, 128.0]]) == [[103.0, 129.0]]
+    assert merge_gaps([[5.0, 6.0], [None, 2.0], [1.0, 3.0], [10.0, None], [12.0, 13.0]]) == [
+        [None, 3.0], [5.0, 6.0], [10.0, None]]
+    assert merge_gaps([]) == [] and merge_gaps([[1.0, 2.0], [3.0, 4.0]]) == [[1.0, 2.0], [3.0, 4.0]]
+    assert continued_timeline(None, None, 1.0) == (0.0, None)
+    assert continued_timeline(10.0, 1000.0, 1.0, now=1000.4) == (11.0, None)      # back at once: one period on
+    assert continued_timeline(10.0, 1000.0, 2.0, now=1000.5) == (10.5, None)      # under 1.5 periods: no gap
+    assert continued_timeline(10.0, 1000.0, 1.0, now=1020.0) == (30.0, [10.0, 30.0])
+    assert continued_timeline(10.0, None, 1.0, now=1020.0) == (11.0, None)        # no wall time kept: one period
+
+
+def test_service_settings_name_the_variable_a_bad_value_came_from(monkeypatch):
+    from deploy.settings import Settings
+    from lmcore.errors import BadArgument
+    monkeypatch.setenv("LMSTREAM_SERVE_BATCH_WAIT_S", "soon")
+    with pytest.raises(BadArgument, match=r"expected LMSTREAM_SERVE_BATCH_WAIT_S to be a number of seconds, "
+                                          r"got 'soon'"):
+        Settings.from_env()
+    monkeypatch.setenv("LMSTREAM_SERVE_BATCH_WAIT_S", "20")
+    with pytest.raises(BadArgument, match=r"LMSTREAM_SERVE_BATCH_WAIT_S \(serve_batch_wait_s\) to be valid: Input "
+                                          r"should be less than or equal to 10, got 20"):
+        Settings.from_env()
+    assert Settings.from_env(serve_batch_wait_s=0.5).serve_batch_wait_s == 0.5     # an argument overrides it
+    monkeypatch.delenv("LMSTREAM_SERVE_BATCH_WAIT_S")
+    monkeypatch.setenv("LMSTREAM_LIMITS", '{"max_tokens": 7}')
+    assert Settings.from_env().limits.max_tokens == 7
+    with pytest.raises(BadArgument, match=r"expected limits to name only known limits .*got 'max_tokenz'"):
+        Settings.from_env(limits={"max_tokenz": 3})

@@ -315,6 +315,20 @@ def test_the_ingress_replica_answers_without_loading_torch(service, uploaded):
     assert all("libtorch" in maps(p) for p in encoder)        # (the check can see torch where it is loaded)
 
 
+def test_unknown_routes_and_methods_are_named_in_the_error(service):
+    """A path no route has, or a method a route does not take, is told with the request's own method and
+    path (it was "expected a route of this API, got Not Found"), a 405 with the methods it takes."""
+    with service.client() as c:
+        r = c.get("/v1/nope/x")
+        assert r.status_code == 404 and r.json()["error"] == {
+            "code": "E_NOT_FOUND", "message": "expected a route of this API, got GET /v1/nope/x (Not Found)"}
+        r = c.put("/v1/videos")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "E_METHOD_NOT_ALLOWED", r.text
+        assert r.json()["error"]["message"].startswith("expected a route of this API, got PUT /v1/videos (Method "
+                                                       "Not Allowed; it takes "), r.text
+        assert "POST" in r.headers["allow"] and "POST" in r.json()["error"]["message"], (r.headers, r.text)
+
+
 def test_delete_frees_the_frames(service, media):
     from frame_cache import open_cache
     with service.client() as c:
@@ -1007,6 +1021,97 @@ def test_a_stream_continued_on_a_new_socket_adds_its_counts_to_the_records(servi
     assert fed == {"status": fed["status"], **totals} and fed["status"] in ("live", "stalled"), fed
     assert last == {"status": "stopped", **totals}, last
     assert stopped["frames"] == 2 and stopped["dropped"] == 2, stopped     # the socket's own: 1 shed, 1 over fps
+
+
+def test_a_continued_stream_goes_on_with_the_wall_clock_and_answers_name_its_missing_frames(service):
+    """A socket that continues a stream after an outage puts its time 0 after the stream's newest frame by
+    the time no socket fed it (it was newest + one period: a 3 s outage vanished, and the client's next
+    frames were told apart from the old by 1 s only), and the outage is one of the stream's gaps. A frame
+    missing between stored ones (pts 2 never sent) is a gap of the answer (answers said `gaps: []`), and
+    gaps that touch are given as one. A pts that goes back is refused as a bad frame saying both times
+    (it was counted "over fps")."""
+    import asyncio
+    import websockets
+    rgb = np.full((64, 64, 3), 120, np.uint8)
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            await _push_frames(ws, [(0.0, rgb), (1.0, rgb), (3.0, rgb), (4.0, rgb)])    # no frame at 2
+            await ws.send(json.dumps({"type": "frame", "pts": 3.5}))                    # back in time
+            await ws.send(_png(rgb))
+            while (m := json.loads(await ws.recv()))["type"] != "error":
+                assert m["type"] == "dropped", m
+            back = m
+            await ws.send(json.dumps({"type": "stop"}))
+            while json.loads(await ws.recv())["type"] != "stopped":
+                pass
+        t_stop = time.time()
+        await asyncio.sleep(3.0)                                                         # the outage
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "stream_id": sid, "fps": 1, "format": "png"}))
+            assert json.loads(await ws.recv())["type"] == "started"
+            away = time.time() - t_stop
+            lasts = []
+            for pts in (0.0, 1.0):                                                       # the client's own 0 again
+                await ws.send(json.dumps({"type": "frame", "pts": pts}))
+                await ws.send(_png(rgb))
+                while (m := json.loads(await ws.recv()))["type"] != "ingested":
+                    pass
+                lasts.append(m["last_pts"])
+            await ws.send(json.dumps({"type": "stop"}))
+            while json.loads(await ws.recv())["type"] != "stopped":
+                pass
+        return sid, back, away, lasts
+
+    sid, back, away, lasts = asyncio.run(session())
+    assert back["code"] == "E_INVALID_REQUEST" and "after 4 s" in back["message"] and "got 3.5" in back["message"]
+    assert 4.0 + 3.0 <= lasts[0] <= 4.0 + away + 0.5 and lasts[1] == lasts[0] + 1.0, (lasts, away)
+    with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+        assert d["gaps"] == [[4.0, lasts[0]]] and d["frames"] == 6, d
+        assert d["dropped_why"] == {"bad frame": 1}, d
+        a = c.post(f"/v1/streams/{sid}/questions", json={"question": QUESTIONS[1], "max_tokens": 2}).json()
+        assert a["frames"] == 6 and a["gaps"] == [[1.0, 3.0], [4.0, lasts[0]]], a
+        a = c.post(f"/v1/streams/{sid}/questions", json={"question": QUESTIONS[1], "max_tokens": 2,
+                                                          "window": [0.0, 3.5]}).json()
+        assert a["frames"] == 3 and a["gaps"] == [[1.0, 3.0]], a
+        r = c.delete(f"/v1/streams/{sid}", params={"purge": "on"})       # a destructive flag: true or false only
+        assert r.status_code == 422 and "expected purge=true or purge=false, got purge='on'" in r.text, r.text
+        assert c.get(f"/v1/streams/{sid}").json()["frames"] == 6
+        assert c.delete(f"/v1/streams/{sid}", params={"purge": "true"}).json()["purged"] is True
+
+
+def test_a_byte_stream_ffmpeg_cannot_read_is_told_on_the_socket_and_kept_as_the_streams_error(service, media):
+    """format mp4 with a plain (not fragmented) MP4's first bytes, then garbage: FFmpeg says it cannot read
+    them only at the end; the socket is told E_NOT_A_VIDEO before `stopped` and the record keeps it as
+    `last_error` (there was no message at all, and last_error null)."""
+    import asyncio
+    import websockets
+    head = (media / "scene.mp4").read_bytes()[:4000]
+
+    async def run():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "mp4"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            await ws.send(head)
+            await ws.send(b"garbage" * 1000)
+            await ws.send(json.dumps({"type": "stop"}))
+            got = []
+            while (m := json.loads(await ws.recv()))["type"] != "stopped":
+                got.append(m)
+            return sid, got, m
+
+    sid, got, stopped = asyncio.run(run())
+    errors = [m for m in got if m["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["code"] == "E_NOT_A_VIDEO", got
+    assert "expected a WebM or fragmented MP4 byte stream" in errors[0]["message"], errors
+    assert stopped["frames"] == 0
+    with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+        assert d["last_error"] == {"code": errors[0]["code"], "message": errors[0]["message"]}, d
+        c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
 
 
 def test_websocket_webm_byte_stream(service):
