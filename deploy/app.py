@@ -578,7 +578,7 @@ class RayBackend:
             kept = frames_kept(frames)
             code = "E_CACHE_UNAVAILABLE" if redis_gone else "E_INTERRUPTED"
             if not started:
-                message = f"expected the job to start on a decoder, got {type(e).__name__}: {str(e)[:160]}; upload again"
+                message = f"expected the job to start on a decoder, got {type(e).__name__}: {str(e)[:160]}; send the file again"
             elif redis_gone:
                 message = (
                     f"expected Redis to stay reachable while the job ran, got it lost at "

@@ -325,9 +325,14 @@ def build_api() -> FastAPI:
         return error_response(e)
 
     @api.exception_handler(RequestValidationError)
-    async def _invalid(_req: Request, e: RequestValidationError):
+    async def _invalid(req: Request, e: RequestValidationError):
         errs = e.errors()
         first = errs[0] if errs else {}
+        ctype = req.headers.get("content-type", "")
+        if tuple(first.get("loc", ())) == ("body",) and "json" not in ctype.split(";")[0].lower():
+            # the whole body refused and not sent as JSON: FastAPI did not read it as JSON at all
+            return error_response(InvalidRequest(f"expected a JSON body (Content-Type: application/json), got "
+                                                 f"{'Content-Type ' + ctype[:80] if ctype else 'no Content-Type'}"))
         if first.get("type") == "json_invalid":
             pos = first.get("loc", ("body", "?"))[-1]
             return error_response(InvalidRequest(f"expected a JSON body, got invalid JSON (error at position {pos})"))
@@ -1552,16 +1557,17 @@ class _LiveSession:
 
     def _consume(self, loop) -> None:
         """Thread: frames the PushSource demuxed -> the Encoder, one at a time (its queue is bounded)."""
-        for f in self.push:
-            fut = asyncio.run_coroutine_threadsafe(self._encode_now(f.rgb, f.pts + self.offset), loop)
+        for f in self.push:                            # (its arrival: the stream's lag_s, as a JPEG socket's)
+            fut = asyncio.run_coroutine_threadsafe(
+                self._encode_now(f.rgb, f.pts + self.offset, self.push.yielded_arrival), loop)
             try:
                 fut.result()
             except Exception:                          # noqa: BLE001 - reported on the socket already
                 pass
 
-    async def _encode_now(self, rgb, pts: float) -> None:
+    async def _encode_now(self, rgb, pts: float, t_arrive: float | None = None) -> None:
         self.busy = True
-        await self.encode(rgb, pts)
+        await self.encode(rgb, pts, t_arrive)
 
     async def on_frame(self, data: bytes) -> None:
         if not self.writer:
@@ -1790,6 +1796,12 @@ class _LiveSession:
                 try:
                     req = await _video_question(b, await asyncio.to_thread(b.store.get, self.sid), req_of)
                 except NotFound:                       # neither (deleted meanwhile): the ring says what is left
+                    from frame_cache import StreamNotFound
+                    try:
+                        await asyncio.to_thread(b.cache.stream_info, self.sid)
+                    except StreamNotFound:             # purged: told as the HTTP routes tell an unknown id
+                        raise NotFound(f"expected a stream or video to ask about, got {self.sid!r} deleted "
+                                       "since this socket attached") from None
                     req = req_of([])
             agen = self.events(b, req, "socket")     # admitted and measured as the HTTP routes' questions
             try:

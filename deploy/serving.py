@@ -686,8 +686,8 @@ def stored_frames(cache, sid: str, known: int) -> int:
 
 def frames_kept(frames: int) -> str:
     """What a failed job's message says of its frames."""
-    return f"the {frames} frames stored stay, upload again to ingest the rest" if frames else \
-        "no frame was stored; upload again"
+    return f"the {frames} frames stored stay and can be asked about; send the file again (a new video, ingested " \
+        "from its start) for the rest" if frames else "no frame was stored; send the file again"
 
 
 def _shown_name(job: FileJob) -> str:

@@ -832,7 +832,7 @@ class _TimeSampler:
 class _Progress:
     """A tqdm bar in seconds of video, or nothing."""
 
-    def __init__(self, enabled: bool, start: float, stop: float | None):
+    def __init__(self, enabled: bool | str, start: float, stop: float | None):
         self._bar = None
         self._start, self._done = start, 0.0
         if enabled and stop is not None and stop - start > _PROGRESS_MIN_DURATION_S:
@@ -841,7 +841,7 @@ class _Progress:
             self._bar = tqdm(
                 total=round(stop - start, 1),
                 unit="s",
-                desc="decoding video",
+                desc=enabled if isinstance(enabled, str) else "decoding video",
                 file=sys.stderr,
                 dynamic_ncols=True,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]",
@@ -875,7 +875,9 @@ class VideoSource:
         start: first presentation time (seconds) of the window; seeks there.
         end: exclusive end (seconds) of the window; ``None`` means to the end.
         progress: show a tqdm bar on stderr (seconds of video decoded) when
-            the window is known to be longer than 60 s.
+            the window is known to be longer than 60 s; a string is the bar's label
+            (default "decoding video"; `stream.ingest` says "ingesting video", as the
+            frames are encoded between reads).
         resize_to: if given, each sampled video frame is squashed to
             ``resize_to x resize_to`` as soon as it is decoded (after being put
             upright), with the very nearest-neighbour resize of
@@ -912,7 +914,7 @@ class VideoSource:
         fps: float | None = 1.0,
         start: float | None = None,
         end: float | None = None,
-        progress: bool = False,
+        progress: bool | str = False,
         resize_to: int | None = None,
     ):
         self._container: av.container.InputContainer | None = None
@@ -922,7 +924,7 @@ class VideoSource:
         if not isinstance(self.path, str):
             raise BadArgument(f"expected a file path as str, got {type(self.path).__name__}")
         self.fps, self.start, self.end = _check_window(fps, start, end)
-        self.progress = bool(progress)
+        self.progress = progress if isinstance(progress, str) and progress else bool(progress)
         self.resize_to = _check_resize_to(resize_to)
         container = _open_container(self.path)  # checks the path first
         try:

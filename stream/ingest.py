@@ -103,7 +103,8 @@ def ingest_video(model, path, cache: FrameCache, stream_id: str, *, fps: float |
     from frame_cache.retention import Retention, RetentionRunner
     retain = Retention.parse(retain)
     start, end = window if window is not None else (None, None)
-    src = VideoSource(path, fps=fps, start=start, end=end, progress=progress, **_resize_kw(model))
+    src = VideoSource(path, fps=fps, start=start, end=end, progress=progress and "ingesting video",
+                      **_resize_kw(model))
     prep = model.preprocess
     if capacity is None:
         capacity, on_full = MAX_CAPACITY, on_full or "error"

@@ -110,6 +110,10 @@ _PTS_JUMP_S = 5.0
 #: (see `RtspSource._held_back`), not a sign that the camera is live.
 _HELD_BACK_SILENCE_S = 1.0
 
+#: The most a new connection's first frame is taken before it arrives (FFmpeg buffers while it probes
+#: the stream): a silence of `elapsed` s between connections is at least `elapsed` minus this in stream time.
+_REOPEN_LAG_S = 1.0
+
 #: Step used for a pushed stream's frame without any timestamp.
 _FALLBACK_STEP_S = 1 / 25
 
@@ -252,7 +256,10 @@ class _StreamClock:
     since the very first frame (``now - wall0``; an RTSP session starts with a burst of
     frames buffered while FFmpeg probed it, so stream time runs ahead of that by about one
     burst, and re-anchoring here keeps that lead from growing at every reconnect), never
-    before the previous frame.  Within a connection the source's timestamps are followed
+    before the previous frame plus the wall-clock silence since it (less `_REOPEN_LAG_S`, the
+    time a first frame may wait in FFmpeg's probe), so that a lead longer than an outage does
+    not swallow it: such a reconnect shortens the lead by that second instead of dropping
+    it.  Within a connection the source's timestamps are followed
     unless one is missing (the wall clock fills in) or jumps: backwards, more than
     ``_PTS_JUMP_S`` away from the wall-clock time elapsed since the previous frame, or,
     after a stall of ``stall_s`` or more, more than a second short of it (a camera that
@@ -295,7 +302,10 @@ class _StreamClock:
                 by_wall = self.last_t + elapsed
             if self.offset is None:  # the first frame of a new connection / stream
                 if self.wall_check:
-                    t = max(now - self.wall0, self.last_t)
+                    # by the wall clock since the very first frame (dropping the lead an opening burst gave),
+                    # but an outage stays one: with a lead longer than the silence, the first frame was
+                    # put at the last one's time and a camera outage vanished from `gaps`
+                    t = max(now - self.wall0, self.last_t + max(elapsed - _REOPEN_LAG_S, 0.0))
                 else:
                     t = self.last_t + max(elapsed, _FALLBACK_STEP_S)
                 if src_t is not None:
@@ -354,6 +364,8 @@ class _LiveSource:
         self._stall_after_s = stall_after_s
         self._cond = threading.Condition(threading.RLock())
         self._queue: collections.deque[tuple[float, np.ndarray, float]] = collections.deque()
+        #: `clock` time at which the frame iteration yielded last arrived (was queued): its consumer's lag
+        self.yielded_arrival: float | None = None
         self._sampler = _Sampler(self.fps)
         self._sclock = _StreamClock(wall_check=True, stall_s=stall_after_s)
         self._status = "connecting"
@@ -504,7 +516,7 @@ class _LiveSource:
                         self._cond.wait(_POLL_S)
                     if self._stopped or not self._queue:
                         return
-                    pts, rgb, _ = self._queue.popleft()
+                    pts, rgb, self.yielded_arrival = self._queue.popleft()
                     frame = Frame(index=self._index, pts=pts, rgb=rgb)
                     self._index += 1
                     self._frames += 1

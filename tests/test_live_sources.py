@@ -1175,3 +1175,27 @@ def test_metrics_show_a_stream_as_get_does(redis_url):
         assert "lms_stream_lag_seconds" not in g and g["lms_stream_frames_dropped"] == 2, g
     finally:
         live.delete(sid)
+
+
+def test_a_reconnect_after_an_opening_burst_keeps_the_outage_in_stream_time():
+    """A session's opening burst puts stream time ahead of the wall clock (here by 3.2 s: frames 0-4 s of
+    camera time arrive within 0.8 s). A new connection's first frame was placed at the wall-clock time since
+    the first frame, never before the previous frame: after a 2 s silence that is 4.0, the previous frame's
+    time, and the outage vanished from `gaps` (the service test of a camera killed and restarted at once
+    failed so under load). It is now at least the silence less `_REOPEN_LAG_S` later."""
+    from stream.live import _REOPEN_LAG_S, _StreamClock
+    clock = _StreamClock(wall_check=True)
+    assert clock.time(0.0, 100.0) == 0.0
+    for i, src_t in enumerate((1.0, 2.0, 3.0, 4.0), 1):
+        assert clock.time(src_t, 100.0 + 0.2 * i) == src_t
+    clock.new_source()
+    t = clock.time(0.0, 102.8)                         # 2 s after the previous frame's arrival
+    assert t == pytest.approx(4.0 + 2.0 - _REOPEN_LAG_S), t
+    assert clock.time(1.0, 103.8) == pytest.approx(t + 1.0)
+    clock.new_source()                                 # each reconnect shortens the lead by _REOPEN_LAG_S
+    assert clock.time(0.0, 160.0) == pytest.approx(t + 1.0 + (160.0 - 103.8) - _REOPEN_LAG_S)
+    for _ in range(3):                                 # until the wall clock since the first frame rules
+        clock.new_source()
+        last = clock.last_t
+        clock.time(0.0, 200.0 + 10 * _)
+    assert clock.last_t == pytest.approx(220.0 - 100.0) and clock.last_t > last

@@ -317,7 +317,8 @@ def test_the_ingress_replica_answers_without_loading_torch(service, uploaded):
 
 def test_unknown_routes_and_methods_are_named_in_the_error(service):
     """A path no route has, or a method a route does not take, is told with the request's own method and
-    path (it was "expected a route of this API, got Not Found"), a 405 with the methods it takes."""
+    path (it was "expected a route of this API, got Not Found"), a 405 with the methods it takes. A JSON
+    body sent as text/plain is told so (it was "expected body: Field required, got nothing")."""
     with service.client() as c:
         r = c.get("/v1/nope/x")
         assert r.status_code == 404 and r.json()["error"] == {
@@ -327,6 +328,10 @@ def test_unknown_routes_and_methods_are_named_in_the_error(service):
         assert r.json()["error"]["message"].startswith("expected a route of this API, got PUT /v1/videos (Method "
                                                        "Not Allowed; it takes "), r.text
         assert "POST" in r.headers["allow"] and "POST" in r.json()["error"]["message"], (r.headers, r.text)
+        r = c.post("/v1/videos/vid-x/questions", content=json.dumps({"question": "q"}),
+                   headers={"content-type": "text/plain"})              # JSON, not labelled so: FastAPI reads none
+        assert r.status_code == 422 and r.json()["error"] == {"code": "E_INVALID_REQUEST", "message":
+            "expected a JSON body (Content-Type: application/json), got Content-Type text/plain"}, r.text
 
 
 def test_delete_frees_the_frames(service, media):
@@ -1114,6 +1119,36 @@ def test_a_byte_stream_ffmpeg_cannot_read_is_told_on_the_socket_and_kept_as_the_
         c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
 
 
+def test_asking_on_a_socket_attached_to_a_purged_stream_is_not_found_as_over_http(service):
+    """The stream a socket attached to is purged; its next ask is E_NOT_FOUND saying so, as the HTTP routes
+    answer an unknown id (it was the library's E_STREAM_NOT_FOUND)."""
+    import asyncio
+    import websockets
+    rgb = np.full((64, 64, 3), 60, np.uint8)
+
+    async def run():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            await _push_frames(ws, [(0.0, rgb)])
+            await ws.send(json.dumps({"type": "stop"}))
+            while json.loads(await ws.recv())["type"] != "stopped":
+                pass
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "attach", "stream_id": sid}))
+            assert json.loads(await ws.recv())["type"] == "attached"
+            with service.client() as c:
+                assert c.delete(f"/v1/streams/{sid}", params={"purge": "true"}).status_code == 200
+            await ws.send(json.dumps({"type": "ask", "id": "q1", "question": QUESTIONS[1], "max_tokens": 2}))
+            while (m := json.loads(await ws.recv()))["type"] != "error":
+                pass
+            return sid, m
+
+    sid, m = asyncio.run(run())
+    assert m["id"] == "q1" and m["code"] == "E_NOT_FOUND", m
+    assert m["message"] == f"expected a stream or video to ask about, got {sid!r} deleted since this socket attached"
+
+
 def test_websocket_webm_byte_stream(service):
     """format webm: MediaRecorder-style chunks of one VP8 WebM stream, demuxed as they come. Frames
     sampled out by fps are told on the socket as "over fps", as a JPEG socket's (they were not told at
@@ -1143,6 +1178,7 @@ def test_websocket_webm_byte_stream(service):
     with service.client() as c:
         d = c.get(f"/v1/streams/{sid}").json()
         assert d["dropped"] == 0 and d["dropped_why"] == {} and d["skipped_by_fps"] == 36, d
+        assert d["status"] == "stopped" and d["lag_s"] is not None and 0 <= d["lag_s"] < 60, d   # was null
         ans = c.post(f"/v1/streams/{sid}/questions", json={"question": "what is in the video ?", "max_tokens": 4})
         assert ans.json()["frames"] == 4 and ans.json()["time_span"] == [0.0, 3.0]
 
