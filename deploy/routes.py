@@ -48,6 +48,7 @@ from .serving import (
     WatchStore,
     carried_counts,
     continued_timeline,
+    merge_gaps,
     check_allowed,
     check_regular_file,
     decode_image,
@@ -331,8 +332,10 @@ def build_api() -> FastAPI:
         ctype = req.headers.get("content-type", "")
         if tuple(first.get("loc", ())) == ("body",) and "json" not in ctype.split(";")[0].lower():
             # the whole body refused and not sent as JSON: FastAPI did not read it as JSON at all
-            return error_response(InvalidRequest(f"expected a JSON body (Content-Type: application/json), got "
-                                                 f"{'Content-Type ' + ctype[:80] if ctype else 'no Content-Type'}"))
+            empty = req.headers.get("content-length", "0" if "transfer-encoding" not in req.headers else "") == "0"
+            got = "an empty body" if empty and not ctype else \
+                f"{'Content-Type ' + ctype[:80] if ctype else 'a body with no Content-Type'}"
+            return error_response(InvalidRequest(f"expected a JSON body (Content-Type: application/json), got {got}"))
         if first.get("type") == "json_invalid":
             pos = first.get("loc", ("body", "?"))[-1]
             return error_response(InvalidRequest(f"expected a JSON body, got invalid JSON (error at position {pos})"))
@@ -621,8 +624,8 @@ def build_api() -> FastAPI:
     async def ask_stream(sid: str, q: Question, b: Backend = Depends(auth)):
         _check_id(sid, "stream")
         d = await _record(b, "stream", sid, "POST /v1/videos/{id}/questions")
-        req = _stream_req(d, _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens,
-                                           d.get("gaps") or [], q.choices))
+        req = _question_req(b, sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, d.get("gaps") or [],
+                            q.choices)
         if q.stream:
             return await _sse(b, req, _sse_events)
         return await _json_answer(b, req)
@@ -674,8 +677,8 @@ def build_api() -> FastAPI:
             raise InvalidRequest(f"expected no question, or the watch's own ({w['question']!r}: a watch answers only "
                                  f"the question fused at ingest), got {q.question!r}")
         d = await asyncio.to_thread(_live(b).get, sid)
-        req = _stream_req(d, _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens,
-                                           d.get("gaps") or [], q.choices))
+        req = _question_req(b, sid, w["question"], q.window, q.last_s, "exact", q.max_tokens, d.get("gaps") or [],
+                            q.choices)
         req["watch"] = wid
         if q.stream:
             return await _sse(b, req, _sse_events)
@@ -804,7 +807,7 @@ def build_api() -> FastAPI:
             req = await _video_question(b, await _record(b, "video", sid, "lms://streams/{id}"), req_of)
         else:                                # a live stream: its outage gaps, as its questions route says
             d = await _record(b, "stream", sid, "lms://videos/{id}")
-            req = _stream_req(d, req_of(d.get("gaps") or []))
+            req = req_of(d.get("gaps") or [])
         req["sampling"] = sampling
         model = info["model"]
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -956,16 +959,6 @@ def _status_error(ev: dict) -> LmsError:
     e = LmsError(ev["message"], code=ev["code"])
     e.http_status = int(ev.get("status", 500))
     return e
-
-
-def _stream_req(d: dict, req: dict) -> dict:
-    """A live stream's question request: with the stream's fps, so that frames missing between the stored
-    ones (shed under load, lost in an outage) are gaps of the answer (`serving.spacing_gaps`)."""
-    try:
-        fps = float(d.get("fps") or 0)
-    except (TypeError, ValueError):
-        fps = 0.0
-    return {**req, "fps": fps} if fps > 0 and math.isfinite(fps) else req
 
 
 def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps, choices=None) -> dict:
@@ -1389,6 +1382,12 @@ class _LiveSession:
         self.closed = False
         self.push = None                               # PushSource for webm/mp4 byte streams
         self.push_told: dict | None = None             # its last_error as last told on the socket
+        self.error_set = False                         # this socket set the record's last_error (cleared by a frame)
+        self.gaps_base: list = []                      # the stream's gaps when this socket started (+ its outage)
+        self.gaps: list = []                           # ... and those of this socket: what the record holds
+        self.loss_gaps: list = []                      # spans where this socket lost frames it had to store
+        self.last_stored: float | None = None          # pts of the stream's newest stored frame
+        self.lost: list[float] = []                    # pts of frames lost since then (shed, undecodable)
         self.consumer = None
         self.close_task: asyncio.Task | None = None    # a delete's close of the socket
 
@@ -1524,9 +1523,13 @@ class _LiveSession:
         # a continued stream's time goes on with the wall clock, as a camera's after a restart: this socket's
         # times (arrival times, a byte stream's, `frame` pts) count from its start, placed after the stream's
         # newest frame by the time no socket fed it; that outage is one of the stream's gaps
-        self.offset, outage = continued_timeline(info.newest_pts, before.get("last_wall"), self.fps)
+        self.offset, outage = continued_timeline(info.newest_pts, before.get("newest_wall") or before.get("last_wall"),
+                                                 self.fps)
+        self.gaps_base = merge_gaps([*(before.get("gaps") or []), *([outage] if outage else [])])
+        self.gaps = list(self.gaps_base)
+        self.last_stored = info.newest_pts
         if outage is not None:
-            await asyncio.to_thread(live.update, sid, gaps=[*(before.get("gaps") or []), outage])
+            await asyncio.to_thread(live.update, sid, gaps=self.gaps)
         self.sid, self.writer = sid, True
         _WRITERS[sid] = self                           # an older writer of the stream (fenced now) is not told
         self.sampler = FrameSampler(self.fps)
@@ -1589,7 +1592,7 @@ class _LiveSession:
         if self.sampler.last is not None and pts + self.offset <= self.sampler.last:   # time went back
             self.dropped["bad frame"] += 1
             await self.error(InvalidRequest(f"expected frame pts after {self.sampler.last - self.offset:g} s (the "
-                                            f"previous frame's), got {pts:g}"))
+                                            f"last frame kept), got {pts:g}"))
             return await self.note_drop("bad frame")
         pts += self.offset
         if not self.sampler.want(pts):
@@ -1597,11 +1600,13 @@ class _LiveSession:
             return await self.note_drop("over fps")
         if self.busy and len(self.queue) >= LIVE_QUEUE_FRAMES:   # shed load: never queue without bound
             self.dropped["encoder busy"] += 1
+            self.lost.append(pts)
             return await self.note_drop("encoder busy")
         try:
             rgb = await asyncio.to_thread(decode_image, data, self.size)
         except LmsError as e:
             self.dropped["bad frame"] += 1
+            self.lost.append(pts)
             await self.error(e)                        # why it was shed, then counted with the other shed frames
             return await self.note_drop("bad frame")
         if self.busy:                                   # the Encoder has the previous frames: wait in line
@@ -1631,10 +1636,11 @@ class _LiveSession:
         if not err or err == self.push_told:
             return
         self.push_told = err
-        await self.send({"type": "error", **err})
+        await self.send({"type": "error", **client_error_dict(err)})
         if self._owns():
             try:
                 await asyncio.to_thread(self.b.live.update, self.sid, last_error=err)
+                self.error_set = True
             except LmsError:
                 pass
 
@@ -1721,19 +1727,47 @@ class _LiveSession:
                 err = res["error"]
                 if err.get("code") == StaleWriter.code:
                     self._fenced()
+                else:
+                    self.lost += [f[1] for f in frames]        # not stored: a span of the stream without frames
                 await self.send({"type": "error", **client_error_dict(err)})
                 return
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])
+            self._close_loss(frames[0][1])
+            self.last_stored = pts
             lag = {"lag_s": round(time.monotonic() - t_arrive, 3)} if t_arrive is not None else {}
+            cleared = {}
+            if self.error_set:                     # frames flow again: the byte stream's error is history
+                cleared, self.error_set = {"last_error": None, "previous_error": self.push_told}, False
             if self.writer:                        # not once fenced or told of a delete: the record is another's
                 await asyncio.to_thread(self.b.live.update, self.sid, frames=self.seq, last_pts=pts,
-                                        **self.record_counts(), **lag)
+                                        **self.record_counts(), **lag, **cleared, **self._gaps_update())
             await self.send({"type": "ingested", "frames": self.frames, "last_pts": pts})
         except LmsError as e:
             if isinstance(e, StaleWriter):
                 self._fenced()
             await self.error(e)
+
+    def _close_loss(self, upto: float | None) -> None:
+        """Frames were lost since the newest stored one: the span from it (or the first lost frame) to `upto`,
+        the next stored frame's pts (None at the end: to the last lost frame, one sampling period on), is
+        one of the stream's gaps."""
+        if not self.lost:
+            return
+        start = self.last_stored if self.last_stored is not None else min(self.lost)
+        end = upto if upto is not None else max(self.lost) + 1.0 / self.fps
+        self.loss_gaps = merge_gaps([*self.loss_gaps, [start, max(end, start)]])
+        self.lost = []
+
+    def _gaps_update(self) -> dict:
+        """{"gaps": ...} for the record when this socket's losses or its byte stream's gaps (queue full,
+        damage: `PushSource.gaps`, in its own time) changed them, else {}."""
+        pushed = [[a + self.offset, b + self.offset] for a, b in self.push.gaps] if self.push is not None else []
+        gaps = merge_gaps([*self.gaps_base, *self.loss_gaps, *pushed])
+        if gaps == self.gaps:
+            return {}
+        self.gaps = gaps
+        return {"gaps": gaps}
 
     def _fenced(self) -> None:
         """Another socket (or a DELETE) took the stream over: this one writes nothing of it from now on, its
@@ -1791,7 +1825,7 @@ class _LiveSession:
                                      q.choices)
             try:
                 d = await asyncio.to_thread(b.live.get, self.sid)
-                req = _stream_req(d, req_of(d.get("gaps") or []))
+                req = req_of(d.get("gaps") or [])
             except NotFound:                           # attached to a video: answered as its HTTP route answers
                 try:
                     req = await _video_question(b, await asyncio.to_thread(b.store.get, self.sid), req_of)
@@ -1842,9 +1876,12 @@ class _LiveSession:
         self.close_task = asyncio.create_task(close())     # kept (not in `tasks`: release() must not cancel it)
 
     async def _mark_stopped(self) -> None:
-        """The stream's record: stopped, with its counts (`record_counts`; a record already gone stays gone)."""
+        """The stream's record: stopped, with its counts (`record_counts`) and gaps (frames lost at the end
+        too); a record already gone stays gone."""
+        self._close_loss(None)
         try:
-            await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts())
+            await asyncio.to_thread(self.b.live.update, self.sid, status="stopped", **self.record_counts(),
+                                    **self._gaps_update())
         except LmsError:
             pass
 

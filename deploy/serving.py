@@ -421,10 +421,9 @@ class AnswerCore:
 
     def answer(self, stream_id: str, question: str, *, window=None, last_s=None, policy: str = "exact",
                max_tokens: int = 64, gaps=(), sampling: dict | None = None, watch: str | None = None,
-               choices: list[str] | None = None, fps: float | None = None) -> Iterator[dict]:
+               choices: list[str] | None = None) -> Iterator[dict]:
         """Events: {"type": "token", "text", "token_id"} ... {"type": "answer", **answer fields}.
-        `gaps`: the stream's recorded outages; `fps`: a live stream's sampling rate, with which frames missing
-        between the stored ones (shed under load, a camera's lost seconds) are gaps of the answer too."""
+        `gaps`: the stream's recorded ones (outages, frames shed or lost, decode damage)."""
         t0 = time.perf_counter()
         if watch is not None:
             src = self.watch_source(stream_id, watch, question, window, last_s)
@@ -433,8 +432,6 @@ class AnswerCore:
             src = self.window(stream_id, window, last_s)
         lo, hi = src.time_span
         inside = [list(g) for g in gaps if (g[1] is None or g[1] >= lo) and (g[0] is None or g[0] <= hi)]
-        if fps:
-            inside += spacing_gaps(src.pts, fps)
         first = None
         for kind, *rest in self.model.stream_answer(src, question, max_new_tokens=max_tokens, policy=policy,
                                                     extra_gaps=inside, choices=choices, **(sampling or {})):
@@ -460,16 +457,6 @@ def answer_fields(a) -> dict:
             "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason,
             **({"choices": a.choices} if a.choices is not None else {}),
             **({"unknown_words": list(a.unknown_words)} if a.unknown_words else {})}
-
-
-def spacing_gaps(pts, fps: float) -> list:
-    """Spans between consecutive stored frames more than 1.5 frame periods apart, `[pts_i, pts_i+1]`: the
-    frames of a stream sampled at `fps` that were never stored (shed under load, lost to an outage)."""
-    p = np.asarray(pts, dtype=np.float64).reshape(-1)
-    if p.size < 2:
-        return []
-    far = np.nonzero(np.diff(p) > 1.5 / float(fps))[0]
-    return [[float(p[i]), float(p[i + 1])] for i in far]
 
 
 def merge_gaps(gaps: list) -> list:
@@ -829,12 +816,15 @@ class LiveStore(JobStore):
     def update(self, rid: str, **fields) -> bool:
         """As `JobStore.update`, and keeps ``last_wall`` for writers that do not give it (a socket's): an
         update that reports a stored frame (``last_pts``) stamps it now, one that makes a stream connecting
-        or live without a frame (a socket's start) clears it, as nothing is stored from that source yet."""
+        or live without a frame (a socket's start) clears it, as nothing is stored from that source yet.
+        ``newest_wall`` is the same time of the newest stored frame, never cleared (`continued_timeline`)."""
         if "last_wall" not in fields:
             if fields.get("last_pts") is not None:
                 fields["last_wall"] = time.time()
             elif fields.get("status") in ("connecting", "live") and "last_pts" not in fields:
                 fields["last_wall"] = None
+        if fields.get("last_pts") is not None and fields.get("last_wall") and "newest_wall" not in fields:
+            fields["newest_wall"] = fields["last_wall"]   # never cleared: where a continued stream's time goes on
         return super().update(rid, **fields)
 
 
@@ -937,7 +927,7 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     info = cache.stream_info(sid)
     before = live.get(sid)
     carried = [list(g) for g in before.get("gaps") or []]     # outages of earlier sources of this stream
-    offset, outage = continued_timeline(info.newest_pts, before.get("last_wall"), fps)
+    offset, outage = continued_timeline(info.newest_pts, before.get("newest_wall") or before.get("last_wall"), fps)
     if outage is not None:                               # a resumed stream (service restart, actor moved)
         carried.append(outage)                          # no source ran: the outage is a gap
     # the record's last_error (an actor restart's E_UNAVAILABLE, the camera's error before a service restart)

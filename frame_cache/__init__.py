@@ -45,7 +45,6 @@ __all__ = [
     "RecordFormatError",
     "RECORD_MAGIC",
     "RECORD_VERSION",
-    "SUPPORTED_DTYPES",
     "DTYPE_ITEMSIZE",
     "MAX_HEADER_BYTES",
     "encode_record",

@@ -53,7 +53,6 @@ from lmcore.errors import BadArgument, RecordFormatError
 __all__ = [
     "RECORD_MAGIC",
     "RECORD_VERSION",
-    "SUPPORTED_DTYPES",
     "DTYPE_ITEMSIZE",
     "MAX_HEADER_BYTES",
     "FrameRecord",

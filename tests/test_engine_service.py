@@ -134,14 +134,11 @@ def test_file_jobs_take_decoders_in_the_order_they_asked(monkeypatch):
     assert asyncio.run(scenario()) == ["A:d1", "B:d2", "C:d3", "D:d4"]
 
 
-def test_answer_gaps_of_a_live_stream_and_where_a_continued_stream_starts():
-    """`spacing_gaps`: spans between stored frames over 1.5 sampling periods apart; `merge_gaps`: one gap
-    for those that overlap or touch (answers listed [[103, 128], [128, 129]]); `continued_timeline`: a new
-    source of a stream starts after its newest frame by the time nothing fed it, the outage a gap."""
-    from deploy.serving import continued_timeline, merge_gaps, spacing_gaps
-    assert spacing_gaps([0.0, 1.0, 2.0, 4.0, 5.0, 9.0], 1.0) == [[2.0, 4.0], [5.0, 9.0]]
-    assert spacing_gaps(torch.tensor([0.0, 0.5, 1.0, 1.8], dtype=torch.float64), 2.0) == [[1.0, 1.8]]
-    assert spacing_gaps([0.0, 1.4], 1.0) == [] and spacing_gaps([3.0], 1.0) == [] and spacing_gaps([], 1.0) == []
+def test_answer_gaps_merge_and_where_a_continued_stream_starts():
+    """`merge_gaps`: one gap for those that overlap or touch (answers listed [[103, 128], [128, 129]]);
+    `continued_timeline`: a new source of a stream starts after its newest frame by the time nothing fed
+    it, the outage a gap."""
+    from deploy.serving import continued_timeline, merge_gaps
     assert merge_gaps([[128.0, 129.0], [103.0, 128.0]]) == [[103.0, 129.0]]
     assert merge_gaps([[5.0, 6.0], [None, 2.0], [1.0, 3.0], [10.0, None], [12.0, 13.0]]) == [
         [None, 3.0], [5.0, 6.0], [10.0, None]]

@@ -1032,9 +1032,10 @@ def test_a_continued_stream_goes_on_with_the_wall_clock_and_answers_name_its_mis
     """A socket that continues a stream after an outage puts its time 0 after the stream's newest frame by
     the time no socket fed it (it was newest + one period: a 3 s outage vanished, and the client's next
     frames were told apart from the old by 1 s only), and the outage is one of the stream's gaps. A frame
-    missing between stored ones (pts 2 never sent) is a gap of the answer (answers said `gaps: []`), and
-    gaps that touch are given as one. A pts that goes back is refused as a bad frame saying both times
-    (it was counted "over fps")."""
+    the socket had to store and lost (pts 2 does not decode) is a gap of the stream and of its answers
+    (they said `gaps: []`). A pts that goes back is refused as a bad frame saying both times (it was
+    counted "over fps"). Frames the client never sent are no gap: the service cannot know of them. A
+    socket that continues the stream and stores nothing does not hide the outage after it."""
     import asyncio
     import websockets
     rgb = np.full((64, 64, 3), 120, np.uint8)
@@ -1043,7 +1044,10 @@ def test_a_continued_stream_goes_on_with_the_wall_clock_and_answers_name_its_mis
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
             await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
             sid = json.loads(await ws.recv())["stream_id"]
-            await _push_frames(ws, [(0.0, rgb), (1.0, rgb), (3.0, rgb), (4.0, rgb)])    # no frame at 2
+            await _push_frames(ws, [(0.0, rgb), (1.0, rgb)])
+            await ws.send(json.dumps({"type": "frame", "pts": 2.0}))                    # lost: not an image
+            await ws.send(b"not an image")
+            await _push_frames(ws, [(3.0, rgb), (4.0, rgb)])
             await ws.send(json.dumps({"type": "frame", "pts": 3.5}))                    # back in time
             await ws.send(_png(rgb))
             while (m := json.loads(await ws.recv()))["type"] != "error":
@@ -1053,7 +1057,10 @@ def test_a_continued_stream_goes_on_with_the_wall_clock_and_answers_name_its_mis
             while json.loads(await ws.recv())["type"] != "stopped":
                 pass
         t_stop = time.time()
-        await asyncio.sleep(3.0)                                                         # the outage
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:   # a reconnect that stores nothing
+            await ws.send(json.dumps({"type": "start", "stream_id": sid, "fps": 1, "format": "png"}))
+            assert json.loads(await ws.recv())["type"] == "started"             # (it cleared last_wall: the
+        await asyncio.sleep(3.0)                                                # outage after it was lost)
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
             await ws.send(json.dumps({"type": "start", "stream_id": sid, "fps": 1, "format": "png"}))
             assert json.loads(await ws.recv())["type"] == "started"
@@ -1075,8 +1082,8 @@ def test_a_continued_stream_goes_on_with_the_wall_clock_and_answers_name_its_mis
     assert 4.0 + 3.0 <= lasts[0] <= 4.0 + away + 0.5 and lasts[1] == lasts[0] + 1.0, (lasts, away)
     with service.client() as c:
         d = c.get(f"/v1/streams/{sid}").json()
-        assert d["gaps"] == [[4.0, lasts[0]]] and d["frames"] == 6, d
-        assert d["dropped_why"] == {"bad frame": 1}, d
+        assert d["gaps"] == [[1.0, 3.0], [4.0, lasts[0]]] and d["frames"] == 6, d
+        assert d["dropped_why"] == {"bad frame": 2}, d
         a = c.post(f"/v1/streams/{sid}/questions", json={"question": QUESTIONS[1], "max_tokens": 2}).json()
         assert a["frames"] == 6 and a["gaps"] == [[1.0, 3.0], [4.0, lasts[0]]], a
         a = c.post(f"/v1/streams/{sid}/questions", json={"question": QUESTIONS[1], "max_tokens": 2,
