@@ -618,6 +618,8 @@ def build_api() -> FastAPI:
             await asyncio.to_thread(_drop_stream, b, sid)
         if writer is not None:
             await writer.stream_deleted(purge)
+        for reader in _attached_to(sid):              # sockets attached to it (read only) are told too
+            reader.stream_deleted_attached(purge)
         return {"id": sid, "status": "stopped", "purged": purge}
 
     @api.post("/v1/streams/{sid}/questions")
@@ -1344,6 +1346,15 @@ def _undo_later(fut: "asyncio.Future", undo: Callable[[], object]) -> None:
 def _writer_of(sid: str) -> "_LiveSession | None":
     return _WRITERS.get(sid)
 
+
+#: The `/v1/live` sockets of this Ingress attached to a stream (read only), by stream id: a `DELETE
+#: /v1/streams/ID` tells them too. Read through `_attached_to`, as `_WRITERS`.
+_ATTACHED: "dict[str, set[_LiveSession]]" = {}
+
+
+def _attached_to(sid: str) -> "list[_LiveSession]":
+    return list(_ATTACHED.get(sid, ()))
+
 #: Frames a `/v1/live` socket may have waiting behind the one being stored; more are dropped
 #: ("encoder busy"). Waiting frames go to the Encoder together, as one request.
 LIVE_QUEUE_FRAMES = 8
@@ -1454,7 +1465,9 @@ class _LiveSession:
                                      f"{self.sid!r} (ask about another stream on a second socket)")
             if sid not in await asyncio.to_thread(self.b.cache.streams):
                 raise NotFound(f"expected a known stream id to attach to, got {sid!r}")
+            self._detach()
             self.sid, self.writer = sid, False
+            _ATTACHED.setdefault(sid, set()).add(self)
             info = await asyncio.to_thread(self.b.cache.stream_info, sid)
             await self.send({"type": "attached", "stream_id": sid, "frames": info.count})
             self._follow_events()
@@ -1885,7 +1898,33 @@ class _LiveSession:
         except LmsError:
             pass
 
+    def _detach(self) -> None:
+        """No longer among the sockets attached to its stream (`_ATTACHED`)."""
+        if self.sid is not None and not self.writer and self in _ATTACHED.get(self.sid, ()):
+            _ATTACHED[self.sid].discard(self)
+            if not _ATTACHED[self.sid]:
+                del _ATTACHED[self.sid]
+
+    def stream_deleted_attached(self, purged: bool) -> None:
+        """`DELETE /v1/streams/ID` stopped the stream this socket is attached to: told as an error (not
+        awaited: a client that does not read must not hold the DELETE); the socket stays open, and asks
+        about what is left (nothing once purged: `E_NOT_FOUND`)."""
+        sid = self.sid
+        kept = "purged: its frames are gone" if purged else "its frames stay and can be asked about"
+        told = NotReady(f"expected stream {sid!r} to go on, got it deleted (DELETE /v1/streams/{sid}; {kept})",
+                        code="E_STREAM_STOPPED")
+
+        async def tell():
+            try:
+                await asyncio.wait_for(self.error(told), 10)
+            except Exception:                          # noqa: BLE001 - gone, or not reading
+                pass
+        task = asyncio.create_task(tell())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     async def release(self) -> None:
+        self._detach()
         owned = self._owns()                           # before the entry goes: a fenced socket marks nothing
         self._unlist()                                 # not `_fenced`: the flush below still writes the record
         if self.push is not None:

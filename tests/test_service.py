@@ -1126,9 +1126,10 @@ def test_a_byte_stream_ffmpeg_cannot_read_is_told_on_the_socket_and_kept_as_the_
         c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
 
 
-def test_asking_on_a_socket_attached_to_a_purged_stream_is_not_found_as_over_http(service):
-    """The stream a socket attached to is purged; its next ask is E_NOT_FOUND saying so, as the HTTP routes
-    answer an unknown id (it was the library's E_STREAM_NOT_FOUND)."""
+def test_a_socket_attached_to_a_purged_stream_is_told_and_its_ask_is_not_found_as_over_http(service):
+    """The stream a socket attached to is purged: the socket is told at once (E_STREAM_STOPPED; it was told
+    nothing), and its next ask is E_NOT_FOUND saying so, as the HTTP routes answer an unknown id (it was the
+    library's E_STREAM_NOT_FOUND)."""
     import asyncio
     import websockets
     rgb = np.full((64, 64, 3), 60, np.uint8)
@@ -1146,12 +1147,15 @@ def test_asking_on_a_socket_attached_to_a_purged_stream_is_not_found_as_over_htt
             assert json.loads(await ws.recv())["type"] == "attached"
             with service.client() as c:
                 assert c.delete(f"/v1/streams/{sid}", params={"purge": "true"}).status_code == 200
+            told = json.loads(await asyncio.wait_for(ws.recv(), 10))
             await ws.send(json.dumps({"type": "ask", "id": "q1", "question": QUESTIONS[1], "max_tokens": 2}))
             while (m := json.loads(await ws.recv()))["type"] != "error":
                 pass
-            return sid, m
+            return sid, told, m
 
-    sid, m = asyncio.run(run())
+    sid, told, m = asyncio.run(run())
+    assert told == {"type": "error", "code": "E_STREAM_STOPPED", "message": f"expected stream {sid!r} to go on, "
+                    f"got it deleted (DELETE /v1/streams/{sid}; purged: its frames are gone)"}, told
     assert m["id"] == "q1" and m["code"] == "E_NOT_FOUND", m
     assert m["message"] == f"expected a stream or video to ask about, got {sid!r} deleted since this socket attached"
 
