@@ -123,6 +123,9 @@ def memory_arguments(p: argparse.ArgumentParser) -> None:
 def _runner(module: str):
     def fn(args) -> int:
         import importlib
+        if getattr(args, "out", None):             # a folder, or one that cannot be made, before any work (it
+            from lmstream.cli import check_out_file   # failed E_INTERNAL after it, leaving DIR.tmp behind)
+            check_out_file(args.out, "the JSON", make_parent=True)
         return importlib.import_module(f"benchmarks.{module}").run(args) or 0
     return fn
 

@@ -1279,6 +1279,9 @@ def check_source(url: str, allow_private: bool) -> str:
     import socket
 
     from stream.live import redact_url
+    if len(url) > 4096 or any(ord(c) < 33 or ord(c) == 127 for c in url):   # as the camera refuses them: a
+        raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH without spaces or control characters, "
+                             f"got {redact_url(url)[:200]!r}")                # 201, then a crash-looping actor
     try:
         u = urlparse(url)
         u.port                                         # raises for a port that is no number or over 65535
@@ -1287,6 +1290,7 @@ def check_source(url: str, allow_private: bool) -> str:
                              f"({str(e).lower()})") from None
     if u.scheme not in ("rtsp", "rtsps") or not u.hostname:
         raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH or rtsps://..., got {redact_url(url)!r}")
+    url = u.scheme + url[len(u.scheme):]               # RTSP:// as rtsp://: FFmpeg knows only the lowercase one
     try:                                               # what getaddrinfo (and the camera's FFmpeg) would do
         u.hostname.encode("idna")
     except UnicodeError as e:                          # a label over 63 characters, an empty one (a..b), ...
@@ -1300,7 +1304,7 @@ def check_source(url: str, allow_private: bool) -> str:
             raise InvalidRequest(f"expected a resolvable camera host, got {u.hostname!r}") from None
         for info in infos:
             ip = ipaddress.ip_address(info[4][0])
-            if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast:
+            if not ip.is_global or ip.is_multicast:      # private, loopback, link-local, shared (100.64/10)...
                 from lmcore.errors import PathNotAllowed
                 raise PathNotAllowed(f"expected a public camera address, got {u.hostname} ({ip}); private "
                                      "addresses need allow_private_sources in the settings")

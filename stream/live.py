@@ -206,7 +206,9 @@ def host_name_fault(exc: UnicodeError) -> str:
     return str(exc).rsplit(": ", 1)[-1].rstrip(")")
 
 
-def _check_rtsp_url(url) -> str:
+def check_rtsp_url(url) -> str:
+    """`url` if it is an rtsp:// or rtsps:// URL FFmpeg can take (no spaces or control characters, a host, a
+    port in 1..65535), its scheme lowercased; else `BadArgument` saying what is wrong."""
     if not isinstance(url, str):
         raise BadArgument(f"expected an rtsp:// or rtsps:// URL (a str), got {type(url).__name__}")
     shown = redact_url(url)[:200]
@@ -224,7 +226,7 @@ def _check_rtsp_url(url) -> str:
         raise BadArgument(f"expected an rtsp:// or rtsps:// URL with a host name, got {shown!r}")
     if port == 0:
         raise BadArgument(f"expected a port in 1..65535, got 0 in {shown!r}")
-    return url
+    return parts.scheme.lower() + url[len(parts.scheme):]   # RTSP:// too: FFmpeg knows only rtsp://
 
 
 # ---------------------------------------------------------------------------
@@ -634,7 +636,7 @@ class RtspSource(_LiveSource):
                  open_timeout_s: float = 15.0, read_timeout_s: float = 5.0, stall_after_s: float = 5.0,
                  backoff: Sequence[float] = (1, 2, 5, 10, 30), clock: Callable[[], float] = time.monotonic,
                  *, max_queue: int = 16, give_up_after: int = 5, no_frame_timeout_s: float | None = None):
-        self.url = _check_rtsp_url(url)
+        self.url = check_rtsp_url(url)
         self.open_timeout_s = _check_seconds("open_timeout_s", open_timeout_s)
         self.read_timeout_s = _check_seconds("read_timeout_s", read_timeout_s)
         self.stall_after_s = _check_seconds("stall_after_s", stall_after_s)

@@ -179,8 +179,11 @@ def test_eval_demo_and_bench_refuse_bad_options_before_any_work(tmp_path):
                        (["--threads", "-1"], "--threads >= 1")):
         assert_one_line_error(run("eval-demo", *args), "E_BAD_ARGUMENT", says)
     for args, says in ((["flops", "--frames", "-5"], "frame counts"), (["memory", "--frames", "abc"], "frame counts"),
-                       (["flops", "--budget", "0"], "a whole number >= 1")):
+                       (["flops", "--budget", "0"], "a whole number >= 1"),
+                       (["flops", "--out", tmp_path], "a file path for the JSON, got the folder"),   # was E_INTERNAL
+                       (["memory", "--out", tmp_path], "a file path for the JSON, got the folder")):  # after the work
         assert_one_line_error(run("bench", *args), "E_BAD_ARGUMENT", says)
+    assert not list(tmp_path.parent.glob(tmp_path.name + ".tmp"))       # and left DIR.tmp behind
     import argparse
     from benchmarks.cli import cpu_arguments, gpu_arguments
     for add, opt in ((cpu_arguments, "--threads"), (gpu_arguments, "--eager-batch")):   # 0 is their documented

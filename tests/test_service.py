@@ -1346,12 +1346,17 @@ def test_websocket_auth_size_limit_and_bad_messages(service):
 def test_private_camera_addresses_are_refused_unless_allowed():
     from deploy.routes import check_source
     from lmcore.errors import InvalidRequest, PathNotAllowed
-    for url in ("rtsp://127.0.0.1:8554/cam", "rtsp://10.1.2.3/x", "rtsp://[::1]:554/x", "rtsp://169.254.1.1/x"):
+    for url in ("rtsp://127.0.0.1:8554/cam", "rtsp://10.1.2.3/x", "rtsp://[::1]:554/x", "rtsp://169.254.1.1/x",
+                "rtsp://100.64.0.1/c"):                 # (shared address space, RFC 6598: was let through)
         with pytest.raises(PathNotAllowed, match="private"):
             check_source(url, allow_private=False)
         assert check_source(url, allow_private=True) == url
     with pytest.raises(InvalidRequest, match="rtsp://"):
         check_source("file:///etc/passwd", allow_private=True)
+    for url in (" rtsp://127.0.0.1/cam", "rtsp://127.0.0.1/c am", "rtsp://127.0.0.1/cam\n"):   # were 201, then an
+        with pytest.raises(InvalidRequest, match="without spaces or control characters"):   # actor crash-looping
+            check_source(url, allow_private=True)
+    assert check_source("RTSP://127.0.0.1:8554/Cam", allow_private=True) == "rtsp://127.0.0.1:8554/Cam"
     with pytest.raises(InvalidRequest) as e:            # the cameras' redaction: the whole password hidden
         check_source("http://cam:s3@cret@host/x", allow_private=True)
     assert "'http://cam:***@host/x'" in e.value.message and "cret" not in e.value.message, e.value
