@@ -375,7 +375,8 @@ class AnswerCore:
             return None, None
         info = self.cache.stream_info(stream_id)
         if info.count == 0:
-            raise NoFrames(f"expected stored frames of stream {stream_id!r}, got none")
+            raise NoFrames(f"expected stored frames of stream {stream_id!r} in its newest {float(last_s):g} s, "
+                           "got none: it has no frame yet")
         return info.newest_pts - float(last_s) + 1e-6, None     # 30 frames at 1 fps for last_s 30
 
     def window(self, stream_id: str, window=None, last_s: float | None = None):

@@ -931,7 +931,8 @@ def test_websocket_tells_every_dropped_frame_before_stopped_and_names_open_windo
             await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
             sid = json.loads(await ws.recv())["stream_id"]
             for qid, extra, words in (("all", {}, "in the whole stream, got none yet"),
-                                      ("win", {"window": [5, 10]}, "in the window 5:10 s, got none")):
+                                      ("win", {"window": [5, 10]}, "in the window 5:10 s, got none"),
+                                      ("last", {"last_s": 10}, "in its newest 10 s, got none: it has no frame")):
                 await ws.send(json.dumps({"type": "ask", "id": qid, "question": "what colour is the circle ?", **extra}))
                 m = json.loads(await ws.recv())
                 assert m["type"] == "error" and m["id"] == qid and m["code"] == "E_NO_FRAMES", m
