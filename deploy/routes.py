@@ -49,6 +49,7 @@ from .serving import (
     carried_counts,
     continued_timeline,
     merge_gaps,
+    newest_wall,
     check_allowed,
     check_regular_file,
     decode_image,
@@ -333,8 +334,10 @@ def build_api() -> FastAPI:
         if tuple(first.get("loc", ())) == ("body",) and "json" not in ctype.split(";")[0].lower():
             # the whole body refused and not sent as JSON: FastAPI did not read it as JSON at all
             empty = req.headers.get("content-length", "0" if "transfer-encoding" not in req.headers else "") == "0"
-            got = "an empty body" if empty and not ctype else \
-                f"{'Content-Type ' + ctype[:80] if ctype else 'a body with no Content-Type'}"
+            if ctype:
+                got = f"Content-Type {ctype[:80]}"
+            else:
+                got = "an empty body" if empty else "a body with no Content-Type"
             return error_response(InvalidRequest(f"expected a JSON body (Content-Type: application/json), got {got}"))
         if first.get("type") == "json_invalid":
             pos = first.get("loc", ("body", "?"))[-1]
@@ -351,7 +354,7 @@ def build_api() -> FastAPI:
             return error_response(InvalidRequest(f"expected a well-formed request body, got one that could not be "
                                                  f"parsed ({why[:200]})"))
         code = {404: "E_NOT_FOUND", 405: "E_METHOD_NOT_ALLOWED"}.get(e.status_code, "E_HTTP")
-        allow = (e.headers or {}).get("allow") or (e.headers or {}).get("Allow")
+        allow = (e.headers or {}).get("Allow")
         takes = f"; it takes {allow}" if allow else ""
         return JSONResponse({"error": {"code": code, "message": f"expected a route of this API, got {req.method} "
                                                                 f"{req.url.path[:200]} ({e.detail}{takes})"}},
@@ -808,8 +811,7 @@ def build_api() -> FastAPI:
         if kind == "videos":                 # as its questions route: ready, or what a failed job stored
             req = await _video_question(b, await _record(b, "video", sid, "lms://streams/{id}"), req_of)
         else:                                # a live stream: its outage gaps, as its questions route says
-            d = await _record(b, "stream", sid, "lms://videos/{id}")
-            req = req_of(d.get("gaps") or [])
+            req = req_of((await _record(b, "stream", sid, "lms://videos/{id}")).get("gaps") or [])
         req["sampling"] = sampling
         model = info["model"]
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
@@ -1278,10 +1280,7 @@ def check_source(url: str, allow_private: bool) -> str:
     import ipaddress
     import socket
 
-    from stream.live import redact_url
-    if len(url) > 4096 or any(ord(c) < 33 or ord(c) == 127 for c in url):   # as the camera refuses them: a
-        raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH without spaces or control characters, "
-                             f"got {redact_url(url)[:200]!r}")                # 201, then a crash-looping actor
+    from stream.live import check_rtsp_url, redact_url
     try:
         u = urlparse(url)
         u.port                                         # raises for a port that is no number or over 65535
@@ -1290,7 +1289,10 @@ def check_source(url: str, allow_private: bool) -> str:
                              f"({str(e).lower()})") from None
     if u.scheme not in ("rtsp", "rtsps") or not u.hostname:
         raise InvalidRequest(f"expected source rtsp://HOST[:PORT]/PATH or rtsps://..., got {redact_url(url)!r}")
-    url = u.scheme + url[len(u.scheme):]               # RTSP:// as rtsp://: FFmpeg knows only the lowercase one
+    try:                                               # the camera's own check: spaces and control characters
+        url = check_rtsp_url(url)                      # (urlparse drops some: a 201, then a crash-looping actor),
+    except BadArgument as e:                           # port 0; RTSP:// given as rtsp://, as FFmpeg needs it
+        raise client_error(e) from None
     try:                                               # what getaddrinfo (and the camera's FFmpeg) would do
         u.hostname.encode("idna")
     except UnicodeError as e:                          # a label over 63 characters, an empty one (a..b), ...
@@ -1540,8 +1542,7 @@ class _LiveSession:
         # a continued stream's time goes on with the wall clock, as a camera's after a restart: this socket's
         # times (arrival times, a byte stream's, `frame` pts) count from its start, placed after the stream's
         # newest frame by the time no socket fed it; that outage is one of the stream's gaps
-        self.offset, outage = continued_timeline(info.newest_pts, before.get("newest_wall") or before.get("last_wall"),
-                                                 self.fps)
+        self.offset, outage = continued_timeline(info.newest_pts, newest_wall(before), self.fps)
         self.gaps_base = merge_gaps([*(before.get("gaps") or []), *([outage] if outage else [])])
         self.gaps = list(self.gaps_base)
         self.last_stored = info.newest_pts
@@ -1841,8 +1842,7 @@ class _LiveSession:
                 return _question_req(b, self.sid, q.question, q.window, q.last_s, q.policy, q.max_tokens, gaps,
                                      q.choices)
             try:
-                d = await asyncio.to_thread(b.live.get, self.sid)
-                req = req_of(d.get("gaps") or [])
+                req = req_of((await asyncio.to_thread(b.live.get, self.sid)).get("gaps") or [])
             except NotFound:                           # attached to a video: answered as its HTTP route answers
                 try:
                     req = await _video_question(b, await asyncio.to_thread(b.store.get, self.sid), req_of)

@@ -829,6 +829,12 @@ class LiveStore(JobStore):
         return super().update(rid, **fields)
 
 
+def newest_wall(d: dict) -> float | None:
+    """Unix time a stream record's newest stored frame was stored: `newest_wall` (never cleared), else
+    `last_wall` (records written before there was `newest_wall`)."""
+    return d.get("newest_wall") or d.get("last_wall")
+
+
 def continued_timeline(newest_pts: float | None, last_wall: float | None, fps: float,
                        now: float | None = None) -> tuple[float, list | None]:
     """Where a new source of a stream that has frames (a camera after a service restart, a WebSocket that
@@ -928,7 +934,7 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     info = cache.stream_info(sid)
     before = live.get(sid)
     carried = [list(g) for g in before.get("gaps") or []]     # outages of earlier sources of this stream
-    offset, outage = continued_timeline(info.newest_pts, before.get("newest_wall") or before.get("last_wall"), fps)
+    offset, outage = continued_timeline(info.newest_pts, newest_wall(before), fps)
     if outage is not None:                               # a resumed stream (service restart, actor moved)
         carried.append(outage)                          # no source ran: the outage is a gap
     # the record's last_error (an actor restart's E_UNAVAILABLE, the camera's error before a service restart)
