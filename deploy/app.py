@@ -247,7 +247,7 @@ class StreamSource:
         try:
             live.update(sid, node=self.node(), pid=os.getpid())     # where the camera runs now
             return run_rtsp_stream(sid, url, fps, size, lambda items: encoder.encode.remote(items).result(),
-                                   live, cache, self.stop_flag)
+                                   live, cache, self.stop_flag, allow_private=s.allow_private_sources)
         finally:
             cache.close()
 

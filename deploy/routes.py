@@ -1276,10 +1276,8 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
 
 
 def check_source(url: str, allow_private: bool) -> str:
-    """Only rtsp:// and rtsps:// URLs, and no loopback/private/link-local host unless allowed."""
-    import ipaddress
-    import socket
-
+    """Only rtsp:// and rtsps:// URLs, and no loopback/private/link-local host unless allowed (the camera
+    checks the address again before each connection: `stream.live.RtspSource(allow_private=...)`)."""
     from stream.live import check_rtsp_url, redact_url
     try:
         u = urlparse(url)
@@ -1299,17 +1297,12 @@ def check_source(url: str, allow_private: bool) -> str:
         from stream.live import host_name_fault
         raise InvalidRequest(f"expected a host name, got {u.hostname[:80]!r}, which cannot be one "
                              f"({host_name_fault(e)})") from None
-    if not allow_private:
+    if not allow_private:                              # loopback, private, link-local, shared (100.64/10)...
+        from stream.live import refuse_private
         try:
-            infos = socket.getaddrinfo(u.hostname, None)
-        except (OSError, UnicodeError):
-            raise InvalidRequest(f"expected a resolvable camera host, got {u.hostname!r}") from None
-        for info in infos:
-            ip = ipaddress.ip_address(info[4][0])
-            if not ip.is_global or ip.is_multicast:      # private, loopback, link-local, shared (100.64/10)...
-                from lmcore.errors import PathNotAllowed
-                raise PathNotAllowed(f"expected a public camera address, got {u.hostname} ({ip}); private "
-                                     "addresses need allow_private_sources in the settings")
+            refuse_private(u.hostname, must_resolve=True)
+        except BadArgument as e:
+            raise client_error(e) from None
     return url
 
 

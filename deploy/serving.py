@@ -923,12 +923,13 @@ def decode_image(data: bytes, size: int | None) -> np.ndarray:
 
 
 def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[[list[EncodeItem]], list[dict]],
-                    live: LiveStore, cache, stop: threading.Event) -> dict:
+                    live: LiveStore, cache, stop: threading.Event, *, allow_private: bool = True) -> dict:
     """A camera's loop (the StreamSource actor): `stream.live.RtspSource` frames -> `encode` -> ring,
     the stream's status (connecting / live / stalled / reconnecting / stopped / failed), frames,
-    last_pts, lag_s and outage gaps kept current in `live`. Ends when `stop` is set."""
+    last_pts, lag_s and outage gaps kept current in `live`. Ends when `stop` is set. `allow_private` False:
+    the camera's host is checked again before each connection (the settings' `allow_private_sources`)."""
     from stream.live import RtspSource
-    src = RtspSource(url, fps=fps, resize_to=size)
+    src = RtspSource(url, fps=fps, resize_to=size, allow_private=allow_private)
     writer = cache.acquire_writer(sid)
     seq = cache.stream_info(sid).total_appended
     info = cache.stream_info(sid)

@@ -229,6 +229,36 @@ def check_rtsp_url(url) -> str:
     return parts.scheme.lower() + url[len(parts.scheme):]   # RTSP:// too: FFmpeg knows only rtsp://
 
 
+def private_address(host: str) -> str | None:
+    """The first address `host` resolves to that is not a public unicast one (loopback, private, link-local,
+    shared 100.64/10, multicast, reserved), as text; None when every address is public. Raises `OSError`
+    (or `UnicodeError`) when the name does not resolve. Asked by the service at POST and by a camera before
+    each connection it opens, so that a host name whose DNS answer changes later (DNS rebinding) cannot
+    turn a public camera into a request to the service's own network."""
+    import ipaddress
+    for info in socket.getaddrinfo(host, None):
+        ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])   # an IPv6 scope ("fe80::1%eth0") dropped
+        if not ip.is_global or ip.is_multicast:
+            return str(ip)
+    return None
+
+
+def refuse_private(host: str, *, must_resolve: bool = False) -> None:
+    """`PathNotAllowed` when `host` resolves to a private address (`private_address`). A name that does not
+    resolve now is `BadArgument` with `must_resolve` (the service's POST), else let through: the camera's
+    connection then fails on its own, with FFmpeg's reason, and is retried."""
+    from lmcore.errors import PathNotAllowed
+    try:
+        ip = private_address(host)
+    except (OSError, UnicodeError):
+        if must_resolve:
+            raise BadArgument(f"expected a resolvable camera host, got {host!r}") from None
+        return
+    if ip is not None:
+        raise PathNotAllowed(f"expected a public camera address, got {host} ({ip}); private addresses need "
+                             "allow_private_sources in the settings")
+
+
 # ---------------------------------------------------------------------------
 # shared pieces
 # ---------------------------------------------------------------------------
@@ -617,6 +647,11 @@ class RtspSource(_LiveSource):
             Keep it above a camera's longest keyframe interval: a connection joins
             mid-GOP and decodes nothing before the next keyframe.  Not tied to
             ``stall_after_s``, which only changes what the status shows.
+        allow_private: False: before each connection the host is resolved and a loopback,
+            private, link-local or shared address is refused (`PathNotAllowed`, a permanent
+            error), as the service refuses it at ``POST /v1/streams``; the service passes
+            its ``allow_private_sources`` setting.  FFmpeg resolves the name again itself
+            right after, so the check narrows DNS rebinding to that moment.
 
     Raises:
         BadArgument: a URL that is not ``rtsp://``/``rtsps://`` with a host, or an
@@ -635,8 +670,10 @@ class RtspSource(_LiveSource):
     def __init__(self, url: str, fps: float | None = 1.0, resize_to: int | None = None,
                  open_timeout_s: float = 15.0, read_timeout_s: float = 5.0, stall_after_s: float = 5.0,
                  backoff: Sequence[float] = (1, 2, 5, 10, 30), clock: Callable[[], float] = time.monotonic,
-                 *, max_queue: int = 16, give_up_after: int = 5, no_frame_timeout_s: float | None = None):
+                 *, max_queue: int = 16, give_up_after: int = 5, no_frame_timeout_s: float | None = None,
+                 allow_private: bool = True):
         self.url = check_rtsp_url(url)
+        self.allow_private = bool(allow_private)
         self.open_timeout_s = _check_seconds("open_timeout_s", open_timeout_s)
         self.read_timeout_s = _check_seconds("read_timeout_s", read_timeout_s)
         self.stall_after_s = _check_seconds("stall_after_s", stall_after_s)
@@ -739,6 +776,12 @@ class RtspSource(_LiveSource):
     def _connect_and_read(self) -> tuple[LmsError, bool]:
         """One connection: open, read until it ends; returns the error that ended it and
         whether that error is permanent."""
+        if not self.allow_private:
+            try:
+                # again at every connection: the name may resolve elsewhere now than at POST
+                refuse_private(urllib.parse.urlsplit(self.url).hostname or "")
+            except LmsError as exc:
+                return exc, True
         try:
             container = self._open()
         except Exception as exc:  # noqa: BLE001 - every failure is recorded, none escapes

@@ -595,6 +595,49 @@ def test_only_a_host_name_that_does_not_exist_is_permanent(monkeypatch, errno_na
         assert src.join(5)
 
 
+@pytest.mark.timeout(60)
+def test_a_camera_host_that_resolves_to_a_private_address_later_is_refused_before_connecting(cameras, monkeypatch):
+    """The service checked a camera's address only at POST: a host name whose DNS answer changed afterwards
+    (DNS rebinding, or a name moved to an inside address) had the camera connect into the service's own
+    network. The camera now resolves and checks it again before each connection it opens."""
+    import socket
+    from deploy.routes import check_source
+
+    real = socket.getaddrinfo
+    answers = iter(["93.184.216.34"])          # the first answer public (POST), every later one loopback
+
+    def rebinding(host, *a, **kw):
+        if host != "cam.example":
+            return real(host, *a, **kw)
+        ip = next(answers, "127.0.0.1")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    url = "rtsp://cam.example:554/cam"
+    assert check_source(url, allow_private=False) == url             # public at POST
+    src = RtspSource(url, backoff=(0.05,), give_up_after=2, allow_private=False)
+    opened = []
+    monkeypatch.setattr(src, "_open", lambda: opened.append(1) or (_ for _ in ()).throw(OSError(111, "refused")))
+    src.start()
+    try:
+        assert src.join(10) and src.status == "failed", src.status_dict()
+        assert opened == [] and src.frames == 0
+        assert src.last_error == {"code": "E_PATH_NOT_ALLOWED", "message": "expected a public camera address, got "
+                                  "cam.example (127.0.0.1); private addresses need allow_private_sources in the "
+                                  "settings"}
+    finally:
+        src.stop()
+    with pytest.raises(LmsError) as e:                                  # POST now refuses it too
+        check_source(url, allow_private=False)
+    assert e.value.code == "E_PATH_NOT_ALLOWED"
+
+    # a real camera on loopback: refused without allow_private, read with it (the service's default is off)
+    shut = RtspSource(cameras.url("cam1"), backoff=(0.05,), give_up_after=1, allow_private=False)
+    shut.start()
+    assert shut.join(10) and shut.status == "failed" and shut.last_error["code"] == "E_PATH_NOT_ALLOWED"
+    assert "(127.0.0.1)" in shut.last_error["message"] and shut.frames == 0
+
+
 # --------------------------------------------------------------------------- pushed pictures
 def test_push_jpeg_sampled_with_caller_pts_and_drop_counts():
     src = PushSource(fps=2, max_queue=64)
