@@ -976,6 +976,12 @@ class RedisFrameCache(FrameCache):
             res = self._s_info(keys=self._keys(stream_id))
         return self._info_from(stream_id, res)
 
+    def ping(self, what: str = "a ping") -> None:
+        """`CacheUnavailable` (saying it was for `what`) unless Redis answers now."""
+        self._check_open()
+        with self._redis(what):
+            self._client.ping()
+
     def streams(self) -> list[str]:
         self._check_open()
         with self._redis("listing streams"):

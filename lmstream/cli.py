@@ -188,8 +188,17 @@ def check_question(text: str) -> str:
 
 
 def open_cache_arg(url: str | None):
+    """The cache of --cache, Redis asked once at the start: a Redis that is down is said to be the one of
+    --cache, before any model loads (not "for listing streams", the first thing a command happened to do)."""
     from frame_cache import open_cache
-    return open_cache(url)
+    cache = open_cache(url)
+    if hasattr(cache, "ping"):
+        try:
+            cache.ping("this command's --cache")
+        except BaseException:
+            cache.close()
+            raise
+    return cache
 
 
 def new_stream_id(path: str) -> str:
@@ -239,7 +248,7 @@ def cmd_ask(args) -> int:
         m, load_s = load_model(args)
         ans = m.ask(args.video, args.question, fps=fps, window=window, policy=args.policy, kv_policy=args.kv,
                     retain=args.retain, max_new_tokens=args.max_new_tokens, choices=args.choice,
-                    progress=not args.json and sys.stderr.isatty())
+                    progress=not args.json)
         stream_id = None
     else:
         ans, load_s, stream_id = _ask_cached(args, window, fps)
@@ -297,7 +306,7 @@ def _ask_cached(args, window, fps):
         if args.video is not None:
             from dataclasses import asdict
             report = asdict(ingest_video(m, args.video, cache, sid, fps=fps, window=window, kv_policy=args.kv,
-                                         retain=args.retain, progress=not args.json and sys.stderr.isatty(),
+                                         retain=args.retain, progress=not args.json,
                                          timings=timings))
             start = end = None                       # the stream holds just the window
         src = CachedFrames(cache, sid, start, end, dtype=m.dtype)

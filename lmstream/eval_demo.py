@@ -780,7 +780,8 @@ def _args(p: argparse.ArgumentParser) -> None:
                                     f"(default {','.join(f'{k}={v}' for k, v in DEFAULT_VIDEOS.items())})")
     p.add_argument("--needle-trials", type=int, default=None,
                    help="needle variants (and as many no-needle questions) per long video (default 4; 1 with --quick)")
-    p.add_argument("--policies", default="exact,budget:32", help="fusion policies, comma-separated")
+    p.add_argument("--policies", default="exact,budget:32",
+                   help="fusion policies, comma-separated: a column each (default exact,budget:32)")
     p.add_argument("--choices", action="store_true",
                    help="also answer every question that has a fixed set of answers (colour, shape, yes/no, "
                         "count, order) as the likeliest of them (`score_choices`): a column POLICY+choices")
@@ -789,7 +790,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
     p.add_argument("--out", help="also write the JSON result to this file")
     p.add_argument("--answers", action="store_true", help="include every question and answer in the JSON")
-    p.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE, help="held-out scene seeds start here")
+    p.add_argument("--seed-base", type=int, default=EVAL_SEED_BASE,
+                   help=f"held-out scene seeds start here (default {EVAL_SEED_BASE}; docs/demo.md's three sets of "
+                        "300 start at 1500000000, 1700000000 and 1900000000)")
     p.add_argument("--size", default="64x64",
                    help="draw the videos at WIDTHxHEIGHT (even; e.g. 112x64 for 16:9): the pipeline squashes "
                         "every frame to the model's input as the official video path does (default 64x64)")
@@ -799,11 +802,12 @@ def _args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--phrasings", action="store_true",
                    help="also ask each 60 s colour, shape, 'is there', count and order question in everyday "
                         "phrasings (PHRASINGS; first policy): a table per phrasing beside the template")
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--batch-size", type=int, default=64, help="frames per encoding batch")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-new-tokens", type=int, default=8,
+                   help="the longest answer, in tokens (default 8: every family's answer fits)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="frames per encoding batch (default 64)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--progress", action="store_true", help="progress bars and per-video lines on stderr")
     p.add_argument("--verbose", action="store_true", help="every question and answer on stderr")
 

@@ -830,18 +830,26 @@ class _TimeSampler:
 
 
 class _Progress:
-    """A tqdm bar in seconds of video, or nothing."""
+    """Progress in seconds of video on stderr, or nothing: a tqdm bar on a terminal; elsewhere (a log, a
+    pipe, CI) one plain line at each tenth of the way, as a bar's carriage returns make no sense there."""
 
     def __init__(self, enabled: bool | str, start: float, stop: float | None):
         self._bar = None
-        self._start, self._done = start, 0.0
+        self._lines: tuple[str, float, float] | None = None   # (what, total, monotonic start) in line mode
+        self._start, self._done, self._tenth = start, 0.0, 0
         if enabled and stop is not None and stop - start > _PROGRESS_MIN_DURATION_S:
+            desc = enabled if isinstance(enabled, str) else "decoding video"
+            total = round(stop - start, 1)
+            if not _is_tty(sys.stderr):
+                import time
+                self._lines = (desc, total, time.monotonic())
+                return
             from tqdm import tqdm
 
             self._bar = tqdm(
-                total=round(stop - start, 1),
+                total=total,
                 unit="s",
-                desc=enabled if isinstance(enabled, str) else "decoding video",
+                desc=desc,
                 file=sys.stderr,
                 dynamic_ncols=True,
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]",
@@ -853,11 +861,35 @@ class _Progress:
             if done > self._done:
                 self._bar.update(done - self._done)
                 self._done = done
+        elif self._lines is not None:
+            desc, total, _ = self._lines
+            self._done = max(self._done, min(max(t - self._start, 0.0), total))
+            tenth = int(10 * self._done / total) if total > 0 else 10
+            if tenth > self._tenth and tenth < 10:           # 100 % is said once, by close()
+                self._tenth = tenth
+                self._line()
+
+    def _line(self) -> None:
+        import time
+        desc, total, t0 = self._lines
+        print(f"{desc}: {100 * self._done / total:3.0f}% ({self._done:.0f}/{total:.0f} s of video, "
+              f"{time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        elif self._lines is not None:
+            if self._done > 0:
+                self._line()
+            self._lines = None
+
+
+def _is_tty(f) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):     # a replaced stream without isatty, a closed one
+        return False
 
 
 # ---------------------------------------------------------------------------
@@ -874,10 +906,11 @@ class VideoSource:
             ``0`` yields every decoded frame.  Ignored for still images.
         start: first presentation time (seconds) of the window; seeks there.
         end: exclusive end (seconds) of the window; ``None`` means to the end.
-        progress: show a tqdm bar on stderr (seconds of video decoded) when
-            the window is known to be longer than 60 s; a string is the bar's label
-            (default "decoding video"; `stream.ingest` says "ingesting video", as the
-            frames are encoded between reads).
+        progress: show progress on stderr (seconds of video decoded) when the
+            window is known to be longer than 60 s: a tqdm bar on a terminal, else a
+            plain line at each tenth; a string is its label (default "decoding
+            video"; `stream.ingest` says "ingesting video", as the frames are
+            encoded between reads).
         resize_to: if given, each sampled video frame is squashed to
             ``resize_to x resize_to`` as soon as it is decoded (after being put
             upright), with the very nearest-neighbour resize of

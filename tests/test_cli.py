@@ -323,8 +323,13 @@ def test_ask_through_redis_then_again_by_stream_id(tiny_ckpt, video, redis_serve
 
 def test_unreachable_redis_is_a_clear_error(tiny_ckpt, video):
     from frame_cache.redis_server import free_port
-    r = run("ask", video, "q", "--model", tiny_ckpt, "--cache", f"redis://127.0.0.1:{free_port()}/0")
-    assert_one_line_error(r, "E_CACHE_UNAVAILABLE", "127.0.0.1")
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    for argv in (("ask", video, "q", "--model", tiny_ckpt, "--cache", dead), ("cache", "ls", "--cache", dead)):
+        r = run(*argv)
+        # it said "for listing streams", the first thing ask happened to do, which no user asked for
+        assert_one_line_error(r, "E_CACHE_UNAVAILABLE", f"expected a reachable Redis at {dead} for this "
+                              "command's --cache, got ConnectionError")
+        assert r.returncode == 6
 
 
 def test_usage_errors_are_one_line_with_a_code(tiny_ckpt, video, tmp_path):

@@ -324,6 +324,12 @@ def test_progress_bar_only_for_long_videos(tmp_path, capsys):
     assert len(list(VideoSource(path, fps=0.5, progress=True))) == 35
     err = capsys.readouterr().err
     assert "decoding video" in err and "100%" in err
+    # stderr is no terminal here: plain lines at each tenth, no carriage returns (a bar's, in a log)
+    lines = err.splitlines()
+    assert "\r" not in err and len(lines) == 10, lines
+    total = VideoSource(path).info.duration_s                 # as the container says: 69 s
+    assert lines[0].startswith(f"decoding video:  10% ({0.1 * total:.0f}/{total:.0f} s of video, ") \
+        and lines[-1].startswith(f"decoding video: 100% ({total:.0f}/{total:.0f} s of video, "), lines
     list(VideoSource(path, fps=1, end=30, progress=True))  # a 30 s window: no bar
     list(VideoSource(path, fps=1, progress=False))
     assert capsys.readouterr().err == ""
