@@ -120,12 +120,31 @@ def client_error_dict(d: dict) -> dict:
     return d
 
 
-def error_response(e: LmsError) -> JSONResponse:
+def error_response(e: LmsError, *, openai: bool = False, param: str | None = None) -> JSONResponse:
+    """`{"error": {"code", "message"}}` with the error's status. `openai` (the OpenAI-compatible routes,
+    `is_openai_path`): the shape OpenAI's clients read, `type` and `param` beside our code and message, and a
+    request the service refuses is 400 there (their `BadRequestError`), as OpenAI and vLLM answer it."""
     e = client_error(e)
     # 429 (busy) and 503 (Redis or a model replica away for now): when to try again, as RFC 9110 lets them say
     headers = {"Retry-After": str(getattr(e, "retry_after", 5))} if isinstance(e, Busy) or e.http_status == 503 \
         else None
-    return JSONResponse({"error": e.to_dict()}, status_code=e.http_status, headers=headers)
+    body, status = e.to_dict(), e.http_status
+    if openai:
+        status = 400 if status == 422 else status
+        body = {**body, "type": openai_error_type(status), "param": param}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def is_openai_path(path: str) -> bool:
+    """The routes an OpenAI client calls: their errors take OpenAI's shape (`error_response(openai=True)`)."""
+    return path == "/v1/chat/completions" or path == "/v1/models" or path.startswith("/v1/models/")
+
+
+def openai_error_type(status: int) -> str:
+    """The `type` OpenAI's API gives an error of this HTTP status."""
+    return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 class Metrics:
@@ -275,21 +294,26 @@ class BoundedBody:
                 and ctype.lower().startswith("multipart/form-data")):
             return await self.app(scope, receive, send)
         limit = b.settings.limits.max_json_bytes
+        openai = is_openai_path(scope["path"])
+
+        def refuse(e: LmsError) -> JSONResponse:
+            return error_response(e, openai=openai)
+
         clen = headers.get("content-length", "").strip()
         if clen.isascii() and clen.isdigit() and int(clen) > limit:
-            return await error_response(PayloadTooLarge(
+            return await refuse(PayloadTooLarge(
                 f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got {int(clen)} "
                 "(Content-Length)"))(scope, receive, send)
         chunks, n, more = [], 0, True
         while more:
             msg = await receive()
             if msg["type"] == "http.disconnect":     # the client went away mid-body: an answer no one reads, so
-                return await error_response(InvalidRequest(  # that the middleware around sees one (not a 500)
+                return await refuse(InvalidRequest(  # that the middleware around sees one (not a 500)
                     f"expected the whole request body, got a disconnect after {n} bytes"))(scope, receive, send)
             chunk = msg.get("body", b"")
             n += len(chunk)
             if n > limit:
-                return await error_response(PayloadTooLarge(
+                return await refuse(PayloadTooLarge(
                     f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got more "
                     f"({n} bytes read of a body sent without Content-Length)"))(scope, receive, send)
             chunks.append(chunk)
@@ -299,7 +323,7 @@ class BoundedBody:
             try:
                 body.decode("utf-8")
             except UnicodeDecodeError as e:
-                return await error_response(_not_utf8(e))(scope, receive, send)
+                return await refuse(_not_utf8(e))(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -319,12 +343,13 @@ def build_api() -> FastAPI:
     metrics = Metrics()
     inflight = {"n": 0}
     asking: dict[str, Any] = {}              # `_events` below, for the sockets' questions
+    started = int(time.time())               # GET /v1/models' `created`
     api.add_middleware(BoundedBody)          # inside `_count` below: its 413s are counted (no route matched yet)
 
     # -- errors ---------------------------------------------------------------------------------
     @api.exception_handler(LmsError)
-    async def _lms(_req: Request, e: LmsError):
-        return error_response(e)
+    async def _lms(req: Request, e: LmsError):
+        return error_response(e, openai=is_openai_path(req.url.path), param=getattr(e, "param", None))
 
     @api.exception_handler(RequestValidationError)
     async def _invalid(req: Request, e: RequestValidationError):
@@ -338,27 +363,34 @@ def build_api() -> FastAPI:
                 got = f"Content-Type {ctype[:80]}"
             else:
                 got = "an empty body" if empty else "a body with no Content-Type"
-            return error_response(InvalidRequest(f"expected a JSON body (Content-Type: application/json), got {got}"))
-        if first.get("type") == "json_invalid":
+            err = InvalidRequest(f"expected a JSON body (Content-Type: application/json), got {got}")
+        elif first.get("type") == "json_invalid":
             pos = first.get("loc", ("body", "?"))[-1]
-            return error_response(InvalidRequest(f"expected a JSON body, got invalid JSON (error at position {pos})"))
-        return error_response(InvalidRequest(validation_message(first)))
+            err = InvalidRequest(f"expected a JSON body, got invalid JSON (error at position {pos})")
+        else:
+            err = InvalidRequest(validation_message(first))
+        # OpenAI's `param`: the field refused (a model validator names its own)
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        param = (first.get("ctx") or {}).get("param") or where or None
+        return error_response(err, openai=is_openai_path(req.url.path), param=param)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http(req: Request, e: StarletteHTTPException):
         if e.status_code == 400:             # FastAPI could not parse a body: the body's fault, not the route's
             cause = e.__cause__
             if isinstance(cause, UnicodeDecodeError):
-                return error_response(_not_utf8(cause))
+                return error_response(_not_utf8(cause), openai=is_openai_path(req.url.path))
             why = f"{type(cause).__name__}: {cause}" if cause is not None else str(e.detail)
             return error_response(InvalidRequest(f"expected a well-formed request body, got one that could not be "
-                                                 f"parsed ({why[:200]})"))
+                                                 f"parsed ({why[:200]})"), openai=is_openai_path(req.url.path))
         code = {404: "E_NOT_FOUND", 405: "E_METHOD_NOT_ALLOWED"}.get(e.status_code, "E_HTTP")
         allow = (e.headers or {}).get("Allow")
         takes = f"; it takes {allow}" if allow else ""
-        return JSONResponse({"error": {"code": code, "message": f"expected a route of this API, got {req.method} "
-                                                                f"{req.url.path[:200]} ({e.detail}{takes})"}},
-                            status_code=e.status_code, headers={"Allow": allow} if allow else None)
+        body = {"code": code, "message": f"expected a route of this API, got {req.method} {req.url.path[:200]} "
+                                         f"({e.detail}{takes})"}
+        if is_openai_path(req.url.path):
+            body.update(type=openai_error_type(e.status_code), param=None)
+        return JSONResponse({"error": body}, status_code=e.status_code, headers={"Allow": allow} if allow else None)
 
     @api.middleware("http")
     async def _count(request: Request, call_next):
@@ -783,11 +815,19 @@ def build_api() -> FastAPI:
             await sess.release()
 
     # -- OpenAI-compatible ------------------------------------------------------------------------
+    def model_card(info: dict) -> dict:
+        return {"id": info["model"], "object": "model", "created": started, "owned_by": "lmstream"}
+
     @api.get("/v1/models")
     async def models(b: Backend = Depends(auth)):
+        return {"object": "list", "data": [model_card(await b.encoder_info())]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model_info(model_id: str, b: Backend = Depends(auth)):
         info = await b.encoder_info()
-        return {"object": "list", "data": [{"id": info["model"], "object": "model", "created": 0,
-                                            "owned_by": "lmstream"}]}
+        if model_id != info["model"]:
+            raise NotFound(f"expected model {info['model']!r} (GET /v1/models), got {model_id[:200]!r}")
+        return model_card(info)
 
     @api.post("/v1/chat/completions")
     async def chat(body: ChatRequest, b: Backend = Depends(auth)):
@@ -816,15 +856,16 @@ def build_api() -> FastAPI:
         model = info["model"]
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
+        stops = body.stop_strings()
         if body.stream:
-            return await _sse(b, req, lambda evs: _chat_chunks(evs, cid, created, model), "chat")
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return await _sse(b, req, lambda evs: _chat_chunks(evs, cid, created, model, stops, usage), "chat")
         ans = await _collect(b, req, "chat")
+        text, cut = cut_at_stop(ans["text"], stops)
         return {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": ans["text"]},
-                             "finish_reason": ans["finish_reason"], "logprobs": None}],
-                "usage": {"prompt_tokens": ans["llm_tokens"], "completion_tokens": len(ans["token_ids"]),
-                          "total_tokens": ans["llm_tokens"] + len(ans["token_ids"])},
-                "lmstream": ans}
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": "stop" if cut else ans["finish_reason"], "logprobs": None}],
+                "usage": chat_usage(ans), "lmstream": ans}
 
     # -- helpers ----------------------------------------------------------------------------------
     def _admit(b: Backend):
@@ -1044,64 +1085,125 @@ async def _sse_events(events):
         yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-async def _chat_chunks(events, cid: str, created: int, model: str):
-    def chunk(delta: dict, finish=None, extra=None):
+def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """`text` up to the first of the `stops` strings (as OpenAI cuts an answer: the stop string itself is not
+    returned), and whether one was found."""
+    at = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
+    return (text[:at], True) if at >= 0 else (text, False)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many of `text`'s last characters may begin a stop string (kept back from a streamed delta until
+    the next token says whether they do)."""
+    return max((k for x in stops for k in range(min(len(x) - 1, len(text)), 0, -1) if x.startswith(text[-k:])),
+               default=0)
+
+
+def chat_usage(ans: dict) -> dict:
+    """OpenAI's `usage`: the LLM's input (the question's text and one token per frame: the answer's
+    `llm_tokens`) and the tokens it generated, all of them, those after a `stop` string too."""
+    n = len(ans["token_ids"])
+    return {"prompt_tokens": ans["llm_tokens"], "completion_tokens": n, "total_tokens": ans["llm_tokens"] + n}
+
+
+async def _chat_chunks(events, cid: str, created: int, model: str, stops: list[str] = (), usage: bool = False):
+    """`chat.completion.chunk`s: the role, the text (held back while it may begin a `stops` string, cut before
+    one), the finish with the answer's fields under `lmstream`, with `usage` one more chunk of no choices
+    (OpenAI's `stream_options.include_usage`; then every chunk carries `"usage": null`), `[DONE]`."""
+    stops = list(stops)
+
+    def chunk(delta: dict | None, finish=None, extra=None):
         d = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+             "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                   "logprobs": None}]}
+        if usage:
+            d["usage"] = None
         if extra:
             d.update(extra)
         return f"data: {json.dumps(d)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
-    sent = False
+    sent, pending, stopped = False, "", False
     async for ev in events:
         if ev["type"] == "token":
-            if ev["text"]:
+            if stopped or not ev["text"]:
+                continue                       # after a stop string the model runs on; its text is not sent
+            pending, stopped = cut_at_stop(pending + ev["text"], stops)
+            keep = 0 if stopped else _held_back(pending, stops)
+            out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+            if out:
                 sent = True
-                yield chunk({"content": ev["text"]})
+                yield chunk({"content": out})
         elif ev["type"] == "answer":
             ans = {k: v for k, v in ev.items() if k != "type"}
             # an answer read from choices has no tokens: its text comes in the last delta, so a client
             # that joins the deltas' content gets it
-            yield chunk({"content": ans["text"]} if not sent and ans.get("text") else {}, ans["finish_reason"],
+            rest, cut = cut_at_stop(pending if sent or pending else ans.get("text") or "", stops)
+            yield chunk({"content": rest} if rest else {}, "stop" if cut or stopped else ans["finish_reason"],
                         {"lmstream": ans})
+            if usage:
+                yield chunk(None, extra={"usage": chat_usage(ans)})
         elif ev["type"] == "error":
-            yield f"data: {json.dumps({'error': {'code': ev['code'], 'message': ev['message']}})}\n\n"
+            err = {"code": ev["code"], "message": ev["message"], "type": openai_error_type(ev.get("status", 500)),
+                   "param": None}
+            yield f"data: {json.dumps({'error': err})}\n\n"
             break
     yield "data: [DONE]\n\n"
 
 
 def _chat_parts(body: ChatRequest):
-    """(question text, (kind, id, window, last_s)) from the last user message."""
-    users = [m for m in body.messages if m.role == "user"]
+    """(question text, (kind, id, window, last_s)): the question is the last user message's text; the video
+    the last video_url part of the user messages (the last one's, or an earlier turn's, so that a follow-up
+    question may leave it out)."""
+    users = [(i, m) for i, m in enumerate(body.messages) if m.role == "user"]
     if not users:
         raise InvalidRequest("expected a user message, got none")
-    content = users[-1].content
-    if not isinstance(content, list):
-        raise InvalidRequest("expected the user message's content to be a list holding a text part and a "
-                             "video_url part (lms://videos/ID), got plain text")
+    parts = [_user_parts(m.content, i) for i, m in users]
+    refs = [ref for _, ref in parts if ref is not None]
+    question = " ".join(t for t in parts[-1][0] if t.strip()).strip()
+    last = users[-1][0]
+    if not question:
+        raise InvalidRequest(f"expected the question as text in the last user message (messages[{last}]), got "
+                             "none")
+    if not refs:
+        raise InvalidRequest("expected a video_url part (lms://videos/ID or lms://streams/ID) in a user message, "
+                             "got none")
+    return question, refs[-1]
+
+
+def _user_parts(content, i: int):
+    """A user message's (text parts, the lms:// reference of its video_url part or None)."""
+    if isinstance(content, str):
+        return [content], None
+    if content is None:
+        raise InvalidRequest(f"expected messages[{i}].content to be text or a list of text and video_url parts, "
+                             "got null")
     texts, refs = [], []
-    for i, part in enumerate(content):
+    for j, part in enumerate(content):
+        where = f"messages[{i}].content[{j}]"
         t = part.get("type") if isinstance(part, dict) else None
         if t == "text":
-            texts.append(str(part.get("text", "")))
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidRequest(f"expected {where}.text to be a string, got {json.dumps(text)[:80]}")
+            texts.append(text)
         elif t == "video_url":
-            url = (part.get("video_url") or {}).get("url") if isinstance(part.get("video_url"), dict) else None
-            refs.append(_parse_lms_url(url, i))
+            v = part.get("video_url")
+            if not isinstance(v, dict):
+                raise InvalidRequest(f"expected {where}.video_url to be an object {{\"url\": \"lms://videos/ID\"}}, "
+                                     f"got {json.dumps(v)[:120]}")
+            refs.append(_parse_lms_url(v.get("url"), where))
         else:
-            raise InvalidRequest(f"expected content parts of type text or video_url, got {t!r} at messages[-1]."
-                                 f"content[{i}]")
-    question = " ".join(t for t in texts if t.strip()).strip()
-    if not question:
-        raise InvalidRequest("expected a text part with the question, got none")
-    if len(refs) != 1:
-        raise InvalidRequest(f"expected exactly one video_url part (lms://videos/ID), got {len(refs)}")
-    return question, refs[0]
+            raise InvalidRequest(f"expected content parts of type text or video_url, got {json.dumps(t)} at {where}")
+    if len(refs) > 1:
+        raise InvalidRequest(f"expected at most one video_url part in messages[{i}] (lms://videos/ID), got "
+                             f"{len(refs)}")
+    return texts, refs[0] if refs else None
 
 
-def _parse_lms_url(url, i: int):
+def _parse_lms_url(url, where: str):
     if not isinstance(url, str):
-        raise InvalidRequest(f"expected video_url.url at content[{i}] to be a string, got {url!r}")
+        raise InvalidRequest(f"expected {where}.video_url.url to be a string, got {json.dumps(url)[:120]}")
     try:
         u = urlparse(url)
     except ValueError:                                 # an unclosed '[' ("Invalid IPv6 URL")

@@ -10,7 +10,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator, model_validator
 
 from frame_cache import STREAM_ID_PATTERN
 from lmcore.limits import MAX_CHOICES
@@ -163,19 +163,75 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
+#: OpenAI (and vLLM) request fields this service does not implement, with the values that ask for nothing:
+#: any other value is refused (422/400 naming the field) rather than silently ignored (a 200 whose
+#: answer did not do what was asked). Other unknown fields (user, metadata, store, ...) change nothing
+#: an answer holds and are accepted and ignored.
+UNSUPPORTED_CHAT_FIELDS: dict[str, tuple] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "logit_bias": (None, {}),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "tools": (None, []), "tool_choice": (None, "none", "auto"), "functions": (None, []),
+    "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
+    "best_of": (None, 1), "top_k": (None, 0, -1), "audio": (None,), "modalities": (None, ["text"]),
+    "prediction": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+}
+
+
+def _same(value, a) -> bool:
+    """`value` is the harmless value `a`: 0 and 0.0 alike, but false is no 0 and 1 no true."""
+    if a is None or value is None:
+        return value is a
+    if isinstance(a, bool) or isinstance(value, bool):
+        return type(value) is type(a) and value == a
+    return value == a
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool | None = None
+
+
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)   # unknown OpenAI fields accepted, ignored
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)   # other OpenAI fields: UNSUPPORTED_CHAT_FIELDS
     model: str | None = None                 # None: the served one; another is 404 (the route checks it)
     messages: list[ChatMessage] = Field(min_length=1)
     stream: StrictBool | None = False        # OpenAI's schema allows null (not streamed)
+    stream_options: StreamOptions | None = None
     n: int | None = None                     # one choice per request: 1 or null
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    # strict: true or "5" is no number of tokens (pydantic's lax mode read true as 1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)     # strict: 1 and 1.0 alike, "1" and true no
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
+    seed: StrictInt | None = Field(None, ge=-(2 ** 63), le=2 ** 64 - 1)    # what torch's manual_seed takes
+    stop: str | list[str] | None = None      # cut the answer before the first of these (at most 16)
     lmstream_policy: str | None = Field(None, alias="lmstream_policy")
     lmstream_choices: list[str] | None = Field(None, min_length=2, max_length=MAX_CHOICES, alias="lmstream_choices")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop
+        if stops is not None and (len(stops) > 16 or not all(0 < len(x) <= 256 for x in stops)):
+            raise ValueError(f"expected stop to be a string or a list of at most 16 strings of 1-256 characters, "
+                             f"got {json.dumps(stop)[:200]}")
+        return stop
+
+    @model_validator(mode="after")
+    def _supported(self):
+        from pydantic_core import PydanticCustomError
+        for name, value in (self.model_extra or {}).items():
+            allowed = UNSUPPORTED_CHAT_FIELDS.get(name)
+            if allowed is not None and not any(_same(value, a) for a in allowed):
+                raise PydanticCustomError("unsupported", "expected no {param} (this service does not support it; "
+                                          "leave it out), got {got}", {"param": name, "got": json.dumps(value)[:120]})
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError("stream_options", "expected stream_options only with stream true, got it "
+                                      "without", {"param": "stream_options"})
+        return self
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @field_validator("n", mode="before")
     @classmethod

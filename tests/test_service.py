@@ -155,7 +155,7 @@ def test_choices_answer_the_likeliest_candidate_as_the_engine_does(service, uplo
         assert chat["choices"][0]["message"]["content"] == want.text and chat["lmstream"]["choices"]
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}],
                                                  "lmstream_choices": choices, "temperature": 0.7})
-        assert r.status_code == 422 and "lmstream_choices or a temperature" in r.json()["error"]["message"]
+        assert r.status_code == 400 and "lmstream_choices or a temperature" in r.json()["error"]["message"]
 
 
 def test_openai_client_unchanged(service, uploaded):
@@ -205,7 +205,7 @@ def test_chat_video_url_windows_are_checked_like_the_questions_route(service, up
                             ("?last_s=10&start=0&end=5", "at most one of start/end and last_s"),
                             ("?foo=1", "only start, end or last_s"), ("?start=1&start=2&end=9", "one finite number")):
             r = ask(query)
-            assert r.status_code == 422 and r.json()["error"]["code"] == "E_INVALID_REQUEST", (query, r.text)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "E_INVALID_REQUEST", (query, r.text)
             msg = r.json()["error"]["message"]
             assert msg.startswith("expected ") and says in msg, (query, msg)
         r = ask("?start=5&end=10")
@@ -551,12 +551,12 @@ def test_json_bodies_must_be_utf8_and_are_bounded_before_they_are_read(service, 
     with service.client() as c:
         for path in routes:
             r = c.post(path, content=b"\xff\xfe{", headers=jtype)
-            assert r.status_code == 422 and r.json()["error"] == {
-                "code": "E_INVALID_REQUEST",
+            assert _err(r) == {                           # 400 on the OpenAI route, as OpenAI's clients expect
+                "status": 400 if "chat" in path else 422, "code": "E_INVALID_REQUEST",
                 "message": "expected a UTF-8 JSON body, got bytes that are not UTF-8 (0xff at byte 0)"}, (path, r.text)
             r = c.post(path, content=big, headers=jtype)
-            assert r.status_code == 413 and r.json()["error"] == {
-                "code": "E_TOO_LARGE", "message": "expected a request body of at most 100000 bytes "
+            assert _err(r) == {
+                "status": 413, "code": "E_TOO_LARGE", "message": "expected a request body of at most 100000 bytes "
                 f"(limits.max_json_bytes), got {len(big)} (Content-Length)"}, (path, r.text)
             r = c.post(path, content=chunks(), headers=jtype)
             err = r.json()["error"]
@@ -1385,9 +1385,20 @@ def test_a_camera_host_that_cannot_be_a_host_name_is_422():
             assert why in e.value.message, e.value
 
 
-def _err(r) -> dict:
-    """The error body of a response, with its status under "status"."""
-    return {"status": r.status_code, **r.json()["error"]}
+def _err(r, keep: bool = False) -> dict:
+    """The error body of a response, with its status under "status". The OpenAI-compatible routes' errors
+    carry OpenAI's `type` (checked against the status here) and `param` too: left out unless `keep`."""
+    e = {"status": r.status_code, **r.json()["error"]}
+    if r.request.url.path in ("/v1/chat/completions", "/v1/models") or r.request.url.path.startswith("/v1/models/"):
+        want = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                429: "rate_limit_error"}.get(r.status_code, "server_error" if r.status_code >= 500
+                                             else "invalid_request_error")
+        assert e.get("type") == want and "param" in e, e
+        if not keep:
+            del e["type"], e["param"]
+    else:
+        assert "type" not in e and "param" not in e, e
+    return e
 
 
 def _camera_stream(c, source: str) -> str:
@@ -1430,9 +1441,10 @@ def test_a_client_mistake_is_422_invalid_request_naming_the_field_on_every_route
                          "message": f"expected window as START,END finite seconds, got {window!r}"}, e
         for url in ("lms://videos/bad!id", "lms://streams/bad!id"):
             e = _err(c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
-                {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": url}}]}]}))
-            assert e["status"] == 422 and e["code"] == "E_INVALID_REQUEST" and "bad!id" in e["message"], e
+                {"type": "text", "text": "q"}, {"type": "video_url", "video_url": {"url": url}}]}]}), keep=True)
+            assert e["status"] == 400 and e["code"] == "E_INVALID_REQUEST" and "bad!id" in e["message"], e
             assert e["message"].startswith("expected video_url.url"), e
+            assert (e["type"], e["param"]) == ("invalid_request_error", None), e
         e = _err(c.post(f"/v1/videos/{vid}/questions", json={"question": "what colour is the circle?",
                                                             "choices": ["red", "cyan"]}))
         assert (e["status"], e["code"]) == (422, "E_INVALID_REQUEST") and "'cyan'" in e["message"], e
@@ -1492,8 +1504,9 @@ def test_lms_urls_and_question_routes_say_which_kind_an_id_is(service, uploaded)
 
 
 def test_chat_refuses_n_other_than_1_and_models_it_does_not_serve(service, uploaded):
-    """`n: 2` answered one choice, and any `model` name was answered; now n != 1 is 422 and a model other
-    than the one GET /v1/models lists is 404 naming it (what vLLM answers); no model at all still answers."""
+    """`n: 2` answered one choice, and any `model` name was answered; now n != 1 is refused (400, as OpenAI
+    and vLLM, which OpenAI's client raises as BadRequestError; it was 422) and a model other than the one
+    GET /v1/models lists is 404 naming it (what vLLM answers); no model at all still answers."""
     import openai
     content = [{"type": "text", "text": QUESTIONS[0]},
                {"type": "video_url", "video_url": {"url": f"lms://videos/{uploaded['id']}"}}]
@@ -1502,8 +1515,8 @@ def test_chat_refuses_n_other_than_1_and_models_it_does_not_serve(service, uploa
         served = [m["id"] for m in c.get("/v1/models").json()["data"]]
         assert served == ["demo"]
         for n in (2, 0, True, "1"):
-            e = _err(c.post("/v1/chat/completions", json={**body, "n": n}))
-            assert e == {"status": 422, "code": "E_INVALID_REQUEST",
+            e = _err(c.post("/v1/chat/completions", json={**body, "n": n}), keep=True)
+            assert e == {"status": 400, "code": "E_INVALID_REQUEST", "type": "invalid_request_error", "param": "n",
                          "message": f"expected n 1, got {json.dumps(n)} (one choice per request)"}, e
         e = _err(c.post("/v1/chat/completions", json={**body, "model": "gpt-4o"}))
         assert e == {"status": 404, "code": "E_NOT_FOUND",
@@ -1514,8 +1527,95 @@ def test_chat_refuses_n_other_than_1_and_models_it_does_not_serve(service, uploa
     client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY)
     with pytest.raises(openai.NotFoundError, match="gpt-4o"):
         client.chat.completions.create(model="gpt-4o", messages=body["messages"], max_tokens=2)
-    with pytest.raises(openai.UnprocessableEntityError, match="expected n 1"):
+    with pytest.raises(openai.BadRequestError, match="expected n 1") as e:
         client.chat.completions.create(model="demo", messages=body["messages"], max_tokens=2, n=2)
+    assert (e.value.type, e.value.param, e.value.code) == ("invalid_request_error", "n", "E_INVALID_REQUEST")
+
+
+def test_chat_as_openais_client_uses_it_stop_usage_follow_ups_and_what_it_refuses(service, uploaded):
+    """What a user coming from vLLM found with OpenAI's own client: `stop` was ignored (the answer went on
+    past it), `stream_options.include_usage` sent no usage chunk, logprobs / response_format / tools /
+    penalties were accepted and silently ignored, a seed past 64 bits was a 500, `models.retrieve` was 404,
+    `created` was 0, a follow-up question without the video part was refused, and a text part of 123 was
+    answered. Now: stop cuts (streamed too, a stop string split across tokens held back), the usage chunk
+    comes, unsupported fields and bad types are 400 naming the `param`, the video comes from an earlier turn."""
+    import openai
+    vid = uploaded["id"]
+    video = {"type": "video_url", "video_url": {"url": f"lms://videos/{vid}"}}
+    order = "which appeared first, the blue cross or the blue circle?"       # the scene's: two words back
+    msgs = [{"role": "user", "content": [{"type": "text", "text": order}, video]}]
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key=KEY, max_retries=0)
+    full = client.chat.completions.create(model="demo", messages=msgs, max_tokens=8)
+    text = full.choices[0].message.content
+    assert len(text.split()) >= 2 and full.usage.completion_tokens == len(full.lmstream["token_ids"]), full
+    assert full.usage.prompt_tokens == full.lmstream["llm_tokens"] and full.lmstream["text"] == text
+    stop = " " + text.split()[1][:2]                       # the second word's start: a token split apart
+    want = text[:text.find(stop)]
+    r = client.chat.completions.create(model="demo", messages=msgs, max_tokens=8, stop=[stop, "zzz-never"])
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, "stop"), (stop, text, r)
+    assert r.lmstream["text"] == text                      # the model's own answer, before the cut
+    chunks = list(client.chat.completions.create(model="demo", messages=msgs, max_tokens=8, stop=stop,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want, chunks
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"] and chunks[-1].choices == [], chunks
+    assert chunks[-1].usage.model_dump() == r.usage.model_dump() and all(c.usage is None for c in chunks[:-1])
+    plain = list(client.chat.completions.create(model="demo", messages=msgs, max_tokens=8, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in plain) == text
+    assert all(c.choices and "usage" not in c.model_dump(exclude_unset=True) for c in plain)
+
+    # a follow-up: the video from the first turn, the question from the last
+    follow = msgs + [{"role": "assistant", "content": text}, {"role": "user", "content": order}]
+    again = client.chat.completions.create(model="demo", messages=follow, max_tokens=8)
+    assert again.choices[0].message.content == text and again.lmstream["frames"] == 40, again
+
+    m = client.models.retrieve("demo")
+    assert m.id == "demo" and abs(m.created - time.time()) < 24 * 3600, m
+    assert [x.created for x in client.models.list().data] == [m.created]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-4o")
+    assert e.value.type == "not_found_error" and "expected model 'demo'" in e.value.message
+
+    for extra, param, says in (
+            ({"logprobs": True}, "logprobs", "expected no logprobs (this service does not support it; leave it "
+                                             "out), got true"),
+            ({"response_format": {"type": "json_object"}}, "response_format", "expected no response_format"),
+            ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "expected no tools"),
+            ({"presence_penalty": 0.5}, "presence_penalty", "expected no presence_penalty"),
+            ({"logit_bias": {"61": -100}}, "logit_bias", "expected no logit_bias"),
+            ({"seed": 2 ** 70, "temperature": 1}, "seed", "expected seed: Input should be less than or equal to "
+                                                          "18446744073709551615"),
+            ({"max_tokens": True}, "max_tokens", "expected max_tokens: Input should be a valid integer, got true"),
+            ({"temperature": "1"}, "temperature", "expected temperature"),
+            ({"stream_options": {"include_usage": True}}, "stream_options", "expected stream_options only with "
+                                                                            "stream true"),
+            ({"stop": [""]}, "stop", "expected stop to be a string or a list of at most 16 strings")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(**{"model": "demo", "messages": msgs, "max_tokens": 2, **extra})
+        assert (e.value.status_code, e.value.param, e.value.code) == (400, param, "E_INVALID_REQUEST"), (extra, e.value)
+        assert e.value.body["message"].startswith(says), (extra, e.value.body)
+    # harmless values of those fields, and fields that change nothing, are taken
+    ok = client.chat.completions.create(model="demo", messages=msgs, max_tokens=8, logprobs=False,
+                                        presence_penalty=0, response_format={"type": "text"}, user="u1",
+                                        extra_body={"top_k": -1})
+    assert ok.choices[0].message.content == text
+
+    for content, says in (
+            (None, "expected messages[0].content to be text or a list of text and video_url parts, got null"),
+            ([{"type": "text", "text": 123}, video], "expected messages[0].content[0].text to be a string, got 123"),
+            ([{"type": "text", "text": "q"}, {"type": "video_url", "video_url": f"lms://videos/{vid}"}],
+             "expected messages[0].content[1].video_url to be an object"),
+            ([{"type": "text", "text": "q"}, video, video], "expected at most one video_url part in messages[0]"),
+            ("what colour ?", "expected a video_url part (lms://videos/ID or lms://streams/ID) in a user message")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="demo", messages=[{"role": "user", "content": content}], max_tokens=2)
+        assert e.value.body["message"].startswith(says), (content, e.value.body)
+    with pytest.raises(openai.BadRequestError) as e:                 # an image_url in the first of two turns
+        client.chat.completions.create(model="demo", max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
+            {"role": "assistant", "content": "ok"}, msgs[0]])
+    assert e.value.body["message"] == ('expected content parts of type text or video_url, got "image_url" at '
+                                       "messages[0].content[0]"), e.value.body
 
 
 def test_booleans_in_request_bodies_are_strict(service, uploaded):
@@ -1530,7 +1630,7 @@ def test_booleans_in_request_bodies_are_strict(service, uploaded):
             for path, body in ((f"/v1/videos/{vid}/questions", {"question": "q"}),
                                ("/v1/chat/completions", {"messages": [{"role": "user", "content": content}]})):
                 e = _err(c.post(path, json={**body, "stream": bad, "max_tokens": 2}))
-                assert e == {"status": 422, "code": "E_INVALID_REQUEST", "message":
+                assert e == {"status": 400 if "chat" in path else 422, "code": "E_INVALID_REQUEST", "message":
                              f"expected stream: Input should be a valid boolean, got {json.dumps(bad)}"}, (path, e)
         assert c.post(f"/v1/videos/{vid}/questions", json={"question": "q", "stream": False,
                                                           "max_tokens": 2}).status_code == 200
