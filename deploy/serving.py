@@ -431,8 +431,15 @@ class AnswerCore:
             src.time_span, src.bytes_read = (float(src.pts[0]), float(src.pts[-1])), 0
         else:
             src = self.window(stream_id, window, last_s)
-        lo, hi = src.time_span
-        inside = [list(g) for g in gaps if (g[1] is None or g[1] >= lo) and (g[0] is None or g[0] <= hi)]
+        # the stream's gaps in the window asked about, not only between its first and last stored frame: a
+        # truncated file's missing tail, or an outage going on after the newest frame, is a gap of the answer
+        if window is not None:
+            lo, hi = float(window[0]), float(window[1])
+        elif last_s is not None:
+            lo, hi = src.time_span[1] - float(last_s), math.inf
+        else:
+            lo, hi = -math.inf, math.inf
+        inside = [list(g) for g in gaps if (g[1] is None or g[1] > lo) and (g[0] is None or g[0] < hi)]
         first = None
         for kind, *rest in self.model.stream_answer(src, question, max_new_tokens=max_tokens, policy=policy,
                                                     extra_gaps=inside, choices=choices, **(sampling or {})):
@@ -703,7 +710,11 @@ def check_allowed(path: str, allowed: list[str]) -> str:
         if real == d or real.startswith(d.rstrip(os.sep) + os.sep):
             return real
     shown = ", ".join(allowed) if allowed else "none configured (lmstream serve --allowed-dir DIR)"
-    raise PathNotAllowed(f"expected a path inside the allowed folders ({shown}), got {path!r}")
+    plain = os.path.abspath(os.path.expanduser(path))
+    inside = any(plain == d or plain.startswith(d.rstrip(os.sep) + os.sep) for d in allowed)
+    # a link inside that leads out: said so (the path shown is inside), where it leads not said
+    how = " (a symbolic link along it leads outside them)" if inside else ""
+    raise PathNotAllowed(f"expected a path inside the allowed folders ({shown}), got {path!r}{how}")
 
 
 def check_regular_file(real: str, shown: str) -> None:
@@ -727,6 +738,9 @@ def check_regular_file(real: str, shown: str) -> None:
     if not os.access(real, os.R_OK):
         raise InputUnreadable(f"expected a file the service may read at {shown!r}, got one it may not "
                               "(permission denied)")
+    if st.st_size == 0:                              # as an empty upload is refused, at once (not a failed job)
+        from lmcore.errors import NotAVideo
+        raise NotAVideo(f"expected a video file at {shown!r}, got an empty file (0 bytes)")
 
 
 def fps_ok(fps: float | None, settings: Settings) -> float:

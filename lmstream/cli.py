@@ -107,10 +107,19 @@ def print_answer(ans, load_s: float | None = None) -> None:
 
 
 def warn_gaps(report: dict | None) -> None:
-    if report and report.get("gaps"):
+    """The decoder's findings as one warning line: the spans with no frame (`W_DECODE_GAP`) or, with none,
+    other frames it could not use (`W_DECODE`), with its first three reasons; `--json` has them all."""
+    if not report:
+        return
+    errors = list(report.get("errors") or [])
+    more = len(errors) - 3 + int(report.get("errors_dropped") or 0)
+    why = "; ".join(errors[:3]) + (f"; {more} more in --json" if more > 0 else "")
+    if report.get("gaps"):
         gaps = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in report["gaps"])
-        print(f"warning[W_DECODE_GAP]: could not decode the video at {gaps}; answered from the frames around it "
-              f"({report.get('packets_failed', 0)} packets failed)", file=sys.stderr)
+        print(f"warning[W_DECODE_GAP]: no frames of the video at {gaps}; answered from the frames around it"
+              + (f" ({why})" if why else ""), file=sys.stderr)
+    elif errors:
+        print(f"warning[W_DECODE]: {why}", file=sys.stderr)
 
 
 #: Largest --fps accepted: above any real camera's rate every frame is sampled anyway.
@@ -526,7 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     parser = build_parser()
     parser.argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if (len(extra) == 1 and not extra[0].startswith("-") and getattr(args, "fn", None) is cmd_ask
+            and args.question is None):
+        args.question = extra[0]     # `ask VIDEO --window 20:60 "question"`: argparse left it over
+    elif extra:
+        parser.parse_args(argv)      # its own error for what is left over
     # a command turns autograd off for its model (load_model); called in-process (tests, embedding
     # applications), the caller gets its own grad mode back
     torch_was = sys.modules.get("torch")

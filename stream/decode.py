@@ -1152,6 +1152,7 @@ class VideoSource:
         prev_dur = 0.0  # duration of the previous video packet, seconds
         max_pts = -math.inf  # latest presentation time among video packets read so far
         last_t: float | None = None  # last frame time (good or not), for pts estimates
+        went_back, went_back_at = 0, (0.0, 0.0)  # frames skipped whose time went back; the first such jump
         reached_end = False
         index = 0
 
@@ -1235,7 +1236,7 @@ class VideoSource:
                         report.pts_estimated += 1
                         t = seconds(frame.dts, frame.time_base)
                         if t is None:
-                            t = last_t + nominal if last_t is not None else 0.0
+                            t = round(last_t + nominal, 6) if last_t is not None else 0.0  # no float drift
                         if report.pts_estimated == 1:
                             report.add_error(
                                 f"frame without pts at about {t:.2f} s: time estimated from dts/frame rate"
@@ -1246,8 +1247,13 @@ class VideoSource:
                         report.add_error(f"corrupt frame at {t:.2f} s skipped")
                         damage.append(t)
                         continue
-                    if last_good is not None and t < last_good - _TIME_EPS:
-                        continue  # out of order (seen after damage): never go back in time
+                    if last_good is not None and t < last_good + _TIME_EPS:
+                        # out of order (seen after damage), timestamps that start over (recordings joined end
+                        # to end), a repeated one: time only moves forward; say how many frames that left out
+                        if not went_back:
+                            went_back_at = (last_good, t)
+                        went_back += 1
+                        continue
                     if damage and min(damage) <= t + _TIME_EPS:
                         close_gap(t)
                         damage = [p for p in damage if p > t + _TIME_EPS]
@@ -1280,6 +1286,12 @@ class VideoSource:
                 progress.update(last_good + nominal)
         finally:
             progress.close()
+            if went_back:
+                report.add_error(
+                    f"{went_back} frame(s) skipped whose timestamps did not move forward (first from "
+                    f"{went_back_at[0]:.2f} s to {went_back_at[1]:.2f} s): frames are taken in time order only; "
+                    "a file joined from recordings that each start at 0 needs its timestamps remade to be read whole"
+                )
 
         if reached_end:
             return
@@ -1289,7 +1301,7 @@ class VideoSource:
             tail = last_good if last_good is not None else self.start
             close_gap(declared_end if declared_end is not None and declared_end > tail else tail + nominal)
         elif last_good is not None and declared_end is None:
-            report.duration_s = last_good + min(last_shown, slack)  # nothing declared: the frames say it
+            report.duration_s = round(last_good + min(last_shown, slack), 6)  # nothing declared: the frames say it
         elif (
             video_specific
             and declared_end is not None

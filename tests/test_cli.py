@@ -93,6 +93,12 @@ def test_window_and_budget_policy_are_reported(tiny_ckpt, video):
     d = json.loads(r.stdout)
     assert d["time_span"] == [1.0, 4.0] and d["frames"] == 4          # [1, 5) half-open
     assert d["frames_fused"] == 2 and d["policy"].startswith("budget:2")
+    # options between the video and the question (argparse refused the question as "unrecognized")
+    r2 = run("ask", video, "--window", "1:5", "--json", "what is in the video ?", "--model", tiny_ckpt,
+             "--policy", "budget:2", "--max-new-tokens", "2")
+    assert r2.returncode == 0 and json.loads(r2.stdout)["text"] == d["text"], r2.stderr
+    assert_one_line_error(run("ask", video, "--window", "1:5", "q", "more", "--model", tiny_ckpt),
+                          "E_BAD_ARGUMENT", "unrecognized arguments: q more")
 
 
 def test_image_instead_of_video_is_one_frame(tiny_ckpt, tmp_path):
@@ -135,6 +141,9 @@ def test_corruption_in_the_middle_answers_and_reports_the_gap(tiny_ckpt, tmp_pat
     assert "warning[W_DECODE_GAP]" in r.stderr and "Traceback" not in r.stderr
     d = json.loads(r.stdout)
     assert d["decode_report"]["gaps"] and d["frames"] > 10
+    # the warning gives the decoder's reasons (it said "(0 packets failed)" for lost TS packets)
+    line, = [x for x in r.stderr.splitlines() if x.startswith("warning[")]
+    assert d["decode_report"]["errors"][0] in line and "packets failed" not in line, line
 
 
 def test_unknown_checkpoint_layout(tmp_path, video):

@@ -214,6 +214,36 @@ def test_chat_video_url_windows_are_checked_like_the_questions_route(service, up
         assert r.status_code == 422 and r.json()["error"]["message"].startswith("expected "), r.text
 
 
+def test_an_answer_names_the_gaps_in_its_window_a_truncated_files_missing_tail_too(service, media):
+    """A 60 s Matroska file cut in half: its job records the missing tail as a gap, but answers said
+    `gaps: []`, as they kept only gaps between their first and last frame. Now an answer names every gap
+    of the stream inside the window asked about (the whole video when none)."""
+    import av
+    from stream.synthetic import make_scene, write_video
+    mp4, path = media / "whole-60s.mp4", media / "cut-in-half.mkv"
+    write_video(make_scene(13, 60, size=(64, 64)), mp4)
+    with av.open(str(mp4)) as src, av.open(str(path), "w", format="matroska") as dst:   # remuxed, no re-encode
+        out = dst.add_stream_from_template(src.streams.video[0])
+        for pkt in src.demux(src.streams.video[0]):
+            if pkt.dts is not None:
+                pkt.stream = out
+                dst.mux(pkt)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with service.client() as c:
+        r = c.post("/v1/videos", json={"path": str(path), "fps": 0.3})    # the last frame taken before the cut
+        assert r.status_code == 202, r.text
+        d = wait_ready(c, r.json()["id"])
+        assert d["status"] == "ready" and d["gaps"], d
+        tail = d["gaps"][-1]
+        assert 20 < tail[0] < 40 and tail[1] == pytest.approx(60, abs=0.5), d
+        for body, has in (({}, True), ({"window": [10, 60]}, True), ({"window": [0, 10]}, False)):
+            a = c.post(f"/v1/videos/{d['id']}/questions", json={"question": QUESTIONS[0], "max_tokens": 2, **body})
+            assert a.status_code == 200, a.text
+            a = a.json()
+            assert (tail in a["gaps"]) is has and a["time_span"][1] < tail[0], (body, a["gaps"], tail)
+        c.delete(f"/v1/videos/{d['id']}")
+
+
 def test_paths_limits_and_validation(service, media, tmp_path):
     with service.client() as c:
         r = c.post("/v1/videos", json={"path": "/etc/passwd"})
@@ -237,6 +267,20 @@ def test_paths_limits_and_validation(service, media, tmp_path):
                 "code": "E_INPUT_UNREADABLE", "message": f"expected a regular file at {str(p)!r}, got a {kind}"}, r.text
         r = c.post("/v1/videos", json={"path": str(media / "nothing-here.mp4")})
         assert r.status_code == 404 and r.json()["error"]["code"] == "E_NOT_FOUND"
+        # an empty file: refused at once, as an empty upload is (it was 202, then a failed job)
+        (media / "empty.mp4").write_bytes(b"")
+        r = c.post("/v1/videos", json={"path": str(media / "empty.mp4")})
+        assert r.status_code == 422 and r.json()["error"] == {"code": "E_NOT_A_VIDEO", "message": "expected a video "
+                                                              f"file at {str(media / 'empty.mp4')!r}, got an empty "
+                                                              "file (0 bytes)"}, r.text
+        # a link inside the allowed folder that leads out: said so (the path shown is inside), not where to
+        out = media / "leads-out.mp4"
+        if not out.is_symlink():
+            out.symlink_to("/etc/hostname")
+        r = c.post("/v1/videos", json={"path": str(out)})
+        assert r.status_code == 403 and r.json()["error"]["message"].endswith(
+            f"got {str(out)!r} (a symbolic link along it leads outside them)"), r.text
+        assert "/etc" not in r.json()["error"]["message"]
         r = c.post("/v1/videos/vid-nope/questions", json={"max_tokens": 2})    # pydantic's words reshaped
         assert r.status_code == 422 and r.json()["error"]["message"] == "expected question (required), got none"
         r = c.post("/v1/videos", files={"file": ("big.mp4", b"\0" * 3_500_000, "video/mp4")})

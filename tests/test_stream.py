@@ -530,6 +530,27 @@ def test_truncated_file_keeps_decoded_frames_and_reports_tail(tmp_path):
     assert src.report.duration_s == src.info.duration_s  # a lost tail: the declared duration stands
 
 
+def test_recordings_joined_end_to_end_say_how_many_frames_went_back_in_time(tmp_path):
+    """Two MPEG-TS recordings that each start at 0, joined byte for byte (`cat a.ts b.ts`): the second's
+    frames go back in time and are skipped (time order only; the last, at the first's last time, too: it
+    came out twice). That lost half the file with nothing said but a corrupt packet at the join; now the
+    report counts them and says where time went back."""
+    a, b = tmp_path / "a.ts", tmp_path / "b.ts"
+    write_video(a, fmt="mpegts")
+    write_video(b, fmt="mpegts")
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(a.read_bytes() + b.read_bytes())
+    src = VideoSource(joined, fps=0)
+    frames = list(src)
+    n = len(frames)
+    assert n >= N_FRAMES - 3 and all(x.pts < y.pts for x, y in zip(frames, frames[1:]))
+    said = [e for e in src.report.errors if "did not move forward" in e]
+    assert len(said) == 1 and said[0].startswith(f"{src.report.frames_decoded - n - src.report.frames_corrupt} "
+                                                 "frame(s) skipped whose timestamps did not move forward (first "
+                                                 "from "), said
+    assert src.report.frames_decoded - n >= N_FRAMES - 3, src.report
+
+
 class _DemuxFailsAfter:
     """Wraps an open container so that demuxing raises after ``n`` packets (an I/O error mid-file)."""
 
