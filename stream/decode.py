@@ -967,6 +967,7 @@ class VideoSource:
         self.report = DecodeReport.from_info(self.info)
         self._unapplied: set[str] = set()  # orientations that could not be applied, reported once
         self._orient_by_rotation: dict[int, str | None] = {}  # frame.rotation -> how to put it upright
+        self._around: list[float | None] = [None, None]  # the frames just before and just after the window
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -1073,6 +1074,8 @@ class VideoSource:
         if (r.frames_decoded and not r.packets_failed and duration is not None and self.start >= duration
                 and not self.info.is_image):               # an image's 0.0 is no length a start can pass
             details.append(f"start {self.start:g} s is past the duration {duration:.2f} s")
+        elif None not in self._around:                     # a hole in the file's timestamps spans the window
+            details.append(f"the file has no frame from {self._around[0]:.2f} s to {self._around[1]:.2f} s")
         return f"expected at least one decodable video frame in {where}, got 0 ({'; '.join(details)})"
 
     def _image_frames(self, container, vs, report: DecodeReport) -> Iterator[Frame]:
@@ -1259,6 +1262,8 @@ class VideoSource:
                         damage = [p for p in damage if p > t + _TIME_EPS]
                     last_good = t
                     last_shown = _frame_seconds(frame, nominal)
+                    if t < self.start:
+                        self._around[0] = t  # the last frame before the window (an empty window's message)
                     if declared_end is not None and t > declared_end + nominal / 2:
                         if not header_wrong:
                             header_wrong = True
@@ -1270,6 +1275,7 @@ class VideoSource:
                     progress.update(t)
 
                     if sampler.past_end(t):
+                        self._around[1] = t  # the first frame after the window
                         reached_end = True
                         break
                     if not sampler.wants(t):

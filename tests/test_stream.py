@@ -530,6 +530,17 @@ def test_truncated_file_keeps_decoded_frames_and_reports_tail(tmp_path):
     assert src.report.duration_s == src.info.duration_s  # a lost tail: the declared duration stands
 
 
+def test_a_window_inside_a_hole_in_the_timestamps_says_where_the_frames_are(tmp_path):
+    """Frames at 0-9.5 s and 40-49.5 s: a window of 15-35 s has none, and the error said only "(20 frames
+    decoded)"; it now names the hole."""
+    path = tmp_path / "hole.mp4"
+    write_video(path, [i / 2 for i in range(20)] + [40 + i / 2 for i in range(20)], time_base=Fraction(1, 10))
+    with pytest.raises(NoFrames) as e:
+        list(VideoSource(path, fps=1, start=15, end=35))
+    assert e.value.message.endswith("the file has no frame from 9.50 s to 40.00 s)"), e.value.message
+    assert [f.pts for f in VideoSource(path, fps=1, start=35, end=41)] == [40.0]
+
+
 def test_recordings_joined_end_to_end_say_how_many_frames_went_back_in_time(tmp_path):
     """Two MPEG-TS recordings that each start at 0, joined byte for byte (`cat a.ts b.ts`): the second's
     frames go back in time and are skipped (time order only; the last, at the first's last time, too: it
