@@ -141,10 +141,9 @@ def is_openai_path(path: str) -> bool:
 
 
 def openai_error_type(status: int) -> str:
-    """The `type` OpenAI's API gives an error of this HTTP status."""
-    return {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 429: "rate_limit_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error")
+    """The `type` OpenAI's API gives an error of this HTTP status: `invalid_request_error` for a request it
+    refuses (a bad key and an unknown model too, told apart by `code`), `server_error` for its own faults."""
+    return "server_error" if status >= 500 else "invalid_request_error"
 
 
 class Metrics:
@@ -369,9 +368,9 @@ def build_api() -> FastAPI:
             err = InvalidRequest(f"expected a JSON body, got invalid JSON (error at position {pos})")
         else:
             err = InvalidRequest(validation_message(first))
-        # OpenAI's `param`: the field refused (a model validator names its own)
+        # OpenAI's `param`: the field refused (a model validator names its own; none for a body not JSON)
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        param = (first.get("ctx") or {}).get("param") or where or None
+        param = None if first.get("type") == "json_invalid" else (first.get("ctx") or {}).get("param") or where or None
         return error_response(err, openai=is_openai_path(req.url.path), param=param)
 
     @api.exception_handler(StarletteHTTPException)
@@ -825,6 +824,9 @@ def build_api() -> FastAPI:
     @api.get("/v1/models/{model_id:path}")
     async def model_info(model_id: str, b: Backend = Depends(auth)):
         info = await b.encoder_info()
+        model_id = model_id.rstrip("/")                # /v1/models/demo/ as /v1/models/demo
+        if not model_id:                               # /v1/models/ (Starlette redirected it to the list)
+            return {"object": "list", "data": [model_card(info)]}
         if model_id != info["model"]:
             raise NotFound(f"expected model {info['model']!r} (GET /v1/models), got {model_id[:200]!r}")
         return model_card(info)
@@ -834,7 +836,11 @@ def build_api() -> FastAPI:
         info = await b.encoder_info()
         if body.model is not None and body.model != info["model"]:     # as vLLM: a model it does not serve
             raise NotFound(f"expected model {info['model']!r} (GET /v1/models), got {body.model!r}")
-        question, ref = _chat_parts(body)
+        try:
+            question, ref = _chat_parts(body)
+        except InvalidRequest as e:
+            e.param = "messages"                       # OpenAI's `param`: the message names the part
+            raise
         kind, sid, window, last_s = ref
         # lms://videos/ID names a video and lms://streams/ID a stream, as the question routes read them
         max_tokens = body.max_completion_tokens or body.max_tokens or 64
@@ -1086,10 +1092,11 @@ async def _sse_events(events):
 
 
 def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """`text` up to the first of the `stops` strings (as OpenAI cuts an answer: the stop string itself is not
-    returned), and whether one was found."""
-    at = min((i for i in (text.find(x) for x in stops) if i >= 0), default=-1)
-    return (text[:at], True) if at >= 0 else (text, False)
+    """`text` up to the stop string that is complete first, reading on (the earliest end; of two ending
+    together the longer), as OpenAI and vLLM cut an answer: the stop string itself is not returned; and
+    whether one was found. Reading a prefix finds the same one: a streamed answer is cut where it is whole."""
+    found = [(i + len(x), i) for x in stops if (i := text.find(x)) >= 0]
+    return (text[:min(found)[1]], True) if found else (text, False)
 
 
 def _held_back(text: str, stops: list[str]) -> int:

@@ -174,6 +174,8 @@ UNSUPPORTED_CHAT_FIELDS: dict[str, tuple] = {
     "function_call": (None, "none", "auto"), "response_format": (None, {"type": "text"}),
     "best_of": (None, 1), "top_k": (None, 0, -1), "audio": (None,), "modalities": (None, ["text"]),
     "prediction": (None,), "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,),
+    "guided_grammar": (None,), "include_stop_str_in_output": (None, False), "stop_token_ids": (None, []),
+    "min_tokens": (None, 0), "ignore_eos": (None, False),
 }
 
 
@@ -228,6 +230,11 @@ class ChatRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise PydanticCustomError("stream_options", "expected stream_options only with stream true, got it "
                                       "without", {"param": "stream_options"})
+        more = (self.stream_options.model_extra or {}) if self.stream_options is not None else {}
+        if more.get("continuous_usage_stats") not in (None, False):      # vLLM's: usage in every chunk
+            raise PydanticCustomError("unsupported", "expected no {param} (this service does not support it; "
+                                      "leave it out), got {got}", {"param": "stream_options.continuous_usage_stats",
+                                                                   "got": json.dumps(more["continuous_usage_stats"])})
         return self
 
     def stop_strings(self) -> list[str]:

@@ -111,9 +111,9 @@ def warn_gaps(report: dict | None) -> None:
     other frames it could not use (`W_DECODE`), with its first three reasons; `--json` has them all."""
     if not report:
         return
-    errors = list(report.get("errors") or [])
-    more = len(errors) - 3 + int(report.get("errors_dropped") or 0)
-    why = "; ".join(errors[:3]) + (f"; {more} more in --json" if more > 0 else "")
+    errors, dropped = list(report.get("errors") or []), int(report.get("errors_dropped") or 0)
+    why = "; ".join(errors[:3]) + (f"; {len(errors) - 3} more in --json" if len(errors) > 3 else "") \
+        + (f"; {dropped} more not kept" if dropped else "")
     if report.get("gaps"):
         gaps = ", ".join(f"{a:.2f}-{b:.2f} s" for a, b in report["gaps"])
         print(f"warning[W_DECODE_GAP]: no frames of the video at {gaps}; answered from the frames around it"

@@ -80,6 +80,8 @@ __all__ = [
 #: so that a frame at 0.999999999 s (rounding in time_base arithmetic) still
 #: counts as the frame for the 1 s target.
 _TIME_EPS = 1e-6
+#: A step back in frame time longer than this (seconds) is timestamps starting over, not reordering.
+_JOIN_BACK_S = 1.0
 
 #: Videos longer than this (seconds) get a progress bar when ``progress=True``.
 _PROGRESS_MIN_DURATION_S = 60.0
@@ -242,10 +244,14 @@ class DecodeReport:
             is_image=info.is_image,
         )
 
-    def add_error(self, line: str) -> None:
-        """Record one problem (newlines are folded so each entry stays one line)."""
+    def add_error(self, line: str, *, keep: bool = False) -> None:
+        """Record one problem (newlines are folded so each entry stays one line). `keep`: a summary that
+        must be read, kept in place of the last line when the list is full (that one is counted dropped)."""
         if len(self.errors) < _MAX_ERROR_LINES:
             self.errors.append(" ".join(line.split()))
+        elif keep:
+            self.errors[-1] = " ".join(line.split())
+            self.errors_dropped += 1
         else:
             self.errors_dropped += 1
 
@@ -1074,7 +1080,7 @@ class VideoSource:
         if (r.frames_decoded and not r.packets_failed and duration is not None and self.start >= duration
                 and not self.info.is_image):               # an image's 0.0 is no length a start can pass
             details.append(f"start {self.start:g} s is past the duration {duration:.2f} s")
-        elif None not in self._around:                     # a hole in the file's timestamps spans the window
+        elif None not in self._around and not r.packets_failed and not r.gaps:   # a hole in its timestamps
             details.append(f"the file has no frame from {self._around[0]:.2f} s to {self._around[1]:.2f} s")
         return f"expected at least one decodable video frame in {where}, got 0 ({'; '.join(details)})"
 
@@ -1118,6 +1124,7 @@ class VideoSource:
         frames (see `DecodeReport`).
         """
         vs.thread_type = "AUTO"  # frame + slice threads; frames still come out in pts order
+        self._around = [None, None]
         tb = vs.time_base or Fraction(1, 1)
         origin = vs.start_time
         if origin is None and container.start_time is not None:
@@ -1156,6 +1163,7 @@ class VideoSource:
         max_pts = -math.inf  # latest presentation time among video packets read so far
         last_t: float | None = None  # last frame time (good or not), for pts estimates
         went_back, went_back_at = 0, (0.0, 0.0)  # frames skipped whose time went back; the first such jump
+        went_back_most = 0.0  # the longest step back, seconds
         reached_end = False
         index = 0
 
@@ -1256,6 +1264,7 @@ class VideoSource:
                         if not went_back:
                             went_back_at = (last_good, t)
                         went_back += 1
+                        went_back_most = max(went_back_most, last_good - t)
                         continue
                     if damage and min(damage) <= t + _TIME_EPS:
                         close_gap(t)
@@ -1293,11 +1302,14 @@ class VideoSource:
         finally:
             progress.close()
             if went_back:
+                # a step back of over a second is timestamps starting over (recordings joined end to end), not
+                # the frames a decoder puts out of order after damage (a frame or two, a fraction of a second)
+                hint = ("; a file joined from recordings that each start again needs its timestamps remade to be "
+                        "read whole" if went_back_most > _JOIN_BACK_S else "")
                 report.add_error(
                     f"{went_back} frame(s) skipped whose timestamps did not move forward (first from "
-                    f"{went_back_at[0]:.2f} s to {went_back_at[1]:.2f} s): frames are taken in time order only; "
-                    "a file joined from recordings that each start at 0 needs its timestamps remade to be read whole"
-                )
+                    f"{went_back_at[0]:.2f} s to {went_back_at[1]:.2f} s): frames are taken in time order "
+                    f"only{hint}", keep=True)
 
         if reached_end:
             return

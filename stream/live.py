@@ -236,10 +236,16 @@ def private_address(host: str) -> str | None:
     each connection it opens, so that a host name whose DNS answer changes later (DNS rebinding) cannot
     turn a public camera into a request to the service's own network."""
     import ipaddress
+    nat64 = ipaddress.ip_network("64:ff9b::/96")
     for info in socket.getaddrinfo(host, None):
         ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])   # an IPv6 scope ("fe80::1%eth0") dropped
-        if not ip.is_global or ip.is_multicast:
-            return str(ip)
+        inner = [ip]
+        if ip.version == 6:                          # IPv4 addresses inside IPv6 ones reach IPv4 hosts
+            inner += [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour, ip.teredo and ip.teredo[1],
+                                    ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) if ip in nat64 else None) if v4]
+        for a in inner:
+            if not a.is_global or a.is_multicast:
+                return str(ip)
     return None
 
 
@@ -651,7 +657,9 @@ class RtspSource(_LiveSource):
             private, link-local or shared address is refused (`PathNotAllowed`, a permanent
             error), as the service refuses it at ``POST /v1/streams``; the service passes
             its ``allow_private_sources`` setting.  FFmpeg resolves the name again itself
-            right after, so the check narrows DNS rebinding to that moment.
+            right after, so the check narrows DNS rebinding to that moment; and FFmpeg
+            follows a camera server's RTSP redirect (301/302) unchecked: hard isolation
+            is the network's (an egress firewall), not this check's.
 
     Raises:
         BadArgument: a URL that is not ``rtsp://``/``rtsps://`` with a host, or an
