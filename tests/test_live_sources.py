@@ -595,6 +595,18 @@ def test_only_a_host_name_that_does_not_exist_is_permanent(monkeypatch, errno_na
         assert src.join(5)
 
 
+@pytest.mark.parametrize("host, private", [
+    ("127.0.0.1", True), ("10.1.2.3", True), ("100.64.0.1", True), ("169.254.169.254", True), ("::1", True),
+    ("::ffff:127.0.0.1", True), ("2002:7f00:1::", True), ("64:ff9b::7f00:1", True), ("64:ff9b::a9fe:a9fe", True),
+    ("8.8.8.8", False), ("2001:4860:4860::8888", False), ("64:ff9b::808:808", False), ("2002:808:808::", False),
+])
+def test_private_addresses_inside_ipv6_ones_are_private(host, private):
+    """6to4 (2002::/16) and NAT64 (64:ff9b::/96) addresses reach the IPv4 address inside them: 127.0.0.1 in
+    one of them was taken as a public camera address."""
+    from stream.live import private_address
+    assert (private_address(host) is not None) is private
+
+
 @pytest.mark.timeout(60)
 def test_a_camera_host_that_resolves_to_a_private_address_later_is_refused_before_connecting(cameras, monkeypatch):
     """The service checked a camera's address only at POST: a host name whose DNS answer changed afterwards
