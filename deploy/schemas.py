@@ -2,7 +2,8 @@
 
 A request that does not fit answers 422 E_INVALID_REQUEST with the field named (`routes.py` reshapes
 FastAPI's validation error into the service's `{"error": {"code", "message"}}` form). Numbers in a
-request are finite (JSON's 1e309 reads as inf: refused here, not deep in the frame cache).
+request are finite (JSON's 1e309 reads as inf: refused here, not deep in the frame cache) and JSON numbers
+(strict: "2" and true are no number, as pydantic's lax mode read them; 2 is a float too).
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ class VideoCreate(RequestBody):
     """`POST /v1/videos` as JSON: a file inside an allowed folder."""
 
     path: str = Field(min_length=1, max_length=4096)
-    fps: float | None = Field(None, gt=0)
-    window: tuple[float, float] | None = None
+    fps: StrictFloat | None = Field(None, gt=0)
+    window: tuple[StrictFloat, StrictFloat] | None = None
     kv_policy: Literal["exact", "fp8"] = "exact"
     retain: dict | None = None
 
@@ -77,8 +78,8 @@ class StreamCreate(RequestBody):
 
     source: str = Field(min_length=8, max_length=2048)
     id: str | None = None
-    fps: float | None = Field(None, gt=0)
-    capacity_frames: int | None = Field(None, ge=1, le=1 << 20)
+    fps: StrictFloat | None = Field(None, gt=0)
+    capacity_frames: StrictInt | None = Field(None, ge=1, le=1 << 20)
     retain: dict | None = None
 
     @field_validator("id")
@@ -94,18 +95,18 @@ class WatchCreate(RequestBody):
     """`POST /v1/streams/{id}/watches`: a standing question."""
 
     question: str = Field(min_length=1, max_length=2000)
-    every_s: float = Field(5.0, ge=0.5, le=86400)
-    last_s: float = Field(10.0, gt=0, le=86400 * 7)
+    every_s: StrictFloat = Field(5.0, ge=0.5, le=86400)
+    last_s: StrictFloat = Field(10.0, gt=0, le=86400 * 7)
 
 
 class Question(RequestBody):
     """`POST /v1/videos/{id}/questions` (and streams')."""
 
     question: str = Field(min_length=1)
-    window: tuple[float, float] | None = None
-    last_s: float | None = Field(None, gt=0)
+    window: tuple[StrictFloat, StrictFloat] | None = None
+    last_s: StrictFloat | None = Field(None, gt=0)
     policy: str = "exact"
-    max_tokens: int = Field(64, ge=1)
+    max_tokens: StrictInt = Field(64, ge=1)
     stream: StrictBool = False               # true or false: "yes", 1 or "true" are refused, not read as true
     # candidate answers: the reply is the one the model gives the highest probability (nothing is
     # generated), with every candidate's log-probability in the answer's "choices"

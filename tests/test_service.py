@@ -1699,9 +1699,10 @@ def test_chat_as_openais_client_uses_it_stop_usage_follow_ups_and_what_it_refuse
                                        "messages[0].content[0]"), e.value.body
 
 
-def test_booleans_in_request_bodies_are_strict(service, uploaded):
-    """`"stream": "yes"` (or 1, or "true") was read as true by pydantic's lax bool; now 422 naming the
-    field, on the question routes, chat and a socket's ask."""
+def test_booleans_and_numbers_in_request_bodies_are_strict(service, uploaded, media):
+    """`"stream": "yes"` (or 1, or "true") was read as true by pydantic's lax bool, and `"fps": "2"` or
+    `"max_tokens": true` as numbers; now 422 naming the field, on the question routes, chat, the job, camera
+    and watch routes and a socket's ask."""
     import asyncio
     import websockets
     vid = uploaded["id"]
@@ -1719,6 +1720,17 @@ def test_booleans_in_request_bodies_are_strict(service, uploaded):
         r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "stream": None,
                                                  "max_tokens": 2})
         assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+        for path, body, field, bad, kind in (
+                (f"/v1/videos/{vid}/questions", {"question": "q"}, "max_tokens", "2", "a valid integer"),
+                (f"/v1/videos/{vid}/questions", {"question": "q"}, "max_tokens", True, "a valid integer"),
+                (f"/v1/videos/{vid}/questions", {"question": "q"}, "last_s", "10", "a valid number"),
+                ("/v1/videos", {"path": str(media / "scene.mp4")}, "fps", "2", "a valid number"),
+                ("/v1/streams", {"source": "rtsp://127.0.0.1:9/cam"}, "capacity_frames", "100", "a valid integer")):
+            e = _err(c.post(path, json={**body, field: bad}))
+            assert e == {"status": 422, "code": "E_INVALID_REQUEST", "message":
+                         f"expected {field}: Input should be {kind}, got {json.dumps(bad)}"}, (path, e)
+        r = c.post(f"/v1/videos/{vid}/questions", json={"question": "q", "max_tokens": 2, "window": [0, 10.5]})
+        assert r.status_code == 200 and r.json()["frames"] == 11, r.text       # whole numbers and floats alike
 
     async def socket():
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
