@@ -42,7 +42,7 @@ def cpu_arguments(p: argparse.ArgumentParser) -> None:
 
 def gpu_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny", action="store_true", help="toy shapes on the CPU (exercises the script's logic)")
-    p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory cap in GiB (0: none)")
+    p.add_argument("--cap-gb", type=_non_negative_float, default=24.0, help="GPU memory cap in GiB (0: none)")
     p.add_argument("--batch-sizes", default="1,8,32,64")
     p.add_argument("--frames", type=_frame_counts, default="1000,10000,20000")
     p.add_argument("--budget", type=_positive_int, default=512)
@@ -77,10 +77,10 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
 def load_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-n", type=_positive_int, default=32, help="largest N (cameras per kind), doubling from 1 (default 32)")
     p.add_argument("--duration", type=_positive_float, default=30.0, help="seconds of the steady window per N (default 30)")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds after every stream stores frames (default 5)")
+    p.add_argument("--warmup", type=_non_negative_float, default=5.0, help="seconds after every stream stores frames (default 5)")
     p.add_argument("--kinds", default="rtsp,ws", help="rtsp (GStreamer cameras), ws (/v1/live pushers) or both")
     p.add_argument("--questions", type=int, default=4, help="streamed questions per N during the window")
-    p.add_argument("--lag-tolerance", type=float, default=1.0, help="lag growth (s) over the window still 'no growth'")
+    p.add_argument("--lag-tolerance", type=_non_negative_float, default=1.0, help="lag growth (s) over the window still 'no growth'")
     p.add_argument("--keep-going", action="store_true", help="measure every N up to --max-n even after lag grows")
     p.add_argument("--no-batching", action="store_true", help="skip the cross-stream vs per-stream batch comparison")
     p.add_argument("--plot", default=None, help="also draw a PNG here")
@@ -98,7 +98,7 @@ def jobs_arguments(p: argparse.ArgumentParser) -> None:
                    help="bursts per setting, of the shortest video (default 2; 0: none)")
     p.add_argument("--burst-size", type=_positive_int, default=4,
                    help="jobs posted together in a burst, at most the job limit (default 4)")
-    p.add_argument("--pause", type=float, default=6.0,
+    p.add_argument("--pause", type=_non_negative_float, default=6.0,
                    help="seconds after each job or burst (and then until no decoder is starting), for taken "
                         "warm decoders to be replaced (default 6)")
     p.add_argument("--poll", type=_positive_float, default=0.05, help="seconds between status polls (default 0.05)")
@@ -109,11 +109,11 @@ def jobs_arguments(p: argparse.ArgumentParser) -> None:
 def memory_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", type=_frame_counts, default="10000,20000", help="frames per exact question (default 10000,20000)")
     p.add_argument("--chunks", default="32,64,128", help="frames per fusion pass / K/V chunk (default 32,64,128)")
-    p.add_argument("--cap-gb", type=float, default=24.0, help="GPU memory cap in GiB (default 24)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer tokens the LLM KV buffer holds (default 64)")
+    p.add_argument("--cap-gb", type=_positive_float, default=24.0, help="GPU memory cap in GiB (default 24)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64, help="answer tokens the LLM KV buffer holds (default 64)")
     p.add_argument("--watches", default="0,1,4", help="watches per stream for the bytes per stream-hour")
-    p.add_argument("--redis-gb", type=float, default=64.0, help="Redis memory for the stream-hours (GiB, default 64)")
-    p.add_argument("--host-gb", type=float, default=512.0, help="host memory for the K/V tier (GiB, default 512)")
+    p.add_argument("--redis-gb", type=_positive_float, default=64.0, help="Redis memory for the stream-hours (GiB, default 64)")
+    p.add_argument("--host-gb", type=_positive_float, default=512.0, help="host memory for the K/V tier (GiB, default 512)")
     p.add_argument("--redis", default="auto", choices=["auto", "yes", "no"],
                    help="also store frames in a real redis-server and read MEMORY USAGE (auto: if installed)")
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
@@ -174,6 +174,16 @@ def _int_at_least(minimum: int):
 
 _positive_int = _int_at_least(1)
 _whole_number = _int_at_least(0)             # where 0 means something: --threads (torch's default), --eager-batch (skip)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v >= 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
 
 
 def _positive_float(text: str) -> float:

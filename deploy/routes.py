@@ -29,12 +29,14 @@ from lmcore.errors import (
     BadArgument,
     Busy,
     InvalidRequest,
+    JobRunning,
     LmsError,
     NotFound,
     NotReady,
     PayloadTooLarge,
     ServiceUnavailable,
     StaleWriter,
+    StreamStopped,
     Unauthorized,
 )
 
@@ -431,7 +433,9 @@ def build_api() -> FastAPI:
         if not body["ready"]:
             what = " and ".join(n for n, ok in (("Redis", redis_ok), ("a model replica", models_ok)) if not ok)
             body["error"] = {"code": "E_UNAVAILABLE", "message": f"expected {what} to answer, got no answer"}
-        return JSONResponse(body, status_code=200 if body["ready"] else 503)
+        # a 503 says when to ask again, as every other 503 of the service does
+        return JSONResponse(body, status_code=200 if body["ready"] else 503,
+                            headers=None if body["ready"] else {"Retry-After": "5"})
 
     @api.get("/openapi.json", include_in_schema=False)
     async def openapi_schema(b: Backend = Depends(auth)):
@@ -556,9 +560,8 @@ def build_api() -> FastAPI:
         cancelled = False
         if d["status"] in JobStore.ACTIVE:   # stop its decoder first: nothing of it writes after the delete
             if not await b.cancel_job(vid) and not await _orphaned(b, vid, d):
-                raise NotReady(f"expected a job this service runs to cancel, got video {vid!r} {d['status']} but "
-                               "its decoder not found here (starting, or run by another Ingress): try again",
-                               code="E_JOB_RUNNING")
+                raise JobRunning(f"expected a job this service runs to cancel, got video {vid!r} {d['status']} "
+                                 "but its decoder not found here (starting, or run by another Ingress): try again")
             cancelled = True                 # (or a record no decoder will ever finish: fenced all the same)
         from frame_cache import StreamNotFound
 
@@ -843,7 +846,7 @@ def build_api() -> FastAPI:
             raise
         kind, sid, window, last_s = ref
         # lms://videos/ID names a video and lms://streams/ID a stream, as the question routes read them
-        max_tokens = body.max_completion_tokens or body.max_tokens or 64
+        max_tokens = body.max_completion_tokens or body.max_tokens      # None: `_question_req`'s default
         sampling = {}
         if body.temperature is not None and body.temperature > 0:
             sampling = {"do_sample": True, "temperature": body.temperature, "top_p": body.top_p or 1.0,
@@ -1012,11 +1015,19 @@ def _status_error(ev: dict) -> LmsError:
     return e
 
 
+def default_max_tokens(b: Backend) -> int:
+    """A question's `max_tokens` when the client sends none: 64, or the service's limit when that is lower
+    (a limit of 4 refused every question that left it out: "expected max_tokens <= 4, got 64")."""
+    return min(64, b.settings.limits.max_tokens)
+
+
 def _question_req(b: Backend, sid, question, window, last_s, policy, max_tokens, gaps, choices=None) -> dict:
     """A question's request for `Backend.answer_events`, checked against the limits first (the HTTP
     routes and the WebSocket's ask alike): max_tokens, the question's length, the policy, choices (a bad
-    policy: the library's `E_BAD_ARGUMENT`, which `client_error` makes 422 where the client is told)."""
+    policy: the library's `E_BAD_ARGUMENT`, which `client_error` makes 422 where the client is told).
+    `max_tokens` None: `default_max_tokens`."""
     lim = b.settings.limits
+    max_tokens = default_max_tokens(b) if max_tokens is None else max_tokens
     if max_tokens > lim.max_tokens:
         raise InvalidRequest(f"expected max_tokens <= {lim.max_tokens}, got {max_tokens}")
     if len(question) > lim.max_question_chars:
@@ -1302,6 +1313,7 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
             ext = ext if ext[1:].isalnum() else ""
             st["dest"] = b.settings.upload_dir / f"{job_id}{ext}"
             st["out"] = open(st["dest"], "wb")
+            st["file_name"] = st["filename"]   # the file part's own: a field after it (-F fps=1) has none
 
     def on_part_data(data, start, end):
         if st["error"] is not None:
@@ -1354,7 +1366,7 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
         if st["size"] == 0:
             raise InvalidRequest("expected a non-empty file=, got 0 bytes")
         f = st["fields"]
-        opts: dict[str, Any] = {"source": st["filename"], "kv_policy": f.get("kv_policy") or "exact"}
+        opts: dict[str, Any] = {"source": st.get("file_name"), "kv_policy": f.get("kv_policy") or "exact"}
         if opts["kv_policy"] not in ("exact", "fp8"):
             raise InvalidRequest(f"expected kv_policy exact or fp8, got {opts['kv_policy']!r}")
         if f.get("retain"):
@@ -1979,8 +1991,8 @@ class _LiveSession:
         sid = self.sid
         self._fenced()                                 # release() must not mark (or re-create) the record
         kept = "purged: its frames are gone" if purged else "its frames stay"
-        told = NotReady(f"expected to keep streaming to {sid!r}, got the stream deleted (DELETE "
-                        f"/v1/streams/{sid}; {kept}): start a new stream to go on", code="E_STREAM_STOPPED")
+        told = StreamStopped(f"expected to keep streaming to {sid!r}, got the stream deleted (DELETE "
+                             f"/v1/streams/{sid}; {kept}): start a new stream to go on")
         self.closed = True                             # nothing else is sent from now on, but `told`
 
         async def close():                             # not awaited: the error's send and the closing
@@ -2017,8 +2029,7 @@ class _LiveSession:
         about what is left (nothing once purged: `E_NOT_FOUND`)."""
         sid = self.sid
         kept = "purged: its frames are gone" if purged else "its frames stay and can be asked about"
-        told = NotReady(f"expected stream {sid!r} to go on, got it deleted (DELETE /v1/streams/{sid}; {kept})",
-                        code="E_STREAM_STOPPED")
+        told = StreamStopped(f"expected stream {sid!r} to go on, got it deleted (DELETE /v1/streams/{sid}; {kept})")
 
         async def tell():
             try:

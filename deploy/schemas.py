@@ -106,7 +106,7 @@ class Question(RequestBody):
     window: tuple[StrictFloat, StrictFloat] | None = None
     last_s: StrictFloat | None = Field(None, gt=0)
     policy: str = "exact"
-    max_tokens: StrictInt = Field(64, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)     # None: 64, or the service's limit when lower
     stream: StrictBool = False               # true or false: "yes", 1 or "true" are refused, not read as true
     # candidate answers: the reply is the one the model gives the highest probability (nothing is
     # generated), with every candidate's log-probability in the answer's "choices"

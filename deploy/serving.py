@@ -30,6 +30,8 @@ import numpy as np
 from lmcore.errors import (
     BadArgument,
     CacheUnavailable,
+    Interrupted,
+    JobRunning,
     LmsError,
     NoFrames,
     NotFound,
@@ -138,7 +140,7 @@ class JobStore:
                 continue
             if d["status"] in ("queued", "ingesting"):
                 frames = stored_frames(cache, jid, int(d.get("frames") or 0))
-                self.update(jid, status="failed", frames=frames, error={"code": "E_INTERRUPTED", "message":
+                self.update(jid, status="failed", frames=frames, error={"code": Interrupted.code, "message":
                             f"expected the job to finish, got the service stopped at {d.get('progress', 0):.0%}; "
                             f"{frames_kept(frames)}"})
                 out.append(jid)
@@ -194,13 +196,13 @@ def remove_stream(cache, sid: str, redis_url: str | None = None) -> str:
                 pass
     job, feed = held.get(JobStore.PART), held.get(LiveStore.PART)
     if job is not None and job["status"] in JobStore.ACTIVE:
-        raise NotReady(f"expected a finished job to remove, got video {sid!r} still {job['status']}; cancel it "
-                       f"with DELETE /v1/videos/{sid}, or wait for it to finish (a service that stopped marks it "
-                       "failed when it starts again)", code="E_JOB_RUNNING")
+        raise JobRunning(f"expected a finished job to remove, got video {sid!r} still {job['status']}; cancel it "
+                         f"with DELETE /v1/videos/{sid}, or wait for it to finish (a service that stopped marks it "
+                         "failed when it starts again)")
     if feed is not None and feed["status"] in LiveStore.ACTIVE:
-        raise NotReady(f"expected a stopped stream to remove, got stream {sid!r} {feed['status']} (fed by its "
-                       f"{'camera' if feed.get('kind') == 'rtsp' else 'socket'}); stop it first: "
-                       f"DELETE /v1/streams/{sid}", code="E_JOB_RUNNING")
+        raise JobRunning(f"expected a stopped stream to remove, got stream {sid!r} {feed['status']} (fed by its "
+                         f"{'camera' if feed.get('kind') == 'rtsp' else 'socket'}); stop it first: "
+                         f"DELETE /v1/streams/{sid}")
     said = []
     try:
         n = cache.stream_info(sid).count
@@ -644,7 +646,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
         # a stop inside `flush` (SystemExit in the encoder's call) can leave its batch stored but uncounted
         frames = stored_frames(cache, sid, frames)
         err = error_dict(e) if isinstance(e, Exception) else {   # the decoder stopped (the service stopping)
-            "code": "E_INTERRUPTED", "message": f"expected the job to finish, got its decoder stopped "
+            "code": Interrupted.code, "message": f"expected the job to finish, got its decoder stopped "
             f"({type(e).__name__}); {frames_kept(frames)}"}
         # never the server's upload path, nor the name it stored the upload under (vid-....mp4): the
         # client's own name for the file, as every other error says it

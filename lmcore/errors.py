@@ -16,7 +16,7 @@ __all__ = [
     "BadArgument", "DeviceUnavailable", "CheckpointError", "ContextTooLong", "CacheError",
     "CacheUnavailable", "CacheClosed", "StreamNotFound", "StreamExists", "CacheBudgetExceeded",
     "CapacityExceeded", "StaleWriter", "RecordFormatError", "Unauthorized", "PathNotAllowed", "NotFound",
-    "NotReady", "PayloadTooLarge", "InvalidRequest", "Busy", "ServiceUnavailable", "error_table",
+    "NotReady", "JobRunning", "StreamStopped", "Interrupted", "PayloadTooLarge", "InvalidRequest", "Busy", "ServiceUnavailable", "error_table",
 ]
 
 
@@ -184,6 +184,25 @@ class NotReady(LmsError):
     """A question about a video that is not ingested yet (or failed)."""
 
     code, exit_code, http_status = "E_NOT_READY", 2, 409
+
+
+class JobRunning(NotReady):
+    """A removal of a video whose job still runs, or of a stream a source still feeds: stop it first."""
+
+    code = "E_JOB_RUNNING"
+
+
+class StreamStopped(NotReady):
+    """Frames sent to a stream that `DELETE /v1/streams/ID` stopped (told on the socket that fed it)."""
+
+    code = "E_STREAM_STOPPED"
+
+
+class Interrupted(LmsError):
+    """Work stopped before it finished: Ctrl-C or SIGTERM on the command line, or a job whose decoder the
+    service lost (a restart); a job's record keeps what it stored."""
+
+    code, exit_code, http_status = "E_INTERRUPTED", 130, 503
 
 
 class PayloadTooLarge(LmsError):

@@ -553,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error[E_INTERRUPTED]: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:          # `lmstream ask ... --json | head`: the reader left; nothing to say to it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())      # so that the interpreter's final flush does not fail too
+        return 141                                 # as a shell reports a command ended by SIGPIPE
     except Exception as e:  # an invariant broke: still one line unless asked
         if os.environ.get("LMSTREAM_DEBUG"):
             raise

@@ -146,6 +146,19 @@ def test_corruption_in_the_middle_answers_and_reports_the_gap(tiny_ckpt, tmp_pat
     assert d["decode_report"]["errors"][0] in line and "packets failed" not in line, line
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tiny_ckpt, video):
+    """`lmstream ask ... --json | head -1`: the answer is written after the reader left. That was
+    `error[E_INTERNAL]: BrokenPipeError` with exit 1; it now ends quietly with 141, as a shell says of a
+    command a broken pipe stopped."""
+    e = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-m", "lmstream.cli", "ask", str(video), "q", "--model", str(tiny_ckpt),
+                          "--json", "--max-new-tokens", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=e, cwd=REPO)
+    p.stdout.close()                                      # the reader is gone before anything is written
+    err = p.communicate(timeout=300)[1].decode()
+    assert p.returncode == 141 and "error[" not in err and "Traceback" not in err, (p.returncode, err)
+
+
 def test_unknown_checkpoint_layout(tmp_path, video):
     ck = tmp_path / "ck"
     ck.mkdir()
@@ -190,7 +203,11 @@ def test_eval_demo_and_bench_refuse_bad_options_before_any_work(tmp_path):
     for args, says in ((["flops", "--frames", "-5"], "frame counts"), (["memory", "--frames", "abc"], "frame counts"),
                        (["flops", "--budget", "0"], "a whole number >= 1"),
                        (["flops", "--out", tmp_path], "a file path for the JSON, got the folder"),   # was E_INTERNAL
-                       (["memory", "--out", tmp_path], "a file path for the JSON, got the folder")):  # after the work
+                       (["memory", "--out", tmp_path], "a file path for the JSON, got the folder"),  # after the work
+                       # each ran the whole benchmark and exited 0 (headroom "-20.68 ... NO", "+nan")
+                       (["memory", "--cap-gb", "-1"], "--cap-gb: expected a number > 0, got '-1'"),
+                       (["memory", "--cap-gb", "nan"], "--cap-gb: expected a number > 0, got 'nan'"),
+                       (["memory", "--host-gb", "0"], "--host-gb: expected a number > 0")):
         assert_one_line_error(run("bench", *args), "E_BAD_ARGUMENT", says)
     assert not list(tmp_path.parent.glob(tmp_path.name + ".tmp"))       # and left DIR.tmp behind
     import argparse
@@ -201,6 +218,11 @@ def test_eval_demo_and_bench_refuse_bad_options_before_any_work(tmp_path):
         assert getattr(p.parse_args([opt, "0"]), opt[2:].replace("-", "_")) == 0
         with pytest.raises(argparse.ArgumentError, match="a whole number >= 0"):
             p.parse_args([opt, "-1"])
+    p = argparse.ArgumentParser(exit_on_error=False)
+    gpu_arguments(p)
+    assert p.parse_args(["--cap-gb", "0"]).cap_gb == 0                   # 0: no cap, as its help says
+    with pytest.raises(argparse.ArgumentError, match="a number >= 0"):
+        p.parse_args(["--cap-gb", "-2"])
 
 
 def test_make_tiny_never_writes_over_files_and_commands_are_named(tmp_path):

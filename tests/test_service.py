@@ -633,6 +633,17 @@ def test_upload_field_errors_name_the_field_and_carry_one_code(service, media):
         msg = r.json()["error"]["message"]
         assert r.status_code == 422 and msg.startswith("expected retain.kv to be one of") and "error[" not in msg, r.text
     assert _uploads(service) == before
+    # a field after the file part (curl -F file=@v.mp4 -F fps=1) took the file's name away: "source" null
+    bnd = "lmsboundary7"
+    body = (f"--{bnd}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"after.mp4\"\r\n"
+            "Content-Type: video/mp4\r\n\r\n").encode() + data + \
+        f"\r\n--{bnd}\r\nContent-Disposition: form-data; name=\"fps\"\r\n\r\n1\r\n--{bnd}--\r\n".encode()
+    with service.client() as c:
+        r = c.post("/v1/videos", content=body, headers={"content-type": f"multipart/form-data; boundary={bnd}"})
+        assert r.status_code == 202, r.text
+        d = wait_ready(c, r.json()["id"])
+        assert d["status"] == "ready" and d["source"] == "after.mp4", d
+        c.delete(f"/v1/videos/{d['id']}")
 
 
 def test_cache_rm_removes_the_video_from_the_service_too(service, media):
@@ -1731,6 +1742,13 @@ def test_booleans_and_numbers_in_request_bodies_are_strict(service, uploaded, me
                          f"expected {field}: Input should be {kind}, got {json.dumps(bad)}"}, (path, e)
         r = c.post(f"/v1/videos/{vid}/questions", json={"question": "q", "max_tokens": 2, "window": [0, 10.5]})
         assert r.status_code == 200 and r.json()["frames"] == 11, r.text       # whole numbers and floats alike
+        # the service's limit is 48 here: over it is refused; a question that sends none gets 48, not the 64
+        # that was refused ("expected max_tokens <= 48, got 64", on every route and the socket)
+        e = _err(c.post(f"/v1/videos/{vid}/questions", json={"question": "q", "max_tokens": 49}))
+        assert e == {"status": 422, "code": "E_INVALID_REQUEST", "message": "expected max_tokens <= 48, got 49"}, e
+        assert c.post(f"/v1/videos/{vid}/questions", json={"question": "q"}).status_code == 200
+        assert c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]}).status_code \
+            == 200
 
     async def socket():
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
@@ -2274,7 +2292,7 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
         redis_srv.proc.kill()                                     # kill -9 under a running service
         redis_srv.proc.wait()
         r = c.get("/ready")
-        assert r.status_code == 503 and r.json()["redis"] is False
+        assert r.status_code == 503 and r.json()["redis"] is False and r.headers.get("retry-after") == "5"
         r = c.post(f"/v1/videos/{uploaded['id']}/questions", json={"question": QUESTIONS[2]})
         assert r.status_code == 503 and r.json()["error"]["code"] == "E_CACHE_UNAVAILABLE"
         assert r.headers.get("retry-after") == "5", r.headers          # it had none: when to try again
