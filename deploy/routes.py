@@ -1865,7 +1865,7 @@ class _LiveSession:
                 return
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])
-            self._close_loss(frames[0][1])
+            self._close_loss([f[1] for f in frames])
             self.last_stored = pts
             lag = {"lag_s": round(time.monotonic() - t_arrive, 3)} if t_arrive is not None else {}
             cleared = {}
@@ -1880,16 +1880,25 @@ class _LiveSession:
                 self._fenced()
             await self.error(e)
 
-    def _close_loss(self, upto: float | None) -> None:
-        """Frames were lost since the newest stored one: the span from it (or the first lost frame) to `upto`,
-        the next stored frame's pts (None at the end: to the last lost frame, one sampling period on), is
-        one of the stream's gaps."""
+    def _close_loss(self, stored: list[float] | None) -> None:
+        """Frames were lost (shed, undecodable, refused by the Encoder): each lost frame that a stored one now
+        follows makes the span from the stored frame before it to the stored frame after it one of the stream's
+        gaps. `stored`: the pts just stored (frames queued before a shed one are stored before it: a lost
+        frame waits for a stored frame after it); None at the end: every lost frame, to one sampling period
+        after it."""
         if not self.lost:
             return
-        start = self.last_stored if self.last_stored is not None else min(self.lost)
-        end = upto if upto is not None else max(self.lost) + 1.0 / self.fps
-        self.loss_gaps = merge_gaps([*self.loss_gaps, [start, max(end, start)]])
-        self.lost = []
+        keep, gaps = [], []
+        for p in self.lost:
+            after = [t for t in stored or () if t > p]
+            if stored is not None and not after:
+                keep.append(p)                          # no stored frame after it yet
+                continue
+            before = [t for t in [*(stored or ()), self.last_stored] if t is not None and t < p]
+            gaps.append([max(before) if before else p, min(after) if after else p + 1.0 / self.fps])
+        self.lost = keep
+        if gaps:
+            self.loss_gaps = merge_gaps([*self.loss_gaps, *gaps])
 
     def _gaps_update(self) -> dict:
         """{"gaps": ...} for the record when this socket's losses or its byte stream's gaps (queue full,

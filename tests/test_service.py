@@ -1151,6 +1151,40 @@ def test_a_continued_stream_goes_on_with_the_wall_clock_and_answers_name_its_mis
         assert c.delete(f"/v1/streams/{sid}", params={"purge": "true"}).json()["purged"] is True
 
 
+def test_frames_shed_in_a_burst_are_a_gap_from_the_stored_frame_before_them_to_the_one_after(service):
+    """20 frames pushed at once: the first are queued for the Encoder, the rest shed ("encoder busy"). The
+    gap was closed when the first queued frame was stored, before the shed ones: `[[9.0, 9.0]]`, a gap of no
+    length. Now each shed frame lies inside a gap from the stored frame before it to the stored frame after
+    it (one sampling period past the last frame when none follows)."""
+    import asyncio
+    import websockets
+    rgb = np.full((64, 64, 3), 90, np.uint8)
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            for pts in range(20):                                   # no wait for "ingested": a burst
+                await ws.send(json.dumps({"type": "frame", "pts": float(pts)}))
+                await ws.send(_png(rgb))
+            await ws.send(json.dumps({"type": "stop"}))
+            while (m := json.loads(await ws.recv()))["type"] != "stopped":
+                pass
+            return sid, m["frames"]
+
+    sid, stored = asyncio.run(session())
+    with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+        shed = d["dropped_why"].get("encoder busy", 0)
+        assert shed > 0 and stored + shed == 20, d
+        assert d["gaps"] and all(b > a for a, b in d["gaps"]), d["gaps"]
+        assert sum(b - a for a, b in d["gaps"]) >= shed, d["gaps"]          # each shed second inside a gap
+        assert all(0 <= a and b <= 20 for a, b in d["gaps"]), d["gaps"]
+        a = c.post(f"/v1/streams/{sid}/questions", json={"question": QUESTIONS[1], "max_tokens": 2}).json()
+        assert a["frames"] == stored and a["gaps"] == d["gaps"], a
+        c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
+
+
 def test_a_byte_stream_ffmpeg_cannot_read_is_told_on_the_socket_and_kept_as_the_streams_error(service, media):
     """format mp4 with a plain (not fragmented) MP4's first bytes, then garbage: FFmpeg says it cannot read
     them only at the end; the socket is told E_NOT_A_VIDEO before `stopped` and the record keeps it as
