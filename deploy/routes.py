@@ -1710,9 +1710,13 @@ class _LiveSession:
         if self.push is not None:                      # a WebM/fMP4 chunk
             try:
                 await asyncio.to_thread(self.push.push_stream, data)
-            except LmsError:
-                self.push_told = self.push.last_error  # told by `run`, which gets it next
-                raise
+            except LmsError as e:
+                err = self.push.last_error or client_error_dict(e.to_dict())
+                if err == self.push_told:              # the same unreadable stream chunk after chunk: told once
+                    return
+                self.push_told = err
+                await self._keep_push_error(err)
+                raise                                  # told by `run`, which gets it next
             await self._tell_push_error()
             why = self._count_push_drops()
             if why is not None:
@@ -1769,6 +1773,10 @@ class _LiveSession:
             return
         self.push_told = err
         await self.send({"type": "error", **client_error_dict(err)})
+        await self._keep_push_error(err)
+
+    async def _keep_push_error(self, err: dict) -> None:
+        """The byte stream's error as the stream's `last_error` (cleared once frames flow)."""
         if self._owns():
             try:
                 await asyncio.to_thread(self.b.live.update, self.sid, last_error=err)

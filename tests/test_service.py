@@ -1151,6 +1151,34 @@ def test_a_continued_stream_goes_on_with_the_wall_clock_and_answers_name_its_mis
         assert c.delete(f"/v1/streams/{sid}", params={"purge": "true"}).json()["purged"] is True
 
 
+def test_chunks_that_are_no_webm_are_told_once_and_kept_as_the_streams_error(service):
+    """Three chunks that are no WebM on a `format: webm` socket: three identical E_NOT_A_VIDEO messages, and
+    the stream's `last_error` null after `stop`. Now one message, and `last_error` keeps it."""
+    import asyncio
+    import websockets
+
+    async def session():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "webm"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            for _ in range(3):
+                await ws.send(b"this is no webm at all " * 40)
+            await ws.send(json.dumps({"type": "stop"}))
+            told = []
+            while (m := json.loads(await ws.recv()))["type"] != "stopped":
+                told.append(m)
+            return sid, told
+
+    sid, told = asyncio.run(session())
+    errors = [m for m in told if m["type"] == "error"]
+    assert len(errors) == 1 and errors[0]["code"] == "E_NOT_A_VIDEO", told
+    with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+        assert d["status"] == "stopped" and d["last_error"]["code"] == "E_NOT_A_VIDEO", d
+        assert d["last_error"]["message"] == errors[0]["message"], d
+        c.delete(f"/v1/streams/{sid}", params={"purge": "true"})
+
+
 def test_frames_shed_in_a_burst_are_a_gap_from_the_stored_frame_before_them_to_the_one_after(service):
     """20 frames pushed at once: the first are queued for the Encoder, the rest shed ("encoder busy"). The
     gap was closed when the first queued frame was stored, before the shed ones: `[[9.0, 9.0]]`, a gap of no
