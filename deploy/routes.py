@@ -681,6 +681,10 @@ def build_api() -> FastAPI:
         await asyncio.to_thread(b.watches.add, sid, wid, {"question": w.question, "every_s": w.every_s,
                                                             "last_s": w.last_s, "last_text": None,
                                                             "created": time.time()})
+        # the Encoder reads a stream's watches at most WatchStore.MAX_AGE_S old: answered once it has them,
+        # every frame stored after the 201 is fused with the watch (frames pushed in the second after it
+        # were not, and a question over them said "stored before the watch was made")
+        await asyncio.sleep(WatchStore.MAX_AGE_S + 0.05)
         return JSONResponse({"id": wid, "stream_id": sid, "question": w.question, "every_s": w.every_s,
                              "last_s": w.last_s}, status_code=201)
 

@@ -1057,6 +1057,7 @@ class WatchStore(JobStore):
 
     MAX_EVENTS = 1000
     MAX_CACHED = 1024           # streams whose watches `active` keeps (those read over `max_age` ago go first)
+    MAX_AGE_S = 1.0             # how stale `active`'s copy may be: a new watch reaches the Encoder within it
 
     def _k(self, sid: str, part: str) -> str:
         from frame_cache import stream_key
@@ -1070,7 +1071,7 @@ class WatchStore(JobStore):
         raw = self._call("reading watches", lambda: self.r.hgetall(self._k(sid, "watches")))
         return {k.decode(): json.loads(v) for k, v in raw.items()}
 
-    def active(self, sid: str, max_age: float = 1.0) -> dict[str, dict]:
+    def active(self, sid: str, max_age: float = MAX_AGE_S) -> dict[str, dict]:
         """The stream's watches, re-read at most every `max_age` s (the Encoder asks per batch)."""
         now = time.monotonic()
         got = self._cache.get(sid)

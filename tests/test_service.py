@@ -1352,7 +1352,8 @@ def test_web_page_in_headless_chromium(service, tmp_path):
 
 
 def test_watches_fused_at_ingest_answer_exactly_and_emit_events(service, media):
-    """A watch on a live stream: frames pushed after it are fused with its question at ingest; its
+    """A watch on a live stream: frames pushed after it (right after its 201: they were not, for about a
+    second, while the Encoder's copy of the stream's watches was stale) are fused with its question at ingest; its
     answer over a window equals the plain exact answer over the same frames, token for token; events
     arrive over SSE and on an attached socket."""
     import asyncio
@@ -1377,15 +1378,13 @@ def test_watches_fused_at_ingest_answer_exactly_and_emit_events(service, media):
                 r = c.post(f"/v1/streams/{sid}/watches", json={"question": q, "every_s": 1, "last_s": 100})
                 assert r.status_code == 201, r.text
                 wid = r.json()["id"]
-            await asyncio.sleep(1.2)                        # the Encoder re-reads watches at most every 1 s
-            await push(ws, frames[6:])
+            await push(ws, frames[6:])                      # at once: the 201 comes once the Encoder has it
             async with websockets.connect(_ws_url(service), max_size=None) as other:
                 await other.send(json.dumps({"type": "attach", "stream_id": sid}))
                 assert json.loads(await other.recv())["type"] == "attached"
                 with service.client() as c:
                     wid2 = c.post(f"/v1/streams/{sid}/watches", json={"question": "how many objects are there ?",
                                                                       "every_s": 1, "last_s": 100}).json()["id"]
-                    await asyncio.sleep(1.2)
                     await push(ws, [(16.0, frames[-1][1]), (17.0, frames[-1][1])])
                 ev = None
                 while ev is None:
