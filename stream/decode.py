@@ -639,6 +639,16 @@ def _stream_duration(
     return None, False
 
 
+def _late_start(container: av.container.InputContainer, vs: av.video.stream.VideoStream, fps: float | None) -> float:
+    """Seconds by which the video starts after the file does (its audio first, say): a player shows its
+    first frame that late, so frame times count from the file's start. 0.0 when the two are within a frame
+    interval (audio priming of a few ms moves no frame), or either start is unknown."""
+    if vs.start_time is None or container.start_time is None or not vs.time_base:
+        return 0.0
+    late = float(vs.start_time * vs.time_base) - container.start_time / av.time_base
+    return late if late > (1.0 / fps if fps else 1.0 / _FALLBACK_FPS) else 0.0
+
+
 def _is_image_container(container: av.container.InputContainer, vs: av.video.stream.VideoStream) -> bool:
     """Still images open with an image demuxer (``png_pipe``, ``jpeg_pipe``, ``image2`` ...),
     or carry the ``still_image`` disposition (e.g. HEIF/AVIF items)."""
@@ -785,11 +795,13 @@ def _probe(path: str, container: av.container.InputContainer) -> tuple[VideoInfo
     if is_image:
         duration, fps = 0.0, None  # one frame at 0 s: no length, whatever the sampling rate
     else:
-        duration, _ = _stream_duration(container, vs)
+        duration, video_specific = _stream_duration(container, vs)
         rate = vs.average_rate or vs.guessed_rate or vs.base_rate
         fps = float(rate) if rate else None
         if fps is not None and not (math.isfinite(fps) and fps > 0):
             fps = None
+        if duration is not None and video_specific:      # the video's own length, from the file's start
+            duration += _late_start(container, vs, fps)
     width, height = int(ctx.width or 0), int(ctx.height or 0)
     first = _peek_frame(container, vs)
     if first is not None:
@@ -1130,9 +1142,13 @@ class VideoSource:
         if origin is None and container.start_time is not None:
             origin = int(container.start_time / av.time_base / tb)
         origin = origin or 0
+        late = _late_start(container, vs, self.info.source_fps)   # times on the file's (a player's) timeline
+        origin -= round(late / tb)
         nominal = 1.0 / self.info.source_fps if self.info.source_fps else 1.0 / _FALLBACK_FPS
         slack = _end_slack(nominal)
         declared_end, video_specific = _stream_duration(container, vs)
+        if declared_end is not None and video_specific:
+            declared_end += late
         check_bytes = any(name in container.format.name for name in _CONTIGUOUS_FORMATS)
 
         def seconds(ts: int | None, time_base: Fraction | None = None) -> float | None:

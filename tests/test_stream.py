@@ -543,6 +543,46 @@ def test_a_window_inside_a_hole_in_the_timestamps_says_where_the_frames_are(tmp_
     assert [f.pts for f in VideoSource(path, fps=1, start=35, end=41)] == [40.0]
 
 
+def _late_video(path: Path, late_s: float, fmt: str) -> None:
+    """Audio from 0 s, video frames (colour-coded by index, at 5 fps) from `late_s` to `late_s + 4` s."""
+    with av.open(str(path), "w", format=fmt) as c:
+        a = c.add_stream("pcm_s16le" if fmt == "matroska" else "aac", rate=16000)
+        a.layout = "mono"
+        v = c.add_stream("libx264", rate=5)
+        v.width, v.height, v.pix_fmt = W, H, "yuv420p"
+        v.time_base = v.codec_context.time_base = Fraction(1, 5)
+        n = 0
+        while n < 16000 * (late_s + 4):
+            f = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.int16), format="s16", layout="mono")
+            f.sample_rate, f.pts = 16000, n
+            n += 1024
+            for p in a.encode(f):
+                c.mux(p)
+        for i in range(20):
+            f = av.VideoFrame.from_ndarray(make_frame(i), format="rgb24")
+            f.pts = round(late_s * 5) + i
+            for p in v.encode(f):
+                c.mux(p)
+        for s_ in (a, v):
+            for p in s_.encode():
+                c.mux(p)
+
+
+@pytest.mark.parametrize("fmt, ext", [("matroska", "mkv"), ("mp4", "mp4")])
+def test_a_video_that_starts_after_its_audio_keeps_the_files_timeline(tmp_path, fmt, ext):
+    """Audio from 0 s, video from 10 s (a player shows the first frame at 10 s): frames were timed from the
+    video's own start, 0-4 s, so a window of 12-14 s found nothing and one of 2-4 s got the frames shown at
+    12-14 s. They now count from the file's start, as a player shows them."""
+    path = tmp_path / f"late.{ext}"
+    _late_video(path, 10.0, fmt)
+    src = VideoSource(path, fps=None)
+    got = [(round(f.pts, 3), index_of(f.rgb)) for f in src]
+    assert got == [(round(10 + i / 5, 3), i) for i in range(20)], got
+    assert src.info.duration_s == pytest.approx(14.0, abs=0.25) and not src.report.gaps, src.report
+    window = [(round(f.pts, 3), index_of(f.rgb)) for f in VideoSource(path, fps=None, start=12, end=13)]
+    assert window == [(round(12 + i / 5, 3), 10 + i) for i in range(5)], window
+
+
 def test_recordings_joined_end_to_end_say_how_many_frames_went_back_in_time(tmp_path):
     """Two MPEG-TS recordings that each start at 0, joined byte for byte (`cat a.ts b.ts`): the second's
     frames go back in time and are skipped (time order only; the last, at the first's last time, too: it
