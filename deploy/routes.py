@@ -1367,8 +1367,11 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
             raise InvalidRequest(f"expected a multipart field file= holding the video, got "
                                  f"{'only ' + got if got else 'no field'}")
         st["out"].close()
-        if st["size"] == 0:
-            raise InvalidRequest("expected a non-empty file=, got 0 bytes")
+        if st["size"] == 0:                            # a file chosen that is empty: what a path job says of one
+            if st.get("file_name"):
+                from lmcore.errors import NotAVideo
+                raise NotAVideo(f"expected a video file, got an empty file {st['file_name'][:200]!r} (0 bytes)")
+            raise InvalidRequest("expected a non-empty file=, got 0 bytes")   # a form sent with no file chosen
         f = st["fields"]
         opts: dict[str, Any] = {"source": st.get("file_name"), "kv_policy": f.get("kv_policy") or "exact"}
         if opts["kv_policy"] not in ("exact", "fp8"):

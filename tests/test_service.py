@@ -273,6 +273,11 @@ def test_paths_limits_and_validation(service, media, tmp_path):
         assert r.status_code == 422 and r.json()["error"] == {"code": "E_NOT_A_VIDEO", "message": "expected a video "
                                                               f"file at {str(media / 'empty.mp4')!r}, got an empty "
                                                               "file (0 bytes)"}, r.text
+        r = c.post("/v1/videos", files={"file": ("empty.mp4", b"", "video/mp4")})      # an upload says the same
+        assert r.status_code == 422 and r.json()["error"] == {"code": "E_NOT_A_VIDEO", "message": "expected a video "
+                                                              "file, got an empty file 'empty.mp4' (0 bytes)"}, r.text
+        r = c.post("/v1/videos", files={"file": (None, b"")})                      # a form with no file chosen
+        assert r.status_code == 422 and r.json()["error"]["code"] == "E_INVALID_REQUEST", r.text
         # a link inside the allowed folder that leads out: said so (the path shown is inside), not where to
         out = media / "leads-out.mp4"
         if not out.is_symlink():
