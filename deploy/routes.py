@@ -1779,7 +1779,8 @@ class _LiveSession:
         if not err or err == self.push_told:
             return
         self.push_told = err
-        await self.send({"type": "error", **client_error_dict(err)})
+        told = client_error_dict(err)
+        await self.send({"type": "error", "code": told["code"], "message": told["message"]})
         await self._keep_push_error(err)
 
     async def _keep_push_error(self, err: dict) -> None:
@@ -1876,7 +1877,8 @@ class _LiveSession:
                     self._fenced()
                 else:
                     self.lost += [f[1] for f in frames]        # not stored: a span of the stream without frames
-                await self.send({"type": "error", **client_error_dict(err)})
+                err = client_error_dict(err)
+                await self.send({"type": "error", "code": err["code"], "message": err["message"]})
                 return
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])
@@ -1997,7 +1999,10 @@ class _LiveSession:
                 async for ev in agen:
                     if ev["type"] == "token":
                         await self.send({"type": "token", "id": qid, "text": ev["text"], "token_id": ev["token_id"]})
-                    else:                              # the answer, or an error
+                    elif ev["type"] == "error":        # the protocol's {"type", "code", "message", "id"}: the
+                        await self.send({"type": "error", "code": ev["code"], "message": ev["message"],
+                                         "id": qid})       # HTTP status the event carries is the routes' business
+                    else:                              # the answer
                         await self.send({**ev, "id": qid})
             finally:
                 await agen.aclose()

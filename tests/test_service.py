@@ -1861,6 +1861,16 @@ def test_a_socket_attached_to_a_video_answers_as_the_video_route(service, upload
     finally:
         jobs.update(vid, status="ready")
 
+    async def nothing_there():                            # an error of the answer itself (no frame in the window)
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "attach", "stream_id": vid}))
+            json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "ask", "id": "w", "question": "q", "window": [500, 600]}))
+            return json.loads(await ws.recv())
+    got = asyncio.run(nothing_there())
+    # the protocol's fields only (it carried the HTTP route's "status": 422 too)
+    assert set(got) == {"type", "code", "message", "id"} and got["code"] == "E_NO_FRAMES", got
+
 
 def test_an_unreachable_camera_says_why_in_plain_words(service):
     """GET /v1/streams/ID of a camera whose port accepts connections but never answers said
