@@ -176,24 +176,21 @@ _positive_int = _int_at_least(1)
 _whole_number = _int_at_least(0)             # where 0 means something: --threads (torch's default), --eager-batch (skip)
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (v >= 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return v
+def _finite_float(zero_ok: bool):
+    """An argparse type: a finite number > 0, or >= 0 with `zero_ok` (nan and words refused)."""
+    def check(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not ((v >= 0 if zero_ok else v > 0) and v < float("inf")):
+            raise argparse.ArgumentTypeError(f"expected a number {'>=' if zero_ok else '>'} 0, got {text!r}")
+        return v
+    return check
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not (v > 0 and v < float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
+_positive_float = _finite_float(zero_ok=False)
+_non_negative_float = _finite_float(zero_ok=True)  # where 0 means something: --cap-gb (none), pauses
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

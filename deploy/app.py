@@ -29,7 +29,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from lmcore.errors import NotFound
+from lmcore.errors import Interrupted, NotFound
 
 from .routes import build_api, set_backend
 from .serving import (
@@ -576,7 +576,7 @@ class RayBackend:
                 return True
             frames = await asyncio.to_thread(stored_frames, self.cache, jid, int(d.get("frames") or 0))
             kept = frames_kept(frames)
-            code = "E_CACHE_UNAVAILABLE" if redis_gone else "E_INTERRUPTED"
+            code = "E_CACHE_UNAVAILABLE" if redis_gone else Interrupted.code
             if not started:
                 message = f"expected the job to start on a decoder, got {type(e).__name__}: {str(e)[:160]}; send the file again"
             elif redis_gone:

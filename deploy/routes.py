@@ -833,7 +833,7 @@ def build_api() -> FastAPI:
         info = await b.encoder_info()
         model_id = model_id.rstrip("/")                # /v1/models/demo/ as /v1/models/demo
         if not model_id:                               # /v1/models/ (Starlette redirected it to the list)
-            return {"object": "list", "data": [model_card(info)]}
+            return await models(b)
         if model_id != info["model"]:
             raise NotFound(f"expected model {info['model']!r} (GET /v1/models), got {model_id[:200]!r}")
         return model_card(info)
@@ -1539,10 +1539,15 @@ class _LiveSession:
                 self.closed = True
 
     async def error(self, e: BaseException, qid: str | None = None, last: bool = False) -> None:
-        d = {"type": "error", **error_dict(client_error(e) if isinstance(e, LmsError) else e)}
+        await self.send_error(error_dict(client_error(e) if isinstance(e, LmsError) else e), qid, last)
+
+    async def send_error(self, d: dict, qid: str | None = None, last: bool = False) -> None:
+        """`d` (an error's dict, an answer's error event) as the protocol's `{"type": "error", "code",
+        "message"}` (with the question's `id`): nothing else of it, no HTTP status."""
+        msg = {"type": "error", "code": d["code"], "message": d["message"]}
         if qid is not None:
-            d["id"] = qid
-        await self.send(d, last)
+            msg["id"] = qid
+        await self.send(msg, last)
 
     async def run(self) -> None:
         limit = self.b.settings.limits.max_ws_message_bytes
@@ -1779,8 +1784,7 @@ class _LiveSession:
         if not err or err == self.push_told:
             return
         self.push_told = err
-        told = client_error_dict(err)
-        await self.send({"type": "error", "code": told["code"], "message": told["message"]})
+        await self.send_error(client_error_dict(err))
         await self._keep_push_error(err)
 
     async def _keep_push_error(self, err: dict) -> None:
@@ -1877,8 +1881,7 @@ class _LiveSession:
                     self._fenced()
                 else:
                     self.lost += [f[1] for f in frames]        # not stored: a span of the stream without frames
-                err = client_error_dict(err)
-                await self.send({"type": "error", "code": err["code"], "message": err["message"]})
+                await self.send_error(client_error_dict(err))
                 return
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])
@@ -1999,9 +2002,8 @@ class _LiveSession:
                 async for ev in agen:
                     if ev["type"] == "token":
                         await self.send({"type": "token", "id": qid, "text": ev["text"], "token_id": ev["token_id"]})
-                    elif ev["type"] == "error":        # the protocol's {"type", "code", "message", "id"}: the
-                        await self.send({"type": "error", "code": ev["code"], "message": ev["message"],
-                                         "id": qid})       # HTTP status the event carries is the routes' business
+                    elif ev["type"] == "error":        # the HTTP status it carries is the routes' business
+                        await self.send_error(ev, qid)
                     else:                              # the answer
                         await self.send({**ev, "id": qid})
             finally:

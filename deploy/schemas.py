@@ -223,19 +223,20 @@ class ChatRequest(BaseModel):
     @model_validator(mode="after")
     def _supported(self):
         from pydantic_core import PydanticCustomError
+
+        def unsupported(param: str, value) -> PydanticCustomError:
+            return PydanticCustomError("unsupported", "expected no {param} (this service does not support it; "
+                                       "leave it out), got {got}", {"param": param, "got": json.dumps(value)[:120]})
         for name, value in (self.model_extra or {}).items():
             allowed = UNSUPPORTED_CHAT_FIELDS.get(name)
             if allowed is not None and not any(_same(value, a) for a in allowed):
-                raise PydanticCustomError("unsupported", "expected no {param} (this service does not support it; "
-                                          "leave it out), got {got}", {"param": name, "got": json.dumps(value)[:120]})
+                raise unsupported(name, value)
         if self.stream_options is not None and not self.stream:
             raise PydanticCustomError("stream_options", "expected stream_options only with stream true, got it "
                                       "without", {"param": "stream_options"})
         more = (self.stream_options.model_extra or {}) if self.stream_options is not None else {}
         if more.get("continuous_usage_stats") not in (None, False):      # vLLM's: usage in every chunk
-            raise PydanticCustomError("unsupported", "expected no {param} (this service does not support it; "
-                                      "leave it out), got {got}", {"param": "stream_options.continuous_usage_stats",
-                                                                   "got": json.dumps(more["continuous_usage_stats"])})
+            raise unsupported("stream_options.continuous_usage_stats", more["continuous_usage_stats"])
         return self
 
     def stop_strings(self) -> list[str]:

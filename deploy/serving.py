@@ -707,15 +707,16 @@ def check_allowed(path: str, allowed: list[str]) -> str:
     from lmcore.errors import InvalidRequest, PathNotAllowed
     if "\x00" in path:
         raise InvalidRequest(f"expected path without NUL bytes, got {path!r}")
+
+    def inside(p: str) -> bool:
+        return any(p == d or p.startswith(d.rstrip(os.sep) + os.sep) for d in allowed)
     real = os.path.realpath(os.path.expanduser(path))
-    for d in allowed:
-        if real == d or real.startswith(d.rstrip(os.sep) + os.sep):
-            return real
+    if inside(real):
+        return real
     shown = ", ".join(allowed) if allowed else "none configured (lmstream serve --allowed-dir DIR)"
-    plain = os.path.abspath(os.path.expanduser(path))
-    inside = any(plain == d or plain.startswith(d.rstrip(os.sep) + os.sep) for d in allowed)
     # a link inside that leads out: said so (the path shown is inside), where it leads not said
-    how = " (a symbolic link along it leads outside them)" if inside else ""
+    plain = os.path.abspath(os.path.expanduser(path))
+    how = " (a symbolic link along it leads outside them)" if inside(plain) else ""
     raise PathNotAllowed(f"expected a path inside the allowed folders ({shown}), got {path!r}{how}")
 
 

@@ -16,7 +16,8 @@ __all__ = [
     "BadArgument", "DeviceUnavailable", "CheckpointError", "ContextTooLong", "CacheError",
     "CacheUnavailable", "CacheClosed", "StreamNotFound", "StreamExists", "CacheBudgetExceeded",
     "CapacityExceeded", "StaleWriter", "RecordFormatError", "Unauthorized", "PathNotAllowed", "NotFound",
-    "NotReady", "JobRunning", "StreamStopped", "Interrupted", "PayloadTooLarge", "InvalidRequest", "Busy", "ServiceUnavailable", "error_table",
+    "NotReady", "JobRunning", "StreamStopped", "Interrupted", "PayloadTooLarge", "InvalidRequest", "Busy",
+    "ServiceUnavailable", "error_table",
 ]
 
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lmcore.errors import BadArgument, CheckpointError, DeviceUnavailable, LmsError
+from lmcore.errors import BadArgument, CheckpointError, DeviceUnavailable, Interrupted, LmsError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CKPT = REPO / "checkpoints" / "demo"
@@ -551,8 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         print(str(e), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("error[E_INTERRUPTED]: interrupted", file=sys.stderr)
-        return 130
+        print(str(Interrupted("interrupted")), file=sys.stderr)
+        return Interrupted.exit_code
     except BrokenPipeError:          # `lmstream ask ... --json | head`: the reader left; nothing to say to it
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())      # so that the interpreter's final flush does not fail too

@@ -49,6 +49,7 @@ import re
 import stat
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -247,12 +248,12 @@ class DecodeReport:
     def add_error(self, line: str, *, keep: bool = False) -> None:
         """Record one problem (newlines are folded so each entry stays one line). `keep`: a summary that
         must be read, kept in place of the last line when the list is full (that one is counted dropped)."""
+        line = " ".join(line.split())
         if len(self.errors) < _MAX_ERROR_LINES:
-            self.errors.append(" ".join(line.split()))
-        elif keep:
-            self.errors[-1] = " ".join(line.split())
-            self.errors_dropped += 1
+            self.errors.append(line)
         else:
+            if keep:
+                self.errors[-1] = line
             self.errors_dropped += 1
 
     def add_gap(self, start_s: float, end_s: float) -> None:
@@ -859,7 +860,6 @@ class _Progress:
             desc = enabled if isinstance(enabled, str) else "decoding video"
             total = round(stop - start, 1)
             if not _is_tty(sys.stderr):
-                import time
                 self._lines = (desc, total, time.monotonic())
                 return
             from tqdm import tqdm
@@ -888,7 +888,6 @@ class _Progress:
                 self._line()
 
     def _line(self) -> None:
-        import time
         desc, total, t0 = self._lines
         print(f"{desc}: {100 * self._done / total:3.0f}% ({self._done:.0f}/{total:.0f} s of video, "
               f"{time.monotonic() - t0:.0f} s)", file=sys.stderr, flush=True)
