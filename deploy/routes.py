@@ -39,6 +39,7 @@ from lmcore.errors import (
     StreamStopped,
     Unauthorized,
 )
+from lmcore.stops import cut_at_stop
 
 from .schemas import ChatRequest, Question, StreamCreate, VideoCreate, WatchCreate, WatchQuestion
 from .serving import (
@@ -870,6 +871,8 @@ def build_api() -> FastAPI:
         cid = "chatcmpl-" + uuid.uuid4().hex[:24]
         created = int(time.time())
         stops = body.stop_strings()
+        if stops:
+            req["stop"] = stops                # generation ends at the first one complete (usage counts up to it)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
             return await _sse(b, req, lambda evs: _chat_chunks(evs, cid, created, model, stops, usage), "chat")
@@ -1106,14 +1109,6 @@ async def _sse_events(events):
         yield f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
 
-def cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """`text` up to the stop string that is complete first, reading on (the earliest end; of two ending
-    together the longer), as OpenAI and vLLM cut an answer: the stop string itself is not returned; and
-    whether one was found. Reading a prefix finds the same one: a streamed answer is cut where it is whole."""
-    found = [(i + len(x), i) for x in stops if (i := text.find(x)) >= 0]
-    return (text[:min(found)[1]], True) if found else (text, False)
-
-
 def _held_back(text: str, stops: list[str]) -> int:
     """How many of `text`'s last characters may begin a stop string (kept back from a streamed delta until
     the next token says whether they do)."""
@@ -1123,7 +1118,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 
 def chat_usage(ans: dict) -> dict:
     """OpenAI's `usage`: the LLM's input (the question's text and one token per frame: the answer's
-    `llm_tokens`) and the tokens it generated, all of them, those after a `stop` string too."""
+    `llm_tokens`) and the tokens it generated (up to the one completing a `stop` string, where it stopped)."""
     n = len(ans["token_ids"])
     return {"prompt_tokens": ans["llm_tokens"], "completion_tokens": n, "total_tokens": ans["llm_tokens"] + n}
 
@@ -1149,7 +1144,7 @@ async def _chat_chunks(events, cid: str, created: int, model: str, stops: list[s
     async for ev in events:
         if ev["type"] == "token":
             if stopped or not ev["text"]:
-                continue                       # after a stop string the model runs on; its text is not sent
+                continue                       # the engine stops at a stop string: nothing comes after it
             pending, stopped = cut_at_stop(pending + ev["text"], stops)
             keep = 0 if stopped else _held_back(pending, stops)
             out, pending = pending[:len(pending) - keep], pending[len(pending) - keep:]

@@ -424,9 +424,10 @@ class AnswerCore:
 
     def answer(self, stream_id: str, question: str, *, window=None, last_s=None, policy: str = "exact",
                max_tokens: int = 64, gaps=(), sampling: dict | None = None, watch: str | None = None,
-               choices: list[str] | None = None) -> Iterator[dict]:
+               choices: list[str] | None = None, stop: list[str] | None = None) -> Iterator[dict]:
         """Events: {"type": "token", "text", "token_id"} ... {"type": "answer", **answer fields}.
-        `gaps`: the stream's recorded ones (outages, frames shed or lost, decode damage)."""
+        `gaps`: the stream's recorded ones (outages, frames shed or lost, decode damage); `stop`: strings
+        that end generation where one is first complete (the chat route's `stop`)."""
         t0 = time.perf_counter()
         if watch is not None:
             src = self.watch_source(stream_id, watch, question, window, last_s)
@@ -444,7 +445,8 @@ class AnswerCore:
         inside = [list(g) for g in gaps if (g[1] is None or g[1] > lo) and (g[0] is None or g[0] < hi)]
         first = None
         for kind, *rest in self.model.stream_answer(src, question, max_new_tokens=max_tokens, policy=policy,
-                                                    extra_gaps=inside, choices=choices, **(sampling or {})):
+                                                    extra_gaps=inside, choices=choices, stop=stop or (),
+                                                    **(sampling or {})):
             if kind == "token":
                 if first is None:
                     first = time.perf_counter() - t0

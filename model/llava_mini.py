@@ -30,6 +30,7 @@ from torch import nn
 from lmcore.errors import BadArgument, CheckpointError, ContextTooLong
 from lmcore.limits import MAX_CHOICES
 from lmcore.policy import FusionPolicy
+from lmcore.stops import cut_at_stop
 
 from . import prompt as prompt_mod
 from .checkpoint import load_strict, load_tokenizer, read_state_dict, stop_ids
@@ -768,10 +769,13 @@ class LlavaMini:
 
     def stream_answer(self, states, question: str, *, max_new_tokens: int = 64, policy=None, window=None,
                       timings: dict | None = None, report: dict | None = None, extra_gaps=(),
-                      choices: Sequence[str] | None = None, **gen_kw):
+                      choices: Sequence[str] | None = None, stop: Sequence[str] = (), **gen_kw):
         """Answer `question` about `states` (a FrameSource or VideoContext) as it is generated:
-        yields ("token", token_id, text_piece) for each new token (pieces concatenate to the answer's
-        text), then ("answer", Answer). Closing the generator stops generation at once.
+        yields ("token", token_id, text_piece) for each new token (pieces concatenate to the text said),
+        then ("answer", Answer). Closing the generator stops generation at once.
+        `stop`: strings that end the answer where one is first complete (`lmcore.stops.cut_at_stop`, as
+        OpenAI and vLLM): no LLM step runs after it, `Answer.text` ends before it, finish_reason "stop"
+        (the pieces already yielded hold the stop string's text: a streaming client cuts them itself).
         With `choices` (2 or more candidate answers) nothing is generated: the answer is the
         candidate the model gives the highest probability (`score_choices`), `Answer.choices`
         holds every candidate's log-probability, and only the ("answer", Answer) event comes."""
@@ -803,18 +807,27 @@ class LlavaMini:
             info["generate_s"] = 0.0
             timings["score_s"] = info["score_s"]
         else:
-            for tok in self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw):
-                toks.append(tok)
-                # pieces concatenate to the final (stripped) text: trailing spaces wait for the next word,
-                # and a decode that rewrote earlier characters emits nothing until it agrees again
-                text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-                piece = text[len(said):] if text.startswith(said) else ""
-                said += piece
-                yield "token", tok, piece
+            cut = None
+            gen = self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw)
+            try:
+                for tok in gen:
+                    toks.append(tok)
+                    # pieces concatenate to the final (stripped) text: trailing spaces wait for the next word,
+                    # and a decode that rewrote earlier characters emits nothing until it agrees again
+                    text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                    piece = text[len(said):] if text.startswith(said) else ""
+                    said += piece
+                    yield "token", tok, piece
+                    if stop and piece:
+                        cut, found = cut_at_stop(said, list(stop))
+                        if found:
+                            break
+            finally:
+                gen.close()                               # fills `info` (finish_reason, generate_s)
+            if cut is not None and cut != said:
+                said, info["finish_reason"] = cut, "stop"
         timings.update({k: info[k] for k in ("fuse_s", "prefill_s", "generate_s")})
-        text = said if scored else self.tokenizer.decode(toks, skip_special_tokens=True).strip()
-        if text != said:                                  # cannot happen with a prefix-stable tokenizer
-            text = said
+        text = said                                       # what the pieces said, cut before a stop string
         span = None
         fs = states.states if isinstance(states, VideoContext) else states
         if fs.pts is not None and len(fs.pts):

@@ -47,6 +47,37 @@ def test_closing_the_stream_runs_no_more_llm_steps(tiny_model, monkeypatch):
         m.stop_token_ids = saved
 
 
+def test_a_stop_string_ends_generation_at_the_token_that_completes_it(tiny_model, monkeypatch):
+    """`stop` (the chat route's): the answer ends before the first stop string complete, finish_reason
+    "stop", and no LLM step runs after the token completing it (the model had run on to its own end)."""
+    from lmcore.stops import cut_at_stop
+    m = tiny_model
+    st = m.encode_frames(frames(3, seed=11))
+    calls = {"n": 0}
+    real = m._llm
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(m, "_llm", counting)
+    monkeypatch.setattr(m, "stop_token_ids", [])          # no stop token: 20 steps unless a stop string
+    q = "what is in the video ?"
+    full = list(m.stream_answer(st, q, max_new_tokens=20))
+    pieces = [e[2] for e in full[:-1]]
+    text = full[-1][1].text
+    assert len(text) >= 6, text
+    stop = text[len(text) // 2:len(text) // 2 + 2]           # two characters from the middle
+    k = next(i for i in range(1, len(pieces) + 1) if cut_at_stop("".join(pieces[:i]), [stop])[1])
+    calls["n"] = 0
+    got = list(m.stream_answer(st, q, max_new_tokens=20, stop=[stop, "never-said"]))
+    ans = got[-1][1]
+    assert len(got) == k + 1 and calls["n"] == k, (k, calls, stop, text)   # prefill + k-1 steps
+    assert ans.text == text[:text.find(stop)] and ans.finish_reason == "stop", (ans.text, stop, text)
+    assert ans.token_ids == full[-1][1].token_ids[:k] and k < 20
+    assert list(m.stream_answer(st, q, max_new_tokens=20, stop=["never-said"]))[-1][1].text == text
+
+
 def test_questions_from_threads_equal_serial_answers(tiny_model):
     m = tiny_model
     st = m.encode_frames(frames(6, seed=10))

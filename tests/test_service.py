@@ -1689,7 +1689,8 @@ def test_chat_as_openais_client_uses_it_stop_usage_follow_ups_and_what_it_refuse
     penalties were accepted and silently ignored, a seed past 64 bits was a 500, `models.retrieve` was 404,
     `created` was 0, a follow-up question without the video part was refused, and a text part of 123 was
     answered. Now: stop cuts (streamed too, a stop string split across tokens held back), the usage chunk
-    comes, unsupported fields and bad types are 400 naming the `param`, the video comes from an earlier turn."""
+    comes, unsupported fields and bad types are 400 naming the `param`, the video comes from an earlier turn.
+    A stop string also ends generation (the model had run on to its own end, `usage` counting it all)."""
     import openai
     vid = uploaded["id"]
     video = {"type": "video_url", "video_url": {"url": f"lms://videos/{vid}"}}
@@ -1704,7 +1705,11 @@ def test_chat_as_openais_client_uses_it_stop_usage_follow_ups_and_what_it_refuse
     want = text[:text.find(stop)]
     r = client.chat.completions.create(model="demo", messages=msgs, max_tokens=8, stop=[stop, "zzz-never"])
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, "stop"), (stop, text, r)
-    assert r.lmstream["text"] == text                      # the model's own answer, before the cut
+    # generation ended at the stop string: the tokens up to the one completing it, no LLM step after it
+    k = len(r.lmstream["token_ids"])
+    assert r.lmstream["token_ids"] == full.lmstream["token_ids"][:k] and r.usage.completion_tokens == k, (r, full)
+    assert k < len(full.lmstream["token_ids"]) or full.choices[0].finish_reason == "length", (r, full)
+    assert r.lmstream["text"] == want and r.lmstream["finish_reason"] == "stop", r
     chunks = list(client.chat.completions.create(model="demo", messages=msgs, max_tokens=8, stop=stop,
                                                  stream=True, stream_options={"include_usage": True}))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want, chunks
