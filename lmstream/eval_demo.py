@@ -353,7 +353,7 @@ def answer(m, states, qa, policy: str, max_new_tokens: int):
         return text, bool(score(qa, text)), time.perf_counter() - t0
     with torch.no_grad():
         new = m.generate(ids, states, max_new_tokens, policy=policy)
-    text = m.tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
+    text = m.detokenize(new[0].tolist())
     return text, bool(score(qa, text)), time.perf_counter() - t0
 
 

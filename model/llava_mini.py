@@ -605,6 +605,16 @@ class LlavaMini:
                 _info["generate_s"] = time.perf_counter() - t1
                 _info["finish_reason"] = info["finish_reason"]
 
+    def detokenize(self, token_ids: Sequence[int]) -> str:
+        """The answer's text: the tokenizer's decode, special tokens left out, stripped. A checkpoint whose
+        tokenizer writes numbers one digit a token, joined by spaces on decode (a word-level one: the demo
+        checkpoint's says 28 as "2 8"), says so with `"lmstream_join_digits": true` in its
+        tokenizer_config.json, and runs of digits are joined back ("28")."""
+        text = self.tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+        if getattr(self.tokenizer, "init_kwargs", {}).get("lmstream_join_digits"):
+            text = _DIGIT_SPACE.sub("", text)
+        return text
+
     MAX_CHOICES = MAX_CHOICES
     MAX_CHOICE_TOKENS = 256
     #: What a Llama 3 chat model writes before its answer when the prompt stops after the user's turn
@@ -814,7 +824,7 @@ class LlavaMini:
                     toks.append(tok)
                     # pieces concatenate to the final (stripped) text: trailing spaces wait for the next word,
                     # and a decode that rewrote earlier characters emits nothing until it agrees again
-                    text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                    text = self.detokenize(toks)
                     piece = text[len(said):] if text.startswith(said) else ""
                     said += piece
                     yield "token", tok, piece
@@ -843,6 +853,9 @@ class LlavaMini:
                                decode_report=report, gaps=gaps, dropped=dropped,
                                finish_reason=info.get("finish_reason", "stop"), choices=scored,
                                unknown_words=self.unknown_words(question))
+
+
+_DIGIT_SPACE = re.compile(r"(?<=\d) (?=\d)")
 
 
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, gen) -> int:

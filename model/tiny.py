@@ -31,8 +31,10 @@ def words_of(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())
 
 
-def build_tokenizer(out: Path, words: list[str], max_len: int = 4096) -> dict[str, int]:
-    """A word-level tokenizer (lower-cased words and punctuation) in HF fast-tokenizer files."""
+def build_tokenizer(out: Path, words: list[str], max_len: int = 4096, join_digits: bool = False) -> dict[str, int]:
+    """A word-level tokenizer (lower-cased words and punctuation) in HF fast-tokenizer files. `join_digits`:
+    numbers are written one digit a token (the demo's), so decoding joins runs of digits back
+    (`"lmstream_join_digits": true` in tokenizer_config.json, read by `LlavaMini.detokenize`)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     vocab: dict[str, int] = {"!": 0}                     # id 0 is a real token, as in Llama 3 ("!")
     for w in SPECIALS + sorted(set(words) | set(BASE_WORDS) | set(words_of(DEFAULT_SYSTEM))):
@@ -50,7 +52,8 @@ def build_tokenizer(out: Path, words: list[str], max_len: int = 4096) -> dict[st
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": "<|eot_id|>",
         "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": max_len,
-        "clean_up_tokenization_spaces": False, "chat_template": LLAMA3_TEMPLATE}, indent=1))
+        "clean_up_tokenization_spaces": False, "chat_template": LLAMA3_TEMPLATE,
+        **({"lmstream_join_digits": True} if join_digits else {})}, indent=1))
     (out / "special_tokens_map.json").write_text(json.dumps(
         {"bos_token": bos, "eos_token": "<|eot_id|>", "pad_token": "<pad>", "unk_token": "<unk>"}, indent=1))
     return vocab

@@ -661,7 +661,8 @@ def build(out: Path, a) -> tuple[LlavaMiniNet, VisionTower, LlavaMiniConfig, obj
     from transformers import CLIPVisionConfig, CLIPVisionModel
     from .checkpoint import load_tokenizer
     out.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(out, S.vocabulary() + ["and", "star"] + (PARAPHRASE_WORDS if a.paraphrase else []))
+    vocab = build_tokenizer(out, S.vocabulary() + ["and", "star"] + (PARAPHRASE_WORDS if a.paraphrase else []),
+                            join_digits=True)                   # numbers over 9 are one digit a token
     from tokenizers import Tokenizer, normalizers
     t = Tokenizer.from_file(str(out / "tokenizer.json"))        # "color" is "colour" to this model
     t.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace("color", "colour")])

@@ -95,6 +95,28 @@ def test_loads_with_its_tokenizer(demo):
     assert demo.prompt_ids("What COLOR is the circle?").tolist() == demo.prompt_ids("what colour is the circle?").tolist()
 
 
+def test_numbers_said_one_digit_a_token_read_as_numbers(demo, tmp_path):
+    """The demo writes numbers over 9 one digit a token, and its word-level tokenizer decodes tokens
+    joined by spaces: "when did the red circle appear?" was answered "2 8". Its tokenizer_config.json
+    says `lmstream_join_digits` (written by the training script), so runs of digits are joined back;
+    a tokenizer that does not say so is decoded as it is."""
+    ids = demo.tokenizer.convert_tokens_to_ids(["at", "2", "8", "and", "3", "<|eot_id|>"])
+    assert demo.detokenize(ids) == demo.tokenizer.decode(ids, skip_special_tokens=True).replace("2 8", "28")
+    assert "28 and 3" in demo.detokenize(ids) and "2 8" in demo.tokenizer.decode(ids)
+    import shutil
+    from types import SimpleNamespace
+    from model import LlavaMini
+    from model.checkpoint import load_tokenizer
+    for name in ("tokenizer.json", "special_tokens_map.json"):
+        shutil.copy(CKPT / name, tmp_path / name)
+    cfg = json.loads((CKPT / "tokenizer_config.json").read_text())
+    assert cfg.pop("lmstream_join_digits") is True
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    unsaid = SimpleNamespace(tokenizer=load_tokenizer(tmp_path))
+    assert LlavaMini.detokenize(unsaid, ids) == demo.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    assert "2 8 and 3" in LlavaMini.detokenize(unsaid, ids)
+
+
 def test_answers_fresh_videos_well_above_chance(demo):
     """Six fresh 30 s videos (held-out seeds). Measured on the committed checkpoint (run P5,
     docs/demo-history.md): shape 12/12, "is there a <colour> <kind>?" 15/16 and colour 6/8 (chance
@@ -365,6 +387,7 @@ def test_training_script_is_deterministic_for_a_seed(tmp_path):
     assert runs[0] == runs[1]
     assert json.loads((tmp_path / "run0" / "training_log.json").read_text())["check_exact_max_abs_logit_diff"] < 1e-4
     m = LlavaMini.from_pretrained(tmp_path / "run0")
+    assert m.tokenizer.init_kwargs.get("lmstream_join_digits") is True
     assert m.tokenizer is not None and len(getattr(m.vision.clip, "vision_model", m.vision.clip).encoder.layers) == 3
 
 
