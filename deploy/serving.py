@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from lmcore import cancel
 from lmcore.errors import (
     BadArgument,
     CacheUnavailable,
@@ -507,30 +508,38 @@ def finite_gaps(gaps: list, window, last_s, span) -> list:
 def answer_events_in_thread(make_events: Callable[[], Iterator[dict]]):
     """An async iterator over `make_events()`'s events, the generator running on its own thread.
 
-    When the consumer stops early (client gone, task cancelled), a flag stops the generator
-    before its next token and closes it there: no further LLM step runs. Errors become one
-    ``{"type": "error", ...}`` event."""
+    When the consumer stops early (client gone, task cancelled), a flag stops the work at its next
+    check (`lmcore.cancel`): waiting for the model's lock, between fused frame chunks and LLM layers,
+    before the next token; no further LLM step runs. Errors become one ``{"type": "error", ...}`` event."""
 
     async def agen():
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
 
+        def post(ev) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:                          # the loop is closed: no one is left to tell
+                stop.set()
+
         def work():
             gen = None
             try:
-                gen = make_events()
-                for ev in gen:
-                    loop.call_soon_threadsafe(q.put_nowait, ev)
-                    if stop.is_set():
-                        break
+                with cancel.scope(stop):                  # the engine stops at its next check once `stop` is set
+                    gen = make_events()
+                    for ev in gen:
+                        post(ev)
+                        if stop.is_set():
+                            break
+            except cancel.Cancelled:
+                pass                                      # no one is left to tell
             except BaseException as e:                    # noqa: BLE001 - reported to the client
-                loop.call_soon_threadsafe(q.put_nowait, {"type": "error", **error_dict(e),
-                                                         "status": getattr(e, "http_status", 500)})
+                post({"type": "error", **error_dict(e), "status": getattr(e, "http_status", 500)})
             finally:
                 if gen is not None:
                     gen.close()
-                loop.call_soon_threadsafe(q.put_nowait, None)
+                post(None)
 
         th = threading.Thread(target=work, name="lms-answer", daemon=True)
         th.start()

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from lmcore import cancel
 from lmcore.errors import BadArgument, CheckpointError, ContextTooLong
 from lmcore.limits import MAX_CHOICES
 from lmcore.policy import FusionPolicy
@@ -363,6 +364,7 @@ class LlavaMini:
             q_emb = emb[rows.to(self.device)]                              # (S, H)
         n = 0
         for st in states.iter_chunks(frames, self.frames_per_pass(len(rows)), self.device):
+            cancel.check()                                                 # a question whose client went away
             n += len(st)
             if len(st) == 0:
                 continue
@@ -542,6 +544,7 @@ class LlavaMini:
         cos, sin = self._positions(n0, embeds.shape[1])
         h = embeds
         for i, layer in enumerate(m.layers):
+            cancel.check()
             if buf is None:
                 h, _, _ = layer.full(h, cos, sin)
             else:
@@ -581,12 +584,13 @@ class LlavaMini:
         T = len(states.states if isinstance(states, VideoContext) else states)
         room = self.cfg.max_position_embeddings - (input_ids.shape[1] - 1 + T * self.cfg.nq)
         steps = max(0, min(max_new_tokens, room))
-        with torch.no_grad(), self.lock:
+        with torch.no_grad(), cancel.acquire(self.lock):
+            t_lock = time.perf_counter()                   # waited for the questions before it
             logits, buf, info = self._prefill(input_ids, states, policy, steps)
         info["finish_reason"] = "length"
         t1 = time.perf_counter()
         if _info is not None:
-            _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], generate_s=0.0)
+            _info.update(info, wait_s=t_lock - t0, prefill_s=t1 - t_lock - info["fuse_s"], generate_s=0.0)
         stops = set(self.stop_token_ids if stop_ids is None else stop_ids)
         gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         try:
@@ -597,7 +601,7 @@ class LlavaMini:
                 yield tok
                 if tok in stops or step == steps - 1:
                     break
-                with torch.no_grad(), self.lock:
+                with torch.no_grad(), cancel.acquire(self.lock):
                     e = self.net.model.embed_tokens(torch.tensor([[tok]], device=self.device))
                     logits = self._llm(e, buf, all_logits=False)[:, -1]
         finally:
@@ -689,7 +693,8 @@ class LlavaMini:
         longest = max(len(t) for t in cands)
         head = self._preamble_ids() if preamble == "auto" else list(preamble or [])
         t0 = time.perf_counter()
-        with self.lock:
+        with cancel.acquire(self.lock):
+            t_lock = time.perf_counter()
             logits0, buf, info = self._prefill(input_ids, states, policy, longest + len(head))
         if preamble == "auto":
             head = head if head and int(torch.argmax(logits0[0])) == head[0] else []
@@ -706,7 +711,7 @@ class LlavaMini:
         n0 = buf.n
         out: list[float] = []
         for toks in cands:
-            with self.lock:
+            with cancel.acquire(self.lock):
                 buf.n = n0                                                 # the prompt's cache; rows after it rewritten
                 e = self.net.model.embed_tokens(torch.tensor([toks], device=self.device))
                 rows = torch.cat([logits0[:, None], self._llm(e, buf, all_logits=True)], dim=1)[0].float()
@@ -716,7 +721,8 @@ class LlavaMini:
                 + torch.logsumexp(rows[-1, stops], 0) - lse[-1]
             out.append(float(s))
         if _info is not None:
-            _info.update(info, prefill_s=t1 - t0 - info["fuse_s"], score_s=time.perf_counter() - t1,
+            _info.update(info, wait_s=t_lock - t0, prefill_s=t1 - t_lock - info["fuse_s"],
+                         score_s=time.perf_counter() - t1,
                          choice_preamble=len(head))
         return out
 
@@ -836,7 +842,7 @@ class LlavaMini:
                 gen.close()                               # fills `info` (finish_reason, generate_s)
             if cut is not None and cut != said:
                 said, info["finish_reason"] = cut, "stop"
-        timings.update({k: info[k] for k in ("fuse_s", "prefill_s", "generate_s")})
+        timings.update({k: info[k] for k in ("wait_s", "fuse_s", "prefill_s", "generate_s") if k in info})
         text = said                                       # what the pieces said, cut before a stop string
         span = None
         fs = states.states if isinstance(states, VideoContext) else states

@@ -78,6 +78,65 @@ def test_a_stop_string_ends_generation_at_the_token_that_completes_it(tiny_model
     assert list(m.stream_answer(st, q, max_new_tokens=20, stop=["never-said"]))[-1][1].text == text
 
 
+def test_a_cancelled_question_stops_mid_fusion_and_while_waiting_for_the_model(tiny_model, monkeypatch):
+    """A question whose client went away stops at the engine's next check: between the frame chunks it is
+    fused with, and while it waits for the model's lock behind other questions. It had run its whole
+    prefill (a helper measured minutes of fusion for long questions over 342 frames, every later question
+    waiting behind it)."""
+    import asyncio
+    import time
+
+    from deploy.serving import answer_events_in_thread
+    from lmcore import cancel
+    m = tiny_model
+    st = m.encode_frames(frames(6, seed=12))
+    calls = {"n": 0}
+    real = m._fuse_chunk
+    ev = threading.Event()
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        ev.set()                                          # the client goes away during the first chunk
+        return real(*a, **k)
+
+    monkeypatch.setattr(m, "_fuse_chunk", counting)
+    monkeypatch.setattr(m, "question_chunk", 2)            # 6 frames: 3 chunks
+    with cancel.scope(ev), pytest.raises(cancel.Cancelled):
+        list(m.stream_answer(st, "what is in the video ?", max_new_tokens=4))
+    assert calls["n"] == 1
+    ev.clear()
+    assert list(m.stream_answer(st, "what is in the video ?", max_new_tokens=1))[-1][0] == "answer"
+    assert calls["n"] == 4                                  # outside a scope: no check stops it
+
+    # a question queued behind the model's lock: its consumer goes away, its thread ends without fusing
+    def events():
+        for kind, *_ in m.stream_answer(st, "what is in the video ?", max_new_tokens=4):
+            yield {"type": kind}
+
+    async def main():
+        agen = answer_events_in_thread(events)
+        task = asyncio.ensure_future(agen.__anext__())
+        await asyncio.sleep(0.3)
+        assert not task.done()                             # waiting for the lock
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await agen.aclose()
+
+    calls["n"] = 0
+    m.lock.acquire()
+    try:
+        before = {t for t in threading.enumerate() if t.name == "lms-answer"}
+        asyncio.run(main())
+        workers = [t for t in threading.enumerate() if t.name == "lms-answer" and t not in before]
+        t0 = time.monotonic()
+        for t in workers:
+            t.join(5)
+        assert not any(t.is_alive() for t in workers) and time.monotonic() - t0 < 2, workers
+    finally:
+        m.lock.release()
+    assert calls["n"] == 0                                  # it never fused: it stopped while waiting
+
+
 def test_questions_from_threads_equal_serial_answers(tiny_model):
     m = tiny_model
     st = m.encode_frames(frames(6, seed=10))
