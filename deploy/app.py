@@ -29,7 +29,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from lmcore.errors import Interrupted, NotFound
+from lmcore.errors import Interrupted, NotFound, ServiceUnavailable
 
 from .routes import build_api, set_backend
 from .serving import (
@@ -207,9 +207,36 @@ class FileSource:
                     pass
                 raise
         try:
-            return run_file_job(job, lambda items: self.encoder.encode.remote(items).result(), self.store, self.cache)
+            return run_file_job(job, lambda items: encode_surviving(self.encoder, items), self.store, self.cache)
         finally:
             _release_heap()
+
+
+#: How long a file job's batch waits for an Encoder replica when the one it was sent to died (Serve starts
+#: another: ~10-30 s on a loaded CPU machine), retrying with doubling pauses.
+ENCODER_LOST_WAIT_S = 60.0
+
+
+def encode_surviving(encoder, items: list) -> list[dict]:
+    """`encoder.encode(items)`, sent again when the replica died before answering (killed, out of memory, its
+    node lost): a batch carries its writer and sequence number, so a batch stored before the replica died is
+    not stored twice (`append_retrying`). After `ENCODER_LOST_WAIT_S` without a replica: `E_UNAVAILABLE`, which
+    the job's record says with the frames it keeps (it was `E_INTERNAL`, "ActorDiedError")."""
+    t0, pause = time.monotonic(), 1.0
+    while True:
+        try:
+            return encoder.encode.remote(items).result()
+        except ray.exceptions.RayTaskError:
+            raise                                       # the Encoder's own code raised: no replica was lost
+        except ray.exceptions.RayError as e:
+            waited = time.monotonic() - t0
+            if waited + pause > ENCODER_LOST_WAIT_S:
+                raise ServiceUnavailable(f"expected the Encoder to store the job's frames, got its replica lost "
+                                         f"({type(e).__name__}) and none back within {waited:.0f} s") from None
+            log.warning("the Encoder replica was lost (%s): sending the batch again in %.0f s", type(e).__name__,
+                        pause)
+            time.sleep(pause)
+            pause = min(pause * 2, 8.0)
 
 
 def _release_heap() -> None:
@@ -770,6 +797,12 @@ class RayBackend:
             try:
                 async for ev in gen:
                     yield ev
+            except ray.exceptions.RayTaskError as e:     # the replica's own code raised (it reports its errors
+                yield {"type": "error", "status": 500, **error_dict(e.cause or e)}     # as events: a fault)
+            except ray.exceptions.RayError as e:         # the replica died (killed, out of memory, its node lost)
+                yield {"type": "error", "status": 503, "code": ServiceUnavailable.code,
+                       "message": f"expected an answer from the model replica, got the replica lost while answering "
+                                  f"({type(e).__name__}): ask again, Serve starts another"}
             finally:
                 gen.cancel()                  # the client went away: the replica stops generating
         return events()
@@ -824,5 +857,11 @@ def build_app(settings: Settings):
 
 
 def app_builder(args: dict[str, Any]):
-    """`serve run deploy/serve.yaml` entry point: YAML `args` override LMSTREAM_* and defaults."""
-    return build_app(Settings.from_env(**(args or {})))
+    """`serve run deploy/serve.yaml` entry point: YAML `args` override LMSTREAM_* and defaults. Without an API
+    key it refuses to deploy (every request would be 401; `lmstream serve` makes one and prints it)."""
+    settings = Settings.from_env(**(args or {}))
+    if not settings.api_keys:
+        from lmcore.errors import BadArgument
+        raise BadArgument("expected at least one API key (LMSTREAM_API_KEYS=key1,key2 in serve run's environment, "
+                          "or api_keys in serve.yaml's args), got none: every request would be refused 401")
+    return build_app(settings)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmcore.errors import (
     BadArgument,
     Busy,
+    Interrupted,
     InvalidRequest,
     JobRunning,
     LmsError,
@@ -1508,6 +1509,7 @@ class _LiveSession:
         self.busy = False
         self.queue: list = []                          # frames waiting while the Encoder has earlier ones
         self.tasks: set[asyncio.Task] = set()             # answers and event followers: cancelled at the end
+        self.asking: dict[asyncio.Task, Any] = {}        # answers still going on -> the ask's id
         self.drains: set[asyncio.Task] = set()            # frames on their way to the ring: waited for
         self._pool: ThreadPoolExecutor | None = None
         self.send_lock = asyncio.Lock()
@@ -1567,6 +1569,9 @@ class _LiveSession:
                     await self.on_frame(data)
             except LmsError as e:
                 await self.error(e)
+            except Exception as e:                     # noqa: BLE001 - our fault: told, and the socket goes on
+                log.exception("live socket %s: a message failed", self.sid)
+                await self.error(e)
 
     async def on_text(self, text: str) -> bool:
         try:
@@ -1579,12 +1584,14 @@ class _LiveSession:
         if t == "start":
             await self.start(m)
         elif t == "frame":
+            if not self.writer:
+                raise InvalidRequest("expected {\"type\": \"start\"} before frames, got a frame message")
             pts = m.get("pts")
             if not isinstance(pts, (int, float)) or isinstance(pts, bool) or not (pts >= 0 and pts < 1e9):
                 raise InvalidRequest(f"expected frame pts as seconds >= 0 and under 1e9, got {pts!r}")
             self.pending_pts = float(pts)
         elif t == "ask":
-            self.ask(m)
+            await self.ask(m)
         elif t == "attach":
             sid = _request_id(m.get("stream_id"), "attach.stream_id")
             if self.writer:
@@ -1608,6 +1615,7 @@ class _LiveSession:
                 self._count_push_drops()               # what the flush shed: told below with the rest
                 await self._tell_push_error()          # bytes that only the end showed were no stream
             await self._flush()                        # frames received and waiting in line are stored
+            await self._finish_answers()               # and questions asked are answered
             if self.drop_timer is not None:
                 self.drop_timer.cancel()
                 self.drop_timer = None
@@ -1631,6 +1639,9 @@ class _LiveSession:
         b = self.b
         if self.writer:
             raise InvalidRequest(f"expected one start per socket, got another (streaming to {self.sid!r})")
+        if self.sid is not None:
+            raise InvalidRequest(f"expected start on a socket that is not attached, got one attached to "
+                                 f"{self.sid!r} (stream on a second socket)")
         fmt = m.get("format", "jpeg")
         if fmt not in ("jpeg", "png", "webm", "mp4"):
             raise InvalidRequest(f"expected format jpeg, png, webm or mp4, got {fmt!r}")
@@ -1639,6 +1650,13 @@ class _LiveSession:
         live = b.live
         if sid is not None:
             _request_id(sid, "start.stream_id")
+            try:
+                await asyncio.to_thread(b.store.get, sid)
+            except NotFound:
+                pass
+            else:
+                raise InvalidRequest(f"expected a live stream's id to start, got {sid!r}, which is a video (ask "
+                                     "about it with attach, or start a stream of another id)")
         await _check_live_limit(b, sid)                # a stream fed now (and taken over) holds its slot
         if sid is None:
             sid = "live-" + uuid.uuid4().hex[:12]
@@ -1881,6 +1899,11 @@ class _LiveSession:
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])
             self._close_loss([f[1] for f in frames])
+            first = frames[0][1]
+            if self.last_stored is not None and first - self.last_stored > LiveStore.push_stall_s(self.fps):
+                # a pause as long as the record's `stalled` (the client sent nothing, the socket open): a span
+                # of the stream without frames, as a camera's stall is
+                self.loss_gaps = merge_gaps([*self.loss_gaps, [self.last_stored, first]])
             self.last_stored = pts
             lag = {"lag_s": round(time.monotonic() - t_arrive, 3)} if t_arrive is not None else {}
             cleared = {}
@@ -1959,11 +1982,33 @@ class _LiveSession:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    def ask(self, m: dict) -> None:
+    #: How long `stop` waits for the socket's questions still being answered before it cuts them off.
+    STOP_ANSWER_WAIT_S = 120.0
+
+    async def ask(self, m: dict) -> None:
         qid = m.get("id")
+        if qid is not None and any(q == qid for q in self.asking.values()):
+            # two answers under one id could not be told apart: their tokens would interleave
+            await self.error(InvalidRequest(f"expected an id not in use by a question still being answered, got "
+                                            f"{json.dumps(qid)[:80]}"), qid)
+            return
         task = asyncio.create_task(self.answer(m, qid))
         self.tasks.add(task)
+        self.asking[task] = qid
         task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(lambda t: self.asking.pop(t, None))
+
+    async def _finish_answers(self) -> None:
+        """`stop`'s wait for the questions still being answered (each ends with its answer or error before
+        `stopped`); one not done in `STOP_ANSWER_WAIT_S` is cut off and told so."""
+        if not self.asking:
+            return
+        _, late = await asyncio.wait(list(self.asking), timeout=self.STOP_ANSWER_WAIT_S)
+        for t in late:
+            qid = self.asking.pop(t, None)
+            t.cancel()
+            await self.error(Interrupted(f"expected the answer before stop's reply, got it cut off after "
+                                         f"{self.STOP_ANSWER_WAIT_S:g} s"), qid)
 
     async def answer(self, m: dict, qid) -> None:
         from pydantic import ValidationError

@@ -473,12 +473,14 @@ def answer_fields(a) -> dict:
 
 
 def merge_gaps(gaps: list) -> list:
-    """Gaps sorted by start, those that overlap or touch made one (`[[103, 128], [128, 129]]` ->
-    `[[103, 129]]`); a None end (still open) covers everything after its start."""
+    """Gaps sorted by start, those that overlap made one (`[[103, 128], [120, 129]]` -> `[[103, 129]]`); a None
+    end (still open) covers everything after its start. Two that only touch stay two: a gap's ends are stored
+    frames (the last before it, the first after), so where two meet there is a frame (frames shed on both
+    sides of the one stored at 25 s are `[[0, 25], [25, 46]]`, not `[[0, 46]]`, which said none was there)."""
     inf = float("inf")
     out: list[list] = []
     for g in sorted(([g[0], g[1]] for g in gaps), key=lambda g: -inf if g[0] is None else g[0]):
-        if out and (out[-1][1] is None or (g[0] is not None and g[0] <= out[-1][1])):
+        if out and (out[-1][1] is None or (g[0] is not None and g[0] < out[-1][1])):
             if out[-1][1] is not None and (g[1] is None or g[1] > out[-1][1]):
                 out[-1][1] = g[1]
         else:
@@ -590,6 +592,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
     store.update(job.job_id, status="ingesting")
     sid = job.job_id
     frames = 0
+    progress = 0.0                                      # how far the frames stored reach: kept when the job fails
     src = None
     try:
         kw = {"resize_to": job.size} if job.size else {}
@@ -614,7 +617,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
         last_update = 0.0
 
         def flush():
-            nonlocal seq, frames
+            nonlocal seq, frames, progress
             item = EncodeItem(sid, np.stack(buf), list(pts), writer=writer, seq=seq, kv_policy=job.kv_policy)
             res = encode([item])[0]
             if "error" in res:
@@ -622,11 +625,14 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                 raise LmsError(err["message"], code=err["code"])
             seq += len(res["seqs"])
             frames += len(res["seqs"])
+            progress = round(max(min(0.999, (pts[-1] - (start or 0.0)) / span) if span else 0.0, 0.0), 4)
             buf.clear()
             pts.clear()
 
         for f in src:
             if frames + len(buf) >= job.max_frames:
+                if buf:                                          # the frames within the limit are kept
+                    flush()
                 raise PayloadTooLarge(f"expected at most {job.max_frames} frames per video at {job.fps:g} fps, got "
                                       "more (ask for a window or a lower fps)")
             if f.pts - (start or 0.0) > job.max_duration_s:     # a header that said less (or nothing): the frames
@@ -644,8 +650,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                 flush()
                 now = time.monotonic()
                 if now - last_update > 0.5:
-                    prog = min(0.999, (f.pts - (start or 0.0)) / span) if span else 0.0
-                    store.update(job.job_id, frames=frames, progress=round(max(prog, 0.0), 4))
+                    store.update(job.job_id, frames=frames, progress=progress)
                     last_update = now
         if buf:
             flush()
@@ -669,6 +674,8 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
         if src is not None:        # what decoding found so far (frames past a header that declared less)
             seen = [x for x in (src.report.duration_s, src.info.duration_s) if x is not None]
             fields = {"decode_errors": src.report.errors[:5], **({"duration_s": max(seen)} if seen else {})}
+        if frames:                                     # where the frames stored reach, not the last update's
+            fields["progress"] = progress
         store.update(job.job_id, status="failed", frames=frames, error=err,
                      gaps=[list(g) for g in (src.report.gaps if src is not None else [])], **fields)
         if not isinstance(e, Exception):
@@ -758,9 +765,14 @@ def check_regular_file(real: str, shown: str) -> None:
 
 
 def fps_ok(fps: float | None, settings: Settings) -> float:
+    """The frames per second asked for (a JSON number: a string or a boolean is refused, as on every
+    route), the settings' default when None."""
+    from lmcore.errors import InvalidRequest
+    if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float))):
+        raise InvalidRequest(f"expected fps as a number in (0, {settings.limits.max_fps:g}], got "
+                             f"{json.dumps(fps)[:40]}")
     fps = settings.fps if fps is None else float(fps)
     if not math.isfinite(fps) or fps <= 0 or fps > settings.limits.max_fps:
-        from lmcore.errors import InvalidRequest
         raise InvalidRequest(f"expected fps in (0, {settings.limits.max_fps:g}], got {fps}")
     return fps
 
@@ -944,6 +956,11 @@ def decode_image(data: bytes, size: int | None) -> np.ndarray:
             if w * h > 8192 * 8192:
                 raise PayloadTooLarge(f"expected a frame of at most 8192x8192 pixels, got {w}x{h}")
             rgb = np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:              # PIL refuses to open one far past our limit
+        import re
+        n = re.search(r"\((\d+) pixels\)", str(e))
+        raise PayloadTooLarge("expected a frame of at most 8192x8192 pixels, got "
+                              f"{n.group(1) + ' pixels' if n else 'far more'}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise NotAVideo(f"expected a JPEG or PNG frame, got {len(data)} bytes that are not an image "
                         f"({type(e).__name__})") from None

@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO = Path(__file__).resolve().parents[1]
 #: the most warm decoder actors a service keeps (`Settings.warm_decoders`; `lmstream serve --warm-decoders`)
@@ -74,6 +74,9 @@ class Settings(BaseModel):
             decoder frees first).
         limits: `Limits`.
     """
+
+    model_config = ConfigDict(extra="forbid")     # a misspelt setting is refused, not left at its default
+
 
     model: str = str(REPO / "checkpoints" / "demo")
     vision_tower: str | None = None
@@ -148,6 +151,10 @@ class Settings(BaseModel):
         take("local_kv_bytes", "LMSTREAM_LOCAL_KV_BYTES", int, "an integer number of bytes")
         take("warm_decoders", "LMSTREAM_WARM_DECODERS", int, "an integer")
         take("allowed_dirs", "LMSTREAM_ALLOWED_DIRS", lambda v: [p for p in v.split(os.pathsep) if p])
+        unknown = sorted(set(overrides) - set(cls.model_fields))
+        if unknown:                                     # serve.yaml's args: `encoder_replica: 3` did nothing
+            raise BadArgument(f"expected only known settings ({', '.join(cls.model_fields)}), got "
+                              f"{', '.join(map(repr, unknown))}")
         for name, v in overrides.items():
             if v is not None:
                 d[name] = v

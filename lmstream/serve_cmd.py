@@ -130,6 +130,8 @@ def cmd_serve(args) -> int:
     if not (Path(settings.model) / "config.json").exists():
         from lmcore.errors import CheckpointError
         raise CheckpointError(f"expected a checkpoint folder with config.json, got {settings.model}")
+    from lmcore.weights import check_weight_files
+    check_weight_files(Path(settings.model))     # a cut-short file: E_CHECKPOINT now, not a failed deploy later
     for d in settings.allowed_dirs:
         if not os.path.isdir(d):
             raise BadArgument(f"expected --allowed-dir to be an existing folder, got {d}")
@@ -219,7 +221,9 @@ def cmd_serve(args) -> int:
         print(f"lmstream: serving {settings.model} at {url}" +
               (f"\nAPI key: {generated}" if generated else ""), file=sys.stderr, flush=True)
         while True:
-            time.sleep(3600)
+            time.sleep(1.0)
+            if redis_srv is not None and redis_srv.proc.poll() is not None:
+                _restart_redis(redis_srv, data / "redis")
     except KeyboardInterrupt:
         print("lmstream: stopping", file=sys.stderr)
         return 0
@@ -240,6 +244,33 @@ def cmd_serve(args) -> int:
         if redis_srv is not None:
             redis_srv.stop()
         lock.close()
+
+
+#: Restarts of its own redis-server `lmstream serve` makes before it gives up (exit 6, `E_CACHE_UNAVAILABLE`):
+#: within `REDIS_RESTART_WINDOW_S`, so a server that keeps dying is not restarted forever.
+REDIS_RESTARTS = 5
+REDIS_RESTART_WINDOW_S = 300.0
+_redis_restarts: list[float] = []
+
+
+def _restart_redis(srv, folder: Path) -> None:
+    """The service's own redis-server exited (killed, out of memory): started again on its port with its AOF
+    folder, so the service goes on without a restart (its replicas' clients reconnect; frames written before
+    the last fsync, at most a second's, are what an AOF replay keeps). It stayed a zombie and the service
+    answered 503 until someone restarted it by hand, with nothing said."""
+    from lmcore.errors import CacheUnavailable
+    code = srv.proc.returncode
+    now = time.monotonic()
+    _redis_restarts[:] = [t for t in _redis_restarts if now - t < REDIS_RESTART_WINDOW_S] + [now]
+    if len(_redis_restarts) > REDIS_RESTARTS:
+        raise CacheUnavailable(f"expected the service's redis-server to keep running, got it exited {len(_redis_restarts)} "
+                               f"times in {REDIS_RESTART_WINDOW_S:g} s (last status {code}); its log: "
+                               f"{folder / 'redis.log'}")
+    print(f"redis: redis-server pid {srv.proc.pid} exited with status {code}; starting it again on {srv.url} "
+          f"(AOF in {folder})", file=sys.stderr, flush=True)
+    srv._close_log()
+    srv.start()
+    print(f"redis: started redis-server pid {srv.proc.pid} on {srv.url}", file=sys.stderr, flush=True)
 
 
 def _stdout_for_our_lines():

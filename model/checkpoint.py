@@ -16,31 +16,12 @@ import torch
 from torch import nn
 
 from lmcore.errors import CheckpointError
+from lmcore.weights import weight_files      # torch-free: `lmstream serve` checks them before Ray starts
 
 # Saved by the official code but unused by LLaVA-Mini's computation: the tower loads from its own
 # folder; image_newline exists only for 'unpad' patch merging, which LLaVA-Mini does not use.
 IGNORED_PREFIXES = ("model.vision_tower.", "model.image_newline")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def weight_files(ckpt: Path) -> list[Path]:
-    index = ckpt / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"expected {index} to hold a 'weight_map', got: {e}") from None
-        files = sorted({ckpt / f for f in wm.values()})
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"expected the shards listed in {index.name}, missing: {', '.join(missing)}")
-        return files
-    single = ckpt / "model.safetensors"
-    if single.exists():
-        return [single]
-    found = sorted(p.name for p in ckpt.iterdir()) if ckpt.is_dir() else []
-    raise CheckpointError(
-        f"expected model.safetensors or model.safetensors.index.json in {ckpt}, found: {found[:12]}")
 
 
 def read_state_dict(ckpt: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:

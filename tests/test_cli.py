@@ -311,6 +311,31 @@ def test_unknown_options_point_to_their_commands_help_and_bad_service_settings_n
         assert r.returncode == 2 and not (tmp_path / "d").exists(), r.stderr
 
 
+def test_serve_refuses_a_cut_short_checkpoint_before_ray_starts(tmp_path, tiny_ckpt):
+    """A weight file cut short (`truncate -s 100000 model.safetensors`) was "error[E_INTERNAL]: RuntimeError:
+    Deploying application lmstream failed" after a minute, the real reason only in a Ray log. Its header is
+    now read before Ray starts (no torch in the driver): E_CHECKPOINT naming the file, exit status 4."""
+    import shutil
+    from lmcore.errors import CheckpointError
+    from lmcore.weights import check_weight_files
+    from frame_cache.redis_server import free_port
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    check_weight_files(ck)                                  # whole: passes
+    w = ck / "model.safetensors"
+    size = w.stat().st_size
+    with open(w, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(CheckpointError, match=f"tensors ending at byte {size}, in a file of {size - 1000} bytes"):
+        check_weight_files(ck)
+    r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", "--model", ck)
+    assert_one_line_error(r, "E_CHECKPOINT", f"expected a readable safetensors file at {w}")
+    assert r.returncode == 4 and "ray:" not in r.stderr, r.stderr
+    w.write_bytes(b"\xff" * 64)                             # not a safetensors file at all
+    with pytest.raises(CheckpointError, match="a header of"):
+        check_weight_files(ck)
+
+
 def test_bad_inputs_are_reported_before_the_model_loads(tmp_path):
     assert_one_line_error(run("ask", tmp_path / "nope.mp4", "q", "--model", tmp_path / "none"),
                           "E_INPUT_NOT_FOUND", "nope.mp4")

@@ -225,11 +225,13 @@ def test_file_jobs_take_decoders_in_the_order_they_asked(monkeypatch):
 
 
 def test_answer_gaps_merge_and_where_a_continued_stream_starts():
-    """`merge_gaps`: one gap for those that overlap or touch (answers listed [[103, 128], [128, 129]]);
+    """`merge_gaps`: one gap for those that overlap, two for two that only touch (where they meet is a stored
+    frame: shed frames around the one stored at 25 s were merged into a gap over it);
     `continued_timeline`: a new source of a stream starts after its newest frame by the time nothing fed
     it, the outage a gap."""
     from deploy.serving import continued_timeline, merge_gaps
-    assert merge_gaps([[128.0, 129.0], [103.0, 128.0]]) == [[103.0, 129.0]]
+    assert merge_gaps([[120.0, 129.0], [103.0, 128.0]]) == [[103.0, 129.0]]
+    assert merge_gaps([[25.0, 46.0], [0.0, 25.0], [46.0, 56.0]]) == [[0.0, 25.0], [25.0, 46.0], [46.0, 56.0]]
     assert merge_gaps([[5.0, 6.0], [None, 2.0], [1.0, 3.0], [10.0, None], [12.0, 13.0]]) == [
         [None, 3.0], [5.0, 6.0], [10.0, None]]
     assert merge_gaps([]) == [] and merge_gaps([[1.0, 2.0], [3.0, 4.0]]) == [[1.0, 2.0], [3.0, 4.0]]
@@ -238,6 +240,22 @@ def test_answer_gaps_merge_and_where_a_continued_stream_starts():
     assert continued_timeline(10.0, 1000.0, 2.0, now=1000.5) == (10.5, None)      # under 1.5 periods: no gap
     assert continued_timeline(10.0, 1000.0, 1.0, now=1020.0) == (30.0, [10.0, 30.0])
     assert continued_timeline(10.0, None, 1.0, now=1020.0) == (11.0, None)        # no wall time kept: one period
+
+
+def test_serve_yaml_args_misspelt_or_without_a_key_are_refused(monkeypatch):
+    """`serve run deploy/serve.yaml` took `encoder_replica: 3` (misspelt) and left the default, and with no
+    API key deployed a service that refused every request 401. Both are refused with what was expected."""
+    from deploy.app import app_builder
+    from deploy.settings import Settings
+    from lmcore.errors import BadArgument
+    monkeypatch.delenv("LMSTREAM_API_KEYS", raising=False)
+    with pytest.raises(BadArgument, match=r"expected only known settings \(model, .*\), got 'encoder_replica'"):
+        app_builder({"encoder_replica": 3, "api_keys": ["k"]})
+    with pytest.raises(BadArgument, match="expected at least one API key .* got none: every request would be "
+                                          "refused 401"):
+        app_builder({"model": "checkpoints/demo"})
+    with pytest.raises(Exception, match="extra"):              # the model itself: a dump with a stray field
+        Settings.model_validate({**Settings().model_dump(), "encoder_replica": 3})
 
 
 def test_service_settings_name_the_variable_a_bad_value_came_from(monkeypatch):

@@ -8,7 +8,9 @@ Redis Cluster. Servers live in the test's temporary folder and are stopped by th
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -361,6 +363,38 @@ def test_concurrent_writers_and_readers(redis_server) -> None:
 
 
 # --------------------------------------------------------------------------- crash and outage
+def test_lmstream_serve_starts_its_own_redis_again_when_it_dies(tmp_path, capsys, monkeypatch) -> None:
+    """`lmstream serve`'s own redis-server, killed: it stayed a zombie and the service answered 503 until
+    restarted by hand, nothing said. The serve loop's `_restart_redis` starts it again on its port with its
+    AOF (what was written is there, a client of the old one goes on), and gives up with `E_CACHE_UNAVAILABLE`
+    (exit 6) when it keeps dying."""
+    from lmstream import serve_cmd
+    from lmcore.errors import CacheUnavailable as Unavailable
+    monkeypatch.setattr(serve_cmd, "_redis_restarts", [])
+    srv = RedisServer(tmp_path / "redis").start()
+    try:
+        c = srv.client()
+        c.set("kept", "1")
+        c.execute_command("BGREWRITEAOF")                  # durable before the kill (AOF fsync every second)
+        time.sleep(1.5)
+        port, pid = srv.port, srv.pid
+        os.kill(pid, signal.SIGKILL)
+        srv.proc.wait(10)
+        assert srv.proc.poll() is not None
+        serve_cmd._restart_redis(srv, tmp_path / "redis")
+        assert srv.port == port and srv.pid != pid and c.get("kept") == b"1"      # the old client reconnects
+        err = capsys.readouterr().err
+        assert f"redis-server pid {pid} exited with status -9; starting it again on {srv.url}" in err, err
+        monkeypatch.setattr(serve_cmd, "REDIS_RESTARTS", 1)
+        srv.kill9()
+        with pytest.raises(Unavailable, match="expected the service's redis-server to keep running, got it "
+                                              "exited 2 times in 300 s"):
+            serve_cmd._restart_redis(srv, tmp_path / "redis")
+        c.close()
+    finally:
+        srv.stop()
+
+
 def test_kill9_with_aof_everysec_then_restart(server: RedisServer) -> None:
     prefix = _prefix()
     cache = RedisFrameCache.from_url(server.url, prefix=prefix)

@@ -1465,6 +1465,85 @@ def test_websocket_auth_size_limit_and_bad_messages(service):
     asyncio.run(run())
 
 
+def test_socket_messages_that_broke_it_are_told_and_it_goes_on(service, uploaded):
+    """What a user of the socket found: `"fps": "abc"` and a 15000x15000 PNG of 700 KB (PIL's decompression
+    bomb) closed the socket 1006 with nothing said, `"fps": "2"` was read as 2, a `frame` message before
+    `start` got no reply, `start` on an attached socket started a second stream beside the attachment,
+    `start` with a video's id said "expected capacity ...", two asks in flight under one id mixed their
+    tokens, `stop` while an ask was answered dropped it (no answer, no error), and a pause of the client
+    (pts 1 -> 10 at 1 fps, as long as makes the stream `stalled`) was no gap. Each is now told or kept."""
+    import asyncio
+    import io
+
+    import websockets
+    from PIL import Image
+    rgb = np.full((64, 64, 3), 90, np.uint8)
+    bomb = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(bomb, format="PNG")
+    assert len(bomb.getvalue()) < 2 ** 20
+
+    async def reply(ws):
+        return json.loads(await asyncio.wait_for(ws.recv(), 120))
+
+    async def run():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "frame", "pts": 1}))
+            m = await reply(ws)
+            assert (m["type"], m["code"]) == ("error", "E_INVALID_REQUEST") and "start" in m["message"], m
+            for bad in ("abc", "2", True, [1], {"x": 1}):
+                await ws.send(json.dumps({"type": "start", "fps": bad, "format": "png"}))
+                m = await reply(ws)
+                assert (m["type"], m["code"]) == ("error", "E_INVALID_REQUEST"), (bad, m)
+                assert m["message"].startswith("expected fps as a number in (0, "), m
+            await ws.send(json.dumps({"type": "start", "stream_id": uploaded["id"], "format": "png"}))
+            m = await reply(ws)
+            assert m["code"] == "E_INVALID_REQUEST" and "which is a video" in m["message"], m
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            assert (await reply(ws))["type"] == "started"
+            await ws.send(bomb.getvalue())
+            m = await reply(ws)
+            assert (m["type"], m["code"]) == ("error", "E_TOO_LARGE") and "225000000 pixels" in m["message"], m
+            assert (await reply(ws))["type"] == "dropped"
+            await ws.send(json.dumps({"type": "ask", "question": "is there a red square ?"}))
+            m = await reply(ws)                                  # the socket goes on: told it has no frame
+            assert (m["type"], m["code"]) == ("error", "E_NO_FRAMES"), m
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            sid = (await reply(ws))["stream_id"]
+            await _push_frames(ws, [(0.0, rgb), (1.0, rgb), (10.0, rgb), (11.0, rgb)])   # paused 1 -> 10
+            ask = {"type": "ask", "id": "A", "question": "what colour is the circle ?", "max_tokens": 3}
+            await ws.send(json.dumps(ask))
+            await ws.send(json.dumps(ask))
+            await ws.send(json.dumps({**ask, "id": "B"}))
+            await ws.send(json.dumps({"type": "stop"}))
+            got = []
+            while (m := await reply(ws))["type"] != "stopped":
+                got.append(m)
+            ends = [(m["type"], m.get("id")) for m in got if m["type"] in ("answer", "error")]
+            assert sorted(ends) == [("answer", "A"), ("answer", "B"), ("error", "A")], got
+            dup = next(m for m in got if m["type"] == "error")
+            assert dup["message"].startswith("expected an id not in use by a question still being answered"), dup
+            answer = next(m for m in got if m["type"] == "answer")
+            assert answer["gaps"] == [[1.0, 10.0]] and answer["frames"] == 4, answer
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "attach", "stream_id": sid}))
+            assert (await reply(ws))["type"] == "attached"
+            await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+            m = await reply(ws)
+            assert m["code"] == "E_INVALID_REQUEST" and "attached to" in m["message"], m
+            await ws.send(json.dumps({"type": "ask", "id": 1, "question": "is there a red square ?",
+                                      "max_tokens": 2}))
+            while (m := await reply(ws))["type"] == "token":
+                pass
+            assert m["type"] == "answer" and m["frames"] == 4, m    # the socket went on after each of those
+        return sid
+
+    sid = asyncio.run(run())
+    with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+    assert d["gaps"] == [[1.0, 10.0]] and d["frames"] == 4, d
+
+
 def test_private_camera_addresses_are_refused_unless_allowed():
     from deploy.routes import check_source
     from lmcore.errors import InvalidRequest, PathNotAllowed
