@@ -17,6 +17,7 @@ Peak memory is two chunks of records plus T tokens, whatever the window's length
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from itertools import groupby
 
@@ -57,7 +58,10 @@ class CachedFrames:
                  *, max_frames: int | None = None, read_chunk: int = DEFAULT_READ_CHUNK, prefetch: bool = True,
                  dtype: torch.dtype | None = None):
         self.cache, self.stream_id, self.prefetch = cache, stream_id, prefetch
-        win = cache.window(stream_id, start, end, max_frames=max_frames)
+        # the cache's windows are closed: asked up to the float just below `end`, the frames it counts as
+        # overwritten are those of the half-open window too ([0, 20) at 1 fps: 20, it said 21)
+        win = cache.window(stream_id, start, None if end is None else math.nextafter(end, -math.inf),
+                           max_frames=max_frames)
         if end is not None and len(win) and win.pts_list[-1] >= end:      # half-open: drop pts == end
             keep = sum(1 for p in win.pts_list if p < end)
             win = FrameWindow(stream_id, win.first_seq, win.first_seq + keep - 1 if keep else -1,

@@ -72,6 +72,20 @@ def test_window_is_half_open_and_empty_window_is_an_error(tiny_model, any_cache)
         CachedFrames(any_cache, "s", 10.0, 20.0)
 
 
+def test_frames_overwritten_in_a_half_open_window_are_counted_as_it_is_read(tiny_model, any_cache):
+    """A ring of 3 holding frames 3-5 of 0-5: the window [0, 2) lost 2 frames, not 3 (the cache's windows are
+    closed, so the overwritten frame at 2 s, outside the window, was counted too: "(21 were overwritten
+    already)" for [0, 20) at 1 fps); [1, 4) lost 2 and holds one."""
+    states = tiny_model.encode_frames(frames(6, seed=2), pts=[0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    any_cache.create_stream("r", 3, on_full="overwrite")
+    from stream.ingest import states_to_records
+    any_cache.append_many("r", states_to_records(states))
+    with pytest.raises(NoFrames, match=r"in the window 0:2 s, got none \(2 were overwritten already\)"):
+        CachedFrames(any_cache, "r", 0.0, 2.0)
+    src = CachedFrames(any_cache, "r", 1.0, 4.0)
+    assert src.pts.tolist() == [3.0] and src.dropped_before == 2
+
+
 def test_frames_overwritten_mid_read_are_reported_not_mixed_in(tiny_model, any_cache):
     m = tiny_model
     T = 8
