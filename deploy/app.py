@@ -217,6 +217,14 @@ class FileSource:
 ENCODER_LOST_WAIT_S = 60.0
 
 
+def _gist(e: BaseException, width: int = 240) -> str:
+    """An error's first line for a message, cut at a word with " ..." when long (a cut in the middle of a
+    word had made 127.0.0.1:18379 read as 127.0.0.1:1)."""
+    import textwrap
+    text = str(e).splitlines()[0] if str(e) else ""
+    return textwrap.shorten(text, width, placeholder=" ...")
+
+
 def encode_surviving(encoder, items: list) -> list[dict]:
     """`encoder.encode(items)`, sent again when the replica died before answering (killed, out of memory, its
     node lost): a batch carries its writer and sequence number, so a batch stored before the replica died is
@@ -605,11 +613,11 @@ class RayBackend:
             kept = frames_kept(frames)
             code = "E_CACHE_UNAVAILABLE" if redis_gone else Interrupted.code
             if not started:
-                message = f"expected the job to start on a decoder, got {type(e).__name__}: {str(e)[:160]}; send the file again"
+                message = f"expected the job to start on a decoder, got {type(e).__name__}: {_gist(e)}; send the file again"
             elif redis_gone:
                 message = (
                     f"expected Redis to stay reachable while the job ran, got it lost at "
-                    f"{d.get('progress', 0):.0%} ({str(cause).splitlines()[0][:160] if str(cause) else 'no reason'}); "
+                    f"{d.get('progress', 0):.0%} ({_gist(cause) or 'no reason'}); "
                     f"{kept}")
             else:
                 message = (f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "

@@ -40,6 +40,23 @@ class Limits(BaseModel):
     max_live_streams: int = Field(64, ge=1, description="live streams (cameras + sockets) at once (429 past it)")
 
 
+def _keys(v: str) -> list[str]:
+    keys = [k.strip() for k in v.split(",") if k.strip()]
+    if not keys:                                        # ' , ' was read as no key: one generated, unsaid
+        raise ValueError("no key in it")
+    return keys
+
+
+def _flag(v: str) -> bool:
+    """A yes/no variable: "maybe" or "enabled" were read as no, silently."""
+    x = v.strip().lower()
+    if x in ("1", "true", "yes", "on"):
+        return True
+    if x in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not a yes or a no")
+
+
 class Settings(BaseModel):
     """The service's settings.
 
@@ -138,9 +155,8 @@ class Settings(BaseModel):
                           ("redis_url", "LMSTREAM_REDIS_URL"), ("data_dir", "LMSTREAM_DATA_DIR"),
                           ("local_kv_dir", "LMSTREAM_LOCAL_KV_DIR")):
             take(name, var)
-        take("api_keys", "LMSTREAM_API_KEYS", lambda v: [k.strip() for k in v.split(",") if k.strip()])
-        take("allow_private_sources", "LMSTREAM_ALLOW_PRIVATE_SOURCES",
-             lambda v: v.lower() in ("1", "true", "yes"))
+        take("api_keys", "LMSTREAM_API_KEYS", _keys, "comma-separated keys")
+        take("allow_private_sources", "LMSTREAM_ALLOW_PRIVATE_SOURCES", _flag, "1, true, yes, on or 0, false, no, off")
         take("limits", "LMSTREAM_LIMITS", json.loads, 'a JSON object such as {"max_upload_bytes": 1000000}')
         take("service_resources", "LMSTREAM_SERVICE_RESOURCES", json.loads,
              'a JSON object such as {"head_node": 0.01}')

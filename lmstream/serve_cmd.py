@@ -134,7 +134,8 @@ def cmd_serve(args) -> int:
     check_weight_files(Path(settings.model))     # a cut-short file: E_CHECKPOINT now, not a failed deploy later
     for d in settings.allowed_dirs:
         if not os.path.isdir(d):
-            raise BadArgument(f"expected --allowed-dir to be an existing folder, got {d}")
+            name = "--allowed-dir" if args.allowed_dir else "LMSTREAM_ALLOWED_DIRS"
+            raise BadArgument(f"expected {name} to be an existing folder, got {d}")
     if settings.device:
         from .cli import check_device
         check_device(settings.device, here=not args.ray_address,
@@ -147,7 +148,13 @@ def cmd_serve(args) -> int:
         check_reachable(settings.redis_url)
     settings, generated = settings.with_generated_key()
     data = Path(settings.data_dir)
-    data.mkdir(parents=True, exist_ok=True)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as e:                       # a file there, a read-only or virtual file system: not our fault
+        name = "--data-dir" if args.data_dir else "LMSTREAM_DATA_DIR" if os.environ.get("LMSTREAM_DATA_DIR") \
+            else "the data folder"
+        raise BadArgument(f"expected {name} to be a folder it can create and write, got {data} "
+                          f"({e.strerror or type(e).__name__})") from None
     lock = _lock_data_dir(data)     # held until this process ends: one service per folder (its Redis AOF, Ray's)
     ours = _stdout_for_our_lines()  # from here on fd 1 is stderr: Ray's lines cannot mix into the ready line
     stopping = {"flag": False}

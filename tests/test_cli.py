@@ -305,10 +305,21 @@ def test_unknown_options_point_to_their_commands_help_and_bad_service_settings_n
                       ({"LMSTREAM_LIMITS": "notjson"}, "expected LMSTREAM_LIMITS to be a JSON object"),
                       ({"LMSTREAM_LIMITS": '{"max_uplod_bytes": 5}'}, "known limits (max_upload_bytes, "),
                       ({"LMSTREAM_WARM_DECODERS": "abc"}, "expected LMSTREAM_WARM_DECODERS to be an integer, "
-                                                          "got 'abc'")):
+                                                          "got 'abc'"),
+                      # these were read as no (and as no key: one generated), silently
+                      ({"LMSTREAM_ALLOW_PRIVATE_SOURCES": "maybe"}, "expected LMSTREAM_ALLOW_PRIVATE_SOURCES to "
+                                                                    "be 1, true, yes, on or 0, false, no, off"),
+                      ({"LMSTREAM_API_KEYS": " , "}, "expected LMSTREAM_API_KEYS to be comma-separated keys, got "
+                                                     "' , ' (no key in it)"),
+                      ({"LMSTREAM_ALLOWED_DIRS": "/no/such/dir"}, "expected LMSTREAM_ALLOWED_DIRS to be an "
+                                                                  "existing folder, got /no/such/dir")):
         r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", env=env)
         assert_one_line_error(r, "E_BAD_ARGUMENT", says)
         assert r.returncode == 2 and not (tmp_path / "d").exists(), r.stderr
+    (tmp_path / "afile").write_text("x")                # a data folder that is a file: was E_INTERNAL
+    r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "afile")
+    assert_one_line_error(r, "E_BAD_ARGUMENT", f"expected --data-dir to be a folder it can create and write, got "
+                                               f"{tmp_path / 'afile'} (File exists)")
 
 
 def test_serve_refuses_a_cut_short_checkpoint_before_ray_starts(tmp_path, tiny_ckpt):
