@@ -889,7 +889,7 @@ def build_api() -> FastAPI:
         lim = b.settings.limits
         if inflight["n"] >= lim.max_queued_questions:
             raise Busy(f"expected at most {lim.max_queued_questions} questions queued at once, got "
-                       f"{inflight['n']}: try again later", retry_after=lim.retry_after_s)
+                       f"{inflight['n']} queued already: try again later", retry_after=lim.retry_after_s)
         inflight["n"] += 1
 
     async def _events(b: Backend, req: dict, kind: str):
@@ -1603,7 +1603,8 @@ class _LiveSession:
             self.sid, self.writer = sid, False
             _ATTACHED.setdefault(sid, set()).add(self)
             info = await asyncio.to_thread(self.b.cache.stream_info, sid)
-            await self.send({"type": "attached", "stream_id": sid, "frames": info.count})
+            await self.send({"type": "attached", "stream_id": sid, "frames": info.count,
+                             "kind": await self._kind(sid)})
             self._follow_events()
         elif t == "stop":
             if self.push is not None:                  # flush a byte stream's last frames first
@@ -1709,6 +1710,19 @@ class _LiveSession:
         await asyncio.to_thread(live.update, sid, status="connecting", fps=self.fps)
         await self.send({"type": "started", "stream_id": sid})
         self._follow_events()
+
+    async def _kind(self, sid: str) -> str:
+        """"video" for a file job's id, else "stream" (a camera's or a socket's, or frames with no record)."""
+        try:
+            await asyncio.to_thread(self.b.live.get, sid)
+            return "stream"
+        except NotFound:
+            pass
+        try:
+            await asyncio.to_thread(self.b.store.get, sid)
+            return "video"
+        except NotFound:
+            return "stream"
 
     def _check_token(self, sid: str, info) -> None:
         if info.writer != self.token:

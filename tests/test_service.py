@@ -757,7 +757,7 @@ def test_websocket_push_ask_attach_stop(service, media, demo_model):
             async with websockets.connect(_ws_url(service), max_size=None) as other:
                 await other.send(json.dumps({"type": "attach", "stream_id": sid}))
                 att = json.loads(await other.recv())
-                assert att == {"type": "attached", "stream_id": sid, "frames": len(frames)}
+                assert att == {"type": "attached", "stream_id": sid, "frames": len(frames), "kind": "stream"}
                 await other.send(json.dumps({"type": "ask", "id": "a", "question": q, "max_tokens": 8,
                                              "last_s": 10}))
                 while (m := json.loads(await other.recv()))["type"] != "answer":
@@ -1924,7 +1924,7 @@ def test_a_socket_attached_to_a_video_answers_as_the_video_route(service, upload
     async def socket(then=None):
         async with websockets.connect(_ws_url(service), max_size=None) as ws:
             await ws.send(json.dumps({"type": "attach", "stream_id": vid}))
-            assert json.loads(await ws.recv()) == {"type": "attached", "stream_id": vid, "frames": 40}
+            assert json.loads(await ws.recv()) == {"type": "attached", "stream_id": vid, "frames": 40, "kind": "video"}
             if then is not None:
                 then()
             await ws.send(json.dumps({"type": "ask", "id": "v", **q}))

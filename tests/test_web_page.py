@@ -275,3 +275,28 @@ def test_a_failed_attach_says_so_and_shows_no_stale_stream(open_page, fed):
     p.ask("what colour is the circle ?")
     p.answered()
     assert p.text("#meta").startswith("12 frames"), p.text("#meta")
+
+
+def test_attaching_to_a_video_asks_no_stream_route_and_a_lost_service_is_said_in_words(open_page, service, media):
+    """A video's id attached: the page asked GET /v1/streams/{id} first, a 404 in the console every 2 s; the
+    `attached` reply now says the kind. A socket that drops (the service stopped or restarted) showed only
+    "closed (1006)"; it is now said in words."""
+    with service.client() as c:
+        with open(media / "scene.mp4", "rb") as f:
+            vid = c.post("/v1/videos", files={"file": ("scene.mp4", f, "video/mp4")}).json()["id"]
+        deadline = time.monotonic() + 120
+        while c.get(f"/v1/videos/{vid}").json()["status"] != "ready":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    p = open_page()
+    statuses: list[tuple[int, str]] = []
+    p.page.on("response", lambda r: statuses.append((r.status, r.url)))
+    p.attach(vid)
+    p.wait("document.getElementById('status').textContent.includes('the video is ready')", 20)
+    assert p.page.is_disabled("#watch")                         # a video has no watches
+    assert not [s for s in statuses if s[0] >= 400], statuses
+    assert any(f"/v1/videos/{vid}" in u for _, u in statuses) and not any("/v1/streams/" in u for _, u in statuses)
+    # the socket dropped without a close frame, as when the service goes away
+    p.page.evaluate("cur.ws.dispatchEvent(new CloseEvent('close', {code: 1006}))")
+    p.wait("document.getElementById('status').textContent.startsWith('the connection to the service was lost')", 5)
+    assert "(1006)" in p.text("#status") and "press Start or Attach to connect again" in p.text("#status")
