@@ -428,7 +428,8 @@ def build_api() -> FastAPI:
     async def ready(b: Backend = Depends(auth)):
         redis_ok = await asyncio.to_thread(b.store.ping)
         try:
-            models_ok = await asyncio.wait_for(b.models_ready(), 10)
+            # within a probe's usual timeout: a replica that died answers nothing, and the probe gave up first
+            models_ok = await asyncio.wait_for(b.models_ready(), READY_MODEL_WAIT_S)
         except Exception:
             models_ok = False
         body = {"ready": redis_ok and models_ok, "redis": redis_ok, "model": models_ok}
@@ -1443,6 +1444,9 @@ def _public(d: dict) -> dict:
 #: `_writer_of`: Serve ships `build_api`'s closures by value, with copies of the globals they name.
 _WRITERS: "dict[str, _LiveSession]" = {}
 log = logging.getLogger("lms.routes")
+
+#: How long `/ready` waits for the model replicas' answer (it waited 10 s, past a readiness probe's 1-5 s).
+READY_MODEL_WAIT_S = 3.0
 
 #: a job record this old with no decoder actor anywhere is an orphan `DELETE /v1/videos/ID` removes
 ORPHAN_AFTER_S = 10.0
