@@ -212,8 +212,8 @@ class FileSource:
             _release_heap()
 
 
-#: How long a file job's batch waits for an Encoder replica when the one it was sent to died (Serve starts
-#: another: ~10-30 s on a loaded CPU machine), retrying with doubling pauses.
+#: How long a file job's batch, sent again once after its Encoder replica died, waits for a replica (Serve
+#: starts another: ~10-30 s on a loaded CPU machine).
 ENCODER_LOST_WAIT_S = 60.0
 
 
@@ -226,25 +226,27 @@ def _gist(e: BaseException, width: int = 240) -> str:
 
 
 def encode_surviving(encoder, items: list) -> list[dict]:
-    """`encoder.encode(items)`, sent again when the replica died before answering (killed, out of memory, its
-    node lost): a batch carries its writer and sequence number, so a batch stored before the replica died is
-    not stored twice (`append_retrying`). After `ENCODER_LOST_WAIT_S` without a replica: `E_UNAVAILABLE`, which
-    the job's record says with the frames it keeps (it was `E_INTERNAL`, "ActorDiedError")."""
-    t0, pause = time.monotonic(), 1.0
-    while True:
-        try:
-            return encoder.encode.remote(items).result()
-        except ray.exceptions.RayTaskError:
-            raise                                       # the Encoder's own code raised: no replica was lost
-        except ray.exceptions.RayError as e:
-            waited = time.monotonic() - t0
-            if waited + pause > ENCODER_LOST_WAIT_S:
-                raise ServiceUnavailable(f"expected the Encoder to store the job's frames, got its replica lost "
-                                         f"({type(e).__name__}) and none back within {waited:.0f} s") from None
-            log.warning("the Encoder replica was lost (%s): sending the batch again in %.0f s", type(e).__name__,
-                        pause)
-            time.sleep(pause)
-            pause = min(pause * 2, 8.0)
+    """`encoder.encode(items)`, sent again once when the replica died before answering (killed, out of memory,
+    its node lost): a batch carries its writer and sequence number, so a batch stored before the replica died
+    is not stored twice (`append_many` with `seq`, one atomic script). Once only: a batch that itself kills
+    replicas must not take them down one after another. Then `E_UNAVAILABLE`, which the job's record says
+    with the frames it keeps (it was `E_INTERNAL`, "ActorDiedError")."""
+    try:
+        return encoder.encode.remote(items).result()
+    except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
+        raise                                           # the Encoder's own code raised, or the job was cancelled
+    except ray.exceptions.RayError as e:
+        log.warning("the Encoder replica was lost (%s): sending the batch again", type(e).__name__)
+        lost = type(e).__name__
+    t0 = time.monotonic()
+    try:
+        return encoder.encode.remote(items).result(timeout_s=ENCODER_LOST_WAIT_S)
+    except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
+        raise
+    except Exception as e:                              # noqa: BLE001 - lost again, or no replica in time
+        raise ServiceUnavailable(f"expected the Encoder to store the job's frames, got its replica lost ({lost}) "
+                                 f"and the batch sent again failed too ({type(e).__name__} after "
+                                 f"{time.monotonic() - t0:.0f} s)") from None
 
 
 def _release_heap() -> None:

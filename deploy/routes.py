@@ -48,6 +48,7 @@ from .serving import (
     FileJob,
     FrameSampler,
     JobStore,
+    MAX_RECORD_GAPS,
     LiveStore,
     WatchStore,
     carried_counts,
@@ -1514,6 +1515,7 @@ class _LiveSession:
         self.queue: list = []                          # frames waiting while the Encoder has earlier ones
         self.tasks: set[asyncio.Task] = set()             # answers and event followers: cancelled at the end
         self.asking: dict[asyncio.Task, Any] = {}        # answers still going on -> the ask's id
+        self.open_ids: set[str] = set()                  # ask ids (as JSON) whose answer or error is not sent yet
         self.drains: set[asyncio.Task] = set()            # frames on their way to the ring: waited for
         self._pool: ThreadPoolExecutor | None = None
         self.send_lock = asyncio.Lock()
@@ -1961,6 +1963,8 @@ class _LiveSession:
         damage: `PushSource.gaps`, in its own time) changed them, else {}."""
         pushed = [[a + self.offset, b + self.offset] for a, b in self.push.gaps] if self.push is not None else []
         gaps = merge_gaps([*self.gaps_base, *self.loss_gaps, *pushed])
+        if len(gaps) > MAX_RECORD_GAPS:                # bounded: past it, touching gaps are given as one
+            gaps = merge_gaps(gaps, touching=True)
         if gaps == self.gaps:
             return {}
         self.gaps = gaps
@@ -2005,12 +2009,16 @@ class _LiveSession:
 
     async def ask(self, m: dict) -> None:
         qid = m.get("id")
-        if qid is not None and any(q == qid for q in self.asking.values()):
-            # two answers under one id could not be told apart: their tokens would interleave
+        key = None if qid is None else json.dumps(qid, sort_keys=True)
+        if key in self.open_ids:
+            # two answers under one id could not be told apart: their tokens would interleave. Told without
+            # the id: an error with it would read as the end of the question still being answered
             await self.error(InvalidRequest(f"expected an id not in use by a question still being answered, got "
-                                            f"{json.dumps(qid)[:80]}"), qid)
+                                            f"{key[:80]} (this ask is not answered)"))
             return
-        task = asyncio.create_task(self.answer(m, qid))
+        if key is not None:
+            self.open_ids.add(key)                     # until its answer or error is sent (`answer`)
+        task = asyncio.create_task(self.answer(m, qid, key))
         self.tasks.add(task)
         self.asking[task] = qid
         task.add_done_callback(self.tasks.discard)
@@ -2028,7 +2036,7 @@ class _LiveSession:
             await self.error(Interrupted(f"expected the answer before stop's reply, got it cut off after "
                                          f"{self.STOP_ANSWER_WAIT_S:g} s"), qid)
 
-    async def answer(self, m: dict, qid) -> None:
+    async def answer(self, m: dict, qid, key: str | None = None) -> None:
         from pydantic import ValidationError
         try:
             if self.sid is None:
@@ -2061,13 +2069,18 @@ class _LiveSession:
                     if ev["type"] == "token":
                         await self.send({"type": "token", "id": qid, "text": ev["text"], "token_id": ev["token_id"]})
                     elif ev["type"] == "error":        # the HTTP status it carries is the routes' business
+                        self.open_ids.discard(key)     # its id is free once its last message is sent
                         await self.send_error(ev, qid)
                     else:                              # the answer
+                        self.open_ids.discard(key)
                         await self.send({**ev, "id": qid})
             finally:
                 await agen.aclose()
         except LmsError as e:
+            self.open_ids.discard(key)
             await self.error(e, qid)
+        finally:
+            self.open_ids.discard(key)
 
     async def _flush(self, timeout: float = 60.0) -> None:
         """Wait until the frames this socket received are stored (or failed with an error sent)."""

@@ -395,8 +395,9 @@ class AnswerCore:
         watch's rows stored at ingest), summed chunk by chunk; no keys/values are read."""
         import torch
         from frame_cache import decode_record
+        from stream.window import closed_end
         start, end = self.bounds(stream_id, window, last_s)
-        win = self.cache.window(stream_id, start, end)
+        win = self.cache.window(stream_id, start, closed_end(start, end))     # half-open, as `CachedFrames`
         name = f"w:{wid}"
         rows = prefix = None
         n, toks, pts, meta = 0, [], [], None
@@ -472,15 +473,22 @@ def answer_fields(a) -> dict:
             **({"unknown_words": list(a.unknown_words)} if a.unknown_words else {})}
 
 
-def merge_gaps(gaps: list) -> list:
+#: A stream record keeps at most this many gaps apart: past it, gaps that touch are given as one (a socket that
+#: sheds every other frame for an hour would otherwise keep 3,600 gaps, the list rewritten with each frame).
+MAX_RECORD_GAPS = 256
+
+
+def merge_gaps(gaps: list, *, touching: bool = False) -> list:
     """Gaps sorted by start, those that overlap made one (`[[103, 128], [120, 129]]` -> `[[103, 129]]`); a None
     end (still open) covers everything after its start. Two that only touch stay two: a gap's ends are stored
     frames (the last before it, the first after), so where two meet there is a frame (frames shed on both
-    sides of the one stored at 25 s are `[[0, 25], [25, 46]]`, not `[[0, 46]]`, which said none was there)."""
+    sides of the one stored at 25 s are `[[0, 25], [25, 46]]`, not `[[0, 46]]`, which said none was there).
+    `touching`: those are made one too (a record past `MAX_RECORD_GAPS`)."""
     inf = float("inf")
     out: list[list] = []
     for g in sorted(([g[0], g[1]] for g in gaps), key=lambda g: -inf if g[0] is None else g[0]):
-        if out and (out[-1][1] is None or (g[0] is not None and g[0] < out[-1][1])):
+        if out and (out[-1][1] is None or (g[0] is not None and (g[0] <= out[-1][1] if touching else
+                                                                 g[0] < out[-1][1]))):
             if out[-1][1] is not None and (g[1] is None or g[1] > out[-1][1]):
                 out[-1][1] = g[1]
         else:

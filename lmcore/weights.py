@@ -31,6 +31,10 @@ def weight_files(ckpt: Path) -> list[Path]:
         f"expected model.safetensors or model.safetensors.index.json in {ckpt}, found: {found[:12]}")
 
 
+#: safetensors refuses a header over 100 MB: a corrupt length field must not make this read gigabytes.
+MAX_HEADER_BYTES = 100_000_000
+
+
 def check_weight_files(ckpt: Path) -> None:
     """Each weight file's safetensors header read and its tensors' extent checked against the file's size
     (what safetensors checks when it opens one); `CheckpointError` naming the file and what is wrong."""
@@ -39,7 +43,7 @@ def check_weight_files(ckpt: Path) -> None:
             with open(f, "rb") as fh:
                 size = os.fstat(fh.fileno()).st_size
                 n = int.from_bytes(fh.read(8), "little")
-                if size < 8 or not 0 < n <= size - 8:
+                if size < 8 or not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
                     raise ValueError(f"a header of {n} bytes in a file of {size} bytes")
                 header = json.loads(fh.read(n))
             ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]

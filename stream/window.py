@@ -46,6 +46,15 @@ def window_words(start: float | None, end: float | None) -> str:
     return f"the window {'start' if start is None else num(start)}:{'now' if end is None else num(end)} s"
 
 
+def closed_end(start: float | None, end: float | None) -> float | None:
+    """The end to ask the cache for the half-open window [start, end): its windows are closed, so asked up to
+    the float just below `end`, the frames it counts as overwritten are those of the half-open window too
+    ([0, 20) at 1 fps: 20, it said 21). An empty window (end <= start) is left as it is."""
+    if end is None or (start is not None and end <= start):
+        return end
+    return math.nextafter(end, -math.inf)
+
+
 class CachedFrames:
     """`model.FrameSource` over ``cache``'s stream ``stream_id``, frames with start <= pts < end.
 
@@ -58,10 +67,7 @@ class CachedFrames:
                  *, max_frames: int | None = None, read_chunk: int = DEFAULT_READ_CHUNK, prefetch: bool = True,
                  dtype: torch.dtype | None = None):
         self.cache, self.stream_id, self.prefetch = cache, stream_id, prefetch
-        # the cache's windows are closed: asked up to the float just below `end`, the frames it counts as
-        # overwritten are those of the half-open window too ([0, 20) at 1 fps: 20, it said 21)
-        win = cache.window(stream_id, start, None if end is None else math.nextafter(end, -math.inf),
-                           max_frames=max_frames)
+        win = cache.window(stream_id, start, closed_end(start, end), max_frames=max_frames)
         if end is not None and len(win) and win.pts_list[-1] >= end:      # half-open: drop pts == end
             keep = sum(1 for p in win.pts_list if p < end)
             win = FrameWindow(stream_id, win.first_seq, win.first_seq + keep - 1 if keep else -1,

@@ -232,6 +232,7 @@ def test_answer_gaps_merge_and_where_a_continued_stream_starts():
     from deploy.serving import continued_timeline, merge_gaps
     assert merge_gaps([[120.0, 129.0], [103.0, 128.0]]) == [[103.0, 129.0]]
     assert merge_gaps([[25.0, 46.0], [0.0, 25.0], [46.0, 56.0]]) == [[0.0, 25.0], [25.0, 46.0], [46.0, 56.0]]
+    assert merge_gaps([[25.0, 46.0], [0.0, 25.0], [47.0, 56.0]], touching=True) == [[0.0, 46.0], [47.0, 56.0]]
     assert merge_gaps([[5.0, 6.0], [None, 2.0], [1.0, 3.0], [10.0, None], [12.0, 13.0]]) == [
         [None, 3.0], [5.0, 6.0], [10.0, None]]
     assert merge_gaps([]) == [] and merge_gaps([[1.0, 2.0], [3.0, 4.0]]) == [[1.0, 2.0], [3.0, 4.0]]
