@@ -23,9 +23,8 @@ def test_streamed_pieces_concatenate_to_the_answer(tiny_model):
     assert ans.finish_reason in ("stop", "length")
 
 
-def test_closing_the_stream_runs_no_more_llm_steps(tiny_model, monkeypatch):
-    m = tiny_model
-    st = m.encode_frames(frames(3, seed=9))
+def _count_llm_calls(m, monkeypatch) -> dict:
+    """{"n": LLM forward passes of `m` so far}, counted from now on (a prefill is 1, each later token 1)."""
     calls = {"n": 0}
     real = m._llm
 
@@ -34,6 +33,13 @@ def test_closing_the_stream_runs_no_more_llm_steps(tiny_model, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(m, "_llm", counting)
+    return calls
+
+
+def test_closing_the_stream_runs_no_more_llm_steps(tiny_model, monkeypatch):
+    m = tiny_model
+    st = m.encode_frames(frames(3, seed=9))
+    calls = _count_llm_calls(m, monkeypatch)
     m.stop_token_ids, saved = [], m.stop_token_ids        # no stop token: it would run all 20 steps
     try:
         gen = m.stream_answer(st, "what is in the video ?", max_new_tokens=20)
@@ -53,14 +59,7 @@ def test_a_stop_string_ends_generation_at_the_token_that_completes_it(tiny_model
     from lmcore.stops import cut_at_stop
     m = tiny_model
     st = m.encode_frames(frames(3, seed=11))
-    calls = {"n": 0}
-    real = m._llm
-
-    def counting(*a, **k):
-        calls["n"] += 1
-        return real(*a, **k)
-
-    monkeypatch.setattr(m, "_llm", counting)
+    calls = _count_llm_calls(m, monkeypatch)
     monkeypatch.setattr(m, "stop_token_ids", [])          # no stop token: 20 steps unless a stop string
     q = "what is in the video ?"
     full = list(m.stream_answer(st, q, max_new_tokens=20))
