@@ -2029,12 +2029,36 @@ class _LiveSession:
         `stopped`); one not done in `STOP_ANSWER_WAIT_S` is cut off and told so."""
         if not self.asking:
             return
-        _, late = await asyncio.wait(list(self.asking), timeout=self.STOP_ANSWER_WAIT_S)
+        # nothing else reads the socket meanwhile: a client gone during the wait ends it (its questions are
+        # cancelled, as a disconnect cancels them); what a client sends after `stop` is not read
+        gone = asyncio.create_task(self._until_disconnect())
+        try:
+            deadline = time.monotonic() + self.STOP_ANSWER_WAIT_S
+            while self.asking and not gone.done() and (left := deadline - time.monotonic()) > 0:
+                await asyncio.wait([*self.asking, gone], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if gone.done() and not gone.cancelled():
+            self.closed = True
+            for t in list(self.asking):
+                t.cancel()
+            return
+        late = list(self.asking)
         for t in late:
             qid = self.asking.pop(t, None)
             t.cancel()
             await self.error(Interrupted(f"expected the answer before stop's reply, got it cut off after "
                                          f"{self.STOP_ANSWER_WAIT_S:g} s"), qid)
+
+    async def _until_disconnect(self) -> None:
+        """Returns once the client has gone (messages it sends meanwhile are dropped)."""
+        while True:
+            try:
+                msg = await self.ws.receive()
+            except (WebSocketDisconnect, RuntimeError):
+                return
+            if msg["type"] == "websocket.disconnect":
+                return
 
     async def answer(self, m: dict, qid, key: str | None = None) -> None:
         from pydantic import ValidationError

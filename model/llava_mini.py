@@ -379,6 +379,7 @@ class LlavaMini:
         C cached rows: (Tc, S, H) in the model dtype."""
         h = q_emb.expand(len(st), -1, -1)                                  # (Tc, S, H)
         for l, layer in enumerate(self.net.model.prefusion_layers):
+            cancel.check()                                                 # a long question: per layer too
             kw = {"k_scale": st.k_scale[:, l], "v_scale": st.v_scale[:, l]} if st.kv_policy == "fp8" else {}
             h = layer.cached(h, cos, sin, st.keys[:, l, :, :C], st.values[:, l, :, :C], self.fusion_attention, **kw)
         return h
