@@ -1552,14 +1552,18 @@ class _LiveSession:
             msg["id"] = qid
         await self.send(msg, last)
 
+    async def _receive(self) -> dict | None:
+        """The client's next message, None once it has gone."""
+        try:
+            msg = await self.ws.receive()
+        except (WebSocketDisconnect, RuntimeError):
+            return None
+        return None if msg["type"] == "websocket.disconnect" else msg
+
     async def run(self) -> None:
         limit = self.b.settings.limits.max_ws_message_bytes
         while True:
-            try:
-                msg = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return
-            if msg["type"] == "websocket.disconnect":
+            if (msg := await self._receive()) is None:
                 return
             data, text = msg.get("bytes"), msg.get("text")
             if len(data or b"") > limit or len((text or "").encode()) > limit:
@@ -2052,13 +2056,8 @@ class _LiveSession:
 
     async def _until_disconnect(self) -> None:
         """Returns once the client has gone (messages it sends meanwhile are dropped)."""
-        while True:
-            try:
-                msg = await self.ws.receive()
-            except (WebSocketDisconnect, RuntimeError):
-                return
-            if msg["type"] == "websocket.disconnect":
-                return
+        while await self._receive() is not None:
+            pass
 
     async def answer(self, m: dict, qid, key: str | None = None) -> None:
         from pydantic import ValidationError
@@ -2092,11 +2091,11 @@ class _LiveSession:
                 async for ev in agen:
                     if ev["type"] == "token":
                         await self.send({"type": "token", "id": qid, "text": ev["text"], "token_id": ev["token_id"]})
-                    elif ev["type"] == "error":        # the HTTP status it carries is the routes' business
-                        self.open_ids.discard(key)     # its id is free once its last message is sent
+                        continue
+                    self.open_ids.discard(key)         # its id is free once its last message is sent
+                    if ev["type"] == "error":          # the HTTP status it carries is the routes' business
                         await self.send_error(ev, qid)
                     else:                              # the answer
-                        self.open_ids.discard(key)
                         await self.send({**ev, "id": qid})
             finally:
                 await agen.aclose()

@@ -94,7 +94,6 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")     # a misspelt setting is refused, not left at its default
 
-
     model: str = str(REPO / "checkpoints" / "demo")
     vision_tower: str | None = None
     device: str | None = None

@@ -193,6 +193,7 @@ class RedisServer:
         """Start the server and wait until it answers PING (RuntimeError with its log if not)."""
         if self.proc is not None and self.proc.poll() is None:
             raise CacheUnavailable(f"expected a stopped redis-server, got pid {self.proc.pid} running")
+        self._close_log()                      # the log of a server that exited (started again after a crash)
         self._log = open(self.folder / "redis.log", "ab")
         self.proc = subprocess.Popen(self._argv(), cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)

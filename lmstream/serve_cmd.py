@@ -275,7 +275,6 @@ def _restart_redis(srv, folder: Path) -> None:
                                f"{folder / 'redis.log'}")
     print(f"redis: redis-server pid {srv.proc.pid} exited with status {code}; starting it again on {srv.url} "
           f"(AOF in {folder})", file=sys.stderr, flush=True)
-    srv._close_log()
     srv.start_timeout = max(srv.start_timeout, 300.0)    # replaying a large AOF takes a while
     srv.start()
     print(f"redis: started redis-server pid {srv.proc.pid} on {srv.url}", file=sys.stderr, flush=True)

@@ -824,7 +824,7 @@ class LlavaMini:
             info["generate_s"] = 0.0
             timings["score_s"] = info["score_s"]
         else:
-            cut = None
+            cut, stopped = said, False
             gen = self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw)
             try:
                 for tok in gen:
@@ -836,12 +836,12 @@ class LlavaMini:
                     said += piece
                     yield "token", tok, piece
                     if stop and piece:
-                        cut, found = cut_at_stop(said, list(stop))
-                        if found:
+                        cut, stopped = cut_at_stop(said, list(stop))
+                        if stopped:
                             break
             finally:
                 gen.close()                               # fills `info` (finish_reason, generate_s)
-            if cut is not None and cut != said:
+            if stopped:
                 said, info["finish_reason"] = cut, "stop"
         timings.update({k: info[k] for k in ("wait_s", "fuse_s", "prefill_s", "generate_s") if k in info})
         text = said                                       # what the pieces said, cut before a stop string
