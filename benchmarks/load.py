@@ -17,7 +17,7 @@ Each step (both kinds at once: 2N streams with --kinds rtsp,ws) waits until ever
 warms up, then measures over a steady window of --duration seconds:
 
 * offered vs ingested frames/s: RTSP offered = N x 1 fps, ingested = the change of
-  `lms_stream_frames_ingested` (/metrics) over the window; WebSocket offered = frames sent in the window,
+  `lms_stream_frames_ingested_total` (/metrics) over the window; WebSocket offered = frames sent in the window,
   ingested = those of them acknowledged `ingested`;
 * ingest lag at the window's start and end (mean of its first and last fifth): RTSP the service's
   `lag_s` (a frame's arrival at the source -> stored, queue wait included; `/v1/streams`), WebSocket the
@@ -360,7 +360,7 @@ def _metrics(c, sids: set[str]) -> dict[str, dict[str, float]]:
     """{"ingested": {stream: frames ever stored}, "stored": {stream: frames held now}} from /metrics."""
     text = c.get("/metrics").text
     out: dict[str, dict[str, float]] = {"ingested": {}, "stored": {}}
-    for name, key in (("lms_stream_frames_ingested", "ingested"), ("lms_stream_frames", "stored")):
+    for name, key in (("lms_stream_frames_ingested_total", "ingested"), ("lms_stream_frames", "stored")):
         for m in re.finditer(r'^' + name + r'\{stream="([^"]+)"\} (\S+)$', text, re.M):
             if m.group(1) in sids:
                 out[key][m.group(1)] = float(m.group(2))

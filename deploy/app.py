@@ -121,8 +121,9 @@ class Encoder:
             i += len(req)
         return out
 
-    def stats(self) -> dict:
-        return {"frames_encoded": self.core.frames_encoded, "batches": self.core.batches}
+    async def check_health(self) -> None:
+        """Serve's health check (every 10 s): also keeps this replica counted in `/metrics` while idle."""
+        await asyncio.to_thread(self.core.report_stats)
 
 
 @serve.deployment(max_ongoing_requests=32, health_check_period_s=10, health_check_timeout_s=30)
@@ -142,8 +143,9 @@ class Answerer:
         (LRU over 64 streams per replica), the stream's local records are dropped."""
         return _StreamLease(self.core, stream_id)
 
-    def tier_stats(self) -> dict:
-        return self.core.tier.stats() if self.core.tier is not None else {}
+    async def check_health(self) -> None:
+        """Serve's health check (every 10 s): also reports the local tier's levels to `/metrics`."""
+        await asyncio.to_thread(self.core.report_stats)
 
     async def answer(self, req: dict):
         """Streams the question's events; stops between tokens when the caller goes away."""
@@ -152,8 +154,11 @@ class Answerer:
         if serve.get_multiplexed_model_id() == sid:
             await self.stream_lease(sid)
         question = req.pop("question")
-        async for ev in answer_events_in_thread(lambda: self.core.answer(sid, question, **req)):
-            yield ev
+        try:
+            async for ev in answer_events_in_thread(lambda: self.core.answer(sid, question, **req)):
+                yield ev
+        finally:                          # the tier's hits and misses of this answer, to /metrics (not awaited)
+            asyncio.get_running_loop().run_in_executor(None, self.core.report_stats)
 
 
 class _StreamLease:
@@ -339,14 +344,6 @@ class RayBackend:
         self._unmarked: dict[str, tuple[Exception, bool]] = {}       # job ends Redis did not take (retried)
         self._marker: asyncio.Task | None = None                     # the task that retries them
         self._fill_spares()
-
-    def encoder_stats(self) -> dict:
-        """The Encoder replica's totals (blocking: called from the metrics thread)."""
-        return self.encoder.stats.remote().result(timeout_s=5)
-
-    def tier_stats(self) -> dict:
-        """The Answerer replica's local keys/values tier (blocking: called from the metrics thread)."""
-        return self.answerer.tier_stats.remote().result(timeout_s=5)
 
     async def encoder_info(self) -> dict:
         if self._info is None:

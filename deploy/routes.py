@@ -174,39 +174,30 @@ class Metrics:
         if b is None:
             return out
         extra = CollectorRegistry()
+        scraped = _ScrapedCounters()
+        extra.register(scraped)
         frames = Gauge("lms_stream_frames", "frames stored per stream", ["stream"], registry=extra)
-        appended = Gauge("lms_stream_frames_ingested", "frames ever ingested per stream", ["stream"], registry=extra)
-        overwritten = Gauge("lms_stream_frames_overwritten", "frames the ring overwrote (its oldest) per stream",
-                            ["stream"], registry=extra)
-        dropped = Gauge("lms_stream_frames_dropped", "live streams: frames shed (never stored: queue full, encoder "
-                        "busy, undecodable), as GET /v1/streams/{id} dropped; frames sampled out by fps are not",
-                        ["stream"], registry=extra)
-        skipped = Gauge("lms_stream_frames_skipped_by_fps", "live streams: frames sampled out by fps", ["stream"],
-                        registry=extra)
+        ingested = scraped.family("lms_stream_frames_ingested", "frames ever ingested per stream", ["stream"])
+        overwritten = scraped.family("lms_stream_frames_overwritten", "frames the ring overwrote (its oldest) per "
+                                     "stream", ["stream"])
+        dropped = scraped.family("lms_stream_frames_dropped", "live streams: frames shed (never stored: queue "
+                                 "full, encoder busy, undecodable), as GET /v1/streams/{id} dropped; frames sampled "
+                                 "out by fps are not", ["stream"])
+        skipped = scraped.family("lms_stream_frames_skipped_by_fps", "live streams: frames sampled out by fps",
+                                 ["stream"])
         nbytes = Gauge("lms_stream_bytes", "cache bytes per stream (records + light records)", ["stream"],
                        registry=extra)
         jobs = Gauge("lms_jobs", "file jobs by status", ["status"], registry=extra)
         lag = Gauge("lms_stream_lag_seconds", "live streams: seconds from a frame's arrival to its storage",
                     ["stream"], registry=extra)
         up = Gauge("lms_cache_up", "1 when the frame cache answers", registry=extra)
-        enc = Gauge("lms_encoder", "Encoder replica totals: frames encoded, batched passes (frames/pass = the batch "
-                    "formed across streams)", ["what"], registry=extra)
-        tier = Gauge("lms_local_kv", "the Answerer's local keys/values tier: bytes, frames, hits, misses",
-                     ["what"], registry=extra)
-        for gauge, name in ((enc, "encoder_stats"), (tier, "tier_stats")):
-            get = getattr(b, name, None)
-            try:
-                for k, v in (get() if get is not None else {}).items():
-                    if isinstance(v, (int, float)) and not isinstance(v, bool):
-                        gauge.labels(k).set(v)
-            except Exception:                  # noqa: BLE001 - a replica restarting: the rest still renders
-                pass
         try:
+            self._replica_stats(b, scraped, extra)
             for sid in b.cache.streams():
                 i = b.cache.stream_info(sid)
                 frames.labels(sid).set(i.count)
-                appended.labels(sid).set(i.total_appended)
-                overwritten.labels(sid).set(i.evicted)
+                ingested.add_metric([sid], i.total_appended)
+                overwritten.add_metric([sid], i.evicted)
                 nbytes.labels(sid).set(i.bytes_used + i.light_bytes)
             counts: dict[str, int] = {}
             for jid in b.store.ids():
@@ -222,15 +213,73 @@ class Metrics:
                     d = stream_status(b.live.get(sid))        # as GET shows it: no lag while stalled
                 except NotFound:
                     continue
-                dropped.labels(sid).set(int(d.get("dropped") or 0))
+                dropped.add_metric([sid], int(d.get("dropped") or 0))
                 if d.get("skipped_by_fps") is not None:
-                    skipped.labels(sid).set(int(d["skipped_by_fps"]))
+                    skipped.add_metric([sid], int(d["skipped_by_fps"]))
                 if d.get("lag_s") is not None and d.get("status") not in ("stopped", "failed"):
                     lag.labels(sid).set(float(d["lag_s"]))
             up.set(1)
         except LmsError:
             up.set(0)
         return out + generate_latest(extra)
+
+    #: the model replicas' counters (deployment totals in Redis, `serving.ReplicaStats`): metric, what
+    #: it counts, the key the replicas add to
+    REPLICA_COUNTERS = (
+        ("lms_encoder_frames", "frames the Encoder replicas encoded", "encoder_frames"),
+        ("lms_encoder_batches", "batched passes of the Encoder replicas (frames/pass = the batch formed across "
+         "streams)", "encoder_batches"),
+        ("lms_local_kv_hits", "frames whose keys/values an Answerer read from its local tier", "local_kv_hits"),
+        ("lms_local_kv_misses", "frames whose keys/values an Answerer read from Redis", "local_kv_misses"),
+        ("lms_local_kv_evicted_streams", "streams the local tiers dropped to stay within their bytes",
+         "local_kv_evicted_streams"),
+    )
+    #: the local tier's levels, summed over the Answerer replicas that reported in the last minute
+    REPLICA_GAUGES = (
+        ("lms_local_kv_bytes", "bytes the Answerers' local keys/values tiers hold", "local_kv_bytes"),
+        ("lms_local_kv_max_bytes", "the local tiers' capacity, bytes", "local_kv_max_bytes"),
+        ("lms_local_kv_frames", "frames the local tiers hold", "local_kv_frames"),
+        ("lms_local_kv_streams", "streams the local tiers hold", "local_kv_streams"),
+    )
+
+    def _replica_stats(self, b: Backend, scraped: "_ScrapedCounters", registry) -> None:
+        """The model replicas' counters and levels, as they reported them to Redis (whichever replica this
+        Ingress would reach, and whichever Ingress is scraped, the figures are the deployment's)."""
+        from prometheus_client import Gauge
+        from .serving import ReplicaStats
+        r = getattr(b.store, "r", None)
+        if r is None:                                          # a backend without Redis: nothing reported
+            return
+        totals, roles = ReplicaStats.read(r)
+        for name, doc, key in self.REPLICA_COUNTERS:
+            scraped.family(name, doc).add_metric([], totals.get(key, 0))
+        fam = scraped.family("lms_local_kv_read_bytes", "keys/values bytes the Answerers read, by where from",
+                             ["tier"])
+        fam.add_metric(["local"], totals.get("local_kv_bytes_local", 0))
+        fam.add_metric(["remote"], totals.get("local_kv_bytes_remote", 0))
+        answerers = roles.get("answerer", {})
+        for name, doc, key in self.REPLICA_GAUGES:
+            Gauge(name, doc, registry=registry).set(answerers.get(key, 0))
+        reps = Gauge("lms_model_replicas", "model replicas that reported in the last minute, by role", ["role"],
+                     registry=registry)
+        for role in ("encoder", "answerer"):
+            reps.labels(role).set(roles.get(role, {}).get("replicas", 0))
+
+
+class _ScrapedCounters:
+    """Counters whose values are read at scrape time (from Redis or a stream's record), not counted in this
+    process (prometheus_client's `Counter` only counts its own `inc()`): exposed as ``<name>_total``."""
+
+    def __init__(self):
+        self.families: list = []
+
+    def family(self, name: str, doc: str, labels: list[str] | None = None):
+        from prometheus_client.core import CounterMetricFamily
+        self.families.append(CounterMetricFamily(name, doc, labels=labels or []))
+        return self.families[-1]
+
+    def collect(self):
+        return iter(self.families)
 
 
 def _retain(spec) -> dict | None:
@@ -342,7 +391,7 @@ class BoundedBody:
 def build_api() -> FastAPI:
     # no /docs or /redoc pages and no open /openapi.json: every route but /health (and the page) needs a
     # key, the schema too (below); a browser's Swagger page could not send one
-    api = FastAPI(title="LLaVA-Mini Stream", version="0.2.0", docs_url=None, redoc_url=None, openapi_url=None,
+    api = FastAPI(title="LLaVA-Mini Stream", version="0.3.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Questions about live and very long videos, one vision token per frame.")
     metrics = Metrics()
     inflight = {"n": 0}

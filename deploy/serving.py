@@ -232,6 +232,101 @@ def _enc(d: dict) -> dict:
     return {k: json.dumps(v) for k, v in d.items()}
 
 
+class ReplicaStats:
+    """What the model replicas count, kept in Redis so that `/metrics` shows the whole deployment, not the
+    one replica a handle call happens to reach (with two Encoder replicas, each scrape had read one of them
+    at random: a "total" that went up and down).
+
+    * counters (frames encoded, batched passes, the local tier's hits and misses...): each replica adds what
+      it counted since its last report to one hash, ``lms:{stats}:totals`` (HINCRBY), so they only grow,
+      across replica restarts and whichever Ingress reads them; a report Redis did not take is sent again
+      with the next one;
+    * gauges (the local tier's bytes, frames, streams and capacity): each replica's latest values in
+      ``lms:{stats}:replicas`` (one field per replica, with the time it wrote them); a reader sums those
+      written in the last `TTL_S` seconds and removes older ones (a replica that died).
+
+    Reports never raise: metrics must not fail an encode, an answer or Serve's health check. Both keys share
+    one hash tag, so a Redis Cluster keeps them on one node."""
+
+    TOTALS, REPLICAS = "lms:{stats}:totals", "lms:{stats}:replicas"
+    TTL_S = 60.0
+    #: how long a report may wait on Redis (a health check calls it: Serve's timeout there is 30 s)
+    TIMEOUT_S = 2.0
+
+    def __init__(self, redis_url: str, role: str):
+        import uuid
+        self.url, self.role = redis_url, role
+        self.replica = f"{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._r = None
+        self._sent: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._warned = 0.0
+
+    def _client(self):
+        if self._r is None:
+            self._r = redis_client(self.url, self.TIMEOUT_S)
+        return self._r
+
+    def report(self, counters: dict[str, int], gauges: dict[str, float] | None = None) -> bool:
+        """Adds what `counters` (running totals of this replica) grew by since the last report Redis took,
+        and stores `gauges`. False (logged at most once a minute) when Redis did not take it."""
+        with self._lock:
+            delta = {k: int(v) - self._sent.get(k, 0) for k, v in counters.items()}
+            delta = {k: v for k, v in delta.items() if v}
+            try:
+                r = self._client()
+                p = r.pipeline(transaction=False)
+                for k, v in delta.items():
+                    p.hincrby(self.TOTALS, k, v)
+                if gauges is not None:
+                    p.hset(self.REPLICAS, self.replica, json.dumps({"role": self.role, "t": time.time(),
+                                                                    "gauges": gauges}))
+                p.execute()
+            except Exception as e:                          # noqa: BLE001 - Redis down or slow: next time
+                if time.monotonic() - self._warned > 60:
+                    self._warned = time.monotonic()
+                    log.warning("%s: metrics not reported to Redis (%s: %s); kept for the next report",
+                                self.replica, type(e).__name__, e)
+                return False
+            self._sent.update({k: int(v) for k, v in counters.items()})
+            return True
+
+    @classmethod
+    def read(cls, r, now: float | None = None) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+        """(totals, {role: summed gauges, with "replicas": how many reported}) from Redis client `r`;
+        replicas silent for `TTL_S` are left out and removed."""
+        import redis
+        now = time.time() if now is None else now
+        try:
+            totals = {k.decode(): int(v) for k, v in r.hgetall(cls.TOTALS).items()}
+            replicas = r.hgetall(cls.REPLICAS)
+        except redis.RedisError as e:
+            raise CacheUnavailable(f"expected a reachable Redis for the replicas' metrics, got "
+                                   f"{type(e).__name__}: {e}") from None
+        roles: dict[str, dict[str, float]] = {}
+        stale = []
+        for rid, raw in replicas.items():
+            try:
+                d = json.loads(raw)
+                fresh = now - float(d["t"]) <= cls.TTL_S
+            except (ValueError, KeyError, TypeError):
+                fresh = False
+            if not fresh:
+                stale.append(rid)
+                continue
+            agg = roles.setdefault(str(d.get("role")), {"replicas": 0})
+            agg["replicas"] += 1
+            for k, v in (d.get("gauges") or {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    agg[k] = agg.get(k, 0) + v
+        if stale:
+            try:
+                r.hdel(cls.REPLICAS, *stale)
+            except redis.RedisError:
+                pass                                            # removed by the next read
+        return totals, roles
+
+
 # ------------------------------------------------------------------------------------------ model
 def load_model(settings: Settings):
     import torch
@@ -272,6 +367,7 @@ class EncoderCore:
         self.watches = WatchStore(settings.redis_url)
         self.frames_encoded = 0
         self.batches = 0
+        self.stats = ReplicaStats(settings.redis_url, "encoder")
         # retention runners of the streams this replica ingested lately, least recently used first; a
         # dropped one is made again (a fresh runner skips what was demoted already), so a replica that
         # sees many short-lived streams (file jobs) does not keep one per stream forever
@@ -317,7 +413,12 @@ class EncoderCore:
                     out[i] = {"error": error_dict(e)}
             del px, states
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        self.report_stats()
         return out
+
+    def report_stats(self) -> bool:
+        """This replica's frames encoded and batched passes, added to the deployment's totals in Redis."""
+        return self.stats.report({"encoder_frames": self.frames_encoded, "encoder_batches": self.batches}, {})
 
 
     def _apply_retention(self, sid: str) -> None:
@@ -363,6 +464,18 @@ class AnswerCore:
             folder = settings.local_kv_dir or os.path.join(settings.data_dir, "kv-tier")
             self.tier = LocalKVTier(folder, max_bytes=settings.local_kv_bytes)
             self.reader = LocalTierCache(self.cache, self.tier)
+        self.stats = ReplicaStats(settings.redis_url, "answerer")
+
+    #: the local tier's counts that only grow (sent as deployment totals) and its levels (summed over replicas)
+    TIER_COUNTERS = ("hits", "misses", "evicted_streams", "bytes_local", "bytes_remote")
+    TIER_GAUGES = ("bytes", "max_bytes", "frames", "streams")
+
+    def report_stats(self) -> bool:
+        """The local tier's counts added to the deployment's totals in Redis, its levels stored as this
+        replica's (Serve's health check calls this every 10 s, and each answer when it ends)."""
+        st = self.tier.stats() if self.tier is not None else {}
+        return self.stats.report({f"local_kv_{k}": st[k] for k in self.TIER_COUNTERS if k in st},
+                                 {f"local_kv_{k}": st[k] for k in self.TIER_GAUGES if k in st})
 
     def forget_stream(self, stream_id: str) -> None:
         """This replica no longer holds the stream's lease (Serve unloaded it): drop its local keys/values."""

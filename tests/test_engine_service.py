@@ -3,6 +3,7 @@ questions from several threads, and frames of several streams encoded in one bat
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -275,3 +276,69 @@ def test_service_settings_name_the_variable_a_bad_value_came_from(monkeypatch):
     assert Settings.from_env().limits.max_tokens == 7
     with pytest.raises(BadArgument, match=r"expected limits to name only known limits .*got 'max_tokenz'"):
         Settings.from_env(limits={"max_tokenz": 3})
+
+
+def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_model, redis_server, tmp_path):
+    """/metrics asked one Encoder replica for its totals through a handle, which reaches any replica: with
+    two, each scrape showed one of them, a "total" going up and down. The replicas now add what they count
+    to totals in Redis and report their levels there; /metrics reads those: two Encoders' frames are one
+    counter, a report Redis did not take is sent with the next one, and a replica silent for a minute stops
+    being counted."""
+    import re
+    import types
+
+    import numpy as np
+    from deploy.routes import Metrics
+    from deploy.serving import AnswerCore, EncodeItem, EncoderCore, JobStore, ReplicaStats
+    from deploy.settings import Settings
+    from frame_cache.memory import InProcessFrameCache
+
+    settings = Settings(redis_url=redis_server.url)
+    store = JobStore(redis_server.url)
+    store.r.delete(ReplicaStats.TOTALS, ReplicaStats.REPLICAS)
+    cache = InProcessFrameCache()
+    b = types.SimpleNamespace(cache=cache, store=store, live=types.SimpleNamespace(ids=lambda: []))
+
+    def scrape() -> dict:
+        text = Metrics().render(b).decode()
+        return {f"{m[0]}{m[1]}": float(m[2]) for m in re.findall(r"^(lms_(?:encoder|local_kv|model)\w*)(\{[^}]*\})? "
+                                                                  r"(\S+)$", text, re.M)}
+
+    rng = np.random.default_rng(0)
+    encoders = [EncoderCore(settings, model=tiny_model, cache=cache) for _ in range(2)]
+    for i, (core, n) in enumerate(zip(encoders, (3, 5))):
+        cache.create_stream(f"replicas-{i}", 64)
+        out = core.encode([EncodeItem(f"replicas-{i}", rng.integers(0, 255, (n, 56, 56, 3), dtype=np.uint8),
+                                      [float(t) for t in range(n)])])
+        assert "seqs" in out[0], out
+    m = scrape()
+    assert m["lms_encoder_frames_total"] == 8 and m["lms_encoder_batches_total"] == 2, m
+    assert m['lms_model_replicas{role="encoder"}'] == 2 and m['lms_model_replicas{role="answerer"}'] == 0, m
+
+    # an answerer with a local tier: its hits and misses are counters, its bytes a level summed over replicas
+    tiered = Settings(redis_url=redis_server.url, local_kv_bytes=1 << 20, data_dir=str(tmp_path))
+    ans = AnswerCore(tiered, model=tiny_model, cache=cache)
+    for _ in range(2):                                   # the first reads from the cache, the second locally
+        events = list(ans.answer("replicas-1", "what colour is the circle ?", max_tokens=2))
+        assert events[-1]["type"] == "answer"
+        assert ans.report_stats()
+    m = scrape()
+    st = ans.tier.stats()
+    assert m["lms_local_kv_hits_total"] == st["hits"] > 0 and m["lms_local_kv_misses_total"] == st["misses"] > 0, m
+    assert m["lms_local_kv_bytes"] == st["bytes"] > 0 and m["lms_local_kv_max_bytes"] == 1 << 20, m
+    assert m['lms_local_kv_read_bytes_total{tier="local"}'] == st["bytes_local"] > 0, m
+    assert m['lms_model_replicas{role="answerer"}'] == 1, m
+
+    # Redis did not take a report: nothing lost, it goes with the next one
+    core = encoders[0]
+    good = core.stats._client()
+    core.stats._r = JobStore("redis://127.0.0.1:1/0", timeout=0.2).r
+    core.frames_encoded += 4
+    assert core.report_stats() is False
+    core.stats._r = good
+    assert core.report_stats() is True
+    assert scrape()["lms_encoder_frames_total"] == 12
+
+    # a replica silent for TTL_S is no longer counted, and its entry is removed
+    totals, roles = ReplicaStats.read(store.r, now=time.time() + ReplicaStats.TTL_S + 1)
+    assert roles == {} and totals["encoder_frames"] == 12 and store.r.hlen(ReplicaStats.REPLICAS) == 0

@@ -1202,7 +1202,8 @@ def test_metrics_show_a_stream_as_get_does(redis_url):
     """/metrics read the raw record: a stalled socket stream kept exporting its last lag (GET shows null),
     and `lms_stream_frames_dropped` was the ring's overwrites while GET's `dropped` is frames shed. Now the
     lag goes through `stream_status`, dropped is the record's shed count, overwrites and frames sampled out
-    by fps have gauges of their own."""
+    by fps have metrics of their own; those that only grow are counters (``_total``), as Prometheus
+    expects of them (they were gauges)."""
     import re
     from deploy.routes import Metrics
     from deploy.serving import LiveStore
@@ -1222,12 +1223,13 @@ def test_metrics_show_a_stream_as_get_does(redis_url):
         return {m[0]: float(m[1]) for m in re.findall(r'^(lms_stream_\w+)\{stream="sock-metrics"\} (\S+)$', text, re.M)}
     try:
         g = gauges()
-        assert g == {"lms_stream_frames": 3, "lms_stream_frames_ingested": 10, "lms_stream_frames_overwritten": 7,
-                     "lms_stream_frames_dropped": 2, "lms_stream_frames_skipped_by_fps": 7,
-                     "lms_stream_bytes": 110, "lms_stream_lag_seconds": 0.5}, g
+        assert g == {"lms_stream_frames": 3, "lms_stream_frames_ingested_total": 10,
+                     "lms_stream_frames_overwritten_total": 7, "lms_stream_frames_dropped_total": 2,
+                     "lms_stream_frames_skipped_by_fps_total": 7, "lms_stream_bytes": 110,
+                     "lms_stream_lag_seconds": 0.5}, g
         live.update(sid, last_wall=time.time() - 60)               # the socket stalled: GET shows lag_s null
         g = gauges()
-        assert "lms_stream_lag_seconds" not in g and g["lms_stream_frames_dropped"] == 2, g
+        assert "lms_stream_lag_seconds" not in g and g["lms_stream_frames_dropped_total"] == 2, g
     finally:
         live.delete(sid)
 

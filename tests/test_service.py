@@ -344,9 +344,13 @@ def test_metrics_are_prometheus_text(service, uploaded):
     assert f'lms_stream_frames{{stream="{uploaded["id"]}"}} 40.0' in text
     assert 'lms_jobs{status="ready"}' in text
     import re
-    enc = dict(re.findall(r'^lms_encoder\{what="(\w+)"\} ([0-9.e+]+)$', text, re.M))
-    assert float(enc["frames_encoded"]) >= 40 and 1 <= float(enc["batches"]) <= float(enc["frames_encoded"])
-    assert re.search(r'^lms_local_kv\{what="max_bytes"\} [1-9]', text, re.M), text[-2000:]
+    m = {k: float(v) for k, v in re.findall(r'^(lms_(?:encoder|local_kv|model)\w*(?:\{[^}]*\})?) (\S+)$', text, re.M)}
+    assert m["lms_encoder_frames_total"] >= 40 and 1 <= m["lms_encoder_batches_total"] <= m["lms_encoder_frames_total"]
+    assert m["lms_local_kv_max_bytes"] > 0, text[-2000:]
+    assert m['lms_model_replicas{role="encoder"}'] == 1 and m['lms_model_replicas{role="answerer"}'] == 1, m
+    from prometheus_client.parser import text_string_to_metric_families
+    types = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert types["lms_encoder_frames"] == types["lms_stream_frames_ingested"] == "counter", types
 
 
 def test_the_ingress_replica_answers_without_loading_torch(service, uploaded):
