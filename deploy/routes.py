@@ -233,6 +233,8 @@ class Metrics:
         ("lms_local_kv_misses", "frames whose keys/values an Answerer read from Redis", "local_kv_misses"),
         ("lms_local_kv_evicted_streams", "streams the local tiers dropped to stay within their bytes",
          "local_kv_evicted_streams"),
+        ("lms_local_kv_trimmed_frames", "frames the local tiers dropped from a stream over the budget alone",
+         "local_kv_trimmed_frames"),
     )
     #: the local tier's levels, summed over the Answerer replicas that reported in the last minute
     REPLICA_GAUGES = (

@@ -467,7 +467,7 @@ class AnswerCore:
         self.stats = ReplicaStats(settings.redis_url, "answerer")
 
     #: the local tier's counts that only grow (sent as deployment totals) and its levels (summed over replicas)
-    TIER_COUNTERS = ("hits", "misses", "evicted_streams", "bytes_local", "bytes_remote")
+    TIER_COUNTERS = ("hits", "misses", "evicted_streams", "trimmed_frames", "bytes_local", "bytes_remote")
     TIER_GAUGES = ("bytes", "max_bytes", "frames", "streams")
 
     def report_stats(self) -> bool:

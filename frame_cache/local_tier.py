@@ -19,8 +19,11 @@ that starts, or takes over a stream from another, simply starts empty and fills 
 "rebuilt from Redis". `warm(stream_id)` fills it ahead of the first question.
 
 Files are unlinked as soon as they are made (like the in-process cache's spill files), so a killed
-process leaves nothing behind; the budget `max_bytes` is kept by dropping the least recently used
-streams' files whole, and a stream's file is rewritten once more than half of it is dead records.
+process leaves nothing behind. The budget `max_bytes` bounds the files' bytes, dead records included: past
+it, the least recently used streams' files are dropped whole; a stream over the budget alone keeps its
+newest frames that fit in half of it (the ring overwrites the oldest first), copied to a fresh file. A
+stream's file is also rewritten once more than half of it is dead records, and a frame the ring overwrote
+is dropped when a read finds it gone.
 """
 from __future__ import annotations
 
@@ -67,12 +70,13 @@ class _StreamFile:
         self._mapped = 0
 
     def put(self, seq: int, mark: bytes, blob: bytes) -> int:
+        """Append a record (an older copy of its frame becomes dead); returns the bytes the file grew by."""
         old = self.index.get(seq)
         os.pwrite(self.fd, blob, self.end)
         self.index[seq] = (self.end, len(blob), mark)
         self.end += len(blob)
         self.live += len(blob) - (old[1] if old else 0)
-        return len(blob) - (old[1] if old else 0)
+        return len(blob)
 
     def get(self, seq: int) -> tuple[memoryview, bytes] | None:
         e = self.index.get(seq)
@@ -122,7 +126,7 @@ class LocalKVTier:
         self._files: OrderedDict[str, _StreamFile] = OrderedDict()
         self._lock = threading.Lock()
         self.used = 0
-        self.hits = self.misses = self.evicted_streams = 0
+        self.hits = self.misses = self.evicted_streams = self.trimmed_frames = 0
         self.bytes_local = self.bytes_remote = 0
 
     def _file(self, sid: str, create: bool) -> _StreamFile | None:
@@ -151,16 +155,36 @@ class LocalKVTier:
         seq = int(record_header(blob)["seq"])
         with self._lock:
             f = self._file(sid, True)
-            if f.dead > max(f.live, 64 << 20):        # mostly dead records: start the stream's file afresh
-                self.used -= f.live
-                f.close()
-                f = self._files[sid] = _StreamFile(self.folder, sid)
+            if f.dead > max(f.live, 64 << 20):        # mostly dead records: the live ones to a fresh file
+                f = self._rewrite(sid, f, sorted(f.index))
             self.used += f.put(seq, mark, blob)
             while self.used > self.max_bytes and len(self._files) > 1:
                 _, of = self._files.popitem(last=False)        # least recently used (never `sid`: it is last)
-                self.used -= of.live
+                self.used -= of.end
                 of.close()
                 self.evicted_streams += 1
+            if self.used > self.max_bytes:            # this stream alone: its newest frames within half the budget
+                keep, total = [], 0
+                for q in sorted(f.index, reverse=True):
+                    n = f.index[q][1]
+                    if keep and total + n > self.max_bytes // 2:
+                        break
+                    keep.append(q)
+                    total += n
+                self.trimmed_frames += len(f.index) - len(keep)
+                self._rewrite(sid, f, sorted(keep))
+
+    def _rewrite(self, sid: str, f: _StreamFile, keep: list[int]) -> _StreamFile:
+        """The stream's records `keep` copied to a fresh file, which replaces `f` (under the lock)."""
+        new = _StreamFile(self.folder, sid)
+        for q in keep:
+            got = f.get(q)
+            if got is not None:
+                new.put(q, got[1], bytes(got[0]))
+        self.used += new.end - f.end
+        f.close()
+        self._files[sid] = new                        # same place in the recency order
+        return new
 
     def count(self, *, hits: int, misses: int, local: int, remote: int) -> None:
         """Account one read through the tier (see `stats`)."""
@@ -178,10 +202,17 @@ class LocalKVTier:
                 return
             if below_seq is None:
                 del self._files[sid]
-                self.used -= f.live
+                self.used -= f.end
                 f.close()
             else:
-                self.used -= f.drop([q for q in f.index if q < below_seq])
+                f.drop([q for q in f.index if q < below_seq])
+
+    def discard(self, sid: str, seqs: Iterable[int]) -> None:
+        """Drop these frames' records (gone from the durable cache: overwritten in the ring)."""
+        with self._lock:
+            f = self._files.get(sid)
+            if f is not None:
+                f.drop(seqs)
 
     def streams(self) -> list[str]:
         with self._lock:
@@ -191,6 +222,7 @@ class LocalKVTier:
         with self._lock:
             return {"streams": len(self._files), "bytes": self.used, "max_bytes": self.max_bytes,
                     "hits": self.hits, "misses": self.misses, "evicted_streams": self.evicted_streams,
+                    "trimmed_frames": self.trimmed_frames,
                     "bytes_local": self.bytes_local, "bytes_remote": self.bytes_remote,
                     "frames": sum(len(f.index) for f in self._files.values())}
 
@@ -219,9 +251,11 @@ class LocalTierCache:
         heads = self.inner.read(stream_id, qs, light=True)      # the truth: which frames, in which form
         out: list[bytes | memoryview | None] = [None] * len(qs)
         todo, marks = [], [None] * len(qs)
+        gone = []
         for i, (q, h) in enumerate(zip(qs, heads)):
             if h is None:
-                continue                                          # overwritten: gone from the ring
+                gone.append(q)                                    # overwritten: gone from the ring
+                continue
             marks[i] = _mark(h)
             b = self.tier.get(stream_id, q, marks[i])
             if b is not None:
@@ -234,6 +268,8 @@ class LocalTierCache:
                 if b is not None:
                     out[i] = b
                     self.tier.put(stream_id, b, marks[i])
+        if gone:
+            self.tier.discard(stream_id, gone)
         local = [b for b in out if isinstance(b, memoryview)]        # the tier's views; Redis gives bytes
         self.tier.count(hits=len(local), misses=len(todo), local=sum(map(len, local)),
                         remote=sum(len(out[i]) for i in todo if out[i] is not None))

@@ -106,3 +106,32 @@ def test_the_budget_drops_least_recently_used_streams(tiny_model, any_cache, tmp
     assert tier.stats()["frames"] == 6
     tier.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_one_stream_alone_stays_within_the_budget_and_overwritten_frames_leave(tiny_model, any_cache, tmp_path):
+    """An operator's 40-frame ring read by a question every 50 frames held 160 frames (21 MB) in a 3 MB
+    tier: the budget only dropped other streams, never the one being read, and frames the ring had
+    overwritten stayed. Now a stream over the budget alone keeps its newest frames within half of it, and a
+    read that finds a frame gone from the ring drops the tier's copy."""
+    m = tiny_model
+    recs = states_to_records(m.encode_frames(frames(28, seed=6), pts=[float(i) for i in range(28)]))
+    any_cache.create_stream("ring", 8)
+    any_cache.append_many("ring", recs[:8])
+    size = len(any_cache.read("ring", [0])[0])
+    tier = LocalKVTier(tmp_path, max_bytes=6 * size)
+    tiered = LocalTierCache(any_cache, tier)
+    files = lambda: sum(os.fstat(f.fd).st_size for f in tier._files.values())     # noqa: E731
+    for start in range(8, 24, 4):                        # a question over the whole ring after each 4 frames
+        got = tiered.read("ring", range(max(0, start - 8), start))
+        assert [bytes(b) for b in got] == any_cache.read("ring", range(max(0, start - 8), start))
+        assert tier.stats()["bytes"] == files() <= 6 * size, (start, tier.stats())
+        any_cache.append_many("ring", recs[start:start + 4])
+    st = tier.stats()
+    assert st["trimmed_frames"] > 0 and st["evicted_streams"] == 0
+    kept = sorted(tier._files["ring"].index)
+    assert kept == list(range(kept[0], 20)) and len(kept) <= 6, kept     # the newest frames read
+    any_cache.append_many("ring", recs[24:28])                            # the ring overwrites 16..19
+    assert tiered.read("ring", range(16, 20)) == [None] * 4
+    assert not set(tier._files["ring"].index) & set(range(16, 20))       # and the tier let them go
+    tier.close()
+    assert os.listdir(tmp_path) == []
