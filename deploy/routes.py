@@ -1522,6 +1522,25 @@ def _undo_later(fut: "asyncio.Future", undo: Callable[[], object]) -> None:
     task.add_done_callback(_UNDOING.discard)
 
 
+def _continued_meta(cache, sid: str | None, meta: dict) -> dict | None:
+    """A socket's `start` with `retain`: the meta to create its stream with, or None for an existing stream
+    whose `retain` is the one given (its other meta, such as the `fps` it was first started at, does not
+    have to match: a client that reconnects at another rate was refused, in terms of "meta"). A different
+    `retain` is refused: a stream's frames keep what its `retain` said when it was created."""
+    from frame_cache import StreamNotFound
+    if sid is None:
+        return meta
+    try:
+        old = cache.stream_info(sid).meta
+    except StreamNotFound:
+        return meta
+    if (old or {}).get("retain") != meta["retain"]:
+        raise InvalidRequest(f"expected retain {json.dumps((old or {}).get('retain'))} for existing stream {sid!r} "
+                             f"(fixed when it was created; leave it out to continue the stream), got "
+                             f"{json.dumps(meta['retain'])}")
+    return None
+
+
 def _writer_of(sid: str) -> "_LiveSession | None":
     return _WRITERS.get(sid)
 
@@ -1726,12 +1745,15 @@ class _LiveSession:
         meta = None
         if m.get("retain") is not None:
             meta = {"source": "websocket", "fps": self.fps, "retain": _retain(m["retain"])}
+            meta = await asyncio.to_thread(_continued_meta, b.cache, sid, meta)
         info = await asyncio.to_thread(b.cache.create_stream, sid, cap, meta, True)
         try:
             await asyncio.to_thread(live.get, sid)
         except NotFound:
             await asyncio.to_thread(live.create, sid, {"kind": "push", "source": "websocket", "fps": self.fps,
                                                        "capacity_frames": info.capacity})
+        else:                                          # a stream continued at another rate: GET says this one
+            await asyncio.to_thread(live.update, sid, fps=self.fps)
         self.token = await asyncio.to_thread(b.cache.acquire_writer, sid)
         # the counts of the stream's earlier sockets go on: read once the older writer is fenced (its frames
         # are refused from now on, so it writes no newer counts but those of a frame stored before this)

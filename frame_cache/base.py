@@ -206,6 +206,16 @@ def validate_stream_meta(meta: Any) -> dict[str, Any]:
     return json.loads(text)
 
 
+def meta_differs(stream_id: str, existing: dict[str, Any], given: dict[str, Any]) -> BadArgument:
+    """The error for `create_stream(..., exist_ok=True)` given a meta other than the stream's: the keys that
+    differ, each with the stored value against the one given."""
+    keys = sorted(k for k in existing.keys() | given.keys() if existing.get(k) != given.get(k))
+    show = lambda v: json.dumps(v, separators=(",", ":"))[:120]          # noqa: E731
+    diff = "; ".join(f"{k}: {show(existing.get(k))} stored, {show(given.get(k))} given" for k in keys)
+    return BadArgument(f"expected meta=None or the existing meta of stream {stream_id!r}, got one that differs "
+                       f"({diff})")
+
+
 def stream_key(stream_id: str, part: str, *, prefix: str = KEY_PREFIX) -> str:
     """Redis key for one part of a stream, e.g. ``lms:{cam-1}:slots``.
 

@@ -55,6 +55,7 @@ from .base import (
     check_budget_arg as _check_budget_arg,
     check_count as _check_count,
     check_new_stream,
+    meta_differs,
     check_replacements,
     light_copy_bytes,
     check_window_args,
@@ -353,9 +354,7 @@ class InProcessFrameCache(FrameCache):
                         f"expected on_full={s.on_full!r} for existing stream {stream_id!r}, got {on_full!r}"
                     )
                 if meta is not None and clean_meta != s.meta:
-                    raise BadArgument(
-                        f"expected meta=None or the existing meta of stream {stream_id!r}, got a different meta"
-                    )
+                    raise meta_differs(stream_id, s.meta, clean_meta)
             else:
                 s = _Stream(stream_id, capacity, clean_meta, self.max_bytes_per_stream, self.pts_history,
                             on_full, self.spill_dir)

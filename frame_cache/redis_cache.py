@@ -108,6 +108,7 @@ from .base import (
     check_count as _check_count,
     check_new_stream,
     check_replacements,
+    meta_differs,
     check_window_args,
     light_copy_bytes,
     stream_key,
@@ -702,8 +703,7 @@ class RedisFrameCache(FrameCache):
                 raise BadArgument(
                     f"expected on_full={info.on_full!r} for existing stream {stream_id!r}, got {on_full!r}")
             if meta is not None and clean_meta != info.meta:
-                raise BadArgument(
-                    f"expected meta=None or the existing meta of stream {stream_id!r}, got a different meta")
+                raise meta_differs(stream_id, info.meta, clean_meta)
         return info
 
     def acquire_writer(self, stream_id: str) -> int:

@@ -848,7 +848,21 @@ def test_retention_over_a_websocket_stream_reports_the_mix_and_stays_exact_in_th
             whole = await ask(ws, "all")
             again = await ask(ws, "again")                # the second read comes from the local tier
             await ws.send(json.dumps({"type": "stop"}))
-            return hot, whole, again
+        # continued at another rate with the same `retain`: accepted (it was refused as "a different meta");
+        # with another `retain`: refused, the stored one named
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "stream_id": sid, "fps": 2, "format": "png",
+                                      "retain": retain}))
+            m = json.loads(await ws.recv())
+            assert m["type"] == "started" and m["stream_id"] == sid, m
+            await ws.send(json.dumps({"type": "stop"}))
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "stream_id": sid, "fps": 1, "format": "png",
+                                      "retain": {**retain, "exact_s": 5}}))
+            err = json.loads(await ws.recv())
+            assert err["type"] == "error" and err["code"] == "E_INVALID_REQUEST", err
+            assert err["message"].startswith("expected retain {") and "for existing stream" in err["message"], err
+        return hot, whole, again
 
     hot, whole, again = asyncio.run(session())
     assert hot["policy"] == "exact" and hot["frames"] == 10 and hot["token_ids"] == want_hot.token_ids
