@@ -569,7 +569,7 @@ class AnswerCore:
             else:
                 a = rest[0]
                 d = answer_fields(a)
-                d["gaps"] = merge_gaps(finite_gaps(d["gaps"], window, last_s, d["time_span"]))
+                d["gaps"] = clip_gaps(merge_gaps(finite_gaps(d["gaps"], window, last_s, d["time_span"])), lo, hi)
                 d["timings"]["first_token_s"] = round(first if first is not None else time.perf_counter() - t0, 4)
                 d["timings"]["read_MB"] = round(src.bytes_read / 1e6, 3)
                 d["timings"]["read_local_MB"] = round(getattr(src, "bytes_local", 0) / 1e6, 3)
@@ -625,6 +625,19 @@ def finite_gaps(gaps: list, window, last_s, span) -> list:
                 start = 0.0
             g = [min(start, float(g[1])), g[1]]
         out.append(g)
+    return out
+
+
+def clip_gaps(gaps: list, lo: float, hi: float) -> list:
+    """Gaps cut to the window asked about, [lo, hi) (infinite ends: no cut there): an outage from 9 s to 19 s
+    is `[9, 12]` in a question about [0, 12), and a gap still open (None end) ends at a finite `hi`. What the
+    answer says is missing is then what is missing from its window."""
+    out = []
+    for a, b in gaps:
+        a = max(a, lo) if a is not None else (lo if math.isfinite(lo) else None)
+        b = hi if b is None and math.isfinite(hi) else (min(b, hi) if b is not None else None)
+        if b is None or a is None or b > a:
+            out.append([a, b])
     return out
 
 

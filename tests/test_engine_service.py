@@ -228,14 +228,21 @@ def test_answer_gaps_merge_and_where_a_continued_stream_starts():
     """`merge_gaps`: one gap for those that overlap, two for two that only touch (where they meet is a stored
     frame: shed frames around the one stored at 25 s were merged into a gap over it);
     `continued_timeline`: a new source of a stream starts after its newest frame by the time nothing fed
-    it, the outage a gap."""
-    from deploy.serving import continued_timeline, merge_gaps
+    it, the outage a gap; `clip_gaps`: an answer's gaps are those inside its window, cut at its edges (an
+    operator's 40 s window said `[[184.63, 568.33]]`, an outage merged with the ring's overwritten span)."""
+    import math
+    from deploy.serving import clip_gaps, continued_timeline, merge_gaps
     assert merge_gaps([[120.0, 129.0], [103.0, 128.0]]) == [[103.0, 129.0]]
     assert merge_gaps([[25.0, 46.0], [0.0, 25.0], [46.0, 56.0]]) == [[0.0, 25.0], [25.0, 46.0], [46.0, 56.0]]
     assert merge_gaps([[25.0, 46.0], [0.0, 25.0], [47.0, 56.0]], touching=True) == [[0.0, 46.0], [47.0, 56.0]]
     assert merge_gaps([[5.0, 6.0], [None, 2.0], [1.0, 3.0], [10.0, None], [12.0, 13.0]]) == [
         [None, 3.0], [5.0, 6.0], [10.0, None]]
     assert merge_gaps([]) == [] and merge_gaps([[1.0, 2.0], [3.0, 4.0]]) == [[1.0, 2.0], [3.0, 4.0]]
+    assert clip_gaps([[184.63, 568.33]], 560.0, 600.0) == [[560.0, 568.33]]
+    assert clip_gaps([[9.0, 19.04]], 0.0, 12.0) == [[9.0, 12.0]] and clip_gaps([[9.0, 19.04]], 11.0, 24.0) == [[11.0, 19.04]]
+    assert clip_gaps([[1.0, 2.0], [30.0, None]], 5.0, 40.0) == [[30.0, 40.0]]          # before it: gone; open: to its end
+    assert clip_gaps([[1.0, 2.0], [30.0, None]], 0.0, math.inf) == [[1.0, 2.0], [30.0, None]]
+    assert clip_gaps([[None, 3.0]], -math.inf, math.inf) == [[None, 3.0]] and clip_gaps([[None, 3.0]], 1.0, 9.0) == [[1.0, 3.0]]
     assert continued_timeline(None, None, 1.0) == (0.0, None)
     assert continued_timeline(10.0, 1000.0, 1.0, now=1000.4) == (11.0, None)      # back at once: one period on
     assert continued_timeline(10.0, 1000.0, 2.0, now=1000.5) == (10.5, None)      # under 1.5 periods: no gap
