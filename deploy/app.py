@@ -29,7 +29,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from lmcore.errors import Interrupted, NotFound, ServiceUnavailable
+from lmcore.errors import Interrupted, LmsError, NotFound, ServiceUnavailable
 
 from .routes import build_api, set_backend
 from .serving import (
@@ -781,13 +781,26 @@ class RayBackend:
     async def _evaluate(self, sid: str, wid: str, w: dict) -> None:
         req = {"stream_id": sid, "question": w["question"], "last_s": w.get("last_s") or 10, "max_tokens": 16,
                "watch": wid}
-        ans = None
+        ans = err = None
         try:
             async for ev in self.answer_events(req):
                 if ev["type"] == "answer":
                     ans = ev
-        except Exception:                          # noqa: BLE001 - no frames fused yet, Redis down...
-            return
+                elif ev["type"] == "error":
+                    err = {"code": ev.get("code", "E_INTERNAL"), "message": ev.get("message", "")}
+        except LmsError as e:                      # no frames fused yet, Redis down...: said on the watch
+            err = {"code": e.code, "message": str(e.message)}
+        except Exception as e:                     # noqa: BLE001 - evaluated again next time
+            err = {"code": "E_INTERNAL", "message": f"{type(e).__name__}: {e}"[:300]}
+        # why it has no answer (GET .../watches `last_error`; it was swallowed: a watch of a stopped stream, or
+        # made before any frame was fused with it, said nothing, ever), written when it changes
+        if (err or None) != w.get("last_error"):
+            try:
+                await asyncio.to_thread(self.watches.update, sid, wid, last_error=err)
+            except Exception:                      # noqa: BLE001 - Redis down: next time
+                pass
+        if ans is not None and ans.get("unknown_words") and not w.get("unknown_words"):
+            await asyncio.to_thread(self.watches.update, sid, wid, unknown_words=ans["unknown_words"])
         if ans is None or ans["text"] == w.get("last_text"):
             return
         ev = {"type": "event", "watch": wid, "question": w["question"], "text": ans["text"],

@@ -732,6 +732,11 @@ def build_api() -> FastAPI:
         await _record(b, "stream", sid, "a video's questions, POST /v1/videos/{id}/questions (a watch is a live "
                       "stream's)")
         b.model_prompt_check(w.question)
+        lim = b.settings.limits.max_watches_per_stream
+        have = len(await asyncio.to_thread(b.watches.all, sid))
+        if have >= lim:
+            raise Busy(f"expected at most {lim} watches of stream {sid!r}, got {have} already (delete one, or raise "
+                       "limits.max_watches_per_stream)")
         wid = "w-" + uuid.uuid4().hex[:10]
         await asyncio.to_thread(b.watches.add, sid, wid, {"question": w.question, "every_s": w.every_s,
                                                             "last_s": w.last_s, "last_text": None,
@@ -1850,7 +1855,7 @@ class _LiveSession:
         if self.sampler.last is not None and pts + self.offset <= self.sampler.last:   # time went back
             self.dropped["bad frame"] += 1
             await self.error(InvalidRequest(f"expected frame pts after {self.sampler.last - self.offset:g} s (the "
-                                            f"last frame kept), got {pts:g}"))
+                                            f"last frame taken at this fps, stored or shed), got {pts:g}"))
             return await self.note_drop("bad frame")
         pts += self.offset
         if not self.sampler.want(pts):

@@ -1257,11 +1257,16 @@ class WatchStore(JobStore):
         self._call("deleting watches", lambda: self.r.delete(*(self._k(sid, p) for p in
                                                                 ("watches", "events", "event_seq"))))
 
+    #: a watch's fields written only while it exists: an evaluation ending after a DELETE must not bring it back
+    _SET_IF_THERE = ("if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then "
+                     "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1 end return 0")
+
     def update(self, sid: str, wid: str, **fields) -> None:
         w = self.all(sid).get(wid)
         if w is not None:
             w.update(fields)
-            self._call("updating a watch", lambda: self.r.hset(self._k(sid, "watches"), wid, json.dumps(w)))
+            self._call("updating a watch", lambda: self.r.eval(self._SET_IF_THERE, 1, self._k(sid, "watches"), wid,
+                                                               json.dumps(w)))
 
     def push_event(self, sid: str, ev: dict) -> dict:
         def do():

@@ -38,6 +38,8 @@ class Limits(BaseModel):
                                 "past it, from Content-Length before reading, or while reading a chunked one)")
     live_capacity_frames: int = Field(86_400, ge=1, description="default ring of a live stream (24 h at 1 fps)")
     max_live_streams: int = Field(64, ge=1, description="live streams (cameras + sockets) at once (429 past it)")
+    max_watches_per_stream: int = Field(16, ge=1, description="watches of one stream (429 past it: each is fused "
+                                        "with every frame and stored with it, ~0.2 MB a frame at 8B)")
 
 
 def _keys(v: str) -> list[str]:

@@ -221,7 +221,7 @@ def cmd_serve(args) -> int:
                                      "service on the head node, or locally since the check before Ray "
                                      "started?); give another --port") from e
         serve.run(build_app(settings), name="lmstream", route_prefix="/", blocking=False)
-        url = f"http://{args.host}:{args.port}"
+        url = service_url(args.host, args.port)
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
         print(json.dumps({"url": url, "api_key": generated or "(from --api-key / LMSTREAM_API_KEYS)",
                           "redis": settings.redis_url}), file=ours, flush=True)
@@ -258,6 +258,12 @@ def cmd_serve(args) -> int:
 REDIS_RESTARTS = 5
 REDIS_RESTART_WINDOW_S = 300.0
 _redis_restarts: list[float] = []
+
+
+def service_url(host: str, port: int) -> str:
+    """The URL clients reach the service at: an IPv6 address in brackets (`http://[::1]:8000`; `http://::1:8000`
+    was printed, which curl and httpx refuse)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _restart_redis(srv, folder: Path) -> None:

@@ -548,3 +548,11 @@ def test_port_free_sees_a_port_held_on_ipv4_or_ipv6_alone(family, address):
         port = held.getsockname()[1]
         assert rs._port_free(port) is False
     assert rs._port_free(port) is True                   # released: free again on both
+
+
+def test_serve_prints_a_url_clients_can_use_for_an_ipv6_host():
+    """`lmstream serve --host ::1` printed `http://::1:8000`, which curl and httpx refuse as malformed."""
+    import httpx
+    from lmstream.serve_cmd import service_url
+    assert service_url("::1", 8000) == "http://[::1]:8000" and service_url("127.0.0.1", 80) == "http://127.0.0.1:80"
+    assert httpx.URL(service_url("::1", 8000)).host == "::1" and httpx.URL(service_url("::", 1)).port == 1

@@ -1447,6 +1447,21 @@ def test_watches_fused_at_ingest_answer_exactly_and_emit_events(service, media):
         assert any(e["watch"] == wid and e["text"] for e in got)
         assert [x["id"] for x in c.get(f"/v1/streams/{sid}/watches").json()["data"]] == sorted([wid, ev["watch"]])
         assert c.delete(f"/v1/streams/{sid}/watches/{wid}").json()["deleted"] is True
+        # a watch made after the stream's last frame has no frame fused with it: its evaluations said nothing,
+        # ever (the error was swallowed); the watch now says why. Past limits.max_watches_per_stream (3 here):
+        # 429, the limit named
+        late = c.post(f"/v1/streams/{sid}/watches", json={"question": q, "every_s": 1, "last_s": 100}).json()["id"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            w = {x["id"]: x for x in c.get(f"/v1/streams/{sid}/watches").json()["data"]}[late]
+            if w.get("last_error"):
+                break
+            time.sleep(0.5)
+        assert w["last_error"]["code"] == "E_NO_FRAMES" and "fused with watch" in w["last_error"]["message"], w
+        assert c.post(f"/v1/streams/{sid}/watches", json={"question": q}).status_code == 201     # the third
+        r = c.post(f"/v1/streams/{sid}/watches", json={"question": q})
+        assert r.status_code == 429 and r.json()["error"]["message"].startswith(
+            f"expected at most 3 watches of stream {sid!r}, got 3 already"), r.text
 
 
 def test_websocket_auth_size_limit_and_bad_messages(service):
