@@ -305,12 +305,19 @@ def validation_message(err: dict) -> str:
     loc = err.get("loc") or ("",)
     if err.get("type") == "missing" and isinstance(loc[-1], str):    # a field left out: its "input" is the body
         return f"expected {where} (required), got none"
-    got = err.get("input")
+    if err.get("type") == "extra_forbidden":       # "expected bogus: Extra inputs are not permitted" read as wanted
+        parent = ".".join(str(x) for x in loc[:-1] if x != "body")
+        return f"expected no field {loc[-1]!s}{' in ' + parent if parent else ''} (unknown), got {where} = " + \
+            _shown(err.get("input"))
+    return f"expected {where}: {msg}, got {_shown(err.get('input'))}"
+
+
+def _shown(got) -> str:
+    """A request value as an error shows it: JSON, 200 characters at most."""
     try:
-        got_s = json.dumps(got)[:200] if got is not None and not isinstance(got, (bytes, bytearray)) else "nothing"
+        return json.dumps(got)[:200] if got is not None and not isinstance(got, (bytes, bytearray)) else "nothing"
     except (TypeError, ValueError):
-        got_s = repr(got)[:200]
-    return f"expected {where}: {msg}, got {got_s}"
+        return repr(got)[:200]
 
 
 def _not_utf8(e: UnicodeDecodeError) -> InvalidRequest:

@@ -508,7 +508,7 @@ class AnswerCore:
         watch's rows stored at ingest), summed chunk by chunk; no keys/values are read."""
         import torch
         from frame_cache import decode_record
-        from stream.window import closed_end
+        from stream.window import closed_end, stored_span_words, window_words
         start, end = self.bounds(stream_id, window, last_s)
         win = self.cache.window(stream_id, start, closed_end(start, end))     # half-open, as `CachedFrames`
         name = f"w:{wid}"
@@ -528,10 +528,11 @@ class AnswerCore:
                     prefix = y.clone() if prefix is None else prefix.add_(y)
                     n += 1
         if not toks:
-            raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window, got none")
+            raise NoFrames(f"expected stored frames of stream {stream_id!r} in {window_words(start, end)}, got none"
+                           + stored_span_words(self.cache, stream_id, start, end))
         if n == 0:
-            raise NoFrames(f"expected frames fused with watch {wid!r} in the window, got none (frames stored "
-                           "before the watch was made are not fused with it)")
+            raise NoFrames(f"expected frames fused with watch {wid!r} in {window_words(start, end)}, got none "
+                           f"(frames stored before the watch was made are not fused with it; {len(toks)} were)")
         return self.model.prefused(question, rows_sum=rows, prefix_sum=prefix, n_fused=n, tokens=torch.stack(toks),
                                    n_vision_rows=int(meta["n_vision_rows"]), prefix_ids=meta["prefix_ids"],
                                    pts=torch.tensor(pts, dtype=torch.float64), kv_policy=str(meta["kv_policy"]),

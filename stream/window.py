@@ -55,6 +55,25 @@ def closed_end(start: float | None, end: float | None) -> float | None:
     return math.nextafter(end, -math.inf)
 
 
+def stored_span_words(cache: FrameCache, stream_id: str, start: float | None, end: float | None) -> str:
+    """Where a window that holds no frame lies against what the stream holds: " (its stored frames span 0-149 s;
+    the window starts after the newest)". Empty when the stream holds none (or cannot be asked)."""
+    try:
+        i = cache.stream_info(stream_id)
+    except Exception:                       # noqa: BLE001 - only words for an error already raised
+        return ""
+    if not i.count or i.oldest_pts is None or i.newest_pts is None:
+        return ""
+    where = ""
+    if start is not None and start > i.newest_pts:
+        where = "; the window starts after the newest"
+    elif end is not None and end <= i.oldest_pts:
+        where = "; the window ends before the oldest"
+    elif start is not None or end is not None:
+        where = "; none falls in the window: a gap, or a rate under one frame in it"
+    return f" (its stored frames span {i.oldest_pts:g}-{i.newest_pts:g} s{where})"
+
+
 class CachedFrames:
     """`model.FrameSource` over ``cache``'s stream ``stream_id``, frames with start <= pts < end.
 
@@ -76,7 +95,8 @@ class CachedFrames:
         self.dropped_before = win.dropped_before
         if len(win) == 0:
             raise NoFrames(f"expected stored frames of stream {stream_id!r} in {window_words(start, end)}, got none"
-                           + (f" ({win.dropped_before} were overwritten already)" if win.dropped_before else ""))
+                           + (f" ({win.dropped_before} were overwritten already)" if win.dropped_before else
+                              stored_span_words(cache, stream_id, start, end)))
         seqs, pts, toks, kv, meta = [], [], [], [], None
         for ch in win.chunks(cache, read_chunk, light=True, prefetch=prefetch):
             for q, p, b in zip(ch.seqs, ch.pts, ch.blobs):

@@ -68,8 +68,14 @@ def test_window_is_half_open_and_empty_window_is_an_error(tiny_model, any_cache)
     _store(any_cache, states)
     src = CachedFrames(any_cache, "s", 1.0, 4.0)
     assert src.pts.tolist() == [1.0, 2.0, 3.0]
-    with pytest.raises(NoFrames, match="expected stored frames"):
+    # an empty window says where it lies against what the stream holds (it said only "got none")
+    with pytest.raises(NoFrames, match=r"in the window 10:20 s, got none \(its stored frames span 0-5 s; the "
+                                       r"window starts after the newest\)"):
         CachedFrames(any_cache, "s", 10.0, 20.0)
+    with pytest.raises(NoFrames, match=r"span 0-5 s; the window ends before the oldest\)"):
+        CachedFrames(any_cache, "s", -5.0, -1.0)
+    with pytest.raises(NoFrames, match=r"span 0-5 s; none falls in the window: a gap"):
+        CachedFrames(any_cache, "s", 1.2, 1.8)
 
 
 def test_frames_overwritten_in_a_half_open_window_are_counted_as_it_is_read(tiny_model, any_cache):

@@ -349,3 +349,14 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
     # a replica silent for TTL_S is no longer counted, and its entry is removed
     totals, roles = ReplicaStats.read(store.r, now=time.time() + ReplicaStats.TTL_S + 1)
     assert roles == {} and totals["encoder_frames"] == 12 and store.r.hlen(ReplicaStats.REPLICAS) == 0
+
+
+def test_an_unknown_field_is_refused_in_words_that_do_not_ask_for_it():
+    """`{"bogus": 1}` was refused as "expected bogus: Extra inputs are not permitted, got 1", which reads as
+    though `bogus` were the field expected."""
+    from deploy.routes import validation_message
+    extra = {"type": "extra_forbidden", "msg": "Extra inputs are not permitted"}
+    assert validation_message({**extra, "loc": ("body", "bogus"), "input": 1}) == \
+        "expected no field bogus (unknown), got bogus = 1"
+    assert validation_message({**extra, "loc": ("body", "retain", "foo"), "input": "x"}) == \
+        'expected no field foo in retain (unknown), got retain.foo = "x"'
