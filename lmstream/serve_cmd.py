@@ -171,7 +171,8 @@ def cmd_serve(args) -> int:
     try:
         if own_redis:
             from frame_cache.redis_server import RedisServer
-            redis_srv = RedisServer(data / "redis").start()
+            redis_srv = RedisServer(data / "redis", port=_last_redis_port(data / "redis")).start()
+            (data / "redis" / "port").write_text(f"{redis_srv.port}\n")
             settings = settings.model_copy(update={"redis_url": redis_srv.url})
             print(f"redis: started redis-server pid {redis_srv.proc.pid} on {redis_srv.url} (AOF in {data / 'redis'})",
                   file=sys.stderr)
@@ -258,6 +259,18 @@ def cmd_serve(args) -> int:
 REDIS_RESTARTS = 5
 REDIS_RESTART_WINDOW_S = 300.0
 _redis_restarts: list[float] = []
+
+
+def _last_redis_port(folder: Path) -> int | None:
+    """The port the service's own redis-server had the last time on this data folder, when it is free again:
+    `lmstream cache ... --cache redis://127.0.0.1:PORT/0` and dashboards keep working across restarts (it was
+    a new port each start). None (a new free port) when there is none or it is taken."""
+    from frame_cache.redis_server import RAY_FIXED_PORTS, _port_free
+    try:
+        port = int((folder / "port").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return port if 1024 <= port <= 65535 and port not in RAY_FIXED_PORTS and _port_free(port) else None
 
 
 def service_url(host: str, port: int) -> str:

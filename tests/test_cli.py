@@ -556,3 +556,22 @@ def test_serve_prints_a_url_clients_can_use_for_an_ipv6_host():
     from lmstream.serve_cmd import service_url
     assert service_url("::1", 8000) == "http://[::1]:8000" and service_url("127.0.0.1", 80) == "http://127.0.0.1:80"
     assert httpx.URL(service_url("::1", 8000)).host == "::1" and httpx.URL(service_url("::", 1)).port == 1
+
+
+def test_serve_takes_its_redis_port_of_last_time_when_it_is_free(tmp_path):
+    """`lmstream serve`'s own redis-server had a new port at each start on the same data folder, so a
+    `lmstream cache ... --cache redis://...` line or a dashboard broke with every restart."""
+    import socket
+    from frame_cache.redis_server import free_port
+    from lmstream.serve_cmd import _last_redis_port
+    assert _last_redis_port(tmp_path) is None                        # first start: none kept
+    port = free_port()
+    (tmp_path / "port").write_text(f"{port}\n")
+    assert _last_redis_port(tmp_path) == port
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        assert _last_redis_port(tmp_path) is None                    # taken meanwhile: a new one
+    for bad in ("x", "52365", "80"):
+        (tmp_path / "port").write_text(bad)
+        assert _last_redis_port(tmp_path) is None
