@@ -882,9 +882,11 @@ def build_api() -> FastAPI:
             await ws.close(code=1008, reason="expected a valid API key, got one the service does not know")
             return
         sess = _LiveSession(b, ws, asking["events"])
+        _session_opened(sess, True)
         try:
             await sess.run()
         finally:
+            _session_opened(sess, False)
             await sess.release()
 
     # -- OpenAI-compatible ------------------------------------------------------------------------
@@ -1560,6 +1562,24 @@ def _writer_of(sid: str) -> "_LiveSession | None":
 #: The `/v1/live` sockets of this Ingress attached to a stream (read only), by stream id: a `DELETE
 #: /v1/streams/ID` tells them too. Read through `_attached_to`, as `_WRITERS`.
 _ATTACHED: "dict[str, set[_LiveSession]]" = {}
+#: Every open `/v1/live` socket of this Ingress (`close_live_sockets` tells them when the service stops); the
+#: routes change it through `_session_opened`, as `_WRITERS` through its functions.
+_SESSIONS: "set[_LiveSession]" = set()
+
+
+def _session_opened(sess: "_LiveSession", is_open: bool) -> None:
+    (_SESSIONS.add if is_open else _SESSIONS.discard)(sess)
+
+
+async def close_live_sockets(timeout: float = 20.0) -> int:
+    """The service is stopping (`lmstream serve` on SIGTERM or Ctrl-C, before Serve shuts down): every open
+    socket stores the frames it received, is told `E_UNAVAILABLE` in words and closed 1001 ("going away").
+    They were cut with no close frame (1006), which reads as a network fault, not a planned stop. Returns how
+    many were open."""
+    sessions = list(_SESSIONS)
+    if sessions:
+        await asyncio.wait([asyncio.create_task(s.service_stopping()) for s in sessions], timeout=timeout)
+    return len(sessions)
 
 
 def _attached_to(sid: str) -> "list[_LiveSession]":
@@ -2215,6 +2235,36 @@ class _LiveSession:
             except Exception:                          # noqa: BLE001 - gone already
                 pass
         self.close_task = asyncio.create_task(close())     # kept (not in `tasks`: release() must not cancel it)
+
+    async def service_stopping(self) -> None:
+        """`close_live_sockets`: frames received are stored (a byte stream's flushed), then the client is told
+        and the socket closed 1001; `release` marks the stream stopped as for a client that went away."""
+        if self.closed:
+            return
+        if self.writer and self.push is not None:
+            await asyncio.to_thread(self.push.close, 5.0)
+            try:
+                await asyncio.wait_for(asyncio.shield(self.consumer), 10)
+            except Exception:                          # noqa: BLE001 - stopping regardless
+                pass
+        if self.writer:
+            await self._flush(10.0)
+            what = (f"the {self.frames} frames it acknowledged are stored; once it is back, start with stream_id "
+                    f"{self.sid!r} to go on")
+        elif self.sid is not None:
+            what = f"stream {self.sid!r} keeps its frames; attach again once it is back"
+        else:
+            what = "connect again once it is back"
+        self.closed = True                             # nothing else is sent from now on, but this
+        try:
+            await asyncio.wait_for(self.error(ServiceUnavailable(f"expected the service to keep running, got it "
+                                                                 f"stopping: {what}"), last=True), 5)
+        except Exception:                              # noqa: BLE001 - gone, or not reading
+            pass
+        try:
+            await self.ws.close(code=1001, reason="the service is stopping")
+        except Exception:                              # noqa: BLE001 - gone already
+            pass
 
     async def _mark_stopped(self) -> None:
         """The stream's record: stopped, with its counts (`record_counts`) and gaps (frames lost at the end

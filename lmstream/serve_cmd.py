@@ -241,6 +241,7 @@ def cmd_serve(args) -> int:
         if ray_started:
             try:
                 from ray import serve
+                _close_live_sockets(serve)
                 if serve_started:
                     serve.shutdown()
                 else:                                   # someone else's Serve: only our app goes
@@ -259,6 +260,18 @@ def cmd_serve(args) -> int:
 REDIS_RESTARTS = 5
 REDIS_RESTART_WINDOW_S = 300.0
 _redis_restarts: list[float] = []
+
+
+def _close_live_sockets(serve) -> None:
+    """Before Serve goes: the Ingress tells its open `/v1/live` sockets the service is stopping and closes them
+    1001 (they were cut with no close frame). Best effort: a Serve that never got that far has none."""
+    try:
+        n = serve.get_deployment_handle("Ingress", "lmstream").close_live_sockets.remote().result(timeout_s=30)
+    except Exception as e:  # noqa: BLE001 - not deployed, or already going: stopping regardless
+        print(f"lmstream: open sockets not told of the stop ({type(e).__name__})", file=sys.stderr)
+        return
+    if n:
+        print(f"lmstream: told {n} open /v1/live socket(s) the service is stopping", file=sys.stderr)
 
 
 def _last_redis_port(folder: Path) -> int | None:

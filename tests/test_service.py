@@ -2445,6 +2445,16 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
             ws.send(_png(np.full((64, 64, 3), 90, np.uint8)))
             assert json.loads(ws.recv())["type"] == "ingested"
             service.stop()                                    # stopped in order: the socket's stream says so
+            # and the socket is told, then closed 1001 (it was cut with no close frame: 1006, a network fault)
+            m = json.loads(ws.recv(timeout=10))
+            assert m["type"] == "error" and m["code"] == "E_UNAVAILABLE" and m["message"].startswith(
+                "expected the service to keep running, got it stopping: the 1 frames it acknowledged are stored; "
+                "once it is back, start with stream_id 'sock' to go on"), m
+            from websockets.exceptions import ConnectionClosed
+            with pytest.raises(ConnectionClosed):
+                ws.recv(timeout=10)
+            assert ws.close_code == 1001 and ws.close_reason == "the service is stopping", (ws.close_code,
+                                                                                            ws.close_reason)
         from deploy.serving import LiveStore
         live = LiveStore(service.redis_url)
         assert live.get("sock")["status"] == "stopped"
