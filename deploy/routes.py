@@ -1511,6 +1511,9 @@ def _public(d: dict) -> dict:
 _WRITERS: "dict[str, _LiveSession]" = {}
 log = logging.getLogger("lms.routes")
 
+#: A byte stream's demuxer waits this long for room in its queue (frames being stored) before shedding one
+PUSH_WAIT_FOR_ROOM_S = 30.0
+
 #: How long `/ready` waits for the model replicas' answer (it waited 10 s, past a readiness probe's 1-5 s).
 READY_MODEL_WAIT_S = 3.0
 
@@ -1809,11 +1812,16 @@ class _LiveSession:
         self.size = (await b.encoder_info())["size"]
         if fmt in ("webm", "mp4"):                     # a byte stream: demuxed as it comes, sampled at fps
             from stream.live import PushSource
-            self.push = PushSource(fps=self.fps, resize_to=self.size, max_queue=4)
+            # held back, not shed: a file pushed faster than real time is demuxed as fast as its frames are
+            # stored, and this socket read no faster (its chunks waited in a queue of 4 frames and half a
+            # 10-frame file was shed `queue full`); frames are shed only when none is stored for 30 s
+            self.push = PushSource(fps=self.fps, resize_to=self.size, max_queue=4,
+                                   wait_for_room_s=PUSH_WAIT_FOR_ROOM_S)
             loop = asyncio.get_running_loop()
-            # its own thread: it blocks for the socket's life, which in the default executor would take
-            # a worker from every asyncio.to_thread of this Ingress (a few such sockets starved them all)
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lms-push-{sid[:20]}")
+            # its own threads: the consumer blocks for the socket's life and a chunk's push while frames are
+            # stored, which in the default executor would take a worker from every asyncio.to_thread of this
+            # Ingress (a few such sockets starved them all)
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix=f"lms-push-{sid[:20]}")
             self.consumer = loop.run_in_executor(self._pool, self._consume, loop)
         # "connecting" (and no last_wall) until a frame is stored: `stream_status` shows live / stalled from then;
         # not by a socket fenced meanwhile (taken over or deleted): that record is no longer this socket's
@@ -1863,7 +1871,7 @@ class _LiveSession:
             raise InvalidRequest("expected {\"type\": \"start\"} before frames, got a frame")
         if self.push is not None:                      # a WebM/fMP4 chunk
             try:
-                await asyncio.to_thread(self.push.push_stream, data)
+                await asyncio.get_running_loop().run_in_executor(self._pool, self.push.push_stream, data)
             except LmsError as e:
                 err = self.push.last_error or client_error_dict(e.to_dict())
                 if err == self.push_told:              # the same unreadable stream chunk after chunk: told once

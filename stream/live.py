@@ -555,6 +555,7 @@ class _LiveSource:
                     if self._stopped or not self._queue:
                         return
                     pts, rgb, self.yielded_arrival = self._queue.popleft()
+                    self._cond.notify_all()             # room: a producer waiting for it goes on
                     frame = Frame(index=self._index, pts=pts, rgb=rgb)
                     self._index += 1
                     self._frames += 1
@@ -1219,6 +1220,11 @@ class PushSource(_LiveSource):
         resize_to: squash every frame to ``S x S`` (as `VideoSource`).
         max_queue: sampled frames that may wait for the consumer; when full the oldest
             is dropped (counted as ``queue_full`` and recorded in `gaps`).
+        wait_for_room_s: a byte stream only: when the queue is full, the demuxer waits for
+            the consumer to take a frame instead (up to this long, then the oldest is dropped
+            as above), and `push_stream` waits for the demuxer as long as the consumer keeps
+            taking frames: a file pushed faster than real time loses nothing, its pusher is
+            held back instead. None (default): drop at once, as for pictures.
         max_pixels: largest picture accepted (width x height), pushed or decoded.
         clock: monotonic seconds (arrival times, ``lag_s``).
         stall_after_s: no frame pushed for this long -> status ``"stalled"`` (None: never).
@@ -1231,8 +1237,9 @@ class PushSource(_LiveSource):
     def __init__(self, fps: float | None = 1.0, resize_to: int | None = None, max_queue: int = 16, *,
                  max_pixels: int = 7680 * 4320, clock: Callable[[], float] = time.monotonic,
                  stall_after_s: float | None = None, chunk_timeout_s: float = 10.0,
-                 container_format: str | None = None):
+                 container_format: str | None = None, wait_for_room_s: float | None = None):
         self.max_pixels = _check_count("max_pixels", max_pixels)
+        self.wait_for_room_s = _check_seconds("wait_for_room_s", wait_for_room_s) if wait_for_room_s else None
         stall = _check_seconds("stall_after_s", stall_after_s) if stall_after_s is not None else None
         self.chunk_timeout_s = _check_seconds("chunk_timeout_s", chunk_timeout_s)
         if container_format is not None and container_format not in av.formats_available:
@@ -1419,7 +1426,12 @@ class PushSource(_LiveSource):
             else:
                 self._remember_head(chunk)
                 d.pipe.feed(chunk)
-            d.pipe.wait_idle(self.chunk_timeout_s, lambda: d.done)
+            taken = self.frames
+            while not d.pipe.wait_idle(self.chunk_timeout_s, lambda: d.done):
+                now_taken = self.frames           # held back by a full queue: wait on while it drains
+                if not self.wait_for_room_s or now_taken == taken:
+                    break
+                taken = now_taken
             if d.done:
                 d.thread.join(1.0)
             with self._cond:
@@ -1521,6 +1533,10 @@ class PushSource(_LiveSource):
                 self._record(d, NotAVideo(f"expected a frame convertible to RGB, got {_reason(exc)}"))
             return
         with self._cond:
+            if self.wait_for_room_s:              # held back, not shed, while the consumer takes frames
+                deadline = time.monotonic() + self.wait_for_room_s
+                while len(self._queue) >= self.max_queue and not self._stopped and time.monotonic() < deadline:
+                    self._cond.wait(min(deadline - time.monotonic(), _POLL_S))
             self._sampler.take(t)
             self._enqueue(t, rgb, now)
             self._frames_in_queued += 1

@@ -767,6 +767,32 @@ def test_push_webm_stream_in_4k_chunks(webm_bytes):
     assert d["mode"] == "stream" and d["status"] == "stopped"
 
 
+def test_a_byte_stream_pushed_faster_than_it_is_taken_is_held_back_not_shed(webm_bytes):
+    """A whole file pushed at once, its consumer slower (an Encoder storing one frame at a time): every
+    frame is kept and `push_stream` returns once they are all queued or taken. A socket's byte stream had
+    its frames shed `queue full` (5 of 10 of a 3 KB MP4 sent as one message)."""
+    for wait, kept in ((None, False), (30.0, True)):
+        src = PushSource(fps=10, max_queue=2, wait_for_room_s=wait)
+        got = []
+
+        def slow():
+            for f in src:
+                time.sleep(0.02)
+                got.append(f.pts)
+        t = threading.Thread(target=slow, daemon=True)
+        t.start()
+        src.push_stream(webm_bytes)
+        src.close()
+        t.join(10)
+        assert not t.is_alive()
+        if kept:
+            assert len(got) == 30 and src.dropped == 0 and src.gaps == [], (len(got), src.dropped_why)
+        else:                                          # the default: pictures' rule, the oldest waiting shed
+            assert len(got) < 30 and src.dropped_why.get("queue_full"), src.dropped_why
+    with pytest.raises(BadArgument, match="wait_for_room_s"):
+        PushSource(wait_for_room_s=-1)
+
+
 def test_push_fragmented_mp4_stream():
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4", options={"movflags": "frag_keyframe+empty_moov+default_base_moof"}) as c:

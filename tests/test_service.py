@@ -1334,6 +1334,24 @@ def test_websocket_webm_byte_stream(service):
         ans = c.post(f"/v1/streams/{sid}/questions", json={"question": "what is in the video ?", "max_tokens": 4})
         assert ans.json()["frames"] == 4 and ans.json()["time_span"] == [0.0, 3.0]
 
+    # the whole file in one message at its own rate, far faster than real time: every frame stored, none shed
+    # (the socket is read as fast as frames are stored; half a 10-frame file was shed `queue full`)
+    async def whole():
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:
+            await ws.send(json.dumps({"type": "start", "fps": 10, "format": "webm"}))
+            sid = json.loads(await ws.recv())["stream_id"]
+            await ws.send(data)
+            await ws.send(json.dumps({"type": "stop"}))
+            while (m := json.loads(await ws.recv()))["type"] != "stopped":
+                assert m["type"] == "ingested", m
+            return sid, m
+
+    sid, stopped = asyncio.run(whole())
+    assert stopped["frames"] == 40 and stopped["dropped"] == 0, stopped
+    with service.client() as c:
+        d = c.get(f"/v1/streams/{sid}").json()
+        assert d["frames"] == 40 and d["dropped"] == 0 and d["gaps"] == [], d
+
 
 def test_web_page_in_headless_chromium(service, tmp_path):
     """The page at / in Debian's Chromium (Playwright, fake webcam): it streams the camera over
