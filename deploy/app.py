@@ -776,7 +776,10 @@ class RayBackend:
                     if now - self._last_eval.get((sid, wid), 0.0) < float(w.get("every_s") or 5):
                         continue
                     self._last_eval[(sid, wid)] = now
-                    await self._evaluate(sid, wid, w)
+                    try:
+                        await self._evaluate(sid, wid, w)
+                    except Exception:              # noqa: BLE001 - Redis away mid-write: the loop goes on
+                        log.warning("watch %s of stream %s: evaluation not recorded", wid, sid, exc_info=True)
 
     async def _evaluate(self, sid: str, wid: str, w: dict) -> None:
         req = {"stream_id": sid, "question": w["question"], "last_s": w.get("last_s") or 10, "max_tokens": 16,

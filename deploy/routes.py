@@ -131,7 +131,8 @@ def error_response(e: LmsError, *, openai: bool = False, param: str | None = Non
     request the service refuses is 400 there (their `BadRequestError`), as OpenAI and vLLM answer it."""
     e = client_error(e)
     # 429 (busy) and 503 (Redis or a model replica away for now): when to try again, as RFC 9110 lets them say
-    headers = {"Retry-After": str(getattr(e, "retry_after", 5))} if isinstance(e, Busy) or e.http_status == 503 \
+    after = getattr(e, "retry_after", 5)
+    headers = {"Retry-After": str(after)} if after is not None and (isinstance(e, Busy) or e.http_status == 503) \
         else None
     body, status = e.to_dict(), e.http_status
     if openai:
@@ -743,7 +744,7 @@ def build_api() -> FastAPI:
         have = len(await asyncio.to_thread(b.watches.all, sid))
         if have >= lim:
             raise Busy(f"expected at most {lim} watches of stream {sid!r}, got {have} already (delete one, or raise "
-                       "limits.max_watches_per_stream)")
+                       "limits.max_watches_per_stream)", retry_after=None)     # waiting does not lift it
         wid = "w-" + uuid.uuid4().hex[:10]
         await asyncio.to_thread(b.watches.add, sid, wid, {"question": w.question, "every_s": w.every_s,
                                                             "last_s": w.last_s, "last_text": None,
@@ -1626,6 +1627,7 @@ class _LiveSession:
         self.send_lock = asyncio.Lock()
         self.size: int | None = None
         self.closed = False
+        self.stopping = False                          # `service_stopping`: no frame taken from then on
         self.push = None                               # PushSource for webm/mp4 byte streams
         self.push_told: dict | None = None             # its last_error as last told on the socket
         self.error_set = False                         # this socket set the record's last_error (cleared by a frame)
@@ -1723,11 +1725,7 @@ class _LiveSession:
             self._follow_events()
         elif t == "stop":
             if self.push is not None:                  # flush a byte stream's last frames first
-                await asyncio.to_thread(self.push.close, 10.0)
-                try:
-                    await asyncio.wait_for(self.consumer, 60)
-                except Exception:                      # noqa: BLE001 - stop regardless
-                    pass
+                await self._end_push(lambda: self.push.close(10.0), 60)
                 self._count_push_drops()               # what the flush shed: told below with the rest
                 await self._tell_push_error()          # bytes that only the end showed were no stream
             await self._flush()                        # frames received and waiting in line are stored
@@ -1867,6 +1865,8 @@ class _LiveSession:
         await self.encode(rgb, pts, t_arrive)
 
     async def on_frame(self, data: bytes) -> None:
+        if self.stopping:                              # the service is stopping: told so, nothing more taken
+            return
         if not self.writer:
             raise InvalidRequest("expected {\"type\": \"start\"} before frames, got a frame")
         if self.push is not None:                      # a WebM/fMP4 chunk
@@ -2233,28 +2233,18 @@ class _LiveSession:
                              f"/v1/streams/{sid}; {kept}): start a new stream to go on")
         self.closed = True                             # nothing else is sent from now on, but `told`
 
-        async def close():                             # not awaited: the error's send and the closing
-            try:                                       # handshake may wait on a client that does not read,
-                await asyncio.wait_for(self.error(told, last=True), 10)   # and the DELETE must not
-            except Exception:                          # noqa: BLE001 - gone, or not reading
-                pass
-            try:
-                await self.ws.close(code=1000, reason="the stream was deleted")
-            except Exception:                          # noqa: BLE001 - gone already
-                pass
-        self.close_task = asyncio.create_task(close())     # kept (not in `tasks`: release() must not cancel it)
+        # not awaited: the error's send and the closing handshake may wait on a client that does not read, and
+        # the DELETE must not; kept (not in `tasks`: release() must not cancel it)
+        self.close_task = asyncio.create_task(self._tell_and_close(told, 1000, "the stream was deleted"))
 
     async def service_stopping(self) -> None:
         """`close_live_sockets`: frames received are stored (a byte stream's flushed), then the client is told
         and the socket closed 1001; `release` marks the stream stopped as for a client that went away."""
         if self.closed:
             return
-        if self.writer and self.push is not None:
-            await asyncio.to_thread(self.push.close, 5.0)
-            try:
-                await asyncio.wait_for(asyncio.shield(self.consumer), 10)
-            except Exception:                          # noqa: BLE001 - stopping regardless
-                pass
+        self.stopping = True                           # frames that arrive from now on are not taken
+        if self.writer and self.push is not None:      # at once: a chunk mid-push would hold `close` (its lock)
+            await self._end_push(self.push.stop, 10)
         if self.writer:
             await self._flush(10.0)
             what = (f"the {self.frames} frames it acknowledged are stored; once it is back, start with stream_id "
@@ -2264,13 +2254,27 @@ class _LiveSession:
         else:
             what = "connect again once it is back"
         self.closed = True                             # nothing else is sent from now on, but this
+        await self._tell_and_close(ServiceUnavailable(f"expected the service to keep running, got it stopping: "
+                                                      f"{what}"), 1001, "the service is stopping")
+
+    async def _end_push(self, end: Callable[[], None], wait_s: float) -> None:
+        """A byte stream ended (`close`: its last frames flushed first; `stop`: at once), then the frame its
+        consumer is storing stored (at most `wait_s`)."""
+        await asyncio.to_thread(end)
         try:
-            await asyncio.wait_for(self.error(ServiceUnavailable(f"expected the service to keep running, got it "
-                                                                 f"stopping: {what}"), last=True), 5)
+            await asyncio.wait_for(asyncio.shield(self.consumer), wait_s)
+        except Exception:                              # noqa: BLE001 - ending regardless
+            pass
+
+    async def _tell_and_close(self, err: LmsError, code: int, reason: str) -> None:
+        """`err` as the socket's last message (a client that does not read holds it 10 s at most), then the
+        close with `code`."""
+        try:
+            await asyncio.wait_for(self.error(err, last=True), 10)
         except Exception:                              # noqa: BLE001 - gone, or not reading
             pass
         try:
-            await self.ws.close(code=1001, reason="the service is stopping")
+            await self.ws.close(code=code, reason=reason)
         except Exception:                              # noqa: BLE001 - gone already
             pass
 

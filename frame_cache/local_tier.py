@@ -158,6 +158,15 @@ class LocalKVTier:
             if f.dead > max(f.live, 64 << 20):        # mostly dead records: the live ones to a fresh file
                 f = self._rewrite(sid, f, sorted(f.index))
             self.used += f.put(seq, mark, blob)
+            if self.used > self.max_bytes:            # dead records go first: this stream's, then the others'
+                for other in [sid] + [o for o in self._files if o != sid]:      # (where at least a third of a
+                    if self.used <= self.max_bytes:                             # file is dead: copying the rest
+                        break                                                   # costs at most twice what it frees)
+                    g = self._files[other]
+                    if g.dead and 2 * g.dead >= g.live:
+                        g = self._rewrite(other, g, sorted(g.index))
+                        if other == sid:
+                            f = g
             while self.used > self.max_bytes and len(self._files) > 1:
                 _, of = self._files.popitem(last=False)        # least recently used (never `sid`: it is last)
                 self.used -= of.end

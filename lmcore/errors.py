@@ -223,9 +223,9 @@ class Busy(LmsError):
 
     code, exit_code, http_status = "E_BUSY", 7, 429
 
-    def __init__(self, message: str, *, retry_after: int = 5, code: str | None = None):
+    def __init__(self, message: str, *, retry_after: int | None = 5, code: str | None = None):
         super().__init__(message, code=code)
-        self.retry_after = retry_after
+        self.retry_after = retry_after          # None: a limit that waiting does not lift (no Retry-After)
 
 
 class ServiceUnavailable(LmsError):

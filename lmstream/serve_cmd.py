@@ -168,10 +168,11 @@ def cmd_serve(args) -> int:
     redis_srv = None
     ray_started = False            # connected to Ray (a local instance we started, or a cluster)
     serve_started = False          # Serve was not running before us: we shut it down on exit
+    ready = False                  # /ready answered 200: the app is up (it may hold open sockets)
     try:
         if own_redis:
             from frame_cache.redis_server import RedisServer
-            redis_srv = RedisServer(data / "redis", port=_last_redis_port(data / "redis")).start()
+            redis_srv = RedisServer(data / "redis", port=_last_redis_port(data / "redis", avoid=int(args.port))).start()
             (data / "redis" / "port").write_text(f"{redis_srv.port}\n")
             settings = settings.model_copy(update={"redis_url": redis_srv.url})
             print(f"redis: started redis-server pid {redis_srv.proc.pid} on {redis_srv.url} (AOF in {data / 'redis'})",
@@ -224,6 +225,7 @@ def cmd_serve(args) -> int:
         serve.run(build_app(settings), name="lmstream", route_prefix="/", blocking=False)
         url = service_url(args.host, args.port)
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
+        ready = True
         print(json.dumps({"url": url, "api_key": generated or "(from --api-key / LMSTREAM_API_KEYS)",
                           "redis": settings.redis_url}), file=ours, flush=True)
         print(f"lmstream: serving {settings.model} at {url}" +
@@ -241,7 +243,8 @@ def cmd_serve(args) -> int:
         if ray_started:
             try:
                 from ray import serve
-                _close_live_sockets(serve)
+                if ready:                               # a Serve that never answered has no socket open
+                    _close_live_sockets(serve)
                 if serve_started:
                     serve.shutdown()
                 else:                                   # someone else's Serve: only our app goes
@@ -266,24 +269,25 @@ def _close_live_sockets(serve) -> None:
     """Before Serve goes: the Ingress tells its open `/v1/live` sockets the service is stopping and closes them
     1001 (they were cut with no close frame). Best effort: a Serve that never got that far has none."""
     try:
-        n = serve.get_deployment_handle("Ingress", "lmstream").close_live_sockets.remote().result(timeout_s=30)
+        n = serve.get_deployment_handle("Ingress", "lmstream").close_live_sockets.remote().result(timeout_s=25)
     except Exception as e:  # noqa: BLE001 - not deployed, or already going: stopping regardless
         print(f"lmstream: open sockets not told of the stop ({type(e).__name__})", file=sys.stderr)
         return
     if n:
-        print(f"lmstream: told {n} open /v1/live socket(s) the service is stopping", file=sys.stderr)
+        print(f"lmstream: {n} open /v1/live socket(s) told the service is stopping", file=sys.stderr)
 
 
-def _last_redis_port(folder: Path) -> int | None:
+def _last_redis_port(folder: Path, avoid: int | None = None) -> int | None:
     """The port the service's own redis-server had the last time on this data folder, when it is free again:
     `lmstream cache ... --cache redis://127.0.0.1:PORT/0` and dashboards keep working across restarts (it was
-    a new port each start). None (a new free port) when there is none or it is taken."""
+    a new port each start). None (a new free port) when there is none, it is taken, or it is `avoid`."""
     from frame_cache.redis_server import RAY_FIXED_PORTS, _port_free
     try:
         port = int((folder / "port").read_text().strip())
     except (OSError, ValueError):
         return None
-    return port if 1024 <= port <= 65535 and port not in RAY_FIXED_PORTS and _port_free(port) else None
+    ok = 1024 <= port <= 65535 and port not in RAY_FIXED_PORTS and port != avoid    # `avoid`: the HTTP port, not
+    return port if ok and _port_free(port) else None                                  # bound yet when Redis starts
 
 
 def service_url(host: str, port: int) -> str:

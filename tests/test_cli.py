@@ -568,6 +568,7 @@ def test_serve_takes_its_redis_port_of_last_time_when_it_is_free(tmp_path):
     port = free_port()
     (tmp_path / "port").write_text(f"{port}\n")
     assert _last_redis_port(tmp_path) == port
+    assert _last_redis_port(tmp_path, avoid=port) is None           # the HTTP port asked for: not Redis's
     with socket.socket() as held:
         held.bind(("127.0.0.1", port))
         held.listen()

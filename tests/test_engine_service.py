@@ -360,3 +360,20 @@ def test_an_unknown_field_is_refused_in_words_that_do_not_ask_for_it():
         "expected no field bogus (unknown), got bogus = 1"
     assert validation_message({**extra, "loc": ("body", "retain", "foo"), "input": "x"}) == \
         'expected no field foo in retain (unknown), got retain.foo = "x"'
+
+
+def test_a_watch_deleted_while_it_is_evaluated_stays_deleted(redis_server):
+    """An evaluation ends by writing the watch's fields (last_text, last_error); one that ended after the
+    watch's DELETE wrote the whole watch back."""
+    from deploy.serving import WatchStore
+    ws = WatchStore(redis_server.url)
+    ws.forget("wd")
+    ws.add("wd", "w-1", {"question": "q", "every_s": 5, "last_s": 10, "last_text": None})
+    ws.update("wd", "w-1", last_text="red")
+    assert ws.all("wd")["w-1"]["last_text"] == "red"
+    w = ws.all("wd")["w-1"]
+    assert ws.remove("wd", "w-1")
+    ws.all = lambda sid: {"w-1": dict(w)}            # what the evaluation read before the DELETE
+    ws.update("wd", "w-1", last_error={"code": "E_NO_FRAMES", "message": "m"})
+    del ws.all
+    assert ws.all("wd") == {}

@@ -791,6 +791,19 @@ def test_a_byte_stream_pushed_faster_than_it_is_taken_is_held_back_not_shed(webm
             assert len(got) < 30 and src.dropped_why.get("queue_full"), src.dropped_why
     with pytest.raises(BadArgument, match="wait_for_room_s"):
         PushSource(wait_for_room_s=-1)
+    # held back mid-chunk, `stop` (a service stopping) ends it at once: `close` would wait on the push's lock
+    src = PushSource(fps=10, max_queue=1, wait_for_room_s=30.0)
+    it = iter(src)
+    pushing = threading.Thread(target=lambda: src.push_stream(webm_bytes), daemon=True)
+    pushing.start()
+    next(it)                                          # one frame taken, then none: the push waits for room
+    assert wait_for(lambda: src.queued == 1, 5)
+    time.sleep(0.3)
+    assert pushing.is_alive()                         # held back, not shedding
+    t0 = time.monotonic()
+    src.stop()
+    pushing.join(5)
+    assert not pushing.is_alive() and time.monotonic() - t0 < 2
 
 
 def test_push_fragmented_mp4_stream():

@@ -135,3 +135,25 @@ def test_one_stream_alone_stays_within_the_budget_and_overwritten_frames_leave(t
     assert not set(tier._files["ring"].index) & set(range(16, 20))       # and the tier let them go
     tier.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_dead_records_go_before_another_streams_live_ones(tiny_model, any_cache, tmp_path):
+    """A ring's overwritten frames, discarded from the tier, still took their bytes until its file was more
+    than 64 MB dead: under a smaller budget the next put evicted another stream whole instead (the review's
+    case: B's 3 live frames went while A held 5 dead ones)."""
+    m = tiny_model
+    recs = states_to_records(m.encode_frames(frames(8, seed=7), pts=[float(i) for i in range(8)]))
+    for sid in ("a", "b"):
+        any_cache.create_stream(sid, 16)
+        any_cache.append_many(sid, recs)
+    size = len(any_cache.read("a", [0])[0])
+    tier = LocalKVTier(tmp_path, max_bytes=10 * size)
+    tiered = LocalTierCache(any_cache, tier)
+    tiered.read("b", range(3))
+    tiered.read("a", range(5))
+    tier.discard("a", range(5))                              # gone from the ring: dead bytes in a's file
+    tiered.read("a", range(5, 8))                            # 3 more: 13 frames of bytes, 6 of them live
+    st = tier.stats()
+    assert tier.streams() == ["b", "a"] and st["evicted_streams"] == 0 and st["frames"] == 6, st
+    assert st["bytes"] == sum(os.fstat(f.fd).st_size for f in tier._files.values()) <= 10 * size
+    tier.close()

@@ -1480,6 +1480,7 @@ def test_watches_fused_at_ingest_answer_exactly_and_emit_events(service, media):
         r = c.post(f"/v1/streams/{sid}/watches", json={"question": q})
         assert r.status_code == 429 and r.json()["error"]["message"].startswith(
             f"expected at most 3 watches of stream {sid!r}, got 3 already"), r.text
+        assert "retry-after" not in r.headers, r.headers            # waiting does not lift this limit
 
 
 def test_websocket_auth_size_limit_and_bad_messages(service):
