@@ -253,9 +253,29 @@ def cmd_serve(args) -> int:
                 print(f"warning: stopping Serve: {e}", file=sys.stderr)
             import ray
             ray.shutdown()                              # a cluster we attached to keeps running
+            if ready:                                   # its decoders are gone: their jobs say so now
+                _mark_jobs_interrupted(settings)
         if redis_srv is not None:
             redis_srv.stop()
         lock.close()
+
+
+def _mark_jobs_interrupted(settings) -> None:
+    """Video jobs still queued or ingesting when the service stopped: `failed` with `E_INTERRUPTED` (their
+    frames stay), their uploads removed. They stayed `ingesting` until the next start marked them, so a
+    `lmstream cache ls` or another reader of the Redis in between saw jobs that nothing was running."""
+    from deploy.serving import JobStore
+    from frame_cache import open_cache
+    try:
+        failed = JobStore(settings.redis_url).fail_interrupted(open_cache(settings.redis_url))
+        JobStore.remove_uploads(settings.upload_dir, failed)
+    except Exception as e:  # noqa: BLE001 - the next start marks them
+        print(f"warning: interrupted video jobs not marked ({type(e).__name__}: {e}); the next start does it",
+              file=sys.stderr)
+        return
+    if failed:
+        print(f"lmstream: {len(failed)} video job(s) interrupted: marked failed (E_INTERRUPTED), their frames "
+              f"stay: {' '.join(failed)}", file=sys.stderr)
 
 
 #: Restarts of its own redis-server `lmstream serve` makes before it gives up (exit 6, `E_CACHE_UNAVAILABLE`):

@@ -2474,9 +2474,13 @@ def test_restart_keeps_the_frames_and_a_redis_outage_is_503_then_200(service, up
                 ws.recv(timeout=10)
             assert ws.close_code == 1001 and ws.close_reason == "the service is stopping", (ws.close_code,
                                                                                             ws.close_reason)
-        from deploy.serving import LiveStore
+        from deploy.serving import JobStore, LiveStore
         live = LiveStore(service.redis_url)
         assert live.get("sock")["status"] == "stopped"
+        # the job it was ingesting is marked as the service stops, not at its next start (it said `ingesting`
+        # meanwhile, with nothing running it)
+        d = JobStore(service.redis_url).get(job)
+        assert d["status"] == "failed" and d["error"]["code"] == "E_INTERRUPTED", d
         live.update("sock", status="live")                    # what a crash (kill -9) leaves behind
         service.start()
         with service.client() as c:                           # its socket died with the old service: stopped,
