@@ -223,6 +223,10 @@ def cmd_ask(args) -> int:
         if args.stream is None:
             raise BadArgument(f"expected a question after the video, got none (lmstream ask {args.video} "
                               "\"what happens?\")")
+        if os.path.isfile(args.video):                   # `ask clip.mp4 --stream ID`: the question left out
+            raise BadArgument(f"expected a question after the video, got none (lmstream ask {args.video} "
+                              f"\"what happens?\" --stream {args.stream}; to ask about the stream's stored frames, "
+                              f"give the question alone)")
         args.question, args.video = args.video, None     # `ask --stream ID "question"`: one positional
     if args.stream is not None:
         from frame_cache import validate_stream_id
@@ -314,14 +318,40 @@ def _ask_cached(args, window, fps):
         report = None
         if args.video is not None:
             from dataclasses import asdict
-            report = asdict(ingest_video(m, args.video, cache, sid, fps=fps, window=window, kv_policy=args.kv,
-                                         retain=args.retain, progress=not args.json,
-                                         timings=timings))
+            try:
+                report = asdict(ingest_video(m, args.video, cache, sid, fps=fps, window=window, kv_policy=args.kv,
+                                             retain=args.retain, progress=not args.json, timings=timings))
+            except (Exception, KeyboardInterrupt) as e:
+                _ingest_ended(cache, sid, args, e)
+                raise
             start = end = None                       # the stream holds just the window
         src = CachedFrames(cache, sid, start, end, dtype=m.dtype)
         ans = m._answer(src, args.question, args.max_new_tokens, args.policy, None, timings, report,
                         {"choices": args.choice})
     return ans, load_s, sid
+
+
+def _ingest_ended(cache, sid: str, args, e: BaseException) -> None:
+    """An ingest into a named cache that did not finish: a stream it left empty is removed (a retry under the
+    same id was refused as existing, and asking said it had no frame); one that holds frames stays, and an
+    interrupt says so (it said only "interrupted", and the stream looked complete)."""
+    from frame_cache import StreamNotFound
+    try:
+        info = cache.stream_info(sid)
+    except (StreamNotFound, LmsError):
+        return
+    if info.count == 0:
+        try:
+            cache.delete_stream(sid)
+        except LmsError:
+            pass
+        return
+    if isinstance(e, KeyboardInterrupt):
+        url = _redact(args.cache)
+        raise Interrupted(f"expected the ingest of {args.video} into stream {sid!r} to finish, got it interrupted "
+                          f"after {info.count} frames ({info.oldest_pts:g}-{info.newest_pts:g} s): they stay in "
+                          f"{url}; ask about them (lmstream ask --stream {sid} \"...\" --cache {url}), or remove "
+                          f"them and ingest again (lmstream cache rm {sid} --cache {url})") from None
 
 
 def cmd_cache(args) -> int:

@@ -737,9 +737,16 @@ class LlavaMini:
         if tok is None or unk is None:
             return []
         out: list[str] = []
-        for w in re.findall(r"[^\W\d_]+", question):
-            if w.lower() not in out and unk in tok(w, add_special_tokens=False)["input_ids"]:
-                out.append(w.lower())
+        try:                                    # each unknown token's own text: words, digits, emoji, "!!", "-"
+            enc = tok(question, add_special_tokens=False, return_offsets_mapping=True)
+            pieces = [question[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+        except (NotImplementedError, TypeError, ValueError, KeyError):     # a slow tokenizer: words alone
+            pieces = [w for w in re.findall(r"[^\W\d_]+", question)
+                      if unk in tok(w, add_special_tokens=False)["input_ids"]]
+        for w in pieces:
+            w = w.strip().lower()
+            if w and w not in out:
+                out.append(w)
         return out
 
     def prompt_ids(self, question: str) -> torch.Tensor:

@@ -386,6 +386,18 @@ def test_ask_through_redis_then_again_by_stream_id(tiny_ckpt, video, redis_serve
     assert run("cache", "rm", sid, "--cache", url).returncode == 0
     assert_one_line_error(run("ask", "--stream", sid, "q", "--model", tiny_ckpt, "--cache", url),
                           "E_STREAM_NOT_FOUND", sid)
+    # the question left out: the video was taken for the question about the stored frames
+    assert_one_line_error(run("ask", video, "--stream", sid, "--model", tiny_ckpt, "--cache", url),
+                          "E_BAD_ARGUMENT", "expected a question after the video, got none")
+    # an ingest that stored nothing leaves no empty stream behind: a retry under the same id works (it was
+    # E_STREAM_EXISTS, and asking said the stream had no frame)
+    assert_one_line_error(run("ask", video, "q", "--model", tiny_ckpt, "--cache", url, "--stream", "w1", "--window",
+                              "50:60"), "E_NO_FRAMES")
+    assert "w1" not in run("cache", "ls", "--cache", url).stdout
+    r = run("ask", video, "q", "--model", tiny_ckpt, "--cache", url, "--stream", "w1", "--window", "2:4",
+            "--max-new-tokens", "2")
+    assert r.returncode == 0, r.stderr
+    assert run("cache", "rm", "w1", "--cache", url).returncode == 0
 
 
 def test_unreachable_redis_is_a_clear_error(tiny_ckpt, video):

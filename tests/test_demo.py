@@ -144,6 +144,11 @@ def test_an_answer_names_the_question_words_the_model_does_not_know(demo):
     assert asked.unknown_words == ["tell", "me"] and asked.to_dict()["unknown_words"] == ["tell", "me"]
     assert demo.ask(states, "What color is the circle?", max_new_tokens=4).unknown_words == []
     assert demo.unknown_words("how many shapes appear?") == ["shapes"]
+    # not only runs of letters: an emoji, a number, "!!" were read as the unknown token and not named (a
+    # question "colour!!" was answered with nothing, and no warning)
+    assert demo.unknown_words("what colour \U0001F3A8 is the square?") == ["\U0001F3A8"]
+    assert demo.unknown_words("is the circle there after 42 seconds?") == ["after", "42", "seconds"]
+    assert demo.unknown_words("colour!!") == ["!!"]
 
 
 def test_training_forward_is_the_inference_computation(demo):
