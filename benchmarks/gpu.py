@@ -653,9 +653,11 @@ def _run(args) -> int:
         out_path = args.out
     else:
         if not torch.cuda.is_available():
-            print("error[E_NO_GPU]: expected a CUDA GPU for `bench gpu`, got none (use --tiny to check the script "
-                  "on the CPU)", file=sys.stderr)
-            return 2
+            from lmcore.errors import DeviceUnavailable
+            e = DeviceUnavailable("expected a CUDA GPU for `bench gpu`, got none (use --tiny to check the script "
+                                  "on the CPU)")
+            print(str(e), file=sys.stderr)        # the code every other command uses for a missing device
+            return e.exit_code
         cfg, vcfg = LlavaMiniConfig(), clip_vit_l14_336()
         device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
         out_path = args.out or "out/bench_gpu.json"

@@ -440,6 +440,8 @@ def _is_cluster(url: str, kw: dict[str, Any]) -> bool:
         raise BadArgument(f"expected a usable Redis URL and options, got {_safe_url(url)!r}: {e}") from None
     try:
         return bool(int(probe.info("cluster").get("cluster_enabled", 0)))
+    except TypeError as e:                 # an option the URL's query gave that redis-py has no such name for
+        raise BadArgument(f"expected a usable Redis URL and options, got {_safe_url(url)!r}: {e}") from None
     except (redis.exceptions.RedisError, OSError, ValueError):
         return False
     finally:
@@ -454,6 +456,8 @@ def client_from_url(url: str, *, cluster: bool | None = None, socket_timeout: fl
     if not isinstance(url, str) or "://" not in url:
         raise BadArgument(f"expected a Redis URL redis://HOST:PORT[/DB], got {url!r}")
     p = urlsplit(url)
+    if p.scheme in ("redis", "rediss") and p.path.strip("/") and not p.path.strip("/").isdigit():
+        raise BadArgument(f"expected a Redis URL redis://HOST:PORT[/DB] with DB a number, got {_safe_url(url)!r}")
     query = parse_qsl(p.query, keep_blank_values=True)
     flags = [v for k, v in query if k == "cluster"]
     if flags:

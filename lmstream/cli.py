@@ -358,6 +358,8 @@ def cmd_cache(args) -> int:
     """List, describe or remove the streams a cache holds."""
     cache = open_cache_arg(args.cache)
     with cache:
+        if args.action == "ls" and args.id is not None:     # `cache ls extra` ignored the extra word
+            raise BadArgument(f"expected no stream id with ls (lmstream cache ls --cache URL), got {args.id!r}")
         if args.action == "ls":
             ids = cache.streams()
             rows = [cache.stream_info(i) for i in ids]
@@ -374,7 +376,8 @@ def cmd_cache(args) -> int:
             print(json.dumps(cache.stream_info(args.id).to_dict(), indent=1))
         else:                     # its frames and the service's records of it (job, live stream, watches)
             from deploy.serving import remove_stream
-            print(remove_stream(cache, args.id, args.cache))
+            said = remove_stream(cache, args.id, args.cache)
+            print(json.dumps({"stream_id": args.id, "removed": True, "message": said}) if args.json else said)
     return 0
 
 
@@ -391,6 +394,8 @@ def cmd_demo(args) -> int:
         raise BadArgument(f"expected --seed >= 0, got {args.seed}")
     if args.out:
         check_out_file(args.out, "the video", make_parent=True)
+        if Path(args.out).suffix.lower() != ".mp4":     # `--out demo.webm` got H.264 in MP4 under that name
+            raise BadArgument(f"expected --out to end in .mp4 (the demo writes H.264 in MP4), got {args.out}")
     if args.model is None and default_model() is None:
         args.model = str(random_model())
     if args.service:
@@ -508,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=7, help="the synthetic scene's seed (default 7)")
     p.add_argument("--duration", type=float, default=60.0,
                    help=f"seconds of video, {MIN_DEMO_S:g} to {MAX_DEMO_S:g} (default 60)")
-    p.add_argument("--out", help="keep the generated video at this path")
+    p.add_argument("--out", help="keep the generated video at this path (.mp4; an existing file is replaced)")
     p.add_argument("--service", action="store_true", help="through the service: start `lmstream serve`, upload, "
                                                           "ask over HTTP (one answer streamed), stop it")
     p.set_defaults(fn=cmd_demo)

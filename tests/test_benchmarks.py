@@ -130,7 +130,7 @@ def test_gpu_script_tiny_path_runs_on_cpu(tmp_path, monkeypatch):
 def test_gpu_script_without_a_gpu_says_so(capsys):
     from benchmarks import gpu
     assert gpu.main([]) == 2
-    assert "error[E_NO_GPU]: expected a CUDA GPU" in capsys.readouterr().err
+    assert "error[E_DEVICE_UNAVAILABLE]: expected a CUDA GPU" in capsys.readouterr().err
 
 
 def test_streamed_states_move_every_fused_frames_bytes(tmp_path, monkeypatch):

@@ -397,7 +397,9 @@ def test_ask_through_redis_then_again_by_stream_id(tiny_ckpt, video, redis_serve
     r = run("ask", video, "q", "--model", tiny_ckpt, "--cache", url, "--stream", "w1", "--window", "2:4",
             "--max-new-tokens", "2")
     assert r.returncode == 0, r.stderr
-    assert run("cache", "rm", "w1", "--cache", url).returncode == 0
+    r = run("cache", "rm", "w1", "--cache", url, "--json")           # --json was plain text here
+    assert r.returncode == 0 and json.loads(r.stdout)["removed"] is True and json.loads(r.stdout)["stream_id"] == "w1"
+    assert_one_line_error(run("cache", "ls", "extra", "--cache", url), "E_BAD_ARGUMENT", "no stream id with ls")
 
 
 def test_unreachable_redis_is_a_clear_error(tiny_ckpt, video):
@@ -418,6 +420,11 @@ def test_usage_errors_are_one_line_with_a_code(tiny_ckpt, video, tmp_path):
     assert_one_line_error(run("ask", video, "q", "--stream", "bad id!"), "E_BAD_ARGUMENT", "stream id")
     assert_one_line_error(run("ask", video, "q", "--cache", "redis://localhost:notaport/0"), "E_BAD_ARGUMENT",
                           "notaport")
+    # an option redis-py has no name for was E_INTERNAL (a TypeError), a DB that is no number was taken as 0
+    assert_one_line_error(run("cache", "ls", "--cache", "redis://127.0.0.1:1/0?foo=bar"), "E_BAD_ARGUMENT",
+                          "unexpected keyword argument 'foo'")
+    assert_one_line_error(run("cache", "ls", "--cache", "redis://127.0.0.1:1/abc"), "E_BAD_ARGUMENT",
+                          "with DB a number")
     (tmp_path / "notes.txt").write_text("hello\n" * 50)
     assert_one_line_error(run("ask", tmp_path / "notes.txt", "q", "--model", tiny_ckpt), "E_NOT_A_VIDEO")
 
@@ -515,7 +522,8 @@ def test_demo_checks_its_duration_and_runs_on_a_model_that_cannot_spell_the_choi
                               "--duration of at least 3 s")
     for args, says in ((["--duration", "1e9"], "--duration of at most 14400 s"), (["--seed", "-1"], "--seed >= 0"),
                        (["--out", tmp_path], "a file path for the video, got the folder"),
-                       (["--out", "/proc/nope/x.mp4"], "a folder that exists or can be made")):
+                       (["--out", "/proc/nope/x.mp4"], "a folder that exists or can be made"),
+                       (["--out", tmp_path / "d.webm"], "to end in .mp4 (the demo writes H.264 in MP4)")):
         assert_one_line_error(run("demo", *args, "--model", ck), "E_BAD_ARGUMENT", says)
 
 
