@@ -253,18 +253,22 @@ def cmd_ask(args) -> int:
         raise BadArgument("expected --cache redis://... with --stream ID and no VIDEO (the in-process cache "
                           "lives only as long as one command), got no --cache")
     fps = None if args.fps == 0 else args.fps
+    info = None
     if args.video is not None:                       # open (and probe) the input before the model loads
         from stream.decode import VideoSource
         start, end = window if window is not None else (None, None)
-        VideoSource(args.video, fps=fps, start=start, end=end).close()
+        src = VideoSource(args.video, fps=fps, start=start, end=end)
+        info = src.info
+        src.close()
     if args.cache is None:                           # the embedded default: in-process, spilling to a temp file
         m, load_s = load_model(args)
+        check_context_before_decoding(m, args.question, info, window, fps)
         ans = m.ask(args.video, args.question, fps=fps, window=window, policy=args.policy, kv_policy=args.kv,
                     retain=args.retain, max_new_tokens=args.max_new_tokens, choices=args.choice,
                     progress=not args.json)
         stream_id = None
     else:
-        ans, load_s, stream_id = _ask_cached(args, window, fps)
+        ans, load_s, stream_id = _ask_cached(args, window, fps, info)
     warn_gaps(ans.decode_report)
     if ans.unknown_words:
         print(f"warning: the model does not know the word(s) {', '.join(map(repr, ans.unknown_words))} of the "
@@ -289,7 +293,27 @@ def _redact(url: str | None) -> str | None:
     return None if url is None else re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
 
 
-def _ask_cached(args, window, fps):
+def check_context_before_decoding(m, question: str, info, window, fps) -> None:
+    """A video whose frames at `fps` over `window` cannot fit the context with the question is refused before
+    it is decoded (an 18,000-frame file took 67 s of ingest to say so). The count comes from the duration the
+    file declares, taken 2 % short (a header can be off; decoding still checks the real count)."""
+    from lmcore.errors import ContextTooLong
+    if info is None or not info.duration_s:
+        return
+    start = window[0] if window is not None and window[0] is not None else 0.0
+    end = window[1] if window is not None and window[1] is not None else info.duration_s
+    rate = fps or info.source_fps
+    if not rate or end <= start:
+        return
+    frames = int((min(end, info.duration_s) - start) * rate * 0.98)
+    try:
+        m.check_context_for(question, int(frames))
+    except ContextTooLong as e:
+        raise ContextTooLong(f"{e.message}, from about {frames} frames at {rate:g} fps over {end - start:g} s "
+                             "(the file's declared duration): lower --fps or ask about a --window") from None
+
+
+def _ask_cached(args, window, fps, info=None):
     """`ask` through a named cache: encode VIDEO into a stream (or reuse --stream), then read the
     window back chunk by chunk."""
     from frame_cache import validate_stream_id
@@ -314,6 +338,8 @@ def _ask_cached(args, window, fps):
         m, load_s = load_model(args)
         if args.choice is not None:
             m.choice_ids(args.choice)                # before the video is encoded into the stream
+        if args.video is not None:
+            check_context_before_decoding(m, args.question, info, window, fps)
         timings: dict = {}
         report = None
         if args.video is not None:

@@ -340,6 +340,12 @@ class LlavaMini:
             raise ContextTooLong(f"expected at most {self.cfg.max_context} tokens in the LLM's context, got {total} "
                                  f"({L - 1} prompt + {T}x{self.cfg.nq} frame tokens)")
 
+    def check_context_for(self, question: str, frames: int) -> None:
+        """`ContextTooLong` now if `question` over `frames` frames would not fit the LLM's context (what the
+        question would raise once the frames are encoded: the CLI asks before it decodes a long video)."""
+        ids, _ = self._check_ids(self.prompt_ids(question))
+        self._check_context(len(ids), frames)
+
     def frames_per_pass(self, n_rows: int) -> int:
         """Frames fused in one pass for a question of `n_rows` rows: `question_chunk`, fewer when
         the pass's activations (rows x frames x the MLP's width, float32) would exceed

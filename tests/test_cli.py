@@ -181,6 +181,23 @@ def test_question_longer_than_the_context(tmp_path, video):
     ck = make_tiny_checkpoint(tmp_path / "short", max_pos=96)
     long_q = " ".join(["what colour is the circle ?"] * 20)
     assert_one_line_error(run("ask", video, long_q, "--model", ck), "E_CONTEXT_TOO_LONG", "at most 96")
+    # frames that cannot fit are refused before the video is decoded (18,000 frames took 67 s of ingest to
+    # say so), from its declared duration: 20 s at 10 fps here
+    import av
+    import numpy as np
+    path = tmp_path / "ten_fps.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        for i in range(200):
+            c.mux(s.encode(av.VideoFrame.from_ndarray(np.full((32, 32, 3), i, np.uint8), format="rgb24")))
+        c.mux(s.encode())
+    r = run("ask", path, "q", "--model", ck, "--fps", "10")
+    assert_one_line_error(r, "E_CONTEXT_TOO_LONG", "at most 96", "from about 196 frames at 10 fps over 20 s",
+                          "lower --fps or ask about a --window")
+    assert "ingest" not in r.stderr                     # refused before any frame was decoded
+    assert run("ask", path, "q", "--model", ck, "--fps", "1", "--max-new-tokens", "1").returncode == 0
 
 
 def test_bad_window_argument(tiny_ckpt, video):
