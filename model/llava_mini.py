@@ -473,7 +473,7 @@ class LlavaMini:
         if isinstance(states, PrefusedRows):
             desc = "exact (watch: fused at ingest)" if n == T else f"watch: fused at ingest with {n} of {T} frames"
         elif getattr(states, "kv_frames", None) is not None:              # retention tiers: a mixed window
-            desc = states.kv_description(len(frames), policy)
+            desc = states.kv_description(len(frames), policy, frames)
         else:
             desc = policy.describe(T)
         if n < len(frames):                                                # a ring overwrote frames mid-read

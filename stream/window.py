@@ -119,6 +119,7 @@ class CachedFrames:
         self._tokens = torch.stack(toks)                                   # (T, nq, H)
         self.n_vision_rows = int(meta["n_vision_rows"])
         self.prefix_ids = tuple(int(i) for i in meta["prefix_ids"])
+        self.kv_forms = kv                                                 # each frame's keys/values form
         self.kv_counts = {k: kv.count(k) for k in KV_FORMS if k in kv}
         self.kv_policy = kv[0] if len(self.kv_counts) == 1 else "mixed"
         # None: every frame holds keys/values (the plain path); else the ones that do (retention tiers)
@@ -166,12 +167,17 @@ class CachedFrames:
                 st.meta["frame_index"] = [by_seq[q] for q, _ in run]
                 yield st.to(device)
 
-    def kv_description(self, n_fused: int, policy) -> str:
+    def kv_description(self, n_fused: int, policy, fused=None) -> str:
         """The answer's `policy` for a window whose frames hold different forms of keys/values:
-        how many frames of each form, how many the question was fused with, and the retention."""
+        how many frames of each form, how many the question was fused with (under a budget, which forms
+        those were: `fused`, their indices), and the retention."""
         T = len(self)
-        parts = [f"{name} {self.kv_counts[k]:,}" for k, name in
-                 (("exact", "exact"), ("fp8", "fp8"), ("none", "token-only")) if self.kv_counts.get(k)]
+        names = (("exact", "exact"), ("fp8", "fp8"), ("none", "token-only"))
+        parts = [f"{name} {self.kv_counts[k]:,}" for k, name in names if self.kv_counts.get(k)]
         head = "mixed" if policy.name == "exact" else f"{policy.name}:{policy.max_fused_frames}, mixed"
+        which = ""
+        if policy.name != "exact" and fused is not None:        # a budget picks among them: which forms it took
+            got = [self.kv_forms[int(i)] for i in fused]
+            which = ": " + ", ".join(f"{name} {got.count(k):,}" for k, name in names if got.count(k))
         ret = f"; retain {self.retain.describe()}" if self.retain is not None else ""
-        return f"{head}: {', '.join(parts)} (fused {n_fused:,} of {T:,} frames{ret})"
+        return f"{head}: {', '.join(parts)} (fused {n_fused:,} of {T:,} frames{which}{ret})"

@@ -198,6 +198,13 @@ def test_ingest_applies_the_stream_retention(tiny_model, tmp_path):
     a = tiny_model.ask(CachedFrames(cache, "v"), QUESTION, max_new_tokens=3)
     assert a.policy.startswith("mixed: exact 10, fp8 4, token-only 16 (fused 14 of 30 frames; retain exact for "
                                "the last 10 s")
+    # under a budget, which forms the fused frames had (the counts before are the window's): budget:4 spreads
+    # its 4 over the 14 frames that hold keys/values, fp8 ones among them
+    b = tiny_model.ask(CachedFrames(cache, "v"), QUESTION, max_new_tokens=3, policy="budget:4")
+    fused = b.policy.split("(fused 4 of 30 frames: ")[1].split(";")[0]
+    got = dict((k, int(n)) for k, n in (part.rsplit(" ", 1) for part in fused.split(", ")))
+    assert b.policy.startswith("budget:4, mixed: exact 10, fp8 4, token-only 16 (fused 4 of 30 frames: "), b.policy
+    assert sum(got.values()) == 4 and set(got) <= {"exact", "fp8"} and got.get("fp8", 0) >= 1, b.policy
 
 
 def test_the_encoder_keeps_few_runners_and_still_demotes_a_stream_it_dropped(tiny_model, redis_server):
