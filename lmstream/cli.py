@@ -252,6 +252,11 @@ def cmd_ask(args) -> int:
     if args.video is None and not args.cache:
         raise BadArgument("expected --cache redis://... with --stream ID and no VIDEO (the in-process cache "
                           "lives only as long as one command), got no --cache")
+    encode_only = sorted({"--fps", "--batch-size", "--kv", "--retain"} & getattr(args, "given", set()))
+    if args.video is None and encode_only:          # they were ignored, the answer the same with or without them
+        raise BadArgument(f"expected {', '.join(encode_only)} only with a VIDEO to encode, got "
+                          f"{'it' if len(encode_only) == 1 else 'them'} with --stream {args.stream} and no VIDEO "
+                          "(stored frames keep what they were encoded with)")
     fps = None if args.fps == 0 else args.fps
     info = None
     if args.video is not None:                       # open (and probe) the input before the model loads
@@ -602,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         args.question = extra[0]     # `ask VIDEO --window 20:60 "question"`: argparse left it over
     elif extra:
         parser.parse_args(argv)      # its own error for what is left over
+    args.given = {a.split("=", 1)[0] for a in parser.argv if a.startswith("--")}     # options typed, not defaults
     # a command turns autograd off for its model (load_model); called in-process (tests, embedding
     # applications), the caller gets its own grad mode back
     torch_was = sys.modules.get("torch")

@@ -403,6 +403,9 @@ def test_ask_through_redis_then_again_by_stream_id(tiny_ckpt, video, redis_serve
     assert run("cache", "rm", sid, "--cache", url).returncode == 0
     assert_one_line_error(run("ask", "--stream", sid, "q", "--model", tiny_ckpt, "--cache", url),
                           "E_STREAM_NOT_FOUND", sid)
+    # options that only encode, given when nothing is encoded, were ignored without a word
+    assert_one_line_error(run("ask", "--stream", sid, "q", "--fps", "2", "--kv=fp8", "--cache", url, "--model",
+                              tiny_ckpt), "E_BAD_ARGUMENT", "expected --fps, --kv only with a VIDEO to encode")
     # the question left out: the video was taken for the question about the stored frames
     assert_one_line_error(run("ask", video, "--stream", sid, "--model", tiny_ckpt, "--cache", url),
                           "E_BAD_ARGUMENT", "expected a question after the video, got none")
