@@ -446,7 +446,10 @@ def cmd_demo(args) -> int:
         timings: dict = {}
         states, report = encode_video(m, video, fps=args.fps, timings=timings)
         warn_gaps(report)
-        print(f"ingest: {len(states)} frames sampled at {args.fps} fps, decode {timings['decode_s']:.2f} s, "
+        # the scene is rendered at spec.fps: a higher --fps gets no more frames, said so (it claimed 2.0 fps)
+        rate = (f"every frame ({spec.fps:g} fps)" if not args.fps else f"{args.fps:g} fps" if args.fps <= spec.fps
+                else f"{spec.fps:g} fps (the video's own rate; --fps {args.fps:g} asked for more)")
+        print(f"ingest: {len(states)} frames sampled at {rate}, decode {timings['decode_s']:.2f} s, "
               f"encode {timings['encode_s']:.2f} s ({len(states) / max(timings['encode_s'], 1e-9):.1f} frames/s), "
               f"{states.nbytes / 1e6:.1f} MB cached")
         t = time.perf_counter()

@@ -533,9 +533,11 @@ def test_demo_checks_its_duration_and_runs_on_a_model_that_cannot_spell_the_choi
     scored instead of ending the demo; a duration under the shortest scene is refused up front."""
     from model.tiny import make_tiny_checkpoint
     ck = make_tiny_checkpoint(tmp_path / "tiny", seed=0)
-    r = run("demo", "--duration", "8", "--model", ck)
+    r = run("demo", "--duration", "8", "--model", ck, "--fps", "2")
     assert r.returncode == 0, r.stderr
     assert "ingest: 8 frames" in r.stdout and "(not scored)" in r.stdout
+    # the scene is rendered at 1 fps: --fps 2 got 8 frames, not 16, and the line says so (it said "at 2.0 fps")
+    assert "sampled at 1 fps (the video's own rate; --fps 2 asked for more)" in r.stdout, r.stdout
     assert "in words this model's tokenizer knows" in r.stdout        # each reason printed once, with its families
     for bad in ("0", "-5", "nan", "inf"):
         assert_one_line_error(run("demo", "--duration", bad, "--model", ck), "E_BAD_ARGUMENT",
