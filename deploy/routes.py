@@ -1785,8 +1785,6 @@ class _LiveSession:
         except NotFound:
             await asyncio.to_thread(live.create, sid, {"kind": "push", "source": "websocket", "fps": self.fps,
                                                        "capacity_frames": info.capacity})
-        else:                                          # a stream continued at another rate: GET says this one
-            await asyncio.to_thread(live.update, sid, fps=self.fps)
         self.token = await asyncio.to_thread(b.cache.acquire_writer, sid)
         # the counts of the stream's earlier sockets go on: read once the older writer is fenced (its frames
         # are refused from now on, so it writes no newer counts but those of a frame stored before this)
@@ -1828,6 +1826,7 @@ class _LiveSession:
         except StaleWriter:
             self._fenced()
             raise
+        # (`fps` too: a stream continued at another rate shows this socket's)
         await asyncio.to_thread(live.update, sid, status="connecting", fps=self.fps)
         await self.send({"type": "started", "stream_id": sid})
         self._follow_events()

@@ -312,7 +312,7 @@ def check_context_before_decoding(m, question: str, info, window, fps) -> None:
         return
     frames = int((min(end, info.duration_s) - start) * rate * 0.98)
     try:
-        m.check_context_for(question, int(frames))
+        m.check_context_for(question, frames)
     except ContextTooLong as e:
         raise ContextTooLong(f"{e.message}, from about {frames} frames at {rate:g} fps over {end - start:g} s "
                              "(the file's declared duration): lower --fps or ask about a --window") from None
@@ -389,9 +389,9 @@ def cmd_cache(args) -> int:
     """List, describe or remove the streams a cache holds."""
     cache = open_cache_arg(args.cache)
     with cache:
-        if args.action == "ls" and args.id is not None:     # `cache ls extra` ignored the extra word
-            raise BadArgument(f"expected no stream id with ls (lmstream cache ls --cache URL), got {args.id!r}")
         if args.action == "ls":
+            if args.id is not None:                     # `cache ls extra` ignored the extra word
+                raise BadArgument(f"expected no stream id with ls (lmstream cache ls --cache URL), got {args.id!r}")
             ids = cache.streams()
             rows = [cache.stream_info(i) for i in ids]
             if args.json:

@@ -278,13 +278,6 @@ def _mark_jobs_interrupted(settings) -> None:
               f"stay: {' '.join(failed)}", file=sys.stderr)
 
 
-#: Restarts of its own redis-server `lmstream serve` makes before it gives up (exit 6, `E_CACHE_UNAVAILABLE`):
-#: within `REDIS_RESTART_WINDOW_S`, so a server that keeps dying is not restarted forever.
-REDIS_RESTARTS = 5
-REDIS_RESTART_WINDOW_S = 300.0
-_redis_restarts: list[float] = []
-
-
 def _close_live_sockets(serve) -> None:
     """Before Serve goes: the Ingress tells its open `/v1/live` sockets the service is stopping and closes them
     1001 (they were cut with no close frame). Best effort: a Serve that never got that far has none."""
@@ -314,6 +307,13 @@ def service_url(host: str, port: int) -> str:
     """The URL clients reach the service at: an IPv6 address in brackets (`http://[::1]:8000`; `http://::1:8000`
     was printed, which curl and httpx refuse)."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+#: Restarts of its own redis-server `lmstream serve` makes before it gives up (exit 6, `E_CACHE_UNAVAILABLE`):
+#: within `REDIS_RESTART_WINDOW_S`, so a server that keeps dying is not restarted forever.
+REDIS_RESTARTS = 5
+REDIS_RESTART_WINDOW_S = 300.0
+_redis_restarts: list[float] = []
 
 
 def _restart_redis(srv, folder: Path) -> None:
