@@ -615,10 +615,15 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
     targets = []
     for (tier, fam, pol), need in TARGETS.items():
         got = acc.get(tier, {}).get(pol, {}).get(fam)
-        targets.append({"tier": tier, "family": fam, "policy": pol, "target": need,
-                        "accuracy": None if got is None else got["accuracy"], "n": None if got is None else got["n"],
-                        "met": None if got is None else got["accuracy"] >= need,
-                        "short_by": None if got is None else round(max(0.0, need - got["accuracy"]), 4)})
+        row = {"tier": tier, "family": fam, "policy": pol, "target": need, "accuracy": None, "n": None,
+               "met": None, "short_by": None, "interval95": None, "decided": None}
+        if got is not None:
+            lo, hi = wilson_interval(got["accuracy"], got["n"])
+            # decided: the 95 % interval lies wholly on one side of the target
+            row.update(accuracy=got["accuracy"], n=got["n"], met=got["accuracy"] >= need,
+                       short_by=round(max(0.0, need - got["accuracy"]), 4), interval95=[lo, hi],
+                       decided=not lo < need <= hi)
+        targets.append(row)
     return {
         "model": str(model_path),
         "parameters": int(sum(p.numel() for p in m.net.parameters()) + sum(p.numel() for p in m.vision.parameters())),
@@ -640,6 +645,15 @@ def summarize(tally, tiers, policies, videos_info, timing, model_path, m, t_all,
 
 
 _ORDER = ["colour", "shape", "exists", "count", "order", "when", "needle", "needle_when", "change", "collide"]
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95 % Wilson score interval of an accuracy p over n questions (n=0: [0, 1])."""
+    if n <= 0:
+        return [0.0, 1.0]
+    mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(float(max(0.0, mid - half)), 4), round(float(min(1.0, mid + half)), 4)]
 
 
 def _fam_order(f):
@@ -685,6 +699,10 @@ def render_table(r: dict) -> str:
         if tg["accuracy"] is None:
             continue
         state = "met" if tg["met"] else f"MISSED by {100 * tg['short_by']:.0f} points"
+        if tg.get("decided") is False:
+            lo, hi = tg["interval95"]
+            state += (f", but too few questions to tell: the 95 % interval {100 * lo:.0f}-{100 * hi:.0f} % "
+                      "holds the target")
         out.append(f"target {tg['tier']} {tg['family']} ({tg['policy']}) >= {100 * tg['target']:.0f} %: "
                    f"{100 * tg['accuracy']:.0f} % (n={tg['n']}) {state}")
     return "\n".join(out)

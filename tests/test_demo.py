@@ -180,6 +180,18 @@ def test_eval_demo_quick_json(capsys):
                 assert 0.0 <= v["accuracy"] <= 1.0 and v["n"] >= 1, (tier, pol, f, v)
     assert any(f == "needle" for f in r["accuracy"]["10min"]["exact"])
     assert {t["family"] for t in r["targets"]} >= {"colour", "shape", "exists", "count", "order", "needle"}
+    # two videos cannot show a target met or missed: every 60 s target is marked undecided
+    for t in r["targets"]:
+        if t["tier"] == "60s" and t["n"] is not None and t["n"] <= 4:
+            assert t["decided"] is False, t
+
+
+def test_eval_demo_wilson_interval_says_when_a_target_is_decided():
+    from lmstream.eval_demo import wilson_interval
+    assert wilson_interval(1.0, 2) == [0.3424, 1.0]   # 2 of 2: anything from 34 % is plausible
+    lo, hi = wilson_interval(661 / 900, 900)          # R7's count over 900 videos: under 0.80 for sure
+    assert 0.70 < lo < 0.7345 < hi < 0.80
+    assert wilson_interval(0.0, 0) == [0.0, 1.0]
 
 
 def test_eval_demo_choices_column(capsys):
