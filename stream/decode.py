@@ -981,6 +981,9 @@ class VideoSource:
             self.info, _ = _probe(self.path, container)
         finally:
             container.close()  # probing decoded the first frame: iterations open their own
+        if self.info.is_image and self.start:
+            raise BadArgument(f"expected a window that starts at 0 s for a still image (its one frame is at 0 s), "
+                              f"got one from {self.start:g} s ({self.path})")
         self.report = DecodeReport.from_info(self.info)
         self._unapplied: set[str] = set()  # orientations that could not be applied, reported once
         self._orient_by_rotation: dict[int, str | None] = {}  # frame.rotation -> how to put it upright

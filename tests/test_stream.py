@@ -291,6 +291,10 @@ def test_png_image_is_one_frame(tmp_path):
     assert (r.width, r.height, r.frames_sampled, r.duration_s, r.source_fps) == (20, 10, 1, 0.0, None)
     assert src.info.duration_s == 0.0
     assert "image 20x10" in r.summary()
+    # a window that holds 0 s keeps the frame; one that starts later cannot hold it, and is refused
+    assert len(list(VideoSource(path, start=0.0, end=20.0))) == 1
+    with pytest.raises(BadArgument, match="expected a window that starts at 0 s for a still image.*got one from 10 s"):
+        VideoSource(path, start=10.0, end=20.0)
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
