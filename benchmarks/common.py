@@ -141,6 +141,8 @@ def emit(result: dict, text: str, as_json: bool, out_path: str | None = None) ->
     else:
         sys.stdout.write(text + "\n")
     sys.stdout.flush()
+    if out_path:                    # several benchmarks write one by default: say where it went
+        print(f"the JSON is also in {out_path}", file=sys.stderr)
 
 
 def machine() -> dict:

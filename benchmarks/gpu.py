@@ -756,6 +756,8 @@ def _run(args) -> int:
         sys.stdout.write(json.dumps(r, indent=1, default=str) + "\n")
     else:
         print(render(r))
+    if out_path:
+        print(f"the JSON is also in {out_path}", file=sys.stderr)
     return 0
 
 

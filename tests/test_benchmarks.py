@@ -181,12 +181,14 @@ def test_cpu_bench_small_run(tmp_path):
     assert "official/exact" in cpu.render(r)
 
 
-def test_lmstream_bench_flops_json():
+def test_lmstream_bench_flops_json(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    p = subprocess.run([sys.executable, "-m", "lmstream.cli", "bench", "flops", "--json", "--frames", "1000"],
-                       capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    out = tmp_path / "flops.json"
+    p = subprocess.run([sys.executable, "-m", "lmstream.cli", "bench", "flops", "--json", "--frames", "1000",
+                        "--out", str(out)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)
+    assert json.loads(out.read_text()) == d and f"the JSON is also in {out}" in p.stderr   # where it went, said
     assert {"config", "prompt", "per_frame", "compressor", "bytes", "per_question"} <= set(d)
     assert {"ingest", "official_frame", "question_row_through_prefusion"} <= set(d["per_frame"])
     q = d["per_question"][0]
