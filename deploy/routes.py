@@ -741,14 +741,13 @@ def build_api() -> FastAPI:
                       "stream's)")
         b.model_prompt_check(w.question)
         lim = b.settings.limits.max_watches_per_stream
-        have = len(await asyncio.to_thread(b.watches.all, sid))
-        if have >= lim:
+        wid = "w-" + uuid.uuid4().hex[:10]
+        have = await asyncio.to_thread(b.watches.add, sid, wid, {"question": w.question, "every_s": w.every_s,
+                                                                   "last_s": w.last_s, "last_text": None,
+                                                                   "created": time.time()}, lim)
+        if have is not None:                               # counted and refused in one step (no race past it)
             raise Busy(f"expected at most {lim} watches of stream {sid!r}, got {have} already (delete one, or raise "
                        "limits.max_watches_per_stream)", retry_after=None)     # waiting does not lift it
-        wid = "w-" + uuid.uuid4().hex[:10]
-        await asyncio.to_thread(b.watches.add, sid, wid, {"question": w.question, "every_s": w.every_s,
-                                                            "last_s": w.last_s, "last_text": None,
-                                                            "created": time.time()})
         # the Encoder reads a stream's watches at most WatchStore.MAX_AGE_S old: answered once it has them,
         # every frame stored after the 201 is fused with the watch (frames pushed in the second after it
         # were not, and a question over them said "stored before the watch was made")
@@ -1540,23 +1539,22 @@ def _undo_later(fut: "asyncio.Future", undo: Callable[[], object]) -> None:
     task.add_done_callback(_UNDOING.discard)
 
 
-def _continued_meta(cache, sid: str | None, meta: dict) -> dict | None:
-    """A socket's `start` with `retain`: the meta to create its stream with, or None for an existing stream
-    whose `retain` is the one given (its other meta, such as the `fps` it was first started at, does not
-    have to match: a client that reconnects at another rate was refused, in terms of "meta"). A different
-    `retain` is refused: a stream's frames keep what its `retain` said when it was created."""
+def _check_continued_retain(cache, sid: str | None, meta: dict) -> None:
+    """A socket's `start` with `retain` of an existing stream: its `retain` must be the one given (its other
+    meta, such as the `fps` it was first started at, need not match: a client that reconnects at another rate
+    was refused, in terms of "meta"). A different `retain` is refused, in these words: a stream's frames keep
+    what its `retain` said when it was created. (`create_stream` checks it again, atomically.)"""
     from frame_cache import StreamNotFound
     if sid is None:
-        return meta
+        return
     try:
         old = cache.stream_info(sid).meta
     except StreamNotFound:
-        return meta
+        return
     if (old or {}).get("retain") != meta["retain"]:
         raise InvalidRequest(f"expected retain {json.dumps((old or {}).get('retain'))} for existing stream {sid!r} "
                              f"(fixed when it was created; leave it out to continue the stream), got "
                              f"{json.dumps(meta['retain'])}")
-    return None
 
 
 def _writer_of(sid: str) -> "_LiveSession | None":
@@ -1778,8 +1776,10 @@ class _LiveSession:
         meta = None
         if m.get("retain") is not None:
             meta = {"source": "websocket", "fps": self.fps, "retain": _retain(m["retain"])}
-            meta = await asyncio.to_thread(_continued_meta, b.cache, sid, meta)
-        info = await asyncio.to_thread(b.cache.create_stream, sid, cap, meta, True)
+            await asyncio.to_thread(_check_continued_retain, b.cache, sid, meta)
+        # found or created in one step, the existing stream's meta compared on retain alone: a stream purged
+        # after the check above is created again with this retain, not bare
+        info = await asyncio.to_thread(b.cache.create_stream, sid, cap, meta, True, match=("retain",))
         try:
             await asyncio.to_thread(live.get, sid)
         except NotFound:

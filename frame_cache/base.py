@@ -206,6 +206,22 @@ def validate_stream_meta(meta: Any) -> dict[str, Any]:
     return json.loads(text)
 
 
+def check_existing_meta(stream_id: str, existing: dict[str, Any], given: dict[str, Any] | None,
+                        match: Iterable[str] | None) -> None:
+    """`create_stream(..., exist_ok=True)` on an existing stream: raise `meta_differs` unless `given` is None
+    or matches the stored meta (on the keys in `match` alone, when given)."""
+    if given is None:
+        return
+    if match is None:
+        if given != existing:
+            raise meta_differs(stream_id, existing, given)
+        return
+    keys = set(match)
+    if any(existing.get(k) != given.get(k) for k in keys):
+        raise meta_differs(stream_id, {k: v for k, v in existing.items() if k in keys},
+                           {k: v for k, v in given.items() if k in keys})
+
+
 def meta_differs(stream_id: str, existing: dict[str, Any], given: dict[str, Any]) -> BadArgument:
     """The error for `create_stream(..., exist_ok=True)` given a meta other than the stream's: the keys that
     differ, each with the stored value against the one given."""
@@ -468,15 +484,16 @@ class FrameCache(ABC):
     @abstractmethod
     def create_stream(
         self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True,
-        *, on_full: str = "overwrite",
+        *, on_full: str = "overwrite", match: Iterable[str] | None = None,
     ) -> StreamInfo:
         """Create a stream holding at most ``capacity`` frames and return its info.
 
         ``on_full`` (see `ON_FULL`): "overwrite" makes a ring; "error" refuses an append
         past capacity with `CapacityExceeded` (nothing stored). If the stream exists and
         ``exist_ok``, return its info when ``capacity`` and ``on_full`` match (and ``meta``
-        matches, unless None), else raise BadArgument; if it exists and not ``exist_ok``,
-        raise `StreamExists`.
+        matches, unless None; only on the keys named in ``match``, when given), else raise
+        BadArgument; if it exists and not ``exist_ok``, raise `StreamExists`. Creating or
+        finding it is one step: a stream deleted meanwhile is created with ``meta``.
         """
 
     @abstractmethod

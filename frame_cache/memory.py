@@ -55,7 +55,7 @@ from .base import (
     check_budget_arg as _check_budget_arg,
     check_count as _check_count,
     check_new_stream,
-    meta_differs,
+    check_existing_meta,
     check_replacements,
     light_copy_bytes,
     check_window_args,
@@ -336,7 +336,7 @@ class InProcessFrameCache(FrameCache):
     # -- FrameCache ----------------------------------------------------------
     def create_stream(
         self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True,
-        *, on_full: str = "overwrite",
+        *, on_full: str = "overwrite", match: Iterable[str] | None = None,
     ) -> StreamInfo:
         clean_meta = check_new_stream(stream_id, capacity, meta, on_full)
         with self._registry_lock:
@@ -353,8 +353,7 @@ class InProcessFrameCache(FrameCache):
                     raise BadArgument(
                         f"expected on_full={s.on_full!r} for existing stream {stream_id!r}, got {on_full!r}"
                     )
-                if meta is not None and clean_meta != s.meta:
-                    raise meta_differs(stream_id, s.meta, clean_meta)
+                check_existing_meta(stream_id, s.meta, None if meta is None else clean_meta, match)
             else:
                 s = _Stream(stream_id, capacity, clean_meta, self.max_bytes_per_stream, self.pts_history,
                             on_full, self.spill_dir)

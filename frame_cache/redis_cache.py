@@ -108,7 +108,7 @@ from .base import (
     check_count as _check_count,
     check_new_stream,
     check_replacements,
-    meta_differs,
+    check_existing_meta,
     check_window_args,
     light_copy_bytes,
     stream_key,
@@ -680,7 +680,7 @@ class RedisFrameCache(FrameCache):
     # -- FrameCache ------------------------------------------------------------
     def create_stream(
         self, stream_id: str, capacity: int, meta: dict | None = None, exist_ok: bool = True,
-        *, on_full: str = "overwrite",
+        *, on_full: str = "overwrite", match: Iterable[str] | None = None,
     ) -> StreamInfo:
         clean_meta = check_new_stream(stream_id, capacity, meta, on_full)
         self._check_open()
@@ -706,8 +706,7 @@ class RedisFrameCache(FrameCache):
             if info.on_full != on_full:
                 raise BadArgument(
                     f"expected on_full={info.on_full!r} for existing stream {stream_id!r}, got {on_full!r}")
-            if meta is not None and clean_meta != info.meta:
-                raise meta_differs(stream_id, info.meta, clean_meta)
+            check_existing_meta(stream_id, info.meta, None if meta is None else clean_meta, match)
         return info
 
     def acquire_writer(self, stream_id: str) -> int:

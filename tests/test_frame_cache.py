@@ -384,6 +384,12 @@ def test_create_stream_rules(cache: FrameCache) -> None:
         cache.create_stream("s", 4, meta={"a": 2, "b": True})
     with pytest.raises(StreamExists, match="'s'"):
         cache.create_stream("s", 4, exist_ok=False)
+    # `match`: an existing stream's meta compared on those keys alone; a new stream gets the whole meta
+    assert cache.create_stream("s", 4, meta={"a": 1, "fps": 2}, match=("a",)).meta == {"a": 1}
+    with pytest.raises(BadArgument, match=r"differs \(a: 1 stored, 3 given\)"):
+        cache.create_stream("s", 4, meta={"a": 3, "fps": 2}, match=("a",))
+    assert cache.create_stream("m", 4, meta={"a": 1, "fps": 2}, match=("a",)).meta == {"a": 1, "fps": 2}
+    cache.delete_stream("m")
     for bad in (0, -1, 2.0, True):
         with pytest.raises(BadArgument, match="capacity"):
             cache.create_stream("t", bad)  # type: ignore[arg-type]
