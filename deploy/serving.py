@@ -237,10 +237,11 @@ class ReplicaStats:
     one replica a handle call happens to reach (with two Encoder replicas, each scrape had read one of them
     at random: a "total" that went up and down).
 
-    * counters (frames encoded, batched passes, the local tier's hits and misses...): each replica adds what
-      it counted since its last report to one hash, ``lms:{stats}:totals`` (HINCRBY), so they only grow,
-      across replica restarts and whichever Ingress reads them; a report Redis did not take is sent again
-      with the next one;
+    * counters (frames encoded, batched passes, the local tier's hits and misses...): each replica sends its
+      running totals; one Lua step adds what grew since the totals Redis last took from that replica
+      (``lms:{stats}:sent``) to one hash, ``lms:{stats}:totals``, so they only grow, across replica restarts
+      and whichever Ingress reads them. A report Redis did not take goes with the next one, and a report
+      taken whose reply was lost adds nothing when sent again (it was counted twice);
     * gauges (the local tier's bytes, frames, streams and capacity): each replica's latest values in
       ``lms:{stats}:replicas`` (one field per replica, with the time it wrote them); a reader sums those
       written in the last `TTL_S` seconds and removes older ones (a replica that died).
@@ -248,8 +249,18 @@ class ReplicaStats:
     Reports never raise: metrics must not fail an encode, an answer or Serve's health check. Both keys share
     one hash tag, so a Redis Cluster keeps them on one node."""
 
-    TOTALS, REPLICAS = "lms:{stats}:totals", "lms:{stats}:replicas"
+    TOTALS, REPLICAS, SENT = "lms:{stats}:totals", "lms:{stats}:replicas", "lms:{stats}:sent"
     TTL_S = 60.0
+    #: a replica's last taken totals are forgotten after this long unheard (they only guard against resends)
+    SENT_TTL_S = 7 * 86400.0
+    #: KEYS: totals, sent. ARGV: replica id, its running totals (JSON), now. Adds the growth since the totals
+    #: last taken from this replica, then keeps these: a resend of a report already taken adds nothing.
+    _ADD = ("local old = redis.call('HGET', KEYS[2], ARGV[1]) "
+            "local prev = {} if old then prev = cjson.decode(old)['c'] end "
+            "local cur = cjson.decode(ARGV[2]) "
+            "for k, v in pairs(cur) do local d = v - (prev[k] or 0) "
+            "if d ~= 0 then redis.call('HINCRBY', KEYS[1], k, string.format('%d', d)) end end "
+            "redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({c = cur, t = tonumber(ARGV[3])})) return 1")
     #: how long a report may wait on Redis (a health check calls it: Serve's timeout there is 30 s)
     TIMEOUT_S = 2.0
 
@@ -258,7 +269,6 @@ class ReplicaStats:
         self.url, self.role = redis_url, role
         self.replica = f"{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._r = None
-        self._sent: dict[str, int] = {}
         self._lock = threading.Lock()
         self._warned = 0.0
 
@@ -271,13 +281,11 @@ class ReplicaStats:
         """Adds what `counters` (running totals of this replica) grew by since the last report Redis took,
         and stores `gauges`. False (logged at most once a minute) when Redis did not take it."""
         with self._lock:
-            delta = {k: int(v) - self._sent.get(k, 0) for k, v in counters.items()}
-            delta = {k: v for k, v in delta.items() if v}
             try:
                 r = self._client()
                 p = r.pipeline(transaction=False)
-                for k, v in delta.items():
-                    p.hincrby(self.TOTALS, k, v)
+                p.eval(self._ADD, 2, self.TOTALS, self.SENT, self.replica,
+                       json.dumps({k: int(v) for k, v in counters.items()}), time.time())
                 if gauges is not None:
                     p.hset(self.REPLICAS, self.replica, json.dumps({"role": self.role, "t": time.time(),
                                                                     "gauges": gauges}))
@@ -288,7 +296,6 @@ class ReplicaStats:
                     log.warning("%s: metrics not reported to Redis (%s: %s); kept for the next report",
                                 self.replica, type(e).__name__, e)
                 return False
-            self._sent.update({k: int(v) for k, v in counters.items()})
             return True
 
     @classmethod
@@ -319,11 +326,20 @@ class ReplicaStats:
             for k, v in (d.get("gauges") or {}).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     agg[k] = agg.get(k, 0) + v
-        if stale:
-            try:
+        try:
+            if stale:
                 r.hdel(cls.REPLICAS, *stale)
-            except redis.RedisError:
-                pass                                            # removed by the next read
+            old = []
+            for rid, raw in r.hgetall(cls.SENT).items():        # one small entry per replica ever started
+                try:
+                    if now - float(json.loads(raw)["t"]) > cls.SENT_TTL_S:
+                        old.append(rid)
+                except (ValueError, KeyError, TypeError):
+                    old.append(rid)
+            if old:
+                r.hdel(cls.SENT, *old)
+        except redis.RedisError:
+            pass                                                # removed by the next read
         return totals, roles
 
 
@@ -1227,9 +1243,22 @@ class WatchStore(JobStore):
         from frame_cache import stream_key
         return stream_key(sid, part)
 
-    def add(self, sid: str, wid: str, w: dict) -> None:
-        self._call("adding a watch", lambda: self.r.hset(self._k(sid, "watches"), wid, json.dumps(w)))
+    #: a watch added only while the stream has fewer than ARGV[3]: the count and the add in one step, so that
+    #: concurrent POSTs cannot pass the limit (each read the count, then all added)
+    _ADD_UNDER = ("local n = redis.call('HLEN', KEYS[1]) if n >= tonumber(ARGV[3]) then return n end "
+                  "redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return -1")
+
+    def add(self, sid: str, wid: str, w: dict, limit: int | None = None) -> int | None:
+        """Add a watch; with `limit`, only while the stream has fewer: returns how many it has when it is
+        refused, None when added."""
+        if limit is None:
+            self._call("adding a watch", lambda: self.r.hset(self._k(sid, "watches"), wid, json.dumps(w)))
+            n = -1
+        else:
+            n = int(self._call("adding a watch", lambda: self.r.eval(self._ADD_UNDER, 1, self._k(sid, "watches"),
+                                                                     wid, json.dumps(w), int(limit))))
         self._cache.pop(sid, None)
+        return None if n < 0 else n
 
     def all(self, sid: str) -> dict[str, dict]:
         raw = self._call("reading watches", lambda: self.r.hgetall(self._k(sid, "watches")))

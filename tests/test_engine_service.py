@@ -302,7 +302,7 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
 
     settings = Settings(redis_url=redis_server.url)
     store = JobStore(redis_server.url)
-    store.r.delete(ReplicaStats.TOTALS, ReplicaStats.REPLICAS)
+    store.r.delete(ReplicaStats.TOTALS, ReplicaStats.REPLICAS, ReplicaStats.SENT)
     cache = InProcessFrameCache()
     b = types.SimpleNamespace(cache=cache, store=store, live=types.SimpleNamespace(ids=lambda: []))
 
@@ -345,10 +345,35 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
     core.stats._r = good
     assert core.report_stats() is True
     assert scrape()["lms_encoder_frames_total"] == 12
+    # a report Redis took but whose reply was lost is sent again: counted once (it was added twice)
+    core.frames_encoded += 2
+    real = core.stats._client()
+
+    class LostReply:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def pipeline(self, **kw):
+            p = real.pipeline(**kw)
+            run = p.execute
+
+            def execute():
+                run()
+                raise ConnectionError("reply lost")
+            p.execute = execute
+            return p
+    core.stats._r = LostReply()
+    assert core.report_stats() is False                 # taken by Redis, but the replica cannot know
+    core.stats._r = real
+    assert core.report_stats() is True
+    assert scrape()["lms_encoder_frames_total"] == 14
 
     # a replica silent for TTL_S is no longer counted, and its entry is removed
     totals, roles = ReplicaStats.read(store.r, now=time.time() + ReplicaStats.TTL_S + 1)
-    assert roles == {} and totals["encoder_frames"] == 12 and store.r.hlen(ReplicaStats.REPLICAS) == 0
+    assert roles == {} and totals["encoder_frames"] == 14 and store.r.hlen(ReplicaStats.REPLICAS) == 0
+    assert store.r.hlen(ReplicaStats.SENT) == 3          # kept a week: a late resend still adds nothing
+    ReplicaStats.read(store.r, now=time.time() + ReplicaStats.SENT_TTL_S + 1)
+    assert store.r.hlen(ReplicaStats.SENT) == 0
 
 
 def test_an_unknown_field_is_refused_in_words_that_do_not_ask_for_it():
@@ -377,3 +402,20 @@ def test_a_watch_deleted_while_it_is_evaluated_stays_deleted(redis_server):
     ws.update("wd", "w-1", last_error={"code": "E_NO_FRAMES", "message": "m"})
     del ws.all
     assert ws.all("wd") == {}
+
+
+def test_concurrent_watch_posts_cannot_pass_the_limit(redis_server):
+    """The limit was a count read and then an add: 12 POSTs at once could all read 0 and all add. The count
+    and the add are now one Redis step, so exactly `limit` watches are added, the rest told how many there are."""
+    from concurrent.futures import ThreadPoolExecutor
+    from deploy.serving import WatchStore
+    ws = WatchStore(redis_server.url)
+    ws.forget("wl")
+    with ThreadPoolExecutor(12) as ex:
+        got = list(ex.map(lambda i: WatchStore(redis_server.url).add("wl", f"w-{i}", {"question": "q"}, 4),
+                          range(12)))
+    assert sum(g is None for g in got) == 4 and all(g == 4 for g in got if g is not None), got
+    assert len(ws.all("wl")) == 4
+    ws.remove("wl", "w-0")
+    assert ws.add("wl", "w-new", {"question": "q"}, 4) is None and len(ws.all("wl")) == 4   # room again after one goes
+    ws.forget("wl")
