@@ -487,12 +487,18 @@ def build_api() -> FastAPI:
     @api.get("/ready")
     async def ready(b: Backend = Depends(auth)):
         redis_ok = await asyncio.to_thread(b.store.ping)
+        busy = False
         try:
             # within a probe's usual timeout: a replica that died answers nothing, and the probe gave up first
             models_ok = await asyncio.wait_for(b.models_ready(), READY_MODEL_WAIT_S)
+        except asyncio.TimeoutError:
+            # the call queues behind the requests that fill the replicas' slots: a service busy answering said
+            # 503. Replicas of both roles that passed Serve's health check lately (each reports to Redis on
+            # it, every 10 s) are busy, not gone
+            models_ok = busy = redis_ok and await asyncio.to_thread(_models_heard_from, b.store.r)
         except Exception:
             models_ok = False
-        body = {"ready": redis_ok and models_ok, "redis": redis_ok, "model": models_ok}
+        body = {"ready": redis_ok and models_ok, "redis": redis_ok, "model": models_ok, **({"busy": True} if busy else {})}
         if not body["ready"]:
             what = " and ".join(n for n, ok in (("Redis", redis_ok), ("a model replica", models_ok)) if not ok)
             body["error"] = {"code": "E_UNAVAILABLE", "message": f"expected {what} to answer, got no answer"}
@@ -1516,6 +1522,18 @@ PUSH_WAIT_FOR_ROOM_S = 30.0
 
 #: How long `/ready` waits for the model replicas' answer (it waited 10 s, past a readiness probe's 1-5 s).
 READY_MODEL_WAIT_S = 3.0
+#: A replica that reported on Serve's health check (every 10 s) this recently counts as alive for `/ready`.
+READY_HEARD_WITHIN_S = 25.0
+
+
+def _models_heard_from(r) -> bool:
+    """Whether an Encoder and an Answerer replica both reported within `READY_HEARD_WITHIN_S` (`ReplicaStats`)."""
+    from deploy.serving import ReplicaStats
+    try:
+        _, roles = ReplicaStats.read(r, within_s=READY_HEARD_WITHIN_S)
+    except LmsError:
+        return False
+    return all(roles.get(role, {}).get("replicas", 0) > 0 for role in ("encoder", "answerer"))
 
 #: a job record this old with no decoder actor anywhere is an orphan `DELETE /v1/videos/ID` removes
 ORPHAN_AFTER_S = 10.0

@@ -299,9 +299,11 @@ class ReplicaStats:
             return True
 
     @classmethod
-    def read(cls, r, now: float | None = None) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+    def read(cls, r, now: float | None = None, within_s: float | None = None
+             ) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
         """(totals, {role: summed gauges, with "replicas": how many reported}) from Redis client `r`;
-        replicas silent for `TTL_S` are left out and removed."""
+        replicas silent for `TTL_S` are left out and removed (those silent for `within_s`, when given, only
+        left out)."""
         import redis
         now = time.time() if now is None else now
         try:
@@ -315,11 +317,12 @@ class ReplicaStats:
         for rid, raw in replicas.items():
             try:
                 d = json.loads(raw)
-                fresh = now - float(d["t"]) <= cls.TTL_S
+                age = now - float(d["t"])
             except (ValueError, KeyError, TypeError):
-                fresh = False
-            if not fresh:
+                age = math.inf
+            if age > cls.TTL_S:
                 stale.append(rid)
+            if age > (cls.TTL_S if within_s is None else min(within_s, cls.TTL_S)):
                 continue
             agg = roles.setdefault(str(d.get("role")), {"replicas": 0})
             agg["replicas"] += 1

@@ -419,3 +419,47 @@ def test_concurrent_watch_posts_cannot_pass_the_limit(redis_server):
     ws.remove("wl", "w-0")
     assert ws.add("wl", "w-new", {"question": "q"}, 4) is None and len(ws.all("wl")) == 4   # room again after one goes
     ws.forget("wl")
+
+
+def test_ready_says_busy_not_down_when_the_replicas_slots_are_full(redis_server, monkeypatch):
+    """`/ready` asks the model replicas through their handles, a call that queues behind the requests filling
+    their slots: a service busy answering said 503, and a readiness probe took it out of rotation. A call that
+    times out now falls back on the replicas' reports on Serve's health check: both roles heard from lately is
+    ready (and "busy"); a role not heard from is 503 as before."""
+    import asyncio
+    import json
+    import types
+    from fastapi.testclient import TestClient
+    from deploy import routes
+    from deploy.serving import JobStore, ReplicaStats
+    from deploy.settings import Settings
+
+    monkeypatch.setattr(routes, "READY_MODEL_WAIT_S", 0.2)
+    store = JobStore(redis_server.url)
+    store.r.delete(ReplicaStats.TOTALS, ReplicaStats.REPLICAS, ReplicaStats.SENT)
+
+    async def queued():                                   # the ready call waits behind full slots
+        await asyncio.sleep(5)
+        return True
+    b = types.SimpleNamespace(settings=Settings(redis_url=redis_server.url, api_keys=["k"]), store=store,
+                              models_ready=queued)
+    prev = routes.current_backend()
+    routes.set_backend(b)
+    try:
+        with TestClient(routes.build_api()) as c:
+            get = lambda: c.get("/ready", headers={"Authorization": "Bearer k"})     # noqa: E731
+            r = get()
+            assert r.status_code == 503 and r.json()["model"] is False, r.json()     # nobody heard from
+            enc, ans = ReplicaStats(redis_server.url, "encoder"), ReplicaStats(redis_server.url, "answerer")
+            assert enc.report({"encoder_frames": 1}, {}) and ans.report({}, {"bytes": 0})
+            r = get()
+            assert r.status_code == 200 and r.json() == {"ready": True, "redis": True, "model": True, "busy": True}
+            # an Answerer last heard from 40 s ago (past READY_HEARD_WITHIN_S) is not taken as alive
+            store.r.hset(ReplicaStats.REPLICAS, ans.replica, json.dumps({"role": "answerer", "t": time.time() - 40,
+                                                                         "gauges": {}}))
+            r = get()
+            assert r.status_code == 503 and r.json()["model"] is False, r.json()
+            assert store.r.hexists(ReplicaStats.REPLICAS, ans.replica)   # still summed by /metrics (TTL_S 60 s)
+    finally:
+        routes.set_backend(prev)
+        store.r.delete(ReplicaStats.TOTALS, ReplicaStats.REPLICAS, ReplicaStats.SENT)
