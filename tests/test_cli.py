@@ -618,3 +618,25 @@ def test_serve_takes_its_redis_port_of_last_time_when_it_is_free(tmp_path):
     for bad in ("x", "52365", "80"):
         (tmp_path / "port").write_text(bad)
         assert _last_redis_port(tmp_path) is None
+
+
+def test_the_image_kuberay_runs_is_built_from_what_the_project_pins():
+    """deploy/Dockerfile is not built here (no Docker engine): its pins must still be the project's. The image
+    tag kuberay.yaml runs is the package's version, its Ray the one kuberay.yaml declares, its torch the one
+    scripts/setup.sh installs, and it copies every package pyproject.toml ships."""
+    import re
+    import tomllib
+    root = Path(__file__).resolve().parent.parent
+    docker = (root / "deploy" / "Dockerfile").read_text()
+    kube = (root / "deploy" / "kuberay.yaml").read_text()
+    proj = tomllib.loads((root / "pyproject.toml").read_text())
+    version = proj["project"]["version"]
+    assert set(re.findall(r"image: lmstream:(\S+)", kube)) == {version}
+    assert f"lmstream:{version}" in docker
+    ray = re.search(r'rayVersion: "([^"]+)"', kube).group(1)
+    assert re.search(rf"ARG RAY_VERSION={re.escape(ray)}\n", docker)
+    torch_pin = re.search(r'torch==([0-9.]+)\+cpu', (root / "scripts" / "setup.sh").read_text()).group(1)
+    assert f'"torch=={torch_pin}"' in docker
+    packages = {p.rstrip("*") for p in proj["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages == set(re.findall(r"^COPY (\w+) \1$", docker, re.M))
+    assert "app_builder" in kube and (root / "deploy" / "app.py").read_text().count("def app_builder") == 1
