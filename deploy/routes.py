@@ -332,6 +332,21 @@ def _is_json(ctype: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+def key_error(authorization: str, token: str | None, settings: Settings) -> Unauthorized | None:
+    """Why a request's API key is refused (`Authorization: Bearer KEY`, else `?token=KEY`), or None: one
+    check for the routes, the body reader before them and the WebSocket. Compared in constant time."""
+    key = authorization[7:].strip() if authorization.lower().startswith("bearer ") else token
+    if not key:
+        return Unauthorized("expected an API key (Authorization: Bearer KEY), got none")
+    if not any(secrets.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
+        return Unauthorized("expected a valid API key, got one the service does not know")
+    return None
+
+
+#: paths served without a key (the web page asks for one and sends it on the socket; a liveness probe)
+OPEN_PATHS = ("/", "/health")
+
+
 class BoundedBody:
     """ASGI middleware: every request body but an upload is read here first, at most
     `limits.max_json_bytes` of it, then handed to the route as one message.
@@ -339,7 +354,10 @@ class BoundedBody:
     * over the bound: 413 `E_TOO_LARGE`, from Content-Length before a byte is read, or as soon as a
       chunked body passes it (the rest is never read);
     * a JSON body that is not UTF-8: 422 `E_INVALID_REQUEST` (FastAPI itself would answer 400 "There
-      was an error parsing the body", and `request.json()` raise a bare 500).
+      was an error parsing the body", and `request.json()` raise a bare 500);
+    * no valid API key: 401 before a byte of the body is read (a client without one held a request slot
+      for as long as it sent its body, and 300 such slow bodies stalled every route);
+    * a body still not whole after `limits.body_timeout_s`: 422, its slot freed.
 
     An upload (multipart `POST /v1/videos`) streams to disk past it, bounded by `max_upload_bytes` in
     `_save_upload`. The bound comes from the installed backend's settings, read per request."""
@@ -353,14 +371,21 @@ class BoundedBody:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
         ctype = headers.get("content-type", "")
-        if (scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/v1/videos")
-                and ctype.lower().startswith("multipart/form-data")):
-            return await self.app(scope, receive, send)
-        limit = b.settings.limits.max_json_bytes
         openai = is_openai_path(scope["path"])
 
         def refuse(e: LmsError) -> JSONResponse:
             return error_response(e, openai=openai)
+
+        if scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            token = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [None])[0]
+            bad = key_error(headers.get("authorization", ""), token, b.settings)
+            if bad is not None:
+                return await refuse(bad)(scope, receive, send)
+        if (scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/v1/videos")
+                and ctype.lower().startswith("multipart/form-data")):
+            return await self.app(scope, receive, send)
+        limit = b.settings.limits.max_json_bytes
+        deadline = b.settings.limits.body_timeout_s
 
         clen = headers.get("content-length", "").strip()
         if clen.isascii() and clen.isdigit() and int(clen) > limit:
@@ -368,8 +393,14 @@ class BoundedBody:
                 f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got {int(clen)} "
                 "(Content-Length)"))(scope, receive, send)
         chunks, n, more = [], 0, True
+        t_end = asyncio.get_running_loop().time() + deadline
         while more:
-            msg = await receive()
+            try:
+                msg = await asyncio.wait_for(receive(), max(0.0, t_end - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                return await refuse(InvalidRequest(
+                    f"expected the whole request body within limits.body_timeout_s={deadline:g} s, got {n} bytes "
+                    "by then"))(scope, receive, send)
             if msg["type"] == "http.disconnect":     # the client went away mid-body: an answer no one reads, so
                 return await refuse(InvalidRequest(  # that the middleware around sees one (not a 500)
                     f"expected the whole request body, got a disconnect after {n} bytes"))(scope, receive, send)
@@ -465,12 +496,9 @@ def build_api() -> FastAPI:
     # -- auth -------------------------------------------------------------------------------------
     def auth(request: Request) -> Backend:
         b = backend()
-        h = request.headers.get("authorization", "")
-        key = h[7:].strip() if h.lower().startswith("bearer ") else request.query_params.get("token")
-        if not key:
-            raise Unauthorized("expected an API key (Authorization: Bearer KEY), got none")
-        if not any(secrets.compare_digest(key.encode(), k.encode()) for k in b.settings.api_keys):
-            raise Unauthorized("expected a valid API key, got one the service does not know")
+        bad = key_error(request.headers.get("authorization", ""), request.query_params.get("token"), b.settings)
+        if bad is not None:
+            raise bad
         return b
 
     # -- the web page (no key to load it; the page asks for one and sends it on the socket) -----------
@@ -879,13 +907,10 @@ def build_api() -> FastAPI:
         if b is None:
             await ws.close(code=1011)
             return
-        h = ws.headers.get("authorization", "")
-        key = h[7:].strip() if h.lower().startswith("bearer ") else ws.query_params.get("token")
-        if not key:
-            await ws.close(code=1008, reason="expected an API key (?token= or Authorization), got none")
-            return
-        if not any(secrets.compare_digest(key.encode(), k.encode()) for k in b.settings.api_keys):
-            await ws.close(code=1008, reason="expected a valid API key, got one the service does not know")
+        bad = key_error(ws.headers.get("authorization", ""), ws.query_params.get("token"), b.settings)
+        if bad is not None:
+            await ws.close(code=1008, reason=bad.args[0].replace("(Authorization: Bearer KEY)",
+                                                              "(?token= or Authorization)"))
             return
         sess = _LiveSession(b, ws, asking["events"])
         _session_opened(sess, True)
@@ -1414,6 +1439,7 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
     try:
         try:
             chunks = request.stream().__aiter__()
+            t0, got = time.monotonic(), 0
             while True:
                 try:                               # the job slot is held while the body comes: not for ever
                     chunk = await asyncio.wait_for(chunks.__anext__(), lim.upload_idle_timeout_s)
@@ -1423,6 +1449,11 @@ async def _save_upload(request: Request, b: Backend, job_id: str):
                     raise InvalidRequest(f"expected the upload's next bytes within upload_idle_timeout_s="
                                          f"{lim.upload_idle_timeout_s:g} s, got none for that long (after "
                                          f"{st['size']} bytes of the file)") from None
+                got += len(chunk)
+                took = time.monotonic() - t0       # a byte just inside each idle timeout held the slot for good
+                if took > lim.upload_idle_timeout_s and got < lim.upload_min_bytes_per_s * took:
+                    raise InvalidRequest(f"expected an upload of at least {lim.upload_min_bytes_per_s:g} bytes/s on "
+                                         f"average (limits.upload_min_bytes_per_s), got {got} bytes in {took:.0f} s")
                 parser.write(chunk)
                 if st["error"] is not None:
                     raise st["error"]

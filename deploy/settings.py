@@ -23,6 +23,11 @@ class Limits(BaseModel):
     max_upload_bytes: int = Field(2 << 30, ge=1, description="largest upload (413 past it)")
     upload_idle_timeout_s: float = Field(60.0, gt=0, description="longest wait for an upload's next bytes (422 "
                                          "past it, its job slot freed: a stalled client holds none for good)")
+    upload_min_bytes_per_s: float = Field(8192.0, ge=0, description="slowest average rate an upload may keep once "
+                                          "upload_idle_timeout_s has passed (422 under it, its job slot freed: "
+                                          "a byte every minute held a slot for good); 0: none")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest a request body other than an upload may take "
+                                  "to arrive (422 past it)")
     max_duration_s: float = Field(6 * 3600.0, gt=0, description="longest video a job ingests (s of video)")
     max_frames_per_job: int = Field(100_000, ge=1, description="most frames sampled from one file")
     max_concurrent_jobs: int = Field(4, ge=1, description="file jobs queued or ingesting at once (429 past it)")

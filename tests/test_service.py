@@ -2593,6 +2593,90 @@ def test_a_stalled_upload_is_refused_after_upload_idle_timeout_s(tmp_path):
     assert list((tmp_path / "up").iterdir()) == []          # its partial file is gone
 
 
+def test_a_dripping_upload_is_refused_under_upload_min_bytes_per_s(tmp_path):
+    """A byte sent just inside each idle timeout held a job slot for good (two such uploads kept every other
+    POST /v1/videos at 429). Past `upload_idle_timeout_s`, an upload that averages under
+    `limits.upload_min_bytes_per_s` is refused (422, naming the setting)."""
+    import asyncio
+    import types
+    from starlette.requests import Request
+    from deploy.routes import _save_upload
+    from deploy.settings import Limits
+    from lmcore.errors import InvalidRequest
+
+    head = (b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v.mp4\"\r\n"
+            b"Content-Type: video/mp4\r\n\r\n")
+
+    async def receive():                         # the headers, then one byte every 0.1 s: never idle for 0.5 s
+        if not receive.sent:
+            receive.sent = 1
+            return {"type": "http.request", "body": head, "more_body": True}
+        await asyncio.sleep(0.1)
+        return {"type": "http.request", "body": b"\0", "more_body": True}
+    receive.sent = 0
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/videos", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=XX")]}
+    b = types.SimpleNamespace(settings=types.SimpleNamespace(
+        limits=Limits(upload_idle_timeout_s=0.5, upload_min_bytes_per_s=1000), upload_dir=tmp_path / "up"))
+
+    async def run():
+        with pytest.raises(InvalidRequest) as e:
+            await asyncio.wait_for(_save_upload(Request(scope, receive), b, "vid-drip"), 10)
+        return e.value
+
+    err = asyncio.run(run())
+    assert "at least 1000 bytes/s" in str(err) and "upload_min_bytes_per_s" in str(err), err
+    assert list((tmp_path / "up").iterdir()) == []
+
+
+def test_a_body_is_not_read_without_a_key_nor_waited_for_past_body_timeout_s():
+    """The body reader ran before the routes' key check, with no deadline: 300 connections without a key,
+    each sending one byte of a 100 kB body, held every request slot and stalled /health. A request without a
+    valid key is now refused before its body is read, and a body not whole within `limits.body_timeout_s`
+    is refused too."""
+    import asyncio
+    import types
+    from deploy import routes
+    from deploy.settings import Limits, Settings
+
+    reads = []
+
+    async def receive():                         # one byte, then nothing: a slow client
+        reads.append(1)
+        if len(reads) == 1:
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.sleep(3600)
+
+    async def call(headers, path="/v1/chat/completions"):
+        sent = []
+
+        async def send(m):
+            sent.append(m)
+
+        async def app(scope, receive, send):     # the routes: never reached without a whole body
+            raise AssertionError("the route ran")
+        scope = {"type": "http", "method": "POST", "path": path, "query_string": b"", "headers": headers}
+        await asyncio.wait_for(routes.BoundedBody(app)(scope, receive, send), 10)
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    b = types.SimpleNamespace(settings=Settings(api_keys=["k"], limits=Limits(body_timeout_s=0.5)))
+    prev = routes.current_backend()
+    routes.set_backend(b)
+    try:
+        ctype = (b"content-type", b"application/json")
+        status, body = asyncio.run(call([ctype, (b"content-length", b"100000")]))
+        assert status == 401 and reads == [], (status, body, reads)          # refused before a byte is read
+        status, body = asyncio.run(call([ctype, (b"authorization", b"Bearer nope")]))
+        assert status == 401 and reads == []
+        t0 = time.monotonic()
+        status, body = asyncio.run(call([ctype, (b"authorization", b"Bearer k")], "/v1/videos/v-1/questions"))
+        assert status == 422 and "limits.body_timeout_s=0.5 s, got 1 bytes" in body["error"]["message"], body
+        assert time.monotonic() - t0 < 5
+    finally:
+        routes.set_backend(prev)
+
+
 def test_a_failed_jobs_missing_span_ends_with_the_file_and_its_frames_are_the_rings():
     """A failed job's answers: the span never stored ended at the window's end even past the file's end;
     whether it is answerable went by the record's frames, one progress update behind the ring."""
