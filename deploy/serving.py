@@ -59,7 +59,8 @@ class JobStore:
     and the set ``lms:jobs``. Survives a restart of the service with the frames themselves."""
 
     def __init__(self, redis_url: str, *, timeout: float = 5.0):
-        self.url = redis_url
+        from stream.live import redact_url
+        self.url = redact_url(redis_url)                # for messages: clients read them (no password)
         self.r = redis_client(redis_url, timeout)
 
     def _call(self, what: str, fn):

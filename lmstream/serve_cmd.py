@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from lmcore.errors import BadArgument, ServiceUnavailable
+from stream.live import redact_url
 
 
 def add_parser(sub) -> None:
@@ -227,7 +228,7 @@ def cmd_serve(args) -> int:
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
         ready = True
         print(json.dumps({"url": url, "api_key": generated or "(from --api-key / LMSTREAM_API_KEYS)",
-                          "redis": settings.redis_url}), file=ours, flush=True)
+                          "redis": redact_url(settings.redis_url)}), file=ours, flush=True)   # no password
         print(f"lmstream: serving {settings.model} at {url}" +
               (f"\nAPI key: {generated}" if generated else ""), file=sys.stderr, flush=True)
         while True:

@@ -463,3 +463,16 @@ def test_ready_says_busy_not_down_when_the_replicas_slots_are_full(redis_server,
     finally:
         routes.set_backend(prev)
         store.r.delete(ReplicaStats.TOTALS, ReplicaStats.REPLICAS, ReplicaStats.SENT)
+
+
+def test_a_redis_password_is_not_shown_in_the_errors_clients_read():
+    """The job, stream and watch records' errors named the Redis URL as given, password and all: a client
+    asking while Redis was down read it in the 503."""
+    import pytest
+    from deploy.serving import JobStore, LiveStore, WatchStore
+    from lmcore.errors import CacheUnavailable
+    for cls in (JobStore, LiveStore, WatchStore):
+        store = cls("redis://:S3cretPW@127.0.0.1:1/0", timeout=0.2)
+        with pytest.raises(CacheUnavailable) as e:
+            store.ids()
+        assert "S3cretPW" not in str(e.value) and "redis://:***@127.0.0.1:1/0" in str(e.value), e.value
