@@ -8,6 +8,7 @@ Retry-After.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import os
 import secrets
 import time
 import uuid
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol
@@ -593,10 +595,14 @@ def build_api() -> FastAPI:
                     body = VideoCreate.model_validate(await request.json())
                 except json.JSONDecodeError as e:
                     raise InvalidRequest(f"expected a JSON body, got invalid JSON ({e.msg} at {e.pos})") from None
+                except RecursionError:               # `[[[[...` 100,000 deep: was a 500 and a traceback
+                    raise InvalidRequest("expected a JSON body, got one nested too deep to parse") from None
                 except Exception as e:
                     from pydantic import ValidationError
                     if isinstance(e, ValidationError):
                         raise RequestValidationError(e.errors()) from None
+                    if isinstance(e, ValueError):    # a 5,000-digit number: Python's int limit (was a 500)
+                        raise InvalidRequest(f"expected a JSON body Python can read, got {str(e)[:160]}") from None
                     raise
                 path = check_allowed(body.path, b.settings.allowed_dirs)
                 await asyncio.to_thread(check_regular_file, path, body.path)
@@ -700,7 +706,10 @@ def build_api() -> FastAPI:
         retain = _retain(body.retain)
         url = await asyncio.to_thread(check_source, body.source, b.settings.allow_private_sources)
         fps = fps_ok(body.fps, b.settings)
-        await _check_live_limit(b)
+        async with _live_slot(b):
+            return await _start_camera(b, body, url, fps, retain)
+
+    async def _start_camera(b: Backend, body: StreamCreate, url: str, fps: float, retain) -> JSONResponse:
         ids = await asyncio.to_thread(_live(b).ids)
         sid = body.id or "cam-" + uuid.uuid4().hex[:12]      # body.id is checked by the schema
         if sid in ids:
@@ -1160,14 +1169,35 @@ def _with_choices(req: dict, lim, choices) -> dict:
     return {**req, "choices": [c.strip() for c in choices]}
 
 
-async def _check_live_limit(b: "Backend", sid: str | None = None) -> None:
-    """429 when `max_live_streams` streams are fed now (connecting, live, stalled, reconnecting) and `sid`
-    is not one of them: stopped and failed streams keep their frames, not a slot."""
+#: live streams whose start passed the limit and whose record does not count yet (`_live_slot`), and the lock
+#: their check and count share (one Ingress takes every request, as for `max_concurrent_jobs`)
+_LIVE_STARTING = {"n": 0}
+_LIVE_LOCKS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.asynccontextmanager
+async def _live_slot(b: "Backend", sid: str | None = None):
+    """A slot of `max_live_streams` for a stream starting (a camera's POST, a socket's `start`), held until the
+    block ends, by which time its record counts. 429 when that many streams are fed now (connecting, live,
+    stalled, reconnecting) or starting, and `sid` is not one of them: stopped and failed streams keep their
+    frames, not a slot. The check and the count are one step: 8 sockets starting at once all passed a limit
+    of 2."""
+    lock = _LIVE_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())    # an asyncio lock is one loop's
     lim = b.settings.limits
-    active = await asyncio.to_thread(b.live.active_ids)
-    if sid not in active and len(active) >= lim.max_live_streams:
-        raise Busy(f"expected at most {lim.max_live_streams} live streams fed at once, got {len(active)} "
-                   "(stop one, or raise limits.max_live_streams)", retry_after=lim.retry_after_s)
+    async with lock:
+        active = await asyncio.to_thread(b.live.active_ids)
+        taken = sid is not None and sid in active          # a stream fed now, taken over: its own slot
+        n = len(active) + _LIVE_STARTING["n"]
+        if not taken and n >= lim.max_live_streams:
+            raise Busy(f"expected at most {lim.max_live_streams} live streams fed at once, got {n} "
+                       "(stop one, or raise limits.max_live_streams)", retry_after=lim.retry_after_s)
+        if not taken:
+            _LIVE_STARTING["n"] += 1
+    try:
+        yield
+    finally:
+        if not taken:
+            _LIVE_STARTING["n"] -= 1
 
 
 def _drop_stream(b: "Backend", sid: str) -> None:
@@ -1818,9 +1848,13 @@ class _LiveSession:
             else:
                 raise InvalidRequest(f"expected a live stream's id to start, got {sid!r}, which is a video (ask "
                                      "about it with attach, or start a stream of another id)")
-        await _check_live_limit(b, sid)                # a stream fed now (and taken over) holds its slot
-        if sid is None:
-            sid = "live-" + uuid.uuid4().hex[:12]
+        # a stream fed now (and taken over) holds its slot; this one's is held from the check until its record
+        # says "connecting" (sockets starting together all passed a check none of them had counted in yet)
+        async with _live_slot(b, sid):
+            await self._begin(b, m, sid or "live-" + uuid.uuid4().hex[:12], fmt, live)
+
+    async def _begin(self, b: Backend, m: dict, sid: str, fmt: str, live) -> None:
+        """`start`'s work once the stream has a slot: its frames, its record, this socket as its writer."""
         cap = b.settings.limits.live_capacity_frames
         meta = None
         if m.get("retain") is not None:

@@ -476,3 +476,39 @@ def test_a_redis_password_is_not_shown_in_the_errors_clients_read():
         with pytest.raises(CacheUnavailable) as e:
             store.ids()
         assert "S3cretPW" not in str(e.value) and "redis://:***@127.0.0.1:1/0" in str(e.value), e.value
+
+
+def test_streams_started_together_cannot_pass_max_live_streams(redis_server):
+    """The live-stream limit was a count read, then the stream's record made several awaits later: 8 sockets
+    starting at once were all `started` with a limit of 2. A start now holds a slot from its check until its
+    record counts."""
+    import asyncio
+    import types
+    from deploy import routes
+    from deploy.serving import LiveStore
+    from deploy.settings import Limits, Settings
+    from lmcore.errors import Busy
+
+    live = LiveStore(redis_server.url)
+    for sid in live.ids():
+        live.delete(sid)
+    b = types.SimpleNamespace(settings=Settings(redis_url=redis_server.url, limits=Limits(max_live_streams=2)),
+                              live=live)
+
+    async def start(i):
+        try:
+            async with routes._live_slot(b):
+                await asyncio.sleep(0.05)                  # the start's awaits before its record exists
+                await asyncio.to_thread(live.create, f"race-{i}", {"kind": "push"})
+            return "started"
+        except Busy as e:
+            return str(e)
+
+    async def run():
+        return await asyncio.gather(*(start(i) for i in range(8)))
+    got = asyncio.run(run())
+    assert got.count("started") == 2 and len(live.active_ids()) == 2, got
+    assert all("expected at most 2 live streams fed at once, got 2" in g for g in got if g != "started"), got
+    assert routes._LIVE_STARTING["n"] == 0
+    for sid in live.ids():
+        live.delete(sid)

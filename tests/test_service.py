@@ -566,6 +566,12 @@ def test_uploads_stream_to_the_data_folder_and_rejects_leave_nothing(service, me
         assert r.status_code == 422 and r.json()["error"]["code"] == "E_INVALID_REQUEST"
         r = c.post("/v1/videos/x/questions", content=b"{bad", headers={"content-type": "application/json"})
         assert r.status_code == 422 and "invalid JSON" in r.json()["error"]["message"]
+        # JSON Python cannot read (a 5,000-digit number, nesting 50,000 deep) was a 500 with a traceback here
+        jtype = {"content-type": "application/json"}
+        for body, words in ((b'{"path": "x", "fps": ' + b"9" * 5000 + b"}", "Python can read"),
+                            (b'{"path": "x", "retain": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deep")):
+            r = c.post("/v1/videos", content=body, headers=jtype)
+            assert r.status_code == 422 and words in r.json()["error"]["message"], r.text
         r = c.post("/v1/videos/x/questions", json={"question": "q", "window": [40, 10]})
         msg = r.json()["error"]["message"]                       # our validator's own words, said once
         assert r.status_code == 422 and msg == "expected window [start, end] with 0 <= start < end, got [40.0, 10.0]"
