@@ -1098,24 +1098,38 @@ class FrameSampler:
         return True
 
 
+#: pictures over this many pixels are decoded at most two at a time in one process (each holds width x height
+#: x 3 bytes and more while it is converted): three sockets pushing 8000 x 8000 PNGs of 8 KB each took the
+#: Ingress, which serves every client, from 188 MB to 2.2 GB
+BIG_PICTURE_PIXELS = 1920 * 1080
+_BIG_DECODES = threading.BoundedSemaphore(2)
+
+
 def decode_image(data: bytes, size: int | None) -> np.ndarray:
-    """One JPEG/PNG message -> (S, S, 3) uint8 RGB, shrunk like the file decoder's frames."""
+    """One JPEG/PNG message -> (S, S, 3) uint8 RGB, shrunk like the file decoder's frames. At most
+    `stream.decode.MAX_PIXELS` (8K), as a file's pictures."""
     import io
     from PIL import Image, UnidentifiedImageError
     from lmcore.errors import NotAVideo
+    from stream.decode import MAX_PIXELS
+    too_big = f"expected a frame of at most {MAX_PIXELS} pixels (7680x4320, 8K), got "
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("JPEG", "PNG", "WEBP"):
                 raise NotAVideo(f"expected a JPEG or PNG frame, got {im.format} data")
             w, h = im.size
-            if w * h > 8192 * 8192:
-                raise PayloadTooLarge(f"expected a frame of at most 8192x8192 pixels, got {w}x{h}")
+            if w * h > MAX_PIXELS:
+                raise PayloadTooLarge(f"{too_big}{w}x{h}")
+            if w * h > BIG_PICTURE_PIXELS:
+                with _BIG_DECODES:
+                    rgb = np.asarray(im.convert("RGB"))
+                    rgb = rgb if size is None or rgb.shape[:2] == (size, size) else _nearest(rgb, size)
+                return rgb
             rgb = np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError as e:              # PIL refuses to open one far past our limit
         import re
         n = re.search(r"\((\d+) pixels\)", str(e))
-        raise PayloadTooLarge("expected a frame of at most 8192x8192 pixels, got "
-                              f"{n.group(1) + ' pixels' if n else 'far more'}") from None
+        raise PayloadTooLarge(f"{too_big}{n.group(1) + ' pixels' if n else 'far more'}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise NotAVideo(f"expected a JPEG or PNG frame, got {len(data)} bytes that are not an image "
                         f"({type(e).__name__})") from None

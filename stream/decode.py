@@ -66,6 +66,7 @@ from lmcore.errors import (
     NoFrames,
     NotAVideo,
     NoVideoStream,
+    PayloadTooLarge,
 )
 
 __all__ = [
@@ -772,11 +773,28 @@ def _peek_frame(
         return None
 
 
-def _probe(path: str, container: av.container.InputContainer) -> tuple[VideoInfo, av.video.stream.VideoStream]:
+#: the largest picture (width x height) a file may hold: 8K UHD, as a pushed live stream's
+#: (`stream.live.PushSource`). Each decoded frame is width x height x 3 bytes, and FFmpeg holds several:
+#: a 31 KB PNG of 16000 x 16000 cost the decoder 1.1 GB, an 8192 x 8192 H.264 file 1.4 GB and 0.5 s of
+#: CPU a frame, whatever the model's input size.
+MAX_PIXELS = 7680 * 4320
+
+
+def _check_pixels(path: str, width: int, height: int, max_pixels: int, what: str = "pictures") -> None:
+    if width * height > max_pixels:
+        size = " (7680x4320, 8K)" if max_pixels == MAX_PIXELS else ""
+        raise PayloadTooLarge(f"expected {what} of at most {max_pixels} pixels{size}, got {width}x{height} = "
+                              f"{width * height} in {path}")
+
+
+def _probe(path: str, container: av.container.InputContainer,
+           max_pixels: int = MAX_PIXELS) -> tuple[VideoInfo, av.video.stream.VideoStream]:
     """Choose the video stream of an open container and describe it.
 
     Decodes the first frame (a display matrix travels with decoded frames) to
-    give the upright size: the container is left somewhere in the file.
+    give the upright size: the container is left somewhere in the file. A
+    picture declared larger than ``max_pixels`` is refused before anything is
+    decoded (`PayloadTooLarge`).
     """
     candidates = [s for s in container.streams.video if not _is_attached_picture(s)]
     if not candidates:
@@ -804,9 +822,11 @@ def _probe(path: str, container: av.container.InputContainer) -> tuple[VideoInfo
         if duration is not None and video_specific:      # the video's own length, from the file's start
             duration += _late_start(container, vs, fps)
     width, height = int(ctx.width or 0), int(ctx.height or 0)
+    _check_pixels(path, width, height, max_pixels)          # as declared, before a frame is decoded
     first = _peek_frame(container, vs)
     if first is not None:
         width, height = int(first.width), int(first.height)
+        _check_pixels(path, width, height, max_pixels)
         op = _frame_orientation(first, path, is_image)
         if op in ("clock", "cclock", "transpose", "antitranspose"):
             width, height = height, width
@@ -935,6 +955,9 @@ class VideoSource:
             bit), so only small frames are ever held.  Still images are not
             resized: they go through `preprocess_image`, which needs the whole
             picture.
+        max_pixels: the largest picture (width x height) accepted, declared or
+            decoded (default `MAX_PIXELS`, 8K): a larger one raises
+            `PayloadTooLarge`, on construction when the file declares it.
 
     Raises (on construction):
         BadArgument: invalid ``path`` type, ``fps``, ``start``, ``end`` or ``resize_to``.
@@ -947,6 +970,7 @@ class VideoSource:
         NoVideoStream: the file has no video stream that FFmpeg can decode
             (audio only, cover art only, an unknown codec).
         NoFrames: the file is cut off inside its header (no media data at all).
+        PayloadTooLarge: the file declares pictures over ``max_pixels``.
 
     Iterating raises `NoFrames` at the end if no frame at all could be
     sampled.  Each iteration re-reads the file from the start (or seeks to
@@ -966,6 +990,7 @@ class VideoSource:
         end: float | None = None,
         progress: bool | str = False,
         resize_to: int | None = None,
+        max_pixels: int = MAX_PIXELS,
     ):
         self._container: av.container.InputContainer | None = None
         if not isinstance(path, (str, os.PathLike)):
@@ -976,9 +1001,12 @@ class VideoSource:
         self.fps, self.start, self.end = _check_window(fps, start, end)
         self.progress = progress if isinstance(progress, str) and progress else bool(progress)
         self.resize_to = _check_resize_to(resize_to)
+        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+            raise BadArgument(f"expected max_pixels as an int >= 1, got {max_pixels!r}")
+        self.max_pixels = max_pixels
         container = _open_container(self.path)  # checks the path first
         try:
-            self.info, _ = _probe(self.path, container)
+            self.info, _ = _probe(self.path, container, max_pixels)
         finally:
             container.close()  # probing decoded the first frame: iterations open their own
         if self.info.is_image and self.start:
@@ -1042,6 +1070,7 @@ class VideoSource:
         The full-size array lives only inside this call: what is returned for a
         resized frame is a new ``(S, S, 3)`` array that shares nothing with it.
         """
+        _check_pixels(self.path, frame.width, frame.height, self.max_pixels, "frames")   # a size that changed
         rgb = frame.to_ndarray(format="rgb24")
         # PyAV's frame.side_data ties the frame into a reference cycle, so a frame whose side
         # data was listed lives until the garbage collector runs (dozens of 8K frames); the

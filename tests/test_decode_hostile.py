@@ -724,3 +724,30 @@ def test_a_file_jobs_duration_and_limit_follow_the_frames(tmp_path, tiny_model, 
     # at 3 s, so an answer over it names the span never stored
     assert d["duration_s"] >= 3.0 and "the header is wrong" in d["decode_errors"][0], d
     assert run(short, max_duration_s=2.5, window=(1.0, 3.0))["status"] == "ready"  # a window within it
+
+
+def test_pictures_over_max_pixels_are_refused_before_they_are_decoded(tmp_path, monkeypatch):
+    """File jobs had no bound on picture size: a 31 KB PNG of 16000 x 16000 cost the decoder 1.1 GB, an
+    8192 x 8192 H.264 file 1.4 GB and 0.5 s of CPU a frame. A size over `max_pixels` (8K by default) is now
+    refused from the file's header, before FFmpeg decodes a frame; one that grows mid-file is refused too."""
+    from lmcore.errors import PayloadTooLarge
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (16000, 16000)).save(bomb)
+    assert bomb.stat().st_size < 100_000
+    peeked = []
+    monkeypatch.setattr(decode_mod, "_peek_frame", lambda *a: peeked.append(1))
+    with pytest.raises(PayloadTooLarge, match=r"at most 33177600 pixels \(7680x4320, 8K\), got 16000x16000"):
+        VideoSource(bomb)
+    assert peeked == []                                  # nothing decoded
+    monkeypatch.undo()
+    clip = tmp_path / "clip.mp4"
+    write_plain(clip, n=5)                               # 32 x 32
+    with pytest.raises(PayloadTooLarge, match=r"at most 1000 pixels, got 32x32 = 1024"):
+        VideoSource(clip, max_pixels=1000)
+    assert len(list(VideoSource(clip, max_pixels=1024, fps=None))) == 5
+    src = VideoSource(clip, fps=None)                    # a frame larger than the header said: refused as decoded
+    src.max_pixels = 1000
+    with pytest.raises(PayloadTooLarge, match=r"expected frames of at most 1000 pixels"):
+        list(src)
+    with pytest.raises(BadArgument, match="max_pixels"):
+        VideoSource(clip, max_pixels=0)

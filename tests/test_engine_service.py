@@ -512,3 +512,46 @@ def test_streams_started_together_cannot_pass_max_live_streams(redis_server):
     assert routes._LIVE_STARTING["n"] == 0
     for sid in live.ids():
         live.delete(sid)
+
+
+def test_pushed_pictures_over_8k_are_refused_and_big_ones_decoded_two_at_a_time(monkeypatch):
+    """A pushed frame is bounded as a file's pictures are (8K; it was 8192 x 8192), and pictures over
+    BIG_PICTURE_PIXELS are decoded at most two at a time (three sockets of 8000 x 8000 PNGs took the Ingress
+    to 2.2 GB); small ones never wait."""
+    import io
+    import threading as th
+    import numpy as np
+    import pytest
+    from PIL import Image
+    from deploy import serving
+    from lmcore.errors import PayloadTooLarge
+
+    def png(w, h, mode="RGB"):
+        buf = io.BytesIO()
+        Image.new(mode, (w, h)).save(buf, "PNG")
+        return buf.getvalue()
+    with pytest.raises(PayloadTooLarge, match=r"at most 33177600 pixels \(7680x4320, 8K\), got 8000x8000"):
+        serving.decode_image(png(8000, 8000, "1"), 64)
+    small = serving.decode_image(png(40, 30), 16)
+    assert small.shape == (16, 16, 3) and small.dtype == np.uint8
+
+    inside, most = [0], [0]
+    lock = th.Lock()
+    real = serving._nearest
+
+    def slow_nearest(rgb, size):                 # a big picture's decode, held open to see who overlaps
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        with lock:
+            inside[0] -= 1
+        return real(rgb, size)
+    monkeypatch.setattr(serving, "_nearest", slow_nearest)
+    big = png(2000, 1200)                                                  # over BIG_PICTURE_PIXELS
+    ts = [th.Thread(target=serving.decode_image, args=(big, 64)) for _ in range(5)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert most[0] == 2, most
