@@ -633,7 +633,25 @@ class RayBackend:
             return False
 
     async def encode(self, items: list[EncodeItem]) -> list[dict]:
-        return await self.encoder.encode.remote(items)
+        """`encode_surviving` for the Ingress' own callers (live sockets): a batch whose Encoder replica died
+        before answering is sent again once (its writer and sequence number keep it from being stored twice);
+        then `E_UNAVAILABLE`. A socket's frames were lost with no word: the exception ended its sending task."""
+        try:
+            return await self.encoder.encode.remote(items)
+        except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
+            raise
+        except ray.exceptions.RayError as e:
+            log.warning("the Encoder replica was lost (%s): sending the batch again", type(e).__name__)
+            lost = type(e).__name__
+        t0 = time.monotonic()
+        try:
+            return await asyncio.wait_for(self.encoder.encode.remote(items), ENCODER_LOST_WAIT_S)
+        except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
+            raise
+        except Exception as e:                          # noqa: BLE001 - lost again, or no replica in time
+            raise ServiceUnavailable(f"expected the Encoder to store the frames, got its replica lost ({lost}) and "
+                                     f"the batch sent again failed too ({type(e).__name__} after "
+                                     f"{time.monotonic() - t0:.0f} s)") from None
 
     # -- cameras: placed over the nodes, supervised ---------------------------------------------
     def _camera_nodes(self) -> list[str]:

@@ -2004,9 +2004,26 @@ class _LiveSession:
             while batch:
                 await self.encode_many(batch)
                 batch, self.queue = self.queue, []
+        except BaseException:
+            # frames this task held are not stored: counted and told, not thrown away unsaid (a socket that
+            # closes meanwhile is told nothing more, but its record counts them)
+            left = [*batch, *self.queue]
+            if left:
+                self._not_stored(left)
+                try:
+                    await self.note_drop("not stored")
+                except Exception:                      # noqa: BLE001 - the socket is gone
+                    pass
+            raise
         finally:
             self.queue = []
             self.busy = False
+
+    def _not_stored(self, frames: list) -> None:
+        """Frames the Encoder did not store (it refused them, or could not be reached): shed, counted under
+        "not stored", and a span of the stream without frames once a stored one follows."""
+        self.dropped["not stored"] = self.dropped.get("not stored", 0) + len(frames)
+        self.lost += [f[1] for f in frames]
 
     async def _tell_push_error(self) -> None:
         """The byte stream's error its demuxer met between pushes or at the end (a stream it could not read:
@@ -2106,14 +2123,24 @@ class _LiveSession:
         try:
             item = EncodeItem(self.sid, np.stack([f[0] for f in frames]), [f[1] for f in frames], writer=self.token,
                               seq=self.seq)
-            res = (await self.b.encode([item]))[0]
+            try:
+                res = (await self.b.encode([item]))[0]
+            except StaleWriter:
+                raise
+            except LmsError as e:                      # the Encoder (or the way to it) failed: nothing stored
+                res = {"error": error_dict(e)}
+            except Exception as e:                     # noqa: BLE001 - it ended this socket's sending task
+                res = {"error": {"code": "E_INTERNAL", "message": f"expected the Encoder to store frames "
+                                 f"{frames[0][1]:g}-{pts:g} s, got {type(e).__name__}: {str(e)[:200]}"}}
             if "error" in res:
                 err = res["error"]
                 if err.get("code") == StaleWriter.code:
                     self._fenced()
-                else:
-                    self.lost += [f[1] for f in frames]        # not stored: a span of the stream without frames
+                    await self.send_error(client_error_dict(err))
+                    return
+                self._not_stored(frames)               # counted, and a span of the stream without frames
                 await self.send_error(client_error_dict(err))
+                await self.note_drop("not stored")
                 return
             self.seq += len(res["seqs"])
             self.frames += len(res["seqs"])

@@ -426,11 +426,16 @@ class EncoderCore:
                         for r, row in zip(recs, rows):
                             r.tensors[f"w:{wid}"] = row.cpu()
                     seqs = append_retrying(self.cache, it.stream_id, recs, writer=it.writer, seq=it.seq)
-                    out[i] = {"seqs": seqs}
-                    self.frames_encoded += len(seqs)
-                    self._apply_retention(it.stream_id)
                 except Exception as e:
                     out[i] = {"error": error_dict(e)}
+                    continue
+                out[i] = {"seqs": seqs}
+                self.frames_encoded += len(seqs)
+                try:                        # stored: an error here must not say they were not (a socket counted
+                    self._apply_retention(it.stream_id)      # them lost); the next batch demotes what this did not
+                except Exception as e:                       # noqa: BLE001
+                    log.warning("stream %s: retention not applied after a batch (%s: %s); the next batch "
+                                "applies it", it.stream_id, type(e).__name__, e)
             del px, states
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
         self.report_stats()

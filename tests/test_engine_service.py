@@ -555,3 +555,52 @@ def test_pushed_pictures_over_8k_are_refused_and_big_ones_decoded_two_at_a_time(
     for t in ts:
         t.join()
     assert most[0] == 2, most
+
+
+def test_frames_the_encoder_did_not_store_are_counted_told_and_a_gap(redis_server):
+    """A socket's frames whose Encoder call raised something other than the service's own errors (a replica
+    killed: ActorDiedError) ended its sending task: 40 frames sent, 12 stored and 26 dropped, 2 never told and
+    no gap. Frames not stored are now `dropped` "not stored", told, in the record's counts and, once a stored
+    frame follows, a gap."""
+    import asyncio
+    import json
+    import types
+    import numpy as np
+    from deploy import routes
+    from deploy.serving import LiveStore
+
+    live = LiveStore(redis_server.url)
+    calls = []
+
+    async def encode(items):
+        calls.append(items[0].pts)
+        if len(calls) == 2:
+            raise RuntimeError("ActorDiedError: the actor died unexpectedly")     # not an LmsError
+        if len(calls) == 3:
+            return [{"error": {"code": "E_CACHE_UNAVAILABLE", "message": "expected a reachable Redis"}}]
+        return [{"seqs": list(range(len(items[0].pts)))}]
+
+    sent = []
+    ws = types.SimpleNamespace(send_text=lambda t: asyncio.sleep(0, sent.append(json.loads(t))))
+    b = types.SimpleNamespace(encode=encode, live=live)
+    sess = routes._LiveSession(b, ws, None)
+    sess.sid, sess.token, sess.writer, sess.fps = "nstored", 1, True, 1.0
+    live.delete("nstored") if "nstored" in live.ids() else None
+    live.create("nstored", {"kind": "push"})
+    rgb = np.zeros((8, 8, 3), np.uint8)
+
+    async def run():
+        for t in (0.0, 1.0, 2.0, 3.0):
+            await sess.encode(rgb, t)
+        await sess.report_drops()
+    asyncio.run(run())
+    assert calls == [[0.0], [1.0], [2.0], [3.0]]
+    assert sess.frames == 2 and sess.dropped["not stored"] == 2, (sess.frames, sess.dropped)
+    errors = [m for m in sent if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["E_INTERNAL", "E_CACHE_UNAVAILABLE"], errors
+    assert "ActorDiedError" in errors[0]["message"]
+    told = sum(m["frames"] for m in sent if m["type"] == "dropped")
+    assert told == 2 and all(set(m["by_reason"]) == {"not stored"} for m in sent if m["type"] == "dropped"), sent
+    rec = live.get("nstored")
+    assert rec["dropped_why"] == {"not stored": 2} and rec["gaps"] == [[0.0, 3.0]], rec
+    live.delete("nstored")
