@@ -608,7 +608,7 @@ class RayBackend:
             d = await asyncio.to_thread(self.store.get, jid)
             if d["status"] not in JobStore.ACTIVE:
                 return True
-            frames = await asyncio.to_thread(stored_frames, self.cache, jid, int(d.get("frames") or 0))
+            frames, progress = await asyncio.to_thread(self._fence_and_count, jid, d)
             kept = frames_kept(frames)
             code = "E_CACHE_UNAVAILABLE" if redis_gone else Interrupted.code
             if not started:
@@ -621,7 +621,7 @@ class RayBackend:
             else:
                 message = (f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
                            f"({type(e).__name__}); {kept}")
-            await asyncio.to_thread(self.store.update, jid, status="failed", frames=frames,
+            await asyncio.to_thread(self.store.update, jid, status="failed", frames=frames, progress=progress,
                                     error={"code": code, "message": message})
             return True
         except NotFound:                               # deleted meanwhile: nothing to mark
@@ -631,6 +631,26 @@ class RayBackend:
                 log.warning("job %s: could not mark it failed (%s); trying again every %.0f s", jid, e2,
                             MARK_RETRY_S)
             return False
+
+    def _fence_and_count(self, jid: str, d: dict) -> tuple[int, float]:
+        """A lost job's frames and how far they reach (`progress`), counted once its writer is fenced: a batch
+        its dead decoder left at the Encoder is refused from now on, not stored after the count (the record
+        said 128 frames while 160 were stored, for good)."""
+        from frame_cache import StreamNotFound
+        known, progress = int(d.get("frames") or 0), float(d.get("progress") or 0.0)
+        try:
+            self.cache.acquire_writer(jid)
+            info = self.cache.stream_info(jid)
+        except StreamNotFound:
+            return known, progress
+        except Exception:                              # noqa: BLE001 - Redis away: the record's own figures
+            return stored_frames(self.cache, jid, known), progress
+        window = d.get("window")
+        start = float(window[0]) if window else 0.0
+        end = float(window[1]) if window else d.get("duration_s")
+        if info.count and end and end > start:         # how far the stored frames reach, as a running job's
+            progress = round(max(min(0.999, (info.newest_pts - start) / (end - start)), 0.0), 4)
+        return max(known, int(info.count)), progress
 
     async def encode(self, items: list[EncodeItem]) -> list[dict]:
         """`encode_surviving` for the Ingress' own callers (live sockets): a batch whose Encoder replica died
