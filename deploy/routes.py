@@ -1880,7 +1880,8 @@ class _LiveSession:
         # times (arrival times, a byte stream's, `frame` pts) count from its start, placed after the stream's
         # newest frame by the time no socket fed it; that outage is one of the stream's gaps
         self.offset, outage = continued_timeline(info.newest_pts, newest_wall(before), self.fps)
-        self.gaps_base = merge_gaps([*(before.get("gaps") or []), *([outage] if outage else [])])
+        self.gaps_base = merge_gaps([*(g for g in before.get("gaps") or [] if g[1] is not None),
+                                     *([outage] if outage else [])])
         self.gaps = list(self.gaps_base)
         self.last_stored = info.newest_pts
         if outage is not None:

@@ -1153,7 +1153,9 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     seq = cache.stream_info(sid).total_appended
     info = cache.stream_info(sid)
     before = live.get(sid)
-    carried = [list(g) for g in before.get("gaps") or []]     # outages of earlier sources of this stream
+    # outages of earlier sources of this stream; one still open (its source died reconnecting) is closed by
+    # this start's outage below, not carried open for good
+    carried = [list(g) for g in before.get("gaps") or [] if g[1] is not None]
     offset, outage = continued_timeline(info.newest_pts, newest_wall(before), fps)
     if outage is not None:                               # a resumed stream (service restart, actor moved)
         carried.append(outage)                          # no source ran: the outage is a gap
@@ -1177,7 +1179,9 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
         now = time.monotonic()
         if force or now - state["last"] >= 1.0:
             st = src.status_dict()
-            gaps = carried + [[g[0] + offset, g[1] + offset if g[1] is not None else None] for g in st.get("gaps", [])]
+            # sorted and merged: an outage carried from a source that died overlaps the one its restart adds
+            gaps = merge_gaps(carried + [[g[0] + offset, g[1] + offset if g[1] is not None else None]
+                                         for g in st.get("gaps", [])])
             status = st["status"]
             if status == "live" and not state["stored"]:
                 status = "connecting"                    # a frame decoded, none stored yet: no frame to ask about

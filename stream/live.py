@@ -493,12 +493,18 @@ class _LiveSource:
                 lag = round(max(now - self._queue[0][2], 0.0), 3)
             else:
                 lag = 0.0 if status == "live" else None
+            gaps = [[a, b] for a, b in self._gaps]
+            if status in ("reconnecting", "stalled") and self._last_pts is not None:
+                # the outage going on: open (None end) until a frame closes it as a gap; it was in no
+                # answer and no record until the camera came back
+                start = getattr(self, "_outage_from", None)
+                gaps.append([start if start is not None else self._last_pts, None])
             return {
                 "status": status,
                 "frames": self._frames,
                 "last_pts": self._last_pts,
                 "lag_s": lag,
-                "gaps": [[a, b] for a, b in self._gaps],
+                "gaps": gaps,
                 "last_error": dict(self._last_error) if self._last_error else None,
                 "previous_error": dict(self._previous_error) if self._previous_error else None,
                 "dropped": sum(self._dropped.values()),

@@ -193,6 +193,9 @@ def test_server_killed_reconnects_and_restarted_is_live_with_one_gap(camera):
         assert src.last_error and src.last_error["code"].startswith("E_SOURCE_")
         down = src.status_dict()
         assert down["lag_s"] is None, down         # no frame arrives: nothing lags (it said 0.083 throughout)
+        # the outage going on is a gap open at its end (it was in no record and no answer until the camera
+        # came back): from the last frame before it
+        assert down["gaps"] == [[pytest.approx(pts_before, abs=0.6), None]], (down, pts_before)
         camera.start()
         assert wait_for(lambda: src.status == "live" and c.count() >= n_before + 3, 20), src.status_dict()
         outage_s = time.monotonic() - killed_at
