@@ -1314,7 +1314,11 @@ class VideoSource:
                         went_back_most = max(went_back_most, last_good - t)
                         continue
                     if damage and min(damage) <= t + _TIME_EPS:
-                        close_gap(t)
+                        # from the last good frame to this one; none when they are neighbours (this frame
+                        # at the damaged packet's own time came out after all: nothing between them is missing,
+                        # and `[15, 16]` between two stored frames said a second of video was)
+                        if last_good is None or t - last_good > 1.5 * nominal + _TIME_EPS:
+                            close_gap(t)
                         damage = [p for p in damage if p > t + _TIME_EPS]
                     last_good = t
                     last_shown = _frame_seconds(frame, nominal)

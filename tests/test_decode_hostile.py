@@ -751,3 +751,27 @@ def test_pictures_over_max_pixels_are_refused_before_they_are_decoded(tmp_path, 
         list(src)
     with pytest.raises(BadArgument, match="max_pixels"):
         VideoSource(clip, max_pixels=0)
+
+
+def test_damage_leaves_no_gap_between_two_neighbouring_frames(tmp_path):
+    """A damaged H.264 packet whose frame came out after all closed its damage with a gap from the frame
+    before: 2,000 bytes overwritten in a 40 s, 1 fps scene stored 0-12 and 15-39 s and said the gaps were
+    `[[12, 15], [15, 16]]`, the second between two stored neighbours, repeated in every answer. A gap now
+    holds missing frames only."""
+    from stream.synthetic import make_scene, write_video
+    path = tmp_path / "d.mp4"
+    write_video(make_scene(11, 40, size=(64, 64)), path)
+    data = bytearray(path.read_bytes())
+    n = len(data) // 3
+    data[n:n + 2000] = b"\x55" * 2000
+    path.write_bytes(bytes(data))
+    src = VideoSource(path, fps=1.0)
+    pts = [f.pts for f in src]
+    gaps = src.report.gaps
+    assert gaps and src.report.errors, (gaps, src.report.errors)         # the damage is seen and said
+    for a, b in gaps:
+        inside = [p for p in pts if a < p < b]
+        assert not inside, (a, b, inside)                                # no stored frame inside a gap
+        assert b - a > 1.5, (a, b, pts)                                  # and some frame missing in it
+    missing = [t for t in range(40) if not any(abs(p - t) < 1e-6 for p in pts)]
+    assert all(any(a < t < b for a, b in gaps) for t in missing), (missing, gaps)
