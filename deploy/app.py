@@ -886,11 +886,12 @@ class Ingress:
         self._resume = loop.create_task(self._resume_cameras()) if self.backend.store.ping() else None
         self._watcher = loop.create_task(self.backend.evaluate_watches())
 
-    async def close_live_sockets(self) -> int:
-        """`lmstream serve` stopping, before Serve shuts down: open `/v1/live` sockets store what they
-        received, are told `E_UNAVAILABLE` and closed 1001 (`routes.close_live_sockets`)."""
-        from .routes import close_live_sockets
-        return await close_live_sockets()
+    async def drain_for_stop(self) -> dict:
+        """`lmstream serve` stopping, before Serve shuts down: new questions and jobs are refused, open
+        `/v1/live` sockets store what they received, are told `E_UNAVAILABLE` and closed 1001, and the
+        questions in flight finish (`routes.drain_for_stop`)."""
+        from .routes import drain_for_stop
+        return await drain_for_stop()
 
     async def _resume_cameras(self):
         """Cameras registered before a restart reconnect (their frames are in Redis already). A socket's

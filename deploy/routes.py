@@ -437,7 +437,7 @@ def build_api() -> FastAPI:
     api = FastAPI(title="LLaVA-Mini Stream", version="0.3.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Questions about live and very long videos, one vision token per frame.")
     metrics = Metrics()
-    inflight = {"n": 0}
+    inflight = _INFLIGHT                     # questions queued or running in this Ingress (`drain_for_stop` waits)
     asking: dict[str, Any] = {}              # `_events` below, for the sockets' questions
     started = int(time.time())               # GET /v1/models' `created`
     api.add_middleware(BoundedBody)          # inside `_count` below: its 413s are counted (no route matched yet)
@@ -561,6 +561,7 @@ def build_api() -> FastAPI:
         """A slot of the job limit for this request (429 `E_BUSY` when none is free), held until `_start`
         creates the job's record or the request fails: `_release_job`."""
         lim = b.settings.limits
+        _refuse_if_stopping("send the video again")      # its decoder would be stopped at once
         async with jobs_lock:
             active = await asyncio.to_thread(b.store.active)
             held = active + jobs_reserved["n"]
@@ -578,6 +579,7 @@ def build_api() -> FastAPI:
 
     @api.post("/v1/videos", status_code=202)
     async def create_video(request: Request, b: Backend = Depends(auth)):
+        _refuse_if_stopping("send the video again")
         lim = b.settings.limits
         ctype = request.headers.get("content-type", "")
         job_id = "vid-" + uuid.uuid4().hex[:16]
@@ -994,6 +996,7 @@ def build_api() -> FastAPI:
     # -- helpers ----------------------------------------------------------------------------------
     def _admit(b: Backend):
         lim = b.settings.limits
+        _refuse_if_stopping("ask again")     # the answers in flight finish; new ones go to the next start
         if inflight["n"] >= lim.max_queued_questions:
             raise Busy(f"expected at most {lim.max_queued_questions} questions queued at once, got "
                        f"{inflight['n']} queued already: try again later", retry_after=lim.retry_after_s)
@@ -1650,6 +1653,32 @@ _SESSIONS: "set[_LiveSession]" = set()
 
 def _session_opened(sess: "_LiveSession", is_open: bool) -> None:
     (_SESSIONS.add if is_open else _SESSIONS.discard)(sess)
+
+
+#: questions queued or running in this Ingress (`build_api`'s count; one API per Ingress process), and whether
+#: it is stopping (`drain_for_stop`: new questions and jobs are 503 from then on)
+_INFLIGHT = {"n": 0}
+_STOPPING = {"on": False}
+
+
+def _refuse_if_stopping(then: str) -> None:
+    if _STOPPING["on"]:
+        raise ServiceUnavailable(f"expected a running service, got it stopping: {then} once it is back")
+
+
+async def drain_for_stop(sockets_s: float = 10.0, questions_s: float = 20.0) -> dict:
+    """The service is stopping (`lmstream serve` on SIGTERM or Ctrl-C, before Serve shuts down): new questions
+    and video jobs are refused (503 `E_UNAVAILABLE`, `Retry-After`), open `/v1/live` sockets are told and
+    closed 1001 (`close_live_sockets`), and the HTTP questions in flight get up to `questions_s` to finish
+    (they were cut with no response at all). Returns {"sockets": open sockets told, "questions": questions
+    still going when it stopped waiting}."""
+    _STOPPING["on"] = True
+    told = await close_live_sockets(sockets_s)
+    loop = asyncio.get_running_loop()
+    t_end = loop.time() + questions_s
+    while _INFLIGHT["n"] > 0 and loop.time() < t_end:
+        await asyncio.sleep(0.05)
+    return {"sockets": told, "questions": _INFLIGHT["n"]}
 
 
 async def close_live_sockets(timeout: float = 20.0) -> int:

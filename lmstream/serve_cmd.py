@@ -245,7 +245,7 @@ def cmd_serve(args) -> int:
             try:
                 from ray import serve
                 if ready:                               # a Serve that never answered has no socket open
-                    _close_live_sockets(serve)
+                    _drain_for_stop(serve)
                 if serve_started:
                     serve.shutdown()
                 else:                                   # someone else's Serve: only our app goes
@@ -279,16 +279,20 @@ def _mark_jobs_interrupted(settings) -> None:
               f"stay: {' '.join(failed)}", file=sys.stderr)
 
 
-def _close_live_sockets(serve) -> None:
-    """Before Serve goes: the Ingress tells its open `/v1/live` sockets the service is stopping and closes them
-    1001 (they were cut with no close frame). Best effort: a Serve that never got that far has none."""
+def _drain_for_stop(serve) -> None:
+    """Before Serve goes: the Ingress refuses new questions and jobs (503), tells its open `/v1/live` sockets
+    the service is stopping and closes them 1001 (they were cut with no close frame), and lets the HTTP
+    questions in flight finish (they were cut with no response). Best effort: a Serve that never got that far
+    has none."""
     try:
-        n = serve.get_deployment_handle("Ingress", "lmstream").close_live_sockets.remote().result(timeout_s=25)
+        d = serve.get_deployment_handle("Ingress", "lmstream").drain_for_stop.remote().result(timeout_s=40)
     except Exception as e:  # noqa: BLE001 - not deployed, or already going: stopping regardless
-        print(f"lmstream: open sockets not told of the stop ({type(e).__name__})", file=sys.stderr)
+        print(f"lmstream: open sockets and questions not drained ({type(e).__name__})", file=sys.stderr)
         return
-    if n:
-        print(f"lmstream: {n} open /v1/live socket(s) told the service is stopping", file=sys.stderr)
+    if d["sockets"]:
+        print(f"lmstream: {d['sockets']} open /v1/live socket(s) told the service is stopping", file=sys.stderr)
+    if d["questions"]:
+        print(f"lmstream: {d['questions']} question(s) still being answered after 20 s: cut", file=sys.stderr)
 
 
 def _last_redis_port(folder: Path, avoid: int | None = None) -> int | None:

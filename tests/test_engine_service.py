@@ -604,3 +604,46 @@ def test_frames_the_encoder_did_not_store_are_counted_told_and_a_gap(redis_serve
     rec = live.get("nstored")
     assert rec["dropped_why"] == {"not stored": 2} and rec["gaps"] == [[0.0, 3.0]], rec
     live.delete("nstored")
+
+
+def test_a_stopping_service_lets_questions_in_flight_finish_and_refuses_new_ones(redis_server):
+    """`lmstream serve` on SIGTERM went from closing the sockets straight to Serve's shutdown: HTTP questions
+    in flight were cut with no response at all. `drain_for_stop` now refuses new questions and jobs (503
+    `E_UNAVAILABLE`, saying why) and waits for those in flight."""
+    import asyncio
+    import types
+    from fastapi.testclient import TestClient
+    from deploy import routes
+    from deploy.serving import JobStore
+    from deploy.settings import Settings
+
+    async def run():
+        routes._INFLIGHT["n"] += 1                          # an answer in flight, done in 0.3 s
+
+        async def answer():
+            await asyncio.sleep(0.3)
+            routes._INFLIGHT["n"] -= 1
+        t0 = time.monotonic()
+        done, _ = await asyncio.gather(routes.drain_for_stop(sockets_s=1, questions_s=5), answer())
+        return done, time.monotonic() - t0
+    prev = routes.current_backend()
+    try:
+        done, took = asyncio.run(run())
+        assert done == {"sockets": 0, "questions": 0} and 0.3 <= took < 3, (done, took)
+        from deploy.serving import LiveStore
+        store = JobStore(redis_server.url)
+        store.create("v-1", {"status": "ready", "frames": 10, "progress": 1.0, "duration_s": 10.0})
+        b = types.SimpleNamespace(settings=Settings(redis_url=redis_server.url, api_keys=["k"]), store=store,
+                                  live=LiveStore(redis_server.url))
+        routes.set_backend(b)
+        with TestClient(routes.build_api()) as c:
+            h = {"Authorization": "Bearer k"}
+            for path, body in (("/v1/videos/v-1/questions", {"question": "what colour is it?"}),
+                               ("/v1/videos", {"path": "/nowhere.mp4"})):
+                r = c.post(path, json=body, headers=h)
+                assert r.status_code == 503 and r.json()["error"]["code"] == "E_UNAVAILABLE", (path, r.text)
+                assert "got it stopping" in r.json()["error"]["message"] and r.headers.get("retry-after"), r.text
+    finally:
+        routes._STOPPING["on"] = False
+        routes.set_backend(prev)
+        JobStore(redis_server.url).delete("v-1")
