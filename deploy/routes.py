@@ -516,19 +516,27 @@ def build_api() -> FastAPI:
 
     @api.get("/ready")
     async def ready(b: Backend = Depends(auth)):
-        redis_ok = await asyncio.to_thread(b.store.ping)
+        async def ping() -> bool:            # a hung Redis: its client waits 5 s twice, and /ready took 10 s
+            try:
+                return await asyncio.wait_for(asyncio.to_thread(b.store.ping), READY_MODEL_WAIT_S)
+            except asyncio.TimeoutError:
+                return False
+        pinged = asyncio.ensure_future(ping())
         busy = False
         try:
             # within a probe's usual timeout: a replica that died answers nothing, and the probe gave up first
             models_ok = await asyncio.wait_for(b.models_ready(), READY_MODEL_WAIT_S)
+            redis_ok = await pinged
         except asyncio.TimeoutError:
+            redis_ok = await pinged
             # the call queues behind the requests that fill the replicas' slots: a service busy answering said
             # 503. Replicas of both roles that passed Serve's health check lately (each reports to Redis on
             # it, every 10 s) are busy, not gone
             models_ok = busy = redis_ok and await asyncio.to_thread(_models_heard_from, b.store.r)
         except Exception:
-            models_ok = False
-        body = {"ready": redis_ok and models_ok, "redis": redis_ok, "model": models_ok, **({"busy": True} if busy else {})}
+            models_ok, redis_ok = False, await pinged
+        body = {"ready": redis_ok and models_ok, "redis": redis_ok, "model": models_ok,
+                **({"busy": True} if busy else {})}
         if not body["ready"]:
             what = " and ".join(n for n, ok in (("Redis", redis_ok), ("a model replica", models_ok)) if not ok)
             body["error"] = {"code": "E_UNAVAILABLE", "message": f"expected {what} to answer, got no answer"}

@@ -2,6 +2,7 @@
 questions from several threads, and frames of several streams encoded in one batch."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -647,3 +648,40 @@ def test_a_stopping_service_lets_questions_in_flight_finish_and_refuses_new_ones
         routes._STOPPING["on"] = False
         routes.set_backend(prev)
         JobStore(redis_server.url).delete("v-1")
+
+
+def test_ready_answers_within_seconds_when_redis_hangs(tmp_path):
+    """A Redis that hangs (SIGSTOP) made /ready take 10 s to say 503: its ping waited on the client's 5 s
+    timeout twice. It now answers within READY_MODEL_WAIT_S, saying Redis did not answer."""
+    import signal
+    import types
+    from fastapi.testclient import TestClient
+    from deploy import routes
+    from deploy.serving import JobStore
+    from deploy.settings import Settings
+    from frame_cache.redis_server import RedisServer
+
+    srv = RedisServer(tmp_path / "redis").start()
+    prev = routes.current_backend()
+
+    async def models_ready():
+        return True
+    try:
+        b = types.SimpleNamespace(settings=Settings(redis_url=srv.url, api_keys=["k"]), store=JobStore(srv.url),
+                                  models_ready=models_ready)
+        routes.set_backend(b)
+        with TestClient(routes.build_api()) as c:
+            h = {"Authorization": "Bearer k"}
+            assert c.get("/ready", headers=h).status_code == 200
+            os.kill(srv.proc.pid, signal.SIGSTOP)
+            try:
+                t0 = time.monotonic()
+                r = c.get("/ready", headers=h)
+                took = time.monotonic() - t0
+            finally:
+                os.kill(srv.proc.pid, signal.SIGCONT)
+            assert r.status_code == 503 and r.json()["redis"] is False and r.json()["model"] is True, r.text
+            assert took < routes.READY_MODEL_WAIT_S + 1.5, took
+    finally:
+        routes.set_backend(prev)
+        srv.stop()
