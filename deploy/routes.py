@@ -2280,6 +2280,12 @@ class _LiveSession:
             await self.error(InvalidRequest(f"expected an id not in use by a question still being answered, got "
                                             f"{key[:80]} (this ask is not answered)"))
             return
+        lim = self.b.settings.limits.max_asks_per_socket
+        if len(self.asking) >= lim:                    # a share of the service's question slots, not all of them
+            await self.error(Busy(f"expected at most {lim} questions of one socket waiting or being answered, got "
+                                  f"{len(self.asking)} already (limits.max_asks_per_socket): ask again once one is "
+                                  "answered", retry_after=None), qid)
+            return
         if key is not None:
             self.open_ids.add(key)                     # until its answer or error is sent (`answer`)
         task = asyncio.create_task(self.answer(m, qid, key))

@@ -32,6 +32,9 @@ class Limits(BaseModel):
     max_frames_per_job: int = Field(100_000, ge=1, description="most frames sampled from one file")
     max_concurrent_jobs: int = Field(4, ge=1, description="file jobs queued or ingesting at once (429 past it)")
     max_queued_questions: int = Field(16, ge=1, description="questions waiting or running at once (429 past it)")
+    max_asks_per_socket: int = Field(4, ge=1, description="questions one /v1/live socket may have waiting or "
+                                     "running at once (E_BUSY past it: one socket's 200 asks took every slot of "
+                                     "max_queued_questions from every other client)")
     max_tokens: int = Field(512, ge=1, description="largest max_tokens a question may ask for")
     max_question_chars: int = Field(8000, ge=1, description="longest question text")
     max_fps: float = Field(30.0, gt=0, description="largest sampling rate a job may ask for")

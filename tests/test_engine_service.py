@@ -685,3 +685,42 @@ def test_ready_answers_within_seconds_when_redis_hangs(tmp_path):
     finally:
         routes.set_backend(prev)
         srv.stop()
+
+
+def test_one_socket_cannot_take_every_question_slot():
+    """One socket that sent 200 asks held every slot of max_queued_questions: other clients got 429 for as
+    long as it went on. A socket's questions waiting or being answered are now capped
+    (`limits.max_asks_per_socket`); past it the ask is told E_BUSY under its id."""
+    import asyncio
+    import json
+    import types
+    from deploy import routes
+    from deploy.settings import Limits, Settings
+
+    sent = []
+    ws = types.SimpleNamespace(send_text=lambda t: asyncio.sleep(0, sent.append(json.loads(t))))
+    b = types.SimpleNamespace(settings=Settings(limits=Limits(max_asks_per_socket=2)))
+    sess = routes._LiveSession(b, ws, None)
+    release = None
+
+    async def run():
+        nonlocal release
+        release = asyncio.Event()
+
+        async def answer(m, qid, key=None):           # a question being answered until released
+            await release.wait()
+        sess.answer = answer
+        for i in range(5):
+            await sess.ask({"type": "ask", "id": f"q{i}", "question": "what colour?"})
+        busy = [m for m in sent if m["type"] == "error"]
+        release.set()
+        await asyncio.sleep(0.05)
+        await sess.ask({"type": "ask", "id": "again", "question": "what colour?"})    # room again
+        n_after = len(sess.asking)
+        release.set()
+        await asyncio.sleep(0.05)
+        return busy, n_after
+    busy, n_after = asyncio.run(run())
+    assert [m["id"] for m in busy] == ["q2", "q3", "q4"], busy
+    assert all(m["code"] == "E_BUSY" and "limits.max_asks_per_socket" in m["message"] for m in busy), busy
+    assert n_after == 1
