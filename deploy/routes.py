@@ -615,9 +615,9 @@ def build_api() -> FastAPI:
                         raise InvalidRequest(f"expected a JSON body Python can read, got {str(e)[:160]}") from None
                     raise
                 path = check_allowed(body.path, b.settings.allowed_dirs)
-                await asyncio.to_thread(check_regular_file, path, body.path)
+                file_id = await asyncio.to_thread(check_regular_file, path, body.path)
                 opts = {"fps": body.fps, "window": body.window, "kv_policy": body.kv_policy, "source": body.path,
-                        "retain": _retain(body.retain)}
+                        "retain": _retain(body.retain), "file_id": file_id}
                 slot = await _reserve_job(b)
             else:
                 raise InvalidRequest(f"expected multipart/form-data (file=) or application/json ({{\"path\"}}), "
@@ -638,7 +638,7 @@ def build_api() -> FastAPI:
                       retain=opts.get("retain"),
                       size=info["size"], batch=b.settings.encode_batch, max_frames=lim.max_frames_per_job,
                       max_duration_s=lim.max_duration_s, delete_after=delete_after,
-                      extra={"source": opts.get("source")})
+                      extra={"source": opts.get("source")}, file_id=opts.get("file_id"))
         async with jobs_lock:                # the record counts from now on, the reservation no longer
             made = asyncio.ensure_future(asyncio.to_thread(
                 b.store.create, job_id, {"source": opts.get("source"), "fps": fps, "kv_policy": job.kv_policy,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import logging
 import math
@@ -732,6 +733,7 @@ class FileJob:
     max_duration_s: float = 6 * 3600.0
     delete_after: bool = False                 # an upload: remove the file when done
     extra: dict[str, Any] = field(default_factory=dict)
+    file_id: list[int] | None = None           # a `path` job: the identity of the file the request checked
 
     def drop_upload(self) -> None:
         """Removes the job's upload (nothing for a `path` job, or one removed already)."""
@@ -754,10 +756,13 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
     frames = 0
     progress = 0.0                                      # how far the frames stored reach: kept when the job fails
     src = None
+    pinned = contextlib.ExitStack()
+    read_as = job.path
     try:
         kw = {"resize_to": job.size} if job.size else {}
         start, end = job.window if job.window else (None, None)
-        src = VideoSource(job.path, fps=job.fps, start=start, end=end, **kw)
+        read_as = pinned.enter_context(opened_as_checked(job))     # the very file the request checked
+        src = VideoSource(read_as, fps=job.fps, start=start, end=end, **kw)
         dur = src.info.duration_s
         if dur is not None and dur > job.max_duration_s and (job.window is None or
                                                               job.window[1] - job.window[0] > job.max_duration_s):
@@ -827,7 +832,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
         # never the server's upload path, nor the name it stored the upload under (vid-....mp4): the
         # client's own name for the file, as every other error says it
         shown = _shown_name(job)
-        err["message"] = err["message"].replace(job.path, shown)
+        err["message"] = err["message"].replace(read_as, shown).replace(job.path, shown)
         if job.delete_after:                           # an upload: its stored name is the job's, unique
             err["message"] = err["message"].replace(os.path.basename(job.path), shown)
         fields = {}
@@ -843,6 +848,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
     finally:
         if src is not None:
             src.close()
+        pinned.close()
         job.drop_upload()
     return store.get(job.job_id)
 
@@ -898,11 +904,12 @@ def check_allowed(path: str, allowed: list[str]) -> str:
     raise PathNotAllowed(f"expected a path inside the allowed folders ({shown}), got {path!r}{how}")
 
 
-def check_regular_file(real: str, shown: str) -> None:
+def check_regular_file(real: str, shown: str) -> list[int]:
     """`real` (a job's resolved `path`) is a regular file the service may read: 404 `E_NOT_FOUND` when
     nothing is there, 422 `E_INPUT_UNREADABLE` for a directory, a FIFO (the decoder would wait on it for
     a writer), a socket or a device, or a file it may not read. Said at once, not by a job that fails
-    later. `shown` is the path as the client wrote it (never the resolved one)."""
+    later. `shown` is the path as the client wrote it (never the resolved one). Returns the file's identity
+    (`file_identity`), which the decoder checks on the file it opens."""
     import stat
     from lmcore.errors import InputUnreadable
     try:
@@ -922,6 +929,35 @@ def check_regular_file(real: str, shown: str) -> None:
     if st.st_size == 0:                              # as an empty upload is refused, at once (not a failed job)
         from lmcore.errors import NotAVideo
         raise NotAVideo(f"expected a video file at {shown!r}, got an empty file (0 bytes)")
+    return file_identity(st)
+
+
+def file_identity(st: os.stat_result) -> list[int]:
+    """[inode, size]: what a decoder, perhaps on another node of a shared volume (where st_dev differs),
+    compares with the file it opened."""
+    return [int(st.st_ino), int(st.st_size)]
+
+
+@contextlib.contextmanager
+def opened_as_checked(job: "FileJob"):
+    """The path a `path` job's decoder reads: `/proc/self/fd/N` of the file it opened, once that file is the
+    one the request checked (`job.file_id`). The check was on the path and the decoder opened it later, so a
+    folder inside an allowed one replaced meanwhile by a link to elsewhere had it read a file outside them.
+    The open descriptor pins the file: FFmpeg's own opens of that path reach the same one. Uploads (the
+    service's own files) and jobs without an identity: the path itself."""
+    from lmcore.errors import PathNotAllowed
+    if job.delete_after or job.file_id is None:
+        yield job.path
+        return
+    fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)     # no wait on a FIFO put there
+    try:
+        if file_identity(os.fstat(fd)) != list(job.file_id):
+            raise PathNotAllowed(f"expected the file the request named, got another at {job.path} (the file or a "
+                                 "folder along its path was replaced after the request was checked)")
+        pinned = f"/proc/self/fd/{fd}"
+        yield pinned if os.path.exists(pinned) else job.path
+    finally:
+        os.close(fd)
 
 
 def fps_ok(fps: float | None, settings: Settings) -> float:

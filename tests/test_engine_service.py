@@ -724,3 +724,32 @@ def test_one_socket_cannot_take_every_question_slot():
     assert [m["id"] for m in busy] == ["q2", "q3", "q4"], busy
     assert all(m["code"] == "E_BUSY" and "limits.max_asks_per_socket" in m["message"] for m in busy), busy
     assert n_after == 1
+
+
+def test_a_path_job_reads_the_file_its_request_checked(tmp_path):
+    """The allowed-folder check resolved the path at the request and the decoder opened it later: a folder
+    inside an allowed one replaced meanwhile by a link to elsewhere had a file outside ingested. The decoder
+    now opens the file, checks it is the one the request checked, and reads it through that descriptor."""
+    import pytest
+    from deploy.serving import FileJob, check_allowed, check_regular_file, opened_as_checked
+    from lmcore.errors import PathNotAllowed
+    from stream.decode import VideoSource
+    from stream.synthetic import make_scene, write_video
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    (allowed / "d").mkdir(parents=True)
+    outside.mkdir()
+    write_video(make_scene(1, 5, size=(64, 64)), allowed / "d" / "clip.mp4")
+    write_video(make_scene(2, 3, size=(64, 64)), outside / "clip.mp4")
+    path = check_allowed(str(allowed / "d" / "clip.mp4"), [str(allowed)])
+    job = FileJob(job_id="vid-x", path=path, file_id=check_regular_file(path, "d/clip.mp4"))
+    with opened_as_checked(job) as read_as:
+        assert read_as.startswith("/proc/self/fd/")
+        (allowed / "d").rename(allowed / "d.orig")          # swapped while it is read: the pinned file goes on
+        (allowed / "d").symlink_to(outside)
+        assert len(list(VideoSource(read_as, fps=1.0))) == 5
+    with pytest.raises(PathNotAllowed, match="was replaced after the request was checked"):
+        with opened_as_checked(job):                        # swapped before the decoder opened it
+            pass
+    upload = FileJob(job_id="vid-y", path=str(outside / "clip.mp4"), delete_after=True)
+    with opened_as_checked(upload) as read_as:              # the service's own upload: read by its path
+        assert read_as == upload.path
