@@ -8,6 +8,7 @@ Retry-After.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -378,11 +379,13 @@ class BoundedBody:
         def refuse(e: LmsError) -> JSONResponse:
             return error_response(e, openai=openai)
 
-        if scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            token = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [None])[0]
-            bad = key_error(headers.get("authorization", ""), token, b.settings)
-            if bad is not None:
-                return await refuse(bad)(scope, receive, send)
+        if scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            return await self.app(scope, receive, send)   # no route of theirs reads a body: none is read here
+        from starlette.datastructures import QueryParams   # as `auth` reads `?token=` (the last one given)
+        token = QueryParams(scope.get("query_string", b"")).get("token")
+        bad = key_error(headers.get("authorization", ""), token, b.settings)
+        if bad is not None:
+            return await refuse(bad)(scope, receive, send)
         if (scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/v1/videos")
                 and ctype.lower().startswith("multipart/form-data")):
             return await self.app(scope, receive, send)
@@ -437,7 +440,6 @@ def build_api() -> FastAPI:
     api = FastAPI(title="LLaVA-Mini Stream", version="0.3.0", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Questions about live and very long videos, one vision token per frame.")
     metrics = Metrics()
-    inflight = _INFLIGHT                     # questions queued or running in this Ingress (`drain_for_stop` waits)
     asking: dict[str, Any] = {}              # `_events` below, for the sockets' questions
     started = int(time.time())               # GET /v1/models' `created`
     api.add_middleware(BoundedBody)          # inside `_count` below: its 413s are counted (no route matched yet)
@@ -516,6 +518,10 @@ def build_api() -> FastAPI:
 
     @api.get("/ready")
     async def ready(b: Backend = Depends(auth)):
+        if _stopping():                      # a probe takes it out of rotation while questions in flight finish
+            return JSONResponse({"ready": False, "redis": None, "model": None, "error": {
+                "code": "E_UNAVAILABLE", "message": "expected a running service, got it stopping"}},
+                status_code=503, headers={"Retry-After": "5"})
         async def ping() -> bool:            # a hung Redis: its client waits 5 s twice, and /ready took 10 s
             try:
                 return await asyncio.wait_for(asyncio.to_thread(b.store.ping), READY_MODEL_WAIT_S)
@@ -526,12 +532,15 @@ def build_api() -> FastAPI:
         try:
             # within a probe's usual timeout: a replica that died answers nothing, and the probe gave up first
             models_ok = await asyncio.wait_for(b.models_ready(), READY_MODEL_WAIT_S)
+            if models_ok:
+                _models_answered()
             redis_ok = await pinged
         except asyncio.TimeoutError:
             redis_ok = await pinged
             # the call queues behind the requests that fill the replicas' slots: a service busy answering said
-            # 503. Replicas of both roles that passed Serve's health check lately (each reports to Redis on
-            # it, every 10 s) are busy, not gone
+            # 503. Once the replicas have answered this Ingress, replicas of both roles that reported since
+            # it started and in the last 25 s (each reports to Redis on Serve's health check, every 10 s, and
+            # after its work) are busy, not gone; a service still starting is not ready on older reports
             models_ok = busy = redis_ok and await asyncio.to_thread(_models_heard_from, b.store.r)
         except Exception:
             models_ok, redis_ok = False, await pinged
@@ -550,7 +559,7 @@ def build_api() -> FastAPI:
 
     @api.get("/metrics")
     async def prom(b: Backend = Depends(auth)):
-        metrics.inflight.set(inflight["n"])
+        metrics.inflight.set(_questions())
         data = await asyncio.to_thread(metrics.render, b)
         return PlainTextResponse(data, media_type="text/plain; version=0.0.4")
 
@@ -716,12 +725,12 @@ def build_api() -> FastAPI:
         retain = _retain(body.retain)
         url = await asyncio.to_thread(check_source, body.source, b.settings.allow_private_sources)
         fps = fps_ok(body.fps, b.settings)
-        async with _live_slot(b):
-            return await _start_camera(b, body, url, fps, retain)
-
-    async def _start_camera(b: Backend, body: StreamCreate, url: str, fps: float, retain) -> JSONResponse:
-        ids = await asyncio.to_thread(_live(b).ids)
         sid = body.id or "cam-" + uuid.uuid4().hex[:12]      # body.id is checked by the schema
+        async with _live_slot(b, sid):
+            return await _start_camera(b, body, sid, url, fps, retain)
+
+    async def _start_camera(b: Backend, body: StreamCreate, sid: str, url: str, fps: float, retain):
+        ids = await asyncio.to_thread(_live(b).ids)
         if sid in ids:
             from frame_cache import StreamExists
             raise StreamExists(f"expected a new stream id, got {sid!r}, which exists")
@@ -1005,10 +1014,10 @@ def build_api() -> FastAPI:
     def _admit(b: Backend):
         lim = b.settings.limits
         _refuse_if_stopping("ask again")     # the answers in flight finish; new ones go to the next start
-        if inflight["n"] >= lim.max_queued_questions:
+        if _questions() >= lim.max_queued_questions:
             raise Busy(f"expected at most {lim.max_queued_questions} questions queued at once, got "
-                       f"{inflight['n']} queued already: try again later", retry_after=lim.retry_after_s)
-        inflight["n"] += 1
+                       f"{_questions()} queued already: try again later", retry_after=lim.retry_after_s)
+        _questions(+1)
 
     async def _events(b: Backend, req: dict, kind: str):
         """A question's events, the one path every question takes (HTTP JSON or SSE, chat, the `/v1/live`
@@ -1037,7 +1046,7 @@ def build_api() -> FastAPI:
                     ev = client_error_dict(ev)
                 yield ev
         finally:
-            inflight["n"] -= 1
+            _questions(-1)
             metrics.tokens.inc(n)
             if first is not None and n > 1:
                 metrics.tps.set((n - 1) / max(time.perf_counter() - t0 - first, 1e-6))
@@ -1180,35 +1189,33 @@ def _with_choices(req: dict, lim, choices) -> dict:
     return {**req, "choices": [c.strip() for c in choices]}
 
 
-#: live streams whose start passed the limit and whose record does not count yet (`_live_slot`), and the lock
-#: their check and count share (one Ingress takes every request, as for `max_concurrent_jobs`)
-_LIVE_STARTING = {"n": 0}
+#: ids of live streams whose start passed the limit and has not ended (`_live_slot`), and the lock their check
+#: and count share (one Ingress takes every request, as for `max_concurrent_jobs`)
+_LIVE_STARTING: "collections.Counter[str]" = collections.Counter()
 _LIVE_LOCKS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.asynccontextmanager
-async def _live_slot(b: "Backend", sid: str | None = None):
-    """A slot of `max_live_streams` for a stream starting (a camera's POST, a socket's `start`), held until the
-    block ends, by which time its record counts. 429 when that many streams are fed now (connecting, live,
-    stalled, reconnecting) or starting, and `sid` is not one of them: stopped and failed streams keep their
-    frames, not a slot. The check and the count are one step: 8 sockets starting at once all passed a limit
-    of 2."""
+async def _live_slot(b: "Backend", sid: str):
+    """A slot of `max_live_streams` for stream `sid` starting (a camera's POST, a socket's `start`), held until
+    the block ends. 429 when that many streams are fed now (connecting, live, stalled, reconnecting) or
+    starting, and `sid` is not one of them: stopped and failed streams keep their frames, not a slot. The
+    check and the count are one step (8 sockets starting at once all passed a limit of 2), and a stream is
+    counted once, whether its record already counts or it is still starting."""
     lock = _LIVE_LOCKS.setdefault(asyncio.get_running_loop(), asyncio.Lock())    # an asyncio lock is one loop's
     lim = b.settings.limits
     async with lock:
-        active = await asyncio.to_thread(b.live.active_ids)
-        taken = sid is not None and sid in active          # a stream fed now, taken over: its own slot
-        n = len(active) + _LIVE_STARTING["n"]
-        if not taken and n >= lim.max_live_streams:
-            raise Busy(f"expected at most {lim.max_live_streams} live streams fed at once, got {n} "
+        fed = set(await asyncio.to_thread(b.live.active_ids)) | set(_LIVE_STARTING)
+        if sid not in fed and len(fed) >= lim.max_live_streams:
+            raise Busy(f"expected at most {lim.max_live_streams} live streams fed at once, got {len(fed)} "
                        "(stop one, or raise limits.max_live_streams)", retry_after=lim.retry_after_s)
-        if not taken:
-            _LIVE_STARTING["n"] += 1
+        _LIVE_STARTING[sid] += 1
     try:
         yield
     finally:
-        if not taken:
-            _LIVE_STARTING["n"] -= 1
+        _LIVE_STARTING[sid] -= 1
+        if _LIVE_STARTING[sid] <= 0:
+            del _LIVE_STARTING[sid]
 
 
 def _drop_stream(b: "Backend", sid: str) -> None:
@@ -1598,11 +1605,23 @@ READY_MODEL_WAIT_S = 3.0
 READY_HEARD_WITHIN_S = 25.0
 
 
+#: when this Ingress process started, and whether its model replicas have answered `/ready` since
+_MODELS = {"started": time.time(), "answered": False}
+
+
+def _models_answered() -> None:
+    _MODELS["answered"] = True
+
+
 def _models_heard_from(r) -> bool:
-    """Whether an Encoder and an Answerer replica both reported within `READY_HEARD_WITHIN_S` (`ReplicaStats`)."""
+    """Whether, the replicas having answered this Ingress once, an Encoder and an Answerer replica both
+    reported within `READY_HEARD_WITHIN_S` and since this Ingress started (`ReplicaStats`: a restarted
+    service, or a new pod of a rolling update, must not read the last run's reports as its own)."""
     from deploy.serving import ReplicaStats
+    if not _MODELS["answered"]:
+        return False
     try:
-        _, roles = ReplicaStats.read(r, within_s=READY_HEARD_WITHIN_S)
+        _, roles = ReplicaStats.read(r, within_s=READY_HEARD_WITHIN_S, since=_MODELS["started"])
     except LmsError:
         return False
     return all(roles.get(role, {}).get("replicas", 0) > 0 for role in ("encoder", "answerer"))
@@ -1663,10 +1682,18 @@ def _session_opened(sess: "_LiveSession", is_open: bool) -> None:
     (_SESSIONS.add if is_open else _SESSIONS.discard)(sess)
 
 
-#: questions queued or running in this Ingress (`build_api`'s count; one API per Ingress process), and whether
-#: it is stopping (`drain_for_stop`: new questions and jobs are 503 from then on)
+#: questions queued or running in this Ingress (one API per Ingress process), and whether it is stopping
+#: (`drain_for_stop`: new questions and jobs are 503 from then on). Read and changed only through module
+#: functions (`_questions`, `_refuse_if_stopping`): Serve pickles `build_api`'s routes by value, so a dict
+#: they held directly would be a copy, and the drain read a count that stayed 0.
 _INFLIGHT = {"n": 0}
 _STOPPING = {"on": False}
+
+
+def _questions(delta: int = 0) -> int:
+    """The count of questions queued or running, after adding `delta`."""
+    _INFLIGHT["n"] += delta
+    return _INFLIGHT["n"]
 
 
 def _refuse_if_stopping(then: str) -> None:
@@ -1674,16 +1701,20 @@ def _refuse_if_stopping(then: str) -> None:
         raise ServiceUnavailable(f"expected a running service, got it stopping: {then} once it is back")
 
 
-async def drain_for_stop(sockets_s: float = 10.0, questions_s: float = 20.0) -> dict:
+def _stopping() -> bool:
+    return _STOPPING["on"]
+
+
+async def drain_for_stop(deadline_s: float = 30.0) -> dict:
     """The service is stopping (`lmstream serve` on SIGTERM or Ctrl-C, before Serve shuts down): new questions
-    and video jobs are refused (503 `E_UNAVAILABLE`, `Retry-After`), open `/v1/live` sockets are told and
-    closed 1001 (`close_live_sockets`), and the HTTP questions in flight get up to `questions_s` to finish
-    (they were cut with no response at all). Returns {"sockets": open sockets told, "questions": questions
-    still going when it stopped waiting}."""
+    and video jobs are refused (503 `E_UNAVAILABLE`, `Retry-After`; `/ready` 503 too), open `/v1/live` sockets
+    store what they received, are told and closed 1001 (`close_live_sockets`), and the HTTP questions in
+    flight may finish (they were cut with no response at all); all of it within `deadline_s`. Returns
+    {"sockets": open sockets told, "questions": questions still going when it stopped waiting}."""
     _STOPPING["on"] = True
-    told = await close_live_sockets(sockets_s)
     loop = asyncio.get_running_loop()
-    t_end = loop.time() + questions_s
+    t_end = loop.time() + deadline_s
+    told = await close_live_sockets(deadline_s)
     while _INFLIGHT["n"] > 0 and loop.time() < t_end:
         await asyncio.sleep(0.05)
     return {"sockets": told, "questions": _INFLIGHT["n"]}
@@ -1702,6 +1733,18 @@ async def close_live_sockets(timeout: float = 20.0) -> int:
 
 def _attached_to(sid: str) -> "list[_LiveSession]":
     return list(_ATTACHED.get(sid, ()))
+
+_IMAGE_POOL: "list[ThreadPoolExecutor]" = []
+
+
+def _image_pool() -> ThreadPoolExecutor:
+    """The threads pushed JPEG/PNG frames are decoded on: their own, not the default executor's, which every
+    `asyncio.to_thread` of the Ingress shares (big pictures wait their turn two at a time, `decode_image`:
+    in the default executor a few such sockets held every worker, and Redis calls stalled behind them)."""
+    if not _IMAGE_POOL:
+        _IMAGE_POOL.append(ThreadPoolExecutor(4, thread_name_prefix="lms-image"))
+    return _IMAGE_POOL[0]
+
 
 #: Frames a `/v1/live` socket may have waiting behind the one being stored; more are dropped
 #: ("encoder busy"). Waiting frames go to the Encoder together, as one request.
@@ -1887,8 +1930,9 @@ class _LiveSession:
                                      "about it with attach, or start a stream of another id)")
         # a stream fed now (and taken over) holds its slot; this one's is held from the check until its record
         # says "connecting" (sockets starting together all passed a check none of them had counted in yet)
+        sid = sid or "live-" + uuid.uuid4().hex[:12]
         async with _live_slot(b, sid):
-            await self._begin(b, m, sid or "live-" + uuid.uuid4().hex[:12], fmt, live)
+            await self._begin(b, m, sid, fmt, live)
 
     async def _begin(self, b: Backend, m: dict, sid: str, fmt: str, live) -> None:
         """`start`'s work once the stream has a slot: its frames, its record, this socket as its writer."""
@@ -2021,7 +2065,7 @@ class _LiveSession:
             self.lost.append(pts)
             return await self.note_drop("encoder busy")
         try:
-            rgb = await asyncio.to_thread(decode_image, data, self.size)
+            rgb = await asyncio.get_running_loop().run_in_executor(_image_pool(), decode_image, data, self.size)
         except LmsError as e:
             self.dropped["bad frame"] += 1
             self.lost.append(pts)

@@ -60,8 +60,8 @@ class JobStore:
     and the set ``lms:jobs``. Survives a restart of the service with the frames themselves."""
 
     def __init__(self, redis_url: str, *, timeout: float = 5.0):
-        from stream.live import redact_url
-        self.url = redact_url(redis_url)                # for messages: clients read them (no password)
+        from frame_cache.redis_cache import redact_redis_url
+        self.url = redact_redis_url(redis_url)          # for messages: clients read them (no password)
         self.r = redis_client(redis_url, timeout)
 
     def _call(self, what: str, fn):
@@ -255,14 +255,15 @@ class ReplicaStats:
     TTL_S = 60.0
     #: a replica's last taken totals are forgotten after this long unheard (they only guard against resends)
     SENT_TTL_S = 7 * 86400.0
-    #: KEYS: totals, sent. ARGV: replica id, its running totals (JSON), now. Adds the growth since the totals
-    #: last taken from this replica, then keeps these: a resend of a report already taken adds nothing.
+    #: KEYS: totals, sent. ARGV: replica id, its running totals (JSON), now. Adds the growth past the largest
+    #: totals taken from this replica, and keeps those largest: a resend of a report already taken adds nothing,
+    #: and an older report that arrives after a newer one (two threads report) takes nothing away.
     _ADD = ("local old = redis.call('HGET', KEYS[2], ARGV[1]) "
             "local prev = {} if old then prev = cjson.decode(old)['c'] end "
             "local cur = cjson.decode(ARGV[2]) "
-            "for k, v in pairs(cur) do local d = v - (prev[k] or 0) "
-            "if d ~= 0 then redis.call('HINCRBY', KEYS[1], k, string.format('%d', d)) end end "
-            "redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({c = cur, t = tonumber(ARGV[3])})) return 1")
+            "for k, v in pairs(cur) do local p = prev[k] or 0 "
+            "if v > p then redis.call('HINCRBY', KEYS[1], k, string.format('%d', v - p)) prev[k] = v end end "
+            "redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({c = prev, t = tonumber(ARGV[3])})) return 1")
     #: how long a report may wait on Redis (a health check calls it: Serve's timeout there is 30 s)
     TIMEOUT_S = 2.0
 
@@ -301,11 +302,11 @@ class ReplicaStats:
             return True
 
     @classmethod
-    def read(cls, r, now: float | None = None, within_s: float | None = None
+    def read(cls, r, now: float | None = None, within_s: float | None = None, since: float | None = None
              ) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
         """(totals, {role: summed gauges, with "replicas": how many reported}) from Redis client `r`;
-        replicas silent for `TTL_S` are left out and removed (those silent for `within_s`, when given, only
-        left out)."""
+        replicas silent for `TTL_S` are left out and removed (those silent for `within_s`, or whose last
+        report is before the Unix time `since`, when given, only left out)."""
         import redis
         now = time.time() if now is None else now
         try:
@@ -325,6 +326,8 @@ class ReplicaStats:
             if age > cls.TTL_S:
                 stale.append(rid)
             if age > (cls.TTL_S if within_s is None else min(within_s, cls.TTL_S)):
+                continue
+            if since is not None and float(d["t"]) < since:
                 continue
             agg = roles.setdefault(str(d.get("role")), {"replicas": 0})
             agg["replicas"] += 1
@@ -831,6 +834,8 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
             f"({type(e).__name__}); {frames_kept(frames)}"}
         # never the server's upload path, nor the name it stored the upload under (vid-....mp4): the
         # client's own name for the file, as every other error says it
+        if err["code"] == "E_BAD_ARGUMENT":           # the request's own (a window after a still image's one
+            err["code"] = "E_INVALID_REQUEST"          # frame): as every route says the request's faults
         shown = _shown_name(job)
         err["message"] = err["message"].replace(read_as, shown).replace(job.path, shown)
         if job.delete_after:                           # an upload: its stored name is the job's, unique
@@ -933,31 +938,50 @@ def check_regular_file(real: str, shown: str) -> list[int]:
 
 
 def file_identity(st: os.stat_result) -> list[int]:
-    """[inode, size]: what a decoder, perhaps on another node of a shared volume (where st_dev differs),
-    compares with the file it opened."""
-    return [int(st.st_ino), int(st.st_size)]
+    """[inode]: what a decoder, perhaps on another node of a shared volume (where st_dev differs), compares
+    with the file it opened. Not the size: a file still being written when its job was queued is the same
+    file."""
+    return [int(st.st_ino)]
 
 
 @contextlib.contextmanager
 def opened_as_checked(job: "FileJob"):
-    """The path a `path` job's decoder reads: `/proc/self/fd/N` of the file it opened, once that file is the
-    one the request checked (`job.file_id`). The check was on the path and the decoder opened it later, so a
-    folder inside an allowed one replaced meanwhile by a link to elsewhere had it read a file outside them.
-    The open descriptor pins the file: FFmpeg's own opens of that path reach the same one. Uploads (the
-    service's own files) and jobs without an identity: the path itself."""
+    """The path a `path` job's decoder reads: a link, in a folder of its own, to `/proc/self/fd/N` of the file
+    it opened, once that file is the one the request checked (`job.file_id`). The check was on the path and
+    the decoder opened it later, so a folder inside an allowed one replaced meanwhile by a link to elsewhere
+    had it read a file outside them. The open descriptor pins the file: FFmpeg's own opens reach the same one,
+    and the link keeps the file's name (FFmpeg tells some formats by their extension). Uploads (the service's
+    own files) and jobs without an identity: the path itself."""
+    import tempfile
     from lmcore.errors import PathNotAllowed
+    from stream.decode import check_input_path
     if job.delete_after or job.file_id is None:
         yield job.path
         return
-    fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)     # no wait on a FIFO put there
+    check_input_path(job.path)              # gone, unreadable, a FIFO put there: said in the decoder's words
+    try:
+        fd = os.open(job.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        check_input_path(job.path)          # raced away between the two: its own error
+        raise
+    folder = None
     try:
         if file_identity(os.fstat(fd)) != list(job.file_id):
             raise PathNotAllowed(f"expected the file the request named, got another at {job.path} (the file or a "
                                  "folder along its path was replaced after the request was checked)")
         pinned = f"/proc/self/fd/{fd}"
-        yield pinned if os.path.exists(pinned) else job.path
+        if not os.path.exists(pinned):     # no /proc (not Linux): the path, checked just now
+            yield job.path
+            return
+        folder = tempfile.mkdtemp(prefix="lms-read-")
+        link = os.path.join(folder, os.path.basename(job.path))
+        os.symlink(pinned, link)
+        yield link
     finally:
         os.close(fd)
+        if folder is not None:
+            import shutil
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def fps_ok(fps: float | None, settings: Settings) -> float:
@@ -1148,12 +1172,12 @@ _BIG_DECODES = threading.BoundedSemaphore(2)
 
 def decode_image(data: bytes, size: int | None) -> np.ndarray:
     """One JPEG/PNG message -> (S, S, 3) uint8 RGB, shrunk like the file decoder's frames. At most
-    `stream.decode.MAX_PIXELS` (8K), as a file's pictures."""
+    `stream.decode.MAX_IMAGE_PIXELS` (8192 x 8192), as a file's still images."""
     import io
     from PIL import Image, UnidentifiedImageError
     from lmcore.errors import NotAVideo
-    from stream.decode import MAX_PIXELS
-    too_big = f"expected a frame of at most {MAX_PIXELS} pixels (7680x4320, 8K), got "
+    from stream.decode import MAX_IMAGE_PIXELS as MAX_PIXELS
+    too_big = f"expected a frame of at most {MAX_PIXELS} pixels (8192x8192), got "
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("JPEG", "PNG", "WEBP"):

@@ -293,9 +293,11 @@ def cmd_ask(args) -> int:
 
 
 def _redact(url: str | None) -> str | None:
-    """A cache URL without its password."""
-    import re
-    return None if url is None else re.sub(r"//([^:@/]*):[^@/]*@", r"//\1:***@", url)
+    """A cache URL without its password (`user:***@`, `?password=***`)."""
+    if url is None:
+        return None
+    from frame_cache.redis_cache import redact_redis_url
+    return redact_redis_url(url)
 
 
 def check_context_before_decoding(m, question: str, info, window, fps) -> None:

@@ -31,7 +31,6 @@ import urllib.request
 from pathlib import Path
 
 from lmcore.errors import BadArgument, ServiceUnavailable
-from stream.live import redact_url
 
 
 def add_parser(sub) -> None:
@@ -228,7 +227,7 @@ def cmd_serve(args) -> int:
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
         ready = True
         print(json.dumps({"url": url, "api_key": generated or "(from --api-key / LMSTREAM_API_KEYS)",
-                          "redis": redact_url(settings.redis_url)}), file=ours, flush=True)   # no password
+                          "redis": _shown_redis(settings.redis_url)}), file=ours, flush=True)   # no password
         print(f"lmstream: serving {settings.model} at {url}" +
               (f"\nAPI key: {generated}" if generated else ""), file=sys.stderr, flush=True)
         while True:
@@ -279,6 +278,11 @@ def _mark_jobs_interrupted(settings) -> None:
               f"stay: {' '.join(failed)}", file=sys.stderr)
 
 
+def _shown_redis(url: str) -> str:
+    from frame_cache.redis_cache import redact_redis_url
+    return redact_redis_url(url)
+
+
 def _drain_for_stop(serve) -> None:
     """Before Serve goes: the Ingress refuses new questions and jobs (503), tells its open `/v1/live` sockets
     the service is stopping and closes them 1001 (they were cut with no close frame), and lets the HTTP
@@ -292,7 +296,7 @@ def _drain_for_stop(serve) -> None:
     if d["sockets"]:
         print(f"lmstream: {d['sockets']} open /v1/live socket(s) told the service is stopping", file=sys.stderr)
     if d["questions"]:
-        print(f"lmstream: {d['questions']} question(s) still being answered after 20 s: cut", file=sys.stderr)
+        print(f"lmstream: {d['questions']} question(s) still being answered after 30 s: cut", file=sys.stderr)
 
 
 def _last_redis_port(folder: Path, avoid: int | None = None) -> int | None:

@@ -773,28 +773,34 @@ def _peek_frame(
         return None
 
 
-#: the largest picture (width x height) a file may hold: 8K UHD, as a pushed live stream's
-#: (`stream.live.PushSource`). Each decoded frame is width x height x 3 bytes, and FFmpeg holds several:
-#: a 31 KB PNG of 16000 x 16000 cost the decoder 1.1 GB, an 8192 x 8192 H.264 file 1.4 GB and 0.5 s of
-#: CPU a frame, whatever the model's input size.
-MAX_PIXELS = 7680 * 4320
+#: the largest video frame (width x height) a file may hold: DCI 8K (8192 x 4320; UHD 8K, 7680 x 4320, is
+#: under it). Each decoded frame is width x height x 1.5-3 bytes, and FFmpeg holds several: an 8192 x 8192
+#: H.264 file cost the decoder 1.4 GB and 0.5 s of CPU a frame, whatever the model's input size.
+MAX_PIXELS = 8192 * 4320
+#: the largest still image: 8192 x 8192 (a 50 MP photo, 8000 x 6000, fits), decoded once; a 31 KB PNG of
+#: 16000 x 16000 cost the decoder 1.1 GB. As a pushed live frame's (`deploy.serving.decode_image`).
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
+def _limit_words(max_pixels: int) -> str:
+    return {MAX_PIXELS: " (8192x4320, DCI 8K)", MAX_IMAGE_PIXELS: " (8192x8192)"}.get(max_pixels, "")
 
 
 def _check_pixels(path: str, width: int, height: int, max_pixels: int, what: str = "pictures") -> None:
     if width * height > max_pixels:
-        size = " (7680x4320, 8K)" if max_pixels == MAX_PIXELS else ""
-        raise PayloadTooLarge(f"expected {what} of at most {max_pixels} pixels{size}, got {width}x{height} = "
-                              f"{width * height} in {path}")
+        raise PayloadTooLarge(f"expected {what} of at most {max_pixels} pixels{_limit_words(max_pixels)}, got "
+                              f"{width}x{height} = {width * height} in {path}")
 
 
 def _probe(path: str, container: av.container.InputContainer,
-           max_pixels: int = MAX_PIXELS) -> tuple[VideoInfo, av.video.stream.VideoStream]:
+           max_pixels: int | None = None) -> tuple[VideoInfo, av.video.stream.VideoStream]:
     """Choose the video stream of an open container and describe it.
 
     Decodes the first frame (a display matrix travels with decoded frames) to
     give the upright size: the container is left somewhere in the file. A
-    picture declared larger than ``max_pixels`` is refused before anything is
-    decoded (`PayloadTooLarge`).
+    picture declared larger than ``max_pixels`` (None: `MAX_PIXELS` for a video,
+    `MAX_IMAGE_PIXELS` for a still image) is refused before anything is decoded
+    (`PayloadTooLarge`).
     """
     candidates = [s for s in container.streams.video if not _is_attached_picture(s)]
     if not candidates:
@@ -822,6 +828,8 @@ def _probe(path: str, container: av.container.InputContainer,
         if duration is not None and video_specific:      # the video's own length, from the file's start
             duration += _late_start(container, vs, fps)
     width, height = int(ctx.width or 0), int(ctx.height or 0)
+    if max_pixels is None:
+        max_pixels = MAX_IMAGE_PIXELS if is_image else MAX_PIXELS
     _check_pixels(path, width, height, max_pixels)          # as declared, before a frame is decoded
     first = _peek_frame(container, vs)
     if first is not None:
@@ -956,8 +964,9 @@ class VideoSource:
             resized: they go through `preprocess_image`, which needs the whole
             picture.
         max_pixels: the largest picture (width x height) accepted, declared or
-            decoded (default `MAX_PIXELS`, 8K): a larger one raises
-            `PayloadTooLarge`, on construction when the file declares it.
+            decoded (default: `MAX_PIXELS`, DCI 8K, for a video, `MAX_IMAGE_PIXELS`,
+            8192 x 8192, for a still image): a larger one raises `PayloadTooLarge`,
+            on construction when the file declares it.
 
     Raises (on construction):
         BadArgument: invalid ``path`` type, ``fps``, ``start``, ``end`` or ``resize_to``.
@@ -990,7 +999,7 @@ class VideoSource:
         end: float | None = None,
         progress: bool | str = False,
         resize_to: int | None = None,
-        max_pixels: int = MAX_PIXELS,
+        max_pixels: int | None = None,
     ):
         self._container: av.container.InputContainer | None = None
         if not isinstance(path, (str, os.PathLike)):
@@ -1001,9 +1010,9 @@ class VideoSource:
         self.fps, self.start, self.end = _check_window(fps, start, end)
         self.progress = progress if isinstance(progress, str) and progress else bool(progress)
         self.resize_to = _check_resize_to(resize_to)
-        if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                       or max_pixels < 1):
             raise BadArgument(f"expected max_pixels as an int >= 1, got {max_pixels!r}")
-        self.max_pixels = max_pixels
         container = _open_container(self.path)  # checks the path first
         try:
             self.info, _ = _probe(self.path, container, max_pixels)
@@ -1012,6 +1021,8 @@ class VideoSource:
         if self.info.is_image and self.start:
             raise BadArgument(f"expected a window that starts at 0 s for a still image (its one frame is at 0 s), "
                               f"got one from {self.start:g} s ({self.path})")
+        self.max_pixels = max_pixels if max_pixels is not None else (
+            MAX_IMAGE_PIXELS if self.info.is_image else MAX_PIXELS)
         self.report = DecodeReport.from_info(self.info)
         self._unapplied: set[str] = set()  # orientations that could not be applied, reported once
         self._orient_by_rotation: dict[int, str | None] = {}  # frame.rotation -> how to put it upright
@@ -1070,7 +1081,6 @@ class VideoSource:
         The full-size array lives only inside this call: what is returned for a
         resized frame is a new ``(S, S, 3)`` array that shares nothing with it.
         """
-        _check_pixels(self.path, frame.width, frame.height, self.max_pixels, "frames")   # a size that changed
         rgb = frame.to_ndarray(format="rgb24")
         # PyAV's frame.side_data ties the frame into a reference cycle, so a frame whose side
         # data was listed lives until the garbage collector runs (dozens of 8K frames); the
@@ -1289,6 +1299,8 @@ class VideoSource:
 
                 for frame in frames:
                     report.frames_decoded += 1
+                    # a size that grew past the header's: refused as decoded, sampled or not
+                    _check_pixels(self.path, frame.width, frame.height, self.max_pixels, "frames")
                     t = seconds(frame.pts, frame.time_base)
                     if t is None:  # no pts: fall back to the dts, else one interval after the previous frame
                         report.pts_estimated += 1

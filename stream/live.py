@@ -47,7 +47,9 @@ sampling
 ``gaps``
     Sorted ``(start_s, end_s)`` spans of stream time without frames: each outage
     (a lost connection or a stall, from the last frame before it to the first
-    frame after it) and frames shed because the consumer was too slow.
+    frame after it) and frames shed because the consumer was too slow.  While
+    the source is ``reconnecting`` or ``stalled``, `status_dict` adds the outage
+    going on, ``[start_s, None]`` (open at its end).
 the queue
     Sampled frames wait in a bounded queue (``max_queue`` frames).  When it is
     full the *oldest* waiting frame is dropped (``dropped_why["queue_full"]``,
@@ -93,7 +95,7 @@ import numpy as np
 
 from lmcore.errors import BadArgument, InputNotFound, LmsError, NotAVideo, NoVideoStream, PayloadTooLarge
 
-from .decode import Frame
+from .decode import MAX_PIXELS, Frame
 
 __all__ = ["STATUSES", "RtspSource", "PushSource", "redact_url"]
 
@@ -1241,7 +1243,7 @@ class PushSource(_LiveSource):
     _name = "PushSource"
 
     def __init__(self, fps: float | None = 1.0, resize_to: int | None = None, max_queue: int = 16, *,
-                 max_pixels: int = 7680 * 4320, clock: Callable[[], float] = time.monotonic,
+                 max_pixels: int = MAX_PIXELS, clock: Callable[[], float] = time.monotonic,
                  stall_after_s: float | None = None, chunk_timeout_s: float = 10.0,
                  container_format: str | None = None, wait_for_room_s: float | None = None):
         self.max_pixels = _check_count("max_pixels", max_pixels)

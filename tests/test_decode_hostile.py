@@ -728,27 +728,33 @@ def test_a_file_jobs_duration_and_limit_follow_the_frames(tmp_path, tiny_model, 
 
 def test_pictures_over_max_pixels_are_refused_before_they_are_decoded(tmp_path, monkeypatch):
     """File jobs had no bound on picture size: a 31 KB PNG of 16000 x 16000 cost the decoder 1.1 GB, an
-    8192 x 8192 H.264 file 1.4 GB and 0.5 s of CPU a frame. A size over `max_pixels` (8K by default) is now
-    refused from the file's header, before FFmpeg decodes a frame; one that grows mid-file is refused too."""
+    8192 x 8192 H.264 file 1.4 GB and 0.5 s of CPU a frame. A size over the limit (still images 8192 x 8192,
+    video frames DCI 8K, 8192 x 4320) is now refused from the file's header, before FFmpeg decodes a frame;
+    a frame that grows past it mid-file is refused as it is decoded, sampled or not."""
     from lmcore.errors import PayloadTooLarge
     bomb = tmp_path / "bomb.png"
     Image.new("1", (16000, 16000)).save(bomb)
     assert bomb.stat().st_size < 100_000
     peeked = []
     monkeypatch.setattr(decode_mod, "_peek_frame", lambda *a: peeked.append(1))
-    with pytest.raises(PayloadTooLarge, match=r"at most 33177600 pixels \(7680x4320, 8K\), got 16000x16000"):
+    with pytest.raises(PayloadTooLarge, match=r"at most 67108864 pixels \(8192x8192\), got 16000x16000"):
         VideoSource(bomb)
     assert peeked == []                                  # nothing decoded
     monkeypatch.undo()
+    photo = tmp_path / "photo.png"                       # a 50 MP photo is a still image within the limit
+    Image.new("1", (8000, 6000)).save(photo)
+    assert VideoSource(photo).info.is_image
     clip = tmp_path / "clip.mp4"
     write_plain(clip, n=5)                               # 32 x 32
     with pytest.raises(PayloadTooLarge, match=r"at most 1000 pixels, got 32x32 = 1024"):
         VideoSource(clip, max_pixels=1000)
     assert len(list(VideoSource(clip, max_pixels=1024, fps=None))) == 5
-    src = VideoSource(clip, fps=None)                    # a frame larger than the header said: refused as decoded
+    assert VideoSource(clip).max_pixels == decode_mod.MAX_PIXELS == 8192 * 4320
+    src = VideoSource(clip, fps=1.0)                     # a frame larger than the header said: refused as decoded
     src.max_pixels = 1000
     with pytest.raises(PayloadTooLarge, match=r"expected frames of at most 1000 pixels"):
         list(src)
+    assert src.report.frames_decoded == 1                # at the first frame, not the first sampled one only
     with pytest.raises(BadArgument, match="max_pixels"):
         VideoSource(clip, max_pixels=0)
 

@@ -368,6 +368,9 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
     core.stats._r = real
     assert core.report_stats() is True
     assert scrape()["lms_encoder_frames_total"] == 14
+    # an older report arriving after a newer one (the health check's thread and a batch's) takes nothing away
+    assert core.stats.report({"encoder_frames": 3, "encoder_batches": 1}, {}) is True
+    assert scrape()["lms_encoder_frames_total"] == 14
 
     # a replica silent for TTL_S is no longer counted, and its entry is removed
     totals, roles = ReplicaStats.read(store.r, now=time.time() + ReplicaStats.TTL_S + 1)
@@ -426,7 +429,8 @@ def test_ready_says_busy_not_down_when_the_replicas_slots_are_full(redis_server,
     """`/ready` asks the model replicas through their handles, a call that queues behind the requests filling
     their slots: a service busy answering said 503, and a readiness probe took it out of rotation. A call that
     times out now falls back on the replicas' reports on Serve's health check: both roles heard from lately is
-    ready (and "busy"); a role not heard from is 503 as before."""
+    ready (and "busy"); a role not heard from is 503 as before, and so is a service whose replicas never
+    answered it (starting) or whose reports predate it (the last run's, on the same Redis)."""
     import asyncio
     import json
     import types
@@ -439,22 +443,32 @@ def test_ready_says_busy_not_down_when_the_replicas_slots_are_full(redis_server,
     store = JobStore(redis_server.url)
     store.r.delete(ReplicaStats.TOTALS, ReplicaStats.REPLICAS, ReplicaStats.SENT)
 
-    async def queued():                                   # the ready call waits behind full slots
-        await asyncio.sleep(5)
+    slow = {"on": False}
+
+    async def models_ready():                             # when `slow`, the call waits behind full slots
+        if slow["on"]:
+            await asyncio.sleep(5)
         return True
     b = types.SimpleNamespace(settings=Settings(redis_url=redis_server.url, api_keys=["k"]), store=store,
-                              models_ready=queued)
-    prev = routes.current_backend()
+                              models_ready=models_ready)
+    prev, started = routes.current_backend(), dict(routes._MODELS)
     routes.set_backend(b)
     try:
         with TestClient(routes.build_api()) as c:
             get = lambda: c.get("/ready", headers={"Authorization": "Bearer k"})     # noqa: E731
-            r = get()
-            assert r.status_code == 503 and r.json()["model"] is False, r.json()     # nobody heard from
             enc, ans = ReplicaStats(redis_server.url, "encoder"), ReplicaStats(redis_server.url, "answerer")
             assert enc.report({"encoder_frames": 1}, {}) and ans.report({}, {"bytes": 0})
+            routes._MODELS["answered"], slow["on"] = False, True
+            r = get()                                     # never answered this Ingress: starting, not busy
+            assert r.status_code == 503 and r.json()["model"] is False, r.json()
+            slow["on"] = False
+            assert get().json() == {"ready": True, "redis": True, "model": True}
+            slow["on"] = True
             r = get()
             assert r.status_code == 200 and r.json() == {"ready": True, "redis": True, "model": True, "busy": True}
+            routes._MODELS["started"] = time.time() + 1   # reports from before this Ingress started: not its own
+            assert get().status_code == 503
+            routes._MODELS["started"] = started["started"]
             # an Answerer last heard from 40 s ago (past READY_HEARD_WITHIN_S) is not taken as alive
             store.r.hset(ReplicaStats.REPLICAS, ans.replica, json.dumps({"role": "answerer", "t": time.time() - 40,
                                                                          "gauges": {}}))
@@ -463,6 +477,7 @@ def test_ready_says_busy_not_down_when_the_replicas_slots_are_full(redis_server,
             assert store.r.hexists(ReplicaStats.REPLICAS, ans.replica)   # still summed by /metrics (TTL_S 60 s)
     finally:
         routes.set_backend(prev)
+        routes._MODELS.update(started)
         store.r.delete(ReplicaStats.TOTALS, ReplicaStats.REPLICAS, ReplicaStats.SENT)
 
 
@@ -477,6 +492,8 @@ def test_a_redis_password_is_not_shown_in_the_errors_clients_read():
         with pytest.raises(CacheUnavailable) as e:
             store.ids()
         assert "S3cretPW" not in str(e.value) and "redis://:***@127.0.0.1:1/0" in str(e.value), e.value
+    from frame_cache.redis_cache import redact_redis_url      # the form for unix sockets, in the query too
+    assert redact_redis_url("unix:///tmp/r.sock?db=0&password=S3cretPW") == "unix:///tmp/r.sock?db=0&password=***"
 
 
 def test_streams_started_together_cannot_pass_max_live_streams(redis_server):
@@ -496,27 +513,39 @@ def test_streams_started_together_cannot_pass_max_live_streams(redis_server):
     b = types.SimpleNamespace(settings=Settings(redis_url=redis_server.url, limits=Limits(max_live_streams=2)),
                               live=live)
 
-    async def start(i):
+    async def start(sid, after=0.0):
         try:
-            async with routes._live_slot(b):
+            async with routes._live_slot(b, sid):
                 await asyncio.sleep(0.05)                  # the start's awaits before its record exists
-                await asyncio.to_thread(live.create, f"race-{i}", {"kind": "push"})
+                await asyncio.to_thread(live.create, sid, {"kind": "push"})
+                await asyncio.sleep(after)                 # and after it (a camera's actor placed, "started" sent)
             return "started"
         except Busy as e:
             return str(e)
 
-    async def run():
-        return await asyncio.gather(*(start(i) for i in range(8)))
-    got = asyncio.run(run())
+    async def run(starts):
+        return await asyncio.gather(*starts)
+
+    async def later(coro, s):
+        await asyncio.sleep(s)
+        return await coro
+    got = asyncio.run(run([start(f"race-{i}") for i in range(8)]))
     assert got.count("started") == 2 and len(live.active_ids()) == 2, got
     assert all("expected at most 2 live streams fed at once, got 2" in g for g in got if g != "started"), got
-    assert routes._LIVE_STARTING["n"] == 0
+    assert not routes._LIVE_STARTING
+    for sid in live.ids():
+        live.delete(sid)
+    # a stream whose record counts while its start goes on is counted once: a second start has room
+    got = asyncio.run(run([start("cam-a", after=0.4), later(start("cam-b"), 0.2)]))
+    assert got == ["started", "started"], got
+    assert asyncio.run(run([start("cam-a")])) == ["started"]          # a stream fed now, taken over: its own slot
+    assert "got 2" in asyncio.run(run([start("cam-c")]))[0]
     for sid in live.ids():
         live.delete(sid)
 
 
 def test_pushed_pictures_over_8k_are_refused_and_big_ones_decoded_two_at_a_time(monkeypatch):
-    """A pushed frame is bounded as a file's pictures are (8K; it was 8192 x 8192), and pictures over
+    """A pushed frame is bounded as a file's still images are (8192 x 8192), and pictures over
     BIG_PICTURE_PIXELS are decoded at most two at a time (three sockets of 8000 x 8000 PNGs took the Ingress
     to 2.2 GB); small ones never wait."""
     import io
@@ -531,8 +560,8 @@ def test_pushed_pictures_over_8k_are_refused_and_big_ones_decoded_two_at_a_time(
         buf = io.BytesIO()
         Image.new(mode, (w, h)).save(buf, "PNG")
         return buf.getvalue()
-    with pytest.raises(PayloadTooLarge, match=r"at most 33177600 pixels \(7680x4320, 8K\), got 8000x8000"):
-        serving.decode_image(png(8000, 8000, "1"), 64)
+    with pytest.raises(PayloadTooLarge, match=r"at most 67108864 pixels \(8192x8192\), got 9000x8000"):
+        serving.decode_image(png(9000, 8000, "1"), 64)
     small = serving.decode_image(png(40, 30), 16)
     assert small.shape == (16, 16, 3) and small.dtype == np.uint8
 
@@ -610,44 +639,63 @@ def test_frames_the_encoder_did_not_store_are_counted_told_and_a_gap(redis_serve
 def test_a_stopping_service_lets_questions_in_flight_finish_and_refuses_new_ones(redis_server):
     """`lmstream serve` on SIGTERM went from closing the sockets straight to Serve's shutdown: HTTP questions
     in flight were cut with no response at all. `drain_for_stop` now refuses new questions and jobs (503
-    `E_UNAVAILABLE`, saying why) and waits for those in flight."""
+    `E_UNAVAILABLE`, saying why) and waits for those in flight. The API goes through the pickling Serve gives
+    it (its routes by value: a count they held directly was a copy, and the drain read 0)."""
     import asyncio
+    import threading as th
     import types
+    import ray.cloudpickle as cloudpickle
     from fastapi.testclient import TestClient
+    from ray._common.serialization import pickle_dumps
+    from ray.serve._private.utils import ensure_serialization_context
     from deploy import routes
-    from deploy.serving import JobStore
+    from deploy.serving import JobStore, LiveStore
     from deploy.settings import Settings
 
-    async def run():
-        routes._INFLIGHT["n"] += 1                          # an answer in flight, done in 0.3 s
+    store = JobStore(redis_server.url)
+    store.create("v-1", {"status": "ready", "frames": 10, "progress": 1.0, "duration_s": 10.0})
+    go = th.Event()
 
-        async def answer():
-            await asyncio.sleep(0.3)
-            routes._INFLIGHT["n"] -= 1
-        t0 = time.monotonic()
-        done, _ = await asyncio.gather(routes.drain_for_stop(sockets_s=1, questions_s=5), answer())
-        return done, time.monotonic() - t0
+    async def answer_events(req):                     # an answer that takes until `go`
+        while not go.is_set():
+            await asyncio.sleep(0.02)
+        yield {"type": "answer", "text": "red", "token_ids": [1], "frames": 10}
+    b = types.SimpleNamespace(settings=Settings(redis_url=redis_server.url, api_keys=["k"]), store=store,
+                              live=LiveStore(redis_server.url), answer_events=answer_events)
     prev = routes.current_backend()
+    routes.set_backend(b)
+    ensure_serialization_context()                    # as `serve.ingress` freezes it (ray/serve/api.py)
+    api = cloudpickle.loads(pickle_dumps(routes.build_api(), error_msg="the API"))
+    h = {"Authorization": "Bearer k"}
     try:
-        done, took = asyncio.run(run())
-        assert done == {"sockets": 0, "questions": 0} and 0.3 <= took < 3, (done, took)
-        from deploy.serving import LiveStore
-        store = JobStore(redis_server.url)
-        store.create("v-1", {"status": "ready", "frames": 10, "progress": 1.0, "duration_s": 10.0})
-        b = types.SimpleNamespace(settings=Settings(redis_url=redis_server.url, api_keys=["k"]), store=store,
-                                  live=LiveStore(redis_server.url))
-        routes.set_backend(b)
-        with TestClient(routes.build_api()) as c:
-            h = {"Authorization": "Bearer k"}
+        with TestClient(api) as c:
+            got = {}
+            asking = th.Thread(target=lambda: got.update(r=c.post("/v1/videos/v-1/questions", headers=h,
+                                                                  json={"question": "what colour is it?"})))
+            asking.start()
+            deadline = time.monotonic() + 10
+            while routes._questions() == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert routes._questions() == 1                  # counted where the drain reads it
+            th.Timer(0.5, go.set).start()
+            t0 = time.monotonic()
+            done = asyncio.run(routes.drain_for_stop(deadline_s=10))
+            took = time.monotonic() - t0
+            asking.join(10)
+            assert done == {"sockets": 0, "questions": 0} and 0.4 <= took < 5, (done, took)
+            assert got["r"].status_code == 200 and got["r"].json()["text"] == "red", got["r"].text
             for path, body in (("/v1/videos/v-1/questions", {"question": "what colour is it?"}),
                                ("/v1/videos", {"path": "/nowhere.mp4"})):
                 r = c.post(path, json=body, headers=h)
                 assert r.status_code == 503 and r.json()["error"]["code"] == "E_UNAVAILABLE", (path, r.text)
                 assert "got it stopping" in r.json()["error"]["message"] and r.headers.get("retry-after"), r.text
+            r = c.get("/ready", headers=h)                   # a probe takes it out of rotation as it stops
+            assert r.status_code == 503 and r.json()["error"]["message"].endswith("got it stopping"), r.text
     finally:
+        go.set()
         routes._STOPPING["on"] = False
         routes.set_backend(prev)
-        JobStore(redis_server.url).delete("v-1")
+        store.delete("v-1")
 
 
 def test_ready_answers_within_seconds_when_redis_hangs(tmp_path):
@@ -732,7 +780,7 @@ def test_a_path_job_reads_the_file_its_request_checked(tmp_path):
     now opens the file, checks it is the one the request checked, and reads it through that descriptor."""
     import pytest
     from deploy.serving import FileJob, check_allowed, check_regular_file, opened_as_checked
-    from lmcore.errors import PathNotAllowed
+    from lmcore.errors import InputNotFound, PathNotAllowed
     from stream.decode import VideoSource
     from stream.synthetic import make_scene, write_video
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
@@ -743,12 +791,23 @@ def test_a_path_job_reads_the_file_its_request_checked(tmp_path):
     path = check_allowed(str(allowed / "d" / "clip.mp4"), [str(allowed)])
     job = FileJob(job_id="vid-x", path=path, file_id=check_regular_file(path, "d/clip.mp4"))
     with opened_as_checked(job) as read_as:
-        assert read_as.startswith("/proc/self/fd/")
+        assert os.readlink(read_as).startswith("/proc/self/fd/") and read_as.endswith("/clip.mp4")   # its name kept
         (allowed / "d").rename(allowed / "d.orig")          # swapped while it is read: the pinned file goes on
         (allowed / "d").symlink_to(outside)
         assert len(list(VideoSource(read_as, fps=1.0))) == 5
+    assert not os.path.exists(read_as)                      # its link's folder removed
     with pytest.raises(PathNotAllowed, match="was replaced after the request was checked"):
         with opened_as_checked(job):                        # swapped before the decoder opened it
+            pass
+    (allowed / "d").unlink()
+    (allowed / "d.orig").rename(allowed / "d")
+    with open(allowed / "d" / "clip.mp4", "ab") as f:       # grown since the request: still the same file
+        f.write(b"\0")
+    with opened_as_checked(job) as read_as:
+        pass
+    (allowed / "d" / "clip.mp4").unlink()                   # gone since: said as the decoder says it, not E_INTERNAL
+    with pytest.raises(InputNotFound):
+        with opened_as_checked(job):
             pass
     upload = FileJob(job_id="vid-y", path=str(outside / "clip.mp4"), delete_after=True)
     with opened_as_checked(upload) as read_as:              # the service's own upload: read by its path
