@@ -238,20 +238,30 @@ def encode_surviving(encoder, items: list) -> list[dict]:
     with the frames it keeps (it was `E_INTERNAL`, "ActorDiedError")."""
     try:
         return encoder.encode.remote(items).result()
-    except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
-        raise                                           # the Encoder's own code raised, or the job was cancelled
     except ray.exceptions.RayError as e:
-        log.warning("the Encoder replica was lost (%s): sending the batch again", type(e).__name__)
-        lost = type(e).__name__
+        lost = _replica_lost(e)
     t0 = time.monotonic()
     try:
         return encoder.encode.remote(items).result(timeout_s=ENCODER_LOST_WAIT_S)
-    except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
-        raise
     except Exception as e:                              # noqa: BLE001 - lost again, or no replica in time
-        raise ServiceUnavailable(f"expected the Encoder to store the job's frames, got its replica lost ({lost}) "
-                                 f"and the batch sent again failed too ({type(e).__name__} after "
-                                 f"{time.monotonic() - t0:.0f} s)") from None
+        raise _lost_again(e, lost, t0, "the job's frames") from None
+
+
+def _replica_lost(e: BaseException) -> str:
+    """A first try's error: the Encoder's own (its code raised) or a cancelled job's is raised again; a
+    replica lost (the batch is sent again once) is logged and named."""
+    if isinstance(e, (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError)):
+        raise e
+    log.warning("the Encoder replica was lost (%s): sending the batch again", type(e).__name__)
+    return type(e).__name__
+
+
+def _lost_again(e: BaseException, lost: str, t0: float, what: str) -> BaseException:
+    """The second try's error: the Encoder's own as it is, anything else `E_UNAVAILABLE` naming both losses."""
+    if isinstance(e, (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError)):
+        return e
+    return ServiceUnavailable(f"expected the Encoder to store {what}, got its replica lost ({lost}) and the "
+                              f"batch sent again failed too ({type(e).__name__} after {time.monotonic() - t0:.0f} s)")
 
 
 def _release_heap() -> None:
@@ -658,20 +668,13 @@ class RayBackend:
         then `E_UNAVAILABLE`. A socket's frames were lost with no word: the exception ended its sending task."""
         try:
             return await self.encoder.encode.remote(items)
-        except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
-            raise
         except ray.exceptions.RayError as e:
-            log.warning("the Encoder replica was lost (%s): sending the batch again", type(e).__name__)
-            lost = type(e).__name__
+            lost = _replica_lost(e)
         t0 = time.monotonic()
         try:
             return await asyncio.wait_for(self.encoder.encode.remote(items), ENCODER_LOST_WAIT_S)
-        except (ray.exceptions.RayTaskError, ray.exceptions.TaskCancelledError):
-            raise
         except Exception as e:                          # noqa: BLE001 - lost again, or no replica in time
-            raise ServiceUnavailable(f"expected the Encoder to store the frames, got its replica lost ({lost}) and "
-                                     f"the batch sent again failed too ({type(e).__name__} after "
-                                     f"{time.monotonic() - t0:.0f} s)") from None
+            raise _lost_again(e, lost, t0, "the frames") from None
 
     # -- cameras: placed over the nodes, supervised ---------------------------------------------
     def _camera_nodes(self) -> list[str]:
