@@ -626,10 +626,10 @@ class RayBackend:
             elif redis_gone:
                 message = (
                     f"expected Redis to stay reachable while the job ran, got it lost at "
-                    f"{d.get('progress', 0):.0%} ({_gist(cause) or 'no reason'}); "
+                    f"{progress:.0%} ({_gist(cause) or 'no reason'}); "
                     f"{kept}")
             else:
-                message = (f"expected the job's decoder to finish, got it lost at {d.get('progress', 0):.0%} "
+                message = (f"expected the job's decoder to finish, got it lost at {progress:.0%} "
                            f"({type(e).__name__}); {kept}")
             await asyncio.to_thread(self.store.update, jid, status="failed", frames=frames, progress=progress,
                                     error={"code": code, "message": message})

@@ -468,6 +468,7 @@ def test_a_job_whose_decoder_actor_dies_fails_at_once_and_frees_its_slot(service
         # counted once the job's writer is fenced (a batch the dead decoder left at the Encoder, stored after the
         # count, left the record 32 frames short for good), and its progress is how far those frames reach
         assert d["progress"] == pytest.approx(a["time_span"][1] / d["duration_s"], abs=1e-3), (d, a)
+        assert f"lost at {d['progress']:.0%}" in d["error"]["message"], d      # the same figure in its words
         assert a["job"] == {"status": "failed", "error": d["error"], "frames": d["frames"], "progress": d["progress"]}
         assert a["gaps"][-1] == [a["time_span"][1], pytest.approx(d["duration_s"])] and d["duration_s"] > 1700, a
         content = [{"type": "text", "text": QUESTIONS[0]}, {"type": "video_url", "video_url": {"url": f"lms://videos/{vid}"}}]
