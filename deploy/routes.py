@@ -59,10 +59,12 @@ from .serving import (
     merge_gaps,
     newest_wall,
     check_allowed,
+    BIG_PICTURE_PIXELS,
     check_regular_file,
     decode_image,
     error_dict,
     fps_ok,
+    picture_pixels,
     require_answerable,
     stream_status,
     video_answer_context,
@@ -379,7 +381,7 @@ class BoundedBody:
         def refuse(e: LmsError) -> JSONResponse:
             return error_response(e, openai=openai)
 
-        if scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        if scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)   # no route of theirs reads a body: none is read here
         from starlette.datastructures import QueryParams   # as `auth` reads `?token=` (the last one given)
         token = QueryParams(scope.get("query_string", b"")).get("token")
@@ -1030,8 +1032,9 @@ def build_api() -> FastAPI:
         n = 0
         first = None
         extra = req.get("answer_extra")      # fields the answer carries beside the model's (a failed job's status)
-        agen = b.answer_events({k: v for k, v in req.items() if k != "answer_extra"})
-        try:
+        agen = None
+        try:                                 # the slot is given back whatever happens from here (a handle that
+            agen = b.answer_events({k: v for k, v in req.items() if k != "answer_extra"})   # raised kept it)
             async for ev in agen:
                 if ev["type"] == "token":
                     n += 1
@@ -1050,7 +1053,8 @@ def build_api() -> FastAPI:
             metrics.tokens.inc(n)
             if first is not None and n > 1:
                 metrics.tps.set((n - 1) / max(time.perf_counter() - t0 - first, 1e-6))
-            await agen.aclose()
+            if agen is not None:
+                await agen.aclose()
 
     async def _first(b: Backend, req: dict, kind: str):
         it = _events(b, req, kind).__aiter__()
@@ -1734,16 +1738,18 @@ async def close_live_sockets(timeout: float = 20.0) -> int:
 def _attached_to(sid: str) -> "list[_LiveSession]":
     return list(_ATTACHED.get(sid, ()))
 
-_IMAGE_POOL: "list[ThreadPoolExecutor]" = []
+_IMAGE_POOLS: "dict[bool, ThreadPoolExecutor]" = {}
 
 
-def _image_pool() -> ThreadPoolExecutor:
-    """The threads pushed JPEG/PNG frames are decoded on: their own, not the default executor's, which every
-    `asyncio.to_thread` of the Ingress shares (big pictures wait their turn two at a time, `decode_image`:
-    in the default executor a few such sockets held every worker, and Redis calls stalled behind them)."""
-    if not _IMAGE_POOL:
-        _IMAGE_POOL.append(ThreadPoolExecutor(4, thread_name_prefix="lms-image"))
-    return _IMAGE_POOL[0]
+async def _decode_pushed(data: bytes, size: int | None):
+    """A pushed JPEG/PNG frame decoded off the event loop, on threads of their own, not the default executor's
+    (every `asyncio.to_thread` of the Ingress shares it: a few sockets of big pictures held every worker, and
+    Redis calls stalled behind them). Pictures over `BIG_PICTURE_PIXELS` (read from the header) go to a pool
+    of 2 threads, so at most two are decoded at once, and never hold up the small ones' pool of 4."""
+    big = picture_pixels(data) > BIG_PICTURE_PIXELS         # its header only: microseconds
+    if big not in _IMAGE_POOLS:
+        _IMAGE_POOLS[big] = ThreadPoolExecutor(2 if big else 4, thread_name_prefix="lms-image-" + "sb"[big])
+    return await asyncio.get_running_loop().run_in_executor(_IMAGE_POOLS[big], decode_image, data, size)
 
 
 #: Frames a `/v1/live` socket may have waiting behind the one being stored; more are dropped
@@ -2065,7 +2071,7 @@ class _LiveSession:
             self.lost.append(pts)
             return await self.note_drop("encoder busy")
         try:
-            rgb = await asyncio.get_running_loop().run_in_executor(_image_pool(), decode_image, data, self.size)
+            rgb = await _decode_pushed(data, self.size)
         except LmsError as e:
             self.dropped["bad frame"] += 1
             self.lost.append(pts)

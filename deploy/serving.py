@@ -33,6 +33,7 @@ from lmcore.errors import (
     BadArgument,
     CacheUnavailable,
     Interrupted,
+    InvalidRequest,
     JobRunning,
     LmsError,
     NoFrames,
@@ -60,7 +61,7 @@ class JobStore:
     and the set ``lms:jobs``. Survives a restart of the service with the frames themselves."""
 
     def __init__(self, redis_url: str, *, timeout: float = 5.0):
-        from frame_cache.redis_cache import redact_redis_url
+        from lmcore.urls import redact_redis_url
         self.url = redact_redis_url(redis_url)          # for messages: clients read them (no password)
         self.r = redis_client(redis_url, timeout)
 
@@ -258,11 +259,14 @@ class ReplicaStats:
     #: KEYS: totals, sent. ARGV: replica id, its running totals (JSON), now. Adds the growth past the largest
     #: totals taken from this replica, and keeps those largest: a resend of a report already taken adds nothing,
     #: and an older report that arrives after a newer one (two threads report) takes nothing away.
+    #: The totals kept are strings: cjson writes numbers with 14 significant digits (10**14 + 7 came back as
+    #: 10**14 + 10, and a resend then added nothing, or the rounding again).
     _ADD = ("local old = redis.call('HGET', KEYS[2], ARGV[1]) "
             "local prev = {} if old then prev = cjson.decode(old)['c'] end "
             "local cur = cjson.decode(ARGV[2]) "
-            "for k, v in pairs(cur) do local p = prev[k] or 0 "
-            "if v > p then redis.call('HINCRBY', KEYS[1], k, string.format('%d', v - p)) prev[k] = v end end "
+            "for k, v in pairs(cur) do local p = tonumber(prev[k] or 0) "
+            "if v > p then redis.call('HINCRBY', KEYS[1], k, string.format('%d', v - p)) "
+            "prev[k] = string.format('%d', v) end end "
             "redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({c = prev, t = tonumber(ARGV[3])})) return 1")
     #: how long a report may wait on Redis (a health check calls it: Serve's timeout there is 30 s)
     TIMEOUT_S = 2.0
@@ -765,7 +769,10 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
         kw = {"resize_to": job.size} if job.size else {}
         start, end = job.window if job.window else (None, None)
         read_as = pinned.enter_context(opened_as_checked(job))     # the very file the request checked
-        src = VideoSource(read_as, fps=job.fps, start=start, end=end, **kw)
+        try:
+            src = VideoSource(read_as, fps=job.fps, start=start, end=end, **kw)
+        except BadArgument as e:                       # the request's own (a window after a still image's one
+            raise InvalidRequest(e.message) from None  # frame): as every route says the request's faults
         dur = src.info.duration_s
         if dur is not None and dur > job.max_duration_s and (job.window is None or
                                                               job.window[1] - job.window[0] > job.max_duration_s):
@@ -834,8 +841,6 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
             f"({type(e).__name__}); {frames_kept(frames)}"}
         # never the server's upload path, nor the name it stored the upload under (vid-....mp4): the
         # client's own name for the file, as every other error says it
-        if err["code"] == "E_BAD_ARGUMENT":           # the request's own (a window after a still image's one
-            err["code"] = "E_INVALID_REQUEST"          # frame): as every route says the request's faults
         shown = _shown_name(job)
         err["message"] = err["message"].replace(read_as, shown).replace(job.path, shown)
         if job.delete_after:                           # an upload: its stored name is the job's, unique
@@ -944,14 +949,51 @@ def file_identity(st: os.stat_result) -> list[int]:
     return [int(st.st_ino)]
 
 
+#: the folder name prefix of `opened_as_checked`'s links, one folder per decoder process (`_link_folder`)
+READ_LINKS_PREFIX = "lms-read-"
+
+
+def _link_folder() -> str | None:
+    """This process' folder for `opened_as_checked`'s links (0700, its own), made on first use; folders of
+    processes that are gone (a decoder killed mid-job never ran its clean-up) are removed on the way. None
+    when none can be made (a full or read-only temp folder)."""
+    import shutil
+    import tempfile
+    tmp = tempfile.gettempdir()
+    mine = os.path.join(tmp, f"{READ_LINKS_PREFIX}{os.getpid()}")
+    try:
+        for name in os.listdir(tmp):
+            pid = name[len(READ_LINKS_PREFIX):]
+            if name.startswith(READ_LINKS_PREFIX) and pid.isdigit() and int(pid) != os.getpid():
+                try:
+                    os.kill(int(pid), 0)
+                except ProcessLookupError:
+                    shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
+                except OSError:
+                    pass                                # another user's process: not ours to judge
+        try:
+            os.mkdir(mine, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(mine)                             # ours, a real folder, no one else's to write
+        if not (os.path.isdir(mine) and not os.path.islink(mine) and st.st_uid == os.getuid()
+                and st.st_mode & 0o077 == 0):
+            return None
+        return mine
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def opened_as_checked(job: "FileJob"):
-    """The path a `path` job's decoder reads: a link, in a folder of its own, to `/proc/self/fd/N` of the file
-    it opened, once that file is the one the request checked (`job.file_id`). The check was on the path and
-    the decoder opened it later, so a folder inside an allowed one replaced meanwhile by a link to elsewhere
-    had it read a file outside them. The open descriptor pins the file: FFmpeg's own opens reach the same one,
-    and the link keeps the file's name (FFmpeg tells some formats by their extension). Uploads (the service's
-    own files) and jobs without an identity: the path itself."""
+    """The path a `path` job's decoder reads: a link to `/proc/self/fd/N` of the file it opened, once that file
+    is the one the request checked (`job.file_id`, and, where `/proc` says, the same resolved path). The
+    check was on the path and the decoder opened it later, so a folder inside an allowed one replaced
+    meanwhile by a link to elsewhere had it read a file outside them. The open descriptor pins the file:
+    FFmpeg's own opens reach the same one, and the link, in a folder of this process' own, keeps the file's
+    name (FFmpeg tells some formats by their extension; without that folder, `/proc/self/fd/N` itself).
+    Uploads (the service's own files) and jobs without an identity: the path itself."""
+    import shutil
     import tempfile
     from lmcore.errors import PathNotAllowed
     from stream.decode import check_input_path
@@ -966,21 +1008,30 @@ def opened_as_checked(job: "FileJob"):
         raise
     folder = None
     try:
-        if file_identity(os.fstat(fd)) != list(job.file_id):
+        pinned = f"/proc/self/fd/{fd}"
+        have_proc = os.path.exists(pinned)
+        # the inode (unique within a file system only) and, where /proc shows it, the path the descriptor
+        # resolves to now: a folder swapped for a link to another file system cannot pass both
+        if file_identity(os.fstat(fd)) != list(job.file_id) or (have_proc and os.readlink(pinned) != job.path):
             raise PathNotAllowed(f"expected the file the request named, got another at {job.path} (the file or a "
                                  "folder along its path was replaced after the request was checked)")
-        pinned = f"/proc/self/fd/{fd}"
-        if not os.path.exists(pinned):     # no /proc (not Linux): the path, checked just now
+        if not have_proc:                   # no /proc (not Linux): the path, checked just now
             yield job.path
             return
-        folder = tempfile.mkdtemp(prefix="lms-read-")
-        link = os.path.join(folder, os.path.basename(job.path))
-        os.symlink(pinned, link)
+        parent = _link_folder()
+        if parent is not None:
+            try:
+                folder = tempfile.mkdtemp(dir=parent)
+                link = os.path.join(folder, os.path.basename(job.path))
+                os.symlink(pinned, link)
+            except OSError:
+                link = pinned
+        else:
+            link = pinned
         yield link
     finally:
         os.close(fd)
         if folder is not None:
-            import shutil
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -1163,11 +1214,21 @@ class FrameSampler:
         return True
 
 
-#: pictures over this many pixels are decoded at most two at a time in one process (each holds width x height
-#: x 3 bytes and more while it is converted): three sockets pushing 8000 x 8000 PNGs of 8 KB each took the
-#: Ingress, which serves every client, from 188 MB to 2.2 GB
+#: pictures over this many pixels are decoded at most two at a time in the Ingress, on threads of their own
+#: (`routes._decode_pushed`; each holds width x height x 3 bytes and more while it is converted): three sockets
+#: pushing 8000 x 8000 PNGs of 8 KB each took the Ingress, which serves every client, from 188 MB to 2.2 GB
 BIG_PICTURE_PIXELS = 1920 * 1080
-_BIG_DECODES = threading.BoundedSemaphore(2)
+
+
+def picture_pixels(data: bytes) -> int:
+    """Width x height of a pushed JPEG/PNG from its header alone (0 when it has none: `decode_image` says why)."""
+    import io
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:                                   # noqa: BLE001 - not a picture: decode_image tells it
+        return 0
 
 
 def decode_image(data: bytes, size: int | None) -> np.ndarray:
@@ -1185,11 +1246,6 @@ def decode_image(data: bytes, size: int | None) -> np.ndarray:
             w, h = im.size
             if w * h > MAX_PIXELS:
                 raise PayloadTooLarge(f"{too_big}{w}x{h}")
-            if w * h > BIG_PICTURE_PIXELS:
-                with _BIG_DECODES:
-                    rgb = np.asarray(im.convert("RGB"))
-                    rgb = rgb if size is None or rgb.shape[:2] == (size, size) else _nearest(rgb, size)
-                return rgb
             rgb = np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError as e:              # PIL refuses to open one far past our limit
         import re

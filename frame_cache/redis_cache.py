@@ -401,14 +401,6 @@ def _opt_int(b: bytes | None) -> int | None:
     return None if not b else int(b)
 
 
-def redact_redis_url(url: str) -> str:
-    """``url`` as written, its password hidden wherever redis-py takes one: ``user:***@`` and
-    ``?password=***`` (the form for ``unix://`` sockets). For what people and clients read."""
-    import re
-    from stream.live import redact_url
-    return re.sub(r"(?i)([?&]password=)[^&#]*", r"\1***", redact_url(url))
-
-
 def _safe_url(url: str) -> str:
     """``url`` without a password and without the query (for messages)."""
     p = urlsplit(url)

@@ -296,7 +296,7 @@ def _redact(url: str | None) -> str | None:
     """A cache URL without its password (`user:***@`, `?password=***`)."""
     if url is None:
         return None
-    from frame_cache.redis_cache import redact_redis_url
+    from lmcore.urls import redact_redis_url
     return redact_redis_url(url)
 
 

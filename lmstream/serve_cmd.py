@@ -279,7 +279,7 @@ def _mark_jobs_interrupted(settings) -> None:
 
 
 def _shown_redis(url: str) -> str:
-    from frame_cache.redis_cache import redact_redis_url
+    from lmcore.urls import redact_redis_url
     return redact_redis_url(url)
 
 

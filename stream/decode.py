@@ -1149,6 +1149,7 @@ class VideoSource:
                     continue
                 for frame in frames:
                     report.frames_decoded += 1
+                    _check_pixels(self.path, frame.width, frame.height, self.max_pixels, "frames")  # as decoded
                     try:
                         rgb = self._picture(frame, report, 0.0)
                     except (av.FFmpegError, ValueError) as exc:

@@ -94,8 +94,9 @@ import av.error
 import numpy as np
 
 from lmcore.errors import BadArgument, InputNotFound, LmsError, NotAVideo, NoVideoStream, PayloadTooLarge
+from lmcore.urls import redact_url  # the one redaction: here, in the service's records and messages
 
-from .decode import MAX_PIXELS, Frame
+from .decode import MAX_IMAGE_PIXELS, MAX_PIXELS, Frame
 
 __all__ = ["STATUSES", "RtspSource", "PushSource", "redact_url"]
 
@@ -181,20 +182,6 @@ def _check_backoff(backoff) -> tuple[float, ...]:
     if isinstance(backoff, (str, bytes)) or not isinstance(backoff, Sequence) or not backoff:
         raise BadArgument(f"expected backoff to be a non-empty sequence of seconds, got {backoff!r}")
     return tuple(_check_seconds("each backoff delay", d, allow_zero=True) for d in backoff)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages, logs and status; the one redaction, the
-    service's routes use it too). The password is everything from the first ":" to the last "@" of the
-    part after "//" up to the next "/": one holding an unescaped "@", "?" or "#" is hidden whole (urlsplit
-    ends the user part at the last "@" but the host at "?" or "#"; a regex at the first "@"). The rest
-    stays as written (host case, a port that is not a number): a URL too odd for urlsplit is still shown."""
-    head, sep, rest = url.partition("//")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, host = authority.rpartition("@")
-    if not (sep and at and ":" in userinfo):
-        return url
-    return f"{head}//{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 def _host_port(host: str, port: int) -> str:
@@ -1233,7 +1220,9 @@ class PushSource(_LiveSource):
             as above), and `push_stream` waits for the demuxer as long as the consumer keeps
             taking frames: a file pushed faster than real time loses nothing, its pusher is
             held back instead. None (default): drop at once, as for pictures.
-        max_pixels: largest picture accepted (width x height), pushed or decoded.
+        max_pixels: largest picture accepted (width x height), pushed or decoded (default:
+            a pushed picture 8192 x 8192, a byte stream's frame DCI 8K, as files' still
+            images and video frames: `stream.decode.MAX_IMAGE_PIXELS`, `MAX_PIXELS`).
         clock: monotonic seconds (arrival times, ``lag_s``).
         stall_after_s: no frame pushed for this long -> status ``"stalled"`` (None: never).
         chunk_timeout_s: longest `push_stream` waits for the demuxer to take a chunk.
@@ -1243,10 +1232,11 @@ class PushSource(_LiveSource):
     _name = "PushSource"
 
     def __init__(self, fps: float | None = 1.0, resize_to: int | None = None, max_queue: int = 16, *,
-                 max_pixels: int = MAX_PIXELS, clock: Callable[[], float] = time.monotonic,
+                 max_pixels: int | None = None, clock: Callable[[], float] = time.monotonic,
                  stall_after_s: float | None = None, chunk_timeout_s: float = 10.0,
                  container_format: str | None = None, wait_for_room_s: float | None = None):
-        self.max_pixels = _check_count("max_pixels", max_pixels)
+        self.max_pixels = _check_count("max_pixels", max_pixels) if max_pixels is not None else MAX_PIXELS
+        self.max_image_pixels = self.max_pixels if max_pixels is not None else MAX_IMAGE_PIXELS
         self.wait_for_room_s = _check_seconds("wait_for_room_s", wait_for_room_s) if wait_for_room_s else None
         stall = _check_seconds("stall_after_s", stall_after_s) if stall_after_s is not None else None
         self.chunk_timeout_s = _check_seconds("chunk_timeout_s", chunk_timeout_s)
@@ -1353,8 +1343,8 @@ class PushSource(_LiveSource):
             if fmt not in _IMAGE_FORMATS:
                 raise NotAVideo(f"expected a JPEG, PNG or WebP picture, got {fmt or 'an unknown'} image")
             w, h = im.size
-            if w * h > self.max_pixels:
-                raise PayloadTooLarge(f"expected a picture of at most {self.max_pixels} pixels, got "
+            if w * h > self.max_image_pixels:
+                raise PayloadTooLarge(f"expected a picture of at most {self.max_image_pixels} pixels, got "
                                       f"{w}x{h} = {w * h}")
             if w == 0 or h == 0:
                 raise NotAVideo(f"expected a picture with pixels, got {w}x{h}")

@@ -750,11 +750,15 @@ def test_pictures_over_max_pixels_are_refused_before_they_are_decoded(tmp_path, 
         VideoSource(clip, max_pixels=1000)
     assert len(list(VideoSource(clip, max_pixels=1024, fps=None))) == 5
     assert VideoSource(clip).max_pixels == decode_mod.MAX_PIXELS == 8192 * 4320
-    src = VideoSource(clip, fps=1.0)                     # a frame larger than the header said: refused as decoded
-    src.max_pixels = 1000
-    with pytest.raises(PayloadTooLarge, match=r"expected frames of at most 1000 pixels"):
+    src = VideoSource(clip, fps=1.0, start=0.02)         # a frame larger than the header said: refused as decoded,
+    src.max_pixels = 1000                                # at the first frame (at 0 s, before the window), not the
+    with pytest.raises(PayloadTooLarge, match=r"expected frames of at most 1000 pixels"):     # first sampled one
         list(src)
-    assert src.report.frames_decoded == 1                # at the first frame, not the first sampled one only
+    assert src.report.frames_decoded == 1 and src.report.frames_sampled == 0
+    still = VideoSource(photo)                           # a still image's decoded frame too
+    still.max_pixels = 1000
+    with pytest.raises(PayloadTooLarge, match=r"expected frames of at most 1000 pixels, got 8000x6000"):
+        list(still)
     with pytest.raises(BadArgument, match="max_pixels"):
         VideoSource(clip, max_pixels=0)
 

@@ -371,11 +371,16 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
     # an older report arriving after a newer one (the health check's thread and a batch's) takes nothing away
     assert core.stats.report({"encoder_frames": 3, "encoder_batches": 1}, {}) is True
     assert scrape()["lms_encoder_frames_total"] == 14
+    # byte counters past 10**14 stay exact (cjson keeps 14 digits of a number): resends add exactly nothing
+    big = ReplicaStats(redis_server.url, "answerer")
+    for n in (10**14 + 7, 10**14 + 9, 10**14 + 9):
+        assert big.report({"test_big_counter": n}, None)
+    assert int(store.r.hget(ReplicaStats.TOTALS, "test_big_counter")) == 10**14 + 9
 
     # a replica silent for TTL_S is no longer counted, and its entry is removed
     totals, roles = ReplicaStats.read(store.r, now=time.time() + ReplicaStats.TTL_S + 1)
     assert roles == {} and totals["encoder_frames"] == 14 and store.r.hlen(ReplicaStats.REPLICAS) == 0
-    assert store.r.hlen(ReplicaStats.SENT) == 3          # kept a week: a late resend still adds nothing
+    assert store.r.hlen(ReplicaStats.SENT) == 4          # kept a week: a late resend still adds nothing
     ReplicaStats.read(store.r, now=time.time() + ReplicaStats.SENT_TTL_S + 1)
     assert store.r.hlen(ReplicaStats.SENT) == 0
 
@@ -492,7 +497,7 @@ def test_a_redis_password_is_not_shown_in_the_errors_clients_read():
         with pytest.raises(CacheUnavailable) as e:
             store.ids()
         assert "S3cretPW" not in str(e.value) and "redis://:***@127.0.0.1:1/0" in str(e.value), e.value
-    from frame_cache.redis_cache import redact_redis_url      # the form for unix sockets, in the query too
+    from lmcore.urls import redact_redis_url      # the form for unix sockets, in the query too
     assert redact_redis_url("unix:///tmp/r.sock?db=0&password=S3cretPW") == "unix:///tmp/r.sock?db=0&password=***"
 
 
@@ -547,13 +552,13 @@ def test_streams_started_together_cannot_pass_max_live_streams(redis_server):
 def test_pushed_pictures_over_8k_are_refused_and_big_ones_decoded_two_at_a_time(monkeypatch):
     """A pushed frame is bounded as a file's still images are (8192 x 8192), and pictures over
     BIG_PICTURE_PIXELS are decoded at most two at a time (three sockets of 8000 x 8000 PNGs took the Ingress
-    to 2.2 GB); small ones never wait."""
+    to 2.2 GB), on threads of their own: small ones never wait behind them."""
+    import asyncio
     import io
-    import threading as th
     import numpy as np
     import pytest
     from PIL import Image
-    from deploy import serving
+    from deploy import routes, serving
     from lmcore.errors import PayloadTooLarge
 
     def png(w, h, mode="RGB"):
@@ -562,29 +567,38 @@ def test_pushed_pictures_over_8k_are_refused_and_big_ones_decoded_two_at_a_time(
         return buf.getvalue()
     with pytest.raises(PayloadTooLarge, match=r"at most 67108864 pixels \(8192x8192\), got 9000x8000"):
         serving.decode_image(png(9000, 8000, "1"), 64)
-    small = serving.decode_image(png(40, 30), 16)
-    assert small.shape == (16, 16, 3) and small.dtype == np.uint8
+    small_png, big_png = png(40, 30), png(2000, 1200)
+    assert serving.picture_pixels(big_png) == 2000 * 1200 > serving.BIG_PICTURE_PIXELS
+    assert serving.picture_pixels(b"not a picture") == 0
 
     inside, most = [0], [0]
-    lock = th.Lock()
     real = serving._nearest
+    lock = threading.Lock()
 
-    def slow_nearest(rgb, size):                 # a big picture's decode, held open to see who overlaps
-        with lock:
-            inside[0] += 1
-            most[0] = max(most[0], inside[0])
-        time.sleep(0.2)
-        with lock:
-            inside[0] -= 1
+    def slow_nearest(rgb, size):                 # a decode, held open to see who overlaps and who waits
+        big = rgb.shape[0] > 100
+        if big:
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.3)
+            with lock:
+                inside[0] -= 1
         return real(rgb, size)
     monkeypatch.setattr(serving, "_nearest", slow_nearest)
-    big = png(2000, 1200)                                                  # over BIG_PICTURE_PIXELS
-    ts = [th.Thread(target=serving.decode_image, args=(big, 64)) for _ in range(5)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert most[0] == 2, most
+
+    async def run():
+        bigs = [asyncio.ensure_future(routes._decode_pushed(big_png, 64)) for _ in range(6)]
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        small = await routes._decode_pushed(small_png, 16)
+        waited = time.monotonic() - t0
+        await asyncio.gather(*bigs)
+        return small, waited
+    small, waited = asyncio.run(run())
+    assert small.shape == (16, 16, 3) and small.dtype == np.uint8
+    assert most[0] == 2 and waited < 0.25, (most, waited)     # 6 big ones take 0.9 s; the small one did not wait
+
 
 
 def test_frames_the_encoder_did_not_store_are_counted_told_and_a_gap(redis_server):
@@ -778,6 +792,7 @@ def test_a_path_job_reads_the_file_its_request_checked(tmp_path):
     """The allowed-folder check resolved the path at the request and the decoder opened it later: a folder
     inside an allowed one replaced meanwhile by a link to elsewhere had a file outside ingested. The decoder
     now opens the file, checks it is the one the request checked, and reads it through that descriptor."""
+    from pathlib import Path
     import pytest
     from deploy.serving import FileJob, check_allowed, check_regular_file, opened_as_checked
     from lmcore.errors import InputNotFound, PathNotAllowed
@@ -799,8 +814,18 @@ def test_a_path_job_reads_the_file_its_request_checked(tmp_path):
     with pytest.raises(PathNotAllowed, match="was replaced after the request was checked"):
         with opened_as_checked(job):                        # swapped before the decoder opened it
             pass
+    import subprocess
+    import sys
+    import tempfile
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()                                             # a decoder killed mid-job left its links' folder
+    left = Path(tempfile.gettempdir()) / f"lms-read-{gone.pid}"
+    (left / "x").mkdir(parents=True, exist_ok=True)
     (allowed / "d").unlink()
     (allowed / "d.orig").rename(allowed / "d")
+    with opened_as_checked(job) as read_as:                 # the next job's decoder removes it
+        assert Path(read_as).parent.parent == Path(tempfile.gettempdir()) / f"lms-read-{os.getpid()}"
+    assert not left.exists()
     with open(allowed / "d" / "clip.mp4", "ab") as f:       # grown since the request: still the same file
         f.write(b"\0")
     with opened_as_checked(job) as read_as:
@@ -812,3 +837,33 @@ def test_a_path_job_reads_the_file_its_request_checked(tmp_path):
     upload = FileJob(job_id="vid-y", path=str(outside / "clip.mp4"), delete_after=True)
     with opened_as_checked(upload) as read_as:              # the service's own upload: read by its path
         assert read_as == upload.path
+
+
+def test_a_question_whose_call_fails_at_once_gives_its_slot_back(redis_server):
+    """The question slot was taken before the call to the Answerer was made, outside the block that gives it
+    back: a handle that raised at once (shut down as the service stops) kept the slot for good; 16 such made
+    every question 429, and the stop's drain waited its whole deadline for them."""
+    import types
+    from fastapi.testclient import TestClient
+    from deploy import routes
+    from deploy.serving import JobStore, LiveStore
+    from deploy.settings import Settings
+
+    store = JobStore(redis_server.url)
+    store.create("v-2", {"status": "ready", "frames": 10, "progress": 1.0, "duration_s": 10.0})
+
+    def answer_events(req):                               # raises when called, before any iteration
+        raise RuntimeError("the handle is shut down")
+    b = types.SimpleNamespace(settings=Settings(redis_url=redis_server.url, api_keys=["k"]), store=store,
+                              live=LiveStore(redis_server.url), answer_events=answer_events)
+    prev, before = routes.current_backend(), routes._questions()
+    routes.set_backend(b)
+    try:
+        with TestClient(routes.build_api(), raise_server_exceptions=False) as c:
+            r = c.post("/v1/videos/v-2/questions", json={"question": "what colour?"},
+                       headers={"Authorization": "Bearer k"})
+            assert r.status_code == 500, r.text
+        assert routes._questions() == before
+    finally:
+        routes.set_backend(prev)
+        store.delete("v-2")
