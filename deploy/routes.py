@@ -1042,6 +1042,9 @@ def build_api() -> FastAPI:
                         first = time.perf_counter() - t0
                         metrics.ttft.observe(first)
                 elif ev["type"] == "answer":
+                    if first is None:        # an answer with no token (`choices`): its time counts too
+                        first = time.perf_counter() - t0
+                        metrics.ttft.observe(first)
                     metrics.questions.labels(kind).inc()
                     if extra:
                         ev = {**ev, **extra}

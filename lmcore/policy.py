@@ -28,8 +28,8 @@ class FusionPolicy:
         s = str(spec).strip().lower()
         if s == "exact":
             return cls()
-        if s.startswith("budget"):
-            _, _, n = s.partition(":")
+        head, _, n = s.partition(":")
+        if head.strip() == "budget":             # ("budgetx:5" was read as budget:5)
             try:
                 k = int(n or 512)
             except ValueError:

@@ -5,7 +5,7 @@
                  [--window START:END] [--policy exact|budget:N] [--kv exact|fp8] [--json]
                  [--cache redis://HOST:PORT/DB [--stream ID]]
     lmstream ask --stream ID "question" --cache redis://...   # ask again, nothing re-encoded
-    lmstream cache ls|info|rm [ID] --cache redis://...        # streams kept in a cache
+    lmstream cache ls --cache redis://... ; cache info|rm ID --cache redis://...   # streams kept in a cache
     lmstream make-tiny DIR                          # a random checkpoint in the official layout
 
 Arguments are checked (and the video opened) before the model loads, so a typo costs

@@ -98,8 +98,10 @@ class CachedFrames:
                            + (f" ({win.dropped_before} were overwritten already)" if win.dropped_before else
                               stored_span_words(cache, stream_id, start, end)))
         seqs, pts, toks, kv, meta = [], [], [], [], None
+        light = 0
         for ch in win.chunks(cache, read_chunk, light=True, prefetch=prefetch):
             for q, p, b in zip(ch.seqs, ch.pts, ch.blobs):
+                light += len(b)
                 r = decode_record(b)
                 if meta is None:
                     meta = r.meta
@@ -129,6 +131,9 @@ class CachedFrames:
         self._n_cached = self.n_vision_rows + sum(1 for i in self.prefix_ids if i > 0)
         self.bytes_read = 0
         self.bytes_local = 0                 # of which from a local keys/values tier (frame_cache.local_tier)
+        # the light records read here, every frame's (its token, and its fused prefix rows, which only a
+        # watch's answer uses): not keys/values, not in `bytes_read`
+        self.light_bytes_read = light
 
     def __len__(self) -> int:
         return len(self.seqs)

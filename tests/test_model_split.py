@@ -116,6 +116,12 @@ def test_budget_policy_is_explicit(tiny_model):
     # budget over a subset == exact fusion on that subset for the text average: check through the oracle
     idx = FusionPolicy.parse("budget:4").frames(12)
     assert idx.tolist() == [0, 4, 7, 11]
+    # a policy is read whole: "budgetx:5" was taken as budget:5
+    import pytest
+    from lmcore.errors import BadArgument
+    with pytest.raises(BadArgument, match="got 'budgetx:5'"):
+        FusionPolicy.parse("budgetx:5")
+    assert FusionPolicy.parse(" Budget: 64 ").max_fused_frames == 64      # case and spaces, as ever
 
 
 def test_states_select_window_cat(tiny_model):
