@@ -1106,9 +1106,11 @@ def build_api() -> FastAPI:
 
 
 async def _video_question(b: Backend, d: dict, req_of) -> dict:
-    """A question's request over video record `d` (`req_of(gaps)` makes it): a ready video, or what a
-    failed job stored, its answer then carrying `job` (its status) and the span never stored in `gaps`.
-    The video question routes' and a `/v1/live` socket's attached to a video."""
+    """A question's request over video record `d` (`req_of(gaps)` makes it): a ready video, or what a job
+    still ingesting or one that failed has stored, its answer then carrying `job` (its status, progress) and
+    the span not stored in `gaps`; an ingesting job's answer reads the frames stored when the question came
+    (`until`), so that span is the one missing from it. The video question routes' and a `/v1/live`
+    socket's attached to a video."""
     newest, stored = None, None
     if d["status"] != "ready":
         from frame_cache import StreamNotFound
@@ -1121,7 +1123,9 @@ async def _video_question(b: Backend, d: dict, req_of) -> dict:
     gaps, job = video_answer_context(d, newest)
     req = req_of(gaps)
     if job is not None:
-        req["answer_extra"] = {"job": job}
+        req["answer_extra"] = {"job": {**job, "frames": max(job["frames"], stored or 0)}}
+        if d["status"] == "ingesting":
+            req["until"] = newest
     return req
 
 

@@ -515,22 +515,28 @@ class AnswerCore:
         if self.tier is not None:
             self.tier.forget(stream_id)
 
-    def bounds(self, stream_id: str, window=None, last_s: float | None = None) -> tuple[float | None, float | None]:
+    def bounds(self, stream_id: str, window=None, last_s: float | None = None,
+               until: float | None = None) -> tuple[float | None, float | None]:
         """(start, end) in stream seconds of a question's window: `window` [s, e), or the newest
-        `last_s` seconds (newest - last_s, newest], or everything (None, None)."""
+        `last_s` seconds (newest - last_s, newest], or everything (None, None). `until`: frames after it
+        are left out (a job still ingesting: what it had stored when the question came, which its answer's
+        gaps say the rest of)."""
+        cap = None if until is None else float(until) + 1e-6          # half-open: the frame at `until` is in
         if window is not None:
-            return float(window[0]), float(window[1])
+            start, end = float(window[0]), float(window[1])
+            return start, end if cap is None else min(end, cap)
         if last_s is None:
-            return None, None
+            return None, cap
         info = self.cache.stream_info(stream_id)
         if info.count == 0:
             raise NoFrames(f"expected stored frames of stream {stream_id!r} in its newest {float(last_s):g} s, "
                            "got none: it has no frame yet")
-        return info.newest_pts - float(last_s) + 1e-6, None     # 30 frames at 1 fps for last_s 30
+        newest = info.newest_pts if until is None else min(info.newest_pts, float(until))
+        return newest - float(last_s) + 1e-6, cap     # 30 frames at 1 fps for last_s 30
 
-    def window(self, stream_id: str, window=None, last_s: float | None = None):
+    def window(self, stream_id: str, window=None, last_s: float | None = None, until: float | None = None):
         from stream.window import CachedFrames
-        start, end = self.bounds(stream_id, window, last_s)
+        start, end = self.bounds(stream_id, window, last_s, until)
         try:
             return CachedFrames(self.reader, stream_id, start, end, dtype=self.model.dtype)
         except NoFrames as e:
@@ -573,16 +579,18 @@ class AnswerCore:
 
     def answer(self, stream_id: str, question: str, *, window=None, last_s=None, policy: str = "exact",
                max_tokens: int = 64, gaps=(), sampling: dict | None = None, watch: str | None = None,
-               choices: list[str] | None = None, stop: list[str] | None = None) -> Iterator[dict]:
+               choices: list[str] | None = None, stop: list[str] | None = None,
+               until: float | None = None) -> Iterator[dict]:
         """Events: {"type": "token", "text", "token_id"} ... {"type": "answer", **answer fields}.
         `gaps`: the stream's recorded ones (outages, frames shed or lost, decode damage); `stop`: strings
-        that end generation where one is first complete (the chat route's `stop`)."""
+        that end generation where one is first complete (the chat route's `stop`); `until`: the newest frame
+        time to read (`bounds`)."""
         t0 = time.perf_counter()
         if watch is not None:
             src = self.watch_source(stream_id, watch, question, window, last_s)
             src.time_span, src.bytes_read = (float(src.pts[0]), float(src.pts[-1])), 0
         else:
-            src = self.window(stream_id, window, last_s)
+            src = self.window(stream_id, window, last_s, until)
         window_s = time.perf_counter() - t0         # every frame's light record read: its own line of the timings
         # the stream's gaps in the window asked about, not only between its first and last stored frame: a
         # truncated file's missing tail, or an outage going on after the newest frame, is a gap of the answer
@@ -1062,28 +1070,30 @@ def video_status(d: dict) -> dict:
 
 
 def require_answerable(d: dict, stored: int | None = None) -> None:
-    """A video's questions are answered once it is ready, and over what a failed job stored (its answers
-    carry the job's status, `video_answer_context`); 409 `E_NOT_READY` while it is queued or ingesting,
-    or when it failed before storing a frame. `stored`: the frames its ring holds (the cache's count; the
-    record's `frames` lags by one progress update), else the record's."""
+    """A video's questions are answered once it is ready, and over what a job still ingesting or one that
+    failed has stored (its answers carry the job's status, `video_answer_context`: a 3-hour file was 409 for
+    its whole ingest, over frames stored already); 409 `E_NOT_READY` while it is queued or before it stored a
+    frame. `stored`: the frames its ring holds (the cache's count; the record's `frames` lags by one
+    progress update), else the record's."""
     st = d["status"]
     if stored is None:
         stored = int(d.get("frames") or 0)
-    if st == "ready" or (st == "failed" and stored > 0):
+    if st == "ready" or (st in ("failed", "ingesting") and stored > 0):
         return
     if st == "failed":
         err = d.get("error") or {}
         raise NotReady(f"expected video {d['id']!r} to be ready or to have stored frames, got status 'failed' with "
                        f"no frame stored: {err.get('code')} {err.get('message')}")
-    raise NotReady(f"expected video {d['id']!r} to be ready, got status {st!r} (GET /v1/videos/{d['id']} says its "
-                   "progress)")
+    raise NotReady(f"expected video {d['id']!r} to be ready or to have stored frames, got status {st!r} with none "
+                   f"stored yet (GET /v1/videos/{d['id']} says its progress)")
 
 
 def video_answer_context(d: dict, newest_pts: float | None) -> tuple[list, dict | None]:
-    """(gaps, job) for a question over video `d`: its decode gaps, and for a job that failed part way
-    the span it never stored, `[pts of its last stored frame, end]` (end: the job's window end, no later than
-    the file's duration; no such gap when neither is known or nothing is missing), with `job` = {"status",
-    "error", "frames", "progress"} for the answer to carry. A ready video: its gaps and None."""
+    """(gaps, job) for a question over video `d`: its decode gaps, and for a job still ingesting or one that
+    failed part way the span it has not stored, `[pts of its last stored frame, end]` (end: the job's window
+    end, no later than the file's duration; no such gap when neither is known or nothing is missing), with
+    `job` = {"status", "error", "frames", "progress"} for the answer to carry. A ready video: its gaps and
+    None."""
     gaps = [list(g) for g in d.get("gaps") or []]
     if d["status"] == "ready":
         return gaps, None

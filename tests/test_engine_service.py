@@ -867,3 +867,27 @@ def test_a_question_whose_call_fails_at_once_gives_its_slot_back(redis_server):
     finally:
         routes.set_backend(prev)
         store.delete("v-2")
+
+
+def test_a_question_over_a_job_still_ingesting_reads_only_what_was_stored_when_it_came():
+    """An ingesting job's answer reads the frames stored when the question came (`until`): frames the job
+    stores meanwhile are not in it, so the gap its answer gives for the rest, from that newest frame on,
+    holds none of the frames it answered from."""
+    import types
+    from deploy.serving import AnswerCore
+    from frame_cache.memory import InProcessFrameCache
+    cache = InProcessFrameCache()
+    cache.create_stream("ing", 64)
+    from frame_cache import FrameRecord
+    for t in range(10):
+        cache.append("ing", FrameRecord(pts=float(t), tensors={"token": torch.zeros(1, 4)}, meta={}))
+    core = types.SimpleNamespace(cache=cache)
+    bounds = lambda **kw: AnswerCore.bounds(core, "ing", **kw)                    # noqa: E731
+    assert bounds() == (None, None)
+    assert bounds(until=6.0) == (None, 6.0 + 1e-6)                                 # frames 0..6
+    assert bounds(window=[2, 8], until=6.0) == (2.0, 6.0 + 1e-6)
+    assert bounds(window=[2, 5], until=6.0) == (2.0, 5.0)
+    start, end = bounds(last_s=3, until=6.0)                                         # the newest 3 s of 0..6
+    assert abs(start - (3.0 + 1e-6)) < 1e-9 and end == 6.0 + 1e-6
+    start, end = bounds(last_s=3)
+    assert abs(start - (6.0 + 1e-6)) < 1e-9 and end is None

@@ -1986,8 +1986,8 @@ def test_booleans_and_numbers_in_request_bodies_are_strict(service, uploaded, me
 
 def test_a_socket_attached_to_a_video_answers_as_the_video_route(service, uploaded):
     """A video's id names no stream, but `/v1/live` `attach` takes one (to ask about a file over the
-    socket): the answer is the one POST /v1/videos/{id}/questions gives (it skipped the video's checks
-    and context: a job still ingesting answered instead of 409)."""
+    socket): the answer is the one POST /v1/videos/{id}/questions gives, its checks and context included
+    (a queued job is 409 on both; one ingesting answers over its stored frames on both)."""
     import asyncio
     import websockets
     vid, q = uploaded["id"], {"question": "what is in the video ?", "max_tokens": 4, "last_s": 20}
@@ -2009,8 +2009,18 @@ def test_a_socket_attached_to_a_video_answers_as_the_video_route(service, upload
         assert got[k] == want[k], (k, got, want)
     from deploy.serving import JobStore
     jobs = JobStore(service.redis_url)
-    try:                                                  # a job still ingesting: 409 on both
+    try:
+        # a job still ingesting: both answer over the frames it has stored, saying so (a 3-hour file was 409
+        # for its whole ingest), the span not stored yet a gap
         got = asyncio.run(socket(then=lambda: jobs.update(vid, status="ingesting")))
+        with service.client() as c:
+            http = c.post(f"/v1/videos/{vid}/questions", json=q).json()
+        assert got["job"]["status"] == http["job"]["status"] == "ingesting" and got["job"]["frames"] == 40, got
+        for k in ("text", "frames", "time_span", "gaps", "policy"):
+            assert got[k] == http[k], (k, got, http)
+        assert got["gaps"][-1][0] == 39.0, got
+        # queued, nothing stored for it yet: 409 on both
+        got = asyncio.run(socket(then=lambda: jobs.update(vid, status="queued")))
         with service.client() as c:
             e = _err(c.post(f"/v1/videos/{vid}/questions", json=q))
         assert e["status"] == 409 and got["code"] == e["code"] == "E_NOT_READY", (got, e)
@@ -2704,3 +2714,11 @@ def test_a_failed_jobs_missing_span_ends_with_the_file_and_its_frames_are_the_ri
     require_answerable(d, stored=5)                  # the ring holds frames the record does not count yet
     with pytest.raises(NotReady):
         require_answerable({**d, "frames": 3}, stored=0)
+    # a job still ingesting answers over what it has stored (the rest a gap); queued, or nothing stored: 409
+    ing = {**d, "status": "ingesting", "error": None}
+    require_answerable(ing, stored=5)
+    assert video_answer_context(ing, 12.0) == ([[12.0, 30.0]], {"status": "ingesting", "error": None, "frames": 0,
+                                                                "progress": 0.0})
+    for st, n in (("ingesting", 0), ("queued", 0)):
+        with pytest.raises(NotReady, match="with none stored yet"):
+            require_answerable({**d, "status": st}, stored=n)
