@@ -43,6 +43,7 @@ from .serving import (
     answer_events_in_thread,
     error_dict,
     frames_kept,
+    job_progress,
     run_file_job,
     run_rtsp_stream,
     stored_frames,
@@ -659,7 +660,7 @@ class RayBackend:
         start = float(window[0]) if window else 0.0
         end = float(window[1]) if window else d.get("duration_s")
         if info.count and end and end > start:         # how far the stored frames reach, as a running job's
-            progress = round(max(min(0.999, (info.newest_pts - start) / (end - start)), 0.0), 4)
+            progress = job_progress(info.newest_pts, start, end - start)
         return max(known, int(info.count)), progress
 
     async def encode(self, items: list[EncodeItem]) -> list[dict]:

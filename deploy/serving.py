@@ -765,6 +765,12 @@ class FileJob:
                 pass
 
 
+def job_progress(newest_pts: float, start: float, span: float | None) -> float:
+    """How far a job's stored frames reach: the newest one's place in its window (or file) of `span` seconds
+    from `start`, in [0, 0.999] (1.0 only once the job is ready); 0.0 when the span is unknown."""
+    return round(max(min(0.999, (newest_pts - start) / span), 0.0), 4) if span else 0.0
+
+
 def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]], store: JobStore, cache) -> dict:
     """Decode `job.path`, sample at `job.fps`, hand batches to `encode`, keep `store` current.
     Returns the final job record. Never raises for bad input: the job ends `failed` with the
@@ -813,7 +819,7 @@ def run_file_job(job: FileJob, encode: Callable[[list[EncodeItem]], list[dict]],
                 raise LmsError(err["message"], code=err["code"])
             seq += len(res["seqs"])
             frames += len(res["seqs"])
-            progress = round(max(min(0.999, (pts[-1] - (start or 0.0)) / span) if span else 0.0, 0.0), 4)
+            progress = job_progress(pts[-1], start or 0.0, span)
             buf.clear()
             pts.clear()
 
@@ -966,10 +972,19 @@ def file_identity(st: os.stat_result) -> list[int]:
 READ_LINKS_PREFIX = "lms-read-"
 
 
+_LINK_FOLDER: list[str | None] = []            # `_link_folder`'s answer, once per process
+
+
 def _link_folder() -> str | None:
     """This process' folder for `opened_as_checked`'s links (0700, its own), made on first use; folders of
-    processes that are gone (a decoder killed mid-job never ran its clean-up) are removed on the way. None
-    when none can be made (a full or read-only temp folder)."""
+    processes that are gone (a decoder killed mid-job never ran its clean-up) are removed then, once per
+    process, not at every job. None when none can be made (a full or read-only temp folder)."""
+    if not _LINK_FOLDER:
+        _LINK_FOLDER.append(_make_link_folder())
+    return _LINK_FOLDER[0]
+
+
+def _make_link_folder() -> str | None:
     import shutil
     import tempfile
     tmp = tempfile.gettempdir()
@@ -1252,14 +1267,14 @@ def decode_image(data: bytes, size: int | None) -> np.ndarray:
     import io
     from PIL import Image, UnidentifiedImageError
     from lmcore.errors import NotAVideo
-    from stream.decode import MAX_IMAGE_PIXELS as MAX_PIXELS
-    too_big = f"expected a frame of at most {MAX_PIXELS} pixels (8192x8192), got "
+    from stream.decode import MAX_IMAGE_PIXELS
+    too_big = f"expected a frame of at most {MAX_IMAGE_PIXELS} pixels (8192x8192), got "
     try:
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in ("JPEG", "PNG", "WEBP"):
                 raise NotAVideo(f"expected a JPEG or PNG frame, got {im.format} data")
             w, h = im.size
-            if w * h > MAX_PIXELS:
+            if w * h > MAX_IMAGE_PIXELS:
                 raise PayloadTooLarge(f"{too_big}{w}x{h}")
             rgb = np.asarray(im.convert("RGB"))
     except Image.DecompressionBombError as e:              # PIL refuses to open one far past our limit

@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 
 from lmcore.errors import BadArgument, ServiceUnavailable
+from lmcore.urls import redact_redis_url
 
 
 def add_parser(sub) -> None:
@@ -227,7 +228,7 @@ def cmd_serve(args) -> int:
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
         ready = True
         print(json.dumps({"url": url, "api_key": generated or "(from --api-key / LMSTREAM_API_KEYS)",
-                          "redis": _shown_redis(settings.redis_url)}), file=ours, flush=True)   # no password
+                          "redis": redact_redis_url(settings.redis_url)}), file=ours, flush=True)   # no password
         print(f"lmstream: serving {settings.model} at {url}" +
               (f"\nAPI key: {generated}" if generated else ""), file=sys.stderr, flush=True)
         while True:
@@ -276,11 +277,6 @@ def _mark_jobs_interrupted(settings) -> None:
     if failed:
         print(f"lmstream: {len(failed)} video job(s) interrupted: marked failed (E_INTERRUPTED), their frames "
               f"stay: {' '.join(failed)}", file=sys.stderr)
-
-
-def _shown_redis(url: str) -> str:
-    from lmcore.urls import redact_redis_url
-    return redact_redis_url(url)
 
 
 def _drain_for_stop(serve) -> None:

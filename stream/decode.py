@@ -782,6 +782,13 @@ MAX_PIXELS = 8192 * 4320
 MAX_IMAGE_PIXELS = 8192 * 8192
 
 
+def _pixel_limit(max_pixels: int | None, is_image: bool) -> int:
+    """`max_pixels`, or the default for the file's kind: `MAX_IMAGE_PIXELS` for a still image, else `MAX_PIXELS`."""
+    if max_pixels is not None:
+        return max_pixels
+    return MAX_IMAGE_PIXELS if is_image else MAX_PIXELS
+
+
 def _limit_words(max_pixels: int) -> str:
     return {MAX_PIXELS: " (8192x4320, DCI 8K)", MAX_IMAGE_PIXELS: " (8192x8192)"}.get(max_pixels, "")
 
@@ -828,8 +835,7 @@ def _probe(path: str, container: av.container.InputContainer,
         if duration is not None and video_specific:      # the video's own length, from the file's start
             duration += _late_start(container, vs, fps)
     width, height = int(ctx.width or 0), int(ctx.height or 0)
-    if max_pixels is None:
-        max_pixels = MAX_IMAGE_PIXELS if is_image else MAX_PIXELS
+    max_pixels = _pixel_limit(max_pixels, is_image)
     _check_pixels(path, width, height, max_pixels)          # as declared, before a frame is decoded
     first = _peek_frame(container, vs)
     if first is not None:
@@ -1021,8 +1027,7 @@ class VideoSource:
         if self.info.is_image and self.start:
             raise BadArgument(f"expected a window that starts at 0 s for a still image (its one frame is at 0 s), "
                               f"got one from {self.start:g} s ({self.path})")
-        self.max_pixels = max_pixels if max_pixels is not None else (
-            MAX_IMAGE_PIXELS if self.info.is_image else MAX_PIXELS)
+        self.max_pixels = _pixel_limit(max_pixels, self.info.is_image)
         self.report = DecodeReport.from_info(self.info)
         self._unapplied: set[str] = set()  # orientations that could not be applied, reported once
         self._orient_by_rotation: dict[int, str | None] = {}  # frame.rotation -> how to put it upright

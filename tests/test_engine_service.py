@@ -794,6 +794,7 @@ def test_a_path_job_reads_the_file_its_request_checked(tmp_path):
     now opens the file, checks it is the one the request checked, and reads it through that descriptor."""
     from pathlib import Path
     import pytest
+    from deploy import serving
     from deploy.serving import FileJob, check_allowed, check_regular_file, opened_as_checked
     from lmcore.errors import InputNotFound, PathNotAllowed
     from stream.decode import VideoSource
@@ -823,6 +824,7 @@ def test_a_path_job_reads_the_file_its_request_checked(tmp_path):
     (left / "x").mkdir(parents=True, exist_ok=True)
     (allowed / "d").unlink()
     (allowed / "d.orig").rename(allowed / "d")
+    serving._LINK_FOLDER.clear()                            # a decoder process started after it: sweeps once
     with opened_as_checked(job) as read_as:                 # the next job's decoder removes it
         assert Path(read_as).parent.parent == Path(tempfile.gettempdir()) / f"lms-read-{os.getpid()}"
     assert not left.exists()
