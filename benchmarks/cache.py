@@ -12,9 +12,16 @@ sizes (DESIGN section 4: token 8 KB + 4 pre-fusion layers x 8 heads x (577 + 45)
 and values in bf16 + 45 fused prefix rows: 10.6 MB; fp8 keys/values with per-head scales: 5.5 MB).
 Records are made of random bytes of the real tensor shapes and dtypes.
 
-The last table is what that means for an exact question over 10,000 frames at 8B: the
+The next table is what that means for an exact question over 10,000 frames at 8B: the
 keys/values it must read (10,000 x the record) divided by the measured chunked-read rate of
 each backend: an extrapolation from the measured rate, labelled as such.
+
+The last table is what every question reads of every frame of its window before it fuses any
+(`stream.window.CachedFrames`: each frame's vision token for the LLM), over a window of
+``--frames-window`` frames (10,000) stored without keys/values: each frame's token record
+(`record.token_record`, what it reads now) against its light record (`record.light_record`: the
+token and the fused prefix rows, what it read before the token copies), both read in the same run,
+alternated, median of the repeats, every record decoded and its token taken.
 """
 from __future__ import annotations
 
@@ -92,13 +99,43 @@ def measure(cache, rec, frames: int, batch: int, chunk: int, repeats: int) -> di
             "append_MBps": frames * nbytes / a / 1e6, "read_MBps": frames * nbytes / b / 1e6}
 
 
+def window_reads(cache, rec, frames: int, chunk: int, repeats: int) -> dict:
+    """A window of `frames` token-only frames (`rec` without keys/values); the per-frame read a question
+    makes before fusing, as token records and as light records, alternated: median seconds and bytes."""
+    from frame_cache import decode_record
+    from frame_cache.retention import demote_record
+    base = demote_record(rec, "none") or rec
+    sid = f"bench-window-{time.time_ns()}"
+    cache.create_stream(sid, frames)
+    for i in range(0, frames, 64):
+        cache.append_many(sid, [_with_pts(base, j) for j in range(i, min(frames, i + 64))])
+    win = cache.window(sid)
+    times = {"tokens": [], "light": []}
+    nbytes = {}
+    for _ in range(repeats):
+        for part in ("tokens", "light"):
+            t, n, b = time.perf_counter(), 0, 0
+            for ch in win.chunks(cache, chunk, **{part: True}):
+                for blob in ch.blobs:
+                    decode_record(blob).tensors["token"]
+                    b += len(blob)
+                n += len(ch)
+            times[part].append(time.perf_counter() - t)
+            assert n == frames, (n, frames)
+            nbytes[part] = b
+    cache.delete_stream(sid)
+    return {"frames": frames, "chunk": chunk, "repeats": repeats,
+            **{f"{p}_s": statistics.median(v) for p, v in times.items()},
+            **{f"{p}_bytes": v for p, v in nbytes.items()}}
+
+
 def run(args) -> int:
     from frame_cache import InProcessFrameCache, RedisFrameCache
     from frame_cache.redis_server import RedisServer
     sizes = [("demo", record_demo(), args.frames_small, 16, 64),
              ("8B bf16", record_8b(False), args.frames_8b, 4, 8),
              ("8B fp8", record_8b(True), args.frames_8b, 4, 8)]
-    results = []
+    results, windows = [], []
     with tempfile.TemporaryDirectory(prefix="lms-bench-cache-") as tmp:
         server = None if args.redis else RedisServer(Path(tmp) / "redis").start()
         url = args.redis or server.url
@@ -108,6 +145,9 @@ def run(args) -> int:
                 for sname, rec, frames, batch, chunk in sizes:
                     r = measure(cache, rec, frames, batch, chunk, args.repeats)
                     results.append({"backend": bname, "size": sname, **r})
+                for sname, rec, *_ in sizes[:2]:           # demo and 8B: the same small state in bf16 or fp8
+                    w = window_reads(cache, rec, args.frames_window, 256, args.repeats)
+                    windows.append({"backend": bname, "size": sname, **w})
                 cache.close()
         finally:
             if server is not None:
@@ -123,8 +163,14 @@ def run(args) -> int:
             q.append([r["backend"], r["size"], f"{gb:.0f} GB", f"{gb * 1e3 / r['read_MBps']:.0f} s"])
     text.append(table(q, ["backend", "keys/values", "bytes for 10,000 frames", "read time (extrapolated)"],
                       title="an exact question over 10,000 frames at 8B: reading its records once"))
+    w = [[r["backend"], r["size"], f"{r['frames']:,}", f"{r['light_bytes'] / 1e6:,.1f} MB", f"{r['light_s']:.3f} s",
+          f"{r['tokens_bytes'] / 1e6:,.1f} MB", f"{r['tokens_s']:.3f} s", f"{r['light_s'] / r['tokens_s']:.1f}x"]
+         for r in windows]
+    text.append(table(w, ["backend", "size", "frames", "light records", "read", "token records", "read", "faster"],
+                      title="every question's per-frame read before fusion: light records (before) vs token "
+                            "records (now), same run, median"))
     result = {"machine": machine(), "redis_url": "local redis-server (AOF everysec)" if server else "given",
-              "results": results}
+              "results": results, "window_reads": windows}
     text.append(f"machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; Redis: "
                 f"{result['redis_url']}")
     emit(result, "\n\n".join(text), args.json, args.out)

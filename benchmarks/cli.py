@@ -69,6 +69,8 @@ def cache_arguments(p: argparse.ArgumentParser) -> None:
                                                   "redis-server in a temporary folder, AOF everysec)")
     p.add_argument("--frames-small", type=_positive_int, default=2000, help="frames per stream at the demo record size")
     p.add_argument("--frames-8b", type=_positive_int, default=48, help="frames per stream at the 8B record sizes")
+    p.add_argument("--frames-window", type=_positive_int, default=10_000,
+                   help="frames of the window whose per-frame read (token vs light records) is timed (default 10000)")
     p.add_argument("--repeats", type=_positive_int, default=3)
     p.add_argument("--json", action="store_true", help="print JSON instead of the tables")
     p.add_argument("--out", default="out/bench_cache.json", help="also write the JSON to this file ('' for none)")

@@ -30,12 +30,15 @@
     `frame_cache.retention.demote_record`, watches' rows added as the Encoder adds them (`w:<id>`), and
     every record measured as `len(encode_record(...))`. What the Redis backend writes per frame
     (`RedisFrameCache.append_many`): the record, its light copy (`light_record`: the record without
-    keys/values; none for a token-only frame, whose record is its own light copy) and index entries
-    (the slot number as a field name in both hashes, the pts ZSET member `%016d` and its 8-byte score).
+    keys/values; none for a token-only frame, whose record is its own light copy), its token copy
+    (`token_record`: the vision token, pts and meta, what a question reads of every frame) and index
+    entries (the slot number as a field name in the three hashes, the pts ZSET member `%016d` and its
+    8-byte score).
     Two placements:
       * as built: everything in Redis (the ring holds each frame's record in its retained form);
       * split: a local keys/values tier on the Answerer's host (raw key/value bytes, as the mmap tier
-        of `bench gpu` stores them), Redis holding each frame's record without keys/values.
+        of `bench gpu` stores them), Redis holding each frame's record without keys/values and its
+        token copy.
     With `--redis` (default when `redis-server` is installed), a real redis-server also stores a few
     frames of each form and `MEMORY USAGE` of its keys gives the bytes Redis really holds per frame
     (allocator size classes included).
@@ -393,7 +396,7 @@ def frame_forms(exact_states, fp8_states, watches: int, watch_rows: int, seq: in
                 capacity: int = 1 << 20) -> dict:
     """Per retained form ("exact", "fp8", "none"): the bytes of the real records of one frame."""
     from frame_cache import encode_record
-    from frame_cache.base import light_copy_bytes
+    from frame_cache.base import light_copy_bytes, token_copy_bytes
     from frame_cache.record import KV_TENSORS
     from stream.ingest import states_to_records
     recs = {}
@@ -406,17 +409,18 @@ def frame_forms(exact_states, fp8_states, watches: int, watch_rows: int, seq: in
         recs[name] = r
     recs["none"] = _demote(recs["exact"], "none")
     # an fp8 frame made by retention equals one encoded with the fp8 policy (its docstring); both are real
-    index = 2 * len(str(seq % capacity)) + len("%016d" % seq) + 8
+    index = 3 * len(str(seq % capacity)) + len("%016d" % seq) + 8
     out = {}
     for name, r in recs.items():
         full, light = encode_record(r), light_copy_bytes(r)          # a token-only frame is stored once
+        tok = token_copy_bytes(r)
         kv_raw = sum(t.numel() * t.element_size() for k, t in r.tensors.items() if k in KV_TENSORS)
         none = encode_record(_demote(r, "none")) if name != "none" else full
-        out[name] = {"record": len(full), "light": len(light), "index": index, "kv_raw": kv_raw,
+        out[name] = {"record": len(full), "light": len(light), "token": len(tok), "index": index, "kv_raw": kv_raw,
                      "record_without_kv": len(none), "kv_policy_meta": r.meta["kv_policy"],
                      "tensors": {k: [list(t.shape), str(t.dtype).replace("torch.", "")] for k, t in r.tensors.items()}}
-        out[name]["redis_all"] = len(full) + len(light) + index
-        out[name]["redis_split"] = len(none) + index                  # records without K/V: no light copy
+        out[name]["redis_all"] = len(full) + len(light) + len(tok) + index
+        out[name]["redis_split"] = len(none) + len(tok) + index       # records without K/V: no light copy
         out[name]["host_split"] = kv_raw
     return out
 
@@ -460,7 +464,7 @@ def stream_hours(frames_per_form: dict, caps_gib=(64.0, 512.0), fps: float = 1.0
 
 def measure_redis(forms: dict, n: int = 6) -> dict:
     """Store n frames of each form in a fresh redis-server and read back MEMORY USAGE per frame
-    (the record + light hashes and the pts ZSET, minus the same stream empty)."""
+    (the record, light and token hashes and the pts ZSET)."""
     import tempfile
     from pathlib import Path
 
@@ -479,8 +483,8 @@ def measure_redis(forms: dict, n: int = 6) -> dict:
                 keys = cache._keys(sid)
                 c = cache._client
                 usage = {part: int(c.memory_usage(k, samples=0) or 0) for part, k in
-                         zip(("meta", "slots", "light", "pts", "evicted"), keys)}
-                per = (usage["slots"] + usage["light"] + usage["pts"]) / n
+                         zip(("meta", "slots", "light", "pts", "evicted", "tokens"), keys)}
+                per = (usage["slots"] + usage["light"] + usage["tokens"] + usage["pts"]) / n
                 out[name] = {"frames": n, "memory_usage": usage, "per_frame": per}
                 cache.delete_stream(sid)
             cache.close()
@@ -527,7 +531,7 @@ def design_check(b: dict) -> list[dict]:
         ("a watch in Redis (token-only frame: record only)", 0.2e6, f1["none"]["redis_all"] - f0["none"]["redis_all"],
          "Redis bytes added"),
         ("kept for every frame (token + prefix rows), in Redis", 0.37e6 + 8192, f0["none"]["redis_all"],
-         "record + index"),
+         "record + token copy + index"),
     ]
     return [{"what": w, "design": d, "measured": m_, "unit": u, "ratio": m_ / d} for w, d, m_, u in rows]
 
@@ -580,9 +584,9 @@ def render(r: dict) -> str:
     for w, forms in pf.items():
         for name in ("exact", "fp8", "none"):
             f = forms[name]
-            rows.append([w, name, f"{f['record']:,}", f"{f['light']:,}", f["index"], f"{f['redis_all']:,}",
-                         f"{f['redis_split']:,}", f"{f['host_split']:,}"])
-    out.append(table(rows, ["watches", "form", "record B", "light B", "index B", "Redis (as built) B",
+            rows.append([w, name, f"{f['record']:,}", f"{f['light']:,}", f"{f['token']:,}", f["index"],
+                         f"{f['redis_all']:,}", f"{f['redis_split']:,}", f"{f['host_split']:,}"])
+    out.append(table(rows, ["watches", "form", "record B", "light B", "token B", "index B", "Redis (as built) B",
                             "Redis (split) B", "host K/V (split) B"],
                      "Bytes per frame, each = len(encode_record(...)) of a real record at the 8B shapes:"))
     out.append("")

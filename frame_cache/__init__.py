@@ -36,6 +36,7 @@ from .record import (
     decode_record,
     encode_record,
     light_record,
+    token_record,
     record_seq,
     record_header,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "WindowChunk",
     "ON_FULL",
     "light_record",
+    "token_record",
     "record_seq",
     "KV_TENSORS",
     "CapacityExceeded",

@@ -21,8 +21,11 @@ then reads the records ``size`` frames at a time with `FrameCache.read`
 record read is checked against the seq asked for, so a frame overwritten
 between the window and the read is reported in `WindowChunk.missing`, never
 mixed in. A "light" read returns each frame's record without keys/values
-(vision token, fused prefix rows, pts: see `record.light_record`), which is
-what a question needs for frames it does not fuse.
+(vision token, fused prefix rows, a watch's rows, pts: see `record.light_record`),
+which is what a watch's answer reads. A "tokens" read returns each frame's
+vision token(s), pts and meta only (`record.token_record`): what every question
+reads of every frame of its window (at 8B shapes 8 KB a frame instead of the
+light record's 0.37 MB), before it reads the full records of those it fuses.
 
 Writers: `FrameCache.acquire_writer` hands out a fencing token (a per-stream
 epoch); an append carrying an older token raises `StaleWriter`. An append that
@@ -38,6 +41,7 @@ Lua scripts require; keys come from `stream_key`):
   (the stream's JSON meta), ``version`` (record format version).
 * ``lms:{<sid>}:slots`` - HASH ``slot index (seq % capacity) -> record bytes``.
 * ``lms:{<sid>}:light`` - HASH ``slot index -> light record bytes`` (no keys/values).
+* ``lms:{<sid>}:tokens`` - HASH ``slot index -> token record bytes`` (vision token(s) only).
 * ``lms:{<sid>}:pts`` - ZSET ``member = seq, score = pts`` of retained frames;
   window lookup is ``ZRANGEBYSCORE start end`` (O(log n)), ties in pts are
   ordered by seq because members are zero-padded decimal seqs.
@@ -72,7 +76,7 @@ from lmcore.errors import (
     StreamNotFound,
 )
 
-from .record import KV_TENSORS, FrameRecord, decode_record, encode_record, light_record
+from .record import KV_TENSORS, FrameRecord, decode_record, encode_record, light_record, token_record
 
 if TYPE_CHECKING:
     import torch
@@ -161,6 +165,18 @@ def check_replacements(records: Iterable[FrameRecord]) -> list[FrameRecord]:
             raise BadArgument(f"expected records[{i}].seq to be a distinct seq >= 0, got {r.seq!r}")
         seen.add(r.seq)
     return recs
+
+
+def token_copy_bytes(rec: FrameRecord) -> bytes:
+    """The token copy a backend stores beside `rec` (`record.token_record`): read by questions for
+    every frame of their window, instead of the light copy that also holds the fused rows."""
+    return encode_record(token_record(rec))
+
+
+def check_read_part(light: Any, tokens: Any) -> None:
+    """`FrameCache.read`'s ``light`` and ``tokens``: at most one of them."""
+    if light and tokens:
+        raise BadArgument("expected light=True or tokens=True in one read, got both")
 
 
 def light_copy_bytes(rec: FrameRecord) -> bytes:
@@ -389,7 +405,7 @@ class WindowChunk:
     Fields:
         seqs: list[int], length n. Seqs of the frames present, in order.
         pts: list[float], length n. Their pts (s).
-        blobs: list[bytes], length n. Their encoded records (light ones for a light read).
+        blobs: list[bytes], length n. Their encoded records (light or token ones for such a read).
         missing: list[int]. Seqs of this chunk that were overwritten (or deleted) between
             the window and the read: reported, never replaced by other frames.
     """
@@ -439,8 +455,9 @@ class FrameWindow:
         return range(self.first_seq, self.last_seq + 1) if self.pts_list else range(0)
 
     def chunks(self, cache: "FrameCache", size: int, *, seqs: Iterable[int] | None = None, light: bool = False,
-               prefetch: bool = True) -> Iterator[WindowChunk]:
-        """Read the window's frames (or the subset ``seqs``, in order) ``size`` at a time.
+               tokens: bool = False, prefetch: bool = True) -> Iterator[WindowChunk]:
+        """Read the window's frames (or the subset ``seqs``, in order) ``size`` at a time; ``light`` and
+        ``tokens`` as in `FrameCache.read`.
 
         With ``prefetch`` the next chunk is read on a helper thread while the caller works
         on the current one, so at most two chunks are in memory at once."""
@@ -453,7 +470,7 @@ class FrameWindow:
         groups = [order[i:i + size] for i in range(0, len(order), size)]
 
         def read(group: list[int]) -> WindowChunk:
-            blobs = cache.read(self.stream_id, group, light=light)
+            blobs = cache.read(self.stream_id, group, light=light, tokens=tokens)
             keep = [(q, b) for q, b in zip(group, blobs) if b is not None]
             return WindowChunk(seqs=[q for q, _ in keep], pts=[self.pts_list[q - self.first_seq] for q, _ in keep],
                                blobs=[b for _, b in keep], missing=[q for q, b in zip(group, blobs) if b is None])
@@ -544,9 +561,11 @@ class FrameCache(ABC):
         and pts: cheap, consistent; read the frames with `FrameWindow.chunks`."""
 
     @abstractmethod
-    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False) -> list[bytes | None]:
+    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False,
+             tokens: bool = False) -> list[bytes | None]:
         """Encoded records for ``seqs``, in that order; None for a seq no longer retained
-        (overwritten or never written). With ``light``, the records without keys/values."""
+        (overwritten or never written). With ``light``, the records without keys/values; with
+        ``tokens``, each frame's token record (vision token(s), pts, meta: `record.token_record`)."""
 
     @abstractmethod
     def snapshot(

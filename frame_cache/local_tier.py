@@ -6,13 +6,13 @@ the Answerer keeps the full records it has read in a memory-mapped local file pe
 them from there the next time: page-cache speed, no network, no Redis CPU.
 
     tiered = LocalTierCache(redis_cache, LocalKVTier(folder, max_bytes=64 << 30))
-    src = CachedFrames(tiered, "cam-1", 0, 3600)      # light records from Redis, keys/values local
+    src = CachedFrames(tiered, "cam-1", 0, 3600)      # token records from Redis, keys/values local
 
 Correctness never depends on the tier: Redis stays the source of truth. A full read first reads
-the frames' light records from Redis (small: token, prefix rows, pts; about 1/25 of a frame at
-8B) and takes a local copy only when it holds the same frame: the same seq, and a copy made when
-that light record was byte for byte the one Redis holds now (its header: seq, pts, meta with the
-keys/values form; and its first tensor bytes: the vision token). A frame demoted by its retention
+the frames' token records from Redis (small: vision token, pts, meta; 8 KB a frame at 8B, 1/1000
+of the full record) and takes a local copy only when it holds the same frame: the same seq, and a
+copy made when that token record was byte for byte the one Redis holds now (its header: seq, pts,
+meta with the keys/values form; and the vision token). A frame demoted by its retention
 policy, overwritten in the ring, or written again by a stream deleted and created anew under the
 same id (which starts at seq 0 again) is read again from Redis. A replica
 that starts, or takes over a stream from another, simply starts empty and fills as questions read:
@@ -43,21 +43,21 @@ from .record import record_header
 __all__ = ["LocalKVTier", "LocalTierCache"]
 
 
-#: How much of a light record its mark hashes: the header and, at 8B, the vision token (8 KB).
+#: How much of a token record its mark hashes: the header and, at 8B, the vision token (8 KB).
 _MARK_BYTES = 16 << 10
 
 
-def _mark(light: bytes | memoryview) -> bytes:
-    """What names one stored version of a frame: a hash of its light record's start (header: seq,
+def _mark(head: bytes | memoryview) -> bytes:
+    """What names one stored version of a frame: a hash of its token record's start (header: seq,
     pts, meta with the keys/values form; then the vision token) and its length. Cheap (16 KB at
     most), and it changes when the frame is demoted, overwritten or written by a recreated stream."""
-    h = hashlib.blake2b(memoryview(light)[:_MARK_BYTES], digest_size=16)
-    h.update(len(light).to_bytes(8, "little"))
+    h = hashlib.blake2b(memoryview(head)[:_MARK_BYTES], digest_size=16)
+    h.update(len(head).to_bytes(8, "little"))
     return h.digest()
 
 
 class _StreamFile:
-    """One stream's records in one unlinked file: seq -> (offset, length, mark of its light record)."""
+    """One stream's records in one unlinked file: seq -> (offset, length, mark of its token record)."""
 
     def __init__(self, folder: str, stream_id: str):
         fd, path = tempfile.mkstemp(prefix=f"lms-kv-{stream_id[:40]}-", suffix=".tier", dir=folder)
@@ -138,7 +138,7 @@ class LocalKVTier:
         return f
 
     def get(self, sid: str, seq: int, mark: bytes) -> memoryview | None:
-        """The record of frame `seq` if held for the light record whose `_mark` is `mark` (the version
+        """The record of frame `seq` if held for the token record whose `_mark` is `mark` (the version
         of the frame the durable cache holds now)."""
         with self._lock:
             f = self._file(sid, False)
@@ -149,7 +149,7 @@ class LocalKVTier:
 
     def put(self, sid: str, blob: bytes, mark: bytes) -> None:
         """Keep a full record read from the durable cache (replacing an older copy of its frame);
-        `mark` is `_mark` of the light record read with it."""
+        `mark` is `_mark` of the token record read with it."""
         if len(blob) > self.max_bytes:
             return
         seq = int(record_header(blob)["seq"])
@@ -253,11 +253,12 @@ class LocalTierCache:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False) -> list[bytes | memoryview | None]:
+    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False,
+             tokens: bool = False) -> list[bytes | memoryview | None]:
         qs = list(seqs)
-        if light or not qs:
-            return self.inner.read(stream_id, qs, light=light)
-        heads = self.inner.read(stream_id, qs, light=True)      # the truth: which frames, in which form
+        if light or tokens or not qs:
+            return self.inner.read(stream_id, qs, light=light, tokens=tokens)
+        heads = self.inner.read(stream_id, qs, tokens=True)     # the truth: which frames, in which form
         out: list[bytes | memoryview | None] = [None] * len(qs)
         todo, marks = [], [None] * len(qs)
         gone = []

@@ -16,7 +16,7 @@ Locking (always acquired in this order, never the reverse):
 
 Memory accounting: ``bytes_used`` of a stream is exactly the sum of the byte
 lengths of its retained encoded records (``light_bytes``, their light copies
-without keys/values, is counted apart).
+without keys/values and their token copies, is counted apart).
 
 Spill (``spill_dir``): records live in one file per stream in that folder
 instead of in memory (a slot's bytes are rewritten in place when the new record
@@ -57,7 +57,9 @@ from .base import (
     check_new_stream,
     check_existing_meta,
     check_replacements,
+    check_read_part,
     light_copy_bytes,
+    token_copy_bytes,
     check_window_args,
     validate_stream_id,
     validate_stream_meta,
@@ -165,7 +167,7 @@ class _Stream:
     a slot holds the record's bytes, or its (offset, length) in the spill file."""
 
     __slots__ = (
-        "stream_id", "capacity", "meta", "max_bytes", "blobs", "light", "sizes", "light_sizes", "pts", "head",
+        "stream_id", "capacity", "meta", "max_bytes", "blobs", "light", "toks", "sizes", "light_sizes", "pts", "head",
         "count", "next_seq", "bytes_used", "light_bytes", "last_pts", "evicted", "deleted", "lock", "write_lock",
         "on_full", "writer", "spill",
     )
@@ -180,6 +182,7 @@ class _Stream:
         self.writer = 0
         self.blobs: list = []          # bytes | (offset, length)
         self.light: list = []
+        self.toks: list = []           # token copies (`record.token_record`)
         self.sizes: list[int] = []
         self.light_sizes: list[int] = []
         self.pts: list[float] = []
@@ -220,9 +223,9 @@ class _Stream:
             return FrameWindow(**kw)
         return Snapshot(blobs=tuple(self._bytes(self.blobs[s]) for s in slots), **kw)
 
-    def read(self, seqs: list[int], light: bool) -> list[bytes | None]:
+    def read(self, seqs: list[int], light: bool, tokens: bool = False) -> list[bytes | None]:
         oldest = self.next_seq - self.count
-        ring = self.light if light else self.blobs
+        ring = self.toks if tokens else self.light if light else self.blobs
         out: list[bytes | None] = []
         for q in seqs:
             if not oldest <= q < self.next_seq:
@@ -244,17 +247,19 @@ class _Stream:
         return (self.bytes_used - sum(self.sizes[j] for j in ev) + sum(sizes),
                 self.light_bytes - sum(self.light_sizes[j] for j in ev) + sum(light_sizes))
 
-    def put(self, slot: int, seq: int, blob: bytes, light: bytes, pts: float) -> None:
+    def put(self, slot: int, seq: int, blob: bytes, light: bytes, tok: bytes, pts: float) -> None:
+        """Write a frame's record, light copy and token copy (``light_sizes`` counts the two copies)."""
         if self.spill is not None:
             hb, hl = self.spill.put(("r", slot), blob), self.spill.put(("l", slot), light)
+            ht = self.spill.put(("t", slot), tok)
         else:
-            hb, hl = blob, light
+            hb, hl, ht = blob, light, tok
         if slot == len(self.blobs):          # growing (not yet full)
-            self.blobs.append(hb), self.light.append(hl), self.pts.append(pts)
-            self.sizes.append(len(blob)), self.light_sizes.append(len(light))
+            self.blobs.append(hb), self.light.append(hl), self.toks.append(ht), self.pts.append(pts)
+            self.sizes.append(len(blob)), self.light_sizes.append(len(light) + len(tok))
         else:
-            self.blobs[slot], self.light[slot], self.pts[slot] = hb, hl, pts
-            self.sizes[slot], self.light_sizes[slot] = len(blob), len(light)
+            self.blobs[slot], self.light[slot], self.toks[slot], self.pts[slot] = hb, hl, ht, pts
+            self.sizes[slot], self.light_sizes[slot] = len(blob), len(light) + len(tok)
 
     def info(self) -> StreamInfo:
         c = self.count
@@ -418,9 +423,11 @@ class InProcessFrameCache(FrameCache):
             fulls = [dataclasses.replace(r, seq=seq0 + i) for i, r in enumerate(recs)]
             blobs = [encode_record(r) for r in fulls]
             lights = [light_copy_bytes(r) for r in fulls]
+            toks = [token_copy_bytes(r) for r in fulls]
             with s.lock:
                 self._alive(s)
-                after, light_after = s.bytes_after([len(b) for b in blobs], [len(b) for b in lights])
+                after, light_after = s.bytes_after([len(b) for b in blobs],
+                                                   [len(b) + len(t) for b, t in zip(lights, toks)])
                 if s.max_bytes is not None and after > s.max_bytes:
                     raise CacheBudgetExceeded(
                         f"expected at most {s.max_bytes} bytes for stream {stream_id!r}, would hold {after}"
@@ -435,7 +442,7 @@ class InProcessFrameCache(FrameCache):
                     self._total_bytes = total
                 cap = s.capacity
                 evicted: list[float] = []
-                for i, (r, b, lb) in enumerate(zip(recs, blobs, lights)):
+                for i, (r, b, lb, tb) in enumerate(zip(recs, blobs, lights, toks)):
                     if s.count == cap:  # overwrite the oldest slot
                         slot = s.head
                         evicted.append(s.pts[slot])
@@ -443,7 +450,7 @@ class InProcessFrameCache(FrameCache):
                     else:
                         slot = (s.head + s.count) % cap
                         s.count += 1
-                    s.put(slot, seq0 + i, b, lb, r.pts)
+                    s.put(slot, seq0 + i, b, lb, tb, r.pts)
                 s.next_seq = seq0 + len(recs)
                 s.bytes_used = after
                 s.light_bytes = light_after
@@ -459,12 +466,13 @@ class InProcessFrameCache(FrameCache):
             return []
         blobs = [encode_record(r) for r in recs]
         lights = [light_copy_bytes(r) for r in recs]
+        toks = [token_copy_bytes(r) for r in recs]
         done: list[int] = []
         with s.write_lock, s.lock:
             self._alive(s)
             oldest = s.next_seq - s.count
             delta = 0
-            for r, b, lb in zip(recs, blobs, lights):
+            for r, b, lb, tb in zip(recs, blobs, lights, toks):
                 if not oldest <= r.seq < s.next_seq:
                     continue
                 slot = r.seq % s.capacity
@@ -472,8 +480,8 @@ class InProcessFrameCache(FrameCache):
                     raise BadArgument(f"expected pts {s.pts[slot]} for frame {r.seq} of stream {stream_id!r} "
                                       f"(a rewrite keeps the frame's time), got {r.pts}")
                 delta += len(b) - s.sizes[slot]
-                s.light_bytes += len(lb) - s.light_sizes[slot]
-                s.put(slot, r.seq, b, lb, r.pts)
+                s.light_bytes += len(lb) + len(tb) - s.light_sizes[slot]
+                s.put(slot, r.seq, b, lb, tb, r.pts)
                 done.append(r.seq)
             s.bytes_used += delta
             with self._acct_lock:
@@ -511,14 +519,16 @@ class InProcessFrameCache(FrameCache):
     ) -> FrameWindow:
         return self._select(stream_id, start, end, max_frames, bytes_too=False)
 
-    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False) -> list[bytes | None]:
+    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False,
+             tokens: bool = False) -> list[bytes | None]:
+        check_read_part(light, tokens)
         qs = list(seqs)
         for q in qs:
             _check_count("seq", q)
         s = self._get(stream_id)
         with s.lock:
             self._alive(s)
-            return s.read(qs, light)
+            return s.read(qs, light, tokens)
 
     def latest(self, stream_id: str, n: int) -> Snapshot:
         _check_count("n", n)
@@ -556,7 +566,7 @@ class InProcessFrameCache(FrameCache):
             s.deleted = True
             with self._acct_lock:
                 self._total_bytes -= s.bytes_used
-            s.blobs, s.light, s.sizes, s.light_sizes, s.pts = [], [], [], [], []
+            s.blobs, s.light, s.toks, s.sizes, s.light_sizes, s.pts = [], [], [], [], [], []
             s.count = 0
             s.bytes_used = 0
             s.light_bytes = 0

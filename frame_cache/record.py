@@ -60,6 +60,7 @@ __all__ = [
     "encode_record",
     "decode_record",
     "light_record",
+    "token_record",
     "record_seq",
     "KV_TENSORS",
     "record_header",
@@ -372,6 +373,18 @@ def light_record(rec: FrameRecord) -> FrameRecord:
     does not fuse (vision token, fused prefix rows, pts). ``meta["light"]`` is True."""
     return FrameRecord(seq=rec.seq, pts=rec.pts, meta={**rec.meta, "light": True},
                        tensors={k: t for k, t in rec.tensors.items() if k not in KV_TENSORS})
+
+
+#: The tensors of a frame's token record (`token_record`): what every question passes to the LLM.
+TOKEN_TENSORS = ("token",)
+
+
+def token_record(rec: FrameRecord) -> FrameRecord:
+    """``rec`` with its vision token(s) only (`TOKEN_TENSORS`), its pts and meta: what a question reads of
+    every frame of its window. The fused prefix rows and a watch's rows stay in the light record (at 8B
+    shapes a light record is about 0.37 MB and a token record 8 KB). ``meta["light"]`` is True."""
+    return FrameRecord(seq=rec.seq, pts=rec.pts, meta={**rec.meta, "light": True},
+                       tensors={k: t for k, t in rec.tensors.items() if k in TOKEN_TENSORS})
 
 
 def record_seq(b: bytes | bytearray | memoryview) -> int:

@@ -10,8 +10,9 @@ carries the hash tag ``{<stream_id>}``, so a Redis Cluster keeps a stream in one
   ``ev_last`` (evicted frames whose pts were trimmed from the ``evicted`` ZSET: count and
   pts range, for the estimate of ``dropped_before``), ``batch``/``batch_seq0``/``batch_n``
   (id and seqs of the last committed append, see "Retries" below).
-* ``<prefix>:{<sid>}:slots`` / ``:light`` - HASH ``seq % capacity -> record bytes``
-  (full record / light record without keys/values).
+* ``<prefix>:{<sid>}:slots`` / ``:light`` / ``:tokens`` - HASH ``seq % capacity -> record bytes``
+  (full record / light record without keys/values / token record: vision token(s), pts and
+  meta only). ``light_bytes`` counts the light and token copies.
 * ``<prefix>:{<sid>}:pts`` - ZSET ``member = "%016d" % seq, score = pts`` of retained frames.
 * ``<prefix>:{<sid>}:evicted`` - ZSET of evicted frames, same members and scores, trimmed
   to between ``pts_history`` and ``2 * pts_history`` entries (the in-process backend's rule;
@@ -33,7 +34,7 @@ never answers CROSSSLOT):
   one the records were encoded with (else it answers RETRY) -> pts order against ``last_pts``
   -> ``on_full="error"`` capacity -> per-stream and total byte budgets (lengths of the
   overwritten slots from ``HSTRLEN``) -> only then writes: moves the overwritten frames'
-  ``pts`` members to ``evicted`` (trimming it), writes ``slots``/``light`` at ``seq %
+  ``pts`` members to ``evicted`` (trimming it), writes ``slots``/``light``/``tokens`` at ``seq %
   capacity``, adds the new ``pts`` members, updates the counters. Every refusal happens
   before the first write, and a script's writes reach replicas and the AOF as one
   MULTI/EXEC, so a reader, a replica or a restarted server never sees half a commit.
@@ -41,7 +42,7 @@ never answers CROSSSLOT):
   ``max_frames``, or the newest ``n`` for `latest`), ``ZCOUNT`` of the evicted zset and the
   counters, at one instant; with blobs for `snapshot` (HMGET of the slots) when they total
   at most ``snapshot_script_bytes``.
-* ``read``: ``HMGET`` of ``slots`` or ``light`` for the seqs still retained.
+* ``read``: ``HMGET`` of ``slots``, ``light`` or ``tokens`` for the seqs still retained.
 * ``create``, ``info``, ``stats``, ``acquire``, ``delete``: the obvious.
 
 Read scripts carry ``#!lua flags=no-writes`` (they run while Redis is over ``maxmemory``);
@@ -110,7 +111,9 @@ from .base import (
     check_replacements,
     check_existing_meta,
     check_window_args,
+    check_read_part,
     light_copy_bytes,
+    token_copy_bytes,
     stream_key,
     validate_stream_id,
 )
@@ -128,8 +131,9 @@ _SNAPSHOT_CHUNK = 64
 _MAX_COMMIT_ATTEMPTS = 64
 #: Chunked snapshot reads that found a frame overwritten before falling back to one script.
 _MAX_SNAPSHOT_ATTEMPTS = 3
-#: The parts of a stream, in the order every script gets them as KEYS[1..5].
-_PARTS = ("meta", "slots", "light", "pts", "evicted")
+#: The parts of a stream, in the order every script gets them as KEYS[1..6]. ``tokens`` came last (a
+#: stream written before it has none: its token reads fall back to the light copies).
+_PARTS = ("meta", "slots", "light", "pts", "evicted", "tokens")
 
 # ----------------------------------------------------------------------------- Lua
 # Helpers shared by the scripts. Numbers handed to redis.call are formatted with %d (Lua's
@@ -162,7 +166,7 @@ local created = 0
 if redis.call('EXISTS', KEYS[1]) == 1 then
   if ARGV[6] == '0' then return redis.error_reply('LMSERR EXISTS') end
 else
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
   redis.call('HSET', KEYS[1], 'capacity', ARGV[1], 'on_full', ARGV[2], 'max_bytes', ARGV[3],
              'meta', ARGV[4], 'version', ARGV[5], 'next_seq', '0', 'count', '0', 'bytes_used', '0',
              'light_bytes', '0', 'last_pts', '', 'writer', '0', 'evicted', '0', 'ev_collapsed', '0',
@@ -177,11 +181,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('LMSERR NOST
 return INFO()
 """
 
-# -> {INFO(), memory usage of the 5 keys (0 when absent), ZCARD evicted}
+# -> {INFO(), memory usage of the 6 keys (0 when absent), ZCARD evicted}
 _LUA_STATS = "#!lua flags=no-writes\n" + _LUA_HELPERS + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('LMSERR NOSTREAM') end
 local mem = {}
-for i = 1, 5 do mem[i] = redis.call('MEMORY', 'USAGE', KEYS[i]) or 0 end
+for i = 1, 6 do mem[i] = redis.call('MEMORY', 'USAGE', KEYS[i]) or 0 end
 return {INFO(), mem, redis.call('ZCARD', KEYS[5])}
 """
 
@@ -190,23 +194,24 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('LMSERR NOST
 return redis.call('HINCRBY', KEYS[1], 'writer', 1)
 """
 
-# KEYS[6] (standalone only): the total-bytes counter.
+# KEYS[7] (standalone only): the total-bytes counter.
 _LUA_DELETE = "#!lua flags=allow-oom\n" + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('LMSERR NOSTREAM') end
 local b = tonumber(redis.call('HGET', KEYS[1], 'bytes_used')) or 0
-redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-if KEYS[6] then redis.call('DECRBY', KEYS[6], string.format('%d', b)) end
+redis.call('UNLINK', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+if KEYS[7] then redis.call('DECRBY', KEYS[7], string.format('%d', b)) end
 return 1
 """
 
 # ARGV: 1 writer token ('' = unfenced), 2 next_seq the records were encoded for, 3 batch id,
 #       4 pts_history, 5 max_bytes_total ('' = none), 6 n, then per record i (1-based)
-#       ARGV[6+3i-2] pts (repr), ARGV[6+3i-1] record bytes, ARGV[6+3i] light record bytes.
-# KEYS[6] (standalone only): the total-bytes counter.
+#       ARGV[6+4i-3] pts (repr), ARGV[6+4i-2] record bytes, ARGV[6+4i-1] light record bytes,
+#       ARGV[6+4i] token record bytes. ``light_bytes`` counts the light and token copies.
+# KEYS[7] (standalone only): the total-bytes counter.
 # -> {'OK', seq0} | {'DONE', seq0, n} (this batch id was committed already) | {'RETRY', next_seq}
 #    | error 'LMSERR <KIND> ...' with nothing written.
 _LUA_APPEND = "#!lua\n" + _LUA_HELPERS + r"""
-local mk, sk, lk, pk, ek, tk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local mk, sk, lk, pk, ek, ok, tk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 if redis.call('EXISTS', mk) == 0 then return redis.error_reply('LMSERR NOSTREAM') end
 local f = redis.call('HMGET', mk, 'capacity', 'on_full', 'max_bytes', 'next_seq', 'count', 'bytes_used',
                      'light_bytes', 'last_pts', 'writer', 'batch', 'batch_seq0', 'batch_n', 'evicted',
@@ -231,12 +236,12 @@ local after, lafter = used, lused
 for s = oldest, old_last_evicted do
   local slot = I(s % cap)
   after = after - redis.call('HSTRLEN', sk, slot)
-  lafter = lafter - redis.call('HSTRLEN', lk, slot)
+  lafter = lafter - redis.call('HSTRLEN', lk, slot) - redis.call('HSTRLEN', ok, slot)
 end
 for i = 1, n do
   if seq0 + i - 1 >= new_oldest then
-    after = after + #ARGV[B + 3 * i - 1]
-    lafter = lafter + #ARGV[B + 3 * i]
+    after = after + #ARGV[B + 4 * i - 2]
+    lafter = lafter + #ARGV[B + 4 * i - 1] + #ARGV[B + 4 * i]
   end
 end
 if f[3] ~= '' and after > tonumber(f[3]) then
@@ -258,13 +263,14 @@ end
 for i = 1, n do
   local s = seq0 + i - 1
   if s < new_oldest then  -- overwritten within this very batch
-    redis.call('ZADD', ek, ARGV[B + 3 * i - 2], M(s))
+    redis.call('ZADD', ek, ARGV[B + 4 * i - 3], M(s))
     ev_n = ev_n + 1
   else
     local slot = I(s % cap)
-    redis.call('HSET', sk, slot, ARGV[B + 3 * i - 1])
-    redis.call('HSET', lk, slot, ARGV[B + 3 * i])
-    redis.call('ZADD', pk, ARGV[B + 3 * i - 2], M(s))
+    redis.call('HSET', sk, slot, ARGV[B + 4 * i - 2])
+    redis.call('HSET', lk, slot, ARGV[B + 4 * i - 1])
+    redis.call('HSET', ok, slot, ARGV[B + 4 * i])
+    redis.call('ZADD', pk, ARGV[B + 4 * i - 3], M(s))
   end
 end
 if ev_n > 0 then
@@ -280,26 +286,27 @@ if ev_n > 0 then
   end
 end
 redis.call('HSET', mk, 'next_seq', I(seq0 + n), 'count', I(math.min(cap, count + n)), 'bytes_used', I(after),
-           'light_bytes', I(lafter), 'last_pts', ARGV[B + 3 * n - 2], 'evicted', I(tonumber(f[13]) + ev_n),
+           'light_bytes', I(lafter), 'last_pts', ARGV[B + 4 * n - 3], 'evicted', I(tonumber(f[13]) + ev_n),
            'batch', ARGV[3], 'batch_seq0', I(seq0), 'batch_n', I(n))
 if tk then redis.call('INCRBY', tk, I(after - used)) end
 return {'OK', I(seq0)}
 """
 
-# ARGV: 1 n, then per record i (1-based) ARGV[1+4i-3] seq, ARGV[1+4i-2] pts (repr), ARGV[1+4i-1] record
-#       bytes, ARGV[1+4i] light record bytes. KEYS[6] (standalone only): the total-bytes counter.
+# ARGV: 1 n, then per record i (1-based) ARGV[1+5i-4] seq, ARGV[1+5i-3] pts (repr), ARGV[1+5i-2] record
+#       bytes, ARGV[1+5i-1] light record bytes, ARGV[1+5i] token record bytes. KEYS[7] (standalone only):
+#       the total-bytes counter.
 # -> {seq, ...} the frames rewritten (those still in the ring) | error 'LMSERR PTS seq stored'.
 _LUA_REPLACE = "#!lua flags=allow-oom\n" + _LUA_HELPERS + r"""
-local mk, sk, lk, pk, tk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6]
+local mk, sk, lk, pk, ok, tk = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7]
 if redis.call('EXISTS', mk) == 0 then return redis.error_reply('LMSERR NOSTREAM') end
 local f = redis.call('HMGET', mk, 'capacity', 'bytes_used', 'light_bytes')
 local cap, used, lused = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
 local n, done, todo = tonumber(ARGV[1]), {}, {}
 for i = 1, n do
-  local seq = ARGV[4 * i - 2]
+  local seq = ARGV[5 * i - 3]
   local score = redis.call('ZSCORE', pk, M(tonumber(seq)))
   if score then
-    if tonumber(score) ~= tonumber(ARGV[4 * i - 1]) then
+    if tonumber(score) ~= tonumber(ARGV[5 * i - 2]) then
       return redis.error_reply('LMSERR PTS ' .. seq .. ' ' .. score)
     end
     todo[#todo + 1] = i
@@ -307,12 +314,13 @@ for i = 1, n do
 end
 -- all checks passed: from here on, only writes
 for _, i in ipairs(todo) do
-  local seq = tonumber(ARGV[4 * i - 2])
+  local seq = tonumber(ARGV[5 * i - 3])
   local slot = I(seq % cap)
-  used = used - redis.call('HSTRLEN', sk, slot) + #ARGV[4 * i]
-  lused = lused - redis.call('HSTRLEN', lk, slot) + #ARGV[4 * i + 1]
-  redis.call('HSET', sk, slot, ARGV[4 * i])
-  redis.call('HSET', lk, slot, ARGV[4 * i + 1])
+  used = used - redis.call('HSTRLEN', sk, slot) + #ARGV[5 * i - 1]
+  lused = lused - redis.call('HSTRLEN', lk, slot) - redis.call('HSTRLEN', ok, slot) + #ARGV[5 * i] + #ARGV[5 * i + 1]
+  redis.call('HSET', sk, slot, ARGV[5 * i - 1])
+  redis.call('HSET', lk, slot, ARGV[5 * i])
+  redis.call('HSET', ok, slot, ARGV[5 * i + 1])
   done[#done + 1] = I(seq)
 end
 if tk then redis.call('INCRBY', tk, I(used - tonumber(f[2]))) end
@@ -775,7 +783,7 @@ class RedisFrameCache(FrameCache):
                                "" if self.max_bytes_total is None else self.max_bytes_total, len(todo)]
             for i, r in enumerate(todo):
                 full = replace(r, seq=seq0 + i)
-                args += [repr(r.pts), encode_record(full), light_copy_bytes(full)]
+                args += [repr(r.pts), encode_record(full), light_copy_bytes(full), token_copy_bytes(full)]
             try:
                 with self._redis(what, stream_id):
                     res = self._s_append(keys=keys, args=args)
@@ -830,7 +838,7 @@ class RedisFrameCache(FrameCache):
             return []
         args: list[Any] = [len(recs)]
         for r in recs:
-            args += [r.seq, repr(r.pts), encode_record(r), light_copy_bytes(r)]
+            args += [r.seq, repr(r.pts), encode_record(r), light_copy_bytes(r), token_copy_bytes(r)]
         try:
             with self._redis(f"rewriting {len(recs)} frame(s) of stream {stream_id!r}", stream_id):
                 res = self._s_replace(keys=self._keys(stream_id, total=True), args=args)
@@ -921,24 +929,31 @@ class RedisFrameCache(FrameCache):
     ) -> Snapshot:
         return self._select(stream_id, start, end, max_frames, blobs=True)
 
-    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False) -> list[bytes | None]:
+    def read(self, stream_id: str, seqs: Iterable[int], *, light: bool = False,
+             tokens: bool = False) -> list[bytes | None]:
         """Plain HMGETs (no script: a reply of tens of MB through Lua is about 3x slower, and the
         check below makes a script unnecessary): every blob is verified against the seq asked
         for, so an overwritten slot reads as None, never as another frame. The ring's capacity
         (fixed for a stream's life) is cached; a miss re-reads it once in case the stream was
-        deleted and made again with another capacity."""
+        deleted and made again with another capacity. A token read of a frame stored before
+        token copies existed (no ``tokens`` field) reads its light copy, which holds the token too."""
+        check_read_part(light, tokens)
         qs = list(seqs)
         for q in qs:
             _check_count("seq", q)
         validate_stream_id(stream_id)
         self._check_open()
         keys = self._keys(stream_id)
-        field_key = keys[2] if light else keys[1]
+        field_key = keys[5] if tokens else keys[2] if light else keys[1]
         with self._redis(f"reading {len(qs)} frame(s) of stream {stream_id!r}", stream_id):
             for attempt in range(2):
                 cap = self._ring_capacity(stream_id, keys[0], fresh=attempt > 0)
                 got = self._client.hmget(field_key, [str(q % cap) for q in qs]) if qs else []
-                same = [i for i, b in enumerate(got) if light and b == LIGHT_SAME_AS_FULL]
+                if tokens and None in got:                 # written before token copies: the light copy
+                    old = [i for i, b in enumerate(got) if b is None]
+                    for i, b in zip(old, self._client.hmget(keys[2], [str(qs[i] % cap) for i in old])):
+                        got[i] = b
+                same = [i for i, b in enumerate(got) if (light or tokens) and b == LIGHT_SAME_AS_FULL]
                 if same:                                   # token-only frames: the light copy is the record
                     for i, b in zip(same, self._client.hmget(keys[1], [str(qs[i] % cap) for i in same])):
                         got[i] = b

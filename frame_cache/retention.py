@@ -177,8 +177,8 @@ class RetentionRunner:
         n = 0
         for i in range(0, len(seqs), self.chunk):
             part = seqs[i:i + self.chunk]
-            # the light records say what each frame holds now: only frames above their target are read whole
-            todo = [q for q, b in zip(part, self.cache.read(self.stream_id, part, light=True))
+            # the token records say what each frame holds now: only frames above their target are read whole
+            todo = [q for q, b in zip(part, self.cache.read(self.stream_id, part, tokens=True))
                     if b is not None and _RANK[due[q]] < _RANK[kv_state(record_header(b)["meta"])]]
             if not todo:
                 continue

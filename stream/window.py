@@ -5,8 +5,8 @@
 
 Two passes over the cache, both chunked, neither holding the window's keys/values:
 
-1. at construction, the light records (vision token, pts; no keys/values) of every frame in the
-   window, in chunks: the LLM needs every frame's token. Frames already overwritten when read are
+1. at construction, the token records (vision token, pts, meta: no fused rows, no keys/values) of
+   every frame in the window, in chunks: the LLM needs every frame's token. Frames already overwritten when read are
    left out and counted in `dropped_during_read`;
 2. per question, `iter_chunks` reads the full records of the frames the policy fuses, one chunk
    ahead (`FrameWindow.chunks` prefetches on a helper thread while the current chunk is fused).
@@ -31,7 +31,7 @@ from .ingest import states_from_records
 
 __all__ = ["CachedFrames", "DEFAULT_READ_CHUNK"]
 
-#: Frames per cache read when building the token list (light records are small).
+#: Frames per cache read when building the token list (token records are small).
 DEFAULT_READ_CHUNK = 256
 
 
@@ -99,7 +99,7 @@ class CachedFrames:
                               stored_span_words(cache, stream_id, start, end)))
         seqs, pts, toks, kv, meta = [], [], [], [], None
         light = 0
-        for ch in win.chunks(cache, read_chunk, light=True, prefetch=prefetch):
+        for ch in win.chunks(cache, read_chunk, tokens=True, prefetch=prefetch):
             for q, p, b in zip(ch.seqs, ch.pts, ch.blobs):
                 light += len(b)
                 r = decode_record(b)
@@ -131,8 +131,8 @@ class CachedFrames:
         self._n_cached = self.n_vision_rows + sum(1 for i in self.prefix_ids if i > 0)
         self.bytes_read = 0
         self.bytes_local = 0                 # of which from a local keys/values tier (frame_cache.local_tier)
-        # the light records read here, every frame's (its token, and its fused prefix rows, which only a
-        # watch's answer uses): not keys/values, not in `bytes_read`
+        # the token records read here, every frame's (its token, pts and meta; a frame stored before token
+        # records existed gives its light record): not keys/values, not in `bytes_read`
         self.light_bytes_read = light
 
     def __len__(self) -> int:

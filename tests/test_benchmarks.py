@@ -315,7 +315,7 @@ def test_memory_gpu_peak_adds_up_and_fits_24_gib(memory_8b):
 
 def test_memory_bytes_per_stream_hour_follow_the_records(memory_8b):
     from benchmarks import memory
-    from frame_cache import encode_record, light_record
+    from frame_cache import encode_record, light_record, token_record
     from frame_cache.record import record_header
     b = memory_8b["stream"]
     f0, f1 = b["per_frame"]["0"], b["per_frame"]["1"]
@@ -324,6 +324,10 @@ def test_memory_bytes_per_stream_hour_follow_the_records(memory_8b):
     assert b["watch_rows"] == 24
     # a watch adds its 24 x 4096 bf16 rows to a token-only record, stored once (+ header and alignment)
     assert f0["none"]["light"] == 0 and f0["exact"]["light"] > 0
+    # every form has its token copy: 4096 bf16 and a header, 1/46 of the light copy
+    assert all(4096 * 2 < f0[k]["token"] < 4096 * 2 + 1024 for k in ("exact", "fp8", "none"))
+    assert f0["exact"]["redis_all"] == f0["exact"]["record"] + f0["exact"]["light"] + f0["exact"]["token"] + \
+        f0["exact"]["index"]
     assert 24 * 4096 * 2 <= f1["none"]["redis_all"] - f0["none"]["redis_all"] <= 24 * 4096 * 2 + 256
     hours = {(x["policy"], x["watches"]): x for x in b["hours"]["rows"]}
     n = lambda p: hours[(p, 0)]["redis_all"]["first_hour"]
@@ -353,6 +357,7 @@ def test_memory_bytes_per_stream_hour_follow_the_records(memory_8b):
         rec.tensors["w:w-012345678" + "0"] = torch.zeros(3, cfg.hidden_size)
         blob = encode_record(rec)
         assert forms[kv]["record"] == len(blob) and forms[kv]["light"] == len(encode_record(light_record(rec)))
+        assert forms[kv]["token"] == len(encode_record(token_record(rec)))
         h = record_header(blob)                                    # the layout rule: 64-byte aligned tensors
         data = -(-(10 + len(json.dumps(h, separators=(",", ":")))) // 64) * 64
         last = h["tensors"][-1]

@@ -29,10 +29,10 @@ class CountingCache:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def read(self, stream_id, seqs, *, light=False):
+    def read(self, stream_id, seqs, *, light=False, tokens=False):
         seqs = list(seqs)
-        self.reads.append((len(seqs), light))
-        return self.inner.read(stream_id, seqs, light=light)
+        self.reads.append((len(seqs), "light" if light else "tokens" if tokens else "full"))
+        return self.inner.read(stream_id, seqs, light=light, tokens=tokens)
 
 
 @pytest.mark.parametrize("policy,kv", [("exact", "exact"), ("budget:3", "exact"), ("exact", "fp8")])
@@ -58,9 +58,13 @@ def test_cached_window_equals_in_memory_path(tiny_model, any_cache, policy, kv):
         m.question_chunk = old
     assert a.token_ids == b.token_ids and a.policy == b.policy and a.frames_fused == b.frames_fused
     assert a.time_span == (0.0, float(T - 1))
-    full = [n for n, light in counting.reads if not light]
+    full = [n for n, part in counting.reads if part == "full"]
     assert full and max(full) <= 3               # never more than a chunk of keys/values at once
-    assert max(n for n, light in counting.reads if light) <= 4
+    assert max(n for n, part in counting.reads if part == "tokens") <= 4
+    # every frame's token is read as a token record: the light records (fused prefix rows, 46x the token
+    # at 8B shapes) are a watch's, never read by a question
+    assert sum(n for n, part in counting.reads if part == "tokens") == T
+    assert not [r for r in counting.reads if r[1] == "light"]
 
 
 def test_window_is_half_open_and_empty_window_is_an_error(tiny_model, any_cache):

@@ -5,6 +5,7 @@ redis-server) through the ``any_cache`` / ``any_cache_factory`` fixtures of conf
 the in-process backend is the reference semantics, this file the conformance suite."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -33,6 +34,7 @@ from frame_cache import (
     decode_record,
     encode_record,
     light_record,
+    token_record,
     record_header,
     record_seq,
     stream_key,
@@ -727,8 +729,34 @@ def test_light_reads_lack_keys_values(cache: FrameCache) -> None:
             assert torch.equal(_bits(lr.tensors[name]), _bits(recs[q].tensors[name]))
         assert lb == encode_record(light_record(_with_seq(recs[q], q))) and len(lb) < len(fb)
     assert cache.read("l", [0, 1], light=True) == [None, None]  # overwritten
+    tokens = cache.read("l", seqs, tokens=True)
     info = cache.stream_info("l")
-    assert info.light_bytes == sum(len(b) for b in light) and info.bytes_used == sum(len(b) for b in full)
+    assert info.light_bytes == sum(map(len, light)) + sum(map(len, tokens))   # light and token copies
+    assert info.bytes_used == sum(len(b) for b in full)
+
+
+def test_token_reads_hold_each_frames_token_pts_and_meta_only(cache: FrameCache) -> None:
+    """What every question reads of every frame of its window: the vision token, pts and meta (the
+    keys/values form), not the fused prefix rows of the light copy (46x the token at 8B shapes)."""
+    cache.create_stream("t", 4)
+    recs = [dataclasses.replace(_kv_frame(i), tensors={**_kv_frame(i).tensors,
+                                                       "token": torch.full((1, 8), i + 0.5)}) for i in range(6)]
+    cache.append_many("t", recs)
+    seqs = [2, 3, 4, 5]
+    toks, light = cache.read("t", seqs, tokens=True), cache.read("t", seqs, light=True)
+    for q, tb, lb in zip(seqs, toks, light):
+        t = decode_record(tb)
+        assert (t.seq, t.pts, t.meta) == (q, float(q), {"i": q, "light": True}) and list(t.tensors) == ["token"]
+        assert torch.equal(t.tensors["token"], recs[q].tensors["token"])
+        assert tb == encode_record(token_record(_with_seq(recs[q], q))) and len(tb) < len(lb)
+    assert cache.read("t", [0, 1, 9], tokens=True) == [None, None, None]   # overwritten, not yet written
+    (ch,) = cache.window("t").chunks(cache, 8, tokens=True)
+    assert ch.seqs == seqs and ch.blobs == toks
+    # a rewrite (a retention demotion) rewrites the token copy too: its meta says the new form
+    cache.replace_records("t", [dataclasses.replace(_with_seq(recs[3], 3), meta={"i": 3, "kv_policy": "none"})])
+    assert decode_record(cache.read("t", [3], tokens=True)[0]).meta == {"i": 3, "kv_policy": "none", "light": True}
+    with pytest.raises(BadArgument, match="both"):
+        cache.read("t", seqs, light=True, tokens=True)
 
 
 def test_acquire_writer_fences_old_writers(cache: FrameCache) -> None:
@@ -812,10 +840,12 @@ def test_counters_in_stats_and_stream_info(cache: FrameCache) -> None:
     cache.append_many("c", [_kv_frame(i) for i in range(3, 9)])  # 4 overwritten
     seqs = list(range(4, 9))
     full, light = cache.read("c", seqs), cache.read("c", seqs, light=True)
+    tokens = cache.read("c", seqs, tokens=True)
     info = cache.stream_info("c")
     assert (info.capacity, info.count, info.total_appended, info.evicted) == (5, 5, 9, 4)
     assert (info.oldest_seq, info.newest_seq, info.oldest_pts, info.newest_pts) == (4, 8, 4.0, 8.0)
-    assert info.bytes_used == sum(map(len, full)) and info.light_bytes == sum(map(len, light))
+    assert info.bytes_used == sum(map(len, full))
+    assert info.light_bytes == sum(map(len, light)) + sum(map(len, tokens))
     assert 0 < info.light_bytes < info.bytes_used
     d = info.to_dict()
     assert d["light_bytes"] == info.light_bytes and d["writer"] == 0 and d["on_full"] == "overwrite"

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 import redis
@@ -26,9 +27,11 @@ from frame_cache import (
     FrameRecord,
     StreamNotFound,
     decode_record,
+    encode_record,
     open_cache,
     record_seq,
     stream_key,
+    token_record,
 )
 from frame_cache.redis_cache import RedisFrameCache
 from lmcore.errors import BadArgument, CacheError
@@ -37,7 +40,7 @@ from redis_servers import RedisClusterServers, RedisServer, redis_binaries_missi
 
 pytestmark = [pytest.mark.filterwarnings("ignore:The given buffer is not writable"), pytest.mark.timeout(120)]
 
-PARTS = ("meta", "slots", "light", "pts", "evicted")
+PARTS = ("meta", "slots", "light", "pts", "evicted", "tokens")
 
 
 @pytest.fixture
@@ -74,8 +77,8 @@ def check_integrity(r: redis.Redis, prefix: str, sid: str) -> dict:
 
     Invariants: retained seqs are exactly next_seq-count .. next_seq-1 (zset members), each
     slot seq % capacity holds a record that decodes with that seq and the zset's pts, its light
-    copy decodes with the same seq and no keys/values, bytes_used / light_bytes are the sums of
-    the stored lengths, and the evicted zset plus its collapsed count is every overwritten frame.
+    copy decodes with the same seq and no keys/values, its token copy with the same seq, pts and
+    meta and only the vision token, bytes_used / light_bytes are the sums of the stored lengths, and the evicted zset plus its collapsed count is every overwritten frame.
     """
     k = {p: stream_key(sid, p, prefix=prefix) for p in PARTS}
     h = {a.decode(): b.decode() for a, b in r.hgetall(k["meta"]).items()}
@@ -84,7 +87,7 @@ def check_integrity(r: redis.Redis, prefix: str, sid: str) -> dict:
     members = r.zrange(k["pts"], 0, -1, withscores=True)
     seqs = [int(m) for m, _ in members]
     assert seqs == list(range(nxt - count, nxt)), (seqs[:5], nxt, count)
-    assert count <= cap and r.hlen(k["slots"]) == count == r.hlen(k["light"])
+    assert count <= cap and r.hlen(k["slots"]) == count == r.hlen(k["light"]) == r.hlen(k["tokens"])
     records, used, lused = {}, 0, 0
     for (m, score), q in zip(members, seqs):
         blob = r.hget(k["slots"], str(q % cap))
@@ -98,7 +101,9 @@ def check_integrity(r: redis.Redis, prefix: str, sid: str) -> dict:
             assert lrec.meta.get("light") is True
         assert rec.seq == q == lrec.seq and rec.pts == score == lrec.pts
         assert not set(KV_TENSORS) & set(lrec.tensors)
-        used, lused = used + len(blob), lused + len(light)
+        tok = r.hget(k["tokens"], str(q % cap))
+        assert tok == encode_record(token_record(rec))        # the token copy of this very record
+        used, lused = used + len(blob), lused + len(light) + len(tok)
         records[q] = rec
     assert int(h["bytes_used"]) == used and int(h["light_bytes"]) == lused
     assert int(h["evicted"]) == nxt - count == r.zcard(k["evicted"]) + int(h["ev_collapsed"])
@@ -195,13 +200,42 @@ def test_resent_append_is_not_stored_twice(redis_server) -> None:
         from frame_cache import encode_record, light_record
         from dataclasses import replace
         full = replace(_rec(1), seq=1)
-        args = ["", 1, "batch-1", 100, "", 1, repr(1.0), encode_record(full), encode_record(light_record(full))]
+        args = ["", 1, "batch-1", 100, "", 1, repr(1.0), encode_record(full), encode_record(light_record(full)),
+                encode_record(token_record(full))]
         keys = cache._keys("s", total=True)
         assert cache._s_append(keys=keys, args=args) == [b"OK", b"1"]
         assert cache._s_append(keys=keys, args=args) == [b"DONE", b"1", b"1"]  # the re-send
         assert cache._s_append(keys=keys, args=[*args[:2], "batch-2", *args[3:]]) == [b"RETRY", b"2"]
         assert cache.stream_info("s").total_appended == 2 and cache.append("s", _rec(2)) == 2
         check_integrity(r, prefix, "s")
+    finally:
+        cache.close()
+        r.close()
+
+
+def test_a_stream_stored_before_token_copies_reads_its_tokens_from_its_light_copies(redis_server) -> None:
+    """Redis data kept from a version without the ``tokens`` hash (an AOF across an upgrade): a token read
+    of such a frame gives its light copy (which holds the token too), frames appended since give their
+    token copies, and the byte counters stay the sums of what is stored as the old frames are overwritten."""
+    prefix = _prefix()
+    cache = RedisFrameCache.from_url(redis_server.url, prefix=prefix)
+    r = redis_server.client()
+    try:
+        cache.create_stream("old", 4)
+        cache.append_many("old", [_rec(i) for i in range(4)])
+        light = cache.read("old", range(4), light=True)
+        k = {p: stream_key("old", p, prefix=prefix) for p in PARTS}
+        r.delete(k["tokens"])                                  # as the older version stored it
+        r.hset(k["meta"], "light_bytes", sum(map(len, light)))
+        assert cache.read("old", range(4), tokens=True) == light
+        cache.append_many("old", [_rec(4), _rec(5)])          # overwrite seqs 0 and 1
+        got = cache.read("old", range(6), tokens=True)
+        assert got[:2] == [None, None] and got[2:4] == light[2:4]
+        assert [(decode_record(b).seq, decode_record(b).meta) for b in got[4:]] == \
+            [(4, {"i": 4, "light": True}), (5, {"i": 5, "light": True})]
+        assert got[4] == encode_record(token_record(replace(_rec(4), seq=4)))
+        lused = sum(map(len, cache.read("old", range(2, 6), light=True))) + len(got[4]) + len(got[5])
+        assert cache.stream_info("old").light_bytes == lused
     finally:
         cache.close()
         r.close()

@@ -29,7 +29,7 @@ def _stream(model, cache, retain, T=24, seed=5, sid="s", kv_policy="exact"):
 
 
 def _forms(cache, sid, T):
-    return [decode_record(b).meta["kv_policy"] for b in cache.read(sid, range(T), light=True)]
+    return [decode_record(b).meta["kv_policy"] for b in cache.read(sid, range(T), tokens=True)]
 
 
 @pytest.mark.parametrize("spec,want", [
@@ -80,7 +80,9 @@ def test_runner_demotes_by_age_and_stride_and_shrinks_the_ring(tiny_model, any_c
     for q, f in enumerate(forms):
         if f == "none":
             assert lights[q] == full[q]                # a token-only frame is stored once: its light read is it
-    assert info.light_bytes == sum(len(lights[q]) for q, f in enumerate(forms) if f != "none")
+    tokens = any_cache.read("s", range(T), tokens=True)
+    assert info.light_bytes == sum(len(lights[q]) for q, f in enumerate(forms) if f != "none") + sum(map(len, tokens))
+    assert [decode_record(b).meta["kv_policy"] for b in tokens] == forms          # token copies follow the rewrites
     assert RetentionRunner(any_cache, "s", Retention.parse(retain)).apply() == 0   # a fresh runner: nothing left
     assert runner.apply() == 0
     # tokens, prefix rows (and pts) survive demotion untouched

@@ -879,17 +879,25 @@ def test_retention_over_a_websocket_stream_reports_the_mix_and_stays_exact_in_th
             err = json.loads(await ws.recv())
             assert err["type"] == "error" and err["code"] == "E_INVALID_REQUEST", err
             assert err["message"].startswith("expected retain {") and "for existing stream" in err["message"], err
-        return hot, whole, again
+        return hot, whole, again, sid
 
-    hot, whole, again = asyncio.run(session())
+    hot, whole, again, sid = asyncio.run(session())
     assert hot["policy"] == "exact" and hot["frames"] == 10 and hot["token_ids"] == want_hot.token_ids
     assert whole["frames"] == 40 and whole["frames_fused"] == 10 and whole["kv_policy"] == "mixed"
     assert whole["policy"] == want_all.policy and whole["policy"].startswith("mixed: exact 10, token-only 30")
     assert whole["token_ids"] == want_all.token_ids and again["token_ids"] == whole["token_ids"]
     # the same replica answered (stream affinity) and read the keys/values from its local tier
     assert again["timings"]["read_MB"] > 0 and again["timings"]["read_local_MB"] == again["timings"]["read_MB"]
-    # every frame's light record is read before fusion, timed and counted apart from the keys/values
-    assert again["timings"]["window_s"] > 0 and again["timings"]["read_light_MB"] > 0, again["timings"]
+    # every frame's token record (not its light record, 20x it here) is read before fusion, timed and counted
+    # apart from the keys/values
+    from frame_cache import open_cache
+    with open_cache(service.redis_url) as cache:
+        win = cache.window(sid)
+        toks = sum(map(len, cache.read(sid, win.seqs(), tokens=True)))
+        light = sum(map(len, cache.read(sid, win.seqs(), light=True)))
+    assert again["timings"]["window_s"] > 0 and again["timings"]["read_light_MB"] == round(toks / 1e6, 3), \
+        (again["timings"], toks, light)
+    assert toks < light / 5
     with service.client() as c:
         r = c.post("/v1/streams", json={"source": "rtsp://127.0.0.1:1/x", "retain": {"kv_stride": 0}})
         assert r.status_code == 422 and "kv_stride to be an integer >= 1, got 0" in r.json()["error"]["message"]
@@ -1461,6 +1469,8 @@ def test_watches_fused_at_ingest_answer_exactly_and_emit_events(service, media):
         p = c.post(f"/v1/streams/{sid}/questions", json={"question": q, "window": [6, 16], "max_tokens": 8}).json()
         assert w["token_ids"] == p["token_ids"] and w["frames"] == p["frames"] == 10, (w, p)
         assert w["policy"] == "exact (watch: fused at ingest)" and p["policy"] == "exact"
+        # a watch reads the window's light records (with its rows), a question their token records
+        assert w["timings"]["read_light_MB"] > 5 * p["timings"]["read_light_MB"] > 0, (w["timings"], p["timings"])
         with c.stream("POST", f"/v1/streams/{sid}/watches/{wid}/questions",
                       json={"question": q, "window": [6, 16], "max_tokens": 8, "stream": True}) as r:
             assert r.headers["content-type"].startswith("text/event-stream"), r.headers
