@@ -241,6 +241,10 @@ class Metrics:
          "local_kv_evicted_streams"),
         ("lms_local_kv_trimmed_frames", "frames the local tiers dropped from a stream over the budget alone",
          "local_kv_trimmed_frames"),
+        ("lms_answer_context_hits", "questions whose LLM head [prefix rows, frame tokens] an Answerer had kept from "
+         "an earlier question over the same frames", "answer_context_hits"),
+        ("lms_answer_context_misses", "questions that looked for a kept LLM head and ran the whole pass",
+         "answer_context_misses"),
     )
     #: the local tier's levels, summed over the Answerer replicas that reported in the last minute
     REPLICA_GAUGES = (
@@ -248,6 +252,8 @@ class Metrics:
         ("lms_local_kv_max_bytes", "the local tiers' capacity, bytes", "local_kv_max_bytes"),
         ("lms_local_kv_frames", "frames the local tiers hold", "local_kv_frames"),
         ("lms_local_kv_streams", "streams the local tiers hold", "local_kv_streams"),
+        ("lms_answer_context_bytes", "bytes of LLM heads the Answerers keep for repeated questions",
+         "answer_context_bytes"),
     )
 
     def _replica_stats(self, b: Backend, scraped: "_ScrapedCounters", registry) -> None:

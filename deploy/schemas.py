@@ -152,6 +152,7 @@ class AnswerBody(BaseModel):
     timings: dict[str, float]
     prompt_tokens: int
     llm_tokens: int
+    llm_rows_run: int | None = None       # rows the LLM ran: fewer than llm_tokens when the head was reused
     finish_reason: Literal["stop", "length"] = "stop"
     choices: list[dict[str, Any]] | None = None     # with a question's choices: [{"text", "logprob", "share"}]
     job: dict[str, Any] | None = None     # a video whose job failed part way: {"status", "error", "frames", "progress"}

@@ -498,6 +498,10 @@ class AnswerCore:
             self.tier = LocalKVTier(folder, max_bytes=settings.local_kv_bytes)
             self.reader = LocalTierCache(self.cache, self.tier)
         self.stats = ReplicaStats(settings.redis_url, "answerer")
+        from model.llava_mini import ContextCache
+        # the LLM's keys/values of [prefix rows, frame tokens] of recent windows: a second question over the same
+        # frames (a video's, a stream's past window) runs only its own rows through the LLM
+        self.contexts = ContextCache(settings.answer_context_bytes)
 
     #: the local tier's counts that only grow (sent as deployment totals) and its levels (summed over replicas)
     TIER_COUNTERS = ("hits", "misses", "evicted_streams", "trimmed_frames", "bytes_local", "bytes_remote")
@@ -507,13 +511,17 @@ class AnswerCore:
         """The local tier's counts added to the deployment's totals in Redis, its levels stored as this
         replica's (Serve's health check calls this every 10 s, and each answer when it ends)."""
         st = self.tier.stats() if self.tier is not None else {}
-        return self.stats.report({f"local_kv_{k}": st[k] for k in self.TIER_COUNTERS if k in st},
-                                 {f"local_kv_{k}": st[k] for k in self.TIER_GAUGES if k in st})
+        cx = self.contexts.stats()
+        return self.stats.report({**{f"local_kv_{k}": st[k] for k in self.TIER_COUNTERS if k in st},
+                                  "answer_context_hits": cx["hits"], "answer_context_misses": cx["misses"]},
+                                 {**{f"local_kv_{k}": st[k] for k in self.TIER_GAUGES if k in st},
+                                  "answer_context_bytes": cx["bytes"]})
 
     def forget_stream(self, stream_id: str) -> None:
         """This replica no longer holds the stream's lease (Serve unloaded it): drop its local keys/values."""
         if self.tier is not None:
             self.tier.forget(stream_id)
+        self.contexts.discard_stream(stream_id)
 
     def bounds(self, stream_id: str, window=None, last_s: float | None = None,
                until: float | None = None) -> tuple[float | None, float | None]:
@@ -605,8 +613,17 @@ class AnswerCore:
             lo, hi = -math.inf, math.inf
         inside = [list(g) for g in gaps if (g[1] is None or g[1] > lo) and (g[0] is None or g[0] < hi)]
         first = None
+        # the LLM's head is kept for frames that will be asked about again: a video's (the ring of a file job,
+        # once it has stopped growing) or a past window of a stream; not a window that ends at a live stream's
+        # newest frame, which the next frame makes other frames (a copy per question, never reused)
+        key = None
+        if getattr(src, "fingerprint", None) is not None and until is None:      # a watch's rows: nothing to keep
+            si = self.cache.stream_info(stream_id)
+            if si.on_full == "error" or src.time_span[1] < si.newest_pts:
+                key = (stream_id, src.fingerprint)
         for kind, *rest in self.model.stream_answer(src, question, max_new_tokens=max_tokens, policy=policy,
                                                     extra_gaps=inside, choices=choices, stop=stop or (),
+                                                    contexts=self.contexts, context_key=key,
                                                     **(sampling or {})):
             if kind == "token":
                 if first is None:
@@ -631,7 +648,8 @@ def answer_fields(a) -> dict:
     return {"text": a.text, "token_ids": list(a.token_ids), "frames": a.frames, "frames_fused": a.frames_fused,
             "time_span": list(a.time_span) if a.time_span else None, "policy": a.policy, "kv_policy": a.kv_policy,
             "gaps": [list(g) for g in a.gaps], "dropped": a.dropped, "timings": dict(a.timings),
-            "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "finish_reason": a.finish_reason,
+            "prompt_tokens": a.prompt_tokens, "llm_tokens": a.llm_tokens, "llm_rows_run": a.llm_rows_run,
+            "finish_reason": a.finish_reason,
             **({"choices": a.choices} if a.choices is not None else {}),
             **({"unknown_words": list(a.unknown_words)} if a.unknown_words else {})}
 

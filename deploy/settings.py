@@ -94,6 +94,10 @@ class Settings(BaseModel):
             memory-mapped files of the full records its questions read, refilled from Redis);
             0 turns it off (every question reads keys/values from Redis).
         local_kv_dir: folder of that tier's (nameless) files (default: data_dir/kv-tier).
+        answer_context_bytes: budget of each Answerer's LLM keys/values of recent windows' [prefix rows, frame
+            tokens] (`model.ContextCache`, in host memory: a reuse copies the head to the model's device): a
+            question over the same frames as an earlier one runs only its own rows through the LLM. 0 keeps
+            none. At 8B about 1.3 GB per 10,000 frames; with the demo model about 20 MB.
         warm_decoders: file-job decoder actors (`FileSource`) kept started and idle, so that a new job
             starts at once instead of waiting ~3 s for a Ray worker to start and import torch, PyAV and
             the service; each costs one idle worker process (~340 MB). A decoder whose job ended goes back to
@@ -124,6 +128,7 @@ class Settings(BaseModel):
     serve_batch_wait_s: float = Field(0.02, ge=0, le=10)
     local_kv_bytes: int = Field(8 << 30, ge=0)
     local_kv_dir: str | None = None
+    answer_context_bytes: int = Field(2 << 30, ge=0)
     warm_decoders: int = Field(1, ge=0, le=MAX_WARM_DECODERS)
     limits: Limits = Field(default_factory=Limits)
 
@@ -174,6 +179,7 @@ class Settings(BaseModel):
         take("serve_batch", "LMSTREAM_SERVE_BATCH", int, "an integer")
         take("serve_batch_wait_s", "LMSTREAM_SERVE_BATCH_WAIT_S", float, "a number of seconds")
         take("local_kv_bytes", "LMSTREAM_LOCAL_KV_BYTES", int, "an integer number of bytes")
+        take("answer_context_bytes", "LMSTREAM_ANSWER_CONTEXT_BYTES", int, "an integer number of bytes")
         take("warm_decoders", "LMSTREAM_WARM_DECODERS", int, "an integer")
         take("allowed_dirs", "LMSTREAM_ALLOWED_DIRS", lambda v: [p for p in v.split(os.pathsep) if p])
         unknown = sorted(set(overrides) - set(cls.model_fields))

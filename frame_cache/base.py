@@ -279,7 +279,7 @@ class StreamInfo:
         meta: dict. The stream's JSON meta (a copy).
         on_full: str. "overwrite" (ring) or "error" (refuse appends past capacity).
         writer: int. Current writer epoch (0 until `FrameCache.acquire_writer` is called).
-        light_bytes: int. Bytes of the retained light records (counted apart from bytes_used).
+        light_bytes: int. Bytes of the retained light and token copies (counted apart from bytes_used).
     """
 
     stream_id: str

@@ -949,15 +949,17 @@ class RedisFrameCache(FrameCache):
             for attempt in range(2):
                 cap = self._ring_capacity(stream_id, keys[0], fresh=attempt > 0)
                 got = self._client.hmget(field_key, [str(q % cap) for q in qs]) if qs else []
-                if tokens and None in got:                 # written before token copies: the light copy
-                    old = [i for i, b in enumerate(got) if b is None]
+                ok = [b is not None and b != LIGHT_SAME_AS_FULL and record_seq(b) == q for q, b in zip(qs, got)]
+                if tokens and not all(ok):                 # written before token copies (none, or another
+                    old = [i for i, o in enumerate(ok) if not o]      # frame's left in the slot): the light copy
                     for i, b in zip(old, self._client.hmget(keys[2], [str(qs[i] % cap) for i in old])):
                         got[i] = b
                 same = [i for i, b in enumerate(got) if (light or tokens) and b == LIGHT_SAME_AS_FULL]
                 if same:                                   # token-only frames: the light copy is the record
                     for i, b in zip(same, self._client.hmget(keys[1], [str(qs[i] % cap) for i in same])):
                         got[i] = b
-                out = [b if b is not None and record_seq(b) == q else None for q, b in zip(qs, got)]
+                out = [b if o or (b is not None and record_seq(b) == q) else None
+                       for q, b, o in zip(qs, got, ok)]
                 if all(b is not None for b in out):
                     return out
             return out

@@ -4,7 +4,7 @@
     m = LlavaMini.from_pretrained(path, vision_tower=None, dtype=None, device=None)
 """
 from .config import IMAGE_TOKEN_INDEX, LlavaMiniConfig
-from .llava_mini import PrefusedRows, Answer, FusionPolicy, LlavaMini, VideoContext
+from .llava_mini import PrefusedRows, Answer, ContextCache, FusionPolicy, LlavaMini, VideoContext
 from .states import FrameSource, FrameStates
 
-__all__ = ["LlavaMini", "LlavaMiniConfig", "FrameStates", "FrameSource", "FusionPolicy", "Answer", "VideoContext", "PrefusedRows", "IMAGE_TOKEN_INDEX"]
+__all__ = ["LlavaMini", "LlavaMiniConfig", "FrameStates", "FrameSource", "FusionPolicy", "Answer", "VideoContext", "ContextCache", "PrefusedRows", "IMAGE_TOKEN_INDEX"]

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import re
 import threading
+from collections import OrderedDict
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -62,6 +63,8 @@ class Answer:
     finish_reason: str = "stop"                  # "stop" (a stop token) or "length" (max_new_tokens / context)
     choices: list[dict] | None = None            # with `choices=`: [{"text", "logprob", "share"}] per candidate
     unknown_words: list[str] = field(default_factory=list)   # question words the tokenizer reads as unknown
+    llm_rows_run: int | None = None              # prompt rows the LLM ran: fewer than llm_tokens when the head
+                                                 # [prefix rows, frame tokens] was reused (`ContextCache`)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +86,95 @@ class VideoContext:
     @property
     def nbytes(self) -> int:
         return 2 * self.kv.k.numel() * self.kv.k.element_size()
+
+
+class ContextCache:
+    """LLM keys/values of the question-independent head of the LLM input, [fused prefix rows, frame
+    tokens], kept after a question by a key its caller gives (`stream_answer`'s `context_key`: the
+    identity of the frames, e.g. a hash of the records read) and the fusion policy, so that the next
+    question over the same frames runs only its own rows through the LLM (as `prepare_context`, without
+    a pass of its own: the head is the first question's). Least recently used heads are dropped past
+    `max_bytes` (0: nothing kept). Heads live on `device` (default the host's memory: a reuse copies the
+    head to the model's device, so kept heads never take GPU memory a question needs). A `context_key`
+    that is a tuple starting with a stream id can be dropped by `discard_stream`. Thread-safe; the heads
+    are only read."""
+
+    def __init__(self, max_bytes: int = 0, device: str | torch.device = "cpu"):
+        self.max_bytes = int(max_bytes)
+        self.device = torch.device(device)
+        self._heads: "OrderedDict[Any, KVBuffer]" = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.dropped = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _nbytes(kv: KVBuffer) -> int:
+        return 2 * kv.k.numel() * kv.k.element_size()
+
+    def unhit(self) -> None:
+        """The last `get`'s head could not be used (its frames changed meanwhile): a miss, not a hit."""
+        with self._lock:
+            self.hits -= 1
+            self.misses += 1
+
+    def get(self, key) -> KVBuffer | None:
+        with self._lock:
+            kv = self._heads.get(key)
+            if kv is None:
+                self.misses += 1
+                return None
+            self._heads.move_to_end(key)
+            self.hits += 1
+            return kv
+
+    def put(self, key, buf: KVBuffer, head: int) -> bool:
+        """Keep a copy of `buf`'s first `head` rows under `key` (least recently used heads dropped first, so
+        the copy never comes on top of a full budget); False when over the budget alone or out of memory."""
+        n = 2 * buf.k[:, :, :, :head].numel() * buf.k.element_size()
+        if n > self.max_bytes:
+            return False
+        with self._lock:
+            self._pop(key)
+            while self._heads and self.bytes + n > self.max_bytes:
+                self._pop(next(iter(self._heads)))
+                self.dropped += 1
+        kv = KVBuffer.__new__(KVBuffer)
+        try:
+            kv.k = buf.k[:, :, :, :head].to(self.device, copy=True)
+            kv.v = buf.v[:, :, :, :head].to(self.device, copy=True)
+        except (MemoryError, RuntimeError):            # torch.OutOfMemoryError is a RuntimeError: keep nothing
+            return False
+        kv.n = kv.capacity = head
+        with self._lock:
+            self._pop(key)
+            self._heads[key] = kv
+            self.bytes += n
+            while self.bytes > self.max_bytes:         # another thread's head came in meanwhile
+                self._pop(next(iter(self._heads)))
+                self.dropped += 1
+        return True
+
+    def _pop(self, key) -> None:
+        old = self._heads.pop(key, None)
+        if old is not None:
+            self.bytes -= self._nbytes(old)
+
+    def discard(self, key) -> None:
+        with self._lock:
+            self._pop(key)
+
+    def discard_stream(self, stream_id: str) -> int:
+        """Drop the heads whose `context_key` is a tuple starting with `stream_id`; how many."""
+        with self._lock:
+            gone = [k for k in self._heads if isinstance(k[0], tuple) and k[0] and k[0][0] == stream_id]
+            for k in gone:
+                self._pop(k)
+            return len(gone)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"contexts": len(self._heads), "bytes": self.bytes, "max_bytes": self.max_bytes,
+                    "hits": self.hits, "misses": self.misses, "dropped": self.dropped}
 
 
 @dataclass
@@ -479,7 +571,8 @@ class LlavaMini:
         if n < len(frames):                                                # a ring overwrote frames mid-read
             desc += f" ({len(frames) - n} of {len(frames)} frames overwritten while read: fused {n})"
         info = {"frames": T, "frames_fused": n, "policy": desc, "kv_policy": states.kv_policy,
-                "prompt_tokens": L, "llm_tokens": L - 1 + T * self.cfg.nq, "prefix_cached": cached_prefix}
+                "prompt_tokens": L, "llm_tokens": L - 1 + T * self.cfg.nq, "prefix_cached": cached_prefix,
+                "fused_all": n == len(frames)}
         if _tail_only:                                                     # rows after the placeholder
             return (text[p + 1:] / n).to(self.dtype)[None], info
         if cached_prefix:
@@ -511,19 +604,43 @@ class LlavaMini:
         self._llm(head, buf, all_logits=False)
         return VideoContext(states=states, policy=policy, kv=buf)
 
-    def _prefill(self, input_ids, video, policy, extra: int):
-        """Embed, fuse and prefill the LLM for a question; returns (last logits, buffer, info)."""
+    def _prefill(self, input_ids, video, policy, extra: int, contexts: ContextCache | None = None,
+                 context_key=None):
+        """Embed, fuse and prefill the LLM for a question; returns (last logits, buffer, info).
+        With `contexts` and `context_key` (the identity of `video`'s frames), the LLM's keys/values of
+        [fused prefix rows, frame tokens] are taken from `contexts` when an earlier question over the same
+        frames and policy left them there (info["context"] "reused": only the question's rows run), else
+        kept there after this question's pass ("kept")."""
         ctx = video if isinstance(video, VideoContext) else None
         states = ctx.states if ctx else video
         ids = input_ids[0].tolist() if torch.is_tensor(input_ids) and input_ids.dim() == 2 else None
         P = len(states.prefix_ids)
         if ctx is not None and policy is not None and FusionPolicy.parse(policy) != ctx.policy:
             ctx = None                                                     # a different policy: no reuse
-        if ctx is not None and ids is not None and tuple(ids[:P]) == states.prefix_ids and \
-                len(ids) > P and ids[P] == IMAGE_TOKEN_INDEX:
+        fits = ids is not None and tuple(ids[:P]) == states.prefix_ids and len(ids) > P and \
+            ids[P] == IMAGE_TOKEN_INDEX                                    # the prefix, then the placeholder
+        key = None
+        if contexts is not None and context_key is not None and ctx is None and fits and P > 0 and \
+                len(ids) > P + 1 and \
+                not isinstance(states, PrefusedRows) and contexts.max_bytes > 0:
+            pol = FusionPolicy.parse(policy)
+            key = (context_key, pol.name, pol.max_fused_frames, states.prefix_ids)
+            kv = contexts.get(key)
+            if kv is not None:
+                ctx = VideoContext(states=states, policy=pol, kv=kv)
+        if ctx is not None and fits:
             t = time.perf_counter()
             tail, info = self.fuse_question(input_ids, states, ctx.policy, _tail_only=True)
             info["fuse_s"] = time.perf_counter() - t
+            if key is not None and not info["fused_all"]:                 # frames overwritten since the head
+                contexts.discard(key)                                      # was made: the plain pass, fewer frames
+                contexts.unhit()
+                first = info["fuse_s"]
+                logits, buf, info = self._prefill(input_ids, states, policy, extra)
+                info["fuse_s"] += first                                    # both fusions, not in prefill_s
+                return logits, buf, info
+            if key is not None:
+                info["context"] = "reused"
             head = ctx.kv.n
             buf = KVBuffer(self.cfg, 1, head + tail.shape[1] + extra, self.dtype, self.device)
             buf.k[:, :, :, :head] = ctx.kv.k[:, :, :, :head]
@@ -538,7 +655,10 @@ class LlavaMini:
         info["fuse_s"] = time.perf_counter() - t
         buf = KVBuffer(self.cfg, 1, embeds.shape[1] + extra, self.dtype, self.device)
         info["llm_rows_run"] = embeds.shape[1]
-        return self._llm(embeds, buf, all_logits=False)[:, -1], buf, info
+        logits = self._llm(embeds, buf, all_logits=False)[:, -1]
+        if key is not None and info["fused_all"] and contexts.put(key, buf, P + len(states) * self.cfg.nq):
+            info["context"] = "kept"           # the head rows of this very pass: the next question's are equal
+        return logits, buf, info
 
     @torch.no_grad()
     def next_token_logits(self, input_ids: torch.Tensor, video, policy=None) -> torch.Tensor:
@@ -570,18 +690,20 @@ class LlavaMini:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, states, max_new_tokens: int = 32, *,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-                 policy=None, stop_ids: list[int] | None = None, _info: dict | None = None) -> torch.Tensor:
+                 policy=None, stop_ids: list[int] | None = None, _info: dict | None = None,
+                 contexts: ContextCache | None = None, context_key=None) -> torch.Tensor:
         """New tokens only, (1, n); greedy unless do_sample. Stops after a stop id (kept, as HF does).
-        `states` is a FrameSource, or a VideoContext from `prepare_context` for repeated questions."""
+        `states` is a FrameSource, or a VideoContext from `prepare_context` for repeated questions;
+        `contexts`/`context_key`: see `_prefill`."""
         out = list(self.generate_iter(input_ids, states, max_new_tokens, do_sample=do_sample,
                                       temperature=temperature, top_p=top_p, seed=seed, policy=policy,
-                                      stop_ids=stop_ids, _info=_info))
+                                      stop_ids=stop_ids, _info=_info, contexts=contexts, context_key=context_key))
         return torch.tensor([out], dtype=torch.long)
 
     def generate_iter(self, input_ids: torch.Tensor, states, max_new_tokens: int = 32, *,
                       do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
                       seed: int | None = None, policy=None, stop_ids: list[int] | None = None,
-                      _info: dict | None = None):
+                      _info: dict | None = None, contexts: ContextCache | None = None, context_key=None):
         """`generate`, one token id at a time, as each is chosen. Closing the iterator (a client that
         went away) stops it: no further LLM step runs. Each forward pass holds the model's lock, so
         questions from several threads interleave their steps on one model, never run two at once;
@@ -593,7 +715,7 @@ class LlavaMini:
         steps = max(0, min(max_new_tokens, room))
         with torch.no_grad(), cancel.acquire(self.lock):
             t_lock = time.perf_counter()                   # waited for the questions before it
-            logits, buf, info = self._prefill(input_ids, states, policy, steps)
+            logits, buf, info = self._prefill(input_ids, states, policy, steps, contexts, context_key)
         info["finish_reason"] = "length"
         t1 = time.perf_counter()
         if _info is not None:
@@ -682,7 +804,8 @@ class LlavaMini:
 
     @torch.no_grad()
     def score_choices(self, input_ids: torch.Tensor, states, choices: Sequence[str], *, policy=None,
-                      preamble: "str | Sequence[int]" = "auto", _info: dict | None = None) -> list[float]:
+                      preamble: "str | Sequence[int]" = "auto", _info: dict | None = None,
+                      contexts: ContextCache | None = None, context_key=None) -> list[float]:
         """log P(choice, then a stop token | prompt, video) for each candidate answer, in nats.
 
         The prompt is fused and prefilled once; each candidate's tokens then run on that cache,
@@ -702,7 +825,7 @@ class LlavaMini:
         t0 = time.perf_counter()
         with cancel.acquire(self.lock):
             t_lock = time.perf_counter()
-            logits0, buf, info = self._prefill(input_ids, states, policy, longest + len(head))
+            logits0, buf, info = self._prefill(input_ids, states, policy, longest + len(head), contexts, context_key)
         if preamble == "auto":
             head = head if head and int(torch.argmax(logits0[0])) == head[0] else []
         need = buf.n + len(head) + longest
@@ -799,7 +922,8 @@ class LlavaMini:
 
     def stream_answer(self, states, question: str, *, max_new_tokens: int = 64, policy=None, window=None,
                       timings: dict | None = None, report: dict | None = None, extra_gaps=(),
-                      choices: Sequence[str] | None = None, stop: Sequence[str] = (), **gen_kw):
+                      choices: Sequence[str] | None = None, stop: Sequence[str] = (),
+                      contexts: ContextCache | None = None, context_key=None, **gen_kw):
         """Answer `question` about `states` (a FrameSource or VideoContext) as it is generated:
         yields ("token", token_id, text_piece) for each new token (pieces concatenate to the text said),
         then ("answer", Answer). Closing the generator stops generation at once.
@@ -808,8 +932,13 @@ class LlavaMini:
         (the pieces already yielded hold the stop string's text: a streaming client cuts them itself).
         With `choices` (2 or more candidate answers) nothing is generated: the answer is the
         candidate the model gives the highest probability (`score_choices`), `Answer.choices`
-        holds every candidate's log-probability, and only the ("answer", Answer) event comes."""
+        holds every candidate's log-probability, and only the ("answer", Answer) event comes.
+        `contexts`, `context_key`: keep the LLM's keys/values of [prefix rows, frame tokens] for the next
+        question over the same frames (`ContextCache`; `Answer.llm_rows_run` says how many rows ran)."""
         timings = {} if timings is None else timings
+        if window is not None and context_key is not None:
+            raise BadArgument("expected a context_key naming the frames answered about, got one with a window "
+                              "that narrows them: make the source for the window (and its key) instead")
         if window is not None and isinstance(states, VideoContext):
             raise BadArgument("expected FrameStates to select a window, got a prepared VideoContext")
         if window is not None and not isinstance(states, FrameStates):
@@ -827,7 +956,8 @@ class LlavaMini:
         if choices is not None:                           # read the answer as the likeliest candidate
             if gen_kw.get("do_sample"):
                 raise BadArgument("expected either choices or sampling, got both")
-            lps = self.score_choices(ids, states, choices, policy=policy, _info=info)
+            lps = self.score_choices(ids, states, choices, policy=policy, _info=info, contexts=contexts,
+                                     context_key=context_key)
             best = max(range(len(lps)), key=lps.__getitem__)
             w = torch.softmax(torch.tensor(lps, dtype=torch.float64), 0).tolist()   # share among the candidates
             scored = [{"text": c.strip(), "logprob": round(lp, 4), "share": round(x, 4)}
@@ -838,7 +968,8 @@ class LlavaMini:
             timings["score_s"] = info["score_s"]
         else:
             cut, stopped = said, False
-            gen = self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, **gen_kw)
+            gen = self.generate_iter(ids, states, max_new_tokens, policy=policy, _info=info, contexts=contexts,
+                                     context_key=context_key, **gen_kw)
             try:
                 for tok in gen:
                     toks.append(tok)
@@ -869,6 +1000,7 @@ class LlavaMini:
         yield "answer", Answer(text=text, token_ids=toks, frames=info["frames"], frames_fused=info["frames_fused"],
                                time_span=span, policy=info["policy"], kv_policy=info["kv_policy"],
                                prompt_tokens=info["prompt_tokens"], llm_tokens=info["llm_tokens"],
+                               llm_rows_run=info.get("llm_rows_run"),
                                timings={k: round(v, 4) for k, v in timings.items()},
                                decode_report=report, gaps=gaps, dropped=dropped,
                                finish_reason=info.get("finish_reason", "stop"), choices=scored,

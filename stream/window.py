@@ -17,6 +17,7 @@ Peak memory is two chunks of records plus T tokens, whatever the window's length
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from itertools import groupby
@@ -99,9 +100,12 @@ class CachedFrames:
                               stored_span_words(cache, stream_id, start, end)))
         seqs, pts, toks, kv, meta = [], [], [], [], None
         light = 0
+        h = hashlib.blake2b(stream_id.encode(), digest_size=16)
         for ch in win.chunks(cache, read_chunk, tokens=True, prefetch=prefetch):
             for q, p, b in zip(ch.seqs, ch.pts, ch.blobs):
                 light += len(b)
+                h.update(len(b).to_bytes(8, "little"))
+                h.update(b)
                 r = decode_record(b)
                 if meta is None:
                     meta = r.meta
@@ -134,6 +138,10 @@ class CachedFrames:
         # the token records read here, every frame's (its token, pts and meta; a frame stored before token
         # records existed gives its light record): not keys/values, not in `bytes_read`
         self.light_bytes_read = light
+        # what names these very frames: the stream and every token record read (seq, pts, meta with the
+        # keys/values form, token). Two sources with the same one hold the same frames in the same forms, so
+        # the LLM's keys/values over their [prefix rows, frame tokens] are the same (`model.ContextCache`)
+        self.fingerprint = h.hexdigest()
 
     def __len__(self) -> int:
         return len(self.seqs)

@@ -309,8 +309,8 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
 
     def scrape() -> dict:
         text = Metrics().render(b).decode()
-        return {f"{m[0]}{m[1]}": float(m[2]) for m in re.findall(r"^(lms_(?:encoder|local_kv|model)\w*)(\{[^}]*\})? "
-                                                                  r"(\S+)$", text, re.M)}
+        names = r"^(lms_(?:encoder|local_kv|model|answer_context)\w*)(\{[^}]*\})? (\S+)$"
+        return {f"{m[0]}{m[1]}": float(m[2]) for m in re.findall(names, text, re.M)}
 
     rng = np.random.default_rng(0)
     encoders = [EncoderCore(settings, model=tiny_model, cache=cache) for _ in range(2)]
@@ -327,7 +327,7 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
     tiered = Settings(redis_url=redis_server.url, local_kv_bytes=1 << 20, data_dir=str(tmp_path))
     ans = AnswerCore(tiered, model=tiny_model, cache=cache)
     for _ in range(2):                                   # the first reads from the cache, the second locally
-        events = list(ans.answer("replicas-1", "what colour is the circle ?", max_tokens=2))
+        events = list(ans.answer("replicas-1", "what colour is the circle ?", max_tokens=2, window=[0, 3]))
         assert events[-1]["type"] == "answer"
         assert ans.report_stats()
     m = scrape()
@@ -336,6 +336,10 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
     assert m["lms_local_kv_bytes"] == st["bytes"] > 0 and m["lms_local_kv_max_bytes"] == 1 << 20, m
     assert m['lms_local_kv_read_bytes_total{tier="local"}'] == st["bytes_local"] > 0, m
     assert m['lms_model_replicas{role="answerer"}'] == 1, m
+    # the second question reused the first one's LLM head: a counter; the head's bytes a level
+    cx = ans.contexts.stats()
+    assert m["lms_answer_context_hits_total"] == cx["hits"] == 1 and m["lms_answer_context_misses_total"] == 1, m
+    assert m["lms_answer_context_bytes"] == cx["bytes"] > 0, m
 
     # Redis did not take a report: nothing lost, it goes with the next one
     core = encoders[0]
@@ -893,3 +897,70 @@ def test_a_question_over_a_job_still_ingesting_reads_only_what_was_stored_when_i
     assert abs(start - (3.0 + 1e-6)) < 1e-9 and end == 6.0 + 1e-6
     start, end = bounds(last_s=3)
     assert abs(start - (6.0 + 1e-6)) < 1e-9 and end is None
+
+
+def test_a_second_question_over_the_same_frames_runs_only_its_own_rows(tiny_model, redis_server):
+    """The Answerer keeps the LLM's keys/values of [prefix rows, frame tokens] of the frames it answered about
+    (`ContextCache`, keyed by the token records read): the next question over the same frames and policy runs
+    only its own rows through the LLM, and says so (`llm_rows_run`); its answer is the plain one. New frames,
+    another window or policy are other frames: the whole pass again. A video's frames (a file job's stream)
+    are kept; of a live stream only a window before its newest frame."""
+    import numpy as np
+    from deploy.serving import AnswerCore, EncodeItem, EncoderCore
+    from deploy.settings import Settings
+    from frame_cache.memory import InProcessFrameCache
+    from stream.window import CachedFrames
+
+    settings = Settings(redis_url=redis_server.url, local_kv_bytes=0)
+    cache = InProcessFrameCache()
+    cache.create_stream("v", 64, on_full="error")            # as a file job's stream
+    enc = EncoderCore(settings, model=tiny_model, cache=cache)
+    rng = np.random.default_rng(3)
+    px = rng.integers(0, 255, (13, 56, 56, 3), dtype=np.uint8)
+    assert "seqs" in enc.encode([EncodeItem("v", px[:12], [float(t) for t in range(12)])])[0]
+    ans = AnswerCore(settings, model=tiny_model, cache=cache)
+    P = len(tiny_model.default_prefix_ids)
+    own = lambda q: tiny_model.prompt_ids(q).shape[1] - P - 1          # the question's rows after the placeholder
+
+    def ask(q, **kw):
+        events = list(ans.answer("v", q, max_tokens=4, **kw))
+        assert events[-1]["type"] == "answer", events[-1]
+        return events[-1]
+
+    qs = ["what colour is the circle ?", "how many objects are there ?", "is there a red square ?"]
+    for policy in ("exact", "budget:4"):
+        for i, q in enumerate(qs):
+            a = ask(q, policy=policy)
+            want = tiny_model.ask(CachedFrames(cache, "v"), q, max_new_tokens=4, policy=policy)
+            assert a["token_ids"] == want.token_ids and a["policy"] == want.policy, (policy, q, a, want)
+            assert a["llm_rows_run"] == (a["llm_tokens"] if i == 0 else own(q)), (policy, i, a["llm_rows_run"])
+    st = ans.contexts.stats()
+    assert st["contexts"] == 2 and st["hits"] == 4 and 0 < st["bytes"] <= st["max_bytes"], st
+    # choices read the same head; another window is other frames
+    c = list(ans.answer("v", qs[0], choices=["red", "blue", "green"]))[-1]
+    assert c["llm_rows_run"] == own(qs[0]) and c["text"] in ("red", "blue", "green"), c
+    w = ask(qs[1], window=[0, 6])
+    assert w["frames"] == 6 and w["llm_rows_run"] == w["llm_tokens"]
+    # a new frame makes the whole stream other frames
+    assert "seqs" in enc.encode([EncodeItem("v", px[12:], [12.0])])[0]
+    a = ask(qs[1])
+    assert a["frames"] == 13 and a["llm_rows_run"] == a["llm_tokens"]
+    assert a["token_ids"] == tiny_model.ask(CachedFrames(cache, "v"), qs[1], max_new_tokens=4).token_ids
+    # a live stream (a ring): a window that ends at its newest frame is not kept, a past one is; the stream's
+    # heads go with it when this replica lets the stream go
+    cache.create_stream("live", 64)
+    assert "seqs" in enc.encode([EncodeItem("live", px, [float(t) for t in range(13)])])[0]
+    for q in qs[:2]:
+        a = list(ans.answer("live", q, max_tokens=4))[-1]
+        assert a["llm_rows_run"] == a["llm_tokens"], a
+    past = [list(ans.answer("live", q, max_tokens=4, window=[2, 9]))[-1] for q in qs[:2]]
+    assert past[0]["llm_rows_run"] == past[0]["llm_tokens"] and past[1]["llm_rows_run"] == own(qs[1]), past
+    before = ans.contexts.stats()["contexts"]
+    ans.forget_stream("live")
+    assert ans.contexts.stats()["contexts"] == before - 1
+    # 0 bytes keeps nothing
+    off = AnswerCore(Settings(redis_url=redis_server.url, local_kv_bytes=0, answer_context_bytes=0),
+                     model=tiny_model, cache=cache)
+    for q in qs[:2]:
+        a = list(off.answer("v", q, max_tokens=4))[-1]
+        assert a["llm_rows_run"] == a["llm_tokens"]

@@ -247,3 +247,64 @@ def test_score_choices_is_the_plain_models_probability(tiny_model, monkeypatch):
     assert tiny_model.score_choices(ids, states, ["red blue green", "blue"], preamble=())    # fits exactly
     with pytest.raises(ContextTooLong, match=r"got \d+ \(\d+ prompt and frames \+ 0 preamble \+ 4 of the longest"):
         tiny_model.score_choices(ids, states, ["red blue green red", "blue"], preamble=())
+
+
+def test_a_context_cache_keeps_the_head_of_a_question_for_the_next_one_over_the_same_frames(tiny_model):
+    """`stream_answer(contexts=, context_key=)`: the first question's own LLM pass leaves the keys/values of
+    [prefix rows, frame tokens] in the cache; the next over the same key and policy runs only its rows and
+    answers as the plain path. Least recently used heads go past the budget; frames overwritten after the head
+    was kept make the question take the plain pass over the frames left."""
+    from frame_cache import InProcessFrameCache
+    from model.llava_mini import ContextCache
+    from stream.ingest import states_to_records
+    from stream.window import CachedFrames
+    states = tiny_model.encode_frames(frames(9, seed=21), pts=[float(i) for i in range(9)])
+    P = len(states.prefix_ids)
+    qs = ("what colour is the circle ?", "how many objects are there ?", "is there a red square ?")
+    own = lambda q: tiny_model.prompt_ids(q).shape[1] - P - 1
+    cc = ContextCache(1 << 30)
+    for policy in ("exact", "budget:4"):
+        for i, q in enumerate(qs):
+            plain = tiny_model.ask(states, q, max_new_tokens=5, policy=policy)
+            got = tiny_model.ask(states, q, max_new_tokens=5, policy=policy, contexts=cc, context_key="v")
+            assert got.token_ids == plain.token_ids and got.policy == plain.policy
+            assert plain.llm_rows_run == plain.llm_tokens
+            assert got.llm_rows_run == (plain.llm_tokens if i == 0 else own(q)), (policy, q)
+        ids = tiny_model.prompt_ids(qs[1])
+        assert_close(tiny_model._prefill(ids, states, policy, 0, cc, "v")[0],
+                     tiny_model.video_logits(ids, states, policy)[:, -1], atol=1e-5, what=f"reused head {policy}")
+    assert cc.stats()["contexts"] == 2
+    one = cc.bytes // 2
+    # the budget: a second key drops the least recently used head; a head over the budget alone is not kept
+    small = ContextCache(one + one // 2)
+    for key in ("a", "b", "b"):
+        tiny_model.ask(states, qs[0], max_new_tokens=1, contexts=small, context_key=key)
+    assert small.stats() == {"contexts": 1, "bytes": one, "max_bytes": one + one // 2, "hits": 1, "misses": 2,
+                             "dropped": 1}
+    tiny = ContextCache(one - 1)
+    for _ in range(2):
+        a = tiny_model.ask(states, qs[0], max_new_tokens=1, contexts=tiny, context_key="a")
+        assert a.llm_rows_run == a.llm_tokens
+    # frames of the window overwritten after its head was kept: the plain pass over the frames left
+    cache = InProcessFrameCache()
+    cache.create_stream("s", 9)
+    cache.append_many("s", states_to_records(states))
+    src = CachedFrames(cache, "s")
+    cc = ContextCache(1 << 30)
+    tiny_model.ask(src, qs[0], max_new_tokens=3, contexts=cc, context_key=src.fingerprint)
+    more = tiny_model.encode_frames(frames(3, seed=22), pts=[9.0, 10.0, 11.0])
+    cache.append_many("s", states_to_records(more))                     # frames 0-2 of the window: gone
+    got = tiny_model.ask(src, qs[1], max_new_tokens=3, contexts=cc, context_key=src.fingerprint)
+    assert got.llm_rows_run == got.llm_tokens and got.frames_fused == 6 and "3 of 9" in got.policy, got
+    assert got.token_ids == tiny_model.ask(src, qs[1], max_new_tokens=3).token_ids
+    assert cc.stats()["contexts"] == 0                                   # the stale head is gone
+    assert cc.stats()["hits"] == 0 and cc.stats()["misses"] == 2         # and it counts as a miss
+    # heads live in host memory whatever the model's device; a window with a key is refused
+    from lmcore.errors import BadArgument
+    assert ContextCache(1 << 20).device == torch.device("cpu")
+    with pytest.raises(BadArgument, match="context_key"):
+        tiny_model.ask(states, qs[0], window=(0, 4), contexts=cc, context_key="v")
+    # a stream's heads are dropped together (keys that start with its id)
+    for key in (("s", "f1"), ("s", "f2"), ("t", "f1")):
+        tiny_model.ask(states, qs[0], max_new_tokens=1, contexts=cc, context_key=key)
+    assert cc.stats()["contexts"] == 3 and cc.discard_stream("s") == 2 and cc.stats()["contexts"] == 1

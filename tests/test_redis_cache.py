@@ -236,6 +236,10 @@ def test_a_stream_stored_before_token_copies_reads_its_tokens_from_its_light_cop
         assert got[4] == encode_record(token_record(replace(_rec(4), seq=4)))
         lused = sum(map(len, cache.read("old", range(2, 6), light=True))) + len(got[4]) + len(got[5])
         assert cache.stream_info("old").light_bytes == lused
+        # a slot whose token copy is another frame's (an older writer replaced the record, not its token
+        # copy): the light copy again, never "overwritten"
+        r.hset(k["tokens"], "2", got[4])
+        assert cache.read("old", [2, 3, 4], tokens=True) == [light[2], light[3], got[4]]
     finally:
         cache.close()
         r.close()
