@@ -115,7 +115,8 @@ class CachedFrames:
                 seqs.append(q)
                 pts.append(p)
                 kv.append(kv_state(r.meta))
-                toks.append(r.tensors["token"] if dtype is None else r.tensors["token"].to(dtype))
+                t = r.tensors["token"]
+                toks.append(t if dtype is None or t.dtype == dtype else t.to(dtype))
         if not seqs:
             raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window, got none: all "
                            f"{len(win)} were overwritten while being read")

@@ -186,6 +186,22 @@ print(json.dumps({{"torch_before": loaded, "seq": record_seq(b), "header": h, "e
     assert got["decoded"] == {n: str(d) for n, d in SUPPORTED_DTYPES.items()}
 
 
+def test_record_seq_reads_the_header_start_and_falls_back_to_the_whole_header() -> None:
+    """`record_seq` (every read's "is this the frame asked for" check) takes the seq from the first bytes of a
+    header as `encode_record` writes it, and parses the whole header otherwise: the same seq either way."""
+    from frame_cache.record import RECORD_MAGIC
+    for seq in (-1, 0, 7, 10 ** 17 + 3, 10 ** 19 + 1):          # the last: past the fast path's 18 digits
+        b = encode_record(FrameRecord(seq=seq, pts=2.5, tensors={"token": torch.ones(1, 4)}, meta={"m": [1] * 50}))
+        assert record_seq(b) == seq == record_header(b)["seq"] == decode_record(b).seq
+    # a header with its keys in another order (another writer): still read, by the whole header
+    h = json.dumps({"pts": 1.0, "seq": 42, "meta": {}, "tensors": []}, separators=(",", ":")).encode()
+    blob = RECORD_MAGIC + struct.pack("<HI", 1, len(h)) + h
+    blob += bytes(-(-len(blob) // 64) * 64 - len(blob))
+    assert record_seq(blob) == 42 == decode_record(blob).seq
+    with pytest.raises(RecordFormatError):
+        record_seq(b"LMFX" + blob[4:])                             # not a record: the whole header's error
+
+
 def test_decode_is_zero_copy_and_copy_owns_memory() -> None:
     rec = FrameRecord(pts=0.0, tensors={"x": torch.arange(16, dtype=torch.float32)})
     buf = bytearray(encode_record(rec))
