@@ -602,7 +602,7 @@ class AnswerCore:
             src.time_span, src.bytes_read = (float(src.pts[0]), float(src.pts[-1])), 0
         else:
             src = self.window(stream_id, window, last_s, until)
-        window_s = time.perf_counter() - t0         # every frame's light record read: its own line of the timings
+        window_s = time.perf_counter() - t0         # every frame's token record read: its own line of the timings
         # the stream's gaps in the window asked about, not only between its first and last stored frame: a
         # truncated file's missing tail, or an outage going on after the newest frame, is a gap of the answer
         if window is not None:
@@ -618,8 +618,12 @@ class AnswerCore:
         # newest frame, which the next frame makes other frames (a copy per question, never reused)
         key = None
         if getattr(src, "fingerprint", None) is not None and until is None:      # a watch's rows: nothing to keep
-            si = self.cache.stream_info(stream_id)
-            if si.on_full == "error" or src.time_span[1] < si.newest_pts:
+            from frame_cache import StreamNotFound
+            try:
+                si = self.cache.stream_info(stream_id)
+            except StreamNotFound:                  # deleted since its window was read: answer, keep nothing
+                si = None
+            if si is not None and (si.on_full == "error" or src.time_span[1] < si.newest_pts):
                 key = (stream_id, src.fingerprint)
         for kind, *rest in self.model.stream_answer(src, question, max_new_tokens=max_tokens, policy=policy,
                                                     extra_gaps=inside, choices=choices, stop=stop or (),

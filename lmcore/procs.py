@@ -9,16 +9,30 @@ import subprocess
 __all__ = ["die_with_parent", "stop_child"]
 
 _PR_SET_PDEATHSIG = 1
+_SIGTERM = int(signal.SIGTERM)
+
+
+def _resolve_prctl():
+    """libc's prctl, looked up once in the parent (None where there is none)."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+#: Resolved at import, not in the child: `dlopen` (and an import) between fork and exec can deadlock a child
+#: forked while another thread of the parent held the loader's lock (a decoder thread loading a codec). The
+#: child then never reaches exec and `Popen` waits for it for ever; two camera restarts in the tests hung so.
+_PRCTL = _resolve_prctl()
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """A ``preexec_fn``: on Linux the child gets SIGTERM when the thread that started it exits, so a
-    parent that crashes or is killed leaves no child running; elsewhere a no-op."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
+    parent that crashes or is killed leaves no child running; elsewhere a no-op. Only a call through a
+    function pointer found beforehand: no import, no dynamic loading, in the child."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, _SIGTERM)
 
 
 def stop_child(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
