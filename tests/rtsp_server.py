@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from frame_cache.redis_server import free_port
-from lmcore.procs import die_with_parent, stop_child
+from lmcore.procs import stop_child
 
 __all__ = ["RtspServer", "rtsp_server_missing", "free_port", "SYSTEM_PYTHON"]
 
@@ -35,7 +35,14 @@ _PACKAGES = ("gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-
 # The server itself: argv = port, then one "mount:pattern" per camera. Prints READY once
 # it listens; SIGTERM/SIGINT quit its main loop.
 _SERVER_SCRIPT = r'''
-import signal, sys
+import ctypes, signal, sys
+# SIGTERM when the thread that started this process ends (a test run killed leaves no server behind). Set
+# here, after exec, not by a preexec_fn: Python code between fork and exec in a test process with other
+# threads (PyAV's) hung camera restarts in a clean clone's run.
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass
 import gi
 gi.require_version("Gst", "1.0")
 gi.require_version("GstRtspServer", "1.0")
@@ -164,7 +171,8 @@ class RtspServer:
                 str(self.fps), *(f"{m}:{p}" for m, p in self.mounts.items())]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
         self.proc = subprocess.Popen(argv, cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent)
+                                     stdin=subprocess.DEVNULL, env=env)   # no preexec_fn: the script dies
+                                                                          # with its parent by itself
         self.frozen = False
         deadline = time.monotonic() + self.start_timeout
         while True:

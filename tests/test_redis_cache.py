@@ -666,25 +666,3 @@ def test_redis_cluster_three_masters(tmp_path) -> None:
             for c in plain:
                 c.close()
 
-
-def test_a_child_started_with_die_with_parent_ends_with_the_thread_that_started_it() -> None:
-    """`lmcore.procs.die_with_parent` (redis-server's and the RTSP server's preexec_fn): prctl was found in the
-    parent at import, so the child runs no import and no dlopen between fork and exec (which deadlocked a
-    child forked while a decoder thread held the loader's lock), and it still gets SIGTERM when the thread
-    that started it ends."""
-    import subprocess
-    import sys
-    from lmcore import procs
-    if not sys.platform.startswith("linux"):
-        pytest.skip("PR_SET_PDEATHSIG is Linux's")
-    assert procs._PRCTL is not None
-    box = {}
-    t = threading.Thread(target=lambda: box.setdefault("p", subprocess.Popen(
-        ["sleep", "60"], stdin=subprocess.DEVNULL, preexec_fn=procs.die_with_parent)))
-    t.start()
-    t.join()
-    p = box["p"]
-    try:
-        assert p.wait(timeout=10) == -signal.SIGTERM
-    finally:
-        procs.stop_child(p)
