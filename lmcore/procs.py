@@ -22,8 +22,8 @@ def _resolve_prctl():
 
 
 #: Resolved at import, not in the child: `dlopen` (and an import) between fork and exec can deadlock a child
-#: forked while another thread of the parent held the loader's lock (a decoder thread loading a codec). The
-#: child then never reaches exec and `Popen` waits for it for ever; two camera restarts in the tests hung so.
+#: forked while another thread of the parent held the loader's lock. This alone did not stop the tests' camera
+#: restarts from hanging in Popen (any Python in such a child can); the RTSP server now runs no preexec_fn.
 _PRCTL = _resolve_prctl()
 
 
