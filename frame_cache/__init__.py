@@ -38,6 +38,7 @@ from .record import (
     light_record,
     token_record,
     record_seq,
+    decode_stacked,
     record_header,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "light_record",
     "token_record",
     "record_seq",
+    "decode_stacked",
     "KV_TENSORS",
     "CapacityExceeded",
     "StaleWriter",

@@ -63,6 +63,7 @@ __all__ = [
     "light_record",
     "token_record",
     "record_seq",
+    "decode_stacked",
     "KV_TENSORS",
     "record_header",
 ]
@@ -404,3 +405,91 @@ def record_seq(b: bytes | bytearray | memoryview) -> int:
         if m is not None:
             return int(m.group(1))
     return int(record_header(mv)["seq"])
+
+
+#: `decode_stacked`'s fast path: the start of a header as `encode_record` writes it, seq and pts as JSON numbers.
+_SEQ_PTS_AT_START = re.compile(
+    rb'\{"seq":(-1|0|[1-9][0-9]{0,17}),"pts":(-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?),')
+
+
+def _only_meta_and_tensors(rest: bytes) -> bool:
+    """Whether a header's remainder after its seq and pts holds the keys "meta" and "tensors" and no other
+    (no second "seq" or "pts" that JSON would read in place of the first): then every header that starts
+    with other seq and pts numbers and ends with it is the same record layout."""
+    try:
+        top = json.loads(b"{" + rest)
+    except ValueError:
+        return False
+    return isinstance(top, dict) and set(top) == {"meta", "tensors"}
+
+
+def decode_stacked(blobs, name: str) -> tuple[list[int], list[float], list[dict[str, Any]], torch.Tensor]:
+    """Every record of ``blobs`` checked as `decode_record` checks it, and their tensor ``name`` stacked:
+    (seqs, pts, metas, tensor of shape (len(blobs), *shape)). The per-frame read of a long window (10,800
+    token records: 0.35 s one `decode_record` at a time on a 2-core CPU) made cheap: records whose headers
+    differ only in seq and pts (a stream's, as a rule) share one parsed and checked header, and their tensors
+    are copied out with one join. Records of other layouts are decoded one by one, as `decode_record` does.
+
+    ``metas`` are shared between records with the same header: read them, do not change them. Raises
+    `RecordFormatError` for a record `decode_record` refuses and `BadArgument` for one without ``name``.
+    """
+    torch, dtypes = _torch(), _dtype_tables()[0]
+    seqs: list[int] = []
+    pts: list[float] = []
+    metas: list[dict[str, Any]] = []
+    parts: list = []                         # each record's `name` bytes (one layout) or tensor (others)
+    layouts: dict[tuple, tuple] = {}         # header after its pts, data start, size -> (meta, entry)
+    same = None                              # the (dtype, shape) of every `name` so far, while they agree
+    for b in blobs:
+        mv = memoryview(b).cast("B")
+        hit = None
+        if _LITTLE_ENDIAN_HOST and len(mv) > _PREFIX.size and bytes(mv[:4]) == RECORD_MAGIC:
+            _, version, hlen = _PREFIX.unpack_from(mv, 0)
+            head = bytes(mv[_PREFIX.size:_PREFIX.size + hlen])
+            m = _SEQ_PTS_AT_START.match(head)
+            if version == RECORD_VERSION and hlen <= MAX_HEADER_BYTES and _PREFIX.size + hlen <= len(mv) \
+                    and m is not None:
+                rest = head[m.end():]
+                key = (rest, _align(_PREFIX.size + hlen), len(mv))
+                hit = layouts.get(key)
+                if hit is None and _only_meta_and_tensors(rest):
+                    header, data_start = _parse_header(mv)        # a new layout: checked whole, once
+                    _check_header(header, data_start, len(mv))
+                    entry = next((e for e in header["tensors"] if e["name"] == name), None)
+                    if entry is None:
+                        raise BadArgument(f"expected a {name!r} tensor in record seq {header['seq']}, got "
+                                          f"{[e['name'] for e in header['tensors']]}")
+                    hit = layouts[key] = (header["meta"], entry, data_start)
+                if hit is not None:
+                    q, p = int(m.group(1)), float(m.group(2))
+                    if not math.isfinite(p):
+                        raise _fail(f"expected header pts to be a finite number, got {m.group(2).decode()}")
+        if hit is None:                       # not the common layout: one record at a time
+            r = decode_record(mv)
+            if name not in r.tensors:
+                raise BadArgument(f"expected a {name!r} tensor in record seq {r.seq}, got {list(r.tensors)}")
+            t = r.tensors[name]
+            q, p, meta = r.seq, r.pts, r.meta
+            sig = (t.dtype, tuple(t.shape))
+            part = t
+        else:
+            meta, entry, data_start = hit
+            o = data_start + entry["offset"]
+            sig = (dtypes[entry["dtype"]], tuple(entry["shape"]))
+            part = mv[o:o + entry["nbytes"]]
+        same = sig if not seqs else (same if same == sig else False)
+        seqs.append(q)
+        pts.append(p)
+        metas.append(meta)
+        parts.append(part)
+    if not parts:
+        return seqs, pts, metas, torch.empty(0)
+    if same:                                  # one dtype and shape: one join, one tensor
+        dtype, shape = same
+        raw = b"".join(x if isinstance(x, memoryview) else _raw_bytes(name, x).numpy().tobytes() for x in parts)
+        stacked = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        return seqs, pts, metas, stacked.view(dtype).reshape(len(parts), *shape)
+    ts = []
+    for x, b in zip(parts, blobs):
+        ts.append(x if not isinstance(x, memoryview) else decode_record(b).tensors[name])
+    return seqs, pts, metas, torch.stack(ts)

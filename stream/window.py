@@ -24,7 +24,7 @@ from itertools import groupby
 
 import torch
 
-from frame_cache import FrameCache, FrameWindow, decode_record
+from frame_cache import FrameCache, FrameWindow, decode_record, decode_stacked
 from frame_cache.retention import KV_FORMS, kv_state, retention_of
 from lmcore.errors import BadArgument, NoFrames
 
@@ -102,20 +102,23 @@ class CachedFrames:
         light = 0
         h = hashlib.blake2b(stream_id.encode(), digest_size=16)
         for ch in win.chunks(cache, read_chunk, tokens=True, prefetch=prefetch):
-            for q, p, b in zip(ch.seqs, ch.pts, ch.blobs):
+            for b in ch.blobs:
                 light += len(b)
                 h.update(len(b).to_bytes(8, "little"))
                 h.update(b)
-                r = decode_record(b)
+            # a chunk's records checked and their tokens stacked at once (records of one layout share a header)
+            _, _, metas, t = decode_stacked(ch.blobs, "token")
+            for q, p, m in zip(ch.seqs, ch.pts, metas):
                 if meta is None:
-                    meta = r.meta
-                elif (r.meta["n_vision_rows"], r.meta["prefix_ids"]) != (meta["n_vision_rows"], meta["prefix_ids"]):
+                    meta = m
+                elif m is not meta and (m["n_vision_rows"], m["prefix_ids"]) != (meta["n_vision_rows"],
+                                                                                 meta["prefix_ids"]):
                     raise BadArgument(f"expected the frames of stream {stream_id!r} to come from one model and "
                                       f"prompt prefix, got a mix (frame seq {q})")
                 seqs.append(q)
                 pts.append(p)
-                kv.append(kv_state(r.meta))
-                t = r.tensors["token"]
+                kv.append(kv_state(m))
+            if len(t):
                 toks.append(t if dtype is None or t.dtype == dtype else t.to(dtype))
         if not seqs:
             raise NoFrames(f"expected stored frames of stream {stream_id!r} in the window, got none: all "
@@ -123,7 +126,7 @@ class CachedFrames:
         self.seqs = seqs
         self.dropped_during_read = len(win) - len(seqs)
         self.pts = torch.tensor(pts, dtype=torch.float64)
-        self._tokens = torch.stack(toks)                                   # (T, nq, H)
+        self._tokens = torch.cat(toks) if len(toks) > 1 else toks[0]      # (T, nq, H)
         self.n_vision_rows = int(meta["n_vision_rows"])
         self.prefix_ids = tuple(int(i) for i in meta["prefix_ids"])
         self.kv_forms = kv                                                 # each frame's keys/values form

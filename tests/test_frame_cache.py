@@ -37,6 +37,7 @@ from frame_cache import (
     token_record,
     record_header,
     record_seq,
+    decode_stacked,
     stream_key,
 )
 from lmcore.errors import BadArgument, CacheError, LmsError
@@ -200,6 +201,87 @@ def test_record_seq_reads_the_header_start_and_falls_back_to_the_whole_header() 
     assert record_seq(blob) == 42 == decode_record(blob).seq
     with pytest.raises(RecordFormatError):
         record_seq(b"LMFX" + blob[4:])                             # not a record: the whole header's error
+
+
+def _stacked_reference(blobs, name):
+    """`decode_stacked`'s answer computed one `decode_record` at a time."""
+    recs = [decode_record(b) for b in blobs]
+    return [r.seq for r in recs], [r.pts for r in recs], [r.meta for r in recs], \
+        torch.stack([r.tensors[name] for r in recs])
+
+
+def test_decode_stacked_is_decode_record_one_at_a_time() -> None:
+    """`decode_stacked` (a question's read of every frame's token record) gives what `decode_record` gives record
+    by record: seqs, pts, metas and the named tensors stacked, bit for bit; over records of one layout (the fast
+    path: one checked header), of several layouts interleaved, in other dtypes, from bytes, bytearrays and
+    memoryviews, and with headers `encode_record` would not write (keys in another order: decoded whole)."""
+    def tok(seq, pts, dtype=torch.bfloat16, extra=False, meta=None):
+        g = torch.Generator().manual_seed(seq + 5)
+        t = {"token": torch.randn(1, 8, generator=g).to(dtype)}
+        if extra:
+            t["prefix_out"] = torch.randn(3, 8, generator=g)
+        return encode_record(FrameRecord(seq=seq, pts=pts, tensors=t, meta=meta or {"kv_policy": "exact"}))
+
+    pts_values = [0.0, 1e-05, 12.5, 1e+20, 3.0, -2.25, 99999.0, 7.0]
+    one_layout = [tok(s, p) for s, p in zip([0, 1, 9, 10, 99, 100, 10 ** 17 + 3, 10 ** 19 + 1], pts_values)]
+    mixed = one_layout[:3] + [tok(20, 4.0, extra=True), tok(21, 5.0, meta={"kv_policy": "none", "light": True})] \
+        + one_layout[3:]
+    other_order = json.dumps({"pts": 6.0, "seq": 42, "meta": {}, "tensors": [
+        {"name": "token", "dtype": "bfloat16", "shape": [1, 8], "offset": 0, "nbytes": 16}]},
+        separators=(",", ":")).encode()
+    blob = b"LMFR" + struct.pack("<HI", 1, len(other_order)) + other_order
+    blob += bytes(-(-len(blob) // 64) * 64 - len(blob)) + torch.arange(8, dtype=torch.bfloat16).view(torch.uint8).numpy().tobytes()
+    for blobs in (one_layout, mixed, mixed + [blob], [bytearray(b) for b in mixed], [memoryview(b) for b in mixed],
+                  [one_layout[0]], one_layout[:1] * 3):
+        got, want = decode_stacked(blobs, "token"), _stacked_reference(blobs, "token")
+        assert got[:3] == want[:3]
+        assert got[3].dtype == want[3].dtype and got[3].shape == want[3].shape == (len(blobs), 1, 8)
+        assert torch.equal(_bits(got[3]), _bits(want[3]))
+    # tokens of another dtype among them: stacked as torch.stack stacks them, one record at a time
+    f32 = [tok(1, 1.0), tok(2, 2.0, dtype=torch.float32), tok(3, 3.0)]
+    got, want = decode_stacked(f32, "token"), _stacked_reference(f32, "token")
+    assert got[:3] == want[:3] and got[3].dtype == want[3].dtype and torch.equal(got[3], want[3])
+    # the stacked tensor owns its memory (a writable copy, not a view of immutable bytes)
+    t = decode_stacked(one_layout, "token")[3]
+    t.add_(1)
+    assert torch.equal(_bits(decode_stacked(one_layout, "token")[3]), _bits(_stacked_reference(one_layout, "token")[3]))
+    assert decode_stacked([], "token")[:3] == ([], [], [])
+    with pytest.raises(BadArgument, match=r"expected a 'missing' tensor in record seq 0, got \['token'\]"):
+        decode_stacked(one_layout, "missing")
+
+
+def test_decode_stacked_refuses_what_decode_record_refuses_after_a_good_record() -> None:
+    """A record after one of the same layout gets no free pass: truncated, padded, another version or magic,
+    a pts JSON reads as infinite, a header that ends as a good one does but with a second "seq" JSON reads in
+    place of the first (decoded whole, its seq the one `decode_record` reads): each is refused or read as
+    `decode_record` reads it."""
+    good = [encode_record(FrameRecord(seq=s, pts=float(s), tensors={"token": torch.ones(1, 4)},
+                                      meta={"kv_policy": "exact"})) for s in range(3)]
+    with pytest.raises(RecordFormatError, match="truncated"):
+        decode_stacked([good[0], good[1][:-1]], "token")
+    with pytest.raises(RecordFormatError, match="trailing bytes"):
+        decode_stacked([good[0], good[1] + b"\0"], "token")
+    with pytest.raises(RecordFormatError, match="format version 1, got 7"):
+        decode_stacked([good[0], good[1][:4] + struct.pack("<H", 7) + good[1][6:]], "token")
+    with pytest.raises(RecordFormatError, match="magic"):
+        decode_stacked([good[0], b"LMFX" + good[1][4:]], "token")
+    def rebuilt(edit) -> bytes:                           # good[0] with its header bytes edited, data kept
+        b = good[0]
+        hlen = struct.unpack_from("<I", b, 6)[0]
+        h = edit(b[10:10 + hlen])
+        out = b"LMFR" + struct.pack("<HI", 1, len(h)) + h
+        return out + bytes(-(-len(out) // 64) * 64 - len(out)) + b[-(-(10 + hlen) // 64) * 64:]
+    huge = rebuilt(lambda h: h.replace(b'"pts":0.0,', b'"pts":1e999,'))
+    with pytest.raises(RecordFormatError, match="finite"):
+        decode_record(huge)
+    with pytest.raises(RecordFormatError, match="finite"):
+        decode_stacked([good[0], huge], "token")
+    with pytest.raises(RecordFormatError, match="at most 1048576 bytes"):
+        decode_stacked([good[0], good[1][:6] + struct.pack("<I", 1 << 21) + good[1][10:]], "token")
+    # {"seq":S,"pts":..,"meta":..,"tensors":..,"seq":T}: JSON reads T
+    twice = [rebuilt(lambda h: h.replace(b'"seq":0', b'"seq":%d' % s)[:-1] + b',"seq":7}') for s in (7, 8)]
+    assert [decode_record(b).seq for b in twice] == [7, 7]
+    assert decode_stacked(twice, "token")[0] == [7, 7]
 
 
 def test_decode_is_zero_copy_and_copy_owns_memory() -> None:
