@@ -48,7 +48,7 @@ from .serving import (
     run_rtsp_stream,
     stored_frames,
 )
-from .settings import Settings
+from .settings import INGRESS_MAX_ONGOING_REQUESTS, Settings
 
 log = logging.getLogger("lmstream.serve")
 
@@ -873,7 +873,7 @@ class RayBackend:
         return events()
 
 
-@serve.deployment(max_ongoing_requests=256)
+@serve.deployment(max_ongoing_requests=INGRESS_MAX_ONGOING_REQUESTS)      # limits.max_live_connections under it
 @serve.ingress(api)
 class Ingress:
     async def __init__(self, encoder, answerer, settings: dict):

@@ -173,6 +173,8 @@ class Metrics:
         self.inflight = Gauge("lms_questions_inflight", "questions queued or running (the queue depth)",
                               registry=r)
         self.jobs_started = Counter("lms_jobs_started", "file jobs started", registry=r)
+        self.connections = Gauge("lms_live_connections", "open /v1/live sockets and watch-event streams of this "
+                                 "Ingress (limits.max_live_connections bounds them)", registry=r)
 
     def render(self, b: Backend | None) -> bytes:
         from prometheus_client import CollectorRegistry, Gauge, generate_latest
@@ -568,6 +570,7 @@ def build_api() -> FastAPI:
     @api.get("/metrics")
     async def prom(b: Backend = Depends(auth)):
         metrics.inflight.set(_questions())
+        metrics.connections.set(live_connections())
         data = await asyncio.to_thread(metrics.render, b)
         return PlainTextResponse(data, media_type="text/plain; version=0.0.4")
 
@@ -908,7 +911,11 @@ def build_api() -> FastAPI:
                     idle = 0.0
                     yield ": keep-alive\n\n"
                 await asyncio.sleep(0.5)
-        return StreamingResponse(gen(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        if (full := _connections_full(b)) is not None:
+            raise Busy(full, retry_after=b.settings.limits.retry_after_s)
+        body = gen()
+        _event_stream_opened(body)                   # counted until the body is done with and freed
+        return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.websocket("/v1/live")
     async def live(ws: WebSocket):
@@ -947,6 +954,9 @@ def build_api() -> FastAPI:
         if bad is not None:
             await ws.close(code=1008, reason=bad.args[0].replace("(Authorization: Bearer KEY)",
                                                               "(?token= or Authorization)"))
+            return
+        if (full := _connections_full(b)) is not None:     # 256 idle sockets held every request of the Ingress
+            await ws.close(code=1013, reason=full)            # 1013: try again later
             return
         sess = _LiveSession(b, ws, asking["events"])
         _session_opened(sess, True)
@@ -1697,6 +1707,29 @@ _SESSIONS: "set[_LiveSession]" = set()
 
 def _session_opened(sess: "_LiveSession", is_open: bool) -> None:
     (_SESSIONS.add if is_open else _SESSIONS.discard)(sess)
+
+
+#: the watch-event SSE bodies of this Ingress not yet finished and freed (`GET /v1/streams/{id}/events`)
+_EVENT_STREAMS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _event_stream_opened(body) -> None:
+    _EVENT_STREAMS.add(body)
+
+
+def live_connections() -> int:
+    """Open `/v1/live` sockets and watch-event streams of this Ingress: what `limits.max_live_connections`
+    bounds (each holds one of the Ingress's requests at once for as long as it is open)."""
+    return len(_SESSIONS) + len(_EVENT_STREAMS)
+
+
+def _connections_full(b: "Backend") -> str | None:
+    """Why one more long-lived connection is refused (`limits.max_live_connections` reached), or None; short
+    enough for a WebSocket close reason (at most 123 bytes)."""
+    lim, n = b.settings.limits.max_live_connections, live_connections()
+    if n < lim:
+        return None
+    return f"expected at most {lim} open sockets and event streams, got {n}: close one (limits.max_live_connections)"
 
 
 #: questions queued or running in this Ingress (one API per Ingress process), and whether it is stopping

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 REPO = Path(__file__).resolve().parents[1]
 #: the most warm decoder actors a service keeps (`Settings.warm_decoders`; `lmstream serve --warm-decoders`)
 MAX_WARM_DECODERS = 64
+#: requests one Ingress replica takes at once (its Serve `max_ongoing_requests`, `deploy/app.py`): past it the
+#: Serve proxy queues every request, `/health` too, so long-lived connections must leave room under it
+INGRESS_MAX_ONGOING_REQUESTS = 256
 
 
 class Limits(BaseModel):
@@ -46,6 +49,11 @@ class Limits(BaseModel):
                                 "past it, from Content-Length before reading, or while reading a chunked one)")
     live_capacity_frames: int = Field(86_400, ge=1, description="default ring of a live stream (24 h at 1 fps)")
     max_live_streams: int = Field(64, ge=1, description="live streams (cameras + sockets) at once (429 past it)")
+    max_live_connections: int = Field(128, ge=1, le=INGRESS_MAX_ONGOING_REQUESTS - 64, description=(
+        "open /v1/live sockets and watch-event streams (GET /v1/streams/{id}/events) at once on one Ingress "
+        "replica: a socket past it is closed 1013, an event stream is 429. Each holds one of the Ingress's "
+        f"{INGRESS_MAX_ONGOING_REQUESTS} requests at once for as long as it is open: 256 idle sockets left no "
+        "room for any other request, /health included"))
     max_watches_per_stream: int = Field(16, ge=1, description="watches of one stream (429 past it: each is fused "
                                         "with every frame and stored with it, ~0.2 MB a frame at 8B)")
 

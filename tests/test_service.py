@@ -1020,6 +1020,79 @@ def test_websocket_stop_stores_what_it_received_and_stopped_streams_free_their_s
     asyncio.run(session())
 
 
+def test_open_sockets_and_event_streams_are_bounded_and_leave_room_for_every_other_request(service):
+    """256 idle sockets with a key held every request the Ingress takes at once (Serve's `max_ongoing_requests`):
+    `GET /health` then waited past 15 s, and the 257th socket hung. Open sockets and watch-event streams
+    together are now bounded by `limits.max_live_connections` (10 here): past it a socket is accepted and
+    closed 1013 with the reason, an event stream is 429 `E_BUSY` with `Retry-After`, and every other route
+    still answers. A closed socket or event stream frees its place (`lms_live_connections`)."""
+    import asyncio
+    import websockets
+
+    def connections(c) -> int:
+        return int(_metric(c.get("/metrics").text, "lms_live_connections"))
+
+    def settle(c, want: int) -> None:            # the Ingress sees a close within a second or so
+        for _ in range(100):
+            if connections(c) == want:
+                return
+            time.sleep(0.1)
+        assert connections(c) == want
+
+    async def session():
+        with service.client() as c:
+            n0 = connections(c)
+        socks = [await websockets.connect(_ws_url(service), max_size=None) for _ in range(10 - n0)]
+        sid = None
+        try:
+            await socks[0].send(json.dumps({"type": "start", "stream_id": None, "fps": 1, "format": "png"}))
+            sid = json.loads(await socks[0].recv())["stream_id"]
+            with service.client() as c:
+                assert connections(c) == 10
+            extra = await websockets.connect(_ws_url(service), max_size=None)
+            with pytest.raises(websockets.ConnectionClosed):
+                await asyncio.wait_for(extra.recv(), 30)
+            assert extra.close_code == 1013, (extra.close_code, extra.close_reason)
+            assert extra.close_reason == ("expected at most 10 open sockets and event streams, got 10: close one "
+                                          "(limits.max_live_connections)"), extra.close_reason
+            with service.client() as c:
+                r = c.get(f"/v1/streams/{sid}/events")
+                assert r.status_code == 429 and r.headers.get("retry-after"), r.text
+                assert r.json()["error"]["code"] == "E_BUSY" and "got 10" in r.json()["error"]["message"], r.text
+                assert c.get("/health").status_code == 200 and c.get("/v1/streams").status_code == 200
+                assert c.get(f"/v1/streams/{sid}").json()["status"] in ("connecting", "live", "stalled")
+            for w in socks[-2:]:                             # two places freed: an event stream takes one
+                await w.close()
+            socks = socks[:-2]
+            with service.client() as c:
+                settle(c, 8)
+                with c.stream("GET", f"/v1/streams/{sid}/events") as ev:
+                    assert ev.status_code == 200 and ev.headers["content-type"].startswith("text/event-stream")
+                    assert connections(c) == 9
+                    socks.append(await websockets.connect(_ws_url(service), max_size=None))
+                    await socks[-1].send(json.dumps({"type": "attach", "stream_id": sid}))
+                    assert json.loads(await socks[-1].recv())["type"] == "attached"
+                    assert connections(c) == 10
+                    refused = await websockets.connect(_ws_url(service), max_size=None)
+                    with pytest.raises(websockets.ConnectionClosed):
+                        await asyncio.wait_for(refused.recv(), 30)
+                    assert refused.close_code == 1013
+                settle(c, 9)                                 # the event stream's place, freed with it
+        finally:
+            if sid is not None:                              # stopped, not just closed: no stream slot held after
+                await socks[0].send(json.dumps({"type": "stop"}))
+                while json.loads(await asyncio.wait_for(socks[0].recv(), 30))["type"] != "stopped":
+                    pass
+            for w in socks:
+                await w.close()
+        with service.client() as c:
+            settle(c, n0)
+            if sid is not None:
+                assert c.delete(f"/v1/streams/{sid}?purge=true").status_code == 200
+
+    asyncio.run(session())
+
+
 def test_websocket_tells_every_dropped_frame_before_stopped_and_names_open_windows_in_words(service):
     """Frames shed faster than once a second are all told before `stopped` (only the first was: one
     `dropped` of 1 frame, then `stopped` said 46): the `frames` of the `dropped` messages add up to
