@@ -39,6 +39,7 @@ from .record import (
     token_record,
     record_seq,
     decode_stacked,
+    decode_columns,
     record_header,
 )
 
@@ -60,6 +61,7 @@ __all__ = [
     "token_record",
     "record_seq",
     "decode_stacked",
+    "decode_columns",
     "KV_TENSORS",
     "CapacityExceeded",
     "StaleWriter",

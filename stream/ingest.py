@@ -43,22 +43,52 @@ def states_to_records(states: FrameStates) -> list[FrameRecord]:
     return out
 
 
+def _states(metas, pts, stack) -> FrameStates:
+    """FrameStates of frames with these metas and pts; `stack(name)`: the tensor `name` of every frame stacked,
+    or None when the frames have none."""
+    m, key = metas[0], _one_kind(metas)
+    extra = {k: v for k, v in m.items() if k not in ("n_vision_rows", "prefix_ids", "kv_policy")}
+    return FrameStates(tokens=stack("token"), keys=stack("k"), values=stack("v"), n_vision_rows=key[0],
+                       prefix_ids=key[1], kv_policy=key[2], prefix_out=stack("prefix_out"),
+                       k_scale=stack("k_scale"), v_scale=stack("v_scale"),
+                       pts=torch.tensor(pts, dtype=torch.float64), meta=extra)
+
+
+def _one_kind(metas) -> tuple:
+    """(n_vision_rows, prefix_ids, kv_policy) shared by every frame of `metas`; BadArgument for a mix."""
+    m = metas[0]
+    key = (m["n_vision_rows"], tuple(m["prefix_ids"]), m["kv_policy"])
+    for r in metas[1:]:
+        if r is not m and (r["n_vision_rows"], tuple(r["prefix_ids"]), r["kv_policy"]) != key:
+            raise BadArgument("expected frames encoded with one model, prefix and policy in a window, got a mix")
+    return key
+
+
+#: The record tensors FrameStates holds.
+STATE_TENSORS = ("token", "k", "v", "prefix_out", "k_scale", "v_scale")
+
+
 def states_from_records(records) -> FrameStates:
     """Stack records (as returned by a snapshot) back into FrameStates."""
     records = list(records)
     if not records:
         raise BadArgument("expected at least one stored frame in the requested window, got none")
-    m = records[0].meta
-    key = (m["n_vision_rows"], tuple(m["prefix_ids"]), m["kv_policy"])
-    for r in records[1:]:
-        if (r.meta["n_vision_rows"], tuple(r.meta["prefix_ids"]), r.meta["kv_policy"]) != key:
-            raise BadArgument("expected frames encoded with one model, prefix and policy in a window, got a mix")
     stack = lambda name: (torch.stack([r.tensors[name] for r in records]) if name in records[0].tensors else None)
-    extra = {k: v for k, v in m.items() if k not in ("n_vision_rows", "prefix_ids", "kv_policy")}
-    return FrameStates(tokens=stack("token"), keys=stack("k"), values=stack("v"), n_vision_rows=key[0],
-                       prefix_ids=key[1], kv_policy=key[2], prefix_out=stack("prefix_out"),
-                       k_scale=stack("k_scale"), v_scale=stack("v_scale"),
-                       pts=torch.tensor([r.pts for r in records], dtype=torch.float64), meta=extra)
+    return _states([r.meta for r in records], [r.pts for r in records], stack)
+
+
+def states_from_blobs(blobs) -> FrameStates:
+    """FrameStates of encoded records (a chunk of the frames a question fuses, as the cache gives them): the same
+    as `states_from_records` of each one decoded, bit for bit, decoded a chunk at a time (`decode_columns`:
+    records of one layout share one checked header, each tensor is copied out with one join)."""
+    from frame_cache import decode_columns, record_header
+    blobs = list(blobs)
+    if not blobs:
+        raise BadArgument("expected at least one stored frame in the requested window, got none")
+    have = {e["name"] for e in record_header(blobs[0])["tensors"]}
+    _one_kind(decode_columns(blobs, ())[2])          # a mix refused before any tensor is stacked
+    _, pts, metas, cols = decode_columns(blobs, [n for n in STATE_TENSORS if n in have])
+    return _states(metas, pts, cols.get)
 
 
 def states_from_snapshot(snapshot) -> FrameStates:

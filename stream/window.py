@@ -24,11 +24,11 @@ from itertools import groupby
 
 import torch
 
-from frame_cache import FrameCache, FrameWindow, decode_record, decode_stacked
+from frame_cache import FrameCache, FrameWindow, decode_columns, decode_stacked
 from frame_cache.retention import KV_FORMS, kv_state, retention_of
 from lmcore.errors import BadArgument, NoFrames
 
-from .ingest import states_from_records
+from .ingest import states_from_blobs
 
 __all__ = ["CachedFrames", "DEFAULT_READ_CHUNK"]
 
@@ -171,17 +171,17 @@ class CachedFrames:
             self.dropped_during_read += len(ch.missing)
             if not ch.blobs:
                 continue
-            recs = [(q, decode_record(b)) for q, b in zip(ch.seqs, ch.blobs)]
-            # a frame demoted to "none" since its light record was read is left out like an overwritten one
-            kept = [(q, r) for q, r in recs if kv_state(r.meta) != "none"]
-            self.dropped_during_read += len(recs) - len(kept)
-            # one pass per run of frames in the same form (exact / fp8)
-            for _, run in groupby(kept, key=lambda qr: kv_state(qr[1].meta)):
+            forms = [kv_state(m) for m in decode_columns(ch.blobs, ())[2]]       # the headers, checked
+            # a frame demoted to "none" since its token record was read is left out like an overwritten one
+            kept = [i for i, f in enumerate(forms) if f != "none"]
+            self.dropped_during_read += len(forms) - len(kept)
+            # one pass per run of frames in the same form (exact / fp8), its records decoded together
+            for _, run in groupby(kept, key=lambda i: forms[i]):
                 run = list(run)
-                st = states_from_records([r for _, r in run])
+                st = states_from_blobs([ch.blobs[i] for i in run])
                 if st.n_cached_rows != self._n_cached:
                     raise BadArgument(f"expected {self._n_cached} cached rows per frame, got {st.n_cached_rows}")
-                st.meta["frame_index"] = [by_seq[q] for q, _ in run]
+                st.meta["frame_index"] = [by_seq[ch.seqs[i]] for i in run]
                 yield st.to(device)
 
     def kv_description(self, n_fused: int, policy, fused=None) -> str:

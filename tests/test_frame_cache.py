@@ -250,6 +250,51 @@ def test_decode_stacked_is_decode_record_one_at_a_time() -> None:
         decode_stacked(one_layout, "missing")
 
 
+def test_states_from_blobs_are_states_from_records_bit_for_bit() -> None:
+    """The frames a question fuses are decoded a chunk at a time (`states_from_blobs`, over `decode_columns`):
+    the same FrameStates, field by field and bit for bit, as each record decoded and stacked
+    (`states_from_records`), in exact and fp8 forms, with a watch's rows in the records (not a state tensor)
+    and with records of another header among them; `decode_columns` with no names reads the headers only."""
+    from frame_cache import decode_columns
+    from stream.ingest import STATE_TENSORS, states_from_blobs, states_from_records
+
+    def rec(seq: int, fp8: bool, watch: bool = False, odd_meta: bool = False) -> bytes:
+        g = torch.Generator().manual_seed(seq)
+        kv = lambda: torch.randn(2, 2, 5, 4, generator=g).to(torch.float8_e4m3fn if fp8 else torch.bfloat16)
+        t = {"token": torch.randn(1, 8, generator=g).to(torch.bfloat16), "k": kv(), "v": kv(),
+             "prefix_out": torch.randn(3, 8, generator=g).to(torch.bfloat16)}
+        if fp8:
+            t["k_scale"], t["v_scale"] = torch.rand(2, 2, generator=g), torch.rand(2, 2, generator=g)
+        if watch:
+            t["w:abc"] = torch.randn(4, 8, generator=g)
+        meta = {"n_vision_rows": 2, "prefix_ids": [1, 2, 3], "kv_policy": "fp8" if fp8 else "exact"}
+        if odd_meta:
+            meta["note"] = "another writer"
+        return encode_record(FrameRecord(seq=seq, pts=seq * 0.5, tensors=t, meta=meta))
+
+    for fp8 in (False, True):
+        for blobs in ([rec(i, fp8) for i in range(6)],
+                      [rec(i, fp8, watch=i % 2 == 0, odd_meta=i == 3) for i in range(6)],
+                      [rec(7, fp8)]):
+            got, want = states_from_blobs(blobs), states_from_records([decode_record(b) for b in blobs])
+            for f in ("tokens", "keys", "values", "prefix_out", "k_scale", "v_scale"):
+                a, b = getattr(got, f), getattr(want, f)
+                assert (a is None) == (b is None) == (f in ("k_scale", "v_scale") and not fp8), f
+                if a is not None:
+                    assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b)), f
+            assert (got.n_vision_rows, got.prefix_ids, got.kv_policy) == (want.n_vision_rows, want.prefix_ids,
+                                                                          want.kv_policy)
+            assert torch.equal(got.pts, want.pts) and got.meta == want.meta
+            seqs, pts, metas, cols = decode_columns(blobs, ())
+            assert cols == {} and metas == [decode_record(b).meta for b in blobs]
+            assert (seqs, pts) == ([decode_record(b).seq for b in blobs], [decode_record(b).pts for b in blobs])
+    assert STATE_TENSORS == ("token", "k", "v", "prefix_out", "k_scale", "v_scale")
+    with pytest.raises(BadArgument, match="one model, prefix and policy"):
+        states_from_blobs([rec(0, False), rec(1, True)])
+    with pytest.raises(BadArgument, match=r"expected a 'k_scale' tensor in record seq 1"):
+        decode_columns([rec(0, True), rec(1, False)], ("k_scale",))
+
+
 def test_decode_stacked_refuses_what_decode_record_refuses_after_a_good_record() -> None:
     """A record after one of the same layout gets no free pass: truncated, padded, another version or magic,
     a pts JSON reads as infinite, a header that ends as a good one does but with a second "seq" JSON reads in
