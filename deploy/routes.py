@@ -370,7 +370,12 @@ class BoundedBody:
       was an error parsing the body", and `request.json()` raise a bare 500);
     * no valid API key: 401 before a byte of the body is read (a client without one held a request slot
       for as long as it sent its body, and 300 such slow bodies stalled every route);
-    * a body still not whole after `limits.body_timeout_s`: 422, its slot freed.
+    * a body still not whole after `limits.body_timeout_s`: 422, its slot freed;
+    * more than `limits.max_body_reads` bodies being received at once: 429 `E_BUSY` at once, nothing read
+      (300 slow bodies, each inside its timeout, held every request the Ingress takes at once: `/health`
+      answered after 28 s);
+    * GET, HEAD, DELETE and OPTIONS: no route of theirs reads a body, so none is read or waited for (a GET
+      with `Content-Length: 10` and no bytes held a slot for 30 s).
 
     An upload (multipart `POST /v1/videos`) streams to disk past it, bounded by `max_upload_bytes` in
     `_save_upload`. The bound comes from the installed backend's settings, read per request."""
@@ -399,35 +404,27 @@ class BoundedBody:
         if (scope["method"] == "POST" and scope["path"].rstrip("/").endswith("/v1/videos")
                 and ctype.lower().startswith("multipart/form-data")):
             return await self.app(scope, receive, send)
+        if scope["method"] in BODYLESS_METHODS:          # nothing reads it: not waited for, holds no slot
+            return await self.app(scope, receive, send)
         limit = b.settings.limits.max_json_bytes
-        deadline = b.settings.limits.body_timeout_s
-
         clen = headers.get("content-length", "").strip()
         if clen.isascii() and clen.isdigit() and int(clen) > limit:
             return await refuse(PayloadTooLarge(
                 f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got {int(clen)} "
                 "(Content-Length)"))(scope, receive, send)
-        chunks, n, more = [], 0, True
-        t_end = asyncio.get_running_loop().time() + deadline
-        while more:
-            try:
-                msg = await asyncio.wait_for(receive(), max(0.0, t_end - asyncio.get_running_loop().time()))
-            except TimeoutError:
-                return await refuse(InvalidRequest(
-                    f"expected the whole request body within limits.body_timeout_s={deadline:g} s, got {n} bytes "
-                    "by then"))(scope, receive, send)
-            if msg["type"] == "http.disconnect":     # the client went away mid-body: an answer no one reads, so
-                return await refuse(InvalidRequest(  # that the middleware around sees one (not a 500)
-                    f"expected the whole request body, got a disconnect after {n} bytes"))(scope, receive, send)
-            chunk = msg.get("body", b"")
-            n += len(chunk)
-            if n > limit:
-                return await refuse(PayloadTooLarge(
-                    f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got more "
-                    f"({n} bytes read of a body sent without Content-Length)"))(scope, receive, send)
-            chunks.append(chunk)
-            more = msg.get("more_body", False)
-        body = b"".join(chunks)
+        cap = b.settings.limits.max_body_reads
+        if _BODY_READS["n"] >= cap:
+            return await refuse(Busy(
+                f"expected at most {cap} request bodies being received at once, got {_BODY_READS['n']} "
+                "(limits.max_body_reads): send it again in a moment", retry_after=b.settings.limits.retry_after_s,
+            ))(scope, receive, send)
+        _BODY_READS["n"] += 1
+        try:
+            body = await _read_body(receive, limit, b.settings.limits.body_timeout_s)
+        except LmsError as e:
+            return await refuse(e)(scope, receive, send)
+        finally:
+            _BODY_READS["n"] -= 1
         if body and _is_json(ctype):
             try:
                 body.decode("utf-8")
@@ -442,6 +439,35 @@ class BoundedBody:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()                   # after the body: the disconnect, as the server says it
         await self.app(scope, replay, send)
+
+
+#: methods whose routes never read a body (`BoundedBody` passes them on without reading or waiting for one)
+BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+#: request bodies `BoundedBody` is receiving now (`limits.max_body_reads` bounds them); one Ingress process's
+_BODY_READS = {"n": 0}
+
+
+async def _read_body(receive, limit: int, deadline: float) -> bytes:
+    """A request body, whole: 413 past `limit` bytes, 422 when not whole within `deadline` seconds or cut off
+    by a disconnect (an answer no one reads, so that the middleware around sees one, not a 500)."""
+    chunks, n, more = [], 0, True
+    t_end = asyncio.get_running_loop().time() + deadline
+    while more:
+        try:
+            msg = await asyncio.wait_for(receive(), max(0.0, t_end - asyncio.get_running_loop().time()))
+        except TimeoutError:
+            raise InvalidRequest(f"expected the whole request body within limits.body_timeout_s={deadline:g} s, "
+                                 f"got {n} bytes by then") from None
+        if msg["type"] == "http.disconnect":
+            raise InvalidRequest(f"expected the whole request body, got a disconnect after {n} bytes")
+        chunk = msg.get("body", b"")
+        n += len(chunk)
+        if n > limit:
+            raise PayloadTooLarge(f"expected a request body of at most {limit} bytes (limits.max_json_bytes), got "
+                                  f"more ({n} bytes read of a body sent without Content-Length)")
+        chunks.append(chunk)
+        more = msg.get("more_body", False)
+    return b"".join(chunks)
 
 
 def build_api() -> FastAPI:

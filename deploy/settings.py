@@ -31,6 +31,10 @@ class Limits(BaseModel):
                                           "a byte every minute held a slot for good); 0: none")
     body_timeout_s: float = Field(30.0, gt=0, description="longest a request body other than an upload may take "
                                   "to arrive (422 past it)")
+    max_body_reads: int = Field(32, ge=1, le=INGRESS_MAX_ONGOING_REQUESTS // 4, description=(
+        "request bodies other than uploads being received at once on one Ingress replica (429 past it, nothing "
+        "read): each holds one of its requests at once until whole or body_timeout_s, and 300 slow bodies left "
+        "no room for any other request"))
     max_duration_s: float = Field(6 * 3600.0, gt=0, description="longest video a job ingests (s of video)")
     max_frames_per_job: int = Field(100_000, ge=1, description="most frames sampled from one file")
     max_concurrent_jobs: int = Field(4, ge=1, description="file jobs queued or ingesting at once (429 past it)")

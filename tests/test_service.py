@@ -2789,6 +2789,76 @@ def test_a_body_is_not_read_without_a_key_nor_waited_for_past_body_timeout_s():
         routes.set_backend(prev)
 
 
+def test_slow_bodies_are_bounded_and_bodyless_methods_read_none():
+    """300 slow bodies with a key, each inside `body_timeout_s`, held every request the Ingress takes at once:
+    `/health` answered after 28 s, and a GET with `Content-Length: 10` and no bytes held a slot for 30 s.
+    Bodies being received at once are now bounded by `limits.max_body_reads` (2 here: the third is 429
+    `E_BUSY` with Retry-After, before a byte of it is read), a finished or failed read frees its place, and
+    GET / DELETE go to their route without a body read or waited for."""
+    import asyncio
+    import types
+    from deploy import routes
+    from deploy.settings import Limits, Settings
+
+    async def slow():                            # one byte, then nothing
+        if not slow.sent:
+            slow.sent = True
+            return {"type": "http.request", "body": b"{", "more_body": True}
+        await asyncio.sleep(3600)
+
+    async def whole():
+        return {"type": "http.request", "body": b'{"question": "q"}', "more_body": False}
+
+    async def never():
+        raise AssertionError("a body was read")
+
+    ran = []
+
+    async def app(scope, receive, send):         # the routes: answer 200 with the body they were given
+        body = b"" if scope["method"] in ("GET", "DELETE") else (await receive())["body"]
+        ran.append((scope["method"], body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def call(receive, method="POST", path="/v1/videos/v-1/questions", extra=()):
+        sent = []
+
+        async def send(m):
+            sent.append(m)
+        scope = {"type": "http", "method": method, "path": path, "query_string": b"", "headers": [
+            (b"content-type", b"application/json"), (b"authorization", b"Bearer k"), *extra]}
+        await routes.BoundedBody(app)(scope, receive, send)
+        head = dict(sent[0].get("headers") or [])
+        return sent[0]["status"], json.loads(sent[1]["body"]), head
+
+    async def run():
+        slow.sent = False
+        holders = [asyncio.ensure_future(call(slow)) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        assert routes._BODY_READS["n"] == 2
+        status, body, head = await asyncio.wait_for(call(never), 5)
+        assert status == 429 and body["error"]["code"] == "E_BUSY" and head.get(b"retry-after"), (status, body)
+        assert body["error"]["message"] == ("expected at most 2 request bodies being received at once, got 2 "
+                                            "(limits.max_body_reads): send it again in a moment"), body
+        for method, path in (("GET", "/v1/streams"), ("DELETE", "/v1/videos/v-1")):
+            status, _, _ = await asyncio.wait_for(call(never, method, path, [(b"content-length", b"10")]), 5)
+            assert status == 200 and ran[-1] == (method, b"")
+        for h in holders:
+            h.cancel()
+        await asyncio.gather(*holders, return_exceptions=True)
+        assert routes._BODY_READS["n"] == 0                  # a cancelled read frees its place
+        status, _, _ = await asyncio.wait_for(call(whole), 5)
+        assert status == 200 and ran[-1] == ("POST", b'{"question": "q"}') and routes._BODY_READS["n"] == 0
+
+    b = types.SimpleNamespace(settings=Settings(api_keys=["k"], limits=Limits(max_body_reads=2, body_timeout_s=60)))
+    prev = routes.current_backend()
+    routes.set_backend(b)
+    try:
+        asyncio.run(run())
+    finally:
+        routes.set_backend(prev)
+
+
 def test_a_failed_jobs_missing_span_ends_with_the_file_and_its_frames_are_the_rings():
     """A failed job's answers: the span never stored ended at the window's end even past the file's end;
     whether it is answerable went by the record's frames, one progress update behind the ring."""
