@@ -441,6 +441,32 @@ class BoundedBody:
         await self.app(scope, replay, send)
 
 
+#: thread pools of their own (`_on_own_threads`), apart from the default one every route's `asyncio.to_thread` shares
+_OWN_THREADS: "dict[str, concurrent.futures.ThreadPoolExecutor]" = {}
+#: the /metrics render in flight, which scrapes that arrive meanwhile share (`_render_shared`)
+_RENDERING: dict = {"task": None}
+
+
+def _on_own_threads(name: str, fn, *args, workers: int = 2):
+    """`fn(*args)` on pool `name`'s threads: the Redis ping of `/ready` (60 concurrent `/metrics` scrapes, each a
+    Redis call per stream on the shared pool, made it time out: "expected Redis to answer" with Redis healthy)
+    and the `/metrics` render (so scrapes never take the threads other routes wait on)."""
+    import concurrent.futures
+    ex = _OWN_THREADS.get(name)
+    if ex is None:
+        ex = _OWN_THREADS[name] = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=f"lms-{name}")
+    return asyncio.get_running_loop().run_in_executor(ex, fn, *args)
+
+
+async def _render_shared(metrics: "Metrics", b) -> bytes:
+    """`metrics.render(b)` on one thread of its own; a scrape that arrives while one renders gets that render
+    (60 at once cost 60 renders, about 1 ms a stream each, and held the shared threads)."""
+    task = _RENDERING["task"]
+    if task is None or task.done():
+        task = _RENDERING["task"] = asyncio.ensure_future(_on_own_threads("metrics", metrics.render, b, workers=1))
+    return await asyncio.shield(task)
+
+
 #: methods whose routes never read a body (`BoundedBody` passes them on without reading or waiting for one)
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 #: request bodies `BoundedBody` is receiving now (`limits.max_body_reads` bounds them); one Ingress process's
@@ -559,8 +585,8 @@ def build_api() -> FastAPI:
                 "code": "E_UNAVAILABLE", "message": "expected a running service, got it stopping"}},
                 status_code=503, headers={"Retry-After": "5"})
         async def ping() -> bool:            # a hung Redis: its client waits 5 s twice, and /ready took 10 s
-            try:
-                return await asyncio.wait_for(asyncio.to_thread(b.store.ping), READY_MODEL_WAIT_S)
+            try:                             # on threads of its own: 60 scrapes of /metrics on the shared pool
+                return await asyncio.wait_for(_on_own_threads("ping", b.store.ping), READY_MODEL_WAIT_S)
             except asyncio.TimeoutError:
                 return False
         pinged = asyncio.ensure_future(ping())
@@ -597,7 +623,7 @@ def build_api() -> FastAPI:
     async def prom(b: Backend = Depends(auth)):
         metrics.inflight.set(_questions())
         metrics.connections.set(live_connections())
-        data = await asyncio.to_thread(metrics.render, b)
+        data = await _render_shared(metrics, b)
         return PlainTextResponse(data, media_type="text/plain; version=0.0.4")
 
     # -- videos -----------------------------------------------------------------------------------

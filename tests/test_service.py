@@ -2859,6 +2859,34 @@ def test_slow_bodies_are_bounded_and_bodyless_methods_read_none():
         routes.set_backend(prev)
 
 
+def test_metrics_scrapes_share_a_render_on_a_thread_of_their_own():
+    """60 concurrent `GET /metrics` (a Redis call per stream each, 0.4 s with 400 streams) held the thread pool
+    every route shares: `/ready` said "expected Redis to answer, got no answer" with Redis healthy, and a
+    video's status took 14.6 s. Scrapes that arrive while one renders now get that render, on a thread of
+    its own, and `/ready`'s ping runs on threads of its own; a scrape after it renders afresh."""
+    import asyncio
+    import threading
+    import types
+    from deploy import routes
+
+    calls = []
+
+    def render(b):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return f"render {len(calls)}".encode()
+
+    async def run():
+        m = types.SimpleNamespace(render=render)
+        got = await asyncio.gather(*(routes._render_shared(m, None) for _ in range(10)))
+        assert got == [b"render 1"] * 10 and len(calls) == 1 and calls[0].startswith("lms-metrics"), (got, calls)
+        assert await routes._render_shared(m, None) == b"render 2"
+        name = await routes._on_own_threads("ping", lambda: threading.current_thread().name)
+        assert name.startswith("lms-ping"), name
+
+    asyncio.run(run())
+
+
 def test_a_failed_jobs_missing_span_ends_with_the_file_and_its_frames_are_the_rings():
     """A failed job's answers: the span never stored ended at the window's end even past the file's end;
     whether it is answerable went by the record's frames, one progress update behind the ring."""
