@@ -993,7 +993,9 @@ def build_api() -> FastAPI:
            too, its questions then answered as `POST /v1/videos/{id}/questions` answers them.
         5. `{"type": "stop"}` -> `{"type": "stopped", "frames"}`, close 1000. Errors: `{"type": "error",
            "code", "message"}`; a message over the limit closes 1009, bad credentials 1008.
-        A disconnect cancels the session's questions and releases its writer; stored frames stay.
+        A disconnect cancels the session's questions and releases its writer; frames taken are stored and stay,
+        messages not taken yet are left (the socket is read apart from their handling, `_read`); more than
+        `max_ws_backlog_bytes` sent ahead of what is taken closes it 1008.
         `DELETE /v1/streams/ID` of the stream a socket feeds: `{"type": "error", "code": "E_STREAM_STOPPED"}`,
         close 1000. Questions are admitted and measured as the HTTP routes' (`_events`).
         """
@@ -1888,6 +1890,10 @@ class _LiveSession:
         self.send_lock = asyncio.Lock()
         self.size: int | None = None
         self.closed = False
+        self.gone = False                              # the client went away (or was closed for its backlog)
+        self.gone_event = asyncio.Event()              # ... as an event (`_until_disconnect`)
+        self.backlog = 0                               # bytes received and not taken yet (`_read`)
+        self.ending = False                            # the client's `stop` is being handled
         self.stopping = False                          # `service_stopping`: no frame taken from then on
         self.push = None                               # PushSource for webm/mp4 byte streams
         self.push_told: dict | None = None             # its last_error as last told on the socket
@@ -1928,17 +1934,59 @@ class _LiveSession:
             return None
         return None if msg["type"] == "websocket.disconnect" else msg
 
+    async def _read(self, inbox: asyncio.Queue) -> None:
+        """Task: the client's messages into `inbox` as they come, None after the last. The socket is read
+        apart from their handling, so that (1) what it sends ahead of what is taken is bounded
+        (`limits.max_ws_backlog_bytes`: Serve's proxy queues every message unread, and a client that sent
+        300 MB in 10 s grew the Ingress by 360 MB), and (2) a client that goes away is seen at once: its byte
+        stream is stopped and the messages not taken yet are left (a WebM socket whose client had gone kept
+        storing its backlog for 22 minutes, holding its slots)."""
+        lim = self.b.settings.limits
+        try:
+            while True:
+                if (msg := await self._receive()) is None:
+                    self.gone = True
+                    if self.push is not None and not self.ending:   # a chunk waiting for room gives up now
+                        self.push.stop()                # (after `stop`, its flush goes on: release waits)
+                    return
+                data, text = msg.get("bytes"), msg.get("text")
+                size = len(data) if data is not None else len((text or "").encode())
+                if size > lim.max_ws_message_bytes:
+                    reason = f"expected messages of at most {lim.max_ws_message_bytes} bytes, got {size}"
+                    await self.ws.close(code=1009, reason=reason)
+                    self.closed = True
+                    return
+                if self.backlog and self.backlog + size > lim.max_ws_backlog_bytes:
+                    mib = lim.max_ws_backlog_bytes / (1 << 20)
+                    await self.ws.close(code=1008, reason=f"expected at most {mib:g} MiB sent ahead of what is taken, "
+                                                          "got more: wait for ingested (max_ws_backlog_bytes)")
+                    self.closed = True
+                    self.gone = True
+                    if self.push is not None:
+                        self.push.stop()
+                    return
+                self.backlog += size
+                inbox.put_nowait((msg, size))
+        finally:
+            inbox.put_nowait(None)
+            self.gone = True                           # no more messages are read: as good as gone
+            self.gone_event.set()
+
     async def run(self) -> None:
-        limit = self.b.settings.limits.max_ws_message_bytes
+        inbox: asyncio.Queue = asyncio.Queue()
+        reader = asyncio.create_task(self._read(inbox))
+        try:
+            await self._handle(inbox)
+        finally:
+            reader.cancel()
+
+    async def _handle(self, inbox: asyncio.Queue) -> None:
         while True:
-            if (msg := await self._receive()) is None:
-                return
+            if (item := await inbox.get()) is None or self.gone:
+                return                                 # gone: what it sent and was not taken is left
+            msg, size = item
+            self.backlog -= size
             data, text = msg.get("bytes"), msg.get("text")
-            if len(data or b"") > limit or len((text or "").encode()) > limit:
-                got = max(len(data or b""), len((text or "").encode()))
-                await self.ws.close(code=1009, reason=f"expected messages of at most {limit} bytes, got {got}")
-                self.closed = True
-                return
             try:
                 if text is not None:
                     if await self.on_text(text):
@@ -1985,6 +2033,7 @@ class _LiveSession:
                              "kind": await self._kind(sid)})
             self._follow_events()
         elif t == "stop":
+            self.ending = True
             if self.push is not None:                  # flush a byte stream's last frames first
                 await self._end_push(lambda: self.push.close(10.0), 60)
                 self._count_push_drops()               # what the flush shed: told below with the rest
@@ -2469,9 +2518,8 @@ class _LiveSession:
                                          f"{self.STOP_ANSWER_WAIT_S:g} s"), qid)
 
     async def _until_disconnect(self) -> None:
-        """Returns once the client has gone (messages it sends meanwhile are dropped)."""
-        while await self._receive() is not None:
-            pass
+        """Returns once the client has gone (`_read` sees it; messages it sends meanwhile are not taken)."""
+        await self.gone_event.wait()
 
     async def answer(self, m: dict, qid, key: str | None = None) -> None:
         from pydantic import ValidationError

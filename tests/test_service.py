@@ -1453,6 +1453,72 @@ def test_websocket_webm_byte_stream(service):
         assert d["frames"] == 40 and d["dropped"] == 0 and d["gaps"] == [], d
 
 
+def test_a_socket_that_sends_far_ahead_is_closed_and_one_whose_client_left_ends_at_once(service):
+    """A WebM socket's messages waited unread in the Ingress while a chunk's frames were stored: a client that
+    sent 300 MB in 10 s grew it by 360 MB, and one that sent a long file and went away kept storing it for 22
+    minutes, holding its places. The socket is now read apart from its handling: past
+    `limits.max_ws_backlog_bytes` (1 MB here) sent ahead of what is taken it is closed 1008 saying so, and a
+    client that goes away is seen at once (its byte stream stopped, what it sent and was not taken left): its
+    place (`lms_live_connections`) is free and its stream stopped within seconds, the frames stored kept."""
+    import asyncio
+    import websockets
+    from test_live_sources import vp8_webm
+    data = vp8_webm(n=600, fps=10)                   # 60 s of noise at 10 fps, 1.8 MB
+    parts = [data[i:i + 250_000] for i in range(0, len(data), 250_000)]
+
+    def connections(c) -> int:
+        return int(_metric(c.get("/metrics").text, "lms_live_connections"))
+
+    def record(sid):
+        with service.client() as c:
+            return c.get(f"/v1/streams/{sid}").json()
+
+    async def start(ws):
+        await ws.send(json.dumps({"type": "start", "fps": 10, "format": "webm"}))
+        return json.loads(await ws.recv())["stream_id"]
+
+    async def run():
+        with service.client() as c:
+            n0 = connections(c)
+        async with websockets.connect(_ws_url(service), max_size=None) as ws:      # far ahead: closed
+            sid1 = await start(ws)
+            for p in parts:
+                await ws.send(p)
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    m = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                    assert m["type"] in ("ingested", "dropped"), m
+            assert ws.close_code == 1008, (ws.close_code, ws.close_reason)
+            assert ws.close_reason == ("expected at most 0.953674 MiB sent ahead of what is taken, got more: wait "
+                                       "for ingested (max_ws_backlog_bytes)"), ws.close_reason
+        ws = await websockets.connect(_ws_url(service), max_size=None)             # sends, then goes away
+        sid2 = await start(ws)
+        for p in parts[:4]:                                                         # 1 MB: within the backlog
+            await ws.send(p)
+        with service.client() as c:                                   # some stored: then it goes away
+            t0 = time.monotonic()
+            while record(sid2)["frames"] == 0 and time.monotonic() - t0 < 30:
+                await asyncio.sleep(0.1)
+        await ws.close()
+        t0 = time.monotonic()
+        with service.client() as c:
+            while connections(c) != n0 and time.monotonic() - t0 < 60:
+                await asyncio.sleep(0.2)
+            freed = time.monotonic() - t0
+        return sid1, sid2, freed
+
+    sid1, sid2, freed = asyncio.run(run())
+    assert freed < 15, f"the socket's place was held {freed:.1f} s after its client left"
+    assert 0 < record(sid2)["frames"] < 600
+    for sid in (sid1, sid2):
+        deadline = time.monotonic() + 30
+        while (d := record(sid))["status"] != "stopped" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert d["status"] == "stopped" and d["frames"] < 600, (sid == sid1, d)     # frames stored so far kept
+        with service.client() as c:
+            assert c.delete(f"/v1/streams/{sid}?purge=true").status_code == 200
+
+
 def test_web_page_in_headless_chromium(service, tmp_path):
     """The page at / in Debian's Chromium (Playwright, fake webcam): it streams the camera over
     /v1/live and an answer streams into the page."""
