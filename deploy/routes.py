@@ -635,11 +635,13 @@ def build_api() -> FastAPI:
     # count over the job records could not be one atomic step on a Redis Cluster (each record hashes to
     # its own slot).
     jobs_lock = asyncio.Lock()
-    jobs_reserved = {"n": 0}
+    jobs_reserved = {"n": 0, "uploads": 0}            # slots held by requests still starting; of them, uploads
 
-    async def _reserve_job(b: Backend) -> dict:
+    async def _reserve_job(b: Backend, upload: bool = False) -> dict:
         """A slot of the job limit for this request (429 `E_BUSY` when none is free), held until `_start`
-        creates the job's record or the request fails: `_release_job`."""
+        creates the job's record or the request fails: `_release_job`. An upload's is held while its bytes
+        arrive, and at most `max_uploads_receiving` are: four uploads trickling at 12 KB/s (above
+        `upload_min_bytes_per_s`) held every job slot for as long as they liked."""
         lim = b.settings.limits
         _refuse_if_stopping("send the video again")      # its decoder would be stopped at once
         async with jobs_lock:
@@ -649,13 +651,19 @@ def build_api() -> FastAPI:
                 starting = f" ({jobs_reserved['n']} of them starting)" if jobs_reserved["n"] else ""
                 raise Busy(f"expected at most {lim.max_concurrent_jobs} video jobs at once, got {held} running"
                            f"{starting}: try again later", retry_after=lim.retry_after_s)
+            if upload and jobs_reserved["uploads"] >= lim.max_uploads_receiving:
+                raise Busy(f"expected at most {lim.max_uploads_receiving} uploads being received at once, got "
+                           f"{jobs_reserved['uploads']} (limits.max_uploads_receiving): try again later, or "
+                           "send a path", retry_after=lim.retry_after_s)
             jobs_reserved["n"] += 1
-        return {"held": True}
+            jobs_reserved["uploads"] += upload
+        return {"held": True, "upload": upload}
 
     def _release_job(slot: dict | None) -> None:
         if slot is not None and slot["held"]:
             slot["held"] = False
             jobs_reserved["n"] -= 1
+            jobs_reserved["uploads"] -= slot["upload"]
 
     @api.post("/v1/videos", status_code=202)
     async def create_video(request: Request, b: Backend = Depends(auth)):
@@ -669,7 +677,7 @@ def build_api() -> FastAPI:
                 clen = request.headers.get("content-length")
                 if clen and clen.isascii() and clen.isdigit() and int(clen) > lim.max_upload_bytes + 65536:
                     raise PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got {clen}")
-                slot = await _reserve_job(b)         # before the body is read: a refused upload sends no bytes
+                slot = await _reserve_job(b, upload=True)   # before the body is read: a refused one sends none
                 path, opts = await _save_upload(request, b, job_id)
                 delete_after = True
             elif ctype.startswith("application/json"):

@@ -38,6 +38,9 @@ class Limits(BaseModel):
     max_duration_s: float = Field(6 * 3600.0, gt=0, description="longest video a job ingests (s of video)")
     max_frames_per_job: int = Field(100_000, ge=1, description="most frames sampled from one file")
     max_concurrent_jobs: int = Field(4, ge=1, description="file jobs queued or ingesting at once (429 past it)")
+    max_uploads_receiving: int = Field(2, ge=1, description="uploads whose bytes are still arriving at once, of "
+                                       "max_concurrent_jobs (429 past it, before a byte is read): four uploads "
+                                       "trickling just above upload_min_bytes_per_s held every job slot")
     max_queued_questions: int = Field(16, ge=1, description="questions waiting or running at once (429 past it)")
     max_asks_per_socket: int = Field(4, ge=1, description="questions one /v1/live socket may have waiting or "
                                      "running at once (E_BUSY past it: one socket's 200 asks took every slot of "

@@ -85,7 +85,7 @@ def shared_service(tmp_path_factory, redis_srv, media):
                                                       "max_tokens": 48, "max_ws_message_bytes": 300_000,
                                                       "max_live_streams": 4, "max_json_bytes": 100_000,
                                                       "max_watches_per_stream": 3, "max_live_connections": 10,
-                                                      "max_ws_backlog_bytes": 1_000_000})
+                                                      "max_ws_backlog_bytes": 1_000_000, "max_uploads_receiving": 1})
     _SHARED.append(svc)
     yield svc
     _SHARED.remove(svc)

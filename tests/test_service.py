@@ -2374,12 +2374,56 @@ def test_jobs_arriving_together_are_bounded_by_the_job_limit(service, media):
             for r in busy:
                 e = r.json()["error"]
                 assert r.status_code == 429 and e["code"] == "E_BUSY" and int(r.headers["Retry-After"]) >= 1, r.text
-                assert e["message"].startswith("expected at most 2 video jobs at once, got 2 running"), e
+                assert e["message"].startswith("expected at most 2 video jobs at once, got 2 running") or (
+                    upload and e["message"].startswith("expected at most 1 uploads being received at once")), e
             for vid in ok:
                 assert wait_ready(c, vid)["status"] == "ready"
         r = c.post("/v1/videos", json={"path": str(media / "scene.mp4")})      # the slots are free again
         assert r.status_code == 202 and wait_ready(c, r.json()["id"])["status"] == "ready"
     assert _uploads(service) == before                            # refused uploads left nothing
+
+
+def test_uploads_still_arriving_hold_at_most_max_uploads_receiving_job_slots(service, media):
+    """Four uploads trickling just above `upload_min_bytes_per_s` held every job slot (`max_concurrent_jobs`)
+    for as long as they liked: another client's job by path was 429 for the whole time. Uploads whose bytes
+    are still arriving now hold at most `limits.max_uploads_receiving` (1 here) of them: a second upload is
+    429 saying so before a byte of it is read, a job by path still starts, and the slot is free again once
+    the slow upload is done with."""
+    import socket
+    host, port = service.url.split("//")[1].split(":")
+    head = (b"--XX\r\nContent-Disposition: form-data; name=\"file\"; filename=\"v.mp4\"\r\n"
+            b"Content-Type: video/mp4\r\n\r\n")
+    before = _uploads(service)
+    slow = socket.create_connection((host, int(port)), timeout=30)
+    try:
+        slow.sendall(b"POST /v1/videos HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                     b"\r\nContent-Type: multipart/form-data; boundary=XX\r\nContent-Length: 1000000\r\n\r\n" + head)
+        with service.client() as c:
+            _idle_jobs(c)
+            deadline = time.monotonic() + 20
+            while True:                                  # the slow upload has its slot once this one is refused
+                r = c.post("/v1/videos", files={"file": ("scene.mp4", (media / "scene.mp4").read_bytes(), "video/mp4")})
+                if r.status_code == 429 or time.monotonic() > deadline:
+                    break
+                assert r.status_code == 202, r.text
+                wait_ready(c, r.json()["id"])
+                time.sleep(0.2)
+            e = r.json()["error"]
+            assert r.status_code == 429 and e["code"] == "E_BUSY" and r.headers.get("retry-after"), r.text
+            assert e["message"] == ("expected at most 1 uploads being received at once, got 1 "
+                                    "(limits.max_uploads_receiving): try again later, or send a path"), e
+            r = c.post("/v1/videos", json={"path": str(media / "scene.mp4")})
+            assert r.status_code == 202 and wait_ready(c, r.json()["id"])["status"] == "ready", r.text
+    finally:
+        slow.close()                                     # gone mid-upload: its slot is freed
+    with service.client() as c:
+        deadline = time.monotonic() + 30
+        while (r := c.post("/v1/videos", files={"file": ("scene.mp4", (media / "scene.mp4").read_bytes(),
+                                                         "video/mp4")})).status_code == 429:
+            assert time.monotonic() < deadline, r.text
+            time.sleep(0.5)
+        assert r.status_code == 202 and wait_ready(c, r.json()["id"])["status"] == "ready", r.text
+    assert _uploads(service) == before                            # the cut-off upload left nothing
 
 
 def _metric(text: str, name: str) -> float:
