@@ -1898,8 +1898,7 @@ class _LiveSession:
         self.send_lock = asyncio.Lock()
         self.size: int | None = None
         self.closed = False
-        self.gone = False                              # the client went away (or was closed for its backlog)
-        self.gone_event = asyncio.Event()              # ... as an event (`_until_disconnect`)
+        self.gone = asyncio.Event()                    # no more messages read: the client went away, or was closed
         self.backlog = 0                               # bytes received and not taken yet (`_read`)
         self.ending = False                            # the client's `stop` is being handled
         self.stopping = False                          # `service_stopping`: no frame taken from then on
@@ -1953,7 +1952,6 @@ class _LiveSession:
         try:
             while True:
                 if (msg := await self._receive()) is None:
-                    self.gone = True
                     if self.push is not None and not self.ending:   # a chunk waiting for room gives up now
                         self.push.stop()                # (after `stop`, its flush goes on: release waits)
                     return
@@ -1969,7 +1967,6 @@ class _LiveSession:
                     await self.ws.close(code=1008, reason=f"expected at most {mib:g} MiB sent ahead of what is taken, "
                                                           "got more: wait for ingested (max_ws_backlog_bytes)")
                     self.closed = True
-                    self.gone = True
                     if self.push is not None:
                         self.push.stop()
                     return
@@ -1977,8 +1974,7 @@ class _LiveSession:
                 inbox.put_nowait((msg, size))
         finally:
             inbox.put_nowait(None)
-            self.gone = True                           # no more messages are read: as good as gone
-            self.gone_event.set()
+            self.gone.set()
 
     async def run(self) -> None:
         inbox: asyncio.Queue = asyncio.Queue()
@@ -1990,7 +1986,7 @@ class _LiveSession:
 
     async def _handle(self, inbox: asyncio.Queue) -> None:
         while True:
-            if (item := await inbox.get()) is None or self.gone:
+            if (item := await inbox.get()) is None or self.gone.is_set():
                 return                                 # gone: what it sent and was not taken is left
             msg, size = item
             self.backlog -= size
@@ -2527,7 +2523,7 @@ class _LiveSession:
 
     async def _until_disconnect(self) -> None:
         """Returns once the client has gone (`_read` sees it; messages it sends meanwhile are not taken)."""
-        await self.gone_event.wait()
+        await self.gone.wait()
 
     async def answer(self, m: dict, qid, key: str | None = None) -> None:
         from pydantic import ValidationError

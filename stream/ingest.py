@@ -77,16 +77,17 @@ def states_from_records(records) -> FrameStates:
     return _states([r.meta for r in records], [r.pts for r in records], stack)
 
 
-def states_from_blobs(blobs) -> FrameStates:
+def states_from_blobs(blobs, metas=None) -> FrameStates:
     """FrameStates of encoded records (a chunk of the frames a question fuses, as the cache gives them): the same
     as `states_from_records` of each one decoded, bit for bit, decoded a chunk at a time (`decode_columns`:
-    records of one layout share one checked header, each tensor is copied out with one join)."""
+    records of one layout share one checked header, each tensor is copied out with one join). `metas`: the
+    records' metas when the caller has read their headers already (`decode_columns(blobs, ())`)."""
     from frame_cache import decode_columns, record_header
     blobs = list(blobs)
     if not blobs:
         raise BadArgument("expected at least one stored frame in the requested window, got none")
     have = {e["name"] for e in record_header(blobs[0])["tensors"]}
-    _one_kind(decode_columns(blobs, ())[2])          # a mix refused before any tensor is stacked
+    _one_kind(metas if metas is not None else decode_columns(blobs, ())[2])   # a mix refused before stacking
     _, pts, metas, cols = decode_columns(blobs, [n for n in STATE_TENSORS if n in have])
     return _states(metas, pts, cols.get)
 

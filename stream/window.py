@@ -171,14 +171,15 @@ class CachedFrames:
             self.dropped_during_read += len(ch.missing)
             if not ch.blobs:
                 continue
-            forms = [kv_state(m) for m in decode_columns(ch.blobs, ())[2]]       # the headers, checked
+            metas = decode_columns(ch.blobs, ())[2]                              # the headers, checked
+            forms = [kv_state(m) for m in metas]
             # a frame demoted to "none" since its token record was read is left out like an overwritten one
             kept = [i for i, f in enumerate(forms) if f != "none"]
             self.dropped_during_read += len(forms) - len(kept)
             # one pass per run of frames in the same form (exact / fp8), its records decoded together
             for _, run in groupby(kept, key=lambda i: forms[i]):
                 run = list(run)
-                st = states_from_blobs([ch.blobs[i] for i in run])
+                st = states_from_blobs([ch.blobs[i] for i in run], [metas[i] for i in run])
                 if st.n_cached_rows != self._n_cached:
                     raise BadArgument(f"expected {self._n_cached} cached rows per frame, got {st.n_cached_rows}")
                 st.meta["frame_index"] = [by_seq[ch.seqs[i]] for i in run]
