@@ -1003,7 +1003,8 @@ def build_api() -> FastAPI:
            "code", "message"}`; a message over the limit closes 1009, bad credentials 1008.
         A disconnect cancels the session's questions and releases its writer; frames taken are stored and stay,
         messages not taken yet are left (the socket is read apart from their handling, `_read`); more than
-        `max_ws_backlog_bytes` sent ahead of what is taken closes it 1008.
+        `max_ws_backlog_bytes` sent ahead of what is taken closes it 1009 (over the limit, as a message over
+        `max_ws_message_bytes`; 1008 stays bad credentials).
         `DELETE /v1/streams/ID` of the stream a socket feeds: `{"type": "error", "code": "E_STREAM_STOPPED"}`,
         close 1000. Questions are admitted and measured as the HTTP routes' (`_events`).
         """
@@ -1964,7 +1965,7 @@ class _LiveSession:
                     return
                 if self.backlog and self.backlog + size > lim.max_ws_backlog_bytes:
                     mib = lim.max_ws_backlog_bytes / (1 << 20)
-                    await self.ws.close(code=1008, reason=f"expected at most {mib:g} MiB sent ahead of what is taken, "
+                    await self.ws.close(code=1009, reason=f"expected at most {mib:g} MiB sent ahead of what is taken, "
                                                           "got more: wait for ingested (max_ws_backlog_bytes)")
                     self.closed = True
                     if self.push is not None:

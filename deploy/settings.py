@@ -51,7 +51,7 @@ class Limits(BaseModel):
     retry_after_s: int = Field(5, ge=1, description="Retry-After seconds sent with 429")
     max_ws_message_bytes: int = Field(8 << 20, ge=1024, description="largest WebSocket message (close 1009)")
     max_ws_backlog_bytes: int = Field(32 << 20, ge=1024, description=(
-        "bytes a /v1/live socket may send ahead of what the service has taken (close 1008 past it; one message "
+        "bytes a /v1/live socket may send ahead of what the service has taken (close 1009 past it; one message "
         "is always taken): its messages wait in the Ingress's memory, and a client that sent 300 MB in 10 s "
         "grew it by 360 MB"))
     # 1 MiB: a question (max_question_chars) plus its choices is ~50 KB of JSON even in 4-byte UTF-8,

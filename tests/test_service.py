@@ -1457,7 +1457,7 @@ def test_a_socket_that_sends_far_ahead_is_closed_and_one_whose_client_left_ends_
     """A WebM socket's messages waited unread in the Ingress while a chunk's frames were stored: a client that
     sent 300 MB in 10 s grew it by 360 MB, and one that sent a long file and went away kept storing it for 22
     minutes, holding its places. The socket is now read apart from its handling: past
-    `limits.max_ws_backlog_bytes` (1 MB here) sent ahead of what is taken it is closed 1008 saying so, and a
+    `limits.max_ws_backlog_bytes` (1 MB here) sent ahead of what is taken it is closed 1009 saying so (1008 is a bad key's), and a
     client that goes away is seen at once (its byte stream stopped, what it sent and was not taken left): its
     place (`lms_live_connections`) is free and its stream stopped within seconds, the frames stored kept."""
     import asyncio
@@ -1488,7 +1488,7 @@ def test_a_socket_that_sends_far_ahead_is_closed_and_one_whose_client_left_ends_
                 while True:
                     m = json.loads(await asyncio.wait_for(ws.recv(), 60))
                     assert m["type"] in ("ingested", "dropped"), m
-            assert ws.close_code == 1008, (ws.close_code, ws.close_reason)
+            assert ws.close_code == 1009, (ws.close_code, ws.close_reason)
             assert ws.close_reason == ("expected at most 0.953674 MiB sent ahead of what is taken, got more: wait "
                                        "for ingested (max_ws_backlog_bytes)"), ws.close_reason
         ws = await websockets.connect(_ws_url(service), max_size=None)             # sends, then goes away
