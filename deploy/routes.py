@@ -201,6 +201,13 @@ class Metrics:
         up = Gauge("lms_cache_up", "1 when the frame cache answers", registry=extra)
         try:
             self._replica_stats(b, scraped, extra)
+            mem = getattr(b.cache, "server_memory", None)       # Redis: how near its maxmemory it is
+            if mem is not None:
+                m = mem()
+                Gauge("lms_redis_used_memory_bytes", "Redis's used_memory (summed over a Cluster's masters)",
+                      registry=extra).set(m["used_memory"])
+                Gauge("lms_redis_maxmemory_bytes", "Redis's maxmemory, 0 when it has none: past it new frames are "
+                      "refused (E_CACHE_BUDGET), stored ones kept", registry=extra).set(m["maxmemory"])
             for sid in b.cache.streams():
                 i = b.cache.stream_info(sid)
                 frames.labels(sid).set(i.count)
@@ -1906,6 +1913,7 @@ class _LiveSession:
         self.push = None                               # PushSource for webm/mp4 byte streams
         self.push_told: dict | None = None             # its last_error as last told on the socket
         self.error_set = False                         # this socket set the record's last_error (cleared by a frame)
+        self.kept_error: dict | None = None            # ... to this (the record's previous_error once cleared)
         self.gaps_base: list = []                      # the stream's gaps when this socket started (+ its outage)
         self.gaps: list = []                           # ... and those of this socket: what the record holds
         self.loss_gaps: list = []                      # spans where this socket lost frames it had to store
@@ -2281,9 +2289,23 @@ class _LiveSession:
         if self._owns():
             try:
                 await asyncio.to_thread(self.b.live.update, self.sid, last_error=err)
-                self.error_set = True
+                self.error_set, self.kept_error = True, err
             except LmsError:
                 pass
+
+    async def _keep_store_error(self, err: dict) -> None:
+        """The Encoder did not store frames (a full cache: `E_CACHE_BUDGET`; the Encoder unreachable): the
+        record says so now, as the stream's `last_error` (cleared once frames are stored again), with the frames
+        shed counted and the span without frames so far in its gaps. It said `stalled` with no error, nothing
+        dropped and no gap for as long as frames were refused, and a question then answered `gaps: []`."""
+        if not self._owns():
+            return
+        try:
+            await asyncio.to_thread(self.b.live.update, self.sid, last_error=err, **self.record_counts(),
+                                    **self._gaps_update())
+            self.error_set, self.kept_error = True, err
+        except LmsError:
+            pass
 
     #: a byte stream's reasons (`stream.live.PushSource.dropped_why`) in this socket's words
     PUSH_REASONS = {"over_fps": "over fps", "queue_full": "queue full", "pts_backwards": "bad frame",
@@ -2379,7 +2401,11 @@ class _LiveSession:
                     await self.send_error(client_error_dict(err))
                     return
                 self._not_stored(frames)               # counted, and a span of the stream without frames
-                await self.send_error(client_error_dict(err))
+                err = client_error_dict(err)
+                if not (self.error_set and (self.kept_error or {}).get("code") == err.get("code")):
+                    await self.send_error(err)         # told once while it goes on (a full Redis refused every
+                                                       # frame: an error each), the `dropped` messages go on
+                await self._keep_store_error(err)
                 await self.note_drop("not stored")
                 return
             self.seq += len(res["seqs"])
@@ -2393,8 +2419,8 @@ class _LiveSession:
             self.last_stored = pts
             lag = {"lag_s": round(time.monotonic() - t_arrive, 3)} if t_arrive is not None else {}
             cleared = {}
-            if self.error_set:                     # frames flow again: the byte stream's error is history
-                cleared, self.error_set = {"last_error": None, "previous_error": self.push_told}, False
+            if self.error_set:                     # frames flow again: the error that stopped them is history
+                cleared, self.error_set = {"last_error": None, "previous_error": self.kept_error}, False
             if self.writer:                        # not once fenced or told of a delete: the record is another's
                 await asyncio.to_thread(self.b.live.update, self.sid, frames=self.seq, last_pts=pts,
                                         **self.record_counts(), **lag, **cleared, **self._gaps_update())
@@ -2428,7 +2454,12 @@ class _LiveSession:
         """{"gaps": ...} for the record when this socket's losses or its byte stream's gaps (queue full,
         damage: `PushSource.gaps`, in its own time) changed them, else {}."""
         pushed = [[a + self.offset, b + self.offset] for a, b in self.push.gaps] if self.push is not None else []
-        gaps = merge_gaps([*self.gaps_base, *self.loss_gaps, *pushed])
+        pending = []                                   # frames lost with no stored frame after them yet: so far
+        if self.lost:
+            first = min(self.lost)
+            start = self.last_stored if self.last_stored is not None and self.last_stored < first else first
+            pending = [[start, max(self.lost)]]
+        gaps = merge_gaps([*self.gaps_base, *self.loss_gaps, *pushed, *pending])
         if len(gaps) > MAX_RECORD_GAPS:                # bounded: past it, touching gaps are given as one
             gaps = merge_gaps(gaps, touching=True)
         if gaps == self.gaps:

@@ -31,6 +31,7 @@ import numpy as np
 from lmcore import cancel
 from lmcore.errors import (
     BadArgument,
+    CacheBudgetExceeded,
     CacheUnavailable,
     Interrupted,
     InvalidRequest,
@@ -69,6 +70,9 @@ class JobStore:
         import redis
         try:
             return fn()
+        except redis.exceptions.OutOfMemoryError:           # over maxmemory: not an outage (503), a full cache
+            from frame_cache.redis_cache import oom_message
+            raise CacheBudgetExceeded(oom_message(self.r, self.url, what)) from None
         except redis.RedisError as e:
             raise CacheUnavailable(f"expected a reachable Redis at {self.url} for {what}, got "
                                    f"{type(e).__name__}: {e}") from None
@@ -90,6 +94,9 @@ class JobStore:
     #: the fields it wrote (a purged stream answering 200 with no kind or status)
     _UPDATE = ("if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], unpack(ARGV)) "
                "return 1 end return 0")
+    #: an update runs when Redis is over its maxmemory too (``allow-oom``: a few hundred bytes past it): a job
+    #: that fails because the cache is full must say so, not stay `ingesting` with its status write refused
+    _UPDATE = "#!lua flags=allow-oom\n" + _UPDATE
 
     def _hset_script(self, script: str, rid: str, fields: dict) -> int:
         args = [x for kv in _enc(fields).items() for x in kv]
@@ -268,6 +275,10 @@ class ReplicaStats:
             "if v > p then redis.call('HINCRBY', KEYS[1], k, string.format('%d', v - p)) "
             "prev[k] = string.format('%d', v) end end "
             "redis.call('HSET', KEYS[2], ARGV[1], cjson.encode({c = prev, t = tonumber(ARGV[3])})) return 1")
+    #: both run when Redis is over its maxmemory too (``allow-oom``; a few fields a replica, overwritten): the
+    #: metrics an operator reads to see the cache full kept the figures of before it filled
+    _ADD = "#!lua flags=allow-oom\n" + _ADD
+    _SET_GAUGES = "#!lua flags=allow-oom\nredis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) return 1"
     #: how long a report may wait on Redis (a health check calls it: Serve's timeout there is 30 s)
     TIMEOUT_S = 2.0
 
@@ -294,8 +305,8 @@ class ReplicaStats:
                 p.eval(self._ADD, 2, self.TOTALS, self.SENT, self.replica,
                        json.dumps({k: int(v) for k, v in counters.items()}), time.time())
                 if gauges is not None:
-                    p.hset(self.REPLICAS, self.replica, json.dumps({"role": self.role, "t": time.time(),
-                                                                    "gauges": gauges}))
+                    p.eval(self._SET_GAUGES, 1, self.REPLICAS, self.replica,
+                           json.dumps({"role": self.role, "t": time.time(), "gauges": gauges}))
                 p.execute()
             except Exception as e:                          # noqa: BLE001 - Redis down or slow: next time
                 if time.monotonic() - self._warned > 60:

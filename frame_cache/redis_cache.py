@@ -47,7 +47,9 @@ never answers CROSSSLOT):
 
 Read scripts carry ``#!lua flags=no-writes`` (they run while Redis is over ``maxmemory``);
 write scripts are refused as a whole under ``maxmemory`` (Redis's default for scripts with
-a shebang), except ``delete`` (``allow-oom``), so that a full Redis can still be emptied.
+a shebang), except ``delete`` and ``acquire`` (``allow-oom``; acquire rewrites one counter), so that
+a full Redis can still be emptied: deleting a stream something still writes (a running job, a live
+socket) fences its writer first, and that fence was refused while full (507, nothing freed).
 
 Retries. Records are encoded in Python with their final seq (``next_seq`` read first) and
 the ``append`` script is told which ``next_seq`` they were encoded for; if another writer
@@ -189,7 +191,7 @@ for i = 1, 6 do mem[i] = redis.call('MEMORY', 'USAGE', KEYS[i]) or 0 end
 return {INFO(), mem, redis.call('ZCARD', KEYS[5])}
 """
 
-_LUA_ACQUIRE = "#!lua\n" + r"""
+_LUA_ACQUIRE = "#!lua flags=allow-oom\n" + r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return redis.error_reply('LMSERR NOSTREAM') end
 return redis.call('HINCRBY', KEYS[1], 'writer', 1)
 """
@@ -456,6 +458,27 @@ def _is_cluster(url: str, kw: dict[str, Any]) -> bool:
         probe.close()
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f} MiB"
+
+
+def oom_message(client, url: str, what: str) -> str:
+    """What a write refused over ``maxmemory`` is told: the server's own figures (read now; a write must fit
+    under the cap with the request's own bytes, so a batch of frames is refused with room left for a smaller
+    one), and the way out. Redis's own reply named the script's SHA and its Lua line (``script: c915...,
+    on @user_script:1``), nothing a client can use."""
+    try:
+        info = client.info("memory")
+        nodes = list(info.values()) if info and all(isinstance(v, dict) for v in info.values()) else [info]
+        used = sum(int(n.get("used_memory", 0)) for n in nodes)
+        cap = sum(int(n.get("maxmemory", 0)) for n in nodes)
+        figures = f"it holds {_mib(used)} of its maxmemory {_mib(cap)}" if cap else "its maxmemory is reached"
+    except Exception:  # noqa: BLE001 - the figures are a courtesy: the refusal is what matters
+        figures = "its maxmemory is reached"
+    return (f"expected Redis at {url} to have memory for {what}, got it full ({figures}; its policy refuses "
+            "writes past it); nothing was stored: delete videos or streams, or raise its maxmemory")
+
+
 def client_from_url(url: str, *, cluster: bool | None = None, socket_timeout: float = 5.0,
                     socket_connect_timeout: float = 5.0, **client_kw: Any) -> tuple[Any, bool, str]:
     """(client, cluster, URL without password) for ``url``, as `RedisFrameCache.from_url` documents:
@@ -644,10 +667,8 @@ class RedisFrameCache(FrameCache):
             yield
         except LmsError:
             raise
-        except redis.exceptions.OutOfMemoryError as e:
-            raise CacheBudgetExceeded(
-                f"expected Redis at {self.url} to have memory for {what}, got {e} (its maxmemory is reached "
-                f"and its policy refuses writes); nothing was stored") from None
+        except redis.exceptions.OutOfMemoryError:
+            raise CacheBudgetExceeded(oom_message(self._client, self.url, what)) from None
         except redis.exceptions.ResponseError as e:
             msg = str(e)
             if msg.startswith("LMSERR "):
@@ -1023,6 +1044,26 @@ class RedisFrameCache(FrameCache):
             self._s_delete(keys=self._keys(stream_id, total=True))
             self._client.srem(self._streams_key, stream_id)
 
+    def server_memory(self) -> dict[str, Any]:
+        """The server's ``used_memory``, ``maxmemory`` (0: none) and policy, summed over the masters of a
+        Cluster (a master without a cap makes the sum's ``maxmemory`` 0: no cap in force for all of them),
+        and ``nodes``. One ``INFO memory`` per master."""
+        with self._redis("reading INFO memory"):
+            if self.cluster:  # {node name: INFO} over the masters
+                raw = self._client.info("memory", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+            else:
+                raw = self._client.info("memory")
+        nodes = list(raw.values()) if raw and all(isinstance(v, dict) for v in raw.values()) else [raw]
+        caps = [int(n.get("maxmemory", 0)) for n in nodes]
+        return {
+            "url": self.url,
+            "cluster": self.cluster,
+            "nodes": len(nodes),
+            "used_memory": sum(int(n.get("used_memory", 0)) for n in nodes),
+            "maxmemory": sum(caps) if all(caps) else 0,
+            "maxmemory_policy": ",".join(sorted({str(n.get("maxmemory_policy", "?")) for n in nodes})),
+        }
+
     def stats(self) -> dict[str, Any]:
         """Per stream: ``frames``, ``capacity``, ``bytes`` (retained records), ``light_bytes``,
         ``on_full``, ``max_bytes``, ``total_appended``, ``evicted``, ``index_bytes`` (Redis's
@@ -1052,20 +1093,7 @@ class RedisFrameCache(FrameCache):
                 "index_frames": int(index_frames),
                 "redis_bytes": sum(int(m) for m in mem),
             }
-        with self._redis("reading INFO memory"):
-            if self.cluster:  # {node name: INFO} over the masters
-                raw = self._client.info("memory", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
-            else:
-                raw = self._client.info("memory")
-        nodes = list(raw.values()) if raw and all(isinstance(v, dict) for v in raw.values()) else [raw]
-        server = {
-            "url": self.url,
-            "cluster": self.cluster,
-            "nodes": len(nodes),
-            "used_memory": sum(int(n.get("used_memory", 0)) for n in nodes),
-            "maxmemory": sum(int(n.get("maxmemory", 0)) for n in nodes),
-            "maxmemory_policy": ",".join(sorted({str(n.get("maxmemory_policy", "?")) for n in nodes})),
-        }
+        server = self.server_memory()
         return {
             "backend": self.backend,
             "streams": per,

@@ -49,6 +49,11 @@ class Service:
         p.stdout.close()                                    # (Ray's "(raylet) ..." lines were appended to it)
         assert all(l.startswith("{") and json.loads(l) for l in rest.splitlines()), rest
 
+    def redis_client(self):
+        """A plain redis-py client of the service's Redis."""
+        import redis
+        return redis.Redis.from_url(self.redis_url, socket_timeout=10)
+
     def client(self, key: str | None = KEY) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)

@@ -389,6 +389,39 @@ def test_metrics_count_every_model_replica_not_the_one_a_scrape_reaches(tiny_mod
     assert store.r.hlen(ReplicaStats.SENT) == 0
 
 
+def test_a_full_redis_refuses_new_records_with_e_cache_budget_and_still_takes_status_and_metrics(tmp_path):
+    """Over Redis's maxmemory (noeviction) a new job or stream was refused as 503 E_CACHE_UNAVAILABLE ("expected
+    a reachable Redis"), and a running job's own status write was refused too: a job failing because the cache
+    was full could not say so. Now a new record is 507 E_CACHE_BUDGET naming maxmemory; an existing record's
+    update (a job's end) and the replicas' metrics still land (``allow-oom``, a few hundred bytes); delete works
+    (the way out)."""
+    import redis
+    from deploy.serving import JobStore, ReplicaStats
+    from frame_cache.redis_server import RedisServer
+    from lmcore.errors import CacheBudgetExceeded
+    with RedisServer(tmp_path / "redis") as srv:
+        store, stats = JobStore(srv.url), ReplicaStats(srv.url, "encoder")
+        store.create("j1", {"status": "ingesting"})
+        assert stats.report({"encoder_frames": 3}, {"local_kv_bytes": 1.0})
+        r = srv.client()
+        r.set("filler", b"x" * (2 << 20))                   # frames: over the 1 MB Redis takes as its least cap
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 1)
+        with pytest.raises(CacheBudgetExceeded, match="to have memory for creating a job, got it full \\(it holds .* MiB of its maxmemory") as ei:
+            store.create("j2", {})
+        assert ei.value.code == "E_CACHE_BUDGET" and ei.value.http_status == 507 and "script" not in ei.value.message
+        with pytest.raises(redis.exceptions.OutOfMemoryError):      # a plain write is still refused: the cap holds
+            r.hset("lms:test", "f", "v" * 1000)
+        assert store.update("j1", status="failed", error={"code": "E_CACHE_BUDGET", "message": "m" * 300})
+        assert store.get("j1")["status"] == "failed" and store.get("j1")["error"]["message"] == "m" * 300
+        assert stats.report({"encoder_frames": 8}, {"local_kv_bytes": 2.0})
+        totals, roles = ReplicaStats.read(store.r)
+        assert totals["encoder_frames"] == 8 and roles["encoder"]["local_kv_bytes"] == 2.0, (totals, roles)
+        store.delete("j1")
+        assert store.ids() == []
+        r.close()
+
+
 def test_an_unknown_field_is_refused_in_words_that_do_not_ask_for_it():
     """`{"bogus": 1}` was refused as "expected bogus: Extra inputs are not permitted, got 1", which reads as
     though `bogus` were the field expected."""

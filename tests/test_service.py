@@ -402,6 +402,107 @@ def test_delete_frees_the_frames(service, media):
         assert c.get(f"/v1/videos/{vid}").status_code == 404
 
 
+def test_a_full_redis_fails_what_fills_it_with_e_cache_budget_keeps_its_frames_and_serves_the_rest(service, media,
+                                                                                                    uploaded):
+    """Redis at its maxmemory (noeviction), through the service: a live socket's frames are refused with one
+    E_CACHE_BUDGET error (not one per frame) and `dropped` messages, and its record says so as it happens
+    (`last_error`, `dropped`, the span in `gaps`: it said nothing until the stop); new jobs are 507, questions
+    and /ready still answer and /metrics shows the cap; a file job that fills it ends `failed` E_CACHE_BUDGET
+    (its status write was refused too: it stayed `ingesting`) with its stored frames answering; DELETE of a
+    running job or a fed stream frees room while full (the writer's fence was refused: 507, nothing freed)."""
+    import asyncio
+    import websockets
+    r = service.redis_client()
+    used = lambda: int(r.info("memory")["used_memory"])      # noqa: E731
+    png = _png(np.full((64, 64, 3), 120, np.uint8))
+    c = service.client()
+    try:
+        r.config_set("maxmemory-policy", "noeviction")
+
+        async def live():
+            async with websockets.connect(_ws_url(service), max_size=None) as ws:
+                await ws.send(json.dumps({"type": "start", "fps": 1, "format": "png"}))
+                sid = json.loads(await ws.recv())["stream_id"]
+                await _push_frames(ws, [(0.0, np.full((64, 64, 3), 120, np.uint8)), (1.0, np.zeros((64, 64, 3), np.uint8))])
+                r.config_set("maxmemory", used() - (4 << 20))   # full from here on: every write refused
+                for pts in (2.0, 3.0, 4.0):
+                    await ws.send(json.dumps({"type": "frame", "pts": pts}))
+                    await ws.send(png)
+                msgs = []
+                try:
+                    while True:
+                        msgs.append(json.loads(await asyncio.wait_for(ws.recv(), 2.5)))
+                except asyncio.TimeoutError:
+                    pass
+                rec = await asyncio.to_thread(lambda: c.get(f"/v1/streams/{sid}").json())
+                job = await asyncio.to_thread(lambda: c.post("/v1/videos", json={"path": str(media / "scene.mp4")}))
+                ans = await asyncio.to_thread(lambda: c.post(f"/v1/videos/{uploaded['id']}/questions",
+                                                             json={"question": QUESTIONS[0]}))
+                r.config_set("maxmemory", used() + (64 << 20))     # room again: frames flow, the error is history
+                await _push_frames(ws, [(5.0, np.zeros((64, 64, 3), np.uint8))])
+                await ws.send(json.dumps({"type": "stop"}))
+                while (m := json.loads(await ws.recv()))["type"] != "stopped":
+                    msgs.append(m)
+                r.config_set("maxmemory", used() - (4 << 20))
+                return sid, msgs, rec, job, ans, m
+
+        sid, msgs, rec, job, ans, stopped = asyncio.run(live())
+        errors = [m for m in msgs if m["type"] == "error"]
+        assert [m["code"] for m in errors] == ["E_CACHE_BUDGET"], msgs          # told once, not once a frame
+        assert "got it full (it holds" in errors[0]["message"] and "script" not in errors[0]["message"], errors
+        assert sum(m["frames"] for m in msgs if m["type"] == "dropped") == 3, msgs
+        assert {m["why"] for m in msgs if m["type"] == "dropped"} == {"not stored"}, msgs
+        assert rec["last_error"]["code"] == "E_CACHE_BUDGET" and rec["dropped"] == 3, rec
+        assert rec["frames"] == 2 and rec["gaps"] and rec["gaps"][-1][0] == 1.0 and rec["gaps"][-1][1] >= 4.0, rec
+        assert stopped["frames"] == 3 and stopped["dropped"] == 3, stopped
+        assert job.status_code == 507 and job.json()["error"]["code"] == "E_CACHE_BUDGET", job.text
+        assert "to have memory for creating a job" in job.json()["error"]["message"], job.text
+        assert ans.status_code == 200 and ans.json()["frames"] == 40, ans.text       # reading needs no room
+        assert c.get("/ready").status_code == 200
+        cap = int(r.config_get("maxmemory")["maxmemory"])
+        text = c.get("/metrics").text
+        assert float(re.search(r"^lms_redis_maxmemory_bytes (\S+)$", text, re.M).group(1)) == cap, text[-600:]
+        assert float(re.search(r"^lms_redis_used_memory_bytes (\S+)$", text, re.M).group(1)) > cap
+        d = c.get(f"/v1/streams/{sid}").json()                   # its frames kept, answerable
+        assert d["frames"] == 3 and d["last_error"] is None and d["previous_error"]["code"] == "E_CACHE_BUDGET", d
+        assert d["gaps"] == [[1.0, 5.0]], d
+        assert c.post(f"/v1/streams/{sid}/questions", json={"question": QUESTIONS[0]}).json()["frames"] == 3
+
+        # a file job that fills it: ~16 MB of room, a 150-frame video needs ~24 MB (and a batch's request ~5 MB)
+        r.config_set("maxmemory", used() + (16 << 20))
+        vid = c.post("/v1/videos", json={"path": str(media / "long.mp4")}).json()["id"]
+        d = wait_ready(c, vid)
+        assert d["status"] == "failed" and d["error"]["code"] == "E_CACHE_BUDGET", d
+        assert 0 < d["frames"] < 150 and "got it full" in d["error"]["message"], d
+        a = c.post(f"/v1/videos/{vid}/questions", json={"question": QUESTIONS[1]})
+        assert a.status_code == 200 and a.json()["frames"] == d["frames"], a.text
+        assert a.json()["job"]["status"] == "failed" and a.json()["gaps"][-1][1] == 150.0, a.json()
+        # deleting while full is the way out: a failed job, a stream, and a job still running (its writer fenced)
+        r.config_set("maxmemory", used() - (4 << 20))
+        before = used()
+        assert c.delete(f"/v1/videos/{vid}").status_code == 200
+        assert c.delete(f"/v1/streams/{sid}", params={"purge": "true"}).status_code == 200
+        assert used() < before - (5 << 20), (used(), before)
+        r.config_set("maxmemory", 0)
+        vid = c.post("/v1/videos", json={"path": str(media / "long.mp4"), "fps": 4}).json()["id"]   # 600 frames
+        while (d := c.get(f"/v1/videos/{vid}").json())["frames"] == 0:
+            assert d["status"] in ("queued", "ingesting"), d
+            time.sleep(0.05)
+        r.config_set("maxmemory", used() - (4 << 20))
+        assert c.delete(f"/v1/videos/{vid}").json() == {"id": vid, "deleted": True, "cancelled": True}
+        r.config_set("maxmemory", 0)
+        time.sleep(2)                                        # a batch still at the Encoder is refused, not stored
+        assert c.get(f"/v1/videos/{vid}").status_code == 404 and vid.encode() not in r.smembers("lms:jobs")
+        from frame_cache import open_cache
+        cache = open_cache(service.redis_url)
+        assert vid not in cache.streams(), "a batch of the deleted job was stored after its delete"
+        cache.close()
+    finally:
+        r.config_set("maxmemory", 0)
+        r.close()
+        c.close()
+
+
 def _uploads(service) -> list[str]:
     d = service.data_dir / "uploads"
     return sorted(p.name for p in d.iterdir()) if d.exists() else []
