@@ -3,10 +3,13 @@
     lmstream serve [--host 127.0.0.1] [--port 8000] [--model DIR] [--redis URL]
                    [--allowed-dir DIR ...] [--api-key KEY ...] [--data-dir DIR]
                    [--ray-address HOST:PORT] [--service-resources JSON] [--camera-resources JSON]
-                   [--warm-decoders N]
+                   [--warm-decoders N] [--redis-maxmemory SIZE]
 
 * Redis: its own `redis-server` child (AOF everysec, data in DATA_DIR/redis) unless --redis URL
-  (a Redis Cluster: ``redis://HOST:PORT?cluster=1``, one node's address).
+  (a Redis Cluster: ``redis://HOST:PORT?cluster=1``, one node's address). Its own server has a memory cap
+  (--redis-maxmemory, default half this machine's memory, policy ``noeviction``): past it new frames are
+  refused with `E_CACHE_BUDGET` and nothing stored is evicted; without it Redis grew until the kernel's
+  OOM killer took it or a model replica.
 * Ray: a local instance (no dashboard web UI, usage stats off, every Ray process listening on loopback only
   but Serve's HTTP proxy, on HOST; temp folder DATA_DIR/ray), or with
   --ray-address an existing cluster (``ray start --head`` ...), and the Serve app of
@@ -58,8 +61,59 @@ def add_parser(sub) -> None:
                    help="file-job decoder actors kept started and idle, so that a new job does not wait ~3 s for a "
                         "Ray worker to start and import torch; each is an idle worker of about 340 MB; a decoder whose "
                         "job ended takes the next one; 0 keeps none idle (default: LMSTREAM_WARM_DECODERS or 1)")
+    p.add_argument("--redis-maxmemory", metavar="SIZE", default=None,
+                   help="memory cap of its own redis-server, e.g. 8gb or 500mb (0: none): past it new frames are "
+                        "refused (E_CACHE_BUDGET, 507), stored ones kept, and DELETE frees room (default: "
+                        "LMSTREAM_REDIS_MAXMEMORY, else half this machine's memory)")
     p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for /ready")
     p.set_defaults(fn=cmd_serve)
+
+
+#: the smallest --redis-maxmemory: job records, stream rings' indexes and the replicas' counters need room too
+MIN_REDIS_MAXMEMORY = 64 << 20
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1 << 10, "m": 1000 ** 2, "mb": 1 << 20, "g": 1000 ** 3, "gb": 1 << 30,
+          "t": 1000 ** 4, "tb": 1 << 40}
+
+
+def parse_memory_size(text: str, name: str) -> int:
+    """Bytes of a size as redis.conf writes them (``500mb``, ``8gb``, ``1g``, ``1073741824``: k/m/g are powers
+    of 1000, kb/mb/gb of 1024, as Redis reads them); 0 for none. `BadArgument` naming `name` otherwise, or
+    under `MIN_REDIS_MAXMEMORY`."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text or "")
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise BadArgument(f"expected {name} to be a size such as 8gb, 500mb or 0 (none), got {text!r}")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if 0 < n < MIN_REDIS_MAXMEMORY:
+        raise BadArgument(f"expected {name} to be 0 (none) or at least {MIN_REDIS_MAXMEMORY >> 20}mb (job records "
+                          f"and the streams' indexes need room too), got {text!r} ({n} bytes)")
+    return n
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):       # not a POSIX system that says
+        return None
+
+
+def redis_maxmemory(arg: str | None) -> tuple[int, str]:
+    """The cap of the service's own redis-server, in bytes (0: none), and where it came from: --redis-maxmemory,
+    else LMSTREAM_REDIS_MAXMEMORY, else half of this machine's memory (the other half for the model replicas,
+    Ray, and the copy an AOF rewrite's fork may make)."""
+    if arg is not None:
+        return parse_memory_size(arg, "--redis-maxmemory"), "--redis-maxmemory"
+    env = os.environ.get("LMSTREAM_REDIS_MAXMEMORY")
+    if env:
+        return parse_memory_size(env, "LMSTREAM_REDIS_MAXMEMORY"), "LMSTREAM_REDIS_MAXMEMORY"
+    total = _physical_memory()
+    if not total:
+        return 0, "no default: this system does not say its memory"
+    return max(MIN_REDIS_MAXMEMORY, total // 2), "half this machine's memory"
+
+
+def _gb(n: int) -> str:
+    return f"{n / (1 << 30):.1f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.0f} MiB"
 
 
 def _wait_ready(url: str, key: str, timeout: float, alive) -> None:
@@ -142,6 +196,11 @@ def cmd_serve(args) -> int:
         check_device(settings.device, here=not args.ray_address,
                      name="--device" if args.device else "LMSTREAM_DEVICE")
     own_redis = args.redis is None and not os.environ.get("LMSTREAM_REDIS_URL")     # else someone else's
+    if not own_redis and args.redis_maxmemory is not None:
+        raise BadArgument("expected --redis-maxmemory only for the service's own redis-server, got it with "
+                          f"{'--redis' if args.redis else 'LMSTREAM_REDIS_URL'} too (that server's maxmemory is "
+                          "its own configuration's)")
+    maxmemory, maxmemory_from = redis_maxmemory(args.redis_maxmemory) if own_redis else (0, "")
     if not own_redis and not args.ray_address:
         # someone else's Redis (else we start our own below): reachable before Ray starts, or a clear error now.
         # Not on a cluster: its replicas may reach a Redis this driver's host cannot
@@ -167,17 +226,22 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     redis_srv = None
+    own_ray_tmp: Path | None = None          # Ray's temp folder outside DATA_DIR (its path was too long): removed
     ray_started = False            # connected to Ray (a local instance we started, or a cluster)
     serve_started = False          # Serve was not running before us: we shut it down on exit
     ready = False                  # /ready answered 200: the app is up (it may hold open sockets)
     try:
         if own_redis:
             from frame_cache.redis_server import RedisServer
-            redis_srv = RedisServer(data / "redis", port=_last_redis_port(data / "redis", avoid=int(args.port))).start()
+            redis_srv = RedisServer(data / "redis", port=_last_redis_port(data / "redis", avoid=int(args.port)),
+                                    maxmemory=str(maxmemory) if maxmemory else None).start()
             (data / "redis" / "port").write_text(f"{redis_srv.port}\n")
             settings = settings.model_copy(update={"redis_url": redis_srv.url})
-            print(f"redis: started redis-server pid {redis_srv.proc.pid} on {redis_srv.url} (AOF in {data / 'redis'})",
-                  file=sys.stderr)
+            cap = f"maxmemory {_gb(maxmemory)} ({maxmemory_from})" if maxmemory else \
+                f"no maxmemory ({maxmemory_from or '--redis-maxmemory 0'})"
+            print(f"redis: started redis-server pid {redis_srv.proc.pid} on {redis_srv.url} (AOF in {data / 'redis'}, "
+                  f"{cap})", file=sys.stderr)
+            _say_if_full(redis_srv, maxmemory)
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
@@ -200,10 +264,13 @@ def cmd_serve(args) -> int:
             print(f"ray: attaching to the cluster at {args.ray_address}", file=sys.stderr)
             ray.init(address=args.ray_address, **common)
         else:
-            os.environ["RAY_TMPDIR"] = str(data / "ray")
-            (data / "ray").mkdir(exist_ok=True)
+            ray_tmp = _ray_temp_dir(data)
+            if ray_tmp != data / "ray":
+                own_ray_tmp = ray_tmp
+            os.environ["RAY_TMPDIR"] = str(ray_tmp)
+            ray_tmp.mkdir(exist_ok=True)
             print("ray: starting a local instance (no dashboard, loopback only)", file=sys.stderr)
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=str(data / "ray"), **common)
+            ray.init(num_cpus=args.num_cpus, include_dashboard=False, _temp_dir=str(ray_tmp), **common)
             node_ip = ray.util.get_node_ip_address()
             if node_ip not in ("127.0.0.1", "::1"):
                 print(f"warning: Ray's processes listen on {node_ip}, not loopback only (ray was imported before "
@@ -242,23 +309,98 @@ def cmd_serve(args) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if ray_started:
-            try:
-                from ray import serve
-                if ready:                               # a Serve that never answered has no socket open
-                    _drain_for_stop(serve)
-                if serve_started:
-                    serve.shutdown()
-                else:                                   # someone else's Serve: only our app goes
-                    serve.delete("lmstream")
-            except Exception as e:  # noqa: BLE001 - shutting down regardless
-                print(f"warning: stopping Serve: {e}", file=sys.stderr)
+            gone = [] if args.ray_address else _ray_processes_gone(0.5 if stopping["flag"] else 0.0)
+            if gone:
+                # the stop signal went to the whole process group (`timeout`, `kill -TERM -PGID`, systemd's
+                # default KillMode=control-group): Ray's own processes got it too and exited. Serve cannot be
+                # reached: a drain waited on the gone GCS until Ray ended this process after 60 s
+                print(f"lmstream: Ray's own processes ({', '.join(gone)}) stopped with this one (the signal was sent "
+                      "to the whole process group; under systemd use KillMode=mixed): open sockets and questions "
+                      "were cut, not drained", file=sys.stderr)
+            else:
+                try:
+                    from ray import serve
+                    if ready:                           # a Serve that never answered has no socket open
+                        _drain_for_stop(serve)
+                    if serve_started:
+                        serve.shutdown()
+                    else:                               # someone else's Serve: only our app goes
+                        serve.delete("lmstream")
+                except Exception as e:  # noqa: BLE001 - shutting down regardless
+                    print(f"warning: stopping Serve: {e}", file=sys.stderr)
             import ray
             ray.shutdown()                              # a cluster we attached to keeps running
             if ready:                                   # its decoders are gone: their jobs say so now
                 _mark_jobs_interrupted(settings)
         if redis_srv is not None:
             redis_srv.stop()
+        if own_ray_tmp is not None:
+            import shutil
+            shutil.rmtree(own_ray_tmp, ignore_errors=True)
         lock.close()
+
+
+#: Ray's longest socket path past its temp folder: ``/session_<date>_<time>_<us>_<pid>/sockets/plasma_store``
+RAY_SOCKET_SUFFIX_CHARS = 66
+#: what a Unix socket's path may hold (sun_path, 108 bytes with its NUL)
+UNIX_PATH_MAX = 107
+
+
+def _ray_temp_dir(data: Path) -> Path:
+    """Where a local Ray keeps its session (sockets, logs): DATA_DIR/ray, or, when that path is too long for
+    the Unix sockets Ray makes in it (Ray failed with "validate_socket_filename failed: AF_UNIX path length
+    cannot exceed 107 bytes", said as E_INTERNAL: a checkout in a deep home folder was enough), a short
+    folder of its own under the system's temporary folder, said on stderr and removed on exit."""
+    import tempfile
+    want = data / "ray"
+    if len(os.fsencode(str(want))) + RAY_SOCKET_SUFFIX_CHARS <= UNIX_PATH_MAX:
+        return want
+    short = Path(tempfile.mkdtemp(prefix="lms-ray-"))
+    if len(os.fsencode(str(short))) + RAY_SOCKET_SUFFIX_CHARS > UNIX_PATH_MAX:
+        short.rmdir()
+        raise BadArgument(f"expected a --data-dir or TMPDIR of at most {UNIX_PATH_MAX - RAY_SOCKET_SUFFIX_CHARS - 4} "
+                          f"characters (Ray's Unix sockets go under it, and a socket's path holds {UNIX_PATH_MAX} "
+                          f"bytes), got {want} and {short}")
+    print(f"ray: its session in {short} (removed on exit): {want} is too long a path for the Unix sockets Ray "
+          f"makes in it ({UNIX_PATH_MAX} bytes at most)", file=sys.stderr)
+    return short
+
+
+def _ray_processes_gone(wait_s: float) -> list[str]:
+    """The kinds of a local Ray's own processes (``gcs_server``, ``raylet``, ...) that have exited, after up to
+    `wait_s` s for a signal sent to them with this process to take effect; [] when none did (or Ray does not say)."""
+    try:
+        import ray._private.worker as worker
+        node = worker._global_node
+        if node is None:
+            return []
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = sorted({kind for kind, _ in node.dead_processes()})
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.1)
+    except Exception:  # noqa: BLE001 - Ray's internals moved: drain as before
+        return []
+
+
+def _say_if_full(srv, maxmemory: int) -> None:
+    """A warning when the frames its AOF brought back already fill the cap (a restart with a smaller one):
+    Redis loads them all, then refuses every new frame until videos or streams are deleted."""
+    if not maxmemory:
+        return
+    try:
+        c = srv.client()
+        try:
+            used = int(c.info("memory")["used_memory"])
+        finally:
+            c.close()
+    except Exception:  # noqa: BLE001 - only a warning; /ready says whether it answers
+        return
+    if used >= maxmemory * 0.95:
+        print(f"warning: redis holds {_gb(used)} of its maxmemory {_gb(maxmemory)}: new frames will be refused "
+              "(E_CACHE_BUDGET) until videos or streams are deleted, or a larger --redis-maxmemory is given",
+              file=sys.stderr)
 
 
 def _mark_jobs_interrupted(settings) -> None:
@@ -390,9 +532,11 @@ def _serve_running() -> bool:
         return False
 
 
-def start_serve_process(args: list[str], log_path: Path, *, env: dict | None = None, timeout: float = 300.0):
+def start_serve_process(args: list[str], log_path: Path, *, env: dict | None = None, timeout: float = 300.0,
+                        new_session: bool = False):
     """`lmstream serve ARGS` as a child process (stderr to `log_path`), returned with its ready line
     (`{"url", "api_key", "redis"}`) once `/ready` answered 200; stop it with `lmcore.procs.stop_child`.
+    `new_session`: in a session and process group of its own (as a terminal or a supervisor starts it).
     Raises `ServiceUnavailable` with the log's tail when it does not come up within `timeout` s."""
     import subprocess
     from lmcore.procs import stop_child
@@ -401,7 +545,7 @@ def start_serve_process(args: list[str], log_path: Path, *, env: dict | None = N
     env["PYTHONPATH"] = str(repo)
     with open(log_path, "ab") as err:
         proc = subprocess.Popen([sys.executable, "-m", "lmstream.cli", "serve", *map(str, args)],
-                                stdout=subprocess.PIPE, stderr=err, env=env, cwd=repo)
+                                stdout=subprocess.PIPE, stderr=err, env=env, cwd=repo, start_new_session=new_session)
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -525,6 +527,90 @@ def test_serve_refuses_an_unreachable_redis_and_a_missing_device_before_starting
                           else f"expected --device cuda:0..cuda:{n - 1}, got {gone}")
     assert r.returncode == 2
     assert not (tmp_path / "d" / "redis").exists() and not (tmp_path / "d" / "ray").exists()
+
+
+def test_serve_redis_maxmemory_reads_sizes_as_redis_does_and_refuses_what_it_cannot_apply(tmp_path, monkeypatch):
+    """`lmstream serve`'s own redis-server has a memory cap (it grew until the kernel's OOM killer took it or a
+    model replica): --redis-maxmemory, else LMSTREAM_REDIS_MAXMEMORY, else half this machine's memory. Sizes
+    read as redis.conf reads them; a size it cannot read, one too small for the job records, or a cap for
+    someone else's Redis (--redis) is a one-line E_BAD_ARGUMENT before anything starts."""
+    from frame_cache.redis_server import free_port
+    from lmcore.errors import BadArgument
+    from lmstream.serve_cmd import MIN_REDIS_MAXMEMORY, parse_memory_size, redis_maxmemory
+    assert parse_memory_size("8gb", "x") == 8 << 30 and parse_memory_size("500MB", "x") == 500 << 20
+    assert parse_memory_size("1g", "x") == 10 ** 9 and parse_memory_size("0", "x") == 0
+    assert parse_memory_size("1.5gb", "x") == 3 << 29 and parse_memory_size(str(1 << 30), "x") == 1 << 30
+    for bad in ("lots", "8 gigs", "-1gb", ""):
+        with pytest.raises(BadArgument, match=f"expected x to be a size such as 8gb, 500mb or 0 \\(none\\), got {bad!r}"):
+            parse_memory_size(bad, "x")
+    with pytest.raises(BadArgument, match="at least 64mb .* got '1mb' \\(1048576 bytes\\)"):
+        parse_memory_size("1mb", "x")
+    monkeypatch.delenv("LMSTREAM_REDIS_MAXMEMORY", raising=False)
+    n, why = redis_maxmemory(None)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert n == max(MIN_REDIS_MAXMEMORY, total // 2) and why == "half this machine's memory", (n, why)
+    monkeypatch.setenv("LMSTREAM_REDIS_MAXMEMORY", "2gb")
+    assert redis_maxmemory(None) == (2 << 30, "LMSTREAM_REDIS_MAXMEMORY")
+    assert redis_maxmemory("0") == (0, "--redis-maxmemory")              # the argument wins
+    monkeypatch.delenv("LMSTREAM_REDIS_MAXMEMORY")
+    r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", "--redis-maxmemory", "lots")
+    assert_one_line_error(r, "E_BAD_ARGUMENT", "expected --redis-maxmemory to be a size such as 8gb", "got 'lots'")
+    r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", "--redis", "redis://127.0.0.1:1/0",
+            "--redis-maxmemory", "1gb")
+    assert_one_line_error(r, "E_BAD_ARGUMENT", "--redis-maxmemory only for the service's own redis-server",
+                          "with --redis too")
+    r = run("serve", "--port", free_port(), "--data-dir", tmp_path / "d", env={"LMSTREAM_REDIS_MAXMEMORY": "9x"})
+    assert_one_line_error(r, "E_BAD_ARGUMENT", "expected LMSTREAM_REDIS_MAXMEMORY to be a size", "got '9x'")
+    assert not (tmp_path / "d" / "redis").exists() and not (tmp_path / "d" / "ray").exists()
+
+
+@pytest.mark.xdist_group("ray")
+@pytest.mark.timeout(300)
+def test_serve_stops_in_seconds_when_the_stop_signal_reaches_its_whole_process_group(tmp_path):
+    """SIGTERM to `lmstream serve`'s whole process group (`timeout`, `kill -TERM -PGID`, systemd's default
+    KillMode) reached Ray's own processes too; the drain then waited on the gone GCS until Ray aborted the
+    process after 60 s. Now it says so and stops in seconds, leaving no process of its group. Its own
+    redis-server runs with the --redis-maxmemory asked for, said on its start line. pytest's data folder is
+    too long a path for Ray's Unix sockets (Ray failed: "AF_UNIX path length cannot exceed 107 bytes", as
+    E_INTERNAL): its session goes to a short temporary folder, said, and removed on exit."""
+    import signal
+    import redis
+    from frame_cache.redis_server import free_port
+    from lmstream.serve_cmd import start_serve_process
+    log = tmp_path / "serve.log"
+    proc, ready = start_serve_process(["--port", free_port(), "--data-dir", tmp_path / "d", "--num-cpus", "2",
+                                       "--redis-maxmemory", "64mb"], log, new_session=True, timeout=240)
+    try:
+        r = redis.Redis.from_url(ready["redis"])
+        assert r.config_get("maxmemory") == {"maxmemory": str(64 << 20)} and \
+            r.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        r.close()
+        assert "maxmemory 64 MiB (--redis-maxmemory)" in log.read_text(), log.read_text()[-2000:]
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(90)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        proc.stdout.close()
+    text = log.read_text()
+    assert took < 40, (took, text[-3000:])
+    assert len(str(tmp_path / "d" / "ray")) + 66 > 107, tmp_path             # else this checks nothing of it
+    moved = re.search(r"ray: its session in (\S+) \(removed on exit\): .* is too long a path for the Unix "
+                      r"sockets", text)
+    assert moved and not Path(moved.group(1)).exists(), text[-3000:]
+    assert "stopped with this one (the signal was sent to the whole process group" in text, text[-3000:]
+    deadline = time.monotonic() + 30
+    while True:                                  # nothing of its group left (Ray's workers end on their own)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, subprocess.run(["ps", "-o", "pid,pgid,cmd", "-g", str(proc.pid)],
+                                                           capture_output=True, text=True).stdout
+        time.sleep(0.5)
 
 
 def test_demo_checks_its_duration_and_runs_on_a_model_that_cannot_spell_the_choices(tmp_path):
