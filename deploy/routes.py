@@ -202,8 +202,11 @@ class Metrics:
         try:
             self._replica_stats(b, scraped, extra)
             mem = getattr(b.cache, "server_memory", None)       # Redis: how near its maxmemory it is
-            if mem is not None:
-                m = mem()
+            try:                                    # (an ACL user without INFO: the other figures all the same)
+                m = mem() if mem is not None else None
+            except LmsError:
+                m = None
+            if m is not None:
                 Gauge("lms_redis_used_memory_bytes", "Redis's used_memory (summed over a Cluster's masters)",
                       registry=extra).set(m["used_memory"])
                 Gauge("lms_redis_maxmemory_bytes", "Redis's maxmemory, 0 when it has none: past it new frames are "
@@ -685,6 +688,9 @@ def build_api() -> FastAPI:
                 if clen and clen.isascii() and clen.isdigit() and int(clen) > lim.max_upload_bytes + 65536:
                     raise PayloadTooLarge(f"expected an upload of at most {lim.max_upload_bytes} bytes, got {clen}")
                 slot = await _reserve_job(b, upload=True)   # before the body is read: a refused one sends none
+                full = getattr(b.cache, "refuse_if_full", None)
+                if full is not None:                 # 2 GB received, then 507 for its record: refused first
+                    await asyncio.to_thread(full, "a new video (nothing of the upload was read)")
                 path, opts = await _save_upload(request, b, job_id)
                 delete_after = True
             elif ctype.startswith("application/json"):
@@ -2298,14 +2304,15 @@ class _LiveSession:
         record says so now, as the stream's `last_error` (cleared once frames are stored again), with the frames
         shed counted and the span without frames so far in its gaps. It said `stalled` with no error, nothing
         dropped and no gap for as long as frames were refused, and a question then answered `gaps: []`."""
-        if not self._owns():
+        if not self._owns() or err.get("code") == "E_CACHE_UNAVAILABLE":    # Redis away: no record to write
             return
+        before = self.gaps
         try:
             await asyncio.to_thread(self.b.live.update, self.sid, last_error=err, **self.record_counts(),
-                                    **self._gaps_update())
+                                    **self._gaps_update(pending=True))
             self.error_set, self.kept_error = True, err
         except LmsError:
-            pass
+            self.gaps = before                         # not written: the next update writes them
 
     #: a byte stream's reasons (`stream.live.PushSource.dropped_why`) in this socket's words
     PUSH_REASONS = {"over_fps": "over fps", "queue_full": "queue full", "pts_backwards": "bad frame",
@@ -2450,16 +2457,20 @@ class _LiveSession:
         if gaps:
             self.loss_gaps = merge_gaps([*self.loss_gaps, *gaps])
 
-    def _gaps_update(self) -> dict:
+    def _gaps_update(self, pending: bool = False) -> dict:
         """{"gaps": ...} for the record when this socket's losses or its byte stream's gaps (queue full,
-        damage: `PushSource.gaps`, in its own time) changed them, else {}."""
+        damage: `PushSource.gaps`, in its own time) changed them, else {}. `pending` (frames just refused): the
+        frames lost with no stored frame after them yet, from the last stored frame to the newest of them, as
+        far as no frame still waits to be stored before them (frames queued may yet be stored: a gap over them
+        would be taken back)."""
         pushed = [[a + self.offset, b + self.offset] for a, b in self.push.gaps] if self.push is not None else []
-        pending = []                                   # frames lost with no stored frame after them yet: so far
-        if self.lost:
-            first = min(self.lost)
+        waiting = min((f[1] for f in self.queue), default=None)
+        lost = [p for p in self.lost if waiting is None or p < waiting] if pending else []
+        if lost:
+            first = min(lost)
             start = self.last_stored if self.last_stored is not None and self.last_stored < first else first
-            pending = [[start, max(self.lost)]]
-        gaps = merge_gaps([*self.gaps_base, *self.loss_gaps, *pushed, *pending])
+            lost = [[start, max(lost)]]
+        gaps = merge_gaps([*self.gaps_base, *self.loss_gaps, *pushed, *lost])
         if len(gaps) > MAX_RECORD_GAPS:                # bounded: past it, touching gaps are given as one
             gaps = merge_gaps(gaps, touching=True)
         if gaps == self.gaps:

@@ -89,7 +89,10 @@ class JobStore:
         return stream_key(rid, self.PART)
 
     #: a new record replaces whatever the key held, in one step (no field of an older record survives)
-    _CREATE = "redis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
+    #: A script with a shebang is refused whole over maxmemory; without one, Redis refused only its first write
+    #: that needs room, and DEL needs none: the HSET went in, the SADD after it was refused, and every 507'd
+    #: create left a record in no list
+    _CREATE = "#!lua\nredis.call('DEL', KEYS[1]) redis.call('HSET', KEYS[1], unpack(ARGV)) return 1"
     #: fields change only on a record that exists: a write racing a delete must not bring back a hash of
     #: the fields it wrote (a purged stream answering 200 with no kind or status)
     _UPDATE = ("if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], unpack(ARGV)) "

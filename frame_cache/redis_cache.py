@@ -470,9 +470,11 @@ def oom_message(client, url: str, what: str) -> str:
     try:
         info = client.info("memory")
         nodes = list(info.values()) if info and all(isinstance(v, dict) for v in info.values()) else [info]
-        used = sum(int(n.get("used_memory", 0)) for n in nodes)
-        cap = sum(int(n.get("maxmemory", 0)) for n in nodes)
-        figures = f"it holds {_mib(used)} of its maxmemory {_mib(cap)}" if cap else "its maxmemory is reached"
+        capped = [(int(n.get("used_memory", 0)), int(n.get("maxmemory", 0))) for n in nodes
+                  if int(n.get("maxmemory", 0))]
+        used, cap = max(capped, key=lambda uc: uc[0] / uc[1]) if capped else (0, 0)
+        who = "it holds" if len(nodes) == 1 else "its fullest node holds"      # a Cluster: one master fills first
+        figures = f"{who} {_mib(used)} of its maxmemory {_mib(cap)}" if cap else "its maxmemory is reached"
     except Exception:  # noqa: BLE001 - the figures are a courtesy: the refusal is what matters
         figures = "its maxmemory is reached"
     return (f"expected Redis at {url} to have memory for {what}, got it full ({figures}; its policy refuses "
@@ -1063,6 +1065,13 @@ class RedisFrameCache(FrameCache):
             "maxmemory": sum(caps) if all(caps) else 0,
             "maxmemory_policy": ",".join(sorted({str(n.get("maxmemory_policy", "?")) for n in nodes})),
         }
+
+    def refuse_if_full(self, what: str) -> None:
+        """`CacheBudgetExceeded` (as a refused write says it) when Redis is at its ``maxmemory`` now: for work
+        that would take long before its first write (an upload is read whole before its job's record is made)."""
+        m = self.server_memory()
+        if m["maxmemory"] and m["used_memory"] >= m["maxmemory"]:
+            raise CacheBudgetExceeded(oom_message(self._client, self.url, what))
 
     def stats(self) -> dict[str, Any]:
         """Per stream: ``frames``, ``capacity``, ``bytes`` (retained records), ``light_bytes``,

@@ -195,8 +195,11 @@ class RedisServer:
             raise CacheUnavailable(f"expected a stopped redis-server, got pid {self.proc.pid} running")
         self._close_log()                      # the log of a server that exited (started again after a crash)
         self._log = open(self.folder / "redis.log", "ab")
+        # a process group of its own: Ctrl-C in a terminal signals the whole foreground group, and redis-server
+        # shut down on it before `lmstream serve` could drain and mark its jobs; it stops with its parent
+        # all the same (die_with_parent), and `stop` stops it by its PID
         self.proc = subprocess.Popen(self._argv(), cwd=self.folder, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                                     stdin=subprocess.DEVNULL, preexec_fn=die_with_parent, process_group=0)
         deadline = time.monotonic() + self.start_timeout
         c = self.client(socket_timeout=1, socket_connect_timeout=1)
         try:

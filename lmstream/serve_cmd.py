@@ -90,11 +90,26 @@ def parse_memory_size(text: str, name: str) -> int:
     return n
 
 
+#: a container's memory limit (cgroup v2, then v1): "max" or a huge number when there is none
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
 def _physical_memory() -> int | None:
+    """This machine's memory, or its container's limit when that is lower (half the host's memory was more
+    than a container limited to less: the kernel's OOM killer again)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):       # not a POSIX system that says
-        return None
+        total = None
+    for f in CGROUP_MEMORY_LIMITS:
+        try:
+            raw = Path(f).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and int(raw) > 0:
+            total = min(total, int(raw)) if total else int(raw)
+        break
+    return total
 
 
 def redis_maxmemory(arg: str | None) -> tuple[int, str]:
@@ -109,7 +124,7 @@ def redis_maxmemory(arg: str | None) -> tuple[int, str]:
     total = _physical_memory()
     if not total:
         return 0, "no default: this system does not say its memory"
-    return max(MIN_REDIS_MAXMEMORY, total // 2), "half this machine's memory"
+    return max(MIN_REDIS_MAXMEMORY, total // 2), "half this machine's memory (or its container's limit)"
 
 
 def _gb(n: int) -> str:
@@ -227,6 +242,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGINT, on_signal)
     redis_srv = None
     own_ray_tmp: Path | None = None          # Ray's temp folder outside DATA_DIR (its path was too long): removed
+    ray_dead: frozenset = frozenset()        # Ray's own processes that had exited when it was ready
     ray_started = False            # connected to Ray (a local instance we started, or a cluster)
     serve_started = False          # Serve was not running before us: we shut it down on exit
     ready = False                  # /ready answered 200: the app is up (it may hold open sockets)
@@ -294,6 +310,8 @@ def cmd_serve(args) -> int:
         url = service_url(args.host, args.port)
         _wait_ready(url, settings.api_keys[0], args.ready_timeout, lambda: not stopping["flag"])
         ready = True
+        if not args.ray_address:                    # Ray's processes already gone (crashed): not a signal's doing
+            ray_dead = frozenset(_ray_processes_gone(0.0))
         print(json.dumps({"url": url, "api_key": generated or "(from --api-key / LMSTREAM_API_KEYS)",
                           "redis": redact_redis_url(settings.redis_url)}), file=ours, flush=True)   # no password
         print(f"lmstream: serving {settings.model} at {url}" +
@@ -309,14 +327,14 @@ def cmd_serve(args) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if ray_started:
-            gone = [] if args.ray_address else _ray_processes_gone(0.5 if stopping["flag"] else 0.0)
+            gone = [] if args.ray_address else _ray_processes_gone(0.5 if stopping["flag"] else 0.0, ray_dead)
             if gone:
                 # the stop signal went to the whole process group (`timeout`, `kill -TERM -PGID`, systemd's
                 # default KillMode=control-group): Ray's own processes got it too and exited. Serve cannot be
                 # reached: a drain waited on the gone GCS until Ray ended this process after 60 s
-                print(f"lmstream: Ray's own processes ({', '.join(gone)}) stopped with this one (the signal was sent "
-                      "to the whole process group; under systemd use KillMode=mixed): open sockets and questions "
-                      "were cut, not drained", file=sys.stderr)
+                print(f"lmstream: Ray's own processes ({', '.join(gone)}) stopped with this one (a stop signal sent to "
+                      "its whole process group or cgroup reaches them too; send it to this PID, or under systemd use "
+                      "KillMode=mixed): open sockets and questions were cut, not drained", file=sys.stderr)
             else:
                 try:
                     from ray import serve
@@ -342,8 +360,8 @@ def cmd_serve(args) -> int:
 
 #: Ray's longest socket path past its temp folder: ``/session_<date>_<time>_<us>_<pid>/sockets/plasma_store``
 RAY_SOCKET_SUFFIX_CHARS = 66
-#: what a Unix socket's path may hold (sun_path, 108 bytes with its NUL)
-UNIX_PATH_MAX = 107
+#: what a Unix socket's path may hold (sun_path less its NUL: 108 bytes on Linux, 104 on macOS)
+UNIX_PATH_MAX = 103 if sys.platform == "darwin" else 107
 
 
 def _ray_temp_dir(data: Path) -> Path:
@@ -358,17 +376,19 @@ def _ray_temp_dir(data: Path) -> Path:
     short = Path(tempfile.mkdtemp(prefix="lms-ray-"))
     if len(os.fsencode(str(short))) + RAY_SOCKET_SUFFIX_CHARS > UNIX_PATH_MAX:
         short.rmdir()
-        raise BadArgument(f"expected a --data-dir or TMPDIR of at most {UNIX_PATH_MAX - RAY_SOCKET_SUFFIX_CHARS - 4} "
-                          f"characters (Ray's Unix sockets go under it, and a socket's path holds {UNIX_PATH_MAX} "
-                          f"bytes), got {want} and {short}")
+        room = UNIX_PATH_MAX - RAY_SOCKET_SUFFIX_CHARS
+        raise BadArgument(f"expected a path for Ray's Unix sockets of at most {room} bytes (a socket's path holds "
+                          f"{UNIX_PATH_MAX}): DATA_DIR/ray or a folder in TMPDIR, got {want} and {short} (give a "
+                          "shorter --data-dir or TMPDIR)")
     print(f"ray: its session in {short} (removed on exit): {want} is too long a path for the Unix sockets Ray "
           f"makes in it ({UNIX_PATH_MAX} bytes at most)", file=sys.stderr)
     return short
 
 
-def _ray_processes_gone(wait_s: float) -> list[str]:
-    """The kinds of a local Ray's own processes (``gcs_server``, ``raylet``, ...) that have exited, after up to
-    `wait_s` s for a signal sent to them with this process to take effect; [] when none did (or Ray does not say)."""
+def _ray_processes_gone(wait_s: float, before: frozenset = frozenset()) -> list[str]:
+    """The kinds of a local Ray's own processes (``gcs_server``, ``raylet``, ``log_monitor``, ...) that have
+    exited, but those in `before` (exited already while it served), after up to `wait_s` s for a signal sent to
+    them with this process to take effect; [] when none did (or Ray does not say)."""
     try:
         import ray._private.worker as worker
         node = worker._global_node
@@ -376,7 +396,7 @@ def _ray_processes_gone(wait_s: float) -> list[str]:
             return []
         deadline = time.monotonic() + wait_s
         while True:
-            dead = sorted({kind for kind, _ in node.dead_processes()})
+            dead = sorted({kind for kind, _ in node.dead_processes()} - before)
             if dead or time.monotonic() >= deadline:
                 return dead
             time.sleep(0.1)

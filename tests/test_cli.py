@@ -548,7 +548,13 @@ def test_serve_redis_maxmemory_reads_sizes_as_redis_does_and_refuses_what_it_can
     monkeypatch.delenv("LMSTREAM_REDIS_MAXMEMORY", raising=False)
     n, why = redis_maxmemory(None)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    assert n == max(MIN_REDIS_MAXMEMORY, total // 2) and why == "half this machine's memory", (n, why)
+    assert MIN_REDIS_MAXMEMORY <= n <= total // 2 and why.startswith("half this machine's memory"), (n, why)
+    import lmstream.serve_cmd as sc                                  # a container's limit, when lower, is the base
+    (tmp_path / "memory.max").write_text(f"{1 << 30}\n")
+    monkeypatch.setattr(sc, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "memory.max"),))
+    assert redis_maxmemory(None)[0] == 1 << 29
+    (tmp_path / "memory.max").write_text("max\n")                   # no limit: the machine's memory
+    assert redis_maxmemory(None)[0] == max(MIN_REDIS_MAXMEMORY, total // 2)
     monkeypatch.setenv("LMSTREAM_REDIS_MAXMEMORY", "2gb")
     assert redis_maxmemory(None) == (2 << 30, "LMSTREAM_REDIS_MAXMEMORY")
     assert redis_maxmemory("0") == (0, "--redis-maxmemory")              # the argument wins
@@ -578,7 +584,8 @@ def test_serve_stops_in_seconds_when_the_stop_signal_reaches_its_whole_process_g
     from frame_cache.redis_server import free_port
     from lmstream.serve_cmd import start_serve_process
     log = tmp_path / "serve.log"
-    proc, ready = start_serve_process(["--port", free_port(), "--data-dir", tmp_path / "d", "--num-cpus", "2",
+    data = tmp_path / ("d" * 60)                                     # too long for Ray's sockets, wherever pytest is
+    proc, ready = start_serve_process(["--port", free_port(), "--data-dir", data, "--num-cpus", "2",
                                        "--redis-maxmemory", "64mb"], log, new_session=True, timeout=240)
     try:
         r = redis.Redis.from_url(ready["redis"])
@@ -597,11 +604,10 @@ def test_serve_stops_in_seconds_when_the_stop_signal_reaches_its_whole_process_g
         proc.stdout.close()
     text = log.read_text()
     assert took < 40, (took, text[-3000:])
-    assert len(str(tmp_path / "d" / "ray")) + 66 > 107, tmp_path             # else this checks nothing of it
     moved = re.search(r"ray: its session in (\S+) \(removed on exit\): .* is too long a path for the Unix "
                       r"sockets", text)
     assert moved and not Path(moved.group(1)).exists(), text[-3000:]
-    assert "stopped with this one (the signal was sent to the whole process group" in text, text[-3000:]
+    assert "stopped with this one (a stop signal sent to its whole process group" in text, text[-3000:]
     deadline = time.monotonic() + 30
     while True:                                  # nothing of its group left (Ray's workers end on their own)
         try:

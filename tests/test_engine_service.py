@@ -410,6 +410,7 @@ def test_a_full_redis_refuses_new_records_with_e_cache_budget_and_still_takes_st
         with pytest.raises(CacheBudgetExceeded, match="to have memory for creating a job, got it full \\(it holds .* MiB of its maxmemory") as ei:
             store.create("j2", {})
         assert ei.value.code == "E_CACHE_BUDGET" and ei.value.http_status == 507 and "script" not in ei.value.message
+        assert not r.exists(store._key("j2")) and store.ids() == ["j1"]      # nothing of it (a record was left)
         with pytest.raises(redis.exceptions.OutOfMemoryError):      # a plain write is still refused: the cap holds
             r.hset("lms:test", "f", "v" * 1000)
         assert store.update("j1", status="failed", error={"code": "E_CACHE_BUDGET", "message": "m" * 300})

@@ -436,6 +436,8 @@ def test_a_full_redis_fails_what_fills_it_with_e_cache_budget_keeps_its_frames_a
                     pass
                 rec = await asyncio.to_thread(lambda: c.get(f"/v1/streams/{sid}").json())
                 job = await asyncio.to_thread(lambda: c.post("/v1/videos", json={"path": str(media / "scene.mp4")}))
+                up = await asyncio.to_thread(lambda: c.post("/v1/videos", files={
+                    "file": ("scene.mp4", (media / "scene.mp4").read_bytes(), "video/mp4")}))
                 ans = await asyncio.to_thread(lambda: c.post(f"/v1/videos/{uploaded['id']}/questions",
                                                              json={"question": QUESTIONS[0]}))
                 r.config_set("maxmemory", used() + (64 << 20))     # room again: frames flow, the error is history
@@ -444,7 +446,7 @@ def test_a_full_redis_fails_what_fills_it_with_e_cache_budget_keeps_its_frames_a
                 while (m := json.loads(await ws.recv()))["type"] != "stopped":
                     msgs.append(m)
                 r.config_set("maxmemory", used() - (4 << 20))
-                return sid, msgs, rec, job, ans, m
+                return sid, msgs, rec, (job, up), ans, m
 
         sid, msgs, rec, job, ans, stopped = asyncio.run(live())
         errors = [m for m in msgs if m["type"] == "error"]
@@ -455,8 +457,11 @@ def test_a_full_redis_fails_what_fills_it_with_e_cache_budget_keeps_its_frames_a
         assert rec["last_error"]["code"] == "E_CACHE_BUDGET" and rec["dropped"] == 3, rec
         assert rec["frames"] == 2 and rec["gaps"] and rec["gaps"][-1][0] == 1.0 and rec["gaps"][-1][1] >= 4.0, rec
         assert stopped["frames"] == 3 and stopped["dropped"] == 3, stopped
+        job, up = job
         assert job.status_code == 507 and job.json()["error"]["code"] == "E_CACHE_BUDGET", job.text
         assert "to have memory for creating a job" in job.json()["error"]["message"], job.text
+        assert up.status_code == 507 and "nothing of the upload was read" in up.json()["error"]["message"], up.text
+        assert _uploads(service) == []
         assert ans.status_code == 200 and ans.json()["frames"] == 40, ans.text       # reading needs no room
         assert c.get("/ready").status_code == 200
         cap = int(r.config_get("maxmemory")["maxmemory"])
