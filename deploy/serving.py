@@ -1348,7 +1348,11 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
     # stays until this source has its own word: an error of its own or a frame; then it is previous_error
     state = {"last": 0.0, "last_pts": info.newest_pts, "lag_s": None, "last_wall": before.get("last_wall"),
              "stored": False, "store_error": None, "carried_error": before.get("last_error"),
-             "previous_error": before.get("previous_error"), "final": False}
+             "previous_error": before.get("previous_error"), "final": False,
+             # frames the Encoder did not store (a full Redis, the Encoder away): counted as a socket's are
+             # ("not stored"), and each run of them a gap from the stored frame before to the one after (open:
+             # to the newest refused); they were neither, and a question over the span said `gaps: []`
+             "not_stored": 0, "loss": [], "open_loss": None}
     # one publish at a time, snapshot to write: the status thread's snapshot taken before the first frame was
     # stored ("connecting") must not land after the frame loop's "live"; none after the final status
     lock = threading.RLock()
@@ -1366,7 +1370,8 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
             st = src.status_dict()
             # sorted and merged: an outage carried from a source that died overlaps the one its restart adds
             gaps = merge_gaps(carried + [[g[0] + offset, g[1] + offset if g[1] is not None else None]
-                                         for g in st.get("gaps", [])])
+                                         for g in st.get("gaps", [])]
+                              + state["loss"] + ([list(state["open_loss"])] if state["open_loss"] else []))
             status = st["status"]
             if status == "live" and not state["stored"]:
                 status = "connecting"                    # a frame decoded, none stored yet: no frame to ask about
@@ -1378,6 +1383,8 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
             why = dict(why0)
             for k, v in (st.get("dropped_why") or {}).items():
                 why[k] = why.get(k, 0) + v
+            if state["not_stored"]:
+                why["not stored"] = why.get("not stored", 0) + state["not_stored"]
             err = st.get("last_error") or state["store_error"]
             if state["carried_error"] is not None and (err is not None or st.get("frames_received", 0) > 0):
                 state["previous_error"], state["carried_error"] = state["carried_error"], None
@@ -1402,13 +1409,27 @@ def run_rtsp_stream(sid: str, url: str, fps: float, size: int, encode: Callable[
             t_arrive = time.monotonic()
             res = encode([EncodeItem(sid, f.rgb[None], [pts], writer=writer, seq=seq)])[0]
             if "error" in res:
+                if res["error"]["code"] == "E_STALE_WRITER":
+                    with lock:
+                        state["store_error"] = res["error"]
+                        live.update(sid, last_error=res["error"])
+                    break
                 with lock:
                     state["store_error"] = res["error"]          # shown until a frame is stored again
-                    live.update(sid, last_error=res["error"])
-                if res["error"]["code"] == "E_STALE_WRITER":
-                    break
+                    state["not_stored"] += 1
+                    lo = state["open_loss"]
+                    start = lo[0] if lo else state["last_pts"] if state["last_pts"] is not None else pts
+                    state["open_loss"] = [start, pts]
+                    publish(force=True)                         # the error, the count and the span at once
                 continue
             seq += len(res["seqs"])
+            if state["open_loss"] is not None:                  # frames flow again: the span is closed
+                with lock:
+                    state["loss"] = merge_gaps([*state["loss"], [state["open_loss"][0], pts]])
+                    if len(state["loss"]) > MAX_RECORD_GAPS:        # bounded, as a socket's
+                        state["loss"] = merge_gaps(state["loss"], touching=True)
+                    state["open_loss"] = None
+                    state["previous_error"] = state["store_error"] or state["previous_error"]
             queued_s = src.status_dict().get("lag_s") or 0.0          # waited in the source's queue
             state["last_pts"], state["lag_s"] = pts, round(time.monotonic() - t_arrive + queued_s, 3)
             first = not state["stored"]

@@ -1053,6 +1053,46 @@ def test_a_cameras_stream_record_says_what_its_frames_do(camera, redis_url):
     live.delete(sid)
 
 
+@pytest.mark.timeout(90)
+def test_a_cameras_frames_the_encoder_refuses_are_counted_and_a_gap_as_a_sockets_are(camera, redis_url):
+    """A camera whose frames the Encoder refuses (a full Redis: E_CACHE_BUDGET) kept only the error: no frame
+    counted, no gap, so a question over the span said `gaps: []`. Now they are "not stored" in `dropped_why`,
+    the span from the last stored frame to the newest refused one is a gap while it lasts, closed at the next
+    stored frame, and the error is `previous_error` once frames are stored again, as a socket's."""
+    from deploy.serving import LiveStore, stream_status
+
+    live, ring, sid = LiveStore(redis_url), _Ring(), "cam-refused"
+    live.delete(sid)
+    live.create(sid, {"kind": "rtsp", "source": camera.url(), "fps": 1.0})
+    full = threading.Event()
+    store = _storing(ring)
+    full_err = {"code": "E_CACHE_BUDGET", "message": "expected Redis at ... to have memory, got it full"}
+    encode = lambda items: [{"error": full_err} for _ in items] if full.is_set() else store(items)   # noqa: E731
+    runner, stop = _run_camera(sid, camera.url(), live, ring, encode)
+    shown = lambda: stream_status(live.get(sid))   # noqa: E731
+    try:
+        assert wait_for(lambda: shown()["frames"] >= 2, 20), shown()
+        full.set()
+        last = ring.pts[-1]
+        assert wait_for(lambda: (shown().get("dropped_why") or {}).get("not stored", 0) >= 3, 20), shown()
+        d = shown()
+        assert d["last_error"] == full_err and d["dropped"] == d["dropped_why"]["not stored"], d
+        assert d["gaps"] and d["gaps"][-1][0] == last and d["gaps"][-1][1] >= last + 2, d
+        full.clear()
+        n = len(ring.pts)
+        assert wait_for(lambda: len(ring.pts) >= n + 2 and shown()["last_error"] is None, 20), shown()
+        back = shown()
+        after = next(p for p in ring.pts if p > last)
+        assert back["previous_error"] == full_err and [last, after] in back["gaps"], (back, ring.pts)
+        assert back["dropped_why"]["not stored"] >= d["dropped_why"]["not stored"], back
+    finally:
+        full.clear()
+        stop.set()
+        runner.join(15)
+    assert not runner.is_alive()
+    live.delete(sid)
+
+
 def test_a_pushed_streams_record_is_connecting_live_then_stalled(redis_url):
     """A socket's stream (deploy/routes.py writes "connecting" at its start, then frames as they are stored,
     never "live"): `connecting` until the first frame is stored, `live`, `stalled` once none was stored for
