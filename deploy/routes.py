@@ -964,7 +964,7 @@ def build_api() -> FastAPI:
                 pass
             return False
 
-        async def gen():
+        async def follow():
             seq, idle, since_check = after, 0.0, 0.0
             while not await request.is_disconnected():
                 evs = await asyncio.to_thread(b.watches.events_after, sid, seq)
@@ -984,10 +984,17 @@ def build_api() -> FastAPI:
                     idle = 0.0
                     yield ": keep-alive\n\n"
                 await asyncio.sleep(0.5)
+
+        async def gen(place: _EventStream):
+            try:
+                async for chunk in follow():
+                    yield chunk
+            finally:                                 # ended: the client went, or the stream was purged
+                _event_stream_closed(place)
+
         if (full := _connections_full(b)) is not None:
             raise Busy(full, retry_after=b.settings.limits.retry_after_s)
-        body = gen()
-        _event_stream_opened(body)                   # counted until the body is done with and freed
+        body = gen(_event_stream_opened())           # counted until it ends (or, never started, is freed)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @api.websocket("/v1/live")
@@ -1785,12 +1792,25 @@ def _session_opened(sess: "_LiveSession", is_open: bool) -> None:
     (_SESSIONS.add if is_open else _SESSIONS.discard)(sess)
 
 
-#: the watch-event SSE bodies of this Ingress not yet finished and freed (`GET /v1/streams/{id}/events`)
+class _EventStream:
+    """One watch-event SSE body's place among the Ingress's long-lived connections."""
+
+
+#: the watch-event SSE bodies of this Ingress still open (`GET /v1/streams/{id}/events`): each body's place is
+#: given back when it ends (`_event_stream_closed`, its `finally`), or, for a body never started, when it is
+#: freed (a weak set). Freed alone, a body that ended could hold its place for as long as the cyclic garbage
+#: collector took to reach it: a clean-clone CI run saw a closed stream still counted 10 s later
 _EVENT_STREAMS: "weakref.WeakSet" = weakref.WeakSet()
 
 
-def _event_stream_opened(body) -> None:
-    _EVENT_STREAMS.add(body)
+def _event_stream_opened() -> _EventStream:
+    place = _EventStream()
+    _EVENT_STREAMS.add(place)
+    return place
+
+
+def _event_stream_closed(place: _EventStream) -> None:
+    _EVENT_STREAMS.discard(place)
 
 
 def live_connections() -> int:
