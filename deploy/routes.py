@@ -1938,8 +1938,8 @@ class _LiveSession:
         self.stopping = False                          # `service_stopping`: no frame taken from then on
         self.push = None                               # PushSource for webm/mp4 byte streams
         self.push_told: dict | None = None             # its last_error as last told on the socket
-        self.error_set = False                         # this socket set the record's last_error (cleared by a frame)
-        self.kept_error: dict | None = None            # ... to this (the record's previous_error once cleared)
+        self.kept_error: dict | None = None            # the record's last_error this socket set (cleared by a
+                                                       # stored frame, then the record's previous_error)
         self.gaps_base: list = []                      # the stream's gaps when this socket started (+ its outage)
         self.gaps: list = []                           # ... and those of this socket: what the record holds
         self.loss_gaps: list = []                      # spans where this socket lost frames it had to store
@@ -2315,7 +2315,7 @@ class _LiveSession:
         if self._owns():
             try:
                 await asyncio.to_thread(self.b.live.update, self.sid, last_error=err)
-                self.error_set, self.kept_error = True, err
+                self.kept_error = err
             except LmsError:
                 pass
 
@@ -2330,7 +2330,7 @@ class _LiveSession:
         try:
             await asyncio.to_thread(self.b.live.update, self.sid, last_error=err, **self.record_counts(),
                                     **self._gaps_update(pending=True))
-            self.error_set, self.kept_error = True, err
+            self.kept_error = err
         except LmsError:
             self.gaps = before                         # not written: the next update writes them
 
@@ -2429,7 +2429,7 @@ class _LiveSession:
                     return
                 self._not_stored(frames)               # counted, and a span of the stream without frames
                 err = client_error_dict(err)
-                if not (self.error_set and (self.kept_error or {}).get("code") == err.get("code")):
+                if (self.kept_error or {}).get("code") != err.get("code"):
                     await self.send_error(err)         # told once while it goes on (a full Redis refused every
                                                        # frame: an error each), the `dropped` messages go on
                 await self._keep_store_error(err)
@@ -2446,8 +2446,8 @@ class _LiveSession:
             self.last_stored = pts
             lag = {"lag_s": round(time.monotonic() - t_arrive, 3)} if t_arrive is not None else {}
             cleared = {}
-            if self.error_set:                     # frames flow again: the error that stopped them is history
-                cleared, self.error_set = {"last_error": None, "previous_error": self.kept_error}, False
+            if self.kept_error is not None:        # frames flow again: the error that stopped them is history
+                cleared, self.kept_error = {"last_error": None, "previous_error": self.kept_error}, None
             if self.writer:                        # not once fenced or told of a delete: the record is another's
                 await asyncio.to_thread(self.b.live.update, self.sid, frames=self.seq, last_pts=pts,
                                         **self.record_counts(), **lag, **cleared, **self._gaps_update())

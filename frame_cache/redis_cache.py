@@ -462,14 +462,22 @@ def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.1f} MiB"
 
 
-def oom_message(client, url: str, what: str) -> str:
-    """What a write refused over ``maxmemory`` is told: the server's own figures (read now; a write must fit
-    under the cap with the request's own bytes, so a batch of frames is refused with room left for a smaller
-    one), and the way out. Redis's own reply named the script's SHA and its Lua line (``script: c915...,
-    on @user_script:1``), nothing a client can use."""
+def memory_nodes(client) -> list[dict[str, Any]]:
+    """``INFO memory`` of the server, or of each master of a Redis Cluster (one dict each)."""
+    if isinstance(client, redis.cluster.RedisCluster):       # {node name: INFO} over the masters
+        raw = client.info("memory", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
+    else:
+        raw = client.info("memory")
+    return list(raw.values()) if raw and all(isinstance(v, dict) for v in raw.values()) else [raw]
+
+
+def oom_message(client, url: str, what: str, nodes: list[dict[str, Any]] | None = None) -> str:
+    """What a write refused over ``maxmemory`` is told: the server's own figures (`nodes`, else read now; a
+    write must fit under the cap with the request's own bytes, so a batch of frames is refused with room left
+    for a smaller one), and the way out. Redis's own reply named the script's SHA and its Lua line (``script:
+    c915..., on @user_script:1``), nothing a client can use."""
     try:
-        info = client.info("memory")
-        nodes = list(info.values()) if info and all(isinstance(v, dict) for v in info.values()) else [info]
+        nodes = memory_nodes(client) if nodes is None else nodes
         capped = [(int(n.get("used_memory", 0)), int(n.get("maxmemory", 0))) for n in nodes
                   if int(n.get("maxmemory", 0))]
         used, cap = max(capped, key=lambda uc: uc[0] / uc[1]) if capped else (0, 0)
@@ -1046,16 +1054,13 @@ class RedisFrameCache(FrameCache):
             self._s_delete(keys=self._keys(stream_id, total=True))
             self._client.srem(self._streams_key, stream_id)
 
-    def server_memory(self) -> dict[str, Any]:
+    def server_memory(self, nodes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The server's ``used_memory``, ``maxmemory`` (0: none) and policy, summed over the masters of a
         Cluster (a master without a cap makes the sum's ``maxmemory`` 0: no cap in force for all of them),
-        and ``nodes``. One ``INFO memory`` per master."""
-        with self._redis("reading INFO memory"):
-            if self.cluster:  # {node name: INFO} over the masters
-                raw = self._client.info("memory", target_nodes=redis.cluster.RedisCluster.PRIMARIES)
-            else:
-                raw = self._client.info("memory")
-        nodes = list(raw.values()) if raw and all(isinstance(v, dict) for v in raw.values()) else [raw]
+        and ``nodes``. One ``INFO memory`` per master (`memory_nodes`), unless `nodes` gives what it said."""
+        if nodes is None:
+            with self._redis("reading INFO memory"):
+                nodes = memory_nodes(self._client)
         caps = [int(n.get("maxmemory", 0)) for n in nodes]
         return {
             "url": self.url,
@@ -1069,9 +1074,11 @@ class RedisFrameCache(FrameCache):
     def refuse_if_full(self, what: str) -> None:
         """`CacheBudgetExceeded` (as a refused write says it) when Redis is at its ``maxmemory`` now: for work
         that would take long before its first write (an upload is read whole before its job's record is made)."""
-        m = self.server_memory()
+        with self._redis("reading INFO memory"):
+            nodes = memory_nodes(self._client)
+        m = self.server_memory(nodes)
         if m["maxmemory"] and m["used_memory"] >= m["maxmemory"]:
-            raise CacheBudgetExceeded(oom_message(self._client, self.url, what))
+            raise CacheBudgetExceeded(oom_message(self._client, self.url, what, nodes))   # the same figures
 
     def stats(self) -> dict[str, Any]:
         """Per stream: ``frames``, ``capacity``, ``bytes`` (retained records), ``light_bytes``,
